@@ -1,0 +1,86 @@
+//! Command-line definitions (clap derive). Values are taken as strings here and validated in
+//! `config`, together with the config file, so both report problems the same way.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "herdsman", version, about = "Runs N copies of a server on shared sockets, with zero-downtime rolling reloads", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an app: bind (or inherit) its sockets and supervise its workers.
+    Run(RunArgs),
+    /// Validate a config file: exit 0, or print every problem and exit 78.
+    CheckConfig {
+        /// The TOML app config to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML app config; command-line flags override it.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// App name (default: config file stem, else the command's basename).
+    #[arg(short, long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Number of workers: N > 0; 0, "auto" or "max" = one per CPU; -K = CPUs minus K.
+    #[arg(short, long, value_name = "COUNT", allow_hyphen_values = true)]
+    pub workers: Option<String>,
+    /// Bind this socket when not socket-activated: HOST:PORT, [V6]:PORT or unix:/path. Repeatable.
+    #[arg(short, long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Extra environment for workers. Repeatable.
+    #[arg(short, long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Workers' working directory.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// Readiness: "notify" (worker sends READY=1) or "alive:DURATION" [default: alive:1s].
+    #[arg(long, value_name = "MODE")]
+    pub ready: Option<String>,
+    /// How long a new worker may take to become ready [default: 60s].
+    #[arg(long, value_name = "DUR")]
+    pub ready_timeout: Option<String>,
+    /// Signal asking a worker to drain and exit [default: SIGTERM].
+    #[arg(long, value_name = "SIG")]
+    pub stop_signal: Option<String>,
+    /// How long a worker may drain before SIGKILL [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    pub stop_timeout: Option<String>,
+    /// Workers replaced at a time during a rolling reload [default: 1].
+    #[arg(long, value_name = "N")]
+    pub reload_batch: Option<String>,
+    /// Control socket path.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The worker command and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+impl RunArgs {
+    pub fn overrides(&self) -> crate::config::Overrides {
+        crate::config::Overrides {
+            name: self.name.clone(),
+            workers: self.workers.clone(),
+            listen: self.listen.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            ready: self.ready.clone(),
+            ready_timeout: self.ready_timeout.clone(),
+            stop_signal: self.stop_signal.clone(),
+            stop_timeout: self.stop_timeout.clone(),
+            reload_batch: self.reload_batch.clone(),
+            control: self.control.clone(),
+            command: self.command.clone(),
+        }
+    }
+}

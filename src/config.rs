@@ -1,0 +1,458 @@
+//! The app configuration: a TOML file and command-line overrides, validated together into
+//! [`Settings`], whose fields cannot be wrong.
+//!
+//! Parsing is two-step on purpose. The file is read as a plain TOML table, then every key is
+//! checked on its own, so one run reports *every* problem (unknown keys, wrong types, bad
+//! values), each naming the key and what is allowed. serde's `deny_unknown_fields` would stop at
+//! the first one. The same value parsers ([`values`]) serve the flags and the file.
+
+pub mod values;
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+pub use values::{ListenAddr, ReadyMode, WorkerCount};
+
+/// Restart back-off for workers that fail repeatedly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffPolicy {
+    /// Delay before the first restart after a failure.
+    pub initial: Duration,
+    /// The delay doubles per consecutive failure up to this cap.
+    pub max: Duration,
+    /// A worker that stayed up this long resets its failure count.
+    pub reset_after: Duration,
+}
+
+/// Validated settings for one app.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub name: String,
+    pub command: Vec<String>,
+    pub workers: NonZeroUsize,
+    pub listen: Vec<ListenAddr>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    pub ready: ReadyMode,
+    pub ready_timeout: Duration,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub reload_batch: NonZeroUsize,
+    pub backoff: BackoffPolicy,
+    pub control: Option<PathBuf>,
+    /// The config file's own `workers` value, as written, to notice when it changes on reload.
+    pub file_workers: Option<String>,
+}
+
+/// Values given on the command line; each overrides the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub name: Option<String>,
+    pub workers: Option<String>,
+    pub listen: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub ready: Option<String>,
+    pub ready_timeout: Option<String>,
+    pub stop_signal: Option<String>,
+    pub stop_timeout: Option<String>,
+    pub reload_batch: Option<String>,
+    pub control: Option<PathBuf>,
+    pub command: Vec<String>,
+}
+
+/// Every problem found, one line each.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct Problems(pub Vec<String>);
+
+/// The keys a config file may contain; also the order of the annotated example.
+pub const KEYS: &[&str] = &[
+    "name",
+    "command",
+    "workers",
+    "listen",
+    "env",
+    "cwd",
+    "ready",
+    "ready_timeout",
+    "stop_signal",
+    "stop_timeout",
+    "reload_batch",
+    "backoff_initial",
+    "backoff_max",
+    "backoff_reset",
+    "control",
+];
+
+/// Reads and validates `file` (if any) merged with `ov`. `cpus` resolves "auto" worker counts.
+pub fn load(file: Option<&Path>, ov: &Overrides, cpus: NonZeroUsize) -> Result<Settings, Problems> {
+    let table = match file {
+        Some(path) => Some(read_table(path)?),
+        None => None,
+    };
+    build(file, table.as_ref(), ov, cpus)
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![format!("{}: cannot read config file: {e}", path.display())])
+    })?;
+    text.parse::<toml::Table>().map_err(|e| {
+        let msg = e.message().trim().replace('\n', " ");
+        let line = e
+            .span()
+            .map(|s| format!(" (line {})", text[..s.start].lines().count().max(1)))
+            .unwrap_or_default();
+        Problems(vec![format!("{}: invalid TOML{line}: {msg}", path.display())])
+    })
+}
+
+/// Collects problems while fields are validated one by one.
+struct Checker<'a> {
+    file: String,
+    table: Option<&'a toml::Table>,
+    problems: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn file_problem(&mut self, key: &str, msg: impl std::fmt::Display) {
+        self.problems.push(format!("{}: key `{key}`: {msg}", self.file));
+    }
+
+    fn flag_problem(&mut self, flag: &str, msg: impl std::fmt::Display) {
+        self.problems.push(format!("{flag}: {msg}"));
+    }
+
+    fn file_value(&self, key: &str) -> Option<&toml::Value> {
+        self.table.and_then(|t| t.get(key))
+    }
+
+    fn file_str(&mut self, key: &str) -> Option<String> {
+        match self.file_value(key)? {
+            toml::Value::String(s) => Some(s.clone()),
+            other => {
+                let msg = format!("expected a string, got {}", other.type_str());
+                self.file_problem(key, msg);
+                None
+            }
+        }
+    }
+
+    /// A value that may come from a flag (which wins) or the file, parsed by `parse`.
+    fn pick<T>(
+        &mut self,
+        flag: &str,
+        cli: Option<&str>,
+        key: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let from_file = self.file_str(key).map(|s| parse(&s));
+        match cli {
+            Some(v) => match parse(v) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    self.flag_problem(flag, e);
+                    None
+                }
+            },
+            None => match from_file? {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    self.file_problem(key, e);
+                    None
+                }
+            },
+        }
+    }
+
+    fn file_str_list(&mut self, key: &str) -> Option<Vec<String>> {
+        let value = self.file_value(key)?.clone();
+        let toml::Value::Array(items) = value else {
+            let msg = format!("expected an array of strings, got {}", value.type_str());
+            self.file_problem(key, msg);
+            return None;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                toml::Value::String(s) => out.push(s),
+                other => {
+                    let msg = format!("expected an array of strings, found {} in it", other.type_str());
+                    self.file_problem(key, msg);
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+fn build(
+    file: Option<&Path>,
+    table: Option<&toml::Table>,
+    ov: &Overrides,
+    cpus: NonZeroUsize,
+) -> Result<Settings, Problems> {
+    let mut c = Checker {
+        file: file.map(|p| p.display().to_string()).unwrap_or_default(),
+        table,
+        problems: Vec::new(),
+    };
+    if let Some(t) = table {
+        for key in t.keys() {
+            if !KEYS.contains(&key.as_str()) {
+                let msg = format!("unknown key; allowed keys are: {}", KEYS.join(", "));
+                c.file_problem(key, msg);
+            }
+        }
+    }
+
+    let mut command = ov.command.clone();
+    let file_command = c.file_str_list("command");
+    if command.is_empty() {
+        command = file_command.unwrap_or_default();
+    }
+    if command.is_empty() || command[0].is_empty() {
+        c.problems.push(
+            "no command to run: put it after `--` (herdsman run ... -- python3 app.py) or set `command = [\"python3\", \"app.py\"]` in the config file"
+                .to_string(),
+        );
+    }
+
+    let default_name = file
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .or_else(|| {
+            command.first().map(|c| {
+                Path::new(c).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+            })
+        })
+        .unwrap_or_else(|| "app".to_string());
+    let name = c
+        .pick("--name", ov.name.as_deref(), "name", values::name)
+        .or_else(|| (ov.name.is_none() && c.file_value("name").is_none()).then(|| default_name.clone()))
+        .map(|n| values::name(&n).unwrap_or_else(|_| sanitize_name(&n)));
+
+    let file_workers = c.file_value("workers").map(|v| v.to_string());
+    let workers = match (&ov.workers, c.file_value("workers").cloned()) {
+        (Some(v), _) => values::workers(v).map_err(|e| c.flag_problem("--workers", e)).ok(),
+        (None, Some(toml::Value::Integer(n))) => {
+            values::workers_int(n).map_err(|e| c.file_problem("workers", e)).ok()
+        }
+        (None, Some(toml::Value::String(s))) => {
+            values::workers(&s).map_err(|e| c.file_problem("workers", e)).ok()
+        }
+        (None, Some(other)) => {
+            let msg = format!("expected a number or \"auto\", got {}", other.type_str());
+            c.file_problem("workers", msg);
+            None
+        }
+        (None, None) => Some(WorkerCount::Fixed(NonZeroUsize::MIN)),
+    }
+    .map(|w| w.resolve(cpus));
+
+    let mut listen = Vec::new();
+    let listen_raw = if ov.listen.is_empty() {
+        c.file_str_list("listen").unwrap_or_default()
+    } else {
+        ov.listen.clone()
+    };
+    let from_cli = !ov.listen.is_empty();
+    for l in &listen_raw {
+        match values::listen(l) {
+            Ok(a) => listen.push(a),
+            Err(e) if from_cli => c.flag_problem("--listen", e),
+            Err(e) => c.file_problem("listen", e),
+        }
+    }
+
+    let mut env = Vec::new();
+    match c.file_value("env").cloned() {
+        None => {}
+        Some(toml::Value::Table(t)) => {
+            for (k, v) in t {
+                match v {
+                    toml::Value::String(s) if values::env_key_ok(&k) => env.push((k, s)),
+                    toml::Value::String(_) => c.file_problem("env", format!("invalid variable name {k:?}")),
+                    other => {
+                        let msg = format!("`{k}` must be a string (quote it), got {}", other.type_str());
+                        c.file_problem("env", msg);
+                    }
+                }
+            }
+        }
+        Some(other) => {
+            let msg = format!("expected a table like env = {{ NODE_ENV = \"production\" }}, got {}", other.type_str());
+            c.file_problem("env", msg);
+        }
+    }
+    for e in &ov.env {
+        match values::env_pair(e) {
+            Ok((k, v)) => {
+                env.retain(|(ek, _)| *ek != k);
+                env.push((k, v));
+            }
+            Err(msg) => c.flag_problem("--env", msg),
+        }
+    }
+
+    let cwd = ov.cwd.clone().or_else(|| c.file_str("cwd").map(PathBuf::from));
+    if let Some(dir) = &cwd {
+        if !dir.is_dir() {
+            let msg = format!("working directory {} does not exist or is not a directory", dir.display());
+            if ov.cwd.is_some() {
+                c.flag_problem("--cwd", msg);
+            } else {
+                c.file_problem("cwd", msg);
+            }
+        }
+    }
+
+    let ready = c.pick("--ready", ov.ready.as_deref(), "ready", values::ready);
+    let ready_timeout = c.pick("--ready-timeout", ov.ready_timeout.as_deref(), "ready_timeout", values::duration);
+    let stop_signal = c.pick("--stop-signal", ov.stop_signal.as_deref(), "stop_signal", values::signal);
+    let stop_timeout = c.pick("--stop-timeout", ov.stop_timeout.as_deref(), "stop_timeout", values::duration);
+    let reload_batch = match (&ov.reload_batch, c.file_value("reload_batch").cloned()) {
+        (Some(v), _) => positive(v).map_err(|e| c.flag_problem("--reload-batch", e)).ok(),
+        (None, Some(toml::Value::Integer(n))) => {
+            positive(&n.to_string()).map_err(|e| c.file_problem("reload_batch", e)).ok()
+        }
+        (None, Some(other)) => {
+            c.file_problem("reload_batch", format!("expected a positive integer, got {}", other.type_str()));
+            None
+        }
+        (None, None) => Some(NonZeroUsize::MIN),
+    };
+    let b_initial = c.pick("", None, "backoff_initial", values::duration);
+    let b_max = c.pick("", None, "backoff_max", values::duration);
+    let b_reset = c.pick("", None, "backoff_reset", values::duration);
+    let control = ov.control.clone().or_else(|| c.file_str("control").map(PathBuf::from));
+
+    let backoff = BackoffPolicy {
+        initial: b_initial.unwrap_or(Duration::from_millis(100)),
+        max: b_max.unwrap_or(Duration::from_secs(30)),
+        reset_after: b_reset.unwrap_or(Duration::from_secs(10)),
+    };
+    if backoff.initial.is_zero() || backoff.max < backoff.initial {
+        c.problems.push(format!(
+            "{}: backoff_initial must be > 0 and <= backoff_max",
+            if c.file.is_empty() { "backoff" } else { &c.file }
+        ));
+    }
+    for (d, what) in [(ready_timeout, "--ready-timeout / ready_timeout"), (stop_timeout, "--stop-timeout / stop_timeout")] {
+        if d.is_some_and(|d| d.is_zero()) {
+            c.problems.push(format!("{what}: must be greater than 0"));
+        }
+    }
+
+    if !c.problems.is_empty() {
+        return Err(Problems(c.problems));
+    }
+    Ok(Settings {
+        name: name.unwrap_or(default_name),
+        command,
+        workers: workers.unwrap_or(NonZeroUsize::MIN),
+        listen,
+        env,
+        cwd,
+        ready: ready.unwrap_or(ReadyMode::Alive(Duration::from_secs(1))),
+        ready_timeout: ready_timeout.unwrap_or(Duration::from_secs(60)),
+        stop_signal: stop_signal.unwrap_or(Signal::SIGTERM),
+        stop_timeout: stop_timeout.unwrap_or(Duration::from_secs(30)),
+        reload_batch: reload_batch.unwrap_or(NonZeroUsize::MIN),
+        backoff,
+        control,
+        file_workers,
+    })
+}
+
+fn positive(s: &str) -> Result<NonZeroUsize, String> {
+    s.trim()
+        .parse::<NonZeroUsize>()
+        .map_err(|_| format!("invalid value {s:?}; use a whole number greater than 0"))
+}
+
+/// Turns a derived default name (a command basename like `server.py`) into a valid one.
+fn sanitize_name(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .take(64)
+        .collect();
+    let cleaned = cleaned.trim_start_matches('.').to_string();
+    if cleaned.is_empty() { "app".to_string() } else { cleaned }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpus() -> NonZeroUsize {
+        NonZeroUsize::new(4).unwrap()
+    }
+
+    fn parse(text: &str, ov: &Overrides) -> Result<Settings, Problems> {
+        let table: toml::Table = text.parse().unwrap();
+        build(Some(Path::new("web.toml")), Some(&table), ov, cpus())
+    }
+
+    #[test]
+    fn file_values_are_used_and_flags_override_them() {
+        let text = r#"
+            command = ["python3", "app.py"]
+            workers = 3
+            listen = ["127.0.0.1:8080"]
+            stop_signal = "INT"
+            env = { A = "1" }
+        "#;
+        let s = parse(text, &Overrides::default()).unwrap();
+        assert_eq!(s.name, "web");
+        assert_eq!(s.workers.get(), 3);
+        assert_eq!(s.stop_signal, Signal::SIGINT);
+        assert_eq!(s.env, vec![("A".to_string(), "1".to_string())]);
+        let ov = Overrides {
+            workers: Some("max".into()),
+            env: vec!["A=2".into()],
+            name: Some("api".into()),
+            ..Default::default()
+        };
+        let s = parse(text, &ov).unwrap();
+        assert_eq!((s.name.as_str(), s.workers.get()), ("api", 4));
+        assert_eq!(s.env, vec![("A".to_string(), "2".to_string())]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+            command = "python3 app.py"
+            workers = "lots"
+            colour = "blue"
+            ready_timeout = "soon"
+            env = { PORT = 8080 }
+        "#;
+        let p = parse(text, &Overrides::default()).unwrap_err().0;
+        let joined = p.join("\n");
+        for key in ["`command`", "`workers`", "`colour`", "`ready_timeout`", "`env`"] {
+            assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
+        assert!(p.iter().all(|l| !l.contains('\n')));
+    }
+
+    #[test]
+    fn name_defaults_to_the_command_basename() {
+        let ov = Overrides { command: vec!["/usr/bin/node".into(), "app.js".into()], ..Default::default() };
+        let s = build(None, None, &ov, cpus()).unwrap();
+        assert_eq!(s.name, "node");
+        assert_eq!(s.workers.get(), 1);
+    }
+
+    #[test]
+    fn missing_command_is_an_error() {
+        let p = build(None, None, &Overrides::default(), cpus()).unwrap_err();
+        assert!(p.0[0].contains("no command"));
+    }
+}

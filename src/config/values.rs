@@ -1,0 +1,213 @@
+//! Parsers for the value types shared by the command line and the config file: durations,
+//! signals, worker counts, listen addresses and readiness modes.
+//!
+//! Each parser returns a message that says what was wrong and what is allowed; the caller
+//! prefixes it with the key or flag, so every problem names where it came from.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+/// How a worker proves it is ready to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// The worker sends `READY=1` to `NOTIFY_SOCKET`.
+    Notify,
+    /// The worker is ready once it has stayed alive this long.
+    Alive(Duration),
+}
+
+impl std::fmt::Display for ReadyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadyMode::Notify => f.write_str("notify"),
+            ReadyMode::Alive(d) => write!(f, "alive:{}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+/// A socket to bind when not socket-activated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The requested number of workers, before the CPU count is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerCount {
+    Fixed(NonZeroUsize),
+    /// Number of CPUs minus this many (at least 1).
+    CpusMinus(usize),
+}
+
+impl WorkerCount {
+    pub fn resolve(self, cpus: NonZeroUsize) -> NonZeroUsize {
+        match self {
+            WorkerCount::Fixed(n) => n,
+            WorkerCount::CpusMinus(k) => {
+                NonZeroUsize::new(cpus.get().saturating_sub(k)).unwrap_or(NonZeroUsize::MIN)
+            }
+        }
+    }
+}
+
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration {s:?} ({e}); use a number with a unit, e.g. 500ms, 2s, 1m")
+    })
+}
+
+pub fn signal(s: &str) -> Result<Signal, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    name.parse::<Signal>()
+        .ok()
+        .filter(|sig| !matches!(sig, Signal::SIGKILL | Signal::SIGSTOP))
+        .ok_or_else(|| {
+            format!("unknown or unusable signal {s:?}; use a name like SIGTERM, TERM, SIGINT or SIGQUIT")
+        })
+}
+
+pub fn workers(s: &str) -> Result<WorkerCount, String> {
+    let t = s.trim();
+    let bad = || format!("invalid worker count {s:?}; use a number N > 0, 0/\"auto\"/\"max\" for one per CPU, or -K for CPUs minus K");
+    match t {
+        "auto" | "max" | "0" => return Ok(WorkerCount::CpusMinus(0)),
+        _ => {}
+    }
+    if let Some(k) = t.strip_prefix('-') {
+        return k.parse::<usize>().map(WorkerCount::CpusMinus).map_err(|_| bad());
+    }
+    t.parse::<usize>()
+        .map_err(|_| bad())
+        .map(|n| NonZeroUsize::new(n).map_or(WorkerCount::CpusMinus(0), WorkerCount::Fixed))
+}
+
+pub fn workers_int(n: i64) -> Result<WorkerCount, String> {
+    workers(&n.to_string())
+}
+
+pub fn listen(s: &str) -> Result<ListenAddr, String> {
+    let t = s.trim();
+    if let Some(path) = t.strip_prefix("unix:") {
+        if path.is_empty() || !path.starts_with('/') {
+            return Err(format!("invalid unix socket address {s:?}; use an absolute path: unix:/run/app.sock"));
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    if let Ok(addr) = t.parse::<SocketAddr>() {
+        return Ok(ListenAddr::Tcp(addr));
+    }
+    let hint = "use HOST:PORT (127.0.0.1:8080), [V6]:PORT ([::1]:8080) or unix:/path";
+    if !t.contains(':') {
+        return Err(format!("invalid listen address {s:?} (no port); {hint}"));
+    }
+    match t.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .map(ListenAddr::Tcp)
+            .ok_or_else(|| format!("listen address {s:?} resolves to nothing; {hint}")),
+        Err(e) => Err(format!("invalid listen address {s:?} ({e}); {hint}")),
+    }
+}
+
+pub fn ready(s: &str) -> Result<ReadyMode, String> {
+    let t = s.trim();
+    if t == "notify" {
+        return Ok(ReadyMode::Notify);
+    }
+    if t == "alive" {
+        return Ok(ReadyMode::Alive(Duration::from_secs(1)));
+    }
+    if let Some(d) = t.strip_prefix("alive:") {
+        return duration(d).map(ReadyMode::Alive);
+    }
+    Err(format!("invalid readiness mode {s:?}; use \"notify\" or \"alive:DURATION\" (e.g. alive:1s)"))
+}
+
+/// `KEY=VALUE` from `--env`.
+pub fn env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if env_key_ok(k) => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("invalid environment entry {s:?}; use KEY=VALUE with a non-empty KEY without '='")),
+    }
+}
+
+pub fn env_key_ok(k: &str) -> bool {
+    !k.is_empty() && !k.contains('=') && !k.contains('\0')
+}
+
+/// App names end up in paths and systemd instance names.
+pub fn name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !s.starts_with('.');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("invalid app name {s:?}; use 1-64 letters, digits, '-', '_' or '.' (not starting with '.')"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(v: usize) -> NonZeroUsize {
+        NonZeroUsize::new(v).unwrap()
+    }
+
+    #[test]
+    fn worker_counts_follow_the_cpu_rules() {
+        let cpus = n(8);
+        assert_eq!(workers("4").unwrap().resolve(cpus), n(4));
+        for all in ["0", "auto", "max"] {
+            assert_eq!(workers(all).unwrap().resolve(cpus), n(8));
+        }
+        assert_eq!(workers("-3").unwrap().resolve(cpus), n(5));
+        assert_eq!(workers("-20").unwrap().resolve(cpus), n(1));
+        assert!(workers("lots").is_err());
+        assert!(workers("-x").is_err());
+    }
+
+    #[test]
+    fn durations_and_signals_are_human() {
+        assert_eq!(duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(duration("soon").is_err());
+        assert_eq!(signal("term").unwrap(), Signal::SIGTERM);
+        assert_eq!(signal("SIGINT").unwrap(), Signal::SIGINT);
+        assert!(signal("KILL").is_err());
+        assert!(signal("SIGNOPE").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_cover_v4_v6_and_unix() {
+        assert_eq!(listen("127.0.0.1:80").unwrap().to_string(), "127.0.0.1:80");
+        assert_eq!(listen("[::1]:80").unwrap().to_string(), "[::1]:80");
+        assert_eq!(listen("unix:/run/a.sock").unwrap(), ListenAddr::Unix("/run/a.sock".into()));
+        assert!(listen("unix:rel.sock").is_err());
+        assert!(listen("8080").is_err());
+    }
+
+    #[test]
+    fn ready_modes() {
+        assert_eq!(ready("notify").unwrap(), ReadyMode::Notify);
+        assert_eq!(ready("alive:2s").unwrap(), ReadyMode::Alive(Duration::from_secs(2)));
+        assert!(ready("when-ready").is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! Exit codes: the one place that names them, so `main`, the docs and the systemd unit
+//! (`RestartPreventExitStatus=`) agree.
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0    | success (including a graceful stop) |
+//! | 1    | runtime failure (a socket could not be bound, a reload failed, ...) |
+//! | 2    | bad command line (unknown flag, missing argument) |
+//! | 78   | bad configuration (`EX_CONFIG`): invalid config file or value, no socket to serve |
+
+/// Everything went well.
+pub const OK: i32 = 0;
+/// Something failed at run time; retrying may help.
+pub const FAILURE: i32 = 1;
+/// The command line could not be parsed.
+pub const USAGE: i32 = 2;
+/// The configuration is invalid; retrying will not help until it is fixed.
+pub const CONFIG: i32 = 78;

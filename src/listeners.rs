@@ -1,0 +1,203 @@
+//! The listening sockets: inherited from systemd (`LISTEN_FDS`) or bound from `--listen`.
+//!
+//! The supervisor never accepts on them, never changes their file status flags (`O_NONBLOCK` is
+//! shared with every worker and with systemd's copy) and never calls `shutdown()` on them. It
+//! only keeps a descriptor to hand to each new worker at fd 3, 4, ... To make that placement
+//! collision-free, [`Listeners`] keeps its own copies at numbers `>= 3 + n` (see `sys`).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, sockopt};
+
+use crate::config::ListenAddr;
+use crate::sys;
+
+/// Like systemd's default `Backlog=` on Debian 12.
+const BACKLOG: i32 = 4096;
+
+/// The socket-activation variables as read by `main`.
+#[derive(Debug, Clone, Default)]
+pub struct Activation {
+    pub listen_fds: Option<String>,
+    pub listen_pid: Option<String>,
+    pub listen_fdnames: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("LISTEN_FDS={0:?} is not a positive number of sockets; fix the socket unit or unset LISTEN_FDS")]
+    BadCount(String),
+    #[error("LISTEN_FDS: fd {fd} is unusable ({err}); check the socket unit's ListenStream= settings")]
+    BadFd { fd: RawFd, err: io::Error },
+    #[error("no socket to serve: not socket-activated and no --listen address; add --listen 127.0.0.1:8080 (or `listen = [...]` in the config)")]
+    Nothing,
+    #[error("cannot bind {addr}: {err}; choose another --listen address or stop whatever uses it")]
+    Bind { addr: String, err: io::Error },
+}
+
+impl ListenError {
+    /// Bind failures are run-time problems; the rest are configuration mistakes.
+    pub fn is_config(&self) -> bool {
+        !matches!(self, ListenError::Bind { .. })
+    }
+}
+
+/// One listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    /// `LISTEN_FDNAMES` entry.
+    pub name: String,
+    /// Human description (the local address).
+    pub addr: String,
+    /// A unix socket file we created and remove at exit.
+    owned_path: Option<PathBuf>,
+}
+
+/// All listening sockets, in fd order.
+#[derive(Debug)]
+pub struct Listeners {
+    list: Vec<Listener>,
+    /// Whether they came from the service manager.
+    pub activated: bool,
+}
+
+impl Listeners {
+    /// Uses the activation fds when they are meant for `our_pid`, else binds `addrs`.
+    pub fn open(act: &Activation, our_pid: u32, addrs: &[ListenAddr]) -> Result<Self, ListenError> {
+        let ours = act.listen_pid.as_deref().map(str::trim) == Some(our_pid.to_string().as_str());
+        let mut list = match (&act.listen_fds, ours) {
+            (Some(count), true) => {
+                let listeners = inherit(count, act.listen_fdnames.as_deref())?;
+                if !addrs.is_empty() {
+                    tracing::info!("socket-activated: ignoring --listen/listen addresses");
+                }
+                return Self::relocated(listeners, true);
+            }
+            (Some(_), false) => {
+                tracing::warn!("LISTEN_FDS is set but LISTEN_PID is not this process; ignoring the inherited fds");
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        if addrs.is_empty() {
+            return Err(ListenError::Nothing);
+        }
+        for (i, addr) in addrs.iter().enumerate() {
+            list.push(bind(addr, i)?);
+        }
+        Self::relocated(list, false)
+    }
+
+    /// Moves every fd to a number >= 3 + n, so workers' `dup2` to 3.. never collides.
+    fn relocated(list: Vec<Listener>, activated: bool) -> Result<Self, ListenError> {
+        let floor = 3 + list.len() as i32;
+        let list = list
+            .into_iter()
+            .map(|l| {
+                let fd = sys::dup_cloexec_from(&l.fd, floor)
+                    .map_err(|err| ListenError::BadFd { fd: l.fd.as_raw_fd(), err })?;
+                Ok(Listener { fd, ..l })
+            })
+            .collect::<Result<Vec<_>, ListenError>>()?;
+        Ok(Listeners { list, activated })
+    }
+
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        self.list.iter().map(|l| l.fd.as_raw_fd()).collect()
+    }
+
+    pub fn names(&self) -> String {
+        self.list.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(":")
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.list.iter().map(|l| l.addr.clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for l in &self.list {
+            if let Some(p) = &l.owned_path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+fn inherit(count: &str, names: Option<&str>) -> Result<Vec<Listener>, ListenError> {
+    let n: usize = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=1024).contains(n))
+        .ok_or_else(|| ListenError::BadCount(count.to_string()))?;
+    let names: Vec<&str> = names.map(|s| s.split(':').collect()).unwrap_or_default();
+    (0..n)
+        .map(|i| {
+            let raw = 3 + i as RawFd;
+            let fd = sys::adopt_inherited_socket(raw).map_err(|err| ListenError::BadFd { fd: raw, err })?;
+            let name = names.get(i).filter(|s| !s.is_empty()).unwrap_or(&"unknown").to_string();
+            Ok(Listener { addr: describe(&fd), fd, name, owned_path: None })
+        })
+        .collect()
+}
+
+fn bind(addr: &ListenAddr, index: usize) -> Result<Listener, ListenError> {
+    let fail = |err: io::Error| ListenError::Bind { addr: addr.to_string(), err };
+    let errno = |e: nix::Error| fail(io::Error::from(e));
+    let (family, sockaddr, owned_path): (AddressFamily, Box<dyn socket::SockaddrLike>, Option<PathBuf>) =
+        match addr {
+            ListenAddr::Tcp(sa) => {
+                let fam = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+                (fam, Box::new(SockaddrStorage::from(*sa)), None)
+            }
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path);
+                let ua = socket::UnixAddr::new(path.as_path()).map_err(errno)?;
+                (AddressFamily::Unix, Box::new(ua), Some(path.clone()))
+            }
+        };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(errno)?;
+    if family != AddressFamily::Unix {
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(errno)?;
+    }
+    socket::bind(fd.as_raw_fd(), sockaddr.as_ref()).map_err(errno)?;
+    let backlog = Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN);
+    socket::listen(&fd, backlog).map_err(errno)?;
+    Ok(Listener { addr: describe(&fd), fd, name: format!("listen-{index}"), owned_path })
+}
+
+/// A socket file left behind by a previous run that nobody listens on any more is removed;
+/// a live one is left alone so bind fails with "address in use".
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn describe(fd: &OwnedFd) -> String {
+    match socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(sa) => match sa.as_unix_addr() {
+            Some(u) => match u.path() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => format!("unix:{u}"),
+            },
+            None => sa.to_string(),
+        },
+        Err(_) => "?".to_string(),
+    }
+}

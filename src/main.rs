@@ -1,0 +1,187 @@
+//! The `herdsman` binary: parses arguments, reads the environment once, maps errors to exit
+//! codes (see `herdsman::exit`). Everything else lives in the library.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use herdsman::cli::{Cli, Command, RunArgs};
+use herdsman::config::{self, Overrides, Settings};
+use herdsman::listeners::{Activation, Listeners};
+use herdsman::notify::{self, Notifier};
+use herdsman::output::Output;
+use herdsman::supervisor::{self, Control, World};
+use herdsman::{exit, spawn, sys};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+fn main() -> ExitCode {
+    sys::ensure_stdio_open();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("herdsman: {first} (see herdsman --help)");
+            return code(exit::USAGE);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::CheckConfig { file } => check_config(&file),
+    }
+}
+
+fn code(c: i32) -> ExitCode {
+    ExitCode::from(c as u8)
+}
+
+fn cpus() -> NonZeroUsize {
+    std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+}
+
+fn base_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+        .collect()
+}
+
+/// Loads the settings and checks that the command can be found.
+fn load(file: Option<&PathBuf>, ov: &Overrides) -> Result<Settings, config::Problems> {
+    let s = config::load(file.map(PathBuf::as_path), ov, cpus())?;
+    let mut env = base_env();
+    env.extend(s.env.iter().cloned());
+    spawn::resolve(&s.command[0], &env, s.cwd.as_deref()).map_err(|e| config::Problems(vec![e]))?;
+    Ok(s)
+}
+
+fn print_problems(p: &config::Problems) {
+    for line in &p.0 {
+        eprintln!("herdsman: {line}");
+    }
+}
+
+fn check_config(file: &PathBuf) -> ExitCode {
+    match load(Some(file), &Overrides::default()) {
+        Ok(s) => {
+            println!(
+                "{}: ok (app {}, {} worker(s), command {:?})",
+                file.display(),
+                s.name,
+                s.workers,
+                s.command.join(" ")
+            );
+            code(exit::OK)
+        }
+        Err(p) => {
+            print_problems(&p);
+            code(exit::CONFIG)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let ov = args.overrides();
+    let settings = match load(args.config.as_ref(), &ov) {
+        Ok(s) => s,
+        Err(p) => {
+            print_problems(&p);
+            return code(exit::CONFIG);
+        }
+    };
+    // HERDSMAN_LOG=error|warn|info|debug|trace sets the supervisor's own verbosity.
+    let level = std::env::var("HERDSMAN_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_max_level(level).init();
+
+    let var = |k: &str| std::env::var(k).ok();
+    let activation = Activation {
+        listen_fds: var("LISTEN_FDS"),
+        listen_pid: var("LISTEN_PID"),
+        listen_fdnames: var("LISTEN_FDNAMES"),
+    };
+    let listeners = match Listeners::open(&activation, std::process::id(), &settings.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("herdsman: {e}");
+            return code(if e.is_config() { exit::CONFIG } else { exit::FAILURE });
+        }
+    };
+    let notifier = match Notifier::new(var("NOTIFY_SOCKET").as_deref()) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("herdsman: NOTIFY_SOCKET is unusable ({e}); not notifying the service manager");
+            Notifier::disabled()
+        }
+    };
+    let watchdog = notify::watchdog_interval(
+        var("WATCHDOG_USEC").as_deref(),
+        var("WATCHDOG_PID").as_deref(),
+        std::process::id(),
+    );
+    let reload_source: Option<supervisor::ReloadSource> = args.config.clone().map(|file| {
+        let ov = ov.clone();
+        Box::new(move || load(Some(&file), &ov)) as supervisor::ReloadSource
+    });
+
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herdsman: cannot start the event loop: {e}");
+            return code(exit::FAILURE);
+        }
+    };
+    let result = rt.block_on(async move {
+        let (tx, rx) = mpsc::channel(64);
+        forward_signals(tx)?;
+        let world = World {
+            listeners,
+            notifier,
+            base_env: base_env(),
+            output: Output::standalone(),
+            reload_source,
+            watchdog,
+        };
+        supervisor::run(settings, world, rx).await
+    });
+    match result {
+        Ok(()) => code(exit::OK),
+        Err(e) => {
+            eprintln!("herdsman: {e:#}");
+            code(exit::FAILURE)
+        }
+    }
+}
+
+/// SIGHUP = reload, SIGTERM/SIGINT = stop, SIGTTIN/SIGTTOU = one worker more/less.
+fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
+    use supervisor::Scale;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
+    let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
+    tokio::spawn(async move {
+        loop {
+            let c = tokio::select! {
+                _ = hup.recv() => Control::Reload { reply: None },
+                _ = term.recv() => Control::Stop,
+                _ = int.recv() => Control::Stop,
+                _ = ttin.recv() => Control::Scale { scale: Scale::Add(1), reply: None },
+                _ = ttou.recv() => Control::Scale { scale: Scale::Remove(1), reply: None },
+            };
+            if tx.send(c).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! Worker output routing: every line a worker writes reaches the supervisor's output with the
+//! worker it came from attached.
+//!
+//! Each worker's stdout and stderr are pipes read by small tasks that cut the bytes into lines
+//! (partial lines are held until their newline or end of stream; lines longer than
+//! [`MAX_LINE`] are split) and send them, tagged, to one writer thread. The thread is the only
+//! place that does blocking writes, so a slow terminal or pipe never stalls the event loop; a
+//! full queue pushes back on the worker's pipe instead. Lines carry the worker id, pid and
+//! generation, so a journald backend can add them as fields.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+
+/// Longer lines are split into pieces of this size.
+pub const MAX_LINE: usize = 16 * 1024;
+/// How many recent lines are kept per worker for failure reports.
+const TAIL_LINES: usize = 10;
+const TAIL_LINE_CHARS: usize = 300;
+const QUEUE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Who wrote a line.
+#[derive(Debug)]
+pub struct Origin {
+    pub app: Arc<str>,
+    pub worker_id: usize,
+    pub pid: i32,
+    pub generation: u64,
+}
+
+struct Line {
+    origin: Arc<Origin>,
+    stream: Stream,
+    text: Vec<u8>,
+}
+
+/// The last lines a worker printed, for reports like "worker 1 exited with status 3: ...".
+#[derive(Debug, Default, Clone)]
+pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+
+impl Tail {
+    fn push(&self, line: &[u8]) {
+        let mut text = String::from_utf8_lossy(line).into_owned();
+        if text.len() > TAIL_LINE_CHARS {
+            let cut = (0..=TAIL_LINE_CHARS).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+            text.truncate(cut);
+            text.push('…');
+        }
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == TAIL_LINES {
+            q.pop_front();
+        }
+        q.push_back(text);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+}
+
+/// Handle to the output writer; cheap to clone.
+#[derive(Clone)]
+pub struct Output {
+    tx: mpsc::Sender<Line>,
+}
+
+impl Output {
+    /// Standalone output: `ID|APP | line` on our stdout (worker stdout) or stderr (worker
+    /// stderr), like `pm2 logs`.
+    pub fn standalone() -> Self {
+        let (tx, mut rx) = mpsc::channel::<Line>(QUEUE);
+        std::thread::Builder::new()
+            .name("herdsman-output".into())
+            .spawn(move || {
+                let stdout = std::io::stdout();
+                let stderr = std::io::stderr();
+                while let Some(line) = rx.blocking_recv() {
+                    let mut buf = Vec::with_capacity(line.text.len() + 32);
+                    let _ = write!(buf, "{}|{} | ", line.origin.worker_id, line.origin.app);
+                    buf.extend_from_slice(&line.text);
+                    buf.push(b'\n');
+                    let _ = match line.stream {
+                        Stream::Stdout => stdout.lock().write_all(&buf),
+                        Stream::Stderr => stderr.lock().write_all(&buf),
+                    };
+                }
+            })
+            .expect("spawning the output thread");
+        Output { tx }
+    }
+
+    /// Starts reading one worker stream. `done` is dropped at end of stream, so the
+    /// supervisor can wait for a dead worker's last lines before reporting on it.
+    pub fn capture(&self, fd: OwnedFd, stream: Stream, origin: Arc<Origin>, tail: Tail, done: mpsc::Sender<()>) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            let mut rx = match pipe::Receiver::from_owned_fd(fd) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    tracing::warn!("cannot read worker {} output: {e}", origin.worker_id);
+                    return;
+                }
+            };
+            let mut pending: Vec<u8> = Vec::new();
+            let mut chunk = vec![0u8; 8192];
+            let emit = |text: Vec<u8>| {
+                let tx = tx.clone();
+                let origin = origin.clone();
+                let tail = tail.clone();
+                async move {
+                    tail.push(&text);
+                    let _ = tx.send(Line { origin, stream, text }).await;
+                }
+            };
+            loop {
+                let n = match rx.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                pending.extend_from_slice(&chunk[..n]);
+                for line in split_lines(&mut pending) {
+                    emit(line).await;
+                }
+            }
+            if !pending.is_empty() {
+                emit(std::mem::take(&mut pending)).await;
+            }
+        });
+    }
+}
+
+/// Takes every complete line (and every full `MAX_LINE` piece) out of `pending`.
+fn split_lines(pending: &mut Vec<u8>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let rest = &pending[start..];
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(pos) if pos <= MAX_LINE => {
+                let mut line = rest[..pos].to_vec();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                out.push(line);
+                start += pos + 1;
+            }
+            _ if rest.len() >= MAX_LINE => {
+                out.push(rest[..MAX_LINE].to_vec());
+                start += MAX_LINE;
+            }
+            _ => break,
+        }
+    }
+    pending.drain(..start);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_lines_wait_for_their_newline() {
+        let mut p = b"one\ntw".to_vec();
+        assert_eq!(split_lines(&mut p), vec![b"one".to_vec()]);
+        assert_eq!(p, b"tw");
+        p.extend_from_slice(b"o\r\n");
+        assert_eq!(split_lines(&mut p), vec![b"two".to_vec()]);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn long_lines_are_split_not_dropped() {
+        let mut p = vec![b'x'; MAX_LINE * 2 + 5];
+        let lines = split_lines(&mut p);
+        assert_eq!(lines.len(), 2);
+        assert!(lines.iter().all(|l| l.len() == MAX_LINE));
+        assert_eq!(p.len(), 5);
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let t = Tail::default();
+        for i in 0..25 {
+            t.push(format!("line {i}").as_bytes());
+        }
+        let lines = t.lines();
+        assert_eq!(lines.len(), TAIL_LINES);
+        assert_eq!(lines.last().unwrap(), "line 24");
+    }
+}

@@ -1,0 +1,586 @@
+//! The supervisor: one event loop that owns every worker.
+//!
+//! Theory of operation. The loop is the only code that changes worker state. Everything else
+//! becomes an event into it: child exits (a task per worker waits on its pidfd, then for the
+//! end of its output, and sends [`Event::Exited`]), notify datagrams from workers, control
+//! requests ([`Control`], from signals or clients) and timers (the loop sleeps until the
+//! earliest deadline: a ready timeout, an `alive:` delay, a stop timeout, a restart back-off,
+//! the systemd watchdog). After each event, [`Supervisor::reconcile`] moves the world toward
+//! the wanted state: fill empty slots, retire extra ones, drive the roll-out, tell systemd.
+//!
+//! Slots are the stable worker ids (0..N-1, `HERDSMAN_WORKER_ID`). A slot has at most one
+//! *active* worker and, during a roll-out, one *candidate*; replaced workers are *retired* and
+//! drain on their own schedule.
+
+pub mod control;
+mod rollout;
+mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backoff;
+use crate::config::{Problems, ReadyMode, Settings};
+use crate::listeners::Listeners;
+use crate::notify::{Message, Notifier, WorkerNotify};
+use crate::output::Output;
+use crate::spawn::{Launcher, Spec};
+use crate::sys;
+use crate::worker::{Role, State, Worker};
+pub use control::{Control, ReloadOutcome, Scale, Snapshot};
+use rollout::Rollout;
+
+/// How long to wait for a dead worker's last output before reporting its exit.
+const OUTPUT_GRACE: Duration = Duration::from_millis(250);
+
+/// Re-reads the configuration for a reload.
+pub type ReloadSource = Box<dyn Fn() -> Result<Settings, Problems>>;
+
+/// Everything outside the supervisor that it works with, injected so tests and `main` choose.
+pub struct World {
+    pub listeners: Listeners,
+    pub notifier: Notifier,
+    /// The environment workers start from (the supervisor's own, as `main` read it).
+    pub base_env: Vec<(String, String)>,
+    pub output: Output,
+    pub reload_source: Option<ReloadSource>,
+    /// Send `WATCHDOG=1` this often (from `WATCHDOG_USEC`).
+    pub watchdog: Option<Duration>,
+}
+
+enum Event {
+    Exited { pid: i32, status: WaitStatus },
+}
+
+/// A slot: one stable worker id.
+struct Slot {
+    /// The worker serving (or starting to serve) this slot.
+    active: Option<i32>,
+    /// What the slot runs when (re)started.
+    spec: Arc<Spec>,
+    /// Failures in a row, for back-off.
+    failures: u32,
+    restarts: u32,
+    /// Back-off: do not start before this.
+    restart_at: Option<Instant>,
+    /// Became ready or failed at least once (for the first `READY=1`).
+    settled: bool,
+    last_error: Option<String>,
+}
+
+pub struct Supervisor {
+    settings: Settings,
+    app: Arc<str>,
+    /// What new slots and restarts without a slot spec run.
+    spec: Arc<Spec>,
+    /// The newest generation number handed out.
+    generation: u64,
+    desired: usize,
+    slots: BTreeMap<usize, Slot>,
+    workers: HashMap<i32, Worker>,
+    rollout: Option<Rollout>,
+    /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
+    queued: Option<Vec<Option<oneshot::Sender<ReloadOutcome>>>>,
+    last_reload: Option<control::LastReload>,
+    launcher: Launcher,
+    notifier: Notifier,
+    reload_source: Option<ReloadSource>,
+    watchdog: Option<(Duration, Instant)>,
+    sockets: Vec<String>,
+    events: mpsc::UnboundedSender<Event>,
+    /// Set once a stop began; the loop ends when no worker is left.
+    stopping: bool,
+    sent_ready: bool,
+    last_status: String,
+}
+
+/// Runs the supervisor until a stop request has been carried out.
+pub async fn run(settings: Settings, world: World, mut controls: mpsc::Receiver<Control>) -> anyhow::Result<()> {
+    let notify = WorkerNotify::bind()?;
+    let app: Arc<str> = Arc::from(settings.name.as_str());
+    let launcher = Launcher::new(
+        app.clone(),
+        world.base_env,
+        world.listeners.raw_fds(),
+        world.listeners.names(),
+        notify.address.clone(),
+        world.output,
+    )?;
+    let (events, mut event_rx) = mpsc::unbounded_channel();
+    let spec = Arc::new(Spec::new(&settings, 1));
+    let mut sup = Supervisor {
+        app,
+        desired: settings.workers.get(),
+        settings,
+        spec,
+        generation: 1,
+        slots: BTreeMap::new(),
+        workers: HashMap::new(),
+        rollout: None,
+        queued: None,
+        last_reload: None,
+        launcher,
+        notifier: world.notifier,
+        reload_source: world.reload_source,
+        watchdog: world.watchdog.map(|d| (d, Instant::now())),
+        sockets: world.listeners.addrs(),
+        events,
+        stopping: false,
+        sent_ready: false,
+        last_status: String::new(),
+    };
+    tracing::info!(
+        app = %sup.app,
+        workers = sup.desired,
+        sockets = %sup.sockets.join(", "),
+        "starting {} worker(s) of {:?} on {}",
+        sup.desired,
+        sup.settings.command.join(" "),
+        sup.sockets.join(", ")
+    );
+    let mut controls_open = true;
+    loop {
+        sup.reconcile();
+        if sup.stopping && sup.workers.is_empty() {
+            break;
+        }
+        let wake = sup.next_deadline();
+        tokio::select! {
+            Some(ev) = event_rx.recv() => sup.on_event(ev),
+            msg = notify.recv() => sup.on_notify(msg),
+            c = controls.recv(), if controls_open => match c {
+                Some(c) => sup.on_control(c),
+                None => controls_open = false,
+            },
+            _ = sleep_until(wake) => {}
+        }
+        sup.on_timers(Instant::now());
+    }
+    tracing::info!(app = %sup.app, "all workers stopped");
+    drop(world.listeners);
+    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Supervisor {
+    fn on_control(&mut self, c: Control) {
+        match c {
+            Control::Reload { reply } => self.request_reload(reply),
+            Control::Scale { scale, reply } => {
+                let r = self.scale(scale);
+                if let Some(tx) = reply {
+                    let _ = tx.send(r);
+                }
+            }
+            Control::Status { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Control::Stop => self.stop(),
+        }
+    }
+
+    fn scale(&mut self, scale: Scale) -> Result<usize, String> {
+        let want = match scale {
+            Scale::To(n) => n,
+            Scale::Add(n) => self.desired.saturating_add(n),
+            Scale::Remove(n) => self.desired.saturating_sub(n),
+        };
+        if want == 0 {
+            return Err(format!("cannot scale to 0 workers (now {}); stop the app instead", self.desired));
+        }
+        if want > 4096 {
+            return Err(format!("cannot scale to {want} workers; the limit is 4096"));
+        }
+        if want != self.desired {
+            tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.desired);
+        }
+        self.desired = want;
+        Ok(want)
+    }
+
+    fn stop(&mut self) {
+        let now = Instant::now();
+        if self.stopping {
+            tracing::warn!(app = %self.app, "second stop request: killing the remaining workers now");
+            for w in self.workers.values_mut() {
+                w.state = State::Stopping { kill_at: now };
+            }
+            return;
+        }
+        tracing::info!(app = %self.app, "stopping: sending {} to {} worker(s)", self.settings.stop_signal, self.workers.len());
+        self.stopping = true;
+        self.notifier.send("STOPPING=1\nSTATUS=stopping");
+        self.fail_rollout("the supervisor is stopping".to_string());
+        if let Some(waiters) = self.queued.take() {
+            let outcome = ReloadOutcome {
+                ok: false,
+                generation: self.spec.generation,
+                message: "the supervisor is stopping".to_string(),
+            };
+            self.answer(waiters, outcome);
+        }
+        let pids: Vec<i32> = self.workers.keys().copied().collect();
+        for pid in pids {
+            self.retire(pid);
+        }
+    }
+
+    /// Sends the stop signal (once) and arms the kill timer.
+    fn retire(&mut self, pid: i32) {
+        let Some(w) = self.workers.get_mut(&pid) else { return };
+        w.role = Role::Retired;
+        if matches!(w.state, State::Stopping { .. }) {
+            return;
+        }
+        w.state = State::Stopping { kill_at: Instant::now() + w.spec.stop_timeout };
+        if let Err(e) = sys::pidfd_signal(&w.pidfd, w.spec.stop_signal as i32) {
+            tracing::debug!("signal to {pid}: {e}");
+        }
+        if let Some(slot) = self.slots.get_mut(&w.slot) {
+            if slot.active == Some(pid) {
+                slot.active = None;
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let Event::Exited { pid, status } = ev;
+        let Some(w) = self.workers.remove(&pid) else { return };
+        // Whatever the worker left in its process group goes with it.
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        let how = describe_exit(status);
+        let now = Instant::now();
+        let ran = now.duration_since(w.started);
+        match (w.role, w.state) {
+            (Role::Retired, _) => {
+                tracing::info!(app = %self.app, worker = w.slot, pid, generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
+            }
+            (Role::Candidate, _) => {
+                let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
+                let report = failure_report(&w, &reason);
+                tracing::error!(app = %self.app, worker = w.slot, pid, generation = w.spec.generation, "{report}");
+                self.fail_rollout(report);
+            }
+            (Role::Active, state) => {
+                let Some(slot) = self.slots.get_mut(&w.slot) else { return };
+                if slot.active == Some(pid) {
+                    slot.active = None;
+                }
+                let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.settings.backoff.reset_after);
+                if healthy {
+                    slot.failures = 0;
+                }
+                slot.failures += 1;
+                slot.restarts += 1;
+                slot.settled = true;
+                let delay = backoff::delay(&self.settings.backoff, slot.failures);
+                slot.restart_at = Some(now + delay);
+                let reason = match (&w.failure, state) {
+                    (Some(f), _) => f.clone(),
+                    (None, State::Starting { .. }) => format!("{how} before it was ready"),
+                    (None, _) => format!("{how} after {}", human(ran)),
+                };
+                let report = failure_report(&w, &reason);
+                slot.last_error = Some(reason);
+                tracing::warn!(
+                    app = %self.app, worker = w.slot, pid, generation = w.spec.generation,
+                    "{report}; restarting in {} (failure {} in a row)", human(delay), slot.failures
+                );
+            }
+        }
+    }
+
+    fn on_notify(&mut self, msg: Message) {
+        let pid = if self.workers.contains_key(&msg.pid) {
+            msg.pid
+        } else {
+            // A child of the worker (e.g. `npm start` → node) speaks for its process group.
+            match nix::unistd::getpgid(Some(Pid::from_raw(msg.pid))) {
+                Ok(pg) if self.workers.contains_key(&pg.as_raw()) => pg.as_raw(),
+                _ => {
+                    tracing::debug!("notify message from unknown pid {} ignored", msg.pid);
+                    return;
+                }
+            }
+        };
+        let Some(w) = self.workers.get_mut(&pid) else { return };
+        for (key, value) in msg.assignments {
+            match key.as_str() {
+                "READY" if value == "1" => {
+                    if matches!(w.state, State::Starting { .. }) && w.spec.ready == ReadyMode::Notify {
+                        w.state = State::Ready { since: Instant::now() };
+                        self.on_ready(pid);
+                        return;
+                    }
+                }
+                "STATUS" => w.status_text = Some(value),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_ready(&mut self, pid: i32) {
+        let Some(w) = self.workers.get(&pid) else { return };
+        let took = w.started.elapsed();
+        tracing::info!(app = %self.app, worker = w.slot, pid, generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
+        if let Some(slot) = self.slots.get_mut(&w.slot) {
+            slot.settled = true;
+        }
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        let mut became_ready = Vec::new();
+        let mut timed_out = Vec::new();
+        for (pid, w) in self.workers.iter_mut() {
+            match w.state {
+                State::Starting { deadline } => {
+                    if let ReadyMode::Alive(d) = w.spec.ready {
+                        if now >= w.started + d {
+                            w.state = State::Ready { since: now };
+                            became_ready.push(*pid);
+                            continue;
+                        }
+                    }
+                    if now >= deadline {
+                        timed_out.push(*pid);
+                    }
+                }
+                State::Stopping { kill_at } if now >= kill_at => {
+                    tracing::warn!(app = %self.app, worker = w.slot, pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
+                    let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+                    w.state = State::Stopping { kill_at: now + Duration::from_secs(3600) };
+                }
+                _ => {}
+            }
+        }
+        for pid in became_ready {
+            self.on_ready(pid);
+        }
+        for pid in timed_out {
+            if let Some(w) = self.workers.get_mut(&pid) {
+                w.failure = Some(format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout)));
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                w.state = State::Stopping { kill_at: now + Duration::from_secs(3600) };
+            }
+        }
+        if let Some((every, last)) = self.watchdog {
+            if now >= last + every {
+                self.notifier.send("WATCHDOG=1");
+                self.watchdog = Some((every, now));
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().filter_map(|w| match w.state {
+            State::Starting { deadline } => Some(match w.spec.ready {
+                ReadyMode::Alive(d) => deadline.min(w.started + d),
+                ReadyMode::Notify => deadline,
+            }),
+            State::Stopping { kill_at } => Some(kill_at),
+            State::Ready { .. } => None,
+        });
+        let slots = self.slots.values().filter_map(|s| s.restart_at);
+        let watchdog = self.watchdog.map(|(every, last)| last + every);
+        workers.chain(slots).chain(watchdog).min()
+    }
+
+    /// Moves the world toward the wanted state. Called after every event.
+    fn reconcile(&mut self) {
+        let now = Instant::now();
+        if !self.stopping {
+            self.reconcile_slots(now);
+            self.drive_rollout(now);
+        }
+        if !self.sent_ready && (self.stopping || self.slots.values().all(|s| s.settled)) {
+            self.sent_ready = true;
+            if !self.stopping {
+                tracing::info!(app = %self.app, "started: {}", self.status_line());
+            }
+            self.notifier.send("READY=1");
+        }
+        let status = self.status_line();
+        if status != self.last_status {
+            self.notifier.send(&format!("STATUS={status}"));
+            self.last_status = status;
+        }
+    }
+
+    fn reconcile_slots(&mut self, now: Instant) {
+        for id in 0..self.desired {
+            let spec = self.rollout.as_ref().map(|r| r.spec.clone()).unwrap_or_else(|| self.spec.clone());
+            self.slots.entry(id).or_insert_with(|| Slot {
+                active: None,
+                spec,
+                failures: 0,
+                restarts: 0,
+                restart_at: None,
+                settled: false,
+                last_error: None,
+            });
+        }
+        // Extra slots (scale down): retire their workers, drop the slot once empty.
+        let extra: Vec<usize> = self.slots.range(self.desired..).map(|(id, _)| *id).collect();
+        for id in extra {
+            let pids: Vec<i32> =
+                self.workers.values().filter(|w| w.slot == id && w.role != Role::Retired).map(|w| w.pid).collect();
+            for pid in pids {
+                self.retire(pid);
+            }
+            if let Some(r) = &mut self.rollout {
+                r.forget_slot(id);
+            }
+            self.slots.remove(&id);
+        }
+        // Empty slots start (after their back-off), unless a roll-out candidate is coming.
+        let ids: Vec<usize> = self.slots.keys().copied().collect();
+        for id in ids {
+            let slot = &self.slots[&id];
+            let has_candidate = self.rollout.as_ref().is_some_and(|r| r.candidate_for(id).is_some());
+            if slot.active.is_some() || has_candidate || slot.restart_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            let spec = slot.spec.clone();
+            match self.launch(id, &spec, Role::Active) {
+                Ok(pid) => {
+                    let slot = self.slots.get_mut(&id).expect("slot exists");
+                    slot.active = Some(pid);
+                    slot.restart_at = None;
+                }
+                Err(e) => {
+                    let slot = self.slots.get_mut(&id).expect("slot exists");
+                    slot.failures += 1;
+                    slot.settled = true;
+                    let delay = backoff::delay(&self.settings.backoff, slot.failures);
+                    slot.restart_at = Some(now + delay);
+                    tracing::error!(app = %self.app, worker = id, "worker {id}: {e}; retrying in {}", human(delay));
+                    slot.last_error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Starts a worker for slot `id` running `spec`.
+    fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, String> {
+        let l = self.launcher.launch(spec, id)?;
+        let pid = l.pid;
+        let pidfd = Arc::new(l.pidfd);
+        watch_exit(pid, pidfd.clone(), l.output_done, self.events.clone());
+        let now = Instant::now();
+        self.workers.insert(
+            pid,
+            Worker {
+                pid,
+                slot: id,
+                spec: spec.clone(),
+                state: State::Starting { deadline: now + spec.ready_timeout },
+                role,
+                started: now,
+                pidfd,
+                tail: l.tail,
+                failure: None,
+                status_text: None,
+            },
+        );
+        tracing::info!(app = %self.app, worker = id, pid, generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
+        Ok(pid)
+    }
+
+    fn answer(&self, waiters: Vec<Option<oneshot::Sender<ReloadOutcome>>>, outcome: ReloadOutcome) {
+        for tx in waiters.into_iter().flatten() {
+            let _ = tx.send(outcome.clone());
+        }
+    }
+
+    fn ready_count(&self) -> usize {
+        self.slots
+            .values()
+            .filter_map(|s| s.active)
+            .filter(|pid| self.workers.get(pid).is_some_and(Worker::is_ready))
+            .count()
+    }
+}
+
+/// Waits for a worker to exit (pidfd readable), reaps it, waits briefly for the end of its
+/// output so the report has its last lines, then tells the loop.
+fn watch_exit(pid: i32, pidfd: Arc<OwnedFd>, mut output_done: mpsc::Receiver<()>, events: mpsc::UnboundedSender<Event>) {
+    tokio::spawn(async move {
+        let status = match sys::watch_pidfd(pidfd) {
+            Ok(afd) => loop {
+                match afd.readable().await {
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                            Ok(WaitStatus::StillAlive) => continue,
+                            Ok(s) => break s,
+                            Err(e) => {
+                                tracing::error!("waitpid({pid}): {e}");
+                                break WaitStatus::Exited(Pid::from_raw(pid), -1);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("waiting for worker {pid}: {e}");
+                        break WaitStatus::Exited(Pid::from_raw(pid), -1);
+                    }
+                }
+            },
+            Err(e) => {
+                tracing::error!("watching worker {pid}: {e}");
+                let s = waitpid(Pid::from_raw(pid), None).unwrap_or(WaitStatus::Exited(Pid::from_raw(pid), -1));
+                s
+            }
+        };
+        let _ = tokio::time::timeout(OUTPUT_GRACE, output_done.recv()).await;
+        let _ = events.send(Event::Exited { pid, status });
+    });
+}
+
+fn describe_exit(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, core) => {
+            format!("was killed by {}{}", sig.as_str(), if core { " (core dumped)" } else { "" })
+        }
+        other => format!("ended ({other:?})"),
+    }
+}
+
+fn failure_report(w: &Worker, reason: &str) -> String {
+    let mut report = format!("worker {} (pid {}, generation {}) {reason}", w.slot, w.pid, w.spec.generation);
+    let tail = w.tail.lines();
+    if !tail.is_empty() {
+        report.push_str("; last output: ");
+        report.push_str(&tail.join(" ⏎ "));
+    }
+    report
+}
+
+/// `1.5s`, `2m`, `3h` — short human durations.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else if ms < 3_600_000 {
+        format!("{}m", ms / 60_000)
+    } else if ms < 86_400_000 {
+        format!("{}h", ms / 3_600_000)
+    } else {
+        format!("{}d", ms / 86_400_000)
+    }
+}

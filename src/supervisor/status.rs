@@ -1,0 +1,77 @@
+//! What the supervisor says about itself: the one-line `STATUS=` for systemd and the
+//! [`Snapshot`] for clients.
+
+use std::time::Instant;
+
+use super::control::{Snapshot, WorkerInfo};
+use super::{Supervisor, human};
+use crate::worker::Role;
+
+impl Supervisor {
+    /// E.g. `4/4 ready · generation 3`, `reloading 2/4 · generation 3→4`.
+    pub(super) fn status_line(&self) -> String {
+        if self.stopping {
+            return format!("stopping ({} worker(s) left)", self.workers.len());
+        }
+        let mut s = format!("{}/{} ready · generation {}", self.ready_count(), self.desired, self.spec.generation);
+        if let Some(r) = &self.rollout {
+            s = format!("reloading {}/{} · generation {}→{}", r.done, r.total, self.spec.generation, r.spec.generation);
+        }
+        let now = Instant::now();
+        for (id, slot) in &self.slots {
+            if let (None, Some(at)) = (slot.active, slot.restart_at) {
+                let wait = at.saturating_duration_since(now);
+                s.push_str(&format!(" · worker {id} restarting in {} ({} failures)", human(wait), slot.failures));
+            }
+        }
+        if let Some(lr) = &self.last_reload {
+            if let (Some(err), None) = (&lr.error, &self.rollout) {
+                s.push_str(&format!(" · reload failed: {err}"));
+            }
+        }
+        s
+    }
+
+    pub(super) fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let mut workers: Vec<WorkerInfo> = self
+            .workers
+            .values()
+            .map(|w| WorkerInfo {
+                id: w.slot,
+                pid: Some(w.pid),
+                generation: w.spec.generation,
+                state: match w.role {
+                    Role::Candidate if !w.is_ready() => "starting (new)".to_string(),
+                    _ => w.state_name().to_string(),
+                },
+                restarts: self.slots.get(&w.slot).map_or(0, |s| s.restarts),
+                uptime_s: now.duration_since(w.started).as_secs_f64(),
+            })
+            .collect();
+        for (id, slot) in &self.slots {
+            if slot.active.is_none() && !workers.iter().any(|w| w.id == *id && w.state != "stopping") {
+                workers.push(WorkerInfo {
+                    id: *id,
+                    pid: None,
+                    generation: slot.spec.generation,
+                    state: if slot.restart_at.is_some() { "backoff" } else { "waiting" }.to_string(),
+                    restarts: slot.restarts,
+                    uptime_s: 0.0,
+                });
+            }
+        }
+        workers.sort_by(|a, b| (a.id, a.pid).cmp(&(b.id, b.pid)));
+        Snapshot {
+            name: self.settings.name.clone(),
+            pid: std::process::id(),
+            sockets: self.sockets.clone(),
+            generation: self.spec.generation,
+            desired: self.desired,
+            ready: self.ready_count(),
+            status: self.status_line(),
+            workers,
+            last_reload: self.last_reload.clone(),
+        }
+    }
+}

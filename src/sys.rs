@@ -1,0 +1,333 @@
+//! The only module with `unsafe`: fork/exec of a worker, pidfds, and adopting inherited fds.
+//!
+//! Why by hand: a worker must see `LISTEN_PID` equal to its *own* pid, which is only known after
+//! `fork()`. `std::process::Command` cannot change the environment after forking, and allocating
+//! or calling `setenv` between fork and exec is not async-signal-safe in a threaded process. So
+//! [`ExecPlan`] builds `argv`, `envp` (with a fixed-size `LISTEN_PID=` slot), the fd layout and
+//! the working directory *before* forking, and the child only does async-signal-safe system
+//! calls: `dup2`, `close_range`, `setpgid`, `prctl`, `sigprocmask`, `signal`, `chdir`, writing
+//! digits into memory it already owns, and `execve`. No allocation, no locks, no logging.
+//!
+//! The fd plan is simple by construction: every listening socket is kept at a number
+//! `>= 3 + n` in the supervisor (see `listeners`), so `dup2(src, 3 + i)` can never clobber
+//! another source. Standard streams are placed first. Everything from `3 + n` up is marked
+//! close-on-exec with `close_range`, so a worker gets exactly stdio and the sockets.
+
+use std::ffi::{CString, c_char, c_int, c_uint};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// `close_range` flag: mark instead of close (Linux 5.11).
+const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
+/// Room for `LISTEN_PID=` plus the longest pid and a NUL.
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const LISTEN_PID_LEN: usize = 11 + 20 + 1;
+
+/// Which step in the child failed; reported to the parent with the errno.
+const STAGES: &[&str] = &["setting up file descriptors", "changing directory", "executing the command"];
+
+/// Everything a worker's exec needs, prepared before `fork()`.
+pub struct ExecPlan {
+    path: CString,
+    cwd: Option<CString>,
+    _argv: Vec<CString>,
+    argv: Vec<*const c_char>,
+    _env: Vec<CString>,
+    listen_pid: Box<[u8; LISTEN_PID_LEN]>,
+    envp: Vec<*const c_char>,
+    stdio: [RawFd; 3],
+    fds: Vec<RawFd>,
+    max_fd: c_int,
+}
+
+/// Why a plan could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("argument or environment entry contains a NUL byte")]
+    Nul,
+    #[error("internal: fd {fd} is inside the target range 0..{limit}")]
+    FdInTargetRange { fd: RawFd, limit: RawFd },
+}
+
+impl ExecPlan {
+    /// `path` must be the resolved program, `env` entries `KEY=VALUE` without `LISTEN_PID`
+    /// (added here), `stdio` the fds for 0, 1, 2 and `fds` the sockets for 3, 4, ...
+    pub fn new(
+        path: &str,
+        argv: &[String],
+        env: &[String],
+        cwd: Option<&std::path::Path>,
+        stdio: [RawFd; 3],
+        fds: &[RawFd],
+    ) -> Result<Self, PlanError> {
+        let cstr = |s: &str| CString::new(s).map_err(|_| PlanError::Nul);
+        let limit = 3 + fds.len() as RawFd;
+        for &fd in stdio.iter().chain(fds) {
+            let clash = if stdio.contains(&fd) { fd < 3 } else { fd < limit };
+            if clash {
+                return Err(PlanError::FdInTargetRange { fd, limit });
+            }
+        }
+        let argv_c = argv.iter().map(|a| cstr(a)).collect::<Result<Vec<_>, _>>()?;
+        let env_c = env.iter().map(|e| cstr(e)).collect::<Result<Vec<_>, _>>()?;
+        let mut listen_pid = Box::new([0u8; LISTEN_PID_LEN]);
+        listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        let mut argv_p: Vec<*const c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
+        argv_p.push(std::ptr::null());
+        let mut envp: Vec<*const c_char> = env_c.iter().map(|e| e.as_ptr()).collect();
+        if !fds.is_empty() {
+            envp.push(listen_pid.as_ptr().cast());
+        }
+        envp.push(std::ptr::null());
+        // SAFETY: getrlimit only writes into the struct we pass.
+        let max_fd = unsafe {
+            let mut rl: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
+                rl.rlim_cur.min(65536) as c_int
+            } else {
+                1024
+            }
+        };
+        Ok(ExecPlan {
+            path: cstr(path)?,
+            cwd: cwd.map(|c| CString::new(c.as_os_str().as_encoded_bytes()).map_err(|_| PlanError::Nul)).transpose()?,
+            _argv: argv_c,
+            argv: argv_p,
+            _env: env_c,
+            listen_pid,
+            envp,
+            stdio,
+            fds: fds.to_vec(),
+            max_fd,
+        })
+    }
+
+    /// Forks and execs the worker. Returns its pid once `execve` succeeded; a failure in the
+    /// child (bad directory, exec error) comes back as an error naming the step.
+    pub fn spawn(&mut self) -> io::Result<i32> {
+        let first_free = 3 + self.fds.len() as c_int;
+        let (err_r, err_w) = pipe_cloexec()?;
+        // The error pipe must survive the dup2 calls below: keep it above the target range.
+        let err_w = dup_cloexec_from(&err_w, first_free)?;
+        let parent = std::process::id() as libc::pid_t;
+        let pid_slot: *mut u8 = self.listen_pid.as_mut_ptr();
+        // SAFETY: fork has no memory-safety preconditions. In the child we only call
+        // async-signal-safe functions on data prepared before the fork (see `child`).
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: we are the freshly forked child; `child` never returns.
+            unsafe { self.child(err_w.as_raw_fd(), pid_slot, parent, first_free) }
+        }
+        drop(err_w);
+        let mut report = [0u8; 8];
+        let mut got = 0;
+        while got < report.len() {
+            // SAFETY: reading into a stack buffer within its bounds.
+            let n = unsafe {
+                libc::read(err_r.as_raw_fd(), report[got..].as_mut_ptr().cast(), report.len() - got)
+            };
+            if n == 0 {
+                break;
+            }
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            got += n as usize;
+        }
+        if got == 0 {
+            return Ok(pid);
+        }
+        // The child failed before or at exec and has exited: reap it.
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        let stage = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default()) as usize;
+        let errno = i32::from_ne_bytes(report[4..].try_into().unwrap_or_default());
+        let err = io::Error::from_raw_os_error(errno);
+        Err(io::Error::new(err.kind(), format!("{}: {err}", STAGES.get(stage).unwrap_or(&"starting"))))
+    }
+
+    /// Runs in the forked child. Only async-signal-safe calls, no allocation.
+    unsafe fn child(&self, err_w: RawFd, pid_slot: *mut u8, parent: libc::pid_t, first_free: c_int) -> ! {
+        // SAFETY: every call below is async-signal-safe (POSIX/Linux) and only touches memory
+        // this process owns: the plan (copied by fork) and stack buffers.
+        unsafe {
+            for (target, &src) in self.stdio.iter().enumerate() {
+                if libc::dup2(src, target as c_int) < 0 {
+                    fail(err_w, 0);
+                }
+            }
+            for (i, &src) in self.fds.iter().enumerate() {
+                // dup2 to a different number yields a descriptor without FD_CLOEXEC.
+                if libc::dup2(src, 3 + i as c_int) < 0 {
+                    fail(err_w, 0);
+                }
+            }
+            if libc::syscall(libc::SYS_close_range, first_free as c_uint, c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+                for fd in first_free..self.max_fd {
+                    if fd != err_w {
+                        libc::close(fd);
+                    }
+                }
+            }
+            // Own process group: terminal signals go to the supervisor only, and the worker's
+            // own children can be killed with it.
+            libc::setpgid(0, 0);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            if let Some(cwd) = &self.cwd {
+                if libc::chdir(cwd.as_ptr()) != 0 {
+                    fail(err_w, 1);
+                }
+            }
+            if !self.fds.is_empty() {
+                write_pid(pid_slot.add(LISTEN_PID_PREFIX.len()), libc::getpid());
+            }
+            libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
+            fail(err_w, 2)
+        }
+    }
+}
+
+/// Writes `pid` as decimal digits plus NUL at `dst` (room for 21 bytes). Async-signal-safe.
+///
+/// # Safety
+/// `dst` must be valid for 21 bytes of writes.
+unsafe fn write_pid(dst: *mut u8, pid: libc::pid_t) {
+    let mut digits = [0u8; 20];
+    let mut n = pid as u64;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: i < len <= 20, within the caller's 21-byte buffer.
+        unsafe { *dst.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: len <= 20, so the NUL lands in the 21st byte at most.
+    unsafe { *dst.add(len) = 0 };
+}
+
+/// Reports the failed stage and errno to the parent and exits. Async-signal-safe.
+unsafe fn fail(err_w: RawFd, stage: u32) -> ! {
+    // SAFETY: errno location and write/_exit are async-signal-safe; buffers are on the stack.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut buf = [0u8; 8];
+        buf[..4].copy_from_slice(&stage.to_ne_bytes());
+        buf[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(err_w, buf.as_ptr().cast(), buf.len());
+        libc::_exit(127)
+    }
+}
+
+/// A pipe whose both ends are close-on-exec.
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Duplicates `fd` to the lowest free number `>= min`, close-on-exec. Only the descriptor is
+/// new: the open file description (and its O_NONBLOCK flag) is shared, never changed.
+pub fn dup_cloexec_from(fd: &OwnedFd, min: c_int) -> io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: fcntl just returned this new descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Takes ownership of an fd passed by the service manager (`LISTEN_FDS`), after checking it is
+/// an open socket. Each number must be taken at most once.
+pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a socket")));
+    }
+    // SAFETY: the fd is open (fstat succeeded), was handed to this process by its parent for
+    // its exclusive use, and the caller takes each number once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a pidfd for our child `pid`: readable when it exits, and safe to signal (no pid reuse).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; the result is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` through a pidfd (cannot hit a recycled pid).
+pub fn pidfd_signal(pidfd: &OwnedFd, sig: c_int) -> io::Result<()> {
+    // SAFETY: plain syscall; a null siginfo is allowed.
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Registers a pidfd with the event loop, to await the process's exit.
+pub fn watch_pidfd(pidfd: std::sync::Arc<OwnedFd>) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
+    // SAFETY: the AsyncFd owns an Arc of the OwnedFd, so the descriptor stays open and refers
+    // to the same pidfd for the AsyncFd's whole lifetime; Arc<OwnedFd>::as_raw_fd is stable.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Makes sure 0, 1 and 2 are open (on /dev/null if not), so no socket or pipe we open later
+/// lands there and gets confused with a standard stream.
+pub fn ensure_stdio_open() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            // SAFETY: open of a constant NUL-terminated path; the new fd is the lowest free one,
+            // i.e. `fd`, and deliberately stays open for the life of the process.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_digits_are_written_in_place() {
+        let mut buf = [b'x'; 21];
+        // SAFETY: buf has 21 bytes.
+        unsafe { write_pid(buf.as_mut_ptr(), 4_194_304) };
+        assert_eq!(&buf[..8], b"4194304\0");
+        // SAFETY: buf has 21 bytes.
+        unsafe { write_pid(buf.as_mut_ptr(), 7) };
+        assert_eq!(&buf[..2], b"7\0");
+    }
+
+    #[test]
+    fn plan_rejects_sources_inside_the_target_range() {
+        let err = ExecPlan::new("/bin/true", &["true".into()], &[], None, [10, 11, 12], &[4, 20]).unwrap_err();
+        assert!(matches!(err, PlanError::FdInTargetRange { fd: 4, limit: 5 }));
+        let err = ExecPlan::new("/bin/true", &["true".into()], &[], None, [1, 11, 12], &[20]).unwrap_err();
+        assert!(matches!(err, PlanError::FdInTargetRange { fd: 1, .. }));
+        assert!(ExecPlan::new("/bin/true", &["true".into()], &[], None, [10, 11, 12], &[20, 21]).is_ok());
+    }
+}

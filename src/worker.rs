@@ -1,0 +1,59 @@
+//! One worker process as the supervisor sees it: which slot it serves, which generation it
+//! runs, and where it is in its life (starting → ready → stopping → gone).
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::output::Tail;
+use crate::spawn::Spec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Started, not ready yet. Fails if not ready by `deadline`.
+    Starting { deadline: Instant },
+    Ready { since: Instant },
+    /// Stop signal sent; SIGKILL at `kill_at`.
+    Stopping { kill_at: Instant },
+}
+
+/// Why the worker exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Serves its slot (or is starting to, outside a roll-out).
+    Active,
+    /// A roll-out's replacement for the slot's active worker; promoted once ready.
+    Candidate,
+    /// Replaced, scaled away or stopping: its exit is expected.
+    Retired,
+}
+
+#[derive(Debug)]
+pub struct Worker {
+    pub pid: i32,
+    pub slot: usize,
+    pub spec: Arc<Spec>,
+    pub state: State,
+    pub role: Role,
+    pub started: Instant,
+    pub pidfd: Arc<OwnedFd>,
+    pub tail: Tail,
+    /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
+    pub failure: Option<String>,
+    /// Last `STATUS=` the worker sent.
+    pub status_text: Option<String>,
+}
+
+impl Worker {
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, State::Ready { .. })
+    }
+
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Starting { .. } => "starting",
+            State::Ready { .. } => "ready",
+            State::Stopping { .. } => "stopping",
+        }
+    }
+}

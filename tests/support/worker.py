@@ -1,0 +1,382 @@
+#!/usr/bin/env python3
+"""Purpose-built test worker for herdsman's integration tests (stdlib only).
+
+Serves HTTP/1.1 on the inherited listening socket at fd 3 (systemd
+socket-activation style) and answers every request with a JSON description
+of the environment it was started with.  Behaviour is tuned by TW_* knobs:
+
+  TW_READY_DELAY_MS=N   sleep N ms before accepting / notifying readiness
+  TW_NOTIFY=1           send READY=1 to $NOTIFY_SOCKET once ready
+  TW_NOTIFY_STATUS=txt  also send STATUS=txt (separate datagram, before READY=1)
+  TW_NEVER_READY=1      never send READY=1 (still serves)
+  TW_FAIL_START=1       print "worker failing at start" to stderr, exit 3
+  TW_BREAK_FILE=path    if path exists at startup: print
+                        "broken build: <path> exists" to stderr, exit 3
+  TW_CRASH_AFTER_MS=N   print "crashing now" to stderr, exit 4 after N ms
+  TW_IGNORE_TERM=1      ignore SIGTERM and SIGINT
+  TW_CHILD=1            spawn a child `sleep 1000` at start
+  TW_TAG=text           reported as "tag"
+  TW_VERSION_FILE=path  contents (stripped) reported as "version"
+
+GET /slow?ms=N delays the answer by N ms (drain tests).
+SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, finish
+in-flight requests (answering with Connection: close), close idle keep-alive
+connections within ~100 ms, print "worker <id> drained", exit 0.
+"""
+
+import os
+
+# --- Snapshot of inherited fds: must happen before we open anything. -------
+# os.listdir opens a directory fd that shows up in its own listing; keep only
+# the fds that are still open once the listing is done.
+def _startup_fds():
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        fds.append(fd)
+    return sorted(fds)
+
+
+OPEN_FDS = _startup_fds()
+
+import errno  # noqa: E402
+import fcntl  # noqa: E402
+import json  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from urllib.parse import parse_qs, urlsplit  # noqa: E402
+
+ENV = os.environ
+
+
+def _int_env(name, default=0):
+    try:
+        return int(ENV.get(name, default))
+    except ValueError:
+        return default
+
+
+LISTEN_FDS = ENV.get("LISTEN_FDS")
+N_FDS = _int_env("LISTEN_FDS", 0)
+FD_FLAGS = {}
+for _fd in range(3, 3 + N_FDS):
+    try:
+        FD_FLAGS[str(_fd)] = bool(fcntl.fcntl(_fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+    except OSError:
+        FD_FLAGS[str(_fd)] = None  # not open at all
+
+WORKER_ID = _int_env("HERDSMAN_WORKER_ID", -1)
+GENERATION = _int_env("HERDSMAN_GENERATION", -1)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def elog(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- Start-up failure knobs. -------------------------------------------------
+if ENV.get("TW_FAIL_START") == "1":
+    elog("worker failing at start")
+    sys.exit(3)
+_break = ENV.get("TW_BREAK_FILE")
+if _break and os.path.exists(_break):
+    elog(f"broken build: {_break} exists")
+    sys.exit(3)
+
+VERSION = None
+if ENV.get("TW_VERSION_FILE"):
+    try:
+        with open(ENV["TW_VERSION_FILE"]) as f:
+            VERSION = f.read().strip()
+    except OSError as e:
+        elog(f"cannot read TW_VERSION_FILE: {e}")
+
+ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
+            "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
+            "HERDSMAN_WORKER_ID", "HERDSMAN_GENERATION")
+
+INFO = {
+    "pid": os.getpid(),
+    "worker_id": WORKER_ID,
+    "generation": GENERATION,
+    "listen_pid_ok": ENV.get("LISTEN_PID") == str(os.getpid()),
+    "listen_fds": LISTEN_FDS,
+    "listen_fdnames": ENV.get("LISTEN_FDNAMES"),
+    "notify_socket": ENV.get("NOTIFY_SOCKET") or None,
+    "open_fds": OPEN_FDS,
+    "fd_flags": FD_FLAGS,
+    "tag": ENV.get("TW_TAG"),
+    "version": VERSION,
+    "env": {k: ENV[k] for k in ENV_KEYS if k in ENV},
+}
+
+
+# --- Signals / drain state. --------------------------------------------------
+class Drain(Exception):
+    pass
+
+
+draining = threading.Event()
+_in_main_wait = False  # True while the main thread may be interrupted safely
+
+
+def _on_stop(signum, frame):
+    draining.set()
+    if _in_main_wait:
+        raise Drain()
+
+
+if ENV.get("TW_IGNORE_TERM") == "1":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+else:
+    signal.signal(signal.SIGTERM, _on_stop)
+    signal.signal(signal.SIGINT, _on_stop)
+
+START = time.monotonic()
+
+if ENV.get("TW_CHILD") == "1":
+    CHILD = subprocess.Popen(["sleep", "1000"])  # same process group
+
+if ENV.get("TW_CRASH_AFTER_MS"):
+    def _crash():
+        elog("crashing now")
+        os._exit(4)
+    _t = threading.Timer(_int_env("TW_CRASH_AFTER_MS") / 1000.0, _crash)
+    _t.daemon = True
+    _t.start()
+
+
+def notify(msg):
+    path = ENV.get("NOTIFY_SOCKET")
+    if not path:
+        elog("TW_NOTIFY set but NOTIFY_SOCKET missing")
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            s.sendto(msg.encode(), path)
+        finally:
+            s.close()
+    except OSError as e:
+        elog(f"notify {msg!r} failed: {e}")
+
+
+# --- HTTP. ---------------------------------------------------------------------
+active = set()
+active_lock = threading.Lock()
+IDLE_LIMIT = 120.0  # seconds of keep-alive idleness before we hang up anyway
+MAX_HEAD = 65536
+
+
+def respond(conn, status, body, ctype, close):
+    head = (f"HTTP/1.1 {status}\r\n"
+            f"Content-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n")
+    conn.sendall(head.encode("latin-1") + body)
+
+
+def handle(conn):
+    buf = b""
+    idle_since = time.monotonic()
+    conn.settimeout(0.1)
+    while True:
+        # Read until a complete request head is buffered.
+        while b"\r\n\r\n" not in buf:
+            if len(buf) > MAX_HEAD:
+                return
+            if not buf and draining.is_set():
+                return  # idle keep-alive connection while draining
+            if not buf and time.monotonic() - idle_since > IDLE_LIMIT:
+                return
+            try:
+                chunk = conn.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                return
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ", 2)
+        except ValueError:
+            return
+        headers = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        # Read and discard a Content-Length body.
+        length = int(headers.get("content-length", "0") or 0)
+        while len(buf) < length:
+            try:
+                chunk = conn.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                return
+            buf += chunk
+        buf = buf[length:]
+
+        conn_hdr = headers.get("connection", "").lower()
+        if version.upper() == "HTTP/1.0":
+            close = "keep-alive" not in conn_hdr
+        else:
+            close = "close" in conn_hdr
+
+        url = urlsplit(target)
+        if url.path == "/slow":
+            try:
+                ms = int(parse_qs(url.query).get("ms", ["0"])[0])
+            except ValueError:
+                ms = 0
+            time.sleep(ms / 1000.0)
+
+        close = close or draining.is_set()
+        body = json.dumps(INFO).encode()
+        respond(conn, "200 OK", body, "application/json", close)
+        if close:
+            return
+        idle_since = time.monotonic()
+
+
+def conn_thread(conn):
+    me = threading.current_thread()
+    try:
+        handle(conn)
+    except Exception as e:  # never let one connection kill the worker
+        if not isinstance(e, (BrokenPipeError, ConnectionResetError)):
+            elog(f"connection error: {e!r}")
+    finally:
+        try:
+            conn.close()
+        except OSError:
+            pass
+        with active_lock:
+            active.discard(me)
+
+
+def spawn(conn):
+    t = threading.Thread(target=conn_thread, args=(conn,), daemon=True)
+    with active_lock:
+        active.add(t)
+    t.start()
+
+
+def accept_one(sock, wait=None):
+    """accept() tolerant of a shared O_NONBLOCK flag set by someone else."""
+    while True:
+        try:
+            conn, _ = sock.accept()
+            return conn
+        except (BlockingIOError, InterruptedError):
+            select.select([sock], [], [], 1.0 if wait is None else wait)
+            if wait is not None:
+                return None
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR, errno.ECONNABORTED):
+                continue
+            raise
+
+
+def extra_listener(sock):
+    # Additional listening fds (4..) are served by plain daemon threads.
+    while not draining.is_set():
+        try:
+            r, _, _ = select.select([sock], [], [], 0.1)
+            if not r or draining.is_set():
+                continue
+            conn = accept_one(sock, wait=0.1)
+            if conn is not None:
+                spawn(conn)
+        except Exception as e:
+            if not draining.is_set():
+                elog(f"accept error on fd {sock.fileno()}: {e!r}")
+                time.sleep(0.1)
+
+
+def main():
+    global _in_main_wait
+    if N_FDS < 1:
+        elog("LISTEN_FDS missing: no listening socket at fd 3")
+        return 2
+    sock = socket.socket(fileno=3)  # no settimeout/setblocking: flag is shared
+    extras = []
+    for fd in range(4, 3 + N_FDS):
+        try:
+            extras.append(socket.socket(fileno=fd))
+        except OSError as e:
+            elog(f"fd {fd} is not a socket: {e}")
+
+    try:
+        _in_main_wait = True
+        if draining.is_set():
+            raise Drain()
+        delay = _int_env("TW_READY_DELAY_MS", 0)
+        if delay > 0:
+            time.sleep(delay / 1000.0)
+        _in_main_wait = False
+
+        for s in extras:
+            threading.Thread(target=extra_listener, args=(s,), daemon=True).start()
+        log(f"worker {WORKER_ID} gen {GENERATION} pid {os.getpid()} listening")
+        if ENV.get("TW_NOTIFY") == "1":
+            if ENV.get("TW_NOTIFY_STATUS"):
+                notify("STATUS=" + ENV["TW_NOTIFY_STATUS"])
+            if ENV.get("TW_NEVER_READY") != "1":
+                notify("READY=1")
+
+        while True:
+            _in_main_wait = True
+            if draining.is_set():
+                raise Drain()
+            try:
+                conn = accept_one(sock)
+            finally:
+                _in_main_wait = False
+            try:
+                spawn(conn)
+            except Exception as e:
+                elog(f"cannot start connection thread: {e!r}")
+                conn.close()
+    except Drain:
+        pass
+    finally:
+        _in_main_wait = False
+
+    # Drain: close (never shutdown) the shared listeners, finish connections.
+    draining.set()
+    sock.close()
+    for s in extras:
+        s.close()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        with active_lock:
+            pending = list(active)
+        if not pending:
+            break
+        pending[0].join(max(0.0, min(0.1, deadline - time.monotonic())))
+    log(f"worker {WORKER_ID} drained")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # don't wait for stray daemon threads
