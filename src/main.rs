@@ -100,7 +100,8 @@ fn run(args: RunArgs) -> ExitCode {
         .ok()
         .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
         .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_max_level(level).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_target(false).with_max_level(level).init();
 
     let var = |k: &str| std::env::var(k).ok();
     let activation = Activation {

@@ -106,9 +106,10 @@ impl ExecPlan {
     /// child (bad directory, exec error) comes back as an error naming the step.
     pub fn spawn(&mut self) -> io::Result<i32> {
         let first_free = 3 + self.fds.len() as c_int;
-        let (err_r, err_w) = pipe_cloexec()?;
+        let (err_r, err_w_low) = pipe_cloexec()?;
         // The error pipe must survive the dup2 calls below: keep it above the target range.
-        let err_w = dup_cloexec_from(&err_w, first_free)?;
+        let err_w = dup_cloexec_from(&err_w_low, first_free)?;
+        drop(err_w_low);
         let parent = std::process::id() as libc::pid_t;
         let pid_slot: *mut u8 = self.listen_pid.as_mut_ptr();
         // SAFETY: fork has no memory-safety preconditions. In the child we only call
