@@ -124,18 +124,11 @@ INFO = {
 
 
 # --- Signals / drain state. --------------------------------------------------
-class Drain(Exception):
-    pass
-
-
 draining = threading.Event()
-_in_main_wait = False  # True while the main thread may be interrupted safely
 
 
 def _on_stop(signum, frame):
     draining.set()
-    if _in_main_wait:
-        raise Drain()
 
 
 if ENV.get("TW_IGNORE_TERM") == "1":
@@ -312,11 +305,17 @@ def extra_listener(sock):
 
 
 def main():
-    global _in_main_wait
     if N_FDS < 1:
         elog("LISTEN_FDS missing: no listening socket at fd 3")
         return 2
-    sock = socket.socket(fileno=3)  # no settimeout/setblocking: flag is shared
+    sock = socket.socket(fileno=3)
+    # Like most servers sharing a socket (gunicorn, Node), the worker makes the listener
+    # non-blocking so a lost accept race never blocks it; the supervisor never does this.
+    # The stop signal only sets a flag and wakes select() through the wakeup pipe: raising
+    # from the handler could drop a connection accept() had just taken off the queue.
+    sock.setblocking(False)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
     extras = []
     for fd in range(4, 3 + N_FDS):
         try:
@@ -324,15 +323,10 @@ def main():
         except OSError as e:
             elog(f"fd {fd} is not a socket: {e}")
 
-    try:
-        _in_main_wait = True
-        if draining.is_set():
-            raise Drain()
-        delay = _int_env("TW_READY_DELAY_MS", 0)
-        if delay > 0:
-            time.sleep(delay / 1000.0)
-        _in_main_wait = False
-
+    delay = _int_env("TW_READY_DELAY_MS", 0)
+    if delay > 0:
+        draining.wait(delay / 1000.0)
+    if not draining.is_set():
         for s in extras:
             threading.Thread(target=extra_listener, args=(s,), daemon=True).start()
         log(f"worker {WORKER_ID} gen {GENERATION} pid {os.getpid()} listening")
@@ -342,23 +336,32 @@ def main():
             if ENV.get("TW_NEVER_READY") != "1":
                 notify("READY=1")
 
-        while True:
-            _in_main_wait = True
-            if draining.is_set():
-                raise Drain()
+    while not draining.is_set():
+        try:
+            r, _, _ = select.select([sock, wake_r], [], [], 1.0)
+        except InterruptedError:
+            continue
+        if wake_r in r:
             try:
-                conn = accept_one(sock)
-            finally:
-                _in_main_wait = False
-            try:
-                spawn(conn)
-            except Exception as e:
-                elog(f"cannot start connection thread: {e!r}")
-                conn.close()
-    except Drain:
-        pass
-    finally:
-        _in_main_wait = False
+                os.read(wake_r, 512)
+            except BlockingIOError:
+                pass
+        if draining.is_set() or sock not in r:
+            continue
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.ECONNABORTED):
+                continue
+            raise
+        conn.setblocking(True)
+        try:
+            spawn(conn)
+        except Exception as e:
+            elog(f"cannot start connection thread: {e!r}")
+            conn.close()
 
     # Drain: close (never shutdown) the shared listeners, finish connections.
     draining.set()

@@ -1,0 +1,295 @@
+//! `herdsman run` end to end: real supervisor binary, real Python workers, real sockets.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use support::*;
+
+const SIGHUP: i32 = libc::SIGHUP;
+const SIGTERM: i32 = libc::SIGTERM;
+const SIGTTIN: i32 = libc::SIGTTIN;
+const SIGTTOU: i32 = libc::SIGTTOU;
+const LONG: Duration = Duration::from_secs(30);
+
+#[test]
+fn workers_share_the_socket_and_each_sees_exactly_its_own_fds_and_pid() {
+    let dir = TempDir::new("share");
+    let h = Run::new(&dir, 3).arg("--ready").arg("notify").worker_env("TW_NOTIFY", "1").start();
+    h.wait_started();
+    let seen = h.distinct_workers(3);
+    let ids: BTreeSet<i64> = seen.iter().map(|v| v["worker_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, BTreeSet::from([0, 1, 2]));
+    for v in &seen {
+        assert_eq!(v["listen_pid_ok"], true, "{v}");
+        assert_eq!(v["open_fds"], serde_json::json!([0, 1, 2, 3]), "stray fds: {v}");
+        assert_eq!(v["fd_flags"]["3"], false, "fd 3 must not be close-on-exec: {v}");
+        assert_eq!(v["listen_fds"], "1");
+        assert_eq!(v["generation"], 1);
+        let notify = v["notify_socket"].as_str().unwrap();
+        assert!(notify.starts_with("@herdsman/"), "workers get herdsman's own notify socket: {notify}");
+        assert!(v["env"].get("WATCHDOG_USEC").is_none() && v["env"].get("JOURNAL_STREAM").is_none(), "{v}");
+    }
+}
+
+#[test]
+fn systemds_notify_socket_and_watchdog_never_reach_workers() {
+    let dir = TempDir::new("scrub");
+    let sink = NotifySink::new(&dir);
+    let h = Run::new(&dir, 1)
+        .env("NOTIFY_SOCKET", sink.path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "60000000")
+        .env("JOURNAL_STREAM", "8:1234")
+        .start();
+    h.wait_started();
+    let v = h.get();
+    assert_ne!(v["notify_socket"].as_str().unwrap(), sink.path.to_str().unwrap());
+    assert!(v["env"].get("WATCHDOG_USEC").is_none() && v["env"].get("JOURNAL_STREAM").is_none(), "{v}");
+}
+
+#[test]
+fn tcp_listen_on_port_zero_and_output_is_prefixed_per_worker() {
+    let dir = TempDir::new("tcp");
+    let mut run = Run::new(&dir, 2);
+    let i = run.args.iter().position(|a| a == "--listen").unwrap();
+    run.args[i + 1] = "127.0.0.1:0".into();
+    let mut h = run.start();
+    h.wait_started();
+    let log = h.stderr();
+    let port = log
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|p| *p != 0)
+        .expect("bound port in the log");
+    h.addr = Addr::Tcp(format!("127.0.0.1:{port}"));
+    let seen = h.distinct_workers(2);
+    assert_eq!(seen.len(), 2);
+    wait_for(LONG, "prefixed worker lines", || {
+        let out = h.stdout();
+        (out.contains("0|t | worker 0 gen 1") && out.contains("1|t | worker 1 gen 1")).then_some(())
+    });
+}
+
+#[test]
+fn a_killed_worker_is_replaced_in_its_slot() {
+    let dir = TempDir::new("kill");
+    let h = Run::new(&dir, 2).start();
+    h.wait_started();
+    let seen = h.distinct_workers(2);
+    let victim = &seen[0];
+    let (pid, slot) = (victim["pid"].as_i64().unwrap() as i32, victim["worker_id"].clone());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let replacement = wait_for(LONG, "a new worker in the killed worker's slot", || {
+        let v = h.get();
+        (v["worker_id"] == slot && v["pid"].as_i64() != Some(pid as i64)).then_some(v)
+    });
+    assert_eq!(replacement["generation"], 1);
+    assert!(h.stderr().contains("was killed by SIGKILL"), "{}", h.stderr());
+}
+
+#[test]
+fn a_crash_loop_backs_off_and_the_supervisor_lives() {
+    let dir = TempDir::new("crashloop");
+    let h = Run::new(&dir, 1).worker_env("TW_FAIL_START", "1").arg("--ready").arg("alive:300ms").start();
+    // Delays double: 100ms, 200ms, 400ms, 800ms ...
+    h.wait_log("restarting in 800ms (failure 4 in a row)", 1, LONG);
+    let log = h.stderr();
+    for d in ["restarting in 100ms (failure 1", "restarting in 200ms (failure 2", "restarting in 400ms (failure 3"] {
+        assert!(log.contains(d), "missing {d:?} in:\n{log}");
+    }
+    assert!(log.contains("worker failing at start"), "the report carries the worker's last output");
+    let mut h = h;
+    assert!(h.child.as_mut().unwrap().try_wait().unwrap().is_none(), "supervisor must stay up");
+}
+
+fn reload_under_load(keep_alive: bool) {
+    let dir = TempDir::new(if keep_alive { "reload-ka" } else { "reload-new" });
+    let h = Run::new(&dir, 4).arg("--ready").arg("notify").worker_env("TW_NOTIFY", "1").worker_env("TW_READY_DELAY_MS", "200").start();
+    h.wait_started();
+    let load = Load::start(&h.addr, 4, keep_alive);
+    wait_for(LONG, "some traffic before the reload", || (h.get()["generation"] == 1).then_some(()));
+    h.signal(SIGHUP);
+    h.wait_log("reload complete", 1, LONG);
+    // Traffic keeps flowing after the roll-out; then stop the load.
+    let after = wait_for(LONG, "an answer after the reload", || Some(h.get()));
+    assert_eq!(after["generation"], 2);
+    let report = load.finish();
+    assert!(report.failed.is_empty(), "failed requests during reload: {:?}", &report.failed[..report.failed.len().min(5)]);
+    assert!(report.ok > 20, "too little traffic to prove anything: {}", report.ok);
+    // Every answer after the roll-out finished comes from the new generation.
+    for _ in 0..20 {
+        assert_eq!(h.get()["generation"], 2);
+    }
+    eprintln!("reload under load (keep_alive={keep_alive}): {} ok, {} retried, 0 failed", report.ok, report.retried);
+}
+
+#[test]
+fn rolling_reload_under_load_loses_no_request_new_connection_each() {
+    reload_under_load(false);
+}
+
+#[test]
+fn rolling_reload_under_load_loses_no_request_keep_alive() {
+    reload_under_load(true);
+}
+
+#[test]
+fn a_broken_new_version_aborts_and_the_old_generation_serves_on() {
+    let dir = TempDir::new("broken");
+    let broken = dir.path("broken");
+    let h = Run::new(&dir, 3).worker_env("TW_BREAK_FILE", broken.to_str().unwrap()).arg("--ready").arg("alive:300ms").start();
+    h.wait_started();
+    let before: BTreeSet<i64> = h.distinct_workers(3).iter().map(|v| v["pid"].as_i64().unwrap()).collect();
+    let load = Load::start(&h.addr, 3, false);
+    std::fs::write(&broken, "x").unwrap();
+    h.signal(SIGHUP);
+    h.wait_log("reload to generation 2 failed", 1, LONG);
+    let report = load.finish();
+    assert!(report.failed.is_empty(), "failed requests: {:?}", &report.failed[..report.failed.len().min(5)]);
+    let log = h.stderr();
+    assert!(log.contains("worker 0 (pid"), "names the failing worker: {log}");
+    assert!(log.contains("exited with status 3 before it was ready"), "says why: {log}");
+    assert!(log.contains("broken build"), "shows its last output: {log}");
+    let gen2_starts = log.lines().filter(|l| l.contains("started (pid") && l.contains("generation 2)")).count();
+    assert_eq!(gen2_starts, 1, "roll-out must stop at the first failure: {log}");
+    // The old workers are untouched and still serve.
+    let after: BTreeSet<i64> = h.distinct_workers(3).iter().map(|v| v["pid"].as_i64().unwrap()).collect();
+    assert_eq!(before, after);
+    // Fixing the code and reloading recovers.
+    std::fs::remove_file(&broken).unwrap();
+    h.signal(SIGHUP);
+    h.wait_log("reload complete: 3 worker(s) on generation 3", 1, LONG);
+    assert_eq!(h.get()["generation"], 3);
+}
+
+#[test]
+fn a_candidate_that_never_becomes_ready_times_out_and_aborts() {
+    let dir = TempDir::new("never");
+    let flag = dir.path("never-ready");
+    // Generation 1 notifies; once the flag file exists, new workers never do.
+    let script = format!(
+        "if [ -e {f} ]; then export TW_NEVER_READY=1; fi; exec python3 {w}",
+        f = flag.display(),
+        w = worker_py()
+    );
+    let h = Run::new(&dir, 2)
+        .arg("--ready").arg("notify").arg("--ready-timeout").arg("700ms")
+        .worker_env("TW_NOTIFY", "1")
+        .arg("--").arg("sh").arg("-c").arg(&script)
+        .start();
+    h.wait_started();
+    std::fs::write(&flag, "x").unwrap();
+    h.signal(SIGHUP);
+    h.wait_log("reload to generation 2 failed", 1, LONG);
+    assert!(h.stderr().contains("not ready within 700ms (ready timeout)"), "{}", h.stderr());
+    assert_eq!(h.get()["generation"], 1);
+}
+
+#[test]
+fn reloads_during_a_rollout_are_coalesced_into_one_more() {
+    let dir = TempDir::new("coalesce");
+    let h = Run::new(&dir, 2).arg("--ready").arg("notify").worker_env("TW_NOTIFY", "1").worker_env("TW_READY_DELAY_MS", "300").start();
+    h.wait_started();
+    h.signal(SIGHUP);
+    h.wait_log("reload: rolling", 1, LONG);
+    for _ in 0..5 {
+        h.signal(SIGHUP);
+    }
+    h.wait_log("reload complete", 2, LONG);
+    // Exactly one extra roll-out for the five requests: generation 3, and no fourth.
+    let log = h.stderr();
+    assert!(log.contains("reload complete: 2 worker(s) on generation 3"), "{log}");
+    assert!(!log.contains("generation 4"), "requests must be coalesced: {log}");
+    let gens: BTreeSet<i64> = h.distinct_workers(2).iter().map(|v| v["generation"].as_i64().unwrap()).collect();
+    assert_eq!(gens, BTreeSet::from([3]));
+}
+
+#[test]
+fn sigterm_with_a_worker_ignoring_it_ends_after_the_stop_timeout_with_nothing_left() {
+    let dir = TempDir::new("stop");
+    let mut h = Run::new(&dir, 2)
+        .arg("--stop-timeout").arg("1s")
+        .worker_env("TW_IGNORE_TERM", "1")
+        .worker_env("TW_CHILD", "1")
+        .start();
+    h.wait_started();
+    let pids: Vec<i32> = h.distinct_workers(2).iter().map(|v| v["pid"].as_i64().unwrap() as i32).collect();
+    assert!(pids.iter().all(|p| processes_in_group(*p).len() >= 2), "workers have their sleep child");
+    h.signal(SIGTERM);
+    let status = h.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", h.stderr());
+    assert!(h.stderr().contains("did not stop within 1.0s: SIGKILL"), "{}", h.stderr());
+    for p in pids {
+        assert!(processes_in_group(p).is_empty(), "processes of worker {p} left behind");
+    }
+    assert!(!dir.path("app.sock").exists(), "the unix socket file is removed at exit");
+}
+
+#[test]
+fn ttin_and_ttou_add_and_remove_a_worker() {
+    let dir = TempDir::new("scale");
+    let h = Run::new(&dir, 1).start();
+    h.wait_started();
+    h.signal(SIGTTIN);
+    h.wait_log("worker 1 started", 1, LONG);
+    let seen = h.distinct_workers(2);
+    assert_eq!(seen.len(), 2);
+    h.signal(SIGTTOU);
+    h.wait_log("worker 1 (pid", 1, LONG);
+    let log = h.stderr();
+    assert!(log.contains("scaling from 2 to 1"), "{log}");
+}
+
+#[test]
+fn systemd_notify_protocol_ready_reloading_status_stopping() {
+    let dir = TempDir::new("notify");
+    let mut sink = NotifySink::new(&dir);
+    let mut h = Run::new(&dir, 2).env("NOTIFY_SOCKET", sink.path.to_str().unwrap()).arg("--ready").arg("alive:200ms").start();
+    sink.wait_for("READY=1", LONG);
+    sink.wait_for("STATUS=2/2 ready · generation 1", LONG);
+    h.signal(SIGHUP);
+    sink.wait_for("RELOADING=1", LONG);
+    let reloading = sink.messages.iter().find(|m| m.contains("RELOADING=1")).unwrap().clone();
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC with RELOADING=1")
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    sink.wait_for("EXTEND_TIMEOUT_USEC=", LONG);
+    sink.wait_for("STATUS=2/2 ready · generation 2", LONG);
+    let after_reload = sink.messages.iter().skip_while(|m| !m.contains("RELOADING=1")).filter(|m| *m == "READY=1").count();
+    assert_eq!(after_reload, 1, "one READY=1 at the end of the roll-out: {:?}", sink.messages);
+    h.signal(SIGTERM);
+    sink.wait_for("STOPPING=1", LONG);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+}
+
+#[test]
+fn socket_activation_via_systemd_socket_activate() {
+    let dir = TempDir::new("activate");
+    let sock = dir.path("act.sock");
+    let args: Vec<String> = [
+        "-l", sock.to_str().unwrap(), "--fdname=web",
+        "-E", "PATH",
+        BIN, "run", "--name", "t", "-w", "2", "--", "python3", &worker_py(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut cmd = std::process::Command::new("systemd-socket-activate");
+    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("systemd-socket-activate (package systemd)");
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let h = Herdsman { child: Some(child), stderr, stdout: Default::default(), addr: Addr::Unix(sock.clone()) };
+    wait_for(LONG, "the socket to exist", || sock.exists().then_some(()));
+    let seen = h.distinct_workers(2);
+    for v in &seen {
+        assert_eq!(v["listen_fdnames"], "web", "LISTEN_FDNAMES is passed through: {v}");
+        assert_eq!(v["listen_pid_ok"], true);
+    }
+}

@@ -1,0 +1,439 @@
+//! Test support: run the real `herdsman` binary with the purpose-built Python worker, wait
+//! with deadlines (never fixed sleeps), talk HTTP over unix or TCP sockets, drive load, and
+//! capture sd_notify messages. Every process started here is killed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_herdsman");
+
+pub fn worker_py() -> String {
+    format!("{}/tests/support/worker.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Polls `cond` until it returns `Some` or the deadline passes (then panics with `what`).
+pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("herdsman-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where to reach the app.
+#[derive(Clone, Debug)]
+pub enum Addr {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Addr {
+    pub fn listen_arg(&self) -> String {
+        match self {
+            Addr::Unix(p) => format!("unix:{}", p.display()),
+            Addr::Tcp(a) => a.clone(),
+        }
+    }
+    fn connect(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(match self {
+            Addr::Unix(p) => Box::new(UnixStream::connect(p)?),
+            Addr::Tcp(a) => Box::new(std::net::TcpStream::connect(a)?),
+        })
+    }
+}
+
+trait Conn: Read + Write + Send {
+    fn set_timeout(&self, d: Duration);
+}
+impl Conn for UnixStream {
+    fn set_timeout(&self, d: Duration) {
+        let _ = self.set_read_timeout(Some(d));
+        let _ = self.set_write_timeout(Some(d));
+    }
+}
+impl Conn for std::net::TcpStream {
+    fn set_timeout(&self, d: Duration) {
+        let _ = self.set_read_timeout(Some(d));
+        let _ = self.set_write_timeout(Some(d));
+    }
+}
+
+/// A running `herdsman run`, its output captured. Killed (with its workers) on drop.
+pub struct Herdsman {
+    pub child: Option<Child>,
+    pub stderr: Arc<Mutex<String>>,
+    pub stdout: Arc<Mutex<String>>,
+    pub addr: Addr,
+}
+
+pub struct Run {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub addr: Addr,
+}
+
+impl Run {
+    /// `herdsman run --listen unix:DIR/app.sock -w N [extra] -- python3 worker.py`
+    pub fn new(dir: &TempDir, workers: usize) -> Self {
+        let addr = Addr::Unix(dir.path("app.sock"));
+        Run {
+            args: vec!["run".into(), "--name".into(), "t".into(), "-w".into(), workers.to_string(), "--listen".into(), addr.listen_arg()],
+            env: Vec::new(),
+            addr,
+        }
+    }
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+    /// Passes `-e K=V` to the workers.
+    pub fn worker_env(self, k: &str, v: &str) -> Self {
+        self.arg("-e").arg(&format!("{k}={v}"))
+    }
+    pub fn start(self) -> Herdsman {
+        let mut args = self.args;
+        if !args.iter().any(|a| a == "--") {
+            args.extend(["--".to_string(), "python3".to_string(), worker_py()]);
+        }
+        Herdsman::spawn(&args, &self.env, self.addr)
+    }
+}
+
+impl Herdsman {
+    pub fn spawn(args: &[String], env: &[(String, String)], addr: Addr) -> Herdsman {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn herdsman");
+        let stderr = capture(child.stderr.take().unwrap(), true);
+        let stdout = capture(child.stdout.take().unwrap(), false);
+        Herdsman { child: Some(child), stderr, stdout, addr }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY-free: libc::kill via nix.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::try_from(sig).unwrap()).unwrap();
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits until the supervisor's log contains `needle` `count` times.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) {
+        wait_for(timeout, &format!("{count}× {needle:?} in herdsman's log"), || {
+            (self.stderr().matches(needle).count() >= count).then_some(())
+        });
+    }
+
+    /// Waits until `n` workers answered as ready (`started: N/N ready` or after a reload).
+    pub fn wait_started(&self) {
+        self.wait_log("started:", 1, Duration::from_secs(20));
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        wait_for(timeout, "herdsman to exit", || child.try_wait().unwrap())
+    }
+
+    pub fn get(&self) -> Value {
+        get(&self.addr).unwrap_or_else(|e| panic!("GET failed: {e}\nherdsman log:\n{}", self.stderr()))
+    }
+
+    /// Distinct workers seen in up to `tries` requests, until `n` distinct pids answered.
+    pub fn distinct_workers(&self, n: usize) -> Vec<Value> {
+        let mut seen: Vec<Value> = Vec::new();
+        wait_for(Duration::from_secs(20), &format!("{n} distinct workers answering"), || {
+            let v = self.get();
+            if !seen.iter().any(|s| s["pid"] == v["pid"]) {
+                seen.push(v);
+            }
+            (seen.len() >= n).then(|| seen.clone())
+        })
+    }
+}
+
+impl Drop for Herdsman {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+                let end = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < end && child.try_wait().ok().flatten().is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+                let end = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < end && child.try_wait().ok().flatten().is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn capture(r: impl Read + Send + 'static, echo: bool) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            if echo && std::env::var_os("HERDSMAN_TEST_ECHO").is_some() {
+                eprint!("{line}");
+            }
+            b.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    buf
+}
+
+/// One HTTP request on a fresh connection.
+pub fn get(addr: &Addr) -> Result<Value, String> {
+    let mut c = addr.connect().map_err(|e| format!("connect: {e}"))?;
+    c.set_timeout(Duration::from_secs(10));
+    request(&mut *c, "/", true).map(|(v, _)| v)
+}
+
+/// Sends one GET and reads the response. Returns the JSON body and whether the server will
+/// keep the connection open.
+fn request(c: &mut dyn Conn, path: &str, close: bool) -> Result<(Value, bool), String> {
+    let hdr = if close { "Connection: close\r\n" } else { "" };
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n{hdr}\r\n").as_bytes()).map_err(|e| format!("write: {e}"))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut byte) {
+            Ok(0) => return Err(if head.is_empty() { "closed before response".into() } else { "truncated headers".into() }),
+            Ok(_) => head.push(byte[0]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("bad status: {}", head.lines().next().unwrap_or("")));
+    }
+    let lower = head.to_ascii_lowercase();
+    let len: usize = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or("no content-length")?;
+    let keep = !lower.contains("connection: close");
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
+    let v = serde_json::from_slice(&body).map_err(|e| format!("json: {e}"))?;
+    Ok((v, keep))
+}
+
+/// Outcome of a load run.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: usize,
+    pub failed: Vec<String>,
+    /// Requests on a reused keep-alive connection that the server had closed before any byte
+    /// of a response: retried once on a new connection, as HTTP clients do for idempotent
+    /// requests. Counted, not failures (unless the retry fails).
+    pub retried: usize,
+    /// (seconds since start, generation) of every answer, in order per thread.
+    pub answers: Vec<(f64, i64)>,
+}
+
+/// Continuous load from `threads` clients until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    pub fn start(addr: &Addr, threads: usize, keep_alive: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let t0 = Instant::now();
+        let handles = (0..threads)
+            .map(|_| {
+                let addr = addr.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || client(&addr, keep_alive, &stop, t0))
+            })
+            .collect();
+        Load { stop, handles }
+    }
+
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut total = LoadReport::default();
+        for h in self.handles {
+            let r = h.join().unwrap();
+            total.ok += r.ok;
+            total.retried += r.retried;
+            total.failed.extend(r.failed);
+            total.answers.extend(r.answers);
+        }
+        total
+    }
+}
+
+fn client(addr: &Addr, keep_alive: bool, stop: &AtomicBool, t0: Instant) -> LoadReport {
+    let mut rep = LoadReport::default();
+    let mut conn: Option<Box<dyn Conn>> = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let reused = conn.is_some();
+        let mut attempt = |conn: &mut Option<Box<dyn Conn>>| -> Result<Value, String> {
+            if conn.is_none() {
+                let c = addr.connect().map_err(|e| format!("connect: {e}"))?;
+                c.set_timeout(Duration::from_secs(10));
+                *conn = Some(c);
+            }
+            let c = conn.as_mut().unwrap();
+            let r = request(&mut **c, "/", !keep_alive);
+            match r {
+                Ok((v, keep)) => {
+                    if !keep || !keep_alive {
+                        *conn = None;
+                    }
+                    Ok(v)
+                }
+                Err(e) => {
+                    *conn = None;
+                    Err(e)
+                }
+            }
+        };
+        let mut result = attempt(&mut conn);
+        if let Err(e) = &result {
+            if reused && e == "closed before response" {
+                rep.retried += 1;
+                result = attempt(&mut conn);
+            }
+        }
+        match result {
+            Ok(v) => {
+                rep.ok += 1;
+                rep.answers.push((t0.elapsed().as_secs_f64(), v["generation"].as_i64().unwrap_or(-1)));
+            }
+            Err(e) => rep.failed.push(e),
+        }
+    }
+    rep
+}
+
+/// A datagram socket standing in for systemd's `NOTIFY_SOCKET`.
+pub struct NotifySink {
+    pub path: PathBuf,
+    sock: UnixDatagram,
+    pub messages: Vec<String>,
+}
+
+impl NotifySink {
+    pub fn new(dir: &TempDir) -> Self {
+        let path = dir.path("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        NotifySink { path, sock, messages: Vec::new() }
+    }
+
+    /// Collects datagrams until one contains `needle`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        let mut buf = vec![0u8; 8192];
+        loop {
+            if self.messages.iter().any(|m| m.contains(needle)) {
+                return;
+            }
+            assert!(Instant::now() < end, "no notify message with {needle:?}; got {:?}", self.messages);
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                self.messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
+}
+
+/// Processes whose command line contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.contains("cargo") {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
+
+/// Live processes whose process group is `pgid` (a worker and whatever it started).
+pub fn processes_in_group(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // pid (comm) state ppid pgrp ...; comm may contain spaces, so split after ')'.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if fields.get(0) != Some(&"Z") && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
