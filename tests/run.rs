@@ -140,7 +140,14 @@ fn rolling_reload_under_load_loses_no_request_keep_alive() {
 fn a_broken_new_version_aborts_and_the_old_generation_serves_on() {
     let dir = TempDir::new("broken");
     let broken = dir.path("broken");
-    let h = Run::new(&dir, 3).worker_env("TW_BREAK_FILE", broken.to_str().unwrap()).arg("--ready").arg("alive:300ms").start();
+    // Readiness by notification: with `alive:D` a slow-starting broken build could pass as
+    // ready before it crashes (that is what `--ready notify` is for).
+    let h = Run::new(&dir, 3)
+        .worker_env("TW_BREAK_FILE", broken.to_str().unwrap())
+        .worker_env("TW_NOTIFY", "1")
+        .arg("--ready")
+        .arg("notify")
+        .start();
     h.wait_started();
     let before: BTreeSet<i64> = h.distinct_workers(3).iter().map(|v| v["pid"].as_i64().unwrap()).collect();
     let load = Load::start(&h.addr, 3, false);

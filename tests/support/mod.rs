@@ -332,7 +332,7 @@ fn client(addr: &Addr, keep_alive: bool, stop: &AtomicBool, t0: Instant) -> Load
     let deadline = Instant::now() + Duration::from_secs(120);
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
         let reused = conn.is_some();
-        let mut attempt = |conn: &mut Option<Box<dyn Conn>>| -> Result<Value, String> {
+        let attempt = |conn: &mut Option<Box<dyn Conn>>| -> Result<Value, String> {
             if conn.is_none() {
                 let c = addr.connect().map_err(|e| format!("connect: {e}"))?;
                 c.set_timeout(Duration::from_secs(10));

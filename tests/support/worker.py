@@ -187,14 +187,17 @@ def respond(conn, status, body, ctype, close):
 def handle(conn):
     buf = b""
     idle_since = time.monotonic()
+    served = 0  # a new connection always gets an answer to its first request
     conn.settimeout(0.1)
     while True:
         # Read until a complete request head is buffered.
         while b"\r\n\r\n" not in buf:
             if len(buf) > MAX_HEAD:
                 return
-            if not buf and draining.is_set():
+            if not buf and served and draining.is_set():
                 return  # idle keep-alive connection while draining
+            if not buf and draining.is_set() and time.monotonic() - idle_since > 5.0:
+                return  # a new connection that never sends a request
             if not buf and time.monotonic() - idle_since > IDLE_LIMIT:
                 return
             try:
@@ -244,6 +247,7 @@ def handle(conn):
         close = close or draining.is_set()
         body = json.dumps(INFO).encode()
         respond(conn, "200 OK", body, "application/json", close)
+        served += 1
         if close:
             return
         idle_since = time.monotonic()
