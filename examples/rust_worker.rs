@@ -28,10 +28,7 @@ fn main() {
     };
     let id = env::var("HERDSMAN_WORKER_ID").unwrap_or_else(|_| "?".into());
     let generation = env::var("HERDSMAN_GENERATION").unwrap_or_else(|_| "?".into());
-    let greeting = format!(
-        "hello from worker {id} (pid {}, generation {generation})\n",
-        process::id()
-    );
+    let greeting = format!("hello from worker {id} (pid {}, generation {generation})\n", process::id());
 
     println!("worker {id} (pid {}) serving on fd 3", process::id());
     // No-op when NOTIFY_SOCKET is unset (e.g. with `--ready alive:1s`).

@@ -15,7 +15,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an app: bind (or inherit) its sockets and supervise its workers.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a config file: exit 0, or print every problem and exit 78.
     CheckConfig {
         /// The TOML app config to check.

@@ -98,9 +98,8 @@ pub fn load(file: Option<&Path>, ov: &Overrides, cpus: NonZeroUsize) -> Result<S
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, Problems> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Problems(vec![format!("{}: cannot read config file: {e}", path.display())])
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Problems(vec![format!("{}: cannot read config file: {e}", path.display())]))?;
     text.parse::<toml::Table>().map_err(|e| {
         let msg = e.message().trim().replace('\n', " ");
         let line = e
@@ -216,7 +215,8 @@ fn build(
     if command.is_empty() {
         command = file_command.unwrap_or_default();
     }
-    if command.is_empty() || command[0].is_empty() {
+    let command_key_bad = c.file_value("command").is_some() && command.is_empty();
+    if !command_key_bad && (command.is_empty() || command[0].is_empty()) {
         c.problems.push(
             "no command to run: put it after `--` (herdsman run ... -- python3 app.py) or set `command = [\"python3\", \"app.py\"]` in the config file"
                 .to_string(),
@@ -256,11 +256,8 @@ fn build(
     .map(|w| w.resolve(cpus));
 
     let mut listen = Vec::new();
-    let listen_raw = if ov.listen.is_empty() {
-        c.file_str_list("listen").unwrap_or_default()
-    } else {
-        ov.listen.clone()
-    };
+    let listen_raw =
+        if ov.listen.is_empty() { c.file_str_list("listen").unwrap_or_default() } else { ov.listen.clone() };
     let from_cli = !ov.listen.is_empty();
     for l in &listen_raw {
         match values::listen(l) {
@@ -286,7 +283,10 @@ fn build(
             }
         }
         Some(other) => {
-            let msg = format!("expected a table like env = {{ NODE_ENV = \"production\" }}, got {}", other.type_str());
+            let msg = format!(
+                "expected a table like env = {{ NODE_ENV = \"production\" }}, got {}",
+                other.type_str()
+            );
             c.file_problem("env", msg);
         }
     }
@@ -313,7 +313,8 @@ fn build(
     }
 
     let ready = c.pick("--ready", ov.ready.as_deref(), "ready", values::ready);
-    let ready_timeout = c.pick("--ready-timeout", ov.ready_timeout.as_deref(), "ready_timeout", values::duration);
+    let ready_timeout =
+        c.pick("--ready-timeout", ov.ready_timeout.as_deref(), "ready_timeout", values::duration);
     let stop_signal = c.pick("--stop-signal", ov.stop_signal.as_deref(), "stop_signal", values::signal);
     let stop_timeout = c.pick("--stop-timeout", ov.stop_timeout.as_deref(), "stop_timeout", values::duration);
     let reload_batch = match (&ov.reload_batch, c.file_value("reload_batch").cloned()) {
@@ -343,7 +344,9 @@ fn build(
             if c.file.is_empty() { "backoff" } else { &c.file }
         ));
     }
-    for (d, what) in [(ready_timeout, "--ready-timeout / ready_timeout"), (stop_timeout, "--stop-timeout / stop_timeout")] {
+    for (d, what) in
+        [(ready_timeout, "--ready-timeout / ready_timeout"), (stop_timeout, "--stop-timeout / stop_timeout")]
+    {
         if d.is_some_and(|d| d.is_zero()) {
             c.problems.push(format!("{what}: must be greater than 0"));
         }

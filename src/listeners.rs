@@ -31,8 +31,14 @@ pub enum ListenError {
     BadCount(String),
     #[error("LISTEN_FDS: fd {fd} is unusable ({err}); check the socket unit's ListenStream= settings")]
     BadFd { fd: RawFd, err: io::Error },
-    #[error("no socket to serve: not socket-activated and no --listen address; add --listen 127.0.0.1:8080 (or `listen = [...]` in the config)")]
+    #[error(
+        "no socket to serve: not socket-activated and no --listen address; add --listen 127.0.0.1:8080 (or `listen = [...]` in the config)"
+    )]
     Nothing,
+    #[error(
+        "no socket to serve: LISTEN_FDS is set but LISTEN_PID={0:?} is not this process, and there is no --listen address; fix the service's environment or add --listen"
+    )]
+    NotOurs(String),
     #[error("cannot bind {addr}: {err}; choose another --listen address or stop whatever uses it")]
     Bind { addr: String, err: io::Error },
 }
@@ -77,7 +83,12 @@ impl Listeners {
                 return Self::relocated(listeners, true);
             }
             (Some(_), false) => {
-                tracing::warn!("LISTEN_FDS is set but LISTEN_PID is not this process; ignoring the inherited fds");
+                if addrs.is_empty() {
+                    return Err(ListenError::NotOurs(act.listen_pid.clone().unwrap_or_default()));
+                }
+                tracing::warn!(
+                    "LISTEN_FDS is set but LISTEN_PID is not this process; ignoring the inherited fds"
+                );
                 Vec::new()
             }
             _ => Vec::new(),

@@ -102,7 +102,14 @@ impl Output {
 
     /// Starts reading one worker stream. `done` is dropped at end of stream, so the
     /// supervisor can wait for a dead worker's last lines before reporting on it.
-    pub fn capture(&self, fd: OwnedFd, stream: Stream, origin: Arc<Origin>, tail: Tail, done: mpsc::Sender<()>) {
+    pub fn capture(
+        &self,
+        fd: OwnedFd,
+        stream: Stream,
+        origin: Arc<Origin>,
+        tail: Tail,
+        done: mpsc::Sender<()>,
+    ) {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let _done = done;

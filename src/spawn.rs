@@ -175,6 +175,10 @@ mod tests {
         let env = vec![("PATH".to_string(), "/nonexistent:/bin:/usr/bin".to_string())];
         assert!(resolve("sh", &env, None).unwrap().ends_with("/sh"));
         assert!(resolve("no-such-program-xyz", &env, None).unwrap_err().contains("command not found"));
-        assert!(resolve("/etc/hostname", &env, None).unwrap_err().contains("not an executable"));
+        let plain = std::env::temp_dir().join(format!("herdsman-not-exec-{}", std::process::id()));
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let err = resolve(plain.to_str().unwrap(), &env, None).unwrap_err();
+        std::fs::remove_file(&plain).unwrap();
+        assert!(err.contains("not an executable"), "{err}");
     }
 }

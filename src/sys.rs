@@ -27,6 +27,7 @@ const LISTEN_PID_LEN: usize = 11 + 20 + 1;
 const STAGES: &[&str] = &["setting up file descriptors", "changing directory", "executing the command"];
 
 /// Everything a worker's exec needs, prepared before `fork()`.
+#[derive(Debug)]
 pub struct ExecPlan {
     path: CString,
     cwd: Option<CString>,
@@ -90,7 +91,9 @@ impl ExecPlan {
         };
         Ok(ExecPlan {
             path: cstr(path)?,
-            cwd: cwd.map(|c| CString::new(c.as_os_str().as_encoded_bytes()).map_err(|_| PlanError::Nul)).transpose()?,
+            cwd: cwd
+                .map(|c| CString::new(c.as_os_str().as_encoded_bytes()).map_err(|_| PlanError::Nul))
+                .transpose()?,
             _argv: argv_c,
             argv: argv_p,
             _env: env_c,
@@ -169,7 +172,9 @@ impl ExecPlan {
                     fail(err_w, 0);
                 }
             }
-            if libc::syscall(libc::SYS_close_range, first_free as c_uint, c_uint::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+            if libc::syscall(libc::SYS_close_range, first_free as c_uint, c_uint::MAX, CLOSE_RANGE_CLOEXEC)
+                != 0
+            {
                 for fd in first_free..self.max_fd {
                     if fd != err_w {
                         libc::close(fd);
@@ -282,13 +287,21 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 pub fn pidfd_signal(pidfd: &OwnedFd, sig: c_int) -> io::Result<()> {
     // SAFETY: plain syscall; a null siginfo is allowed.
     let r = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
     };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Registers a pidfd with the event loop, to await the process's exit.
-pub fn watch_pidfd(pidfd: std::sync::Arc<OwnedFd>) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
+pub fn watch_pidfd(
+    pidfd: std::sync::Arc<OwnedFd>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
     // SAFETY: the AsyncFd owns an Arc of the OwnedFd, so the descriptor stays open and refers
     // to the same pidfd for the AsyncFd's whole lifetime; Arc<OwnedFd>::as_raw_fd is stable.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
@@ -325,7 +338,8 @@ mod tests {
 
     #[test]
     fn plan_rejects_sources_inside_the_target_range() {
-        let err = ExecPlan::new("/bin/true", &["true".into()], &[], None, [10, 11, 12], &[4, 20]).unwrap_err();
+        let err =
+            ExecPlan::new("/bin/true", &["true".into()], &[], None, [10, 11, 12], &[4, 20]).unwrap_err();
         assert!(matches!(err, PlanError::FdInTargetRange { fd: 4, limit: 5 }));
         let err = ExecPlan::new("/bin/true", &["true".into()], &[], None, [1, 11, 12], &[20]).unwrap_err();
         assert!(matches!(err, PlanError::FdInTargetRange { fd: 1, .. }));

@@ -11,10 +11,16 @@ use crate::spawn::Spec;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Started, not ready yet. Fails if not ready by `deadline`.
-    Starting { deadline: Instant },
-    Ready { since: Instant },
+    Starting {
+        deadline: Instant,
+    },
+    Ready {
+        since: Instant,
+    },
     /// Stop signal sent; SIGKILL at `kill_at`.
-    Stopping { kill_at: Instant },
+    Stopping {
+        kill_at: Instant,
+    },
 }
 
 /// Why the worker exists.

@@ -97,7 +97,9 @@ fn a_crash_loop_backs_off_and_the_supervisor_lives() {
     // Delays double: 100ms, 200ms, 400ms, 800ms ...
     h.wait_log("restarting in 800ms (failure 4 in a row)", 1, LONG);
     let log = h.stderr();
-    for d in ["restarting in 100ms (failure 1", "restarting in 200ms (failure 2", "restarting in 400ms (failure 3"] {
+    for d in
+        ["restarting in 100ms (failure 1", "restarting in 200ms (failure 2", "restarting in 400ms (failure 3"]
+    {
         assert!(log.contains(d), "missing {d:?} in:\n{log}");
     }
     assert!(log.contains("worker failing at start"), "the report carries the worker's last output");
@@ -107,7 +109,12 @@ fn a_crash_loop_backs_off_and_the_supervisor_lives() {
 
 fn reload_under_load(keep_alive: bool) {
     let dir = TempDir::new(if keep_alive { "reload-ka" } else { "reload-new" });
-    let h = Run::new(&dir, 4).arg("--ready").arg("notify").worker_env("TW_NOTIFY", "1").worker_env("TW_READY_DELAY_MS", "200").start();
+    let h = Run::new(&dir, 4)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_READY_DELAY_MS", "200")
+        .start();
     h.wait_started();
     let load = Load::start(&h.addr, 4, keep_alive);
     wait_for(LONG, "some traffic before the reload", || (h.get()["generation"] == 1).then_some(()));
@@ -117,13 +124,20 @@ fn reload_under_load(keep_alive: bool) {
     let after = wait_for(LONG, "an answer after the reload", || Some(h.get()));
     assert_eq!(after["generation"], 2);
     let report = load.finish();
-    assert!(report.failed.is_empty(), "failed requests during reload: {:?}", &report.failed[..report.failed.len().min(5)]);
+    assert!(
+        report.failed.is_empty(),
+        "failed requests during reload: {:?}",
+        &report.failed[..report.failed.len().min(5)]
+    );
     assert!(report.ok > 20, "too little traffic to prove anything: {}", report.ok);
     // Every answer after the roll-out finished comes from the new generation.
     for _ in 0..20 {
         assert_eq!(h.get()["generation"], 2);
     }
-    eprintln!("reload under load (keep_alive={keep_alive}): {} ok, {} retried, 0 failed", report.ok, report.retried);
+    eprintln!(
+        "reload under load (keep_alive={keep_alive}): {} ok, {} retried, 0 failed",
+        report.ok, report.retried
+    );
 }
 
 #[test]
@@ -160,7 +174,8 @@ fn a_broken_new_version_aborts_and_the_old_generation_serves_on() {
     assert!(log.contains("worker 0 (pid"), "names the failing worker: {log}");
     assert!(log.contains("exited with status 3 before it was ready"), "says why: {log}");
     assert!(log.contains("broken build"), "shows its last output: {log}");
-    let gen2_starts = log.lines().filter(|l| l.contains("started (pid") && l.contains("generation 2)")).count();
+    let gen2_starts =
+        log.lines().filter(|l| l.contains("started (pid") && l.contains("generation 2)")).count();
     assert_eq!(gen2_starts, 1, "roll-out must stop at the first failure: {log}");
     // The old workers are untouched and still serve.
     let after: BTreeSet<i64> = h.distinct_workers(3).iter().map(|v| v["pid"].as_i64().unwrap()).collect();
@@ -183,9 +198,15 @@ fn a_candidate_that_never_becomes_ready_times_out_and_aborts() {
         w = worker_py()
     );
     let h = Run::new(&dir, 2)
-        .arg("--ready").arg("notify").arg("--ready-timeout").arg("700ms")
+        .arg("--ready")
+        .arg("notify")
+        .arg("--ready-timeout")
+        .arg("700ms")
         .worker_env("TW_NOTIFY", "1")
-        .arg("--").arg("sh").arg("-c").arg(&script)
+        .arg("--")
+        .arg("sh")
+        .arg("-c")
+        .arg(&script)
         .start();
     h.wait_started();
     std::fs::write(&flag, "x").unwrap();
@@ -198,7 +219,12 @@ fn a_candidate_that_never_becomes_ready_times_out_and_aborts() {
 #[test]
 fn reloads_during_a_rollout_are_coalesced_into_one_more() {
     let dir = TempDir::new("coalesce");
-    let h = Run::new(&dir, 2).arg("--ready").arg("notify").worker_env("TW_NOTIFY", "1").worker_env("TW_READY_DELAY_MS", "300").start();
+    let h = Run::new(&dir, 2)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_READY_DELAY_MS", "300")
+        .start();
     h.wait_started();
     h.signal(SIGHUP);
     h.wait_log("reload: rolling", 1, LONG);
@@ -210,7 +236,8 @@ fn reloads_during_a_rollout_are_coalesced_into_one_more() {
     let log = h.stderr();
     assert!(log.contains("reload complete: 2 worker(s) on generation 3"), "{log}");
     assert!(!log.contains("generation 4"), "requests must be coalesced: {log}");
-    let gens: BTreeSet<i64> = h.distinct_workers(2).iter().map(|v| v["generation"].as_i64().unwrap()).collect();
+    let gens: BTreeSet<i64> =
+        h.distinct_workers(2).iter().map(|v| v["generation"].as_i64().unwrap()).collect();
     assert_eq!(gens, BTreeSet::from([3]));
 }
 
@@ -218,7 +245,8 @@ fn reloads_during_a_rollout_are_coalesced_into_one_more() {
 fn sigterm_with_a_worker_ignoring_it_ends_after_the_stop_timeout_with_nothing_left() {
     let dir = TempDir::new("stop");
     let mut h = Run::new(&dir, 2)
-        .arg("--stop-timeout").arg("1s")
+        .arg("--stop-timeout")
+        .arg("1s")
         .worker_env("TW_IGNORE_TERM", "1")
         .worker_env("TW_CHILD", "1")
         .start();
@@ -254,7 +282,11 @@ fn ttin_and_ttou_add_and_remove_a_worker() {
 fn systemd_notify_protocol_ready_reloading_status_stopping() {
     let dir = TempDir::new("notify");
     let mut sink = NotifySink::new(&dir);
-    let mut h = Run::new(&dir, 2).env("NOTIFY_SOCKET", sink.path.to_str().unwrap()).arg("--ready").arg("alive:200ms").start();
+    let mut h = Run::new(&dir, 2)
+        .env("NOTIFY_SOCKET", sink.path.to_str().unwrap())
+        .arg("--ready")
+        .arg("alive:200ms")
+        .start();
     sink.wait_for("READY=1", LONG);
     sink.wait_for("STATUS=2/2 ready · generation 1", LONG);
     h.signal(SIGHUP);
@@ -269,7 +301,8 @@ fn systemd_notify_protocol_ready_reloading_status_stopping() {
     assert!(usec > 0);
     sink.wait_for("EXTEND_TIMEOUT_USEC=", LONG);
     sink.wait_for("STATUS=2/2 ready · generation 2", LONG);
-    let after_reload = sink.messages.iter().skip_while(|m| !m.contains("RELOADING=1")).filter(|m| *m == "READY=1").count();
+    let after_reload =
+        sink.messages.iter().skip_while(|m| !m.contains("RELOADING=1")).filter(|m| *m == "READY=1").count();
     assert_eq!(after_reload, 1, "one READY=1 at the end of the roll-out: {:?}", sink.messages);
     h.signal(SIGTERM);
     sink.wait_for("STOPPING=1", LONG);
@@ -281,22 +314,72 @@ fn socket_activation_via_systemd_socket_activate() {
     let dir = TempDir::new("activate");
     let sock = dir.path("act.sock");
     let args: Vec<String> = [
-        "-l", sock.to_str().unwrap(), "--fdname=web",
-        "-E", "PATH",
-        BIN, "run", "--name", "t", "-w", "2", "--", "python3", &worker_py(),
+        "-l",
+        sock.to_str().unwrap(),
+        "--fdname=web",
+        "-E",
+        "PATH",
+        BIN,
+        "run",
+        "--name",
+        "t",
+        "-w",
+        "2",
+        "--",
+        "python3",
+        &worker_py(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let mut cmd = std::process::Command::new("systemd-socket-activate");
-    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().expect("systemd-socket-activate (package systemd)");
     let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let h = Herdsman { child: Some(child), stderr, stdout: Default::default(), addr: Addr::Unix(sock.clone()) };
+    let h =
+        Herdsman { child: Some(child), stderr, stdout: Default::default(), addr: Addr::Unix(sock.clone()) };
     wait_for(LONG, "the socket to exist", || sock.exists().then_some(()));
     let seen = h.distinct_workers(2);
     for v in &seen {
         assert_eq!(v["listen_fdnames"], "web", "LISTEN_FDNAMES is passed through: {v}");
         assert_eq!(v["listen_pid_ok"], true);
     }
+}
+
+#[test]
+fn a_reload_rereads_the_config_and_an_invalid_one_changes_nothing() {
+    let dir = TempDir::new("config-reload");
+    let sock = dir.path("app.sock");
+    let cfg = dir.path("web.toml");
+    let write = |workers: &str, tag: &str| {
+        let text = format!(
+            "command = [\"python3\", {w:?}]\nworkers = {workers}\nlisten = [\"unix:{s}\"]\nready = \"alive:200ms\"\n[env]\nTW_TAG = {tag:?}\n",
+            w = worker_py(),
+            s = sock.display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+    };
+    write("2", "v1");
+    let h = Herdsman::spawn(
+        &["run".into(), "-c".into(), cfg.to_str().unwrap().into()],
+        &[],
+        Addr::Unix(sock.clone()),
+    );
+    h.wait_started();
+    assert!(h.stderr().contains("app=web"), "name defaults to the config file stem");
+    assert_eq!(h.get()["tag"], "v1");
+
+    std::fs::write(&cfg, "workers = \"lots\"\n").unwrap();
+    h.signal(SIGHUP);
+    h.wait_log("reload failed: invalid configuration, nothing changed", 1, LONG);
+    assert_eq!(h.distinct_workers(2).iter().filter(|v| v["tag"] == "v1" && v["generation"] == 1).count(), 2);
+
+    write("3", "v2");
+    h.signal(SIGHUP);
+    h.wait_log("reload complete", 1, LONG);
+    let seen = h.distinct_workers(3);
+    assert!(seen.iter().all(|v| v["tag"] == "v2" && v["generation"] == 2), "{seen:?}");
 }

@@ -65,25 +65,25 @@ impl WorkerCount {
 }
 
 pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("invalid duration {s:?} ({e}); use a number with a unit, e.g. 500ms, 2s, 1m")
-    })
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); use a number with a unit, e.g. 500ms, 2s, 1m"))
 }
 
 pub fn signal(s: &str) -> Result<Signal, String> {
     let upper = s.trim().to_ascii_uppercase();
     let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    name.parse::<Signal>()
-        .ok()
-        .filter(|sig| !matches!(sig, Signal::SIGKILL | Signal::SIGSTOP))
-        .ok_or_else(|| {
-            format!("unknown or unusable signal {s:?}; use a name like SIGTERM, TERM, SIGINT or SIGQUIT")
-        })
+    name.parse::<Signal>().ok().filter(|sig| !matches!(sig, Signal::SIGKILL | Signal::SIGSTOP)).ok_or_else(
+        || format!("unknown or unusable signal {s:?}; use a name like SIGTERM, TERM, SIGINT or SIGQUIT"),
+    )
 }
 
 pub fn workers(s: &str) -> Result<WorkerCount, String> {
     let t = s.trim();
-    let bad = || format!("invalid worker count {s:?}; use a number N > 0, 0/\"auto\"/\"max\" for one per CPU, or -K for CPUs minus K");
+    let bad = || {
+        format!(
+            "invalid worker count {s:?}; use a number N > 0, 0/\"auto\"/\"max\" for one per CPU, or -K for CPUs minus K"
+        )
+    };
     match t {
         "auto" | "max" | "0" => return Ok(WorkerCount::CpusMinus(0)),
         _ => {}
@@ -104,7 +104,9 @@ pub fn listen(s: &str) -> Result<ListenAddr, String> {
     let t = s.trim();
     if let Some(path) = t.strip_prefix("unix:") {
         if path.is_empty() || !path.starts_with('/') {
-            return Err(format!("invalid unix socket address {s:?}; use an absolute path: unix:/run/app.sock"));
+            return Err(format!(
+                "invalid unix socket address {s:?}; use an absolute path: unix:/run/app.sock"
+            ));
         }
         return Ok(ListenAddr::Unix(PathBuf::from(path)));
     }
@@ -159,7 +161,9 @@ pub fn name(s: &str) -> Result<String, String> {
     if ok {
         Ok(s.to_string())
     } else {
-        Err(format!("invalid app name {s:?}; use 1-64 letters, digits, '-', '_' or '.' (not starting with '.')"))
+        Err(format!(
+            "invalid app name {s:?}; use 1-64 letters, digits, '-', '_' or '.' (not starting with '.')"
+        ))
     }
 }
 

@@ -15,9 +15,16 @@ pub enum Scale {
 #[derive(Debug)]
 pub enum Control {
     /// Rolling reload; the reply comes when the roll-out that includes this request is over.
-    Reload { reply: Option<oneshot::Sender<ReloadOutcome>> },
-    Scale { scale: Scale, reply: Option<oneshot::Sender<Result<usize, String>>> },
-    Status { reply: oneshot::Sender<Snapshot> },
+    Reload {
+        reply: Option<oneshot::Sender<ReloadOutcome>>,
+    },
+    Scale {
+        scale: Scale,
+        reply: Option<oneshot::Sender<Result<usize, String>>>,
+    },
+    Status {
+        reply: oneshot::Sender<Snapshot>,
+    },
     /// Graceful stop; a second one kills what is left at once.
     Stop,
 }

@@ -102,7 +102,11 @@ pub struct Supervisor {
 }
 
 /// Runs the supervisor until a stop request has been carried out.
-pub async fn run(settings: Settings, world: World, mut controls: mpsc::Receiver<Control>) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    world: World,
+    mut controls: mpsc::Receiver<Control>,
+) -> anyhow::Result<()> {
     let notify = WorkerNotify::bind()?;
     let app: Arc<str> = Arc::from(settings.name.as_str());
     let launcher = Launcher::new(
@@ -317,18 +321,23 @@ impl Supervisor {
             }
         };
         let Some(w) = self.workers.get_mut(&pid) else { return };
+        let mut became_ready = false;
         for (key, value) in msg.assignments {
             match key.as_str() {
-                "READY" if value == "1" => {
-                    if matches!(w.state, State::Starting { .. }) && w.spec.ready == ReadyMode::Notify {
-                        w.state = State::Ready { since: Instant::now() };
-                        self.on_ready(pid);
-                        return;
-                    }
+                "READY"
+                    if value == "1"
+                        && matches!(w.state, State::Starting { .. })
+                        && w.spec.ready == ReadyMode::Notify =>
+                {
+                    w.state = State::Ready { since: Instant::now() };
+                    became_ready = true;
                 }
                 "STATUS" => w.status_text = Some(value),
                 _ => {}
             }
+        }
+        if became_ready {
+            self.on_ready(pid);
         }
     }
 
@@ -435,8 +444,12 @@ impl Supervisor {
         // Extra slots (scale down): retire their workers, drop the slot once empty.
         let extra: Vec<usize> = self.slots.range(self.desired..).map(|(id, _)| *id).collect();
         for id in extra {
-            let pids: Vec<i32> =
-                self.workers.values().filter(|w| w.slot == id && w.role != Role::Retired).map(|w| w.pid).collect();
+            let pids: Vec<i32> = self
+                .workers
+                .values()
+                .filter(|w| w.slot == id && w.role != Role::Retired)
+                .map(|w| w.pid)
+                .collect();
             for pid in pids {
                 self.retire(pid);
             }
@@ -516,7 +529,12 @@ impl Supervisor {
 
 /// Waits for a worker to exit (pidfd readable), reaps it, waits briefly for the end of its
 /// output so the report has its last lines, then tells the loop.
-fn watch_exit(pid: i32, pidfd: Arc<OwnedFd>, mut output_done: mpsc::Receiver<()>, events: mpsc::UnboundedSender<Event>) {
+fn watch_exit(
+    pid: i32,
+    pidfd: Arc<OwnedFd>,
+    mut output_done: mpsc::Receiver<()>,
+    events: mpsc::UnboundedSender<Event>,
+) {
     tokio::spawn(async move {
         let status = match sys::watch_pidfd(pidfd) {
             Ok(afd) => loop {
@@ -540,8 +558,7 @@ fn watch_exit(pid: i32, pidfd: Arc<OwnedFd>, mut output_done: mpsc::Receiver<()>
             },
             Err(e) => {
                 tracing::error!("watching worker {pid}: {e}");
-                let s = waitpid(Pid::from_raw(pid), None).unwrap_or(WaitStatus::Exited(Pid::from_raw(pid), -1));
-                s
+                waitpid(Pid::from_raw(pid), None).unwrap_or(WaitStatus::Exited(Pid::from_raw(pid), -1))
             }
         };
         let _ = tokio::time::timeout(OUTPUT_GRACE, output_done.recv()).await;

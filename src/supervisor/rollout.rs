@@ -82,7 +82,10 @@ impl Supervisor {
                     let msg = format!("invalid configuration, nothing changed: {}", problems.0.join("; "));
                     tracing::error!(app = %self.app, "reload failed: {msg}");
                     self.record_reload(false, Some(msg.clone()));
-                    self.answer(waiters, ReloadOutcome { ok: false, generation: self.spec.generation, message: msg });
+                    self.answer(
+                        waiters,
+                        ReloadOutcome { ok: false, generation: self.spec.generation, message: msg },
+                    );
                     return;
                 }
             }
@@ -167,7 +170,8 @@ impl Supervisor {
             match self.launch(slot_id, &spec, Role::Candidate) {
                 Ok(pid) => {
                     r.in_flight.push((slot_id, pid));
-                    let extend = spec.ready_timeout + spec.stop_timeout.min(std::time::Duration::from_secs(30));
+                    let extend =
+                        spec.ready_timeout + spec.stop_timeout.min(std::time::Duration::from_secs(30));
                     self.notifier.send(&format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()));
                 }
                 Err(e) => {

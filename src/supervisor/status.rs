@@ -13,15 +13,23 @@ impl Supervisor {
         if self.stopping {
             return format!("stopping ({} worker(s) left)", self.workers.len());
         }
-        let mut s = format!("{}/{} ready · generation {}", self.ready_count(), self.desired, self.spec.generation);
+        let mut s =
+            format!("{}/{} ready · generation {}", self.ready_count(), self.desired, self.spec.generation);
         if let Some(r) = &self.rollout {
-            s = format!("reloading {}/{} · generation {}→{}", r.done, r.total, self.spec.generation, r.spec.generation);
+            s = format!(
+                "reloading {}/{} · generation {}→{}",
+                r.done, r.total, self.spec.generation, r.spec.generation
+            );
         }
         let now = Instant::now();
         for (id, slot) in &self.slots {
             if let (None, Some(at)) = (slot.active, slot.restart_at) {
                 let wait = at.saturating_duration_since(now);
-                s.push_str(&format!(" · worker {id} restarting in {} ({} failures)", human(wait), slot.failures));
+                s.push_str(&format!(
+                    " · worker {id} restarting in {} ({} failures)",
+                    human(wait),
+                    slot.failures
+                ));
             }
         }
         if let Some(lr) = &self.last_reload {
@@ -61,7 +69,7 @@ impl Supervisor {
                 });
             }
         }
-        workers.sort_by(|a, b| (a.id, a.pid).cmp(&(b.id, b.pid)));
+        workers.sort_by_key(|w| (w.id, w.pid));
         Snapshot {
             name: self.settings.name.clone(),
             pid: std::process::id(),

@@ -111,7 +111,15 @@ impl Run {
     pub fn new(dir: &TempDir, workers: usize) -> Self {
         let addr = Addr::Unix(dir.path("app.sock"));
         Run {
-            args: vec!["run".into(), "--name".into(), "t".into(), "-w".into(), workers.to_string(), "--listen".into(), addr.listen_arg()],
+            args: vec![
+                "run".into(),
+                "--name".into(),
+                "t".into(),
+                "-w".into(),
+                workers.to_string(),
+                "--listen".into(),
+                addr.listen_arg(),
+            ],
             env: Vec::new(),
             addr,
         }
@@ -157,7 +165,11 @@ impl Herdsman {
 
     pub fn signal(&self, sig: i32) {
         // SAFETY-free: libc::kill via nix.
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::try_from(sig).unwrap()).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::try_from(sig).unwrap(),
+        )
+        .unwrap();
     }
 
     pub fn stderr(&self) -> String {
@@ -252,12 +264,19 @@ pub fn get(addr: &Addr) -> Result<Value, String> {
 /// keep the connection open.
 fn request(c: &mut dyn Conn, path: &str, close: bool) -> Result<(Value, bool), String> {
     let hdr = if close { "Connection: close\r\n" } else { "" };
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n{hdr}\r\n").as_bytes()).map_err(|e| format!("write: {e}"))?;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n{hdr}\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         match c.read(&mut byte) {
-            Ok(0) => return Err(if head.is_empty() { "closed before response".into() } else { "truncated headers".into() }),
+            Ok(0) => {
+                return Err(if head.is_empty() {
+                    "closed before response".into()
+                } else {
+                    "truncated headers".into()
+                });
+            }
             Ok(_) => head.push(byte[0]),
             Err(e) => return Err(format!("read: {e}")),
         }
@@ -430,7 +449,8 @@ pub fn processes_in_group(pgid: i32) -> Vec<i32> {
             // pid (comm) state ppid pgrp ...; comm may contain spaces, so split after ')'.
             let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            if fields.get(0) != Some(&"Z") && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid) {
+            if fields.first() != Some(&"Z") && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+            {
                 out.push(pid);
             }
         }

@@ -1,0 +1,140 @@
+//! Bad input on the command line, in the config file and in the environment: one clear line
+//! per problem, the documented exit code, never a panic.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+
+use support::{BIN, TempDir};
+
+const USAGE: i32 = 2;
+const CONFIG: i32 = 78;
+
+fn herdsman(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args).stdin(Stdio::null()).env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{err}");
+    assert!(lines[0].starts_with("herdsman: "), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {err:?}");
+}
+
+#[test]
+fn bad_command_line_values_each_give_one_line_and_the_config_code() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["-w", "lots"], "--workers: invalid worker count \"lots\""),
+        (&["--ready", "soon"], "--ready: invalid readiness mode"),
+        (&["--ready-timeout", "forever"], "--ready-timeout: invalid duration"),
+        (&["--stop-signal", "SIGNOPE"], "--stop-signal: unknown or unusable signal"),
+        (&["--stop-signal", "KILL"], "--stop-signal: unknown or unusable signal"),
+        (&["--listen", "nowhere"], "--listen: invalid listen address \"nowhere\" (no port)"),
+        (&["--listen", "unix:relative.sock"], "--listen: invalid unix socket address"),
+        (&["-e", "=x"], "--env: invalid environment entry"),
+        (&["--name", "a/b"], "--name: invalid app name"),
+        (&["--cwd", "/nonexistent-dir"], "--cwd: working directory /nonexistent-dir does not exist"),
+        (&["--reload-batch", "0"], "--reload-batch: invalid value \"0\""),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["run", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        assert_one_line_error(&herdsman(&args, &[]), CONFIG, needle);
+    }
+}
+
+#[test]
+fn usage_errors_get_one_line_and_the_usage_code() {
+    assert_one_line_error(
+        &herdsman(&["run", "--frobnicate"], &[]),
+        USAGE,
+        "unexpected argument '--frobnicate'",
+    );
+    assert_one_line_error(&herdsman(&["launch"], &[]), USAGE, "unrecognized subcommand");
+    assert_one_line_error(&herdsman(&["run", "--workers"], &[]), USAGE, "a value is required");
+}
+
+#[test]
+fn a_missing_command_or_socket_is_a_configuration_error() {
+    assert_one_line_error(&herdsman(&["run", "--listen", "127.0.0.1:0"], &[]), CONFIG, "no command to run");
+    assert_one_line_error(&herdsman(&["run", "--", "true"], &[]), CONFIG, "no socket to serve");
+    assert_one_line_error(
+        &herdsman(&["run", "--listen", "127.0.0.1:0", "--", "no-such-program-xyz"], &[]),
+        CONFIG,
+        "command not found: no-such-program-xyz",
+    );
+}
+
+#[test]
+fn garbage_socket_activation_variables_are_rejected_clearly() {
+    // LISTEN_PID is checked against herdsman's own pid, which we cannot know before it starts:
+    // a wrong LISTEN_PID means "not for us" (like sd_listen_fds), so without --listen it is
+    // the no-socket error.
+    assert_one_line_error(
+        &herdsman(&["run", "--", "true"], &[("LISTEN_FDS", "2"), ("LISTEN_PID", "1")]),
+        CONFIG,
+        "LISTEN_PID=\"1\" is not this process",
+    );
+    // For our own pid, run through sh so LISTEN_PID=$$ is exact (exec keeps the pid).
+    for (fds, needle) in [
+        ("abc", "LISTEN_FDS=\"abc\" is not a positive number"),
+        ("0", "LISTEN_FDS=\"0\""),
+        ("1", "fd 3 is unusable"),
+    ] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("LISTEN_FDS={fds} LISTEN_PID=$$ exec {BIN} run -- true 3<&-"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_one_line_error(&out, CONFIG, needle);
+    }
+}
+
+#[test]
+fn check_config_lists_every_problem_and_accepts_a_good_file() {
+    let dir = TempDir::new("checkcfg");
+    let bad = dir.path("bad.toml");
+    std::fs::write(
+        &bad,
+        "command = \"python3 app.py\"\nworkers = \"many\"\ncolour = \"blue\"\nstop_timeout = 5\nenv = { PORT = 8080 }\n",
+    )
+    .unwrap();
+    let out = herdsman(&["check-config", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(CONFIG));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in
+        ["key `command`", "key `workers`", "key `colour`: unknown key", "key `stop_timeout`", "key `env`"]
+    {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+    assert_eq!(err.lines().count(), 5, "one line per problem:\n{err}");
+
+    let syntax = dir.path("syntax.toml");
+    std::fs::write(&syntax, "workers = [\n").unwrap();
+    assert_one_line_error(
+        &herdsman(&["check-config", syntax.to_str().unwrap()], &[]),
+        CONFIG,
+        "invalid TOML",
+    );
+
+    assert_one_line_error(
+        &herdsman(&["check-config", "/nonexistent.toml"], &[]),
+        CONFIG,
+        "cannot read config file",
+    );
+
+    let example = format!("{}/examples/herdsman.toml", env!("CARGO_MANIFEST_DIR"));
+    let out = herdsman(&["check-config", &example], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (app web"));
+}
