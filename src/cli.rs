@@ -21,6 +21,46 @@ pub enum Command {
         /// The TOML app config to check.
         file: PathBuf,
     },
+    /// Show one app: a header and a table of its workers.
+    Status {
+        /// App name or control socket path (optional when one app runs).
+        target: Option<String>,
+        /// Machine-readable output (see docs/control.md for the schema).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every app running on this host, one line each.
+    List {
+        /// Machine-readable output: an array of status objects.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rolling reload; waits for the end of the roll-out and fails if it failed.
+    Reload {
+        /// App name or control socket path (optional when one app runs).
+        target: Option<String>,
+        /// Return once the reload is requested, without waiting for the roll-out.
+        #[arg(long, conflicts_with = "wait")]
+        no_wait: bool,
+        /// Wait for the end of the roll-out (the default).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, value_name = "DUR", default_value = "15m")]
+        timeout: String,
+    },
+    /// Set (N), add (+N) or remove (-N) workers; waits until done.
+    Scale {
+        /// [TARGET] N|+N|-N
+        #[arg(num_args = 1..=2, required = true, allow_hyphen_values = true, value_name = "ARGS")]
+        args: Vec<String>,
+        /// Return once the change is requested.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, value_name = "DUR", default_value = "5m")]
+        timeout: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -43,6 +43,8 @@ pub struct Settings {
     pub reload_batch: NonZeroUsize,
     pub backoff: BackoffPolicy,
     pub control: Option<PathBuf>,
+    /// Group (besides root and our own user) allowed to use the control socket.
+    pub control_group: Option<String>,
     /// The config file's own `workers` value, as written, to notice when it changes on reload.
     pub file_workers: Option<String>,
 }
@@ -86,6 +88,7 @@ pub const KEYS: &[&str] = &[
     "backoff_max",
     "backoff_reset",
     "control",
+    "control_group",
 ];
 
 /// Reads and validates `file` (if any) merged with `ov`. `cpus` resolves "auto" worker counts.
@@ -332,6 +335,12 @@ fn build(
     let b_max = c.pick("", None, "backoff_max", values::duration);
     let b_reset = c.pick("", None, "backoff_reset", values::duration);
     let control = ov.control.clone().or_else(|| c.file_str("control").map(PathBuf::from));
+    let control_group = c.file_str("control_group");
+    if let Some(g) = &control_group {
+        if !matches!(nix::unistd::Group::from_name(g), Ok(Some(_))) {
+            c.file_problem("control_group", format!("no such group {g:?}; create it or remove the key"));
+        }
+    }
 
     let backoff = BackoffPolicy {
         initial: b_initial.unwrap_or(Duration::from_millis(100)),
@@ -369,6 +378,7 @@ fn build(
         reload_batch: reload_batch.unwrap_or(NonZeroUsize::MIN),
         backoff,
         control,
+        control_group,
         file_workers,
     })
 }

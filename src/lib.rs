@@ -12,6 +12,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod exit;
 pub mod listeners;
 pub mod notify;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use herdsman::cli::{Cli, Command, RunArgs};
 use herdsman::config::{self, Overrides, Settings};
+use herdsman::control::{client, paths, server};
 use herdsman::listeners::{Activation, Listeners};
 use herdsman::notify::{self, Notifier};
 use herdsman::output::Output;
@@ -35,6 +36,44 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Status { target, json } => client_result(client::status(target.as_deref(), json, &env())),
+        Command::List { json } => client_result(client::list(json, &env())),
+        Command::Reload { target, no_wait, wait: _, timeout } => match duration_arg(&timeout) {
+            Ok(t) => client_result(client::reload(target.as_deref(), !no_wait, t, &env())),
+            Err(c) => c,
+        },
+        Command::Scale { args, no_wait, timeout } => {
+            let (target, workers) = match args.as_slice() {
+                [w] => (None, w.as_str()),
+                [t, w] => (Some(t.as_str()), w.as_str()),
+                _ => unreachable!("clap enforces 1..=2 values"),
+            };
+            match duration_arg(&timeout) {
+                Ok(t) => client_result(client::scale(target, workers, !no_wait, t, &env())),
+                Err(c) => c,
+            }
+        }
+    }
+}
+
+fn env() -> paths::Env {
+    paths::Env::from_process()
+}
+
+fn duration_arg(s: &str) -> Result<std::time::Duration, ExitCode> {
+    config::values::duration(s).map_err(|e| {
+        eprintln!("herdsman: --timeout: {e}");
+        code(exit::USAGE)
+    })
+}
+
+fn client_result(r: Result<(), client::Failure>) -> ExitCode {
+    match r {
+        Ok(()) => code(exit::OK),
+        Err(f) => {
+            eprintln!("herdsman: {}", f.message);
+            code(f.code)
+        }
     }
 }
 
@@ -133,6 +172,22 @@ fn run(args: RunArgs) -> ExitCode {
         var("WATCHDOG_PID").as_deref(),
         std::process::id(),
     );
+    let paths_env = paths::Env::from_process();
+    let control_path =
+        settings.control.clone().unwrap_or_else(|| paths::default_socket(&settings.name, &paths_env));
+    let group = settings
+        .control_group
+        .as_deref()
+        .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
+        .map(|g| g.gid.as_raw());
+    let control = match server::bind(&control_path, group) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("herdsman: {e}");
+            return code(exit::FAILURE);
+        }
+    };
+    let access = server::Access { uid: paths_env.euid, group };
     let reload_source: Option<supervisor::ReloadSource> = args.config.clone().map(|file| {
         let ov = ov.clone();
         Box::new(move || load(Some(&file), &ov)) as supervisor::ReloadSource
@@ -145,9 +200,11 @@ fn run(args: RunArgs) -> ExitCode {
             return code(exit::FAILURE);
         }
     };
+    let control_ref = &control;
     let result = rt.block_on(async move {
         let (tx, rx) = mpsc::channel(64);
-        forward_signals(tx)?;
+        forward_signals(tx.clone())?;
+        server::spawn(control_ref, tx, access)?;
         let world = World {
             listeners,
             notifier,
@@ -158,6 +215,7 @@ fn run(args: RunArgs) -> ExitCode {
         };
         supervisor::run(settings, world, rx).await
     });
+    drop(control);
     match result {
         Ok(()) => code(exit::OK),
         Err(e) => {
@@ -169,7 +227,7 @@ fn run(args: RunArgs) -> ExitCode {
 
 /// SIGHUP = reload, SIGTERM/SIGINT = stop, SIGTTIN/SIGTTOU = one worker more/less.
 fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
-    use supervisor::Scale;
+    use supervisor::{Scale, Waiter};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -178,11 +236,11 @@ fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
     tokio::spawn(async move {
         loop {
             let c = tokio::select! {
-                _ = hup.recv() => Control::Reload { reply: None },
+                _ = hup.recv() => Control::Reload(Waiter::default()),
                 _ = term.recv() => Control::Stop,
                 _ = int.recv() => Control::Stop,
-                _ = ttin.recv() => Control::Scale { scale: Scale::Add(1), reply: None },
-                _ = ttou.recv() => Control::Scale { scale: Scale::Remove(1), reply: None },
+                _ = ttin.recv() => Control::Scale { scale: Scale::Add(1), wait: false, reply: None },
+                _ = ttou.recv() => Control::Scale { scale: Scale::Remove(1), wait: false, reply: None },
             };
             if tx.send(c).await.is_err() {
                 break;

@@ -325,6 +325,8 @@ fn socket_activation_via_systemd_socket_activate() {
         "t",
         "-w",
         "2",
+        "--control",
+        dir.path("control.sock").to_str().unwrap(),
         "--",
         "python3",
         &worker_py(),
@@ -363,11 +365,9 @@ fn a_reload_rereads_the_config_and_an_invalid_one_changes_nothing() {
         std::fs::write(&cfg, text).unwrap();
     };
     write("2", "v1");
-    let h = Herdsman::spawn(
-        &["run".into(), "-c".into(), cfg.to_str().unwrap().into()],
-        &[],
-        Addr::Unix(sock.clone()),
-    );
+    let control = dir.path("control.sock").display().to_string();
+    let args = ["run".into(), "-c".into(), cfg.to_str().unwrap().into(), "--control".into(), control];
+    let h = Herdsman::spawn(&args, &[], Addr::Unix(sock.clone()));
     h.wait_started();
     assert!(h.stderr().contains("app=web"), "name defaults to the config file stem");
     assert_eq!(h.get()["tag"], "v1");

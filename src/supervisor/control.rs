@@ -1,8 +1,8 @@
 //! Requests into the supervisor loop (from signals, and later the control socket) and the
 //! answers it gives. Callers send a [`Control`] and, where they care, await its reply.
 
-use serde::Serialize;
-use tokio::sync::oneshot;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 /// How to change the number of workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,14 +12,22 @@ pub enum Scale {
     Remove(usize),
 }
 
+/// Someone waiting for a roll-out: its final answer, and progress lines on the way.
+#[derive(Debug, Default)]
+pub struct Waiter {
+    pub reply: Option<oneshot::Sender<ReloadOutcome>>,
+    pub progress: Option<mpsc::UnboundedSender<String>>,
+}
+
 #[derive(Debug)]
 pub enum Control {
     /// Rolling reload; the reply comes when the roll-out that includes this request is over.
-    Reload {
-        reply: Option<oneshot::Sender<ReloadOutcome>>,
-    },
+    Reload(Waiter),
+    /// Change the worker count. With `wait`, the reply comes once every wanted worker is ready
+    /// and every removed one is gone (or a new one failed to start); otherwise at once.
     Scale {
         scale: Scale,
+        wait: bool,
         reply: Option<oneshot::Sender<Result<usize, String>>>,
     },
     Status {
@@ -30,7 +38,7 @@ pub enum Control {
 }
 
 /// The result of one roll-out, as reported to every client that asked for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReloadOutcome {
     pub ok: bool,
     pub generation: u64,
@@ -38,7 +46,7 @@ pub struct ReloadOutcome {
 }
 
 /// One worker in a [`Snapshot`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerInfo {
     pub id: usize,
     pub pid: Option<i32>,
@@ -46,10 +54,14 @@ pub struct WorkerInfo {
     pub state: String,
     pub restarts: u32,
     pub uptime_s: f64,
+    /// CPU use since the previous status request (or since start), filled by the control server.
+    pub cpu_percent: f64,
+    /// Resident memory, filled by the control server.
+    pub rss_bytes: u64,
 }
 
 /// The supervisor's state at one instant.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub name: String,
     pub pid: u32,
@@ -62,7 +74,7 @@ pub struct Snapshot {
     pub last_reload: Option<LastReload>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LastReload {
     pub result: String,
     /// Unix time in seconds.

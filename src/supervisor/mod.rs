@@ -34,7 +34,7 @@ use crate::output::Output;
 use crate::spawn::{Launcher, Spec};
 use crate::sys;
 use crate::worker::{Role, State, Worker};
-pub use control::{Control, ReloadOutcome, Scale, Snapshot};
+pub use control::{Control, ReloadOutcome, Scale, Snapshot, Waiter};
 use rollout::Rollout;
 
 /// How long to wait for a dead worker's last output before reporting its exit.
@@ -87,7 +87,9 @@ pub struct Supervisor {
     workers: HashMap<i32, Worker>,
     rollout: Option<Rollout>,
     /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
-    queued: Option<Vec<Option<oneshot::Sender<ReloadOutcome>>>>,
+    queued: Option<Vec<Waiter>>,
+    /// `scale --wait` clients: answered once the pool has converged.
+    scale_waiters: Vec<oneshot::Sender<Result<usize, String>>>,
     last_reload: Option<control::LastReload>,
     launcher: Launcher,
     notifier: Notifier,
@@ -129,6 +131,7 @@ pub async fn run(
         workers: HashMap::new(),
         rollout: None,
         queued: None,
+        scale_waiters: Vec::new(),
         last_reload: None,
         launcher,
         notifier: world.notifier,
@@ -182,13 +185,14 @@ async fn sleep_until(at: Option<Instant>) {
 impl Supervisor {
     fn on_control(&mut self, c: Control) {
         match c {
-            Control::Reload { reply } => self.request_reload(reply),
-            Control::Scale { scale, reply } => {
-                let r = self.scale(scale);
-                if let Some(tx) = reply {
+            Control::Reload(waiter) => self.request_reload(waiter),
+            Control::Scale { scale, wait, reply } => match (self.scale(scale), reply) {
+                (Ok(_), Some(tx)) if wait => self.scale_waiters.push(tx),
+                (r, Some(tx)) => {
                     let _ = tx.send(r);
                 }
-            }
+                (_, None) => {}
+            },
             Control::Status { reply } => {
                 let _ = reply.send(self.snapshot());
             }
@@ -413,6 +417,11 @@ impl Supervisor {
         if !self.stopping {
             self.reconcile_slots(now);
             self.drive_rollout(now);
+            self.answer_scale_waiters();
+        } else {
+            for tx in self.scale_waiters.drain(..) {
+                let _ = tx.send(Err("the supervisor is stopping".to_string()));
+            }
         }
         if !self.sent_ready && (self.stopping || self.slots.values().all(|s| s.settled)) {
             self.sent_ready = true;
@@ -512,9 +521,34 @@ impl Supervisor {
         Ok(pid)
     }
 
-    fn answer(&self, waiters: Vec<Option<oneshot::Sender<ReloadOutcome>>>, outcome: ReloadOutcome) {
-        for tx in waiters.into_iter().flatten() {
+    fn answer(&self, waiters: Vec<Waiter>, outcome: ReloadOutcome) {
+        for tx in waiters.into_iter().filter_map(|w| w.reply) {
             let _ = tx.send(outcome.clone());
+        }
+    }
+
+    /// Answers `scale --wait` clients once every slot runs a ready worker and removed slots
+    /// are gone, or as soon as a slot fails to start.
+    fn answer_scale_waiters(&mut self) {
+        if self.scale_waiters.is_empty() {
+            return;
+        }
+        let failed = self
+            .slots
+            .iter()
+            .find(|(id, s)| **id < self.desired && s.active.is_none() && s.restart_at.is_some());
+        let result = if let Some((id, slot)) = failed {
+            let why = slot.last_error.clone().unwrap_or_else(|| "failed to start".to_string());
+            Err(format!("worker {id} failed to start: {why}"))
+        } else {
+            let removed_gone = self.workers.values().all(|w| w.slot < self.desired);
+            if !(removed_gone && self.slots.len() == self.desired && self.ready_count() == self.desired) {
+                return;
+            }
+            Ok(self.desired)
+        };
+        for tx in self.scale_waiters.drain(..) {
+            let _ = tx.send(result.clone());
         }
     }
 

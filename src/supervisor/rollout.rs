@@ -14,15 +14,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::sync::oneshot;
 
-use super::control::LastReload;
+use super::control::{LastReload, Waiter};
 use super::{ReloadOutcome, Supervisor};
 use crate::notify::monotonic_usec;
 use crate::spawn::Spec;
 use crate::worker::{Role, State};
-
-type Waiter = Option<oneshot::Sender<ReloadOutcome>>;
 
 pub(super) struct Rollout {
     pub spec: Arc<Spec>,
@@ -58,16 +55,17 @@ fn unix_now() -> u64 {
 impl Supervisor {
     pub(super) fn request_reload(&mut self, reply: Waiter) {
         if self.stopping {
-            if let Some(tx) = reply {
-                let outcome = ReloadOutcome {
-                    ok: false,
-                    generation: self.spec.generation,
-                    message: "the supervisor is stopping".into(),
-                };
-                let _ = tx.send(outcome);
-            }
+            let outcome = ReloadOutcome {
+                ok: false,
+                generation: self.spec.generation,
+                message: "the supervisor is stopping".into(),
+            };
+            self.answer(vec![reply], outcome);
         } else if self.rollout.is_some() {
             tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
+            if let Some(tx) = &reply.progress {
+                let _ = tx.send("a roll-out is in progress: this reload runs right after it".to_string());
+            }
             self.queued.get_or_insert_with(Vec::new).push(reply);
         } else {
             self.start_rollout(vec![reply]);
@@ -95,6 +93,12 @@ impl Supervisor {
         let pending: VecDeque<usize> = self.slots.keys().copied().filter(|id| *id < self.desired).collect();
         tracing::info!(app = %self.app, generation = self.generation, "reload: rolling {} worker(s) to generation {}", pending.len(), self.generation);
         self.notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+        for w in &waiters {
+            if let Some(tx) = &w.progress {
+                let _ =
+                    tx.send(format!("rolling {} worker(s) to generation {}", pending.len(), self.generation));
+            }
+        }
         self.rollout = Some(Rollout {
             spec,
             total: pending.len(),
@@ -153,10 +157,13 @@ impl Supervisor {
             }
             r.done += 1;
             let took = self.workers.get(&pid).map(|w| w.started.elapsed().as_secs_f64()).unwrap_or(0.0);
-            tracing::info!(
-                app = %self.app, worker = slot_id, pid, generation = r.spec.generation,
-                "reload: worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total
-            );
+            let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
+            tracing::info!(app = %self.app, worker = slot_id, pid, generation = r.spec.generation, "reload: {line}");
+            for w in &r.waiters {
+                if let Some(tx) = &w.progress {
+                    let _ = tx.send(line.clone());
+                }
+            }
         }
         r.in_flight = still;
         // Start the next batch.

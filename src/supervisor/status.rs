@@ -55,6 +55,8 @@ impl Supervisor {
                 },
                 restarts: self.slots.get(&w.slot).map_or(0, |s| s.restarts),
                 uptime_s: now.duration_since(w.started).as_secs_f64(),
+                cpu_percent: 0.0,
+                rss_bytes: 0,
             })
             .collect();
         for (id, slot) in &self.slots {
@@ -66,6 +68,8 @@ impl Supervisor {
                     state: if slot.restart_at.is_some() { "backoff" } else { "waiting" }.to_string(),
                     restarts: slot.restarts,
                     uptime_s: 0.0,
+                    cpu_percent: 0.0,
+                    rss_bytes: 0,
                 });
             }
         }

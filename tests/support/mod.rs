@@ -119,6 +119,8 @@ impl Run {
                 workers.to_string(),
                 "--listen".into(),
                 addr.listen_arg(),
+                "--control".into(),
+                dir.path("control.sock").display().to_string(),
             ],
             env: Vec::new(),
             addr,

@@ -1,0 +1,173 @@
+//! The client side: `herdsman status | list | reload | scale`. Plain blocking I/O: one
+//! request, then replies until the final one (or the deadline).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::protocol::{Envelope, Op, Reply, Request, VERSION};
+use super::{paths, table};
+use crate::exit;
+
+/// A failed client command: the message and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+fn fail(code: i32, message: impl Into<String>) -> Failure {
+    Failure { code, message: message.into() }
+}
+
+/// Sends `op` to the supervisor at `path`; calls `progress` for each progress line and returns
+/// the final reply.
+pub fn call(
+    path: &Path,
+    op: Op,
+    timeout: Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<Reply, Failure> {
+    let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => fail(
+            exit::NOPERM,
+            format!(
+                "permission denied: cannot connect to {}; run as root or as the app's user",
+                path.display()
+            ),
+        ),
+        _ => fail(exit::UNAVAILABLE, format!("cannot reach the supervisor at {}: {e}", path.display())),
+    })?;
+    let deadline = Instant::now() + timeout;
+    let mut req =
+        serde_json::to_string(&Request { v: VERSION, op }).map_err(|e| fail(exit::FAILURE, e.to_string()))?;
+    req.push('\n');
+    stream
+        .write_all(req.as_bytes())
+        .map_err(|e| fail(exit::UNAVAILABLE, format!("sending the request: {e}")))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail(
+                exit::TIMEOUT,
+                format!("no answer within {}", humantime::format_duration(timeout)),
+            ));
+        }
+        let _ = reader.get_ref().set_read_timeout(Some(left));
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => {
+                return Err(fail(exit::UNAVAILABLE, "the supervisor closed the connection without an answer"));
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(fail(
+                    exit::TIMEOUT,
+                    format!("no answer within {}", humantime::format_duration(timeout)),
+                ));
+            }
+            Err(e) => return Err(fail(exit::UNAVAILABLE, format!("reading the answer: {e}"))),
+        }
+        let env: Envelope = serde_json::from_str(&line)
+            .map_err(|e| fail(exit::FAILURE, format!("unreadable answer: {e}")))?;
+        match env.reply {
+            Reply::Progress { message } => progress(&message),
+            Reply::Error { message } if message.starts_with("permission denied") => {
+                return Err(fail(exit::NOPERM, message));
+            }
+            Reply::Error { message } => return Err(fail(exit::FAILURE, message)),
+            other => return Ok(other),
+        }
+    }
+}
+
+const QUICK: Duration = Duration::from_secs(10);
+
+pub fn status(target: Option<&str>, json: bool, env: &paths::Env) -> Result<(), Failure> {
+    let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
+    match call(&path, Op::Status, QUICK, |_| {})? {
+        Reply::Status { status } if json => {
+            println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+            Ok(())
+        }
+        Reply::Status { status } => {
+            print!("{}", table::status(&status));
+            Ok(())
+        }
+        other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),
+    }
+}
+
+pub fn list(json: bool, env: &paths::Env) -> Result<(), Failure> {
+    let apps = paths::discover(env);
+    let mut rows = vec![["NAME", "PID", "READY", "GEN", "STATUS", "CONTROL"].map(String::from).to_vec()];
+    let mut snaps = Vec::new();
+    for (name, path) in &apps {
+        match call(path, Op::Status, QUICK, |_| {}) {
+            Ok(Reply::Status { status }) => {
+                rows.push(vec![
+                    status.name.clone(),
+                    status.pid.to_string(),
+                    format!("{}/{}", status.ready, status.desired),
+                    status.generation.to_string(),
+                    status.status.clone(),
+                    path.display().to_string(),
+                ]);
+                snaps.push(*status);
+            }
+            _ => rows.push(vec![
+                name.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "not responding".into(),
+                path.display().to_string(),
+            ]),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snaps).unwrap_or_default());
+    } else if apps.is_empty() {
+        println!("no herdsman app is running");
+    } else {
+        print!("{}", table::columns(&rows));
+    }
+    Ok(())
+}
+
+pub fn reload(target: Option<&str>, wait: bool, timeout: Duration, env: &paths::Env) -> Result<(), Failure> {
+    let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
+    let reply = call(&path, Op::Reload { wait }, timeout, |line| {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    })?;
+    match reply {
+        Reply::Reload(o) if o.ok => {
+            println!("{}", o.message);
+            Ok(())
+        }
+        Reply::Reload(o) => Err(fail(exit::FAILURE, o.message)),
+        other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),
+    }
+}
+
+pub fn scale(
+    target: Option<&str>,
+    workers: &str,
+    wait: bool,
+    timeout: Duration,
+    env: &paths::Env,
+) -> Result<(), Failure> {
+    super::protocol::parse_scale(workers).map_err(|m| fail(exit::USAGE, m))?;
+    let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
+    match call(&path, Op::Scale { workers: workers.to_string(), wait }, timeout, |_| {})? {
+        Reply::Scale { workers } => {
+            println!("{} worker(s){}", workers, if wait { " ready" } else { " requested" });
+            Ok(())
+        }
+        other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),
+    }
+}

@@ -1,0 +1,230 @@
+//! The control socket inside `herdsman run`.
+//!
+//! Each connection carries one request; a malformed, oversized or slow request gets an error
+//! reply and the connection is closed, without touching the supervisor. Requests become
+//! [`Control`]s on the supervisor's queue.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::procstat::CpuMeter;
+use super::protocol::{self, MAX_REQUEST, Op, Reply};
+use crate::supervisor::{Control, ReloadOutcome, Waiter};
+
+/// A client has this long to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who may use the socket besides root.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub uid: u32,
+    pub group: Option<u32>,
+}
+
+impl Access {
+    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if uid == 0 || uid == self.uid {
+            return true;
+        }
+        let Some(g) = self.group else { return false };
+        gid == g || pid.is_some_and(|p| supplementary_groups(p).contains(&g))
+    }
+}
+
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// The bound socket; the file (and the directory, if we made it) is removed on drop.
+pub struct Bound {
+    pub listener: std::os::unix::net::UnixListener,
+    pub path: PathBuf,
+    made_dir: Option<PathBuf>,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        if let Some(d) = &self.made_dir {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Creates the control socket at `path`: 0600, or 0660 owned by `group`. Refuses when another
+/// supervisor answers there (the app is already running); removes a stale file.
+pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, String> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let made_dir = if dir.exists() {
+        None
+    } else {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the control directory {}: {e}", dir.display()))?;
+        let mode = if group.is_some() { 0o750 } else { 0o700 };
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+        if let Some(g) = group {
+            let _ = nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(g)));
+        }
+        Some(dir.to_path_buf())
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "another supervisor already answers on {}; stop it first or choose another --name/--control",
+                path.display()
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    // The socket file takes its mode from the umask at bind time: no window where it is open.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|e| format!("cannot create the control socket {}: {e}", path.display()))?;
+    if let Some(g) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(g)))
+            .map_err(|e| format!("cannot give the control socket to group {g}: {e}"))?;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+    }
+    listener.set_nonblocking(true).map_err(|e| format!("control socket: {e}"))?;
+    Ok(Bound { listener, path: path.to_path_buf(), made_dir })
+}
+
+/// Serves clients until the runtime shuts down.
+pub fn spawn(bound: &Bound, controls: mpsc::Sender<Control>, access: Access) -> std::io::Result<()> {
+    let listener = UnixListener::from_std(bound.listener.try_clone()?)?;
+    let meter = Arc::new(Mutex::new(CpuMeter::default()));
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("control socket accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let controls = controls.clone();
+            let meter = meter.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(stream, controls, access, meter).await {
+                    tracing::debug!("control client: {e}");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn handle(
+    stream: UnixStream,
+    controls: mpsc::Sender<Control>,
+    access: Access,
+    meter: Arc<Mutex<CpuMeter>>,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    if !access.allows(cred.uid(), cred.gid(), cred.pid()) {
+        tracing::warn!("control: refused uid {} (pid {:?})", cred.uid(), cred.pid());
+        let msg = format!(
+            "permission denied: uid {} may not control this app (allowed: root and uid {})",
+            cred.uid(),
+            access.uid
+        );
+        return write.write_all(Reply::Error { message: msg }.line().as_bytes()).await;
+    }
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    let got = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let request = match got {
+        Err(_) => Err("request timed out: send one JSON line within 5 s".to_string()),
+        Ok(Err(e)) => Err(format!("cannot read the request: {e}")),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => {
+            Err(format!("request too large (limit {MAX_REQUEST} bytes)"))
+        }
+        Ok(Ok(_)) => protocol::parse_request(&line),
+    };
+    let op = match request {
+        Ok(r) => r.op,
+        Err(message) => return write.write_all(Reply::Error { message }.line().as_bytes()).await,
+    };
+    let gone = || Reply::Error { message: "the supervisor is shutting down".into() };
+    match op {
+        Op::Status => {
+            let (tx, rx) = oneshot::channel();
+            if controls.send(Control::Status { reply: tx }).await.is_err() {
+                return write.write_all(gone().line().as_bytes()).await;
+            }
+            let reply = match rx.await {
+                Ok(mut snap) => {
+                    let mut m = meter.lock().unwrap_or_else(|p| p.into_inner());
+                    for w in &mut snap.workers {
+                        if let Some(pid) = w.pid {
+                            (w.cpu_percent, w.rss_bytes) = m.measure(pid, w.uptime_s);
+                        }
+                    }
+                    let alive: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
+                    m.retain(&alive);
+                    Reply::Status { status: Box::new(snap) }
+                }
+                Err(_) => gone(),
+            };
+            write.write_all(reply.line().as_bytes()).await
+        }
+        Op::Reload { wait } => {
+            let (tx, mut rx) = oneshot::channel::<ReloadOutcome>();
+            let (ptx, mut prx) = mpsc::unbounded_channel();
+            let waiter = Waiter { reply: Some(tx), progress: wait.then_some(ptx) };
+            if controls.send(Control::Reload(waiter)).await.is_err() {
+                return write.write_all(gone().line().as_bytes()).await;
+            }
+            if !wait {
+                let outcome = ReloadOutcome { ok: true, generation: 0, message: "reload requested".into() };
+                return write.write_all(Reply::Reload(outcome).line().as_bytes()).await;
+            }
+            loop {
+                tokio::select! {
+                    Some(message) = prx.recv() => {
+                        write.write_all(Reply::Progress { message }.line().as_bytes()).await?;
+                    }
+                    outcome = &mut rx => {
+                        while let Ok(message) = prx.try_recv() {
+                            write.write_all(Reply::Progress { message }.line().as_bytes()).await?;
+                        }
+                        let reply = outcome.map(Reply::Reload).unwrap_or_else(|_| gone());
+                        return write.write_all(reply.line().as_bytes()).await;
+                    }
+                }
+            }
+        }
+        Op::Scale { workers, wait } => {
+            let scale = match protocol::parse_scale(&workers) {
+                Ok(s) => s,
+                Err(message) => return write.write_all(Reply::Error { message }.line().as_bytes()).await,
+            };
+            let (tx, rx) = oneshot::channel();
+            if controls.send(Control::Scale { scale, wait, reply: Some(tx) }).await.is_err() {
+                return write.write_all(gone().line().as_bytes()).await;
+            }
+            let reply = match rx.await {
+                Ok(Ok(workers)) => Reply::Scale { workers },
+                Ok(Err(message)) => Reply::Error { message },
+                Err(_) => gone(),
+            };
+            write.write_all(reply.line().as_bytes()).await
+        }
+    }
+}
