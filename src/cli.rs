@@ -21,6 +21,12 @@ pub enum Command {
         /// The TOML app config to check.
         file: PathBuf,
     },
+        /// Write man pages and shell completions into DIR (used by packaging).
+    #[command(hide = true)]
+    Generate {
+        /// Output directory.
+        dir: PathBuf,
+    },
     /// Show one app: a header and a table of its workers.
     Status {
         /// App name or control socket path (optional when one app runs).

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod exit;
+pub mod generate;
 pub mod listeners;
 pub mod notify;
 pub mod output;

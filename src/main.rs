@@ -37,6 +37,13 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::CheckConfig { file } => check_config(&file),
         Command::Status { target, json } => client_result(client::status(target.as_deref(), json, &env())),
+                Command::Generate { dir } => match herdsman::generate::write_all(&dir) {
+            Ok(()) => code(exit::OK),
+            Err(e) => {
+                eprintln!("herdsman: cannot write to {}: {e}", dir.display());
+                code(exit::FAILURE)
+            }
+        },
         Command::List { json } => client_result(client::list(json, &env())),
         Command::Reload { target, no_wait, wait: _, timeout } => match duration_arg(&timeout) {
             Ok(t) => client_result(client::reload(target.as_deref(), !no_wait, t, &env())),
