@@ -21,7 +21,11 @@ pub enum Command {
         /// The TOML app config to check.
         file: PathBuf,
     },
-        /// Write man pages and shell completions into DIR (used by packaging).
+    /// Install an app as systemd units: config, socket address, enable and start (like pm2 startup + save).
+    Init(Box<InitArgs>),
+    /// Stop, disable and delete an app installed with `init`.
+    Remove(RemoveArgs),
+    /// Write man pages and shell completions into DIR (used by packaging).
     #[command(hide = true)]
     Generate {
         /// Output directory.
@@ -77,6 +81,19 @@ pub struct RunArgs {
     /// App name (default: config file stem, else the command's basename).
     #[arg(short, long, value_name = "NAME")]
     pub name: Option<String>,
+    #[command(flatten)]
+    pub app: AppArgs,
+    /// Control socket path.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The worker command and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// The app settings shared by `run` and `init`.
+#[derive(Debug, Args)]
+pub struct AppArgs {
     /// Number of workers: N > 0; 0, "auto" or "max" = one per CPU; -K = CPUs minus K.
     #[arg(short, long, value_name = "COUNT", allow_hyphen_values = true)]
     pub workers: Option<String>,
@@ -104,18 +121,17 @@ pub struct RunArgs {
     /// Workers replaced at a time during a rolling reload [default: 1].
     #[arg(long, value_name = "N")]
     pub reload_batch: Option<String>,
-    /// Control socket path.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-    /// The worker command and its arguments.
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
 }
 
-impl RunArgs {
-    pub fn overrides(&self) -> crate::config::Overrides {
+impl AppArgs {
+    pub fn overrides(
+        &self,
+        name: Option<String>,
+        control: Option<PathBuf>,
+        command: Vec<String>,
+    ) -> crate::config::Overrides {
         crate::config::Overrides {
-            name: self.name.clone(),
+            name,
             workers: self.workers.clone(),
             listen: self.listen.clone(),
             env: self.env.clone(),
@@ -125,8 +141,55 @@ impl RunArgs {
             stop_signal: self.stop_signal.clone(),
             stop_timeout: self.stop_timeout.clone(),
             reload_batch: self.reload_batch.clone(),
-            control: self.control.clone(),
-            command: self.command.clone(),
+            control,
+            command,
         }
     }
+}
+
+impl RunArgs {
+    pub fn overrides(&self) -> crate::config::Overrides {
+        self.app.overrides(self.name.clone(), self.control.clone(), self.command.clone())
+    }
+}
+
+/// `herdsman init NAME [options] -- COMMAND...`
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// App name: the instance of herdsman@NAME.service and /etc/herdsman/NAME.toml.
+    pub name: String,
+    #[command(flatten)]
+    pub app: AppArgs,
+    /// Overwrite an existing app's configuration.
+    #[arg(long)]
+    pub force: bool,
+    /// Print what would be written and run, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Write the files but do not enable or start the units.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Where app configs live.
+    #[arg(long, value_name = "DIR", default_value = "/etc/herdsman", hide = true)]
+    pub config_dir: PathBuf,
+    /// Where unit drop-ins are written.
+    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system", hide = true)]
+    pub unit_dir: PathBuf,
+    /// The worker command and its arguments.
+    #[arg(last = true, value_name = "COMMAND", required = true)]
+    pub command: Vec<String>,
+}
+
+/// `herdsman remove NAME --yes`
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// App name.
+    pub name: String,
+    /// Really stop, disable and delete the app (without it, only say what would happen).
+    #[arg(long)]
+    pub yes: bool,
+    #[arg(long, value_name = "DIR", default_value = "/etc/herdsman", hide = true)]
+    pub config_dir: PathBuf,
+    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system", hide = true)]
+    pub unit_dir: PathBuf,
 }

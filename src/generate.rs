@@ -16,7 +16,9 @@ pub fn write_all(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(&comp)?;
     let cmd = Cli::command();
     clap_mangen::generate_to(cmd.clone(), &man)?;
-    for (shell, file) in [(Shell::Bash, "herdsman.bash"), (Shell::Zsh, "_herdsman"), (Shell::Fish, "herdsman.fish")] {
+    for (shell, file) in
+        [(Shell::Bash, "herdsman.bash"), (Shell::Zsh, "_herdsman"), (Shell::Fish, "herdsman.fish")]
+    {
         let mut buf = Vec::new();
         clap_complete::generate(shell, &mut cmd.clone(), "herdsman", &mut buf);
         std::fs::write(comp.join(file), buf)?;

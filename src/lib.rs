@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod exit;
 pub mod generate;
+pub mod init;
 pub mod listeners;
 pub mod notify;
 pub mod output;

@@ -37,7 +37,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::CheckConfig { file } => check_config(&file),
         Command::Status { target, json } => client_result(client::status(target.as_deref(), json, &env())),
-                Command::Generate { dir } => match herdsman::generate::write_all(&dir) {
+        Command::Init(a) => init_result(herdsman::init::init(&a, cpus())),
+        Command::Remove(a) => init_result(herdsman::init::remove(&a)),
+        Command::Generate { dir } => match herdsman::generate::write_all(&dir) {
             Ok(()) => code(exit::OK),
             Err(e) => {
                 eprintln!("herdsman: cannot write to {}: {e}", dir.display());
@@ -59,6 +61,18 @@ fn main() -> ExitCode {
                 Ok(t) => client_result(client::scale(target, workers, !no_wait, t, &env())),
                 Err(c) => c,
             }
+        }
+    }
+}
+
+fn init_result(r: Result<(), herdsman::init::Failure>) -> ExitCode {
+    match r {
+        Ok(()) => code(exit::OK),
+        Err(f) => {
+            for line in f.message.lines() {
+                eprintln!("herdsman: {line}");
+            }
+            code(f.code)
         }
     }
 }

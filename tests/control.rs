@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use support::*;
 
-
 fn cli(args: &[&str]) -> Output {
     Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap()
 }

@@ -60,7 +60,10 @@ pub fn call(
         line.clear();
         match reader.read_line(&mut line) {
             Ok(0) => {
-                return Err(fail(exit::UNAVAILABLE, "the supervisor closed the connection without an answer"));
+                return Err(fail(
+                    exit::UNAVAILABLE,
+                    "the supervisor closed the connection without an answer",
+                ));
             }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
