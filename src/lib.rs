@@ -16,6 +16,7 @@ pub mod control;
 pub mod exit;
 pub mod generate;
 pub mod init;
+pub mod journal;
 pub mod listeners;
 pub mod notify;
 pub mod output;

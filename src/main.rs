@@ -77,6 +77,37 @@ fn init_result(r: Result<(), herdsman::init::Failure>) -> ExitCode {
     }
 }
 
+fn var_opt(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+/// Sets up herdsman's own logging: structured journal entries when our stderr is the journal
+/// (under systemd), else plain lines on stderr. Returns the journal for worker lines.
+/// HERDSMAN_LOG=error|warn|info|debug|trace sets the verbosity.
+fn logging(journal_stream: Option<&str>) -> Option<herdsman::journal::Journal> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let level = var_opt("HERDSMAN_LOG")
+        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    if herdsman::journal::stderr_is_journal(journal_stream) {
+        let journal = herdsman::journal::Journal::connect(std::path::Path::new(herdsman::journal::SOCKET));
+        if let (Ok(layer), Ok(journal)) = (tracing_journald::layer(), journal) {
+            let layer = layer.with_syslog_identifier("herdsman".to_string()).with_field_prefix(None);
+            tracing_subscriber::registry().with(level).with(layer).init();
+            return Some(journal);
+        }
+    }
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .with_max_level(level)
+        .init();
+    None
+}
+
 fn env() -> paths::Env {
     paths::Env::from_process()
 }
@@ -155,18 +186,7 @@ fn run(args: RunArgs) -> ExitCode {
             return code(exit::CONFIG);
         }
     };
-    // HERDSMAN_LOG=error|warn|info|debug|trace sets the supervisor's own verbosity.
-    let level = std::env::var("HERDSMAN_LOG")
-        .ok()
-        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
-        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .with_max_level(level)
-        .init();
+    let journal = logging(var_opt("JOURNAL_STREAM").as_deref());
 
     let var = |k: &str| std::env::var(k).ok();
     let activation = Activation {
@@ -230,7 +250,7 @@ fn run(args: RunArgs) -> ExitCode {
             listeners,
             notifier,
             base_env: base_env(),
-            output: Output::standalone(),
+            output: journal.map(Output::journal).unwrap_or_else(Output::standalone),
             reload_source,
             watchdog,
         };

@@ -14,6 +14,8 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncReadExt;
+
+use crate::journal::{Journal, split_priority};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
@@ -79,21 +81,61 @@ impl Output {
     /// Standalone output: `ID|APP | line` on our stdout (worker stdout) or stderr (worker
     /// stderr), like `pm2 logs`.
     pub fn standalone() -> Self {
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        Self::with_writer(move |line| {
+            let mut buf = Vec::with_capacity(line.text.len() + 32);
+            let _ = write!(buf, "{}|{} | ", line.origin.worker_id, line.origin.app);
+            buf.extend_from_slice(&line.text);
+            buf.push(b'\n');
+            let _ = match line.stream {
+                Stream::Stdout => stdout.lock().write_all(&buf),
+                Stream::Stderr => stderr.lock().write_all(&buf),
+            };
+        })
+    }
+
+    /// Under systemd: one journal entry per line, with the worker's fields, so that
+    /// `journalctl -u herdsman@NAME WORKER_ID=2` shows exactly worker 2's lines and the
+    /// default view reads `NAME/2[PID]: line`. `<N>` prefixes set the priority.
+    pub fn journal(journal: Journal) -> Self {
+        Self::with_writer(move |line| {
+            let (prio, text) = split_priority(&line.text);
+            let o = &line.origin;
+            let ident = format!("{}/{}", o.app, o.worker_id);
+            let (id, pid, generation) =
+                (o.worker_id.to_string(), o.pid.to_string(), o.generation.to_string());
+            let prio = [b'0' + prio.unwrap_or(6)];
+            let stream: &[u8] = match line.stream {
+                Stream::Stdout => b"stdout",
+                Stream::Stderr => b"stderr",
+            };
+            let fields: [(&str, &[u8]); 9] = [
+                ("MESSAGE", text),
+                ("PRIORITY", &prio),
+                ("SYSLOG_IDENTIFIER", ident.as_bytes()),
+                ("SYSLOG_PID", pid.as_bytes()),
+                ("WORKER_ID", id.as_bytes()),
+                ("WORKER_PID", pid.as_bytes()),
+                ("WORKER_GENERATION", generation.as_bytes()),
+                ("HERDSMAN_APP", o.app.as_bytes()),
+                ("HERDSMAN_STREAM", stream),
+            ];
+            if let Err(e) = journal.send(&fields) {
+                // Never lose a line silently: fall back to our own stderr (the journal stream).
+                eprintln!("{ident}: {} (journal: {e})", String::from_utf8_lossy(text));
+            }
+        })
+    }
+
+    /// Starts the writer thread: the only place where output blocks.
+    fn with_writer(mut write: impl FnMut(Line) + Send + 'static) -> Self {
         let (tx, mut rx) = mpsc::channel::<Line>(QUEUE);
         std::thread::Builder::new()
             .name("herdsman-output".into())
             .spawn(move || {
-                let stdout = std::io::stdout();
-                let stderr = std::io::stderr();
                 while let Some(line) = rx.blocking_recv() {
-                    let mut buf = Vec::with_capacity(line.text.len() + 32);
-                    let _ = write!(buf, "{}|{} | ", line.origin.worker_id, line.origin.app);
-                    buf.extend_from_slice(&line.text);
-                    buf.push(b'\n');
-                    let _ = match line.stream {
-                        Stream::Stdout => stdout.lock().write_all(&buf),
-                        Stream::Stderr => stderr.lock().write_all(&buf),
-                    };
+                    write(line);
                 }
             })
             .expect("spawning the output thread");

@@ -43,9 +43,8 @@ pub fn call(
     let mut req =
         serde_json::to_string(&Request { v: VERSION, op }).map_err(|e| fail(exit::FAILURE, e.to_string()))?;
     req.push('\n');
-    stream
-        .write_all(req.as_bytes())
-        .map_err(|e| fail(exit::UNAVAILABLE, format!("sending the request: {e}")))?;
+    // A refusal may arrive (and the server hang up) before we finish sending: read it anyway.
+    let sent = stream.write_all(req.as_bytes());
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
@@ -60,10 +59,9 @@ pub fn call(
         line.clear();
         match reader.read_line(&mut line) {
             Ok(0) => {
-                return Err(fail(
-                    exit::UNAVAILABLE,
-                    "the supervisor closed the connection without an answer",
-                ));
+                let why = sent.err().map(|e| format!(" (sending the request: {e})")).unwrap_or_default();
+                let msg = format!("the supervisor closed the connection without an answer{why}");
+                return Err(fail(exit::UNAVAILABLE, msg));
             }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {

@@ -274,12 +274,12 @@ impl Supervisor {
         let ran = now.duration_since(w.started);
         match (w.role, w.state) {
             (Role::Retired, _) => {
-                tracing::info!(app = %self.app, worker = w.slot, pid, generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
+                tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
             }
             (Role::Candidate, _) => {
                 let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
                 let report = failure_report(&w, &reason);
-                tracing::error!(app = %self.app, worker = w.slot, pid, generation = w.spec.generation, "{report}");
+                tracing::error!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
                 self.fail_rollout(report);
             }
             (Role::Active, state) => {
@@ -304,7 +304,7 @@ impl Supervisor {
                 let report = failure_report(&w, &reason);
                 slot.last_error = Some(reason);
                 tracing::warn!(
-                    app = %self.app, worker = w.slot, pid, generation = w.spec.generation,
+                    app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
                     "{report}; restarting in {} (failure {} in a row)", human(delay), slot.failures
                 );
             }
@@ -348,7 +348,7 @@ impl Supervisor {
     fn on_ready(&mut self, pid: i32) {
         let Some(w) = self.workers.get(&pid) else { return };
         let took = w.started.elapsed();
-        tracing::info!(app = %self.app, worker = w.slot, pid, generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
+        tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
         if let Some(slot) = self.slots.get_mut(&w.slot) {
             slot.settled = true;
         }
@@ -372,7 +372,7 @@ impl Supervisor {
                     }
                 }
                 State::Stopping { kill_at } if now >= kill_at => {
-                    tracing::warn!(app = %self.app, worker = w.slot, pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
+                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
                     let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
                     w.state = State::Stopping { kill_at: now + Duration::from_secs(3600) };
                 }
@@ -488,7 +488,7 @@ impl Supervisor {
                     slot.settled = true;
                     let delay = backoff::delay(&self.settings.backoff, slot.failures);
                     slot.restart_at = Some(now + delay);
-                    tracing::error!(app = %self.app, worker = id, "worker {id}: {e}; retrying in {}", human(delay));
+                    tracing::error!(app = %self.app, worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
                     slot.last_error = Some(e);
                 }
             }
@@ -517,7 +517,7 @@ impl Supervisor {
                 status_text: None,
             },
         );
-        tracing::info!(app = %self.app, worker = id, pid, generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
+        tracing::info!(app = %self.app, worker_id = id, worker_pid = pid, worker_generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
         Ok(pid)
     }
 

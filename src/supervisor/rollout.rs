@@ -158,7 +158,7 @@ impl Supervisor {
             r.done += 1;
             let took = self.workers.get(&pid).map(|w| w.started.elapsed().as_secs_f64()).unwrap_or(0.0);
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
-            tracing::info!(app = %self.app, worker = slot_id, pid, generation = r.spec.generation, "reload: {line}");
+            tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = pid, worker_generation = r.spec.generation, "reload: {line}");
             for w in &r.waiters {
                 if let Some(tx) = &w.progress {
                     let _ = tx.send(line.clone());
