@@ -282,13 +282,15 @@ fn ttin_and_ttou_add_and_remove_a_worker() {
 fn systemd_notify_protocol_ready_reloading_status_stopping() {
     let dir = TempDir::new("notify");
     let mut sink = NotifySink::new(&dir);
-    let mut h = Run::new(&dir, 2)
+        let mut h = Run::new(&dir, 2)
         .env("NOTIFY_SOCKET", sink.path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "400000")
         .arg("--ready")
         .arg("alive:200ms")
         .start();
     sink.wait_for("READY=1", LONG);
-    sink.wait_for("STATUS=2/2 ready · generation 1", LONG);
+        sink.wait_for("STATUS=2/2 ready · generation 1", LONG);
+    sink.wait_for("WATCHDOG=1", LONG);
     h.signal(SIGHUP);
     sink.wait_for("RELOADING=1", LONG);
     let reloading = sink.messages.iter().find(|m| m.contains("RELOADING=1")).unwrap().clone();

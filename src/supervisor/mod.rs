@@ -424,11 +424,11 @@ impl Supervisor {
             }
         }
         if !self.sent_ready && (self.stopping || self.slots.values().all(|s| s.settled)) {
-            self.sent_ready = true;
+                        self.sent_ready = true;
             if !self.stopping {
                 tracing::info!(app = %self.app, "started: {}", self.status_line());
+                self.notifier.send("READY=1");
             }
-            self.notifier.send("READY=1");
         }
         let status = self.status_line();
         if status != self.last_status {
