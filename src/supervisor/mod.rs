@@ -13,23 +13,22 @@
 //! drain on their own schedule.
 
 pub mod control;
+mod events;
+mod exits;
 mod rollout;
 mod status;
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, killpg};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::Pid;
+use nix::sys::wait::WaitStatus;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backoff;
 use crate::config::{Problems, ReadyMode, Settings};
 use crate::listeners::Listeners;
-use crate::notify::{Message, Notifier, WorkerNotify};
+use crate::notify::{Notifier, WorkerNotify};
 use crate::output::Output;
 use crate::spawn::{Launcher, Spec};
 use crate::sys;
@@ -264,139 +263,6 @@ impl Supervisor {
         }
     }
 
-    fn on_event(&mut self, ev: Event) {
-        let Event::Exited { pid, status } = ev;
-        let Some(w) = self.workers.remove(&pid) else { return };
-        // Whatever the worker left in its process group goes with it.
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        let how = describe_exit(status);
-        let now = Instant::now();
-        let ran = now.duration_since(w.started);
-        match (w.role, w.state) {
-            (Role::Retired, _) => {
-                tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
-            }
-            (Role::Candidate, _) => {
-                let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
-                let report = failure_report(&w, &reason);
-                tracing::error!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
-                self.fail_rollout(report);
-            }
-            (Role::Active, state) => {
-                let Some(slot) = self.slots.get_mut(&w.slot) else { return };
-                if slot.active == Some(pid) {
-                    slot.active = None;
-                }
-                let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.settings.backoff.reset_after);
-                if healthy {
-                    slot.failures = 0;
-                }
-                slot.failures += 1;
-                slot.restarts += 1;
-                slot.settled = true;
-                let delay = backoff::delay(&self.settings.backoff, slot.failures);
-                slot.restart_at = Some(now + delay);
-                let reason = match (&w.failure, state) {
-                    (Some(f), _) => f.clone(),
-                    (None, State::Starting { .. }) => format!("{how} before it was ready"),
-                    (None, _) => format!("{how} after {}", human(ran)),
-                };
-                let report = failure_report(&w, &reason);
-                slot.last_error = Some(reason);
-                tracing::warn!(
-                    app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
-                    "{report}; restarting in {} (failure {} in a row)", human(delay), slot.failures
-                );
-            }
-        }
-    }
-
-    fn on_notify(&mut self, msg: Message) {
-        let pid = if self.workers.contains_key(&msg.pid) {
-            msg.pid
-        } else {
-            // A child of the worker (e.g. `npm start` → node) speaks for its process group.
-            match nix::unistd::getpgid(Some(Pid::from_raw(msg.pid))) {
-                Ok(pg) if self.workers.contains_key(&pg.as_raw()) => pg.as_raw(),
-                _ => {
-                    tracing::debug!("notify message from unknown pid {} ignored", msg.pid);
-                    return;
-                }
-            }
-        };
-        let Some(w) = self.workers.get_mut(&pid) else { return };
-        let mut became_ready = false;
-        for (key, value) in msg.assignments {
-            match key.as_str() {
-                "READY"
-                    if value == "1"
-                        && matches!(w.state, State::Starting { .. })
-                        && w.spec.ready == ReadyMode::Notify =>
-                {
-                    w.state = State::Ready { since: Instant::now() };
-                    became_ready = true;
-                }
-                "STATUS" => w.status_text = Some(value),
-                _ => {}
-            }
-        }
-        if became_ready {
-            self.on_ready(pid);
-        }
-    }
-
-    fn on_ready(&mut self, pid: i32) {
-        let Some(w) = self.workers.get(&pid) else { return };
-        let took = w.started.elapsed();
-        tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
-        if let Some(slot) = self.slots.get_mut(&w.slot) {
-            slot.settled = true;
-        }
-    }
-
-    fn on_timers(&mut self, now: Instant) {
-        let mut became_ready = Vec::new();
-        let mut timed_out = Vec::new();
-        for (pid, w) in self.workers.iter_mut() {
-            match w.state {
-                State::Starting { deadline } => {
-                    if let ReadyMode::Alive(d) = w.spec.ready {
-                        if now >= w.started + d {
-                            w.state = State::Ready { since: now };
-                            became_ready.push(*pid);
-                            continue;
-                        }
-                    }
-                    if now >= deadline {
-                        timed_out.push(*pid);
-                    }
-                }
-                State::Stopping { kill_at } if now >= kill_at => {
-                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
-                    let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
-                    w.state = State::Stopping { kill_at: now + Duration::from_secs(3600) };
-                }
-                _ => {}
-            }
-        }
-        for pid in became_ready {
-            self.on_ready(pid);
-        }
-        for pid in timed_out {
-            if let Some(w) = self.workers.get_mut(&pid) {
-                w.failure = Some(format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout)));
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                w.state = State::Stopping { kill_at: now + Duration::from_secs(3600) };
-            }
-        }
-        if let Some((every, last)) = self.watchdog {
-            if now >= last + every {
-                self.notifier.send("WATCHDOG=1");
-                self.watchdog = Some((every, now));
-            }
-        }
-    }
-
     fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.values().filter_map(|w| match w.state {
             State::Starting { deadline } => Some(match w.spec.ready {
@@ -424,7 +290,7 @@ impl Supervisor {
             }
         }
         if !self.sent_ready && (self.stopping || self.slots.values().all(|s| s.settled)) {
-                        self.sent_ready = true;
+            self.sent_ready = true;
             if !self.stopping {
                 tracing::info!(app = %self.app, "started: {}", self.status_line());
                 self.notifier.send("READY=1");
@@ -500,7 +366,7 @@ impl Supervisor {
         let l = self.launcher.launch(spec, id)?;
         let pid = l.pid;
         let pidfd = Arc::new(l.pidfd);
-        watch_exit(pid, pidfd.clone(), l.output_done, self.events.clone());
+        exits::watch_exit(pid, pidfd.clone(), l.output_done, self.events.clone());
         let now = Instant::now();
         self.workers.insert(
             pid,
@@ -559,65 +425,6 @@ impl Supervisor {
             .filter(|pid| self.workers.get(pid).is_some_and(Worker::is_ready))
             .count()
     }
-}
-
-/// Waits for a worker to exit (pidfd readable), reaps it, waits briefly for the end of its
-/// output so the report has its last lines, then tells the loop.
-fn watch_exit(
-    pid: i32,
-    pidfd: Arc<OwnedFd>,
-    mut output_done: mpsc::Receiver<()>,
-    events: mpsc::UnboundedSender<Event>,
-) {
-    tokio::spawn(async move {
-        let status = match sys::watch_pidfd(pidfd) {
-            Ok(afd) => loop {
-                match afd.readable().await {
-                    Ok(mut guard) => {
-                        guard.clear_ready();
-                        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-                            Ok(WaitStatus::StillAlive) => continue,
-                            Ok(s) => break s,
-                            Err(e) => {
-                                tracing::error!("waitpid({pid}): {e}");
-                                break WaitStatus::Exited(Pid::from_raw(pid), -1);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!("waiting for worker {pid}: {e}");
-                        break WaitStatus::Exited(Pid::from_raw(pid), -1);
-                    }
-                }
-            },
-            Err(e) => {
-                tracing::error!("watching worker {pid}: {e}");
-                waitpid(Pid::from_raw(pid), None).unwrap_or(WaitStatus::Exited(Pid::from_raw(pid), -1))
-            }
-        };
-        let _ = tokio::time::timeout(OUTPUT_GRACE, output_done.recv()).await;
-        let _ = events.send(Event::Exited { pid, status });
-    });
-}
-
-fn describe_exit(status: WaitStatus) -> String {
-    match status {
-        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-        WaitStatus::Signaled(_, sig, core) => {
-            format!("was killed by {}{}", sig.as_str(), if core { " (core dumped)" } else { "" })
-        }
-        other => format!("ended ({other:?})"),
-    }
-}
-
-fn failure_report(w: &Worker, reason: &str) -> String {
-    let mut report = format!("worker {} (pid {}, generation {}) {reason}", w.slot, w.pid, w.spec.generation);
-    let tail = w.tail.lines();
-    if !tail.is_empty() {
-        report.push_str("; last output: ");
-        report.push_str(&tail.join(" ⏎ "));
-    }
-    report
 }
 
 /// `1.5s`, `2m`, `3h` — short human durations.

@@ -1,0 +1,71 @@
+//! Learning that a worker exited: the pidfd watcher task and the words for what happened.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::sync::mpsc;
+
+use super::{Event, OUTPUT_GRACE};
+use crate::sys;
+use crate::worker::Worker;
+
+/// Waits for a worker to exit (pidfd readable), reaps it, waits briefly for the end of its
+/// output so the report has its last lines, then tells the loop.
+pub(super) fn watch_exit(
+    pid: i32,
+    pidfd: Arc<OwnedFd>,
+    mut output_done: mpsc::Receiver<()>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    tokio::spawn(async move {
+        let status = match sys::watch_pidfd(pidfd) {
+            Ok(afd) => loop {
+                match afd.readable().await {
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                            Ok(WaitStatus::StillAlive) => continue,
+                            Ok(s) => break s,
+                            Err(e) => {
+                                tracing::error!("waitpid({pid}): {e}");
+                                break WaitStatus::Exited(Pid::from_raw(pid), -1);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("waiting for worker {pid}: {e}");
+                        break WaitStatus::Exited(Pid::from_raw(pid), -1);
+                    }
+                }
+            },
+            Err(e) => {
+                tracing::error!("watching worker {pid}: {e}");
+                waitpid(Pid::from_raw(pid), None).unwrap_or(WaitStatus::Exited(Pid::from_raw(pid), -1))
+            }
+        };
+        let _ = tokio::time::timeout(OUTPUT_GRACE, output_done.recv()).await;
+        let _ = events.send(Event::Exited { pid, status });
+    });
+}
+
+pub(super) fn describe_exit(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, core) => {
+            format!("was killed by {}{}", sig.as_str(), if core { " (core dumped)" } else { "" })
+        }
+        other => format!("ended ({other:?})"),
+    }
+}
+
+pub(super) fn failure_report(w: &Worker, reason: &str) -> String {
+    let mut report = format!("worker {} (pid {}, generation {}) {reason}", w.slot, w.pid, w.spec.generation);
+    let tail = w.tail.lines();
+    if !tail.is_empty() {
+        report.push_str("; last output: ");
+        report.push_str(&tail.join(" ⏎ "));
+    }
+    report
+}
