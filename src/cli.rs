@@ -121,6 +121,12 @@ pub struct AppArgs {
     /// Workers replaced at a time during a rolling reload [default: 1].
     #[arg(long, value_name = "N")]
     pub reload_batch: Option<String>,
+    /// Per-worker watchdog: workers get WATCHDOG_USEC and must send WATCHDOG=1 this often; a hung one is replaced.
+    #[arg(long, value_name = "DUR")]
+    pub watchdog: Option<String>,
+    /// Replace (gracefully) a worker whose memory stays above this, e.g. 512M.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
 }
 
 impl AppArgs {
@@ -141,6 +147,8 @@ impl AppArgs {
             stop_signal: self.stop_signal.clone(),
             stop_timeout: self.stop_timeout.clone(),
             reload_batch: self.reload_batch.clone(),
+            watchdog: self.watchdog.clone(),
+            max_memory: self.max_memory.clone(),
             control,
             command,
         }

@@ -42,6 +42,10 @@ pub struct Settings {
     pub stop_timeout: Duration,
     pub reload_batch: NonZeroUsize,
     pub backoff: BackoffPolicy,
+    /// Per-worker watchdog (`WATCHDOG_USEC` for workers).
+    pub watchdog: Option<Duration>,
+    /// Per-worker memory limit in bytes.
+    pub max_memory: Option<u64>,
     pub control: Option<PathBuf>,
     /// Group (besides root and our own user) allowed to use the control socket.
     pub control_group: Option<String>,
@@ -62,6 +66,8 @@ pub struct Overrides {
     pub stop_signal: Option<String>,
     pub stop_timeout: Option<String>,
     pub reload_batch: Option<String>,
+    pub watchdog: Option<String>,
+    pub max_memory: Option<String>,
     pub control: Option<PathBuf>,
     pub command: Vec<String>,
 }
@@ -84,6 +90,8 @@ pub const KEYS: &[&str] = &[
     "stop_signal",
     "stop_timeout",
     "reload_batch",
+    "watchdog",
+    "max_memory",
     "backoff_initial",
     "backoff_max",
     "backoff_reset",
@@ -331,6 +339,8 @@ fn build(
         }
         (None, None) => Some(NonZeroUsize::MIN),
     };
+    let watchdog = c.pick("--watchdog", ov.watchdog.as_deref(), "watchdog", values::duration);
+    let max_memory = c.pick("--max-memory", ov.max_memory.as_deref(), "max_memory", values::size);
     let b_initial = c.pick("", None, "backoff_initial", values::duration);
     let b_max = c.pick("", None, "backoff_max", values::duration);
     let b_reset = c.pick("", None, "backoff_reset", values::duration);
@@ -353,9 +363,11 @@ fn build(
             if c.file.is_empty() { "backoff" } else { &c.file }
         ));
     }
-    for (d, what) in
-        [(ready_timeout, "--ready-timeout / ready_timeout"), (stop_timeout, "--stop-timeout / stop_timeout")]
-    {
+    for (d, what) in [
+        (ready_timeout, "--ready-timeout / ready_timeout"),
+        (stop_timeout, "--stop-timeout / stop_timeout"),
+        (watchdog, "--watchdog / watchdog"),
+    ] {
         if d.is_some_and(|d| d.is_zero()) {
             c.problems.push(format!("{what}: must be greater than 0"));
         }
@@ -377,6 +389,8 @@ fn build(
         stop_timeout: stop_timeout.unwrap_or(Duration::from_secs(30)),
         reload_batch: reload_batch.unwrap_or(NonZeroUsize::MIN),
         backoff,
+        watchdog,
+        max_memory,
         control,
         control_group,
         file_workers,

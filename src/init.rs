@@ -68,6 +68,12 @@ fn render_config(s: &Settings, workers: Option<&str>) -> String {
     t.insert("stop_signal".into(), s.stop_signal.as_str().into());
     t.insert("stop_timeout".into(), dur(s.stop_timeout));
     t.insert("reload_batch".into(), toml::Value::Integer(s.reload_batch.get() as i64));
+    if let Some(w) = s.watchdog {
+        t.insert("watchdog".into(), dur(w));
+    }
+    if let Some(m) = s.max_memory {
+        t.insert("max_memory".into(), format!("{}K", m >> 10).into());
+    }
     if !s.env.is_empty() {
         let env: toml::Table =
             s.env.iter().map(|(k, v)| (k.clone(), toml::Value::String(v.clone()))).collect();

@@ -43,6 +43,10 @@ pub struct Spec {
     pub ready_timeout: Duration,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
+    /// Workers must send `WATCHDOG=1` at least this often once ready.
+    pub watchdog: Option<Duration>,
+    /// A worker whose RSS stays above this many bytes is replaced.
+    pub max_memory: Option<u64>,
 }
 
 impl Spec {
@@ -56,6 +60,8 @@ impl Spec {
             ready_timeout: s.ready_timeout,
             stop_signal: s.stop_signal,
             stop_timeout: s.stop_timeout,
+            watchdog: s.watchdog,
+            max_memory: s.max_memory,
         }
     }
 }
@@ -108,6 +114,9 @@ impl Launcher {
         env.push(("HERDSMAN_WORKER_ID".into(), worker_id.to_string()));
         env.push(("HERDSMAN_GENERATION".into(), spec.generation.to_string()));
         env.push(("HERDSMAN_APP".into(), self.app.to_string()));
+        if let Some(w) = spec.watchdog {
+            env.push(("WATCHDOG_USEC".into(), w.as_micros().to_string()));
+        }
         env
     }
 
@@ -118,8 +127,11 @@ impl Launcher {
         let (err_r, err_w) = sys::pipe_cloexec().map_err(|e| format!("cannot create a pipe: {e}"))?;
         let flat: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let stdio = [self.devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-        let mut plan = sys::ExecPlan::new(&path, &spec.command, &flat, spec.cwd.as_deref(), stdio, &self.fds)
-            .map_err(|e| format!("cannot prepare the command: {e}"))?;
+        let pid_vars: &[&str] =
+            if spec.watchdog.is_some() { &["LISTEN_PID", "WATCHDOG_PID"] } else { &["LISTEN_PID"] };
+        let mut plan =
+            sys::ExecPlan::new(&path, &spec.command, &flat, pid_vars, spec.cwd.as_deref(), stdio, &self.fds)
+                .map_err(|e| format!("cannot prepare the command: {e}"))?;
         let pid = plan.spawn().map_err(|e| format!("cannot start {}: {e}", spec.command[0]))?;
         drop((out_w, err_w));
         let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;

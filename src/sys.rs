@@ -19,9 +19,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// `close_range` flag: mark instead of close (Linux 5.11).
 const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
-/// Room for `LISTEN_PID=` plus the longest pid and a NUL.
-const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
-const LISTEN_PID_LEN: usize = 11 + 20 + 1;
+/// Room for `NAME=` (names up to 31 bytes) plus the longest pid and a NUL.
+const PID_SLOT_LEN: usize = 32 + 20 + 1;
 
 /// Which step in the child failed; reported to the parent with the errno.
 const STAGES: &[&str] = &["setting up file descriptors", "changing directory", "executing the command"];
@@ -34,7 +33,8 @@ pub struct ExecPlan {
     _argv: Vec<CString>,
     argv: Vec<*const c_char>,
     _env: Vec<CString>,
-    listen_pid: Box<[u8; LISTEN_PID_LEN]>,
+    /// `NAME=` buffers whose pid digits are written after fork, with the prefix length.
+    pid_slots: Vec<(Box<[u8; PID_SLOT_LEN]>, usize)>,
     envp: Vec<*const c_char>,
     stdio: [RawFd; 3],
     fds: Vec<RawFd>,
@@ -51,12 +51,14 @@ pub enum PlanError {
 }
 
 impl ExecPlan {
-    /// `path` must be the resolved program, `env` entries `KEY=VALUE` without `LISTEN_PID`
-    /// (added here), `stdio` the fds for 0, 1, 2 and `fds` the sockets for 3, 4, ...
+    /// `path` must be the resolved program, `env` entries `KEY=VALUE`, `pid_vars` the
+    /// variables set to the worker's own pid after fork (`LISTEN_PID`, `WATCHDOG_PID`),
+    /// `stdio` the fds for 0, 1, 2 and `fds` the sockets for 3, 4, ...
     pub fn new(
         path: &str,
         argv: &[String],
         env: &[String],
+        pid_vars: &[&str],
         cwd: Option<&std::path::Path>,
         stdio: [RawFd; 3],
         fds: &[RawFd],
@@ -71,14 +73,20 @@ impl ExecPlan {
         }
         let argv_c = argv.iter().map(|a| cstr(a)).collect::<Result<Vec<_>, _>>()?;
         let env_c = env.iter().map(|e| cstr(e)).collect::<Result<Vec<_>, _>>()?;
-        let mut listen_pid = Box::new([0u8; LISTEN_PID_LEN]);
-        listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        let mut pid_slots = Vec::with_capacity(pid_vars.len());
+        for name in pid_vars {
+            let prefix = format!("{name}=");
+            if prefix.len() > 32 || name.contains('\0') {
+                return Err(PlanError::Nul);
+            }
+            let mut buf = Box::new([0u8; PID_SLOT_LEN]);
+            buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+            pid_slots.push((buf, prefix.len()));
+        }
         let mut argv_p: Vec<*const c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
         argv_p.push(std::ptr::null());
         let mut envp: Vec<*const c_char> = env_c.iter().map(|e| e.as_ptr()).collect();
-        if !fds.is_empty() {
-            envp.push(listen_pid.as_ptr().cast());
-        }
+        envp.extend(pid_slots.iter().map(|(b, _)| b.as_ptr().cast::<c_char>()));
         envp.push(std::ptr::null());
         // SAFETY: getrlimit only writes into the struct we pass.
         let max_fd = unsafe {
@@ -97,7 +105,7 @@ impl ExecPlan {
             _argv: argv_c,
             argv: argv_p,
             _env: env_c,
-            listen_pid,
+            pid_slots,
             envp,
             stdio,
             fds: fds.to_vec(),
@@ -114,7 +122,8 @@ impl ExecPlan {
         let err_w = dup_cloexec_from(&err_w_low, first_free)?;
         drop(err_w_low);
         let parent = std::process::id() as libc::pid_t;
-        let pid_slot: *mut u8 = self.listen_pid.as_mut_ptr();
+        // Where each pid goes, computed (and allocated) before the fork.
+        let pid_slots: Vec<*mut u8> = self.pid_slots.iter_mut().map(|(b, n)| b[*n..].as_mut_ptr()).collect();
         // SAFETY: fork has no memory-safety preconditions. In the child we only call
         // async-signal-safe functions on data prepared before the fork (see `child`).
         let pid = unsafe { libc::fork() };
@@ -123,7 +132,7 @@ impl ExecPlan {
         }
         if pid == 0 {
             // SAFETY: we are the freshly forked child; `child` never returns.
-            unsafe { self.child(err_w.as_raw_fd(), pid_slot, parent, first_free) }
+            unsafe { self.child(err_w.as_raw_fd(), &pid_slots, parent, first_free) }
         }
         drop(err_w);
         let mut report = [0u8; 8];
@@ -157,7 +166,7 @@ impl ExecPlan {
     }
 
     /// Runs in the forked child. Only async-signal-safe calls, no allocation.
-    unsafe fn child(&self, err_w: RawFd, pid_slot: *mut u8, parent: libc::pid_t, first_free: c_int) -> ! {
+    unsafe fn child(&self, err_w: RawFd, pid_slots: &[*mut u8], parent: libc::pid_t, first_free: c_int) -> ! {
         // SAFETY: every call below is async-signal-safe (POSIX/Linux) and only touches memory
         // this process owns: the plan (copied by fork) and stack buffers.
         unsafe {
@@ -201,8 +210,9 @@ impl ExecPlan {
                     fail(err_w, 1);
                 }
             }
-            if !self.fds.is_empty() {
-                write_pid(pid_slot.add(LISTEN_PID_PREFIX.len()), libc::getpid());
+            let me = libc::getpid();
+            for &slot in pid_slots {
+                write_pid(slot, me);
             }
             libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
             fail(err_w, 2)
@@ -339,10 +349,13 @@ mod tests {
     #[test]
     fn plan_rejects_sources_inside_the_target_range() {
         let err =
-            ExecPlan::new("/bin/true", &["true".into()], &[], None, [10, 11, 12], &[4, 20]).unwrap_err();
+            ExecPlan::new("/bin/true", &["true".into()], &[], &[], None, [10, 11, 12], &[4, 20]).unwrap_err();
         assert!(matches!(err, PlanError::FdInTargetRange { fd: 4, limit: 5 }));
-        let err = ExecPlan::new("/bin/true", &["true".into()], &[], None, [1, 11, 12], &[20]).unwrap_err();
+        let err =
+            ExecPlan::new("/bin/true", &["true".into()], &[], &[], None, [1, 11, 12], &[20]).unwrap_err();
         assert!(matches!(err, PlanError::FdInTargetRange { fd: 1, .. }));
-        assert!(ExecPlan::new("/bin/true", &["true".into()], &[], None, [10, 11, 12], &[20, 21]).is_ok());
+        assert!(
+            ExecPlan::new("/bin/true", &["true".into()], &[], &[], None, [10, 11, 12], &[20, 21]).is_ok()
+        );
     }
 }

@@ -30,6 +30,8 @@ pub enum Role {
     Active,
     /// A roll-out's replacement for the slot's active worker; promoted once ready.
     Candidate,
+    /// Started to replace an unhealthy active worker (watchdog, memory); promoted once ready.
+    Replacement,
     /// Replaced, scaled away or stopping: its exit is expected.
     Retired,
 }
@@ -48,6 +50,10 @@ pub struct Worker {
     pub failure: Option<String>,
     /// Last `STATUS=` the worker sent.
     pub status_text: Option<String>,
+    /// Last `WATCHDOG=1` (or its start).
+    pub last_ping: Instant,
+    /// Memory samples in a row above the limit.
+    pub memory_strikes: u32,
 }
 
 impl Worker {

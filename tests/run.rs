@@ -282,14 +282,14 @@ fn ttin_and_ttou_add_and_remove_a_worker() {
 fn systemd_notify_protocol_ready_reloading_status_stopping() {
     let dir = TempDir::new("notify");
     let mut sink = NotifySink::new(&dir);
-        let mut h = Run::new(&dir, 2)
+    let mut h = Run::new(&dir, 2)
         .env("NOTIFY_SOCKET", sink.path.to_str().unwrap())
         .env("WATCHDOG_USEC", "400000")
         .arg("--ready")
         .arg("alive:200ms")
         .start();
     sink.wait_for("READY=1", LONG);
-        sink.wait_for("STATUS=2/2 ready · generation 1", LONG);
+    sink.wait_for("STATUS=2/2 ready · generation 1", LONG);
     sink.wait_for("WATCHDOG=1", LONG);
     h.signal(SIGHUP);
     sink.wait_for("RELOADING=1", LONG);
@@ -384,4 +384,58 @@ fn a_reload_rereads_the_config_and_an_invalid_one_changes_nothing() {
     h.wait_log("reload complete", 1, LONG);
     let seen = h.distinct_workers(3);
     assert!(seen.iter().all(|v| v["tag"] == "v2" && v["generation"] == 2), "{seen:?}");
+}
+
+#[test]
+fn a_hung_worker_is_replaced_by_the_watchdog_without_failed_requests() {
+    let dir = TempDir::new("watchdog");
+    let h = Run::new(&dir, 2)
+        .arg("--ready")
+        .arg("notify")
+        .arg("--watchdog")
+        .arg("600ms")
+        .arg("--stop-timeout")
+        .arg("1s")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_WATCHDOG", "1")
+        .worker_env("TW_HANG_ONCE_FILE", dir.path("hang-once").to_str().unwrap())
+        .worker_env("TW_HANG_AFTER_MS", "1500")
+        .worker_env("TW_FAULT_WORKER", "0")
+        .start();
+    h.wait_started();
+    let v = h.get();
+    assert_eq!(v["env"]["WATCHDOG_USEC"], "600000");
+    assert_eq!(v["env"]["WATCHDOG_PID"], v["pid"].to_string(), "WATCHDOG_PID is the worker's own pid");
+    let load = Load::start(&h.addr, 3, false);
+    h.wait_log("watchdog: no WATCHDOG=1 for 600ms: starting a replacement", 1, LONG);
+    h.wait_log("worker 0 replaced (pid", 1, LONG);
+    let report = load.finish();
+    assert!(report.failed.is_empty(), "{:?}", &report.failed[..report.failed.len().min(5)]);
+    let log = h.stderr();
+    let line = log.lines().find(|l| l.contains("worker 0 replaced (pid")).unwrap();
+    let old: i32 = line.split("(pid ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    wait_for(LONG, "the hung worker to be gone", || processes_in_group(old).is_empty().then_some(()));
+    let ids: BTreeSet<i64> = h.distinct_workers(2).iter().map(|v| v["worker_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, BTreeSet::from([0, 1]));
+}
+
+#[test]
+fn a_worker_over_its_memory_limit_is_replaced_gracefully() {
+    let dir = TempDir::new("maxmem");
+    let h = Run::new(&dir, 1)
+        .arg("--ready")
+        .arg("notify")
+        .arg("--max-memory")
+        .arg("60M")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_ALLOC_ONCE_FILE", dir.path("alloc-once").to_str().unwrap())
+        .worker_env("TW_ALLOC_MB", "100")
+        .start();
+    h.wait_started();
+    let first = h.get()["pid"].as_i64().unwrap();
+    h.wait_log("above the limit of 60 MiB: starting a replacement", 1, LONG);
+    h.wait_log("worker 0 replaced (pid", 1, LONG);
+    // Replaced gracefully: the old worker got the stop signal and drained (exit status 0).
+    h.wait_log(&format!("worker 0 (pid {first}) exited with status 0"), 1, LONG);
+    assert_ne!(h.get()["pid"].as_i64().unwrap(), first);
 }

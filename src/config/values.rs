@@ -140,6 +140,26 @@ pub fn ready(s: &str) -> Result<ReadyMode, String> {
     Err(format!("invalid readiness mode {s:?}; use \"notify\" or \"alive:DURATION\" (e.g. alive:1s)"))
 }
 
+/// A memory size: `512M`, `1G`, `300MB`, `1.5GiB`, `1048576` (bytes). K/M/G/T are powers of
+/// 1024, as in PM2's `max_memory_restart`.
+pub fn size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("invalid memory size {s:?}; use a number with K, M, G or T (e.g. 512M, 1.5G)");
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let bytes = (n * mult as f64) as u64;
+    if bytes == 0 { Err(format!("memory size {s:?} must be greater than 0")) } else { Ok(bytes) }
+}
+
 /// `KEY=VALUE` from `--env`.
 pub fn env_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -206,6 +226,15 @@ mod tests {
         assert_eq!(listen("unix:/run/a.sock").unwrap(), ListenAddr::Unix("/run/a.sock".into()));
         assert!(listen("unix:rel.sock").is_err());
         assert!(listen("8080").is_err());
+    }
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(size("512M").unwrap(), 512 << 20);
+        assert_eq!(size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(size("100").unwrap(), 100);
+        assert!(size("lots").is_err());
+        assert!(size("0M").is_err());
     }
 
     #[test]

@@ -25,6 +25,10 @@ impl Supervisor {
             (Role::Retired, _) => {
                 tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
             }
+            (Role::Replacement, _) => {
+                let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
+                self.replacement_failed(pid, &failure_report(&w, &reason));
+            }
             (Role::Candidate, _) => {
                 let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
                 let report = failure_report(&w, &reason);
@@ -86,6 +90,7 @@ impl Supervisor {
                     became_ready = true;
                 }
                 "STATUS" => w.status_text = Some(value),
+                "WATCHDOG" if value == "1" => w.last_ping = Instant::now(),
                 _ => {}
             }
         }
@@ -138,6 +143,7 @@ impl Supervisor {
                 w.state = State::Stopping { kill_at: now + Duration::from_secs(3600) };
             }
         }
+        self.check_health(now);
         if let Some((every, last)) = self.watchdog {
             if now >= last + every {
                 self.notifier.send("WATCHDOG=1");

@@ -15,6 +15,7 @@
 pub mod control;
 mod events;
 mod exits;
+mod health;
 mod rollout;
 mod status;
 
@@ -87,6 +88,10 @@ pub struct Supervisor {
     rollout: Option<Rollout>,
     /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
     queued: Option<Vec<Waiter>>,
+    /// Health replacements in flight, by new worker pid.
+    replacing: HashMap<i32, health::Replacement>,
+    watchdog_timeouts: u64,
+    next_memory_check: Option<Instant>,
     /// `scale --wait` clients: answered once the pool has converged.
     scale_waiters: Vec<oneshot::Sender<Result<usize, String>>>,
     last_reload: Option<control::LastReload>,
@@ -131,6 +136,9 @@ pub async fn run(
         rollout: None,
         queued: None,
         scale_waiters: Vec::new(),
+        replacing: HashMap::new(),
+        watchdog_timeouts: 0,
+        next_memory_check: None,
         last_reload: None,
         launcher,
         notifier: world.notifier,
@@ -273,8 +281,9 @@ impl Supervisor {
             State::Ready { .. } => None,
         });
         let slots = self.slots.values().filter_map(|s| s.restart_at);
+        let watchdogs = self.workers.keys().filter_map(|pid| self.watchdog_deadline(*pid));
         let watchdog = self.watchdog.map(|(every, last)| last + every);
-        workers.chain(slots).chain(watchdog).min()
+        workers.chain(slots).chain(watchdogs).chain(watchdog).chain(self.next_memory_check).min()
     }
 
     /// Moves the world toward the wanted state. Called after every event.
@@ -283,6 +292,7 @@ impl Supervisor {
         if !self.stopping {
             self.reconcile_slots(now);
             self.drive_rollout(now);
+            self.promote_replacements();
             self.answer_scale_waiters();
         } else {
             for tx in self.scale_waiters.drain(..) {
@@ -368,6 +378,9 @@ impl Supervisor {
         let pidfd = Arc::new(l.pidfd);
         exits::watch_exit(pid, pidfd.clone(), l.output_done, self.events.clone());
         let now = Instant::now();
+        if spec.max_memory.is_some() && self.next_memory_check.is_none() {
+            self.next_memory_check = Some(now + health::MEMORY_CHECK);
+        }
         self.workers.insert(
             pid,
             Worker {
@@ -381,6 +394,8 @@ impl Supervisor {
                 tail: l.tail,
                 failure: None,
                 status_text: None,
+                last_ping: now,
+                memory_strikes: 0,
             },
         );
         tracing::info!(app = %self.app, worker_id = id, worker_pid = pid, worker_generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);

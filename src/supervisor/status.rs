@@ -51,6 +51,7 @@ impl Supervisor {
                 generation: w.spec.generation,
                 state: match w.role {
                     Role::Candidate if !w.is_ready() => "starting (new)".to_string(),
+                    Role::Replacement if !w.is_ready() => "starting (replacement)".to_string(),
                     _ => w.state_name().to_string(),
                 },
                 restarts: self.slots.get(&w.slot).map_or(0, |s| s.restarts),

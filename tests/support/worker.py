@@ -17,6 +17,11 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
   TW_CHILD=1            spawn a child `sleep 1000` at start
   TW_TAG=text           reported as "tag"
   TW_VERSION_FILE=path  contents (stripped) reported as "version"
+  TW_WATCHDOG=1         send WATCHDOG=1 every WATCHDOG_USEC/2
+  TW_HANG_ONCE_FILE=p   the one process that creates p hangs (no accepts, no pings)
+                        TW_HANG_AFTER_MS after start
+  TW_ALLOC_ONCE_FILE=p  the one process that creates p allocates TW_ALLOC_MB MB
+  TW_FAULT_WORKER=id    the *_ONCE_FILE faults only apply in this slot
 
 GET /slow?ms=N delays the answer by N ms (drain tests).
 SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, finish
@@ -308,6 +313,37 @@ def extra_listener(sock):
                 time.sleep(0.1)
 
 
+def _once(knob):
+    """True for the one process that claims the once-file named by env `knob` (and, when
+    TW_FAULT_WORKER is set, only in that slot)."""
+    path = ENV.get(knob)
+    if not path:
+        return False
+    if ENV.get("TW_FAULT_WORKER") not in (None, ENV.get("HERDSMAN_WORKER_ID")):
+        return False
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+hung = threading.Event()
+HANG = _once("TW_HANG_ONCE_FILE")
+if _once("TW_ALLOC_ONCE_FILE"):
+    BALLAST = bytearray(_int_env("TW_ALLOC_MB", 64) << 20)
+    for _i in range(0, len(BALLAST), 4096):  # touch every page so it counts in RSS
+        BALLAST[_i] = 1
+    elog(f"allocated {len(BALLAST) >> 20} MB")
+
+
+def watchdog_pinger():
+    every = _int_env("WATCHDOG_USEC", 0) / 2e6
+    while every > 0 and not hung.is_set():
+        notify("WATCHDOG=1")
+        time.sleep(every)
+
+
 def main():
     if N_FDS < 1:
         elog("LISTEN_FDS missing: no listening socket at fd 3")
@@ -340,9 +376,17 @@ def main():
             if ENV.get("TW_NEVER_READY") != "1":
                 notify("READY=1")
 
+    if ENV.get("TW_WATCHDOG") == "1":
+        threading.Thread(target=watchdog_pinger, daemon=True).start()
+    if HANG:
+        threading.Timer(_int_env("TW_HANG_AFTER_MS", 500) / 1000.0, hung.set).start()
     while not draining.is_set():
+        if hung.is_set():
+            elog("hanging now: no more accepts, no more watchdog pings")
+            while True:
+                time.sleep(3600)
         try:
-            r, _, _ = select.select([sock, wake_r], [], [], 1.0)
+            r, _, _ = select.select([sock, wake_r], [], [], 0.2)
         except InterruptedError:
             continue
         if wake_r in r:

@@ -1,0 +1,480 @@
+#!/usr/bin/env bash
+# End-to-end tests of herdsman against a real systemd (252 on Debian 12) booted in a
+# throwaway systemd-nspawn container over an overlay of this machine's / (nothing reaches
+# the host; see /work/shared/notes/e2e-systemd.md). Needs root.
+#
+#   bash tests/e2e/run.sh                 # all scenarios; TAP-like output, ends "N passed, M failed"
+#   HERDSMAN_BIN=/path/herdsman bash tests/e2e/run.sh   # test another binary (fallback install)
+#   KEEP_CT=1 bash tests/e2e/run.sh       # leave the container running at the end (debugging)
+#
+# Install: the .deb from packaging/build-deb.sh when that script exists, else a copy of the
+# binary to /usr/bin and of units/* to /etc/systemd/system. App: `herdsman init` when the
+# installed binary has it, else the two files it writes, by hand.
+set -euo pipefail
+
+# shellcheck source=tests/e2e/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+T_START=$(now)
+[ "$(id -u)" -eq 0 ] || { echo "tests/e2e/run.sh needs root" >&2; exit 2; }
+
+if ! command -v systemd-nspawn >/dev/null; then
+    note "installing systemd-container (systemd-nspawn)"
+    timeout 300 apt-get install -y -q systemd-container >/dev/null
+fi
+
+BUILD_DEB="$REPO/packaging/build-deb.sh"
+BUILD_RPM="$REPO/packaging/build-rpm.sh"
+INSTALL_MODE=copy
+[ -f "$BUILD_DEB" ] && INSTALL_MODE=deb
+
+if [ -z "${HERDSMAN_BIN:-}" ]; then
+    HERDSMAN_BIN="$REPO/target/release/herdsman"
+    if [ ! -x "$HERDSMAN_BIN" ] && [ "$INSTALL_MODE" = copy ]; then
+        note "building the release binary"
+        (cd "$REPO" && timeout 900 cargo build --release --locked -q)
+    fi
+fi
+note "install mode: $INSTALL_MODE; binary: $HERDSMAN_BIN"
+
+trap cleanup EXIT INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# 1. install
+
+install_copy() {
+    [ -x "$HERDSMAN_BIN" ] || fail "no binary at $HERDSMAN_BIN"
+    install -m 0755 "$HERDSMAN_BIN" "$CT_ROOT/usr/bin/herdsman"
+    install -m 0644 "$REPO"/units/herdsman@.service "$REPO"/units/herdsman@.socket \
+        "$CT_ROOT/etc/systemd/system/"
+    ct systemctl daemon-reload
+}
+
+# build_deb [VERSION]: builds with packaging/build-deb.sh, prints the .deb path (last line).
+build_deb() {
+    local out
+    out=$(cd "$REPO" && HERDSMAN_DEB_VERSION=${1:-} timeout 900 "$BUILD_DEB" 2>"$CT_DIR/build-deb.err" | tail -n 1) ||
+        { tail -20 "$CT_DIR/build-deb.err" | sed 's/^/#   /'; fail "packaging/build-deb.sh failed"; }
+    [ -f "$out" ] || fail "packaging/build-deb.sh printed '$out', not a file"
+    echo "$out"
+}
+
+s_install() {
+    if [ "$INSTALL_MODE" = deb ]; then
+        local deb
+        deb=$(build_deb "")
+        note "installing $deb"
+        cp "$deb" "$CT_ROOT$STATE/herdsman.deb"
+        CT_TIMEOUT=180 ct dpkg -i "$STATE/herdsman.deb" | sed 's/^/#   /'
+        ct dpkg -s herdsman | grep -E '^(Status|Version):' | sed 's/^/#   /'
+    else
+        install_copy
+    fi
+    ct test -x /usr/bin/herdsman
+    ct herdsman --version | sed 's/^/#   /' || true
+    local man=--man=no out
+    if ct man -w herdsman >/dev/null 2>&1; then man=--man=yes; fi
+    # Templates are verified through an instance; the output must be empty (verify warns
+    # about unknown keys with exit status 0).
+    out=$(ct systemd-analyze verify "$man" herdsman@verify.socket herdsman@verify.service 2>&1) ||
+        fail "systemd-analyze verify failed: $out"
+    [ -z "$out" ] || fail "systemd-analyze verify $man printed: $out"
+    note "systemd-analyze verify $man: no output"
+    local u
+    for u in herdsman@verify.socket herdsman@verify.service; do
+        [ "$(prop "$u" LoadState)" = loaded ] || fail "$u: LoadState $(prop "$u" LoadState)"
+    done
+    [ "$(prop herdsman@verify.service Type)" = notify ] || fail "service Type is not notify"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 2. init + serve
+
+create_app() {
+    mkdir -p "$CT_ROOT/srv/web"
+    echo v1 >"$CT_ROOT/srv/web/version"
+    rm -f "$CT_ROOT/srv/web/broken"
+    local envs=(TW_NOTIFY=1 TW_VERSION_FILE=/srv/web/version TW_BREAK_FILE=/srv/web/broken)
+    if have_init; then
+        note "creating the app with herdsman init"
+        local args=() e
+        for e in "${envs[@]}"; do args+=(-e "$e"); done
+        CT_TIMEOUT=120 ct herdsman init "$APP" --listen "$ADDR" -w 4 --ready notify "${args[@]}" \
+            -- "${WORKER_CMD[@]}" 2>&1 | sed 's/^/#   /'
+        [ "${PIPESTATUS[0]}" -eq 0 ] || fail "herdsman init failed"
+        [ -f "$CT_ROOT/etc/herdsman/$APP.toml" ] || fail "herdsman init wrote no /etc/herdsman/$APP.toml"
+        [ -f "$CT_ROOT/etc/systemd/system/herdsman@$APP.socket.d/listen.conf" ] ||
+            fail "herdsman init wrote no socket drop-in"
+    else
+        note "herdsman init not available: writing the config and socket drop-in by hand"
+        mkdir -p "$CT_ROOT/etc/herdsman" "$CT_ROOT/etc/systemd/system/herdsman@$APP.socket.d"
+        {
+            echo "name = \"$APP\""
+            printf 'command = ['
+            local a sep=""
+            for a in "${WORKER_CMD[@]}"; do printf '%s"%s"' "$sep" "$a"; sep=", "; done
+            echo ']'
+            echo 'workers = 4'
+            echo 'ready = "notify"'
+            echo '[env]'
+            for e in "${envs[@]}"; do echo "${e%%=*} = \"${e#*=}\""; done
+        } >"$CT_ROOT/etc/herdsman/$APP.toml"
+        printf '[Socket]\nListenStream=\nListenStream=%s\n' "$ADDR" \
+            >"$CT_ROOT/etc/systemd/system/herdsman@$APP.socket.d/listen.conf"
+        ct herdsman check-config "/etc/herdsman/$APP.toml" | sed 's/^/#   /'
+        ct systemctl daemon-reload
+        CT_TIMEOUT=120 ct systemctl enable --now "herdsman@$APP.socket" "herdsman@$APP.service" 2>&1 |
+            sed 's/^/#   /'
+    fi
+}
+
+service_active() { [ "$(prop "herdsman@$APP.service" ActiveState)" = active ]; }
+status_text_has() { prop "herdsman@$APP.service" StatusText | grep -qF -- "$1"; }
+
+s_init_serve() {
+    create_app
+    wait_until 30 "herdsman@$APP.service active" service_active ||
+        { ct systemctl status --no-pager -n 30 "herdsman@$APP.service" | sed 's/^/#   /'; fail "not active"; }
+    [ "$(ct systemctl is-active "herdsman@$APP.socket")" = active ] || fail "socket not active"
+    [ "$(ct systemctl is-enabled "herdsman@$APP.service")" = enabled ] || fail "service not enabled"
+    [ "$(ct systemctl is-enabled "herdsman@$APP.socket")" = enabled ] || fail "socket not enabled"
+    wait_until 10 "StatusText 4/4 ready" status_text_has "4/4 ready" ||
+        fail "StatusText: $(prop "herdsman@$APP.service" StatusText)"
+    note "StatusText: $(prop "herdsman@$APP.service" StatusText)"
+    get_json | head -c 300 | sed 's/^/#   /'; echo
+    local ids
+    ids=$(worker_ids_seen 200)
+    note "worker ids answering: $ids"
+    [ "$ids" = "0 1 2 3" ] || fail "expected workers 0 1 2 3 to answer, got '$ids'"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 3. reload under load
+
+# check_rolled GEN: the status right after `systemctl reload` returned shows GEN everywhere.
+check_rolled() {
+    local st=$1 gen=$2
+    echo "$st" | "$HOST_PY" -c '
+import json, sys
+d = json.load(sys.stdin); gen = int(sys.argv[1])
+live = [w for w in d["workers"] if w["state"] != "stopping"]
+print("# status right after reload: generation %s, desired %s, workers %s, last_reload %s" % (
+    d["generation"], d["desired"],
+    [(w["id"], w["generation"], w["state"]) for w in d["workers"]], d.get("last_reload")))
+bad = []
+if d["generation"] != gen: bad.append("generation %s != %s" % (d["generation"], gen))
+if len(live) != d["desired"]: bad.append("%d live workers, desired %d" % (len(live), d["desired"]))
+for w in live:
+    if w["generation"] != gen or w["state"] != "ready":
+        bad.append("worker %s: generation %s state %s" % (w["id"], w["generation"], w["state"]))
+if bad:
+    print("# FAIL: reload returned before the roll-out was over: " + "; ".join(bad))
+    sys.exit(1)' "$gen"
+}
+
+reload_under_load() {
+    local mode=$1 gen0 gen1 rc=0 t0 st seen failed
+    gen0=$(status_json | json_get 'd["generation"]')
+    echo "v2-$mode" >"$CT_ROOT/srv/web/version"
+    load_start "reload_$mode" "$mode" 6
+    t0=$(now)
+    CT_TIMEOUT=120 ct systemctl reload "herdsman@$APP" || rc=$?
+    st=$(status_json)
+    note "systemctl reload ($mode load): exit $rc after $(elapsed "$t0") s"
+    sleep 1
+    load_stop "reload_$mode"
+    [ $rc -eq 0 ] || fail "systemctl reload exited $rc"
+    gen1=$((gen0 + 1))
+    check_rolled "$st" "$gen1"
+    failed=$(load_field "reload_$mode" 'd["failed"]')
+    [ "$failed" -eq 0 ] || fail "$failed failed requests during the reload ($mode)"
+    [ "$(load_field "reload_$mode" 'd["hung_threads"]')" -eq 0 ] || fail "load threads hung"
+    load_field "reload_$mode" 'd["generations"]' | grep -q "\"$gen0\"" ||
+        fail "no answer from generation $gen0 during the load"
+    load_field "reload_$mode" 'd["generations"]' | grep -q "\"$gen1\"" ||
+        fail "no answer from generation $gen1 during the load"
+    [ "$(load_field "reload_$mode" 'd["last_generations"]')" = "[$gen1]" ] ||
+        fail "last answers of the load not all from generation $gen1"
+    seen=$(generations_seen 40)
+    note "after reload, generation/version answering: $seen"
+    [ "$seen" = "$gen1/v2-$mode" ] || fail "expected only $gen1/v2-$mode after the reload, got '$seen'"
+}
+
+s_reload() {
+    reload_under_load new
+    reload_under_load keepalive
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4. broken version
+
+s_broken() {
+    local gen0 rc=0 t0 seen st status_out
+    gen0=$(status_json | json_get 'd["generation"]')
+    touch "$CT_ROOT/srv/web/broken"
+    echo v3-broken >"$CT_ROOT/srv/web/version"
+    load_start broken new 6
+    t0=$(now)
+    CT_TIMEOUT=180 ct systemctl reload "herdsman@$APP" || rc=$?
+    note "systemctl reload with a broken version: exit $rc after $(elapsed "$t0") s"
+    seen=$(generations_seen 40)
+    note "after the failed reload, generation/version answering: $seen"
+    sleep 1
+    load_stop broken
+    [ $rc -ne 0 ] || fail "systemctl reload succeeded with a broken version"
+    [ "$(load_field broken 'd["failed"]')" -eq 0 ] ||
+        fail "$(load_field broken 'd["failed"]') failed requests during the failed reload"
+    [ "$(load_field broken 'd["generations"]')" = "{\"$gen0\": $(load_field broken 'd["ok"]')}" ] ||
+        fail "answers from other generations than $gen0 during the failed reload"
+    case $seen in "$gen0/"*) ;; *) fail "old generation $gen0 not serving: '$seen'" ;; esac
+    [ "$(echo "$seen" | wc -w)" -eq 1 ] || fail "mixed generations after failed reload: $seen"
+    service_active || fail "service no longer active after a failed reload"
+    note "StatusText: $(prop "herdsman@$APP.service" StatusText)"
+    status_text_has "reload failed" || fail "StatusText does not mention 'reload failed'"
+    status_out=$(ct systemctl status --no-pager -n 0 "herdsman@$APP.service" || true)
+    echo "$status_out" | grep -q "reload failed" ||
+        { echo "$status_out" | sed 's/^/#   /'; fail "systemctl status does not mention 'reload failed'"; }
+    st=$(status_json)
+    note "last_reload: $(echo "$st" | json_get 'd.get("last_reload")')"
+
+    rm -f "$CT_ROOT/srv/web/broken"
+    echo v4 >"$CT_ROOT/srv/web/version"
+    rc=0
+    CT_TIMEOUT=120 ct systemctl reload "herdsman@$APP" || rc=$?
+    [ $rc -eq 0 ] || fail "reload after fixing the version exited $rc"
+    st=$(status_json)
+    local gen1
+    gen1=$(echo "$st" | json_get 'd["generation"]')
+    [ "$gen1" -gt "$gen0" ] || fail "generation did not increase after the fixed reload"
+    check_rolled "$st" "$gen1"
+    seen=$(generations_seen 40)
+    note "after the fixed reload: $seen"
+    [ "$seen" = "$gen1/v4" ] || fail "expected $gen1/v4, got '$seen'"
+    status_text_has "reload failed" && fail "StatusText still says reload failed" || true
+}
+
+# ---------------------------------------------------------------------------------------------
+# 5. journald
+
+s_journald() {
+    local out
+    out=$(ct journalctl --no-pager -u "herdsman@$APP" WORKER_ID=2 -o json) || true
+    [ -n "$out" ] || {
+        note "journal lines of worker 2 as plain text:"
+        ct journalctl --no-pager -u "herdsman@$APP" -o verbose -g '^worker 2 ' -n 1 2>/dev/null |
+            sed 's/^/#   /' || true
+        fail "journalctl -u herdsman@$APP WORKER_ID=2 returned nothing"
+    }
+    echo "$out" | "$HOST_PY" -c '
+import json, re, sys
+n = 0; bad = []; started = 0
+for line in sys.stdin:
+    if not line.strip(): continue
+    e = json.loads(line); n += 1
+    msg = e.get("MESSAGE")
+    if isinstance(msg, list): msg = bytes(msg).decode("utf-8", "replace")
+    msg = msg or ""
+    for k in ("WORKER_PID", "WORKER_GENERATION"):
+        if k not in e: bad.append("no %s in %r" % (k, msg))
+    if e.get("WORKER_ID") != "2": bad.append("WORKER_ID %r" % e.get("WORKER_ID"))
+    m = re.match(r"worker (-?\d+) (gen (\d+) pid (\d+) listening|drained)", msg)
+    if m:
+        if m.group(1) != "2": bad.append("line of worker %s: %r" % (m.group(1), msg))
+        if m.group(4):
+            started += 1
+            if e.get("WORKER_PID") != m.group(4) or e.get("WORKER_GENERATION") != m.group(3):
+                bad.append("fields %s/%s do not match %r" % (e.get("WORKER_PID"), e.get("WORKER_GENERATION"), msg))
+print("# %d journal entries with WORKER_ID=2, %d start-up lines" % (n, started))
+if not started: bad.append("no \"worker 2 gen N pid P listening\" line")
+if bad:
+    for b in bad[:10]: print("# FAIL: " + b)
+    sys.exit(1)'
+}
+
+# ---------------------------------------------------------------------------------------------
+# 6. SIGKILL of the supervisor
+
+s_sigkill() {
+    local stamp0 main0 restarts0 pids0 main1 p failed refused
+    stamp0=$(socket_stamp)
+    main0=$(prop "herdsman@$APP.service" MainPID)
+    restarts0=$(prop "herdsman@$APP.service" NRestarts)
+    pids0=$(status_json | json_get '" ".join(str(w["pid"]) for w in d["workers"])')
+    note "supervisor pid $main0, worker pids $pids0"
+    load_start kill new 6
+    ct kill -KILL "$main0"
+    main_restarted() {
+        local m
+        m=$(prop "herdsman@$APP.service" MainPID)
+        [ "$m" != 0 ] && [ "$m" != "$main0" ] && service_active
+    }
+    wait_until 30 "the service restarted" main_restarted ||
+        { ct systemctl status --no-pager -n 20 "herdsman@$APP.service" | sed 's/^/#   /'; fail "not restarted"; }
+    wait_until 30 "4/4 ready after the restart" status_text_has "4/4 ready" || fail "not 4/4 ready"
+    sleep 1
+    load_stop kill
+    main1=$(prop "herdsman@$APP.service" MainPID)
+    note "restarted: supervisor pid $main1, NRestarts $restarts0 -> $(prop "herdsman@$APP.service" NRestarts)"
+    [ "$(prop "herdsman@$APP.service" NRestarts)" -eq $((restarts0 + 1)) ] || fail "NRestarts did not increase by 1"
+    [ "$(ct systemctl is-active "herdsman@$APP.socket")" = active ] || fail "socket not active"
+    [ "$(socket_stamp)" = "$stamp0" ] || fail "the socket unit was restarted ($stamp0 -> $(socket_stamp))"
+    for p in $pids0; do
+        if ct test -d "/proc/$p"; then
+            note "old worker pid $p still exists: $(ct cat "/proc/$p/cmdline" | tr '\0' ' ')"
+            ct grep -q worker.py "/proc/$p/cmdline" && fail "orphaned worker $p survived the supervisor's death"
+        fi
+    done
+    refused=$(load_field kill 'sum(v for k, v in d["errors"].items() if "Refused" in k)')
+    failed=$(load_field kill 'd["failed"]')
+    [ "$refused" -eq 0 ] || fail "$refused connections refused while the supervisor was down"
+    [ "$failed" -eq 0 ] || fail "$failed failed requests across the supervisor's SIGKILL"
+    [ "$(ct curl -sS --max-time 5 "$URL" | json_get 'd["pid"]')" -gt 0 ]
+}
+
+# ---------------------------------------------------------------------------------------------
+# 7. reboot
+
+s_reboot_up() {
+    wait_until 30 "app serving after reboot" get_json || fail "no answer after the reboot"
+    service_active || fail "service not active after reboot"
+    [ "$(ct systemctl is-active "herdsman@$APP.socket")" = active ] || fail "socket not active after reboot"
+    wait_until 20 "4/4 ready after reboot" status_text_has "4/4 ready" || fail "not 4/4 ready"
+    local ids
+    ids=$(worker_ids_seen 200)
+    [ "$ids" = "0 1 2 3" ] || fail "after reboot, workers answering: '$ids'"
+    note "after reboot: $(prop "herdsman@$APP.service" StatusText); previous boot's journal lines of herdsman@$APP: $(ct journalctl --no-pager -b -1 -u "herdsman@$APP" -q | wc -l)"
+}
+
+# Runs in the main shell: the container's nspawn must stay a child of this shell.
+scenario_reboot() {
+    local name=reboot t0 ok=1
+    t0=$(now)
+    note "--- $name"
+    set +e
+    CT_TIMEOUT=30 ct systemctl reboot >/dev/null 2>&1
+    ct_wait_exit 60 || ok=0
+    if [ $ok = 1 ]; then ct_boot || ok=0; fi
+    set -e
+    note "reboot: nspawn exit + boot took $(elapsed "$t0") s"
+    if [ $ok = 1 ]; then
+        run_scenario "$name" s_reboot_up
+    else
+        echo "not ok - $name"
+        FAILED=$((FAILED + 1))
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# 8. package upgrade
+
+s_upgrade() {
+    local deb stamp0 gen0 pids0 rc=0 st gen1 pids1
+    deb=$(build_deb 0.1.0-2)
+    cp "$deb" "$CT_ROOT$STATE/herdsman-2.deb"
+    stamp0=$(socket_stamp)
+    st=$(status_json)
+    gen0=$(echo "$st" | json_get 'd["generation"]')
+    pids0=$(echo "$st" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')
+    load_start upgrade new 6
+    CT_TIMEOUT=300 ct dpkg -i "$STATE/herdsman-2.deb" 2>&1 | sed 's/^/#   /'
+    rc=${PIPESTATUS[0]}
+    sleep 1
+    load_stop upgrade
+    [ "$rc" -eq 0 ] || fail "dpkg -i of the 0.1.0-2 package exited $rc"
+    ct dpkg -s herdsman | grep -q '^Version: 0.1.0-2$' || fail "installed version is not 0.1.0-2"
+    [ "$(load_field upgrade 'd["failed"]')" -eq 0 ] ||
+        fail "$(load_field upgrade 'd["failed"]') failed requests during the upgrade"
+    [ "$(socket_stamp)" = "$stamp0" ] || fail "the upgrade restarted the socket unit"
+    service_active || fail "service not active after the upgrade"
+    st=$(status_json)
+    gen1=$(echo "$st" | json_get 'd["generation"]')
+    pids1=$(echo "$st" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')
+    note "generation $gen0 -> $gen1; worker pids '$pids0' -> '$pids1'"
+    [ "$gen1" -gt "$gen0" ] || [ "$pids1" != "$pids0" ] || fail "workers were not replaced by the upgrade"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 9. rpm (in a second, fresh container)
+
+build_rpm() {
+    local out
+    out=$(cd "$REPO" && timeout 900 "$BUILD_RPM" 2>"$MNT_BASE-rpm-build.err" | tail -n 1) ||
+        { tail -20 "$MNT_BASE-rpm-build.err" | sed 's/^/#   /'; return 1; }
+    [ -f "$out" ] || { note "packaging/build-rpm.sh printed '$out', not a file"; return 1; }
+    echo "$out" >"$MNT_BASE-rpm-path"
+}
+
+s_rpm() {
+    local rpm force=()
+    rpm=$(cat "$MNT_BASE-rpm-path")
+    cp "$rpm" "$CT_ROOT$STATE/herdsman.rpm"
+    # Debian's rpm refuses to install without --force-debian ("use alien"). Its database lives
+    # in /var/lib/rpm inside the container (overlay, thrown away with it).
+    if ct rpm --help 2>/dev/null | grep -q -- --force-debian; then force=(--force-debian); fi
+    CT_TIMEOUT=120 ct rpm -i --nodeps "${force[@]}" "$STATE/herdsman.rpm" 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "rpm -i --nodeps failed"
+    ct rpm -q herdsman | sed 's/^/#   /'
+    ct systemctl daemon-reload
+    ct test -x /usr/bin/herdsman || fail "no /usr/bin/herdsman after rpm -i"
+    local u
+    for u in herdsman@verify.socket herdsman@verify.service; do
+        [ "$(prop "$u" LoadState)" = loaded ] || fail "$u: LoadState $(prop "$u" LoadState)"
+    done
+    create_app
+    wait_until 30 "herdsman@$APP.service active" service_active || fail "app not active (rpm)"
+    wait_until 10 "4/4 ready (rpm)" status_text_has "4/4 ready" || fail "not 4/4 ready (rpm)"
+    local ids
+    ids=$(worker_ids_seen 200)
+    [ "$ids" = "0 1 2 3" ] || fail "workers answering (rpm): '$ids'"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+set +e
+ct_create main && ct_boot
+rc=$?
+set -e
+if [ $rc -ne 0 ]; then
+    echo "not ok - boot container"
+    echo "0 passed, 1 failed"
+    exit 1
+fi
+
+run_scenario install s_install
+run_scenario "init+serve" s_init_serve
+run_scenario "reload under load" s_reload
+run_scenario "broken version" s_broken
+run_scenario journald s_journald
+run_scenario "sigkill supervisor" s_sigkill
+scenario_reboot
+
+if [ "$INSTALL_MODE" = deb ]; then
+    run_scenario "package upgrade" s_upgrade
+else
+    skip_scenario "package upgrade" "packaging/build-deb.sh does not exist yet"
+fi
+
+if [ -f "$BUILD_RPM" ]; then
+    set +e
+    ok=1
+    if ! command -v rpm >/dev/null; then
+        note "installing rpm on the host"
+        timeout 300 apt-get install -y -q rpm >/dev/null || ok=0
+    fi
+    [ $ok = 1 ] && { build_rpm || ok=0; }
+    ct_destroy
+    [ $ok = 1 ] && { ct_create rpm && ct_boot || ok=0; }
+    set -e
+    if [ $ok = 1 ]; then
+        run_scenario rpm s_rpm
+    else
+        echo "not ok - rpm"
+        FAILED=$((FAILED + 1))
+    fi
+else
+    skip_scenario rpm "packaging/build-rpm.sh does not exist yet"
+fi
+
+note "total $(elapsed "$T_START") s; $SKIPPED skipped"
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
