@@ -62,7 +62,7 @@ pub enum Command {
     /// Set (N), add (+N) or remove (-N) workers; waits until done.
     Scale {
         /// [TARGET] N|+N|-N
-        #[arg(num_args = 1..=2, required = true, allow_hyphen_values = true, value_name = "ARGS")]
+        #[arg(num_args = 1..=2, required = true, allow_negative_numbers = true, value_name = "ARGS")]
         args: Vec<String>,
         /// Return once the change is requested.
         #[arg(long)]

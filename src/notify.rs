@@ -25,36 +25,65 @@ const MAX_DATAGRAM: usize = 4096;
 #[derive(Debug)]
 pub struct Notifier {
     target: Option<(StdDatagram, SocketAddr)>,
+    /// Messages the manager's socket had no room for, oldest first (bounded).
+    backlog: std::cell::RefCell<std::collections::VecDeque<String>>,
 }
+
+/// At most this many unsent messages are kept; the oldest are dropped first.
+const BACKLOG: usize = 64;
 
 impl Notifier {
     /// `socket` is the value of `NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace).
     pub fn new(socket: Option<&str>) -> io::Result<Self> {
         let Some(path) = socket.filter(|s| !s.is_empty()) else {
-            return Ok(Notifier { target: None });
+            return Ok(Notifier::disabled());
         };
         let addr = match path.strip_prefix('@') {
             Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
             None => SocketAddr::from_pathname(path)?,
         };
-        Ok(Notifier { target: Some((StdDatagram::unbound()?, addr)) })
+        // Non-blocking: a service manager that does not read must never stall the event loop.
+        let sock = StdDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        Ok(Notifier { target: Some((sock, addr)), backlog: Default::default() })
     }
 
     pub fn disabled() -> Self {
-        Notifier { target: None }
+        Notifier { target: None, backlog: Default::default() }
     }
 
     pub fn enabled(&self) -> bool {
         self.target.is_some()
     }
 
-    /// Sends newline-separated `KEY=VALUE` assignments. Failures are logged, never fatal.
+    /// Sends newline-separated `KEY=VALUE` assignments, in order. When the manager's socket
+    /// is full, the message waits in a small backlog that [`Notifier::flush`] retries.
     pub fn send(&self, msg: &str) {
-        if let Some((sock, addr)) = &self.target {
-            if let Err(e) = sock.send_to_addr(msg.as_bytes(), addr) {
-                tracing::debug!("sd_notify failed: {e}");
-            }
+        if self.target.is_none() {
+            return;
         }
+        let mut q = self.backlog.borrow_mut();
+        q.push_back(msg.to_string());
+        if q.len() > BACKLOG {
+            q.pop_front();
+        }
+        drop(q);
+        self.flush();
+    }
+
+    /// Sends what the backlog holds; true if something is still waiting.
+    pub fn flush(&self) -> bool {
+        let Some((sock, addr)) = &self.target else { return false };
+        let mut q = self.backlog.borrow_mut();
+        while let Some(msg) = q.front() {
+            match sock.send_to_addr(msg.as_bytes(), addr) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => tracing::debug!("sd_notify failed: {e}"),
+                Ok(_) => {}
+            }
+            q.pop_front();
+        }
+        false
     }
 }
 
@@ -152,6 +181,25 @@ mod tests {
         assert_eq!(watchdog_interval(Some("2000000"), Some("7"), 7), Some(Duration::from_secs(1)));
         assert_eq!(watchdog_interval(Some("2000000"), Some("8"), 7), None);
         assert_eq!(watchdog_interval(Some("zero"), None, 7), None);
+    }
+
+    #[test]
+    fn a_manager_that_does_not_read_never_blocks_and_nothing_is_reordered() {
+        let dir = std::env::temp_dir().join(format!("herdsman-notify-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("sock");
+        let _ = std::fs::remove_file(&path);
+        let rx = StdDatagram::bind(&path).unwrap();
+        let n = Notifier::new(path.to_str()).unwrap();
+        for i in 0..200 {
+            n.send(&format!("STATUS={i}"));
+        }
+        assert!(n.flush(), "the socket is full, messages wait");
+        let mut buf = [0u8; 64];
+        let first = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..first], b"STATUS=0");
+        while rx.recv(&mut buf).is_ok() && n.flush() {}
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -283,7 +283,15 @@ impl Supervisor {
         let slots = self.slots.values().filter_map(|s| s.restart_at);
         let watchdogs = self.workers.keys().filter_map(|pid| self.watchdog_deadline(*pid));
         let watchdog = self.watchdog.map(|(every, last)| last + every);
-        workers.chain(slots).chain(watchdogs).chain(watchdog).chain(self.next_memory_check).min()
+        // Retry notifications the manager had no room for.
+        let notify_retry = self.notifier.flush().then(|| Instant::now() + Duration::from_millis(50));
+        workers
+            .chain(slots)
+            .chain(watchdogs)
+            .chain(watchdog)
+            .chain(self.next_memory_check)
+            .chain(notify_retry)
+            .min()
     }
 
     /// Moves the world toward the wanted state. Called after every event.

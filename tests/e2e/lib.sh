@@ -10,8 +10,11 @@ CT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 RUN_ID=$$
 MNT_BASE=/mnt/herdsman-e2e-$RUN_ID
+RUN_TMP=$(mktemp -d "/tmp/herdsman-e2e-$RUN_ID.XXXXXX")   # host-side scratch, removed at exit
+# Kept when a scenario failed: console logs, load summaries, the journal of herdsman@*.
+ARTIFACTS=${E2E_ARTIFACTS:-/tmp/herdsman-e2e-$RUN_ID-logs}
 MOUNTS=()        # every container dir this run created, for the cleanup trap
-BG_PIDS=()       # background processes this run started (load clients)
+SCENARIO_PID=""  # the subshell running the current scenario
 
 # Current container.
 CT_DIR=""        # tmpfs with upper/ work/ root/
@@ -31,6 +34,8 @@ note() { echo "# $*"; }
 # Ends the current scenario (they run in a subshell) with a reason.
 fail() { echo "# FAIL: $*"; exit 1; }
 now() { date +%s.%N; }
+# CLOCK_MONOTONIC, the clock load.py reports failures in (shared with the container).
+mono() { "$HOST_PY" -c 'import time; print(time.monotonic())'; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 # run_scenario NAME FUNCTION: runs FUNCTION in a subshell with set -e (any failing command
@@ -41,12 +46,17 @@ run_scenario() {
     t0=$(now)
     note "--- $name"
     set +e
+    # In the background + wait, so that a signal to this shell runs the cleanup trap at once.
     (
         set -eE
         trap 'echo "# command failed (rc $?) at ${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
         "$@"
-    )
+    ) &
+    SCENARIO_PID=$!
+    wait "$SCENARIO_PID"
     rc=$?
+    SCENARIO_PID=""
+    stop_all_loads
     set -e
     note "$name: $(elapsed "$t0") s"
     if [ $rc -eq 0 ]; then
@@ -147,6 +157,16 @@ ct_create() {
         fi
     done
     note "container $CT_NAME at $CT_ROOT; masked: ${masked[*]:-none}"
+    # This machine is a Docker-style image whose policy-rc.d forbids maintainer scripts to
+    # start, reload or restart services (exit 101): a real system has none. Without removing
+    # it, the package's postinst cannot reload running instances on upgrade.
+    if [ -e "$CT_ROOT/usr/sbin/policy-rc.d" ]; then
+        rm -f "$CT_ROOT/usr/sbin/policy-rc.d"
+        note "removed /usr/sbin/policy-rc.d (exit 101) inside the container"
+    fi
+    # man-db's dpkg trigger re-indexes every man page on each package install (about 15 s here,
+    # under load): off inside the container, as debconf man-db/auto-update=false would.
+    rm -f "$CT_ROOT/var/lib/man-db/auto-update"
     # A persistent journal (in the overlay), so `journalctl -b -1` works after a reboot.
     mkdir -p "$CT_ROOT/var/log/journal" "$CT_ROOT/var/lib/herdsman-e2e"
     return 0
@@ -240,19 +260,42 @@ ct_destroy() {
 }
 
 cleanup() {
-    local rc=$? pid dir
+    local rc=$? dir
     trap - EXIT INT TERM
     set +e
-    for pid in "${BG_PIDS[@]}"; do
-        pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null
-    done
+    if [ -n "$SCENARIO_PID" ] && pid_alive "$SCENARIO_PID"; then
+        note "interrupted: stopping the running scenario (pid $SCENARIO_PID)"
+        kill -TERM "$SCENARIO_PID" 2>/dev/null
+        wait "$SCENARIO_PID" 2>/dev/null
+        [ $rc -ne 0 ] || rc=1
+    fi
+    stop_all_loads
     if [ -n "${KEEP_CT:-}" ] && [ -n "$NSPAWN_PID" ]; then
         note "KEEP_CT set: container left running: nsenter -t $LEADER -a bash; root $CT_ROOT"
         exit $rc
     fi
+    if [ "$FAILED" -gt 0 ] || [ $rc -ne 0 ]; then save_artifacts; fi
     ct_stop
     for dir in "${MOUNTS[@]}"; do ct_unmount "$dir"; done
+    rm -rf "$RUN_TMP"
     exit $rc
+}
+
+save_artifacts() {
+    local dir
+    [ ${#MOUNTS[@]} -gt 0 ] || return 0
+    mkdir -p "$ARTIFACTS"
+    if [ -n "$LEADER" ] && pid_alive "$LEADER"; then
+        CT_TIMEOUT=20 ct journalctl --no-pager -o short-monotonic -u 'herdsman@*' \
+            >"$ARTIFACTS/journal-herdsman.txt" 2>&1
+        CT_TIMEOUT=20 ct journalctl --no-pager -o short-monotonic -b -1 -u 'herdsman@*' \
+            >"$ARTIFACTS/journal-herdsman-previous-boot.txt" 2>&1
+    fi
+    for dir in "${MOUNTS[@]}"; do
+        mkdir -p "$ARTIFACTS/${dir##*/}"
+        cp "$dir"/*.log "$dir"/*.json "$dir"/*.err "$ARTIFACTS/${dir##*/}/" 2>/dev/null
+    done
+    note "logs kept in $ARTIFACTS"
 }
 
 # ct CMD...: runs CMD inside the container (all namespaces of its PID 1), clean environment,
@@ -329,14 +372,25 @@ socket_stamp() { prop "herdsman@$APP.socket" ActiveEnterTimestampMonotonic; }
 load_start() {
     local name=$1 mode=$2 threads=${3:-6}
     rm -f "$CT_ROOT$STATE/stop-$name" "$CT_ROOT$STATE/ready-$name"
+    : >"$CT_ROOT$STATE/load-$name"
     CT_TIMEOUT=300 ct "$HOST_PY" "$E2E_DIR/load.py" --addr "$ADDR" --mode "$mode" \
         --threads "$threads" --duration 240 --stop-file "$STATE/stop-$name" \
         --ready-file "$STATE/ready-$name" >"$CT_DIR/load-$name.json" 2>"$CT_DIR/load-$name.err" &
     LOAD_PID=$!
-    BG_PIDS+=("$LOAD_PID")
     eval "LOAD_PID_$name=$LOAD_PID"
     wait_until 15 "first answer to load $name" test -e "$CT_ROOT$STATE/ready-$name" || return 1
     sleep 0.5   # some traffic before the action
+}
+
+# Stops every load client still running (a scenario that failed or was interrupted):
+# each one watches its stop file.
+stop_all_loads() {
+    local f
+    [ -n "$CT_ROOT" ] || return 0
+    for f in "$CT_ROOT$STATE"/load-*; do
+        [ -e "$f" ] && touch "$CT_ROOT$STATE/stop-${f##*/load-}"
+    done
+    return 0
 }
 
 # load_stop NAME: stops it, prints its summary as a note, fails unless it exited cleanly.

@@ -6,7 +6,11 @@ passed or --stop-file exists, then a JSON summary is printed on stdout:
 
   {"mode": ..., "ok": N, "failed": N, "errors": {"ConnectionRefusedError: ...": n},
    "generations": {"1": n, "2": n}, "workers": {"0": n, ...}, "pids": [...],
-   "last_generation": g, "retried_stale": n, "max_latency_ms": x, ...}
+   "last_generations": [g], "retried_stale": n, "max_latency_ms": x,
+   "failures": [{"started": t, "ended": t, "error": ...}], ...}
+
+Times in "failures" and "t0" are absolute CLOCK_MONOTONIC seconds (the same clock as
+the host's: containers share it), so a test can relate failures to an event.
 
 Modes:
   new        a new TCP connection for every request (Connection: close)
@@ -45,6 +49,7 @@ class Stats:
         self.max_latency = 0.0
         self.first_error_at = None
         self.last_error_at = None
+        self.failures = []  # (started, ended, error), absolute CLOCK_MONOTONIC seconds
 
     def good(self, info, latency, now):
         with self.lock:
@@ -58,10 +63,13 @@ class Stats:
                 del self.last[:100]
             self.max_latency = max(self.max_latency, latency)
 
-    def bad(self, err, now):
+    def bad(self, err, now, started, ended):
         with self.lock:
             self.failed += 1
             self.errors[err] += 1
+            if len(self.failures) < 100:
+                self.failures.append({"started": round(started, 4), "ended": round(ended, 4),
+                                      "error": err})
             if self.first_error_at is None:
                 self.first_error_at = now
             self.last_error_at = now
@@ -107,7 +115,8 @@ def worker_loop(args, stats, stop, t0):
             if stale:
                 stats.stale()
                 continue  # retry once on a fresh connection (reused=False now)
-            stats.bad(describe(e), round(time.monotonic() - t0, 3))
+            end = time.monotonic()
+            stats.bad(describe(e), round(end - t0, 3), start, end)
             time.sleep(0.05)
             continue
         now = time.monotonic()
@@ -174,6 +183,8 @@ def main():
         "last_generations": last_gens,
         "max_latency_ms": round(stats.max_latency, 1),
         "hung_threads": sum(t.is_alive() for t in threads),
+        "failures": stats.failures,
+        "t0": round(t0, 4),
     }
     print(json.dumps(out, sort_keys=True))
     sys.stdout.flush()

@@ -376,7 +376,11 @@ fn client(addr: &Addr, keep_alive: bool, stop: &AtomicBool, t0: Instant) -> Load
         };
         let mut result = attempt(&mut conn);
         if let Err(e) = &result {
-            if reused && e == "closed before response" {
+            // A reused keep-alive connection the server closed meanwhile: no byte of a
+            // response arrived, so the request was not processed; retry it once.
+            let stale =
+                e == "closed before response" || e.starts_with("write:") || e.contains("reset by peer");
+            if reused && stale {
                 rep.retried += 1;
                 result = attempt(&mut conn);
             }

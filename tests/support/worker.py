@@ -200,7 +200,16 @@ def handle(conn):
             if len(buf) > MAX_HEAD:
                 return
             if not buf and served and draining.is_set():
-                return  # idle keep-alive connection while draining
+                try:  # a request that already arrived is still answered
+                    pending = conn.recv(65536, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError, socket.timeout):
+                    pending = None
+                except OSError:
+                    return
+                if not pending:
+                    return  # idle keep-alive connection while draining
+                buf += pending
+                continue
             if not buf and draining.is_set() and time.monotonic() - idle_since > 5.0:
                 return  # a new connection that never sends a request
             if not buf and time.monotonic() - idle_since > IDLE_LIMIT:

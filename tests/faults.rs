@@ -1,0 +1,223 @@
+//! Fault injection: what happens on herdsman's worst days. Each test injects one fault and
+//! checks that nothing is lost and the supervisor lives. The figures go to docs/guarantees.md.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const LONG: Duration = Duration::from_secs(40);
+
+fn status_json(h: &Herdsman, dir: &TempDir) -> Value {
+    let _ = h;
+    let out = Command::new(BIN)
+        .args(["status", dir.path("control.sock").to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_crash_loop_from_start_shows_in_status_and_a_fixed_reload_recovers() {
+    let dir = TempDir::new("crash-from-start");
+    let broken = dir.path("broken");
+    std::fs::write(&broken, "").unwrap();
+    let sink = NotifySink::new(&dir);
+    let mut sink = sink;
+    let h = Run::new(&dir, 2)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_BREAK_FILE", broken.to_str().unwrap())
+        .env("NOTIFY_SOCKET", sink.path.to_str().unwrap())
+        .start();
+    // systemd still gets READY=1 (so its start timeout and start limit never trip) and a
+    // STATUS= that says what is wrong.
+    sink.wait_for("READY=1", LONG);
+    sink.wait_for("restarting in", LONG);
+    h.wait_log("(failure 3 in a row)", 2, LONG);
+    let v = status_json(&h, &dir);
+    assert_eq!(v["ready"], 0);
+    assert!(
+        v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["state"] == "backoff" && w["restarts"].as_u64() >= Some(2)),
+        "{v}"
+    );
+    // The code is fixed; a reload brings every slot up without waiting for the back-off.
+    std::fs::remove_file(&broken).unwrap();
+    let out =
+        Command::new(BIN).args(["reload", dir.path("control.sock").to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = status_json(&h, &dir);
+    assert_eq!(v["ready"], 2, "{v}");
+}
+
+#[test]
+fn a_worker_ignoring_the_stop_signal_is_killed_at_the_stop_timeout_on_reload() {
+    let dir = TempDir::new("ignore-term-reload");
+    let h = Run::new(&dir, 1)
+        .arg("--stop-timeout")
+        .arg("700ms")
+        .arg("--ready")
+        .arg("alive:200ms")
+        .worker_env("TW_IGNORE_TERM", "1")
+        .start();
+    h.wait_started();
+    let old = h.get()["pid"].as_i64().unwrap() as i32;
+    h.signal(libc::SIGHUP);
+    h.wait_log("reload complete", 1, LONG);
+    h.wait_log(&format!("worker 0 (pid {old}) did not stop within 700ms: SIGKILL"), 1, LONG);
+    wait_for(LONG, "the old worker to be gone", || processes_in_group(old).is_empty().then_some(()));
+}
+
+#[test]
+fn a_reload_storm_is_coalesced_every_client_gets_the_truth_and_no_request_fails() {
+    let dir = TempDir::new("storm");
+    let sock = dir.path("control.sock").display().to_string();
+    let version = dir.path("version");
+    std::fs::write(&version, "v1").unwrap();
+    let h = Run::new(&dir, 3)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_READY_DELAY_MS", "150")
+        .worker_env("TW_VERSION_FILE", version.to_str().unwrap())
+        .start();
+    h.wait_started();
+    let load = Load::start(&h.addr, 3, true);
+    std::fs::write(&version, "v2").unwrap();
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            Command::new(BIN)
+                .args(["reload", &sock])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for _ in 0..10 {
+        h.signal(libc::SIGHUP);
+    }
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Wait for any roll-out the SIGHUPs queued, then check the end state.
+    wait_for(LONG, "the storm to settle", || {
+        let v = status_json(&h, &dir);
+        let w = v["workers"].as_array().unwrap();
+        (w.len() == 3 && w.iter().all(|w| w["state"] == "ready" && w["generation"] == v["generation"]))
+            .then_some(())
+    });
+    let report = load.finish();
+    assert!(report.failed.is_empty(), "{:?}", &report.failed[..report.failed.len().min(5)]);
+    let completed = h.stderr().matches("reload complete").count();
+    assert!((1..=3).contains(&completed), "16 requests must coalesce into a few roll-outs, got {completed}");
+    let versions: BTreeSet<String> =
+        h.distinct_workers(3).iter().map(|v| v["version"].as_str().unwrap().to_string()).collect();
+    assert_eq!(versions, BTreeSet::from(["v2".to_string()]), "the final state runs the newest code");
+}
+
+#[test]
+fn sigterm_during_a_roll_out_stops_old_and_new_workers_alike() {
+    let dir = TempDir::new("term-during-reload");
+    let mut h = Run::new(&dir, 3)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_READY_DELAY_MS", "400")
+        .start();
+    h.wait_started();
+    let pids: Vec<i32> = h.distinct_workers(3).iter().map(|v| v["pid"].as_i64().unwrap() as i32).collect();
+    h.signal(libc::SIGHUP);
+    h.wait_log("started (pid", 4, LONG); // the first new worker is starting
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+    let log = h.stderr();
+    let new_pid: i32 = log
+        .lines()
+        .filter(|l| l.contains("started (pid") && l.contains("generation 2)"))
+        .map(|l| l.split("(pid ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap())
+        .next()
+        .expect("a generation-2 worker was started");
+    for p in pids.iter().chain([&new_pid]) {
+        assert!(processes_in_group(*p).is_empty(), "worker {p} left behind");
+    }
+}
+
+#[test]
+fn spawn_failures_from_exhausted_file_descriptors_are_survived() {
+    let dir = TempDir::new("emfile");
+    let mut run = Run::new(&dir, 2);
+    // Run herdsman itself with few file descriptors, then ask for more workers than fit.
+    let mut args = vec!["--nofile=28:28".to_string(), BIN.to_string()];
+    args.append(&mut run.args);
+    args.extend(["--".into(), "python3".into(), worker_py()]);
+    run.args = args;
+    let h = {
+        let mut cmd = Command::new("prlimit");
+        cmd.args(&run.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = support_capture(child.stderr.take().unwrap());
+        let stdout = support_capture(child.stdout.take().unwrap());
+        Herdsman { child: Some(child), stderr, stdout, addr: run.addr.clone() }
+    };
+    h.wait_started();
+    let sock = dir.path("control.sock").display().to_string();
+    let out = Command::new(BIN).args(["scale", &sock, "12", "--timeout", "20s"]).output().unwrap();
+    assert!(!out.status.success(), "scaling past the fd limit cannot fully succeed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Too many open files"), "a clear reason: {err}");
+    // The supervisor lives, still serves, and recovers when asked for less.
+    let out = Command::new(BIN).args(["scale", &sock, "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(h.distinct_workers(2).len(), 2);
+}
+
+fn support_capture(r: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(r);
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut r, &mut line).map(|n| n > 0).unwrap_or(false) {
+            b.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    buf
+}
+
+#[test]
+fn a_reload_to_a_missing_command_fails_clearly_and_the_app_serves_on() {
+    let dir = TempDir::new("missing-cmd");
+    let sock = dir.path("app.sock");
+    let cfg = dir.path("app.toml");
+    let write = |cmd: &str| {
+        let text = format!(
+            "command = [{cmd:?}, {w:?}]\nlisten = [\"unix:{s}\"]\nworkers = 2\nready = \"alive:200ms\"\n",
+            w = worker_py(),
+            s = sock.display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+    };
+    write("python3");
+    let control = dir.path("control.sock").display().to_string();
+    let args = ["run".into(), "-c".into(), cfg.display().to_string(), "--control".into(), control.clone()];
+    let h = Herdsman::spawn(&args, &[], Addr::Unix(sock.clone()));
+    h.wait_started();
+    write("python3-does-not-exist");
+    let out = Command::new(BIN).args(["reload", &control]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("command not found: python3-does-not-exist"), "{err}");
+    assert_eq!(h.distinct_workers(2).len(), 2);
+}
