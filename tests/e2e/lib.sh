@@ -316,7 +316,9 @@ APP=web
 PORT=8080
 ADDR=127.0.0.1:$PORT
 URL=http://$ADDR/
-WORKER_CMD=("$HOST_PY" "$REPO/tests/support/worker.py")
+# The worker program is copied into the container's /srv/web (create_app): the service runs
+# with PrivateTmp= and the checkout may live under /tmp, invisible to it.
+WORKER_CMD=("$HOST_PY" /srv/web/worker.py)
 STATE=/var/lib/herdsman-e2e        # scratch dir inside the container (host: $CT_ROOT$STATE)
 
 # Is `herdsman init` implemented in the binary under test?

@@ -100,7 +100,8 @@ s_install() {
 # 2. init + serve
 
 create_app() {
-    mkdir -p "$CT_ROOT/srv/web"
+        mkdir -p "$CT_ROOT/srv/web"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
     echo v1 >"$CT_ROOT/srv/web/version"
     rm -f "$CT_ROOT/srv/web/broken"
     local envs=(TW_NOTIFY=1 TW_VERSION_FILE=/srv/web/version TW_BREAK_FILE=/srv/web/broken)
@@ -108,7 +109,7 @@ create_app() {
         note "creating the app with herdsman init"
         local args=() e
         for e in "${envs[@]}"; do args+=(-e "$e"); done
-        CT_TIMEOUT=120 ct herdsman init "$APP" --listen "$ADDR" -w 4 --ready notify "${args[@]}" \
+                CT_TIMEOUT=120 ct herdsman init "$APP" --listen "$ADDR" -w 4 --ready notify --cwd /srv/web "${args[@]}" \
             -- "${WORKER_CMD[@]}" 2>&1 | sed 's/^/#   /'
         [ "${PIPESTATUS[0]}" -eq 0 ] || fail "herdsman init failed"
         [ -f "$CT_ROOT/etc/herdsman/$APP.toml" ] || fail "herdsman init wrote no /etc/herdsman/$APP.toml"
