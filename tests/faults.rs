@@ -118,6 +118,11 @@ fn a_reload_storm_is_coalesced_every_client_gets_the_truth_and_no_request_fails(
             .then_some(())
     });
     let report = load.finish();
+    report.guarantee(
+        "reload storm (keep-alive)",
+        "6 concurrent `herdsman reload` + 10 SIGHUPs",
+        "coalesced, every client exit 0, newest code everywhere",
+    );
     assert!(report.failed.is_empty(), "{:?}", &report.failed[..report.failed.len().min(5)]);
     let completed = h.stderr().matches("reload complete").count();
     assert!((1..=3).contains(&completed), "16 requests must coalesce into a few roll-outs, got {completed}");

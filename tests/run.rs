@@ -124,6 +124,12 @@ fn reload_under_load(keep_alive: bool) {
     let after = wait_for(LONG, "an answer after the reload", || Some(h.get()));
     assert_eq!(after["generation"], 2);
     let report = load.finish();
+    let mode = if keep_alive { "keep-alive" } else { "new connection per request" };
+    report.guarantee(
+        &format!("rolling reload ({mode})"),
+        "SIGHUP, 4 workers, 4 client threads",
+        "every answer after the roll-out from generation 2",
+    );
     assert!(
         report.failed.is_empty(),
         "failed requests during reload: {:?}",
@@ -134,10 +140,6 @@ fn reload_under_load(keep_alive: bool) {
     for _ in 0..20 {
         assert_eq!(h.get()["generation"], 2);
     }
-    eprintln!(
-        "reload under load (keep_alive={keep_alive}): {} ok, {} retried, 0 failed",
-        report.ok, report.retried
-    );
 }
 
 #[test]
@@ -169,6 +171,11 @@ fn a_broken_new_version_aborts_and_the_old_generation_serves_on() {
     h.signal(SIGHUP);
     h.wait_log("reload to generation 2 failed", 1, LONG);
     let report = load.finish();
+    report.guarantee(
+        "broken new version",
+        "reload to a build that exits 3 at start",
+        "roll-out aborted, old workers serve on",
+    );
     assert!(report.failed.is_empty(), "failed requests: {:?}", &report.failed[..report.failed.len().min(5)]);
     let log = h.stderr();
     assert!(log.contains("worker 0 (pid"), "names the failing worker: {log}");
@@ -410,6 +417,11 @@ fn a_hung_worker_is_replaced_by_the_watchdog_without_failed_requests() {
     h.wait_log("watchdog: no WATCHDOG=1 for 600ms: starting a replacement", 1, LONG);
     h.wait_log("worker 0 replaced (pid", 1, LONG);
     let report = load.finish();
+    report.guarantee(
+        "hung worker",
+        "worker 0 stops accepting and pinging; --watchdog 600ms",
+        "replaced, hung one SIGKILLed",
+    );
     assert!(report.failed.is_empty(), "{:?}", &report.failed[..report.failed.len().min(5)]);
     let log = h.stderr();
     let line = log.lines().find(|l| l.contains("worker 0 replaced (pid")).unwrap();

@@ -313,6 +313,18 @@ pub struct LoadReport {
     pub answers: Vec<(f64, i64)>,
 }
 
+impl LoadReport {
+    /// One machine-readable line for docs/guarantees.md (collected by tests/guarantees.sh).
+    pub fn guarantee(&self, fault: &str, injected: &str, outcome: &str) {
+        eprintln!(
+            "GUARANTEE|{fault}|{injected}|{}|{}|{}|{outcome}",
+            self.ok + self.failed.len(),
+            self.failed.len(),
+            self.retried
+        );
+    }
+}
+
 /// Continuous load from `threads` clients until stopped.
 pub struct Load {
     stop: Arc<AtomicBool>,
