@@ -375,7 +375,9 @@ load_start() {
     local name=$1 mode=$2 threads=${3:-6}
     rm -f "$CT_ROOT$STATE/stop-$name" "$CT_ROOT$STATE/ready-$name"
     : >"$CT_ROOT$STATE/load-$name"
-    CT_TIMEOUT=300 ct "$HOST_PY" "$E2E_DIR/load.py" --addr "$ADDR" --mode "$mode" \
+        # Copied in: nspawn mounts a fresh /tmp, so a checkout under /tmp is invisible inside.
+    cp "$E2E_DIR/load.py" "$CT_ROOT$STATE/load.py"
+    CT_TIMEOUT=300 ct "$HOST_PY" "$STATE/load.py" --addr "$ADDR" --mode "$mode" \
         --threads "$threads" --duration 240 --stop-file "$STATE/stop-$name" \
         --ready-file "$STATE/ready-$name" >"$CT_DIR/load-$name.json" 2>"$CT_DIR/load-$name.err" &
     LOAD_PID=$!
