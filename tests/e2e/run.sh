@@ -431,6 +431,38 @@ build_rpm() {
     echo "$out" >"$RUN_TMP/rpm-path"
 }
 
+# ---------------------------------------------------------------------------------------------
+# journald under a burst, then `herdsman remove`
+
+s_burst_remove() {
+    local n=3000 got
+    CT_TIMEOUT=120 ct herdsman init burst --listen 127.0.0.1:8181 -w 1 --ready notify --cwd /srv/web \
+        -e TW_NOTIFY=1 -e "TW_BURST_LINES=$n" -- "${WORKER_CMD[@]}" 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "herdsman init burst failed"
+    wait_until 30 "herdsman@burst ready" sh -c \
+        "[ \"\$(nsenter -t $LEADER -a systemctl show -p StatusText --value herdsman@burst.service)\" = '1/1 ready · generation 1' ]" ||
+        fail "burst app not ready"
+    # Every line of a burst below journald's rate limit is in the journal, attributed.
+    count() { ct journalctl --no-pager -u herdsman@burst WORKER_ID=0 -o cat | grep -c '^burst ' || true; }
+    wait_until 30 "$n burst lines in the journal" sh -c "[ \"\$(nsenter -t $LEADER -a journalctl --no-pager -u herdsman@burst WORKER_ID=0 -o cat | grep -c '^burst ')\" -ge $n ]" || true
+    got=$(count)
+    note "burst: $got of $n lines in the journal with WORKER_ID=0"
+    [ "$got" -eq "$n" ] || fail "journal has $got of $n burst lines"
+    ct journalctl --no-pager -u herdsman@burst WORKER_ID=0 -o cat | grep '^burst ' | sort -t/ -k1.7n | tail -1 | grep -q "^burst $n/$n" ||
+        fail "the last burst line is missing"
+    # The supervisor stayed responsive during the burst.
+    ct herdsman status burst >/dev/null || fail "status during/after burst failed"
+    # remove: refuses without --yes, then stops, disables and deletes.
+    if ct herdsman remove burst >/dev/null 2>&1; then fail "remove without --yes must refuse"; fi
+    ct herdsman remove burst --yes 2>&1 | sed 's/^/#   /'
+    [ "$(ct systemctl is-active herdsman@burst.service || true)" != active ] || fail "service still active after remove"
+    [ "$(ct systemctl is-enabled herdsman@burst.socket 2>/dev/null || true)" != enabled ] || fail "socket still enabled"
+    [ ! -e "$CT_ROOT/etc/herdsman/burst.toml" ] || fail "config still there after remove"
+    [ ! -e "$CT_ROOT/etc/systemd/system/herdsman@burst.socket.d/listen.conf" ] || fail "drop-in still there"
+    # The other app is untouched.
+    service_active || fail "removing burst disturbed $APP"
+}
+
 s_rpm() {
     local rpm force=()
     rpm=$(cat "$RUN_TMP/rpm-path")
@@ -478,6 +510,7 @@ run_scenario "init+serve" s_init_serve
 run_scenario "reload under load" s_reload
 run_scenario "broken version" s_broken
 run_scenario journald s_journald
+run_scenario "journald burst + remove" s_burst_remove
 run_scenario "sigkill supervisor" s_sigkill
 scenario_reboot
 

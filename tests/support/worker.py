@@ -22,6 +22,7 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
                         TW_HANG_AFTER_MS after start
   TW_ALLOC_ONCE_FILE=p  the one process that creates p allocates TW_ALLOC_MB MB
   TW_FAULT_WORKER=id    the *_ONCE_FILE faults only apply in this slot
+  TW_BURST_LINES=N      print N numbered lines ("burst i/N") as fast as possible at start
 
 GET /slow?ms=N delays the answer by N ms (drain tests).
 SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, finish
@@ -336,6 +337,11 @@ def _once(knob):
     except FileExistsError:
         return False
 
+
+if _int_env("TW_BURST_LINES", 0) > 0:
+    _n = _int_env("TW_BURST_LINES", 0)
+    sys.stdout.write("".join(f"burst {i}/{_n}\n" for i in range(1, _n + 1)))
+    sys.stdout.flush()
 
 hung = threading.Event()
 HANG = _once("TW_HANG_ONCE_FILE")
