@@ -463,6 +463,93 @@ s_burst_remove() {
     service_active || fail "removing burst disturbed $APP"
 }
 
+# ---------------------------------------------------------------------------------------------
+# issue 6 under systemd: OOM kill of one worker, a stricter sandbox, a wedged supervisor
+
+# app_init NAME PORT WORKERS [init args...]: a second app next to web, ready.
+app_init() {
+    local name=$1 port=$2 n=$3
+    shift 3
+    CT_TIMEOUT=120 ct herdsman init "$name" --listen "127.0.0.1:$port" -w "$n" --ready notify --cwd /srv/web \
+        -e TW_NOTIFY=1 "$@" -- "${WORKER_CMD[@]}" 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "herdsman init $name failed"
+}
+
+ready_text() { [ "$(prop "herdsman@$1.service" StatusText)" = "$2/$2 ready · generation ${3:-1}" ]; }
+
+s_oom() {
+    rm -f "$CT_ROOT/srv/web/oom-once"
+    mkdir -p "$CT_ROOT/etc/systemd/system/herdsman@oom.service.d"
+    printf '[Service]\nMemoryMax=160M\nMemorySwapMax=0\n' >"$CT_ROOT/etc/systemd/system/herdsman@oom.service.d/limit.conf"
+    # Worker 0's first process allocates 400 MB: the kernel OOM-kills it inside the cgroup.
+        app_init oom 8282 2 -e TW_ALLOC_ONCE_FILE=/srv/web/oom-once -e TW_ALLOC_MB=400 -e TW_FAULT_WORKER=0
+    # Is the limit enforced here? On a cgroup-v1 host the memory controller is not delegated
+    # to the container, so MemoryMax= has no cgroup file to land in.
+    local cg
+    cg=$(ct awk -F: '$2 == "memory" || $2 == "" {print $3; exit}' "/proc/$(prop herdsman@oom.service MainPID)/cgroup")
+        local limit
+    limit=$(ct cat "/sys/fs/cgroup$cg/memory.max" 2>/dev/null || ct cat "/sys/fs/cgroup/memory$cg/memory.limit_in_bytes" 2>/dev/null || true)
+    note "cgroup $cg memory limit: ${limit:-none}"
+    if [ -z "$limit" ] || [ "$limit" = max ] || [ "${#limit}" -gt 12 ]; then
+        note "SKIP: no memory controller for $cg inside the container (host cgroups: $(head -c 200 /proc/self/cgroup | tr '\n' ' ')); MemoryMax= cannot be enforced, so no real OOM kill can be caused here"
+        ct herdsman remove oom --yes >/dev/null || true
+        rm -rf "$CT_ROOT/etc/systemd/system/herdsman@oom.service.d"
+        exit 77
+    fi
+    wait_until 40 "an OOM kill in herdsman@oom" sh -c \
+        "nsenter -t $LEADER -a journalctl --no-pager -u herdsman@oom | grep -q 'was killed by SIGKILL'" ||
+        { ct journalctl --no-pager -u herdsman@oom -n 20 | sed 's/^/#   /'; fail "worker 0 was not OOM-killed"; }
+    wait_until 30 "herdsman@oom 2/2 ready again" ready_text oom 2 || fail "not 2/2 ready after the OOM kill: $(prop herdsman@oom.service StatusText)"
+    [ "$(prop herdsman@oom.service ActiveState)" = active ] || fail "the service stopped after an OOM kill"
+    note "after the OOM kill: $(prop herdsman@oom.service StatusText); NRestarts=$(prop herdsman@oom.service NRestarts)"
+    [ "$(prop herdsman@oom.service NRestarts)" = 0 ] || fail "the supervisor was restarted"
+    ct herdsman remove oom --yes >/dev/null || fail "remove oom"
+    rm -rf "$CT_ROOT/etc/systemd/system/herdsman@oom.service.d"
+}
+
+s_sandbox() {
+    mkdir -p "$CT_ROOT/etc/systemd/system/herdsman@strict.service.d"
+    cat >"$CT_ROOT/etc/systemd/system/herdsman@strict.service.d/strict.conf" <<'UNIT'
+[Service]
+DynamicUser=yes
+ProtectSystem=strict
+ProtectHome=yes
+CapabilityBoundingSet=
+PrivateUsers=yes
+UNIT
+    app_init strict 8383 2
+    wait_until 30 "herdsman@strict ready" ready_text strict 2 ||
+        { ct systemctl status --no-pager -n 20 herdsman@strict.service | sed 's/^/#   /'; fail "strict app not ready"; }
+    local st pid uid
+    st=$(ct herdsman status strict --json) || fail "status of the strict app failed"
+    pid=$(echo "$st" | json_get 'd["workers"][0]["pid"]')
+    uid=$(ct awk '/^Uid:/ {print $2}' "/proc/$pid/status")
+    note "strict app: worker $pid runs as uid $uid"
+    [ "$uid" != 0 ] || fail "worker runs as root under DynamicUser=yes"
+    CT_TIMEOUT=60 ct systemctl reload herdsman@strict || fail "reload under the strict sandbox failed"
+    ready_text strict 2 2 || fail "not on generation 2 after reload: $(prop herdsman@strict.service StatusText)"
+    ct herdsman remove strict --yes >/dev/null || fail "remove strict"
+    rm -rf "$CT_ROOT/etc/systemd/system/herdsman@strict.service.d"
+}
+
+s_wedged() {
+    mkdir -p "$CT_ROOT/etc/systemd/system/herdsman@wedge.service.d"
+    printf '[Service]\nWatchdogSec=2s\nTimeoutAbortSec=2s\n' >"$CT_ROOT/etc/systemd/system/herdsman@wedge.service.d/wd.conf"
+    app_init wedge 8484 1
+    wait_until 30 "herdsman@wedge ready" ready_text wedge 1 || fail "wedge app not ready"
+    local main
+    main=$(prop herdsman@wedge.service MainPID)
+    # Freeze the supervisor: its event loop stops sending WATCHDOG=1.
+    ct kill -STOP "$main"
+    wait_until 30 "systemd to restart the wedged supervisor" sh -c \
+        "[ \"\$(nsenter -t $LEADER -a systemctl show -p NRestarts --value herdsman@wedge.service)\" -ge 1 ]" ||
+        fail "a wedged supervisor was not restarted"
+    wait_until 30 "herdsman@wedge ready again" ready_text wedge 1 || fail "not ready after the watchdog restart"
+    note "wedged supervisor $main restarted by the watchdog: MainPID now $(prop herdsman@wedge.service MainPID)"
+    ct herdsman remove wedge --yes >/dev/null || fail "remove wedge"
+    rm -rf "$CT_ROOT/etc/systemd/system/herdsman@wedge.service.d"
+}
+
 s_rpm() {
     local rpm force=()
     rpm=$(cat "$RUN_TMP/rpm-path")
@@ -511,6 +598,9 @@ run_scenario "reload under load" s_reload
 run_scenario "broken version" s_broken
 run_scenario journald s_journald
 run_scenario "journald burst + remove" s_burst_remove
+run_scenario "oom kill of a worker" s_oom
+run_scenario "strict sandbox (DynamicUser)" s_sandbox
+run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "sigkill supervisor" s_sigkill
 scenario_reboot
 
