@@ -138,3 +138,73 @@ fn check_config_lists_every_problem_and_accepts_a_good_file() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (app web"));
 }
+
+#[test]
+fn init_writes_the_app_refuses_to_overwrite_and_dry_run_changes_nothing() {
+    let dir = TempDir::new("init");
+    let (cfg, units) = (dir.path("etc"), dir.path("units"));
+    let base = |extra: &[&str]| {
+        let mut a = vec![
+            "init",
+            "web",
+            "--listen",
+            "127.0.0.1:8080",
+            "-w",
+            "3",
+            "--stop-timeout",
+            "1m",
+            "-e",
+            "NODE_ENV=production",
+            "--config-dir",
+            cfg.to_str().unwrap(),
+            "--unit-dir",
+            units.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--", "sh", "-c", "exit 0"]);
+        herdsman(&a, &[])
+    };
+    let out = base(&["--dry-run"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("would run: systemctl enable --now herdsman@web.socket herdsman@web.service")
+    );
+    assert!(!cfg.exists(), "--dry-run writes nothing");
+
+    let out = base(&["--no-start"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let toml = std::fs::read_to_string(cfg.join("web.toml")).unwrap();
+    assert!(toml.contains("workers = 3") && toml.contains("NODE_ENV = \"production\""), "{toml}");
+    let sock = std::fs::read_to_string(units.join("herdsman@web.socket.d/listen.conf")).unwrap();
+    assert!(sock.contains("ListenStream=\nListenStream=127.0.0.1:8080"), "{sock}");
+    let stop = std::fs::read_to_string(units.join("herdsman@web.service.d/stop-timeout.conf")).unwrap();
+    assert!(stop.contains("TimeoutStopSec=75s"), "{stop}");
+    // The written config is valid as it stands.
+    let check = herdsman(&["check-config", cfg.join("web.toml").to_str().unwrap()], &[]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    assert_one_line_error(&base(&["--no-start"]), 1, "app web already exists");
+    assert!(base(&["--no-start", "--force"]).status.success());
+
+    let rm = |yes: bool| {
+        let mut a = vec![
+            "remove",
+            "web",
+            "--config-dir",
+            cfg.to_str().unwrap(),
+            "--unit-dir",
+            units.to_str().unwrap(),
+        ];
+        if yes {
+            a.push("--yes");
+        }
+        herdsman(&a, &[])
+    };
+    let out = rm(false);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(cfg.join("web.toml").exists(), "remove without --yes deletes nothing");
+    let out = rm(true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!cfg.join("web.toml").exists() && !units.join("herdsman@web.socket.d").exists());
+}
