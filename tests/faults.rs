@@ -226,3 +226,31 @@ fn a_reload_to_a_missing_command_fails_clearly_and_the_app_serves_on() {
     assert!(err.contains("command not found: python3-does-not-exist"), "{err}");
     assert_eq!(h.distinct_workers(2).len(), 2);
 }
+
+#[test]
+fn a_worker_that_closes_its_socket_does_not_take_the_socket_away_from_the_others() {
+    let dir = TempDir::new("close-fd3");
+    // Worker 0 closes fd 3 and idles; worker 1 serves. The socket lives on in herdsman and
+    // worker 1, so nothing is refused or lost.
+    let script = format!(
+        "if [ \"$HERDSMAN_WORKER_ID\" = 0 ]; then exec 3<&-; exec sleep 1000; fi; exec python3 {}",
+        worker_py()
+    );
+    let h = Run::new(&dir, 2)
+        .arg("--ready")
+        .arg("alive:300ms")
+        .arg("--")
+        .arg("sh")
+        .arg("-c")
+        .arg(&script)
+        .start();
+    h.wait_started();
+    let load = Load::start(&h.addr, 2, false);
+    wait_for(LONG, "a few hundred answers", || (h.get()["worker_id"] == 1).then_some(()));
+    for _ in 0..50 {
+        assert_eq!(h.get()["worker_id"], 1);
+    }
+    let report = load.finish();
+    assert!(report.failed.is_empty(), "{:?}", &report.failed[..report.failed.len().min(5)]);
+    assert!(report.ok > 50);
+}
