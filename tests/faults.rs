@@ -11,8 +11,7 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(40);
 
-fn status_json(h: &Herdsman, dir: &TempDir) -> Value {
-    let _ = h;
+fn status_json(dir: &TempDir) -> Value {
     let out = Command::new(BIN)
         .args(["status", dir.path("control.sock").to_str().unwrap(), "--json"])
         .output()
@@ -40,7 +39,7 @@ fn a_crash_loop_from_start_shows_in_status_and_a_fixed_reload_recovers() {
     sink.wait_for("READY=1", LONG);
     sink.wait_for("restarting in", LONG);
     h.wait_log("(failure 3 in a row)", 2, LONG);
-    let v = status_json(&h, &dir);
+    let v = status_json(&dir);
     assert_eq!(v["ready"], 0);
     assert!(
         v["workers"]
@@ -55,7 +54,7 @@ fn a_crash_loop_from_start_shows_in_status_and_a_fixed_reload_recovers() {
     let out =
         Command::new(BIN).args(["reload", dir.path("control.sock").to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v = status_json(&h, &dir);
+    let v = status_json(&dir);
     assert_eq!(v["ready"], 2, "{v}");
 }
 
@@ -112,7 +111,7 @@ fn a_reload_storm_is_coalesced_every_client_gets_the_truth_and_no_request_fails(
     }
     // Wait for any roll-out the SIGHUPs queued, then check the end state.
     wait_for(LONG, "the storm to settle", || {
-        let v = status_json(&h, &dir);
+        let v = status_json(&dir);
         let w = v["workers"].as_array().unwrap();
         (w.len() == 3 && w.iter().all(|w| w["state"] == "ready" && w["generation"] == v["generation"]))
             .then_some(())

@@ -439,25 +439,6 @@ impl NotifySink {
     }
 }
 
-/// Processes whose command line contains `needle`.
-pub fn processes_with(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) && !cmd.contains("cargo") {
-                out.push(pid);
-            }
-        }
-    }
-    out
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
-}
-
 /// Live processes whose process group is `pgid` (a worker and whatever it started).
 pub fn processes_in_group(pgid: i32) -> Vec<i32> {
     let mut out = Vec::new();
