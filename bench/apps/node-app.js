@@ -1,0 +1,72 @@
+// Benchmark app: the same Node HTTP server for every contender.
+//
+//  * Under herdsman or the bench launcher (LISTEN_FDS set) it adopts the inherited listening
+//    socket at fd 3; otherwise (PM2 cluster mode) it calls listen(PORT).
+//  * Readiness: PM2 gets process.send('ready') (wait_ready: true); herdsman gets READY=1 on
+//    $NOTIFY_SOCKET through `systemd-notify --ready` run as a child in the worker's process
+//    group (Node core has no unix datagram sockets). The helper lingers for 2 s so herdsman
+//    can still resolve its process group when the datagram is read.
+//  * WARM_MS=N simulates an app that needs N ms of warm-up:
+//      WARM_MODE=gate  (default) listen first, answer 503 while warming, then become ready;
+//      WARM_MODE=defer warm first, then start accepting (listen) and become ready.
+//  * SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, answer in-flight
+//    requests with Connection: close, close idle keep-alive connections, exit when drained.
+'use strict';
+
+const http = require('node:http');
+const { spawn } = require('node:child_process');
+
+const WARM_MS = Number(process.env.WARM_MS || 0);
+const WARM_MODE = process.env.WARM_MODE || 'gate';
+const inherited = Number(process.env.LISTEN_FDS) >= 1;
+const id = process.env.HERDSMAN_WORKER_ID ?? process.env.NODE_APP_INSTANCE ?? '?';
+const body = Buffer.from(`hello from worker ${id} pid ${process.pid}\n`);
+const warming = Buffer.from('warming up\n');
+
+let warm = WARM_MS === 0;
+let draining = false;
+
+const server = http.createServer((req, res) => {
+  if (!warm) {
+    res.writeHead(503, { 'Content-Type': 'text/plain', 'Content-Length': warming.length });
+    res.end(warming);
+    return;
+  }
+  const headers = { 'Content-Type': 'text/plain', 'Content-Length': body.length };
+  if (draining) headers.Connection = 'close';
+  res.writeHead(200, headers);
+  res.end(body);
+});
+server.keepAliveTimeout = 30000;
+
+function ready() {
+  if (process.send) process.send('ready');
+  if (process.env.NOTIFY_SOCKET) {
+    const c = spawn('sh', ['-c', 'systemd-notify --ready; sleep 2'], { stdio: 'ignore' });
+    c.unref();
+  }
+}
+
+function listen(cb) {
+  if (inherited) server.listen({ fd: 3 }, cb);
+  else server.listen(Number(process.env.PORT || 8080), '127.0.0.1', cb);
+}
+
+if (WARM_MS > 0 && WARM_MODE === 'defer') {
+  setTimeout(() => { warm = true; listen(ready); }, WARM_MS);
+} else {
+  listen(() => {
+    if (WARM_MS > 0) setTimeout(() => { warm = true; ready(); }, WARM_MS);
+    else ready();
+  });
+}
+
+function drain() {
+  if (draining) return;
+  draining = true;
+  server.close(() => process.exit(0));
+  server.closeIdleConnections();
+  setTimeout(() => process.exit(0), 10000).unref();
+}
+process.on('SIGTERM', drain);
+process.on('SIGINT', drain);

@@ -1,0 +1,173 @@
+//! The "limit" launcher (no supervisor at all) and a tiny instantly-ready worker.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use crate::util::mono_ns;
+
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: i32) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+/// `launch --listen ADDR -w N -- CMD...`: binds ADDR (same options as herdsman: SO_REUSEADDR,
+/// backlog 4096), forks N workers with the socket at fd 3 and LISTEN_FDS=1 / LISTEN_PID=their
+/// own pid, and waits. SIGTERM/SIGINT are forwarded to the workers; exits when all are gone.
+pub fn launch(args: &[String]) -> i32 {
+    let mut listen = None;
+    let mut n = 1usize;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--listen" => {
+                listen = Some(args[i + 1].clone());
+                i += 2;
+            }
+            "-w" => {
+                n = args[i + 1].parse().expect("-w N");
+                i += 2;
+            }
+            "--" => {
+                i += 1;
+                break;
+            }
+            a => panic!("launch: unknown argument {a}"),
+        }
+    }
+    let cmd = &args[i..];
+    assert!(!cmd.is_empty(), "launch: no command");
+    let listen = listen.expect("launch: --listen ADDR");
+    // std binds with SO_REUSEADDR; re-listen with herdsman's backlog.
+    let l = TcpListener::bind(&listen).expect("bind");
+    let fd = l.as_raw_fd();
+    unsafe {
+        libc::listen(fd, 4096);
+        // No SA_RESTART: waitpid must return EINTR so the signal gets forwarded.
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as extern "C" fn(i32) as libc::sighandler_t;
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+    }
+    let mut pids = Vec::new();
+    for id in 0..n {
+        // `sh -c 'LISTEN_PID=$$ exec "$@"'`: $$ is the pid the command keeps after exec.
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c")
+            .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"")
+            .arg("sh")
+            .args(cmd)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "listen-0")
+            .env("HERDSMAN_WORKER_ID", id.to_string())
+            .env_remove("NOTIFY_SOCKET");
+        unsafe {
+            c.pre_exec(move || {
+                if fd != 3 {
+                    if libc::dup2(fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // dup2 clears FD_CLOEXEC, but not when fd is already 3.
+                libc::fcntl(3, libc::F_SETFD, 0);
+                // Default dispositions for the worker.
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let child = c.spawn().expect("spawn worker");
+        pids.push(child.id() as i32);
+        std::mem::forget(child);
+    }
+    eprintln!("launch: {n} worker(s) on {listen}");
+    let mut forwarded = false;
+    let mut left = pids.len();
+    while left > 0 {
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 && !forwarded {
+            for &p in &pids {
+                unsafe { libc::kill(p, libc::SIGTERM) };
+            }
+            forwarded = true;
+        }
+        let mut status = 0;
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r > 0 {
+            left -= 1;
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+    }
+    0
+}
+
+/// `worker`: a tiny HTTP server on the inherited fd 3 that is ready at once. It sends
+/// READY=1 to $NOTIFY_SOCKET right away and, when $BENCH_TIMES is set, appends
+/// `pid generation main_ns ready_ns` (CLOCK_MONOTONIC) to that file. SIGTERM ends it.
+pub fn worker() -> i32 {
+    let main_ns = mono_ns();
+    let l = unsafe { TcpListener::from_raw_fd(3) };
+    std::thread::spawn(move || serve(l));
+    if let Ok(sock) = std::env::var("NOTIFY_SOCKET") {
+        notify(&sock, "READY=1");
+    }
+    let ready_ns = mono_ns();
+    if let Ok(path) = std::env::var("BENCH_TIMES") {
+        let line = format!(
+            "{} {} {} {}\n",
+            std::process::id(),
+            std::env::var("HERDSMAN_GENERATION").unwrap_or_default(),
+            main_ns,
+            ready_ns
+        );
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+/// `probe FILE`: writes CLOCK_MONOTONIC at main() to FILE and exits (bare exec latency).
+pub fn probe(path: &str) -> i32 {
+    let t = mono_ns();
+    let _ = std::fs::write(path, t.to_string());
+    0
+}
+
+pub fn notify(sock: &str, msg: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let addr = match sock.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(sock),
+    };
+    if let (Ok(addr), Ok(d)) = (addr, UnixDatagram::unbound()) {
+        let _ = d.send_to_addr(msg.as_bytes(), &addr);
+    }
+}
+
+fn serve(l: TcpListener) {
+    loop {
+        match l.accept() {
+            Ok((mut s, _)) => {
+                let mut buf = [0u8; 1024];
+                let _ = s.set_nonblocking(false);
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // O_NONBLOCK is shared by every process on the socket: wait for readability.
+                let mut p = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                unsafe { libc::poll(&mut p, 1, 1000) };
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}

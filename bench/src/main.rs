@@ -1,0 +1,199 @@
+//! herdsman's benchmark suite. `bench/run.sh` is the entry point; see docs/benchmarks.md.
+//!
+//! Subcommands:
+//!   all [--quick] [--out DIR]       run every section, write DIR/benchmarks.md + DIR/bench-*.svg
+//!   report RESULTS.json DIR         regenerate the report and plots from saved results
+//!   launch --listen ADDR -w N -- CMD   the "limit": bind, fork N workers with the fd at 3, wait
+//!   worker                          tiny instantly-ready worker (fd 3, READY=1)
+//!   probe FILE                      writes CLOCK_MONOTONIC at main() (exec latency)
+//!   load ADDR SECS THREADS ka|close one standalone load run, prints a summary
+
+mod launcher;
+mod load;
+mod notes;
+mod report;
+mod servers;
+mod suites;
+mod svg;
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use report::{Meta, Results};
+use servers::Ctx;
+use suites::log;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match args.first().map(|s| s.as_str()) {
+        Some("launch") => launcher::launch(&args[1..]),
+        Some("worker") => launcher::worker(),
+        Some("probe") => launcher::probe(&args[1]),
+        Some("load") => standalone_load(&args[1..]),
+        Some("report") => {
+            let r: Results = serde_json::from_str(&std::fs::read_to_string(&args[1]).expect("results file"))
+                .expect("json");
+            write_report(&r, Path::new(&args[2]));
+            0
+        }
+        Some("all") => all(&args[1..]),
+        _ => {
+            eprintln!("usage: herdsman-bench all [--quick] [--out DIR] | report RESULTS DIR | launch | worker | load");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn standalone_load(a: &[String]) -> i32 {
+    let secs: u64 = a[1].parse().unwrap();
+    let threads: usize = a[2].parse().unwrap();
+    let l = load::Load::start(&a[0], threads, a[3] == "ka", Duration::from_secs(secs + 5));
+    std::thread::sleep(Duration::from_secs(secs));
+    let recs = l.finish();
+    let mut lat: Vec<f64> =
+        recs.iter().filter(|r| !r.outcome.failed()).map(|r| r.lat_us as f64 / 1000.0).collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let failed = recs.iter().filter(|r| r.outcome.failed()).count();
+    println!(
+        "{} requests ({:.0}/s), {failed} failed, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        recs.len(),
+        recs.len() as f64 / secs as f64,
+        util::pct(&lat, 50.0),
+        util::pct(&lat, 99.0),
+        lat.last().copied().unwrap_or(0.0)
+    );
+    0
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            if s.is_empty() {
+                s = String::from_utf8_lossy(&o.stderr).trim().to_string();
+            }
+            s
+        })
+        .unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn all(a: &[String]) -> i32 {
+    let quick = a.iter().any(|x| x == "--quick");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let out = a.iter().position(|x| x == "--out").map(|i| PathBuf::from(&a[i + 1])).unwrap_or_else(|| {
+        if quick {
+            root.join("bench/results/quick")
+        } else {
+            root.join("docs")
+        }
+    });
+    let only: Vec<String> = a
+        .iter()
+        .position(|x| x == "--only")
+        .map(|i| a[i + 1].split(',').map(String::from).collect())
+        .unwrap_or_default();
+    let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
+    let work = std::env::temp_dir().join(format!("herdsman-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let ctx = Ctx::new(quick, root.clone(), work.clone());
+    for p in [&ctx.herdsman, &ctx.pm2] {
+        if !p.exists() {
+            eprintln!("missing {}: run bench/run.sh", p.display());
+            return 1;
+        }
+    }
+    let t0 = Instant::now();
+    let cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2");
+    let meta = Meta {
+        date: sh("date -u '+%Y-%m-%d %H:%M UTC'"),
+        cpu: cpu.trim().to_string(),
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        mem: sh("awk '/MemTotal/ {printf \"%.1f GiB\", $2/1048576}' /proc/meminfo"),
+        kernel: sh("uname -r"),
+        os: sh(". /etc/os-release && echo \"$PRETTY_NAME\""),
+        virt: sh("systemd-detect-virt 2>/dev/null || echo unknown"),
+        node: sh("node --version"),
+        pm2: sh(&format!("node -p \"require('{}/bench/.deps/node_modules/pm2/package.json').version\"", root.display())),
+        wrk: sh("wrk -v 2>&1 | head -1 | cut -d' ' -f1-2"),
+        rustc: sh("rustc --version | cut -d' ' -f1-2"),
+        commit: sh(&format!(
+            "cd '{}' && git rev-parse --short HEAD && (git diff --quiet HEAD -- src Cargo.toml || echo '(+ local changes)')",
+            root.display()
+        ))
+        .replace('\n', " "),
+        load_before: loadavg(),
+        load_after: String::new(),
+        quick,
+        minutes: 0.0,
+    };
+    log(&format!(
+        "{} run, results to {}; load average {}",
+        if quick { "quick" } else { "full" },
+        out.display(),
+        meta.load_before
+    ));
+    let mut r = Results { meta, ..Default::default() };
+    let cpus = r.meta.cpus;
+    let mut ns = vec![2, cpus];
+    ns.sort();
+    ns.dedup();
+    if want("throughput") {
+        r.tput = suites::throughput(&ctx, &ns);
+    }
+    if want("reload") {
+        r.reloads = suites::reloads(&ctx);
+    }
+    if want("cost") {
+        r.cost = suites::cost(&ctx);
+    }
+    if want("recovery") {
+        r.recovery = suites::recovery(&ctx);
+    }
+    if want("scaling") {
+        r.scaling = suites::scaling(&ctx);
+    }
+    if ctx.pm2_daemon_pid().is_some() {
+        let _ = ctx.pm2_run(&["kill"]);
+    }
+    r.meta.load_after = loadavg();
+    r.meta.minutes = t0.elapsed().as_secs_f64() / 60.0;
+    let results_dir = if quick { root.join("bench/results/quick") } else { root.join("bench/results") };
+    std::fs::create_dir_all(&results_dir).unwrap();
+    let rp = results_dir.join("results.json");
+    std::fs::write(&rp, serde_json::to_string_pretty(&r).unwrap()).unwrap();
+    write_report(&r, &out);
+    let _ = std::fs::remove_dir_all(&work);
+    log(&format!(
+        "done in {:.1} min: {} and {}",
+        r.meta.minutes,
+        out.join("benchmarks.md").display(),
+        rp.display()
+    ));
+    for t in report::targets(&r) {
+        log(&format!("target: {} — {} — {}", t.0, t.1, if t.2 { "met" } else { "NOT met" }));
+    }
+    0
+}
+
+fn write_report(r: &Results, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::write(out.join("benchmarks.md"), report::markdown(r)).unwrap();
+    std::fs::write(out.join("bench-throughput.svg"), svg::throughput(&r.tput)).unwrap();
+    std::fs::write(out.join("bench-reload.svg"), svg::timelines(&r.reloads.timelines)).unwrap();
+    std::fs::write(out.join("bench-scaling.svg"), svg::scaling(&r.scaling)).unwrap();
+}
