@@ -41,13 +41,18 @@ impl Supervisor {
                     slot.active = None;
                 }
                 let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.settings.backoff.reset_after);
-                if healthy {
-                    slot.failures = 0;
-                }
-                slot.failures += 1;
                 slot.restarts += 1;
                 slot.settled = true;
-                let delay = backoff::delay(&self.settings.backoff, slot.failures);
+                // A crash after a good run restarts at once (like PM2) and starts a new back-off
+                // sequence; repeated quick failures back off: initial, doubling, capped.
+                let (delay, streak) = if healthy {
+                    slot.failures = 0;
+                    (Duration::ZERO, "after a good run".to_string())
+                } else {
+                    slot.failures += 1;
+                    let d = backoff::delay(&self.settings.backoff, slot.failures);
+                    (d, format!("failure {} in a row", slot.failures))
+                };
                 slot.restart_at = Some(now + delay);
                 let reason = match (&w.failure, state) {
                     (Some(f), _) => f.clone(),
@@ -58,7 +63,7 @@ impl Supervisor {
                 slot.last_error = Some(reason);
                 tracing::warn!(
                     app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
-                    "{report}; restarting in {} (failure {} in a row)", human(delay), slot.failures
+                    "{report}; restarting in {} ({streak})", human(delay)
                 );
             }
         }
