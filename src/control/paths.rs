@@ -100,7 +100,11 @@ pub fn resolve(target: Option<&str>, env: &Env) -> Result<PathBuf, String> {
             })
         }
         None => {
-            let apps = discover(env);
+            // Only live supervisors count: a socket file left by a killed one is ignored here.
+            let apps: Vec<(String, PathBuf)> = discover(env)
+                .into_iter()
+                .filter(|(_, p)| std::os::unix::net::UnixStream::connect(p).is_ok())
+                .collect();
             match apps.len() {
                 1 => Ok(apps[0].1.clone()),
                 0 => Err(
