@@ -81,6 +81,11 @@ pub fn discover(env: &Env) -> Vec<(String, PathBuf)> {
     found
 }
 
+/// Only live supervisors count: a socket file left by a killed one is dropped.
+fn live_only(apps: Vec<(String, PathBuf)>) -> Vec<(String, PathBuf)> {
+    apps.into_iter().filter(|(_, p)| std::os::unix::net::UnixStream::connect(p).is_ok()).collect()
+}
+
 /// Turns a TARGET into a socket path.
 pub fn resolve(target: Option<&str>, env: &Env) -> Result<PathBuf, String> {
     match target {
@@ -100,11 +105,7 @@ pub fn resolve(target: Option<&str>, env: &Env) -> Result<PathBuf, String> {
             })
         }
         None => {
-            // Only live supervisors count: a socket file left by a killed one is ignored here.
-            let apps: Vec<(String, PathBuf)> = discover(env)
-                .into_iter()
-                .filter(|(_, p)| std::os::unix::net::UnixStream::connect(p).is_ok())
-                .collect();
+            let apps = live_only(discover(env));
             match apps.len() {
                 1 => Ok(apps[0].1.clone()),
                 0 => Err(
@@ -133,6 +134,19 @@ mod tests {
         let user =
             Env { runtime_directory: None, xdg_runtime_dir: Some("/run/user/1000".into()), euid: 1000 };
         assert_eq!(default_socket("web", &user), PathBuf::from("/run/user/1000/herdsman/web/control.sock"));
+    }
+
+    #[test]
+    fn sockets_left_by_killed_supervisors_are_not_live() {
+        let dir = std::env::temp_dir().join(format!("herdsman-paths-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (live, stale) = (dir.join("live.sock"), dir.join("stale.sock"));
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let apps = vec![("a".to_string(), live.clone()), ("b".to_string(), stale)];
+        assert_eq!(live_only(apps), vec![("a".to_string(), live)]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
