@@ -127,14 +127,6 @@ impl Listeners {
     pub fn addrs(&self) -> Vec<String> {
         self.list.iter().map(|l| l.addr.clone()).collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.list.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
 }
 
 impl Drop for Listeners {

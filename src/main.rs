@@ -188,11 +188,10 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let journal = logging(var_opt("JOURNAL_STREAM").as_deref());
 
-    let var = |k: &str| std::env::var(k).ok();
     let activation = Activation {
-        listen_fds: var("LISTEN_FDS"),
-        listen_pid: var("LISTEN_PID"),
-        listen_fdnames: var("LISTEN_FDNAMES"),
+        listen_fds: var_opt("LISTEN_FDS"),
+        listen_pid: var_opt("LISTEN_PID"),
+        listen_fdnames: var_opt("LISTEN_FDNAMES"),
     };
     let listeners = match Listeners::open(&activation, std::process::id(), &settings.listen) {
         Ok(l) => l,
@@ -201,7 +200,7 @@ fn run(args: RunArgs) -> ExitCode {
             return code(if e.is_config() { exit::CONFIG } else { exit::FAILURE });
         }
     };
-    let notifier = match Notifier::new(var("NOTIFY_SOCKET").as_deref()) {
+    let notifier = match Notifier::new(var_opt("NOTIFY_SOCKET").as_deref()) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("herdsman: NOTIFY_SOCKET is unusable ({e}); not notifying the service manager");
@@ -209,8 +208,8 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let watchdog = notify::watchdog_interval(
-        var("WATCHDOG_USEC").as_deref(),
-        var("WATCHDOG_PID").as_deref(),
+        var_opt("WATCHDOG_USEC").as_deref(),
+        var_opt("WATCHDOG_PID").as_deref(),
         std::process::id(),
     );
     let paths_env = paths::Env::from_process();

@@ -52,10 +52,6 @@ impl Notifier {
         Notifier { target: None, backlog: Default::default() }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
-    }
-
     /// Sends newline-separated `KEY=VALUE` assignments, in order. When the manager's socket
     /// is full, the message waits in a small backlog that [`Notifier::flush`] retries.
     pub fn send(&self, msg: &str) {
@@ -69,6 +65,11 @@ impl Notifier {
         }
         drop(q);
         self.flush();
+    }
+
+    /// Whether messages wait for room in the manager's socket.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.borrow().is_empty()
     }
 
     /// Sends what the backlog holds; true if something is still waiting.

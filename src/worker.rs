@@ -48,8 +48,7 @@ pub struct Worker {
     pub tail: Tail,
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
     pub failure: Option<String>,
-    /// Last `STATUS=` the worker sent.
-    pub status_text: Option<String>,
+
     /// Last `WATCHDOG=1` (or its start).
     pub last_ping: Instant,
     /// Memory samples in a row above the limit.

@@ -18,12 +18,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn status_json(sock: &str) -> Value {
-    let out = cli(&["status", sock, "--json"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn notify_run(dir: &TempDir, workers: usize) -> Run {
     Run::new(dir, workers).arg("--ready").arg("notify").worker_env("TW_NOTIFY", "1")
 }

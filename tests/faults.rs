@@ -11,15 +11,6 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(40);
 
-fn status_json(dir: &TempDir) -> Value {
-    let out = Command::new(BIN)
-        .args(["status", dir.path("control.sock").to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn a_crash_loop_from_start_shows_in_status_and_a_fixed_reload_recovers() {
     let dir = TempDir::new("crash-from-start");
@@ -39,7 +30,7 @@ fn a_crash_loop_from_start_shows_in_status_and_a_fixed_reload_recovers() {
     sink.wait_for("READY=1", LONG);
     sink.wait_for("restarting in", LONG);
     h.wait_log("(failure 3 in a row)", 2, LONG);
-    let v = status_json(&dir);
+    let v = status_json(dir.path("control.sock"));
     assert_eq!(v["ready"], 0);
     assert!(
         v["workers"]
@@ -54,7 +45,7 @@ fn a_crash_loop_from_start_shows_in_status_and_a_fixed_reload_recovers() {
     let out =
         Command::new(BIN).args(["reload", dir.path("control.sock").to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v = status_json(&dir);
+    let v = status_json(dir.path("control.sock"));
     assert_eq!(v["ready"], 2, "{v}");
 }
 
@@ -111,7 +102,7 @@ fn a_reload_storm_is_coalesced_every_client_gets_the_truth_and_no_request_fails(
     }
     // Wait for any roll-out the SIGHUPs queued, then check the end state.
     wait_for(LONG, "the storm to settle", || {
-        let v = status_json(&dir);
+        let v = status_json(dir.path("control.sock"));
         let w = v["workers"].as_array().unwrap();
         (w.len() == 3 && w.iter().all(|w| w["state"] == "ready" && w["generation"] == v["generation"]))
             .then_some(())
@@ -170,8 +161,8 @@ fn spawn_failures_from_exhausted_file_descriptors_are_survived() {
         let mut cmd = Command::new("prlimit");
         cmd.args(&run.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
-        let stderr = support_capture(child.stderr.take().unwrap());
-        let stdout = support_capture(child.stdout.take().unwrap());
+        let stderr = capture(child.stderr.take().unwrap(), true);
+        let stdout = capture(child.stdout.take().unwrap(), false);
         Herdsman { child: Some(child), stderr, stdout, addr: run.addr.clone() }
     };
     h.wait_started();
@@ -184,20 +175,6 @@ fn spawn_failures_from_exhausted_file_descriptors_are_survived() {
     let out = Command::new(BIN).args(["scale", &sock, "2"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(h.distinct_workers(2).len(), 2);
-}
-
-fn support_capture(r: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
-    let buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
-        let mut r = std::io::BufReader::new(r);
-        let mut line = String::new();
-        while std::io::BufRead::read_line(&mut r, &mut line).map(|n| n > 0).unwrap_or(false) {
-            b.lock().unwrap().push_str(&line);
-            line.clear();
-        }
-    });
-    buf
 }
 
 #[test]

@@ -94,7 +94,7 @@ impl Supervisor {
                     w.state = State::Ready { since: Instant::now() };
                     became_ready = true;
                 }
-                "STATUS" => w.status_text = Some(value),
+
                 "WATCHDOG" if value == "1" => w.last_ping = Instant::now(),
                 _ => {}
             }

@@ -284,7 +284,7 @@ impl Supervisor {
         let watchdogs = self.workers.keys().filter_map(|pid| self.watchdog_deadline(*pid));
         let watchdog = self.watchdog.map(|(every, last)| last + every);
         // Retry notifications the manager had no room for.
-        let notify_retry = self.notifier.flush().then(|| Instant::now() + Duration::from_millis(50));
+        let notify_retry = self.notifier.has_backlog().then(|| Instant::now() + Duration::from_millis(50));
         workers
             .chain(slots)
             .chain(watchdogs)
@@ -297,9 +297,11 @@ impl Supervisor {
     /// Moves the world toward the wanted state. Called after every event.
     fn reconcile(&mut self) {
         let now = Instant::now();
+        // Retry notifications the manager had no room for (next_deadline wakes us for it).
+        self.notifier.flush();
         if !self.stopping {
             self.reconcile_slots(now);
-            self.drive_rollout(now);
+            self.drive_rollout();
             self.promote_replacements();
             self.answer_scale_waiters();
         } else {
@@ -401,7 +403,7 @@ impl Supervisor {
                 pidfd,
                 tail: l.tail,
                 failure: None,
-                status_text: None,
+
                 last_ping: now,
                 memory_strikes: 0,
             },

@@ -128,7 +128,7 @@ impl Supervisor {
         self.settings = crate::config::Settings { name, ..new };
     }
 
-    pub(super) fn drive_rollout(&mut self, _now: std::time::Instant) {
+    pub(super) fn drive_rollout(&mut self) {
         if self.rollout.is_none() {
             if let Some(waiters) = self.queued.take() {
                 self.start_rollout(waiters);

@@ -238,7 +238,8 @@ impl Drop for Herdsman {
     }
 }
 
-fn capture(r: impl Read + Send + 'static, echo: bool) -> Arc<Mutex<String>> {
+/// Collects a child's output in the background (echoed to our stderr with HERDSMAN_TEST_ECHO).
+pub fn capture(r: impl Read + Send + 'static, echo: bool) -> Arc<Mutex<String>> {
     let buf = Arc::new(Mutex::new(String::new()));
     let b = buf.clone();
     std::thread::spawn(move || {
@@ -253,6 +254,13 @@ fn capture(r: impl Read + Send + 'static, echo: bool) -> Arc<Mutex<String>> {
         }
     });
     buf
+}
+
+/// `herdsman status CONTROL --json`, which must succeed.
+pub fn status_json(control: impl AsRef<std::ffi::OsStr>) -> Value {
+    let out = Command::new(BIN).arg("status").arg(control).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// One HTTP request on a fresh connection.
