@@ -124,11 +124,13 @@ fn a_reload_storm_is_coalesced_every_client_gets_the_truth_and_no_request_fails(
 #[test]
 fn sigterm_during_a_roll_out_stops_old_and_new_workers_alike() {
     let dir = TempDir::new("term-during-reload");
+    let mut sink = NotifySink::new(&dir);
     let mut h = Run::new(&dir, 3)
         .arg("--ready")
         .arg("notify")
         .worker_env("TW_NOTIFY", "1")
         .worker_env("TW_READY_DELAY_MS", "400")
+        .env("NOTIFY_SOCKET", sink.path.to_str().unwrap())
         .start();
     h.wait_started();
     let pids: Vec<i32> = h.distinct_workers(3).iter().map(|v| v["pid"].as_i64().unwrap() as i32).collect();
@@ -136,6 +138,11 @@ fn sigterm_during_a_roll_out_stops_old_and_new_workers_alike() {
     h.wait_log("started (pid", 4, LONG); // the first new worker is starting
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
+    // The aborted roll-out must not tell systemd READY=1 after STOPPING=1.
+    sink.drain();
+    let after_stop: Vec<&String> = sink.messages.iter().skip_while(|m| !m.contains("STOPPING=1")).collect();
+    assert!(!after_stop.is_empty(), "STOPPING=1 sent: {:?}", sink.messages);
+    assert!(!after_stop.iter().any(|m| m.contains("READY=1")), "READY=1 after STOPPING=1: {after_stop:?}");
     let log = h.stderr();
     let new_pid: i32 = log
         .lines()

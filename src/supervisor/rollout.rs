@@ -222,7 +222,11 @@ impl Supervisor {
         );
         tracing::error!(app = %self.app, generation = r.spec.generation, "{msg}");
         self.record_reload(false, Some(reason));
-        self.notifier.send("READY=1");
+        // The reload is over (RELOADING=1 → READY=1), unless it ends because we are stopping:
+        // systemd already has STOPPING=1.
+        if !self.stopping {
+            self.notifier.send("READY=1");
+        }
         let outcome = ReloadOutcome { ok: false, generation: r.spec.generation, message: msg };
         self.answer(r.waiters, outcome);
     }

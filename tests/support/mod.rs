@@ -431,6 +431,14 @@ impl NotifySink {
         NotifySink { path, sock, messages: Vec::new() }
     }
 
+    /// Collects whatever is still queued (after the sender is gone).
+    pub fn drain(&mut self) {
+        let mut buf = vec![0u8; 8192];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            self.messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+
     /// Collects datagrams until one contains `needle`.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
         let end = Instant::now() + timeout;
