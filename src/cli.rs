@@ -121,6 +121,12 @@ pub struct AppArgs {
     /// Workers replaced at a time during a rolling reload [default: 1].
     #[arg(long, value_name = "N")]
     pub reload_batch: Option<String>,
+    /// During a reload, a new worker must stay ready (and running) this long before its old worker is stopped [default: 1s].
+    #[arg(long, value_name = "DUR")]
+    pub min_ready: Option<String>,
+    /// After a failed reload: "rollback" the slots already moved to the previous generation, or "keep" them [default: rollback].
+    #[arg(long, value_name = "MODE")]
+    pub on_failure: Option<String>,
     /// Per-worker watchdog: workers get WATCHDOG_USEC and must send WATCHDOG=1 this often; a hung one is replaced.
     #[arg(long, value_name = "DUR")]
     pub watchdog: Option<String>,
@@ -147,6 +153,8 @@ impl AppArgs {
             stop_signal: self.stop_signal.clone(),
             stop_timeout: self.stop_timeout.clone(),
             reload_batch: self.reload_batch.clone(),
+            min_ready: self.min_ready.clone(),
+            on_failure: self.on_failure.clone(),
             watchdog: self.watchdog.clone(),
             max_memory: self.max_memory.clone(),
             control,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-pub use values::{ListenAddr, ReadyMode, WorkerCount};
+pub use values::{ListenAddr, OnFailure, ReadyMode, WorkerCount};
 
 /// Restart back-off for workers that fail repeatedly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +26,13 @@ pub struct BackoffPolicy {
     /// A worker that stayed up this long resets its failure count.
     pub reset_after: Duration,
 }
+
+/// The default `min_ready`: how long a roll-out's new worker must stay ready before its old
+/// worker is stopped. Long enough to catch the common late crash (a server that reports ready
+/// before it loads the app, like gunicorn without `--preload`, dies within a few hundred ms of
+/// `READY=1`), short enough that a roll-out of N workers costs only N extra seconds. See
+/// docs/guarantees.md for the measurements.
+pub const DEFAULT_MIN_READY: Duration = Duration::from_secs(1);
 
 /// Validated settings for one app.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +48,10 @@ pub struct Settings {
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub reload_batch: NonZeroUsize,
+    /// A roll-out's new worker must stay ready this long before its old worker is stopped.
+    pub min_ready: Duration,
+    /// What an aborted roll-out does with the slots it already moved.
+    pub on_failure: OnFailure,
     pub backoff: BackoffPolicy,
     /// Per-worker watchdog (`WATCHDOG_USEC` for workers).
     pub watchdog: Option<Duration>,
@@ -66,6 +77,8 @@ pub struct Overrides {
     pub stop_signal: Option<String>,
     pub stop_timeout: Option<String>,
     pub reload_batch: Option<String>,
+    pub min_ready: Option<String>,
+    pub on_failure: Option<String>,
     pub watchdog: Option<String>,
     pub max_memory: Option<String>,
     pub control: Option<PathBuf>,
@@ -90,6 +103,8 @@ pub const KEYS: &[&str] = &[
     "stop_signal",
     "stop_timeout",
     "reload_batch",
+    "min_ready",
+    "on_failure",
     "watchdog",
     "max_memory",
     "backoff_initial",
@@ -339,6 +354,8 @@ fn build(
         }
         (None, None) => Some(NonZeroUsize::MIN),
     };
+    let min_ready = c.pick("--min-ready", ov.min_ready.as_deref(), "min_ready", values::duration);
+    let on_failure = c.pick("--on-failure", ov.on_failure.as_deref(), "on_failure", values::on_failure);
     let watchdog = c.pick("--watchdog", ov.watchdog.as_deref(), "watchdog", values::duration);
     let max_memory = c.pick("--max-memory", ov.max_memory.as_deref(), "max_memory", values::size);
     let b_initial = c.pick("", None, "backoff_initial", values::duration);
@@ -388,6 +405,8 @@ fn build(
         stop_signal: stop_signal.unwrap_or(Signal::SIGTERM),
         stop_timeout: stop_timeout.unwrap_or(Duration::from_secs(30)),
         reload_batch: reload_batch.unwrap_or(NonZeroUsize::MIN),
+        min_ready: min_ready.unwrap_or(DEFAULT_MIN_READY),
+        on_failure: on_failure.unwrap_or(OnFailure::Rollback),
         backoff,
         watchdog,
         max_memory,

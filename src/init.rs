@@ -68,6 +68,8 @@ fn render_config(s: &Settings, workers: Option<&str>) -> String {
     t.insert("stop_signal".into(), s.stop_signal.as_str().into());
     t.insert("stop_timeout".into(), dur(s.stop_timeout));
     t.insert("reload_batch".into(), toml::Value::Integer(s.reload_batch.get() as i64));
+    t.insert("min_ready".into(), dur(s.min_ready));
+    t.insert("on_failure".into(), s.on_failure.to_string().into());
     if let Some(w) = s.watchdog {
         t.insert("watchdog".into(), dur(w));
     }

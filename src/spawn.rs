@@ -33,12 +33,22 @@ const SCRUBBED: &[&str] = &[
 ];
 
 /// What a generation of workers runs. Immutable; shared by all workers of that generation.
+///
+/// A spec is *pinned* when the generation starts ([`Launcher::pin`]): the working directory is
+/// resolved to its real path (symlinks followed) and the program to an absolute path whose
+/// directory is real too. Every worker of the generation, crash restarts long after included,
+/// runs from there, so a release layout (`/srv/app/current` → `releases/X`, switched by the
+/// deploy tool) keeps old workers on their own release.
 #[derive(Debug)]
 pub struct Spec {
     pub generation: u64,
+    /// argv, as configured (`command[0]` is argv[0]).
     pub command: Vec<String>,
+    /// The program to execute: absolute, its directory resolved.
+    pub program: String,
     pub env: Vec<(String, String)>,
-    pub cwd: Option<PathBuf>,
+    /// The working directory, resolved to its real path.
+    pub cwd: PathBuf,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
     pub stop_signal: Signal,
@@ -50,19 +60,38 @@ pub struct Spec {
 }
 
 impl Spec {
-    pub fn new(s: &Settings, generation: u64) -> Self {
-        Spec {
+    /// A spec for `s`, pinned against `path_env` (the `PATH` search) and the current directory.
+    pub fn pin(s: &Settings, generation: u64, path_env: &[(String, String)]) -> Result<Self, String> {
+        let dir = s.cwd.clone().unwrap_or_else(|| PathBuf::from("."));
+        let cwd =
+            std::fs::canonicalize(&dir).map_err(|e| format!("working directory {}: {e}", dir.display()))?;
+        if !cwd.is_dir() {
+            return Err(format!("working directory {} is not a directory", dir.display()));
+        }
+        let program = s.command.first().ok_or("no command to run")?;
+        let found = resolve(program, path_env, Some(&cwd))?;
+        let full = if found.starts_with('/') { PathBuf::from(&found) } else { cwd.join(&found) };
+        // Resolve the directories, not the file itself: a virtualenv's `bin/python` is a
+        // symlink whose own location is what makes it a virtualenv.
+        let program = match (full.parent(), full.file_name()) {
+            (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+                .map(|p| p.join(name))
+                .map_err(|e| format!("{}: {e}", parent.display()))?,
+            _ => full,
+        };
+        Ok(Spec {
             generation,
             command: s.command.clone(),
+            program: program.to_string_lossy().into_owned(),
             env: s.env.clone(),
-            cwd: s.cwd.clone(),
+            cwd,
             ready: s.ready,
             ready_timeout: s.ready_timeout,
             stop_signal: s.stop_signal,
             stop_timeout: s.stop_timeout,
             watchdog: s.watchdog,
             max_memory: s.max_memory,
-        }
+        })
     }
 }
 
@@ -98,6 +127,13 @@ impl Launcher {
         Ok(Launcher { app, base_env, fds, fdnames, notify_socket, devnull, output })
     }
 
+    /// Pins generation `generation` of `s` (see [`Spec`]).
+    pub fn pin(&self, s: &Settings, generation: u64) -> Result<Spec, String> {
+        let mut env = self.base_env.clone();
+        env.extend(s.env.iter().cloned());
+        Spec::pin(s, generation, &env)
+    }
+
     /// The full environment of a worker, without `LISTEN_PID` (filled in after fork).
     fn env(&self, spec: &Spec, worker_id: usize) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self
@@ -122,7 +158,13 @@ impl Launcher {
 
     pub fn launch(&self, spec: &Spec, worker_id: usize) -> Result<Launched, String> {
         let env = self.env(spec, worker_id);
-        let path = resolve(&spec.command[0], &env, spec.cwd.as_deref())?;
+        let path = &spec.program;
+        if !is_executable(Path::new(path)) {
+            return Err(format!(
+                "{path} (pinned for generation {}) is gone or no longer executable",
+                spec.generation
+            ));
+        }
         let (out_r, out_w) = sys::pipe_cloexec().map_err(|e| format!("cannot create a pipe: {e}"))?;
         let (err_r, err_w) = sys::pipe_cloexec().map_err(|e| format!("cannot create a pipe: {e}"))?;
         let flat: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -130,7 +172,7 @@ impl Launcher {
         let pid_vars: &[&str] =
             if spec.watchdog.is_some() { &["LISTEN_PID", "WATCHDOG_PID"] } else { &["LISTEN_PID"] };
         let mut plan =
-            sys::ExecPlan::new(&path, &spec.command, &flat, pid_vars, spec.cwd.as_deref(), stdio, &self.fds)
+            sys::ExecPlan::new(path, &spec.command, &flat, pid_vars, Some(&spec.cwd), stdio, &self.fds)
                 .map_err(|e| format!("cannot prepare the command: {e}"))?;
         let pid = plan.spawn().map_err(|e| format!("cannot start {}: {e}", spec.command[0]))?;
         drop((out_w, err_w));
@@ -147,10 +189,7 @@ impl Launcher {
 /// Finds the program like `execvp` would, but before forking (so a typo is a clear error, and
 /// the child does no path search).
 pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> Result<String, String> {
-    let executable = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+    let executable = is_executable;
     if program.contains('/') {
         let full = match cwd {
             Some(dir) if !program.starts_with('/') => dir.join(program),
@@ -176,6 +215,11 @@ pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> R
         .find(|p| executable(p))
         .map(|p| p.to_string_lossy().into_owned())
         .ok_or_else(|| format!("command not found: {program} (searched PATH={path})"))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]

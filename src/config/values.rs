@@ -126,6 +126,32 @@ pub fn listen(s: &str) -> Result<ListenAddr, String> {
     }
 }
 
+/// What to do with the slots a failed roll-out already moved to the new generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Roll them back to the previous generation (a normal, readiness-gated roll-out).
+    Rollback,
+    /// Leave them on the new generation.
+    Keep,
+}
+
+impl std::fmt::Display for OnFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnFailure::Rollback => "rollback",
+            OnFailure::Keep => "keep",
+        })
+    }
+}
+
+pub fn on_failure(s: &str) -> Result<OnFailure, String> {
+    match s.trim() {
+        "rollback" => Ok(OnFailure::Rollback),
+        "keep" => Ok(OnFailure::Keep),
+        _ => Err(format!("invalid value {s:?}; use \"rollback\" or \"keep\"")),
+    }
+}
+
 pub fn ready(s: &str) -> Result<ReadyMode, String> {
     let t = s.trim();
     if t == "notify" {

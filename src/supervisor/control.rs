@@ -52,6 +52,9 @@ pub struct WorkerInfo {
     pub pid: Option<i32>,
     pub generation: u64,
     pub state: String,
+    /// The working directory this worker's generation was pinned to (symlinks resolved).
+    #[serde(default)]
+    pub cwd: String,
     pub restarts: u32,
     pub uptime_s: f64,
     /// CPU use since the previous status request (or since start), filled by the control server.
@@ -81,4 +84,7 @@ pub struct LastReload {
     pub at: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// After a failed reload with `on_failure = "rollback"`: "running", "ok" or "failed".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<String>,
 }

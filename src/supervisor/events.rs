@@ -21,6 +21,8 @@ impl Supervisor {
         let how = describe_exit(status);
         let now = Instant::now();
         let ran = now.duration_since(w.started);
+        // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.
+        let owned = self.rollout.as_ref().is_some_and(|r| r.owns(pid));
         match (w.role, w.state) {
             (Role::Retired, _) => {
                 tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
@@ -65,6 +67,9 @@ impl Supervisor {
                     app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
                     "{report}; restarting in {} ({streak})", human(delay)
                 );
+                if owned {
+                    self.fail_rollout(report);
+                }
             }
         }
     }
@@ -142,10 +147,9 @@ impl Supervisor {
             self.on_ready(pid);
         }
         for pid in timed_out {
-            if let Some(w) = self.workers.get_mut(&pid) {
-                w.failure = Some(format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout)));
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                w.state = State::Stopping { kill_at: now + Duration::from_secs(3600) };
+            if let Some(w) = self.workers.get(&pid) {
+                let why = format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout));
+                self.kill_now(pid, Some(why));
             }
         }
         self.check_health(now);

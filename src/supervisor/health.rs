@@ -31,7 +31,7 @@ impl Supervisor {
         let w = self.workers.get(&pid)?;
         let every = w.spec.watchdog?;
         match (w.role, w.state) {
-            (Role::Active, State::Ready { since }) if !self.is_being_replaced(pid) => {
+            (Role::Active | Role::Candidate, State::Ready { since }) if !self.is_being_replaced(pid) => {
                 Some(w.last_ping.max(since) + every)
             }
             _ => None,
@@ -54,7 +54,12 @@ impl Supervisor {
             let every = self.workers[&pid].spec.watchdog.unwrap_or_default();
             let reason = format!("watchdog: no WATCHDOG=1 for {}", super::human(every));
             self.watchdog_timeouts += 1;
-            self.replace_worker(pid, reason, true);
+            if self.rollout.as_ref().is_some_and(|r| r.owns(pid)) {
+                // A worker the roll-out started is hung: kill it; its exit aborts the roll-out.
+                self.kill_now(pid, Some(reason));
+            } else {
+                self.replace_worker(pid, reason, true);
+            }
         }
         if self.next_memory_check.is_some_and(|t| now >= t) {
             self.next_memory_check = Some(now + MEMORY_CHECK);

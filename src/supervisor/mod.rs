@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backoff;
@@ -124,7 +126,7 @@ pub async fn run(
         world.output,
     )?;
     let (events, mut event_rx) = mpsc::unbounded_channel();
-    let spec = Arc::new(Spec::new(&settings, 1));
+    let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
     let mut sup = Supervisor {
         app,
         desired: settings.workers.get(),
@@ -253,6 +255,18 @@ impl Supervisor {
         }
     }
 
+    /// SIGKILLs `pid`'s process group at once (a failed or hung worker); its exit event
+    /// follows. `failure` says why, for the report.
+    fn kill_now(&mut self, pid: i32, failure: Option<String>) {
+        let Some(w) = self.workers.get_mut(&pid) else { return };
+        if failure.is_some() {
+            w.failure = failure;
+        }
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        // Its exit is on the way; the far deadline only keeps the timers quiet until then.
+        w.state = State::Stopping { kill_at: Instant::now() + Duration::from_secs(3600) };
+    }
+
     /// Sends the stop signal (once) and arms the kill timer.
     fn retire(&mut self, pid: i32) {
         let Some(w) = self.workers.get_mut(&pid) else { return };
@@ -283,12 +297,20 @@ impl Supervisor {
         let slots = self.slots.values().filter_map(|s| s.restart_at);
         let watchdogs = self.workers.keys().filter_map(|pid| self.watchdog_deadline(*pid));
         let watchdog = self.watchdog.map(|(every, last)| last + every);
+        // Roll-out candidates holding for min_ready.
+        let holds = self.rollout.iter().flat_map(|r| {
+            r.candidates().filter_map(|pid| match self.workers.get(&pid)?.state {
+                State::Ready { since } => Some(r.hold_until(since)),
+                _ => None,
+            })
+        });
         // Retry notifications the manager had no room for.
         let notify_retry = self.notifier.has_backlog().then(|| Instant::now() + Duration::from_millis(50));
         workers
             .chain(slots)
             .chain(watchdogs)
             .chain(watchdog)
+            .chain(holds)
             .chain(self.next_memory_check)
             .chain(notify_retry)
             .min()

@@ -16,10 +16,14 @@ impl Supervisor {
         let mut s =
             format!("{}/{} ready · generation {}", self.ready_count(), self.desired, self.spec.generation);
         if let Some(r) = &self.rollout {
-            s = format!(
-                "reloading {}/{} · generation {}→{}",
-                r.done, r.total, self.spec.generation, r.spec.generation
-            );
+            s = if r.is_rollback() {
+                format!("rolling back {}/{} · generation {}", r.done, r.total, r.spec.generation)
+            } else {
+                format!(
+                    "reloading {}/{} · generation {}→{}",
+                    r.done, r.total, self.spec.generation, r.spec.generation
+                )
+            };
         }
         let now = Instant::now();
         for (id, slot) in &self.slots {
@@ -50,10 +54,12 @@ impl Supervisor {
                 pid: Some(w.pid),
                 generation: w.spec.generation,
                 state: match w.role {
-                    Role::Candidate if !w.is_ready() => "starting (new)".to_string(),
+                    Role::Candidate if w.is_ready() => "holding".to_string(),
+                    Role::Candidate => "starting (new)".to_string(),
                     Role::Replacement if !w.is_ready() => "starting (replacement)".to_string(),
                     _ => w.state_name().to_string(),
                 },
+                cwd: w.spec.cwd.display().to_string(),
                 restarts: self.slots.get(&w.slot).map_or(0, |s| s.restarts),
                 uptime_s: now.duration_since(w.started).as_secs_f64(),
                 cpu_percent: 0.0,
@@ -67,6 +73,7 @@ impl Supervisor {
                     pid: None,
                     generation: slot.spec.generation,
                     state: if slot.restart_at.is_some() { "backoff" } else { "waiting" }.to_string(),
+                    cwd: slot.spec.cwd.display().to_string(),
                     restarts: slot.restarts,
                     uptime_s: 0.0,
                     cpu_percent: 0.0,

@@ -23,6 +23,11 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
   TW_ALLOC_ONCE_FILE=p  the one process that creates p allocates TW_ALLOC_MB MB
   TW_FAULT_WORKER=id    the *_ONCE_FILE faults only apply in this slot
   TW_BURST_LINES=N      print N numbered lines ("burst i/N") as fast as possible at start
+  TW_READY_GATE=prefix  before accepting / READY=1, wait until the file prefix+WORKER_ID
+                        exists (relative paths: in the working directory)
+  TW_LATE_CRASH_FILE=p  if p exists at startup: print "crashing after ready", exit 4
+                        TW_LATE_CRASH_MS (default 300) ms after READY=1
+  TW_CRASH_FILE=prefix  print "crash file found", exit 4 once prefix+WORKER_ID exists
 
 GET /slow?ms=N delays the answer by N ms (drain tests).
 SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, finish
@@ -124,6 +129,7 @@ INFO = {
     "open_fds": OPEN_FDS,
     "fd_flags": FD_FLAGS,
     "tag": ENV.get("TW_TAG"),
+    "cwd": os.getcwd(),
     "version": VERSION,
     "env": {k: ENV[k] for k in ENV_KEYS if k in ENV},
 }
@@ -381,6 +387,25 @@ def main():
     delay = _int_env("TW_READY_DELAY_MS", 0)
     if delay > 0:
         draining.wait(delay / 1000.0)
+    gate = ENV.get("TW_READY_GATE")
+    while gate and not draining.is_set() and not os.path.exists(f"{gate}{WORKER_ID}"):
+        draining.wait(0.02)
+    late_crash = ENV.get("TW_LATE_CRASH_FILE")
+    if late_crash and os.path.exists(late_crash):
+        def _late():
+            elog("crashing after ready")
+            os._exit(4)
+        _t = threading.Timer(_int_env("TW_LATE_CRASH_MS", 300) / 1000.0, _late)
+        _t.daemon = True
+        _t.start()
+    crash_file = ENV.get("TW_CRASH_FILE")
+    if crash_file:
+        def _watch_crash_file():
+            while not os.path.exists(f"{crash_file}{WORKER_ID}"):
+                time.sleep(0.02)
+            elog("crash file found")
+            os._exit(4)
+        threading.Thread(target=_watch_crash_file, daemon=True).start()
     if not draining.is_set():
         for s in extras:
             threading.Thread(target=extra_listener, args=(s,), daemon=True).start()
