@@ -237,4 +237,35 @@ mod tests {
         std::fs::remove_file(&plain).unwrap();
         assert!(err.contains("not an executable"), "{err}");
     }
+
+    #[test]
+    fn a_spec_is_pinned_to_the_real_directories_but_keeps_the_programs_own_symlink() {
+        let root = std::env::temp_dir().join(format!("herdsman-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let release = root.join("releases/1");
+        std::fs::create_dir_all(release.join("bin")).unwrap();
+        std::os::unix::fs::symlink("releases/1", root.join("current")).unwrap();
+        // bin/server is a symlink (like a virtualenv's bin/python): its own path is kept.
+        std::os::unix::fs::symlink("/bin/sh", release.join("bin/server")).unwrap();
+        let cwd = root.join("current");
+        let settings = |command: &str| Settings {
+            command: vec![command.to_string()],
+            cwd: Some(cwd.clone()),
+            ..crate::config::load(None, &crate::config::Overrides { command: vec!["sh".into()], ..Default::default() }, std::num::NonZeroUsize::MIN).unwrap()
+        };
+        let env = vec![("PATH".to_string(), "/bin:/usr/bin".to_string())];
+        let real = std::fs::canonicalize(&release).unwrap();
+        let spec = Spec::pin(&settings("bin/server"), 7, &env).unwrap();
+        assert_eq!(spec.cwd, real);
+        assert_eq!(spec.program, real.join("bin/server").display().to_string());
+        assert_eq!(spec.command, vec!["bin/server".to_string()], "argv[0] stays as written");
+        let spec = Spec::pin(&settings(&cwd.join("bin/server").display().to_string()), 7, &env).unwrap();
+        assert_eq!(spec.program, real.join("bin/server").display().to_string());
+        let spec = Spec::pin(&settings("sh"), 7, &env).unwrap();
+        assert!(spec.program.starts_with('/') && spec.program.ends_with("/sh"), "{}", spec.program);
+        std::fs::remove_file(root.join("current")).unwrap();
+        let err = Spec::pin(&settings("sh"), 8, &env).unwrap_err();
+        assert!(err.contains("working directory"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

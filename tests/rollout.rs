@@ -76,6 +76,7 @@ fn release_run(dir: &TempDir, rel: &Releases, workers: usize) -> Run {
         .worker_env("TW_CRASH_FILE", "crash-")
         .worker_env("TW_LATE_CRASH_FILE", "LATE_CRASH")
         .worker_env("TW_BREAK_FILE", "BROKEN")
+        .worker_env("TW_LATE_HANG_FILE", "LATE_HANG")
 }
 
 /// The live (not stopping) workers in `status --json`, by slot.
@@ -185,6 +186,30 @@ fn a_crash_within_min_ready_fails_the_reload_with_every_old_worker_still_serving
         "reload of 2 workers",
         "reload fails; no old worker was stopped (same pids)",
     );
+}
+
+#[test]
+fn a_new_worker_that_misses_its_watchdog_aborts_the_reload() {
+    let dir = TempDir::new("rollout-watchdog");
+    let sock = dir.path("control.sock").display().to_string();
+    let rel = Releases::new(&dir);
+    let a = rel.release("a", &["gate-0", "gate-1"]);
+    rel.release("b", &["gate-0", "gate-1", "LATE_HANG"]);
+    rel.switch("a");
+    let _h = release_run(&dir, &rel, 2)
+        .arg("--watchdog")
+        .arg("3s")
+        .arg("--min-ready")
+        .arg("1h")
+        .worker_env("TW_WATCHDOG", "1")
+        .start();
+    let before = settled(&sock, 2, 1, &a);
+    rel.switch("b");
+    let out = cli(&["reload", &sock]);
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(settled(&sock, 2, 1, &a), before, "every old worker still serves");
+    let v = status_json(&sock);
+    assert!(v["last_reload"]["error"].as_str().unwrap().contains("watchdog"), "{v}");
 }
 
 #[test]

@@ -31,8 +31,16 @@ impl Supervisor {
                 let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
                 self.replacement_failed(pid, &failure_report(&w, &reason));
             }
-            (Role::Candidate, _) => {
-                let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
+            (Role::Candidate, state) => {
+                let reason = match (&w.failure, state) {
+                    (Some(f), _) => f.clone(),
+                    (None, State::Ready { since }) => format!(
+                        "{how} {} after it was ready, within min_ready ({})",
+                        human(now.duration_since(since)),
+                        human(self.settings.min_ready)
+                    ),
+                    (None, _) => format!("{how} before it was ready"),
+                };
                 let report = failure_report(&w, &reason);
                 tracing::error!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
                 self.fail_rollout(report);

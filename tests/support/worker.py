@@ -27,6 +27,8 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
                         exists (relative paths: in the working directory)
   TW_LATE_CRASH_FILE=p  if p exists at startup: print "crashing after ready", exit 4
                         TW_LATE_CRASH_MS (default 300) ms after READY=1
+  TW_LATE_HANG_FILE=p   if p exists at startup: hang (no accepts, no watchdog pings)
+                        300 ms after READY=1
   TW_CRASH_FILE=prefix  print "crash file found", exit 4 once prefix+WORKER_ID exists
 
 GET /slow?ms=N delays the answer by N ms (drain tests).
@@ -398,6 +400,9 @@ def main():
         _t = threading.Timer(_int_env("TW_LATE_CRASH_MS", 300) / 1000.0, _late)
         _t.daemon = True
         _t.start()
+    late_hang = ENV.get("TW_LATE_HANG_FILE")
+    if late_hang and os.path.exists(late_hang):
+        threading.Timer(0.3, hung.set).start()
     crash_file = ENV.get("TW_CRASH_FILE")
     if crash_file:
         def _watch_crash_file():
