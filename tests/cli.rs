@@ -208,3 +208,47 @@ fn init_writes_the_app_refuses_to_overwrite_and_dry_run_changes_nothing() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!cfg.join("web.toml").exists() && !units.join("herdsman@web.socket.d").exists());
 }
+
+#[test]
+fn unknown_worker_user_or_group_is_a_configuration_error_naming_the_key() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        herdsman(&args, &[])
+    };
+    assert_one_line_error(
+        &run(&["--user", "no-such-user-xyz"]),
+        CONFIG,
+        "--user: no such user \"no-such-user-xyz\"",
+    );
+    assert_one_line_error(
+        &run(&["--user", "nobody", "--group", "no-such-group-xyz"]),
+        CONFIG,
+        "--group: no such group \"no-such-group-xyz\"",
+    );
+    let dir = TempDir::new("badusercfg");
+    let cfg = dir.path("app.toml");
+    std::fs::write(&cfg, "user = \"no-such-user-xyz\"\n").unwrap();
+    assert_one_line_error(&run(&["-c", cfg.to_str().unwrap()]), CONFIG, "key `user`: no such user");
+    std::fs::write(&cfg, "group = \"no-such-group-xyz\"\n").unwrap();
+    let out = herdsman(&["check-config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(CONFIG));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key `group`: no such group"));
+}
+
+#[test]
+fn a_non_root_supervisor_cannot_switch_to_another_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_non_root_supervisor_cannot_switch_to_another_user: needs root to become nobody");
+        return;
+    }
+    // Run herdsman itself as nobody (setpriv comes with util-linux).
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "run", "--listen", "127.0.0.1:0"])
+        .args(["--control", "/nonexistent/c.sock", "--user", "root", "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, CONFIG, "--user: cannot run workers as \"root\": only root can switch users");
+}

@@ -24,6 +24,9 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
   TW_FAULT_WORKER=id    the *_ONCE_FILE faults only apply in this slot
   TW_BURST_LINES=N      print N numbered lines ("burst i/N") as fast as possible at start
 
+Also reported: "uids"/"gids" (real, effective, saved) and "groups" (supplementary),
+and HOME/USER/LOGNAME in "env".
+
 GET /slow?ms=N delays the answer by N ms (drain tests).
 SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, finish
 in-flight requests (answering with Connection: close), close idle keep-alive
@@ -111,7 +114,7 @@ if ENV.get("TW_VERSION_FILE"):
 
 ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
             "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
-            "HERDSMAN_WORKER_ID", "HERDSMAN_GENERATION")
+            "HERDSMAN_WORKER_ID", "HERDSMAN_GENERATION", "HOME", "USER", "LOGNAME")
 
 INFO = {
     "pid": os.getpid(),
@@ -126,6 +129,10 @@ INFO = {
     "tag": ENV.get("TW_TAG"),
     "version": VERSION,
     "env": {k: ENV[k] for k in ENV_KEYS if k in ENV},
+    # Real, effective and saved ids (all must match after a --user drop) and the groups.
+    "uids": list(os.getresuid()),
+    "gids": list(os.getresgid()),
+    "groups": sorted(os.getgroups()),
 }
 
 
