@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::CheckConfig { file } => check_config(&file),
         Command::Status { target, json } => client_result(client::status(target.as_deref(), json, &env())),
-        Command::Init(a) => init_result(herdsman::init::init(&a, cpus())),
+        Command::Init(a) => init_result(herdsman::init::init(&a, cpus(), var_opt("SUDO_USER").as_deref())),
         Command::Remove(a) => init_result(herdsman::init::remove(&a)),
         Command::Generate { dir } => match herdsman::generate::write_all(&dir) {
             Ok(()) => code(exit::OK),
