@@ -215,6 +215,16 @@ fn run(args: RunArgs) -> ExitCode {
     let paths_env = paths::Env::from_process();
     let control_path =
         settings.control.clone().unwrap_or_else(|| paths::default_socket(&settings.name, &paths_env));
+    if let Some(dir) = paths::fallback_dir(&paths_env).filter(|_| settings.control.is_none()) {
+        if let Err(e) = paths::ensure_private_dir(&dir, paths_env.euid) {
+            eprintln!("herdsman: {e}");
+            return code(if matches!(e, paths::PrivateDirError::NotOurs { .. }) {
+                exit::CONFIG
+            } else {
+                exit::FAILURE
+            });
+        }
+    }
     let group = settings
         .control_group
         .as_deref()

@@ -315,3 +315,47 @@ fn init_escapes_percent_and_interface_scopes_so_systemd_accepts_the_drop_in() {
     let out = init_scratch(&dir, &["--listen", "[fe80::1%1]:8080", "--listen", "127.0.0.1:8080"]);
     assert_one_line_error(&out, CONFIG, "has an interface scope");
 }
+
+#[test]
+fn a_tmp_runtime_dir_created_by_another_user_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIP a_tmp_runtime_dir_created_by_another_user_is_refused: needs root to act as two users"
+        );
+        return;
+    }
+    // TMPDIR points herdsman's /tmp fallback at a scratch dir; "another user" is root.
+    let dir = TempDir::new("tmpfallback");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let planted = dir.path(&format!("herdsman-{}", nobody.uid));
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let child = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "run", "--listen", "127.0.0.1:0"])
+        .args(["--", "/bin/true"])
+        .env("TMPDIR", &dir.0)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("LISTEN_FDS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Without the check herdsman would start serving from the planted directory: bound the
+    // wait, and kill it if it does not refuse.
+    let mut child = child;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("herdsman started from a runtime directory another user created");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_one_line_error(&out, CONFIG, "XDG_RUNTIME_DIR");
+    assert!(std::fs::read_dir(&planted).unwrap().next().is_none(), "nothing created inside it");
+}
