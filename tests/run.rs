@@ -512,6 +512,9 @@ fn workers_run_as_the_user_flag_names_and_the_supervisor_stays_root() {
     let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
     let dir = TempDir::new("user");
     let h = Run::new(&dir, 2)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
         .arg("--user")
         .arg("nobody")
         .env("HOME", "/root")
@@ -560,4 +563,33 @@ fn config_user_and_group_set_the_workers_primary_group() {
     assert_eq!(v["uids"], serde_json::json!([uid, uid, uid]), "{v}");
     assert_eq!(v["gids"], serde_json::json!([gid, gid, gid]), "{v}");
     assert_eq!(v["groups"], expected_groups("nobody", gid), "{v}");
+}
+
+#[test]
+fn a_failed_credential_drop_fails_the_worker_start_and_never_runs_it_as_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_failed_credential_drop...: needs root");
+        return;
+    }
+    // herdsman as root but without CAP_SETGID/CAP_SETUID: setgroups fails in the child.
+    let dir = TempDir::new("dropfail");
+    let run = Run::new(&dir, 1).arg("--user").arg("nobody").arg("--").arg(SYSTEM_PYTHON).arg(&worker_py());
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--inh-caps=-setgid,-setuid", "--bounding-set=-setgid,-setuid", BIN]).args(&run.args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+    let mut child = cmd.spawn().unwrap();
+    let stderr = capture(child.stderr.take().unwrap(), true);
+    let stdout = capture(child.stdout.take().unwrap(), false);
+    let h = Herdsman { child: Some(child), stderr, stdout, addr: run.addr };
+    h.wait_log("setting the supplementary groups (setgroups): Operation not permitted", 2, LONG);
+    // The slot waits in back-off with no process: nothing ever ran as root in its place.
+    let st = wait_for(LONG, "the slot in back-off", || {
+        let st = status_json(dir.path("control.sock"));
+        (st["workers"][0]["state"] == "backoff").then_some(st)
+    });
+    assert!(st["workers"][0]["pid"].is_null(), "{st}");
+    assert_eq!(st["ready"], 0, "{st}");
 }
