@@ -305,7 +305,7 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     let root_warning = || {
         if user.is_none() {
             eprintln!(
-                "herdsman: warning: the workers of {name} run as root; choose a user with --user www-data (or run init with sudo as that user)"
+                "herdsman: warning: no --user (and no SUDO_USER): the workers of {name} run as root under the shipped unit; choose a user with --user www-data"
             );
         }
     };
