@@ -133,6 +133,12 @@ pub struct AppArgs {
     /// Replace (gracefully) a worker whose memory stays above this, e.g. 512M.
     #[arg(long, value_name = "SIZE")]
     pub max_memory: Option<String>,
+    /// Run workers as this user (name or uid): its primary and supplementary groups, HOME, USER, LOGNAME. Needs root.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Override the workers' primary group (name or gid).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
 }
 
 impl AppArgs {
@@ -159,6 +165,8 @@ impl AppArgs {
             max_memory: self.max_memory.clone(),
             control,
             command,
+            user: self.user.clone(),
+            group: self.group.clone(),
         }
     }
 }

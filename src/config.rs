@@ -62,6 +62,8 @@ pub struct Settings {
     pub control_group: Option<String>,
     /// The config file's own `workers` value, as written, to notice when it changes on reload.
     pub file_workers: Option<String>,
+    /// Workers run as this user (`user`/`group`), resolved; `None`: as the supervisor.
+    pub user: Option<crate::credentials::Credentials>,
 }
 
 /// Values given on the command line; each overrides the file's.
@@ -83,6 +85,8 @@ pub struct Overrides {
     pub max_memory: Option<String>,
     pub control: Option<PathBuf>,
     pub command: Vec<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 /// Every problem found, one line each.
@@ -112,6 +116,8 @@ pub const KEYS: &[&str] = &[
     "backoff_reset",
     "control",
     "control_group",
+    "user",
+    "group",
 ];
 
 /// Reads and validates `file` (if any) merged with `ov`. `cpus` resolves "auto" worker counts.
@@ -369,6 +375,21 @@ fn build(
         }
     }
 
+    let user_key = ov.user.clone().or_else(|| c.file_str("user"));
+    let group_key = ov.group.clone().or_else(|| c.file_str("group"));
+    let (euid, egid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+    let user = crate::credentials::resolve(user_key.as_deref(), group_key.as_deref(), euid, egid)
+        .unwrap_or_else(|e| {
+            let (flag, key, cli) =
+                if e.is_group() { ("--group", "group", &ov.group) } else { ("--user", "user", &ov.user) };
+            if cli.is_some() {
+                c.flag_problem(flag, e)
+            } else {
+                c.file_problem(key, e)
+            }
+            None
+        });
+
     let backoff = BackoffPolicy {
         initial: b_initial.unwrap_or(Duration::from_millis(100)),
         max: b_max.unwrap_or(Duration::from_secs(30)),
@@ -413,6 +434,7 @@ fn build(
         control,
         control_group,
         file_workers,
+        user,
     })
 }
 

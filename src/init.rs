@@ -5,6 +5,13 @@
 //! `herdsman@NAME.socket` its address(es), and, when the stop timeout is longer than the
 //! unit's default allows, a drop-in raising `TimeoutStopSec=`; then `daemon-reload` and
 //! `enable --now` of the socket and the service.
+//!
+//! Workers run as `--user` (default: the user who ran `sudo`, `SUDO_USER`; else root, with a
+//! warning). The config may hold secrets (`--env`), so it is written 0640 root:(the worker's
+//! group), or 0600 without a worker user, atomically: an exclusive temp file (never through a
+//! symlink), fsync, rename, fsync of the directory. Every value that goes into a unit file is
+//! checked for control characters (a newline would start a new directive) and has `%` escaped
+//! as `%%` (systemd's specifier character).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,8 +35,16 @@ fn fail(code: i32, message: impl Into<String>) -> Failure {
     Failure { code, message: message.into() }
 }
 
+/// A file to write: path, contents, mode, and the group to give it (`None`: ours).
+struct File {
+    path: PathBuf,
+    text: String,
+    mode: u32,
+    group: Option<u32>,
+}
+
 struct Plan {
-    files: Vec<(PathBuf, String)>,
+    files: Vec<File>,
     commands: Vec<Vec<String>>,
 }
 
@@ -46,7 +61,7 @@ fn units(name: &str) -> [String; 2] {
 }
 
 /// Renders the validated settings as the app's config file.
-fn render_config(s: &Settings, workers: Option<&str>) -> String {
+fn render_config(s: &Settings, workers: Option<&str>, user: Option<&str>, group: Option<&str>) -> String {
     let mut t = toml::Table::new();
     let strs = |v: &[String]| toml::Value::Array(v.iter().map(|x| toml::Value::String(x.clone())).collect());
     t.insert("name".into(), s.name.clone().into());
@@ -58,6 +73,12 @@ fn render_config(s: &Settings, workers: Option<&str>) -> String {
         _ => toml::Value::Integer(s.workers.get() as i64),
     };
     t.insert("workers".into(), w);
+    if let Some(u) = user {
+        t.insert("user".into(), u.into());
+    }
+    if let Some(g) = group {
+        t.insert("group".into(), g.into());
+    }
     t.insert("listen".into(), strs(&s.listen.iter().map(ToString::to_string).collect::<Vec<_>>()));
     if let Some(cwd) = &s.cwd {
         t.insert("cwd".into(), cwd.display().to_string().into());
@@ -90,29 +111,88 @@ fn render_config(s: &Settings, workers: Option<&str>) -> String {
     )
 }
 
-fn render_socket(s: &Settings) -> String {
+/// A value for a unit file: no control characters (a newline would start a new directive, a
+/// trailing backslash would continue the line), `%` escaped as `%%`.
+fn unit_value(value: &str, what: &str) -> Result<String, Failure> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(fail(
+            exit::CONFIG,
+            format!(
+                "{what} {value:?} contains the control character {c:?}, which cannot go into a systemd unit file; use a value without control characters"
+            ),
+        ));
+    }
+    if value.ends_with('\\') {
+        return Err(fail(
+            exit::CONFIG,
+            format!(
+                "{what} {value:?} ends with a backslash, which continues the line in a systemd unit file; remove it"
+            ),
+        ));
+    }
+    Ok(value.replace('%', "%%"))
+}
+
+/// The name of network interface `index`, for `BindToDevice=`.
+fn interface_name(index: u32) -> Option<String> {
+    let all = nix::net::if_::if_nameindex().ok()?;
+    all.iter().find(|i| i.index() == index).map(|i| i.name().to_string_lossy().into_owned())
+}
+
+fn render_socket(s: &Settings) -> Result<String, Failure> {
     let mut out = format!(
         "# Written by `herdsman init {}`: the app's listening address(es).\n[Socket]\nListenStream=\n",
         s.name
     );
+    let mut device = None;
     for l in &s.listen {
         let addr = match l {
+            // systemd (252) cannot parse a scope in ListenStream= ("[fe80::1%2]:80"): the
+            // address goes without it and the socket is bound to the interface instead.
+            ListenAddr::Tcp(std::net::SocketAddr::V6(a)) if a.scope_id() != 0 => {
+                if s.listen.len() > 1 {
+                    return Err(fail(
+                        exit::CONFIG,
+                        format!(
+                            "--listen: {l} has an interface scope, which binds every socket of the app to that interface (BindToDevice=); give it as the only --listen"
+                        ),
+                    ));
+                }
+                let name = interface_name(a.scope_id()).ok_or_else(|| {
+                    fail(
+                        exit::CONFIG,
+                        format!("--listen: {l}: no network interface with index {} here; use an existing interface's index (ip link)", a.scope_id()),
+                    )
+                })?;
+                device = Some(unit_value(&name, "--listen: interface name")?);
+                format!("[{}]:{}", a.ip(), a.port())
+            }
             ListenAddr::Tcp(a) => a.to_string(),
             ListenAddr::Unix(p) => p.display().to_string(),
         };
-        let _ = writeln!(out, "ListenStream={addr}");
+        let _ = writeln!(out, "ListenStream={}", unit_value(&addr, "--listen: address")?);
     }
-    out
+    if let Some(dev) = device {
+        let _ = writeln!(out, "# The address's interface scope.\nBindToDevice={dev}");
+    }
+    Ok(out)
 }
 
-fn plan_init(a: &InitArgs, s: &Settings) -> Plan {
+fn plan_init(a: &InitArgs, s: &Settings, user: Option<&str>) -> Result<Plan, Failure> {
+    // The config may hold secrets (--env): readable by root and the worker's group only.
+    let (mode, group) = match &s.user {
+        Some(u) => (0o640, Some(u.gid)),
+        None => (0o600, None),
+    };
+    let config = render_config(s, a.app.workers.as_deref(), user, a.app.group.as_deref());
+    let unit = |path, text| File { path, text, mode: 0o644, group: None };
     let mut files = vec![
-        (a.config_dir.join(format!("{}.toml", s.name)), render_config(s, a.app.workers.as_deref())),
-        (socket_dropin(&a.unit_dir, &s.name), render_socket(s)),
+        File { path: a.config_dir.join(format!("{}.toml", s.name)), text: config, mode, group },
+        unit(socket_dropin(&a.unit_dir, &s.name), render_socket(s)?),
     ];
     if s.stop_timeout > UNIT_STOP_TIMEOUT {
         let secs = (s.stop_timeout + Duration::from_secs(15)).as_secs();
-        files.push((
+        files.push(unit(
             service_dropin(&a.unit_dir, &s.name),
             format!("# Written by `herdsman init`: stop_timeout plus a margin.\n[Service]\nTimeoutStopSec={secs}s\n"),
         ));
@@ -126,7 +206,7 @@ fn plan_init(a: &InitArgs, s: &Settings) -> Plan {
             vec!["systemctl".into(), "enable".into(), "--now".into(), sock, svc],
         ]
     };
-    Plan { files, commands }
+    Ok(Plan { files, commands })
 }
 
 fn systemd_running() -> bool {
@@ -145,17 +225,45 @@ fn run_command(cmd: &[String]) -> Result<(), Failure> {
     }
 }
 
-fn write_file(path: &Path, text: &str) -> Result<(), Failure> {
+/// Writes `f` atomically: a new temp file next to it (`O_EXCL|O_NOFOLLOW`: never an existing
+/// file or a symlink), mode and group set before any byte is written, fsync, rename over the
+/// target (which replaces a symlink there instead of following it), fsync of the directory.
+fn write_file(f: &File) -> Result<(), Failure> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = &f.path;
     let io = |e: std::io::Error| fail(exit::FAILURE, format!("cannot write {}: {e}", path.display()));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(f.mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .map_err(|e| fail(exit::FAILURE, format!("cannot create {}: {e}", tmp.display())))?;
+    let written = (|| {
+        out.set_permissions(std::fs::Permissions::from_mode(f.mode))?;
+        if let Some(g) = f.group {
+            std::os::unix::fs::fchown(&out, None, Some(g))?;
+        }
+        out.write_all(f.text.as_bytes())?;
+        out.sync_all()?;
+        drop(out);
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    written.map_err(io)
 }
 
-pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize) -> Result<(), Failure> {
+/// `sudo_user` is `SUDO_USER` (read by `main`): the default worker user when `--user` is not
+/// given.
+pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>) -> Result<(), Failure> {
     let name = config::values::name(&a.name).map_err(|e| fail(exit::CONFIG, format!("NAME: {e}")))?;
     if a.app.listen.is_empty() {
         return Err(fail(
@@ -178,8 +286,15 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize) -> Result<(), Failure> {
             *first = crate::spawn::resolve(first, &env, Some(&cwd)).map_err(|e| fail(exit::CONFIG, e))?;
         }
     }
+    // Workers run as --user, else as the user who ran sudo; root only when neither is known
+    // (then nothing is written, and the workers run as the supervisor: root under the shipped
+    // unit, the service user under a User=/DynamicUser= drop-in).
+    let user = a.app.user.clone().or_else(|| {
+        sudo_user.map(str::trim).filter(|u| !u.is_empty() && *u != "root" && *u != "0").map(String::from)
+    });
     let mut ov = a.app.overrides(Some(name.clone()), None, command);
     ov.cwd = Some(cwd);
+    ov.user = user.clone();
     let settings = config::load(None, &ov, cpus).map_err(|p| fail(exit::CONFIG, p.0.join("\n")))?;
     let config_path = a.config_dir.join(format!("{name}.toml"));
     if config_path.exists() && !a.force && !a.dry_run {
@@ -188,14 +303,22 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize) -> Result<(), Failure> {
             format!("app {name} already exists ({}); pass --force to overwrite it", config_path.display()),
         ));
     }
-    let plan = plan_init(a, &settings);
+    let plan = plan_init(a, &settings, user.as_deref())?;
+    let root_warning = || {
+        if user.is_none() {
+            eprintln!(
+                "herdsman: warning: no --user (and no SUDO_USER): the workers of {name} run as root under the shipped unit; choose a user with --user www-data"
+            );
+        }
+    };
     if a.dry_run {
-        for (path, text) in &plan.files {
-            println!("would write {}:\n{}", path.display(), indent(text));
+        for f in &plan.files {
+            println!("would write {} (mode {:04o}):\n{}", f.path.display(), f.mode, indent(&f.text));
         }
         for c in &plan.commands {
             println!("would run: {}", c.join(" "));
         }
+        root_warning();
         return Ok(());
     }
     if !plan.commands.is_empty() && !systemd_running() {
@@ -205,9 +328,9 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize) -> Result<(), Failure> {
         ));
     }
     let was_active = !plan.commands.is_empty() && is_active(&units(&name)[1]);
-    for (path, text) in &plan.files {
-        write_file(path, text)?;
-        println!("wrote {}", path.display());
+    for f in &plan.files {
+        write_file(f)?;
+        println!("wrote {}", f.path.display());
     }
     for c in &plan.commands {
         run_command(c)?;
@@ -225,6 +348,7 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize) -> Result<(), Failure> {
         settings.workers,
         addrs.join(", ")
     );
+    root_warning();
     Ok(())
 }
 
@@ -270,4 +394,142 @@ pub fn remove(a: &RemoveArgs) -> Result<(), Failure> {
         run_command(&["systemctl".into(), "daemon-reload".into()])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("herdsman-init-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Scratch(p)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn args(dir: &Path, extra: &[&str]) -> InitArgs {
+        use clap::Parser;
+        let (cfg, units) = (dir.join("etc").display().to_string(), dir.join("units").display().to_string());
+        let mut argv = vec!["herdsman", "init", "web", "--listen", "127.0.0.1:8080", "--no-start"];
+        argv.extend_from_slice(&["--config-dir", &cfg, "--unit-dir", &units, "-e", "SECRET=hunter2"]);
+        argv.extend_from_slice(extra);
+        argv.extend_from_slice(&["--", "/bin/sh", "-c", "exit 0"]);
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::Init(a) => *a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn cpus() -> std::num::NonZeroUsize {
+        std::num::NonZeroUsize::MIN
+    }
+
+    fn written(dir: &Path) -> (toml::Table, std::fs::Metadata) {
+        let path = dir.join("etc/web.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        (text.parse().unwrap(), std::fs::symlink_metadata(&path).unwrap())
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn init_defaults_the_worker_user_to_sudo_user_and_gives_the_config_to_its_group() {
+        if !is_root() {
+            eprintln!("SKIP: resolving another worker user needs root");
+            return;
+        }
+        let dir = Scratch::new("sudo");
+        init(&args(&dir.0, &[]), cpus(), Some("nobody")).map_err(|f| f.message).unwrap();
+        let (t, meta) = written(&dir.0);
+        assert_eq!(t.get("user").and_then(|v| v.as_str()), Some("nobody"), "{t}");
+        assert!(t.get("group").is_none(), "{t}");
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+        assert_eq!((meta.uid(), meta.gid()), (0, nobody.gid.as_raw()));
+    }
+
+    #[test]
+    fn init_user_and_group_flags_win_over_sudo_user() {
+        if !is_root() {
+            eprintln!("SKIP: resolving another worker user needs root");
+            return;
+        }
+        let dir = Scratch::new("flags");
+        init(&args(&dir.0, &["--user", "nobody", "--group", "daemon"]), cpus(), Some("daemon"))
+            .map_err(|f| f.message)
+            .unwrap();
+        let (t, meta) = written(&dir.0);
+        assert_eq!(t.get("user").and_then(|v| v.as_str()), Some("nobody"), "{t}");
+        assert_eq!(t.get("group").and_then(|v| v.as_str()), Some("daemon"), "{t}");
+        let daemon = nix::unistd::Group::from_name("daemon").unwrap().unwrap();
+        assert_eq!(meta.gid(), daemon.gid.as_raw());
+        // What init wrote loads back to the same worker identity.
+        let s = config::load(Some(&dir.0.join("etc/web.toml")), &Default::default(), cpus()).unwrap();
+        assert_eq!(s.user.map(|u| (u.user, u.gid)), Some(("nobody".to_string(), daemon.gid.as_raw())));
+    }
+
+    #[test]
+    fn init_without_sudo_user_writes_no_user_and_a_private_config() {
+        let dir = Scratch::new("root");
+        for sudo in [None, Some(""), Some("root")] {
+            init(&args(&dir.0, &["--force"]), cpus(), sudo).map_err(|f| f.message).unwrap();
+            let (t, meta) = written(&dir.0);
+            assert!(t.get("user").is_none() && t.get("group").is_none(), "{sudo:?}: {t}");
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the config holds --env secrets");
+        }
+    }
+
+    #[test]
+    fn unknown_init_user_is_a_config_error() {
+        let dir = Scratch::new("nouser");
+        let f = init(&args(&dir.0, &[]), cpus(), Some("no-such-user-xyz")).expect_err("must fail");
+        assert_eq!(f.code, exit::CONFIG);
+        assert!(f.message.contains("--user: no such user"), "{}", f.message);
+        assert!(!dir.0.join("etc/web.toml").exists());
+    }
+
+    #[test]
+    fn unit_values_reject_control_characters_and_escape_specifiers() {
+        assert_eq!(unit_value("/run/a%b.sock", "x").ok().unwrap(), "/run/a%%b.sock");
+        for bad in ["/run/a\nExecStartPre=/bin/sh", "/run/a\r", "/run/\u{7f}", "/run/a\\"] {
+            let f = unit_value(bad, "--listen: address").expect_err(bad);
+            assert_eq!(f.code, exit::CONFIG);
+            assert!(!f.message.contains('\n'), "one line: {}", f.message);
+        }
+    }
+
+    #[test]
+    fn config_write_never_follows_symlinks_and_leaves_no_temp_file() {
+        let dir = Scratch::new("symlink");
+        let victim = dir.0.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let target = dir.0.join("web.toml");
+        // A symlink planted at the target is replaced, not written through.
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        let f = File { path: target.clone(), text: "x = 1\n".into(), mode: 0o600, group: None };
+        write_file(&f).map_err(|f| f.message).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = std::fs::symlink_metadata(&target).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "x = 1\n");
+        let entries: Vec<_> = std::fs::read_dir(&dir.0).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(entries.len(), 2, "no temp file left: {entries:?}");
+        // A symlink planted at the temp name makes the write fail instead of following it.
+        let tmp = dir.0.join(format!(".web.toml.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        assert!(write_file(&f).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    }
 }

@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod credentials;
 pub mod exit;
 pub mod generate;
 pub mod init;

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::CheckConfig { file } => check_config(&file),
         Command::Status { target, json } => client_result(client::status(target.as_deref(), json, &env())),
-        Command::Init(a) => init_result(herdsman::init::init(&a, cpus())),
+        Command::Init(a) => init_result(herdsman::init::init(&a, cpus(), var_opt("SUDO_USER").as_deref())),
         Command::Remove(a) => init_result(herdsman::init::remove(&a)),
         Command::Generate { dir } => match herdsman::generate::write_all(&dir) {
             Ok(()) => code(exit::OK),
@@ -215,6 +215,16 @@ fn run(args: RunArgs) -> ExitCode {
     let paths_env = paths::Env::from_process();
     let control_path =
         settings.control.clone().unwrap_or_else(|| paths::default_socket(&settings.name, &paths_env));
+    if let Some(dir) = paths::fallback_dir(&paths_env).filter(|_| settings.control.is_none()) {
+        if let Err(e) = paths::ensure_private_dir(&dir, paths_env.euid) {
+            eprintln!("herdsman: {e}");
+            return code(if matches!(e, paths::PrivateDirError::NotOurs { .. }) {
+                exit::CONFIG
+            } else {
+                exit::FAILURE
+            });
+        }
+    }
     let group = settings
         .control_group
         .as_deref()

@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
 use crate::config::{ReadyMode, Settings};
+use crate::credentials::Credentials;
 use crate::output::{Origin, Output, Stream, Tail};
 use crate::sys;
 
@@ -31,6 +32,9 @@ const SCRUBBED: &[&str] = &[
     "HERDSMAN_WORKER_ID",
     "HERDSMAN_GENERATION",
 ];
+
+/// Follow the worker user (from its passwd entry) when workers run as another user.
+const USER_VARS: &[&str] = &["HOME", "USER", "LOGNAME"];
 
 /// What a generation of workers runs. Immutable; shared by all workers of that generation.
 ///
@@ -57,6 +61,8 @@ pub struct Spec {
     pub watchdog: Option<Duration>,
     /// A worker whose RSS stays above this many bytes is replaced.
     pub max_memory: Option<u64>,
+    /// Run workers as this user (`--user`/`--group`); `None`: as the supervisor.
+    pub user: Option<Credentials>,
 }
 
 impl Spec {
@@ -91,6 +97,7 @@ impl Spec {
             stop_timeout: s.stop_timeout,
             watchdog: s.watchdog,
             max_memory: s.max_memory,
+            user: s.user.clone(),
         })
     }
 }
@@ -141,8 +148,17 @@ impl Launcher {
             .iter()
             .filter(|(k, _)| !SCRUBBED.contains(&k.as_str()))
             .filter(|(k, _)| !spec.env.iter().any(|(sk, _)| sk == k))
+            .filter(|(k, _)| spec.user.is_none() || !USER_VARS.contains(&k.as_str()))
             .cloned()
             .collect();
+        if let Some(u) = &spec.user {
+            // The worker user's own identity, unless the config sets these explicitly.
+            for (k, v) in [("HOME", &u.home), ("USER", &u.user), ("LOGNAME", &u.user)] {
+                if !spec.env.iter().any(|(sk, _)| sk == k) {
+                    env.push((k.into(), v.clone()));
+                }
+            }
+        }
         env.extend(spec.env.iter().cloned());
         env.push(("LISTEN_FDS".into(), self.fds.len().to_string()));
         env.push(("LISTEN_FDNAMES".into(), self.fdnames.clone()));
@@ -174,6 +190,9 @@ impl Launcher {
         let mut plan =
             sys::ExecPlan::new(path, &spec.command, &flat, pid_vars, Some(&spec.cwd), stdio, &self.fds)
                 .map_err(|e| format!("cannot prepare the command: {e}"))?;
+        if let Some(u) = &spec.user {
+            plan = plan.with_credentials(u.uid, u.gid, &u.groups);
+        }
         let pid = plan.spawn().map_err(|e| format!("cannot start {}: {e}", spec.command[0]))?;
         drop((out_w, err_w));
         let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;

@@ -5,8 +5,9 @@
 //! or calling `setenv` between fork and exec is not async-signal-safe in a threaded process. So
 //! [`ExecPlan`] builds `argv`, `envp` (with a fixed-size `LISTEN_PID=` slot), the fd layout and
 //! the working directory *before* forking, and the child only does async-signal-safe system
-//! calls: `dup2`, `close_range`, `setpgid`, `prctl`, `sigprocmask`, `signal`, `chdir`, writing
-//! digits into memory it already owns, and `execve`. No allocation, no locks, no logging.
+//! calls: `dup2`, `close_range`, `setpgid`, `setgroups`/`setgid`/`setuid` (with `--user`, on
+//! numbers resolved before fork), `prctl`, `sigprocmask`, `signal`, `chdir`, writing digits
+//! into memory it already owns, and `execve`. No allocation, no locks, no logging.
 //!
 //! The fd plan is simple by construction: every listening socket is kept at a number
 //! `>= 3 + n` in the supervisor (see `listeners`), so `dup2(src, 3 + i)` can never clobber
@@ -23,7 +24,14 @@ const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
 const PID_SLOT_LEN: usize = 32 + 20 + 1;
 
 /// Which step in the child failed; reported to the parent with the errno.
-const STAGES: &[&str] = &["setting up file descriptors", "changing directory", "executing the command"];
+const STAGES: &[&str] = &[
+    "setting up file descriptors",
+    "changing directory",
+    "executing the command",
+    "setting the supplementary groups (setgroups)",
+    "setting the group (setgid)",
+    "setting the user (setuid)",
+];
 
 /// Everything a worker's exec needs, prepared before `fork()`.
 #[derive(Debug)]
@@ -39,6 +47,8 @@ pub struct ExecPlan {
     stdio: [RawFd; 3],
     fds: Vec<RawFd>,
     max_fd: c_int,
+    /// `(uid, gid, supplementary groups)` to switch to in the child, resolved before fork.
+    creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
 }
 
 /// Why a plan could not be built.
@@ -110,7 +120,16 @@ impl ExecPlan {
             stdio,
             fds: fds.to_vec(),
             max_fd,
+            creds: None,
         })
+    }
+
+    /// Makes the child switch to `uid`, primary group `gid` and supplementary `groups`
+    /// (`setgroups`, `setgid`, `setuid`, in that order) before exec. A failure of any of them
+    /// fails the spawn, naming the step.
+    pub fn with_credentials(mut self, uid: u32, gid: u32, groups: &[u32]) -> Self {
+        self.creds = Some((uid, gid, groups.to_vec()));
+        self
     }
 
     /// Forks and execs the worker. Returns its pid once `execve` succeeded; a failure in the
@@ -193,6 +212,23 @@ impl ExecPlan {
             // Own process group: terminal signals go to the supervisor only, and the worker's
             // own children can be killed with it.
             libc::setpgid(0, 0);
+            // Drop to the worker user before PR_SET_PDEATHSIG: changing the effective uid or
+            // gid clears the parent-death signal. These are the raw system calls std's
+            // `Command::uid/gid/groups` also make after fork (glibc resets its thread list in
+            // the child, so its set*id broadcast has only this thread to visit). The
+            // order: groups first (needs root), then the gid
+            // (needs root), the uid last (after it, nothing else could be changed).
+            if let Some((uid, gid, groups)) = &self.creds {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                    fail(err_w, 3);
+                }
+                if libc::setgid(*gid) != 0 {
+                    fail(err_w, 4);
+                }
+                if libc::setuid(*uid) != 0 {
+                    fail(err_w, 5);
+                }
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
             if libc::getppid() != parent {
                 libc::_exit(1);

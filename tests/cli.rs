@@ -208,3 +208,154 @@ fn init_writes_the_app_refuses_to_overwrite_and_dry_run_changes_nothing() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!cfg.join("web.toml").exists() && !units.join("herdsman@web.socket.d").exists());
 }
+
+#[test]
+fn unknown_worker_user_or_group_is_a_configuration_error_naming_the_key() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        herdsman(&args, &[])
+    };
+    assert_one_line_error(
+        &run(&["--user", "no-such-user-xyz"]),
+        CONFIG,
+        "--user: no such user \"no-such-user-xyz\"",
+    );
+    assert_one_line_error(
+        &run(&["--user", "nobody", "--group", "no-such-group-xyz"]),
+        CONFIG,
+        "--group: no such group \"no-such-group-xyz\"",
+    );
+    let dir = TempDir::new("badusercfg");
+    let cfg = dir.path("app.toml");
+    std::fs::write(&cfg, "user = \"no-such-user-xyz\"\n").unwrap();
+    assert_one_line_error(&run(&["-c", cfg.to_str().unwrap()]), CONFIG, "key `user`: no such user");
+    std::fs::write(&cfg, "group = \"no-such-group-xyz\"\n").unwrap();
+    let out = herdsman(&["check-config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(CONFIG));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key `group`: no such group"));
+}
+
+#[test]
+fn a_non_root_supervisor_cannot_switch_to_another_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_non_root_supervisor_cannot_switch_to_another_user: needs root to become nobody");
+        return;
+    }
+    // Run herdsman itself as nobody (setpriv comes with util-linux).
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "run", "--listen", "127.0.0.1:0"])
+        .args(["--control", "/nonexistent/c.sock", "--user", "root", "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, CONFIG, "--user: cannot run workers as \"root\": only root can switch users");
+}
+
+/// `herdsman init web --no-start` into scratch dirs, with these extra arguments.
+fn init_scratch(dir: &TempDir, extra: &[&str]) -> Output {
+    let (cfg, units) = (dir.path("etc"), dir.path("units"));
+    let mut a = vec!["init", "web", "--no-start", "--force"];
+    a.extend_from_slice(&["--config-dir", cfg.to_str().unwrap(), "--unit-dir", units.to_str().unwrap()]);
+    a.extend_from_slice(extra);
+    a.extend_from_slice(&["--", "/bin/sh", "-c", "exit 0"]);
+    herdsman(&a, &[])
+}
+
+#[test]
+fn init_rejects_control_characters_in_unit_file_values() {
+    let dir = TempDir::new("inject");
+    let out = init_scratch(&dir, &["--listen", "unix:/run/x.sock\nExecStartPre=/bin/touch /tmp/pwned"]);
+    assert_one_line_error(&out, CONFIG, "contains the control character");
+    assert!(!dir.path("units").exists() && !dir.path("etc").exists(), "nothing written");
+    let out = init_scratch(&dir, &["--listen", "unix:/run/x.sock\\", "--listen", "127.0.0.1:80"]);
+    assert_one_line_error(&out, CONFIG, "ends with a backslash");
+}
+
+/// `systemd-analyze verify` of the shipped units plus what init wrote, in a scratch unit dir
+/// (ExecStart pointed at the built binary). It exits 0 on warnings, so any output fails.
+fn verify_units(units: &std::path::Path) {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let service = std::fs::read_to_string(format!("{repo}/units/herdsman@.service")).unwrap();
+    std::fs::write(units.join("herdsman@.service"), service.replace("/usr/bin/herdsman", BIN)).unwrap();
+    std::fs::copy(format!("{repo}/units/herdsman@.socket"), units.join("herdsman@.socket")).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(units.join("herdsman@web.socket"))
+        .arg(units.join("herdsman@web.service"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
+}
+
+#[test]
+fn init_escapes_percent_and_interface_scopes_so_systemd_accepts_the_drop_in() {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("SKIP init_escapes_percent...: systemd-analyze is not installed (apt install systemd)");
+        return;
+    }
+    let dir = TempDir::new("verify");
+    let dropin = dir.path("units/herdsman@web.socket.d/listen.conf");
+    let out = init_scratch(&dir, &["--listen", "unix:/run/a%n b.sock", "--listen", "127.0.0.1:8080"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    assert!(text.contains("ListenStream=/run/a%%n b.sock\n"), "{text}");
+    verify_units(&dir.path("units"));
+
+    // A scoped link-local address (interface 1 = lo): systemd 252 cannot parse the scope in
+    // ListenStream=, so it becomes BindToDevice=.
+    let out = init_scratch(&dir, &["--listen", "[fe80::1%1]:8080"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    assert!(text.contains("ListenStream=[fe80::1]:8080\n") && text.contains("BindToDevice=lo\n"), "{text}");
+    verify_units(&dir.path("units"));
+
+    let out = init_scratch(&dir, &["--listen", "[fe80::1%1]:8080", "--listen", "127.0.0.1:8080"]);
+    assert_one_line_error(&out, CONFIG, "has an interface scope");
+}
+
+#[test]
+fn a_tmp_runtime_dir_created_by_another_user_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIP a_tmp_runtime_dir_created_by_another_user_is_refused: needs root to act as two users"
+        );
+        return;
+    }
+    // TMPDIR points herdsman's /tmp fallback at a scratch dir; "another user" is root.
+    let dir = TempDir::new("tmpfallback");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let planted = dir.path(&format!("herdsman-{}", nobody.uid));
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let child = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", BIN, "run", "--listen", "127.0.0.1:0"])
+        .args(["--", "/bin/true"])
+        .env("TMPDIR", &dir.0)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("LISTEN_FDS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Without the check herdsman would start serving from the planted directory: bound the
+    // wait, and kill it if it does not refuse.
+    let mut child = child;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("herdsman started from a runtime directory another user created");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_one_line_error(&out, CONFIG, "XDG_RUNTIME_DIR");
+    assert!(std::fs::read_dir(&planted).unwrap().next().is_none(), "nothing created inside it");
+}

@@ -281,3 +281,32 @@ fn an_unprivileged_user_is_refused() {
     );
     assert_eq!(h.get()["generation"], 1, "nothing happened");
 }
+
+#[test]
+fn control_path_that_is_not_a_socket_is_never_deleted() {
+    let dir = TempDir::new("notasock");
+    let file = dir.path("precious.txt");
+    std::fs::write(&file, "precious").unwrap();
+    let link = dir.path("link.sock");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    for path in [&file, &link] {
+        let out = cli(&["run", "--listen", "127.0.0.1:0", "--control", path.to_str().unwrap(), "--", "true"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("exists and is not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(path).unwrap(), "precious", "{} was touched", path.display());
+    }
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn a_stale_control_socket_is_replaced() {
+    let dir = TempDir::new("stalesock");
+    let path = dir.path("control.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(UnixStream::connect(&path).is_err(), "the socket is stale");
+    let h = notify_run(&dir, 1).start();
+    h.wait_started();
+    assert_eq!(status_json(&path)["workers"].as_array().unwrap().len(), 1);
+}

@@ -477,3 +477,119 @@ fn a_worker_that_ran_well_is_restarted_at_once_after_a_crash() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid2), nix::sys::signal::Signal::SIGKILL).unwrap();
     h.wait_log("restarting in 2.0s (failure 1 in a row)", 1, LONG);
 }
+
+/// An interpreter outside root's home (a pyenv shim under /root is not executable by nobody).
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// The supervisor's real, effective and saved uid, from /proc.
+fn uids_of(pid: i32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().skip(1).take(3).map(|u| u.parse().unwrap()).collect()
+}
+
+fn expected_groups(user: &str, gid: u32) -> serde_json::Value {
+    let name = std::ffi::CString::new(user).unwrap();
+    let mut groups: Vec<u32> = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+        .unwrap()
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    groups.sort();
+    groups.dedup();
+    serde_json::json!(groups)
+}
+
+#[test]
+fn workers_run_as_the_user_flag_names_and_the_supervisor_stays_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIP workers_run_as_the_user_flag_names_and_the_supervisor_stays_root: needs root to switch users"
+        );
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let dir = TempDir::new("user");
+    let h = Run::new(&dir, 2)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .arg("--user")
+        .arg("nobody")
+        .env("HOME", "/root")
+        .env("USER", "root")
+        .arg("--")
+        .arg(SYSTEM_PYTHON)
+        .arg(&worker_py())
+        .start();
+    h.wait_started();
+    for v in h.distinct_workers(2) {
+        assert_eq!(v["uids"], serde_json::json!([uid, uid, uid]), "{v}");
+        assert_eq!(v["gids"], serde_json::json!([gid, gid, gid]), "{v}");
+        assert_eq!(v["groups"], expected_groups("nobody", gid), "{v}");
+        assert_eq!(v["env"]["HOME"], nobody.dir.to_str().unwrap(), "{v}");
+        assert_eq!(v["env"]["USER"], "nobody", "{v}");
+        assert_eq!(v["env"]["LOGNAME"], "nobody", "{v}");
+    }
+    assert_eq!(uids_of(h.pid()), vec![0, 0, 0], "the supervisor keeps its own credentials");
+    // Still able to manage its workers: a reload replaces them, and they are again nobody.
+    h.signal(SIGHUP);
+    let v = wait_for(LONG, "a generation-2 worker", || Some(h.get()).filter(|v| v["generation"] == 2));
+    assert_eq!(v["uids"], serde_json::json!([uid, uid, uid]), "{v}");
+}
+
+#[test]
+fn config_user_and_group_set_the_workers_primary_group() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP config_user_and_group_set_the_workers_primary_group: needs root to switch users");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let daemon = nix::unistd::Group::from_name("daemon").unwrap().expect("group daemon");
+    let (uid, gid) = (nobody.uid.as_raw(), daemon.gid.as_raw());
+    let dir = TempDir::new("group");
+    let cfg = dir.path("app.toml");
+    std::fs::write(&cfg, "user = \"nobody\"\ngroup = \"daemon\"\n").unwrap();
+    let h = Run::new(&dir, 1)
+        .arg("--config")
+        .arg(cfg.to_str().unwrap())
+        .arg("--")
+        .arg(SYSTEM_PYTHON)
+        .arg(&worker_py())
+        .start();
+    h.wait_started();
+    let v = h.get();
+    assert_eq!(v["uids"], serde_json::json!([uid, uid, uid]), "{v}");
+    assert_eq!(v["gids"], serde_json::json!([gid, gid, gid]), "{v}");
+    assert_eq!(v["groups"], expected_groups("nobody", gid), "{v}");
+}
+
+#[test]
+fn a_failed_credential_drop_fails_the_worker_start_and_never_runs_it_as_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_failed_credential_drop...: needs root");
+        return;
+    }
+    // herdsman as root but without CAP_SETGID/CAP_SETUID: setgroups fails in the child.
+    let dir = TempDir::new("dropfail");
+    let run = Run::new(&dir, 1).arg("--user").arg("nobody").arg("--").arg(SYSTEM_PYTHON).arg(&worker_py());
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--inh-caps=-setgid,-setuid", "--bounding-set=-setgid,-setuid", BIN]).args(&run.args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+    let mut child = cmd.spawn().unwrap();
+    let stderr = capture(child.stderr.take().unwrap(), true);
+    let stdout = capture(child.stdout.take().unwrap(), false);
+    let h = Herdsman { child: Some(child), stderr, stdout, addr: run.addr };
+    h.wait_log("setting the supplementary groups (setgroups): Operation not permitted", 2, LONG);
+    // The slot waits in back-off with no process: nothing ever ran as root in its place.
+    let st = wait_for(LONG, "the slot in back-off", || {
+        let st = status_json(dir.path("control.sock"));
+        (st["workers"][0]["state"] == "backoff").then_some(st)
+    });
+    assert!(st["workers"][0]["pid"].is_null(), "{st}");
+    assert_eq!(st["ready"], 0, "{st}");
+}

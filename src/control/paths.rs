@@ -50,9 +50,54 @@ pub fn default_socket(name: &str, env: &Env) -> PathBuf {
     let base = match (&env.xdg_runtime_dir, env.euid) {
         (_, 0) => PathBuf::from(SYSTEM_DIR),
         (Some(x), _) => Path::new(x).join("herdsman"),
-        (None, uid) => std::env::temp_dir().join(format!("herdsman-{uid}")),
+        (None, _) => fallback_dir(env).unwrap_or_default(),
     };
     base.join(name).join(SOCKET_FILE)
+}
+
+/// The shared-`/tmp` directory [`default_socket`] falls back to (non-root, no
+/// `XDG_RUNTIME_DIR`), which must be checked with [`ensure_private_dir`] before use: anyone
+/// can create `/tmp/herdsman-UID` first.
+pub fn fallback_dir(env: &Env) -> Option<PathBuf> {
+    let used = env.runtime_directory.is_none() && env.xdg_runtime_dir.is_none() && env.euid != 0;
+    used.then(|| std::env::temp_dir().join(format!("herdsman-{}", env.euid)))
+}
+
+/// Why a private runtime directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateDirError {
+    #[error(
+        "{} is not ours ({what}): another user may have created it to spy on or hijack the control socket; set XDG_RUNTIME_DIR to a private directory (e.g. /run/user/{euid}) or pass --control",
+        dir.display()
+    )]
+    NotOurs { dir: PathBuf, what: String, euid: u32 },
+    #[error("cannot set up the runtime directory {}: {err}; set XDG_RUNTIME_DIR or pass --control", dir.display())]
+    Io { dir: PathBuf, err: std::io::Error },
+}
+
+/// Makes sure `dir` is a directory (not a symlink) owned by `euid` with mode 0700: creates it
+/// so, fixes the mode of one of ours, refuses anything else.
+pub fn ensure_private_dir(dir: &Path, euid: u32) -> Result<(), PrivateDirError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let io = |err| PrivateDirError::Io { dir: dir.to_path_buf(), err };
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(e)),
+    }
+    // lstat: a symlink planted here must not redirect us (chmod below would follow it).
+    let meta = std::fs::symlink_metadata(dir).map_err(io)?;
+    let not_ours = |what: String| PrivateDirError::NotOurs { dir: dir.to_path_buf(), what, euid };
+    if !meta.file_type().is_dir() {
+        return Err(not_ours("not a directory".into()));
+    }
+    if meta.uid() != euid {
+        return Err(not_ours(format!("owned by uid {}", meta.uid())));
+    }
+    if meta.mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Every control socket found in the standard places, as (app name, path).
@@ -147,6 +192,50 @@ mod tests {
         let apps = vec![("a".to_string(), live.clone()), ("b".to_string(), stale)];
         assert_eq!(live_only(apps), vec![("a".to_string(), live)]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_tmp_fallback_dir_must_be_ours_and_private() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let scratch = std::env::temp_dir().join(format!("herdsman-privdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).unwrap();
+        let euid = nix::unistd::geteuid().as_raw();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+        // Missing: created 0700.
+        let fresh = scratch.join("fresh");
+        ensure_private_dir(&fresh, euid).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        // Ours but opened up (e.g. created under a lax umask): fixed.
+        let lax = scratch.join("lax");
+        std::fs::create_dir(&lax).unwrap();
+        std::fs::set_permissions(&lax, std::fs::Permissions::from_mode(0o777)).unwrap();
+        ensure_private_dir(&lax, euid).unwrap();
+        assert_eq!(mode(&lax), 0o700);
+        // Someone else's (here: we pretend to be another uid): refused, naming the fix.
+        let err = ensure_private_dir(&lax, euid + 1).unwrap_err();
+        assert!(matches!(err, PrivateDirError::NotOurs { .. }), "{err}");
+        assert!(err.to_string().contains("XDG_RUNTIME_DIR"), "{err}");
+        // A symlink to a directory we own: refused, and its target keeps its mode.
+        let target = scratch.join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = scratch.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(ensure_private_dir(&link, euid), Err(PrivateDirError::NotOurs { .. })));
+        assert_eq!(mode(&target), 0o755);
+        assert_eq!(std::fs::metadata(&target).unwrap().uid(), euid);
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+
+    #[test]
+    fn only_non_root_without_xdg_runtime_dir_falls_back_to_tmp() {
+        let user = Env { runtime_directory: None, xdg_runtime_dir: None, euid: 1000 };
+        let dir = fallback_dir(&user).unwrap();
+        assert!(dir.ends_with("herdsman-1000"));
+        assert_eq!(default_socket("web", &user), dir.join("web").join(SOCKET_FILE));
+        assert!(fallback_dir(&Env { euid: 0, ..user.clone() }).is_none());
+        assert!(fallback_dir(&Env { xdg_runtime_dir: Some("/run/user/1000".into()), ..user }).is_none());
     }
 
     #[test]

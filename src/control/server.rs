@@ -64,15 +64,41 @@ impl Drop for Bound {
     }
 }
 
+/// Why the control socket could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot create the control directory {}: {err}", dir.display())]
+    Dir { dir: PathBuf, err: std::io::Error },
+    #[error(
+        "another supervisor already answers on {}; stop it first or choose another --name/--control",
+        .0.display()
+    )]
+    Running(PathBuf),
+    /// Only a stale *socket* is ever removed: anything else at the path is someone's file.
+    #[error(
+        "{} exists and is not a socket; refusing to replace it: remove it or choose another --control path",
+        .0.display()
+    )]
+    NotASocket(PathBuf),
+    #[error("cannot remove the stale control socket {}: {err}", path.display())]
+    Stale { path: PathBuf, err: std::io::Error },
+    #[error("cannot create the control socket {}: {err}", path.display())]
+    Create { path: PathBuf, err: std::io::Error },
+    #[error("cannot give the control socket to group {gid}: {err}")]
+    Group { gid: u32, err: nix::Error },
+    #[error("control socket: {0}")]
+    Nonblocking(std::io::Error),
+}
+
 /// Creates the control socket at `path`: 0600, or 0660 owned by `group`. Refuses when another
-/// supervisor answers there (the app is already running); removes a stale file.
-pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, String> {
+/// supervisor answers there (the app is already running) or when the path is not a socket;
+/// removes a stale socket.
+pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, BindError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let made_dir = if dir.exists() {
         None
     } else {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create the control directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|err| BindError::Dir { dir: dir.to_path_buf(), err })?;
         let mode = if group.is_some() { 0o750 } else { 0o700 };
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
         if let Some(g) = group {
@@ -80,26 +106,28 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, String> {
         }
         Some(dir.to_path_buf())
     };
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "another supervisor already answers on {}; stop it first or choose another --name/--control",
-                path.display()
-            ));
+    // lstat: a symlink (even to a socket) is not ours to remove.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(BindError::NotASocket(path.to_path_buf()));
         }
-        let _ = std::fs::remove_file(path);
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(BindError::Running(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|err| BindError::Stale { path: path.to_path_buf(), err })?;
     }
     // The socket file takes its mode from the umask at bind time: no window where it is open.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let bound = std::os::unix::net::UnixListener::bind(path);
     nix::sys::stat::umask(old);
-    let listener = bound.map_err(|e| format!("cannot create the control socket {}: {e}", path.display()))?;
+    let listener = bound.map_err(|err| BindError::Create { path: path.to_path_buf(), err })?;
     if let Some(g) = group {
         nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(g)))
-            .map_err(|e| format!("cannot give the control socket to group {g}: {e}"))?;
+            .map_err(|err| BindError::Group { gid: g, err })?;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
     }
-    listener.set_nonblocking(true).map_err(|e| format!("control socket: {e}"))?;
+    listener.set_nonblocking(true).map_err(BindError::Nonblocking)?;
     Ok(Bound { listener, path: path.to_path_buf(), made_dir })
 }
 

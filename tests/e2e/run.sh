@@ -517,7 +517,12 @@ ProtectHome=yes
 CapabilityBoundingSet=
 PrivateUsers=yes
 UNIT
-    app_init strict 8383 2
+    # Under DynamicUser= herdsman itself is not root: it cannot read the 0600 root-owned
+    # config init writes (it holds --env secrets). This app has none: open it up before start.
+    app_init strict 8383 2 --no-start
+    ct chmod 0644 /etc/herdsman/strict.toml || fail "chmod of the strict app's config"
+    ct systemctl daemon-reload || fail "daemon-reload"
+    ct systemctl enable --now herdsman@strict.socket herdsman@strict.service || fail "start the strict app"
     wait_until 30 "herdsman@strict ready" ready_text strict 2 ||
         { ct systemctl status --no-pager -n 20 herdsman@strict.service | sed 's/^/#   /'; fail "strict app not ready"; }
     local st pid uid
@@ -530,6 +535,27 @@ UNIT
     ready_text strict 2 2 || fail "not on generation 2 after reload: $(prop herdsman@strict.service StatusText)"
     ct herdsman remove strict --yes >/dev/null || fail "remove strict"
     rm -rf "$CT_ROOT/etc/systemd/system/herdsman@strict.service.d"
+}
+
+# issue 11: workers as an unprivileged user under the shipped unit, the supervisor stays root
+s_user() {
+    app_init asuser 8484 2 --user nobody
+    wait_until 30 "herdsman@asuser ready" ready_text asuser 2 ||
+        { ct systemctl status --no-pager -n 20 herdsman@asuser.service | sed 's/^/#   /'; fail "asuser app not ready"; }
+    local st pid uid main muid mode
+    st=$(ct herdsman status asuser --json) || fail "status of the asuser app failed"
+    pid=$(echo "$st" | json_get 'd["workers"][0]["pid"]')
+    uid=$(ct awk '/^Uid:/ {print $2}' "/proc/$pid/status")
+    main=$(prop herdsman@asuser.service MainPID)
+    muid=$(ct awk '/^Uid:/ {print $2}' "/proc/$main/status")
+    note "asuser app: worker $pid runs as uid $uid, supervisor $main as uid $muid"
+    [ "$uid" = 65534 ] || fail "worker runs as uid $uid, not nobody"
+    [ "$muid" = 0 ] || fail "the supervisor does not stay root (uid $muid)"
+    mode=$(ct stat -c '%a %U:%G' /etc/herdsman/asuser.toml)
+    [ "$mode" = "640 root:nogroup" ] || fail "config is $mode, not 640 root:nogroup"
+    CT_TIMEOUT=60 ct systemctl reload herdsman@asuser || fail "reload of the asuser app failed"
+    ready_text asuser 2 2 || fail "not on generation 2 after reload: $(prop herdsman@asuser.service StatusText)"
+    ct herdsman remove asuser --yes >/dev/null || fail "remove asuser"
 }
 
 s_wedged() {
@@ -600,6 +626,7 @@ run_scenario journald s_journald
 run_scenario "journald burst + remove" s_burst_remove
 run_scenario "oom kill of a worker" s_oom
 run_scenario "strict sandbox (DynamicUser)" s_sandbox
+run_scenario "workers as --user nobody" s_user
 run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "sigkill supervisor" s_sigkill
 scenario_reboot

@@ -31,6 +31,9 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
                         300 ms after READY=1
   TW_CRASH_FILE=prefix  print "crash file found", exit 4 once prefix+WORKER_ID exists
 
+Also reported: "uids"/"gids" (real, effective, saved) and "groups" (supplementary),
+and HOME/USER/LOGNAME in "env".
+
 GET /slow?ms=N delays the answer by N ms (drain tests).
 SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, finish
 in-flight requests (answering with Connection: close), close idle keep-alive
@@ -118,7 +121,7 @@ if ENV.get("TW_VERSION_FILE"):
 
 ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
             "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
-            "HERDSMAN_WORKER_ID", "HERDSMAN_GENERATION")
+            "HERDSMAN_WORKER_ID", "HERDSMAN_GENERATION", "HOME", "USER", "LOGNAME")
 
 INFO = {
     "pid": os.getpid(),
@@ -134,6 +137,10 @@ INFO = {
     "cwd": os.getcwd(),
     "version": VERSION,
     "env": {k: ENV[k] for k in ENV_KEYS if k in ENV},
+    # Real, effective and saved ids (all must match after a --user drop) and the groups.
+    "uids": list(os.getresuid()),
+    "gids": list(os.getresgid()),
+    "groups": sorted(os.getgroups()),
 }
 
 
