@@ -22,15 +22,27 @@ use tokio::net::UnixDatagram;
 const MAX_DATAGRAM: usize = 4096;
 
 /// Sends state changes to the service manager; a no-op without `NOTIFY_SOCKET`.
+///
+/// When the manager's socket is full, messages wait: *state* messages (`READY=1`,
+/// `RELOADING=1`, `STOPPING=1`, ...) in order and never dropped, while only the newest
+/// pending `STATUS=` is kept (status chatter can never push out a state change). Periodic
+/// messages are coalesced too: one pending `WATCHDOG=1`, the newest `EXTEND_TIMEOUT_USEC=`.
 #[derive(Debug)]
 pub struct Notifier {
     target: Option<(StdDatagram, SocketAddr)>,
-    /// Messages the manager's socket had no room for, oldest first (bounded).
-    backlog: std::cell::RefCell<std::collections::VecDeque<String>>,
+    pending: std::cell::RefCell<Pending>,
 }
 
-/// At most this many unsent messages are kept; the oldest are dropped first.
-const BACKLOG: usize = 64;
+#[derive(Debug, Default)]
+struct Pending {
+    /// State messages the manager's socket had no room for, oldest first.
+    state: std::collections::VecDeque<String>,
+    /// The newest `STATUS=` not sent yet (already sanitized).
+    status: Option<String>,
+}
+
+/// Longest `STATUS=` text sent (systemd shows one line; datagrams are small).
+const MAX_STATUS: usize = 1024;
 
 impl Notifier {
     /// `socket` is the value of `NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace).
@@ -45,47 +57,129 @@ impl Notifier {
         // Non-blocking: a service manager that does not read must never stall the event loop.
         let sock = StdDatagram::unbound()?;
         sock.set_nonblocking(true)?;
-        Ok(Notifier { target: Some((sock, addr)), backlog: Default::default() })
+        Ok(Notifier { target: Some((sock, addr)), pending: Default::default() })
     }
 
     pub fn disabled() -> Self {
-        Notifier { target: None, backlog: Default::default() }
+        Notifier { target: None, pending: Default::default() }
     }
 
-    /// Sends newline-separated `KEY=VALUE` assignments, in order. When the manager's socket
-    /// is full, the message waits in a small backlog that [`Notifier::flush`] retries.
+    /// Sends newline-separated `KEY=VALUE` assignments, in order. A `STATUS=` assignment runs
+    /// to the end of the message (so it must come last): whatever follows it, newlines
+    /// included, is status text, and control characters in it are replaced, so text from a
+    /// config file or a worker can never inject `STOPPING=1`. When the manager's socket is
+    /// full, the message waits (see [`Notifier`]) and [`Notifier::flush`] retries.
     pub fn send(&self, msg: &str) {
         if self.target.is_none() {
             return;
         }
-        let mut q = self.backlog.borrow_mut();
-        q.push_back(msg.to_string());
-        if q.len() > BACKLOG {
-            q.pop_front();
+        let (state, status) = split_status(msg);
+        let mut p = self.pending.borrow_mut();
+        if p.state.is_empty() && p.status.is_none() {
+            // Nothing waits: send the message as one datagram, as given (sanitized).
+            let whole = match (&state, &status) {
+                (Some(st), Some(text)) => format!("{st}\nSTATUS={text}"),
+                (Some(st), None) => st.clone(),
+                (None, Some(text)) => format!("STATUS={text}"),
+                (None, None) => return,
+            };
+            match self.try_send(&whole) {
+                Sent::Yes => return,
+                Sent::Full => {}
+            }
         }
-        drop(q);
+        if let Some(st) = state {
+            p.push_state(st);
+        }
+        if status.is_some() {
+            p.status = status;
+        }
+        drop(p);
         self.flush();
     }
 
     /// Whether messages wait for room in the manager's socket.
     pub fn has_backlog(&self) -> bool {
-        !self.backlog.borrow().is_empty()
+        let p = self.pending.borrow();
+        !p.state.is_empty() || p.status.is_some()
     }
 
-    /// Sends what the backlog holds; true if something is still waiting.
+    /// Sends what waits (state messages in order, then the newest status); true if
+    /// something is still waiting.
     pub fn flush(&self) -> bool {
-        let Some((sock, addr)) = &self.target else { return false };
-        let mut q = self.backlog.borrow_mut();
-        while let Some(msg) = q.front() {
-            match sock.send_to_addr(msg.as_bytes(), addr) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) => tracing::debug!("sd_notify failed: {e}"),
-                Ok(_) => {}
+        if self.target.is_none() {
+            return false;
+        }
+        let mut p = self.pending.borrow_mut();
+        while let Some(msg) = p.state.front() {
+            match self.try_send(msg) {
+                Sent::Full => return true,
+                Sent::Yes => p.state.pop_front(),
+            };
+        }
+        if let Some(text) = &p.status {
+            match self.try_send(&format!("STATUS={text}")) {
+                Sent::Full => return true,
+                Sent::Yes => p.status = None,
             }
-            q.pop_front();
         }
         false
     }
+
+    /// One datagram; errors other than a full socket are logged and count as sent (retrying
+    /// would not help).
+    fn try_send(&self, msg: &str) -> Sent {
+        let Some((sock, addr)) = &self.target else { return Sent::Yes };
+        match sock.send_to_addr(msg.as_bytes(), addr) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Full,
+            Err(e) => {
+                tracing::debug!("sd_notify failed: {e}");
+                Sent::Yes
+            }
+            Ok(_) => Sent::Yes,
+        }
+    }
+}
+
+enum Sent {
+    Yes,
+    Full,
+}
+
+impl Pending {
+    fn push_state(&mut self, msg: String) {
+        if msg == "WATCHDOG=1" && self.state.iter().any(|m| m == "WATCHDOG=1") {
+            return;
+        }
+        let is_extend = |m: &str| m.starts_with("EXTEND_TIMEOUT_USEC=") && !m.contains('\n');
+        if is_extend(&msg) {
+            self.state.retain(|m| !is_extend(m));
+        }
+        self.state.push_back(msg);
+    }
+}
+
+/// Splits a message into its state assignments (before a `STATUS=` line) and its status
+/// text (everything after `STATUS=`, sanitized).
+fn split_status(msg: &str) -> (Option<String>, Option<String>) {
+    let at = if msg.starts_with("STATUS=") { Some(0) } else { msg.find("\nSTATUS=").map(|i| i + 1) };
+    let (state, status) = match at {
+        Some(i) => (&msg[..i], Some(sanitize_status(&msg[i + "STATUS=".len()..]))),
+        None => (msg, None),
+    };
+    let state = state.trim_end_matches('\n');
+    ((!state.is_empty()).then(|| state.to_string()), status)
+}
+
+/// Replaces control characters (newlines included) with spaces and caps the length, so the
+/// text is one `STATUS=` value and nothing else.
+pub fn sanitize_status(text: &str) -> String {
+    let mut out: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if out.len() > MAX_STATUS {
+        let cut = (0..=MAX_STATUS).rev().find(|i| out.is_char_boundary(*i)).unwrap_or(0);
+        out.truncate(cut);
+    }
+    out
 }
 
 /// `RELOADING=1` must carry the time the reload began (systemd 253+).
@@ -200,6 +294,80 @@ mod tests {
         let first = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..first], b"STATUS=0");
         while rx.recv(&mut buf).is_ok() && n.flush() {}
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn sink(tag: &str) -> (std::path::PathBuf, StdDatagram) {
+        let dir = std::env::temp_dir().join(format!("herdsman-notify-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rx = StdDatagram::bind(dir.join("sock")).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        (dir, rx)
+    }
+
+    fn received(rx: &StdDatagram) -> Vec<String> {
+        let mut buf = [0u8; 4096];
+        let mut out = Vec::new();
+        while let Ok(n) = rx.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    }
+
+    #[test]
+    fn status_text_cannot_inject_state_messages() {
+        let (dir, rx) = sink("inject");
+        let n = Notifier::new(dir.join("sock").to_str()).unwrap();
+        n.send("STATUS=reload failed: bad\nSTOPPING=1\rREADY=1\u{0}x");
+        n.send("STOPPING=1\nSTATUS=stopping\n");
+        let got = received(&rx);
+        assert_eq!(
+            got,
+            vec!["STATUS=reload failed: bad STOPPING=1 READY=1 x", "STOPPING=1\nSTATUS=stopping "]
+        );
+        let keys: Vec<String> = parse(got[0].as_bytes()).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec!["STATUS"], "only one assignment: {got:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_full_socket_coalesces_status_and_never_drops_state_messages() {
+        let (dir, rx) = sink("full");
+        socket::setsockopt(&rx, sockopt::RcvBuf, &1024).unwrap();
+        let n = Notifier::new(dir.join("sock").to_str()).unwrap();
+        let mut i = 0;
+        while !n.has_backlog() {
+            assert!(i < 100_000, "the socket never filled up");
+            n.send(&format!("STATUS=filler {i}"));
+            i += 1;
+        }
+        n.send("READY=1");
+        for j in 0..500 {
+            n.send(&format!("STATUS=chatter {j}"));
+        }
+        n.send("STOPPING=1\nSTATUS=stopping");
+        for _ in 0..50 {
+            n.send("WATCHDOG=1");
+        }
+        n.send("STATUS=newest");
+        let mut got = Vec::new();
+        loop {
+            let more = received(&rx);
+            let waiting = n.flush();
+            if more.is_empty() && !waiting {
+                got.extend(received(&rx));
+                break;
+            }
+            got.extend(more);
+        }
+        let pos = |m: &str| got.iter().position(|g| g == m);
+        let (ready, stopping) = (pos("READY=1"), pos("STOPPING=1"));
+        assert!(ready.is_some() && stopping.is_some(), "state messages lost: {got:?}");
+        assert!(ready < stopping, "state messages reordered: {got:?}");
+        assert_eq!(got.iter().filter(|g| *g == "WATCHDOG=1").count(), 1, "{got:?}");
+        assert_eq!(got.last().map(String::as_str), Some("STATUS=newest"));
+        assert!(!got.iter().any(|g| g.starts_with("STATUS=chatter")), "stale status kept: {got:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
