@@ -39,7 +39,10 @@ pub fn call(
         ),
         _ => fail(exit::UNAVAILABLE, format!("cannot reach the supervisor at {}: {e}", path.display())),
     })?;
-    let deadline = Instant::now() + timeout;
+    // Checked: a timeout too far away to represent is "no deadline we could reach" anyway.
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + crate::config::values::MAX_DURATION);
     let mut req =
         serde_json::to_string(&Request { v: VERSION, op }).map_err(|e| fail(exit::FAILURE, e.to_string()))?;
     req.push('\n');
