@@ -213,8 +213,13 @@ fn run(args: RunArgs) -> ExitCode {
         std::process::id(),
     );
     let paths_env = paths::Env::from_process();
-    let control_path =
-        settings.control.clone().unwrap_or_else(|| paths::default_socket(&settings.name, &paths_env));
+    let default_control = paths::default_socket(&settings.name, &paths_env);
+    // The workers' notify socket lives in the app's runtime directory (that of the default
+    // control socket), whatever `--control` says.
+    if let Some(dir) = default_control.parent() {
+        notify::set_worker_socket_dir(dir.to_path_buf());
+    }
+    let control_path = settings.control.clone().unwrap_or(default_control);
     let group = settings
         .control_group
         .as_deref()

@@ -4,9 +4,10 @@
 //!   `STATUS=`, ...). Written by hand rather than with the `sd-notify` crate because that crate
 //!   reads `NOTIFY_SOCKET` from the process environment at each call; here `main` reads it
 //!   once and injects it, so tests can point it at their own socket and workers never see it.
-//! * [`WorkerNotify`] is the socket *workers* notify: our own datagram socket, given to them as
-//!   `NOTIFY_SOCKET`. Senders are identified by `SCM_CREDENTIALS` (the kernel-checked pid), as
-//!   systemd does, so a worker can only speak for itself (or its own process group).
+//! * [`WorkerNotify`] is the socket *workers* notify: our own datagram socket in herdsman's
+//!   runtime directory, given to them as `NOTIFY_SOCKET` (a path, as systemd gives). Senders
+//!   are identified by `SCM_CREDENTIALS` (the kernel-checked pid), as systemd does, so a
+//!   worker can only speak for itself (or its own process group).
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
@@ -210,19 +211,110 @@ pub struct WorkerNotify {
     sock: UnixDatagram,
     /// The `NOTIFY_SOCKET` value for workers.
     pub address: String,
+    /// The socket file (its device and inode, to remove only our own) and the directory we
+    /// created for it, removed on drop.
+    file: Option<(std::path::PathBuf, (u64, u64))>,
+    made_dir: Option<std::path::PathBuf>,
 }
 
+static SOCKET_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the directory [`WorkerNotify::bind`] puts the workers' socket in: herdsman's runtime
+/// directory, chosen by `main` (the only code that reads the environment). Without it, the
+/// socket is abstract (`@herdsman/...`), which some clients (Ruby's `sd_notify`) cannot reach.
+// TODO(integration): pass the directory through `supervisor::World` instead of this global.
+pub fn set_worker_socket_dir(dir: std::path::PathBuf) {
+    let _ = SOCKET_DIR.set(dir);
+}
+
+const SOCKET_PREFIX: &str = "notify-";
+const SOCKET_SUFFIX: &str = ".sock";
+
 impl WorkerNotify {
-    /// Binds an abstract socket unique to this supervisor: nothing on disk to clean up, and no
-    /// directory to create or protect. (Abstract sockets follow the network namespace, which
-    /// workers share with us.)
+    /// Binds the workers' socket: `DIR/notify-PID.sock` in the directory `main` set (see
+    /// [`set_worker_socket_dir`]), else an abstract one.
     pub fn bind() -> io::Result<Self> {
+        match SOCKET_DIR.get() {
+            Some(dir) => Self::bind_in(dir),
+            None => Self::bind_abstract(),
+        }
+    }
+
+    /// A filesystem socket, like the `NOTIFY_SOCKET` systemd hands out, so a plain
+    /// `connect()`+`send()` works (Ruby's `Addrinfo.unix`, Sidekiq, Puma). Permissions: the
+    /// socket is 0666 and the directory gets search (x) permission for group and others but
+    /// not read, so workers running as another user can reach the socket without listing the
+    /// directory. That is safe because a datagram only counts when its kernel-checked sender
+    /// (`SCM_CREDENTIALS`) is one of our workers. The pid in the name keeps supervisors that
+    /// share a directory apart; sockets left by killed supervisors (nobody answers on them)
+    /// are removed, ours included when our pid was reused. A path longer than a socket
+    /// address allows falls back to an abstract socket.
+    pub fn bind_in(dir: &std::path::Path) -> io::Result<Self> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let path = dir.join(format!("{SOCKET_PREFIX}{}{SOCKET_SUFFIX}", std::process::id()));
+        if path.as_os_str().len() >= 108 {
+            tracing::warn!(
+                "{} is too long for a socket address; workers get an abstract notify socket",
+                path.display()
+            );
+            return Self::bind_abstract();
+        }
+        let mut made_dir = None;
+        let mut attempts = 0;
+        let std_sock = loop {
+            attempts += 1;
+            if !dir.exists() {
+                std::fs::DirBuilder::new().recursive(true).create(dir)?;
+                made_dir = Some(dir.to_path_buf());
+            }
+            if let Ok(meta) = std::fs::metadata(dir) {
+                let mode = meta.permissions().mode() & 0o7777;
+                if mode & 0o011 != 0o011 {
+                    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011));
+                }
+            }
+            remove_stale(dir);
+            match StdDatagram::bind(&path) {
+                Ok(s) => break s,
+                // Another supervisor removed the (empty) directory meanwhile: make it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => continue,
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts < 5 && is_stale(&path) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot create the workers' notify socket {}: {e}", path.display()),
+                    ));
+                }
+            }
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        let meta = std::fs::symlink_metadata(&path)?;
+        socket::setsockopt(&std_sock, sockopt::PassCred, &true).map_err(io::Error::from)?;
+        std_sock.set_nonblocking(true)?;
+        Ok(WorkerNotify {
+            sock: UnixDatagram::from_std(std_sock)?,
+            address: path.display().to_string(),
+            file: Some((path, (meta.dev(), meta.ino()))),
+            made_dir,
+        })
+    }
+
+    /// An abstract socket unique to this supervisor (nothing on disk). Abstract sockets follow
+    /// the network namespace, which workers share with us.
+    fn bind_abstract() -> io::Result<Self> {
         let name = format!("herdsman/{}/notify/{:x}", std::process::id(), monotonic_usec());
         let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
         let std_sock = StdDatagram::bind_addr(&addr)?;
         socket::setsockopt(&std_sock, sockopt::PassCred, &true).map_err(io::Error::from)?;
         std_sock.set_nonblocking(true)?;
-        Ok(WorkerNotify { sock: UnixDatagram::from_std(std_sock)?, address: format!("@{name}") })
+        Ok(WorkerNotify {
+            sock: UnixDatagram::from_std(std_sock)?,
+            address: format!("@{name}"),
+            file: None,
+            made_dir: None,
+        })
     }
 
     /// Waits for the next well-formed datagram; malformed ones are skipped.
@@ -254,6 +346,43 @@ impl WorkerNotify {
                 Ok((None, _)) => tracing::debug!("notify datagram without credentials ignored"),
                 Err(e) => tracing::debug!("notify socket: {e}"),
             }
+        }
+    }
+}
+
+impl Drop for WorkerNotify {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Some((path, id)) = &self.file {
+            // Only our own socket: never a file someone put there after us.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Some(dir) = &self.made_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// A socket file nobody answers on (its supervisor was killed).
+fn is_stale(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    is_socket
+        && StdDatagram::unbound()
+            .and_then(|s| s.connect(path))
+            .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+}
+
+/// Removes the notify sockets of killed supervisors from `dir`.
+fn remove_stale(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(SOCKET_PREFIX) && name.ends_with(SOCKET_SUFFIX) && is_stale(&e.path()) {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
@@ -368,6 +497,34 @@ mod tests {
         assert_eq!(got.iter().filter(|g| *g == "WATCHDOG=1").count(), 1, "{got:?}");
         assert_eq!(got.last().map(String::as_str), Some("STATUS=newest"));
         assert!(!got.iter().any(|g| g.starts_with("STATUS=chatter")), "stale status kept: {got:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_worker_socket_is_a_path_that_replaces_stale_ones_and_is_removed_on_drop() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("herdsman-wn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ours = dir.join(format!("notify-{}.sock", std::process::id()));
+        drop(StdDatagram::bind(&ours).unwrap()); // left by a killed supervisor with our pid
+        drop(StdDatagram::bind(dir.join("notify-1.sock")).unwrap()); // another killed one
+        let live = dir.join("notify-2.sock");
+        let _other = StdDatagram::bind(&live).unwrap(); // a running supervisor
+        let n = WorkerNotify::bind_in(&dir).unwrap();
+        assert_eq!(n.address, ours.display().to_string());
+        assert!(!dir.join("notify-1.sock").exists() && live.exists());
+        let mode = std::fs::metadata(&ours).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o666);
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o011, 0o011);
+        let tx = StdDatagram::unbound().unwrap();
+        tx.connect(&ours).unwrap();
+        tx.send(b"READY=1").unwrap();
+        let msg = n.recv().await;
+        assert_eq!(msg.pid, std::process::id() as i32);
+        assert_eq!(msg.assignments, vec![("READY".to_string(), "1".to_string())]);
+        drop(n);
+        assert!(!ours.exists(), "removed on drop");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
