@@ -14,7 +14,7 @@
 use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use tracing::field::{Field, Visit};
@@ -26,8 +26,13 @@ use crate::journal::{Journal, encode};
 /// can report it without owning the log machinery.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// How many entries waited in the queue when it was full.
+/// The queue holds at most this many entries...
 const QUEUE: usize = 4096;
+/// ... and at most this many bytes (worker lines may be up to 16 KiB each).
+const QUEUE_BYTES: usize = 8 << 20;
+
+/// Bytes waiting in the queue.
+static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// Log entries lost because the journal (or stderr) was not accepting them, since start.
 pub fn dropped() -> u64 {
@@ -41,6 +46,15 @@ enum Entry {
         fallback: Vec<u8>,
     },
     Stderr(Vec<u8>),
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        match self {
+            Entry::Journal { datagram, fallback } => datagram.len() + fallback.len(),
+            Entry::Stderr(bytes) => bytes.len(),
+        }
+    }
 }
 
 /// The bounded log queue; cheap to clone. Pushing never blocks.
@@ -60,9 +74,16 @@ impl Sink {
     }
 
     fn push(&self, e: Entry) {
+        let size = e.size();
+        if QUEUED_BYTES.fetch_add(size, Ordering::Relaxed) + size > QUEUE_BYTES {
+            QUEUED_BYTES.fetch_sub(size, Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match self.tx.try_send(e) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                QUEUED_BYTES.fetch_sub(size, Ordering::Relaxed);
                 DROPPED.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -101,6 +122,7 @@ impl Write for QueuedStderr {
 fn drain(rx: Receiver<Entry>, journal: Option<Journal>) {
     let mut reported = 0;
     while let Ok(e) = rx.recv() {
+        QUEUED_BYTES.fetch_sub(e.size(), Ordering::Relaxed);
         let delivered = match e {
             Entry::Journal { datagram, fallback } => match &journal {
                 Some(j) if j.send_raw(&datagram).is_ok() => true,
@@ -116,7 +138,8 @@ fn drain(rx: Receiver<Entry>, journal: Option<Journal>) {
         if delivered && lost > reported {
             let n = lost - reported;
             reported = lost;
-            let msg = format!("{n} log lines dropped while the journal was not accepting");
+            let target = if journal.is_some() { "the journal" } else { "stderr" };
+            let msg = format!("{n} log lines dropped while {target} was not accepting");
             match &journal {
                 Some(j) => {
                     let n = n.to_string();
