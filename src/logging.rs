@@ -33,6 +33,17 @@ const QUEUE_BYTES: usize = 8 << 20;
 
 /// Bytes waiting in the queue.
 static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// Entries queued or being written (for [`flush`]).
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits (at most `max`, so a stalled journal cannot hold up an exit) until every queued
+/// entry is written: called once before the process exits, so the last lines are not lost.
+pub fn flush(max: std::time::Duration) {
+    let end = std::time::Instant::now().checked_add(max);
+    while PENDING.load(Ordering::Acquire) > 0 && end.is_some_and(|e| std::time::Instant::now() < e) {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
 
 /// Log entries lost because the journal (or stderr) was not accepting them, since start.
 pub fn dropped() -> u64 {
@@ -80,9 +91,11 @@ impl Sink {
             DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        PENDING.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(e) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                PENDING.fetch_sub(1, Ordering::AcqRel);
                 QUEUED_BYTES.fetch_sub(size, Ordering::Relaxed);
                 DROPPED.fetch_add(1, Ordering::Relaxed);
             }
@@ -154,6 +167,7 @@ fn drain(rx: Receiver<Entry>, journal: Option<Journal>) {
                 None => write_ignoring(&mut std::io::stderr(), format!("herdsman: {msg}\n").as_bytes()),
             }
         }
+        PENDING.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -293,6 +293,8 @@ fn run(args: RunArgs) -> ExitCode {
         supervisor::run(settings, world, rx).await
     });
     drop(control);
+    // The last log lines are still in the log queue: let them out (bounded).
+    herdsman::logging::flush(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => code(exit::OK),
         Err(e) => {

@@ -196,7 +196,8 @@ pub fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, our_pid: u32) ->
         return None;
     }
     let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
-    Some(Duration::from_micros(usec / 2))
+    // Bounded like every configured duration, so no deadline computed from it can overflow.
+    Some(Duration::from_micros(usec / 2).min(crate::config::values::MAX_DURATION))
 }
 
 /// One datagram from a worker.
@@ -235,7 +236,11 @@ impl WorkerNotify {
     /// [`set_worker_socket_dir`]), else an abstract one.
     pub fn bind() -> io::Result<Self> {
         match SOCKET_DIR.get() {
-            Some(dir) => Self::bind_in(dir),
+            // A directory we cannot use must not stop the app from starting: abstract, as before.
+            Some(dir) => Self::bind_in(dir).or_else(|e| {
+                tracing::warn!("{e}; workers get an abstract notify socket");
+                Self::bind_abstract()
+            }),
             None => Self::bind_abstract(),
         }
     }
@@ -405,6 +410,8 @@ mod tests {
         assert_eq!(watchdog_interval(Some("2000000"), Some("7"), 7), Some(Duration::from_secs(1)));
         assert_eq!(watchdog_interval(Some("2000000"), Some("8"), 7), None);
         assert_eq!(watchdog_interval(Some("zero"), None, 7), None);
+        let huge = watchdog_interval(Some("18446744073709551615"), None, 7).unwrap();
+        assert!(std::time::Instant::now().checked_add(huge).is_some());
     }
 
     #[test]
