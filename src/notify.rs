@@ -269,7 +269,8 @@ impl WorkerNotify {
         let std_sock = loop {
             attempts += 1;
             if !dir.exists() {
-                std::fs::DirBuilder::new().recursive(true).create(dir)?;
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new().recursive(true).mode(0o711).create(dir)?;
                 made_dir = Some(dir.to_path_buf());
             }
             if let Ok(meta) = std::fs::metadata(dir) {
