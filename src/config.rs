@@ -255,6 +255,11 @@ fn build(
         );
     }
 
+    if let Some(arg) = command.iter().find(|a| a.contains('\0')) {
+        let msg = format!("argument {arg:?} contains a NUL byte, which no program can receive; remove it");
+        if ov.command.is_empty() { c.file_problem("command", msg) } else { c.flag_problem("command", msg) }
+    }
+
     let default_name = file
         .and_then(|p| p.file_stem())
         .map(|s| s.to_string_lossy().into_owned())
@@ -305,7 +310,10 @@ fn build(
         Some(toml::Value::Table(t)) => {
             for (k, v) in t {
                 match v {
-                    toml::Value::String(s) if values::env_key_ok(&k) => env.push((k, s)),
+                    toml::Value::String(s) if values::env_key_ok(&k) => match values::env_entry(&k, &s) {
+                        Ok(()) => env.push((k, s)),
+                        Err(msg) => c.file_problem("env", msg),
+                    },
                     toml::Value::String(_) => c.file_problem("env", format!("invalid variable name {k:?}")),
                     other => {
                         let msg = format!("`{k}` must be a string (quote it), got {}", other.type_str());
@@ -516,6 +524,40 @@ mod tests {
         let s = build(None, None, &ov, cpus()).unwrap();
         assert_eq!(s.name, "node");
         assert_eq!(s.workers.get(), 1);
+    }
+
+    #[test]
+    fn env_may_not_set_what_herdsman_sets_nor_carry_nul_and_args_no_nul() {
+        let text = r#"
+            command = ["python3", "app\u0000.py"]
+            env = { LISTEN_FDS = "2", NOTIFY_SOCKET = "/x", HERDSMAN_WORKER_ID = "9", OK = "a\u0000b" }
+        "#;
+        let ov =
+            Overrides { env: vec!["WATCHDOG_PID=1".into(), "LISTEN_PID=1".into()], ..Default::default() };
+        let p = parse(text, &ov).unwrap_err().0;
+        let joined = p.join("\n");
+        for needle in
+            ["LISTEN_FDS", "NOTIFY_SOCKET", "HERDSMAN_WORKER_ID", "WATCHDOG_PID", "LISTEN_PID", "`command`"]
+        {
+            assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
+        }
+        assert_eq!(p.iter().filter(|l| l.contains("NUL")).count(), 2, "{joined}");
+        assert!(p.iter().all(|l| !l.contains('\n') && !l.contains('\0')));
+    }
+
+    #[test]
+    fn durations_beyond_a_year_are_config_errors_not_panics() {
+        let text = r#"
+            command = ["python3", "app.py"]
+            ready_timeout = "18446744073709551615s"
+            stop_timeout = "400d"
+            backoff_max = "1000000h"
+            max_memory = "99999999T"
+        "#;
+        let joined = parse(text, &Overrides::default()).unwrap_err().0.join("\n");
+        for key in ["`ready_timeout`", "`stop_timeout`", "`backoff_max`", "`max_memory`"] {
+            assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
     }
 
     #[test]

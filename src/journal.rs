@@ -56,8 +56,15 @@ impl Journal {
         Ok(Journal { sock: UnixDatagram::unbound()?, path: path.to_path_buf() })
     }
 
+    /// Sends one entry. Blocks while journald's socket is full: call it only from the log
+    /// writer thread (see [`crate::logging`]), never from the event loop.
     pub fn send(&self, fields: &[(&str, &[u8])]) -> std::io::Result<()> {
-        self.sock.send_to(&encode(fields), &self.path).map(|_| ())
+        self.send_raw(&encode(fields))
+    }
+
+    /// Sends one already encoded entry (blocking, as [`Journal::send`]).
+    pub fn send_raw(&self, datagram: &[u8]) -> std::io::Result<()> {
+        self.sock.send_to(datagram, &self.path).map(|_| ())
     }
 }
 

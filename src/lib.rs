@@ -7,7 +7,8 @@
 //! * [`listeners`] inherits the sockets from systemd (`LISTEN_FDS`) or binds them.
 //! * [`supervisor`] is the event loop that owns every worker; [`spawn`] and [`sys`] start
 //!   them with the sockets at fd 3.. and their own `LISTEN_PID`; [`output`] routes their lines;
-//!   [`notify`] speaks sd_notify with systemd above and with workers below.
+//!   [`notify`] speaks sd_notify with systemd above and with workers below; [`logging`] writes
+//!   herdsman's own log output without ever blocking the loop.
 
 pub mod backoff;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod generate;
 pub mod init;
 pub mod journal;
 pub mod listeners;
+pub mod logging;
 pub mod notify;
 pub mod output;
 pub mod spawn;

@@ -2,7 +2,7 @@
 //! codes (see `herdsman::exit`). Everything else lives in the library.
 
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,6 +10,7 @@ use herdsman::cli::{Cli, Command, RunArgs};
 use herdsman::config::{self, Overrides, Settings};
 use herdsman::control::{client, paths, server};
 use herdsman::listeners::{Activation, Listeners};
+use herdsman::logging::Sink;
 use herdsman::notify::{self, Notifier};
 use herdsman::output::Output;
 use herdsman::supervisor::{self, Control, World};
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
             }
             let rendered = e.render().to_string();
             let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("herdsman: {first} (see herdsman --help)");
+            herdsman::errln!("herdsman: {first} (see herdsman --help)");
             return code(exit::USAGE);
         }
     };
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
         Command::Generate { dir } => match herdsman::generate::write_all(&dir) {
             Ok(()) => code(exit::OK),
             Err(e) => {
-                eprintln!("herdsman: cannot write to {}: {e}", dir.display());
+                herdsman::errln!("herdsman: cannot write to {}: {e}", dir.display());
                 code(exit::FAILURE)
             }
         },
@@ -70,7 +71,7 @@ fn init_result(r: Result<(), herdsman::init::Failure>) -> ExitCode {
         Ok(()) => code(exit::OK),
         Err(f) => {
             for line in f.message.lines() {
-                eprintln!("herdsman: {line}");
+                herdsman::errln!("herdsman: {line}");
             }
             code(f.code)
         }
@@ -82,30 +83,61 @@ fn var_opt(k: &str) -> Option<String> {
 }
 
 /// Sets up herdsman's own logging: structured journal entries when our stderr is the journal
-/// (under systemd), else plain lines on stderr. Returns the journal for worker lines.
-/// HERDSMAN_LOG=error|warn|info|debug|trace sets the verbosity.
-fn logging(journal_stream: Option<&str>) -> Option<herdsman::journal::Journal> {
+/// (under systemd), else plain lines on stderr; either way through the non-blocking log queue
+/// (see `herdsman::logging`). Returns the queue for worker lines when they go to the journal.
+/// HERDSMAN_LOG=error|warn|info|debug|trace sets the verbosity. HERDSMAN_JOURNAL_SOCKET=PATH
+/// sends everything to that native journal socket instead of /run/systemd/journal/socket,
+/// whatever stderr is (for tests: a socket nobody reads stands in for a stalled journald).
+fn logging(journal_stream: Option<&str>, journal_socket: Option<String>) -> Option<Sink> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let level = var_opt("HERDSMAN_LOG")
         .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
         .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
-    if herdsman::journal::stderr_is_journal(journal_stream) {
-        let journal = herdsman::journal::Journal::connect(std::path::Path::new(herdsman::journal::SOCKET));
-        if let (Ok(layer), Ok(journal)) = (tracing_journald::layer(), journal) {
-            let layer = layer.with_syslog_identifier("herdsman".to_string()).with_field_prefix(None);
+    let journal = match journal_socket.filter(|s| !s.is_empty()) {
+        Some(path) => Some(PathBuf::from(path)),
+        None => herdsman::journal::stderr_is_journal(journal_stream)
+            .then(|| PathBuf::from(herdsman::journal::SOCKET)),
+    };
+    if let Some(path) = journal {
+        if let Ok(sink) = Sink::start(Some(path)) {
+            let layer = herdsman::logging::JournalLayer::new(sink.clone());
             tracing_subscriber::registry().with(level).with(layer).init();
-            return Some(journal);
+            return Some(sink);
         }
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .with_max_level(level)
-        .init();
+    match Sink::start(None) {
+        Ok(sink) => tracing_subscriber::fmt()
+            .with_writer(sink.stderr_writer())
+            .with_ansi(ansi)
+            .with_target(false)
+            .with_max_level(level)
+            .init(),
+        // No thread for the queue (resources exhausted at start): write directly, still
+        // never panicking on an error.
+        Err(_) => tracing_subscriber::fmt()
+            .with_writer(|| IgnoreErrors(std::io::stderr()))
+            .with_ansi(ansi)
+            .with_target(false)
+            .with_max_level(level)
+            .init(),
+    }
     None
+}
+
+/// A writer that reports success whatever happens (so `tracing` never prints its own error).
+struct IgnoreErrors<W>(W);
+
+impl<W: std::io::Write> std::io::Write for IgnoreErrors<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
 }
 
 fn env() -> paths::Env {
@@ -114,7 +146,7 @@ fn env() -> paths::Env {
 
 fn duration_arg(s: &str) -> Result<std::time::Duration, ExitCode> {
     config::values::duration(s).map_err(|e| {
-        eprintln!("herdsman: --timeout: {e}");
+        herdsman::errln!("herdsman: --timeout: {e}");
         code(exit::USAGE)
     })
 }
@@ -123,7 +155,7 @@ fn client_result(r: Result<(), client::Failure>) -> ExitCode {
     match r {
         Ok(()) => code(exit::OK),
         Err(f) => {
-            eprintln!("herdsman: {}", f.message);
+            herdsman::errln!("herdsman: {}", f.message);
             code(f.code)
         }
     }
@@ -154,14 +186,14 @@ fn load(file: Option<&PathBuf>, ov: &Overrides) -> Result<Settings, config::Prob
 
 fn print_problems(p: &config::Problems) {
     for line in &p.0 {
-        eprintln!("herdsman: {line}");
+        herdsman::errln!("herdsman: {line}");
     }
 }
 
 fn check_config(file: &PathBuf) -> ExitCode {
     match load(Some(file), &Overrides::default()) {
         Ok(s) => {
-            println!(
+            herdsman::outln!(
                 "{}: ok (app {}, {} worker(s), command {:?})",
                 file.display(),
                 s.name,
@@ -186,7 +218,7 @@ fn run(args: RunArgs) -> ExitCode {
             return code(exit::CONFIG);
         }
     };
-    let journal = logging(var_opt("JOURNAL_STREAM").as_deref());
+    let journal = logging(var_opt("JOURNAL_STREAM").as_deref(), var_opt("HERDSMAN_JOURNAL_SOCKET"));
 
     let activation = Activation {
         listen_fds: var_opt("LISTEN_FDS"),
@@ -196,14 +228,14 @@ fn run(args: RunArgs) -> ExitCode {
     let listeners = match Listeners::open(&activation, std::process::id(), &settings.listen) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("herdsman: {e}");
+            herdsman::errln!("herdsman: {e}");
             return code(if e.is_config() { exit::CONFIG } else { exit::FAILURE });
         }
     };
     let notifier = match Notifier::new(var_opt("NOTIFY_SOCKET").as_deref()) {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("herdsman: NOTIFY_SOCKET is unusable ({e}); not notifying the service manager");
+            herdsman::errln!("herdsman: NOTIFY_SOCKET is unusable ({e}); not notifying the service manager");
             Notifier::disabled()
         }
     };
@@ -213,11 +245,10 @@ fn run(args: RunArgs) -> ExitCode {
         std::process::id(),
     );
     let paths_env = paths::Env::from_process();
-    let control_path =
-        settings.control.clone().unwrap_or_else(|| paths::default_socket(&settings.name, &paths_env));
-    if let Some(dir) = paths::fallback_dir(&paths_env).filter(|_| settings.control.is_none()) {
+    let default_control = paths::default_socket(&settings.name, &paths_env);
+    if let Some(dir) = paths::fallback_dir(&paths_env) {
         if let Err(e) = paths::ensure_private_dir(&dir, paths_env.euid) {
-            eprintln!("herdsman: {e}");
+            herdsman::errln!("herdsman: {e}");
             return code(if matches!(e, paths::PrivateDirError::NotOurs { .. }) {
                 exit::CONFIG
             } else {
@@ -225,6 +256,10 @@ fn run(args: RunArgs) -> ExitCode {
             });
         }
     }
+    // The workers' notify socket lives in the app's runtime directory (that of the default
+    // control socket), whatever `--control` says.
+    let notify_dir = default_control.parent().map(Path::to_path_buf);
+    let control_path = settings.control.clone().unwrap_or(default_control);
     let group = settings
         .control_group
         .as_deref()
@@ -233,7 +268,7 @@ fn run(args: RunArgs) -> ExitCode {
     let control = match server::bind(&control_path, group) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("herdsman: {e}");
+            herdsman::errln!("herdsman: {e}");
             return code(exit::FAILURE);
         }
     };
@@ -246,7 +281,7 @@ fn run(args: RunArgs) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("herdsman: cannot start the event loop: {e}");
+            herdsman::errln!("herdsman: cannot start the event loop: {e}");
             return code(exit::FAILURE);
         }
     };
@@ -262,14 +297,17 @@ fn run(args: RunArgs) -> ExitCode {
             output: journal.map(Output::journal).unwrap_or_else(Output::standalone),
             reload_source,
             watchdog,
+            notify_dir,
         };
         supervisor::run(settings, world, rx).await
     });
     drop(control);
+    // The last log lines are still in the log queue: let them out (bounded).
+    herdsman::logging::flush(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => code(exit::OK),
         Err(e) => {
-            eprintln!("herdsman: {e:#}");
+            herdsman::errln!("herdsman: {e:#}");
             code(exit::FAILURE)
         }
     }

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncReadExt;
 
-use crate::journal::{Journal, split_priority};
+use crate::journal::split_priority;
+use crate::logging::Sink;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
@@ -97,8 +98,10 @@ impl Output {
 
     /// Under systemd: one journal entry per line, with the worker's fields, so that
     /// `journalctl -u herdsman@NAME WORKER_ID=2` shows exactly worker 2's lines and the
-    /// default view reads `NAME/2[PID]: line`. `<N>` prefixes set the priority.
-    pub fn journal(journal: Journal) -> Self {
+    /// default view reads `NAME/2[PID]: line`. `<N>` prefixes set the priority. Entries go
+    /// through the log [`Sink`]: a stalled journald drops (and counts) lines instead of
+    /// blocking anything.
+    pub fn journal(sink: Sink) -> Self {
         Self::with_writer(move |line| {
             let (prio, text) = split_priority(&line.text);
             let o = &line.origin;
@@ -121,10 +124,12 @@ impl Output {
                 ("HERDSMAN_APP", o.app.as_bytes()),
                 ("HERDSMAN_STREAM", stream),
             ];
-            if let Err(e) = journal.send(&fields) {
-                // Never lose a line silently: fall back to our own stderr (the journal stream).
-                eprintln!("{ident}: {} (journal: {e})", String::from_utf8_lossy(text));
-            }
+            let mut fallback = Vec::with_capacity(ident.len() + text.len() + 3);
+            fallback.extend_from_slice(ident.as_bytes());
+            fallback.extend_from_slice(b": ");
+            fallback.extend_from_slice(text);
+            fallback.push(b'\n');
+            sink.journal(&fields, fallback);
         })
     }
 

@@ -270,7 +270,12 @@ mod tests {
         let settings = |command: &str| Settings {
             command: vec![command.to_string()],
             cwd: Some(cwd.clone()),
-            ..crate::config::load(None, &crate::config::Overrides { command: vec!["sh".into()], ..Default::default() }, std::num::NonZeroUsize::MIN).unwrap()
+            ..crate::config::load(
+                None,
+                &crate::config::Overrides { command: vec!["sh".into()], ..Default::default() },
+                std::num::NonZeroUsize::MIN,
+            )
+            .unwrap()
         };
         let env = vec![("PATH".to_string(), "/bin:/usr/bin".to_string())];
         let real = std::fs::canonicalize(&release).unwrap();

@@ -25,9 +25,44 @@ fn config_text() -> impl Strategy<Value = String> {
         Just("[1, 2]".to_string()),
         Just("{ A = \"1\" }".to_string()),
         "[0-9]{1,4}(ms|s|m|h|x)?".prop_map(|s| format!("\"{s}\"")),
+        // Durations and sizes around and far beyond the bounds (1y, 1024T) and u64::MAX.
+        "[0-9]{1,22}(ns|ms|s|m|h|d|w|y|K|M|G|T)?".prop_map(|s| format!("\"{s}\"")),
+        "alive:[0-9]{1,22}(s|d|y)".prop_map(|s| format!("\"{s}\"")),
+        // Environment tables with the keys herdsman sets itself, and NUL bytes.
+        (env_key(), "[a-z\u{0}]{0,4}")
+            .prop_map(|(k, v)| format!("{{ {k} = \"{}\" }}", v.replace('\0', "\\u0000"))),
+        "[a-z\u{0}]{0,6}".prop_map(|a| format!("[\"python3\", \"{}\"]", a.replace('\0', "\\u0000"))),
     ];
     prop::collection::vec((any_key, value), 0..8)
         .prop_map(|kv| kv.into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect())
+}
+
+/// Ordinary keys and the ones herdsman reserves for itself.
+fn env_key() -> impl Strategy<Value = String> {
+    let reserved = prop::sample::select(config::values::RESERVED_ENV.to_vec()).prop_map(str::to_string);
+    prop_oneof![reserved, "HERDSMAN_[A-Z]{0,6}", "[A-Z]{1,6}"]
+}
+
+/// What every accepted configuration guarantees: bounded durations and sizes (so no
+/// `Instant + Duration` can overflow), no reserved or NUL-carrying environment, no NUL args.
+fn assert_bounded(s: &config::Settings) -> Result<(), TestCaseError> {
+    let max = config::values::MAX_DURATION;
+    let mut durations =
+        vec![s.ready_timeout, s.stop_timeout, s.backoff.initial, s.backoff.max, s.backoff.reset_after];
+    durations.extend(s.watchdog);
+    if let config::ReadyMode::Alive(d) = s.ready {
+        durations.push(d);
+    }
+    for d in durations {
+        prop_assert!(d <= max, "unbounded duration {d:?}");
+        prop_assert!(std::time::Instant::now().checked_add(d).is_some());
+    }
+    prop_assert!(s.max_memory.is_none_or(|m| m <= config::values::MAX_SIZE));
+    for (k, v) in &s.env {
+        prop_assert!(!config::values::env_key_reserved(k) && !v.contains('\0'), "{k}={v:?} accepted");
+    }
+    prop_assert!(s.command.iter().all(|a| !a.contains('\0')));
+    Ok(())
 }
 
 proptest! {
@@ -37,11 +72,36 @@ proptest! {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("app.toml");
         std::fs::write(&path, &text).unwrap();
-        if let Err(p) = config::load(Some(&path), &config::Overrides::default(), cpus()) {
-            prop_assert!(!p.0.is_empty());
-            for line in &p.0 {
-                prop_assert!(!line.contains('\n'), "multi-line problem: {line:?}");
+        match config::load(Some(&path), &config::Overrides::default(), cpus()) {
+            Err(p) => {
+                prop_assert!(!p.0.is_empty());
+                for line in &p.0 {
+                    prop_assert!(!line.contains('\n'), "multi-line problem: {line:?}");
+                }
             }
+            Ok(s) => assert_bounded(&s)?,
+        }
+    }
+
+    #[test]
+    fn flag_values_never_panic_and_accepted_ones_are_bounded(
+        timeout in "[0-9]{1,22}(ms|s|h|d|y)",
+        memory in "[0-9]{1,22}(K|M|G|T)?",
+        env in (env_key(), "[a-z\u{0}]{0,4}").prop_map(|(k, v)| format!("{k}={v}")),
+    ) {
+        let ov = config::Overrides {
+            command: vec!["true".into()],
+            ready_timeout: Some(timeout.clone()),
+            stop_timeout: Some(timeout.clone()),
+            watchdog: Some(timeout.clone()),
+            ready: Some(format!("alive:{timeout}")),
+            max_memory: Some(memory),
+            env: vec![env],
+            ..Default::default()
+        };
+        match config::load(None, &ov, cpus()) {
+            Ok(s) => assert_bounded(&s)?,
+            Err(p) => prop_assert!(p.0.iter().all(|l| !l.contains('\n'))),
         }
     }
 

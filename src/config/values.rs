@@ -64,9 +64,17 @@ impl WorkerCount {
     }
 }
 
+/// The longest duration any setting or flag accepts: 1 year (humantime's `1y`, 365.25 days).
+/// Anything longer is a typo, and the bound keeps every `Instant + Duration` far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
 pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?} ({e}); use a number with a unit, e.g. 500ms, 2s, 1m"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); use a number with a unit, e.g. 500ms, 2s, 1m"))?;
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is too long; the maximum is 1y (365.25 days), e.g. 30s or 10m"));
+    }
+    Ok(d)
 }
 
 pub fn signal(s: &str) -> Result<Signal, String> {
@@ -166,6 +174,9 @@ pub fn ready(s: &str) -> Result<ReadyMode, String> {
     Err(format!("invalid readiness mode {s:?}; use \"notify\" or \"alive:DURATION\" (e.g. alive:1s)"))
 }
 
+/// The largest memory size accepted: 1024T (1 PiB), far above any real machine.
+pub const MAX_SIZE: u64 = 1 << 50;
+
 /// A memory size: `512M`, `1G`, `300MB`, `1.5GiB`, `1048576` (bytes). K/M/G/T are powers of
 /// 1024, as in PM2's `max_memory_restart`.
 pub fn size(s: &str) -> Result<u64, String> {
@@ -182,16 +193,47 @@ pub fn size(s: &str) -> Result<u64, String> {
         "T" | "TB" | "TIB" => 1 << 40,
         _ => return Err(bad()),
     };
-    let bytes = (n * mult as f64) as u64;
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes > MAX_SIZE as f64 {
+        return Err(format!("memory size {s:?} is too large; the maximum is 1024T"));
+    }
+    let bytes = bytes as u64;
     if bytes == 0 { Err(format!("memory size {s:?} must be greater than 0")) } else { Ok(bytes) }
 }
 
 /// `KEY=VALUE` from `--env`.
 pub fn env_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((k, v)) if env_key_ok(k) => Ok((k.to_string(), v.to_string())),
+        Some((k, v)) if env_key_ok(k) => env_entry(k, v).map(|()| (k.to_string(), v.to_string())),
         _ => Err(format!("invalid environment entry {s:?}; use KEY=VALUE with a non-empty KEY without '='")),
     }
+}
+
+/// Variables herdsman sets for every worker (besides any `HERDSMAN_*`). A config that set
+/// them too would put duplicates in the environment, and glibc and Python take the first one,
+/// which would silently break socket activation or notification.
+pub const RESERVED_ENV: &[&str] =
+    &["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+
+pub fn env_key_reserved(k: &str) -> bool {
+    RESERVED_ENV.contains(&k) || k.starts_with("HERDSMAN_")
+}
+
+/// Checks one worker environment entry whose key is well-formed: not a reserved key, no NUL
+/// byte in the value (a program could not receive it).
+pub fn env_entry(k: &str, v: &str) -> Result<(), String> {
+    if env_key_reserved(k) {
+        return Err(format!(
+            "{k:?} is set by herdsman for every worker and cannot be set here; remove it (reserved: {}, HERDSMAN_*)",
+            RESERVED_ENV.join(", ")
+        ));
+    }
+    if v.contains('\0') {
+        return Err(format!(
+            "the value of {k:?} contains a NUL byte, which no program can receive; remove it"
+        ));
+    }
+    Ok(())
 }
 
 pub fn env_key_ok(k: &str) -> bool {
@@ -261,6 +303,39 @@ mod tests {
         assert_eq!(size("100").unwrap(), 100);
         assert!(size("lots").is_err());
         assert!(size("0M").is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes_are_bounded() {
+        assert_eq!(duration("1y").unwrap(), MAX_DURATION);
+        for huge in ["18446744073709551615s", "366d", "2y", "100000000000h"] {
+            let e = duration(huge).unwrap_err();
+            assert!(e.contains("maximum"), "{huge}: {e}");
+        }
+        assert!(ready("alive:18446744073709551615s").is_err());
+        assert_eq!(size("1024T").unwrap(), MAX_SIZE);
+        for huge in ["1025T", "99999999999999999999999999999999999999G", "18446744073709551615"] {
+            assert!(size(huge).is_err(), "{huge}");
+        }
+    }
+
+    #[test]
+    fn env_flags_may_not_set_what_herdsman_sets_nor_carry_nul() {
+        for key in [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "HERDSMAN_WORKER_ID",
+        ] {
+            let e = env_pair(&format!("{key}=1")).unwrap_err();
+            assert!(e.contains(key), "{e}");
+        }
+        assert!(env_pair("A=x\0y").unwrap_err().contains("NUL"));
+        assert_eq!(env_pair("LISTEN=1").unwrap(), ("LISTEN".to_string(), "1".to_string()));
+        assert_eq!(env_pair("herdsman_x=1").unwrap().0, "herdsman_x");
     }
 
     #[test]

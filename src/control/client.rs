@@ -39,7 +39,10 @@ pub fn call(
         ),
         _ => fail(exit::UNAVAILABLE, format!("cannot reach the supervisor at {}: {e}", path.display())),
     })?;
-    let deadline = Instant::now() + timeout;
+    // Checked: a timeout too far away to represent is "no deadline we could reach" anyway.
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + crate::config::values::MAX_DURATION);
     let mut req =
         serde_json::to_string(&Request { v: VERSION, op }).map_err(|e| fail(exit::FAILURE, e.to_string()))?;
     req.push('\n');
@@ -91,11 +94,11 @@ pub fn status(target: Option<&str>, json: bool, env: &paths::Env) -> Result<(), 
     let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
     match call(&path, Op::Status, QUICK, |_| {})? {
         Reply::Status { status } if json => {
-            println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+            crate::outln!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
             Ok(())
         }
         Reply::Status { status } => {
-            print!("{}", table::status(&status));
+            crate::out!("{}", table::status(&status));
             Ok(())
         }
         other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),
@@ -130,11 +133,11 @@ pub fn list(json: bool, env: &paths::Env) -> Result<(), Failure> {
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&snaps).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(&snaps).unwrap_or_default());
     } else if apps.is_empty() {
-        println!("no herdsman app is running");
+        crate::outln!("no herdsman app is running");
     } else {
-        print!("{}", table::columns(&rows));
+        crate::out!("{}", table::columns(&rows));
     }
     Ok(())
 }
@@ -142,12 +145,12 @@ pub fn list(json: bool, env: &paths::Env) -> Result<(), Failure> {
 pub fn reload(target: Option<&str>, wait: bool, timeout: Duration, env: &paths::Env) -> Result<(), Failure> {
     let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
     let reply = call(&path, Op::Reload { wait }, timeout, |line| {
-        println!("{line}");
+        crate::outln!("{line}");
         let _ = std::io::stdout().flush();
     })?;
     match reply {
         Reply::Reload(o) if o.ok => {
-            println!("{}", o.message);
+            crate::outln!("{}", o.message);
             Ok(())
         }
         Reply::Reload(o) => Err(fail(exit::FAILURE, o.message)),
@@ -166,7 +169,7 @@ pub fn scale(
     let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
     match call(&path, Op::Scale { workers: workers.to_string(), wait }, timeout, |_| {})? {
         Reply::Scale { workers } => {
-            println!("{} worker(s){}", workers, if wait { " ready" } else { " requested" });
+            crate::outln!("{} worker(s){}", workers, if wait { " ready" } else { " requested" });
             Ok(())
         }
         other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),

@@ -75,6 +75,9 @@ pub struct Snapshot {
     pub status: String,
     pub workers: Vec<WorkerInfo>,
     pub last_reload: Option<LastReload>,
+    /// Log lines dropped because the journal (or stderr) was not accepting them, since start.
+    #[serde(default)]
+    pub log_dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -55,6 +55,8 @@ pub struct World {
     pub reload_source: Option<ReloadSource>,
     /// Send `WATCHDOG=1` this often (from `WATCHDOG_USEC`).
     pub watchdog: Option<Duration>,
+    /// Where the workers' notify socket goes (herdsman's runtime directory); abstract without.
+    pub notify_dir: Option<std::path::PathBuf>,
 }
 
 enum Event {
@@ -115,7 +117,7 @@ pub async fn run(
     world: World,
     mut controls: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
-    let notify = WorkerNotify::bind()?;
+    let notify = WorkerNotify::bind(world.notify_dir.as_deref())?;
     let app: Arc<str> = Arc::from(settings.name.as_str());
     let launcher = Launcher::new(
         app.clone(),

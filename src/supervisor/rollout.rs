@@ -130,7 +130,11 @@ impl Supervisor {
         let spec = match self.launcher.pin(&settings, self.generation + 1) {
             Ok(spec) => Arc::new(spec),
             Err(e) => {
-                return refuse(self, waiters, format!("cannot resolve the new release, nothing changed: {e}"));
+                return refuse(
+                    self,
+                    waiters,
+                    format!("cannot resolve the new release, nothing changed: {e}"),
+                );
             }
         };
         if self.reload_source.is_some() {

@@ -92,6 +92,7 @@ impl Supervisor {
             status: self.status_line(),
             workers,
             last_reload: self.last_reload.clone(),
+            log_dropped: crate::logging::dropped(),
         }
     }
 }

@@ -1,0 +1,322 @@
+//! herdsman's own log output (its events, and worker lines under systemd), written so that the
+//! event loop never blocks on logging and no output error can panic.
+//!
+//! Why: a journal entry is a blocking `sendto` on journald's socket, and a log line a blocking
+//! `write` on stderr. When the reader stalls (journald busy with a flood of worker lines, a
+//! stopped pager), a write on the loop thread would freeze the control socket and the
+//! `WATCHDOG=1` pings, and systemd would kill the app. So every entry goes into one bounded
+//! queue ([`Sink`]) drained by one thread, the only place that blocks. When the queue is
+//! full, the entry is dropped and counted: [`dropped`] (`log_dropped` in `status --json`),
+//! and once an entry gets through again, one entry says how many were lost (with a
+//! `HERDSMAN_LOG_DROPPED=N` field). Write errors (EPIPE on a closed stderr) are ignored: with
+//! `panic = "abort"`, a panicking `eprintln!` would kill the supervisor and every worker.
+
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::Context;
+
+use crate::journal::{Journal, encode};
+
+/// Entries the queue had no room for, since start. A process-wide counter, so the supervisor
+/// can report it without owning the log machinery.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// The queue holds at most this many entries...
+const QUEUE: usize = 4096;
+/// ... and at most this many bytes (worker lines may be up to 16 KiB each).
+const QUEUE_BYTES: usize = 8 << 20;
+
+/// Bytes waiting in the queue.
+static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// Entries queued or being written (for [`flush`]).
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits (at most `max`, so a stalled journal cannot hold up an exit) until every queued
+/// entry is written: called once before the process exits, so the last lines are not lost.
+pub fn flush(max: std::time::Duration) {
+    let end = std::time::Instant::now().checked_add(max);
+    while PENDING.load(Ordering::Acquire) > 0 && end.is_some_and(|e| std::time::Instant::now() < e) {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Log entries lost because the journal (or stderr) was not accepting them, since start.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+enum Entry {
+    /// A native-protocol datagram, and the line to write to stderr if the journal refuses it.
+    Journal {
+        datagram: Vec<u8>,
+        fallback: Vec<u8>,
+    },
+    Stderr(Vec<u8>),
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        match self {
+            Entry::Journal { datagram, fallback } => datagram.len() + fallback.len(),
+            Entry::Stderr(bytes) => bytes.len(),
+        }
+    }
+}
+
+/// The bounded log queue; cheap to clone. Pushing never blocks.
+#[derive(Clone)]
+pub struct Sink {
+    tx: SyncSender<Entry>,
+}
+
+impl Sink {
+    /// Starts the writer thread. With `journal`, entries go to that native journal socket
+    /// (normally [`crate::journal::SOCKET`]); otherwise to stderr.
+    pub fn start(journal: Option<PathBuf>) -> std::io::Result<Sink> {
+        let journal = journal.map(|p| Journal::connect(&p)).transpose()?;
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new().name("herdsman-log".into()).spawn(move || drain(rx, journal))?;
+        Ok(Sink { tx })
+    }
+
+    fn push(&self, e: Entry) {
+        let size = e.size();
+        if QUEUED_BYTES.fetch_add(size, Ordering::Relaxed) + size > QUEUE_BYTES {
+            QUEUED_BYTES.fetch_sub(size, Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        PENDING.fetch_add(1, Ordering::AcqRel);
+        match self.tx.try_send(e) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                PENDING.fetch_sub(1, Ordering::AcqRel);
+                QUEUED_BYTES.fetch_sub(size, Ordering::Relaxed);
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Queues one journal entry; `fallback` is written to stderr if the journal refuses it.
+    pub fn journal(&self, fields: &[(&str, &[u8])], fallback: Vec<u8>) {
+        self.push(Entry::Journal { datagram: encode(fields), fallback });
+    }
+
+    /// Queues bytes for stderr.
+    pub fn stderr(&self, bytes: Vec<u8>) {
+        self.push(Entry::Stderr(bytes));
+    }
+
+    /// A `tracing_subscriber` writer that queues each formatted event for stderr.
+    pub fn stderr_writer(&self) -> impl for<'w> tracing_subscriber::fmt::MakeWriter<'w> + use<> {
+        let sink = self.clone();
+        move || QueuedStderr(sink.clone())
+    }
+}
+
+struct QueuedStderr(Sink);
+
+impl Write for QueuedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.stderr(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The writer thread: the only place where log output blocks.
+fn drain(rx: Receiver<Entry>, journal: Option<Journal>) {
+    let mut reported = 0;
+    while let Ok(e) = rx.recv() {
+        QUEUED_BYTES.fetch_sub(e.size(), Ordering::Relaxed);
+        let delivered = match e {
+            Entry::Journal { datagram, fallback } => match &journal {
+                Some(j) if j.send_raw(&datagram).is_ok() => true,
+                _ => {
+                    // Never lose a line silently: our stderr (the journal stream, under systemd).
+                    write_ignoring(&mut std::io::stderr(), &fallback);
+                    false
+                }
+            },
+            Entry::Stderr(bytes) => std::io::stderr().lock().write_all(&bytes).is_ok(),
+        };
+        let lost = DROPPED.load(Ordering::Relaxed);
+        if delivered && lost > reported {
+            let n = lost - reported;
+            reported = lost;
+            let target = if journal.is_some() { "the journal" } else { "stderr" };
+            let msg = format!("{n} log lines dropped while {target} was not accepting");
+            match &journal {
+                Some(j) => {
+                    let n = n.to_string();
+                    let fields: [(&str, &[u8]); 4] = [
+                        ("MESSAGE", msg.as_bytes()),
+                        ("PRIORITY", b"4"),
+                        ("SYSLOG_IDENTIFIER", b"herdsman"),
+                        ("HERDSMAN_LOG_DROPPED", n.as_bytes()),
+                    ];
+                    let _ = j.send_raw(&encode(&fields));
+                }
+                None => write_ignoring(&mut std::io::stderr(), format!("herdsman: {msg}\n").as_bytes()),
+            }
+        }
+        PENDING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn write_ignoring(w: &mut impl Write, bytes: &[u8]) {
+    let _ = w.write_all(bytes);
+}
+
+/// Writes one line to stderr, ignoring errors (see [`crate::errln`]).
+pub fn write_err(args: fmt::Arguments) {
+    let _ = writeln!(std::io::stderr().lock(), "{args}");
+}
+
+/// Writes to stdout, ignoring errors (see [`crate::outln`]).
+pub fn write_out(args: fmt::Arguments, newline: bool) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(args);
+    if newline {
+        let _ = out.write_all(b"\n");
+    }
+    let _ = out.flush();
+}
+
+/// Like `eprintln!`, but a write error (EPIPE, a closed stderr) is ignored, never a panic.
+#[macro_export]
+macro_rules! errln {
+    ($($t:tt)*) => { $crate::logging::write_err(format_args!($($t)*)) };
+}
+
+/// Like `println!`, but a write error (EPIPE: `herdsman status | head -1`) is ignored.
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::logging::write_out(format_args!($($t)*), true) };
+}
+
+/// Like `print!`, but a write error is ignored.
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => { $crate::logging::write_out(format_args!($($t)*), false) };
+}
+
+/// herdsman's own events as native journal entries (`MESSAGE`, `PRIORITY`,
+/// `SYSLOG_IDENTIFIER=herdsman`, and each event field as an upper-case field, e.g. `APP`),
+/// queued on a [`Sink`] instead of sent from the calling thread.
+pub struct JournalLayer {
+    sink: Sink,
+}
+
+impl JournalLayer {
+    pub fn new(sink: Sink) -> Self {
+        JournalLayer { sink }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for JournalLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let mut v = Fields::default();
+        event.record(&mut v);
+        let prio: &[u8] = match *event.metadata().level() {
+            tracing::Level::ERROR => b"3",
+            tracing::Level::WARN => b"4",
+            tracing::Level::INFO => b"6",
+            _ => b"7",
+        };
+        let mut fields: Vec<(&str, &[u8])> =
+            vec![("MESSAGE", v.message.as_bytes()), ("PRIORITY", prio), ("SYSLOG_IDENTIFIER", b"herdsman")];
+        fields.extend(v.other.iter().map(|(k, val)| (k.as_str(), val.as_bytes())));
+        let fallback = format!("herdsman: {}\n", v.message).into_bytes();
+        self.sink.journal(&fields, fallback);
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    other: Vec<(String, String)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.to_string());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field, format!("{value:?}"));
+    }
+}
+
+impl Fields {
+    fn put(&mut self, field: &Field, value: String) {
+        if field.name() == "message" {
+            self.message = value;
+            return;
+        }
+        if let Some(name) = journal_name(field.name()) {
+            self.other.push((name, value));
+        }
+    }
+}
+
+/// Journal field names are upper-case letters, digits and '_', not starting with '_' (those
+/// are trusted fields journald sets itself) or a digit; the ones we set ourselves are skipped.
+fn journal_name(name: &str) -> Option<String> {
+    let name: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    let name = name.trim_start_matches(|c: char| c == '_' || c.is_ascii_digit());
+    let ours = ["MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER"];
+    (!name.is_empty() && !ours.contains(&name)).then(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    #[test]
+    fn a_stalled_journal_drops_and_counts_then_reports_once_it_accepts_again() {
+        let dir = std::env::temp_dir().join(format!("herdsman-logging-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal.sock");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let sink = Sink::start(Some(path)).unwrap();
+        let before = dropped();
+        for i in 0..(QUEUE * 4) {
+            sink.journal(&[("MESSAGE", format!("line {i}").as_bytes())], Vec::new());
+        }
+        assert!(dropped() > before, "nobody reads: the queue fills and lines are counted, not waited for");
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let report = loop {
+            let n = rx.recv(&mut buf).expect("the dropped-lines report arrives");
+            let d = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if d.contains("HERDSMAN_LOG_DROPPED=") {
+                break d;
+            }
+            // Keep the flow going so the writer thread gets through again.
+            sink.journal(&[("MESSAGE", b"more")], Vec::new());
+        };
+        let n: u64 =
+            report.lines().find_map(|l| l.strip_prefix("HERDSMAN_LOG_DROPPED=")).unwrap().parse().unwrap();
+        assert!(n > 0, "{report}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn field_names_become_journal_names() {
+        assert_eq!(journal_name("app").as_deref(), Some("APP"));
+        assert_eq!(journal_name("worker.id").as_deref(), Some("WORKER_ID"));
+        assert_eq!(journal_name("_pid").as_deref(), Some("PID"));
+        assert_eq!(journal_name("MESSAGE"), None);
+        assert_eq!(journal_name("__"), None);
+    }
+}
