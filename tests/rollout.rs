@@ -160,9 +160,10 @@ fn a_crash_within_min_ready_fails_the_reload_with_every_old_worker_still_serving
     let a = rel.release("a", &["gate-0", "gate-1"]);
     let b = rel.release("b", &["gate-0", "gate-1"]);
     rel.switch("a");
-    let h = release_run(&dir, &rel, 2).arg("--min-ready").arg("1h").start();
+    // No load here: a worker that dies mid-request loses what it had accepted, whatever the
+    // supervisor does; this test is about which workers are left.
+    let _h = release_run(&dir, &rel, 2).arg("--min-ready").arg("1h").start();
     let before = settled(&sock, 2, 1, &a);
-    let load = Load::start(&h.addr, 2, false);
 
     rel.switch("b");
     let reload = reload_in_background(&sock);
@@ -178,14 +179,7 @@ fn a_crash_within_min_ready_fails_the_reload_with_every_old_worker_still_serving
     let out = reload.join().unwrap();
     assert_ne!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(settled(&sock, 2, 1, &a), before, "every old worker still serves, same pids");
-    let report = load.finish();
-    assert!(report.failed.is_empty(), "{:?}", &report.failed[..3.min(report.failed.len())]);
     assert_eq!(status_json(&sock)["last_reload"]["result"], "failed");
-    report.guarantee(
-        "new worker crashes while held by --min-ready",
-        "reload of 2 workers",
-        "reload fails; no old worker was stopped (same pids)",
-    );
 }
 
 #[test]

@@ -25,8 +25,9 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
   TW_BURST_LINES=N      print N numbered lines ("burst i/N") as fast as possible at start
   TW_READY_GATE=prefix  before accepting / READY=1, wait until the file prefix+WORKER_ID
                         exists (relative paths: in the working directory)
-  TW_LATE_CRASH_FILE=p  if p exists at startup: print "crashing after ready", exit 4
-                        TW_LATE_CRASH_MS (default 300) ms after READY=1
+  TW_LATE_CRASH_FILE=p  if p exists at startup: send READY=1 (with TW_NOTIFY), accept
+                        nothing, print "crashing after ready" and exit 4 TW_LATE_CRASH_MS
+                        (default 300) ms later (gunicorn's arbiter with a broken app)
   TW_LATE_HANG_FILE=p   if p exists at startup: hang (no accepts, no watchdog pings)
                         300 ms after READY=1
   TW_CRASH_FILE=prefix  print "crash file found", exit 4 once prefix+WORKER_ID exists
@@ -401,12 +402,13 @@ def main():
         draining.wait(0.02)
     late_crash = ENV.get("TW_LATE_CRASH_FILE")
     if late_crash and os.path.exists(late_crash):
-        def _late():
-            elog("crashing after ready")
-            os._exit(4)
-        _t = threading.Timer(_int_env("TW_LATE_CRASH_MS", 300) / 1000.0, _late)
-        _t.daemon = True
-        _t.start()
+        # Like gunicorn's arbiter when its worker cannot import the app: READY=1 is sent,
+        # nothing is ever accepted, and the process exits soon after.
+        if ENV.get("TW_NOTIFY") == "1":
+            notify("READY=1")
+        draining.wait(_int_env("TW_LATE_CRASH_MS", 300) / 1000.0)
+        elog("crashing after ready")
+        os._exit(4)
     late_hang = ENV.get("TW_LATE_HANG_FILE")
     if late_hang and os.path.exists(late_hang):
         threading.Timer(0.3, hung.set).start()
