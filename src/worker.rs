@@ -21,6 +21,8 @@ pub enum State {
     Stopping {
         kill_at: Instant,
     },
+    /// SIGKILLed (failed, hung, or out of stop time): its exit event is on the way.
+    Killed,
 }
 
 /// Why the worker exists.
@@ -64,7 +66,22 @@ impl Worker {
         match self.state {
             State::Starting { .. } => "starting",
             State::Ready { .. } => "ready",
-            State::Stopping { .. } => "stopping",
+            State::Stopping { .. } | State::Killed => "stopping",
+        }
+    }
+
+    /// Sends `sig` to the worker and, with `group`, to its whole process group.
+    ///
+    /// The only way the supervisor signals a worker. The leader is signalled through its
+    /// pidfd; the group by pgid, which is safe because a worker stays in the supervisor's
+    /// table only until it is reaped, and the supervisor reaps it only after its exit event
+    /// (see `supervisor::exits`): until then its pid, and so its pgid, cannot be reused.
+    pub fn signal(&self, sig: nix::sys::signal::Signal, group: bool) {
+        if let Err(e) = crate::sys::pidfd_signal(&self.pidfd, sig as i32) {
+            tracing::debug!("signal {sig} to {}: {e}", self.pid);
+        }
+        if group {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), sig);
         }
     }
 }

@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::exits::{describe_exit, failure_report};
+use super::exits::{self, describe_exit, failure_report};
 use super::{Event, Supervisor, human};
 use crate::backoff;
 use crate::config::ReadyMode;
@@ -16,8 +16,9 @@ impl Supervisor {
     pub(super) fn on_event(&mut self, ev: Event) {
         let Event::Exited { pid, status } = ev;
         let Some(w) = self.workers.remove(&pid) else { return };
-        // Whatever the worker left in its process group goes with it.
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        // Whatever the worker left in its process group was killed before this event was
+        // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
+        exits::reap(&w);
         let how = describe_exit(status);
         let now = Instant::now();
         let ran = now.duration_since(w.started);
@@ -145,8 +146,8 @@ impl Supervisor {
                 }
                 State::Stopping { kill_at } if now >= kill_at => {
                     tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
-                    let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
-                    w.state = State::Stopping { kill_at: now + Duration::from_secs(3600) };
+                    w.signal(Signal::SIGKILL, true);
+                    w.state = State::Killed;
                 }
                 _ => {}
             }

@@ -1,9 +1,10 @@
 //! Learning that a worker exited: the pidfd watcher task and the words for what happened.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
@@ -11,8 +12,13 @@ use super::{Event, OUTPUT_GRACE};
 use crate::sys;
 use crate::worker::Worker;
 
-/// Waits for a worker to exit (pidfd readable), reaps it, waits briefly for the end of its
-/// output so the report has its last lines, then tells the loop.
+/// Waits for a worker to exit (pidfd readable), learns how *without reaping it*, kills what
+/// is left of its process group, waits briefly for the end of its output so the report has
+/// its last lines, then tells the loop, which reaps it ([`reap`]).
+///
+/// Killing the group before the reap is what makes it safe: while the leader is an unreaped
+/// zombie its pid cannot be handed out again, so the pgid still names the worker's group and
+/// never an unrelated one.
 pub(super) fn watch_exit(
     pid: i32,
     pidfd: Arc<OwnedFd>,
@@ -20,16 +26,19 @@ pub(super) fn watch_exit(
     events: mpsc::UnboundedSender<Event>,
 ) {
     tokio::spawn(async move {
-        let status = match sys::watch_pidfd(pidfd) {
+        let peek = |fd: &OwnedFd| {
+            waitid(Id::PIDFd(fd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG)
+        };
+        let status = match sys::watch_pidfd(pidfd.clone()) {
             Ok(afd) => loop {
                 match afd.readable().await {
                     Ok(mut guard) => {
                         guard.clear_ready();
-                        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                        match peek(&pidfd) {
                             Ok(WaitStatus::StillAlive) => continue,
                             Ok(s) => break s,
                             Err(e) => {
-                                tracing::error!("waitpid({pid}): {e}");
+                                tracing::error!("waitid(pidfd of {pid}): {e}");
                                 break WaitStatus::Exited(Pid::from_raw(pid), -1);
                             }
                         }
@@ -42,12 +51,23 @@ pub(super) fn watch_exit(
             },
             Err(e) => {
                 tracing::error!("watching worker {pid}: {e}");
-                waitpid(Pid::from_raw(pid), None).unwrap_or(WaitStatus::Exited(Pid::from_raw(pid), -1))
+                waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+                    .unwrap_or(WaitStatus::Exited(Pid::from_raw(pid), -1))
             }
         };
+        // Whatever the worker left in its group goes with it (the leader is still unreaped).
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         let _ = tokio::time::timeout(OUTPUT_GRACE, output_done.recv()).await;
         let _ = events.send(Event::Exited { pid, status });
     });
+}
+
+/// Reaps an exited worker (its exit event arrived): from here on its pid may be reused, so
+/// the worker must already be out of the supervisor's table.
+pub(super) fn reap(w: &Worker) {
+    if let Err(e) = waitid(Id::PIDFd(w.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+        tracing::debug!("reaping worker {}: {e}", w.pid);
+    }
 }
 
 pub(super) fn describe_exit(status: WaitStatus) -> String {

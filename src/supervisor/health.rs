@@ -8,9 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
-
 use super::Supervisor;
 use crate::worker::{Role, State};
 
@@ -103,7 +100,7 @@ impl Supervisor {
             Err(e) => {
                 tracing::error!(app = %self.app, worker_id = slot, "replacement for worker {slot} failed: {e}");
                 if hard {
-                    let _ = killpg(Pid::from_raw(old), Signal::SIGKILL);
+                    self.kill_now(old, None);
                 }
             }
         }
@@ -135,7 +132,7 @@ impl Supervisor {
             }
             tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = new, "worker {slot_id} replaced (pid {} → {new})", r.old);
             if r.hard {
-                let _ = killpg(Pid::from_raw(r.old), Signal::SIGKILL);
+                self.kill_now(r.old, None);
             }
             self.retire(r.old);
         }
@@ -147,7 +144,7 @@ impl Supervisor {
             tracing::error!(app = %self.app, "replacement failed: {report}");
             if r.hard {
                 // The old worker is hung and serves nobody: kill it; its slot restarts with back-off.
-                let _ = killpg(Pid::from_raw(r.old), Signal::SIGKILL);
+                self.kill_now(r.old, None);
             }
         }
     }

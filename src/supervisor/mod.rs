@@ -23,9 +23,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
-use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backoff;
@@ -34,7 +33,6 @@ use crate::listeners::Listeners;
 use crate::notify::{Notifier, WorkerNotify};
 use crate::output::Output;
 use crate::spawn::{Launcher, Spec};
-use crate::sys;
 use crate::worker::{Role, State, Worker};
 pub use control::{Control, ReloadOutcome, Scale, Snapshot, Waiter};
 use rollout::Rollout;
@@ -234,7 +232,7 @@ impl Supervisor {
         let now = Instant::now();
         if self.stopping {
             tracing::warn!(app = %self.app, "second stop request: killing the remaining workers now");
-            for w in self.workers.values_mut() {
+            for w in self.workers.values_mut().filter(|w| w.state != State::Killed) {
                 w.state = State::Stopping { kill_at: now };
             }
             return;
@@ -264,22 +262,19 @@ impl Supervisor {
         if failure.is_some() {
             w.failure = failure;
         }
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        // Its exit is on the way; the far deadline only keeps the timers quiet until then.
-        w.state = State::Stopping { kill_at: Instant::now() + Duration::from_secs(3600) };
+        w.signal(Signal::SIGKILL, true);
+        w.state = State::Killed;
     }
 
     /// Sends the stop signal (once) and arms the kill timer.
     fn retire(&mut self, pid: i32) {
         let Some(w) = self.workers.get_mut(&pid) else { return };
         w.role = Role::Retired;
-        if matches!(w.state, State::Stopping { .. }) {
+        if matches!(w.state, State::Stopping { .. } | State::Killed) {
             return;
         }
         w.state = State::Stopping { kill_at: Instant::now() + w.spec.stop_timeout };
-        if let Err(e) = sys::pidfd_signal(&w.pidfd, w.spec.stop_signal as i32) {
-            tracing::debug!("signal to {pid}: {e}");
-        }
+        w.signal(w.spec.stop_signal, false);
         if let Some(slot) = self.slots.get_mut(&w.slot) {
             if slot.active == Some(pid) {
                 slot.active = None;
@@ -294,7 +289,7 @@ impl Supervisor {
                 ReadyMode::Notify => deadline,
             }),
             State::Stopping { kill_at } => Some(kill_at),
-            State::Ready { .. } => None,
+            State::Ready { .. } | State::Killed => None,
         });
         let slots = self.slots.values().filter_map(|s| s.restart_at);
         let watchdogs = self.workers.keys().filter_map(|pid| self.watchdog_deadline(*pid));

@@ -43,6 +43,10 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 run_scenario() {
     local name=$1 rc t0
     shift
+    # E2E_ONLY=REGEX: run only the matching scenarios (and install); for debugging one.
+    if [ -n "${E2E_ONLY:-}" ] && [ "$name" != install ] && ! [[ $name =~ $E2E_ONLY ]]; then
+        return 0
+    fi
     t0=$(now)
     note "--- $name"
     set +e

@@ -9,6 +9,7 @@
 #   KEEP_CT=1 bash tests/e2e/run.sh       # leave the container running at the end (debugging)
 #   E2E_INSTALL=copy                      # copy the binary + units even when packaging exists
 #   E2E_NO_INIT=1                         # write the app's files by hand, not `herdsman init`
+#   E2E_ONLY=REGEX                        # run only the scenarios whose name matches (and install)
 #
 # Install: the .deb from packaging/build-deb.sh when that script exists, else a copy of the
 # binary to /usr/bin and of units/* to /etc/systemd/system. App: `herdsman init` when the
@@ -103,8 +104,9 @@ create_app() {
         mkdir -p "$CT_ROOT/srv/web"
     cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
     echo v1 >"$CT_ROOT/srv/web/version"
-    rm -f "$CT_ROOT/srv/web/broken"
-    local envs=(TW_NOTIFY=1 TW_VERSION_FILE=/srv/web/version TW_BREAK_FILE=/srv/web/broken)
+    rm -f "$CT_ROOT/srv/web/broken" "$CT_ROOT/srv/web/late-crash"
+    local envs=(TW_NOTIFY=1 TW_VERSION_FILE=/srv/web/version TW_BREAK_FILE=/srv/web/broken
+        TW_LATE_CRASH_FILE=/srv/web/late-crash)
     if [ -z "${E2E_NO_INIT:-}" ] && have_init; then
         note "creating the app with herdsman init"
         local args=() e
@@ -261,6 +263,38 @@ s_broken() {
     note "after the fixed reload: $seen"
     [ "$seen" = "$gen1/v4" ] || fail "expected $gen1/v4, got '$seen'"
     status_text_has "reload failed" && fail "StatusText still says reload failed" || true
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4b. a version that crashes right after READY=1 (gunicorn's arbiter with a broken app import)
+
+# worker_pids: "slot:pid ..." of the live workers, sorted.
+worker_pids() {
+    status_json | json_get '" ".join(sorted("%s:%s" % (w["id"], w["pid"]) for w in d["workers"] if w["state"] != "stopping"))'
+}
+
+s_late_crash() {
+    local gen0 pids0 rc=0 t0 out st
+    gen0=$(status_json | json_get 'd["generation"]')
+    pids0=$(worker_pids)
+    touch "$CT_ROOT/srv/web/late-crash"
+    load_start late new 6
+    t0=$(now)
+    out=$(CT_TIMEOUT=180 ct systemctl reload "herdsman@$APP" 2>&1) || rc=$?
+    note "systemctl reload of a version that crashes 0.3 s after READY=1: exit $rc after $(elapsed "$t0") s"
+    sleep 1
+    load_stop late
+    rm -f "$CT_ROOT/srv/web/late-crash"
+    [ $rc -ne 0 ] || fail "systemctl reload succeeded although the new worker crashed after READY=1"
+    [ "$(load_field late 'd["failed"]')" -eq 0 ] ||
+        fail "$(load_field late 'd["failed"]') failed requests during the failed reload"
+    [ "$(worker_pids)" = "$pids0" ] || fail "old workers changed: '$pids0' -> '$(worker_pids)'"
+    st=$(status_json)
+    note "last_reload: $(echo "$st" | json_get 'd.get("last_reload")')"
+    [ "$(echo "$st" | json_get 'd["last_reload"]["result"]')" = failed ] || fail "last_reload.result is not failed"
+    [ "$(echo "$st" | json_get 'd["generation"]')" = "$gen0" ] || fail "generation moved on"
+    service_active || fail "service no longer active after the failed reload"
+    status_text_has "reload failed" || fail "StatusText does not mention 'reload failed'"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +587,8 @@ s_user() {
     [ "$muid" = 0 ] || fail "the supervisor does not stay root (uid $muid)"
     mode=$(ct stat -c '%a %U:%G' /etc/herdsman/asuser.toml)
     [ "$mode" = "640 root:nogroup" ] || fail "config is $mode, not 640 root:nogroup"
-    CT_TIMEOUT=60 ct systemctl reload herdsman@asuser || fail "reload of the asuser app failed"
+    CT_TIMEOUT=90 ct systemctl reload herdsman@asuser ||
+        { ct journalctl -u herdsman@asuser --no-pager -n 30 | sed 's/^/#   /'; fail "reload of the asuser app failed"; }
     ready_text asuser 2 2 || fail "not on generation 2 after reload: $(prop herdsman@asuser.service StatusText)"
     ct herdsman remove asuser --yes >/dev/null || fail "remove asuser"
 }
@@ -622,6 +657,7 @@ run_scenario install s_install
 run_scenario "init+serve" s_init_serve
 run_scenario "reload under load" s_reload
 run_scenario "broken version" s_broken
+run_scenario "crash right after READY=1 (min_ready)" s_late_crash
 run_scenario journald s_journald
 run_scenario "journald burst + remove" s_burst_remove
 run_scenario "oom kill of a worker" s_oom
