@@ -127,6 +127,9 @@ pub struct AppArgs {
     /// After a failed reload: "rollback" the slots already moved to the previous generation, or "keep" them [default: rollback].
     #[arg(long, value_name = "MODE")]
     pub on_failure: Option<String>,
+    /// How connections reach workers: "shared" (one socket), "steer" (a socket per worker; only ready, non-draining ones receive) or "sticky" (steer, by client address) [default: shared].
+    #[arg(long, value_name = "MODE")]
+    pub balance: Option<String>,
     /// Per-worker watchdog: workers get WATCHDOG_USEC and must send WATCHDOG=1 this often; a hung one is replaced.
     #[arg(long, value_name = "DUR")]
     pub watchdog: Option<String>,
@@ -161,6 +164,7 @@ impl AppArgs {
             reload_batch: self.reload_batch.clone(),
             min_ready: self.min_ready.clone(),
             on_failure: self.on_failure.clone(),
+            balance: self.balance.clone(),
             watchdog: self.watchdog.clone(),
             max_memory: self.max_memory.clone(),
             control,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-pub use values::{ListenAddr, OnFailure, ReadyMode, WorkerCount};
+pub use values::{Balance, ListenAddr, OnFailure, ReadyMode, WorkerCount};
 
 /// Restart back-off for workers that fail repeatedly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,8 @@ pub struct Settings {
     pub min_ready: Duration,
     /// What an aborted roll-out does with the slots it already moved.
     pub on_failure: OnFailure,
+    /// How new connections reach workers.
+    pub balance: Balance,
     pub backoff: BackoffPolicy,
     /// Per-worker watchdog (`WATCHDOG_USEC` for workers).
     pub watchdog: Option<Duration>,
@@ -81,6 +83,7 @@ pub struct Overrides {
     pub reload_batch: Option<String>,
     pub min_ready: Option<String>,
     pub on_failure: Option<String>,
+    pub balance: Option<String>,
     pub watchdog: Option<String>,
     pub max_memory: Option<String>,
     pub control: Option<PathBuf>,
@@ -109,6 +112,7 @@ pub const KEYS: &[&str] = &[
     "reload_batch",
     "min_ready",
     "on_failure",
+    "balance",
     "watchdog",
     "max_memory",
     "backoff_initial",
@@ -370,6 +374,14 @@ fn build(
     };
     let min_ready = c.pick("--min-ready", ov.min_ready.as_deref(), "min_ready", values::duration);
     let on_failure = c.pick("--on-failure", ov.on_failure.as_deref(), "on_failure", values::on_failure);
+    let balance = c.pick("--balance", ov.balance.as_deref(), "balance", values::balance);
+    if matches!(balance, Some(Balance::Steer | Balance::Sticky)) {
+        for l in listen.iter().filter(|l| matches!(l, ListenAddr::Unix(_))) {
+            c.problems.push(format!(
+                "--balance / balance: {l} is a unix socket, which cannot be steered (only TCP addresses can); use balance = \"shared\" or a TCP address"
+            ));
+        }
+    }
     let watchdog = c.pick("--watchdog", ov.watchdog.as_deref(), "watchdog", values::duration);
     let max_memory = c.pick("--max-memory", ov.max_memory.as_deref(), "max_memory", values::size);
     let b_initial = c.pick("", None, "backoff_initial", values::duration);
@@ -436,6 +448,7 @@ fn build(
         reload_batch: reload_batch.unwrap_or(NonZeroUsize::MIN),
         min_ready: min_ready.unwrap_or(DEFAULT_MIN_READY),
         on_failure: on_failure.unwrap_or(OnFailure::Rollback),
+        balance: balance.unwrap_or(Balance::Shared),
         backoff,
         watchdog,
         max_memory,

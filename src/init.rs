@@ -91,6 +91,7 @@ fn render_config(s: &Settings, workers: Option<&str>, user: Option<&str>, group:
     t.insert("reload_batch".into(), toml::Value::Integer(s.reload_batch.get() as i64));
     t.insert("min_ready".into(), dur(s.min_ready));
     t.insert("on_failure".into(), s.on_failure.to_string().into());
+    t.insert("balance".into(), s.balance.to_string().into());
     if let Some(w) = s.watchdog {
         t.insert("watchdog".into(), dur(w));
     }

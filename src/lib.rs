@@ -24,6 +24,7 @@ pub mod logging;
 pub mod notify;
 pub mod output;
 pub mod spawn;
+pub mod steer;
 pub mod supervisor;
 pub mod sys;
 pub mod worker;

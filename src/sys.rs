@@ -367,6 +367,57 @@ pub fn ensure_stdio_open() {
     }
 }
 
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; not exported by libc for glibc targets).
+const SO_ATTACH_REUSEPORT_CBPF: c_int = 51;
+
+/// One classic BPF instruction (`struct sock_filter`).
+pub type BpfInsn = libc::sock_filter;
+
+/// Attaches a classic BPF program to `fd`'s `SO_REUSEPORT` group: from now on it picks the
+/// group member (by index) for each new connection. Replaces the group's previous program
+/// atomically. The kernel copies and checks the program; an invalid one is refused (EINVAL).
+pub fn attach_reuseport_cbpf(fd: &OwnedFd, prog: &[BpfInsn]) -> io::Result<()> {
+    let len = u16::try_from(prog.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let fprog = libc::sock_fprog { len, filter: prog.as_ptr().cast_mut() };
+    // SAFETY: `fprog` points at `prog`, which outlives the call; the kernel only reads
+    // `len` instructions from it and copies them; the option length is the struct's size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// A listening TCP socket's accept queue: (connections waiting to be accepted, backlog), from
+/// `TCP_INFO` (`tcpi_unacked` / `tcpi_sacked` mean exactly that for a listener).
+pub fn tcp_listen_queue(fd: &OwnedFd) -> io::Result<(u32, u32)> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes; the kernel writes at most `len`
+    // bytes and updates `len`; zeroed memory is a valid `tcp_info` whatever it writes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised above and (partly) filled by the kernel: every bit pattern is a
+    // valid `tcp_info` (plain integers).
+    let info = unsafe { info.assume_init() };
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -134,6 +134,37 @@ pub fn listen(s: &str) -> Result<ListenAddr, String> {
     }
 }
 
+/// How new connections reach workers (`--balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// One listening socket per address shared by every worker; the kernel wakes an acceptor.
+    Shared,
+    /// A socket per worker in one `SO_REUSEPORT` group; only ready, non-draining workers
+    /// receive, chosen by the client's source port.
+    Steer,
+    /// Like `Steer`, but chosen by the client's address, so a client keeps its slot.
+    Sticky,
+}
+
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Balance::Shared => "shared",
+            Balance::Steer => "steer",
+            Balance::Sticky => "sticky",
+        })
+    }
+}
+
+pub fn balance(s: &str) -> Result<Balance, String> {
+    match s.trim() {
+        "shared" => Ok(Balance::Shared),
+        "steer" => Ok(Balance::Steer),
+        "sticky" => Ok(Balance::Sticky),
+        _ => Err(format!("invalid balance mode {s:?}; use \"shared\", \"steer\" or \"sticky\"")),
+    }
+}
+
 /// What to do with the slots a failed roll-out already moved to the new generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {

@@ -1,0 +1,588 @@
+//! Steered sockets (`--balance steer` / `sticky`): the kernel routes each new connection to a
+//! worker that is ready and not draining; herdsman only rewrites the routing program.
+//!
+//! Mechanism. For every TCP address there is a [`Pool`] of listening sockets, all bound to the
+//! same address with `SO_REUSEPORT`, so they form one reuseport *group*. Each worker gets its
+//! own member at fd 3 (the number the shared socket would have had). A classic BPF program
+//! attached to the group (`SO_ATTACH_REUSEPORT_CBPF`, unprivileged) returns, for each SYN, the
+//! *index* of the member that gets the connection. Indices are the order in which members
+//! called `listen()`; herdsman never closes a member while it runs, so its own list is the
+//! kernel's order. Every state change (a worker becomes ready, starts draining, is killed,
+//! exits) rebuilds the program from the set of *receiving* members and attaches it again,
+//! which replaces the group's program atomically.
+//!
+//! * `steer`: key = the client's source port; `key % n` over the receiving members.
+//! * `sticky`: key = the client's IPv4 address (IPv6: its /64); `key % slots` picks the slot,
+//!   which maps to that slot's receiving member; a slot with none falls back to
+//!   `key % n` over the receiving members, so its clients come back when it is ready again.
+//! * Nothing receiving: every connection goes to member 0, the *parking* member (systemd's
+//!   first socket, or the one herdsman bound first). It queues there until a worker that holds
+//!   member 0 accepts; free members with waiting connections are handed out first.
+//!
+//! Stopping a worker never resets a queued connection: its member stops receiving first, then
+//! the worker is left running (`draining`) until its own accept queue is empty (read with
+//! `TCP_INFO` on herdsman's copy of the socket) and a short grace has passed for handshakes
+//! that were already on their way, and only then gets its stop signal. herdsman's copy keeps
+//! the member listening after the worker closed its fd, so a late connection waits for the next
+//! worker that gets the member instead of being reset.
+//!
+//! Why classic BPF and hand-written instructions: it works without privileges (eBPF
+//! `SOCKARRAY` maps need root here), the programs are a handful of instructions built by
+//! [`program`] and unit-tested, and no crate builds classic reuseport programs.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrLike, SockaddrStorage, sockopt,
+};
+
+use crate::config::Balance;
+use crate::sys::{self, BpfInsn};
+
+/// Like systemd's default `Backlog=` on Debian 12.
+const BACKLOG: i32 = 4096;
+/// `SKF_NET_OFF`: loads relative to the network (IP) header.
+const NET: u32 = libc::SKF_NET_OFF as u32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    #[error("--balance {mode}: {addr} cannot be steered ({why}); use a TCP address or balance = \"shared\"")]
+    NotTcp { mode: Balance, addr: String, why: &'static str },
+    #[error(
+        "--balance {mode}: the inherited socket for {addr} has no SO_REUSEPORT; add ReusePort=yes to the socket unit (herdsman init --balance {mode} writes it)"
+    )]
+    NoReusePort { mode: Balance, addr: String },
+    #[error(
+        "--balance {mode}: the kernel refused the steering program on {addr} ({err}); use balance = \"shared\" on this system"
+    )]
+    Attach { mode: Balance, addr: String, err: io::Error },
+    #[error("cannot open another listening socket for {addr}: {err}")]
+    Open { addr: String, err: io::Error },
+}
+
+/// One listening socket of a pool.
+#[derive(Debug)]
+struct Member {
+    fd: OwnedFd,
+    /// The worker holding it (pid), if any.
+    holder: Option<i32>,
+    /// That worker's slot (for `sticky`).
+    slot: usize,
+    /// Whether new connections may reach it.
+    receiving: bool,
+}
+
+/// The members of one address's reuseport group, in the kernel's index order.
+#[derive(Debug)]
+struct Pool {
+    addr: String,
+    local: SockaddrStorage,
+    family: AddressFamily,
+    members: Vec<Member>,
+}
+
+/// Every steered address, and the routing mode.
+#[derive(Debug)]
+pub struct Steering {
+    mode: Balance,
+    pools: Vec<Pool>,
+    /// The number of slots (`sticky` hashes over them).
+    slots: usize,
+    /// fds at or below this are the workers' target range: keep ours above it.
+    floor: RawFd,
+}
+
+impl Steering {
+    /// Takes the listening sockets (one per address, or several per address under systemd)
+    /// and checks that they can be steered. `sockets` are (address, fd) in fd order.
+    pub fn new(
+        mode: Balance,
+        sockets: Vec<(String, OwnedFd)>,
+        slots: usize,
+        floor: RawFd,
+    ) -> Result<Self, SteerError> {
+        let mut pools: Vec<Pool> = Vec::new();
+        for (addr, fd) in sockets {
+            let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())
+                .map_err(|e| SteerError::NotTcp { mode, addr: addr.clone(), why: errno_str(e) })?;
+            let family = match local.family() {
+                Some(f @ (AddressFamily::Inet | AddressFamily::Inet6)) => f,
+                _ => return Err(SteerError::NotTcp { mode, addr, why: "not a TCP socket" }),
+            };
+            if !matches!(socket::getsockopt(&fd, sockopt::SockType), Ok(SockType::Stream)) {
+                return Err(SteerError::NotTcp { mode, addr, why: "not a stream socket" });
+            }
+            if !socket::getsockopt(&fd, sockopt::ReusePort).unwrap_or(false) {
+                return Err(SteerError::NoReusePort { mode, addr });
+            }
+            let member = Member { fd, holder: None, slot: 0, receiving: false };
+            match pools.iter_mut().find(|p| p.local == local) {
+                Some(p) => p.members.push(member),
+                None => pools.push(Pool { addr, local, family, members: vec![member] }),
+            }
+        }
+        let steering = Steering { mode, pools, slots: slots.max(1), floor };
+        steering.apply()?;
+        Ok(steering)
+    }
+
+    pub fn mode(&self) -> Balance {
+        self.mode
+    }
+
+    /// The worker-facing addresses, one per pool (what `LISTEN_FDS` counts).
+    pub fn addrs(&self) -> Vec<String> {
+        self.pools.iter().map(|p| p.addr.clone()).collect()
+    }
+
+    /// Sticky hashes over this many slots.
+    pub fn set_slots(&mut self, slots: usize) -> Result<(), SteerError> {
+        self.slots = slots.max(1);
+        self.apply()
+    }
+
+    /// Picks (or opens) a free member in every pool for a new worker of `slot`; returns their
+    /// fds, for fd 3, 4, ... Free members with queued connections go first, then member 0.
+    pub fn reserve(&mut self, slot: usize) -> Result<Vec<usize>, SteerError> {
+        let mut picked = Vec::with_capacity(self.pools.len());
+        for pool in &mut self.pools {
+            let free = pool
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.holder.is_none())
+                .max_by_key(|(i, m)| (sys::tcp_listen_queue(&m.fd).map_or(0, |q| q.0), usize::MAX - i))
+                .map(|(i, _)| i);
+            let index = match free {
+                Some(i) => i,
+                None => {
+                    let fd = open_member(pool, self.floor)
+                        .map_err(|err| SteerError::Open { addr: pool.addr.clone(), err })?;
+                    pool.members.push(Member { fd, holder: None, slot, receiving: false });
+                    pool.members.len() - 1
+                }
+            };
+            let m = &mut pool.members[index];
+            m.holder = Some(0);
+            m.slot = slot;
+            picked.push(index);
+        }
+        Ok(picked)
+    }
+
+    /// The fds of reserved members, in pool order.
+    pub fn fds(&self, picked: &[usize]) -> Vec<RawFd> {
+        self.pools.iter().zip(picked).map(|(p, i)| p.members[*i].fd.as_raw_fd()).collect()
+    }
+
+    /// The reserved members now belong to worker `pid`.
+    pub fn bind(&mut self, picked: &[usize], pid: i32) {
+        for (p, i) in self.pools.iter_mut().zip(picked) {
+            p.members[*i].holder = Some(pid);
+        }
+    }
+
+    /// The spawn failed: the reserved members are free again.
+    pub fn unreserve(&mut self, picked: &[usize]) {
+        for (p, i) in self.pools.iter_mut().zip(picked) {
+            p.members[*i].holder = None;
+        }
+    }
+
+    /// Lets new connections reach worker `pid` (or stops them). Rewrites the program when
+    /// something changed.
+    pub fn set_receiving(&mut self, pid: i32, receiving: bool) -> Result<(), SteerError> {
+        let mut changed = false;
+        for m in self.members_of(pid) {
+            changed |= m.receiving != receiving;
+            m.receiving = receiving;
+        }
+        if changed { self.apply() } else { Ok(()) }
+    }
+
+    /// Worker `pid` is gone: its members are free (and no longer receive).
+    pub fn release(&mut self, pid: i32) -> Result<(), SteerError> {
+        let was = self.is_receiving(pid);
+        for m in self.members_of(pid) {
+            m.holder = None;
+            m.receiving = false;
+        }
+        if was { self.apply() } else { Ok(()) }
+    }
+
+    pub fn is_receiving(&self, pid: i32) -> bool {
+        self.pools.iter().flat_map(|p| &p.members).any(|m| m.holder == Some(pid) && m.receiving)
+    }
+
+    /// Connections waiting in worker `pid`'s own accept queues.
+    pub fn queued(&self, pid: i32) -> u32 {
+        self.pools
+            .iter()
+            .flat_map(|p| &p.members)
+            .filter(|m| m.holder == Some(pid))
+            .map(|m| sys::tcp_listen_queue(&m.fd).map_or(0, |q| q.0))
+            .sum()
+    }
+
+    fn members_of(&mut self, pid: i32) -> impl Iterator<Item = &mut Member> {
+        self.pools.iter_mut().flat_map(|p| p.members.iter_mut()).filter(move |m| m.holder == Some(pid))
+    }
+
+    /// Attaches the current program to every pool.
+    fn apply(&self) -> Result<(), SteerError> {
+        for pool in &self.pools {
+            let receiving: Vec<(u32, usize)> = pool
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.receiving)
+                .map(|(i, m)| (i as u32, m.slot))
+                .collect();
+            let prog = program(self.mode, &receiving, self.slots);
+            sys::attach_reuseport_cbpf(&pool.members[0].fd, &prog).map_err(|err| SteerError::Attach {
+                mode: self.mode,
+                addr: pool.addr.clone(),
+                err,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn errno_str(_: nix::Error) -> &'static str {
+    "getsockname failed"
+}
+
+/// Opens one more member of `pool`'s group: same address, `SO_REUSEPORT`, listening.
+fn open_member(pool: &Pool, floor: RawFd) -> io::Result<OwnedFd> {
+    let fd = socket::socket(pool.family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    if pool.family == AddressFamily::Inet6 {
+        // Match the group's first member (a dual-stack [::] socket stays dual-stack).
+        if let Ok(v6only) = socket::getsockopt(&pool.members[0].fd, sockopt::Ipv6V6Only) {
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
+        }
+    }
+    socket::bind(fd.as_raw_fd(), &pool.local)?;
+    socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN))?;
+    sys::dup_cloexec_from(&fd, floor)
+}
+
+// Classic BPF opcodes (linux/filter.h).
+const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
+const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const LD_H_IND: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_IND) as u16;
+const LDX_B_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
+const LD_MEM: u16 = (libc::BPF_LD | libc::BPF_MEM) as u16;
+const LDX_MEM: u16 = (libc::BPF_LDX | libc::BPF_MEM) as u16;
+const ST: u16 = libc::BPF_ST as u16;
+const RSH_K: u16 = (libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K) as u16;
+const MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
+const MUL_K: u16 = (libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K) as u16;
+const XOR_X: u16 = (libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X) as u16;
+const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> BpfInsn {
+    BpfInsn { code, jt, jf, k }
+}
+fn stmt(code: u16, k: u32) -> BpfInsn {
+    insn(code, 0, 0, k)
+}
+
+/// The routing program for one pool: `receiving` are (member index, slot) of the members that
+/// may get new connections. Returns the member index for each SYN (0 = parking).
+pub fn program(mode: Balance, receiving: &[(u32, usize)], slots: usize) -> Vec<BpfInsn> {
+    if receiving.is_empty() {
+        return vec![stmt(RET_K, 0)];
+    }
+    let mut p = Vec::new();
+    // A = the IP version.
+    p.push(stmt(LD_B_ABS, NET));
+    p.push(stmt(RSH_K, 4));
+    // jeq 6 → the IPv6 block (which starts after the IPv4 block); else fall into IPv4.
+    let v4: Vec<BpfInsn> = match mode {
+        // The source port (after the IPv4 header: X = its length) xor the source address.
+        Balance::Steer | Balance::Shared => vec![
+            stmt(LDX_B_MSH, NET),
+            stmt(LD_H_IND, NET),
+            stmt(ST, 0),
+            stmt(LD_W_ABS, NET + 12),
+            stmt(LDX_MEM, 0),
+            stmt(XOR_X, 0),
+        ],
+        // The source address.
+        Balance::Sticky => vec![stmt(LD_W_ABS, NET + 12)],
+    };
+    let v6: Vec<BpfInsn> = match mode {
+        // The source port (after the fixed 40-byte header: a SYN carries no extension headers)
+        // xor the last word of the source address.
+        Balance::Steer | Balance::Shared => vec![
+            stmt(LD_H_ABS, NET + 40),
+            stmt(ST, 0),
+            stmt(LD_W_ABS, NET + 20),
+            stmt(LDX_MEM, 0),
+            stmt(XOR_X, 0),
+        ],
+        // The source /64: the first two words of the source address, folded.
+        Balance::Sticky => vec![
+            stmt(LD_W_ABS, NET + 8),
+            stmt(ST, 0),
+            stmt(LD_W_ABS, NET + 12),
+            stmt(LDX_MEM, 0),
+            stmt(XOR_X, 0),
+        ],
+    };
+    // v4 block ends with a jump over the v6 block.
+    p.push(insn(JEQ_K, (v4.len() + 1) as u8, 0, 6));
+    p.extend(v4);
+    p.push(stmt(JA, v6.len() as u32));
+    p.extend(v6);
+    if mode != Balance::Sticky {
+        // Mix (Fibonacci hashing): ephemeral ports of one client step by 2, and `% n` of raw
+        // ports would put them all on the same parity.
+        p.push(stmt(MUL_K, 0x9E37_79B1));
+        p.push(stmt(RSH_K, 16));
+    }
+    // A = key. Keep it in M[1] for the fallback.
+    p.push(stmt(ST, 1));
+    let spread = |p: &mut Vec<BpfInsn>| {
+        p.push(stmt(LD_MEM, 1));
+        p.push(stmt(MOD_K, receiving.len() as u32));
+        for (n, (index, _)) in receiving.iter().enumerate() {
+            p.push(insn(JEQ_K, 0, 1, n as u32));
+            p.push(stmt(RET_K, *index));
+        }
+        p.push(stmt(RET_K, receiving[0].0));
+    };
+    if mode == Balance::Sticky {
+        // slot = key % slots → that slot's newest receiving member, else the fallback below.
+        let slots = slots.max(1);
+        p.push(stmt(MOD_K, slots as u32));
+        let table_len = 2 * slots;
+        for s in 0..slots {
+            p.push(insn(JEQ_K, 0, 1, s as u32));
+            match receiving.iter().rev().find(|(_, slot)| *slot == s) {
+                Some((index, _)) => p.push(stmt(RET_K, *index)),
+                // Jump to the fallback, which starts right after the table.
+                None => p.push(stmt(JA, (table_len - 2 * s - 2) as u32)),
+            }
+        }
+    }
+    spread(&mut p);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny classic-BPF interpreter for the instructions [`program`] emits, over a packet
+    /// given as its IP header + TCP header bytes.
+    fn run(prog: &[BpfInsn], pkt: &[u8]) -> u32 {
+        let (mut a, mut x, mut mem, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
+        let at = |k: u32, x: u32, n: usize| -> u32 {
+            let off = (k.wrapping_sub(NET)).wrapping_add(x) as usize;
+            pkt[off..off + n].iter().fold(0u32, |acc, b| (acc << 8) | *b as u32)
+        };
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            match i.code {
+                LD_W_ABS => a = at(i.k, 0, 4),
+                LD_H_ABS => a = at(i.k, 0, 2),
+                LD_B_ABS => a = at(i.k, 0, 1),
+                LD_H_IND => a = at(i.k, x, 2),
+                LDX_B_MSH => x = (at(i.k, 0, 1) & 0xf) * 4,
+                LD_MEM => a = mem[i.k as usize],
+                LDX_MEM => x = mem[i.k as usize],
+                ST => mem[i.k as usize] = a,
+                RSH_K => a >>= i.k,
+                MOD_K => a %= i.k,
+                MUL_K => a = a.wrapping_mul(i.k),
+                XOR_X => a ^= x,
+                JEQ_K => pc += if a == i.k { i.jt } else { i.jf } as usize,
+                JA => pc += i.k as usize,
+                RET_K => return i.k,
+                other => panic!("unexpected opcode {other:#x}"),
+            }
+        }
+    }
+
+    fn v4(src: [u8; 4], port: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[12..16].copy_from_slice(&src);
+        p[20..22].copy_from_slice(&port.to_be_bytes());
+        p
+    }
+
+    fn v6(src: [u8; 16], port: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 60];
+        p[0] = 0x60;
+        p[8..24].copy_from_slice(&src);
+        p[40..42].copy_from_slice(&port.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn nothing_receiving_parks_every_connection_on_member_0() {
+        for mode in [Balance::Steer, Balance::Sticky] {
+            assert_eq!(run(&program(mode, &[], 4), &v4([127, 0, 0, 1], 40000)), 0);
+        }
+    }
+
+    #[test]
+    fn steer_spreads_over_receiving_members_only_by_source_port() {
+        let receiving = [(1, 0), (3, 1), (4, 2)];
+        let prog = program(Balance::Steer, &receiving, 3);
+        let mut seen = std::collections::BTreeMap::new();
+        for port in (40000..40600u16).step_by(2) {
+            let a = run(&prog, &v4([127, 0, 0, 1], port));
+            let b = run(&prog, &v6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], port));
+            assert!([1, 3, 4].contains(&a) && [1, 3, 4].contains(&b), "{a} {b}");
+            *seen.entry(a).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "every receiving member gets connections: {seen:?}");
+        assert!(seen.values().all(|n| (70..=130).contains(n)), "even spread: {seen:?}");
+    }
+
+    #[test]
+    fn an_ipv4_header_with_options_still_finds_the_port() {
+        let prog = program(Balance::Steer, &[(5, 0), (6, 1)], 2);
+        let mut p = vec![0u8; 48];
+        p[0] = 0x46; // IHL 6: 4 bytes of options
+        p[24..26].copy_from_slice(&40001u16.to_be_bytes());
+        assert_eq!(run(&prog, &p), 6);
+    }
+
+    #[test]
+    fn sticky_keeps_a_client_on_its_slot_and_falls_back_while_the_slot_is_down() {
+        // Slots 0-2 receiving on members 0, 2, 5.
+        let all = [(0, 0), (2, 1), (5, 2)];
+        let prog = program(Balance::Sticky, &all, 3);
+        let member_of_slot = |m: u32| all.iter().find(|(i, _)| *i == m).map(|(_, s)| *s).unwrap();
+        for last in 1..=60u8 {
+            let client = [127, 0, 0, last];
+            let m = run(&prog, &v4(client, 40000));
+            // Any source port: same member.
+            assert_eq!(run(&prog, &v4(client, 51234)), m);
+            assert_eq!(member_of_slot(m), u32::from_be_bytes(client) as usize % 3);
+        }
+        // Slot 1 has no receiving member: its clients go elsewhere; the others stay put.
+        let down = [(0, 0), (5, 2)];
+        let prog2 = program(Balance::Sticky, &down, 3);
+        for last in 1..=60u8 {
+            let client = [127, 0, 0, last];
+            let before = run(&prog, &v4(client, 40000));
+            let after = run(&prog2, &v4(client, 40000));
+            assert!(after == 0 || after == 5);
+            if before != 2 {
+                assert_eq!(before, after, "clients of live slots keep their slot");
+            }
+        }
+        // A slot's newest receiving member wins (old and new of one slot during a reload).
+        let reload = [(0, 0), (2, 1), (5, 2), (7, 1)];
+        let prog3 = program(Balance::Sticky, &reload, 3);
+        let client = (1..=255u8).map(|l| [127, 0, 0, l]).find(|c| u32::from_be_bytes(*c) % 3 == 1).unwrap();
+        assert_eq!(run(&prog3, &v4(client, 40000)), 7);
+    }
+
+    #[test]
+    fn sticky_uses_the_ipv6_slash_64() {
+        let prog = program(Balance::Sticky, &[(0, 0), (1, 1), (2, 2), (3, 3)], 4);
+        let mut a = [0u8; 16];
+        a[0] = 0x20;
+        a[7] = 9;
+        let mut b = a;
+        b[15] = 0xff; // same /64, another host
+        assert_eq!(run(&prog, &v6(a, 1000)), run(&prog, &v6(b, 2000)));
+    }
+
+    fn bound_reuseport() -> (String, OwnedFd) {
+        let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        socket::setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+        let any: SockaddrStorage = "127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into();
+        socket::bind(fd.as_raw_fd(), &any).unwrap();
+        socket::listen(&fd, Backlog::new(128).unwrap()).unwrap();
+        let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).unwrap();
+        (local.to_string(), sys::dup_cloexec_from(&fd, 10).unwrap())
+    }
+
+    fn connect_n(addr: &str, n: usize, from: std::net::Ipv4Addr) -> Vec<std::net::TcpStream> {
+        (0..n)
+            .map(|_| {
+                let s = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+                    .unwrap();
+                let src: SockaddrStorage = std::net::SocketAddr::new(from.into(), 0).into();
+                socket::bind(s.as_raw_fd(), &src).unwrap();
+                let dst: SockaddrStorage = addr.parse::<std::net::SocketAddr>().unwrap().into();
+                socket::connect(s.as_raw_fd(), &dst).unwrap();
+                std::net::TcpStream::from(s)
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until the queues hold `total` connections; returns them per member.
+    fn queues(st: &Steering, total: u32) -> Vec<u32> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let q: Vec<u32> =
+                st.pools[0].members.iter().map(|m| sys::tcp_listen_queue(&m.fd).unwrap().0).collect();
+            if q.iter().sum::<u32>() >= total || std::time::Instant::now() > end {
+                return q;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_kernel_routes_connections_only_to_receiving_members() {
+        let (addr, fd) = bound_reuseport();
+        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), fd)], 3, 10).unwrap();
+        let picks: Vec<Vec<usize>> = (0..3).map(|slot| st.reserve(slot).unwrap()).collect();
+        assert_eq!(picks, vec![vec![0], vec![1], vec![2]], "member 0 first, then new ones in order");
+        for (i, p) in picks.iter().enumerate() {
+            st.bind(p, 100 + i as i32);
+        }
+        // Nothing receiving: parked on member 0.
+        let _c0 = connect_n(&addr, 5, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 5), vec![5, 0, 0]);
+        // Members 1 and 2 receive: new connections go there only.
+        st.set_receiving(101, true).unwrap();
+        st.set_receiving(102, true).unwrap();
+        let _c1 = connect_n(&addr, 40, std::net::Ipv4Addr::LOCALHOST);
+        let q = queues(&st, 45);
+        assert_eq!(q[0], 5, "{q:?}");
+        assert!(q[1] > 0 && q[2] > 0 && q[1] + q[2] == 40, "{q:?}");
+        assert_eq!(st.queued(101), q[1]);
+        // Member 2 stops receiving: nothing more reaches it.
+        st.set_receiving(102, false).unwrap();
+        let _c2 = connect_n(&addr, 10, std::net::Ipv4Addr::LOCALHOST);
+        let q2 = queues(&st, 55);
+        assert_eq!((q2[0], q2[1], q2[2]), (5, q[1] + 10, q[2]), "{q2:?}");
+    }
+
+    #[test]
+    fn the_kernel_keeps_sticky_clients_on_their_slot() {
+        let (addr, fd) = bound_reuseport();
+        let mut st = Steering::new(Balance::Sticky, vec![(addr.clone(), fd)], 3, 10).unwrap();
+        for slot in 0..3 {
+            let p = st.reserve(slot).unwrap();
+            st.bind(&p, 200 + slot as i32);
+            st.set_receiving(200 + slot as i32, true).unwrap();
+        }
+        let mut expected = vec![0u32; 3];
+        let mut conns = Vec::new();
+        for last in 2..14u8 {
+            let from = std::net::Ipv4Addr::new(127, 0, 0, last);
+            conns.extend(connect_n(&addr, 2, from));
+            expected[(u32::from(from) % 3) as usize] += 2;
+        }
+        assert_eq!(queues(&st, 24), expected);
+    }
+}
