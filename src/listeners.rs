@@ -72,7 +72,13 @@ pub struct Listeners {
 
 impl Listeners {
     /// Uses the activation fds when they are meant for `our_pid`, else binds `addrs`.
-    pub fn open(act: &Activation, our_pid: u32, addrs: &[ListenAddr]) -> Result<Self, ListenError> {
+    /// With `reuseport`, sockets herdsman binds get `SO_REUSEPORT` (steered balancing).
+    pub fn open(
+        act: &Activation,
+        our_pid: u32,
+        addrs: &[ListenAddr],
+        reuseport: bool,
+    ) -> Result<Self, ListenError> {
         let ours = act.listen_pid.as_deref().map(str::trim) == Some(our_pid.to_string().as_str());
         let mut list = match (&act.listen_fds, ours) {
             (Some(count), true) => {
@@ -97,7 +103,7 @@ impl Listeners {
             return Err(ListenError::Nothing);
         }
         for (i, addr) in addrs.iter().enumerate() {
-            list.push(bind(addr, i)?);
+            list.push(bind(addr, i, reuseport)?);
         }
         Self::relocated(list, false)
     }
@@ -126,6 +132,21 @@ impl Listeners {
 
     pub fn addrs(&self) -> Vec<String> {
         self.list.iter().map(|l| l.addr.clone()).collect()
+    }
+
+    /// Copies of every socket (same sockets, new descriptors above the workers' fd range),
+    /// with their address and name, for [`crate::steer::Steering`].
+    pub fn copies(&self) -> io::Result<Vec<(String, String, OwnedFd)>> {
+        let floor = 3 + self.list.len() as i32;
+        self.list
+            .iter()
+            .map(|l| Ok((l.addr.clone(), l.name.clone(), sys::dup_cloexec_from(&l.fd, floor)?)))
+            .collect()
+    }
+
+    /// The lowest fd number herdsman's own descriptors may use (above the workers' range).
+    pub fn floor(&self) -> RawFd {
+        3 + self.list.len() as RawFd
     }
 }
 
@@ -157,7 +178,7 @@ fn inherit(count: &str, names: Option<&str>) -> Result<Vec<Listener>, ListenErro
         .collect()
 }
 
-fn bind(addr: &ListenAddr, index: usize) -> Result<Listener, ListenError> {
+fn bind(addr: &ListenAddr, index: usize, reuseport: bool) -> Result<Listener, ListenError> {
     let fail = |err: io::Error| ListenError::Bind { addr: addr.to_string(), err };
     let errno = |e: nix::Error| fail(io::Error::from(e));
     let (family, sockaddr, owned_path): (AddressFamily, Box<dyn socket::SockaddrLike>, Option<PathBuf>) =
@@ -175,6 +196,9 @@ fn bind(addr: &ListenAddr, index: usize) -> Result<Listener, ListenError> {
     let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(errno)?;
     if family != AddressFamily::Unix {
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(errno)?;
+        if reuseport {
+            socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(errno)?;
+        }
     }
     socket::bind(fd.as_raw_fd(), sockaddr.as_ref()).map_err(errno)?;
     let backlog = Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN);

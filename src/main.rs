@@ -13,6 +13,7 @@ use herdsman::listeners::{Activation, Listeners};
 use herdsman::logging::Sink;
 use herdsman::notify::{self, Notifier};
 use herdsman::output::Output;
+use herdsman::steer::{SteerError, Steering};
 use herdsman::supervisor::{self, Control, World};
 use herdsman::{exit, spawn, sys};
 use tokio::signal::unix::{SignalKind, signal};
@@ -225,12 +226,32 @@ fn run(args: RunArgs) -> ExitCode {
         listen_pid: var_opt("LISTEN_PID"),
         listen_fdnames: var_opt("LISTEN_FDNAMES"),
     };
-    let listeners = match Listeners::open(&activation, std::process::id(), &settings.listen) {
+    let steered = settings.balance != config::Balance::Shared;
+    let listeners = match Listeners::open(&activation, std::process::id(), &settings.listen, steered) {
         Ok(l) => l,
         Err(e) => {
             herdsman::errln!("herdsman: {e}");
             return code(if e.is_config() { exit::CONFIG } else { exit::FAILURE });
         }
+    };
+    let steering = if steered {
+        let copies = match listeners.copies() {
+            Ok(c) => c,
+            Err(e) => {
+                herdsman::errln!("herdsman: cannot duplicate the listening sockets: {e}");
+                return code(exit::FAILURE);
+            }
+        };
+        match Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                herdsman::errln!("herdsman: {e}");
+                let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
+                return code(if config { exit::CONFIG } else { exit::FAILURE });
+            }
+        }
+    } else {
+        None
     };
     let notifier = match Notifier::new(var_opt("NOTIFY_SOCKET").as_deref()) {
         Ok(n) => n,
@@ -298,6 +319,7 @@ fn run(args: RunArgs) -> ExitCode {
             reload_source,
             watchdog,
             notify_dir,
+            steering,
         };
         supervisor::run(settings, world, rx).await
     });

@@ -4,7 +4,7 @@
 //! notify socket, the output writer) and turns a [`Spec`] plus a slot id into a running
 //! process. The unsafe fork/exec itself lives in `sys`.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,7 +142,7 @@ impl Launcher {
     }
 
     /// The full environment of a worker, without `LISTEN_PID` (filled in after fork).
-    fn env(&self, spec: &Spec, worker_id: usize) -> Vec<(String, String)> {
+    fn env(&self, spec: &Spec, worker_id: usize, n_fds: usize) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self
             .base_env
             .iter()
@@ -160,7 +160,7 @@ impl Launcher {
             }
         }
         env.extend(spec.env.iter().cloned());
-        env.push(("LISTEN_FDS".into(), self.fds.len().to_string()));
+        env.push(("LISTEN_FDS".into(), n_fds.to_string()));
         env.push(("LISTEN_FDNAMES".into(), self.fdnames.clone()));
         env.push(("NOTIFY_SOCKET".into(), self.notify_socket.clone()));
         env.push(("HERDSMAN_WORKER_ID".into(), worker_id.to_string()));
@@ -173,7 +173,12 @@ impl Launcher {
     }
 
     pub fn launch(&self, spec: &Spec, worker_id: usize) -> Result<Launched, String> {
-        let env = self.env(spec, worker_id);
+        self.launch_with(spec, worker_id, &self.fds)
+    }
+
+    /// Like [`Launcher::launch`], with `fds` (the worker's own steered sockets) at 3, 4, ...
+    pub fn launch_with(&self, spec: &Spec, worker_id: usize, fds: &[RawFd]) -> Result<Launched, String> {
+        let env = self.env(spec, worker_id, fds.len());
         let path = &spec.program;
         if !is_executable(Path::new(path)) {
             return Err(format!(
@@ -187,9 +192,8 @@ impl Launcher {
         let stdio = [self.devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
         let pid_vars: &[&str] =
             if spec.watchdog.is_some() { &["LISTEN_PID", "WATCHDOG_PID"] } else { &["LISTEN_PID"] };
-        let mut plan =
-            sys::ExecPlan::new(path, &spec.command, &flat, pid_vars, Some(&spec.cwd), stdio, &self.fds)
-                .map_err(|e| format!("cannot prepare the command: {e}"))?;
+        let mut plan = sys::ExecPlan::new(path, &spec.command, &flat, pid_vars, Some(&spec.cwd), stdio, fds)
+            .map_err(|e| format!("cannot prepare the command: {e}"))?;
         if let Some(u) = &spec.user {
             plan = plan.with_credentials(u.uid, u.gid, &u.groups);
         }

@@ -77,6 +77,8 @@ struct Member {
 #[derive(Debug)]
 struct Pool {
     addr: String,
+    /// `LISTEN_FDNAMES` entry (the first socket's name).
+    name: String,
     local: SockaddrStorage,
     family: AddressFamily,
     members: Vec<Member>,
@@ -95,15 +97,15 @@ pub struct Steering {
 
 impl Steering {
     /// Takes the listening sockets (one per address, or several per address under systemd)
-    /// and checks that they can be steered. `sockets` are (address, fd) in fd order.
+    /// and checks that they can be steered. `sockets` are (address, name, fd) in fd order.
     pub fn new(
         mode: Balance,
-        sockets: Vec<(String, OwnedFd)>,
+        sockets: Vec<(String, String, OwnedFd)>,
         slots: usize,
         floor: RawFd,
     ) -> Result<Self, SteerError> {
         let mut pools: Vec<Pool> = Vec::new();
-        for (addr, fd) in sockets {
+        for (addr, name, fd) in sockets {
             let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())
                 .map_err(|e| SteerError::NotTcp { mode, addr: addr.clone(), why: errno_str(e) })?;
             let family = match local.family() {
@@ -119,7 +121,7 @@ impl Steering {
             let member = Member { fd, holder: None, slot: 0, receiving: false };
             match pools.iter_mut().find(|p| p.local == local) {
                 Some(p) => p.members.push(member),
-                None => pools.push(Pool { addr, local, family, members: vec![member] }),
+                None => pools.push(Pool { addr, name, local, family, members: vec![member] }),
             }
         }
         let steering = Steering { mode, pools, slots: slots.max(1), floor };
@@ -134,6 +136,16 @@ impl Steering {
     /// The worker-facing addresses, one per pool (what `LISTEN_FDS` counts).
     pub fn addrs(&self) -> Vec<String> {
         self.pools.iter().map(|p| p.addr.clone()).collect()
+    }
+
+    /// `LISTEN_FDNAMES` for workers: one name per address.
+    pub fn names(&self) -> String {
+        self.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(":")
+    }
+
+    /// Every pool's shared accept queue length (for `shared`-style reporting of member 0).
+    pub fn member_count(&self) -> usize {
+        self.pools.iter().map(|p| p.members.len()).sum()
     }
 
     /// Sticky hashes over this many slots.
@@ -503,14 +515,14 @@ mod tests {
         assert_eq!(run(&prog, &v6(a, 1000)), run(&prog, &v6(b, 2000)));
     }
 
-    fn bound_reuseport() -> (String, OwnedFd) {
+    fn bound_reuseport() -> (String, String, OwnedFd) {
         let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
         socket::setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
         let any: SockaddrStorage = "127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into();
         socket::bind(fd.as_raw_fd(), &any).unwrap();
         socket::listen(&fd, Backlog::new(128).unwrap()).unwrap();
         let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).unwrap();
-        (local.to_string(), sys::dup_cloexec_from(&fd, 10).unwrap())
+        (local.to_string(), "t".to_string(), sys::dup_cloexec_from(&fd, 10).unwrap())
     }
 
     fn connect_n(addr: &str, n: usize, from: std::net::Ipv4Addr) -> Vec<std::net::TcpStream> {
@@ -542,8 +554,8 @@ mod tests {
 
     #[test]
     fn the_kernel_routes_connections_only_to_receiving_members() {
-        let (addr, fd) = bound_reuseport();
-        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), fd)], 3, 10).unwrap();
+        let (addr, name, fd) = bound_reuseport();
+        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10).unwrap();
         let picks: Vec<Vec<usize>> = (0..3).map(|slot| st.reserve(slot).unwrap()).collect();
         assert_eq!(picks, vec![vec![0], vec![1], vec![2]], "member 0 first, then new ones in order");
         for (i, p) in picks.iter().enumerate() {
@@ -569,8 +581,8 @@ mod tests {
 
     #[test]
     fn the_kernel_keeps_sticky_clients_on_their_slot() {
-        let (addr, fd) = bound_reuseport();
-        let mut st = Steering::new(Balance::Sticky, vec![(addr.clone(), fd)], 3, 10).unwrap();
+        let (addr, name, fd) = bound_reuseport();
+        let mut st = Steering::new(Balance::Sticky, vec![(addr.clone(), name, fd)], 3, 10).unwrap();
         for slot in 0..3 {
             let p = st.reserve(slot).unwrap();
             st.bind(&p, 200 + slot as i32);

@@ -17,6 +17,11 @@ pub enum State {
     Ready {
         since: Instant,
     },
+    /// A steered worker that no longer receives new connections, accepting what is queued
+    /// on its own socket; the stop signal follows.
+    Draining {
+        since: Instant,
+    },
     /// Stop signal sent; SIGKILL at `kill_at`.
     Stopping {
         kill_at: Instant,
@@ -66,6 +71,7 @@ impl Worker {
         match self.state {
             State::Starting { .. } => "starting",
             State::Ready { .. } => "ready",
+            State::Draining { .. } => "draining",
             State::Stopping { .. } | State::Killed => "stopping",
         }
     }

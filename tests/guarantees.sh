@@ -8,7 +8,7 @@ runs=${1:-3}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for _ in $(seq "$runs"); do
-  cargo test --quiet --test run --test faults --test rollout -- --nocapture 2>&1 | grep -o 'GUARANTEE|.*' >>"$log"
+  cargo test --quiet --test run --test faults --test rollout --test steer -- --nocapture 2>&1 | grep -o 'GUARANTEE|.*' >>"$log"
 done
 echo "| fault | how injected | runs | requests sent | requests failed | stale keep-alive retries | outcome |"
 echo "|---|---|---|---|---|---|---|"

@@ -54,13 +54,14 @@ pub fn columns(rows: &[Vec<String>]) -> String {
 
 pub fn status(s: &Snapshot) -> String {
     let mut out = format!(
-        "{} · pid {} · {}/{} ready · generation {} · {}\n",
+        "{} · pid {} · {}/{} ready · generation {} · {} · balance {}\n",
         s.name,
         s.pid,
         s.ready,
         s.desired,
         s.generation,
-        s.sockets.join(", ")
+        s.sockets.join(", "),
+        s.balance
     );
     match &s.last_reload {
         Some(lr) => {
@@ -70,14 +71,19 @@ pub fn status(s: &Snapshot) -> String {
         }
         None => out.push_str("last reload: never\n"),
     }
-    let mut rows =
-        vec![["ID", "PID", "GEN", "STATE", "RESTARTS", "UPTIME", "CPU", "MEM"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["ID", "PID", "GEN", "STATE", "RECV", "QUEUE", "RESTARTS", "UPTIME", "CPU", "MEM"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for w in &s.workers {
         rows.push(vec![
             w.id.to_string(),
             w.pid.map_or("-".into(), |p| p.to_string()),
             w.generation.to_string(),
             w.state.clone(),
+            if w.pid.is_some() { if w.receiving { "yes" } else { "no" }.into() } else { "-".into() },
+            if w.pid.is_some() { w.accept_queue.to_string() } else { "-".into() },
             w.restarts.to_string(),
             if w.pid.is_some() { age(w.uptime_s) } else { "-".into() },
             if w.pid.is_some() { format!("{:.1}%", w.cpu_percent) } else { "-".into() },

@@ -55,6 +55,13 @@ pub struct WorkerInfo {
     /// The working directory this worker's generation was pinned to (symlinks resolved).
     #[serde(default)]
     pub cwd: String,
+    /// Whether new connections can reach it (steered: its own socket is in the routing
+    /// program; shared: it holds the shared socket and is not stopping).
+    #[serde(default)]
+    pub receiving: bool,
+    /// Connections waiting in its socket's accept queue (shared: the shared queue's).
+    #[serde(default)]
+    pub accept_queue: u32,
     pub restarts: u32,
     pub uptime_s: f64,
     /// CPU use since the previous status request (or since start), filled by the control server.
@@ -78,6 +85,13 @@ pub struct Snapshot {
     /// Log lines dropped because the journal (or stderr) was not accepting them, since start.
     #[serde(default)]
     pub log_dropped: u64,
+    /// How connections reach workers: "shared", "steer" or "sticky".
+    #[serde(default = "shared")]
+    pub balance: String,
+}
+
+fn shared() -> String {
+    "shared".to_string()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::exits::{self, describe_exit, failure_report};
-use super::{Event, Supervisor, human};
+use super::{DRAIN_GRACE, Event, Supervisor, human};
 use crate::backoff;
 use crate::config::ReadyMode;
 use crate::notify::Message;
@@ -16,6 +16,11 @@ impl Supervisor {
     pub(super) fn on_event(&mut self, ev: Event) {
         let Event::Exited { pid, status } = ev;
         let Some(w) = self.workers.remove(&pid) else { return };
+        if let Some(st) = &mut self.steering {
+            if let Err(e) = st.release(pid) {
+                tracing::error!(app = %self.app, "steering: {e}");
+            }
+        }
         // Whatever the worker left in its process group was killed before this event was
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
         exits::reap(&w);
@@ -119,6 +124,7 @@ impl Supervisor {
     }
 
     pub(super) fn on_ready(&mut self, pid: i32) {
+        self.steer_receiving(pid, true);
         let Some(w) = self.workers.get(&pid) else { return };
         let took = w.started.elapsed();
         tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
@@ -142,6 +148,17 @@ impl Supervisor {
                     }
                     if now >= deadline {
                         timed_out.push(*pid);
+                    }
+                }
+                State::Draining { since } => {
+                    let queued = self.steering.as_ref().map_or(0, |st| st.queued(*pid));
+                    let out_of_time = now >= since + w.spec.stop_timeout;
+                    if now >= since + DRAIN_GRACE && (queued == 0 || out_of_time) {
+                        if queued > 0 {
+                            tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
+                        }
+                        w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
+                        w.signal(w.spec.stop_signal, false);
                     }
                 }
                 State::Stopping { kill_at } if now >= kill_at => {

@@ -33,9 +33,16 @@ use crate::listeners::Listeners;
 use crate::notify::{Notifier, WorkerNotify};
 use crate::output::Output;
 use crate::spawn::{Launcher, Spec};
+use crate::steer::Steering;
 use crate::worker::{Role, State, Worker};
 pub use control::{Control, ReloadOutcome, Scale, Snapshot, Waiter};
 use rollout::Rollout;
+
+/// A steered worker that stopped receiving keeps running at least this long before its stop
+/// signal, for handshakes that were already routed to it (see `steer`).
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
+/// How often a draining worker's accept queue is checked.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// How long to wait for a dead worker's last output before reporting its exit.
 const OUTPUT_GRACE: Duration = Duration::from_millis(250);
@@ -55,6 +62,8 @@ pub struct World {
     pub watchdog: Option<Duration>,
     /// Where the workers' notify socket goes (herdsman's runtime directory); abstract without.
     pub notify_dir: Option<std::path::PathBuf>,
+    /// Steered sockets (`--balance steer|sticky`); `None` for shared sockets.
+    pub steering: Option<Steering>,
 }
 
 enum Event {
@@ -98,6 +107,10 @@ pub struct Supervisor {
     scale_waiters: Vec<oneshot::Sender<Result<usize, String>>>,
     last_reload: Option<control::LastReload>,
     launcher: Launcher,
+    /// Per-worker sockets and the routing program, with `--balance steer|sticky`.
+    steering: Option<Steering>,
+    /// Copies of the shared listening sockets (for their accept-queue length in `status`).
+    shared_sockets: Vec<std::os::fd::OwnedFd>,
     notifier: Notifier,
     reload_source: Option<ReloadSource>,
     watchdog: Option<(Duration, Instant)>,
@@ -117,14 +130,22 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let notify = WorkerNotify::bind(world.notify_dir.as_deref())?;
     let app: Arc<str> = Arc::from(settings.name.as_str());
+    let fdnames = match &world.steering {
+        Some(st) => st.names(),
+        None => world.listeners.names(),
+    };
     let launcher = Launcher::new(
         app.clone(),
         world.base_env,
         world.listeners.raw_fds(),
-        world.listeners.names(),
+        fdnames,
         notify.address.clone(),
         world.output,
     )?;
+    let sockets = match &world.steering {
+        Some(st) => st.addrs(),
+        None => world.listeners.addrs(),
+    };
     let (events, mut event_rx) = mpsc::unbounded_channel();
     let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
     let mut sup = Supervisor {
@@ -143,10 +164,16 @@ pub async fn run(
         next_memory_check: None,
         last_reload: None,
         launcher,
+        shared_sockets: if world.steering.is_none() {
+            world.listeners.copies()?.into_iter().map(|(_, _, fd)| fd).collect()
+        } else {
+            Vec::new()
+        },
+        steering: world.steering,
         notifier: world.notifier,
         reload_source: world.reload_source,
         watchdog: world.watchdog.map(|d| (d, Instant::now())),
-        sockets: world.listeners.addrs(),
+        sockets,
         events,
         stopping: false,
         sent_ready: false,
@@ -225,6 +252,11 @@ impl Supervisor {
             tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.desired);
         }
         self.desired = want;
+        if let Some(st) = &mut self.steering {
+            if let Err(e) = st.set_slots(want) {
+                tracing::error!(app = %self.app, "steering: {e}");
+            }
+        }
         Ok(want)
     }
 
@@ -258,6 +290,7 @@ impl Supervisor {
     /// SIGKILLs `pid`'s process group at once (a failed or hung worker); its exit event
     /// follows. `failure` says why, for the report.
     fn kill_now(&mut self, pid: i32, failure: Option<String>) {
+        self.steer_receiving(pid, false);
         let Some(w) = self.workers.get_mut(&pid) else { return };
         if failure.is_some() {
             w.failure = failure;
@@ -266,15 +299,23 @@ impl Supervisor {
         w.state = State::Killed;
     }
 
-    /// Sends the stop signal (once) and arms the kill timer.
+    /// Sends the stop signal (once) and arms the kill timer. A steered worker that was
+    /// receiving first stops receiving and drains its own accept queue (see `steer`); the
+    /// stop signal follows from `on_timers`.
     fn retire(&mut self, pid: i32) {
+        let was_receiving = self.steering.as_ref().is_some_and(|st| st.is_receiving(pid));
+        self.steer_receiving(pid, false);
         let Some(w) = self.workers.get_mut(&pid) else { return };
         w.role = Role::Retired;
-        if matches!(w.state, State::Stopping { .. } | State::Killed) {
+        if matches!(w.state, State::Stopping { .. } | State::Killed | State::Draining { .. }) {
             return;
         }
-        w.state = State::Stopping { kill_at: Instant::now() + w.spec.stop_timeout };
-        w.signal(w.spec.stop_signal, false);
+        if was_receiving {
+            w.state = State::Draining { since: Instant::now() };
+        } else {
+            w.state = State::Stopping { kill_at: Instant::now() + w.spec.stop_timeout };
+            w.signal(w.spec.stop_signal, false);
+        }
         if let Some(slot) = self.slots.get_mut(&w.slot) {
             if slot.active == Some(pid) {
                 slot.active = None;
@@ -282,13 +323,25 @@ impl Supervisor {
         }
     }
 
+    /// Lets new connections reach `pid` (or stops them), with steered sockets.
+    fn steer_receiving(&mut self, pid: i32, receiving: bool) {
+        if let Some(st) = &mut self.steering {
+            if let Err(e) = st.set_receiving(pid, receiving) {
+                tracing::error!(app = %self.app, "steering: {e}");
+            }
+        }
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
         let workers = self.workers.values().filter_map(|w| match w.state {
             State::Starting { deadline } => Some(match w.spec.ready {
                 ReadyMode::Alive(d) => deadline.min(w.started + d),
                 ReadyMode::Notify => deadline,
             }),
             State::Stopping { kill_at } => Some(kill_at),
+            // Past the grace, poll the accept queue until it is empty.
+            State::Draining { since } => Some((since + DRAIN_GRACE).max(now + DRAIN_POLL)),
             State::Ready { .. } | State::Killed => None,
         });
         let slots = self.slots.values().filter_map(|s| s.restart_at);
@@ -402,7 +455,22 @@ impl Supervisor {
 
     /// Starts a worker for slot `id` running `spec`.
     fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, String> {
-        let l = self.launcher.launch(spec, id)?;
+        let l = match &mut self.steering {
+            None => self.launcher.launch(spec, id)?,
+            Some(st) => {
+                let picked = st.reserve(id).map_err(|e| e.to_string())?;
+                match self.launcher.launch_with(spec, id, &st.fds(&picked)) {
+                    Ok(l) => {
+                        st.bind(&picked, l.pid);
+                        l
+                    }
+                    Err(e) => {
+                        st.unreserve(&picked);
+                        return Err(e);
+                    }
+                }
+            }
+        };
         let pid = l.pid;
         let pidfd = Arc::new(l.pidfd);
         exits::watch_exit(pid, pidfd.clone(), l.output_done, self.events.clone());

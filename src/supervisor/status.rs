@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::control::{Snapshot, WorkerInfo};
 use super::{Supervisor, human};
-use crate::worker::Role;
+use crate::worker::{Role, State};
 
 impl Supervisor {
     /// E.g. `4/4 ready · generation 3`, `reloading 2/4 · generation 3→4`.
@@ -46,6 +46,8 @@ impl Supervisor {
 
     pub(super) fn snapshot(&self) -> Snapshot {
         let now = Instant::now();
+        let shared_queue: u32 =
+            self.shared_sockets.iter().map(|fd| crate::sys::tcp_listen_queue(fd).map_or(0, |q| q.0)).sum();
         let mut workers: Vec<WorkerInfo> = self
             .workers
             .values()
@@ -60,6 +62,14 @@ impl Supervisor {
                     _ => w.state_name().to_string(),
                 },
                 cwd: w.spec.cwd.display().to_string(),
+                receiving: match &self.steering {
+                    Some(st) => st.is_receiving(w.pid),
+                    None => matches!(w.state, State::Starting { .. } | State::Ready { .. }),
+                },
+                accept_queue: match &self.steering {
+                    Some(st) => st.queued(w.pid),
+                    None => shared_queue,
+                },
                 restarts: self.slots.get(&w.slot).map_or(0, |s| s.restarts),
                 uptime_s: now.duration_since(w.started).as_secs_f64(),
                 cpu_percent: 0.0,
@@ -74,6 +84,8 @@ impl Supervisor {
                     generation: slot.spec.generation,
                     state: if slot.restart_at.is_some() { "backoff" } else { "waiting" }.to_string(),
                     cwd: slot.spec.cwd.display().to_string(),
+                    receiving: false,
+                    accept_queue: 0,
                     restarts: slot.restarts,
                     uptime_s: 0.0,
                     cpu_percent: 0.0,
@@ -93,6 +105,7 @@ impl Supervisor {
             workers,
             last_reload: self.last_reload.clone(),
             log_dropped: crate::logging::dropped(),
+            balance: self.settings.balance.to_string(),
         }
     }
 }

@@ -23,6 +23,10 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
   TW_ALLOC_ONCE_FILE=p  the one process that creates p allocates TW_ALLOC_MB MB
   TW_FAULT_WORKER=id    the *_ONCE_FILE faults only apply in this slot
   TW_BURST_LINES=N      print N numbered lines ("burst i/N") as fast as possible at start
+  TW_WARM_MS=N          accept at once but answer 503 for N ms ("warming up"), then send
+                        READY=1 (with TW_NOTIFY) and answer normally
+  TW_NAIVE_ACCEPT=1     select() then a *blocking* accept() on the socket (the naive pattern
+                        that can hang on a shared socket)
   TW_READY_GATE=prefix  before accepting / READY=1, wait until the file prefix+WORKER_ID
                         exists (relative paths: in the working directory)
   TW_LATE_CRASH_FILE=p  if p exists at startup: send READY=1 (with TW_NOTIFY), accept
@@ -147,6 +151,7 @@ INFO = {
 
 # --- Signals / drain state. --------------------------------------------------
 draining = threading.Event()
+warm = threading.Event()  # set at once unless TW_WARM_MS
 
 
 def _on_stop(signum, frame):
@@ -276,8 +281,11 @@ def handle(conn):
             time.sleep(ms / 1000.0)
 
         close = close or draining.is_set()
-        body = json.dumps(INFO).encode()
-        respond(conn, "200 OK", body, "application/json", close)
+        if not warm.is_set():
+            respond(conn, "503 Service Unavailable", b"warming up", "text/plain", close)
+        else:
+            body = json.dumps(INFO).encode()
+            respond(conn, "200 OK", body, "application/json", close)
         served += 1
         if close:
             return
@@ -384,7 +392,8 @@ def main():
     # non-blocking so a lost accept race never blocks it; the supervisor never does this.
     # The stop signal only sets a flag and wakes select() through the wakeup pipe: raising
     # from the handler could drop a connection accept() had just taken off the queue.
-    sock.setblocking(False)
+    naive = ENV.get("TW_NAIVE_ACCEPT") == "1"
+    sock.setblocking(naive)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     extras = []
@@ -397,6 +406,15 @@ def main():
     delay = _int_env("TW_READY_DELAY_MS", 0)
     if delay > 0:
         draining.wait(delay / 1000.0)
+    warm_ms = _int_env("TW_WARM_MS", 0)
+    if warm_ms > 0:
+        def _warmed():
+            warm.set()
+            if ENV.get("TW_NOTIFY") == "1":
+                notify("READY=1")
+        threading.Timer(warm_ms / 1000.0, _warmed).start()
+    else:
+        warm.set()
     gate = ENV.get("TW_READY_GATE")
     while gate and not draining.is_set() and not os.path.exists(f"{gate}{WORKER_ID}"):
         draining.wait(0.02)
@@ -427,7 +445,7 @@ def main():
         if ENV.get("TW_NOTIFY") == "1":
             if ENV.get("TW_NOTIFY_STATUS"):
                 notify("STATUS=" + ENV["TW_NOTIFY_STATUS"])
-            if ENV.get("TW_NEVER_READY") != "1":
+            if ENV.get("TW_NEVER_READY") != "1" and warm_ms <= 0:
                 notify("READY=1")
 
     if ENV.get("TW_WATCHDOG") == "1":
@@ -451,7 +469,7 @@ def main():
         if draining.is_set() or sock not in r:
             continue
         try:
-            conn, _ = sock.accept()
+            conn, _ = sock.accept()  # with TW_NAIVE_ACCEPT: blocks if another worker won
         except (BlockingIOError, InterruptedError):
             continue
         except OSError as e:
