@@ -171,12 +171,29 @@ fn render_socket(s: &Settings) -> Result<String, Failure> {
             ListenAddr::Tcp(a) => a.to_string(),
             ListenAddr::Unix(p) => p.display().to_string(),
         };
-        let _ = writeln!(out, "ListenStream={}", unit_value(&addr, "--listen: address")?);
+        // Steered: one socket per worker, twice over (old and new worker of each slot during a
+        // reload), all held by systemd so their queues survive a restart of the service.
+        for _ in 0..steer_sockets(s) {
+            let _ = writeln!(out, "ListenStream={}", unit_value(&addr, "--listen: address")?);
+        }
+    }
+    if s.balance != config::Balance::Shared {
+        let _ = writeln!(
+            out,
+            "# --balance {}: every ListenStream= above is its own socket in one SO_REUSEPORT group.\nReusePort=yes",
+            s.balance
+        );
     }
     if let Some(dev) = device {
         let _ = writeln!(out, "# The address's interface scope.\nBindToDevice={dev}");
     }
     Ok(out)
+}
+
+/// How many sockets per address the socket unit holds: 1, or with steering two per worker
+/// (herdsman opens more itself if a scale-up needs them).
+fn steer_sockets(s: &Settings) -> usize {
+    if s.balance == config::Balance::Shared { 1 } else { (2 * s.workers.get()).min(256) }
 }
 
 fn plan_init(a: &InitArgs, s: &Settings, user: Option<&str>) -> Result<Plan, Failure> {

@@ -223,6 +223,12 @@ impl Steering {
         if was { self.apply() } else { Ok(()) }
     }
 
+    /// Whether `pid` holds a parking member (member 0 of a pool), where connections wait
+    /// while no worker receives.
+    pub fn holds_parking(&self, pid: i32) -> bool {
+        self.pools.iter().any(|p| p.members[0].holder == Some(pid))
+    }
+
     pub fn is_receiving(&self, pid: i32) -> bool {
         self.pools.iter().flat_map(|p| &p.members).any(|m| m.holder == Some(pid) && m.receiving)
     }

@@ -153,8 +153,12 @@ impl Supervisor {
                 State::Draining { since } => {
                     let queued = self.steering.as_ref().map_or(0, |st| st.queued(*pid));
                     let out_of_time = now >= since + w.spec.stop_timeout;
-                    if now >= since + DRAIN_GRACE && (queued == 0 || out_of_time) {
-                        if queued > 0 {
+                    // While stopping, nothing receives and new connections are parked on
+                    // member 0 for the next start: its worker need not (and could not) empty it.
+                    let parked =
+                        self.stopping && self.steering.as_ref().is_some_and(|st| st.holds_parking(*pid));
+                    if now >= since + DRAIN_GRACE && (queued == 0 || out_of_time || parked) {
+                        if queued > 0 && !parked {
                             tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
                         }
                         w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };

@@ -593,6 +593,41 @@ s_user() {
     ct herdsman remove asuser --yes >/dev/null || fail "remove asuser"
 }
 
+# --balance steer under systemd: the socket unit holds 2 sockets per worker (ReusePort=yes);
+# a warming app (503 for 1.5 s after accepting) reloads with no failed request, and a restart
+# of the service refuses or resets no connection (they wait in the sockets systemd holds).
+s_steer() {
+    app_init steer 8585 3 --balance steer --min-ready 0s -e TW_WARM_MS=1500
+    wait_until 60 "herdsman@steer ready" ready_text steer 3 ||
+        { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "steer app not ready"; }
+    local st n errs t_sock
+    st=$(ct herdsman status steer --json)
+    [ "$(echo "$st" | json_get 'd["balance"]')" = steer ] || fail "balance is not steer"
+    n=$(ct ss -Htln 'sport = :8585' | wc -l)
+    note "listening sockets on :8585: $n"
+    [ "$n" -eq 6 ] || fail "expected 6 sockets (2 per worker) on :8585, got $n"
+    ADDR=127.0.0.1:8585 load_start steer_reload new 6
+    CT_TIMEOUT=120 ct systemctl reload herdsman@steer || fail "systemctl reload failed"
+    load_stop steer_reload
+    [ "$(load_field steer_reload 'd["failed"]')" -eq 0 ] ||
+        fail "$(load_field steer_reload 'd["failed"]') failed requests during a steered reload of a warming app"
+    ready_text steer 3 2 || fail "not on generation 2: $(prop herdsman@steer.service StatusText)"
+
+    t_sock=$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)
+    ADDR=127.0.0.1:8585 load_start steer_restart new 6
+    CT_TIMEOUT=120 ct systemctl restart herdsman@steer.service || fail "systemctl restart failed"
+    wait_until 60 "herdsman@steer ready again" ready_text steer 3 || fail "not ready after restart"
+    ADDR=127.0.0.1:8585 wait_until 30 "an answer after the restart" get_json_ok
+    load_stop steer_restart
+    errs=$(load_field steer_restart 'd["errors"]')
+    note "errors during the restart: $errs"
+    case $errs in *Refused*|*Reset*|*RemoteDisconnected*) fail "connections refused or reset during a restart: $errs" ;; esac
+    [ "$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)" = "$t_sock" ] || fail "the socket unit was restarted"
+    ct herdsman remove steer --yes >/dev/null || fail "remove steer"
+}
+
+get_json_ok() { ct curl -fsS --max-time 5 -o /dev/null "http://$ADDR/"; }
+
 s_wedged() {
     mkdir -p "$CT_ROOT/etc/systemd/system/herdsman@wedge.service.d"
     printf '[Service]\nWatchdogSec=2s\nTimeoutAbortSec=2s\n' >"$CT_ROOT/etc/systemd/system/herdsman@wedge.service.d/wd.conf"
@@ -663,6 +698,7 @@ run_scenario "journald burst + remove" s_burst_remove
 run_scenario "oom kill of a worker" s_oom
 run_scenario "strict sandbox (DynamicUser)" s_sandbox
 run_scenario "workers as --user nobody" s_user
+run_scenario "steered sockets (--balance steer)" s_steer
 run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "sigkill supervisor" s_sigkill
 scenario_reboot
