@@ -522,9 +522,15 @@ mod tests {
     }
 
     fn bound_reuseport() -> (String, String, OwnedFd) {
-        let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        bound_reuseport_on("127.0.0.1:0")
+    }
+
+    fn bound_reuseport_on(addr: &str) -> (String, String, OwnedFd) {
+        let sa = addr.parse::<std::net::SocketAddr>().unwrap();
+        let fam = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        let fd = socket::socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
         socket::setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
-        let any: SockaddrStorage = "127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into();
+        let any: SockaddrStorage = sa.into();
         socket::bind(fd.as_raw_fd(), &any).unwrap();
         socket::listen(&fd, Backlog::new(128).unwrap()).unwrap();
         let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).unwrap();
@@ -602,5 +608,27 @@ mod tests {
             expected[(u32::from(from) % 3) as usize] += 2;
         }
         assert_eq!(queues(&st, 24), expected);
+    }
+
+    #[test]
+    fn the_kernel_routes_ipv6_connections_only_to_receiving_members() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("SKIP: no IPv6 loopback here");
+            return;
+        }
+        let (addr, name, fd) = bound_reuseport_on("[::1]:0");
+        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10).unwrap();
+        for slot in 0..3 {
+            let p = st.reserve(slot).unwrap();
+            st.bind(&p, 300 + slot as i32);
+        }
+        st.set_receiving(300, true).unwrap();
+        st.set_receiving(302, true).unwrap();
+        let conns: Vec<std::net::TcpStream> =
+            (0..30).map(|_| std::net::TcpStream::connect(addr.as_str()).unwrap()).collect();
+        let q = queues(&st, 30);
+        assert_eq!(q[1], 0, "{q:?}");
+        assert!(q[0] > 0 && q[2] > 0 && q[0] + q[2] == 30, "{q:?}");
+        drop(conns);
     }
 }
