@@ -178,9 +178,17 @@ impl Supervisor {
         if new.file_workers != self.settings.file_workers && new.file_workers.is_some() {
             tracing::info!(app = %self.app, "config file changed workers to {}", new.workers);
             self.desired = new.workers.get();
+            if let Some(st) = &mut self.steering {
+                if let Err(e) = st.set_slots(self.desired) {
+                    tracing::error!(app = %self.app, "steering: {e}");
+                }
+            }
         }
-        let name = self.settings.name.clone();
-        self.settings = crate::config::Settings { name, ..new };
+        if new.balance != self.settings.balance {
+            tracing::warn!(app = %self.app, "balance changed in the config: the sockets are kept as they are ({}); restart the app to change it", self.settings.balance);
+        }
+        let (name, balance) = (self.settings.name.clone(), self.settings.balance);
+        self.settings = crate::config::Settings { name, balance, ..new };
     }
 
     pub(super) fn drive_rollout(&mut self) {
