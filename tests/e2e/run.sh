@@ -434,13 +434,21 @@ s_upgrade() {
     st=$(status_json)
     gen0=$(echo "$st" | json_get 'd["generation"]')
     pids0=$(echo "$st" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')
+    # A steered app too: the upgrade must lose none of its connections either.
+    app_init steerup 8686 2 --balance steer
+    wait_until 60 "herdsman@steerup ready" ready_text steerup 2 || fail "steerup app not ready"
     load_start upgrade new 6
+    ADDR=127.0.0.1:8686 load_start upgrade_steer new 4
     t0=$(now)
     CT_TIMEOUT=300 ct dpkg -i "$STATE/herdsman-2.deb" 2>&1 | sed 's/^/#   /'
     rc=${PIPESTATUS[0]}
     note "dpkg -i (upgrade to 0.1.0-2) under load: exit $rc after $(elapsed "$t0") s"
     sleep 1
     load_stop upgrade
+    load_stop upgrade_steer
+    [ "$(load_field upgrade_steer 'd["failed"]')" -eq 0 ] ||
+        fail "$(load_field upgrade_steer 'd["failed"]') failed requests to the steered app during the upgrade"
+    ct herdsman remove steerup --yes >/dev/null || fail "remove steerup"
     [ "$rc" -eq 0 ] || fail "dpkg -i of the 0.1.0-2 package exited $rc"
     ct dpkg -s herdsman | grep -q '^Version: 0.1.0-2$' || fail "installed version is not 0.1.0-2"
     [ "$(load_field upgrade 'd["failed"]')" -eq 0 ] ||
