@@ -250,11 +250,27 @@ fn fail_after_two_slots_moved(
     rel: &Releases,
     on_failure: &str,
 ) -> (Herdsman, Output, PathBuf) {
+    fail_after_two_slots_moved_with(dir, rel, on_failure, &[], |_| {})
+}
+
+/// [`fail_after_two_slots_moved`] with extra `herdsman run` arguments and a step `before_crash`
+/// (given release a's directory) right before slot 1's new worker is made to crash.
+fn fail_after_two_slots_moved_with(
+    dir: &TempDir,
+    rel: &Releases,
+    on_failure: &str,
+    extra: &[&str],
+    before_crash: impl FnOnce(&Path),
+) -> (Herdsman, Output, PathBuf) {
     let sock = dir.path("control.sock").display().to_string();
     let a = rel.release("a", &["gate-0", "gate-1", "gate-2"]);
     let b = rel.release("b", &["gate-0", "gate-1"]);
     rel.switch("a");
-    let h = release_run(dir, rel, 3).arg("--min-ready").arg("0s").arg("--on-failure").arg(on_failure).start();
+    let mut run = release_run(dir, rel, 3).arg("--min-ready").arg("0s").arg("--on-failure").arg(on_failure);
+    for a in extra {
+        run = run.arg(a);
+    }
+    let h = run.start();
     settled(&sock, 3, 1, &a);
     rel.switch("b");
     let reload = reload_in_background(&sock);
@@ -268,6 +284,7 @@ fn fail_after_two_slots_moved(
         let starting = l.get(&2).is_some_and(|ws| ws.iter().any(|w| w["state"] == "starting (new)"));
         (on2(0) && on2(1) && starting).then_some(())
     });
+    before_crash(&a);
     std::fs::write(b.join("crash-1"), "").unwrap();
     let out = reload.join().unwrap();
     (h, out, b)
@@ -288,6 +305,28 @@ fn an_aborted_reload_rolls_the_moved_slots_back_to_the_previous_generation() {
     assert_eq!(v["last_reload"]["rollback"], "ok");
     let report = load.finish();
     assert!(report.failed.is_empty(), "{:?}", &report.failed[..3.min(report.failed.len())]);
+}
+
+#[test]
+fn a_rollback_that_fails_itself_is_reported_and_stops_there() {
+    let dir = TempDir::new("rollback-fails");
+    let sock = dir.path("control.sock").display().to_string();
+    let rel = Releases::new(&dir);
+    // Release a can no longer start slot 0 (its gate is gone): the rollback's new worker for
+    // slot 0 misses its ready timeout.
+    let (_h, out, b) =
+        fail_after_two_slots_moved_with(&dir, &rel, "rollback", &["--ready-timeout", "5s"], |a| {
+            std::fs::remove_file(a.join("gate-0")).unwrap();
+        });
+    assert_ne!(out.status.code(), Some(0));
+    let v = status_json(&sock);
+    assert_eq!(v["last_reload"]["result"], "failed", "{v}");
+    assert_eq!(v["last_reload"]["rollback"], "failed", "{v}");
+    // It stops there: slot 0 keeps its generation-2 worker, no new roll-out starts.
+    let b = std::fs::canonicalize(b).unwrap().display().to_string();
+    let l = live(&v);
+    assert!(l[&0].iter().any(|w| w["generation"] == 2 && w["state"] == "ready" && w["cwd"] == b), "{v}");
+    assert!(!v["status"].as_str().unwrap().contains("rolling"), "{v}");
 }
 
 #[test]
