@@ -14,6 +14,8 @@
 //! another source. Standard streams are placed first. Everything from `3 + n` up is marked
 //! close-on-exec with `close_range`, so a worker gets exactly stdio and the sockets.
 
+#![allow(unsafe_code)]
+
 use std::ffi::{CString, c_char, c_int, c_uint};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
