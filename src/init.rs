@@ -94,6 +94,9 @@ fn render_config(s: &Settings, workers: Option<&str>, user: Option<&str>, group:
     if let Some(w) = s.watchdog {
         t.insert("watchdog".into(), dur(w));
     }
+    if let Some(m) = &s.metrics {
+        t.insert("metrics".into(), m.to_string().into());
+    }
     if let Some(m) = s.max_memory {
         t.insert("max_memory".into(), format!("{}K", m >> 10).into());
     }

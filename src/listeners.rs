@@ -120,6 +120,12 @@ impl Listeners {
         self.list.iter().map(|l| l.fd.as_raw_fd()).collect()
     }
 
+    /// Close-on-exec copies of the sockets with their addresses, for reading their listen
+    /// queues (a copy shares the socket; nothing about it is changed).
+    pub fn copies(&self) -> Vec<(String, OwnedFd)> {
+        self.list.iter().filter_map(|l| Some((l.addr.clone(), l.fd.try_clone().ok()?))).collect()
+    }
+
     pub fn names(&self) -> String {
         self.list.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(":")
     }

@@ -31,6 +31,7 @@ const SCRUBBED: &[&str] = &[
     "JOURNAL_STREAM",
     "HERDSMAN_WORKER_ID",
     "HERDSMAN_GENERATION",
+    "HERDSMAN_METRICS_SOCKET",
 ];
 
 /// Follow the worker user (from its passwd entry) when workers run as another user.
@@ -172,8 +173,9 @@ impl Launcher {
         env
     }
 
-    pub fn launch(&self, spec: &Spec, worker_id: usize) -> Result<Launched, String> {
-        let env = self.env(spec, worker_id);
+    pub fn launch(&self, spec: &Spec, worker_id: usize, metrics: Option<&str>) -> Result<Launched, String> {
+        let mut env = self.env(spec, worker_id);
+        env.extend(metrics.map(|m| ("HERDSMAN_METRICS_SOCKET".to_string(), m.to_string())));
         let path = &spec.program;
         if !is_executable(Path::new(path)) {
             return Err(format!(

@@ -70,6 +70,9 @@ pub fn status(s: &Snapshot) -> String {
         }
         None => out.push_str("last reload: never\n"),
     }
+    if let Some(m) = &s.metrics {
+        out.push_str(&format!("metrics: http://{m}/metrics\n").replace("http://unix:", "unix:"));
+    }
     let mut rows =
         vec![["ID", "PID", "GEN", "STATE", "RESTARTS", "UPTIME", "CPU", "MEM"].map(String::from).to_vec()];
     for w in &s.workers {

@@ -57,6 +57,8 @@ pub struct World {
     pub watchdog: Option<Duration>,
     /// Where the workers' notify socket goes (herdsman's runtime directory); abstract without.
     pub notify_dir: Option<std::path::PathBuf>,
+    /// Where the loop records what happens, for the metrics endpoint (see `crate::metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 enum Event {
@@ -109,6 +111,7 @@ pub struct Supervisor {
     stopping: bool,
     sent_ready: bool,
     last_status: String,
+    metrics: crate::metrics::Metrics,
 }
 
 /// Runs the supervisor until a stop request has been carried out.
@@ -153,6 +156,7 @@ pub async fn run(
         stopping: false,
         sent_ready: false,
         last_status: String::new(),
+        metrics: world.metrics,
     };
     tracing::info!(
         app = %sup.app,
@@ -407,8 +411,10 @@ impl Supervisor {
 
     /// Starts a worker for slot `id` running `spec`.
     fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, String> {
-        let l = self.launcher.launch(spec, id)?;
+        let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
+        let l = self.launcher.launch(spec, id, metrics_socket.as_deref())?;
         let pid = l.pid;
+        self.metrics.launched(pid, id, metrics_socket);
         let pidfd = Arc::new(l.pidfd);
         exits::watch_exit(pid, pidfd.clone(), l.output_done, self.events.clone());
         let now = Instant::now();

@@ -93,6 +93,7 @@ impl Supervisor {
             workers,
             last_reload: self.last_reload.clone(),
             log_dropped: crate::logging::dropped(),
+            metrics: self.metrics.address(),
         }
     }
 }
