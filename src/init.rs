@@ -447,6 +447,19 @@ mod tests {
     }
 
     #[test]
+    fn init_writes_the_metrics_address_into_the_app_config() {
+        let dir = Scratch::new("metrics");
+        init(&args(&dir.0, &["--metrics", "[::1]:9464"]), cpus(), None).map_err(|f| f.message).unwrap();
+        let (t, _) = written(&dir.0);
+        assert_eq!(t.get("metrics").and_then(|v| v.as_str()), Some("[::1]:9464"), "{t}");
+        let s = config::load(Some(&dir.0.join("etc/web.toml")), &Default::default(), cpus()).unwrap();
+        assert_eq!(s.metrics, Some(config::ListenAddr::Tcp("[::1]:9464".parse().unwrap())));
+        let bad = init(&args(&dir.0, &["--force", "--metrics", "9464"]), cpus(), None).unwrap_err();
+        assert_eq!(bad.code, crate::exit::CONFIG);
+        assert!(bad.message.contains("--metrics"), "{}", bad.message);
+    }
+
+    #[test]
     fn init_defaults_the_worker_user_to_sudo_user_and_gives_the_config_to_its_group() {
         if !is_root() {
             eprintln!("SKIP: resolving another worker user needs root");
