@@ -248,11 +248,20 @@ impl Metrics {
                 .filter_map(|w| s.sockets.get(&w.pid?).cloned())
                 .collect()
         };
+        let started = std::time::Instant::now();
         let mut set = tokio::task::JoinSet::new();
         for (slot, path) in targets {
             set.spawn(async move {
-                let got = tokio::time::timeout(WORKER_TIMEOUT, fetch(&path)).await;
-                (slot, got.unwrap_or(Err(Fetch::Timeout)))
+                let page = match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path)).await {
+                    Ok(Ok(body)) => body,
+                    Ok(Err(e)) => return (slot, Err(e.to_string())),
+                    Err(_) => return (slot, Err(Fetch::Timeout.to_string())),
+                };
+                // Parse as soon as the page is in, on a blocking thread, while other
+                // workers' pages are still on their way.
+                let parsed =
+                    tokio::task::spawn_blocking(move || parse::parse(&page).map_err(|e| e.to_string()));
+                (slot, parsed.await.unwrap_or_else(|e| Err(e.to_string())))
             });
         }
         let mut pages = Vec::new();
@@ -261,17 +270,30 @@ impl Metrics {
                 pages.push(p);
             }
         }
+        let fetched = started.elapsed();
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.render(&snap, pages, format))
+        let page = tokio::task::spawn_blocking(move || me.render(&snap, pages, format))
             .await
-            .map_err(|e| format!("rendering failed: {e}"))
+            .map_err(|e| format!("rendering failed: {e}"))?;
+        tracing::debug!(
+            "metrics scrape: workers' pages in {:.1} ms, page of {} bytes in {:.1} ms",
+            fetched.as_secs_f64() * 1e3,
+            page.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(page)
     }
 
-    fn render(&self, snap: &Snapshot, pages: Vec<(usize, Result<Vec<u8>, Fetch>)>, format: Format) -> String {
+    fn render(
+        &self,
+        snap: &Snapshot,
+        pages: Vec<(usize, Result<Vec<Family>, String>)>,
+        format: Format,
+    ) -> String {
         let mut parsed = Vec::new();
         let mut failed = Vec::new();
         for (slot, page) in pages {
-            match page.map_err(|e| e.to_string()).and_then(|b| parse::parse(&b).map_err(|e| e.to_string())) {
+            match page {
                 Ok(f) => parsed.push((slot, f)),
                 Err(e) => {
                     tracing::debug!("worker {slot} metrics skipped: {e}");

@@ -105,9 +105,11 @@ fn unescape_help(s: &str) -> String {
 fn belongs(f: &Family, raw: &str, name: &str) -> Option<&'static str> {
     if f.kind == Kind::Counter {
         // `# TYPE x_total counter` with samples `x_total`, or `# TYPE x counter` with `x`.
-        return (name == raw)
-            .then_some("_total")
-            .or_else(|| (name == format!("{}_created", f.name)).then_some("_created"));
+        return if name == raw {
+            Some("_total")
+        } else {
+            (name.strip_prefix(f.name.as_str()) == Some("_created")).then_some("_created")
+        };
     }
     f.kind
         .suffixes()
