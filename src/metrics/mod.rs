@@ -503,7 +503,10 @@ fn remove_stale(dir: &Path) {
         }
         let Some(pid) = name.strip_prefix("metrics-").and_then(|r| r.split('-').next()) else { continue };
         let Ok(pid) = pid.parse::<i32>() else { continue };
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        let alive = !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
         if (!alive || pid == std::process::id() as i32) && name.ends_with(".sock") {
             let _ = std::fs::remove_file(e.path());
         }
