@@ -42,6 +42,13 @@ if [[ " $* " != *" --quick "* ]]; then
         sleep 10
     done
 fi
+# The metrics scrape benchmark is a script of its own: `--only metrics` runs just it (and
+# prints its table; docs/bench-metrics.md keeps the published one, included in
+# docs/benchmarks.md).
+if [[ " $* " == *" --only metrics "* ]]; then
+    say "metrics scrapes (bench/metrics.sh)"
+    exec bench/metrics.sh
+fi
 bench/target/release/herdsman-bench all "$@" &
 BENCH=$!
 

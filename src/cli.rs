@@ -39,6 +39,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the app's metrics (Prometheus text, herdsman's and its workers') through the control socket.
+    Metrics {
+        /// App name or control socket path (optional when one app runs).
+        target: Option<String>,
+    },
     /// List every app running on this host, one line each.
     List {
         /// Machine-readable output: an array of status objects.
@@ -142,6 +147,9 @@ pub struct AppArgs {
     /// Override the workers' primary group (name or gid).
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
+    /// Serve Prometheus/OpenMetrics `GET /metrics` on HOST:PORT, [V6]:PORT or unix:/path (default: off).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 impl AppArgs {
@@ -171,6 +179,7 @@ impl AppArgs {
             command,
             user: self.user.clone(),
             group: self.group.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct Settings {
     pub file_workers: Option<String>,
     /// Workers run as this user (`user`/`group`), resolved; `None`: as the supervisor.
     pub user: Option<crate::credentials::Credentials>,
+    /// Serve `GET /metrics` here (`--metrics`, `metrics`); `None`: no HTTP endpoint.
+    pub metrics: Option<ListenAddr>,
 }
 
 /// Values given on the command line; each overrides the file's.
@@ -90,6 +92,7 @@ pub struct Overrides {
     pub command: Vec<String>,
     pub user: Option<String>,
     pub group: Option<String>,
+    pub metrics: Option<String>,
 }
 
 /// Every problem found, one line each.
@@ -122,6 +125,7 @@ pub const KEYS: &[&str] = &[
     "control_group",
     "user",
     "group",
+    "metrics",
 ];
 
 /// Reads and validates `file` (if any) merged with `ov`. `cpus` resolves "auto" worker counts.
@@ -384,6 +388,7 @@ fn build(
     }
     let watchdog = c.pick("--watchdog", ov.watchdog.as_deref(), "watchdog", values::duration);
     let max_memory = c.pick("--max-memory", ov.max_memory.as_deref(), "max_memory", values::size);
+    let metrics = c.pick("--metrics", ov.metrics.as_deref(), "metrics", values::metrics_addr);
     let b_initial = c.pick("", None, "backoff_initial", values::duration);
     let b_max = c.pick("", None, "backoff_max", values::duration);
     let b_reset = c.pick("", None, "backoff_reset", values::duration);
@@ -456,6 +461,7 @@ fn build(
         control_group,
         file_workers,
         user,
+        metrics,
     })
 }
 
@@ -571,6 +577,18 @@ mod tests {
         for key in ["`ready_timeout`", "`stop_timeout`", "`backoff_max`", "`max_memory`"] {
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
+    }
+
+    #[test]
+    fn metrics_address_is_validated_and_named_on_error() {
+        let s = parse("command = [\"x\"]\nmetrics = \"127.0.0.1:9464\"", &Overrides::default()).unwrap();
+        assert_eq!(s.metrics, Some(ListenAddr::Tcp("127.0.0.1:9464".parse().unwrap())));
+        let p = parse("command = [\"x\"]\nmetrics = \"nowhere\"", &Overrides::default()).unwrap_err().0;
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("`metrics`") && p[0].contains("9464"), "{p:?}");
+        let ov = Overrides { metrics: Some("unix:relative".into()), ..Default::default() };
+        let p = parse("command = [\"x\"]", &ov).unwrap_err().0;
+        assert!(p[0].starts_with("--metrics:"), "{p:?}");
     }
 
     #[test]

@@ -95,6 +95,9 @@ fn render_config(s: &Settings, workers: Option<&str>, user: Option<&str>, group:
     if let Some(w) = s.watchdog {
         t.insert("watchdog".into(), dur(w));
     }
+    if let Some(m) = &s.metrics {
+        t.insert("metrics".into(), m.to_string().into());
+    }
     if let Some(m) = s.max_memory {
         t.insert("max_memory".into(), format!("{}K", m >> 10).into());
     }
@@ -459,6 +462,19 @@ mod tests {
 
     fn is_root() -> bool {
         nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn init_writes_the_metrics_address_into_the_app_config() {
+        let dir = Scratch::new("metrics");
+        init(&args(&dir.0, &["--metrics", "[::1]:9464"]), cpus(), None).map_err(|f| f.message).unwrap();
+        let (t, _) = written(&dir.0);
+        assert_eq!(t.get("metrics").and_then(|v| v.as_str()), Some("[::1]:9464"), "{t}");
+        let s = config::load(Some(&dir.0.join("etc/web.toml")), &Default::default(), cpus()).unwrap();
+        assert_eq!(s.metrics, Some(config::ListenAddr::Tcp("[::1]:9464".parse().unwrap())));
+        let bad = init(&args(&dir.0, &["--force", "--metrics", "9464"]), cpus(), None).unwrap_err();
+        assert_eq!(bad.code, crate::exit::CONFIG);
+        assert!(bad.message.contains("--metrics"), "{}", bad.message);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! * [`supervisor`] is the event loop that owns every worker; [`spawn`] and [`sys`] start
 //!   them with the sockets at fd 3.. and their own `LISTEN_PID`; [`output`] routes their lines;
 //!   [`notify`] speaks sd_notify with systemd above and with workers below; [`logging`] writes
-//!   herdsman's own log output without ever blocking the loop.
+//!   herdsman's own log output without ever blocking the loop; [`metrics`] serves
+//!   Prometheus metrics, herdsman's own and its workers', outside the loop.
 
 pub mod backoff;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod init;
 pub mod journal;
 pub mod listeners;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod output;
 pub mod spawn;

@@ -126,6 +126,12 @@ impl Listeners {
         self.list.iter().map(|l| l.fd.as_raw_fd()).collect()
     }
 
+    /// Close-on-exec copies of the sockets with their addresses, for reading their listen
+    /// queues (a copy shares the socket; nothing about it is changed).
+    pub fn copies(&self) -> Vec<(String, OwnedFd)> {
+        self.list.iter().filter_map(|l| Some((l.addr.clone(), l.fd.try_clone().ok()?))).collect()
+    }
+
     pub fn names(&self) -> String {
         self.list.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(":")
     }
@@ -136,7 +142,7 @@ impl Listeners {
 
     /// Copies of every socket (same sockets, new descriptors above the workers' fd range),
     /// with their address and name, for [`crate::steer::Steering`].
-    pub fn copies(&self) -> io::Result<Vec<(String, String, OwnedFd)>> {
+    pub fn steer_copies(&self) -> io::Result<Vec<(String, String, OwnedFd)>> {
         let floor = 3 + self.list.len() as i32;
         self.list
             .iter()

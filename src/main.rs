@@ -48,6 +48,7 @@ fn main() -> ExitCode {
                 code(exit::FAILURE)
             }
         },
+        Command::Metrics { target } => client_result(client::metrics(target.as_deref(), &env())),
         Command::List { json } => client_result(client::list(json, &env())),
         Command::Reload { target, no_wait, wait: _, timeout } => match duration_arg(&timeout) {
             Ok(t) => client_result(client::reload(target.as_deref(), !no_wait, t, &env())),
@@ -235,7 +236,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let steering = if steered {
-        let copies = match listeners.copies() {
+        let copies = match listeners.steer_copies() {
             Ok(c) => c,
             Err(e) => {
                 herdsman::errln!("herdsman: cannot duplicate the listening sockets: {e}");
@@ -306,11 +307,24 @@ fn run(args: RunArgs) -> ExitCode {
             return code(exit::FAILURE);
         }
     };
+    let metrics_bound = match settings.metrics.as_ref().map(herdsman::metrics::http::bind).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            herdsman::errln!("herdsman: {e}");
+            return code(exit::FAILURE);
+        }
+    };
+    // Copies of the listening sockets, to read their queues (never their flags).
+    let metrics = herdsman::metrics::Metrics::new(notify_dir.clone(), listeners.copies());
     let control_ref = &control;
+    let metrics_ref = &metrics_bound;
     let result = rt.block_on(async move {
         let (tx, rx) = mpsc::channel(64);
         forward_signals(tx.clone())?;
-        server::spawn(control_ref, tx, access)?;
+        server::spawn(control_ref, tx.clone(), access, metrics.clone())?;
+        if let Some(b) = metrics_ref {
+            herdsman::metrics::http::serve(b, metrics.clone(), tx.clone())?;
+        }
         let world = World {
             listeners,
             notifier,
@@ -320,10 +334,12 @@ fn run(args: RunArgs) -> ExitCode {
             watchdog,
             notify_dir,
             steering,
+            metrics,
         };
         supervisor::run(settings, world, rx).await
     });
     drop(control);
+    drop(metrics_bound);
     // The last log lines are still in the log queue: let them out (bounded).
     herdsman::logging::flush(std::time::Duration::from_secs(2));
     match result {

@@ -31,6 +31,7 @@ const SCRUBBED: &[&str] = &[
     "JOURNAL_STREAM",
     "HERDSMAN_WORKER_ID",
     "HERDSMAN_GENERATION",
+    "HERDSMAN_METRICS_SOCKET",
 ];
 
 /// Follow the worker user (from its passwd entry) when workers run as another user.
@@ -172,13 +173,20 @@ impl Launcher {
         env
     }
 
-    pub fn launch(&self, spec: &Spec, worker_id: usize) -> Result<Launched, String> {
-        self.launch_with(spec, worker_id, &self.fds)
+    pub fn launch(&self, spec: &Spec, worker_id: usize, metrics: Option<&str>) -> Result<Launched, String> {
+        self.launch_with(spec, worker_id, &self.fds, metrics)
     }
 
     /// Like [`Launcher::launch`], with `fds` (the worker's own steered sockets) at 3, 4, ...
-    pub fn launch_with(&self, spec: &Spec, worker_id: usize, fds: &[RawFd]) -> Result<Launched, String> {
-        let env = self.env(spec, worker_id, fds.len());
+    pub fn launch_with(
+        &self,
+        spec: &Spec,
+        worker_id: usize,
+        fds: &[RawFd],
+        metrics: Option<&str>,
+    ) -> Result<Launched, String> {
+        let mut env = self.env(spec, worker_id, fds.len());
+        env.extend(metrics.map(|m| ("HERDSMAN_METRICS_SOCKET".to_string(), m.to_string())));
         let path = &spec.program;
         if !is_executable(Path::new(path)) {
             return Err(format!(

@@ -1,5 +1,5 @@
-//! Bounded property-based fuzzing of the two parsers that take untrusted input: the config
-//! file and the control protocol. Neither may panic, and every rejection must be one line per
+//! Bounded property-based fuzzing of the parsers that take untrusted input: the config file,
+//! the control protocol, workers' metrics pages and the metrics endpoint's HTTP. Neither may panic, and every rejection must be one line per
 //! problem. CI runs the default number of cases; a longer run:
 //! `PROPTEST_CASES=100000 cargo test --release --test fuzz`.
 
@@ -145,5 +145,74 @@ proptest! {
         let _ = config::values::ready(&s);
         let _ = config::values::size(&s);
         let _ = config::values::env_pair(&s);
+    }
+}
+
+/// Prometheus-text-shaped lines: real syntax pieces in hostile orders, with escapes, odd
+/// values, timestamps and truncations.
+fn metrics_text() -> impl Strategy<Value = String> {
+    let name =
+        prop_oneof![Just("up".to_string()), Just("x_total".to_string()), "[a-z_:]{1,8}", "[0-9{}\"= ]{1,4}"];
+    let line = prop_oneof![
+        (
+            name.clone(),
+            prop::sample::select(vec!["counter", "gauge", "histogram", "summary", "untyped", "bogus"])
+        )
+            .prop_map(|(n, t)| format!("# TYPE {n} {t}")),
+        (name.clone(), "\\PC{0,12}").prop_map(|(n, h)| format!("# HELP {n} {h}")),
+        (
+            name.clone(),
+            "[a-z_]{0,4}",
+            "[^\n]{0,6}",
+            prop::sample::select(vec!["1", "-2.5e3", "NaN", "+Inf", "-Inf", "x", ""]),
+            prop::sample::select(vec!["", " 1700000000000", " zz", " 1 2"]),
+        )
+            .prop_map(|(n, l, v, val, ts)| format!("{n}{{{l}=\"{v}\"}} {val}{ts}")),
+        (name, "[_a-z]{0,7}").prop_map(|(n, s)| format!("{n}{s} 1")),
+        "\\PC{0,20}",
+    ];
+    prop::collection::vec(line, 0..12).prop_map(|l| l.join("\n"))
+}
+
+proptest! {
+    #[test]
+    fn worker_metrics_pages_never_panic_and_accepted_ones_render_parseably(
+        text in metrics_text(),
+        worker in 0usize..4,
+    ) {
+        use herdsman::metrics::{model, parse};
+        if let Ok(families) = parse::parse(text.as_bytes()) {
+            // What herdsman accepts it must be able to write back, in both formats, and
+            // read again (the page a scraper gets).
+            let merged = parse::merge(vec![(worker, families)], &[]);
+            for format in [model::Format::Text, model::Format::OpenMetrics] {
+                let mut out = String::new();
+                model::render(&merged, format, &mut out);
+                if format == model::Format::Text {
+                    let again = parse::parse(out.as_bytes());
+                    prop_assert!(again.is_ok(), "re-parse failed: {again:?}\n{out}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_as_a_worker_page_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = herdsman::metrics::parse::parse(&bytes);
+    }
+
+    #[test]
+    fn metrics_http_requests_and_responses_never_panic(
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        text in "(GET|HEAD|POST|) (/metrics|/|/x)(\\?[a-z=]{0,4})? HTTP/1\\.[01]\r\n([A-Za-z-]{1,8}: [^\r\n]{0,20}\r\n){0,3}\r\n",
+        resp in "HTTP/1\\.1 (200|404) OK\r\n((Content-Length: [0-9]{1,3})|(Transfer-Encoding: chunked))?\r\n\r\n([0-9a-f]{1,2}\r\n[a-z]{0,5}\r\n){0,3}(0\r\n\r\n)?",
+    ) {
+        use herdsman::metrics::http;
+        let _ = http::parse_request(&bytes);
+        let _ = http::parse_request(text.as_bytes());
+        let _ = http::complete_response(&bytes);
+        let _ = http::response_body(&bytes);
+        let _ = http::complete_response(resp.as_bytes());
+        let _ = http::response_body(resp.as_bytes());
     }
 }

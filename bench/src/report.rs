@@ -345,6 +345,11 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(s, "![scaling](bench-scaling.svg)\n");
     s.push_str(&crate::notes::notes(r));
+    // Written by bench/metrics.sh (its own run): kept across regenerations of this page.
+    if let Ok(m) = std::fs::read_to_string("docs/bench-metrics.md") {
+        s.push('\n');
+        s.push_str(&m);
+    }
     let _ = writeln!(s, "\n## Reproduce\n");
     let _ = writeln!(
         s,

@@ -165,6 +165,15 @@ pub fn balance(s: &str) -> Result<Balance, String> {
     }
 }
 
+/// The `--metrics` / `metrics` address: the same forms as `--listen`.
+pub fn metrics_addr(s: &str) -> Result<ListenAddr, String> {
+    listen(s).map_err(|_| {
+        format!(
+            "invalid metrics address {s:?}; use HOST:PORT (127.0.0.1:9464), [V6]:PORT ([::1]:9464) or unix:/path (unix:/run/app-metrics.sock)"
+        )
+    })
+}
+
 /// What to do with the slots a failed roll-out already moved to the new generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {

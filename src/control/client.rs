@@ -105,6 +105,18 @@ pub fn status(target: Option<&str>, json: bool, env: &paths::Env) -> Result<(), 
     }
 }
 
+/// `herdsman metrics [TARGET]`: the page, as the HTTP endpoint serves it (0.0.4 text).
+pub fn metrics(target: Option<&str>, env: &paths::Env) -> Result<(), Failure> {
+    let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
+    match call(&path, Op::Metrics, QUICK, |_| {})? {
+        Reply::Metrics { text } => {
+            crate::out!("{text}");
+            Ok(())
+        }
+        other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),
+    }
+}
+
 pub fn list(json: bool, env: &paths::Env) -> Result<(), Failure> {
     let apps = paths::discover(env);
     let mut rows = vec![["NAME", "PID", "READY", "GEN", "STATUS", "CONTROL"].map(String::from).to_vec()];

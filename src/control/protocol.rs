@@ -30,6 +30,8 @@ pub enum Op {
         #[serde(default = "yes")]
         wait: bool,
     },
+    /// The metrics page (Prometheus text 0.0.4), as `GET /metrics` serves it.
+    Metrics,
 }
 
 fn yes() -> bool {
@@ -50,6 +52,7 @@ pub enum Reply {
     Status { status: Box<Snapshot> },
     Reload(ReloadOutcome),
     Scale { workers: usize },
+    Metrics { text: String },
     Error { message: String },
 }
 
@@ -109,6 +112,7 @@ mod tests {
         assert!(parse_request(b"garbage").unwrap_err().starts_with("malformed request"));
         assert!(parse_request(br#"{"v":9,"op":"status"}"#).unwrap_err().contains("version 9"));
         assert!(parse_request(br#"{"v":1,"op":"explode"}"#).is_err());
+        assert_eq!(parse_request(br#"{"v":1,"op":"metrics"}"#).unwrap().op, Op::Metrics);
     }
 
     #[test]

@@ -132,7 +132,12 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, BindError> {
 }
 
 /// Serves clients until the runtime shuts down.
-pub fn spawn(bound: &Bound, controls: mpsc::Sender<Control>, access: Access) -> std::io::Result<()> {
+pub fn spawn(
+    bound: &Bound,
+    controls: mpsc::Sender<Control>,
+    access: Access,
+    metrics: crate::metrics::Metrics,
+) -> std::io::Result<()> {
     let listener = UnixListener::from_std(bound.listener.try_clone()?)?;
     let meter = Arc::new(Mutex::new(CpuMeter::default()));
     tokio::spawn(async move {
@@ -147,8 +152,9 @@ pub fn spawn(bound: &Bound, controls: mpsc::Sender<Control>, access: Access) -> 
             };
             let controls = controls.clone();
             let meter = meter.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, controls, access, meter).await {
+                if let Err(e) = handle(stream, controls, access, meter, metrics).await {
                     tracing::debug!("control client: {e}");
                 }
             });
@@ -162,6 +168,7 @@ async fn handle(
     controls: mpsc::Sender<Control>,
     access: Access,
     meter: Arc<Mutex<CpuMeter>>,
+    metrics: crate::metrics::Metrics,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
@@ -237,6 +244,13 @@ async fn handle(
                     }
                 }
             }
+        }
+        Op::Metrics => {
+            let reply = match metrics.collect(&controls, crate::metrics::model::Format::Text).await {
+                Ok(text) => Reply::Metrics { text },
+                Err(message) => Reply::Error { message },
+            };
+            write.write_all(reply.line().as_bytes()).await
         }
         Op::Scale { workers, wait } => {
             let scale = match protocol::parse_scale(&workers) {

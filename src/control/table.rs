@@ -71,6 +71,9 @@ pub fn status(s: &Snapshot) -> String {
         }
         None => out.push_str("last reload: never\n"),
     }
+    if let Some(m) = &s.metrics {
+        out.push_str(&format!("metrics: http://{m}/metrics\n").replace("http://unix:", "unix:"));
+    }
     let mut rows = vec![
         ["ID", "PID", "GEN", "STATE", "RECV", "QUEUE", "RESTARTS", "UPTIME", "CPU", "MEM"]
             .map(String::from)

@@ -85,6 +85,9 @@ pub struct Snapshot {
     /// Log lines dropped because the journal (or stderr) was not accepting them, since start.
     #[serde(default)]
     pub log_dropped: u64,
+    /// The metrics endpoint's address (`--metrics`), `null` when off.
+    #[serde(default)]
+    pub metrics: Option<String>,
     /// How connections reach workers: "shared", "steer" or "sticky".
     #[serde(default = "shared")]
     pub balance: String,

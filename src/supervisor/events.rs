@@ -25,6 +25,7 @@ impl Supervisor {
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
         exits::reap(&w);
         let how = describe_exit(status);
+        self.metrics.exited(pid, w.slot, crate::metrics::Reason::of(w.failure.as_deref(), status));
         let now = Instant::now();
         let ran = now.duration_since(w.started);
         // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.
@@ -58,6 +59,7 @@ impl Supervisor {
                 }
                 let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.settings.backoff.reset_after);
                 slot.restarts += 1;
+                self.metrics.restarted(w.slot);
                 slot.settled = true;
                 // A crash after a good run restarts at once (like PM2) and starts a new back-off
                 // sequence; repeated quick failures back off: initial, doubling, capped.
@@ -127,6 +129,7 @@ impl Supervisor {
         self.steer_receiving(pid, true);
         let Some(w) = self.workers.get(&pid) else { return };
         let took = w.started.elapsed();
+        self.metrics.ready(took);
         tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
         if let Some(slot) = self.slots.get_mut(&w.slot) {
             slot.settled = true;

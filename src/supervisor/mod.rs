@@ -64,6 +64,8 @@ pub struct World {
     pub notify_dir: Option<std::path::PathBuf>,
     /// Steered sockets (`--balance steer|sticky`); `None` for shared sockets.
     pub steering: Option<Steering>,
+    /// Where the loop records what happens, for the metrics endpoint (see `crate::metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 enum Event {
@@ -120,6 +122,7 @@ pub struct Supervisor {
     stopping: bool,
     sent_ready: bool,
     last_status: String,
+    metrics: crate::metrics::Metrics,
 }
 
 /// Runs the supervisor until a stop request has been carried out.
@@ -165,7 +168,7 @@ pub async fn run(
         last_reload: None,
         launcher,
         shared_sockets: if world.steering.is_none() {
-            world.listeners.copies()?.into_iter().map(|(_, _, fd)| fd).collect()
+            world.listeners.copies().into_iter().map(|(_, fd)| fd).collect()
         } else {
             Vec::new()
         },
@@ -178,6 +181,7 @@ pub async fn run(
         stopping: false,
         sent_ready: false,
         last_status: String::new(),
+        metrics: world.metrics,
     };
     tracing::info!(
         app = %sup.app,
@@ -455,11 +459,12 @@ impl Supervisor {
 
     /// Starts a worker for slot `id` running `spec`.
     fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, String> {
+        let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
         let l = match &mut self.steering {
-            None => self.launcher.launch(spec, id)?,
+            None => self.launcher.launch(spec, id, metrics_socket.as_deref())?,
             Some(st) => {
                 let picked = st.reserve(id).map_err(|e| e.to_string())?;
-                match self.launcher.launch_with(spec, id, &st.fds(&picked)) {
+                match self.launcher.launch_with(spec, id, &st.fds(&picked), metrics_socket.as_deref()) {
                     Ok(l) => {
                         st.bind(&picked, l.pid);
                         l
@@ -472,6 +477,7 @@ impl Supervisor {
             }
         };
         let pid = l.pid;
+        self.metrics.launched(pid, id, metrics_socket);
         let pidfd = Arc::new(l.pidfd);
         exits::watch_exit(pid, pidfd.clone(), l.output_done, self.events.clone());
         let now = Instant::now();

@@ -111,7 +111,9 @@ impl Supervisor {
     fn start_rollout(&mut self, waiters: Vec<Waiter>) {
         let refuse = |sup: &mut Self, waiters, msg: String| {
             tracing::error!(app = %sup.app, "reload failed: {msg}");
+            sup.metrics.reloaded(false, None);
             sup.record_reload(false, Some(msg.clone()));
+            sup.metrics.reloaded(false, None);
             let outcome = ReloadOutcome { ok: false, generation: sup.spec.generation, message: msg };
             sup.answer(waiters, outcome);
         };
@@ -276,6 +278,7 @@ impl Supervisor {
                 );
                 tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
                 self.record_reload(true, None);
+                self.metrics.reloaded(true, Some(r.started.elapsed()));
                 ReloadOutcome { ok: true, generation: r.spec.generation, message: msg }
             }
             Purpose::Rollback { failure } => {
@@ -306,6 +309,7 @@ impl Supervisor {
         let msg = match &r.purpose {
             Purpose::Reload => {
                 self.record_reload(false, Some(reason.clone()));
+                self.metrics.reloaded(false, Some(r.started.elapsed()));
                 format!(
                     "reload to generation {} failed after {}/{} worker(s): {reason}",
                     r.spec.generation, r.done, r.total

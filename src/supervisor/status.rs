@@ -106,6 +106,7 @@ impl Supervisor {
             last_reload: self.last_reload.clone(),
             log_dropped: crate::logging::dropped(),
             balance: self.settings.balance.to_string(),
+            metrics: self.metrics.address(),
         }
     }
 }

@@ -35,6 +35,12 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
   TW_LATE_HANG_FILE=p   if p exists at startup: hang (no accepts, no watchdog pings)
                         300 ms after READY=1
   TW_CRASH_FILE=prefix  print "crash file found", exit 4 once prefix+WORKER_ID exists
+  TW_METRICS=mode       serve HTTP GET /metrics on $HERDSMAN_METRICS_SOCKET: "ok" (a counter
+                        tw_requests_total{path="/"}, a gauge tw_worker_pid and a histogram
+                        tw_latency_seconds, plus TW_METRICS_SAMPLES extra gauge samples),
+                        "garbage" (a 200 whose body is not Prometheus text), "hang"
+                        (accept, never answer)
+  TW_METRICS_ONLY=id    serve that mode only in this slot (others serve "ok")
 
 Also reported: "uids"/"gids" (real, effective, saved) and "groups" (supplementary),
 and HOME/USER/LOGNAME in "env".
@@ -126,7 +132,8 @@ if ENV.get("TW_VERSION_FILE"):
 
 ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM",
             "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
-            "HERDSMAN_WORKER_ID", "HERDSMAN_GENERATION", "HOME", "USER", "LOGNAME")
+            "HERDSMAN_WORKER_ID", "HERDSMAN_GENERATION", "HERDSMAN_METRICS_SOCKET",
+            "HOME", "USER", "LOGNAME")
 
 INFO = {
     "pid": os.getpid(),
@@ -374,6 +381,66 @@ if _once("TW_ALLOC_ONCE_FILE"):
     for _i in range(0, len(BALLAST), 4096):  # touch every page so it counts in RSS
         BALLAST[_i] = 1
     elog(f"allocated {len(BALLAST) >> 20} MB")
+
+
+def metrics_page():
+    extra = _int_env("TW_METRICS_SAMPLES", 0)
+    lines = [
+        "# HELP tw_requests_total Requests served.",
+        "# TYPE tw_requests_total counter",
+        'tw_requests_total{path="/"} 7',
+        "# HELP tw_worker_pid The worker's pid.",
+        "# TYPE tw_worker_pid gauge",
+        f"tw_worker_pid {os.getpid()}",
+        "# HELP tw_latency_seconds Latency.",
+        "# TYPE tw_latency_seconds histogram",
+        'tw_latency_seconds_bucket{le="0.1"} 3',
+        'tw_latency_seconds_bucket{le="+Inf"} 4',
+        "tw_latency_seconds_sum 0.5",
+        "tw_latency_seconds_count 4",
+    ]
+    if extra:
+        lines += ["# HELP tw_extra Extra samples.", "# TYPE tw_extra gauge"]
+        lines += [f'tw_extra{{i="{i}"}} {i}' for i in range(extra)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def metrics_server(mode):
+    path = ENV.get("HERDSMAN_METRICS_SOCKET")
+    if not path:
+        elog("TW_METRICS set but HERDSMAN_METRICS_SOCKET missing")
+        return
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    srv.bind(path)
+    srv.listen(64)
+    while True:
+        conn, _ = srv.accept()
+        if mode == "hang":
+            HELD.append(conn)
+            continue
+        try:
+            conn.settimeout(5)
+            req = b""
+            while b"\r\n\r\n" not in req:
+                got = conn.recv(4096)
+                if not got:
+                    break
+                req += got
+            body = metrics_page() if mode == "ok" else b"<html>not metrics</html>\n"
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            conn.sendall(head.encode() + body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+HELD = []
+if ENV.get("TW_METRICS"):
+    _mode = ENV["TW_METRICS"]
+    if ENV.get("TW_METRICS_ONLY") not in (None, str(WORKER_ID)):
+        _mode = "ok"
+    threading.Thread(target=metrics_server, args=(_mode,), daemon=True).start()
 
 
 def watchdog_pinger():

@@ -1,0 +1,585 @@
+//! Metrics: herdsman's own (workers, restarts, exits, reloads, memory, CPU, listen queues)
+//! and every worker's, merged under a `worker` label, as Prometheus text 0.0.4 or
+//! OpenMetrics 1.0.
+//!
+//! Theory of operation. [`Metrics`] is a cheap handle shared by the supervisor loop, the HTTP
+//! endpoint ([`http`]) and the control server. The loop only *records*: one call where a
+//! thing happens (a worker exit and its reason, a restart, a reload and its duration, a
+//! worker's time to ready, the socket path handed to a new worker); each is a short mutex
+//! hold, never I/O. A scrape ([`collect`]) runs in its own task: it asks the loop for a
+//! [`Snapshot`] (the same answer `status` gets), fetches every ready worker's page
+//! concurrently over its `HERDSMAN_METRICS_SOCKET` (bounded time and size), then samples
+//! `/proc` and the listen queues and renders on a blocking thread. A slow scraper or a hung
+//! worker therefore costs the loop nothing but the snapshot.
+//!
+//! Why no `prometheus-client`: its text encoder writes OpenMetrics only (a counter's family
+//! line is `x`, not the `x_total` the 0.0.4 format wants, and it always ends with `# EOF`),
+//! and its registry does not expose metric values to an encoder of our own (its maintainers
+//! say as much in prometheus/client_rust#46). herdsman must speak 0.0.4 by default *and*
+//! merge worker families into the same page, so it keeps its few series itself
+//! ([`model`]) and writes both formats from the same data; a dozen families do not need a
+//! registry.
+//!
+//! Worker sockets live in herdsman's runtime directory (that of the default control socket,
+//! next to the workers' notify socket): `metrics-HPID-SLOT-SEQ.sock`, unique per worker
+//! process. Workers running as another user (`user`) get theirs in `metrics-uUID/` (owned
+//! by herdsman, group of the worker user, 0770), since they cannot create files in a
+//! directory only herdsman may write. herdsman removes each file when its worker is gone.
+
+pub mod http;
+pub mod model;
+pub mod parse;
+pub mod queue;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nix::sys::wait::WaitStatus;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::supervisor::{Control, Snapshot};
+use model::{Family, Format, Histogram, Kind};
+
+/// How long one worker's page may take.
+pub const WORKER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest worker page accepted.
+pub const WORKER_MAX_BYTES: usize = 4 << 20;
+/// How long the loop may take to answer the snapshot request.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const RELOAD_BUCKETS: &[f64] = &[0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
+const START_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// Why a worker exited, for `herdsman_worker_exits_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    Exit,
+    Signal,
+    Watchdog,
+    Memory,
+}
+
+impl Reason {
+    const ALL: [Reason; 4] = [Reason::Exit, Reason::Signal, Reason::Watchdog, Reason::Memory];
+
+    fn label(self) -> &'static str {
+        match self {
+            Reason::Exit => "exit",
+            Reason::Signal => "signal",
+            Reason::Watchdog => "watchdog",
+            Reason::Memory => "memory",
+        }
+    }
+
+    /// From what the supervisor gave up on it for (`Worker::failure`) and its wait status:
+    /// a watchdog or memory replacement counts as such even though it ends by a signal.
+    pub fn of(failure: Option<&str>, status: WaitStatus) -> Reason {
+        match failure {
+            Some(f) if f.starts_with("watchdog") => Reason::Watchdog,
+            Some(f) if f.starts_with("memory") => Reason::Memory,
+            _ if matches!(status, WaitStatus::Signaled(..)) => Reason::Signal,
+            _ => Reason::Exit,
+        }
+    }
+}
+
+/// What the loop records.
+struct State {
+    restarts: BTreeMap<usize, u64>,
+    exits: BTreeMap<(usize, Reason), u64>,
+    reloads: [u64; 2],
+    reload_seconds: Histogram,
+    start_seconds: Histogram,
+    scrape_errors: BTreeMap<usize, u64>,
+    /// Live workers' metrics sockets: pid → (slot, path).
+    sockets: HashMap<i32, (usize, PathBuf)>,
+    /// CPU ticks of a slot's workers that are gone, and the last ticks seen per live pid.
+    cpu_gone: BTreeMap<usize, u64>,
+    cpu_seen: HashMap<i32, (usize, u64)>,
+    slots: BTreeSet<usize>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    dir: Option<PathBuf>,
+    /// The HTTP endpoint's address, once bound.
+    address: Mutex<Option<String>>,
+    seq: AtomicU64,
+    /// The listening sockets (copies) and their label.
+    sockets: Vec<(String, OwnedFd)>,
+    euid: u32,
+}
+
+/// The shared handle.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Metrics {
+    /// `dir`: herdsman's runtime directory (worker sockets go there; `None`: workers get no
+    /// `HERDSMAN_METRICS_SOCKET`). `sockets`: copies of the listening sockets, labelled.
+    pub fn new(dir: Option<PathBuf>, sockets: Vec<(String, OwnedFd)>) -> Metrics {
+        if let Some(d) = &dir {
+            remove_stale(d);
+        }
+        Metrics(Arc::new(Inner {
+            state: Mutex::new(State {
+                restarts: BTreeMap::new(),
+                exits: BTreeMap::new(),
+                reloads: [0, 0],
+                reload_seconds: Histogram::new(RELOAD_BUCKETS),
+                start_seconds: Histogram::new(START_BUCKETS),
+                scrape_errors: BTreeMap::new(),
+                sockets: HashMap::new(),
+                cpu_gone: BTreeMap::new(),
+                cpu_seen: HashMap::new(),
+                slots: BTreeSet::new(),
+            }),
+            dir,
+            address: Mutex::new(None),
+            seq: AtomicU64::new(0),
+            sockets,
+            euid: nix::unistd::geteuid().as_raw(),
+        }))
+    }
+
+    /// A handle with no runtime directory and no sockets (tests).
+    pub fn disabled() -> Metrics {
+        Metrics::new(None, Vec::new())
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The HTTP endpoint's address (for `status`), once it is serving.
+    pub fn address(&self) -> Option<String> {
+        self.0.address.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_address(&self, a: String) {
+        *self.0.address.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+    }
+
+    /// The `HERDSMAN_METRICS_SOCKET` for a new worker in `slot` running as `user` (`None`:
+    /// as herdsman); `None` when there is no usable directory.
+    pub fn socket_for(&self, slot: usize, user: Option<(u32, u32)>) -> Option<String> {
+        let base = self.0.dir.as_ref()?;
+        let dir = match user {
+            Some((uid, gid)) if uid != self.0.euid => {
+                let d = base.join(format!("metrics-u{uid}"));
+                if let Err(e) = user_dir(&d, gid) {
+                    tracing::warn!("cannot prepare {} for worker metrics sockets: {e}", d.display());
+                    return None;
+                }
+                d
+            }
+            _ => base.clone(),
+        };
+        let n = self.0.seq.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("metrics-{}-{slot}-{n}.sock", std::process::id()));
+        if path.as_os_str().len() >= 108 {
+            tracing::warn!("{} is too long for a socket address; no HERDSMAN_METRICS_SOCKET", path.display());
+            return None;
+        }
+        let _ = std::fs::remove_file(&path);
+        Some(path.display().to_string())
+    }
+
+    /// A worker started with `socket` (from [`Metrics::socket_for`]).
+    pub fn launched(&self, pid: i32, slot: usize, socket: Option<String>) {
+        let mut s = self.state();
+        s.slots.insert(slot);
+        if let Some(p) = socket {
+            s.sockets.insert(pid, (slot, PathBuf::from(p)));
+        }
+    }
+
+    /// A worker exited: count it, remove its socket file.
+    pub fn exited(&self, pid: i32, slot: usize, reason: Reason) {
+        let mut s = self.state();
+        *s.exits.entry((slot, reason)).or_default() += 1;
+        if let Some((_, path)) = s.sockets.remove(&pid) {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some((slot, ticks)) = s.cpu_seen.remove(&pid) {
+            *s.cpu_gone.entry(slot).or_default() += ticks;
+        }
+    }
+
+    /// A slot's worker is replaced after an unexpected exit.
+    pub fn restarted(&self, slot: usize) {
+        *self.state().restarts.entry(slot).or_default() += 1;
+    }
+
+    /// A reload ended; `took` is the roll-out's duration (`None`: refused before starting).
+    pub fn reloaded(&self, ok: bool, took: Option<Duration>) {
+        let mut s = self.state();
+        s.reloads[usize::from(!ok)] += 1;
+        if let Some(t) = took {
+            s.reload_seconds.observe(t.as_secs_f64());
+        }
+    }
+
+    /// A worker became ready `took` after it was spawned.
+    pub fn ready(&self, took: Duration) {
+        self.state().start_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The page: herdsman's families, then the workers'. Asks the loop for a snapshot
+    /// through `controls`; everything else happens outside the loop.
+    pub async fn collect(&self, controls: &mpsc::Sender<Control>, format: Format) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        controls.send(Control::Status { reply: tx }).await.map_err(|_| "the supervisor is shutting down")?;
+        let snap = match tokio::time::timeout(SNAPSHOT_TIMEOUT, rx).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => return Err("the supervisor is shutting down".into()),
+            Err(_) => return Err("the supervisor did not answer within 5 s".into()),
+        };
+        let targets: Vec<(usize, PathBuf)> = {
+            let s = self.state();
+            snap.workers
+                .iter()
+                .filter(|w| w.state == "ready")
+                .filter_map(|w| s.sockets.get(&w.pid?).cloned())
+                .collect()
+        };
+        let started = std::time::Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for (slot, path) in targets {
+            set.spawn(async move {
+                let page = match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path)).await {
+                    Ok(Ok(body)) => body,
+                    Ok(Err(e)) => return (slot, Err(e.to_string())),
+                    Err(_) => return (slot, Err(Fetch::Timeout.to_string())),
+                };
+                // Parse as soon as the page is in, on a blocking thread, while other
+                // workers' pages are still on their way.
+                let parsed =
+                    tokio::task::spawn_blocking(move || parse::parse(&page).map_err(|e| e.to_string()));
+                (slot, parsed.await.unwrap_or_else(|e| Err(e.to_string())))
+            });
+        }
+        let mut pages = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(p) = r {
+                pages.push(p);
+            }
+        }
+        let fetched = started.elapsed();
+        let me = self.clone();
+        let page = tokio::task::spawn_blocking(move || me.render(&snap, pages, format))
+            .await
+            .map_err(|e| format!("rendering failed: {e}"))?;
+        tracing::debug!(
+            "metrics scrape: workers' pages in {:.1} ms, page of {} bytes in {:.1} ms",
+            fetched.as_secs_f64() * 1e3,
+            page.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(page)
+    }
+
+    fn render(
+        &self,
+        snap: &Snapshot,
+        pages: Vec<(usize, Result<Vec<Family>, String>)>,
+        format: Format,
+    ) -> String {
+        let mut parsed = Vec::new();
+        let mut failed = Vec::new();
+        for (slot, page) in pages {
+            match page {
+                Ok(f) => parsed.push((slot, f)),
+                Err(e) => {
+                    tracing::debug!("worker {slot} metrics skipped: {e}");
+                    failed.push(slot);
+                }
+            }
+        }
+        parsed.sort_by_key(|(slot, _)| *slot);
+        // CPU and memory by slot, summed over the slot's processes (during a roll-out, its
+        // old and new worker).
+        let mut rss: BTreeMap<usize, u64> = BTreeMap::new();
+        let mut ticks_now: Vec<(i32, usize, u64)> = Vec::new();
+        for w in &snap.workers {
+            if let Some(pid) = w.pid {
+                if let Some((t, r)) = crate::control::procstat::sample(pid) {
+                    *rss.entry(w.id).or_default() += r;
+                    ticks_now.push((pid, w.id, t));
+                }
+            }
+        }
+        let queues = if self.0.sockets.is_empty() { Default::default() } else { queue::listening() };
+        let own = {
+            let mut s = self.state();
+            for slot in failed {
+                *s.scrape_errors.entry(slot).or_default() += 1;
+            }
+            for (pid, slot, t) in &ticks_now {
+                s.cpu_seen.insert(*pid, (*slot, *t));
+            }
+            let live: BTreeSet<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
+            let gone: Vec<i32> = s.cpu_seen.keys().filter(|p| !live.contains(p)).copied().collect();
+            for pid in gone {
+                if let Some((slot, t)) = s.cpu_seen.remove(&pid) {
+                    *s.cpu_gone.entry(slot).or_default() += t;
+                }
+            }
+            s.slots.extend(snap.workers.iter().map(|w| w.id));
+            self.own_families(&s, snap, &rss, &queues)
+        };
+        let reserved: Vec<String> = own.iter().map(|f| f.name.clone()).collect();
+        let mut workers = parse::merge(parsed, &reserved);
+        if format == Format::OpenMetrics {
+            parse::drop_created_twins(&mut workers);
+        }
+        let mut out =
+            String::with_capacity(4096 + workers.iter().map(|f| f.samples.len() * 64).sum::<usize>());
+        model::render(&own, format, &mut out);
+        model::render(&workers, format, &mut out);
+        model::finish(format, &mut out);
+        out
+    }
+
+    fn own_families(
+        &self,
+        s: &State,
+        snap: &Snapshot,
+        rss: &BTreeMap<usize, u64>,
+        queues: &queue::Queues,
+    ) -> Vec<Family> {
+        let slots: BTreeSet<usize> = s.slots.iter().copied().chain(0..snap.desired).collect();
+        let ids: Vec<String> = slots.iter().map(|i| i.to_string()).collect();
+        let mut out = Vec::new();
+
+        let mut f = Family::new("herdsman_build_info", Kind::Gauge, "herdsman's version (always 1).");
+        f.push(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+        out.push(f);
+        let mut f =
+            Family::new("herdsman_generation", Kind::Gauge, "The generation new workers run (as in status).");
+        f.push(&[], snap.generation as f64);
+        out.push(f);
+        let mut f = Family::new("herdsman_workers", Kind::Gauge, "Worker processes by state.");
+        for state in ["starting", "ready", "draining"] {
+            let n = snap
+                .workers
+                .iter()
+                .filter(|w| w.pid.is_some())
+                .filter(|w| match state {
+                    "starting" => w.state.starts_with("starting"),
+                    "ready" => w.state == "ready" || w.state == "holding",
+                    _ => w.state == "stopping" || w.state == "draining",
+                })
+                .count();
+            f.push(&[("state", state)], n as f64);
+        }
+        out.push(f);
+        let mut f = Family::new("herdsman_desired_workers", Kind::Gauge, "The wanted number of workers.");
+        f.push(&[], snap.desired as f64);
+        out.push(f);
+
+        let mut f = Family::new(
+            "herdsman_worker_restarts",
+            Kind::Counter,
+            "Workers started in a slot after its worker exited unexpectedly.",
+        );
+        for (slot, id) in slots.iter().zip(&ids) {
+            f.push(&[("worker", id)], s.restarts.get(slot).copied().unwrap_or(0) as f64);
+        }
+        out.push(f);
+        let mut f = Family::new("herdsman_worker_exits", Kind::Counter, "Worker exits by slot and reason.");
+        for (slot, id) in slots.iter().zip(&ids) {
+            for r in Reason::ALL {
+                let n = s.exits.get(&(*slot, r)).copied().unwrap_or(0);
+                f.push(&[("worker", id), ("reason", r.label())], n as f64);
+            }
+        }
+        out.push(f);
+        let mut f = Family::new("herdsman_reloads", Kind::Counter, "Rolling reloads by result.");
+        f.push(&[("result", "ok")], s.reloads[0] as f64);
+        f.push(&[("result", "failed")], s.reloads[1] as f64);
+        out.push(f);
+        out.push(
+            s.reload_seconds.family("herdsman_reload_duration_seconds", "Roll-out durations, start to end."),
+        );
+        out.push(
+            s.start_seconds.family("herdsman_worker_start_seconds", "Worker start times, spawn to ready."),
+        );
+
+        let mut f = Family::new(
+            "herdsman_worker_resident_memory_bytes",
+            Kind::Gauge,
+            "Resident memory of the slot's worker process(es).",
+        );
+        for (slot, id) in slots.iter().zip(&ids) {
+            f.push(&[("worker", id)], rss.get(slot).copied().unwrap_or(0) as f64);
+        }
+        out.push(f);
+        let tps = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+        let mut f = Family::new(
+            "herdsman_worker_cpu_seconds",
+            Kind::Counter,
+            "CPU time (user + system) used by the slot's worker processes.",
+        );
+        for (slot, id) in slots.iter().zip(&ids) {
+            let live: u64 = s.cpu_seen.values().filter(|(sl, _)| sl == slot).map(|(_, t)| t).sum();
+            let total = live + s.cpu_gone.get(slot).copied().unwrap_or(0);
+            f.push(&[("worker", id)], total as f64 / tps);
+        }
+        out.push(f);
+        let mut f = Family::new(
+            "herdsman_worker_scrape_errors",
+            Kind::Counter,
+            "Worker metrics pages skipped: no answer in time, too large, or not Prometheus text.",
+        );
+        for (slot, id) in slots.iter().zip(&ids) {
+            f.push(&[("worker", id)], s.scrape_errors.get(slot).copied().unwrap_or(0) as f64);
+        }
+        out.push(f);
+
+        let mut len = Family::new(
+            "herdsman_listen_queue_length",
+            Kind::Gauge,
+            "Connections waiting to be accepted on a listening socket.",
+        );
+        let mut limit =
+            Family::new("herdsman_listen_queue_limit", Kind::Gauge, "A listening socket's backlog.");
+        // Several sockets can share an address (steered sockets under systemd: a socket unit
+        // with several `ListenStream=` lines for it): one series per address, summed.
+        let mut by_name: Vec<(&str, f64, f64)> = Vec::new();
+        for (name, fd) in &self.0.sockets {
+            if let Some((l, m)) = queue::inode(fd).and_then(|i| queues.get(&i)) {
+                match by_name.iter_mut().find(|(n, _, _)| n == name) {
+                    Some(e) => {
+                        e.1 += *l as f64;
+                        e.2 += *m as f64;
+                    }
+                    None => by_name.push((name, *l as f64, *m as f64)),
+                }
+            }
+        }
+        for (name, l, m) in by_name {
+            len.push(&[("socket", name)], l);
+            limit.push(&[("socket", name)], m);
+        }
+        out.push(len);
+        out.push(limit);
+        out
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, path) in s.sockets.values() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Creates `d` (herdsman's, group `gid`, 0770) for workers of another user.
+fn user_dir(d: &Path, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o770).create(d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = std::fs::symlink_metadata(d)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    if m.gid() != gid {
+        std::os::unix::fs::lchown(d, None, Some(gid))?;
+    }
+    if m.permissions().mode() & 0o7777 != 0o770 {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o770))?;
+    }
+    Ok(())
+}
+
+/// Removes worker sockets left by supervisors that are gone (ours too, if our pid was reused).
+fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("metrics-u") && e.path().is_dir() {
+            remove_stale(&e.path());
+            continue;
+        }
+        let Some(pid) = name.strip_prefix("metrics-").and_then(|r| r.split('-').next()) else { continue };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        let alive = !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if (!alive || pid == std::process::id() as i32) && name.ends_with(".sock") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Fetch {
+    #[error("no answer within {WORKER_TIMEOUT:?}")]
+    Timeout,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("page larger than {WORKER_MAX_BYTES} bytes")]
+    TooLarge,
+    #[error("bad HTTP answer: {0}")]
+    Http(&'static str),
+}
+
+/// `GET /metrics` over the worker's unix socket; the body of a 200 answer.
+async fn fetch(path: &Path) -> Result<Vec<u8>, Fetch> {
+    let mut s = match tokio::net::UnixStream::connect(path).await {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            // A worker of another user made its socket 0750 (a UMask): herdsman keeps
+            // CAP_CHOWN for this, takes the socket file and connects as its owner.
+            take_socket(path)?;
+            tokio::net::UnixStream::connect(path).await?
+        }
+        r => r?,
+    };
+    s.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: herdsman\r\nAccept: text/plain;version=0.0.4\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > WORKER_MAX_BYTES + 16 * 1024 {
+            return Err(Fetch::TooLarge);
+        }
+        if let Some(done) = http::complete_response(&buf) {
+            buf.truncate(done);
+            break;
+        }
+    }
+    let body = http::response_body(&buf).map_err(Fetch::Http)?;
+    if body.len() > WORKER_MAX_BYTES {
+        return Err(Fetch::TooLarge);
+    }
+    Ok(body)
+}
+
+fn take_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = std::fs::symlink_metadata(path)?;
+    if !m.file_type().is_socket() {
+        return Err(std::io::Error::other("not a socket"));
+    }
+    std::os::unix::fs::lchown(path, Some(nix::unistd::geteuid().as_raw()), None)
+}

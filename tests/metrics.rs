@@ -1,0 +1,417 @@
+//! Issue 15: the metrics endpoint. Real scrapes over HTTP of a real supervisor with real
+//! workers, parsed with the reference parsers (Python's `prometheus_client` for 0.0.4 and
+//! OpenMetrics, `promtool check metrics`); counters that move when things happen; worker
+//! pages merged, hung or garbage ones skipped and counted; supervision never waits for a
+//! scrape.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn try_status(control: &Path) -> Option<Value> {
+    let out = Command::new(BIN).arg("status").arg(control).arg("--json").output().ok()?;
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+}
+
+fn wait_ready(control: &Path, n: u64) -> Value {
+    wait_for(LONG, &format!("{n} ready worker(s)"), || try_status(control).filter(|s| s["ready"] == n))
+}
+
+/// `GET /metrics` with an optional `Accept`; (content type, body).
+fn scrape(addr: &str, accept: Option<&str>) -> (String, String) {
+    let mut c = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    c.set_read_timeout(Some(LONG)).unwrap();
+    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    write!(c, "GET /metrics HTTP/1.1\r\nHost: t\r\n{accept}Connection: close\r\n\r\n").unwrap();
+    let mut all = String::new();
+    c.read_to_string(&mut all).expect("read the page");
+    let (head, body) = all.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let ctype = head.lines().find_map(|l| l.strip_prefix("Content-Type: ")).unwrap_or_default().to_string();
+    (ctype, body.to_string())
+}
+
+/// The page parsed by the reference parser: every sample.
+fn parse(body: &str, format: &str) -> Vec<Value> {
+    let script = format!("{}/tests/support/parse_metrics.py", env!("CARGO_MANIFEST_DIR"));
+    let mut p = Command::new("python3")
+        .arg(script)
+        .arg(format)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the {format} parser rejected the page: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+fn promtool(body: &str) {
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
+    p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of sample `name` with exactly these labels.
+fn value(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s["name"] == name
+                && s["labels"].as_object().is_some_and(|l| {
+                    l.len() == labels.len()
+                        && labels.iter().all(|(k, v)| l.get(*k).and_then(Value::as_str) == Some(v))
+                })
+        })
+        .and_then(|s| s["value"].as_f64())
+}
+
+struct App {
+    h: Herdsman,
+    control: std::path::PathBuf,
+    addr: String,
+    _dir: TempDir,
+}
+
+impl App {
+    fn start(tag: &str, workers: usize, extra: impl FnOnce(Run) -> Run) -> App {
+        let dir = TempDir::new(tag);
+        let control = dir.path("control.sock");
+        let run = Run::new(&dir, workers)
+            .arg("--metrics")
+            .arg("127.0.0.1:0")
+            .arg("--ready")
+            .arg("notify")
+            .arg("--min-ready")
+            .arg("100ms")
+            .worker_env("TW_NOTIFY", "1");
+        let h = extra(run).start();
+        let s = wait_ready(&control, workers as u64);
+        let addr = s["metrics"].as_str().expect("status --json shows the metrics address").to_string();
+        App { h, control, addr, _dir: dir }
+    }
+
+    fn samples(&self) -> Vec<Value> {
+        let (ctype, body) = scrape(&self.addr, None);
+        assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+        parse(&body, "text")
+    }
+
+    /// Scrapes until `cond` holds on the parsed samples.
+    fn wait(&self, what: &str, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        wait_for(LONG, what, || {
+            let s = self.samples();
+            cond(&s).then_some(s)
+        })
+    }
+
+    fn pid(&self, slot: u64) -> i32 {
+        let s = try_status(&self.control).unwrap();
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == slot && w["state"] == "ready")
+            .and_then(|w| w["pid"].as_i64())
+            .expect("a ready worker in the slot") as i32
+    }
+}
+
+#[test]
+fn the_page_parses_with_the_reference_parsers_and_has_every_series_from_the_start() {
+    let app = App::start("metrics-page", 2, |r| r.worker_env("TW_METRICS", "ok"));
+    let (_, body) = scrape(&app.addr, None);
+    promtool(&body);
+    let s = parse(&body, "text");
+    let types: Vec<(String, String)> = s
+        .iter()
+        .map(|x| (x["family"].as_str().unwrap().to_string(), x["type"].as_str().unwrap().to_string()))
+        .collect();
+    for (fam, ty) in [
+        ("herdsman_build_info", "gauge"),
+        ("herdsman_generation", "gauge"),
+        ("herdsman_workers", "gauge"),
+        ("herdsman_desired_workers", "gauge"),
+        ("herdsman_worker_restarts", "counter"),
+        ("herdsman_worker_exits", "counter"),
+        ("herdsman_reloads", "counter"),
+        ("herdsman_reload_duration_seconds", "histogram"),
+        ("herdsman_worker_start_seconds", "histogram"),
+        ("herdsman_worker_resident_memory_bytes", "gauge"),
+        ("herdsman_worker_cpu_seconds", "counter"),
+        ("herdsman_worker_scrape_errors", "counter"),
+        ("herdsman_listen_queue_length", "gauge"),
+        ("herdsman_listen_queue_limit", "gauge"),
+    ] {
+        assert!(types.contains(&(fam.to_string(), ty.to_string())), "no {ty} {fam} in:\n{body}");
+    }
+    assert_eq!(value(&s, "herdsman_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert_eq!(value(&s, "herdsman_generation", &[]), Some(1.0));
+    assert_eq!(value(&s, "herdsman_desired_workers", &[]), Some(2.0));
+    assert_eq!(value(&s, "herdsman_workers", &[("state", "ready")]), Some(2.0));
+    assert_eq!(value(&s, "herdsman_workers", &[("state", "starting")]), Some(0.0));
+    assert_eq!(value(&s, "herdsman_workers", &[("state", "draining")]), Some(0.0));
+    for w in ["0", "1"] {
+        assert_eq!(value(&s, "herdsman_worker_restarts_total", &[("worker", w)]), Some(0.0), "{body}");
+        for reason in ["exit", "signal", "watchdog", "memory"] {
+            let l = [("worker", w), ("reason", reason)];
+            assert_eq!(value(&s, "herdsman_worker_exits_total", &l), Some(0.0), "{body}");
+        }
+        assert!(value(&s, "herdsman_worker_resident_memory_bytes", &[("worker", w)]).unwrap() > 0.0);
+        assert!(value(&s, "herdsman_worker_cpu_seconds_total", &[("worker", w)]).is_some());
+        assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", w)]), Some(0.0));
+        // The worker's own families, merged: its labels plus worker="ID".
+        assert_eq!(value(&s, "tw_requests_total", &[("path", "/"), ("worker", w)]), Some(7.0), "{body}");
+        assert_eq!(value(&s, "tw_latency_seconds_count", &[("worker", w)]), Some(4.0));
+    }
+    assert_eq!(value(&s, "herdsman_reloads_total", &[("result", "ok")]), Some(0.0));
+    assert_eq!(value(&s, "herdsman_reloads_total", &[("result", "failed")]), Some(0.0));
+    assert_eq!(value(&s, "herdsman_worker_start_seconds_count", &[]), Some(2.0));
+    let q = s.iter().find(|x| x["name"] == "herdsman_listen_queue_limit").expect("a listen queue limit");
+    assert!(q["labels"]["socket"].as_str().unwrap().starts_with("unix:"), "{q}");
+    assert!(q["value"].as_f64().unwrap() >= 1.0);
+    assert_eq!(body.matches("# TYPE tw_requests_total counter").count(), 1, "one TYPE per family:\n{body}");
+    // herdsman's own families come first.
+    assert!(body.find("tw_requests_total").unwrap() > body.find("herdsman_listen_queue_limit").unwrap());
+
+    // OpenMetrics when asked for, valid for the strict parser.
+    let (ctype, om) = scrape(&app.addr, Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"));
+    assert!(ctype.starts_with("application/openmetrics-text; version=1.0.0"), "{ctype}");
+    assert!(om.ends_with("# EOF\n"));
+    let s = parse(&om, "openmetrics");
+    assert_eq!(value(&s, "herdsman_worker_restarts_total", &[("worker", "0")]), Some(0.0), "{om}");
+    assert_eq!(value(&s, "tw_requests_total", &[("path", "/"), ("worker", "1")]), Some(7.0), "{om}");
+
+    // The same page through the control socket.
+    let out = Command::new(BIN).arg("metrics").arg(&app.control).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let s = parse(&text, "text");
+    assert_eq!(value(&s, "tw_worker_pid", &[("worker", "0")]), Some(app.pid(0) as f64));
+
+    // status shows the address.
+    let out = Command::new(BIN).arg("status").arg(&app.control).output().unwrap();
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(human.contains(&format!("metrics: http://{}/metrics", app.addr)), "{human}");
+    drop(app.h);
+}
+
+#[test]
+fn counters_move_for_a_killed_worker_a_failed_and_a_good_reload_and_the_socket_file_goes() {
+    let dir_flag = TempDir::new("metrics-break");
+    let broken = dir_flag.path("broken");
+    let app = App::start("metrics-moves", 2, |r| {
+        r.worker_env("TW_METRICS", "ok").worker_env("TW_BREAK_FILE", broken.to_str().unwrap())
+    });
+    let first = app.samples();
+    assert_eq!(
+        value(&first, "herdsman_worker_exits_total", &[("worker", "0"), ("reason", "signal")]),
+        Some(0.0)
+    );
+
+    // A SIGKILLed worker: an exit by signal, a restart, and its socket file removed.
+    let info = app.h.distinct_workers(2);
+    let w0 = info.iter().find(|w| w["worker_id"] == 0).unwrap();
+    let sock = w0["env"]["HERDSMAN_METRICS_SOCKET"].as_str().expect("HERDSMAN_METRICS_SOCKET").to_string();
+    assert!(sock.contains("metrics-"), "{sock}");
+    let other = info.iter().find(|w| w["worker_id"] == 1).unwrap();
+    assert_ne!(other["env"]["HERDSMAN_METRICS_SOCKET"], w0["env"]["HERDSMAN_METRICS_SOCKET"]);
+    wait_for(LONG, "the worker to bind its metrics socket", || Path::new(&sock).exists().then_some(()));
+    let pid = w0["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let s = app.wait("a signal exit and a restart of worker 0", |s| {
+        value(s, "herdsman_worker_exits_total", &[("worker", "0"), ("reason", "signal")]) == Some(1.0)
+            && value(s, "herdsman_worker_restarts_total", &[("worker", "0")]) == Some(1.0)
+    });
+    assert_eq!(value(&s, "herdsman_worker_restarts_total", &[("worker", "1")]), Some(0.0));
+    assert!(!Path::new(&sock).exists(), "the dead worker's socket file {sock} is still there");
+    wait_ready(&app.control, 2);
+
+    // A failed reload.
+    std::fs::write(&broken, "x").unwrap();
+    let out = Command::new(BIN).arg("reload").arg(&app.control).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = app.samples();
+    assert_eq!(value(&s, "herdsman_reloads_total", &[("result", "failed")]), Some(1.0));
+    assert_eq!(value(&s, "herdsman_reloads_total", &[("result", "ok")]), Some(0.0));
+    assert_eq!(value(&s, "herdsman_reload_duration_seconds_count", &[]), Some(1.0));
+
+    // A good reload.
+    std::fs::remove_file(&broken).unwrap();
+    let out = Command::new(BIN).arg("reload").arg(&app.control).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = app.samples();
+    assert_eq!(value(&s, "herdsman_reloads_total", &[("result", "ok")]), Some(1.0));
+    assert_eq!(value(&s, "herdsman_reload_duration_seconds_count", &[]), Some(2.0));
+    // The failed reload used generation 2: the good one runs 3, as `status` says.
+    let status_gen = try_status(&app.control).unwrap()["generation"].as_f64();
+    assert_eq!(value(&s, "herdsman_generation", &[]), status_gen);
+    assert_eq!(status_gen, Some(3.0));
+    // The replaced workers exited after the stop signal: normal exits, not restarts.
+    let s = app.wait("the old workers' exits", |s| {
+        ["0", "1"].iter().all(|w| {
+            value(s, "herdsman_worker_exits_total", &[("worker", w), ("reason", "exit")]) >= Some(1.0)
+        })
+    });
+    assert_eq!(value(&s, "herdsman_worker_restarts_total", &[("worker", "1")]), Some(0.0));
+}
+
+#[test]
+fn a_watchdog_replacement_is_counted_as_such() {
+    let dir = TempDir::new("metrics-wd-flag");
+    let hang = dir.path("hang");
+    let app = App::start("metrics-wd", 2, |r| {
+        r.arg("--watchdog")
+            .arg("1s")
+            .worker_env("TW_WATCHDOG", "1")
+            .worker_env("TW_FAULT_WORKER", "1")
+            .worker_env("TW_HANG_AFTER_MS", "1500")
+            .worker_env("TW_HANG_ONCE_FILE", hang.to_str().unwrap())
+    });
+    app.wait("a watchdog exit of worker 1", |s| {
+        value(s, "herdsman_worker_exits_total", &[("worker", "1"), ("reason", "watchdog")]) == Some(1.0)
+            && value(s, "herdsman_worker_exits_total", &[("worker", "1"), ("reason", "signal")]) == Some(0.0)
+    });
+}
+
+#[test]
+fn a_memory_replacement_is_counted_as_such() {
+    let dir = TempDir::new("metrics-mem-flag");
+    let alloc = dir.path("alloc");
+    let app = App::start("metrics-mem", 1, |r| {
+        r.arg("--max-memory")
+            .arg("100M")
+            .worker_env("TW_ALLOC_MB", "200")
+            .worker_env("TW_ALLOC_ONCE_FILE", alloc.to_str().unwrap())
+    });
+    app.wait("a memory exit of worker 0", |s| {
+        value(s, "herdsman_worker_exits_total", &[("worker", "0"), ("reason", "memory")]) == Some(1.0)
+    });
+}
+
+#[test]
+fn a_worker_hanging_on_its_metrics_socket_costs_the_scrape_only_its_timeout() {
+    let app = App::start("metrics-hang", 2, |r| {
+        r.worker_env("TW_METRICS", "hang").worker_env("TW_METRICS_ONLY", "1")
+    });
+    // While scrapes wait on the hung worker, supervision goes on: status answers and a
+    // killed worker is replaced.
+    let addr = app.addr.clone();
+    let scraper = std::thread::spawn(move || {
+        let started = Instant::now();
+        let (_, body) = scrape(&addr, None);
+        (started.elapsed(), body)
+    });
+    let pid = app.pid(0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for(LONG, "worker 0 replaced", || {
+        try_status(&app.control).filter(|s| s["ready"] == 2 && s["workers"][0]["pid"] != pid)
+    });
+    let (took, body) = scraper.join().unwrap();
+    // Generous: the worker timeout is 2 s; the bound only proves the scrape did not wait for
+    // the hung worker (which never answers).
+    assert!(took < Duration::from_secs(30), "scrape took {took:?}");
+    let s = parse(&body, "text");
+    let s = if value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "1")]) >= Some(1.0) {
+        s
+    } else {
+        app.samples()
+    };
+    assert!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "1")]) >= Some(1.0), "{body}");
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0));
+    assert!(value(&s, "tw_worker_pid", &[("worker", "1")]).is_none());
+}
+
+#[test]
+fn garbage_from_a_worker_is_skipped_and_counted() {
+    let app = App::start("metrics-garbage", 2, |r| {
+        r.worker_env("TW_METRICS", "garbage").worker_env("TW_METRICS_ONLY", "0")
+    });
+    let (_, body) = scrape(&app.addr, None);
+    promtool(&body);
+    let s = parse(&body, "text");
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(1.0), "{body}");
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "1")]), Some(0.0));
+    assert!(value(&s, "tw_worker_pid", &[("worker", "1")]).is_some());
+    assert!(value(&s, "tw_worker_pid", &[("worker", "0")]).is_none());
+    assert!(!body.contains("html"));
+    let s = app.samples();
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(2.0));
+}
+
+#[test]
+fn a_slow_scraper_does_not_stall_supervision() {
+    let app = App::start("metrics-slow", 1, |r| r);
+    // Connections that never send a request, and one that never reads its page.
+    let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&app.addr).unwrap()).collect();
+    let mut lazy = TcpStream::connect(&app.addr).unwrap();
+    lazy.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let pid = app.pid(0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for(LONG, "worker 0 replaced", || {
+        try_status(&app.control).filter(|s| s["ready"] == 1 && s["workers"][0]["pid"] != pid)
+    });
+    // Another scraper is still served.
+    let s = app.samples();
+    assert_eq!(value(&s, "herdsman_worker_restarts_total", &[("worker", "0")]), Some(1.0));
+    drop(idle);
+}
+
+#[test]
+fn a_bad_metrics_address_is_a_config_error() {
+    let out = Command::new(BIN)
+        .args(["run", "--listen", "127.0.0.1:0", "--metrics", "nowhere", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--metrics") && err.contains("127.0.0.1:9464"), "{err}");
+    let dir = TempDir::new("metrics-badcfg");
+    let cfg = dir.path("app.toml");
+    std::fs::write(
+        &cfg,
+        "command = [\"true\"]\nlisten = [\"127.0.0.1:0\"]\nmetrics = \"unix:relative.sock\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key `metrics`"), "{err}");
+}
+
+#[test]
+fn a_config_may_not_set_herdsman_metrics_socket() {
+    let out = Command::new(BIN)
+        .args(["run", "--listen", "127.0.0.1:0", "-e", "HERDSMAN_METRICS_SOCKET=/tmp/x", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HERDSMAN_METRICS_SOCKET"));
+}
