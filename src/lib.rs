@@ -1,15 +1,25 @@
 //! herdsman: runs N copies of a server on shared listening sockets and replaces them one by
 //! one on reload, with zero downtime, natively under systemd or standalone.
 //!
-//! Theory of operation:
-//! * `main` reads the world once (argv, environment, signals) and injects it.
-//! * [`config`] turns flags and the TOML file into validated [`config::Settings`].
-//! * [`listeners`] inherits the sockets from systemd (`LISTEN_FDS`) or binds them.
-//! * [`supervisor`] is the event loop that owns every worker; [`spawn`] and [`sys`] start
-//!   them with the sockets at fd 3.. and their own `LISTEN_PID`; [`output`] routes their lines;
-//!   [`notify`] speaks sd_notify with systemd above and with workers below; [`logging`] writes
-//!   herdsman's own log output without ever blocking the loop; [`metrics`] serves
-//!   Prometheus metrics, herdsman's own and its workers', outside the loop.
+//! Theory of operation (where to look first):
+//! * `main` reads the world once (argv, environment, signals) and injects it; it is the only
+//!   code that reads the environment, and it owns the exit codes ([`exit`]).
+//! * [`config`] turns flags and the TOML file into validated [`config::Settings`];
+//!   [`credentials`] resolves `user`/`group` before any fork.
+//! * [`listeners`] inherits the sockets from systemd (`LISTEN_FDS`) or binds them; with
+//!   `--balance steer|sticky`, [`steer`] gives every worker its own socket in one
+//!   `SO_REUSEPORT` group and rewrites the classic BPF program that routes new connections.
+//! * [`supervisor`] is the event loop that owns every worker's lifetime: spawn, readiness,
+//!   exits, back-off, scaling, and the rolling reload with its safety net
+//!   (`supervisor/rollout.rs`: `min_ready`, abort on any new-worker failure, rollback,
+//!   generations pinned to their release). [`spawn`] and [`sys`] (the only `unsafe` code)
+//!   start workers with the sockets at fd 3.. and their own `LISTEN_PID`.
+//! * [`output`] and [`journal`] route worker lines (journald fields `WORKER_ID`, `WORKER_PID`,
+//!   `WORKER_GENERATION`); [`logging`] writes herdsman's own events without ever blocking the
+//!   loop; [`notify`] speaks sd_notify with systemd above and with workers below.
+//! * [`control`] is the control socket (protocol, server, client; peers authenticated by
+//!   `SO_PEERCRED`); [`metrics`] serves Prometheus metrics, herdsman's own and its workers',
+//!   outside the loop.
 
 pub mod backoff;
 pub mod cli;
