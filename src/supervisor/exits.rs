@@ -86,11 +86,11 @@ pub(super) fn stop_signal_hint(w: &Worker, status: WaitStatus) -> Option<String>
     let name = sig.as_str();
     Some(if sig == nix::sys::signal::Signal::SIGTERM {
         format!(
-            "it has no {name} handler, so in-flight requests were cut off: make it drain on {name}, or pass --stop-signal SIGINT if it handles SIGINT (PM2's stop signal)"
+            "the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass --stop-signal SIGINT if it handles SIGINT (PM2's stop signal)"
         )
     } else {
         format!(
-            "it has no {name} handler, so in-flight requests were cut off: make it drain on {name}, or pass the signal it handles with --stop-signal"
+            "the stop signal it was sent: unless it drained first and re-raised it, it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass the signal it handles with --stop-signal"
         )
     })
 }
