@@ -11,7 +11,8 @@ serves (after the app's lifespan startup), so `--ready notify` is truthful.
 
 Stop signal: SIGTERM (the default): the launcher stops accepting (close()s its copy of the
 socket), waits for connections it just accepted to send their request, then uvicorn finishes
-in-flight requests (bounded by --timeout-graceful-shutdown) and exits.
+in-flight requests (bounded by --timeout-graceful-shutdown) and the process exits 0 (plain
+uvicorn re-raises the signal and dies of it).
 """
 
 import argparse
@@ -57,6 +58,10 @@ class Server(uvicorn.Server):
         ):
             await asyncio.sleep(0.01)
         await super().shutdown(sockets=sockets)
+        # uvicorn re-raises the stop signal once it has drained, so the process dies "killed by
+        # SIGTERM", exactly like an app without a handler. Exit 0 instead: herdsman (and
+        # systemd) can then tell a drained worker from one that was cut off.
+        getattr(self, "_captured_signals", []).clear()
 
 
 def main():
