@@ -129,7 +129,7 @@ SERVERS = [
     dict(name="go", prepare=prepare_go, cmd=None, ready="notify", stop="SIGTERM"),
     dict(name="puma", prepare=prepare_puma,
          cmd=["puma", "-C", "puma/puma.rb", "puma/config.ru"], ready="notify", stop="SIGTERM"),
-    dict(name="axum", prepare=prepare_axum, cmd=None, ready="notify", stop="SIGTERM"),
+    dict(name="axum", prepare=prepare_axum, cmd=None, ready="notify", stop="SIGTERM", nodelay=True),
 ]
 
 

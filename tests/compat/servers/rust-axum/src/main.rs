@@ -34,7 +34,12 @@ impl axum::serve::Listener for Draining {
                 _ = self.stop.changed() => None,
             };
             match got {
-                Some(Ok(conn)) => return conn,
+                Some(Ok(conn)) => {
+                    // hyper does not set TCP_NODELAY: without it a response written in two parts
+                    // waits for the client's delayed ACK.
+                    let _ = conn.0.set_nodelay(true);
+                    return conn;
+                }
                 Some(Err(e)) => {
                     eprintln!("accept: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
