@@ -83,7 +83,8 @@ pub struct RunArgs {
     /// TOML app config; command-line flags override it.
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// App name (default: config file stem, else the command's basename).
+    /// App name (default: config file stem, else the command's basename; for an interpreter like
+    /// node, python3, ruby, bun or deno, its script's stem: `node app.js` is `app`).
     #[arg(short, long, value_name = "NAME")]
     pub name: Option<String>,
     #[command(flatten)]
@@ -102,7 +103,8 @@ pub struct AppArgs {
     /// Number of workers: N > 0; 0, "auto" or "max" = one per CPU; -K = CPUs minus K.
     #[arg(short, long, value_name = "COUNT", allow_hyphen_values = true)]
     pub workers: Option<String>,
-    /// Bind this socket when not socket-activated: HOST:PORT, [V6]:PORT or unix:/path. Repeatable.
+    /// Bind this socket when not socket-activated: HOST:PORT, :PORT (all addresses, IPv4 and IPv6),
+    /// [V6]:PORT or unix:/path. Repeatable.
     #[arg(short, long, value_name = "ADDR")]
     pub listen: Vec<String>,
     /// Extra environment for workers. Repeatable.
@@ -138,7 +140,7 @@ pub struct AppArgs {
     /// Per-worker watchdog: workers get WATCHDOG_USEC and must send WATCHDOG=1 this often; a hung one is replaced.
     #[arg(long, value_name = "DUR")]
     pub watchdog: Option<String>,
-    /// Replace (gracefully) a worker whose memory stays above this, e.g. 512M.
+    /// Replace (gracefully) a worker whose memory (RSS summed over its process group) stays above this, e.g. 512M.
     #[arg(long, value_name = "SIZE")]
     pub max_memory: Option<String>,
     /// Run workers as this user (name or uid): its primary and supplementary groups, HOME, USER, LOGNAME. Needs root.

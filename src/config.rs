@@ -271,11 +271,7 @@ fn build(
     let default_name = file
         .and_then(|p| p.file_stem())
         .map(|s| s.to_string_lossy().into_owned())
-        .or_else(|| {
-            command.first().map(|c| {
-                Path::new(c).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
-            })
-        })
+        .or_else(|| command_name(&command))
         .unwrap_or_else(|| "app".to_string());
     let name = c
         .pick("--name", ov.name.as_deref(), "name", values::name)
@@ -471,6 +467,33 @@ fn positive(s: &str) -> Result<NonZeroUsize, String> {
         .map_err(|_| format!("invalid value {s:?}; use a whole number greater than 0"))
 }
 
+/// Programs whose first argument is the app: `node app.js` is `app`, not `node`.
+const INTERPRETERS: &[&str] = &["node", "nodejs", "bun", "deno", "python", "python3", "ruby", "perl", "php"];
+
+/// The default app name without a config file: the program's basename, or for an interpreter
+/// (`node`, `python3.11`, `ruby`, `bun`, `deno`, ...) the file stem of its first argument that is
+/// not a flag (`node --enable-source-maps /srv/web/app.js` → `app`, `python3 -m gunicorn` →
+/// `gunicorn`; `bun run`/`deno run` skip the `run`).
+fn command_name(command: &[String]) -> Option<String> {
+    let program = Path::new(command.first()?).file_name()?.to_string_lossy().into_owned();
+    let interpreter = INTERPRETERS.iter().any(|i| {
+        program == *i
+            || program
+                .strip_prefix(i)
+                .is_some_and(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+    });
+    if !interpreter {
+        return Some(program);
+    }
+    let script = command[1..]
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .find(|a| !(matches!(program.as_str(), "bun" | "deno") && a.as_str() == "run"));
+    let stem = script.and_then(|a| Path::new(a).file_stem()).map(|s| s.to_string_lossy().into_owned());
+    // `-c 'code'` and the like: no usable name, keep the interpreter's.
+    Some(stem.filter(|s| values::name(s).is_ok()).unwrap_or(program))
+}
+
 /// Turns a derived default name (a command basename like `server.py`) into a valid one.
 fn sanitize_name(s: &str) -> String {
     let cleaned: String = s
@@ -538,11 +561,22 @@ mod tests {
     }
 
     #[test]
-    fn name_defaults_to_the_command_basename() {
-        let ov = Overrides { command: vec!["/usr/bin/node".into(), "app.js".into()], ..Default::default() };
-        let s = build(None, None, &ov, cpus()).unwrap();
-        assert_eq!(s.name, "node");
-        assert_eq!(s.workers.get(), 1);
+    fn name_defaults_to_the_command_basename_or_an_interpreters_script() {
+        let name = |cmd: &[&str]| {
+            let ov = Overrides { command: cmd.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+            build(None, None, &ov, cpus()).unwrap().name
+        };
+        assert_eq!(name(&["/usr/bin/node", "app.js"]), "app");
+        assert_eq!(name(&["node", "--enable-source-maps", "/srv/web/server.mjs"]), "server");
+        assert_eq!(name(&["python3.11", "-u", "api.py"]), "api");
+        assert_eq!(name(&["python3", "-m", "gunicorn", "app:app"]), "gunicorn");
+        assert_eq!(name(&["bun", "run", "index.ts"]), "index");
+        assert_eq!(name(&["deno", "run", "-A", "main.ts"]), "main");
+        assert_eq!(name(&["ruby", "-e", "puts 1"]), "ruby");
+        assert_eq!(name(&["node"]), "node");
+        assert_eq!(name(&["/usr/bin/gunicorn", "app:app"]), "gunicorn");
+        assert_eq!(name(&["nodemon", "app.js"]), "nodemon");
+        assert_eq!(name(&["./server.py"]), "server.py");
     }
 
     #[test]

@@ -149,6 +149,7 @@ fn render_socket(s: &Settings) -> Result<String, Failure> {
         s.name
     );
     let mut device = None;
+    let mut dual_stack = false;
     for l in &s.listen {
         let addr = match l {
             // systemd (252) cannot parse a scope in ListenStream= ("[fe80::1%2]:80"): the
@@ -172,6 +173,12 @@ fn render_socket(s: &Settings) -> Result<String, Failure> {
                 format!("[{}]:{}", a.ip(), a.port())
             }
             ListenAddr::Tcp(a) => a.to_string(),
+            // A bare port: systemd binds [::]:PORT dual-stack (BindIPv6Only=both below), or
+            // 0.0.0.0:PORT where the system has no IPv6.
+            ListenAddr::AnyAddress(port) => {
+                dual_stack = true;
+                port.to_string()
+            }
             ListenAddr::Unix(p) => p.display().to_string(),
         };
         // Steered: one socket per worker, twice over (old and new worker of each slot during a
@@ -185,6 +192,12 @@ fn render_socket(s: &Settings) -> Result<String, Failure> {
             out,
             "# --balance {}: every ListenStream= above is its own socket in one SO_REUSEPORT group.\nReusePort=yes",
             s.balance
+        );
+    }
+    if dual_stack {
+        let _ = writeln!(
+            out,
+            "# :PORT means every address of both families, whatever net.ipv6.bindv6only says.\nBindIPv6Only=both"
         );
     }
     if let Some(dev) = device {

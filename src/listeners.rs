@@ -189,6 +189,7 @@ fn bind(addr: &ListenAddr, index: usize, reuseport: bool) -> Result<Listener, Li
     let errno = |e: nix::Error| fail(io::Error::from(e));
     let (family, sockaddr, owned_path): (AddressFamily, Box<dyn socket::SockaddrLike>, Option<PathBuf>) =
         match addr {
+            ListenAddr::AnyAddress(port) => return bind_any(*port, index, reuseport).map_err(fail),
             ListenAddr::Tcp(sa) => {
                 let fam = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
                 (fam, Box::new(SockaddrStorage::from(*sa)), None)
@@ -210,6 +211,34 @@ fn bind(addr: &ListenAddr, index: usize, reuseport: bool) -> Result<Listener, Li
     let backlog = Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN);
     socket::listen(&fd, backlog).map_err(errno)?;
     Ok(Listener { addr: describe(&fd), fd, name: format!("listen-{index}"), owned_path })
+}
+
+/// `:PORT`: `[::]:PORT` with `IPV6_V6ONLY` off (IPv4 clients arrive as `::ffff:a.b.c.d`),
+/// like systemd's `ListenStream=PORT`; `0.0.0.0:PORT` where the kernel has no IPv6.
+fn bind_any(port: u16, index: usize, reuseport: bool) -> io::Result<Listener> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let tcp = |family: AddressFamily, sa: SocketAddr| -> nix::Result<OwnedFd> {
+        let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        if reuseport {
+            socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+        }
+        if family == AddressFamily::Inet6 {
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+        }
+        socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(sa))?;
+        Ok(fd)
+    };
+    let fd = match tcp(AddressFamily::Inet6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(fd) => fd,
+        // No IPv6 in this kernel (ipv6.disable=1) or on any interface: IPv4 only.
+        Err(nix::Error::EAFNOSUPPORT | nix::Error::EADDRNOTAVAIL) => {
+            tcp(AddressFamily::Inet, SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN))?;
+    Ok(Listener { addr: describe(&fd), fd, name: format!("listen-{index}"), owned_path: None })
 }
 
 /// A socket file left behind by a previous run that nobody listens on any more is removed;

@@ -33,6 +33,9 @@ impl std::fmt::Display for ReadyMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     Tcp(SocketAddr),
+    /// `:PORT`: every address of both families where the system has IPv6 (`[::]:PORT` with
+    /// `IPV6_V6ONLY` off), else `0.0.0.0:PORT`; `ListenStream=PORT` in a socket unit.
+    AnyAddress(u16),
     Unix(PathBuf),
 }
 
@@ -40,6 +43,7 @@ impl std::fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::AnyAddress(port) => write!(f, ":{port}"),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -121,7 +125,14 @@ pub fn listen(s: &str) -> Result<ListenAddr, String> {
     if let Ok(addr) = t.parse::<SocketAddr>() {
         return Ok(ListenAddr::Tcp(addr));
     }
-    let hint = "use HOST:PORT (127.0.0.1:8080), [V6]:PORT ([::1]:8080) or unix:/path";
+    let hint = "use HOST:PORT (127.0.0.1:8080), :PORT (all addresses), [V6]:PORT ([::1]:8080) or unix:/path";
+    // `:8080` and `*:8080` (PM2, Go, Node style): all addresses.
+    if let Some(port) = t.strip_prefix(':').or_else(|| t.strip_prefix("*:")) {
+        return port
+            .parse::<u16>()
+            .map(ListenAddr::AnyAddress)
+            .map_err(|_| format!("invalid port in listen address {s:?}; use a port 0-65535, e.g. :8080"));
+    }
     if !t.contains(':') {
         return Err(format!("invalid listen address {s:?} (no port); {hint}"));
     }
@@ -334,6 +345,14 @@ mod tests {
         assert_eq!(listen("unix:/run/a.sock").unwrap(), ListenAddr::Unix("/run/a.sock".into()));
         assert!(listen("unix:rel.sock").is_err());
         assert!(listen("8080").is_err());
+        // PM2/Go/Node style "all addresses".
+        assert_eq!(listen(":8080").unwrap(), ListenAddr::AnyAddress(8080));
+        assert_eq!(listen("*:0").unwrap(), ListenAddr::AnyAddress(0));
+        assert_eq!(listen(":8080").unwrap().to_string(), ":8080");
+        for bad in [":", ":http", ":65536", ":-1"] {
+            let e = listen(bad).unwrap_err();
+            assert!(e.contains("invalid port") && e.contains(":8080"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -62,6 +62,15 @@ impl Drop for Bound {
 pub fn bind(addr: &ListenAddr) -> Result<Bound, BindError> {
     let fail = |err| BindError::Bind { addr: addr.to_string(), err };
     match addr {
+        ListenAddr::AnyAddress(port) => {
+            // Every address: dual-stack [::] where the system has IPv6, else 0.0.0.0.
+            let l = std::net::TcpListener::bind(("::", *port))
+                .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", *port)))
+                .map_err(fail)?;
+            l.set_nonblocking(true).map_err(fail)?;
+            let a = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| format!(":{port}"));
+            Ok(Bound::Tcp(l, a))
+        }
         ListenAddr::Tcp(sa) => {
             let l = std::net::TcpListener::bind(sa).map_err(fail)?;
             l.set_nonblocking(true).map_err(fail)?;

@@ -306,12 +306,18 @@ impl Metrics {
         // old and new worker).
         let mut rss: BTreeMap<usize, u64> = BTreeMap::new();
         let mut ticks_now: Vec<(i32, usize, u64)> = Vec::new();
+        // One /proc scan for every worker's whole process group (pre-fork servers' children
+        // count with their worker).
+        let pids: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
+        let usage = crate::control::procstat::scan_groups(&pids);
         for w in &snap.workers {
-            if let Some(pid) = w.pid {
-                if let Some((t, r)) = crate::control::procstat::sample(pid) {
-                    *rss.entry(w.id).or_default() += r;
-                    ticks_now.push((pid, w.id, t));
+            if let Some(u) = w.pid.and_then(|pid| usage.get(&pid).map(|u| (pid, u))) {
+                let (pid, u) = u;
+                if u.processes == 0 {
+                    continue;
                 }
+                *rss.entry(w.id).or_default() += u.rss_bytes;
+                ticks_now.push((pid, w.id, u.ticks));
             }
         }
         let queues = if self.0.sockets.is_empty() { Default::default() } else { queue::listening() };

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::exits::{self, describe_exit, failure_report};
+use super::exits::{self, describe_exit, failure_report, stop_signal_hint};
 use super::{DRAIN_GRACE, Event, Supervisor, human};
 use crate::backoff;
 use crate::config::ReadyMode;
@@ -31,9 +31,14 @@ impl Supervisor {
         // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.
         let owned = self.rollout.as_ref().is_some_and(|r| r.owns(pid));
         match (w.role, w.state) {
-            (Role::Retired, _) => {
-                tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
-            }
+            (Role::Retired, _) => match stop_signal_hint(&w, status) {
+                Some(hint) => {
+                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}: {hint}", w.slot);
+                }
+                None => {
+                    tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
+                }
+            },
             (Role::Replacement, _) => {
                 let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
                 self.replacement_failed(pid, &failure_report(&w, &reason));

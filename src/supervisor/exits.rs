@@ -87,5 +87,30 @@ pub(super) fn failure_report(w: &Worker, reason: &str) -> String {
         report.push_str("; last output: ");
         report.push_str(&tail.join(" ⏎ "));
     }
+    if tail
+        .iter()
+        .any(|l| l.contains("EADDRINUSE") || l.to_ascii_lowercase().contains("address already in use"))
+    {
+        report.push_str("; the app binds its own port: serve on the inherited socket at fd 3 instead (see docs/servers.md)");
+    }
     report
+}
+
+/// A worker that died of the very stop signal herdsman sent it had no handler for it: it was
+/// cut off mid-request instead of draining. Says what to do about it.
+pub(super) fn stop_signal_hint(w: &Worker, status: WaitStatus) -> Option<String> {
+    let WaitStatus::Signaled(_, sig, _) = status else { return None };
+    if sig != w.spec.stop_signal || sig == nix::sys::signal::Signal::SIGKILL {
+        return None;
+    }
+    let name = sig.as_str();
+    Some(if sig == nix::sys::signal::Signal::SIGTERM {
+        format!(
+            "the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass --stop-signal SIGINT if it handles SIGINT (PM2's stop signal)"
+        )
+    } else {
+        format!(
+            "the stop signal it was sent: unless it drained first and re-raised it, it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass the signal it handles with --stop-signal"
+        )
+    })
 }

@@ -15,6 +15,8 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
   TW_CRASH_AFTER_MS=N   print "crashing now" to stderr, exit 4 after N ms
   TW_IGNORE_TERM=1      ignore SIGTERM and SIGINT
   TW_CHILD=1            spawn a child `sleep 1000` at start
+  TW_CHILD_ALLOC_MB=N   spawn a child (same process group) that allocates and touches N MB,
+                        prints "child allocated N MB (pid P)" to stderr, then sleeps
   TW_TAG=text           reported as "tag"
   TW_VERSION_FILE=path  contents (stripped) reported as "version"
   TW_WATCHDOG=1         send WATCHDOG=1 every WATCHDOG_USEC/2
@@ -176,6 +178,15 @@ START = time.monotonic()
 
 if ENV.get("TW_CHILD") == "1":
     CHILD = subprocess.Popen(["sleep", "1000"])  # same process group
+
+if ENV.get("TW_CHILD_ALLOC_MB"):
+    # Like a pre-fork server's worker process: the memory is in the child, not in us.
+    ALLOC_CHILD = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        f"b = bytearray({_int_env('TW_CHILD_ALLOC_MB')} << 20)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\n"
+        f"print('child allocated {_int_env('TW_CHILD_ALLOC_MB')} MB (pid %d)' % os.getpid(), file=sys.stderr, flush=True)\n"
+        "time.sleep(1000)\n")])
 
 if ENV.get("TW_CRASH_AFTER_MS"):
     def _crash():

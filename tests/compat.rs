@@ -1,0 +1,255 @@
+//! Regression tests for issue 13 (real servers): memory of a pre-fork worker's children, the
+//! PM2 migration table as written (`--listen :8080`, the default app name, the stop-signal and
+//! EADDRINUSE hints, `systemd-notify --ready` from a worker's child).
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn control(dir: &TempDir) -> String {
+    dir.path("control.sock").display().to_string()
+}
+
+fn herdsman(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn status_counts_the_memory_of_a_workers_children() {
+    let dir = TempDir::new("child-mem");
+    let h = Run::new(&dir, 1)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_CHILD_ALLOC_MB", "80")
+        .start();
+    h.wait_started();
+    h.wait_log("child allocated 80 MB", 1, LONG);
+    // The worker itself (a small Python process) is far below 80 MB; its child holds them.
+    let rss = wait_for(LONG, "rss_bytes to include the child's 80 MB", || {
+        let v = status_json(control(&dir));
+        let rss = v["workers"][0]["rss_bytes"].as_u64()?;
+        (rss >= 80 << 20).then_some(rss)
+    });
+    assert!(rss < 400 << 20, "implausible group RSS {rss}");
+}
+
+#[test]
+fn max_memory_replaces_a_worker_whose_child_is_over_the_limit() {
+    let dir = TempDir::new("child-maxmem");
+    let h = Run::new(&dir, 1)
+        .arg("--ready")
+        .arg("notify")
+        .arg("--max-memory")
+        .arg("60M")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_CHILD_ALLOC_MB", "100")
+        .start();
+    h.wait_started();
+    let first = h.get()["pid"].as_i64().unwrap() as i32;
+    h.wait_log("above the limit of 60 MiB: starting a replacement", 1, LONG);
+    h.wait_log(&format!("worker 0 replaced (pid {first}"), 1, LONG);
+    // The old worker drained and went, and its child with it.
+    h.wait_log(&format!("worker 0 (pid {first}) exited with status 0"), 1, LONG);
+    wait_for(LONG, "the old worker's child to be gone", || {
+        processes_in_group(first).is_empty().then_some(())
+    });
+}
+
+#[test]
+fn listen_on_a_bare_port_serves_ipv4_and_ipv6() {
+    let dir = TempDir::new("anyport");
+    let mut r = Run::new(&dir, 1);
+    let at = r.args.iter().position(|a| a == "--listen").unwrap();
+    r.args[at + 1] = ":0".into();
+    let h = r.arg("--ready").arg("notify").worker_env("TW_NOTIFY", "1").start();
+    h.wait_started();
+    let v = status_json(control(&dir));
+    let sock = v["sockets"][0].as_str().unwrap().to_string();
+    let port = sock.rsplit_once(':').unwrap().1.to_string();
+    let has_v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if has_v6 {
+        assert_eq!(sock, format!("[::]:{port}"), "dual-stack where IPv6 exists");
+        let six = get(&Addr::Tcp(format!("[::1]:{port}"))).unwrap();
+        assert!(six["pid"].is_i64(), "{six}");
+    } else {
+        assert_eq!(sock, format!("0.0.0.0:{port}"));
+    }
+    let four = get(&Addr::Tcp(format!("127.0.0.1:{port}"))).unwrap();
+    assert!(four["pid"].is_i64(), "{four}");
+}
+
+#[test]
+fn a_bad_bare_port_is_a_one_line_config_error() {
+    let out = herdsman(&["run", "--listen", ":http", "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("invalid port") && err.contains(":8080") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn init_renders_a_bare_port_as_a_dual_stack_listen_stream_systemd_accepts() {
+    let dir = TempDir::new("init-anyport");
+    let (cfg, units) = (dir.path("etc"), dir.path("units"));
+    let out = herdsman(&[
+        "init",
+        "web",
+        "--no-start",
+        "--config-dir",
+        cfg.to_str().unwrap(),
+        "--unit-dir",
+        units.to_str().unwrap(),
+        "--listen",
+        ":8080",
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 0",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(units.join("herdsman@web.socket.d/listen.conf")).unwrap();
+    assert!(
+        text.contains("ListenStream=\nListenStream=8080\n") && text.contains("BindIPv6Only=both\n"),
+        "{text}"
+    );
+    let check = herdsman(&["check-config", cfg.join("web.toml").to_str().unwrap()]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("SKIP systemd-analyze verify: systemd-analyze is not installed (apt install systemd)");
+        return;
+    }
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let service = std::fs::read_to_string(format!("{repo}/units/herdsman@.service")).unwrap();
+    std::fs::write(units.join("herdsman@.service"), service.replace("/usr/bin/herdsman", BIN)).unwrap();
+    std::fs::copy(format!("{repo}/units/herdsman@.socket"), units.join("herdsman@.socket")).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(units.join("herdsman@web.socket"))
+        .arg(units.join("herdsman@web.service"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
+}
+
+#[test]
+fn the_default_app_name_of_an_interpreter_is_its_scripts_stem() {
+    let dir = TempDir::new("defname");
+    let mut r = Run::new(&dir, 1);
+    let at = r.args.iter().position(|a| a == "--name").unwrap();
+    r.args.drain(at..at + 2);
+    // `python3 .../worker.py`: the app is "worker", not "python3" (like `node app.js` → "app").
+    let h = r.start();
+    h.wait_started();
+    assert_eq!(status_json(control(&dir))["name"], "worker");
+}
+
+#[test]
+fn a_worker_killed_by_its_own_stop_signal_is_logged_with_the_stop_signal_hint() {
+    let dir = TempDir::new("nohandler");
+    // `sleep` has no SIGTERM handler: the stop signal kills it.
+    let h = Run::new(&dir, 1).arg("--ready").arg("alive:100ms").arg("--").arg("sleep").arg("1000").start();
+    h.wait_started();
+    h.signal(libc::SIGHUP);
+    h.wait_log(
+        "was killed by SIGTERM: the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no SIGTERM handler and in-flight requests were cut off: make it drain on SIGTERM, or pass --stop-signal SIGINT if it handles SIGINT",
+        1,
+        LONG,
+    );
+}
+
+#[test]
+fn a_worker_that_drains_on_its_stop_signal_gets_no_hint() {
+    let dir = TempDir::new("handler");
+    let h = Run::new(&dir, 1)
+        .arg("--ready")
+        .arg("notify")
+        .arg("--stop-signal")
+        .arg("SIGINT")
+        .worker_env("TW_NOTIFY", "1")
+        .start();
+    h.wait_started();
+    let pid = h.get()["pid"].as_i64().unwrap();
+    h.signal(libc::SIGHUP);
+    h.wait_log(&format!("worker 0 (pid {pid}) exited with status 0"), 1, LONG);
+    assert!(!h.stderr().contains("the stop signal it was sent"), "{}", h.stderr());
+}
+
+const EADDRINUSE_HINT: &str =
+    "the app binds its own port: serve on the inherited socket at fd 3 instead (see docs/servers.md)";
+
+#[test]
+fn a_worker_failing_with_eaddrinuse_is_told_to_use_fd_3() {
+    let dir = TempDir::new("eaddrinuse");
+    let flag = dir.path("broken");
+    // Starts fine; after the "deploy" (the flag file) it binds its own port like `listen(8080)`.
+    let script = format!(
+        "if [ -e '{}' ]; then echo 'Error: listen EADDRINUSE: address already in use :::8080' >&2; exit 1; fi; exec python3 '{}'",
+        flag.display(),
+        worker_py()
+    );
+    let h = Run::new(&dir, 1)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .arg("--")
+        .arg("sh")
+        .arg("-c")
+        .arg(&script)
+        .start();
+    h.wait_started();
+    std::fs::write(&flag, "").unwrap();
+    let out = herdsman(&["reload", &control(&dir)]);
+    assert!(!out.status.success(), "the reload must fail");
+    let v = status_json(control(&dir));
+    let err = v["last_reload"]["error"].as_str().unwrap_or_default();
+    assert!(err.contains("EADDRINUSE") && err.contains(EADDRINUSE_HINT), "{v}");
+}
+
+#[test]
+fn an_ordinary_failure_gets_no_eaddrinuse_hint() {
+    let dir = TempDir::new("plainfail");
+    let h = Run::new(&dir, 1).arg("--ready").arg("notify").worker_env("TW_FAIL_START", "1").start();
+    h.wait_log("worker failing at start", 1, LONG);
+    h.wait_log("restarting in", 1, LONG);
+    assert!(!h.stderr().contains("fd 3 instead"), "{}", h.stderr());
+}
+
+#[test]
+fn systemd_notify_ready_from_a_workers_child_counts_as_ready() {
+    if Command::new("systemd-notify").arg("--version").output().is_err() {
+        eprintln!("SKIP systemd_notify...: systemd-notify is not installed (apt install systemd)");
+        return;
+    }
+    let dir = TempDir::new("sdnotify");
+    // What the Node one-liner does: the worker runs `systemd-notify --ready` as a child process
+    // (in its process group), then serves.
+    let script = format!("systemd-notify --ready && exec python3 '{}'", worker_py());
+    let mut r = Run::new(&dir, 3).arg("--ready").arg("notify").arg("--ready-timeout").arg("20s");
+    if nix::unistd::geteuid().is_root() {
+        // Not root, systemd-notify sends with its own pid (as root, with its parent's): the
+        // process group lookup is what accepts it.
+        r = r.arg("--user").arg("nobody");
+        let _ = std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    }
+    let h = r.arg("--").arg("sh").arg("-c").arg(&script).start();
+    h.wait_started();
+    let v: Value = status_json(control(&dir));
+    assert_eq!(v["ready"], 3, "{v}");
+    h.signal(libc::SIGHUP);
+    h.wait_log("reload complete: 3 worker(s) on generation 2", 1, LONG);
+}
