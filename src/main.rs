@@ -219,6 +219,9 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let journal = logging(var_opt("JOURNAL_STREAM").as_deref(), var_opt("HERDSMAN_JOURNAL_SOCKET"));
+    if let Some(c) = kernel_and_limits() {
+        return c;
+    }
 
     let activation = Activation {
         listen_fds: var_opt("LISTEN_FDS"),
@@ -259,13 +262,14 @@ fn run(args: RunArgs) -> ExitCode {
     // The workers' notify socket lives in the app's runtime directory (that of the default
     // control socket), whatever `--control` says.
     let notify_dir = default_control.parent().map(Path::to_path_buf);
+    let own_dir = settings.control.is_none();
     let control_path = settings.control.clone().unwrap_or(default_control);
     let group = settings
         .control_group
         .as_deref()
         .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
         .map(|g| g.gid.as_raw());
-    let control = match server::bind(&control_path, group) {
+    let control = match server::bind(&control_path, group, own_dir) {
         Ok(b) => b,
         Err(e) => {
             herdsman::errln!("herdsman: {e}");
@@ -309,6 +313,29 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             herdsman::errln!("herdsman: {e:#}");
             code(exit::FAILURE)
+        }
+    }
+}
+
+/// Raises the soft fd limit, then checks that the kernel has what supervision needs (one line
+/// and exit 71 if not).
+fn kernel_and_limits() -> Option<ExitCode> {
+    match sys::raise_fd_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::debug!("raised the soft file descriptor limit from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
+    }
+    match sys::check_kernel() {
+        Ok(k) if !k.close_range_cloexec => {
+            tracing::debug!("close_range(CLOSE_RANGE_CLOEXEC) unavailable: closing worker fds one by one");
+            None
+        }
+        Ok(_) => None,
+        Err(e) => {
+            herdsman::errln!("herdsman: {e}");
+            Some(code(if e.is_unsupported() { exit::OS } else { exit::FAILURE }))
         }
     }
 }
