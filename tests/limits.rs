@@ -263,3 +263,22 @@ fn workers_that_could_not_start_for_lack_of_fds_start_once_fds_are_available_aga
     });
     assert_eq!(h.distinct_workers(6).len(), 6);
 }
+
+#[test]
+fn herdsman_raises_its_own_fd_limit_but_workers_get_the_original_one() {
+    let dir = TempDir::new("nofile");
+    let out = dir.path("limit");
+    let run = Run::new(&dir, 1).arg("--ready").arg("alive:100ms");
+    let script = format!(
+        "ulimit -Sn > {0}.tmp; ulimit -Hn >> {0}.tmp; mv {0}.tmp {0}; exec sleep 1000",
+        out.display()
+    );
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=512:4096").arg(BIN).args(&run.args).args(["--", "sh", "-c", &script]);
+    let h = spawn_cmd(cmd, run.addr.clone());
+    let limits = wait_for(LONG, "the worker to report its fd limits", || std::fs::read_to_string(&out).ok());
+    assert_eq!(limits.split_whitespace().collect::<Vec<_>>(), ["512", "4096"], "worker limits");
+    let own = std::fs::read_to_string(format!("/proc/{}/limits", h.pid())).unwrap();
+    let line = own.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    assert_eq!(line.split_whitespace().nth(3), Some("4096"), "herdsman's soft limit: {line}");
+}
