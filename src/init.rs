@@ -79,6 +79,9 @@ fn render_config(s: &Settings, workers: Option<&str>, user: Option<&str>, group:
     if let Some(g) = group {
         t.insert("group".into(), g.into());
     }
+    if let Some(g) = &s.control_group {
+        t.insert("control_group".into(), g.clone().into());
+    }
     t.insert("listen".into(), strs(&s.listen.iter().map(ToString::to_string).collect::<Vec<_>>()));
     if let Some(cwd) = &s.cwd {
         t.insert("cwd".into(), cwd.display().to_string().into());
@@ -295,7 +298,13 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     let mut ov = a.app.overrides(Some(name.clone()), None, command);
     ov.cwd = Some(cwd);
     ov.user = user.clone();
-    let settings = config::load(None, &ov, cpus).map_err(|p| fail(exit::CONFIG, p.0.join("\n")))?;
+    let mut settings = config::load(None, &ov, cpus).map_err(|p| fail(exit::CONFIG, p.0.join("\n")))?;
+    if let Some(g) = &a.control_group {
+        if !matches!(nix::unistd::Group::from_name(g), Ok(Some(_))) {
+            return Err(fail(exit::CONFIG, format!("--control-group: no such group {g:?}; create it first")));
+        }
+        settings.control_group = Some(g.clone());
+    }
     let config_path = a.config_dir.join(format!("{name}.toml"));
     if config_path.exists() && !a.force && !a.dry_run {
         return Err(fail(

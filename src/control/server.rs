@@ -234,8 +234,9 @@ async fn handle(
         || tokio::task::spawn_blocking(move || access.allows(uid, gid, pid)).await.unwrap_or(false);
     if !allowed {
         tracing::warn!("control: refused uid {} (pid {:?})", cred.uid(), cred.pid());
+        let also = access.group.map(|g| format!(" and members of group {g}")).unwrap_or_default();
         let msg = format!(
-            "permission denied: uid {} may not control this app (allowed: root and uid {})",
+            "permission denied: uid {} may not control this app (allowed: root, uid {}{also})",
             cred.uid(),
             access.uid
         );
