@@ -488,6 +488,55 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_here_has_pidfds() {
+        // The development and CI kernels are far newer than 5.3 (and 5.11 for close_range).
+        let k = check_kernel().unwrap();
+        assert!(k.close_range_cloexec);
+    }
+
+    #[test]
+    fn an_unwatched_child_is_killed_with_its_group_and_reaped() {
+        use std::os::unix::process::CommandExt;
+        // A group leader with a grandchild in its group, like a worker that forked.
+        let child = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let in_group = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                        let f: Vec<&str> =
+                            s.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+                        f.get(2) == Some(&pid.to_string().as_str())
+                    })
+                })
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while in_group() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the grandchild never started");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        kill_and_reap_unwatched(pid);
+        // Reaped: no zombie left, and waitpid has nothing more to give.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "child {pid} not reaped");
+        assert!(nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).is_err());
+        // The grandchild got the SIGKILL too (it is reparented and reaped by init or a
+        // subreaper, so poll until it is gone).
+        while in_group() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the worker's group survived");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::mem::forget(child);
+    }
+
+    #[test]
     fn plan_rejects_sources_inside_the_target_range() {
         let err =
             ExecPlan::new("/bin/true", &["true".into()], &[], &[], None, [10, 11, 12], &[4, 20]).unwrap_err();
