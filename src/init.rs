@@ -500,6 +500,21 @@ mod tests {
     }
 
     #[test]
+    fn init_control_group_is_written_and_an_unknown_one_refused() {
+        let dir = Scratch::new("ctlgroup");
+        // `root` (gid 0) exists everywhere.
+        init(&args(&dir.0, &["--control-group", "root"]), cpus(), None).map_err(|f| f.message).unwrap();
+        let (t, _) = written(&dir.0);
+        assert_eq!(t.get("control_group").and_then(|v| v.as_str()), Some("root"), "{t}");
+        let s = config::load(Some(&dir.0.join("etc/web.toml")), &Default::default(), cpus()).unwrap();
+        assert_eq!(s.control_group.as_deref(), Some("root"));
+        let f = init(&args(&dir.0, &["--force", "--control-group", "no-such-group-xyz"]), cpus(), None)
+            .expect_err("must fail");
+        assert_eq!(f.code, exit::CONFIG);
+        assert!(f.message.contains("--control-group: no such group"), "{}", f.message);
+    }
+
+    #[test]
     fn unknown_init_user_is_a_config_error() {
         let dir = Scratch::new("nouser");
         let f = init(&args(&dir.0, &[]), cpus(), Some("no-such-user-xyz")).expect_err("must fail");
