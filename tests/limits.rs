@@ -171,15 +171,13 @@ fn control_connections_over_the_limit_get_a_busy_error_at_once_and_status_works_
     let idle: Vec<UnixStream> = (0..herdsman::control::server::MAX_CLIENTS)
         .map(|_| UnixStream::connect(&control).expect("connect"))
         .collect();
-    // ...so one more is told so and closed, without waiting for any of them (they would be
-    // held for the 5 s request timeout).
-    let t0 = std::time::Instant::now();
+    // ...so one more is told so and closed at once: a busy answer (rather than a status) can
+    // only come while all of them are held, i.e. before the first one's 5 s request timeout.
     let out = Command::new(BIN).arg("status").arg(&control).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(75), "{err}");
     assert!(err.contains("busy:") && err.contains("try again"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(5), "answered before any idle client timed out");
     // The idle ones were being served (not refused): each gets the request-timeout answer.
     let mut first = idle.into_iter().next().unwrap();
     let mut reply = String::new();
