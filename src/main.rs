@@ -262,14 +262,13 @@ fn run(args: RunArgs) -> ExitCode {
     // The workers' notify socket lives in the app's runtime directory (that of the default
     // control socket), whatever `--control` says.
     let notify_dir = default_control.parent().map(Path::to_path_buf);
-    let own_dir = settings.control.is_none();
     let control_path = settings.control.clone().unwrap_or(default_control);
     let group = settings
         .control_group
         .as_deref()
         .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
         .map(|g| g.gid.as_raw());
-    let control = match server::bind(&control_path, group, own_dir) {
+    let control = match server::bind(&control_path, group) {
         Ok(b) => b,
         Err(e) => {
             herdsman::errln!("herdsman: {e}");

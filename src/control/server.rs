@@ -117,16 +117,13 @@ pub enum BindError {
 /// supervisor answers there (the app is already running) or when the path is not a socket;
 /// removes a stale socket.
 ///
-/// `own_dir`: the directory is the app's runtime directory (the default control location,
-/// e.g. systemd's `RuntimeDirectory=`, 0750 root:root under the shipped unit). With a
-/// `group`, an existing one of ours is then given to that group with `g+x`, so its members
-/// can reach the socket. A directory named by `--control` is never changed.
-pub fn bind(path: &Path, group: Option<u32>, own_dir: bool) -> Result<Bound, BindError> {
+/// A directory that exists is left alone. Under systemd it is the `RuntimeDirectory=`, whose
+/// mode and owner systemd re-applies before every `ExecReload=`; changing its group would
+/// even make systemd re-own everything inside (the socket's group included). The shipped
+/// unit's `RuntimeDirectoryMode=0711` lets `control_group` members reach the socket.
+pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, BindError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let made_dir = if dir.exists() {
-        if let (Some(g), true) = (group, own_dir) {
-            open_dir_to_group(dir, g).map_err(|err| BindError::Dir { dir: dir.to_path_buf(), err })?;
-        }
         None
     } else {
         std::fs::create_dir_all(dir).map_err(|err| BindError::Dir { dir: dir.to_path_buf(), err })?;
@@ -160,23 +157,6 @@ pub fn bind(path: &Path, group: Option<u32>, own_dir: bool) -> Result<Bound, Bin
     }
     listener.set_nonblocking(true).map_err(BindError::Nonblocking)?;
     Ok(Bound { listener, path: path.to_path_buf(), made_dir })
-}
-
-/// Gives `dir` (a real directory owned by us, not a symlink) to group `g` and adds `g+x`.
-fn open_dir_to_group(dir: &Path, g: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Ok(());
-    }
-    if meta.gid() != g {
-        nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(g)))?;
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o010 == 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o010))?;
-    }
-    Ok(())
 }
 
 /// Serves clients until the runtime shuts down.

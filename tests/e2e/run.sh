@@ -583,6 +583,9 @@ s_control_group() {
         { ct systemctl status --no-pager -n 20 herdsman@ops.service | sed 's/^/#   /'; fail "ops app not ready"; }
     grep -q '^control_group = "hsops"$' "$CT_ROOT/etc/herdsman/ops.toml" || fail "init did not write control_group"
     note "runtime dir $(ct stat -c '%a %U:%G' /run/herdsman/ops), socket $(ct stat -c '%a %U:%G' /run/herdsman/ops/control.sock), member: $(ct id hsmember)"
+    # systemd re-applies RuntimeDirectoryMode= (and ownership) before ExecReload=: access
+    # must survive a `systemctl reload`.
+    CT_TIMEOUT=90 ct systemctl reload herdsman@ops || fail "systemctl reload herdsman@ops"
     note "herdsman's /proc (ProtectProc=invisible): $(ct nsenter -t "$(prop herdsman@ops.service MainPID)" -m findmnt -no OPTIONS /proc | tr '\n' ' ')"
     local out rc=0
     out=$(ct runuser -u hsmember -- herdsman status ops 2>&1) || rc=$?
@@ -590,7 +593,7 @@ s_control_group() {
     echo "$out" | head -2 | sed 's/^/#   /'
     out=$(CT_TIMEOUT=90 ct runuser -u hsmember -- herdsman reload ops 2>&1) || rc=$?
     [ $rc -eq 0 ] || fail "reload as a member of hsops: exit $rc: $out"
-    ready_text ops 1 2 || fail "not on generation 2 after the member's reload: $(prop herdsman@ops.service StatusText)"
+    ready_text ops 1 3 || fail "not on generation 3 after the member's reload: $(prop herdsman@ops.service StatusText)"
     rc=0
     out=$(ct runuser -u hsoutsider -- herdsman status ops 2>&1) || rc=$?
     note "outside the group: exit $rc: $out"
@@ -598,7 +601,7 @@ s_control_group() {
     rc=0
     out=$(ct runuser -u hsoutsider -- herdsman reload ops 2>&1) || rc=$?
     [ $rc -eq 77 ] || fail "reload by a user outside hsops: exit $rc: $out"
-    ready_text ops 1 2 || fail "the refused reload changed something: $(prop herdsman@ops.service StatusText)"
+    ready_text ops 1 3 || fail "the refused reload changed something: $(prop herdsman@ops.service StatusText)"
     ct herdsman remove ops --yes >/dev/null || fail "remove ops"
 
     # The same with herdsman itself running as a service user (a User= drop-in, documented
@@ -614,13 +617,14 @@ s_control_group() {
     ct systemctl enable --now herdsman@ops2.socket herdsman@ops2.service 2>&1 | sed 's/^/#   /'
     wait_until 30 "herdsman@ops2 ready" ready_text ops2 1 ||
         { ct systemctl status --no-pager -n 20 herdsman@ops2.service | sed 's/^/#   /'; fail "ops2 app not ready"; }
+    CT_TIMEOUT=90 ct systemctl reload herdsman@ops2 || fail "systemctl reload herdsman@ops2"
     note "as User=hsapp: runtime dir $(ct stat -c '%a %U:%G' /run/herdsman/ops2), socket $(ct stat -c '%a %U:%G' /run/herdsman/ops2/control.sock)"
     rc=0
     out=$(ct runuser -u hsmember -- herdsman status ops2 2>&1) || rc=$?
     [ $rc -eq 0 ] || fail "status of a User= service as a member of hsops: exit $rc: $out"
     out=$(CT_TIMEOUT=90 ct runuser -u hsmember -- herdsman reload ops2 2>&1) || rc=$?
     [ $rc -eq 0 ] || fail "reload of a User= service as a member of hsops: exit $rc: $out"
-    ready_text ops2 1 2 || fail "ops2 not on generation 2: $(prop herdsman@ops2.service StatusText)"
+    ready_text ops2 1 3 || fail "ops2 not on generation 3: $(prop herdsman@ops2.service StatusText)"
     rc=0
     out=$(ct runuser -u hsoutsider -- herdsman status ops2 2>&1) || rc=$?
     [ $rc -eq 77 ] || fail "a user outside hsops got exit $rc from ops2: $out"
@@ -679,9 +683,13 @@ s_deb_remove_purge() {
     if ct dpkg -s herdsman >/dev/null 2>&1; then fail "herdsman still known to dpkg after purge"; fi
     if herdsman_running; then fail "a herdsman process survived the purge"; fi
     [ ! -e "$CT_ROOT/etc/herdsman" ] || fail "/etc/herdsman left after purge: $(ls -A "$CT_ROOT/etc/herdsman")"
+    # What init wrote is gone; files an administrator (or another scenario) put into a
+    # drop-in directory stay, with their directory.
     local left
-    left=$(cd "$CT_ROOT/etc/systemd/system" && ls -d herdsman@* 2>/dev/null || true)
-    [ -z "$left" ] || fail "left in /etc/systemd/system after purge: $left"
+    left=$(cd "$CT_ROOT/etc/systemd/system" && ls -d herdsman@*.d/listen.conf herdsman@*.d/stop-timeout.conf 2>/dev/null || true)
+    [ -z "$left" ] || fail "drop-ins written by init left after purge: $left"
+    left=$(cd "$CT_ROOT/etc/systemd/system" && find herdsman@*.d -maxdepth 0 -empty 2>/dev/null || true)
+    [ -z "$left" ] || fail "empty drop-in directories left after purge: $left"
     [ -z "$(dangling_links)" ] || fail "dangling symlinks after purge"
     [ ! -e "$CT_ROOT/var/lib/herdsman" ] || fail "/var/lib/herdsman left after purge"
     note "after purge: no config, no drop-in, no symlink"
