@@ -208,6 +208,9 @@ pub struct InitArgs {
     /// Write the files but do not enable or start the units.
     #[arg(long)]
     pub no_start: bool,
+    /// Let members of this group use `herdsman status/reload/scale NAME` (config `control_group`).
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
     /// Where app configs live.
     #[arg(long, value_name = "DIR", default_value = "/etc/herdsman", hide = true)]
     pub config_dir: PathBuf,

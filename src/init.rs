@@ -79,6 +79,9 @@ fn render_config(s: &Settings, workers: Option<&str>, user: Option<&str>, group:
     if let Some(g) = group {
         t.insert("group".into(), g.into());
     }
+    if let Some(g) = &s.control_group {
+        t.insert("control_group".into(), g.clone().into());
+    }
     t.insert("listen".into(), strs(&s.listen.iter().map(ToString::to_string).collect::<Vec<_>>()));
     if let Some(cwd) = &s.cwd {
         t.insert("cwd".into(), cwd.display().to_string().into());
@@ -329,7 +332,13 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     let mut ov = a.app.overrides(Some(name.clone()), None, command);
     ov.cwd = Some(cwd);
     ov.user = user.clone();
-    let settings = config::load(None, &ov, cpus).map_err(|p| fail(exit::CONFIG, p.0.join("\n")))?;
+    let mut settings = config::load(None, &ov, cpus).map_err(|p| fail(exit::CONFIG, p.0.join("\n")))?;
+    if let Some(g) = &a.control_group {
+        if !matches!(nix::unistd::Group::from_name(g), Ok(Some(_))) {
+            return Err(fail(exit::CONFIG, format!("--control-group: no such group {g:?}; create it first")));
+        }
+        settings.control_group = Some(g.clone());
+    }
     let config_path = a.config_dir.join(format!("{name}.toml"));
     if config_path.exists() && !a.force && !a.dry_run {
         return Err(fail(
@@ -535,6 +544,21 @@ mod tests {
             assert!(t.get("user").is_none() && t.get("group").is_none(), "{sudo:?}: {t}");
             assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the config holds --env secrets");
         }
+    }
+
+    #[test]
+    fn init_control_group_is_written_and_an_unknown_one_refused() {
+        let dir = Scratch::new("ctlgroup");
+        // `root` (gid 0) exists everywhere.
+        init(&args(&dir.0, &["--control-group", "root"]), cpus(), None).map_err(|f| f.message).unwrap();
+        let (t, _) = written(&dir.0);
+        assert_eq!(t.get("control_group").and_then(|v| v.as_str()), Some("root"), "{t}");
+        let s = config::load(Some(&dir.0.join("etc/web.toml")), &Default::default(), cpus()).unwrap();
+        assert_eq!(s.control_group.as_deref(), Some("root"));
+        let f = init(&args(&dir.0, &["--force", "--control-group", "no-such-group-xyz"]), cpus(), None)
+            .expect_err("must fail");
+        assert_eq!(f.code, exit::CONFIG);
+        assert!(f.message.contains("--control-group: no such group"), "{}", f.message);
     }
 
     #[test]

@@ -221,6 +221,9 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let journal = logging(var_opt("JOURNAL_STREAM").as_deref(), var_opt("HERDSMAN_JOURNAL_SOCKET"));
+    if let Some(c) = kernel_and_limits() {
+        return c;
+    }
 
     let activation = Activation {
         listen_fds: var_opt("LISTEN_FDS"),
@@ -347,6 +350,29 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             herdsman::errln!("herdsman: {e:#}");
             code(exit::FAILURE)
+        }
+    }
+}
+
+/// Raises the soft fd limit, then checks that the kernel has what supervision needs (one line
+/// and exit 71 if not).
+fn kernel_and_limits() -> Option<ExitCode> {
+    match sys::raise_fd_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::debug!("raised the soft file descriptor limit from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
+    }
+    match sys::check_kernel() {
+        Ok(k) if !k.close_range_cloexec => {
+            tracing::debug!("close_range(CLOSE_RANGE_CLOEXEC) unavailable: closing worker fds one by one");
+            None
+        }
+        Ok(_) => None,
+        Err(e) => {
+            herdsman::errln!("herdsman: {e}");
+            Some(code(if e.is_unsupported() { exit::OS } else { exit::FAILURE }))
         }
     }
 }

@@ -207,7 +207,15 @@ impl Launcher {
         }
         let pid = plan.spawn().map_err(|e| format!("cannot start {}: {e}", spec.command[0]))?;
         drop((out_w, err_w));
-        let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // Without a pidfd nobody would watch, signal or reap it: it must not live on
+                // unsupervised (and serve). It is our unreaped child, so its pid is still ours.
+                sys::kill_and_reap_unwatched(pid);
+                return Err(format!("cannot watch the new worker (pidfd_open: {e}), so it was killed"));
+            }
+        };
         let tail = Tail::default();
         let (done_tx, output_done) = mpsc::channel(1);
         let origin = Arc::new(Origin { app: self.app.clone(), worker_id, pid, generation: spec.generation });

@@ -6,7 +6,7 @@
 //! [`ExecPlan`] builds `argv`, `envp` (with a fixed-size `LISTEN_PID=` slot), the fd layout and
 //! the working directory *before* forking, and the child only does async-signal-safe system
 //! calls: `dup2`, `close_range`, `setpgid`, `setgroups`/`setgid`/`setuid` (with `--user`, on
-//! numbers resolved before fork), `prctl`, `sigprocmask`, `signal`, `chdir`, writing digits
+//! numbers resolved before fork), `setrlimit`, `prctl`, `sigprocmask`, `signal`, `chdir`, writing digits
 //! into memory it already owns, and `execve`. No allocation, no locks, no logging.
 //!
 //! The fd plan is simple by construction: every listening socket is kept at a number
@@ -51,6 +51,9 @@ pub struct ExecPlan {
     max_fd: c_int,
     /// `(uid, gid, supplementary groups)` to switch to in the child, resolved before fork.
     creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    /// The fd limit to give the worker back when herdsman raised its own (see
+    /// [`raise_fd_limit`]): workers start with the limits herdsman was started with.
+    child_nofile: Option<libc::rlimit>,
 }
 
 /// Why a plan could not be built.
@@ -101,12 +104,15 @@ impl ExecPlan {
         envp.extend(pid_slots.iter().map(|(b, _)| b.as_ptr().cast::<c_char>()));
         envp.push(std::ptr::null());
         // SAFETY: getrlimit only writes into the struct we pass.
-        let max_fd = unsafe {
+        let (max_fd, child_nofile) = unsafe {
             let mut rl: libc::rlimit = std::mem::zeroed();
             if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-                rl.rlim_cur.min(65536) as c_int
+                let original = WORKER_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+                let restore = (original < rl.rlim_cur)
+                    .then_some(libc::rlimit { rlim_cur: original, rlim_max: rl.rlim_max });
+                (rl.rlim_cur.min(65536) as c_int, restore)
             } else {
-                1024
+                (1024, None)
             }
         };
         Ok(ExecPlan {
@@ -123,6 +129,7 @@ impl ExecPlan {
             fds: fds.to_vec(),
             max_fd,
             creds: None,
+            child_nofile,
         })
     }
 
@@ -230,6 +237,11 @@ impl ExecPlan {
                 if libc::setuid(*uid) != 0 {
                     fail(err_w, 5);
                 }
+            }
+            // The soft fd limit herdsman was started with (it raised its own): programs that
+            // use select() break on descriptors above 1023. Best effort, like systemd's own.
+            if let Some(rl) = &self.child_nofile {
+                libc::setrlimit(libc::RLIMIT_NOFILE, rl);
             }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
             if libc::getppid() != parent {
@@ -346,6 +358,99 @@ pub fn pidfd_signal(pidfd: &OwnedFd, sig: c_int) -> io::Result<()> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Kills and reaps a child that is not supervised (yet): SIGKILL to its process group and to
+/// itself, then `waitpid`. Only for our own unreaped child — until it is reaped its pid (and
+/// so its process group id) cannot be reused, so the signal cannot hit anyone else. Used when
+/// a worker was started but cannot be watched (no pidfd).
+pub fn kill_and_reap_unwatched(pid: i32) {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::sys::wait::waitpid;
+    let p = nix::unistd::Pid::from_raw(pid);
+    // The worker made itself a group leader right after fork (setpgid), before exec.
+    let _ = killpg(p, Signal::SIGKILL);
+    let _ = kill(p, Signal::SIGKILL);
+    while let Err(nix::errno::Errno::EINTR) = waitpid(p, None) {}
+}
+
+/// The soft `RLIMIT_NOFILE` herdsman was started with, once [`raise_fd_limit`] raised it
+/// (`u64::MAX`: never raised). Workers get it back before exec.
+static WORKER_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// Raises the soft fd limit to the hard one: each worker costs the supervisor three
+/// descriptors (its pidfd and two output pipes), and the default soft limit (1024) is far
+/// below what `MAX_WORKERS` needs. Workers are started with the original soft limit again.
+/// Returns `(before, after)`.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let before = rl.rlim_cur;
+        if rl.rlim_cur < rl.rlim_max {
+            let raised = libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            WORKER_NOFILE.store(before, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok((before, rl.rlim_max))
+    }
+}
+
+/// A kernel facility herdsman cannot work without.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "this kernel has no {call} (needs Linux {since} or later): herdsman cannot supervise workers without it; upgrade the kernel"
+    )]
+    Missing { call: &'static str, since: &'static str },
+    #[error(
+        "{call} is not permitted here ({err}): a seccomp filter forbids it; allow it (systemd: SystemCallFilter=@system-service includes it)"
+    )]
+    Blocked { call: &'static str, err: io::Error },
+    #[error("cannot check the kernel's {call}: {err}")]
+    Failed { call: &'static str, err: io::Error },
+}
+
+impl KernelError {
+    /// The kernel (or a sandbox) lacks something: restarting cannot help.
+    pub fn is_unsupported(&self) -> bool {
+        !matches!(self, KernelError::Failed { .. })
+    }
+}
+
+/// What the kernel offers beyond the must-haves.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSupport {
+    /// `close_range(..., CLOSE_RANGE_CLOEXEC)` (Linux 5.11); without it a worker's child
+    /// closes every descriptor above its sockets one by one (up to the fd limit, at most 65536).
+    pub close_range_cloexec: bool,
+}
+
+/// Checks, once at start, that the kernel has what supervision needs: `pidfd_open` (Linux 5.3)
+/// and `pidfd_send_signal` (5.1), tried on herdsman itself; and whether `close_range` with
+/// `CLOSE_RANGE_CLOEXEC` works (else the fallback is used).
+pub fn check_kernel() -> Result<KernelSupport, KernelError> {
+    let classify = |call: &'static str, since: &'static str, err: io::Error| match err.raw_os_error() {
+        Some(libc::ENOSYS) => KernelError::Missing { call, since },
+        Some(libc::EPERM | libc::EACCES) => KernelError::Blocked { call, err },
+        _ => KernelError::Failed { call, err },
+    };
+    let me = std::process::id() as i32;
+    let pidfd = pidfd_open(me).map_err(|e| classify("pidfd_open", "5.3", e))?;
+    // Signal 0: permission and existence check only, nothing is delivered.
+    pidfd_signal(&pidfd, 0).map_err(|e| classify("pidfd_send_signal", "5.1", e))?;
+    drop(pidfd);
+    // An empty range far above any open descriptor: marks nothing, fails only when the call or
+    // the flag is unknown (ENOSYS before 5.9, EINVAL before 5.11).
+    // SAFETY: plain syscall with integer arguments; no descriptor in the range is open.
+    let r =
+        unsafe { libc::syscall(libc::SYS_close_range, c_uint::MAX - 1, c_uint::MAX, CLOSE_RANGE_CLOEXEC) };
+    Ok(KernelSupport { close_range_cloexec: r == 0 })
+}
+
 /// Registers a pidfd with the event loop, to await the process's exit.
 pub fn watch_pidfd(
     pidfd: std::sync::Arc<OwnedFd>,
@@ -433,6 +538,55 @@ mod tests {
         // SAFETY: buf has 21 bytes.
         unsafe { write_pid(buf.as_mut_ptr(), 7) };
         assert_eq!(&buf[..2], b"7\0");
+    }
+
+    #[test]
+    fn the_kernel_here_has_pidfds() {
+        // The development and CI kernels are far newer than 5.3 (and 5.11 for close_range).
+        let k = check_kernel().unwrap();
+        assert!(k.close_range_cloexec);
+    }
+
+    #[test]
+    fn an_unwatched_child_is_killed_with_its_group_and_reaped() {
+        use std::os::unix::process::CommandExt;
+        // A group leader with a grandchild in its group, like a worker that forked.
+        let child = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let in_group = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                        let f: Vec<&str> =
+                            s.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+                        f.get(2) == Some(&pid.to_string().as_str())
+                    })
+                })
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while in_group() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the grandchild never started");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        kill_and_reap_unwatched(pid);
+        // Reaped: no zombie left, and waitpid has nothing more to give.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "child {pid} not reaped");
+        assert!(nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).is_err());
+        // The grandchild got the SIGKILL too (it is reparented and reaped by init or a
+        // subreaper, so poll until it is gone).
+        while in_group() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the worker's group survived");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::mem::forget(child);
     }
 
     #[test]

@@ -57,12 +57,23 @@ pub enum WorkerCount {
     CpusMinus(usize),
 }
 
+/// The most workers one app may have, wherever the number comes from (`workers`, `-w`,
+/// `herdsman scale`, SIGTTIN). Each costs the supervisor three file descriptors (twice that
+/// during a roll-out), which the fd limit must cover (the unit's `LimitNOFILE=`).
+pub const MAX_WORKERS: usize = 4096;
+
+/// The error for a worker count above [`MAX_WORKERS`].
+pub fn too_many_workers(n: usize) -> String {
+    too_many_workers_text(&n.to_string())
+}
+
 impl WorkerCount {
+    /// The count on a machine with `cpus` CPUs (one per CPU is capped at [`MAX_WORKERS`] too).
     pub fn resolve(self, cpus: NonZeroUsize) -> NonZeroUsize {
         match self {
             WorkerCount::Fixed(n) => n,
             WorkerCount::CpusMinus(k) => {
-                NonZeroUsize::new(cpus.get().saturating_sub(k)).unwrap_or(NonZeroUsize::MIN)
+                NonZeroUsize::new(cpus.get().saturating_sub(k).min(MAX_WORKERS)).unwrap_or(NonZeroUsize::MIN)
             }
         }
     }
@@ -103,9 +114,20 @@ pub fn workers(s: &str) -> Result<WorkerCount, String> {
     if let Some(k) = t.strip_prefix('-') {
         return k.parse::<usize>().map(WorkerCount::CpusMinus).map_err(|_| bad());
     }
+    // Digits only: anything bigger than usize is over the limit too, not "invalid".
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        match t.parse::<usize>() {
+            Ok(n) if n <= MAX_WORKERS => {}
+            _ => return Err(too_many_workers_text(t)),
+        }
+    }
     t.parse::<usize>()
         .map_err(|_| bad())
         .map(|n| NonZeroUsize::new(n).map_or(WorkerCount::CpusMinus(0), WorkerCount::Fixed))
+}
+
+fn too_many_workers_text(n: &str) -> String {
+    format!("{n} workers is more than the limit of {MAX_WORKERS}; use at most {MAX_WORKERS}")
 }
 
 pub fn workers_int(n: i64) -> Result<WorkerCount, String> {
@@ -324,6 +346,12 @@ mod tests {
         assert_eq!(workers("-3").unwrap().resolve(cpus), n(5));
         assert_eq!(workers("-20").unwrap().resolve(cpus), n(1));
         assert!(workers("lots").is_err());
+        assert_eq!(workers("4096").unwrap().resolve(cpus), n(MAX_WORKERS));
+        for over in ["4097", "1000000", "99999999999999999999999"] {
+            let err = workers(over).unwrap_err();
+            assert!(err.contains("limit of 4096"), "{over}: {err}");
+        }
+        assert_eq!(workers("max").unwrap().resolve(n(100_000)), n(MAX_WORKERS));
         assert!(workers("-x").is_err());
     }
 

@@ -82,6 +82,9 @@ pub fn call(
             Reply::Error { message } if message.starts_with("permission denied") => {
                 return Err(fail(exit::NOPERM, message));
             }
+            Reply::Error { message } if message.starts_with("busy:") => {
+                return Err(fail(exit::TIMEOUT, message));
+            }
             Reply::Error { message } => return Err(fail(exit::FAILURE, message)),
             other => return Ok(other),
         }

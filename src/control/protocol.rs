@@ -94,7 +94,12 @@ pub fn parse_scale(s: &str) -> Result<crate::supervisor::Scale, String> {
     } else if let Some(n) = t.strip_prefix('-') {
         Ok(Scale::Remove(num(n)?))
     } else {
-        Ok(Scale::To(num(t)?))
+        // Checked here too, so `herdsman scale 100000` fails before asking the supervisor.
+        let n = num(t)?;
+        if n > crate::config::values::MAX_WORKERS {
+            return Err(crate::config::values::too_many_workers(n));
+        }
+        Ok(Scale::To(n))
     }
 }
 
@@ -121,6 +126,7 @@ mod tests {
         assert_eq!(parse_scale("+2").unwrap(), Scale::Add(2));
         assert_eq!(parse_scale("-1").unwrap(), Scale::Remove(1));
         assert!(parse_scale("lots").is_err());
+        assert!(parse_scale("5000").unwrap_err().contains("limit of 4096"));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Each connection carries one request; a malformed, oversized or slow request gets an error
 //! reply and the connection is closed, without touching the supervisor. Requests become
-//! [`Control`]s on the supervisor's queue.
+//! [`Control`]s on the supervisor's queue. At most [`MAX_CLIENTS`] connections are served at
+//! once (each holds a file descriptor, and the supervisor's descriptors are for its
+//! workers); one more gets a one-line busy error and is closed at once.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::procstat::CpuMeter;
 use super::protocol::{self, MAX_REQUEST, Op, Reply};
@@ -19,6 +21,9 @@ use crate::supervisor::{Control, ReloadOutcome, Waiter};
 
 /// A client has this long to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Control connections served at the same time; more are answered "busy" and closed.
+pub const MAX_CLIENTS: usize = 64;
 
 /// Who may use the socket besides root.
 #[derive(Debug, Clone, Copy)]
@@ -28,23 +33,41 @@ pub struct Access {
 }
 
 impl Access {
+    /// Root, herdsman's own uid, and members of `group`: the peer's primary group (from
+    /// `SO_PEERCRED`) or its supplementary groups. Those come from `/proc/PID/status` when it
+    /// is readable, else from the group database for the peer's uid (under the shipped
+    /// unit's `ProtectProc=invisible` other users' processes are hidden from herdsman).
+    /// May consult NSS: call it off the event loop.
     fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        if uid == 0 || uid == self.uid {
+        if self.allows_at_once(uid, gid) {
             return true;
         }
         let Some(g) = self.group else { return false };
-        gid == g || pid.is_some_and(|p| supplementary_groups(p).contains(&g))
+        let groups = pid.and_then(process_groups).unwrap_or_else(|| member_groups(uid, gid));
+        groups.contains(&g)
+    }
+
+    /// The answer that needs no lookup: `true` for root, our uid and the primary group.
+    fn allows_at_once(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || uid == self.uid || self.group == Some(gid)
     }
 }
 
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
-        })
+/// The supplementary groups of process `pid`, if its `/proc` entry can be read.
+fn process_groups(pid: i32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let groups = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    Some(groups.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+}
+
+/// The groups user `uid` belongs to according to the group database (`getgrouplist`).
+fn member_groups(uid: u32, gid: u32) -> Vec<u32> {
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return Vec::new();
+    };
+    let Ok(name) = std::ffi::CString::new(user.name) else { return Vec::new() };
+    nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+        .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
         .unwrap_or_default()
 }
 
@@ -93,6 +116,11 @@ pub enum BindError {
 /// Creates the control socket at `path`: 0600, or 0660 owned by `group`. Refuses when another
 /// supervisor answers there (the app is already running) or when the path is not a socket;
 /// removes a stale socket.
+///
+/// A directory that exists is left alone. Under systemd it is the `RuntimeDirectory=`, whose
+/// mode and owner systemd re-applies before every `ExecReload=`; changing its group would
+/// even make systemd re-own everything inside (the socket's group included). The shipped
+/// unit's `RuntimeDirectoryMode=0711` lets `control_group` members reach the socket.
 pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, BindError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let made_dir = if dir.exists() {
@@ -140,15 +168,21 @@ pub fn spawn(
 ) -> std::io::Result<()> {
     let listener = UnixListener::from_std(bound.listener.try_clone()?)?;
     let meter = Arc::new(Mutex::new(CpuMeter::default()));
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     tokio::spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
+                    // EMFILE/ENFILE among others: the connection waits in the backlog.
                     tracing::warn!("control socket accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                refuse_busy(&stream);
+                continue;
             };
             let controls = controls.clone();
             let meter = meter.clone();
@@ -157,10 +191,20 @@ pub fn spawn(
                 if let Err(e) = handle(stream, controls, access, meter, metrics).await {
                     tracing::debug!("control client: {e}");
                 }
+                drop(permit);
             });
         }
     });
     Ok(())
+}
+
+/// Over [`MAX_CLIENTS`]: one line, without waiting (a fresh connection's send buffer is
+/// empty, so the write cannot block), then the connection is closed by the caller's drop.
+fn refuse_busy(stream: &UnixStream) {
+    let message = format!(
+        "busy: {MAX_CLIENTS} control connections are open, the most served at once; try again in a moment"
+    );
+    let _ = stream.try_write(Reply::Error { message }.line().as_bytes());
 }
 
 async fn handle(
@@ -172,10 +216,14 @@ async fn handle(
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
-    if !access.allows(cred.uid(), cred.gid(), cred.pid()) {
+    let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+    let allowed = access.allows_at_once(uid, gid)
+        || tokio::task::spawn_blocking(move || access.allows(uid, gid, pid)).await.unwrap_or(false);
+    if !allowed {
         tracing::warn!("control: refused uid {} (pid {:?})", cred.uid(), cred.pid());
+        let also = access.group.map(|g| format!(" and members of group {g}")).unwrap_or_default();
         let msg = format!(
-            "permission denied: uid {} may not control this app (allowed: root and uid {})",
+            "permission denied: uid {} may not control this app (allowed: root, uid {}{also})",
             cred.uid(),
             access.uid
         );

@@ -249,8 +249,8 @@ impl Supervisor {
         if want == 0 {
             return Err(format!("cannot scale to 0 workers (now {}); stop the app instead", self.desired));
         }
-        if want > 4096 {
-            return Err(format!("cannot scale to {want} workers; the limit is 4096"));
+        if want > crate::config::values::MAX_WORKERS {
+            return Err(format!("cannot scale: {}", crate::config::values::too_many_workers(want)));
         }
         if want != self.desired {
             tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.desired);

@@ -9,7 +9,7 @@
 #   KEEP_CT=1 bash tests/e2e/run.sh       # leave the container running at the end (debugging)
 #   E2E_INSTALL=copy                      # copy the binary + units even when packaging exists
 #   E2E_NO_INIT=1                         # write the app's files by hand, not `herdsman init`
-#   E2E_ONLY=REGEX                        # run only the scenarios whose name matches (and install)
+#   E2E_ONLY='control|remove'             # only the scenarios matching this regex (and install)
 #
 # Install: the .deb from packaging/build-deb.sh when that script exists, else a copy of the
 # binary to /usr/bin and of units/* to /etc/systemd/system. App: `herdsman init` when the
@@ -407,6 +407,10 @@ s_reboot_up() {
 # Runs in the main shell: the container's nspawn must stay a child of this shell.
 scenario_reboot() {
     local name=reboot t0 ok=1
+    if ! scenario_selected "$name"; then
+        skip_scenario "$name" "not selected by E2E_ONLY"
+        return 0
+    fi
     t0=$(now)
     note "--- $name (systemctl reboot, boot again)"
     set +e
@@ -435,10 +439,10 @@ s_upgrade() {
     gen0=$(echo "$st" | json_get 'd["generation"]')
     pids0=$(echo "$st" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')
     # A steered app too: the upgrade must lose none of its connections either.
-    app_init steerup 8686 2 --balance steer
+    app_init steerup 8788 2 --balance steer
     wait_until 60 "herdsman@steerup ready" ready_text steerup 2 || fail "steerup app not ready"
     load_start upgrade new 6
-    ADDR=127.0.0.1:8686 load_start upgrade_steer new 4
+    ADDR=127.0.0.1:8788 load_start upgrade_steer new 4
     t0=$(now)
     CT_TIMEOUT=300 ct dpkg -i "$STATE/herdsman-2.deb" 2>&1 | sed 's/^/#   /'
     rc=${PIPESTATUS[0]}
@@ -605,16 +609,16 @@ s_user() {
 # a warming app (503 for 1.5 s after accepting) reloads with no failed request, and a restart
 # of the service refuses or resets no connection (they wait in the sockets systemd holds).
 s_steer() {
-    app_init steer 8585 3 --balance steer --min-ready 0s -e TW_WARM_MS=1500
+    app_init steer 8787 3 --balance steer --min-ready 0s -e TW_WARM_MS=1500
     wait_until 60 "herdsman@steer ready" ready_text steer 3 ||
         { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "steer app not ready"; }
     local st n errs t_sock
     st=$(ct herdsman status steer --json)
     [ "$(echo "$st" | json_get 'd["balance"]')" = steer ] || fail "balance is not steer"
-    n=$(ct ss -Htln 'sport = :8585' | wc -l)
-    note "listening sockets on :8585: $n"
-    [ "$n" -eq 6 ] || fail "expected 6 sockets (2 per worker) on :8585, got $n"
-    ADDR=127.0.0.1:8585 load_start steer_reload new 6
+    n=$(ct ss -Htln 'sport = :8787' | wc -l)
+    note "listening sockets on :8787: $n"
+    [ "$n" -eq 6 ] || fail "expected 6 sockets (2 per worker) on :8787, got $n"
+    ADDR=127.0.0.1:8787 load_start steer_reload new 6
     CT_TIMEOUT=120 ct systemctl reload herdsman@steer || fail "systemctl reload failed"
     load_stop steer_reload
     [ "$(load_field steer_reload 'd["failed"]')" -eq 0 ] ||
@@ -622,10 +626,10 @@ s_steer() {
     ready_text steer 3 2 || fail "not on generation 2: $(prop herdsman@steer.service StatusText)"
 
     t_sock=$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)
-    ADDR=127.0.0.1:8585 load_start steer_restart new 6
+    ADDR=127.0.0.1:8787 load_start steer_restart new 6
     CT_TIMEOUT=120 ct systemctl restart herdsman@steer.service || fail "systemctl restart failed"
     wait_until 60 "herdsman@steer ready again" ready_text steer 3 || fail "not ready after restart"
-    ADDR=127.0.0.1:8585 wait_until 30 "an answer after the restart" get_json_ok
+    ADDR=127.0.0.1:8787 wait_until 30 "an answer after the restart" get_json_ok
     load_stop steer_restart
     errs=$(load_field steer_restart 'd["errors"]')
     note "errors during the restart: $errs"
@@ -635,6 +639,157 @@ s_steer() {
 }
 
 get_json_ok() { ct curl -fsS --max-time 5 -o /dev/null "http://$ADDR/"; }
+
+# The test worker, where app_init's command expects it (create_app also puts it there).
+ensure_worker() {
+    mkdir -p "$CT_ROOT/srv/web"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
+    [ -f "$CT_ROOT/srv/web/version" ] || echo v1 >"$CT_ROOT/srv/web/version"
+}
+
+# issue 11 §2.6: control_group under the shipped unit (RuntimeDirectoryMode=0750,
+# ProtectProc=invisible): a user whose *supplementary* group it is may status and reload; a
+# user outside it is refused.
+s_control_group() {
+    ensure_worker
+    ct groupadd -f hsops
+    ct useradd -M -N -G hsops -s /bin/sh hsmember
+    ct useradd -M -N -s /bin/sh hsoutsider
+    app_init ops 8585 1 --control-group hsops
+    wait_until 30 "herdsman@ops ready" ready_text ops 1 ||
+        { ct systemctl status --no-pager -n 20 herdsman@ops.service | sed 's/^/#   /'; fail "ops app not ready"; }
+    grep -q '^control_group = "hsops"$' "$CT_ROOT/etc/herdsman/ops.toml" || fail "init did not write control_group"
+    note "runtime dir $(ct stat -c '%a %U:%G' /run/herdsman/ops), socket $(ct stat -c '%a %U:%G' /run/herdsman/ops/control.sock), member: $(ct id hsmember)"
+    # systemd re-applies RuntimeDirectoryMode= (and ownership) before ExecReload=: access
+    # must survive a `systemctl reload`.
+    CT_TIMEOUT=90 ct systemctl reload herdsman@ops || fail "systemctl reload herdsman@ops"
+    note "herdsman's /proc (ProtectProc=invisible): $(ct nsenter -t "$(prop herdsman@ops.service MainPID)" -m findmnt -no OPTIONS /proc | tr '\n' ' ')"
+    local out rc=0
+    out=$(ct runuser -u hsmember -- herdsman status ops 2>&1) || rc=$?
+    [ $rc -eq 0 ] || fail "status as a member of hsops: exit $rc: $out"
+    echo "$out" | head -2 | sed 's/^/#   /'
+    out=$(CT_TIMEOUT=90 ct runuser -u hsmember -- herdsman reload ops 2>&1) || rc=$?
+    [ $rc -eq 0 ] || fail "reload as a member of hsops: exit $rc: $out"
+    ready_text ops 1 3 || fail "not on generation 3 after the member's reload: $(prop herdsman@ops.service StatusText)"
+    rc=0
+    out=$(ct runuser -u hsoutsider -- herdsman status ops 2>&1) || rc=$?
+    note "outside the group: exit $rc: $out"
+    [ $rc -eq 77 ] || fail "a user outside hsops got exit $rc (want 77, refused): $out"
+    rc=0
+    out=$(ct runuser -u hsoutsider -- herdsman reload ops 2>&1) || rc=$?
+    [ $rc -eq 77 ] || fail "reload by a user outside hsops: exit $rc: $out"
+    ready_text ops 1 3 || fail "the refused reload changed something: $(prop herdsman@ops.service StatusText)"
+    ct herdsman remove ops --yes >/dev/null || fail "remove ops"
+
+    # The same with herdsman itself running as a service user (a User= drop-in, documented
+    # in docs/systemd.md): hidepid=invisible then hides the member's processes from it, so
+    # its supplementary groups come from the group database (getgrouplist). The service user
+    # must be in the group to give the socket to it.
+    ct useradd -M -N -G hsops -s /bin/sh hsapp
+    mkdir -p "$CT_ROOT/etc/systemd/system/herdsman@ops2.service.d"
+    printf '[Service]\nUser=hsapp\nGroup=hsops\n' >"$CT_ROOT/etc/systemd/system/herdsman@ops2.service.d/user.conf"
+    app_init ops2 8586 1 --control-group hsops --no-start
+    ct chmod 0644 /etc/herdsman/ops2.toml
+    ct systemctl daemon-reload
+    ct systemctl enable --now herdsman@ops2.socket herdsman@ops2.service 2>&1 | sed 's/^/#   /'
+    wait_until 30 "herdsman@ops2 ready" ready_text ops2 1 ||
+        { ct systemctl status --no-pager -n 20 herdsman@ops2.service | sed 's/^/#   /'; fail "ops2 app not ready"; }
+    CT_TIMEOUT=90 ct systemctl reload herdsman@ops2 || fail "systemctl reload herdsman@ops2"
+    note "as User=hsapp: runtime dir $(ct stat -c '%a %U:%G' /run/herdsman/ops2), socket $(ct stat -c '%a %U:%G' /run/herdsman/ops2/control.sock)"
+    rc=0
+    out=$(ct runuser -u hsmember -- herdsman status ops2 2>&1) || rc=$?
+    [ $rc -eq 0 ] || fail "status of a User= service as a member of hsops: exit $rc: $out"
+    out=$(CT_TIMEOUT=90 ct runuser -u hsmember -- herdsman reload ops2 2>&1) || rc=$?
+    [ $rc -eq 0 ] || fail "reload of a User= service as a member of hsops: exit $rc: $out"
+    ready_text ops2 1 3 || fail "ops2 not on generation 3: $(prop herdsman@ops2.service StatusText)"
+    rc=0
+    out=$(ct runuser -u hsoutsider -- herdsman status ops2 2>&1) || rc=$?
+    [ $rc -eq 77 ] || fail "a user outside hsops got exit $rc from ops2: $out"
+    ct herdsman remove ops2 --yes >/dev/null || fail "remove ops2"
+    rm -rf "$CT_ROOT/etc/systemd/system/herdsman@ops2.service.d"
+    ct userdel hsapp
+    ct userdel hsmember
+    ct userdel hsoutsider
+    ct groupdel hsops
+}
+
+# Units whose enablement symlink points nowhere.
+dangling_links() { ct find /etc/systemd/system -xtype l -name 'herdsman@*'; }
+herdsman_running() { ct pgrep -x herdsman >/dev/null; }
+
+# issue 11 §2.15: `apt-get remove` stops and disables every app (no dangling enablement
+# symlink), keeps configs; a reinstall brings the apps back; `apt-get purge` deletes what
+# `herdsman init` wrote.
+s_deb_remove_purge() {
+    local deb=$STATE/herdsman-2.deb links web_was
+    [ -f "$CT_ROOT$deb" ] || deb=$STATE/herdsman.deb
+    web_was=$(prop "herdsman@$APP.service" ActiveState)
+    ensure_worker
+    app_init pkg 8686 1
+    wait_until 30 "herdsman@pkg ready" ready_text pkg 1 || fail "pkg app not ready"
+    links=$(ct find /etc/systemd/system -path '*.wants/herdsman@*' -type l | sort | tr '\n' ' ')
+    note "enablement symlinks before removal: $links"
+    case $links in *sockets.target.wants/herdsman@pkg.socket*) ;; *) fail "init did not enable herdsman@pkg.socket" ;; esac
+    case $links in *multi-user.target.wants/herdsman@pkg.service*) ;; *) fail "init did not enable herdsman@pkg.service" ;; esac
+    CT_TIMEOUT=180 ct apt-get remove -y -q herdsman 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "apt-get remove failed"
+    ct dpkg -s herdsman | grep -q '^Status: deinstall ok config-files$' || fail "not in config-files state"
+    local u
+    for u in pkg "$APP"; do
+        [ "$(prop "herdsman@$u.service" ActiveState)" != active ] || fail "herdsman@$u.service still active after remove"
+        [ "$(prop "herdsman@$u.socket" ActiveState)" != active ] || fail "herdsman@$u.socket still active after remove"
+    done
+    if herdsman_running; then fail "a herdsman process survived the removal: $(ct pgrep -a -x herdsman)"; fi
+    [ -z "$(dangling_links)" ] || fail "dangling symlinks after remove: $(dangling_links | tr '\n' ' ')"
+    [ -f "$CT_ROOT/etc/herdsman/pkg.toml" ] || fail "remove deleted the config (only purge may)"
+    [ -f "$CT_ROOT/etc/systemd/system/herdsman@pkg.socket.d/listen.conf" ] || fail "remove deleted the drop-in"
+    note "after remove: nothing running, no dangling symlink, configs kept"
+
+    CT_TIMEOUT=180 ct dpkg -i "$deb" 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "reinstall failed"
+    wait_until 30 "herdsman@pkg ready after the reinstall" ready_text pkg 1 ||
+        fail "the reinstall did not bring the pkg app back: $(prop herdsman@pkg.service StatusText)"
+    [ "$(ct systemctl is-enabled herdsman@pkg.service)" = enabled ] || fail "pkg not enabled after the reinstall"
+    if [ "$web_was" = active ]; then
+        wait_until 30 "herdsman@$APP active after the reinstall" service_active || fail "$APP not back after the reinstall"
+    fi
+    note "reinstall: the apps are enabled and running again"
+
+    CT_TIMEOUT=180 ct apt-get purge -y -q herdsman 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "apt-get purge failed"
+    if ct dpkg -s herdsman >/dev/null 2>&1; then fail "herdsman still known to dpkg after purge"; fi
+    if herdsman_running; then fail "a herdsman process survived the purge"; fi
+    [ ! -e "$CT_ROOT/etc/herdsman" ] || fail "/etc/herdsman left after purge: $(ls -A "$CT_ROOT/etc/herdsman")"
+    # What init wrote is gone; files an administrator (or another scenario) put into a
+    # drop-in directory stay, with their directory.
+    local left
+    left=$(cd "$CT_ROOT/etc/systemd/system" && ls -d herdsman@*.d/listen.conf herdsman@*.d/stop-timeout.conf 2>/dev/null || true)
+    [ -z "$left" ] || fail "drop-ins written by init left after purge: $left"
+    left=$(cd "$CT_ROOT/etc/systemd/system" && find herdsman@*.d -maxdepth 0 -empty 2>/dev/null || true)
+    [ -z "$left" ] || fail "empty drop-in directories left after purge: $left"
+    [ -z "$(dangling_links)" ] || fail "dangling symlinks after purge"
+    [ ! -e "$CT_ROOT/var/lib/herdsman" ] || fail "/var/lib/herdsman left after purge"
+    note "after purge: no config, no drop-in, no symlink"
+}
+
+# rpm has no purge: erase stops and disables (no dangling symlink) and keeps the configs;
+# installing again brings the app back.
+s_rpm_erase() {
+    CT_TIMEOUT=120 ct rpm -e herdsman 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "rpm -e failed"
+    if ct rpm -q herdsman >/dev/null 2>&1; then fail "still installed after rpm -e"; fi
+    [ "$(prop "herdsman@$APP.service" ActiveState)" != active ] || fail "herdsman@$APP.service active after erase"
+    if herdsman_running; then fail "a herdsman process survived the erase"; fi
+    [ -z "$(dangling_links)" ] || fail "dangling symlinks after erase: $(dangling_links | tr '\n' ' ')"
+    [ -f "$CT_ROOT/etc/herdsman/$APP.toml" ] || fail "erase deleted the config"
+    local force=()
+    if ct rpm --help 2>/dev/null | grep -q -- --force-debian; then force=(--force-debian); fi
+    CT_TIMEOUT=120 ct rpm -i --nodeps "${force[@]}" "$STATE/herdsman.rpm" 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "rpm -i again failed"
+    wait_until 30 "herdsman@$APP back after the reinstall" status_text_has "4/4 ready" ||
+        fail "not back after the reinstall: $(prop "herdsman@$APP.service" StatusText)"
+    [ "$(ct systemctl is-enabled "herdsman@$APP.service")" = enabled ] || fail "not enabled after the reinstall"
+}
 
 s_wedged() {
     mkdir -p "$CT_ROOT/etc/systemd/system/herdsman@wedge.service.d"
@@ -708,20 +863,25 @@ run_scenario "strict sandbox (DynamicUser)" s_sandbox
 run_scenario "workers as --user nobody" s_user
 run_scenario "steered sockets (--balance steer)" s_steer
 run_scenario "wedged supervisor (WatchdogSec)" s_wedged
+run_scenario "control_group under the shipped unit" s_control_group
 run_scenario "sigkill supervisor" s_sigkill
 scenario_reboot
 
 if [ "$INSTALL_MODE" = deb ]; then
     run_scenario "package upgrade" s_upgrade
+    run_scenario "apt-get remove, reinstall, purge" s_deb_remove_purge
 else
     if [ -f "$BUILD_DEB" ]; then
         skip_scenario "package upgrade" "E2E_INSTALL=copy"
+        skip_scenario "apt-get remove, reinstall, purge" "E2E_INSTALL=copy"
     else
         skip_scenario "package upgrade" "packaging/build-deb.sh does not exist yet"
     fi
 fi
 
-if [ -f "$BUILD_RPM" ]; then
+if [ -f "$BUILD_RPM" ] && ! scenario_selected rpm && ! scenario_selected "rpm -e, reinstall"; then
+    skip_scenario rpm "not selected by E2E_ONLY"
+elif [ -f "$BUILD_RPM" ]; then
     set +e
     ok=1
     if ! command -v rpm >/dev/null; then
@@ -734,6 +894,7 @@ if [ -f "$BUILD_RPM" ]; then
     set -e
     if [ $ok = 1 ]; then
         run_scenario rpm s_rpm
+        run_scenario "rpm -e, reinstall" s_rpm_erase
     else
         echo "not ok - rpm"
         FAILED=$((FAILED + 1))
