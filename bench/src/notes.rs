@@ -164,3 +164,117 @@ pub fn notes(r: &Results) -> String {
     );
     s
 }
+
+/// Reading of the balance section (section 7), conditional on what was measured.
+pub fn balance_notes(r: &Results) -> String {
+    let b = &r.balance;
+    let mut s = String::from("**Reading it.**\n\n");
+    let ratio = |n: usize, ka: bool, client: &str, label: &str| {
+        b.tput
+            .iter()
+            .find(|x| x.n == n && x.keep_alive == ka && x.client == client && x.label == label)
+            .map(|x| mmm(&x.ratio).med)
+    };
+    let n0 = b.ns.first().copied().unwrap_or(2);
+    if let (Some(sk), Some(sc)) = (ratio(n0, true, "multi", "steer"), ratio(n0, false, "multi", "steer")) {
+        let _ = writeln!(
+            s,
+            "* **Data path.** steer at N={n0}: {sk:.2}× the limit with keep-alive, {sc:.2}× with a new \
+             connection per request (in-repo client, several addresses){}. The BPF program runs once per \
+             SYN, in the kernel; after that a steered connection is an ordinary accepted socket, so \
+             there is no per-request cost to find; deviations from 1.00 are of the size of the \
+             slice-to-slice noise (see the ranges).",
+            match (ratio(n0, true, "wrk", "steer"), ratio(n0, false, "wrk", "steer")) {
+                (Some(a), Some(c)) => format!("; with wrk {a:.2}× and {c:.2}×"),
+                _ => String::new(),
+            }
+        );
+    }
+    if let (Some(wk), Some(mk)) = (ratio(n0, true, "wrk", "sticky"), ratio(n0, true, "multi", "sticky")) {
+        let _ = writeln!(
+            s,
+            "* **sticky with one client address** (wrk, everything from 127.0.0.1) is {wk:.2}× the limit \
+             with keep-alive at N={n0}: every connection lands on the same worker, by design. From {} \
+             addresses it is {mk:.2}×. Sticky's balance is only as good as the mix of client \
+             addresses (many clients behind one NAT address are one client).",
+            b.tput_sources.len()
+        );
+    }
+    let rel = |l: &str, ka: bool| {
+        b.reloads.iter().find(|x| x.label == l && x.cell.keep_alive == ka).map(|x| mmm(&x.cell.failed).med)
+    };
+    for ka in [false, true] {
+        if let (Some(sh), Some(st), Some(sk)) = (rel("shared", ka), rel("steer", ka), rel("sticky", ka)) {
+            let _ = writeln!(
+                s,
+                "* **Reload of the warming app, {}**: shared {sh:.1} failed per reload, steer {st:.1}, \
+                 sticky {sk:.1}{}. With `shared` a new worker that adopts the socket takes its share of \
+                 new connections at once and answers 503 while it warms; with steer/sticky its socket \
+                 joins the routing only at READY=1, and an old worker's socket leaves the routing before \
+                 the worker is told to stop.",
+                if ka { "keep-alive" } else { "new connection per request" },
+                rel("PM2", ka).map(|p| format!(", PM2 {p:.1}")).unwrap_or_default()
+            );
+        }
+    }
+    let cpu =
+        |n: usize, l: &str, src: usize| b.cpu.iter().find(|c| c.n == n && c.label == l && c.sources == src);
+    let many = b.cpu_sources.len();
+    for &n in &b.ns {
+        if let (Some(sh), Some(st)) = (cpu(n, "shared", many), cpu(n, "steer", many)) {
+            let _ = writeln!(
+                s,
+                "* **CPU-bound, N={n}**: shared p99 {:.1} ms / max {:.1} ms, steer p99 {:.1} ms / max {:.1} ms{}; \
+                 requests per worker min/max shared {:.2}, steer {:.2}{}. {}",
+                sh.p99,
+                sh.max,
+                st.p99,
+                st.max,
+                cpu(n, "sticky", many)
+                    .map(|k| format!(", sticky p99 {:.1} ms / max {:.1} ms", k.p99, k.max))
+                    .unwrap_or_default(),
+                sh.min_max,
+                st.min_max,
+                cpu(n, "sticky", many).map(|k| format!(", sticky {:.2}", k.min_max)).unwrap_or_default(),
+                if st.p99 > sh.p99 * 1.1 {
+                    "One shared queue lets whichever worker is free take the next connection; per-worker \
+                     queues (steer, sticky) hand a connection to a worker chosen by hash, which may be \
+                     busy while another is idle — the effect Cloudflare measured (max 72.7 ms shared vs \
+                     144.6 ms per-worker queues)."
+                } else {
+                    "Here the per-worker queues did not cost tail latency against the shared queue \
+                     (Cloudflare measured max 72.7 ms shared vs 144.6 ms with per-worker queues; the \
+                     effect needs workers that are busy while others idle, which this closed-loop load \
+                     on 2 cores may not produce)."
+                }
+            );
+        }
+        if let Some(k1) = cpu(n, "sticky", 1) {
+            let _ = writeln!(
+                s,
+                "* **One client address, N={n}**: sticky serves everything from one worker (per worker {}), \
+                 p99 {:.1} ms{}.",
+                k1.per_worker.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" / "),
+                k1.p99,
+                cpu(n, "steer", 1)
+                    .map(|s1| format!(
+                        "; steer from one address still spreads by source port (per worker {}, min/max {:.2})",
+                        s1.per_worker.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" / "),
+                        s1.min_max
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "* **Which mode.** `steer` when workers warm up after they start accepting or must not get \
+         new work while draining (zero failed requests on reload above) — at the price of \
+         per-worker queues under uneven, CPU-heavy requests (the p99/max above). `shared` when \
+         requests vary a lot in cost and the app is ready when it accepts (or defers accepting \
+         until warm): an idle worker always takes the next connection. `sticky` only when a client \
+         must keep reaching the same worker (in-process sessions, socket.io without a shared \
+         adapter); its spread follows the client addresses."
+    );
+    s
+}
