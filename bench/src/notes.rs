@@ -176,17 +176,35 @@ pub fn balance_notes(r: &Results) -> String {
             .map(|x| mmm(&x.ratio).med)
     };
     let n0 = b.ns.first().copied().unwrap_or(2);
-    if let (Some(sk), Some(sc)) = (ratio(n0, true, "multi", "steer"), ratio(n0, false, "multi", "steer")) {
+    let steered: Vec<_> = b.tput.iter().filter(|x| x.label == "steer" || x.label == "sticky").collect();
+    if !steered.is_empty() {
+        let spans = steered
+            .iter()
+            .filter(|x| {
+                let m = mmm(&x.ratio);
+                m.min <= 1.0 && m.max >= 1.0
+            })
+            .count();
+        let widest = steered
+            .iter()
+            .map(|x| {
+                let m = mmm(&x.ratio);
+                m.max - m.min
+            })
+            .fold(0.0, f64::max);
         let _ = writeln!(
             s,
-            "* **Data path.** steer at N={n0}: {sk:.2}× the limit with keep-alive, {sc:.2}× with a new \
-             connection per request (in-repo client, several addresses){}. The BPF program runs once per \
-             SYN, in the kernel; after that a steered connection is an ordinary accepted socket, so \
-             there is no per-request cost to find; deviations from 1.00 are of the size of the \
-             slice-to-slice noise (see the ranges).",
-            match (ratio(n0, true, "wrk", "steer"), ratio(n0, false, "wrk", "steer")) {
-                (Some(a), Some(c)) => format!("; with wrk {a:.2}× and {c:.2}×"),
-                _ => String::new(),
+            "* **Data path.** The BPF program runs in the kernel once per SYN; after that a steered \
+             connection is an ordinary accepted socket and herdsman is not in its path, so there is \
+             no per-request work to find. Of the {} steer/sticky ratios, {spans} have a min–max range \
+             that includes 1.00; the widest range is {widest:.2} wide. {}",
+            steered.len(),
+            if widest > 0.1 {
+                "The slice-to-slice noise of this run is far larger than the 2 % the target asks to \
+                 resolve, so this run can neither confirm nor refute ≥ 0.98× — the ratios (and *not met* \
+                 above) are noise-dominated; a quiet machine is needed for that figure."
+            } else {
+                "The noise is small enough here for the ratios to be read as they stand."
             }
         );
     }

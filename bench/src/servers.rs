@@ -209,8 +209,11 @@ pub fn start_balanced(
                 true
             };
             s.startup = t0.elapsed();
+            // sticky routes every request from 127.0.0.1 to one worker: one answer is all a
+            // single client address can see (herdsman already reported all N ready).
+            let distinct = if balance == Some("sticky") { 1 } else { n.min(4) };
             let serving =
-                matches!(app, App::Tiny { .. }) || wait_serving(&addr, n.min(4), Duration::from_secs(30));
+                matches!(app, App::Tiny { .. }) || wait_serving(&addr, distinct, Duration::from_secs(30));
             if !ok || !serving {
                 let msg = format!("{} did not start: {}", kind.name(), tail(&s.log, 15));
                 s.stop();

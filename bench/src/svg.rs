@@ -307,17 +307,17 @@ pub fn balance(b: &Balance) -> String {
     );
     // legend
     for (i, l) in ["limit", "shared", "steer", "sticky", "PM2"].iter().enumerate() {
-        let x = 560.0 + i as f64 * 85.0;
+        let x = 20.0 + i as f64 * 85.0;
         let _ = writeln!(
             s,
-            "<rect x=\"{x}\" y=\"13\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"23\">{l}</text>",
+            "<rect x=\"{x}\" y=\"34\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"44\">{l}</text>",
             bcolor(l),
             x + 16.0
         );
     }
 
     // (a) ratio to the limit
-    let (x0, py, pw, ph) = (60.0, 70.0, 900.0, 200.0);
+    let (x0, py, pw, ph) = (60.0, 90.0, 900.0, 190.0);
     let _ = writeln!(s, "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">Data path: req/s ÷ the limit's (median of cycles; whiskers min–max). wrk = one client address; multi = {} source addresses</text>", py - 14.0, b.tput_sources.len());
     let groups: Vec<(usize, bool, &str)> =
         b.ns.iter()
@@ -326,10 +326,15 @@ pub fn balance(b: &Balance) -> String {
             })
             .filter(|(n, ka, c)| b.tput.iter().any(|x| x.n == *n && x.keep_alive == *ka && x.client == *c))
             .collect();
-    let ymax = 1.2;
+    // Up to the largest whisker (at least 1.2, at most 4: beyond that the bar is clipped).
+    let top = b.tput.iter().filter(|x| x.label != "limit").map(|x| mmm(&x.ratio).max).fold(0.0, f64::max);
+    let ymax = (top * 1.08).clamp(1.2, 4.0);
     let ys = |v: f64| py + ph - (v.min(ymax) / ymax) * ph;
-    for v in [0.0, 0.25, 0.5, 0.75, 1.0] {
+    let gstep = if ymax > 2.0 { 0.5 } else { 0.25 };
+    let mut v = 0.0;
+    while v <= ymax {
         let _ = writeln!(s, "<line x1=\"{x0}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.2}</text>", x0 + pw, ys(v), ys(v), x0 - 6.0, ys(v) + 4.0);
+        v += gstep;
     }
     let _ = writeln!(s, "<line x1=\"{x0}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#2ca02c\" stroke-dasharray=\"4 3\"/><text x=\"{}\" y=\"{:.1}\" font-size=\"10\" fill=\"#2ca02c\">0.98 target</text>", x0 + pw, ys(0.98), ys(0.98), x0 + pw - 60.0, ys(0.98) - 3.0);
     let gw = pw / groups.len().max(1) as f64;
@@ -383,7 +388,7 @@ pub fn balance(b: &Balance) -> String {
     }
 
     // (b) failed per reload (log scale: 0, 1, 10, 100, 1000, 10000)
-    let (py, pw2, ph) = (350.0, 420.0, 200.0);
+    let (py, pw2, ph) = (370.0, 420.0, 190.0);
     let _ = writeln!(s, "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">Failed requests per reload, warming app (503 for 1 s), N={} (median; log scale)</text>", py - 14.0, b.reload_n);
     let lmax = 4.0;
     let yl = |v: f64| py + ph - ((1.0 + v).log10() / lmax).clamp(0.0, 1.0) * ph;
@@ -429,7 +434,7 @@ pub fn balance(b: &Balance) -> String {
     }
 
     // (c) CPU-bound latency, log scale, p50 / p99 / max per row, min/max ratio under it
-    let (py, ph) = (650.0, 250.0);
+    let (py, ph) = (660.0, 240.0);
     let _ = writeln!(s, "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">CPU-bound /work?ms={} × {} clients, new conn per request: latency p50 / p99 / max (ms, log scale); below: requests per worker min/max</text>", py - 14.0, b.cpu_work_ms, b.cpu_conc);
     let (lmin, lmax) = (0.0f64, 3.0f64); // 1 ms .. 1000 ms
     let yc = |ms: f64| py + ph - ((ms.max(1.0).log10() - lmin) / (lmax - lmin)).clamp(0.0, 1.0) * ph;
@@ -492,10 +497,17 @@ pub fn balance(b: &Balance) -> String {
     }
     let _ = writeln!(
         s,
-        "<text x=\"{x0}\" y=\"{}\" font-size=\"11\">bars per contender: p50 (solid), p99, max (lighter). Load average at the stages: {}</text>",
-        h - 14.0,
-        esc(&b.loads.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(" · "))
+        "<text x=\"{x0}\" y=\"{}\" font-size=\"11\">bars per contender: p50 (solid), p99, max (lighter); load average (1, 5, 15 min) at the stages:</text>",
+        h - 38.0
     );
+    for (i, chunk) in b.loads.chunks(3).enumerate() {
+        let _ = writeln!(
+            s,
+            "<text x=\"{x0}\" y=\"{}\" font-size=\"10\">{}</text>",
+            h - 24.0 + i as f64 * 12.0,
+            esc(&chunk.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(" · "))
+        );
+    }
     s.push_str("</svg>\n");
     s
 }
