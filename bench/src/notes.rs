@@ -255,15 +255,20 @@ pub fn balance_notes(r: &Results) -> String {
                 st.min_max,
                 cpu(n, "sticky", many).map(|k| format!(", sticky {:.2}", k.min_max)).unwrap_or_default(),
                 if st.p99 > sh.p99 * 1.1 {
-                    "One shared queue lets whichever worker is free take the next connection; per-worker \
-                     queues (steer, sticky) hand a connection to a worker chosen by hash, which may be \
-                     busy while another is idle — the effect Cloudflare measured (max 72.7 ms shared vs \
-                     144.6 ms per-worker queues)."
+                    "Steer's tail is longer: one shared queue lets whichever worker is free take the next \
+                     connection, while per-worker queues hand a connection to a worker chosen by hash, \
+                     which may be busy while another is idle — the effect Cloudflare measured (max 72.7 ms \
+                     shared vs 144.6 ms with per-worker queues)."
+                } else if st.p99 < sh.p99 / 1.1 {
+                    "Here steer's tail was *shorter* than shared's, the opposite of Cloudflare's \
+                     measurement (max 72.7 ms shared vs 144.6 ms with per-worker queues). With a shared \
+                     socket, which worker gets a connection depends on which one the kernel wakes (and \
+                     on a loaded machine, which one is on a core), and that can be as uneven as the \
+                     per-worker hash (see *per worker*); the cause was not investigated further."
                 } else {
-                    "Here the per-worker queues did not cost tail latency against the shared queue \
-                     (Cloudflare measured max 72.7 ms shared vs 144.6 ms with per-worker queues; the \
-                     effect needs workers that are busy while others idle, which this closed-loop load \
-                     on 2 cores may not produce)."
+                    "Per-worker queues cost no tail latency here within ±10 % (Cloudflare measured max \
+                     72.7 ms shared vs 144.6 ms with per-worker queues; the effect needs a worker that is \
+                     busy while another idles)."
                 }
             );
         }
@@ -287,8 +292,8 @@ pub fn balance_notes(r: &Results) -> String {
     let _ = writeln!(
         s,
         "* **Which mode.** `steer` when workers warm up after they start accepting or must not get \
-         new work while draining (zero failed requests on reload above) — at the price of \
-         per-worker queues under uneven, CPU-heavy requests (the p99/max above). `shared` when \
+         new work while draining (compare the failed requests per reload in 7.2) — with per-worker \
+         queues, whose cost under uneven, CPU-heavy requests is the p99/max comparison in 7.3. `shared` when \
          requests vary a lot in cost and the app is ready when it accepts (or defers accepting \
          until warm): an idle worker always takes the next connection. `sticky` only when a client \
          must keep reaching the same worker (in-process sessions, socket.io without a shared \
