@@ -199,7 +199,10 @@ pub fn balance_notes(r: &Results) -> String {
              no per-request work to find. Of the {} steer/sticky ratios, {spans} have a min–max range \
              that includes 1.00; the widest range is {widest:.2} wide. {}",
             steered.len(),
-            if widest > 0.1 {
+            if steered.iter().any(|x| x.ratio.len() < 3) {
+                "With fewer than 3 cycles per ratio there is no range to judge the noise by: don't read \
+                 these ratios as a data-path cost."
+            } else if widest > 0.1 {
                 "The slice-to-slice noise of this run is far larger than the 2 % the target asks to \
                  resolve, so this run can neither confirm nor refute ≥ 0.98× — the ratios (and *not met* \
                  above) are noise-dominated; a quiet machine is needed for that figure."
@@ -295,7 +298,7 @@ pub fn balance_notes(r: &Results) -> String {
          new work while draining (compare the failed requests per reload in 7.2) — with per-worker \
          queues, whose cost under uneven, CPU-heavy requests is the p99/max comparison in 7.3. `shared` when \
          requests vary a lot in cost and the app is ready when it accepts (or defers accepting \
-         until warm): an idle worker always takes the next connection. `sticky` only when a client \
+         until warm): an idle worker can take the next connection. `sticky` only when a client \
          must keep reaching the same worker (in-process sessions, socket.io without a shared \
          adapter); its spread follows the client addresses."
     );
