@@ -3,7 +3,8 @@
 #
 #   bench/run.sh            full run (~20 min): writes docs/benchmarks.md and docs/bench-*.svg
 #   bench/run.sh --quick    ~2 min smoke run: writes bench/results/quick/
-#   bench/run.sh [--quick] --only throughput,reload,cost,recovery,scaling [--out DIR]
+#   bench/run.sh [--quick] --only throughput,reload,cost,recovery,scaling,balance [--out DIR]
+#   bench/run.sh --only balance   section 7 alone (~15 min): replaces that section of docs/benchmarks.md
 #
 # Installs what it needs: wrk (Debian package), PM2 (npm, into bench/.deps, with a private
 # PM2_HOME per run), builds herdsman (release) and the bench crate, then runs

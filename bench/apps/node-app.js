@@ -9,6 +9,8 @@
 //  * WARM_MS=N simulates an app that needs N ms of warm-up:
 //      WARM_MODE=gate  (default) listen first, answer 503 while warming, then become ready;
 //      WARM_MODE=defer warm first, then start accepting (listen) and become ready.
+//  * GET /work?ms=N: a CPU-bound request: busy-loops N ms (default 2) on the event loop, then
+//    answers like `/` (the body names the worker and its pid).
 //  * SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, answer in-flight
 //    requests with Connection: close, close idle keep-alive connections, exit when drained.
 'use strict';
@@ -31,6 +33,11 @@ const server = http.createServer((req, res) => {
     res.writeHead(503, { 'Content-Type': 'text/plain', 'Content-Length': warming.length });
     res.end(warming);
     return;
+  }
+  if (req.url.startsWith('/work')) {
+    const m = /[?&]ms=([0-9.]+)/.exec(req.url);
+    const end = process.hrtime.bigint() + BigInt(Math.round(Number(m ? m[1] : 2) * 1e6));
+    while (process.hrtime.bigint() < end);
   }
   const headers = { 'Content-Type': 'text/plain', 'Content-Length': body.length };
   if (draining) headers.Connection = 'close';

@@ -67,10 +67,8 @@ pub fn launch(args: &[String]) -> i32 {
             .env_remove("NOTIFY_SOCKET");
         unsafe {
             c.pre_exec(move || {
-                if fd != 3 {
-                    if libc::dup2(fd, 3) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                if fd != 3 && libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
                 // dup2 clears FD_CLOEXEC, but not when fd is already 3.
                 libc::fcntl(3, libc::F_SETFD, 0);

@@ -6,9 +6,14 @@
 //! (the unavoidable HTTP/1.1 race with a draining server) is retried once on a new
 //! connection, as HTTP clients do for idempotent requests; such a request is recorded as
 //! `OkRetried` (or as a failure when the retry fails too), so both views can be reported.
+//!
+//! [`Opts`]: another path (e.g. the CPU-bound `/work?ms=2`), loopback source addresses to bind
+//! the clients to (client i uses `sources[i % len]`, so a sticky-by-address server sees several
+//! clients), and recording which worker (pid in the answer) served each request.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,12 +50,26 @@ impl Outcome {
     }
 }
 
-/// One request: start (µs since the load started), latency (µs), outcome.
+/// One request: start (µs since the load started), latency (µs), outcome, and the pid of the
+/// worker that answered (0 unless [`Opts::pids`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Rec {
     pub t_us: u64,
     pub lat_us: u32,
     pub outcome: Outcome,
+    pub pid: i32,
+}
+
+/// What the clients send and record beyond the defaults (`GET /`, unbound, no pid).
+#[derive(Clone, Debug, Default)]
+pub struct Opts {
+    /// Request path; empty = `/`.
+    pub path: String,
+    /// Source addresses (127.0.0.0/8) to bind client i to: `sources[i % len]`; empty = the
+    /// kernel's choice (127.0.0.1).
+    pub sources: Vec<Ipv4Addr>,
+    /// Parse the answering worker's pid from the body (`... pid 1234`).
+    pub pids: bool,
 }
 
 pub struct Load {
@@ -62,13 +81,27 @@ pub struct Load {
 impl Load {
     /// Starts `threads` clients; they stop at `finish` or after `limit` at the latest.
     pub fn start(addr: &str, threads: usize, keep_alive: bool, limit: Duration) -> Load {
+        Load::start_with(addr, threads, keep_alive, limit, &Opts::default())
+    }
+
+    /// Like [`Load::start`], with [`Opts`].
+    pub fn start_with(addr: &str, threads: usize, keep_alive: bool, limit: Duration, opts: &Opts) -> Load {
         let addr: SocketAddr = addr.parse().expect("address");
         let stop = Arc::new(AtomicBool::new(false));
         let t0 = Instant::now();
+        let path = if opts.path.is_empty() { "/".to_string() } else { opts.path.clone() };
         let handles = (0..threads)
-            .map(|_| {
+            .map(|i| {
                 let stop = stop.clone();
-                std::thread::spawn(move || client(addr, keep_alive, &stop, t0, limit))
+                let c = Client {
+                    addr,
+                    source: (!opts.sources.is_empty()).then(|| opts.sources[i % opts.sources.len()]),
+                    req_ka: format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes(),
+                    req_close: format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                        .into_bytes(),
+                    pids: opts.pids,
+                };
+                std::thread::spawn(move || client(&c, keep_alive, &stop, t0, limit))
             })
             .collect();
         Load { stop, handles, t0 }
@@ -121,21 +154,69 @@ fn classify(e: &std::io::Error, got_any: bool) -> Err {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-fn connect(addr: SocketAddr) -> Result<Conn, Err> {
-    let s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|_| Err::Connect)?;
+/// One client thread's fixed parameters.
+struct Client {
+    addr: SocketAddr,
+    source: Option<Ipv4Addr>,
+    req_ka: Vec<u8>,
+    req_close: Vec<u8>,
+    pids: bool,
+}
+
+/// A blocking IPv4 connect from `src` (port chosen at connect time, `IP_BIND_ADDRESS_NO_PORT`).
+fn connect_from(addr: SocketAddr, src: Ipv4Addr) -> std::io::Result<TcpStream> {
+    let SocketAddr::V4(dst) = addr else {
+        return Err(std::io::Error::other("source binding is IPv4 only"));
+    };
+    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Owns the fd from here on (closed on every error path).
+        let s = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let local = sin(src, 0);
+        if libc::bind(fd, &local as *const libc::sockaddr_in as *const libc::sockaddr, len) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(*dst.ip(), dst.port());
+        if libc::connect(fd, &remote as *const libc::sockaddr_in as *const libc::sockaddr, len) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+}
+
+fn connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> Result<Conn, Err> {
+    let s = match source {
+        None => TcpStream::connect_timeout(&addr, TIMEOUT),
+        Some(src) => connect_from(addr, src),
+    }
+    .map_err(|_| Err::Connect)?;
     s.set_nodelay(true).ok();
     s.set_read_timeout(Some(TIMEOUT)).ok();
     s.set_write_timeout(Some(TIMEOUT)).ok();
     Ok(Conn { s, buf: Vec::with_capacity(1024) })
 }
 
-/// Sends one request and reads the whole response. Ok((status, server keeps the connection)).
-fn exchange(c: &mut Conn, close: bool) -> Result<(u16, bool), Err> {
-    let req: &[u8] = if close {
-        b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    } else {
-        b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
-    };
+/// Sends one request and reads the whole response.
+/// Ok((status, server keeps the connection, pid in the body if `pids`, else 0)).
+fn exchange(c: &mut Conn, req: &[u8], pids: bool) -> Result<(u16, bool, i32), Err> {
     c.s.write_all(req).map_err(|e| classify(&e, false))?;
     c.buf.clear();
     let mut chunk = [0u8; 2048];
@@ -164,31 +245,40 @@ fn exchange(c: &mut Conn, close: bool) -> Result<(u16, bool), Err> {
             Err(e) => return Err(classify(&e, true)),
         }
     }
-    Ok((status, keep))
+    let pid = if pids {
+        let body = String::from_utf8_lossy(&c.buf[head_end..head_end + len]);
+        crate::util::answer_pid(&body).unwrap_or(0)
+    } else {
+        0
+    };
+    Ok((status, keep, pid))
 }
 
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
-fn client(addr: SocketAddr, keep_alive: bool, stop: &AtomicBool, t0: Instant, limit: Duration) -> Vec<Rec> {
+fn client(cl: &Client, keep_alive: bool, stop: &AtomicBool, t0: Instant, limit: Duration) -> Vec<Rec> {
+    let req: &[u8] = if keep_alive { &cl.req_ka } else { &cl.req_close };
     let mut recs = Vec::with_capacity(1 << 16);
     let mut conn: Option<Conn> = None;
     while !stop.load(Ordering::Relaxed) && t0.elapsed() < limit {
         let start = Instant::now();
         let t_us = start.duration_since(t0).as_micros() as u64;
         let mut retried = false;
+        let mut pid = 0;
         let outcome = loop {
             let reused = conn.is_some();
             if conn.is_none() {
-                match connect(addr) {
+                match connect(cl.addr, cl.source) {
                     Ok(c) => conn = Some(c),
                     Err(_) => break Outcome::Connect,
                 }
             }
             let c = conn.as_mut().unwrap();
-            match exchange(c, !keep_alive) {
-                Ok((status, keep)) => {
+            match exchange(c, req, cl.pids) {
+                Ok((status, keep, p)) => {
+                    pid = p;
                     if !keep || !keep_alive {
                         conn = None;
                     }
@@ -216,7 +306,7 @@ fn client(addr: SocketAddr, keep_alive: bool, stop: &AtomicBool, t0: Instant, li
             }
         };
         let lat_us = start.elapsed().as_micros().min(u32::MAX as u128) as u32;
-        recs.push(Rec { t_us, lat_us, outcome });
+        recs.push(Rec { t_us, lat_us, outcome, pid });
         if outcome == Outcome::Connect {
             // Don't spin on a refused port.
             std::thread::sleep(Duration::from_millis(1));

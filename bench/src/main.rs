@@ -1,13 +1,15 @@
 //! herdsman's benchmark suite. `bench/run.sh` is the entry point; see docs/benchmarks.md.
 //!
 //! Subcommands:
-//!   all [--quick] [--out DIR]       run every section, write DIR/benchmarks.md + DIR/bench-*.svg
+//!   all [--quick] [--out DIR] [--only throughput,reload,cost,recovery,scaling,balance]
+//!                                   run the sections, write DIR/benchmarks.md + DIR/bench-*.svg
 //!   report RESULTS.json DIR         regenerate the report and plots from saved results
 //!   launch --listen ADDR -w N -- CMD   the "limit": bind, fork N workers with the fd at 3, wait
 //!   worker                          tiny instantly-ready worker (fd 3, READY=1)
 //!   probe FILE                      writes CLOCK_MONOTONIC at main() (exec latency)
 //!   load ADDR SECS THREADS ka|close one standalone load run, prints a summary
 
+mod balance;
 mod launcher;
 mod load;
 mod notes;
@@ -167,6 +169,11 @@ fn all(a: &[String]) -> i32 {
     if want("scaling") {
         r.scaling = suites::scaling(&ctx);
     }
+    if want("balance") {
+        // N = 2 (the core count here: one worker per core) and 4 (oversubscribed: per-worker
+        // queues matter most when a worker waits for a core).
+        r.balance = balance::balance(&ctx, &[2, 4]);
+    }
     if ctx.pm2_daemon_pid().is_some() {
         let _ = ctx.pm2_run(&["kill"]);
     }
@@ -174,7 +181,12 @@ fn all(a: &[String]) -> i32 {
     r.meta.minutes = t0.elapsed().as_secs_f64() / 60.0;
     let results_dir = if quick { root.join("bench/results/quick") } else { root.join("bench/results") };
     std::fs::create_dir_all(&results_dir).unwrap();
-    let rp = results_dir.join("results.json");
+    // A partial run (--only) keeps its own raw results next to the full run's.
+    let rp = if only.is_empty() {
+        results_dir.join("results.json")
+    } else {
+        results_dir.join(format!("results-{}.json", only.join("+")))
+    };
     std::fs::write(&rp, serde_json::to_string_pretty(&r).unwrap()).unwrap();
     write_report(&r, &out);
     let _ = std::fs::remove_dir_all(&work);
@@ -184,16 +196,38 @@ fn all(a: &[String]) -> i32 {
         out.join("benchmarks.md").display(),
         rp.display()
     ));
-    for t in report::targets(&r) {
+    for t in report::targets(&r).into_iter().chain(report::balance_targets(&r.balance)) {
         log(&format!("target: {} — {} — {}", t.0, t.1, if t.2 { "met" } else { "NOT met" }));
     }
     0
 }
 
+/// Writes DIR/benchmarks.md and the plots of the sections that were measured. Results with
+/// only the balance section (`--only balance`) replace that section of an existing
+/// DIR/benchmarks.md and leave the rest of the page (another run's figures) alone.
 fn write_report(r: &Results, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
-    std::fs::write(out.join("benchmarks.md"), report::markdown(r)).unwrap();
-    std::fs::write(out.join("bench-throughput.svg"), svg::throughput(&r.tput)).unwrap();
-    std::fs::write(out.join("bench-reload.svg"), svg::timelines(&r.reloads.timelines)).unwrap();
-    std::fs::write(out.join("bench-scaling.svg"), svg::scaling(&r.scaling)).unwrap();
+    let md = out.join("benchmarks.md");
+    let only_balance = r.tput.rows.is_empty()
+        && r.reloads.cells.is_empty()
+        && r.cost.rows.is_empty()
+        && r.recovery.rows.is_empty()
+        && r.scaling.rows.is_empty();
+    let page = match std::fs::read_to_string(&md) {
+        Ok(old) if only_balance && !r.balance.is_empty() => report::splice_balance(&old, r),
+        _ => report::markdown(r),
+    };
+    std::fs::write(&md, page).unwrap();
+    if !r.tput.rows.is_empty() {
+        std::fs::write(out.join("bench-throughput.svg"), svg::throughput(&r.tput)).unwrap();
+    }
+    if !r.reloads.timelines.is_empty() {
+        std::fs::write(out.join("bench-reload.svg"), svg::timelines(&r.reloads.timelines)).unwrap();
+    }
+    if !r.scaling.rows.is_empty() {
+        std::fs::write(out.join("bench-scaling.svg"), svg::scaling(&r.scaling)).unwrap();
+    }
+    if !r.balance.is_empty() {
+        std::fs::write(out.join("bench-balance.svg"), svg::balance(&r.balance)).unwrap();
+    }
 }

@@ -138,6 +138,18 @@ fn app_cmd(ctx: &Ctx, app: &App) -> (Vec<String>, Vec<(String, String)>) {
 }
 
 pub fn start(ctx: &Ctx, kind: Kind, app: &App, n: usize) -> Result<Server, String> {
+    start_balanced(ctx, kind, app, n, None)
+}
+
+/// Like [`start`]; for herdsman, `balance` = `Some("shared" | "steer" | "sticky")` adds
+/// `--balance MODE` (ignored for the limit and PM2).
+pub fn start_balanced(
+    ctx: &Ctx,
+    kind: Kind,
+    app: &App,
+    n: usize,
+    balance: Option<&str>,
+) -> Result<Server, String> {
     let port = ctx.next_port();
     let addr = format!("127.0.0.1:{port}");
     let log = ctx.work.join(format!("{}-{port}.log", kind.name()));
@@ -161,6 +173,7 @@ pub fn start(ctx: &Ctx, kind: Kind, app: &App, n: usize) -> Result<Server, Strin
                     // The reload figures measure the hand-over itself; the default min_ready
                     // adds a fixed 1 s hold per batch on top (docs/guarantees.md).
                     .args(["--min-ready", "0s"])
+                    .args(balance.iter().flat_map(|b| ["--balance", b]))
                     .arg("--control")
                     .arg(&sock);
                 for (k, v) in &env {
@@ -196,8 +209,11 @@ pub fn start(ctx: &Ctx, kind: Kind, app: &App, n: usize) -> Result<Server, Strin
                 true
             };
             s.startup = t0.elapsed();
+            // sticky routes every request from 127.0.0.1 to one worker: one answer is all a
+            // single client address can see (herdsman already reported all N ready).
+            let distinct = if balance == Some("sticky") { 1 } else { n.min(4) };
             let serving =
-                matches!(app, App::Tiny { .. }) || wait_serving(&addr, n.min(4), Duration::from_secs(30));
+                matches!(app, App::Tiny { .. }) || wait_serving(&addr, distinct, Duration::from_secs(30));
             if !ok || !serving {
                 let msg = format!("{} did not start: {}", kind.name(), tail(&s.log, 15));
                 s.stop();

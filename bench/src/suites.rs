@@ -44,7 +44,7 @@ pub struct Tput {
     pub rows: Vec<TputRow>,
 }
 
-fn wrk(addr: &str, keep_alive: bool, secs: u64, conns: usize) -> Result<(f64, f64), String> {
+pub fn wrk(addr: &str, keep_alive: bool, secs: u64, conns: usize) -> Result<(f64, f64), String> {
     let mut c = Command::new("wrk");
     c.args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s")]);
     if !keep_alive {
@@ -170,6 +170,31 @@ pub struct ReloadCell {
     pub errors: Vec<String>,
 }
 
+impl ReloadCell {
+    pub fn new(kind: Kind, app: &str, n: usize, keep_alive: bool) -> ReloadCell {
+        ReloadCell {
+            kind,
+            app: app.to_string(),
+            n,
+            keep_alive,
+            reloads: 0,
+            requests: 0,
+            failed: vec![],
+            failed_noretry: vec![],
+            steady_failed: 0,
+            by_kind: BTreeMap::new(),
+            steady_p50: vec![],
+            steady_p99: vec![],
+            steady_max: vec![],
+            reload_p50: vec![],
+            reload_p99: vec![],
+            reload_max: vec![],
+            reload_s: vec![],
+            errors: vec![],
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Timeline {
     pub title: String,
@@ -189,24 +214,26 @@ pub struct Reloads {
     pub timelines: Vec<Timeline>,
 }
 
-const TAIL_S: f64 = 1.5;
+pub const TAIL_S: f64 = 1.5;
 
-struct RunOut {
-    recs: Vec<Rec>,
-    windows: Vec<(f64, f64)>,
-    errors: Vec<String>,
+pub struct RunOut {
+    pub recs: Vec<Rec>,
+    pub windows: Vec<(f64, f64)>,
+    pub errors: Vec<String>,
 }
 
-fn reload_run(
+#[allow(clippy::too_many_arguments)]
+pub fn reload_run(
     ctx: &Ctx,
     kind: Kind,
+    balance: Option<&str>,
     app: &App,
     n: usize,
     keep_alive: bool,
     reloads: usize,
     threads: usize,
 ) -> Result<RunOut, String> {
-    let srv = start(ctx, kind, app, n)?;
+    let srv = start_balanced(ctx, kind, app, n, balance)?;
     sleep_ms(300);
     let steady = if ctx.quick { 1000 } else { 2000 };
     let gap = (TAIL_S * 1000.0) as u64 + 500;
@@ -229,7 +256,7 @@ fn reload_run(
 }
 
 /// (p50, p99, max); zeros for an empty sample (JSON has no NaN; callers check counts).
-fn lat_stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+pub fn lat_stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     if v.is_empty() {
         return (0.0, 0.0, 0.0);
     }
@@ -237,7 +264,7 @@ fn lat_stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (pct(&v, 50.0), pct(&v, 99.0), v.last().copied().unwrap_or(f64::NAN))
 }
 
-fn analyse(cell: &mut ReloadCell, out: &RunOut) {
+pub fn analyse(cell: &mut ReloadCell, out: &RunOut) {
     let win = |t: f64| out.windows.iter().position(|(s, e)| t >= *s && t <= e + TAIL_S);
     let nw = out.windows.len();
     let mut failed = vec![0f64; nw];
@@ -344,7 +371,7 @@ pub fn reloads(ctx: &Ctx) -> Reloads {
                         rep + 1,
                         kind.name()
                     ));
-                    let out = match reload_run(ctx, kind, app, *n, ka, per_run, threads) {
+                    let out = match reload_run(ctx, kind, None, app, *n, ka, per_run, threads) {
                         Ok(o) => o,
                         Err(e) => {
                             log(&format!("  failed: {e}"));

@@ -2,9 +2,17 @@
 
 use std::fmt::Write;
 
+use crate::balance::Balance;
 use crate::servers::Kind;
 use crate::suites::{Scaling, Timeline, Tput};
 use crate::util::mmm;
+
+/// (contender, median, min, max, ratio to the limit) of one bar.
+type Bar = (Kind, f64, f64, f64, f64);
+/// (bucket start s, p50 ms, max ms, ok, failed) of a timeline bucket.
+type Bucket = (f64, f64, f64, u32, u32);
+/// A scaling panel: title and (light, full) bar heights of a row.
+type Panel<'a> = (&'a str, Box<dyn Fn(&crate::suites::ScaleRow) -> (f64, f64)>);
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
@@ -27,7 +35,7 @@ fn header(w: f64, h: f64) -> String {
 
 /// Grouped bars: req/s (median, min–max whisker) per contender, one group per (N, mode).
 pub fn throughput(t: &Tput) -> String {
-    let mut groups: Vec<(String, Vec<(Kind, f64, f64, f64, f64)>)> = Vec::new();
+    let mut groups: Vec<(String, Vec<Bar>)> = Vec::new();
     let mut ns: Vec<usize> = t.rows.iter().map(|r| r.n).collect();
     ns.dedup();
     for n in ns {
@@ -165,7 +173,7 @@ pub fn timelines(tl: &[Timeline]) -> String {
             );
             sec += if tmax > 20.0 { 5.0 } else { 1.0 };
         }
-        let path = |f: &dyn Fn(&(f64, f64, f64, u32, u32)) -> f64| {
+        let path = |f: &dyn Fn(&Bucket) -> f64| {
             let mut d = String::new();
             for b in t.buckets.iter().filter(|b| b.3 > 0) {
                 let _ = write!(
@@ -204,7 +212,7 @@ pub fn scaling(sc: &Scaling) -> String {
     let (w, h) = (860.0, 350.0);
     let mut s = header(w, h);
     let _ = writeln!(s, "<text x=\"20\" y=\"22\" font-size=\"15\" font-weight=\"bold\">Roll-out cost per replaced worker vs N (tiny instantly-ready worker)</text>");
-    let panels: [(&str, Box<dyn Fn(&crate::suites::ScaleRow) -> (f64, f64)>); 2] = [
+    let panels: [Panel; 2] = [
         (
             "roll-out ms per replaced worker (light: worker's own start)",
             Box::new(|r| (mmm(&r.own_ms).med, mmm(&r.step_ms).med)),
@@ -272,6 +280,234 @@ pub fn scaling(sc: &Scaling) -> String {
         sc.cpu_fit_fixed_us,
         sc.cpu_fit_per_worker_us
     );
+    s.push_str("</svg>\n");
+    s
+}
+
+fn bcolor(label: &str) -> &'static str {
+    match label {
+        "limit" => "#888888",
+        "shared" => "#1f77b4",
+        "steer" => "#2ca02c",
+        "sticky" => "#9467bd",
+        _ => "#d62728",
+    }
+}
+
+/// Balance modes: (a) data-path ratio to the limit, (b) failed requests per reload of the
+/// warming app, (c) CPU-bound latency p50/p99/max and requests-per-worker min/max.
+pub fn balance(b: &Balance) -> String {
+    let labels = ["shared", "steer", "sticky", "PM2"];
+    let w = 1000.0;
+    let h = 1010.0;
+    let mut s = header(w, h);
+    let _ = writeln!(
+        s,
+        "<text x=\"20\" y=\"24\" font-size=\"15\" font-weight=\"bold\">Balance modes: herdsman shared / steer / sticky vs the limit and PM2</text>"
+    );
+    // legend
+    for (i, l) in ["limit", "shared", "steer", "sticky", "PM2"].iter().enumerate() {
+        let x = 20.0 + i as f64 * 85.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"34\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"44\">{l}</text>",
+            bcolor(l),
+            x + 16.0
+        );
+    }
+
+    // (a) ratio to the limit
+    let (x0, py, pw, ph) = (60.0, 90.0, 900.0, 190.0);
+    let _ = writeln!(s, "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">Data path: req/s ÷ the limit's (median of cycles; whiskers min–max). wrk = one client address; multi = {} source addresses</text>", py - 14.0, b.tput_sources.len());
+    let groups: Vec<(usize, bool, &str)> =
+        b.ns.iter()
+            .flat_map(|&n| {
+                ["wrk", "multi"].into_iter().flat_map(move |c| [true, false].map(move |ka| (n, ka, c)))
+            })
+            .filter(|(n, ka, c)| b.tput.iter().any(|x| x.n == *n && x.keep_alive == *ka && x.client == *c))
+            .collect();
+    // Up to the largest whisker (at least 1.2, at most 4: beyond that the bar is clipped).
+    let top = b.tput.iter().filter(|x| x.label != "limit").map(|x| mmm(&x.ratio).max).fold(0.0, f64::max);
+    let ymax = (top * 1.08).clamp(1.2, 4.0);
+    let ys = |v: f64| py + ph - (v.min(ymax) / ymax) * ph;
+    let gstep = if ymax > 2.0 { 0.5 } else { 0.25 };
+    let mut v = 0.0;
+    while v <= ymax {
+        let _ = writeln!(s, "<line x1=\"{x0}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.2}</text>", x0 + pw, ys(v), ys(v), x0 - 6.0, ys(v) + 4.0);
+        v += gstep;
+    }
+    let _ = writeln!(s, "<line x1=\"{x0}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#2ca02c\" stroke-dasharray=\"4 3\"/><text x=\"{}\" y=\"{:.1}\" font-size=\"10\" fill=\"#2ca02c\">0.98 target</text>", x0 + pw, ys(0.98), ys(0.98), x0 + pw - 60.0, ys(0.98) - 3.0);
+    let gw = pw / groups.len().max(1) as f64;
+    let bw = (gw - 16.0) / labels.len() as f64;
+    for (gi, (n, ka, client)) in groups.iter().enumerate() {
+        let gx = x0 + gi as f64 * gw + 8.0;
+        for (bi, l) in labels.iter().enumerate() {
+            let Some(r) = b
+                .tput
+                .iter()
+                .find(|x| x.n == *n && x.keep_alive == *ka && x.client == *client && x.label == *l)
+            else {
+                continue;
+            };
+            let m = mmm(&r.ratio);
+            if m.n == 0 {
+                continue;
+            }
+            let bx = gx + bi as f64 * bw;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{bx:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>",
+                ys(m.med),
+                bw - 2.0,
+                py + ph - ys(m.med),
+                bcolor(l)
+            );
+            let cx = bx + (bw - 2.0) / 2.0;
+            let _ = writeln!(
+                s,
+                "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>",
+                ys(m.max),
+                ys(m.min)
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{:.2}</text>",
+                ys(m.max) - 3.0,
+                m.med
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">N={n} {client}</text><text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"11\">{}</text>",
+            gx + (gw - 16.0) / 2.0,
+            py + ph + 15.0,
+            gx + (gw - 16.0) / 2.0,
+            py + ph + 28.0,
+            if *ka { "keep-alive" } else { "new conn" }
+        );
+    }
+
+    // (b) failed per reload (log scale: 0, 1, 10, 100, 1000, 10000)
+    let (py, pw2, ph) = (370.0, 420.0, 190.0);
+    let _ = writeln!(s, "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">Failed requests per reload, warming app (503 for 1 s), N={} (median; log scale)</text>", py - 14.0, b.reload_n);
+    let lmax = 4.0;
+    let yl = |v: f64| py + ph - ((1.0 + v).log10() / lmax).clamp(0.0, 1.0) * ph;
+    for v in [0.0, 10.0, 100.0, 1000.0, 10000.0] {
+        let _ = writeln!(s, "<line x1=\"{x0}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>", x0 + pw2, yl(v), yl(v), x0 - 6.0, yl(v) + 4.0);
+    }
+    for (gi, ka) in [true, false].iter().enumerate() {
+        let gx = x0 + 10.0 + gi as f64 * 210.0;
+        for (bi, l) in labels.iter().enumerate() {
+            let Some(c) = b.reloads.iter().find(|x| x.label == *l && x.cell.keep_alive == *ka) else {
+                continue;
+            };
+            let m = mmm(&c.cell.failed);
+            let bx = gx + bi as f64 * 46.0;
+            let y = yl(m.med);
+            let _ = writeln!(
+                s,
+                "<rect x=\"{bx:.1}\" y=\"{y:.1}\" width=\"38\" height=\"{:.1}\" fill=\"{}\"/>",
+                (py + ph - y).max(1.0),
+                bcolor(l)
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\" font-weight=\"bold\">{:.0}</text>",
+                bx + 19.0,
+                y - 4.0,
+                m.med
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"10\">{l}</text>",
+                bx + 19.0,
+                py + ph + 13.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>",
+            gx + 90.0,
+            py + ph + 30.0,
+            if *ka { "keep-alive" } else { "new connection per request" }
+        );
+    }
+
+    // (c) CPU-bound latency, log scale, p50 / p99 / max per row, min/max ratio under it
+    let (py, ph) = (660.0, 240.0);
+    let _ = writeln!(s, "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">CPU-bound /work?ms={} × {} clients, new conn per request: latency p50 / p99 / max (ms, log scale); below: requests per worker min/max</text>", py - 14.0, b.cpu_work_ms, b.cpu_conc);
+    let (lmin, lmax) = (0.0f64, 3.0f64); // 1 ms .. 1000 ms
+    let yc = |ms: f64| py + ph - ((ms.max(1.0).log10() - lmin) / (lmax - lmin)).clamp(0.0, 1.0) * ph;
+    for ms in [1.0, 10.0, 100.0, 1000.0] {
+        let _ = writeln!(s, "<line x1=\"{x0}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{ms} ms</text>", x0 + pw, yc(ms), yc(ms), x0 - 6.0, yc(ms) + 4.0);
+    }
+    let rows = &b.cpu;
+    let gw = pw / rows.len().max(1) as f64;
+    let bw = ((gw - 8.0) / 3.0).min(18.0);
+    let mut last_n = 0;
+    for (i, c) in rows.iter().enumerate() {
+        let gx = x0 + i as f64 * gw + 4.0;
+        if c.n != last_n {
+            let _ = writeln!(
+                s,
+                "<text x=\"{gx:.1}\" y=\"{}\" font-weight=\"bold\" font-size=\"11\">N={}</text>",
+                py + ph + 58.0,
+                c.n
+            );
+            if last_n != 0 {
+                let _ = writeln!(
+                    s,
+                    "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{py}\" y2=\"{}\" stroke=\"#bbb\"/>",
+                    gx - 4.0,
+                    gx - 4.0,
+                    py + ph + 60.0
+                );
+            }
+            last_n = c.n;
+        }
+        for (k, (v, op)) in [(c.p50, 1.0), (c.p99, 0.65), (c.max, 0.35)].iter().enumerate() {
+            let bx = gx + k as f64 * bw;
+            let y = yc(*v);
+            let _ = writeln!(
+                s,
+                "<rect x=\"{bx:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\" opacity=\"{op}\"/>",
+                bw - 1.0,
+                (py + ph - y).max(1.0),
+                bcolor(&c.label)
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"8\">{}</text>",
+                bx + bw / 2.0,
+                y - 2.0,
+                if *v >= 10.0 { format!("{v:.0}") } else { format!("{v:.1}") }
+            );
+        }
+        let cx = gx + 1.5 * bw;
+        let _ = writeln!(
+            s,
+            "<text x=\"{cx:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"10\">{}</text><text x=\"{cx:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"9\">{}</text><text x=\"{cx:.1}\" y=\"{}\" text-anchor=\"middle\" font-size=\"10\" font-weight=\"bold\">{:.2}</text>",
+            py + ph + 13.0,
+            c.label,
+            py + ph + 25.0,
+            if c.sources == 1 { "1 addr".to_string() } else { format!("{} addr", c.sources) },
+            py + ph + 40.0,
+            c.min_max
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{x0}\" y=\"{}\" font-size=\"11\">bars per contender: p50 (solid), p99, max (lighter); load average (1, 5, 15 min) at the stages:</text>",
+        h - 38.0
+    );
+    for (i, chunk) in b.loads.chunks(3).enumerate() {
+        let _ = writeln!(
+            s,
+            "<text x=\"{x0}\" y=\"{}\" font-size=\"10\">{}</text>",
+            h - 24.0 + i as f64 * 12.0,
+            esc(&chunk.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(" · "))
+        );
+    }
     s.push_str("</svg>\n");
     s
 }
