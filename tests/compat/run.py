@@ -266,8 +266,16 @@ class Run:
                 raise Fail(f"answers came from generations {served}, not 1..{RELOADS + 1}")
 
             # Every process of every worker's group may hold the connection (pre-fork servers).
-            groups = {w["pid"] for w in st["workers"]}
-            nodelay = server_nodelay(addr, [p for p in session_processes(sid) if pgid(p) in groups])
+            # Retried: the connection can be closed, or its worker replaced, between the request
+            # and the /proc scan (a keep-alive close while a drained worker exits).
+            nodelay = None
+            for _ in range(20):
+                groups = {w["pid"] for w in st["workers"]}
+                nodelay = server_nodelay(addr, [p for p in session_processes(sid) if pgid(p) in groups])
+                if nodelay is not None:
+                    break
+                st = self.status() or st
+                time.sleep(0.1)
             if self.spec.get("nodelay") and nodelay is not True:
                 raise Fail(f"TCP_NODELAY is {nodelay} on the server's end of a connection: keep-alive "
                            "responses wait for the client's delayed ACK")
