@@ -273,23 +273,6 @@ fn init_rejects_control_characters_in_unit_file_values() {
     assert_one_line_error(&out, CONFIG, "ends with a backslash");
 }
 
-/// `systemd-analyze verify` of the shipped units plus what init wrote, in a scratch unit dir
-/// (ExecStart pointed at the built binary). It exits 0 on warnings, so any output fails.
-fn verify_units(units: &std::path::Path) {
-    let repo = env!("CARGO_MANIFEST_DIR");
-    let service = std::fs::read_to_string(format!("{repo}/units/herdsman@.service")).unwrap();
-    std::fs::write(units.join("herdsman@.service"), service.replace("/usr/bin/herdsman", BIN)).unwrap();
-    std::fs::copy(format!("{repo}/units/herdsman@.socket"), units.join("herdsman@.socket")).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(units.join("herdsman@web.socket"))
-        .arg(units.join("herdsman@web.service"))
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
-}
-
 #[test]
 fn init_escapes_percent_and_interface_scopes_so_systemd_accepts_the_drop_in() {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
@@ -302,7 +285,7 @@ fn init_escapes_percent_and_interface_scopes_so_systemd_accepts_the_drop_in() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&dropin).unwrap();
     assert!(text.contains("ListenStream=/run/a%%n b.sock\n"), "{text}");
-    verify_units(&dir.path("units"));
+    support::verify_units(&dir.path("units"));
 
     // A scoped link-local address (interface 1 = lo): systemd 252 cannot parse the scope in
     // ListenStream=, so it becomes BindToDevice=.
@@ -310,7 +293,7 @@ fn init_escapes_percent_and_interface_scopes_so_systemd_accepts_the_drop_in() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&dropin).unwrap();
     assert!(text.contains("ListenStream=[fe80::1]:8080\n") && text.contains("BindToDevice=lo\n"), "{text}");
-    verify_units(&dir.path("units"));
+    support::verify_units(&dir.path("units"));
 
     let out = init_scratch(&dir, &["--listen", "[fe80::1%1]:8080", "--listen", "127.0.0.1:8080"]);
     assert_one_line_error(&out, CONFIG, "has an interface scope");

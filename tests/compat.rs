@@ -132,18 +132,7 @@ fn init_renders_a_bare_port_as_a_dual_stack_listen_stream_systemd_accepts() {
         eprintln!("SKIP systemd-analyze verify: systemd-analyze is not installed (apt install systemd)");
         return;
     }
-    let repo = env!("CARGO_MANIFEST_DIR");
-    let service = std::fs::read_to_string(format!("{repo}/units/herdsman@.service")).unwrap();
-    std::fs::write(units.join("herdsman@.service"), service.replace("/usr/bin/herdsman", BIN)).unwrap();
-    std::fs::copy(format!("{repo}/units/herdsman@.socket"), units.join("herdsman@.socket")).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(units.join("herdsman@web.socket"))
-        .arg(units.join("herdsman@web.service"))
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
+    verify_units(&units);
 }
 
 #[test]

@@ -472,3 +472,21 @@ pub fn processes_in_group(pgid: i32) -> Vec<i32> {
     }
     out
 }
+
+/// Copies the shipped units into `units` (next to the drop-ins a test rendered there for app
+/// `web`) and checks `herdsman@web.{socket,service}` with `systemd-analyze verify`, which
+/// must print nothing (it warns with exit 0).
+pub fn verify_units(units: &std::path::Path) {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let service = std::fs::read_to_string(format!("{repo}/units/herdsman@.service")).unwrap();
+    std::fs::write(units.join("herdsman@.service"), service.replace("/usr/bin/herdsman", BIN)).unwrap();
+    std::fs::copy(format!("{repo}/units/herdsman@.socket"), units.join("herdsman@.socket")).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(units.join("herdsman@web.socket"))
+        .arg(units.join("herdsman@web.service"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
+}
