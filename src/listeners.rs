@@ -126,12 +126,6 @@ impl Listeners {
         self.list.iter().map(|l| l.fd.as_raw_fd()).collect()
     }
 
-    /// Close-on-exec copies of the sockets with their addresses, for reading their listen
-    /// queues (a copy shares the socket; nothing about it is changed).
-    pub fn copies(&self) -> Vec<(String, OwnedFd)> {
-        self.list.iter().filter_map(|l| Some((l.addr.clone(), l.fd.try_clone().ok()?))).collect()
-    }
-
     pub fn names(&self) -> String {
         self.list.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(":")
     }
@@ -140,13 +134,13 @@ impl Listeners {
         self.list.iter().map(|l| l.addr.clone()).collect()
     }
 
-    /// Copies of every socket (same sockets, new descriptors above the workers' fd range),
-    /// with their address and name, for [`crate::steer::Steering`].
-    pub fn steer_copies(&self) -> io::Result<Vec<(String, String, OwnedFd)>> {
-        let floor = 3 + self.list.len() as i32;
+    /// Close-on-exec copies of every socket (the same sockets, new descriptors above the
+    /// workers' fd range; nothing about the sockets changes), with their address and name:
+    /// for [`crate::steer::Steering`], for the metrics' listen queues and for `status`.
+    pub fn copies(&self) -> io::Result<Vec<(String, String, OwnedFd)>> {
         self.list
             .iter()
-            .map(|l| Ok((l.addr.clone(), l.name.clone(), sys::dup_cloexec_from(&l.fd, floor)?)))
+            .map(|l| Ok((l.addr.clone(), l.name.clone(), sys::dup_cloexec_from(&l.fd, self.floor())?)))
             .collect()
     }
 

@@ -239,7 +239,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let steering = if steered {
-        let copies = match listeners.steer_copies() {
+        let copies = match listeners.copies() {
             Ok(c) => c,
             Err(e) => {
                 herdsman::errln!("herdsman: cannot duplicate the listening sockets: {e}");
@@ -318,7 +318,10 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     // Copies of the listening sockets, to read their queues (never their flags).
-    let metrics = herdsman::metrics::Metrics::new(notify_dir.clone(), listeners.copies());
+    let metrics = herdsman::metrics::Metrics::new(
+        notify_dir.clone(),
+        listeners.copies().unwrap_or_default().into_iter().map(|(addr, _, fd)| (addr, fd)).collect(),
+    );
     let control_ref = &control;
     let metrics_ref = &metrics_bound;
     let result = rt.block_on(async move {

@@ -228,13 +228,12 @@ impl Launcher {
 /// Finds the program like `execvp` would, but before forking (so a typo is a clear error, and
 /// the child does no path search).
 pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> Result<String, String> {
-    let executable = is_executable;
     if program.contains('/') {
         let full = match cwd {
             Some(dir) if !program.starts_with('/') => dir.join(program),
             _ => PathBuf::from(program),
         };
-        return if executable(&full) {
+        return if is_executable(&full) {
             Ok(program.to_string())
         } else if full.exists() {
             Err(format!("{program} is not an executable file; check its permissions (chmod +x)"))
@@ -251,7 +250,7 @@ pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> R
     path.split(':')
         .filter(|d| d.starts_with('/'))
         .map(|d| Path::new(d).join(program))
-        .find(|p| executable(p))
+        .find(|p| is_executable(p))
         .map(|p| p.to_string_lossy().into_owned())
         .ok_or_else(|| format!("command not found: {program} (searched PATH={path})"))
 }

@@ -107,7 +107,7 @@ impl Steering {
         let mut pools: Vec<Pool> = Vec::new();
         for (addr, name, fd) in sockets {
             let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())
-                .map_err(|e| SteerError::NotTcp { mode, addr: addr.clone(), why: errno_str(e) })?;
+                .map_err(|_| SteerError::NotTcp { mode, addr: addr.clone(), why: "getsockname failed" })?;
             let family = match local.family() {
                 Some(f @ (AddressFamily::Inet | AddressFamily::Inet6)) => f,
                 _ => return Err(SteerError::NotTcp { mode, addr, why: "not a TCP socket" }),
@@ -141,11 +141,6 @@ impl Steering {
     /// `LISTEN_FDNAMES` for workers: one name per address.
     pub fn names(&self) -> String {
         self.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(":")
-    }
-
-    /// Every pool's shared accept queue length (for `shared`-style reporting of member 0).
-    pub fn member_count(&self) -> usize {
-        self.pools.iter().map(|p| p.members.len()).sum()
     }
 
     /// Sticky hashes over this many slots.
@@ -266,10 +261,6 @@ impl Steering {
         }
         Ok(())
     }
-}
-
-fn errno_str(_: nix::Error) -> &'static str {
-    "getsockname failed"
 }
 
 /// Opens one more member of `pool`'s group: same address, `SO_REUSEPORT`, listening.

@@ -168,7 +168,7 @@ pub async fn run(
         last_reload: None,
         launcher,
         shared_sockets: if world.steering.is_none() {
-            world.listeners.copies().into_iter().map(|(_, fd)| fd).collect()
+            world.listeners.copies()?.into_iter().map(|(_, _, fd)| fd).collect()
         } else {
             Vec::new()
         },
@@ -255,13 +255,18 @@ impl Supervisor {
         if want != self.desired {
             tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.desired);
         }
-        self.desired = want;
+        self.set_desired(want);
+        Ok(want)
+    }
+
+    /// The wanted number of workers; sticky steering hashes clients over that many slots.
+    fn set_desired(&mut self, n: usize) {
+        self.desired = n;
         if let Some(st) = &mut self.steering {
-            if let Err(e) = st.set_slots(want) {
+            if let Err(e) = st.set_slots(n) {
                 tracing::error!(app = %self.app, "steering: {e}");
             }
         }
-        Ok(want)
     }
 
     fn stop(&mut self) {

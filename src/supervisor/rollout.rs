@@ -113,7 +113,6 @@ impl Supervisor {
             tracing::error!(app = %sup.app, "reload failed: {msg}");
             sup.metrics.reloaded(false, None);
             sup.record_reload(false, Some(msg.clone()));
-            sup.metrics.reloaded(false, None);
             let outcome = ReloadOutcome { ok: false, generation: sup.spec.generation, message: msg };
             sup.answer(waiters, outcome);
         };
@@ -179,12 +178,7 @@ impl Supervisor {
         // otherwise a runtime scale is kept.
         if new.file_workers != self.settings.file_workers && new.file_workers.is_some() {
             tracing::info!(app = %self.app, "config file changed workers to {}", new.workers);
-            self.desired = new.workers.get();
-            if let Some(st) = &mut self.steering {
-                if let Err(e) = st.set_slots(self.desired) {
-                    tracing::error!(app = %self.app, "steering: {e}");
-                }
-            }
+            self.set_desired(new.workers.get());
         }
         if new.balance != self.settings.balance {
             tracing::warn!(app = %self.app, "balance changed in the config: the sockets are kept as they are ({}); restart the app to change it", self.settings.balance);
@@ -299,7 +293,7 @@ impl Supervisor {
     /// stopped, and — for a reload with `on_failure = "rollback"` — the slots it moved start
     /// rolling back.
     pub(super) fn fail_rollout(&mut self, reason: String) {
-        let Some(r) = self.rollout.take() else { return };
+        let Some(mut r) = self.rollout.take() else { return };
         for (_, pid) in &r.in_flight {
             self.kill_now(*pid, None);
             if let Some(w) = self.workers.get_mut(pid) {
@@ -324,26 +318,20 @@ impl Supervisor {
             }
         };
         tracing::error!(app = %self.app, generation = r.spec.generation, "{msg}");
-        let mut r = r;
-        let rollback = matches!(r.purpose, Purpose::Reload)
-            && self.settings.on_failure == OnFailure::Rollback
-            && !self.stopping
-            && !r.moved.is_empty();
-        let msg = if rollback {
-            match self.start_rollback(&mut r, msg) {
-                Ok(()) => return,
-                Err(msg) => msg,
+        let msg = match (&r.purpose, r.moved.is_empty()) {
+            (Purpose::Rollback { .. }, _) => msg,
+            (Purpose::Reload, true) => format!("{msg}; every worker keeps running the previous code"),
+            (Purpose::Reload, false) if self.settings.on_failure == OnFailure::Rollback && !self.stopping => {
+                match self.start_rollback(&mut r, msg) {
+                    Ok(()) => return,
+                    Err(msg) => msg,
+                }
             }
-        } else if matches!(r.purpose, Purpose::Reload) && !r.moved.is_empty() {
-            format!(
+            (Purpose::Reload, false) => format!(
                 "{msg}; {} worker(s) stay on generation {} (on_failure = keep)",
                 r.moved.len(),
                 r.spec.generation
-            )
-        } else if matches!(r.purpose, Purpose::Reload) {
-            format!("{msg}; every worker keeps running the previous code")
-        } else {
-            msg
+            ),
         };
         // The reload is over (RELOADING=1 → READY=1), unless it ends because we are stopping:
         // systemd already has STOPPING=1.
