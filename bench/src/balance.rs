@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{Load, Opts};
+use crate::loadavg;
 use crate::servers::*;
 use crate::suites::{analyse, lat_stats, log, reload_run, wrk, ReloadCell, TAIL_S, WRK_CONNS};
 use crate::util::*;
@@ -121,15 +122,6 @@ pub fn sources(count: usize, seed: u64) -> Vec<Ipv4Addr> {
         }
     }
     out
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn start_c(ctx: &Ctx, c: Contender, app: &App, n: usize) -> Option<Server> {

@@ -85,7 +85,8 @@ fn sh(cmd: &str) -> String {
         .unwrap_or_default()
 }
 
-fn loadavg() -> String {
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
+pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()

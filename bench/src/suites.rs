@@ -384,26 +384,7 @@ pub fn reloads(ctx: &Ctx) -> Reloads {
                     {
                         Some(i) => i,
                         None => {
-                            cells.push(ReloadCell {
-                                kind,
-                                app: label.to_string(),
-                                n: *n,
-                                keep_alive: ka,
-                                reloads: 0,
-                                requests: 0,
-                                failed: vec![],
-                                failed_noretry: vec![],
-                                steady_failed: 0,
-                                by_kind: BTreeMap::new(),
-                                steady_p50: vec![],
-                                steady_p99: vec![],
-                                steady_max: vec![],
-                                reload_p50: vec![],
-                                reload_p99: vec![],
-                                reload_max: vec![],
-                                reload_s: vec![],
-                                errors: vec![],
-                            });
+                            cells.push(ReloadCell::new(kind, label, *n, ka));
                             cells.len() - 1
                         }
                     };
