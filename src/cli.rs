@@ -64,6 +64,20 @@ pub enum Command {
         #[arg(long, value_name = "DUR", default_value = "15m")]
         timeout: String,
     },
+    /// Re-execute the supervisor in place from a new binary (same pid, every worker and socket kept).
+    Upgrade {
+        /// App name or control socket path (optional when one app runs).
+        target: Option<String>,
+        /// The herdsman binary to re-execute (default: the path the supervisor was started from).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Give up waiting after this long.
+        #[arg(long, value_name = "DUR", default_value = "1m")]
+        timeout: String,
+    },
+    /// Read an upgrade state on stdin and report whether this binary can take it over.
+    #[command(hide = true)]
+    UpgradeCheck,
     /// Set (N), add (+N) or remove (-N) workers; waits until done.
     Scale {
         /// [TARGET] N|+N|-N

@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 pub use values::{Balance, ListenAddr, OnFailure, ReadyMode, WorkerCount};
 
 /// Restart back-off for workers that fail repeatedly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BackoffPolicy {
     /// Delay before the first restart after a failure.
     pub initial: Duration,
@@ -35,7 +35,7 @@ pub struct BackoffPolicy {
 pub const DEFAULT_MIN_READY: Duration = Duration::from_secs(1);
 
 /// Validated settings for one app.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     pub name: String,
     pub command: Vec<String>,
@@ -45,6 +45,7 @@ pub struct Settings {
     pub cwd: Option<PathBuf>,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
+    #[serde(with = "values::signal_name")]
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub reload_batch: NonZeroUsize,
@@ -71,7 +72,7 @@ pub struct Settings {
 }
 
 /// Values given on the command line; each overrides the file's.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Overrides {
     pub name: Option<String>,
     pub workers: Option<String>,

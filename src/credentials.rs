@@ -9,7 +9,7 @@
 use std::ffi::CString;
 
 /// The identity a worker gets, fully resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Credentials {
     /// The user's name, for `USER`/`LOGNAME`.
     pub user: String,

@@ -39,4 +39,5 @@ pub mod spawn;
 pub mod steer;
 pub mod supervisor;
 pub mod sys;
+pub mod upgrade;
 pub mod worker;

@@ -148,6 +148,58 @@ impl Listeners {
     pub fn floor(&self) -> RawFd {
         3 + self.list.len() as RawFd
     }
+
+    /// For an in-place upgrade: every socket, with the number it will have in the new image.
+    pub fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<ListenersState> {
+        let list = self
+            .list
+            .iter()
+            .map(|l| {
+                Ok(ListenerState {
+                    fd: ex.fd(&l.fd)?,
+                    name: l.name.clone(),
+                    addr: l.addr.clone(),
+                    owned_path: l.owned_path.clone(),
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(ListenersState { list, activated: self.activated })
+    }
+
+    /// The sockets a previous image handed over (already above the workers' range: the
+    /// previous image duplicated them there).
+    pub fn adopt(st: ListenersState, fds: &mut sys::HandedOver) -> io::Result<Listeners> {
+        let list = st
+            .list
+            .into_iter()
+            .map(|l| {
+                Ok(Listener { fd: fds.take(l.fd)?, name: l.name, addr: l.addr, owned_path: l.owned_path })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let listeners = Listeners { list, activated: st.activated };
+        if let Some(low) = listeners.list.iter().find(|l| l.fd.as_raw_fd() < listeners.floor()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("socket fd {} is below the workers' range", low.fd.as_raw_fd()),
+            ));
+        }
+        Ok(listeners)
+    }
+}
+
+/// The listening sockets in an upgrade's state.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ListenersState {
+    pub list: Vec<ListenerState>,
+    pub activated: bool,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ListenerState {
+    pub fd: RawFd,
+    pub name: String,
+    pub addr: String,
+    pub owned_path: Option<PathBuf>,
 }
 
 impl Drop for Listeners {

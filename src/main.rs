@@ -21,6 +21,10 @@ use tokio::sync::mpsc;
 
 fn main() -> ExitCode {
     sys::ensure_stdio_open();
+    // The new image of an in-place upgrade: its state, not argv, says what to do.
+    if let Some(fd) = var_opt(herdsman::upgrade::STATE_VAR) {
+        return resume(&fd);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -48,6 +52,11 @@ fn main() -> ExitCode {
                 code(exit::FAILURE)
             }
         },
+        Command::Upgrade { target, binary, timeout } => match duration_arg(&timeout) {
+            Ok(t) => client_result(client::upgrade(target.as_deref(), binary.as_deref(), t, &env())),
+            Err(c) => c,
+        },
+        Command::UpgradeCheck => upgrade_check(),
         Command::Metrics { target } => client_result(client::metrics(target.as_deref(), &env())),
         Command::List { json } => client_result(client::list(json, &env())),
         Command::Reload { target, no_wait, wait: _, timeout } => match duration_arg(&timeout) {
@@ -257,18 +266,6 @@ fn run(args: RunArgs) -> ExitCode {
     } else {
         None
     };
-    let notifier = match Notifier::new(var_opt("NOTIFY_SOCKET").as_deref()) {
-        Ok(n) => n,
-        Err(e) => {
-            herdsman::errln!("herdsman: NOTIFY_SOCKET is unusable ({e}); not notifying the service manager");
-            Notifier::disabled()
-        }
-    };
-    let watchdog = notify::watchdog_interval(
-        var_opt("WATCHDOG_USEC").as_deref(),
-        var_opt("WATCHDOG_PID").as_deref(),
-        std::process::id(),
-    );
     let paths_env = paths::Env::from_process();
     let default_control = paths::default_socket(&settings.name, &paths_env);
     if let Some(dir) = paths::fallback_dir(&paths_env) {
@@ -281,9 +278,6 @@ fn run(args: RunArgs) -> ExitCode {
             });
         }
     }
-    // The workers' notify socket lives in the app's runtime directory (that of the default
-    // control socket), whatever `--control` says.
-    let notify_dir = default_control.parent().map(Path::to_path_buf);
     let control_path = settings.control.clone().unwrap_or(default_control);
     let group = settings
         .control_group
@@ -298,18 +292,6 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let access = server::Access { uid: paths_env.euid, group };
-    let reload_source: Option<supervisor::ReloadSource> = args.config.clone().map(|file| {
-        let ov = ov.clone();
-        Box::new(move || load(Some(&file), &ov)) as supervisor::ReloadSource
-    });
-
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            herdsman::errln!("herdsman: cannot start the event loop: {e}");
-            return code(exit::FAILURE);
-        }
-    };
     let metrics_bound = match settings.metrics.as_ref().map(herdsman::metrics::http::bind).transpose() {
         Ok(b) => b,
         Err(e) => {
@@ -317,11 +299,110 @@ fn run(args: RunArgs) -> ExitCode {
             return code(exit::FAILURE);
         }
     };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(c) => return c,
+    };
     // Copies of the listening sockets, to read their queues (never their flags).
-    let metrics = herdsman::metrics::Metrics::new(
-        notify_dir.clone(),
-        listeners.copies().unwrap_or_default().into_iter().map(|(addr, _, fd)| (addr, fd)).collect(),
+    let metrics = herdsman::metrics::Metrics::new(notify_dir(&settings), queue_copies(&listeners));
+    // Where the next in-place upgrade re-executes from: this binary's installed path.
+    let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/bin/herdsman"));
+    let parts = Parts {
+        journal,
+        listeners,
+        steering,
+        control,
+        access,
+        metrics_bound,
+        metrics,
+        notify: None,
+        resume: None,
+        config: args.config,
+        overrides: ov,
+        binary,
+        upgrades: 0,
+        argv: std::env::args().collect(),
+    };
+    serve(settings, parts, rt)
+}
+
+/// The workers' notify socket and metrics sockets live in the app's runtime directory (that
+/// of the default control socket), whatever `--control` says.
+fn notify_dir(settings: &Settings) -> Option<PathBuf> {
+    paths::default_socket(&settings.name, &paths::Env::from_process()).parent().map(Path::to_path_buf)
+}
+
+fn queue_copies(listeners: &Listeners) -> Vec<(String, std::os::fd::OwnedFd)> {
+    listeners.copies().unwrap_or_default().into_iter().map(|(addr, _, fd)| (addr, fd)).collect()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        herdsman::errln!("herdsman: cannot start the event loop: {e}");
+        code(exit::FAILURE)
+    })
+}
+
+/// What `run` (fresh) or `resume` (after an in-place upgrade) hands to [`serve`].
+struct Parts {
+    journal: Option<Sink>,
+    listeners: Listeners,
+    steering: Option<Steering>,
+    control: server::Bound,
+    access: server::Access,
+    metrics_bound: Option<herdsman::metrics::http::Bound>,
+    metrics: herdsman::metrics::Metrics,
+    notify: Option<herdsman::notify::WorkerNotify>,
+    resume: Option<supervisor::handover::Resumed>,
+    config: Option<PathBuf>,
+    overrides: Overrides,
+    binary: PathBuf,
+    upgrades: u64,
+    argv: Vec<String>,
+}
+
+/// Runs the loop with its control socket, metrics endpoint and signals until it stops.
+fn serve(settings: Settings, p: Parts, rt: tokio::runtime::Runtime) -> ExitCode {
+    let notifier = match Notifier::new(var_opt("NOTIFY_SOCKET").as_deref()) {
+        Ok(n) => n,
+        Err(e) => {
+            herdsman::errln!("herdsman: NOTIFY_SOCKET is unusable ({e}); not notifying the service manager");
+            Notifier::disabled()
+        }
+    };
+    let watchdog = notify::watchdog_interval(
+        var_opt("WATCHDOG_USEC").as_deref(),
+        var_opt("WATCHDOG_PID").as_deref(),
+        std::process::id(),
     );
+    let reload_source: Option<supervisor::ReloadSource> = p.config.clone().map(|file| {
+        let ov = p.overrides.clone();
+        Box::new(move || load(Some(&file), &ov)) as supervisor::ReloadSource
+    });
+    let carry = (|| -> std::io::Result<herdsman::upgrade::Carry> {
+        let control = std::os::fd::OwnedFd::from(p.control.listener.try_clone()?);
+        Ok(herdsman::upgrade::Carry {
+            binary: p.binary.clone(),
+            upgrades: p.upgrades,
+            config: p.config.clone(),
+            overrides: p.overrides.clone(),
+            argv: p.argv.clone(),
+            env: base_env(),
+            control: (control, p.control.path.clone(), p.control.made_dir(), p.access.uid, p.access.group),
+            metrics_http: p.metrics_bound.as_ref().map(|b| b.carry()).transpose()?,
+        })
+    })();
+    let carry = match carry {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("in-place upgrades are unavailable: cannot keep copies of the sockets ({e})");
+            None
+        }
+    };
+    let Parts {
+        journal, listeners, steering, control, access, metrics_bound, metrics, notify, resume, ..
+    } = p;
+    let notify_dir = notify_dir(&settings);
     let control_ref = &control;
     let metrics_ref = &metrics_bound;
     let result = rt.block_on(async move {
@@ -341,6 +422,9 @@ fn run(args: RunArgs) -> ExitCode {
             notify_dir,
             steering,
             metrics,
+            carry,
+            notify,
+            resume,
         };
         supervisor::run(settings, world, rx).await
     });
@@ -353,6 +437,118 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             herdsman::errln!("herdsman: {e:#}");
             code(exit::FAILURE)
+        }
+    }
+}
+
+/// The new image after an in-place upgrade (`HERDSMAN_UPGRADE_STATE` is set): takes over the
+/// previous image's state and descriptors, all or nothing, then serves as `run` does.
+fn resume(fd: &str) -> ExitCode {
+    use herdsman::upgrade;
+    let journal = logging(var_opt("JOURNAL_STREAM").as_deref(), var_opt("HERDSMAN_JOURNAL_SOCKET"));
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::error!("upgrade: the new image cannot take over ({what}: {e})");
+        herdsman::errln!("herdsman: upgrade: the new image cannot take over ({what}: {e})");
+        herdsman::logging::flush(std::time::Duration::from_secs(2));
+        code(exit::FAILURE)
+    };
+    let state = (|| -> Result<upgrade::Handover, String> {
+        let n: std::os::fd::RawFd =
+            fd.trim().parse().map_err(|_| format!("{} is not a descriptor number", upgrade::STATE_VAR))?;
+        let mut memfd = sys::HandedOver::adopt(&[n]).map_err(|e| e.to_string())?;
+        let mut file = std::fs::File::from(memfd.take(n).map_err(|e| e.to_string())?);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| e.to_string())?;
+        upgrade::parse(&bytes)
+    })();
+    let state = match state {
+        Ok(s) => s,
+        Err(e) => return fail("reading the state", &e),
+    };
+    if let Some(c) = kernel_and_limits() {
+        return c;
+    }
+    sys::set_worker_fd_limit(state.worker_fd_limit);
+    let mut fds = match sys::HandedOver::adopt(&state.fds) {
+        Ok(f) => f,
+        Err(e) => return fail("adopting the descriptors", &e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(c) => return c,
+    };
+    let _entered = rt.enter();
+    let settings = state.supervisor.settings.clone();
+    let built = (|| -> std::io::Result<Parts> {
+        let listeners = Listeners::adopt(state.listeners, &mut fds)?;
+        let steering = state.steering.map(|s| Steering::adopt(s, &mut fds)).transpose()?;
+        let notify = herdsman::notify::WorkerNotify::adopt(state.notify, &mut fds)?;
+        let c = state.control;
+        let control = server::Bound::adopt(fds.take(c.fd)?, c.path, c.made_dir)?;
+        let metrics_bound = match state.metrics_http {
+            Some(h) => Some(herdsman::metrics::http::Bound::adopt(fds.take(h.fd)?, h.unix, h.address)?),
+            None => None,
+        };
+        let metrics = herdsman::metrics::Metrics::resume(
+            notify_dir(&settings),
+            queue_copies(&listeners),
+            state.metrics,
+        );
+        let reply = state.reply.map(|r| fds.take(r)).transpose()?;
+        let workers = state.supervisor.workers.len();
+        let done = supervisor::UpgradeDone {
+            version: upgrade::version().to_string(),
+            from_version: state.from_version.clone(),
+            pid: std::process::id(),
+            upgrades: state.upgrades,
+            took_ms: (upgrade::monotonic_ns() - state.exec_at_ns) as f64 / 1e6,
+            workers,
+        };
+        let resumed = supervisor::handover::Resumed::take(
+            state.supervisor,
+            &mut fds,
+            reply.map(|r| (r, done)),
+            state.upgrades,
+        )?;
+        Ok(Parts {
+            journal,
+            listeners,
+            steering,
+            control,
+            access: server::Access { uid: c.uid, group: c.group },
+            metrics_bound,
+            metrics,
+            notify: Some(notify),
+            resume: Some(resumed),
+            config: state.config,
+            overrides: state.overrides,
+            binary: state.binary,
+            upgrades: state.upgrades,
+            argv: state.argv,
+        })
+    })();
+    let parts = match built {
+        Ok(p) => p,
+        Err(e) => return fail("rebuilding from the state", &e),
+    };
+    if fds.left() > 0 {
+        tracing::warn!("upgrade: {} handed-over descriptor(s) were not used and are closed", fds.left());
+    }
+    drop(fds);
+    drop(_entered);
+    serve(settings, parts, rt)
+}
+
+/// `herdsman upgrade-check`: the candidate side of an upgrade's check (see `upgrade`).
+fn upgrade_check() -> ExitCode {
+    match herdsman::upgrade::check_command(&mut std::io::stdin().lock()) {
+        Ok(report) => {
+            herdsman::outln!("{}", serde_json::to_string(&report).unwrap_or_default());
+            code(exit::OK)
+        }
+        Err(e) => {
+            herdsman::errln!("herdsman: {e}");
+            code(exit::CONFIG)
         }
     }
 }
@@ -380,7 +576,8 @@ fn kernel_and_limits() -> Option<ExitCode> {
     }
 }
 
-/// SIGHUP = reload, SIGTERM/SIGINT = stop, SIGTTIN/SIGTTOU = one worker more/less.
+/// SIGHUP = reload, SIGTERM/SIGINT = stop, SIGTTIN/SIGTTOU = one worker more/less, SIGUSR2 =
+/// in-place upgrade from the path herdsman was started from (as `herdsman upgrade`).
 fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
     use supervisor::{Scale, Waiter};
     let mut hup = signal(SignalKind::hangup())?;
@@ -388,6 +585,7 @@ fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
     let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     tokio::spawn(async move {
         loop {
             let c = tokio::select! {
@@ -396,6 +594,7 @@ fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
                 _ = int.recv() => Control::Stop,
                 _ = ttin.recv() => Control::Scale { scale: Scale::Add(1), wait: false, reply: None },
                 _ = ttou.recv() => Control::Scale { scale: Scale::Remove(1), wait: false, reply: None },
+                _ = usr2.recv() => Control::Upgrade { binary: None, reply: None, conn: None },
             };
             if tx.send(c).await.is_err() {
                 break;

@@ -347,6 +347,39 @@ impl WorkerNotify {
     }
 }
 
+/// The workers' notify socket in an upgrade's state.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct NotifyState {
+    pub fd: std::os::fd::RawFd,
+    pub address: String,
+    pub file: Option<(std::path::PathBuf, (u64, u64))>,
+    pub made_dir: Option<std::path::PathBuf>,
+}
+
+impl WorkerNotify {
+    /// For an in-place upgrade (workers keep their `NOTIFY_SOCKET`).
+    pub fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<NotifyState> {
+        Ok(NotifyState {
+            fd: ex.fd(&self.sock)?,
+            address: self.address.clone(),
+            file: self.file.clone(),
+            made_dir: self.made_dir.clone(),
+        })
+    }
+
+    /// The socket a previous image handed over. Must run inside the event loop's runtime.
+    pub fn adopt(st: NotifyState, fds: &mut crate::sys::HandedOver) -> io::Result<WorkerNotify> {
+        let std_sock = StdDatagram::from(fds.take(st.fd)?);
+        std_sock.set_nonblocking(true)?;
+        Ok(WorkerNotify {
+            sock: UnixDatagram::from_std(std_sock)?,
+            address: st.address,
+            file: st.file,
+            made_dir: st.made_dir,
+        })
+    }
+}
+
 impl Drop for WorkerNotify {
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;

@@ -67,6 +67,11 @@ impl Tail {
         q.push_back(text);
     }
 
+    /// A tail that already holds `lines` (a worker taken over in an upgrade).
+    pub fn from_lines(lines: Vec<String>) -> Tail {
+        Tail(Arc::new(Mutex::new(lines.into_iter().rev().take(TAIL_LINES).rev().collect())))
+    }
+
     pub fn lines(&self) -> Vec<String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
@@ -145,6 +150,15 @@ impl Output {
             })
             .expect("spawning the output thread");
         Output { tx }
+    }
+
+    /// Waits (at most `limit`) until the writer thread has taken every queued line. Blocking:
+    /// only for the moment before an upgrade's `execve`.
+    pub fn flush(&self, limit: std::time::Duration) {
+        let end = std::time::Instant::now() + limit;
+        while self.tx.capacity() < self.tx.max_capacity() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     /// Starts reading one worker stream. `done` is dropped at end of stream, so the

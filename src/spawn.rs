@@ -32,6 +32,7 @@ const SCRUBBED: &[&str] = &[
     "HERDSMAN_WORKER_ID",
     "HERDSMAN_GENERATION",
     "HERDSMAN_METRICS_SOCKET",
+    crate::upgrade::STATE_VAR,
 ];
 
 /// Follow the worker user (from its passwd entry) when workers run as another user.
@@ -44,7 +45,7 @@ const USER_VARS: &[&str] = &["HOME", "USER", "LOGNAME"];
 /// directory is real too. Every worker of the generation, crash restarts long after included,
 /// runs from there, so a release layout (`/srv/app/current` → `releases/X`, switched by the
 /// deploy tool) keeps old workers on their own release.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Spec {
     pub generation: u64,
     /// argv, as configured (`command[0]` is argv[0]).
@@ -56,6 +57,7 @@ pub struct Spec {
     pub cwd: PathBuf,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
+    #[serde(with = "crate::config::values::signal_name")]
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     /// Workers must send `WATCHDOG=1` at least this often once ready.
@@ -108,6 +110,8 @@ pub struct Launched {
     pub pid: i32,
     pub pidfd: OwnedFd,
     pub tail: Tail,
+    /// Copies of the output pipes' read ends (see `Worker::pipes`).
+    pub pipes: [OwnedFd; 2],
     /// Closed when both output streams reached end of file.
     pub output_done: mpsc::Receiver<()>,
 }
@@ -216,12 +220,39 @@ impl Launcher {
                 return Err(format!("cannot watch the new worker (pidfd_open: {e}), so it was killed"));
             }
         };
+        let pipes = match (out_r.try_clone(), err_r.try_clone()) {
+            (Ok(o), Ok(e)) => [o, e],
+            (Err(e), _) | (_, Err(e)) => {
+                sys::kill_and_reap_unwatched(pid);
+                return Err(format!("cannot keep the new worker's output pipes ({e}), so it was killed"));
+            }
+        };
         let tail = Tail::default();
+        let output_done = self.capture(worker_id, pid, spec.generation, [out_r, err_r], &tail);
+        Ok(Launched { pid, pidfd, tail, pipes, output_done })
+    }
+
+    /// Starts reading a worker's stdout and stderr (`pipes`); the receiver closes at the end
+    /// of both. Also used for the workers a new image takes over in an upgrade.
+    pub fn capture(
+        &self,
+        worker_id: usize,
+        pid: i32,
+        generation: u64,
+        pipes: [OwnedFd; 2],
+        tail: &Tail,
+    ) -> mpsc::Receiver<()> {
         let (done_tx, output_done) = mpsc::channel(1);
-        let origin = Arc::new(Origin { app: self.app.clone(), worker_id, pid, generation: spec.generation });
+        let origin = Arc::new(Origin { app: self.app.clone(), worker_id, pid, generation });
+        let [out_r, err_r] = pipes;
         self.output.capture(out_r, Stream::Stdout, origin.clone(), tail.clone(), done_tx.clone());
         self.output.capture(err_r, Stream::Stderr, origin, tail.clone(), done_tx);
-        Ok(Launched { pid, pidfd, tail, output_done })
+        output_done
+    }
+
+    /// The output writer (to flush it before an upgrade).
+    pub fn output(&self) -> &Output {
+        &self.output
     }
 }
 

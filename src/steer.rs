@@ -242,6 +242,50 @@ impl Steering {
         self.pools.iter_mut().flat_map(|p| p.members.iter_mut()).filter(move |m| m.holder == Some(pid))
     }
 
+    /// For an in-place upgrade: every member, with the number it will have in the new image.
+    pub fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<SteeringState> {
+        let mut pools = Vec::new();
+        for p in &self.pools {
+            let mut members = Vec::new();
+            for m in &p.members {
+                members.push(MemberState {
+                    fd: ex.fd(&m.fd)?,
+                    holder: m.holder,
+                    slot: m.slot,
+                    receiving: m.receiving,
+                });
+            }
+            pools.push(PoolState { addr: p.addr.clone(), name: p.name.clone(), members });
+        }
+        Ok(SteeringState { mode: self.mode, slots: self.slots, floor: self.floor, pools })
+    }
+
+    /// The pools a previous image handed over, in the same kernel order (no socket was
+    /// closed); the routing program is attached again (the same one).
+    pub fn adopt(st: SteeringState, fds: &mut sys::HandedOver) -> io::Result<Steering> {
+        let mut pools = Vec::new();
+        for p in st.pools {
+            let mut members = Vec::new();
+            for m in p.members {
+                members.push(Member {
+                    fd: fds.take(m.fd)?,
+                    holder: m.holder,
+                    slot: m.slot,
+                    receiving: m.receiving,
+                });
+            }
+            let first =
+                members.first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty pool"))?;
+            let local: SockaddrStorage = socket::getsockname(first.fd.as_raw_fd())?;
+            let family =
+                local.family().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no family"))?;
+            pools.push(Pool { addr: p.addr, name: p.name, local, family, members });
+        }
+        let steering = Steering { mode: st.mode, pools, slots: st.slots.max(1), floor: st.floor };
+        steering.apply().map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(steering)
+    }
+
     /// Attaches the current program to every pool.
     fn apply(&self) -> Result<(), SteerError> {
         for pool in &self.pools {
@@ -277,6 +321,30 @@ fn open_member(pool: &Pool, floor: RawFd) -> io::Result<OwnedFd> {
     socket::bind(fd.as_raw_fd(), &pool.local)?;
     socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN))?;
     sys::dup_cloexec_from(&fd, floor)
+}
+
+/// Steered sockets in an upgrade's state.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SteeringState {
+    pub mode: Balance,
+    pub slots: usize,
+    pub floor: RawFd,
+    pub pools: Vec<PoolState>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PoolState {
+    pub addr: String,
+    pub name: String,
+    pub members: Vec<MemberState>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MemberState {
+    pub fd: RawFd,
+    pub holder: Option<i32>,
+    pub slot: usize,
+    pub receiving: bool,
 }
 
 // Classic BPF opcodes (linux/filter.h).

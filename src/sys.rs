@@ -18,7 +18,7 @@
 
 use std::ffi::{CString, c_char, c_int, c_uint};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// `close_range` flag: mark instead of close (Linux 5.11).
 const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
@@ -332,6 +332,94 @@ pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A duplicate of `fd` at the lowest free number `>= min` that is *not* close-on-exec: handed
+/// to the next image of herdsman across `execve` (in-place upgrade, see `upgrade`). Only the
+/// descriptor is new; the open file description and its flags are shared, never changed.
+pub fn dup_inheritable(fd: BorrowedFd<'_>, min: c_int) -> io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD(min))?;
+    // SAFETY: fcntl just returned this new descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// An anonymous memory file that survives `execve` (no `MFD_CLOEXEC`): the upgrade state.
+pub fn inheritable_memfd(name: &str) -> io::Result<OwnedFd> {
+    let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::empty()).map_err(io::Error::from)
+}
+
+/// Replaces this process's image (same pid, same children, same descriptors unless
+/// close-on-exec). Returns only on failure.
+pub fn execve(path: &str, argv: &[String], env: &[String]) -> io::Error {
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"));
+    let prepared = (|| -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
+        let argv = argv.iter().map(|a| c(a)).collect::<io::Result<Vec<_>>>()?;
+        let env = env.iter().map(|e| c(e)).collect::<io::Result<Vec<_>>>()?;
+        Ok((c(path)?, argv, env))
+    })();
+    match prepared {
+        Ok((path, argv, env)) => match nix::unistd::execve(&path, &argv, &env) {
+            Ok(never) => match never {},
+            Err(e) => io::Error::from(e),
+        },
+        Err(e) => e,
+    }
+}
+
+/// Descriptors the previous image of herdsman handed over across `execve`, each taken (owned)
+/// at most once.
+#[derive(Debug)]
+pub struct HandedOver {
+    fds: std::collections::HashMap<RawFd, OwnedFd>,
+}
+
+impl HandedOver {
+    /// Takes ownership of `list`: every number must be open and listed once; each becomes
+    /// close-on-exec again (workers and helpers must not inherit them). Fails, owning nothing,
+    /// if one is not.
+    pub fn adopt(list: &[RawFd]) -> io::Result<HandedOver> {
+        let mut seen = std::collections::HashSet::new();
+        for &fd in list {
+            if fd < 3 || !seen.insert(fd) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("fd {fd} listed twice or reserved"),
+                ));
+            }
+            // SAFETY: F_GETFD only queries the descriptor table.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("fd {fd} is not open")));
+            }
+        }
+        let mut fds = std::collections::HashMap::new();
+        for &fd in list {
+            // SAFETY: open (checked above), listed once (checked above), and handed to this
+            // process image by its previous one for its exclusive use: nothing else owns it.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            nix::fcntl::fcntl(
+                owned.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )?;
+            fds.insert(fd, owned);
+        }
+        Ok(HandedOver { fds })
+    }
+
+    /// The descriptor handed over as number `fd`.
+    pub fn take(&mut self, fd: RawFd) -> io::Result<OwnedFd> {
+        self.fds.remove(&fd).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("fd {fd} was not handed over (or taken twice)"),
+            )
+        })
+    }
+
+    /// How many were never taken (closed on drop).
+    pub fn left(&self) -> usize {
+        self.fds.len()
+    }
+}
+
 /// Opens a pidfd for our child `pid`: readable when it exits, and safe to signal (no pid reuse).
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall with integer arguments; the result is a new fd we own.
@@ -375,6 +463,17 @@ pub fn kill_and_reap_unwatched(pid: i32) {
 /// The soft `RLIMIT_NOFILE` herdsman was started with, once [`raise_fd_limit`] raised it
 /// (`u64::MAX`: never raised). Workers get it back before exec.
 static WORKER_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// The workers' soft fd limit (for the upgrade state): `u64::MAX` when never raised.
+pub fn worker_fd_limit() -> u64 {
+    WORKER_NOFILE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Restores the workers' soft fd limit after an in-place upgrade (the new image finds the
+/// limit already raised, so it cannot learn the original one itself).
+pub fn set_worker_fd_limit(v: u64) {
+    WORKER_NOFILE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Raises the soft fd limit to the hard one: each worker costs the supervisor three
 /// descriptors (its pidfd and two output pipes), and the default soft limit (1024) is far

@@ -31,7 +31,7 @@ pub enum State {
 }
 
 /// Why the worker exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     /// Serves its slot (or is starting to, outside a roll-out).
     Active,
@@ -53,6 +53,8 @@ pub struct Worker {
     pub started: Instant,
     pub pidfd: Arc<OwnedFd>,
     pub tail: Tail,
+    /// Copies of the read ends of its stdout and stderr pipes, to hand over in an upgrade.
+    pub pipes: [OwnedFd; 2],
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
     pub failure: Option<String>,
 

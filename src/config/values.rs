@@ -12,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 /// How a worker proves it is ready to serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReadyMode {
     /// The worker sends `READY=1` to `NOTIFY_SOCKET`.
     Notify,
@@ -30,7 +30,7 @@ impl std::fmt::Display for ReadyMode {
 }
 
 /// A socket to bind when not socket-activated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ListenAddr {
     Tcp(SocketAddr),
     /// `:PORT`: every address of both families where the system has IPv6 (`[::]:PORT` with
@@ -168,7 +168,7 @@ pub fn listen(s: &str) -> Result<ListenAddr, String> {
 }
 
 /// How new connections reach workers (`--balance`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Balance {
     /// One listening socket per address shared by every worker; the kernel wakes an acceptor.
     Shared,
@@ -208,7 +208,7 @@ pub fn metrics_addr(s: &str) -> Result<ListenAddr, String> {
 }
 
 /// What to do with the slots a failed roll-out already moved to the new generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum OnFailure {
     /// Roll them back to the previous generation (a normal, readiness-gated roll-out).
     Rollback,
@@ -430,5 +430,20 @@ mod tests {
         assert_eq!(ready("notify").unwrap(), ReadyMode::Notify);
         assert_eq!(ready("alive:2s").unwrap(), ReadyMode::Alive(Duration::from_secs(2)));
         assert!(ready("when-ready").is_err());
+    }
+}
+
+/// Serde for a signal as its name (`"SIGTERM"`), for the in-place upgrade's state.
+pub mod signal_name {
+    use nix::sys::signal::Signal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(s: &Signal, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(s.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Signal, D::Error> {
+        let name = String::deserialize(de)?;
+        name.parse().map_err(|_| serde::de::Error::custom(format!("unknown signal {name:?}")))
     }
 }

@@ -159,10 +159,23 @@ pub fn list(json: bool, env: &paths::Env) -> Result<(), Failure> {
 
 pub fn reload(target: Option<&str>, wait: bool, timeout: Duration, env: &paths::Env) -> Result<(), Failure> {
     let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
-    let reply = call(&path, Op::Reload { wait }, timeout, |line| {
-        crate::outln!("{line}");
-        let _ = std::io::stdout().flush();
-    })?;
+    let started = Instant::now();
+    let reply = loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let reply = call(&path, Op::Reload { wait }, left, |line| {
+            crate::outln!("{line}");
+            let _ = std::io::stdout().flush();
+        })?;
+        match reply {
+            // The supervisor was upgraded in place before this reload started: ask the new
+            // image (its control socket is the same; it may take a moment to answer).
+            Reply::Reload(o) if o.retry => {
+                crate::outln!("{}", o.message);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => break other,
+        }
+    };
     match reply {
         Reply::Reload(o) if o.ok => {
             crate::outln!("{}", o.message);
@@ -185,6 +198,39 @@ pub fn scale(
     match call(&path, Op::Scale { workers: workers.to_string(), wait }, timeout, |_| {})? {
         Reply::Scale { workers } => {
             crate::outln!("{} worker(s){}", workers, if wait { " ready" } else { " requested" });
+            Ok(())
+        }
+        other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),
+    }
+}
+
+/// `herdsman upgrade [TARGET] [--binary PATH]`: the new image answers (with its version).
+pub fn upgrade(
+    target: Option<&str>,
+    binary: Option<&Path>,
+    timeout: Duration,
+    env: &paths::Env,
+) -> Result<(), Failure> {
+    let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
+    // A relative --binary is the caller's, not the supervisor's, relative path.
+    let binary = match binary {
+        Some(b) => Some(
+            std::path::absolute(b)
+                .map_err(|e| fail(exit::USAGE, format!("--binary {}: {e}", b.display())))?,
+        ),
+        None => None,
+    };
+    match call(&path, Op::Upgrade { binary }, timeout, |line| crate::outln!("{line}"))? {
+        Reply::Upgrade(done) => {
+            crate::outln!(
+                "upgraded in place: herdsman {} → {} (pid {}, {} worker(s) kept, {:.1} ms; upgrade #{})",
+                done.from_version,
+                done.version,
+                done.pid,
+                done.workers,
+                done.took_ms,
+                done.upgrades
+            );
             Ok(())
         }
         other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::supervisor::{ReloadOutcome, Snapshot};
+use crate::supervisor::{ReloadOutcome, Snapshot, UpgradeDone};
 
 pub const VERSION: u32 = 1;
 /// Longest request line accepted.
@@ -32,6 +32,12 @@ pub enum Op {
     },
     /// The metrics page (Prometheus text 0.0.4), as `GET /metrics` serves it.
     Metrics,
+    /// Re-execute the supervisor in place from `binary` (default: the path it was started
+    /// from); answered by the new image.
+    Upgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 fn yes() -> bool {
@@ -53,6 +59,7 @@ pub enum Reply {
     Reload(ReloadOutcome),
     Scale { workers: usize },
     Metrics { text: String },
+    Upgrade(UpgradeDone),
     Error { message: String },
 }
 

@@ -6,6 +6,7 @@
 //! once (each holds a file descriptor, and the supervisor's descriptors are for its
 //! workers); one more gets a one-line busy error and is closed at once.
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -76,6 +77,24 @@ pub struct Bound {
     pub listener: std::os::unix::net::UnixListener,
     pub path: PathBuf,
     made_dir: Option<PathBuf>,
+}
+
+impl Bound {
+    /// The directory herdsman created for the socket (removed at exit), if any.
+    pub fn made_dir(&self) -> Option<PathBuf> {
+        self.made_dir.clone()
+    }
+
+    /// The socket a previous image handed over in an in-place upgrade.
+    pub fn adopt(
+        fd: std::os::fd::OwnedFd,
+        path: PathBuf,
+        made_dir: Option<PathBuf>,
+    ) -> std::io::Result<Bound> {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(Bound { listener, path, made_dir })
+    }
 }
 
 impl Drop for Bound {
@@ -275,7 +294,12 @@ async fn handle(
                 return write.write_all(gone().line().as_bytes()).await;
             }
             if !wait {
-                let outcome = ReloadOutcome { ok: true, generation: 0, message: "reload requested".into() };
+                let outcome = ReloadOutcome {
+                    retry: false,
+                    ok: true,
+                    generation: 0,
+                    message: "reload requested".into(),
+                };
                 return write.write_all(Reply::Reload(outcome).line().as_bytes()).await;
             }
             loop {
@@ -292,6 +316,22 @@ async fn handle(
                     }
                 }
             }
+        }
+        Op::Upgrade { binary } => {
+            // The new image answers on this same connection (a copy of it is handed over);
+            // this task only answers when the upgrade is refused or fails.
+            let conn = write.as_ref().as_fd().try_clone_to_owned()?;
+            let (tx, rx) = oneshot::channel();
+            let c = Control::Upgrade { binary, reply: Some(tx), conn: Some(conn) };
+            if controls.send(c).await.is_err() {
+                return write.write_all(gone().line().as_bytes()).await;
+            }
+            let reply = match rx.await {
+                Ok(Ok(done)) => Reply::Upgrade(done),
+                Ok(Err(message)) => Reply::Error { message: format!("cannot upgrade: {message}") },
+                Err(_) => gone(),
+            };
+            write.write_all(reply.line().as_bytes()).await
         }
         Op::Metrics => {
             let reply = match metrics.collect(&controls, crate::metrics::model::Format::Text).await {

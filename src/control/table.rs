@@ -71,6 +71,7 @@ pub fn status(s: &Snapshot) -> String {
         }
         None => out.push_str("last reload: never\n"),
     }
+    out.push_str(&format!("herdsman {} · {} in-place upgrade(s)\n", s.version, s.upgrades));
     if let Some(m) = &s.metrics {
         out.push_str(&format!("metrics: http://{m}/metrics\n").replace("http://unix:", "unix:"));
     }

@@ -50,6 +50,36 @@ impl Bound {
     }
 }
 
+impl Bound {
+    /// A copy of the listening socket, to hand over in an in-place upgrade.
+    pub fn carry(&self) -> std::io::Result<(std::os::fd::OwnedFd, Option<std::path::PathBuf>, String)> {
+        Ok(match self {
+            Bound::Tcp(l, a) => (l.try_clone()?.into(), None, a.clone()),
+            Bound::Unix(l, p) => (l.try_clone()?.into(), Some(p.clone()), self.address()),
+        })
+    }
+
+    /// The endpoint a previous image handed over.
+    pub fn adopt(
+        fd: std::os::fd::OwnedFd,
+        unix: Option<std::path::PathBuf>,
+        address: String,
+    ) -> std::io::Result<Bound> {
+        Ok(match unix {
+            Some(p) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                Bound::Unix(l, p)
+            }
+            None => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Bound::Tcp(l, address)
+            }
+        })
+    }
+}
+
 impl Drop for Bound {
     fn drop(&mut self) {
         if let Bound::Unix(_, p) = self {

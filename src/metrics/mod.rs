@@ -26,6 +26,7 @@
 //! by herdsman, group of the worker user, 0770), since they cannot create files in a
 //! directory only herdsman may write. herdsman removes each file when its worker is gone.
 
+pub mod carry;
 pub mod http;
 pub mod model;
 pub mod parse;
@@ -126,6 +127,12 @@ impl Metrics {
         if let Some(d) = &dir {
             remove_stale(d);
         }
+        Self::empty(dir, sockets)
+    }
+
+    /// Like [`Metrics::new`], without removing anything (the sockets in `dir` belong to live
+    /// workers: see `carry`).
+    fn empty(dir: Option<PathBuf>, sockets: Vec<(String, OwnedFd)>) -> Metrics {
         Metrics(Arc::new(Inner {
             state: Mutex::new(State {
                 restarts: BTreeMap::new(),

@@ -273,3 +273,26 @@ mod tests {
         assert_eq!(Format::from_accept(Some("text/plain")), Format::Text);
     }
 }
+
+/// A histogram's counts, for an in-place upgrade (the buckets are the binary's own).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HistogramState {
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn export(&self) -> HistogramState {
+        HistogramState { counts: self.counts.clone(), sum: self.sum, count: self.count }
+    }
+
+    /// Counts carried over; ignored if the buckets changed between versions.
+    pub fn import(&mut self, st: HistogramState) {
+        if st.counts.len() == self.counts.len() {
+            self.counts = st.counts;
+            self.sum = st.sum;
+            self.count = st.count;
+        }
+    }
+}

@@ -35,6 +35,28 @@ pub enum Control {
     },
     /// Graceful stop; a second one kills what is left at once.
     Stop,
+    /// In-place upgrade from `binary` (default: the path herdsman was started from). The
+    /// reply comes only if it fails: on success the new image answers on `conn`.
+    Upgrade {
+        binary: Option<std::path::PathBuf>,
+        reply: Option<oneshot::Sender<Result<UpgradeDone, String>>>,
+        conn: Option<std::os::fd::OwnedFd>,
+    },
+}
+
+/// The answer to `herdsman upgrade`, written by the new image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeDone {
+    /// The version now running.
+    pub version: String,
+    pub from_version: String,
+    pub pid: u32,
+    /// In-place upgrades since the service started.
+    pub upgrades: u64,
+    /// From just before `execve` to the new image serving its control socket.
+    pub took_ms: f64,
+    /// Workers taken over.
+    pub workers: usize,
 }
 
 /// The result of one roll-out, as reported to every client that asked for it.
@@ -43,6 +65,10 @@ pub struct ReloadOutcome {
     pub ok: bool,
     pub generation: u64,
     pub message: String,
+    /// The supervisor was upgraded in place before this reload could start: send it again
+    /// (the client does, to the new image).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
 }
 
 /// One worker in a [`Snapshot`].
@@ -91,6 +117,12 @@ pub struct Snapshot {
     /// How connections reach workers: "shared", "steer" or "sticky".
     #[serde(default = "shared")]
     pub balance: String,
+    /// The running supervisor's version.
+    #[serde(default)]
+    pub version: String,
+    /// In-place upgrades (`herdsman upgrade`) since the service started.
+    #[serde(default)]
+    pub upgrades: u64,
 }
 
 fn shared() -> String {

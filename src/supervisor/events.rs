@@ -14,7 +14,10 @@ use crate::worker::{Role, State};
 
 impl Supervisor {
     pub(super) fn on_event(&mut self, ev: Event) {
-        let Event::Exited { pid, status } = ev;
+        let (pid, status) = match ev {
+            Event::Exited { pid, status } => (pid, status),
+            Event::UpgradeChecked(r) => return self.on_upgrade_checked(r),
+        };
         let Some(w) = self.workers.remove(&pid) else { return };
         if let Some(st) = &mut self.steering {
             if let Err(e) = st.release(pid) {

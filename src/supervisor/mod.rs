@@ -15,6 +15,7 @@
 pub mod control;
 mod events;
 mod exits;
+pub mod handover;
 mod health;
 mod rollout;
 mod status;
@@ -35,7 +36,7 @@ use crate::output::Output;
 use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
 use crate::worker::{Role, State, Worker};
-pub use control::{Control, ReloadOutcome, Scale, Snapshot, Waiter};
+pub use control::{Control, ReloadOutcome, Scale, Snapshot, UpgradeDone, Waiter};
 use rollout::Rollout;
 
 /// A steered worker that stopped receiving keeps running at least this long before its stop
@@ -66,10 +67,18 @@ pub struct World {
     pub steering: Option<Steering>,
     /// Where the loop records what happens, for the metrics endpoint (see `crate::metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// What an in-place upgrade carries over that the loop does not own (`None`: upgrades
+    /// are refused, e.g. in tests that run the loop in-process).
+    pub carry: Option<crate::upgrade::Carry>,
+    /// The workers' notify socket taken over in an upgrade (`None`: bind a new one).
+    pub notify: Option<WorkerNotify>,
+    /// The state a new image takes over after an in-place upgrade.
+    pub resume: Option<handover::Resumed>,
 }
 
 enum Event {
     Exited { pid: i32, status: WaitStatus },
+    UpgradeChecked(Result<crate::upgrade::CheckReport, crate::upgrade::UpgradeError>),
 }
 
 /// A slot: one stable worker id.
@@ -123,6 +132,16 @@ pub struct Supervisor {
     sent_ready: bool,
     last_status: String,
     metrics: crate::metrics::Metrics,
+    listeners: Listeners,
+    /// The workers' notify socket (also read by the loop itself).
+    notify: Arc<WorkerNotify>,
+    carry: Option<crate::upgrade::Carry>,
+    /// An in-place upgrade that was asked for and has not ended.
+    upgrade: Option<handover::Pending>,
+    /// Reloads asked for during an upgrade.
+    deferred: Vec<Waiter>,
+    /// In-place upgrades since the service started.
+    upgrades: u64,
 }
 
 /// Runs the supervisor until a stop request has been carried out.
@@ -131,7 +150,10 @@ pub async fn run(
     world: World,
     mut controls: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
-    let notify = WorkerNotify::bind(world.notify_dir.as_deref())?;
+    let notify = Arc::new(match world.notify {
+        Some(n) => n,
+        None => WorkerNotify::bind(world.notify_dir.as_deref())?,
+    });
     let app: Arc<str> = Arc::from(settings.name.as_str());
     let fdnames = match &world.steering {
         Some(st) => st.names(),
@@ -182,16 +204,26 @@ pub async fn run(
         sent_ready: false,
         last_status: String::new(),
         metrics: world.metrics,
+        listeners: world.listeners,
+        notify: notify.clone(),
+        carry: world.carry,
+        upgrade: None,
+        deferred: Vec::new(),
+        upgrades: 0,
     };
-    tracing::info!(
-        app = %sup.app,
-        workers = sup.desired,
-        sockets = %sup.sockets.join(", "),
-        "starting {} worker(s) of {:?} on {}",
-        sup.desired,
-        sup.settings.command.join(" "),
-        sup.sockets.join(", ")
-    );
+    if let Some(r) = world.resume {
+        sup.resume(r)?;
+    } else {
+        tracing::info!(
+            app = %sup.app,
+            workers = sup.desired,
+            sockets = %sup.sockets.join(", "),
+            "starting {} worker(s) of {:?} on {}",
+            sup.desired,
+            sup.settings.command.join(" "),
+            sup.sockets.join(", ")
+        );
+    }
     let mut controls_open = true;
     loop {
         sup.reconcile();
@@ -211,7 +243,6 @@ pub async fn run(
         sup.on_timers(Instant::now());
     }
     tracing::info!(app = %sup.app, "all workers stopped");
-    drop(world.listeners);
     Ok(())
 }
 
@@ -237,6 +268,7 @@ impl Supervisor {
                 let _ = reply.send(self.snapshot());
             }
             Control::Stop => self.stop(),
+            Control::Upgrade { binary, reply, conn } => self.request_upgrade(binary, reply, conn),
         }
     }
 
@@ -284,6 +316,7 @@ impl Supervisor {
         self.fail_rollout("the supervisor is stopping".to_string());
         if let Some(waiters) = self.queued.take() {
             let outcome = ReloadOutcome {
+                retry: false,
                 ok: false,
                 generation: self.spec.generation,
                 message: "the supervisor is stopping".to_string(),
@@ -372,6 +405,7 @@ impl Supervisor {
             .chain(holds)
             .chain(self.next_memory_check)
             .chain(notify_retry)
+            .chain(self.upgrade_deadline())
             .min()
     }
 
@@ -385,7 +419,9 @@ impl Supervisor {
             self.drive_rollout();
             self.promote_replacements();
             self.answer_scale_waiters();
+            self.drive_upgrade();
         } else {
+            self.drive_upgrade();
             for tx in self.scale_waiters.drain(..) {
                 let _ = tx.send(Err("the supervisor is stopping".to_string()));
             }
@@ -500,6 +536,7 @@ impl Supervisor {
                 started: now,
                 pidfd,
                 tail: l.tail,
+                pipes: l.pipes,
                 failure: None,
 
                 last_ping: now,

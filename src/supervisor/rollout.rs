@@ -92,11 +92,18 @@ impl Supervisor {
     pub(super) fn request_reload(&mut self, reply: Waiter) {
         if self.stopping {
             let outcome = ReloadOutcome {
+                retry: false,
                 ok: false,
                 generation: self.spec.generation,
                 message: "the supervisor is stopping".into(),
             };
             self.answer(vec![reply], outcome);
+        } else if self.upgrading() {
+            tracing::info!(app = %self.app, "reload requested during an upgrade: it waits for the upgrade");
+            if let Some(tx) = &reply.progress {
+                let _ = tx.send("an in-place upgrade is in progress: this reload waits for it".to_string());
+            }
+            self.deferred.push(reply);
         } else if self.rollout.is_some() {
             tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
             if let Some(tx) = &reply.progress {
@@ -113,7 +120,8 @@ impl Supervisor {
             tracing::error!(app = %sup.app, "reload failed: {msg}");
             sup.metrics.reloaded(false, None);
             sup.record_reload(false, Some(msg.clone()));
-            let outcome = ReloadOutcome { ok: false, generation: sup.spec.generation, message: msg };
+            let outcome =
+                ReloadOutcome { retry: false, ok: false, generation: sup.spec.generation, message: msg };
             sup.answer(waiters, outcome);
         };
         let settings = match &self.reload_source {
@@ -273,7 +281,7 @@ impl Supervisor {
                 tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
                 self.record_reload(true, None);
                 self.metrics.reloaded(true, Some(r.started.elapsed()));
-                ReloadOutcome { ok: true, generation: r.spec.generation, message: msg }
+                ReloadOutcome { retry: false, ok: true, generation: r.spec.generation, message: msg }
             }
             Purpose::Rollback { failure } => {
                 let msg = format!(
@@ -282,7 +290,7 @@ impl Supervisor {
                 );
                 tracing::warn!(app = %self.app, generation = r.spec.generation, "{msg}");
                 self.set_rollback("ok");
-                ReloadOutcome { ok: false, generation: r.spec.generation, message: msg }
+                ReloadOutcome { retry: false, ok: false, generation: r.spec.generation, message: msg }
             }
         };
         self.notifier.send("READY=1");
@@ -338,7 +346,7 @@ impl Supervisor {
         if !self.stopping {
             self.notifier.send("READY=1");
         }
-        let outcome = ReloadOutcome { ok: false, generation: r.spec.generation, message: msg };
+        let outcome = ReloadOutcome { retry: false, ok: false, generation: r.spec.generation, message: msg };
         self.answer(std::mem::take(&mut r.waiters), outcome);
     }
 

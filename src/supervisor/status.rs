@@ -107,6 +107,8 @@ impl Supervisor {
             log_dropped: crate::logging::dropped(),
             balance: self.settings.balance.to_string(),
             metrics: self.metrics.address(),
+            version: crate::upgrade::version().to_string(),
+            upgrades: self.upgrades,
         }
     }
 }

@@ -1,0 +1,487 @@
+//! The loop's side of an in-place upgrade (see `crate::upgrade` for the whole protocol): when
+//! an upgrade may start, the check, the exec, and the supervisor's part of the state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::control::{LastReload, ReloadOutcome, UpgradeDone};
+use super::{Event, Slot, Supervisor};
+use crate::config::Settings;
+use crate::spawn::Spec;
+use crate::sys::HandedOver;
+use crate::upgrade::{self, Clock, Exporter, Handover, UpgradeError};
+use crate::worker::{Role, State, Worker};
+
+/// How long the loop lets its tasks write the last answers before `execve`.
+const FLUSH: Duration = Duration::from_millis(50);
+
+/// An upgrade that was asked for and has not ended.
+pub(super) struct Pending {
+    binary: PathBuf,
+    reply: Option<oneshot::Sender<Result<UpgradeDone, String>>>,
+    /// The client's connection, for the new image to answer on.
+    conn: Option<std::os::fd::OwnedFd>,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Waiting until nothing is in flight that the state does not describe.
+    Waiting,
+    Checking,
+    /// Checked; the exec follows once the loop's tasks had `FLUSH` to write.
+    Checked {
+        report: upgrade::CheckReport,
+        exec_at: Instant,
+    },
+}
+
+/// The supervisor's part of the state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SupervisorState {
+    pub settings: Settings,
+    /// Every spec in use, each once; slots and workers refer to them by index.
+    pub specs: Vec<Spec>,
+    pub spec: usize,
+    pub generation: u64,
+    pub desired: usize,
+    pub slots: Vec<SlotState>,
+    pub workers: Vec<WorkerState>,
+    pub last_reload: Option<LastReload>,
+    pub watchdog_timeouts: u64,
+    pub sent_ready: bool,
+    pub next_memory_check_ns: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SlotState {
+    pub id: usize,
+    pub active: Option<i32>,
+    pub spec: usize,
+    pub failures: u32,
+    pub restarts: u32,
+    pub restart_at_ns: Option<i64>,
+    pub settled: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkerState {
+    pub pid: i32,
+    pub slot: usize,
+    pub spec: usize,
+    pub state: WorkerPhase,
+    pub role: Role,
+    pub started_ns: i64,
+    pub pidfd: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    pub tail: Vec<String>,
+    pub failure: Option<String>,
+    pub last_ping_ns: i64,
+    pub memory_strikes: u32,
+}
+
+/// [`State`] with its instants as `CLOCK_MONOTONIC` nanoseconds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum WorkerPhase {
+    Starting { deadline_ns: i64 },
+    Ready { since_ns: i64 },
+    Draining { since_ns: i64 },
+    Stopping { kill_at_ns: i64 },
+    Killed,
+}
+
+impl WorkerPhase {
+    fn of(s: State, c: &Clock) -> WorkerPhase {
+        match s {
+            State::Starting { deadline } => WorkerPhase::Starting { deadline_ns: c.to_ns(deadline) },
+            State::Ready { since } => WorkerPhase::Ready { since_ns: c.to_ns(since) },
+            State::Draining { since } => WorkerPhase::Draining { since_ns: c.to_ns(since) },
+            State::Stopping { kill_at } => WorkerPhase::Stopping { kill_at_ns: c.to_ns(kill_at) },
+            State::Killed => WorkerPhase::Killed,
+        }
+    }
+
+    fn state(self, c: &Clock) -> State {
+        match self {
+            WorkerPhase::Starting { deadline_ns } => State::Starting { deadline: c.instant(deadline_ns) },
+            WorkerPhase::Ready { since_ns } => State::Ready { since: c.instant(since_ns) },
+            WorkerPhase::Draining { since_ns } => State::Draining { since: c.instant(since_ns) },
+            WorkerPhase::Stopping { kill_at_ns } => State::Stopping { kill_at: c.instant(kill_at_ns) },
+            WorkerPhase::Killed => State::Killed,
+        }
+    }
+}
+
+/// The supervisor's part, rebuilt by the new image: ready to run (see `supervisor::run`).
+pub struct Resumed {
+    pub(super) state: SupervisorState,
+    pub(super) fds: HashMap<RawFd, std::os::fd::OwnedFd>,
+    /// The upgrade client to answer, with what to tell it.
+    pub(super) reply: Option<(std::os::fd::OwnedFd, UpgradeDone)>,
+    pub(super) upgrades: u64,
+}
+
+impl Resumed {
+    /// Takes the supervisor's descriptors (pidfds, output pipes) out of `fds`.
+    pub fn take(
+        state: SupervisorState,
+        fds: &mut HandedOver,
+        reply: Option<(std::os::fd::OwnedFd, UpgradeDone)>,
+        upgrades: u64,
+    ) -> std::io::Result<Resumed> {
+        let mut own = HashMap::new();
+        for w in &state.workers {
+            for fd in [w.pidfd, w.stdout, w.stderr] {
+                own.insert(fd, fds.take(fd)?);
+            }
+        }
+        Ok(Resumed { state, fds: own, reply, upgrades })
+    }
+}
+
+impl Supervisor {
+    /// `herdsman upgrade` / `SIGUSR2`.
+    pub(super) fn request_upgrade(
+        &mut self,
+        binary: Option<PathBuf>,
+        reply: Option<oneshot::Sender<Result<UpgradeDone, String>>>,
+        conn: Option<std::os::fd::OwnedFd>,
+    ) {
+        let refuse = |reply: Option<oneshot::Sender<_>>, e: UpgradeError| {
+            if let Some(tx) = reply {
+                let _ = tx.send(Err(e.to_string()));
+            }
+        };
+        if self.stopping {
+            return refuse(reply, UpgradeError::Stopping);
+        }
+        if self.upgrade.is_some() {
+            return refuse(reply, UpgradeError::Busy);
+        }
+        let Some(carry) = &self.carry else {
+            let e = UpgradeError::Prepare("this supervisor was not started by `herdsman run`".into());
+            return refuse(reply, e);
+        };
+        let binary = binary.unwrap_or_else(|| carry.binary.clone());
+        tracing::info!(app = %self.app, "upgrade requested: re-executing from {}", binary.display());
+        self.upgrade = Some(Pending { binary, reply, conn, phase: Phase::Waiting });
+    }
+
+    /// Whether a reload must wait for an upgrade (then it is answered "retry" before the exec,
+    /// or started normally if the upgrade fails).
+    pub(super) fn upgrading(&self) -> bool {
+        self.upgrade.is_some()
+    }
+
+    /// Moves a pending upgrade on: check when the loop is quiet, exec once checked.
+    pub(super) fn drive_upgrade(&mut self) {
+        let Some(up) = &self.upgrade else { return };
+        if self.stopping {
+            return self.end_upgrade(Err(UpgradeError::Stopping));
+        }
+        let quiet = self.rollout.is_none()
+            && self.queued.is_none()
+            && self.replacing.is_empty()
+            && self.scale_waiters.is_empty();
+        match &up.phase {
+            Phase::Waiting if quiet => {
+                let binary = up.binary.clone();
+                let state = self
+                    .handover(&mut Exporter::new(true, self.fd_floor()), None)
+                    .and_then(|h| serde_json::to_vec(&h).map_err(|e| UpgradeError::Prepare(e.to_string())));
+                match state {
+                    Ok(bytes) => {
+                        let events = self.events.clone();
+                        tokio::spawn(async move {
+                            let r = upgrade::check(binary, bytes).await;
+                            let _ = events.send(Event::UpgradeChecked(r));
+                        });
+                        if let Some(up) = &mut self.upgrade {
+                            up.phase = Phase::Checking;
+                        }
+                    }
+                    Err(e) => self.end_upgrade(Err(e)),
+                }
+            }
+            Phase::Checked { exec_at, .. } if quiet && Instant::now() >= *exec_at => self.exec_upgrade(),
+            _ => {}
+        }
+    }
+
+    /// When the loop must wake for the upgrade.
+    pub(super) fn upgrade_deadline(&self) -> Option<Instant> {
+        match &self.upgrade.as_ref()?.phase {
+            Phase::Checked { exec_at, .. } => Some(*exec_at),
+            _ => None,
+        }
+    }
+
+    pub(super) fn on_upgrade_checked(&mut self, r: Result<upgrade::CheckReport, UpgradeError>) {
+        let Some(up) = &mut self.upgrade else { return };
+        match r {
+            Ok(report) => {
+                tracing::info!(app = %self.app, "{} (herdsman {}) passed its take-over check", up.binary.display(), report.version);
+                // Reloads that waited for the upgrade go to the new image: tell their clients.
+                let waiters = std::mem::take(&mut self.deferred);
+                let outcome = ReloadOutcome {
+                    ok: false,
+                    generation: self.spec.generation,
+                    message: format!(
+                        "the supervisor is being upgraded in place to herdsman {}: send the reload again",
+                        report.version
+                    ),
+                    retry: true,
+                };
+                self.answer(waiters, outcome);
+                if let Some(up) = &mut self.upgrade {
+                    up.phase = Phase::Checked { report, exec_at: Instant::now() + FLUSH };
+                }
+            }
+            Err(e) => self.end_upgrade(Err(e)),
+        }
+    }
+
+    /// Ends a pending upgrade that will not happen: the client hears why, waiting reloads run.
+    fn end_upgrade(&mut self, r: Result<UpgradeDone, UpgradeError>) {
+        let Some(up) = self.upgrade.take() else { return };
+        if let Err(e) = &r {
+            tracing::error!(app = %self.app, "upgrade refused: {e}");
+        }
+        if let Some(tx) = up.reply {
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        }
+        for w in std::mem::take(&mut self.deferred) {
+            self.request_reload(w);
+        }
+    }
+
+    fn exec_upgrade(&mut self) {
+        let Some(up) = &mut self.upgrade else { return };
+        let binary = up.binary.clone();
+        let conn = up.conn.take();
+        let version = match &up.phase {
+            Phase::Checked { report, .. } => report.version.clone(),
+            _ => return,
+        };
+        let mut exporter = Exporter::new(false, self.fd_floor());
+        let state = match self.handover(&mut exporter, conn.as_ref()) {
+            Ok(s) => s,
+            Err(e) => return self.end_upgrade(Err(e)),
+        };
+        tracing::info!(app = %self.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.display(), self.workers.len());
+        self.notifier.send(&format!("STATUS=upgrading in place to herdsman {version}"));
+        self.notifier.flush();
+        // The last lines must not die with this image.
+        self.launcher.output().flush(Duration::from_millis(500));
+        crate::logging::flush(Duration::from_millis(500));
+        let Some(carry) = &self.carry else { return };
+        let err = upgrade::exec(&binary, &state, exporter, carry);
+        // Still here: execve failed, the duplicates are closed again.
+        self.last_status.clear();
+        self.end_upgrade(Err(err));
+    }
+
+    fn fd_floor(&self) -> RawFd {
+        self.listeners.floor()
+    }
+
+    /// The whole state, with `ex` deciding the descriptor numbers.
+    fn handover(
+        &self,
+        ex: &mut Exporter,
+        conn: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<Handover, UpgradeError> {
+        let prep = |e: std::io::Error| UpgradeError::Prepare(e.to_string());
+        let carry = self.carry.as_ref().ok_or_else(|| UpgradeError::Prepare("nothing to carry".into()))?;
+        let clock = Clock::now();
+        let control = upgrade::ControlState {
+            fd: ex.fd(&carry.control.0).map_err(prep)?,
+            path: carry.control.1.clone(),
+            made_dir: carry.control.2.clone(),
+            uid: carry.control.3,
+            group: carry.control.4,
+        };
+        let metrics_http = match &carry.metrics_http {
+            Some((fd, unix, address)) => Some(upgrade::HttpState {
+                fd: ex.fd(fd).map_err(prep)?,
+                unix: unix.clone(),
+                address: address.clone(),
+            }),
+            None => None,
+        };
+        let listeners = self.listeners.export(ex).map_err(prep)?;
+        let steering = self.steering.as_ref().map(|s| s.export(ex)).transpose().map_err(prep)?;
+        let notify = self.notify.export(ex).map_err(prep)?;
+        let supervisor = self.export(ex, &clock).map_err(prep)?;
+        let reply = conn.map(|c| ex.fd(c)).transpose().map_err(prep)?;
+        Ok(Handover {
+            format: upgrade::STATE_FORMAT,
+            from_version: upgrade::version().to_string(),
+            // The next upgrade defaults to the same path (the installed one).
+            binary: carry.binary.clone(),
+            upgrades: self.upgrades + 1,
+            exec_at_ns: upgrade::monotonic_ns(),
+            config: carry.config.clone(),
+            overrides: carry.overrides.clone(),
+            argv: carry.argv.clone(),
+            worker_fd_limit: crate::sys::worker_fd_limit(),
+            control,
+            metrics_http,
+            metrics: self.metrics.export(),
+            listeners,
+            steering,
+            notify,
+            supervisor,
+            reply,
+            fds: ex.numbers(),
+        })
+    }
+
+    fn export(&self, ex: &mut Exporter, clock: &Clock) -> std::io::Result<SupervisorState> {
+        let mut specs: Vec<Arc<Spec>> = Vec::new();
+        let mut index = |s: &Arc<Spec>| match specs.iter().position(|x| Arc::ptr_eq(x, s)) {
+            Some(i) => i,
+            None => {
+                specs.push(s.clone());
+                specs.len() - 1
+            }
+        };
+        let spec = index(&self.spec);
+        let slots = self
+            .slots
+            .iter()
+            .map(|(id, s)| SlotState {
+                id: *id,
+                active: s.active,
+                spec: index(&s.spec),
+                failures: s.failures,
+                restarts: s.restarts,
+                restart_at_ns: s.restart_at.map(|t| clock.to_ns(t)),
+                settled: s.settled,
+                last_error: s.last_error.clone(),
+            })
+            .collect();
+        let mut workers = Vec::new();
+        for w in self.workers.values() {
+            workers.push(WorkerState {
+                pid: w.pid,
+                slot: w.slot,
+                spec: index(&w.spec),
+                state: WorkerPhase::of(w.state, clock),
+                role: w.role,
+                started_ns: clock.to_ns(w.started),
+                pidfd: ex.fd(&*w.pidfd)?,
+                stdout: ex.fd(&w.pipes[0])?,
+                stderr: ex.fd(&w.pipes[1])?,
+                tail: w.tail.lines(),
+                failure: w.failure.clone(),
+                last_ping_ns: clock.to_ns(w.last_ping),
+                memory_strikes: w.memory_strikes,
+            });
+        }
+        let specs = specs.iter().map(|s| Spec::clone(s)).collect();
+        Ok(SupervisorState {
+            settings: self.settings.clone(),
+            specs,
+            spec,
+            generation: self.generation,
+            desired: self.desired,
+            slots,
+            workers,
+            last_reload: self.last_reload.clone(),
+            watchdog_timeouts: self.watchdog_timeouts,
+            sent_ready: self.sent_ready,
+            next_memory_check_ns: self.next_memory_check.map(|t| clock.to_ns(t)),
+        })
+    }
+
+    /// Puts the taken-over state in place (the supervisor was built empty from the same
+    /// settings) and starts watching every worker again.
+    pub(super) fn resume(&mut self, r: Resumed) -> std::io::Result<()> {
+        let Resumed { state, mut fds, reply, upgrades } = r;
+        let clock = Clock::now();
+        let specs: Vec<Arc<Spec>> = state.specs.into_iter().map(Arc::new).collect();
+        let spec_at = |i: usize| {
+            specs.get(i).cloned().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("spec {i} missing"))
+            })
+        };
+        self.spec = spec_at(state.spec)?;
+        self.generation = state.generation;
+        self.desired = state.desired;
+        self.last_reload = state.last_reload;
+        self.watchdog_timeouts = state.watchdog_timeouts;
+        self.sent_ready = state.sent_ready;
+        self.next_memory_check = state.next_memory_check_ns.map(|n| clock.instant(n));
+        self.upgrades = upgrades;
+        let mut slots = BTreeMap::new();
+        for s in state.slots {
+            slots.insert(
+                s.id,
+                Slot {
+                    active: s.active,
+                    spec: spec_at(s.spec)?,
+                    failures: s.failures,
+                    restarts: s.restarts,
+                    restart_at: s.restart_at_ns.map(|n| clock.instant(n)),
+                    settled: s.settled,
+                    last_error: s.last_error,
+                },
+            );
+        }
+        self.slots = slots;
+        let mut take = |fd: RawFd| {
+            fds.remove(&fd).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("fd {fd} missing"))
+            })
+        };
+        for w in state.workers {
+            let pidfd = Arc::new(take(w.pidfd)?);
+            let pipes = [take(w.stdout)?, take(w.stderr)?];
+            let spec = spec_at(w.spec)?;
+            let tail = crate::output::Tail::from_lines(w.tail);
+            let copies = [pipes[0].try_clone()?, pipes[1].try_clone()?];
+            let output_done = self.launcher.capture(w.slot, w.pid, spec.generation, copies, &tail);
+            super::exits::watch_exit(w.pid, pidfd.clone(), output_done, self.events.clone());
+            self.workers.insert(
+                w.pid,
+                Worker {
+                    pid: w.pid,
+                    slot: w.slot,
+                    spec,
+                    state: w.state.state(&clock),
+                    role: w.role,
+                    started: clock.instant(w.started_ns),
+                    pidfd,
+                    tail,
+                    pipes,
+                    failure: w.failure,
+                    last_ping: clock.instant(w.last_ping_ns),
+                    memory_strikes: w.memory_strikes,
+                },
+            );
+        }
+        // The manager's watchdog: ping at once (the exec took a moment of it).
+        if let Some((every, _)) = self.watchdog {
+            self.watchdog = Some((every, Instant::now().checked_sub(every).unwrap_or_else(Instant::now)));
+        }
+        if let Some((conn, done)) = reply {
+            use std::io::Write;
+            let took = done.took_ms;
+            let mut s = std::os::unix::net::UnixStream::from(conn);
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = s.write_all(crate::control::protocol::Reply::Upgrade(done).line().as_bytes());
+            tracing::info!(app = %self.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.workers.len());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! In-place upgrade: the supervisor re-executes itself (same pid) from a new binary and the
+//! new image takes over every worker, socket and record without touching any of them.
+//!
+//! Theory of operation.
+//! 1. `herdsman upgrade` (or `SIGUSR2`) asks the loop. The loop waits until nothing is in
+//!    flight that the state does not describe (a roll-out, queued reloads, a health
+//!    replacement, `scale` waiters); reloads asked for meanwhile are answered "retry after the
+//!    upgrade" just before the exec, and the client resends them to the new image.
+//! 2. **Check**: the new binary runs as `herdsman upgrade-check` with the *current state* on its
+//!    stdin (without descriptors) and must answer one JSON line with its version and
+//!    [`STATE_FORMAT`] within [`CHECK_TIMEOUT`]. Missing, not executable, crashing, hanging,
+//!    unparsable or incompatible: refused with one line, nothing changed.
+//! 3. **Exec**: every descriptor the state names is duplicated *without* close-on-exec (the
+//!    originals stay close-on-exec; nothing about the sockets changes), the state goes into an
+//!    inheritable memfd named by `HERDSMAN_UPGRADE_STATE`, and the loop calls `execve` with the
+//!    original argv and environment. If `execve` fails, the duplicates and the memfd are closed
+//!    and the old image carries on; the client gets the error.
+//! 4. **Resume**: `main` sees `HERDSMAN_UPGRADE_STATE`, reads the whole state, adopts every listed
+//!    descriptor at once ([`crate::sys::HandedOver`]: all open and listed once, or none taken),
+//!    rebuilds the components from it, and only then starts the loop, which answers the
+//!    upgrade client on its handed-over connection. The state is one JSON document validated by
+//!    the same binary's check beforehand, so the new image either has all of it or exits
+//!    (never half).
+//!
+//! What carries over: pid, workers (pids, slots, generations, pinned specs, restart counts,
+//! back-off, timers), sockets (shared or steered, with their routing program), output pipes,
+//! the workers' notify socket, the control socket, the metrics endpoint and counters, the last
+//! reload, the worker fd limit. Timers are carried as `CLOCK_MONOTONIC` instants, which
+//! `execve` does not reset.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Overrides;
+
+/// The layout of [`Handover`]; a new binary takes over only a state of a format it reads.
+pub const STATE_FORMAT: u32 = 1;
+/// How long the new binary's check may take.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The environment variable that carries the state's descriptor number into the new image.
+pub const STATE_VAR: &str = "HERDSMAN_UPGRADE_STATE";
+/// The hidden subcommand a candidate binary runs for the check.
+pub const CHECK_COMMAND: &str = "upgrade-check";
+
+/// herdsman's own version.
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+/// Everything the new image needs, in one document.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Handover {
+    pub format: u32,
+    /// The version of the image that wrote this.
+    pub from_version: String,
+    /// The path the next upgrade re-executes by default.
+    pub binary: PathBuf,
+    /// In-place upgrades since the service started, this one included.
+    pub upgrades: u64,
+    /// `CLOCK_MONOTONIC` (ns) just before `execve`, to measure the take-over.
+    pub exec_at_ns: i64,
+    /// What `herdsman run` was started with, for reloads that re-read the config.
+    pub config: Option<PathBuf>,
+    pub overrides: Overrides,
+    /// The argv to re-execute with next time.
+    pub argv: Vec<String>,
+    /// The workers' soft fd limit (see `sys::raise_fd_limit`).
+    pub worker_fd_limit: u64,
+    pub control: ControlState,
+    pub metrics_http: Option<HttpState>,
+    pub metrics: crate::metrics::carry::MetricsState,
+    pub listeners: crate::listeners::ListenersState,
+    pub steering: Option<crate::steer::SteeringState>,
+    pub notify: crate::notify::NotifyState,
+    pub supervisor: crate::supervisor::handover::SupervisorState,
+    /// The `herdsman upgrade` client's connection: the new image answers on it.
+    pub reply: Option<RawFd>,
+    /// Every descriptor named above, for adoption in one step.
+    pub fds: Vec<RawFd>,
+}
+
+/// The control socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ControlState {
+    pub fd: RawFd,
+    pub path: PathBuf,
+    pub made_dir: Option<PathBuf>,
+    pub uid: u32,
+    pub group: Option<u32>,
+}
+
+/// The metrics endpoint.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HttpState {
+    pub fd: RawFd,
+    /// `Some(path)` for a unix socket, `None` for TCP.
+    pub unix: Option<PathBuf>,
+    pub address: String,
+}
+
+/// What the supervisor loop keeps for a future upgrade (from `main`).
+#[derive(Debug)]
+pub struct Carry {
+    pub binary: PathBuf,
+    pub upgrades: u64,
+    pub config: Option<PathBuf>,
+    pub overrides: Overrides,
+    pub argv: Vec<String>,
+    /// The environment to re-execute with (herdsman's own, without [`STATE_VAR`]).
+    pub env: Vec<(String, String)>,
+    pub control: (OwnedFd, PathBuf, Option<PathBuf>, u32, Option<u32>),
+    pub metrics_http: Option<(OwnedFd, Option<PathBuf>, String)>,
+}
+
+/// Collects the descriptors of a state. A *dry* exporter (for the check) records the current
+/// numbers; a real one duplicates each without close-on-exec, above the workers' fd range.
+pub struct Exporter {
+    dry: bool,
+    floor: RawFd,
+    dups: Vec<OwnedFd>,
+    numbers: Vec<RawFd>,
+}
+
+impl Exporter {
+    pub fn new(dry: bool, floor: RawFd) -> Exporter {
+        Exporter { dry, floor, dups: Vec::new(), numbers: Vec::new() }
+    }
+
+    /// The number `fd` will have in the new image.
+    pub fn fd(&mut self, fd: &impl AsFd) -> std::io::Result<RawFd> {
+        let n = if self.dry {
+            fd.as_fd().as_raw_fd()
+        } else {
+            let dup = crate::sys::dup_inheritable(fd.as_fd(), self.floor)?;
+            let n = dup.as_raw_fd();
+            self.dups.push(dup);
+            n
+        };
+        self.numbers.push(n);
+        Ok(n)
+    }
+
+    pub fn numbers(&self) -> Vec<RawFd> {
+        self.numbers.clone()
+    }
+}
+
+/// Converts `Instant`s to `CLOCK_MONOTONIC` nanoseconds and back (both count the same clock
+/// on Linux; `execve` keeps it).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    at: Instant,
+    mono_ns: i64,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        Clock { at: Instant::now(), mono_ns: monotonic_ns() }
+    }
+
+    pub fn to_ns(&self, t: Instant) -> i64 {
+        if t >= self.at {
+            self.mono_ns.saturating_add(t.duration_since(self.at).as_nanos() as i64)
+        } else {
+            self.mono_ns.saturating_sub(self.at.duration_since(t).as_nanos() as i64)
+        }
+    }
+
+    pub fn instant(&self, ns: i64) -> Instant {
+        let d = ns - self.mono_ns;
+        if d >= 0 {
+            self.at + Duration::from_nanos(d as u64)
+        } else {
+            self.at.checked_sub(Duration::from_nanos(d.unsigned_abs())).unwrap_or(self.at)
+        }
+    }
+}
+
+pub fn monotonic_ns() -> i64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
+        .unwrap_or(0)
+}
+
+/// What the candidate binary answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub version: String,
+    pub state_format: u32,
+}
+
+/// Why an upgrade was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("{0} does not exist; give an installed herdsman with --binary PATH")]
+    Missing(String),
+    #[error("{0} is not an executable file; check its permissions (chmod +x) or give another --binary")]
+    NotExecutable(String),
+    #[error("{path} failed its take-over check ({how}){detail}; it cannot take over this supervisor")]
+    CheckFailed { path: String, how: String, detail: String },
+    #[error("{path} did not answer its take-over check within {secs} s (killed); is it herdsman?")]
+    CheckTimeout { path: String, secs: u64 },
+    #[error(
+        "{path} (version {version}) reads state format {theirs}, this supervisor writes {ours}; upgrade in two steps or restart the service"
+    )]
+    Incompatible { path: String, version: String, theirs: u32, ours: u32 },
+    #[error("cannot prepare the hand-over: {0}")]
+    Prepare(String),
+    #[error("execve {path} failed: {err}; the running supervisor carries on")]
+    Exec { path: String, err: String },
+    #[error("an upgrade is already in progress; wait for it to finish")]
+    Busy,
+    #[error("the supervisor is stopping")]
+    Stopping,
+}
+
+/// Runs the candidate's check with `state` on its stdin. Bounded by [`CHECK_TIMEOUT`]; never
+/// blocks the loop (the child runs on a helper thread).
+pub async fn check(path: PathBuf, state: Vec<u8>) -> Result<CheckReport, UpgradeError> {
+    tokio::task::spawn_blocking(move || check_blocking(&path, &state))
+        .await
+        .unwrap_or_else(|e| Err(UpgradeError::Prepare(format!("the check thread failed: {e}"))))
+}
+
+fn check_blocking(path: &std::path::Path, state: &[u8]) -> Result<CheckReport, UpgradeError> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|_| UpgradeError::Missing(shown.clone()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(UpgradeError::NotExecutable(shown));
+    }
+    let mut child = Command::new(path)
+        .arg(CHECK_COMMAND)
+        // Ours names a descriptor of this image: the check must not take itself for a resume.
+        .env_remove(STATE_VAR)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| UpgradeError::CheckFailed {
+            path: shown.clone(),
+            how: format!("cannot run it: {e}"),
+            detail: String::new(),
+        })?;
+    let mut stdin = child.stdin.take();
+    let state = state.to_vec();
+    // Feed the state from its own thread: a check that never reads must not block us.
+    let feeder = std::thread::spawn(move || {
+        if let Some(s) = stdin.as_mut() {
+            let _ = s.write_all(&state);
+        }
+    });
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut o = Vec::new();
+        let mut e = Vec::new();
+        if let Some(s) = out.as_mut() {
+            let _ = s.take(64 * 1024).read_to_end(&mut o);
+        }
+        if let Some(s) = err.as_mut() {
+            let _ = s.take(64 * 1024).read_to_end(&mut e);
+        }
+        (o, e)
+    });
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                // The whole group: a script's children would keep the pipes open.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(UpgradeError::CheckTimeout { path: shown, secs: CHECK_TIMEOUT.as_secs() });
+            }
+        }
+    };
+    // Whatever the check left behind in its group goes too (it holds the output pipes).
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = feeder.join();
+    let (stdout, stderr) = reader.join().unwrap_or_default();
+    let first_err = String::from_utf8_lossy(&stderr)
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| format!(": {}", l.trim()))
+        .unwrap_or_default();
+    if !status.success() {
+        let how = match status.code() {
+            Some(c) => format!("exit status {c}"),
+            None => "killed by a signal".to_string(),
+        };
+        return Err(UpgradeError::CheckFailed { path: shown, how, detail: first_err });
+    }
+    let line = String::from_utf8_lossy(&stdout);
+    let report: CheckReport =
+        serde_json::from_str(line.lines().next().unwrap_or("")).map_err(|_| UpgradeError::CheckFailed {
+            path: shown.clone(),
+            how: "no state-format report on its output".to_string(),
+            detail: first_err,
+        })?;
+    if report.state_format != STATE_FORMAT {
+        return Err(UpgradeError::Incompatible {
+            path: shown,
+            version: report.version,
+            theirs: report.state_format,
+            ours: STATE_FORMAT,
+        });
+    }
+    Ok(report)
+}
+
+/// `herdsman upgrade-check`: reads a state from stdin and says whether this binary can take it
+/// over (exit 0 and one JSON line) or not (a line on stderr, exit 78).
+pub fn check_command(input: &mut impl std::io::Read) -> Result<CheckReport, String> {
+    let mut buf = Vec::new();
+    input.read_to_end(&mut buf).map_err(|e| format!("cannot read the state: {e}"))?;
+    let state: Handover = parse(&buf)?;
+    Ok(CheckReport { version: version().to_string(), state_format: state.format })
+}
+
+/// Parses a state, refusing formats this binary does not read.
+pub fn parse(bytes: &[u8]) -> Result<Handover, String> {
+    #[derive(Deserialize)]
+    struct Head {
+        format: u32,
+    }
+    let head: Head = serde_json::from_slice(bytes).map_err(|e| format!("unreadable upgrade state: {e}"))?;
+    if head.format != STATE_FORMAT {
+        return Err(format!(
+            "upgrade state format {} is not {STATE_FORMAT}, the one this herdsman reads",
+            head.format
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("unreadable upgrade state: {e}"))
+}
+
+/// Writes `state` into an inheritable memfd and re-executes `binary`. Returns only if
+/// `execve` failed (then every duplicate is closed again by the drop of `exporter`).
+pub fn exec(binary: &std::path::Path, state: &Handover, exporter: Exporter, carry: &Carry) -> UpgradeError {
+    use std::io::{Seek, Write};
+    let json = match serde_json::to_vec(state) {
+        Ok(j) => j,
+        Err(e) => return UpgradeError::Prepare(format!("cannot encode the state: {e}")),
+    };
+    let memfd = match crate::sys::inheritable_memfd("herdsman-upgrade") {
+        Ok(m) => m,
+        Err(e) => return UpgradeError::Prepare(format!("memfd_create: {e}")),
+    };
+    let mut file = std::fs::File::from(memfd);
+    if let Err(e) = file.write_all(&json).and_then(|_| file.rewind()) {
+        return UpgradeError::Prepare(format!("writing the state: {e}"));
+    }
+    let mut env: Vec<String> =
+        carry.env.iter().filter(|(k, _)| k != STATE_VAR).map(|(k, v)| format!("{k}={v}")).collect();
+    env.push(format!("{STATE_VAR}={}", file.as_raw_fd()));
+    let path = binary.display().to_string();
+    let err = crate::sys::execve(&path, &carry.argv, &env);
+    drop(exporter);
+    drop(file);
+    UpgradeError::Exec { path, err: err.to_string() }
+}
