@@ -390,6 +390,9 @@ fn serve(settings: Settings, p: Parts, rt: tokio::runtime::Runtime) -> ExitCode 
             env: base_env(),
             control: (control, p.control.path.clone(), p.control.made_dir(), p.access.uid, p.access.group),
             metrics_http: p.metrics_bound.as_ref().map(|b| b.carry()).transpose()?,
+            check_timeout: var_opt("HERDSMAN_UPGRADE_CHECK_TIMEOUT")
+                .and_then(|v| config::values::duration(&v).ok())
+                .unwrap_or(herdsman::upgrade::CHECK_TIMEOUT),
         })
     })();
     let carry = match carry {

@@ -38,7 +38,7 @@ use crate::config::Overrides;
 
 /// The layout of [`Handover`]; a new binary takes over only a state of a format it reads.
 pub const STATE_FORMAT: u32 = 1;
-/// How long the new binary's check may take.
+/// How long the new binary's check may take (`HERDSMAN_UPGRADE_CHECK_TIMEOUT` overrides it).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The environment variable that carries the state's descriptor number into the new image.
 pub const STATE_VAR: &str = "HERDSMAN_UPGRADE_STATE";
@@ -113,6 +113,8 @@ pub struct Carry {
     pub env: Vec<(String, String)>,
     pub control: (OwnedFd, PathBuf, Option<PathBuf>, u32, Option<u32>),
     pub metrics_http: Option<(OwnedFd, Option<PathBuf>, String)>,
+    /// How long the candidate's check may take.
+    pub check_timeout: Duration,
 }
 
 /// Collects the descriptors of a state. A *dry* exporter (for the check) records the current
@@ -201,8 +203,8 @@ pub enum UpgradeError {
     NotExecutable(String),
     #[error("{path} failed its take-over check ({how}){detail}; it cannot take over this supervisor")]
     CheckFailed { path: String, how: String, detail: String },
-    #[error("{path} did not answer its take-over check within {secs} s (killed); is it herdsman?")]
-    CheckTimeout { path: String, secs: u64 },
+    #[error("{path} did not answer its take-over check within {within} (killed); is it herdsman?")]
+    CheckTimeout { path: String, within: String },
     #[error(
         "{path} (version {version}) reads state format {theirs}, this supervisor writes {ours}; upgrade in two steps or restart the service"
     )]
@@ -219,13 +221,17 @@ pub enum UpgradeError {
 
 /// Runs the candidate's check with `state` on its stdin. Bounded by [`CHECK_TIMEOUT`]; never
 /// blocks the loop (the child runs on a helper thread).
-pub async fn check(path: PathBuf, state: Vec<u8>) -> Result<CheckReport, UpgradeError> {
-    tokio::task::spawn_blocking(move || check_blocking(&path, &state))
+pub async fn check(path: PathBuf, state: Vec<u8>, timeout: Duration) -> Result<CheckReport, UpgradeError> {
+    tokio::task::spawn_blocking(move || check_blocking(&path, &state, timeout))
         .await
         .unwrap_or_else(|e| Err(UpgradeError::Prepare(format!("the check thread failed: {e}"))))
 }
 
-fn check_blocking(path: &std::path::Path, state: &[u8]) -> Result<CheckReport, UpgradeError> {
+fn check_blocking(
+    path: &std::path::Path,
+    state: &[u8],
+    timeout: Duration,
+) -> Result<CheckReport, UpgradeError> {
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
@@ -270,7 +276,7 @@ fn check_blocking(path: &std::path::Path, state: &[u8]) -> Result<CheckReport, U
         }
         (o, e)
     });
-    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
@@ -283,7 +289,10 @@ fn check_blocking(path: &std::path::Path, state: &[u8]) -> Result<CheckReport, U
                 );
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(UpgradeError::CheckTimeout { path: shown, secs: CHECK_TIMEOUT.as_secs() });
+                return Err(UpgradeError::CheckTimeout {
+                    path: shown,
+                    within: crate::supervisor::human(timeout),
+                });
             }
         }
     };

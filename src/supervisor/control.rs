@@ -123,6 +123,10 @@ pub struct Snapshot {
     /// In-place upgrades (`herdsman upgrade`) since the service started.
     #[serde(default)]
     pub upgrades: u64,
+    /// An in-place upgrade was asked for and has not ended (it waits for a roll-out, or its
+    /// check is running).
+    #[serde(default)]
+    pub upgrading: bool,
 }
 
 fn shared() -> String {

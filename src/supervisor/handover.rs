@@ -194,6 +194,7 @@ impl Supervisor {
         match &up.phase {
             Phase::Waiting if quiet => {
                 let binary = up.binary.clone();
+                let timeout = self.carry.as_ref().map_or(upgrade::CHECK_TIMEOUT, |c| c.check_timeout);
                 let state = self
                     .handover(&mut Exporter::new(true, self.fd_floor()), None)
                     .and_then(|h| serde_json::to_vec(&h).map_err(|e| UpgradeError::Prepare(e.to_string())));
@@ -201,7 +202,7 @@ impl Supervisor {
                     Ok(bytes) => {
                         let events = self.events.clone();
                         tokio::spawn(async move {
-                            let r = upgrade::check(binary, bytes).await;
+                            let r = upgrade::check(binary, bytes, timeout).await;
                             let _ = events.send(Event::UpgradeChecked(r));
                         });
                         if let Some(up) = &mut self.upgrade {

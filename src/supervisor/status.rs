@@ -36,6 +36,13 @@ impl Supervisor {
                 ));
             }
         }
+        if self.upgrading() {
+            s.push_str(if self.rollout.is_some() {
+                " · upgrade waiting for the roll-out"
+            } else {
+                " · upgrading in place"
+            });
+        }
         if let Some(lr) = &self.last_reload {
             if let (Some(err), None) = (&lr.error, &self.rollout) {
                 s.push_str(&format!(" · reload failed: {err}"));
@@ -109,6 +116,7 @@ impl Supervisor {
             metrics: self.metrics.address(),
             version: crate::upgrade::version().to_string(),
             upgrades: self.upgrades,
+            upgrading: self.upgrading(),
         }
     }
 }

@@ -430,40 +430,60 @@ scenario_reboot() {
 # ---------------------------------------------------------------------------------------------
 # 8. package upgrade
 
-s_upgrade() {
-    local deb stamp0 gen0 pids0 rc=0 st gen1 pids1 t0
-    deb=$(build_deb 0.1.0-2)
-    cp "$deb" "$CT_ROOT$STATE/herdsman-2.deb"
+# A package upgrade upgrades every running supervisor in place (`herdsman upgrade` from the
+# maintainer script): same MainPID, same socket unit activation, same workers, nothing failed,
+# the supervisor on the installed binary (not a deleted one); `systemctl reload` still rolls.
+# $1: the command that installs the newer package inside the container.
+package_upgrade_under_load() {
+    local stamp0 main0 st0 st gen0 pids0 spids0 rc t0 exe
     stamp0=$(socket_stamp)
-    st=$(status_json)
-    gen0=$(echo "$st" | json_get 'd["generation"]')
-    pids0=$(echo "$st" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')
+    main0=$(prop "herdsman@$APP.service" MainPID)
+    st0=$(status_json)
+    gen0=$(echo "$st0" | json_get 'd["generation"]')
+    pids0=$(echo "$st0" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')
     # A steered app too: the upgrade must lose none of its connections either.
     app_init steerup 8788 2 --balance steer
     wait_until 60 "herdsman@steerup ready" ready_text steerup 2 || fail "steerup app not ready"
+    spids0=$(ct herdsman status steerup --json | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')
     load_start upgrade new 6
     ADDR=127.0.0.1:8788 load_start upgrade_steer new 4
     t0=$(now)
-    CT_TIMEOUT=300 ct dpkg -i "$STATE/herdsman-2.deb" 2>&1 | sed 's/^/#   /'
+    CT_TIMEOUT=300 ct "$@" 2>&1 | sed 's/^/#   /'
     rc=${PIPESTATUS[0]}
-    note "dpkg -i (upgrade to 0.1.0-2) under load: exit $rc after $(elapsed "$t0") s"
-    sleep 1
+    note "$* under load: exit $rc after $(elapsed "$t0") s"
     load_stop upgrade
     load_stop upgrade_steer
-    [ "$(load_field upgrade_steer 'd["failed"]')" -eq 0 ] ||
-        fail "$(load_field upgrade_steer 'd["failed"]') failed requests to the steered app during the upgrade"
-    ct herdsman remove steerup --yes >/dev/null || fail "remove steerup"
-    [ "$rc" -eq 0 ] || fail "dpkg -i of the 0.1.0-2 package exited $rc"
-    ct dpkg -s herdsman | grep -q '^Version: 0.1.0-2$' || fail "installed version is not 0.1.0-2"
+    [ "$rc" -eq 0 ] || fail "$* exited $rc"
     [ "$(load_field upgrade 'd["failed"]')" -eq 0 ] ||
         fail "$(load_field upgrade 'd["failed"]') failed requests during the upgrade"
+    [ "$(load_field upgrade_steer 'd["failed"]')" -eq 0 ] ||
+        fail "$(load_field upgrade_steer 'd["failed"]') failed requests to the steered app during the upgrade"
     [ "$(socket_stamp)" = "$stamp0" ] || fail "the upgrade restarted the socket unit"
     service_active || fail "service not active after the upgrade"
+    [ "$(prop "herdsman@$APP.service" MainPID)" = "$main0" ] || fail "MainPID changed: $main0 -> $(prop "herdsman@$APP.service" MainPID)"
     st=$(status_json)
-    gen1=$(echo "$st" | json_get 'd["generation"]')
-    pids1=$(echo "$st" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')
-    note "generation $gen0 -> $gen1; worker pids '$pids0' -> '$pids1'"
-    [ "$gen1" -gt "$gen0" ] || [ "$pids1" != "$pids0" ] || fail "workers were not replaced by the upgrade"
+    [ "$(echo "$st" | json_get 'd["generation"]')" = "$gen0" ] || fail "the upgrade changed the generation"
+    [ "$(echo "$st" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')" = "$pids0" ] ||
+        fail "the upgrade replaced workers: '$pids0' -> '$(echo "$st" | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')'"
+    [ "$(echo "$st" | json_get 'd["upgrades"]')" -ge 1 ] || fail "upgrades is $(echo "$st" | json_get 'd["upgrades"]')"
+    [ "$(ct herdsman status steerup --json | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')" = "$spids0" ] ||
+        fail "the upgrade replaced the steered app's workers"
+    exe=$(ct readlink "/proc/$main0/exe")
+    [ "$exe" = /usr/bin/herdsman ] || fail "the supervisor runs '$exe', not /usr/bin/herdsman"
+    note "MainPID $main0 kept, workers '$pids0' kept, exe $exe, upgrades $(echo "$st" | json_get 'd["upgrades"]')"
+    ct herdsman remove steerup --yes >/dev/null || fail "remove steerup"
+    # App code still deploys with systemctl reload, run by the new image.
+    CT_TIMEOUT=120 ct systemctl reload "herdsman@$APP.service" || fail "systemctl reload after the upgrade failed"
+    [ "$(status_json | json_get 'd["generation"]')" -gt "$gen0" ] || fail "systemctl reload did not roll the workers"
+    [ "$(prop "herdsman@$APP.service" MainPID)" = "$main0" ] || fail "MainPID changed on reload"
+}
+
+s_upgrade() {
+    local deb
+    deb=$(build_deb 0.1.0-2)
+    cp "$deb" "$CT_ROOT$STATE/herdsman-2.deb"
+    package_upgrade_under_load dpkg -i "$STATE/herdsman-2.deb"
+    ct dpkg -s herdsman | grep -q '^Version: 0.1.0-2$' || fail "installed version is not 0.1.0-2"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -774,6 +794,15 @@ s_deb_remove_purge() {
 
 # rpm has no purge: erase stops and disables (no dangling symlink) and keeps the configs;
 # installing again brings the app back.
+s_rpm_upgrade() {
+    local rpm2 force=()
+    rpm2=$(cat "$RUN_TMP/rpm2-path")
+    cp "$rpm2" "$CT_ROOT$STATE/herdsman-2.rpm"
+    if ct rpm --help 2>/dev/null | grep -q -- --force-debian; then force=(--force-debian); fi
+    package_upgrade_under_load rpm -U --nodeps "${force[@]}" "$STATE/herdsman-2.rpm"
+    ct rpm -q herdsman | grep -q -- '-2' || fail "installed rpm is not release 2: $(ct rpm -q herdsman)"
+}
+
 s_rpm_erase() {
     CT_TIMEOUT=120 ct rpm -e herdsman 2>&1 | sed 's/^/#   /'
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail "rpm -e failed"
@@ -889,11 +918,20 @@ elif [ -f "$BUILD_RPM" ]; then
         timeout 300 apt-get install -y -q rpm >/dev/null || ok=0
     fi
     [ $ok = 1 ] && { build_rpm || ok=0; }
+    # The same tree as release 2, for the in-place upgrade.
+    if [ $ok = 1 ]; then
+        cp "$(cat "$RUN_TMP/rpm-path")" "$RUN_TMP/herdsman-1.rpm"
+        echo "$RUN_TMP/herdsman-1.rpm" >"$RUN_TMP/rpm1-path"
+        HERDSMAN_RPM_RELEASE=2 build_rpm || ok=0
+        [ $ok = 1 ] && cp "$(cat "$RUN_TMP/rpm-path")" "$RUN_TMP/herdsman-2.rpm" && echo "$RUN_TMP/herdsman-2.rpm" >"$RUN_TMP/rpm2-path"
+        cp "$RUN_TMP/rpm1-path" "$RUN_TMP/rpm-path"
+    fi
     ct_destroy
     [ $ok = 1 ] && { ct_create rpm && ct_boot || ok=0; }
     set -e
     if [ $ok = 1 ]; then
         run_scenario rpm s_rpm
+        run_scenario "rpm upgrade in place" s_rpm_upgrade
         run_scenario "rpm -e, reinstall" s_rpm_erase
     else
         echo "not ok - rpm"

@@ -1,0 +1,311 @@
+//! In-place upgrade (`herdsman upgrade`, `SIGUSR2`): the supervisor re-executes itself under
+//! the same pid and the new image takes over every worker, socket and record. Real
+//! supervisor, real Python workers, real load; state read from `status --json`,
+//! `/proc/PID/exe` and the metrics page. Every wait has a deadline; no fixed sleeps.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn status(control: &Path) -> Value {
+    status_json(control)
+}
+
+/// (slot, pid, generation, restarts) of every worker.
+fn workers(st: &Value) -> Vec<(u64, i64, u64, u64)> {
+    st["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["id"].as_u64().unwrap(),
+                w["pid"].as_i64().unwrap_or(-1),
+                w["generation"].as_u64().unwrap(),
+                w["restarts"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn exe(pid: i32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+/// A copy of the herdsman binary (the "new version" an upgrade installs).
+fn copy_of_herdsman(dir: &TempDir, name: &str) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::copy(BIN, &p).unwrap();
+    p
+}
+
+fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.path(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Waits until exactly `n` workers run and all are ready (nothing starting or stopping).
+fn ready(control: &Path, n: u64) -> Value {
+    wait_for(LONG, &format!("{n} ready workers"), || {
+        let out = cli(&["status", control.to_str().unwrap(), "--json"]);
+        let st: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let ws = st["workers"].as_array()?;
+        let settled = ws.len() as u64 == n && ws.iter().all(|w| w["state"] == "ready");
+        (st["ready"] == n && st["desired"] == n && settled).then_some(st)
+    })
+}
+
+fn upgrade(control: &Path, binary: &Path) -> Output {
+    cli(&["upgrade", control.to_str().unwrap(), "--binary", binary.to_str().unwrap()])
+}
+
+#[test]
+fn an_upgrade_under_load_keeps_the_pid_every_worker_and_every_request_and_the_new_image_supervises() {
+    let dir = TempDir::new("upgrade-load");
+    let control = dir.path("control.sock");
+    let h = Run::new(&dir, 3).worker_env("TW_NOTIFY", "1").arg("--ready").arg("notify").start();
+    ready(&control, 3);
+    // A crash before the upgrade: its restart count and metrics must carry over.
+    let first = status(&control);
+    let victim = workers(&first)[0].1;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let before = wait_for(LONG, "slot 0 restarted", || {
+        let st = status(&control);
+        let w = workers(&st);
+        (w.len() == 3 && w[0].3 == 1 && w[0].1 != victim && st["ready"] == 3).then_some(st)
+    });
+    let copy = copy_of_herdsman(&dir, "herdsman-new");
+    let fresh = Load::start(&h.addr, 2, false);
+    let keep = Load::start(&h.addr, 2, true);
+    // Some traffic before and after.
+    wait_for(LONG, "requests flowing", || (h.get()["pid"].as_i64().is_some()).then_some(()));
+    let out = upgrade(&control, &copy);
+    assert!(out.status.success(), "upgrade failed: {}\n{}", String::from_utf8_lossy(&out.stderr), h.stderr());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(env!("CARGO_PKG_VERSION")), "no version in {said:?}");
+    for _ in 0..50 {
+        h.get();
+    }
+    let (fresh, keep) = (fresh.finish(), keep.finish());
+    assert!(
+        fresh.failed.is_empty(),
+        "new-connection load failed: {:?}",
+        &fresh.failed[..fresh.failed.len().min(5)]
+    );
+    assert!(keep.failed.is_empty(), "keep-alive load failed: {:?}", &keep.failed[..keep.failed.len().min(5)]);
+    assert!(fresh.ok > 0 && keep.ok > 0);
+
+    let after = status(&control);
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(after["pid"].as_i64().unwrap(), h.pid() as i64);
+    assert_eq!(workers(&after), workers(&before), "workers changed");
+    assert_eq!(after["upgrades"], 1);
+    assert_eq!(after["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(after["generation"], before["generation"]);
+    assert_eq!(exe(h.pid()), copy);
+    let page = cli(&["metrics", control.to_str().unwrap()]);
+    let page = String::from_utf8_lossy(&page.stdout);
+    assert!(page.contains("herdsman_worker_restarts_total{worker=\"0\"} 1"), "restart counter lost:\n{page}");
+
+    // The new image supervises: reload, crash recovery, scale, stop.
+    let r = cli(&["reload", control.to_str().unwrap()]);
+    assert!(r.status.success(), "reload after upgrade: {}", String::from_utf8_lossy(&r.stderr));
+    let st = ready(&control, 3);
+    assert_eq!(st["generation"], 2);
+    let victim = workers(&st)[1].1;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    wait_for(LONG, "slot 1 restarted by the new image", || {
+        let w = workers(&status(&control));
+        (w.len() == 3 && w[1].1 != victim && w[1].1 > 0 && w[1].3 == 1).then_some(())
+    });
+    let s = cli(&["scale", control.to_str().unwrap(), "4"]);
+    assert!(s.status.success(), "scale after upgrade: {}", String::from_utf8_lossy(&s.stderr));
+    ready(&control, 4);
+    let mut h = h;
+    h.signal(libc::SIGTERM);
+    assert!(h.wait_exit(LONG).success(), "stop after upgrade: {}", h.stderr());
+    assert!(!control.exists(), "control socket left behind");
+}
+
+#[test]
+fn refused_binaries_change_nothing_missing_not_executable_failing_or_hanging() {
+    let dir = TempDir::new("upgrade-refuse");
+    let control = dir.path("control.sock");
+    let h = Run::new(&dir, 2).env("HERDSMAN_UPGRADE_CHECK_TIMEOUT", "1s").start();
+    let before = ready(&control, 2);
+    let plain = dir.path("plain");
+    std::fs::write(&plain, "not a program").unwrap();
+    let fails = script(&dir, "fails", "echo 'broken build' >&2; exit 1");
+    let hangs = script(&dir, "hangs", "exec sleep 600");
+    let silent = script(&dir, "silent", "exit 0");
+    for (bin, why) in [
+        (dir.path("missing"), "does not exist"),
+        (plain, "not an executable"),
+        (fails, "exit status 1"),
+        (hangs, "did not answer"),
+        (silent, "no state-format report"),
+    ] {
+        let out = upgrade(&control, &bin);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", bin.display());
+        assert!(err.contains(why), "{}: expected {why:?} in {err:?}", bin.display());
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err:?}");
+        let st = status(&control);
+        assert_eq!(workers(&st), workers(&before));
+        assert_eq!(st["upgrades"], 0);
+        assert_eq!(st["upgrading"], false);
+        assert_eq!(exe(h.pid()), PathBuf::from(BIN).canonicalize().unwrap());
+    }
+    // The supervisor still works: a reload goes through.
+    let r = cli(&["reload", control.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+#[test]
+fn an_upgrade_during_a_roll_out_waits_for_it_and_a_reload_during_an_upgrade_waits_for_the_upgrade() {
+    let dir = TempDir::new("upgrade-order");
+    let control = dir.path("control.sock");
+    let gate = dir.path("gate-");
+    let open = |id: usize| std::fs::write(format!("{}{id}", gate.display()), "").unwrap();
+    let close = |id: usize| {
+        let _ = std::fs::remove_file(format!("{}{id}", gate.display()));
+    };
+    open(0);
+    open(1);
+    let _h = Run::new(&dir, 2)
+        .env("HERDSMAN_UPGRADE_CHECK_TIMEOUT", "5m")
+        .worker_env("TW_READY_GATE", gate.to_str().unwrap())
+        .start();
+    ready(&control, 2);
+    close(0);
+    close(1);
+    // A roll-out whose new workers wait at the gate.
+    let reload =
+        Command::new(BIN).args(["reload", control.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
+    wait_for(LONG, "the roll-out to start", || {
+        status(&control)["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["state"] == "starting (new)")
+            .then_some(())
+    });
+    let copy = copy_of_herdsman(&dir, "herdsman-new");
+    let up = Command::new(BIN)
+        .args(["upgrade", control.to_str().unwrap(), "--binary", copy.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(LONG, "the upgrade to be pending", || (status(&control)["upgrading"] == true).then_some(()));
+    assert_eq!(status(&control)["upgrades"], 0, "upgraded during a roll-out");
+    open(0);
+    open(1);
+    let r = reload.wait_with_output().unwrap();
+    assert!(r.status.success(), "reload: {}", String::from_utf8_lossy(&r.stdout));
+    let u = up.wait_with_output().unwrap();
+    assert!(u.status.success(), "upgrade: {}", String::from_utf8_lossy(&u.stderr));
+    let st = ready(&control, 2);
+    assert_eq!((st["generation"].as_u64(), st["upgrades"].as_u64()), (Some(2), Some(1)));
+
+    // Now the other way round: the check of this upgrade waits at a gate, a reload comes in.
+    let check_gate = dir.path("check-gate");
+    let slow = script(
+        &dir,
+        "herdsman-slow-check",
+        &format!(
+            "if [ \"$1\" = upgrade-check ]; then while [ ! -e {g} ]; do sleep 0.02; done; fi\nexec {bin} \"$@\"",
+            g = check_gate.display(),
+            bin = copy.display()
+        ),
+    );
+    let up = Command::new(BIN)
+        .args(["upgrade", control.to_str().unwrap(), "--binary", slow.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(LONG, "the second upgrade to be pending", || {
+        (status(&control)["upgrading"] == true).then_some(())
+    });
+    let mut reload =
+        Command::new(BIN).args(["reload", control.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = capture(reload.stdout.take().unwrap(), false);
+    wait_for(LONG, "the reload to wait for the upgrade", || {
+        lines.lock().unwrap().contains("in-place upgrade is in progress").then_some(())
+    });
+    assert_eq!(status(&control)["generation"], 2, "the reload did not wait");
+    std::fs::write(&check_gate, "").unwrap();
+    let u = up.wait_with_output().unwrap();
+    assert!(u.status.success(), "upgrade: {}", String::from_utf8_lossy(&u.stderr));
+    let r = wait_for(LONG, "the reload to finish", || reload.try_wait().unwrap());
+    assert!(r.success(), "reload after the upgrade: {}", lines.lock().unwrap());
+    let st = ready(&control, 2);
+    assert_eq!((st["generation"].as_u64(), st["upgrades"].as_u64()), (Some(3), Some(2)));
+}
+
+#[test]
+fn two_upgrades_in_a_row_the_second_by_sigusr2_from_the_path_herdsman_was_started_from() {
+    let dir = TempDir::new("upgrade-twice");
+    let control = dir.path("control.sock");
+    let h = Run::new(&dir, 2).start();
+    let before = ready(&control, 2);
+    let copy = copy_of_herdsman(&dir, "herdsman-new");
+    let out = upgrade(&control, &copy);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(exe(h.pid()), copy);
+    h.signal(libc::SIGUSR2);
+    let st = wait_for(LONG, "the second upgrade", || {
+        let out = cli(&["status", control.to_str().unwrap(), "--json"]);
+        let st: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (st["upgrades"] == 2).then_some(st)
+    });
+    assert_eq!(workers(&st), workers(&before));
+    assert_eq!(st["pid"], before["pid"]);
+    assert_eq!(exe(h.pid()), PathBuf::from(BIN).canonicalize().unwrap());
+}
+
+#[test]
+fn a_steered_app_keeps_its_routing_across_an_upgrade() {
+    let dir = TempDir::new("upgrade-steer");
+    let control = dir.path("control.sock");
+    let mut run = Run::new(&dir, 3).arg("--balance").arg("steer");
+    // Steering needs TCP: port 0, the real port read back from status.
+    let i = run.args.iter().position(|a| a == "--listen").unwrap();
+    run.args[i + 1] = "127.0.0.1:0".into();
+    let mut h = run.start();
+    let before = ready(&control, 3);
+    h.addr = Addr::Tcp(before["sockets"][0].as_str().unwrap().to_string());
+    assert!(before["workers"].as_array().unwrap().iter().all(|w| w["receiving"] == true));
+    let load = Load::start(&h.addr, 3, false);
+    wait_for(LONG, "requests flowing", || h.get()["pid"].as_i64().map(|_| ()));
+    let copy = copy_of_herdsman(&dir, "herdsman-new");
+    let out = upgrade(&control, &copy);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..50 {
+        h.get();
+    }
+    let r = cli(&["reload", control.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rep = load.finish();
+    assert!(rep.failed.is_empty(), "{:?}", &rep.failed[..rep.failed.len().min(5)]);
+    let st = ready(&control, 3);
+    assert_eq!(st["generation"], 2);
+    assert!(st["workers"].as_array().unwrap().iter().all(|w| w["receiving"] == true));
+    assert_eq!(st["balance"], "steer");
+}
