@@ -46,6 +46,11 @@ fi
 # The metrics scrape benchmark is a script of its own: `--only metrics` runs just it (and
 # prints its table; docs/bench-metrics.md keeps the published one, included in
 # docs/benchmarks.md).
+# The in-place upgrade benchmark is a script of its own too (docs/benchmarks.md section 8).
+if [[ " $* " == *" --only upgrade "* ]]; then
+    say "in-place upgrades (bench/upgrade.sh)"
+    exec bench/upgrade.sh
+fi
 if [[ " $* " == *" --only metrics "* ]]; then
     say "metrics scrapes (bench/metrics.sh)"
     exec bench/metrics.sh

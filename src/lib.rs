@@ -20,6 +20,9 @@
 //! * [`control`] is the control socket (protocol, server, client; peers authenticated by
 //!   `SO_PEERCRED`); [`metrics`] serves Prometheus metrics, herdsman's own and its workers',
 //!   outside the loop.
+//! * [`upgrade`] re-executes the supervisor in place (`herdsman upgrade`, `SIGUSR2`): a
+//!   take-over check of the new binary, then every descriptor and the whole state handed to
+//!   `execve` in one memfd; `supervisor/handover.rs` is the loop's side.
 
 pub mod backoff;
 pub mod cli;
