@@ -10,14 +10,11 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-
-use tokio::io::AsyncReadExt;
 
 use crate::journal::split_priority;
 use crate::logging::Sink;
-use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 /// Longer lines are split into pieces of this size.
@@ -165,7 +162,7 @@ impl Output {
     /// supervisor can wait for a dead worker's last lines before reporting on it.
     pub fn capture(
         &self,
-        fd: OwnedFd,
+        fd: Arc<OwnedFd>,
         stream: Stream,
         origin: Arc<Origin>,
         tail: Tail,
@@ -174,7 +171,15 @@ impl Output {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let _done = done;
-            let mut rx = match pipe::Receiver::from_owned_fd(fd) {
+            // The worker's entry keeps the same descriptor (for an in-place upgrade), so the
+            // pipe is read through a shared handle, not owned by this task.
+            let rx = nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .map_err(std::io::Error::from)
+            .and_then(|_| crate::sys::watch_readable(fd));
+            let rx = match rx {
                 Ok(rx) => rx,
                 Err(e) => {
                     tracing::warn!("cannot read worker {} output: {e}", origin.worker_id);
@@ -193,9 +198,16 @@ impl Output {
                 }
             };
             loop {
-                let n = match rx.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                let got = match rx.readable().await {
+                    Ok(mut guard) => guard.try_io(|fd| {
+                        nix::unistd::read(fd.get_ref().as_raw_fd(), &mut chunk).map_err(std::io::Error::from)
+                    }),
+                    Err(_) => break,
+                };
+                let n = match got {
+                    Err(_would_block) => continue,
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => n,
                 };
                 pending.extend_from_slice(&chunk[..n]);
                 for line in split_lines(&mut pending) {

@@ -110,8 +110,8 @@ pub struct Launched {
     pub pid: i32,
     pub pidfd: OwnedFd,
     pub tail: Tail,
-    /// Copies of the output pipes' read ends (see `Worker::pipes`).
-    pub pipes: [OwnedFd; 2],
+    /// The output pipes' read ends, shared with their readers (see `Worker::pipes`).
+    pub pipes: [Arc<OwnedFd>; 2],
     /// Closed when both output streams reached end of file.
     pub output_done: mpsc::Receiver<()>,
 }
@@ -220,15 +220,9 @@ impl Launcher {
                 return Err(format!("cannot watch the new worker (pidfd_open: {e}), so it was killed"));
             }
         };
-        let pipes = match (out_r.try_clone(), err_r.try_clone()) {
-            (Ok(o), Ok(e)) => [o, e],
-            (Err(e), _) | (_, Err(e)) => {
-                sys::kill_and_reap_unwatched(pid);
-                return Err(format!("cannot keep the new worker's output pipes ({e}), so it was killed"));
-            }
-        };
+        let pipes = [Arc::new(out_r), Arc::new(err_r)];
         let tail = Tail::default();
-        let output_done = self.capture(worker_id, pid, spec.generation, [out_r, err_r], &tail);
+        let output_done = self.capture(worker_id, pid, spec.generation, pipes.clone(), &tail);
         Ok(Launched { pid, pidfd, tail, pipes, output_done })
     }
 
@@ -239,7 +233,7 @@ impl Launcher {
         worker_id: usize,
         pid: i32,
         generation: u64,
-        pipes: [OwnedFd; 2],
+        pipes: [Arc<OwnedFd>; 2],
         tail: &Tail,
     ) -> mpsc::Receiver<()> {
         let (done_tx, output_done) = mpsc::channel(1);

@@ -550,13 +550,15 @@ pub fn check_kernel() -> Result<KernelSupport, KernelError> {
     Ok(KernelSupport { close_range_cloexec: r == 0 })
 }
 
-/// Registers a pidfd with the event loop, to await the process's exit.
-pub fn watch_pidfd(
-    pidfd: std::sync::Arc<OwnedFd>,
+/// Registers a descriptor with the event loop, to await readability: a pidfd (the process
+/// exited) or a worker's output pipe (shared with the worker's entry, for upgrades).
+pub fn watch_readable(
+    fd: std::sync::Arc<OwnedFd>,
 ) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
     // SAFETY: the AsyncFd owns an Arc of the OwnedFd, so the descriptor stays open and refers
-    // to the same pidfd for the AsyncFd's whole lifetime; Arc<OwnedFd>::as_raw_fd is stable.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+    // to the same file for the AsyncFd's whole lifetime; Arc<OwnedFd>::as_raw_fd is stable.
+    // Each descriptor is registered once (one pidfd watcher, one reader per pipe).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
 

@@ -53,8 +53,9 @@ pub struct Worker {
     pub started: Instant,
     pub pidfd: Arc<OwnedFd>,
     pub tail: Tail,
-    /// Copies of the read ends of its stdout and stderr pipes, to hand over in an upgrade.
-    pub pipes: [OwnedFd; 2],
+    /// The read ends of its stdout and stderr pipes (shared with their readers), to hand
+    /// over in an upgrade.
+    pub pipes: [Arc<OwnedFd>; 2],
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
     pub failure: Option<String>,
 

@@ -117,6 +117,12 @@ fn an_upgrade_under_load_keeps_the_pid_every_worker_and_every_request_and_the_ne
     assert_eq!(after["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(after["generation"], before["generation"]);
     assert_eq!(exe(h.pid()), copy);
+    let table = String::from_utf8_lossy(&cli(&["status", control.to_str().unwrap()]).stdout).into_owned();
+    let head = table.lines().next().unwrap_or_default();
+    assert!(
+        head.contains(&format!("herdsman {}", env!("CARGO_PKG_VERSION"))) && head.ends_with("upgrades 1"),
+        "{table}"
+    );
     let page = cli(&["metrics", control.to_str().unwrap()]);
     let page = String::from_utf8_lossy(&page.stdout);
     assert!(page.contains("herdsman_worker_restarts_total{worker=\"0\"} 1"), "restart counter lost:\n{page}");

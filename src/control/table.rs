@@ -54,14 +54,16 @@ pub fn columns(rows: &[Vec<String>]) -> String {
 
 pub fn status(s: &Snapshot) -> String {
     let mut out = format!(
-        "{} · pid {} · {}/{} ready · generation {} · {} · balance {}\n",
+        "{} · pid {} · {}/{} ready · generation {} · {} · balance {} · herdsman {} · upgrades {}\n",
         s.name,
         s.pid,
         s.ready,
         s.desired,
         s.generation,
         s.sockets.join(", "),
-        s.balance
+        s.balance,
+        s.version,
+        s.upgrades
     );
     match &s.last_reload {
         Some(lr) => {
@@ -71,7 +73,6 @@ pub fn status(s: &Snapshot) -> String {
         }
         None => out.push_str("last reload: never\n"),
     }
-    out.push_str(&format!("herdsman {} · {} in-place upgrade(s)\n", s.version, s.upgrades));
     if let Some(m) = &s.metrics {
         out.push_str(&format!("metrics: http://{m}/metrics\n").replace("http://unix:", "unix:"));
     }

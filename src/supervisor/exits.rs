@@ -29,7 +29,7 @@ pub(super) fn watch_exit(
         let peek = |fd: &OwnedFd| {
             waitid(Id::PIDFd(fd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG)
         };
-        let status = match sys::watch_pidfd(pidfd.clone()) {
+        let status = match sys::watch_readable(pidfd.clone()) {
             Ok(afd) => loop {
                 match afd.readable().await {
                     Ok(mut guard) => {

@@ -380,8 +380,8 @@ impl Supervisor {
                 role: w.role,
                 started_ns: clock.to_ns(w.started),
                 pidfd: ex.fd(&*w.pidfd)?,
-                stdout: ex.fd(&w.pipes[0])?,
-                stderr: ex.fd(&w.pipes[1])?,
+                stdout: ex.fd(&*w.pipes[0])?,
+                stderr: ex.fd(&*w.pipes[1])?,
                 tail: w.tail.lines(),
                 failure: w.failure.clone(),
                 last_ping_ns: clock.to_ns(w.last_ping),
@@ -446,11 +446,10 @@ impl Supervisor {
         };
         for w in state.workers {
             let pidfd = Arc::new(take(w.pidfd)?);
-            let pipes = [take(w.stdout)?, take(w.stderr)?];
+            let pipes = [Arc::new(take(w.stdout)?), Arc::new(take(w.stderr)?)];
             let spec = spec_at(w.spec)?;
             let tail = crate::output::Tail::from_lines(w.tail);
-            let copies = [pipes[0].try_clone()?, pipes[1].try_clone()?];
-            let output_done = self.launcher.capture(w.slot, w.pid, spec.generation, copies, &tail);
+            let output_done = self.launcher.capture(w.slot, w.pid, spec.generation, pipes.clone(), &tail);
             super::exits::watch_exit(w.pid, pidfd.clone(), output_done, self.events.clone());
             self.workers.insert(
                 w.pid,
