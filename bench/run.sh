@@ -46,7 +46,8 @@ fi
 # The metrics scrape benchmark is a script of its own: `--only metrics` runs just it (and
 # prints its table; docs/bench-metrics.md keeps the published one, included in
 # docs/benchmarks.md).
-# The in-place upgrade benchmark is a script of its own too (docs/benchmarks.md section 8).
+# The in-place upgrade benchmark is a script of its own too (docs/bench-upgrade.md, included in
+# docs/benchmarks.md).
 if [[ " $* " == *" --only upgrade "* ]]; then
     say "in-place upgrades (bench/upgrade.sh)"
     exec bench/upgrade.sh

@@ -352,10 +352,13 @@ pub fn markdown(r: &Results) -> String {
         s.push('\n');
     }
     s.push_str(&crate::notes::notes(r));
-    // Written by bench/metrics.sh (its own run): kept across regenerations of this page.
-    if let Ok(m) = std::fs::read_to_string("docs/bench-metrics.md") {
-        s.push('\n');
-        s.push_str(&m);
+    // Written by bench/metrics.sh and bench/upgrade.sh (their own runs): kept across
+    // regenerations of this page.
+    for own in ["docs/bench-metrics.md", "docs/bench-upgrade.md"] {
+        if let Ok(m) = std::fs::read_to_string(own) {
+            s.push('\n');
+            s.push_str(&m);
+        }
     }
     let _ = writeln!(s, "\n## Reproduce\n");
     let _ = writeln!(
