@@ -383,3 +383,30 @@ pub fn exec(binary: &std::path::Path, state: &Handover, exporter: Exporter, carr
     drop(file);
     UpgradeError::Exec { path, err: err.to_string() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instants_survive_the_round_trip_through_the_monotonic_clock() {
+        let c = Clock::now();
+        let past = Instant::now() - Duration::from_secs(3);
+        let future = Instant::now() + Duration::from_millis(1500);
+        let later = Clock::now();
+        for t in [past, future] {
+            let back = later.instant(c.to_ns(t));
+            let diff = if back > t { back - t } else { t - back };
+            assert!(diff < Duration::from_millis(1), "{diff:?}");
+        }
+    }
+
+    #[test]
+    fn a_state_of_another_format_is_refused_by_name_before_it_is_read() {
+        let err = parse(br#"{"format": 99}"#).unwrap_err();
+        assert!(err.contains("format 99"), "{err}");
+        assert!(parse(b"not json").unwrap_err().starts_with("unreadable upgrade state"));
+        let err = parse(format!(r#"{{"format": {STATE_FORMAT}}}"#).as_bytes()).unwrap_err();
+        assert!(err.contains("missing field"), "{err}");
+    }
+}

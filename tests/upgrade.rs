@@ -315,3 +315,55 @@ fn a_steered_app_keeps_its_routing_across_an_upgrade() {
     assert!(st["workers"].as_array().unwrap().iter().all(|w| w["receiving"] == true));
     assert_eq!(st["balance"], "steer");
 }
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn http_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(LONG)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).unwrap();
+    page
+}
+
+#[test]
+fn a_failed_execve_leaves_the_old_image_serving_with_nothing_leaked_and_the_metrics_endpoint_survives_an_upgrade()
+ {
+    let dir = TempDir::new("upgrade-execfail");
+    let control = dir.path("control.sock");
+    let h = Run::new(&dir, 2).arg("--metrics").arg("127.0.0.1:0").start();
+    let before = ready(&control, 2);
+    let metrics = before["metrics"].as_str().unwrap().to_string();
+    assert!(http_metrics(&metrics).contains("herdsman_workers"));
+    let fds = open_fds(h.pid());
+    // Passes its check, then makes itself unexecutable: the execve that follows fails.
+    let vanishing = script(
+        &dir,
+        "vanishing",
+        &format!(
+            "if [ \"$1\" = upgrade-check ]; then cat >/dev/null; chmod -x \"$0\"; echo '{{\"version\":\"9.9.9\",\"state_format\":{}}}'; exit 0; fi\nexit 1",
+            herdsman::upgrade::STATE_FORMAT
+        ),
+    );
+    let out = upgrade(&control, &vanishing);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("execve"), "{err}");
+    let st = status(&control);
+    assert_eq!(workers(&st), workers(&before));
+    assert_eq!(st["upgrades"], 0);
+    assert_eq!(exe(h.pid()), PathBuf::from(BIN).canonicalize().unwrap());
+    assert_eq!(open_fds(h.pid()), fds, "descriptors leaked by the failed hand-over");
+    // The same supervisor upgrades fine afterwards, endpoint and all.
+    let copy = copy_of_herdsman(&dir, "herdsman-new");
+    let out = upgrade(&control, &copy);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = status(&control);
+    assert_eq!(st["metrics"].as_str(), Some(metrics.as_str()));
+    assert!(http_metrics(&metrics).contains("herdsman_workers"), "metrics endpoint lost");
+    assert_eq!(open_fds(h.pid()), fds, "descriptors leaked by the hand-over");
+}
