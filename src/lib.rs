@@ -38,6 +38,8 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod output;
+pub mod procstat;
+pub mod requests;
 pub mod spawn;
 pub mod steer;
 pub mod supervisor;

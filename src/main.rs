@@ -13,8 +13,9 @@ use herdsman::listeners::{Activation, Listeners};
 use herdsman::logging::Sink;
 use herdsman::notify::{self, Notifier};
 use herdsman::output::Output;
+use herdsman::requests::Control;
 use herdsman::steer::{SteerError, Steering};
-use herdsman::supervisor::{self, Control, World};
+use herdsman::supervisor::{self, World};
 use herdsman::{exit, spawn, sys};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -499,7 +500,7 @@ fn resume(fd: &str) -> ExitCode {
         );
         let reply = state.reply.map(|r| fds.take(r)).transpose()?;
         let workers = state.supervisor.workers.len();
-        let done = supervisor::UpgradeDone {
+        let done = herdsman::control::protocol::UpgradeDone {
             version: upgrade::version().to_string(),
             from_version: state.from_version.clone(),
             pid: std::process::id(),
@@ -582,7 +583,7 @@ fn kernel_and_limits() -> Option<ExitCode> {
 /// SIGHUP = reload, SIGTERM/SIGINT = stop, SIGTTIN/SIGTTOU = one worker more/less, SIGUSR2 =
 /// in-place upgrade from the path herdsman was started from (as `herdsman upgrade`).
 fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
-    use supervisor::{Scale, Waiter};
+    use herdsman::requests::{Scale, Waiter};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -75,11 +75,100 @@ pub struct Handover {
     pub listeners: crate::listeners::ListenersState,
     pub steering: Option<crate::steer::SteeringState>,
     pub notify: crate::notify::NotifyState,
-    pub supervisor: crate::supervisor::handover::SupervisorState,
+    pub supervisor: SupervisorState,
     /// The `herdsman upgrade` client's connection: the new image answers on it.
     pub reply: Option<RawFd>,
     /// Every descriptor named above, for adoption in one step.
     pub fds: Vec<RawFd>,
+}
+
+/// The supervisor's part of the state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SupervisorState {
+    pub settings: crate::config::Settings,
+    /// Every spec in use, each once; slots and workers refer to them by index.
+    pub specs: Vec<crate::spawn::Spec>,
+    pub spec: usize,
+    pub generation: u64,
+    pub desired: usize,
+    pub slots: Vec<SlotState>,
+    pub workers: Vec<WorkerRecord>,
+    pub last_reload: Option<crate::control::protocol::LastReload>,
+    pub watchdog_timeouts: u64,
+    pub sent_ready: bool,
+    pub next_memory_check_ns: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SlotState {
+    pub id: usize,
+    pub active: Option<i32>,
+    pub spec: usize,
+    pub failures: u32,
+    pub restarts: u32,
+    pub restart_at_ns: Option<i64>,
+    pub settled: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub pid: i32,
+    pub slot: usize,
+    pub spec: usize,
+    pub state: WorkerPhase,
+    pub role: crate::worker::Role,
+    pub started_ns: i64,
+    pub pidfd: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    pub tail: Vec<String>,
+    pub failure: Option<String>,
+    pub last_ping_ns: i64,
+    pub memory_strikes: u32,
+}
+
+/// [`crate::worker::State`] with its instants as `CLOCK_MONOTONIC` nanoseconds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum WorkerPhase {
+    Starting { deadline_ns: i64 },
+    Ready { since_ns: i64 },
+    Draining { since_ns: i64 },
+    Stopping { kill_at_ns: i64 },
+    Killed,
+}
+
+impl WorkerPhase {
+    pub fn of(s: crate::worker::State, c: &Clock) -> WorkerPhase {
+        match s {
+            crate::worker::State::Starting { deadline } => {
+                WorkerPhase::Starting { deadline_ns: c.to_ns(deadline) }
+            }
+            crate::worker::State::Ready { since } => WorkerPhase::Ready { since_ns: c.to_ns(since) },
+            crate::worker::State::Draining { since } => WorkerPhase::Draining { since_ns: c.to_ns(since) },
+            crate::worker::State::Stopping { kill_at } => {
+                WorkerPhase::Stopping { kill_at_ns: c.to_ns(kill_at) }
+            }
+            crate::worker::State::Killed => WorkerPhase::Killed,
+        }
+    }
+
+    pub fn state(self, c: &Clock) -> crate::worker::State {
+        match self {
+            WorkerPhase::Starting { deadline_ns } => {
+                crate::worker::State::Starting { deadline: c.instant(deadline_ns) }
+            }
+            WorkerPhase::Ready { since_ns } => crate::worker::State::Ready { since: c.instant(since_ns) },
+            WorkerPhase::Draining { since_ns } => {
+                crate::worker::State::Draining { since: c.instant(since_ns) }
+            }
+            WorkerPhase::Stopping { kill_at_ns } => {
+                crate::worker::State::Stopping { kill_at: c.instant(kill_at_ns) }
+            }
+            WorkerPhase::Killed => crate::worker::State::Killed,
+        }
+    }
 }
 
 /// The control socket.
@@ -291,7 +380,7 @@ fn check_blocking(
                 let _ = child.wait();
                 return Err(UpgradeError::CheckTimeout {
                     path: shown,
-                    within: crate::supervisor::human(timeout),
+                    within: humantime::format_duration(timeout).to_string(),
                 });
             }
         }

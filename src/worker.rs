@@ -70,12 +70,14 @@ impl Worker {
         matches!(self.state, State::Ready { .. })
     }
 
-    pub fn state_name(&self) -> &'static str {
+    /// How `status` shows it (without its role: see `supervisor::status`).
+    pub fn state_name(&self) -> crate::control::protocol::WorkerState {
+        use crate::control::protocol::WorkerState as W;
         match self.state {
-            State::Starting { .. } => "starting",
-            State::Ready { .. } => "ready",
-            State::Draining { .. } => "draining",
-            State::Stopping { .. } | State::Killed => "stopping",
+            State::Starting { .. } => W::Starting,
+            State::Ready { .. } => W::Ready,
+            State::Draining { .. } => W::Draining,
+            State::Stopping { .. } | State::Killed => W::Stopping,
         }
     }
 

@@ -10,11 +10,172 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::supervisor::{ReloadOutcome, Snapshot, UpgradeDone};
-
 pub const VERSION: u32 = 1;
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// The result of one roll-out, as reported to every client that asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    pub ok: bool,
+    pub generation: u64,
+    pub message: String,
+    /// The supervisor was upgraded in place before this reload could start: send it again
+    /// (the client does, to the new image).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
+}
+
+/// One worker in a [`Snapshot`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub id: usize,
+    pub pid: Option<i32>,
+    pub generation: u64,
+    pub state: WorkerState,
+    /// The working directory this worker's generation was pinned to (symlinks resolved).
+    #[serde(default)]
+    pub cwd: String,
+    /// Whether new connections can reach it (steered: its own socket is in the routing
+    /// program; shared: it holds the shared socket and is not stopping).
+    #[serde(default)]
+    pub receiving: bool,
+    /// Connections waiting in its socket's accept queue (shared: the shared queue's).
+    #[serde(default)]
+    pub accept_queue: u32,
+    pub restarts: u32,
+    pub uptime_s: f64,
+    /// CPU use since the previous status request (or since start), filled by the control server.
+    pub cpu_percent: f64,
+    /// Resident memory, filled by the control server.
+    pub rss_bytes: u64,
+}
+
+/// The supervisor's state at one instant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub name: String,
+    pub pid: u32,
+    pub sockets: Vec<String>,
+    pub generation: u64,
+    pub desired: usize,
+    pub ready: usize,
+    pub status: String,
+    pub workers: Vec<WorkerInfo>,
+    pub last_reload: Option<LastReload>,
+    /// Log lines dropped because the journal (or stderr) was not accepting them, since start.
+    #[serde(default)]
+    pub log_dropped: u64,
+    /// The metrics endpoint's address (`--metrics`), `null` when off.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// How connections reach workers: "shared", "steer" or "sticky".
+    #[serde(default = "shared")]
+    pub balance: String,
+    /// The running supervisor's version.
+    #[serde(default)]
+    pub version: String,
+    /// In-place upgrades (`herdsman upgrade`) since the service started.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// An in-place upgrade was asked for and has not ended (it waits for a roll-out, or its
+    /// check is running).
+    #[serde(default)]
+    pub upgrading: bool,
+}
+
+fn shared() -> String {
+    "shared".to_string()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastReload {
+    pub result: String,
+    /// Unix time in seconds.
+    pub at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// After a failed reload with `on_failure = "rollback"`: "running", "ok" or "failed".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<String>,
+}
+
+/// The answer to `herdsman upgrade`, written by the new image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeDone {
+    /// The version now running.
+    pub version: String,
+    pub from_version: String,
+    pub pid: u32,
+    /// In-place upgrades since the service started.
+    pub upgrades: u64,
+    /// From just before `execve` to the new image serving its control socket.
+    pub took_ms: f64,
+    /// Workers taken over.
+    pub workers: usize,
+}
+
+/// Where a worker (or an empty slot) is, as `status --json` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerState {
+    #[serde(rename = "starting")]
+    Starting,
+    /// A roll-out's new worker, not ready yet.
+    #[serde(rename = "starting (new)")]
+    StartingNew,
+    /// A health replacement (watchdog, memory), not ready yet.
+    #[serde(rename = "starting (replacement)")]
+    StartingReplacement,
+    /// A roll-out's new worker that is ready and waits out `min_ready`.
+    #[serde(rename = "holding")]
+    Holding,
+    #[serde(rename = "ready")]
+    Ready,
+    /// Steered: no longer receives, accepting what is queued on its own socket.
+    #[serde(rename = "draining")]
+    Draining,
+    #[serde(rename = "stopping")]
+    Stopping,
+    /// An empty slot waiting out its restart back-off.
+    #[serde(rename = "backoff")]
+    Backoff,
+    /// An empty slot about to be filled.
+    #[serde(rename = "waiting")]
+    Waiting,
+}
+
+impl WorkerState {
+    /// `starting`, `starting (new)` or `starting (replacement)`.
+    pub fn starts_with(self, prefix: &str) -> bool {
+        self.as_str().starts_with(prefix)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::StartingNew => "starting (new)",
+            WorkerState::StartingReplacement => "starting (replacement)",
+            WorkerState::Holding => "holding",
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Backoff => "backoff",
+            WorkerState::Waiting => "waiting",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for WorkerState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -89,8 +250,15 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 }
 
 /// `N`, `+N`, `-N` → a scale operation.
-pub fn parse_scale(s: &str) -> Result<crate::supervisor::Scale, String> {
-    use crate::supervisor::Scale;
+/// How to change the number of workers (`workers` in a `scale` request: `N`, `+N`, `-N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    To(usize),
+    Add(usize),
+    Remove(usize),
+}
+
+pub fn parse_scale(s: &str) -> Result<Scale, String> {
     let t = s.trim();
     let num = |x: &str| {
         x.parse::<usize>()
@@ -113,7 +281,6 @@ pub fn parse_scale(s: &str) -> Result<crate::supervisor::Scale, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::Scale;
 
     #[test]
     fn requests_round_trip_and_bad_ones_are_explained() {

@@ -16,9 +16,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::procstat::CpuMeter;
+use super::protocol::ReloadOutcome;
 use super::protocol::{self, MAX_REQUEST, Op, Reply};
-use crate::supervisor::{Control, ReloadOutcome, Waiter};
+use crate::procstat::CpuMeter;
+use crate::requests::{Control, Waiter};
 
 /// A client has this long to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

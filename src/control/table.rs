@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::supervisor::Snapshot;
+use super::protocol::Snapshot;
 
 /// `42s`, `7m`, `2h`, `3d`.
 pub fn age(secs: f64) -> String {
@@ -86,7 +86,7 @@ pub fn status(s: &Snapshot) -> String {
             w.id.to_string(),
             w.pid.map_or("-".into(), |p| p.to_string()),
             w.generation.to_string(),
-            w.state.clone(),
+            w.state.to_string(),
             if w.pid.is_some() { if w.receiving { "yes" } else { "no" }.into() } else { "-".into() },
             if w.pid.is_some() { w.accept_queue.to_string() } else { "-".into() },
             w.restarts.to_string(),

@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, mpsc};
 use super::Metrics;
 use super::model::Format;
 use crate::config::ListenAddr;
-use crate::supervisor::Control;
+use crate::requests::Control;
 
 /// Longest request head accepted.
 pub const MAX_HEAD: usize = 8 * 1024;

@@ -43,7 +43,8 @@ use nix::sys::wait::WaitStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::supervisor::{Control, Snapshot};
+use crate::control::protocol::Snapshot;
+use crate::requests::Control;
 use model::{Family, Format, Histogram, Kind};
 
 /// How long one worker's page may take.
@@ -316,7 +317,7 @@ impl Metrics {
         // One /proc scan for every worker's whole process group (pre-fork servers' children
         // count with their worker).
         let pids: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
-        let usage = crate::control::procstat::scan_groups(&pids);
+        let usage = crate::procstat::scan_groups(&pids);
         for w in &snap.workers {
             if let Some(u) = w.pid.and_then(|pid| usage.get(&pid).map(|u| (pid, u))) {
                 let (pid, u) = u;

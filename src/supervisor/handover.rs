@@ -7,16 +7,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::control::{LastReload, ReloadOutcome, UpgradeDone};
 use super::{Event, Slot, Supervisor};
-use crate::config::Settings;
+use crate::control::protocol::{ReloadOutcome, UpgradeDone};
 use crate::spawn::Spec;
 use crate::sys::HandedOver;
-use crate::upgrade::{self, Clock, Exporter, Handover, UpgradeError};
-use crate::worker::{Role, State, Worker};
+use crate::upgrade::{
+    self, Clock, Exporter, Handover, SlotState, SupervisorState, UpgradeError, WorkerPhase, WorkerRecord,
+};
+use crate::worker::Worker;
 
 /// How long the loop lets its tasks write the last answers before `execve`.
 const FLUSH: Duration = Duration::from_millis(50);
@@ -39,85 +39,6 @@ enum Phase {
         report: upgrade::CheckReport,
         exec_at: Instant,
     },
-}
-
-/// The supervisor's part of the state.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SupervisorState {
-    pub settings: Settings,
-    /// Every spec in use, each once; slots and workers refer to them by index.
-    pub specs: Vec<Spec>,
-    pub spec: usize,
-    pub generation: u64,
-    pub desired: usize,
-    pub slots: Vec<SlotState>,
-    pub workers: Vec<WorkerState>,
-    pub last_reload: Option<LastReload>,
-    pub watchdog_timeouts: u64,
-    pub sent_ready: bool,
-    pub next_memory_check_ns: Option<i64>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SlotState {
-    pub id: usize,
-    pub active: Option<i32>,
-    pub spec: usize,
-    pub failures: u32,
-    pub restarts: u32,
-    pub restart_at_ns: Option<i64>,
-    pub settled: bool,
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WorkerState {
-    pub pid: i32,
-    pub slot: usize,
-    pub spec: usize,
-    pub state: WorkerPhase,
-    pub role: Role,
-    pub started_ns: i64,
-    pub pidfd: RawFd,
-    pub stdout: RawFd,
-    pub stderr: RawFd,
-    pub tail: Vec<String>,
-    pub failure: Option<String>,
-    pub last_ping_ns: i64,
-    pub memory_strikes: u32,
-}
-
-/// [`State`] with its instants as `CLOCK_MONOTONIC` nanoseconds.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum WorkerPhase {
-    Starting { deadline_ns: i64 },
-    Ready { since_ns: i64 },
-    Draining { since_ns: i64 },
-    Stopping { kill_at_ns: i64 },
-    Killed,
-}
-
-impl WorkerPhase {
-    fn of(s: State, c: &Clock) -> WorkerPhase {
-        match s {
-            State::Starting { deadline } => WorkerPhase::Starting { deadline_ns: c.to_ns(deadline) },
-            State::Ready { since } => WorkerPhase::Ready { since_ns: c.to_ns(since) },
-            State::Draining { since } => WorkerPhase::Draining { since_ns: c.to_ns(since) },
-            State::Stopping { kill_at } => WorkerPhase::Stopping { kill_at_ns: c.to_ns(kill_at) },
-            State::Killed => WorkerPhase::Killed,
-        }
-    }
-
-    fn state(self, c: &Clock) -> State {
-        match self {
-            WorkerPhase::Starting { deadline_ns } => State::Starting { deadline: c.instant(deadline_ns) },
-            WorkerPhase::Ready { since_ns } => State::Ready { since: c.instant(since_ns) },
-            WorkerPhase::Draining { since_ns } => State::Draining { since: c.instant(since_ns) },
-            WorkerPhase::Stopping { kill_at_ns } => State::Stopping { kill_at: c.instant(kill_at_ns) },
-            WorkerPhase::Killed => State::Killed,
-        }
-    }
 }
 
 /// The supervisor's part, rebuilt by the new image: ready to run (see `supervisor::run`).
@@ -372,7 +293,7 @@ impl Supervisor {
             .collect();
         let mut workers = Vec::new();
         for w in self.workers.values() {
-            workers.push(WorkerState {
+            workers.push(WorkerRecord {
                 pid: w.pid,
                 slot: w.slot,
                 spec: index(&w.spec),

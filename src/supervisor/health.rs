@@ -61,8 +61,7 @@ impl Supervisor {
         if self.next_memory_check.is_some_and(|t| now >= t) {
             self.next_memory_check = Some(now + MEMORY_CHECK);
             let mut over = Vec::new();
-            let groups =
-                crate::control::procstat::scan_groups(&self.workers.keys().copied().collect::<Vec<_>>());
+            let groups = crate::procstat::scan_groups(&self.workers.keys().copied().collect::<Vec<_>>());
             for (pid, w) in self.workers.iter_mut() {
                 let Some(limit) = w.spec.max_memory else { continue };
                 if w.role != Role::Active || !w.is_ready() {

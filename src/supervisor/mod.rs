@@ -12,7 +12,6 @@
 //! *active* worker and, during a roll-out, one *candidate*; replaced workers are *retired* and
 //! drain on their own schedule.
 
-pub mod control;
 mod events;
 mod exits;
 pub mod handover;
@@ -30,13 +29,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::backoff;
 use crate::config::{Problems, ReadyMode, Settings};
+use crate::control::protocol::{LastReload, ReloadOutcome};
 use crate::listeners::Listeners;
 use crate::notify::{Notifier, WorkerNotify};
 use crate::output::Output;
+use crate::requests::{Control, Scale, Waiter};
 use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
 use crate::worker::{Role, State, Worker};
-pub use control::{Control, ReloadOutcome, Scale, Snapshot, UpgradeDone, Waiter};
 use rollout::Rollout;
 
 /// A steered worker that stopped receiving keeps running at least this long before its stop
@@ -116,7 +116,7 @@ pub struct Supervisor {
     next_memory_check: Option<Instant>,
     /// `scale --wait` clients: answered once the pool has converged.
     scale_waiters: Vec<oneshot::Sender<Result<usize, String>>>,
-    last_reload: Option<control::LastReload>,
+    last_reload: Option<LastReload>,
     launcher: Launcher,
     /// Per-worker sockets and the routing program, with `--balance steer|sticky`.
     steering: Option<Steering>,

@@ -17,10 +17,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::control::{LastReload, Waiter};
 use super::{ReloadOutcome, Supervisor};
 use crate::config::OnFailure;
+use crate::control::protocol::LastReload;
 use crate::notify::monotonic_usec;
+use crate::requests::Waiter;
 use crate::spawn::Spec;
 use crate::worker::{Role, State};
 

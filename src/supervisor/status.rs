@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use super::control::{Snapshot, WorkerInfo};
 use super::{Supervisor, human};
+use crate::control::protocol::{Snapshot, WorkerInfo, WorkerState};
 use crate::worker::{Role, State};
 
 impl Supervisor {
@@ -63,10 +63,10 @@ impl Supervisor {
                 pid: Some(w.pid),
                 generation: w.spec.generation,
                 state: match w.role {
-                    Role::Candidate if w.is_ready() => "holding".to_string(),
-                    Role::Candidate => "starting (new)".to_string(),
-                    Role::Replacement if !w.is_ready() => "starting (replacement)".to_string(),
-                    _ => w.state_name().to_string(),
+                    Role::Candidate if w.is_ready() => WorkerState::Holding,
+                    Role::Candidate => WorkerState::StartingNew,
+                    Role::Replacement if !w.is_ready() => WorkerState::StartingReplacement,
+                    _ => w.state_name(),
                 },
                 cwd: w.spec.cwd.display().to_string(),
                 receiving: match &self.steering {
@@ -89,7 +89,11 @@ impl Supervisor {
                     id: *id,
                     pid: None,
                     generation: slot.spec.generation,
-                    state: if slot.restart_at.is_some() { "backoff" } else { "waiting" }.to_string(),
+                    state: if slot.restart_at.is_some() {
+                        WorkerState::Backoff
+                    } else {
+                        WorkerState::Waiting
+                    },
                     cwd: slot.spec.cwd.display().to_string(),
                     receiving: false,
                     accept_queue: 0,
