@@ -320,7 +320,8 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     };
     if let Some(first) = command.first_mut() {
         if !first.contains('/') {
-            *first = crate::spawn::resolve(first, &env, Some(&cwd)).map_err(|e| fail(exit::CONFIG, e))?;
+            *first = crate::spawn::resolve(first, &env, Some(&cwd))
+                .map_err(|e| fail(exit::CONFIG, e.to_string()))?;
         }
     }
     // Workers run as --user, else as the user who ran sudo; root only when neither is known

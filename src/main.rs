@@ -192,7 +192,8 @@ fn load(file: Option<&PathBuf>, ov: &Overrides) -> Result<Settings, config::Prob
     let s = config::load(file.map(PathBuf::as_path), ov, cpus())?;
     let mut env = base_env();
     env.extend(s.env.iter().cloned());
-    spawn::resolve(&s.command[0], &env, s.cwd.as_deref()).map_err(|e| config::Problems(vec![e]))?;
+    spawn::resolve(&s.command[0], &env, s.cwd.as_deref())
+        .map_err(|e| config::Problems(vec![e.to_string()]))?;
     Ok(s)
 }
 

@@ -5,7 +5,7 @@
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::control::protocol::Scale;
-use crate::control::protocol::{ReloadOutcome, Snapshot, UpgradeDone};
+use crate::control::protocol::{ReloadOutcome, ScaleError, Snapshot, UpgradeDone};
 
 /// Someone waiting for a roll-out: its final answer, and progress lines on the way.
 #[derive(Debug, Default)]
@@ -23,7 +23,7 @@ pub enum Control {
     Scale {
         scale: Scale,
         wait: bool,
-        reply: Option<oneshot::Sender<Result<usize, String>>>,
+        reply: Option<oneshot::Sender<Result<usize, ScaleError>>>,
     },
     Status {
         reply: oneshot::Sender<Snapshot>,

@@ -35,6 +35,51 @@ const SCRUBBED: &[&str] = &[
     crate::upgrade::STATE_VAR,
 ];
 
+/// Why a worker could not be started. Each message names what was being done and on what.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("{path} (pinned for generation {generation}) is gone or no longer executable")]
+    Gone { path: String, generation: u64 },
+    #[error("cannot create a pipe: {0}")]
+    Pipe(std::io::Error),
+    #[error("cannot prepare the command: {0}")]
+    Plan(sys::PlanError),
+    #[error("cannot start {program}: {err}")]
+    Start { program: String, err: std::io::Error },
+    /// Without a pidfd nobody could watch, signal or reap it, so it was killed at once.
+    #[error("cannot watch the new worker (pidfd_open: {0}), so it was killed")]
+    Unwatchable(std::io::Error),
+    /// No steered socket for it (see `steer`).
+    #[error("{0}")]
+    Steering(#[from] crate::steer::SteerError),
+}
+
+/// Why a program cannot be found or run, before any fork.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{0} is not an executable file; check its permissions (chmod +x)")]
+    NotExecutable(String),
+    #[error("command not found: {0}")]
+    NotFound(String),
+    #[error("command not found: {program} (searched PATH={path})")]
+    NotOnPath { program: String, path: String },
+}
+
+/// Why a generation could not be pinned (its directory or program is unusable).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PinError {
+    #[error("working directory {dir}: {err}")]
+    Cwd { dir: String, err: String },
+    #[error("working directory {0} is not a directory")]
+    NotADirectory(String),
+    #[error("no command to run")]
+    NoCommand,
+    #[error(transparent)]
+    Program(#[from] ResolveError),
+    #[error("{dir}: {err}")]
+    ProgramDir { dir: String, err: String },
+}
+
 /// Follow the worker user (from its passwd entry) when workers run as another user.
 const USER_VARS: &[&str] = &["HOME", "USER", "LOGNAME"];
 
@@ -70,22 +115,25 @@ pub struct Spec {
 
 impl Spec {
     /// A spec for `s`, pinned against `path_env` (the `PATH` search) and the current directory.
-    pub fn pin(s: &Settings, generation: u64, path_env: &[(String, String)]) -> Result<Self, String> {
+    pub fn pin(s: &Settings, generation: u64, path_env: &[(String, String)]) -> Result<Self, PinError> {
         let dir = s.cwd.clone().unwrap_or_else(|| PathBuf::from("."));
-        let cwd =
-            std::fs::canonicalize(&dir).map_err(|e| format!("working directory {}: {e}", dir.display()))?;
+        let cwd = std::fs::canonicalize(&dir)
+            .map_err(|e| PinError::Cwd { dir: dir.display().to_string(), err: e.to_string() })?;
         if !cwd.is_dir() {
-            return Err(format!("working directory {} is not a directory", dir.display()));
+            return Err(PinError::NotADirectory(dir.display().to_string()));
         }
-        let program = s.command.first().ok_or("no command to run")?;
+        let program = s.command.first().ok_or(PinError::NoCommand)?;
         let found = resolve(program, path_env, Some(&cwd))?;
         let full = if found.starts_with('/') { PathBuf::from(&found) } else { cwd.join(&found) };
         // Resolve the directories, not the file itself: a virtualenv's `bin/python` is a
         // symlink whose own location is what makes it a virtualenv.
         let program = match (full.parent(), full.file_name()) {
-            (Some(parent), Some(name)) => std::fs::canonicalize(parent)
-                .map(|p| p.join(name))
-                .map_err(|e| format!("{}: {e}", parent.display()))?,
+            (Some(parent), Some(name)) => {
+                std::fs::canonicalize(parent).map(|p| p.join(name)).map_err(|e| PinError::ProgramDir {
+                    dir: parent.display().to_string(),
+                    err: e.to_string(),
+                })?
+            }
             _ => full,
         };
         Ok(Spec {
@@ -140,7 +188,7 @@ impl Launcher {
     }
 
     /// Pins generation `generation` of `s` (see [`Spec`]).
-    pub fn pin(&self, s: &Settings, generation: u64) -> Result<Spec, String> {
+    pub fn pin(&self, s: &Settings, generation: u64) -> Result<Spec, PinError> {
         let mut env = self.base_env.clone();
         env.extend(s.env.iter().cloned());
         Spec::pin(s, generation, &env)
@@ -177,7 +225,12 @@ impl Launcher {
         env
     }
 
-    pub fn launch(&self, spec: &Spec, worker_id: usize, metrics: Option<&str>) -> Result<Launched, String> {
+    pub fn launch(
+        &self,
+        spec: &Spec,
+        worker_id: usize,
+        metrics: Option<&str>,
+    ) -> Result<Launched, SpawnError> {
         self.launch_with(spec, worker_id, &self.fds, metrics)
     }
 
@@ -188,28 +241,25 @@ impl Launcher {
         worker_id: usize,
         fds: &[RawFd],
         metrics: Option<&str>,
-    ) -> Result<Launched, String> {
+    ) -> Result<Launched, SpawnError> {
         let mut env = self.env(spec, worker_id, fds.len());
         env.extend(metrics.map(|m| ("HERDSMAN_METRICS_SOCKET".to_string(), m.to_string())));
         let path = &spec.program;
         if !is_executable(Path::new(path)) {
-            return Err(format!(
-                "{path} (pinned for generation {}) is gone or no longer executable",
-                spec.generation
-            ));
+            return Err(SpawnError::Gone { path: path.clone(), generation: spec.generation });
         }
-        let (out_r, out_w) = sys::pipe_cloexec().map_err(|e| format!("cannot create a pipe: {e}"))?;
-        let (err_r, err_w) = sys::pipe_cloexec().map_err(|e| format!("cannot create a pipe: {e}"))?;
+        let (out_r, out_w) = sys::pipe_cloexec().map_err(SpawnError::Pipe)?;
+        let (err_r, err_w) = sys::pipe_cloexec().map_err(SpawnError::Pipe)?;
         let flat: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let stdio = [self.devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
         let pid_vars: &[&str] =
             if spec.watchdog.is_some() { &["LISTEN_PID", "WATCHDOG_PID"] } else { &["LISTEN_PID"] };
         let mut plan = sys::ExecPlan::new(path, &spec.command, &flat, pid_vars, Some(&spec.cwd), stdio, fds)
-            .map_err(|e| format!("cannot prepare the command: {e}"))?;
+            .map_err(SpawnError::Plan)?;
         if let Some(u) = &spec.user {
             plan = plan.with_credentials(u.uid, u.gid, &u.groups);
         }
-        let pid = plan.spawn().map_err(|e| format!("cannot start {}: {e}", spec.command[0]))?;
+        let pid = plan.spawn().map_err(|err| SpawnError::Start { program: spec.command[0].clone(), err })?;
         drop((out_w, err_w));
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
@@ -217,7 +267,7 @@ impl Launcher {
                 // Without a pidfd nobody would watch, signal or reap it: it must not live on
                 // unsupervised (and serve). It is our unreaped child, so its pid is still ours.
                 sys::kill_and_reap_unwatched(pid);
-                return Err(format!("cannot watch the new worker (pidfd_open: {e}), so it was killed"));
+                return Err(SpawnError::Unwatchable(e));
             }
         };
         let pipes = [Arc::new(out_r), Arc::new(err_r)];
@@ -252,7 +302,7 @@ impl Launcher {
 
 /// Finds the program like `execvp` would, but before forking (so a typo is a clear error, and
 /// the child does no path search).
-pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> Result<String, String> {
+pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> Result<String, ResolveError> {
     if program.contains('/') {
         let full = match cwd {
             Some(dir) if !program.starts_with('/') => dir.join(program),
@@ -261,9 +311,9 @@ pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> R
         return if is_executable(&full) {
             Ok(program.to_string())
         } else if full.exists() {
-            Err(format!("{program} is not an executable file; check its permissions (chmod +x)"))
+            Err(ResolveError::NotExecutable(program.to_string()))
         } else {
-            Err(format!("command not found: {program}"))
+            Err(ResolveError::NotFound(program.to_string()))
         };
     }
     let path = env
@@ -277,7 +327,7 @@ pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> R
         .map(|d| Path::new(d).join(program))
         .find(|p| is_executable(p))
         .map(|p| p.to_string_lossy().into_owned())
-        .ok_or_else(|| format!("command not found: {program} (searched PATH={path})"))
+        .ok_or_else(|| ResolveError::NotOnPath { program: program.to_string(), path: path.to_string() })
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -293,12 +343,12 @@ mod tests {
     fn programs_are_found_on_path_or_rejected_clearly() {
         let env = vec![("PATH".to_string(), "/nonexistent:/bin:/usr/bin".to_string())];
         assert!(resolve("sh", &env, None).unwrap().ends_with("/sh"));
-        assert!(resolve("no-such-program-xyz", &env, None).unwrap_err().contains("command not found"));
+        assert!(matches!(resolve("no-such-program-xyz", &env, None), Err(ResolveError::NotOnPath { .. })));
         let plain = std::env::temp_dir().join(format!("herdsman-not-exec-{}", std::process::id()));
         std::fs::write(&plain, "#!/bin/sh\n").unwrap();
         let err = resolve(plain.to_str().unwrap(), &env, None).unwrap_err();
         std::fs::remove_file(&plain).unwrap();
-        assert!(err.contains("not an executable"), "{err}");
+        assert!(matches!(err, ResolveError::NotExecutable(_)), "{err}");
     }
 
     #[test]
@@ -333,7 +383,7 @@ mod tests {
         assert!(spec.program.starts_with('/') && spec.program.ends_with("/sh"), "{}", spec.program);
         std::fs::remove_file(root.join("current")).unwrap();
         let err = Spec::pin(&settings("sh"), 8, &env).unwrap_err();
-        assert!(err.contains("working directory"), "{err}");
+        assert!(matches!(err, PinError::Cwd { .. }), "{err}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -123,7 +123,7 @@ pub struct WorkerRecord {
     pub stdout: RawFd,
     pub stderr: RawFd,
     pub tail: Vec<String>,
-    pub failure: Option<String>,
+    pub failure: Option<crate::worker::Failure>,
     pub last_ping_ns: i64,
     pub memory_strikes: u32,
 }

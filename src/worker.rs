@@ -43,6 +43,36 @@ pub enum Role {
     Retired,
 }
 
+/// Why the supervisor gave up on a worker: what (for metrics and decisions) and the words
+/// (for reports).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FailureKind {
+    /// No `WATCHDOG=1` in time.
+    Watchdog,
+    /// Its memory stayed above `max_memory`.
+    Memory,
+    /// Not ready within `ready_timeout`.
+    ReadyTimeout,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: String) -> Failure {
+        Failure { kind, message }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 #[derive(Debug)]
 pub struct Worker {
     pub pid: i32,
@@ -57,7 +87,7 @@ pub struct Worker {
     /// over in an upgrade.
     pub pipes: [Arc<OwnedFd>; 2],
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
-    pub failure: Option<String>,
+    pub failure: Option<Failure>,
 
     /// Last `WATCHDOG=1` (or its start).
     pub last_ping: Instant,

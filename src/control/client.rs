@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::protocol::{Envelope, Op, Reply, Request, VERSION};
+use super::protocol::{Envelope, ErrorKind, Op, Reply, Request, VERSION};
 use super::{paths, table};
 use crate::exit;
 
@@ -79,13 +79,18 @@ pub fn call(
             .map_err(|e| fail(exit::FAILURE, format!("unreadable answer: {e}")))?;
         match env.reply {
             Reply::Progress { message } => progress(&message),
-            Reply::Error { message } if message.starts_with("permission denied") => {
-                return Err(fail(exit::NOPERM, message));
+            Reply::Error { kind, message } => {
+                let code = match kind {
+                    ErrorKind::PermissionDenied => exit::NOPERM,
+                    ErrorKind::Busy => exit::TIMEOUT,
+                    ErrorKind::Failed
+                    | ErrorKind::BadRequest
+                    | ErrorKind::ShuttingDown
+                    | ErrorKind::Scale
+                    | ErrorKind::UpgradeRefused => exit::FAILURE,
+                };
+                return Err(fail(code, message));
             }
-            Reply::Error { message } if message.starts_with("busy:") => {
-                return Err(fail(exit::TIMEOUT, message));
-            }
-            Reply::Error { message } => return Err(fail(exit::FAILURE, message)),
             other => return Ok(other),
         }
     }

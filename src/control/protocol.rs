@@ -215,13 +215,67 @@ pub struct Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
-    Progress { message: String },
-    Status { status: Box<Snapshot> },
+    Progress {
+        message: String,
+    },
+    Status {
+        status: Box<Snapshot>,
+    },
     Reload(ReloadOutcome),
-    Scale { workers: usize },
-    Metrics { text: String },
+    Scale {
+        workers: usize,
+    },
+    Metrics {
+        text: String,
+    },
     Upgrade(UpgradeDone),
-    Error { message: String },
+    /// `kind` says what went wrong for programs (the client's exit code comes from it);
+    /// `message` says it for people.
+    Error {
+        #[serde(default)]
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// What kind of error an `error` reply reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request was carried out and failed (a roll-out, a metrics scrape, ...).
+    #[default]
+    Failed,
+    /// Malformed, oversized, slow or of an unknown protocol version.
+    BadRequest,
+    /// The peer may not use this socket (`SO_PEERCRED`).
+    PermissionDenied,
+    /// Too many control connections at once: try again.
+    Busy,
+    /// The supervisor is stopping.
+    ShuttingDown,
+    /// `scale` could not be carried out (see [`ScaleError`]).
+    Scale,
+    /// `upgrade` was refused, or its `execve` failed; nothing changed.
+    UpgradeRefused,
+}
+
+impl Reply {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
+        Reply::Error { kind, message: message.into() }
+    }
+}
+
+/// Why a `scale` request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScaleError {
+    #[error("cannot scale to 0 workers (now {now}); stop the app instead")]
+    Zero { now: usize },
+    #[error("cannot scale: {}", crate::config::values::too_many_workers(*.want))]
+    TooMany { want: usize },
+    #[error("worker {slot} failed to start: {why}")]
+    StartFailed { slot: usize, why: String },
+    #[error("the supervisor is stopping")]
+    Stopping,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,8 +287,9 @@ pub struct Envelope {
 
 impl Reply {
     pub fn line(self) -> String {
-        let mut s = serde_json::to_string(&Envelope { v: VERSION, reply: self })
-            .unwrap_or_else(|_| r#"{"v":1,"type":"error","message":"internal: unencodable reply"}"#.into());
+        let mut s = serde_json::to_string(&Envelope { v: VERSION, reply: self }).unwrap_or_else(|_| {
+            r#"{"v":1,"type":"error","kind":"failed","message":"internal: unencodable reply"}"#.into()
+        });
         s.push('\n');
         s
     }

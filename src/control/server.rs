@@ -17,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::protocol::ReloadOutcome;
-use super::protocol::{self, MAX_REQUEST, Op, Reply};
+use super::protocol::{self, ErrorKind, MAX_REQUEST, Op, Reply};
 use crate::procstat::CpuMeter;
 use crate::requests::{Control, Waiter};
 
@@ -224,7 +224,7 @@ fn refuse_busy(stream: &UnixStream) {
     let message = format!(
         "busy: {MAX_CLIENTS} control connections are open, the most served at once; try again in a moment"
     );
-    let _ = stream.try_write(Reply::Error { message }.line().as_bytes());
+    let _ = stream.try_write(Reply::error(ErrorKind::Busy, message).line().as_bytes());
 }
 
 async fn handle(
@@ -247,7 +247,7 @@ async fn handle(
             cred.uid(),
             access.uid
         );
-        return write.write_all(Reply::Error { message: msg }.line().as_bytes()).await;
+        return write.write_all(Reply::error(ErrorKind::PermissionDenied, msg).line().as_bytes()).await;
     }
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
@@ -262,9 +262,11 @@ async fn handle(
     };
     let op = match request {
         Ok(r) => r.op,
-        Err(message) => return write.write_all(Reply::Error { message }.line().as_bytes()).await,
+        Err(message) => {
+            return write.write_all(Reply::error(ErrorKind::BadRequest, message).line().as_bytes()).await;
+        }
     };
-    let gone = || Reply::Error { message: "the supervisor is shutting down".into() };
+    let gone = || Reply::error(ErrorKind::ShuttingDown, "the supervisor is shutting down");
     match op {
         Op::Status => {
             let (tx, rx) = oneshot::channel();
@@ -329,7 +331,9 @@ async fn handle(
             }
             let reply = match rx.await {
                 Ok(Ok(done)) => Reply::Upgrade(done),
-                Ok(Err(message)) => Reply::Error { message: format!("cannot upgrade: {message}") },
+                Ok(Err(message)) => {
+                    Reply::error(ErrorKind::UpgradeRefused, format!("cannot upgrade: {message}"))
+                }
                 Err(_) => gone(),
             };
             write.write_all(reply.line().as_bytes()).await
@@ -337,14 +341,18 @@ async fn handle(
         Op::Metrics => {
             let reply = match metrics.collect(&controls, crate::metrics::model::Format::Text).await {
                 Ok(text) => Reply::Metrics { text },
-                Err(message) => Reply::Error { message },
+                Err(message) => Reply::error(ErrorKind::Failed, message),
             };
             write.write_all(reply.line().as_bytes()).await
         }
         Op::Scale { workers, wait } => {
             let scale = match protocol::parse_scale(&workers) {
                 Ok(s) => s,
-                Err(message) => return write.write_all(Reply::Error { message }.line().as_bytes()).await,
+                Err(message) => {
+                    return write
+                        .write_all(Reply::error(ErrorKind::BadRequest, message).line().as_bytes())
+                        .await;
+                }
             };
             let (tx, rx) = oneshot::channel();
             if controls.send(Control::Scale { scale, wait, reply: Some(tx) }).await.is_err() {
@@ -352,7 +360,7 @@ async fn handle(
             }
             let reply = match rx.await {
                 Ok(Ok(workers)) => Reply::Scale { workers },
-                Ok(Err(message)) => Reply::Error { message },
+                Ok(Err(e)) => Reply::error(ErrorKind::Scale, e.to_string()),
                 Err(_) => gone(),
             };
             write.write_all(reply.line().as_bytes()).await

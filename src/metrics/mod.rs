@@ -80,10 +80,11 @@ impl Reason {
 
     /// From what the supervisor gave up on it for (`Worker::failure`) and its wait status:
     /// a watchdog or memory replacement counts as such even though it ends by a signal.
-    pub fn of(failure: Option<&str>, status: WaitStatus) -> Reason {
+    pub fn of(failure: Option<crate::worker::FailureKind>, status: WaitStatus) -> Reason {
+        use crate::worker::FailureKind;
         match failure {
-            Some(f) if f.starts_with("watchdog") => Reason::Watchdog,
-            Some(f) if f.starts_with("memory") => Reason::Memory,
+            Some(FailureKind::Watchdog) => Reason::Watchdog,
+            Some(FailureKind::Memory) => Reason::Memory,
             _ if matches!(status, WaitStatus::Signaled(..)) => Reason::Signal,
             _ => Reason::Exit,
         }

@@ -10,7 +10,7 @@ use super::{DRAIN_GRACE, Event, Supervisor, human};
 use crate::backoff;
 use crate::config::ReadyMode;
 use crate::notify::Message;
-use crate::worker::{Role, State};
+use crate::worker::{Failure, FailureKind, Role, State};
 
 impl Supervisor {
     pub(super) fn on_event(&mut self, ev: Event) {
@@ -28,7 +28,11 @@ impl Supervisor {
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
         exits::reap(&w);
         let how = describe_exit(status);
-        self.metrics.exited(pid, w.slot, crate::metrics::Reason::of(w.failure.as_deref(), status));
+        self.metrics.exited(
+            pid,
+            w.slot,
+            crate::metrics::Reason::of(w.failure.as_ref().map(|f| f.kind), status),
+        );
         let now = Instant::now();
         let ran = now.duration_since(w.started);
         // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.
@@ -43,12 +47,15 @@ impl Supervisor {
                 }
             },
             (Role::Replacement, _) => {
-                let reason = w.failure.clone().unwrap_or_else(|| format!("{how} before it was ready"));
+                let reason = w
+                    .failure
+                    .as_ref()
+                    .map_or_else(|| format!("{how} before it was ready"), Failure::to_string);
                 self.replacement_failed(pid, &failure_report(&w, &reason));
             }
             (Role::Candidate, state) => {
                 let reason = match (&w.failure, state) {
-                    (Some(f), _) => f.clone(),
+                    (Some(f), _) => f.to_string(),
                     (None, State::Ready { since }) => format!(
                         "{how} {} after it was ready, within min_ready ({})",
                         human(now.duration_since(since)),
@@ -81,7 +88,7 @@ impl Supervisor {
                 };
                 slot.restart_at = Some(now + delay);
                 let reason = match (&w.failure, state) {
-                    (Some(f), _) => f.clone(),
+                    (Some(f), _) => f.to_string(),
                     (None, State::Starting { .. }) => format!("{how} before it was ready"),
                     (None, _) => format!("{how} after {}", human(ran)),
                 };
@@ -190,7 +197,7 @@ impl Supervisor {
         for pid in timed_out {
             if let Some(w) = self.workers.get(&pid) {
                 let why = format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout));
-                self.kill_now(pid, Some(why));
+                self.kill_now(pid, Some(Failure::new(FailureKind::ReadyTimeout, why)));
             }
         }
         self.check_health(now);

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use super::Supervisor;
-use crate::worker::{Role, State};
+use crate::worker::{Failure, FailureKind, Role, State};
 
 pub const MEMORY_CHECK: Duration = Duration::from_secs(5);
 const MEMORY_STRIKES: u32 = 2;
@@ -49,7 +49,10 @@ impl Supervisor {
             .collect();
         for pid in hung {
             let every = self.workers[&pid].spec.watchdog.unwrap_or_default();
-            let reason = format!("watchdog: no WATCHDOG=1 for {}", super::human(every));
+            let reason = Failure::new(
+                FailureKind::Watchdog,
+                format!("watchdog: no WATCHDOG=1 for {}", super::human(every)),
+            );
             self.watchdog_timeouts += 1;
             if self.rollout.as_ref().is_some_and(|r| r.owns(pid)) {
                 // A worker the roll-out started is hung: kill it; its exit aborts the roll-out.
@@ -76,7 +79,10 @@ impl Supervisor {
             }
             for (pid, rss, limit) in over {
                 if !self.is_being_replaced(pid) {
-                    let reason = format!("memory {} MiB above the limit of {} MiB", rss >> 20, limit >> 20);
+                    let reason = Failure::new(
+                        FailureKind::Memory,
+                        format!("memory {} MiB above the limit of {} MiB", rss >> 20, limit >> 20),
+                    );
                     self.replace_worker(pid, reason, false);
                 }
             }
@@ -84,7 +90,7 @@ impl Supervisor {
     }
 
     /// Starts a replacement for `old` in its slot; the old worker goes once it is ready.
-    fn replace_worker(&mut self, old: i32, reason: String, hard: bool) {
+    fn replace_worker(&mut self, old: i32, reason: Failure, hard: bool) {
         let Some(w) = self.workers.get(&old) else { return };
         let (slot, spec) = (w.slot, w.spec.clone());
         tracing::warn!(

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::backoff;
 use crate::config::{Problems, ReadyMode, Settings};
-use crate::control::protocol::{LastReload, ReloadOutcome};
+use crate::control::protocol::{LastReload, ReloadOutcome, ScaleError};
 use crate::listeners::Listeners;
 use crate::notify::{Notifier, WorkerNotify};
 use crate::output::Output;
@@ -115,7 +115,7 @@ pub struct Supervisor {
     watchdog_timeouts: u64,
     next_memory_check: Option<Instant>,
     /// `scale --wait` clients: answered once the pool has converged.
-    scale_waiters: Vec<oneshot::Sender<Result<usize, String>>>,
+    scale_waiters: Vec<oneshot::Sender<Result<usize, ScaleError>>>,
     last_reload: Option<LastReload>,
     launcher: Launcher,
     /// Per-worker sockets and the routing program, with `--balance steer|sticky`.
@@ -272,17 +272,17 @@ impl Supervisor {
         }
     }
 
-    fn scale(&mut self, scale: Scale) -> Result<usize, String> {
+    fn scale(&mut self, scale: Scale) -> Result<usize, ScaleError> {
         let want = match scale {
             Scale::To(n) => n,
             Scale::Add(n) => self.desired.saturating_add(n),
             Scale::Remove(n) => self.desired.saturating_sub(n),
         };
         if want == 0 {
-            return Err(format!("cannot scale to 0 workers (now {}); stop the app instead", self.desired));
+            return Err(ScaleError::Zero { now: self.desired });
         }
         if want > crate::config::values::MAX_WORKERS {
-            return Err(format!("cannot scale: {}", crate::config::values::too_many_workers(want)));
+            return Err(ScaleError::TooMany { want });
         }
         if want != self.desired {
             tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.desired);
@@ -331,7 +331,7 @@ impl Supervisor {
 
     /// SIGKILLs `pid`'s process group at once (a failed or hung worker); its exit event
     /// follows. `failure` says why, for the report.
-    fn kill_now(&mut self, pid: i32, failure: Option<String>) {
+    fn kill_now(&mut self, pid: i32, failure: Option<crate::worker::Failure>) {
         self.steer_receiving(pid, false);
         let Some(w) = self.workers.get_mut(&pid) else { return };
         if failure.is_some() {
@@ -423,7 +423,7 @@ impl Supervisor {
         } else {
             self.drive_upgrade();
             for tx in self.scale_waiters.drain(..) {
-                let _ = tx.send(Err("the supervisor is stopping".to_string()));
+                let _ = tx.send(Err(ScaleError::Stopping));
             }
         }
         if !self.sent_ready && (self.stopping || self.slots.values().all(|s| s.settled)) {
@@ -492,19 +492,19 @@ impl Supervisor {
                     let delay = backoff::delay(&self.settings.backoff, slot.failures);
                     slot.restart_at = Some(now + delay);
                     tracing::error!(app = %self.app, worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
-                    slot.last_error = Some(e);
+                    slot.last_error = Some(e.to_string());
                 }
             }
         }
     }
 
     /// Starts a worker for slot `id` running `spec`.
-    fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, String> {
+    fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, crate::spawn::SpawnError> {
         let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
         let l = match &mut self.steering {
             None => self.launcher.launch(spec, id, metrics_socket.as_deref())?,
             Some(st) => {
-                let picked = st.reserve(id).map_err(|e| e.to_string())?;
+                let picked = st.reserve(id)?;
                 match self.launcher.launch_with(spec, id, &st.fds(&picked), metrics_socket.as_deref()) {
                     Ok(l) => {
                         st.bind(&picked, l.pid);
@@ -565,7 +565,7 @@ impl Supervisor {
             .find(|(id, s)| **id < self.desired && s.active.is_none() && s.restart_at.is_some());
         let result = if let Some((id, slot)) = failed {
             let why = slot.last_error.clone().unwrap_or_else(|| "failed to start".to_string());
-            Err(format!("worker {id} failed to start: {why}"))
+            Err(ScaleError::StartFailed { slot: *id, why })
         } else {
             let removed_gone = self.workers.values().all(|w| w.slot < self.desired);
             if !(removed_gone && self.slots.len() == self.desired && self.ready_count() == self.desired) {
