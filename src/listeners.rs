@@ -122,6 +122,11 @@ impl Listeners {
         Ok(Listeners { list, activated })
     }
 
+    /// No socket at all: for the supervisor's in-process tests, whose workers are made up.
+    pub fn none() -> Listeners {
+        Listeners { list: Vec::new(), activated: false }
+    }
+
     pub fn raw_fds(&self) -> Vec<RawFd> {
         self.list.iter().map(|l| l.fd.as_raw_fd()).collect()
     }

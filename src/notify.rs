@@ -301,7 +301,10 @@ impl WorkerNotify {
     /// An abstract socket unique to this supervisor (nothing on disk). Abstract sockets follow
     /// the network namespace, which workers share with us.
     fn bind_abstract() -> io::Result<Self> {
-        let name = format!("herdsman/{}/notify/{:x}", std::process::id(), monotonic_usec());
+        // Unique per socket even when two are bound in the same microsecond (tests do).
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("herdsman/{}/notify/{:x}-{seq}", std::process::id(), monotonic_usec());
         let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
         let std_sock = StdDatagram::bind_addr(&addr)?;
         socket::setsockopt(&std_sock, sockopt::PassCred, &true).map_err(io::Error::from)?;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::exits::{self, describe_exit, failure_report, stop_signal_hint};
+use super::exits::{describe_exit, failure_report, stop_signal_hint};
 use super::{DRAIN_GRACE, Event, Supervisor, human};
 use crate::backoff;
 use crate::config::ReadyMode;
@@ -26,14 +26,14 @@ impl Supervisor {
         }
         // Whatever the worker left in its process group was killed before this event was
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
-        exits::reap(&w);
+        self.host.reap(&w);
         let how = describe_exit(status);
         self.metrics.exited(
             pid,
             w.slot,
             crate::metrics::Reason::of(w.failure.as_ref().map(|f| f.kind), status),
         );
-        let now = Instant::now();
+        let now = self.host.now();
         let ran = now.duration_since(w.started);
         // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.
         let owned = self.rollout.as_ref().is_some_and(|r| r.owns(pid));
@@ -118,6 +118,7 @@ impl Supervisor {
                 }
             }
         };
+        let now = self.host.now();
         let Some(w) = self.workers.get_mut(&pid) else { return };
         let mut became_ready = false;
         for (key, value) in msg.assignments {
@@ -127,11 +128,11 @@ impl Supervisor {
                         && matches!(w.state, State::Starting { .. })
                         && w.spec.ready == ReadyMode::Notify =>
                 {
-                    w.state = State::Ready { since: Instant::now() };
+                    w.state = State::Ready { since: now };
                     became_ready = true;
                 }
 
-                "WATCHDOG" if value == "1" => w.last_ping = Instant::now(),
+                "WATCHDOG" if value == "1" => w.last_ping = now,
                 _ => {}
             }
         }
@@ -180,12 +181,12 @@ impl Supervisor {
                             tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
                         }
                         w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
-                        w.signal(w.spec.stop_signal, false);
+                        self.host.signal(w, w.spec.stop_signal, false);
                     }
                 }
                 State::Stopping { kill_at } if now >= kill_at => {
                     tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
-                    w.signal(Signal::SIGKILL, true);
+                    self.host.signal(w, Signal::SIGKILL, true);
                     w.state = State::Killed;
                 }
                 _ => {}

@@ -14,7 +14,7 @@ use crate::worker::Worker;
 
 /// Waits for a worker to exit (pidfd readable), learns how *without reaping it*, kills what
 /// is left of its process group, waits briefly for the end of its output so the report has
-/// its last lines, then tells the loop, which reaps it ([`reap`]).
+/// its last lines, then tells the loop, which reaps it (`Host::reap`).
 ///
 /// Killing the group before the reap is what makes it safe: while the leader is an unreaped
 /// zombie its pid cannot be handed out again, so the pgid still names the worker's group and
@@ -60,14 +60,6 @@ pub(super) fn watch_exit(
         let _ = tokio::time::timeout(OUTPUT_GRACE, output_done.recv()).await;
         let _ = events.send(Event::Exited { pid, status });
     });
-}
-
-/// Reaps an exited worker (its exit event arrived): from here on its pid may be reused, so
-/// the worker must already be out of the supervisor's table.
-pub(super) fn reap(w: &Worker) {
-    if let Err(e) = waitid(Id::PIDFd(w.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
-        tracing::debug!("reaping worker {}: {e}", w.pid);
-    }
 }
 
 pub(super) fn describe_exit(status: WaitStatus) -> String {

@@ -64,13 +64,14 @@ impl Supervisor {
         if self.next_memory_check.is_some_and(|t| now >= t) {
             self.next_memory_check = Some(now + MEMORY_CHECK);
             let mut over = Vec::new();
-            let groups = crate::procstat::scan_groups(&self.workers.keys().copied().collect::<Vec<_>>());
+            let pids: Vec<i32> = self.workers.keys().copied().collect();
+            let groups = self.host.memory(&pids);
             for (pid, w) in self.workers.iter_mut() {
                 let Some(limit) = w.spec.max_memory else { continue };
                 if w.role != Role::Active || !w.is_ready() {
                     continue;
                 }
-                let rss = groups.get(pid).map_or(0, |u| u.rss_bytes);
+                let rss = groups.get(pid).copied().unwrap_or(0);
                 w.memory_strikes = if rss > limit { w.memory_strikes + 1 } else { 0 };
                 if w.memory_strikes >= MEMORY_STRIKES {
                     w.memory_strikes = 0;

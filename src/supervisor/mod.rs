@@ -16,8 +16,11 @@ mod events;
 mod exits;
 pub mod handover;
 mod health;
+mod host;
 mod rollout;
 mod status;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -142,108 +145,133 @@ pub struct Supervisor {
     deferred: Vec<Waiter>,
     /// In-place upgrades since the service started.
     upgrades: u64,
+    /// Everything the loop does to processes and the clock it reads (see `host`).
+    host: Box<dyn host::Host>,
 }
 
 /// Runs the supervisor until a stop request has been carried out.
-pub async fn run(
-    settings: Settings,
-    world: World,
-    mut controls: mpsc::Receiver<Control>,
-) -> anyhow::Result<()> {
-    let notify = Arc::new(match world.notify {
-        Some(n) => n,
-        None => WorkerNotify::bind(world.notify_dir.as_deref())?,
-    });
-    let app: Arc<str> = Arc::from(settings.name.as_str());
-    let fdnames = match &world.steering {
-        Some(st) => st.names(),
-        None => world.listeners.names(),
-    };
-    let launcher = Launcher::new(
-        app.clone(),
-        world.base_env,
-        world.listeners.raw_fds(),
-        fdnames,
-        notify.address.clone(),
-        world.output,
-    )?;
-    let sockets = match &world.steering {
-        Some(st) => st.addrs(),
-        None => world.listeners.addrs(),
-    };
-    let (events, mut event_rx) = mpsc::unbounded_channel();
-    let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
-    let mut sup = Supervisor {
-        app,
-        desired: settings.workers.get(),
-        settings,
-        spec,
-        generation: 1,
-        slots: BTreeMap::new(),
-        workers: HashMap::new(),
-        rollout: None,
-        queued: None,
-        scale_waiters: Vec::new(),
-        replacing: HashMap::new(),
-        watchdog_timeouts: 0,
-        next_memory_check: None,
-        last_reload: None,
-        launcher,
-        shared_sockets: if world.steering.is_none() {
-            world.listeners.copies()?.into_iter().map(|(_, _, fd)| fd).collect()
-        } else {
-            Vec::new()
-        },
-        steering: world.steering,
-        notifier: world.notifier,
-        reload_source: world.reload_source,
-        watchdog: world.watchdog.map(|d| (d, Instant::now())),
-        sockets,
-        events,
-        stopping: false,
-        sent_ready: false,
-        last_status: String::new(),
-        metrics: world.metrics,
-        listeners: world.listeners,
-        notify: notify.clone(),
-        carry: world.carry,
-        upgrade: None,
-        deferred: Vec::new(),
-        upgrades: 0,
-    };
-    if let Some(r) = world.resume {
-        sup.resume(r)?;
-    } else {
-        tracing::info!(
-            app = %sup.app,
-            workers = sup.desired,
-            sockets = %sup.sockets.join(", "),
-            "starting {} worker(s) of {:?} on {}",
-            sup.desired,
-            sup.settings.command.join(" "),
-            sup.sockets.join(", ")
-        );
-    }
-    let mut controls_open = true;
-    loop {
-        sup.reconcile();
-        if sup.stopping && sup.workers.is_empty() {
-            break;
-        }
-        let wake = sup.next_deadline();
-        tokio::select! {
-            Some(ev) = event_rx.recv() => sup.on_event(ev),
-            msg = notify.recv() => sup.on_notify(msg),
-            c = controls.recv(), if controls_open => match c {
-                Some(c) => sup.on_control(c),
-                None => controls_open = false,
+pub async fn run(settings: Settings, world: World, controls: mpsc::Receiver<Control>) -> anyhow::Result<()> {
+    let (sup, events) = Supervisor::new(settings, world, Box::new(host::RealHost))?;
+    sup.drive(events, controls).await
+}
+
+impl Supervisor {
+    /// Builds the supervisor (no worker started yet: the first [`Supervisor::reconcile`] does
+    /// that) and the receiver of its events.
+    fn new(
+        settings: Settings,
+        world: World,
+        host: Box<dyn host::Host>,
+    ) -> anyhow::Result<(Supervisor, mpsc::UnboundedReceiver<Event>)> {
+        let notify = Arc::new(match world.notify {
+            Some(n) => n,
+            None => WorkerNotify::bind(world.notify_dir.as_deref())?,
+        });
+        let app: Arc<str> = Arc::from(settings.name.as_str());
+        let fdnames = match &world.steering {
+            Some(st) => st.names(),
+            None => world.listeners.names(),
+        };
+        let launcher = Launcher::new(
+            app.clone(),
+            world.base_env,
+            world.listeners.raw_fds(),
+            fdnames,
+            notify.address.clone(),
+            world.output,
+        )?;
+        let sockets = match &world.steering {
+            Some(st) => st.addrs(),
+            None => world.listeners.addrs(),
+        };
+        let (events, event_rx) = mpsc::unbounded_channel();
+        let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
+        let now = host.now();
+        let mut sup = Supervisor {
+            app,
+            desired: settings.workers.get(),
+            settings,
+            spec,
+            generation: 1,
+            slots: BTreeMap::new(),
+            workers: HashMap::new(),
+            rollout: None,
+            queued: None,
+            scale_waiters: Vec::new(),
+            replacing: HashMap::new(),
+            watchdog_timeouts: 0,
+            next_memory_check: None,
+            last_reload: None,
+            launcher,
+            shared_sockets: if world.steering.is_none() {
+                world.listeners.copies()?.into_iter().map(|(_, _, fd)| fd).collect()
+            } else {
+                Vec::new()
             },
-            _ = sleep_until(wake) => {}
+            steering: world.steering,
+            notifier: world.notifier,
+            reload_source: world.reload_source,
+            watchdog: world.watchdog.map(|d| (d, now)),
+            sockets,
+            events,
+            stopping: false,
+            sent_ready: false,
+            last_status: String::new(),
+            metrics: world.metrics,
+            listeners: world.listeners,
+            notify,
+            carry: world.carry,
+            upgrade: None,
+            deferred: Vec::new(),
+            upgrades: 0,
+            host,
+        };
+        if let Some(r) = world.resume {
+            sup.resume(r)?;
+        } else {
+            tracing::info!(
+                app = %sup.app,
+                workers = sup.desired,
+                sockets = %sup.sockets.join(", "),
+                "starting {} worker(s) of {:?} on {}",
+                sup.desired,
+                sup.settings.command.join(" "),
+                sup.sockets.join(", ")
+            );
         }
-        sup.on_timers(Instant::now());
+        Ok((sup, event_rx))
     }
-    tracing::info!(app = %sup.app, "all workers stopped");
-    Ok(())
+
+    /// The driver: waits for the next event (a child exit, a notify datagram, a request, the
+    /// earliest deadline), hands it to the state machine and reconciles, until stopped.
+    async fn drive(
+        mut self,
+        mut event_rx: mpsc::UnboundedReceiver<Event>,
+        mut controls: mpsc::Receiver<Control>,
+    ) -> anyhow::Result<()> {
+        let notify = self.notify.clone();
+        let mut controls_open = true;
+        loop {
+            self.reconcile();
+            if self.stopping && self.workers.is_empty() {
+                break;
+            }
+            let wake = self.next_deadline();
+            tokio::select! {
+                Some(ev) = event_rx.recv() => self.on_event(ev),
+                msg = notify.recv() => self.on_notify(msg),
+                c = controls.recv(), if controls_open => match c {
+                    Some(c) => self.on_control(c),
+                    None => controls_open = false,
+                },
+                _ = sleep_until(wake) => {}
+            }
+            let now = self.host.now();
+            self.on_timers(now);
+        }
+        tracing::info!(app = %self.app, "all workers stopped");
+        Ok(())
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -302,7 +330,7 @@ impl Supervisor {
     }
 
     fn stop(&mut self) {
-        let now = Instant::now();
+        let now = self.host.now();
         if self.stopping {
             tracing::warn!(app = %self.app, "second stop request: killing the remaining workers now");
             for w in self.workers.values_mut().filter(|w| w.state != State::Killed) {
@@ -337,7 +365,7 @@ impl Supervisor {
         if failure.is_some() {
             w.failure = failure;
         }
-        w.signal(Signal::SIGKILL, true);
+        self.host.signal(w, Signal::SIGKILL, true);
         w.state = State::Killed;
     }
 
@@ -345,6 +373,7 @@ impl Supervisor {
     /// receiving first stops receiving and drains its own accept queue (see `steer`); the
     /// stop signal follows from `on_timers`.
     fn retire(&mut self, pid: i32) {
+        let now = self.host.now();
         let was_receiving = self.steering.as_ref().is_some_and(|st| st.is_receiving(pid));
         self.steer_receiving(pid, false);
         let Some(w) = self.workers.get_mut(&pid) else { return };
@@ -353,10 +382,10 @@ impl Supervisor {
             return;
         }
         if was_receiving {
-            w.state = State::Draining { since: Instant::now() };
+            w.state = State::Draining { since: now };
         } else {
-            w.state = State::Stopping { kill_at: Instant::now() + w.spec.stop_timeout };
-            w.signal(w.spec.stop_signal, false);
+            w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
+            self.host.signal(w, w.spec.stop_signal, false);
         }
         if let Some(slot) = self.slots.get_mut(&w.slot) {
             if slot.active == Some(pid) {
@@ -375,7 +404,7 @@ impl Supervisor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let now = Instant::now();
+        let now = self.host.now();
         let workers = self.workers.values().filter_map(|w| match w.state {
             State::Starting { deadline } => Some(match w.spec.ready {
                 ReadyMode::Alive(d) => deadline.min(w.started + d),
@@ -397,7 +426,7 @@ impl Supervisor {
             })
         });
         // Retry notifications the manager had no room for.
-        let notify_retry = self.notifier.has_backlog().then(|| Instant::now() + Duration::from_millis(50));
+        let notify_retry = self.notifier.has_backlog().then(|| now + Duration::from_millis(50));
         workers
             .chain(slots)
             .chain(watchdogs)
@@ -411,7 +440,7 @@ impl Supervisor {
 
     /// Moves the world toward the wanted state. Called after every event.
     fn reconcile(&mut self) {
-        let now = Instant::now();
+        let now = self.host.now();
         // Retry notifications the manager had no room for (next_deadline wakes us for it).
         self.notifier.flush();
         if !self.stopping {
@@ -502,10 +531,16 @@ impl Supervisor {
     fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, crate::spawn::SpawnError> {
         let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
         let l = match &mut self.steering {
-            None => self.launcher.launch(spec, id, metrics_socket.as_deref())?,
+            None => self.host.launch(&self.launcher, spec, id, None, metrics_socket.as_deref())?,
             Some(st) => {
                 let picked = st.reserve(id)?;
-                match self.launcher.launch_with(spec, id, &st.fds(&picked), metrics_socket.as_deref()) {
+                match self.host.launch(
+                    &self.launcher,
+                    spec,
+                    id,
+                    Some(&st.fds(&picked)),
+                    metrics_socket.as_deref(),
+                ) {
                     Ok(l) => {
                         st.bind(&picked, l.pid);
                         l
@@ -520,8 +555,8 @@ impl Supervisor {
         let pid = l.pid;
         self.metrics.launched(pid, id, metrics_socket);
         let pidfd = Arc::new(l.pidfd);
-        exits::watch_exit(pid, pidfd.clone(), l.output_done, self.events.clone());
-        let now = Instant::now();
+        self.host.watch(pid, pidfd.clone(), l.output_done, &self.events);
+        let now = self.host.now();
         if spec.max_memory.is_some() && self.next_memory_check.is_none() {
             self.next_memory_check = Some(now + health::MEMORY_CHECK);
         }

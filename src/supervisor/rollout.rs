@@ -170,7 +170,7 @@ impl Supervisor {
             moved: Vec::new(),
             min_ready: self.settings.min_ready,
             done: 0,
-            started: Instant::now(),
+            started: self.host.now(),
             waiters,
         });
     }
@@ -203,7 +203,7 @@ impl Supervisor {
             }
         }
         let Some(mut r) = self.rollout.take() else { return };
-        let now = Instant::now();
+        let now = self.host.now();
         // Promote candidates that have been ready for min_ready; retire the workers they replace.
         let mut still = Vec::new();
         for (slot_id, pid) in std::mem::take(&mut r.in_flight) {
@@ -397,7 +397,7 @@ impl Supervisor {
             moved: Vec::new(),
             min_ready: failed.min_ready,
             done: 0,
-            started: Instant::now(),
+            started: self.host.now(),
             waiters: std::mem::take(&mut failed.waiters),
         });
         Ok(())

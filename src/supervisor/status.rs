@@ -1,8 +1,6 @@
 //! What the supervisor says about itself: the one-line `STATUS=` for systemd and the
 //! [`Snapshot`] for clients.
 
-use std::time::Instant;
-
 use super::{Supervisor, human};
 use crate::control::protocol::{Snapshot, WorkerInfo, WorkerState};
 use crate::worker::{Role, State};
@@ -25,7 +23,7 @@ impl Supervisor {
                 )
             };
         }
-        let now = Instant::now();
+        let now = self.host.now();
         for (id, slot) in &self.slots {
             if let (None, Some(at)) = (slot.active, slot.restart_at) {
                 let wait = at.saturating_duration_since(now);
@@ -52,7 +50,7 @@ impl Supervisor {
     }
 
     pub(super) fn snapshot(&self) -> Snapshot {
-        let now = Instant::now();
+        let now = self.host.now();
         let shared_queue: u32 =
             self.shared_sockets.iter().map(|fd| crate::sys::tcp_listen_queue(fd).map_or(0, |q| q.0)).sum();
         let mut workers: Vec<WorkerInfo> = self
