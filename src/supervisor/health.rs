@@ -132,17 +132,13 @@ impl Supervisor {
                 continue;
             }
             if let Some(slot) = self.slots.get_mut(&slot_id) {
-                slot.active = Some(new);
                 slot.restarts += 1;
-            }
-            if let Some(w) = self.workers.get_mut(&new) {
-                w.role = Role::Active;
             }
             tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = new, "worker {slot_id} replaced (pid {} → {new})", r.old);
             if r.hard {
                 self.kill_now(r.old, None);
             }
-            self.retire(r.old);
+            self.promote(slot_id, new);
         }
     }
 

@@ -394,6 +394,20 @@ impl Supervisor {
         }
     }
 
+    /// Makes `new` the active worker of `slot_id` and retires the one it replaces: the one
+    /// path by which a roll-out's new worker and a health replacement (watchdog, memory) take
+    /// over a slot. Returns the replaced pid.
+    fn promote(&mut self, slot_id: usize, new: i32) -> Option<i32> {
+        let old = self.slots.get_mut(&slot_id)?.active.replace(new);
+        if let Some(w) = self.workers.get_mut(&new) {
+            w.role = Role::Active;
+        }
+        if let Some(old) = old.filter(|o| *o != new) {
+            self.retire(old);
+        }
+        old
+    }
+
     /// Lets new connections reach `pid` (or stops them), with steered sockets.
     fn steer_receiving(&mut self, pid: i32, receiving: bool) {
         if let Some(st) = &mut self.steering {

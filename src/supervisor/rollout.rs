@@ -220,16 +220,11 @@ impl Supervisor {
             let previous = std::mem::replace(&mut slot.spec, spec.clone());
             slot.failures = 0;
             slot.restart_at = None;
-            let old = slot.active.replace(pid);
-            if let Some(w) = self.workers.get_mut(&pid) {
-                w.role = Role::Active;
-            }
-            if let Some(old) = old {
-                self.retire(old);
-            }
+            self.promote(slot_id, pid);
             r.moved.push((slot_id, pid, previous));
             r.done += 1;
-            let took = self.workers.get(&pid).map(|w| w.started.elapsed().as_secs_f64()).unwrap_or(0.0);
+            let took =
+                self.workers.get(&pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
             tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", if r.is_rollback() { "rollback" } else { "reload" });
             for w in &r.waiters {

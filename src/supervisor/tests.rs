@@ -442,3 +442,37 @@ async fn a_worker_not_ready_in_time_is_killed_and_its_slot_backs_off() {
     assert_eq!(s.status().workers[0].state, WorkerState::Backoff);
     assert!(s.status().status.contains("restarting in"), "{}", s.status().status);
 }
+
+#[tokio::test]
+async fn a_hung_worker_is_replaced_first_and_killed_once_its_replacement_is_ready() {
+    let mut s = sim(1, "watchdog = \"1s\"");
+    s.all_ready();
+    let old = s.spawned()[0].0;
+    s.advance(Duration::from_secs(2));
+    let spawned = s.spawned();
+    assert_eq!(spawned.len(), 2, "a replacement started");
+    let new = spawned[1].0;
+    assert!(s.signalled(old).is_empty(), "the hung worker was stopped before its replacement was ready");
+    s.ready(new);
+    assert_eq!(s.signalled(old).first(), Some(&Signal::SIGKILL));
+    assert_eq!(s.serving().iter().map(|w| w.1).collect::<Vec<_>>(), [new]);
+    s.exit(old, -1);
+    assert_eq!(s.status().workers[0].restarts, 1);
+}
+
+#[tokio::test]
+async fn scaling_down_retires_the_highest_slots_and_answers_once_they_are_gone() {
+    let mut s = sim(3, "");
+    s.all_ready();
+    let top = s.serving().iter().find(|w| w.0 == 2).unwrap().1;
+    let (tx, mut rx) = oneshot::channel::<Result<usize, ScaleError>>();
+    s.sup.on_control(Control::Scale { scale: Scale::Remove(1), wait: true, reply: Some(tx) });
+    s.settle();
+    assert_eq!(s.signalled(top), [Signal::SIGTERM]);
+    assert!(rx.try_recv().is_err(), "answered before the removed worker was gone");
+    s.exit(top, 0);
+    assert_eq!(rx.try_recv().ok(), Some(Ok(2)));
+    let (tx, mut rx) = oneshot::channel::<Result<usize, ScaleError>>();
+    s.sup.on_control(Control::Scale { scale: Scale::To(0), wait: true, reply: Some(tx) });
+    assert_eq!(rx.try_recv().ok(), Some(Err(ScaleError::Zero { now: 2 })));
+}
