@@ -225,14 +225,15 @@ fn inherit(count: &str, names: Option<&str>) -> Result<Vec<Listener>, ListenErro
         .filter(|n| (1..=1024).contains(n))
         .ok_or_else(|| ListenError::BadCount(count.to_string()))?;
     let names: Vec<&str> = names.map(|s| s.split(':').collect()).unwrap_or_default();
-    (0..n)
-        .map(|i| {
-            let raw = 3 + i as RawFd;
-            let fd = sys::adopt_inherited_socket(raw).map_err(|err| ListenError::BadFd { fd: raw, err })?;
+    let fds = sys::adopt_listen_fds(n).map_err(|(fd, err)| ListenError::BadFd { fd, err })?;
+    Ok(fds
+        .into_iter()
+        .enumerate()
+        .map(|(i, fd)| {
             let name = names.get(i).filter(|s| !s.is_empty()).unwrap_or(&"unknown").to_string();
-            Ok(Listener { addr: describe(&fd), fd, name, owned_path: None })
+            Listener { addr: describe(&fd), fd, name, owned_path: None }
         })
-        .collect()
+        .collect())
 }
 
 fn bind(addr: &ListenAddr, index: usize, reuseport: bool) -> Result<Listener, ListenError> {

@@ -320,16 +320,28 @@ pub fn dup_cloexec_from(fd: &OwnedFd, min: c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Takes ownership of an fd passed by the service manager (`LISTEN_FDS`), after checking it is
-/// an open socket. Each number must be taken at most once.
-pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
-    let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a socket")));
+/// Takes ownership of the `n` sockets the service manager passed at fd 3.. (`LISTEN_FDS`),
+/// after checking that each is an open socket. Succeeds at most once per process (a second
+/// call would own the same numbers twice): `Err(fd, why)` names the first unusable one.
+pub fn adopt_listen_fds(n: usize) -> Result<Vec<OwnedFd>, (RawFd, io::Error)> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let first = 3 as RawFd;
+    let fds: Vec<RawFd> = (0..n).map(|i| first + i as RawFd).collect();
+    for &fd in &fds {
+        let st = nix::sys::stat::fstat(fd).map_err(|e| (fd, io::Error::from(e)))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err((
+                fd,
+                io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a socket")),
+            ));
+        }
     }
-    // SAFETY: the fd is open (fstat succeeded), was handed to this process by its parent for
-    // its exclusive use, and the caller takes each number once.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Err((first, io::Error::other("the inherited sockets were already taken")));
+    }
+    // SAFETY: every fd is open (fstat succeeded), was handed to this process by the service
+    // manager for its exclusive use, and TAKEN makes sure the numbers are owned only once.
+    Ok(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect())
 }
 
 /// A duplicate of `fd` at the lowest free number `>= min` that is *not* close-on-exec: handed

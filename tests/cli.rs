@@ -1,6 +1,9 @@
 //! Bad input on the command line, in the config file and in the environment: one clear line
 //! per problem, the documented exit code, never a panic.
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::process::{Command, Output, Stdio};

@@ -2,6 +2,9 @@
 //! PM2 migration table as written (`--listen :8080`, the default app name, the stop-signal and
 //! EADDRINUSE hints, `systemd-notify --ready` from a worker's child).
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::process::{Command, Output, Stdio};

@@ -1,6 +1,9 @@
 //! The control plane against a running supervisor: `status`, `list`, `reload`, `scale`, and
 //! the socket's defences (permissions, garbage, huge and slow requests).
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::io::{Read, Write};

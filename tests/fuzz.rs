@@ -3,6 +3,9 @@
 //! problem. CI runs the default number of cases; a longer run:
 //! `PROPTEST_CASES=100000 cargo test --release --test fuzz`.
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 use std::num::NonZeroUsize;
 
 use herdsman::config;

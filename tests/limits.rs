@@ -4,6 +4,8 @@
 //! descriptors never stops crash recovery.
 // Test-only `unsafe`: `pre_exec` installs a seccomp filter in the child (see below).
 #![allow(unsafe_code)]
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

@@ -4,6 +4,9 @@
 //! workers in a release layout (`current` → `releases/X`), state read from `status --json`.
 //! Every step waits on state with a deadline; nothing here depends on how fast the machine is.
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::BTreeMap;

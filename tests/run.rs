@@ -1,5 +1,8 @@
 //! `herdsman run` end to end: real supervisor binary, real Python workers, real sockets.
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::BTreeSet;

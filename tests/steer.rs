@@ -1,6 +1,9 @@
 //! Steered sockets (`--balance steer|sticky`), end to end: real supervisor, real Python workers,
 //! real TCP connections on loopback (port 0), state read from `status --json`.
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};

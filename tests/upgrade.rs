@@ -3,6 +3,9 @@
 //! supervisor, real Python workers, real load; state read from `status --json`,
 //! `/proc/PID/exe` and the metrics page. Every wait has a deadline; no fixed sleeps.
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::path::{Path, PathBuf};

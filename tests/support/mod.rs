@@ -2,6 +2,8 @@
 //! with deadlines (never fixed sleeps), talk HTTP over unix or TCP sockets, drive load, and
 //! capture sd_notify messages. Every process started here is killed on drop.
 #![allow(dead_code)]
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
