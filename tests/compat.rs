@@ -243,5 +243,5 @@ fn systemd_notify_ready_from_a_workers_child_counts_as_ready() {
     let v: Value = status_json(control(&dir));
     assert_eq!(v["ready"], 3, "{v}");
     h.signal(libc::SIGHUP);
-    h.wait_log("reload complete: 3 worker(s) on generation 2", 1, LONG);
+    h.wait_generation(2);
 }

@@ -64,7 +64,7 @@ fn a_worker_ignoring_the_stop_signal_is_killed_at_the_stop_timeout_on_reload() {
     h.wait_started();
     let old = h.get()["pid"].as_i64().unwrap() as i32;
     h.signal(libc::SIGHUP);
-    h.wait_log("reload complete", 1, LONG);
+    h.wait_generation(2);
     h.wait_log(&format!("worker 0 (pid {old}) did not stop within 700ms: SIGKILL"), 1, LONG);
     wait_for(LONG, "the old worker to be gone", || processes_in_group(old).is_empty().then_some(()));
 }

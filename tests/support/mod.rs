@@ -163,6 +163,45 @@ impl Herdsman {
         Herdsman { child: Some(child), stderr, stdout, addr }
     }
 
+    /// The `--control` socket it was started with, if any.
+    pub fn control(&self) -> Option<PathBuf> {
+        let child = self.child.as_ref()?;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).ok()?;
+        let args: Vec<String> =
+            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let i = args.iter().position(|a| a == "--control")?;
+        args.get(i + 1).map(PathBuf::from)
+    }
+
+    /// `status --json`, or None while the supervisor does not answer (yet).
+    pub fn status(&self) -> Option<Value> {
+        let control = self.control()?;
+        let out = Command::new(BIN).arg("status").arg(&control).arg("--json").output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until the supervisor reports generation `generation` with every slot ready and
+    /// nothing starting or stopping (a roll-out to it is over).
+    pub fn wait_generation(&self, generation: u64) -> Value {
+        wait_for(Duration::from_secs(60), &format!("generation {generation}, all ready"), || {
+            let st = self.status()?;
+            let workers = st["workers"].as_array()?;
+            let settled = workers.iter().all(|w| w["state"] == "ready" && w["generation"] == generation);
+            (st["generation"] == generation && st["ready"] == st["desired"] && settled).then_some(st)
+        })
+    }
+
+    /// Waits until the last reload is recorded as `result` ("ok" or "failed").
+    pub fn wait_last_reload(&self, result: &str) -> Value {
+        wait_for(Duration::from_secs(60), &format!("last reload {result}"), || {
+            let st = self.status()?;
+            (st["last_reload"]["result"] == result).then_some(st)
+        })
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
@@ -191,9 +230,20 @@ impl Herdsman {
         });
     }
 
-    /// Waits until `n` workers answered as ready (`started: N/N ready` or after a reload).
+    /// Waits until every slot has settled: its first worker became ready, or failed and
+    /// waits in back-off (what `READY=1` to the service manager waits for). Read from
+    /// `status --json` (the log, for supervisors started without `--control`).
     pub fn wait_started(&self) {
-        self.wait_log("started:", 1, Duration::from_secs(20));
+        if self.control().is_none() {
+            return self.wait_log("started:", 1, Duration::from_secs(20));
+        }
+        wait_for(Duration::from_secs(20), "every slot ready or in back-off", || {
+            let st = self.status()?;
+            let workers = st["workers"].as_array()?;
+            let desired = st["desired"].as_u64()? as usize;
+            let settled = workers.iter().filter(|w| w["state"] == "ready" || w["state"] == "backoff").count();
+            (settled >= desired).then_some(())
+        });
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
