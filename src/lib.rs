@@ -1,7 +1,8 @@
 //! herdsman: runs N copies of a server on shared listening sockets and replaces them one by
 //! one on reload, with zero downtime, natively under systemd or standalone.
 //!
-//! Theory of operation (where to look first):
+//! Theory of operation (where to look first; docs/architecture.md maps every concern to its
+//! file):
 //! * `main` reads the world once (argv, environment, signals) and injects it; it is the only
 //!   code that reads the environment, and it owns the exit codes ([`exit`]).
 //! * [`config`] turns flags and the TOML file into validated [`config::Settings`];
@@ -12,13 +13,15 @@
 //! * [`supervisor`] is the event loop that owns every worker's lifetime: spawn, readiness,
 //!   exits, back-off, scaling, and the rolling reload with its safety net
 //!   (`supervisor/rollout.rs`: `min_ready`, abort on any new-worker failure, rollback,
-//!   generations pinned to their release). [`spawn`] and [`sys`] (the only `unsafe` code)
+//!   generations pinned to their release). It receives [`requests`] and acts on processes
+//!   only through its `Host` (`supervisor/host.rs`), so its decisions are tested in-process
+//!   without forking (`supervisor/tests.rs`). [`spawn`] and [`sys`] (the only `unsafe` code)
 //!   start workers with the sockets at fd 3.. and their own `LISTEN_PID`.
 //! * [`output`] and [`journal`] route worker lines (journald fields `WORKER_ID`, `WORKER_PID`,
 //!   `WORKER_GENERATION`); [`logging`] writes herdsman's own events without ever blocking the
 //!   loop; [`notify`] speaks sd_notify with systemd above and with workers below.
-//! * [`control`] is the control socket (protocol, server, client; peers authenticated by
-//!   `SO_PEERCRED`); [`metrics`] serves Prometheus metrics, herdsman's own and its workers',
+//! * [`control`] is the control socket (protocol — the public wire schema —, server, client;
+//!   peers authenticated by `SO_PEERCRED`); [`procstat`] reads `/proc` for it and the metrics; [`metrics`] serves Prometheus metrics, herdsman's own and its workers',
 //!   outside the loop.
 //! * [`upgrade`] re-executes the supervisor in place (`herdsman upgrade`, `SIGUSR2`): a
 //!   take-over check of the new binary, then every descriptor and the whole state handed to
