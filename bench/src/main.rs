@@ -13,10 +13,10 @@ mod balance;
 mod launcher;
 mod load;
 mod notes;
+mod plot;
 mod report;
 mod servers;
 mod suites;
-mod svg;
 mod util;
 
 use std::path::{Path, PathBuf};
@@ -220,15 +220,15 @@ fn write_report(r: &Results, out: &Path) {
     };
     std::fs::write(&md, page).unwrap();
     if !r.tput.rows.is_empty() {
-        std::fs::write(out.join("bench-throughput.svg"), svg::throughput(&r.tput)).unwrap();
+        std::fs::write(out.join("bench-throughput.svg"), plot::throughput(&r.tput)).unwrap();
     }
     if !r.reloads.timelines.is_empty() {
-        std::fs::write(out.join("bench-reload.svg"), svg::timelines(&r.reloads.timelines)).unwrap();
+        std::fs::write(out.join("bench-reload.svg"), plot::timelines(&r.reloads.timelines)).unwrap();
     }
     if !r.scaling.rows.is_empty() {
-        std::fs::write(out.join("bench-scaling.svg"), svg::scaling(&r.scaling)).unwrap();
+        std::fs::write(out.join("bench-scaling.svg"), plot::scaling(&r.scaling)).unwrap();
     }
     if !r.balance.is_empty() {
-        std::fs::write(out.join("bench-balance.svg"), svg::balance(&r.balance)).unwrap();
+        std::fs::write(out.join("bench-balance.svg"), plot::balance(&r.balance)).unwrap();
     }
 }
