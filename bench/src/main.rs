@@ -52,9 +52,7 @@ fn main() {
 fn standalone_load(a: &[String]) -> i32 {
     let secs: u64 = a[1].parse().unwrap();
     let threads: usize = a[2].parse().unwrap();
-    let l = load::Load::start(&a[0], threads, a[3] == "ka", Duration::from_secs(secs + 5));
-    std::thread::sleep(Duration::from_secs(secs));
-    let recs = l.finish();
+    let recs = load::run(&a[0], threads, a[3] == "ka", Duration::from_secs(secs), &load::Opts::default());
     let mut lat: Vec<f64> =
         recs.iter().filter(|r| !r.outcome.failed()).map(|r| r.lat_us as f64 / 1000.0).collect();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -1,7 +1,5 @@
-//! Small helpers: clocks, /proc sampling, process clean-up, statistics, tiny HTTP GET.
+//! Small helpers: clocks, /proc sampling, process clean-up, statistics.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -152,39 +150,6 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// One GET on a new connection: (status, body).
-pub fn http_get(addr: &str, timeout: Duration) -> Result<(u16, String), String> {
-    let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    c.set_read_timeout(Some(timeout)).ok();
-    c.set_write_timeout(Some(timeout)).ok();
-    c.write_all(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    c.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    let s = String::from_utf8_lossy(&buf).to_string();
-    let code = s.get(9..12).and_then(|c| c.parse().ok()).ok_or("no status line")?;
-    let body = s.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
-}
-
-/// The pid in a node-app answer (`hello from worker 1 pid 1234`).
-pub fn answer_pid(body: &str) -> Option<i32> {
-    body.split_whitespace().skip_while(|w| *w != "pid").nth(1).and_then(|p| p.parse().ok())
-}
-
-/// Waits until `n` distinct pids answered 200 on `addr`.
-pub fn wait_serving(addr: &str, n: usize, timeout: Duration) -> bool {
-    let mut seen = std::collections::HashSet::new();
-    wait_until(timeout, 5, || {
-        if let Ok((200, body)) = http_get(addr, Duration::from_secs(2)) {
-            if let Some(p) = answer_pid(&body) {
-                seen.insert(p);
-            }
-        }
-        (seen.len() >= n).then_some(())
-    })
-    .is_some()
 }
 
 pub fn read_file(p: &Path) -> String {
