@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, Opts};
-use crate::loadavg;
+use crate::procfs::loadavg;
 use crate::servers::*;
 use crate::suites::{analyse, lat_stats, log, reload_run, wrk, ReloadCell, TAIL_S, WRK_CONNS};
 use crate::util::*;

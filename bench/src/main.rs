@@ -14,6 +14,7 @@ mod launcher;
 mod load;
 mod notes;
 mod plot;
+mod procfs;
 mod report;
 mod servers;
 mod suites;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use procfs::loadavg;
 use report::{Meta, Results};
 use servers::Ctx;
 use suites::log;
@@ -81,16 +83,6 @@ fn sh(cmd: &str) -> String {
             s
         })
         .unwrap_or_default()
-}
-
-/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
-pub fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn all(a: &[String]) -> i32 {

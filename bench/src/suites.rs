@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, answer_pid, Load, Outcome, Rec};
+use crate::procfs::*;
 use crate::servers::*;
 use crate::util::*;
 

@@ -1,9 +1,11 @@
-//! Small helpers: clocks, /proc sampling, process clean-up, statistics.
+//! Small helpers: clocks, polling, process clean-up, statistics. (`/proc` is read in `procfs`.)
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::procfs::alive;
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable across processes on this machine.
 pub fn mono_ns() -> u64 {
@@ -27,83 +29,6 @@ pub fn wait_until<T>(timeout: Duration, every_ms: u64, mut f: impl FnMut() -> Op
             return None;
         }
         sleep_ms(every_ms);
-    }
-}
-
-/// CPU time (user + system, ns) of every thread of `pid`, from /proc/PID/task/*/schedstat
-/// (nanosecond resolution, unlike the 10 ms ticks of /proc/PID/stat).
-pub fn cpu_ns(pid: i32) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for e in rd.flatten() {
-            if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
-                total += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            }
-        }
-    }
-    total
-}
-
-/// VmRSS of `pid` in bytes.
-pub fn rss_bytes(pid: i32) -> u64 {
-    status_field(pid, "VmRSS:")
-}
-
-/// Private memory (USS: Private_Clean + Private_Dirty from smaps_rollup) of `pid` in bytes.
-pub fn uss_bytes(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>()
-                * 1024
-        })
-        .unwrap_or(0)
-}
-
-fn status_field(pid: i32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next().and_then(|k| k.parse::<u64>().ok()))
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
-/// Direct children of `pid` (all its threads).
-pub fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for e in rd.flatten() {
-            if let Ok(s) = std::fs::read_to_string(e.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            }
-        }
-    }
-    out
-}
-
-/// `pid` and all its descendants, parents first.
-pub fn tree(pid: i32) -> Vec<i32> {
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() {
-        let c = children(out[i]);
-        out.extend(c);
-        i += 1;
-    }
-    out
-}
-
-pub fn alive(pid: i32) -> bool {
-    // A zombie still "exists" for kill(0); look at the state too.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(false),
-        Err(_) => false,
     }
 }
 
