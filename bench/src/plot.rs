@@ -543,3 +543,127 @@ fn balance_cpu(root: &Area, b: &Balance, h: u32) -> Drawn {
 fn w_of(a: &Area) -> u32 {
     a.dim_in_pixel().0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Results;
+
+    /// The text of every `<text>` element, unescaped.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+            .map(|t| t.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+            .collect()
+    }
+
+    fn assert_shows(svg: &str, want: &[&str]) {
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "not an SVG document");
+        let t = texts(svg);
+        for w in want {
+            assert!(t.iter().any(|x| x == w), "no label {w:?} in {t:?}");
+        }
+    }
+
+    #[test]
+    fn throughput_labels_every_bar_with_its_median_and_ratio() {
+        let t: Tput = serde_json::from_str(
+            r#"{"wrk_args": "wrk", "secs": 3, "rounds": 2, "rows": [
+              {"n": 2, "keep_alive": true, "kind": "Limit", "rps": [100, 120], "ratio": [1, 1], "errors": [0]},
+              {"n": 2, "keep_alive": true, "kind": "Herdsman", "rps": [99, 121], "ratio": [0.99, 1.01], "errors": [0]},
+              {"n": 2, "keep_alive": false, "kind": "Pm2", "rps": [40], "ratio": [0.4], "errors": [0]}]}"#,
+        )
+        .unwrap();
+        assert_shows(
+            &throughput(&t),
+            &[
+                "110",
+                "1.00×",
+                "40",
+                "0.40×",
+                "limit",
+                "herdsman",
+                "PM2",
+                "N=2, keep-alive",
+                "N=2, new connection per request",
+                "requests / s",
+            ],
+        );
+    }
+
+    #[test]
+    fn timelines_have_a_panel_per_run_with_its_failure_count() {
+        let tl: Vec<Timeline> = serde_json::from_str(
+            r#"[{"title": "herdsman · instant app · N=2 · keep-alive", "kind": "Herdsman", "windows": [[0.5, 0.8]],
+                 "buckets": [[0.0, 0.2, 3.0, 10, 0], [0.1, 0.3, 9.0, 8, 2], [0.2, 0.2, 4.0, 9, 5], [0.3, 0.0, 0.0, 0, 0]]},
+                {"title": "PM2 · instant app · N=2 · keep-alive", "kind": "Pm2", "windows": [],
+                 "buckets": [[0.0, 0.2, 3.0, 10, 0]]}]"#,
+        )
+        .unwrap();
+        assert_shows(
+            &timelines(&tl),
+            &[
+                "herdsman · instant app · N=2 · keep-alive",
+                "PM2 · instant app · N=2 · keep-alive",
+                "7 failed requests (bar height ∝ failures per 100 ms, max 5)",
+                "0 failed requests (bar height ∝ failures per 100 ms, max 1)",
+                "0.1 ms",
+                "1000 ms",
+                "0 s",
+            ],
+        );
+    }
+
+    #[test]
+    fn scaling_shows_both_panels_per_size_and_the_fit() {
+        let row = |n: usize, step: f64, cpu: f64| {
+            format!(
+                r#"{{"n": {n}, "startup_s": [], "startup_cpu_ms": [], "rss": 0, "idle_cpu_pct": 0, "reload_s": [],
+                   "step_ms": [{step}], "own_ms": [0.2], "gap_ms": [], "overhead_ms": [], "cpu_us_per_worker": [{cpu}]}}"#
+            )
+        };
+        let sc: Scaling = serde_json::from_str(&format!(
+            r#"{{"bare_exec_ms": {{"med": 1, "min": 1, "max": 1, "n": 1}}, "rows": [{}, {}],
+                "fit_fixed_ms": -1.5, "fit_per_worker_ms": 2.25, "cpu_fit_fixed_us": -600, "cpu_fit_per_worker_us": 900}}"#,
+            row(1, 2.5, 801.0),
+            row(8, 2.19, 99.5)
+        ))
+        .unwrap();
+        assert_shows(
+            &scaling(&sc),
+            &[
+                "N=1",
+                "N=8",
+                "2.50",
+                "2.19",
+                "801",
+                "99.50",
+                "fit over all reloads: reload = -1.50 ms + 2.250 ms × N; supervisor CPU = -600 µs + 900 µs × N",
+            ],
+        );
+    }
+
+    #[test]
+    fn balance_from_the_committed_results_shows_every_measured_figure() {
+        let r: Results = serde_json::from_str(include_str!("../results/results-balance.json")).unwrap();
+        let b = &r.balance;
+        let svg = balance(b);
+        let mut want: Vec<String> =
+            vec!["0.98 target".into(), "keep-alive".into(), "new connection per request".into()];
+        for x in b.tput.iter().filter(|x| x.label != "limit") {
+            want.push(format!("{:.2}", mmm(&x.ratio).med));
+        }
+        for x in &b.reloads {
+            want.push(format!("{:.0}", mmm(&x.cell.failed).med));
+        }
+        for c in &b.cpu {
+            want.push(format!("{:.2}", c.min_max));
+            for v in [c.p50, c.p99, c.max] {
+                let v = v.clamp(1.0, 1000.0);
+                want.push(if v >= 10.0 { format!("{v:.0}") } else { format!("{v:.1}") });
+            }
+        }
+        assert_shows(&svg, &want.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    }
+}
