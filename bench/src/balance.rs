@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{Load, Opts};
-use crate::loadavg;
+use crate::load::{self, Opts};
+use crate::procfs::loadavg;
 use crate::servers::*;
 use crate::suites::{analyse, lat_stats, log, reload_run, wrk, ReloadCell, TAIL_S, WRK_CONNS};
 use crate::util::*;
@@ -137,9 +137,7 @@ fn start_c(ctx: &Ctx, c: Contender, app: &App, n: usize) -> Option<Server> {
 /// The in-repo client for `secs`: (ok req/s, failed requests).
 fn multi(addr: &str, keep_alive: bool, secs: u64, threads: usize, src: &[Ipv4Addr]) -> (f64, f64) {
     let opts = Opts { sources: src.to_vec(), ..Default::default() };
-    let l = Load::start_with(addr, threads, keep_alive, Duration::from_secs(secs + 10), &opts);
-    sleep_ms(secs * 1000);
-    let recs = l.finish();
+    let recs = load::run(addr, threads, keep_alive, Duration::from_secs(secs), &opts);
     let ok = recs.iter().filter(|r| !r.outcome.failed()).count();
     (ok as f64 / secs as f64, (recs.len() - ok) as f64)
 }
@@ -271,12 +269,8 @@ pub fn balance(ctx: &Ctx, ns: &[usize]) -> Balance {
             let src: Vec<Ipv4Addr> = if bound { csrc.clone() } else { vec![] };
             let opts = Opts { path: path.clone(), sources: src, pids: true };
             // Warm-up (JIT), then the measured run.
-            let w = Load::start_with(&s.addr, b.cpu_conc, false, Duration::from_secs(10), &opts);
-            sleep_ms(1000);
-            drop(w.finish());
-            let l = Load::start_with(&s.addr, b.cpu_conc, false, Duration::from_secs(600), &opts);
-            sleep_ms((b.cpu_secs * 1000.0) as u64);
-            let recs = l.finish();
+            drop(load::run(&s.addr, b.cpu_conc, false, Duration::from_secs(1), &opts));
+            let recs = load::run(&s.addr, b.cpu_conc, false, Duration::from_secs_f64(b.cpu_secs), &opts);
             drop(s);
             let mut counts: BTreeMap<i32, u64> = BTreeMap::new();
             let mut lat = Vec::new();

@@ -10,6 +10,10 @@
 //! [`Opts`]: another path (e.g. the CPU-bound `/work?ms=2`), loopback source addresses to bind
 //! the clients to (client i uses `sources[i % len]`, so a sticky-by-address server sees several
 //! clients), and recording which worker (pid in the answer) served each request.
+//!
+//! This is the bench's only HTTP client: the single requests of the readiness and recovery
+//! probes ([`get`], [`wait_serving`]) go through the same connect / exchange code. (wrk, an
+//! external program, measures the data-path throughput.)
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -78,6 +82,13 @@ pub struct Load {
     pub t0: Instant,
 }
 
+/// Runs `threads` clients for `dur`; every request, in order of start.
+pub fn run(addr: &str, threads: usize, keep_alive: bool, dur: Duration, opts: &Opts) -> Vec<Rec> {
+    let l = Load::start_with(addr, threads, keep_alive, dur + Duration::from_secs(10), opts);
+    std::thread::sleep(dur);
+    l.finish()
+}
+
 impl Load {
     /// Starts `threads` clients; they stop at `finish` or after `limit` at the latest.
     pub fn start(addr: &str, threads: usize, keep_alive: bool, limit: Duration) -> Load {
@@ -112,6 +123,7 @@ impl Load {
         self.t0.elapsed().as_secs_f64()
     }
 
+    /// Stops the clients and returns every request, in order of start.
     pub fn finish(self) -> Vec<Rec> {
         self.stop.store(true, Ordering::SeqCst);
         let mut all = Vec::new();
@@ -128,6 +140,7 @@ struct Conn {
     buf: Vec<u8>,
 }
 
+#[derive(Debug)]
 enum Err {
     Connect,
     /// Closed or reset before any byte of the response arrived (retryable on a reused conn).
@@ -202,21 +215,28 @@ fn connect_from(addr: SocketAddr, src: Ipv4Addr) -> std::io::Result<TcpStream> {
     }
 }
 
-fn connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> Result<Conn, Err> {
+fn connect(addr: SocketAddr, source: Option<Ipv4Addr>, timeout: Duration) -> Result<Conn, Err> {
     let s = match source {
-        None => TcpStream::connect_timeout(&addr, TIMEOUT),
+        None => TcpStream::connect_timeout(&addr, timeout),
         Some(src) => connect_from(addr, src),
     }
     .map_err(|_| Err::Connect)?;
     s.set_nodelay(true).ok();
-    s.set_read_timeout(Some(TIMEOUT)).ok();
-    s.set_write_timeout(Some(TIMEOUT)).ok();
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
     Ok(Conn { s, buf: Vec::with_capacity(1024) })
 }
 
-/// Sends one request and reads the whole response.
-/// Ok((status, server keeps the connection, pid in the body if `pids`, else 0)).
-fn exchange(c: &mut Conn, req: &[u8], pids: bool) -> Result<(u16, bool, i32), Err> {
+/// A complete response: its body is `buf[body]` of the connection.
+struct Response {
+    status: u16,
+    /// The server keeps the connection open (no `Connection: close`).
+    keep: bool,
+    body: std::ops::Range<usize>,
+}
+
+/// Sends one request and reads the whole response (the body by its Content-Length).
+fn exchange(c: &mut Conn, req: &[u8]) -> Result<Response, Err> {
     c.s.write_all(req).map_err(|e| classify(&e, false))?;
     c.buf.clear();
     let mut chunk = [0u8; 2048];
@@ -245,13 +265,35 @@ fn exchange(c: &mut Conn, req: &[u8], pids: bool) -> Result<(u16, bool, i32), Er
             Err(e) => return Err(classify(&e, true)),
         }
     }
-    let pid = if pids {
-        let body = String::from_utf8_lossy(&c.buf[head_end..head_end + len]);
-        crate::util::answer_pid(&body).unwrap_or(0)
-    } else {
-        0
-    };
-    Ok((status, keep, pid))
+    Ok(Response { status, keep, body: head_end..head_end + len })
+}
+
+/// One GET of `/` on a new connection (`Connection: close`): (status, body).
+pub fn get(addr: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut c = connect(addr, None, timeout).map_err(|e| format!("{e:?}"))?;
+    let r = exchange(&mut c, b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("{e:?}"))?;
+    Ok((r.status, String::from_utf8_lossy(&c.buf[r.body]).into_owned()))
+}
+
+/// The pid in a node-app answer (`hello from worker 1 pid 1234`).
+pub fn answer_pid(body: &str) -> Option<i32> {
+    body.split_whitespace().skip_while(|w| *w != "pid").nth(1).and_then(|p| p.parse().ok())
+}
+
+/// Waits until `n` distinct pids answered 200 on `addr`.
+pub fn wait_serving(addr: &str, n: usize, timeout: Duration) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    crate::util::wait_until(timeout, 5, || {
+        if let Ok((200, body)) = get(addr, Duration::from_secs(2)) {
+            if let Some(p) = answer_pid(&body) {
+                seen.insert(p);
+            }
+        }
+        (seen.len() >= n).then_some(())
+    })
+    .is_some()
 }
 
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
@@ -270,15 +312,17 @@ fn client(cl: &Client, keep_alive: bool, stop: &AtomicBool, t0: Instant, limit: 
         let outcome = loop {
             let reused = conn.is_some();
             if conn.is_none() {
-                match connect(cl.addr, cl.source) {
+                match connect(cl.addr, cl.source, TIMEOUT) {
                     Ok(c) => conn = Some(c),
                     Err(_) => break Outcome::Connect,
                 }
             }
             let c = conn.as_mut().unwrap();
-            match exchange(c, req, cl.pids) {
-                Ok((status, keep, p)) => {
-                    pid = p;
+            match exchange(c, req) {
+                Ok(Response { status, keep, body }) => {
+                    if cl.pids {
+                        pid = answer_pid(&String::from_utf8_lossy(&c.buf[body])).unwrap_or(0);
+                    }
                     if !keep || !keep_alive {
                         conn = None;
                     }
@@ -313,4 +357,187 @@ fn client(cl: &Client, keep_alive: bool, stop: &AtomicBool, t0: Instant, limit: 
         }
     }
     recs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::{IpAddr, TcpListener};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    /// How the test server answers.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        Ok,
+        /// 503, like the warming app.
+        Unavailable,
+        /// Closes the connection after each answer without saying so (a draining server).
+        CloseSilently,
+        /// The head and the body in two writes, 20 ms apart.
+        Split,
+    }
+
+    struct Server {
+        addr: String,
+        accepts: Arc<AtomicUsize>,
+        peers: Arc<Mutex<Vec<IpAddr>>>,
+        paths: Arc<Mutex<Vec<String>>>,
+    }
+
+    /// An HTTP/1.1 server on 127.0.0.1 that answers `hello from worker 0 pid 4242`.
+    fn serve(mode: Mode) -> Server {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = Server {
+            addr: l.local_addr().unwrap().to_string(),
+            accepts: Arc::new(AtomicUsize::new(0)),
+            peers: Arc::new(Mutex::new(Vec::new())),
+            paths: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (accepts, peers, paths) = (s.accepts.clone(), s.peers.clone(), s.paths.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                accepts.fetch_add(1, Ordering::SeqCst);
+                peers.lock().unwrap().push(c.peer_addr().unwrap().ip());
+                let paths = paths.clone();
+                std::thread::spawn(move || answer(c, mode, &paths));
+            }
+        });
+        s
+    }
+
+    fn answer(c: TcpStream, mode: Mode, paths: &Mutex<Vec<String>>) {
+        let mut w = c.try_clone().unwrap();
+        let mut r = BufReader::new(c);
+        loop {
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push(line.to_ascii_lowercase());
+            }
+            paths.lock().unwrap().push(head[0].split_whitespace().nth(1).unwrap_or("").to_string());
+            let close = head.iter().any(|l| l.starts_with("connection: close"));
+            let body = "hello from worker 0 pid 4242\n";
+            let status = if mode == Mode::Unavailable { "503 Service Unavailable" } else { "200 OK" };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{}\r\n",
+                body.len(),
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            if mode == Mode::Split {
+                w.write_all(head.as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                w.write_all(body.as_bytes()).unwrap();
+            } else {
+                w.write_all(format!("{head}{body}").as_bytes()).unwrap();
+            }
+            if close || mode == Mode::CloseSilently {
+                return;
+            }
+        }
+    }
+
+    fn run_ms(s: &Server, threads: usize, keep_alive: bool, ms: u64, opts: &Opts) -> Vec<Rec> {
+        let recs = run(&s.addr, threads, keep_alive, Duration::from_millis(ms), opts);
+        assert!(!recs.is_empty(), "no request completed");
+        recs
+    }
+
+    #[test]
+    fn keep_alive_clients_reuse_one_connection_each() {
+        let s = serve(Mode::Ok);
+        let recs = run_ms(&s, 2, true, 300, &Opts::default());
+        assert!(recs.len() > 10, "{} requests", recs.len());
+        assert!(recs.iter().all(|r| r.outcome == Outcome::Ok));
+        assert_eq!(s.accepts.load(Ordering::SeqCst), 2);
+        assert!(recs.windows(2).all(|w| w[0].t_us <= w[1].t_us), "records are in order of start");
+    }
+
+    #[test]
+    fn without_keep_alive_every_request_has_its_own_connection() {
+        let s = serve(Mode::Ok);
+        let recs = run_ms(&s, 2, false, 300, &Opts::default());
+        assert!(recs.iter().all(|r| r.outcome == Outcome::Ok));
+        assert_eq!(s.accepts.load(Ordering::SeqCst), recs.len());
+    }
+
+    #[test]
+    fn a_kept_connection_closed_before_the_answer_is_retried_once_on_a_new_one() {
+        let s = serve(Mode::CloseSilently);
+        let recs = run_ms(&s, 1, true, 300, &Opts::default());
+        assert!(recs.len() > 2);
+        assert_eq!(recs[0].outcome, Outcome::Ok, "the first request is on a new connection");
+        assert!(recs[1..].iter().all(|r| r.outcome == Outcome::OkRetried), "{:?}", &recs[..3]);
+        assert!(recs.iter().all(|r| !r.outcome.failed()));
+    }
+
+    #[test]
+    fn a_non_200_answer_and_a_refused_connection_are_failures() {
+        let s = serve(Mode::Unavailable);
+        let recs = run_ms(&s, 1, true, 100, &Opts::default());
+        assert!(recs.iter().all(|r| r.outcome == Outcome::Status && r.outcome.failed()));
+
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let recs = run(&format!("127.0.0.1:{port}"), 1, true, Duration::from_millis(50), &Opts::default());
+        assert!(!recs.is_empty() && recs.iter().all(|r| r.outcome == Outcome::Connect));
+    }
+
+    #[test]
+    fn a_response_in_pieces_is_read_whole() {
+        let s = serve(Mode::Split);
+        let recs = run_ms(&s, 1, true, 150, &Opts::default());
+        assert!(recs.iter().all(|r| r.outcome == Outcome::Ok && r.lat_us >= 20_000), "{:?}", recs[0]);
+    }
+
+    #[test]
+    fn the_path_is_sent_and_the_answering_pid_recorded() {
+        let s = serve(Mode::Ok);
+        let opts = Opts { path: "/work?ms=1".into(), pids: true, ..Default::default() };
+        let recs = run_ms(&s, 1, false, 100, &opts);
+        assert!(recs.iter().all(|r| r.pid == 4242));
+        assert!(s.paths.lock().unwrap().iter().all(|p| p == "/work?ms=1"));
+        // Without `pids`, no pid is parsed.
+        assert!(run_ms(&s, 1, false, 50, &Opts::default()).iter().all(|r| r.pid == 0));
+    }
+
+    #[test]
+    fn clients_are_bound_to_the_source_addresses_in_turn() {
+        let s = serve(Mode::Ok);
+        let sources = vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 3, 4, 5)];
+        let opts = Opts { sources: sources.clone(), ..Default::default() };
+        run_ms(&s, 2, false, 100, &opts);
+        let peers = s.peers.lock().unwrap();
+        for src in &sources {
+            assert!(peers.contains(&IpAddr::V4(*src)), "{src} not among {peers:?}");
+        }
+        assert!(!peers.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+
+    #[test]
+    fn one_get_gives_the_status_and_the_body() {
+        let s = serve(Mode::Ok);
+        let (status, body) = get(&s.addr, Duration::from_secs(2)).unwrap();
+        assert_eq!((status, answer_pid(&body)), (200, Some(4242)));
+        assert_eq!(s.paths.lock().unwrap().as_slice(), ["/"]);
+        let (status, _) = get(&serve(Mode::Unavailable).addr, Duration::from_secs(2)).unwrap();
+        assert_eq!(status, 503);
+        assert!(get("127.0.0.1:1", Duration::from_secs(2)).is_err());
+    }
+
+    #[test]
+    fn serving_means_enough_distinct_pids_answered() {
+        let s = serve(Mode::Ok);
+        assert!(wait_serving(&s.addr, 1, Duration::from_secs(5)));
+        // The test server has one pid only.
+        assert!(!wait_serving(&s.addr, 2, Duration::from_millis(200)));
+        assert_eq!(answer_pid("hello from worker 3 pid 77\n"), Some(77));
+        assert_eq!(answer_pid("warming up\n"), None);
+    }
 }

@@ -13,16 +13,18 @@ mod balance;
 mod launcher;
 mod load;
 mod notes;
+mod plot;
+mod procfs;
 mod report;
 mod servers;
 mod suites;
-mod svg;
 mod util;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use procfs::loadavg;
 use report::{Meta, Results};
 use servers::Ctx;
 use suites::log;
@@ -52,9 +54,7 @@ fn main() {
 fn standalone_load(a: &[String]) -> i32 {
     let secs: u64 = a[1].parse().unwrap();
     let threads: usize = a[2].parse().unwrap();
-    let l = load::Load::start(&a[0], threads, a[3] == "ka", Duration::from_secs(secs + 5));
-    std::thread::sleep(Duration::from_secs(secs));
-    let recs = l.finish();
+    let recs = load::run(&a[0], threads, a[3] == "ka", Duration::from_secs(secs), &load::Opts::default());
     let mut lat: Vec<f64> =
         recs.iter().filter(|r| !r.outcome.failed()).map(|r| r.lat_us as f64 / 1000.0).collect();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -83,16 +83,6 @@ fn sh(cmd: &str) -> String {
             s
         })
         .unwrap_or_default()
-}
-
-/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
-pub fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn all(a: &[String]) -> i32 {
@@ -220,15 +210,15 @@ fn write_report(r: &Results, out: &Path) {
     };
     std::fs::write(&md, page).unwrap();
     if !r.tput.rows.is_empty() {
-        std::fs::write(out.join("bench-throughput.svg"), svg::throughput(&r.tput)).unwrap();
+        std::fs::write(out.join("bench-throughput.svg"), plot::throughput(&r.tput)).unwrap();
     }
     if !r.reloads.timelines.is_empty() {
-        std::fs::write(out.join("bench-reload.svg"), svg::timelines(&r.reloads.timelines)).unwrap();
+        std::fs::write(out.join("bench-reload.svg"), plot::timelines(&r.reloads.timelines)).unwrap();
     }
     if !r.scaling.rows.is_empty() {
-        std::fs::write(out.join("bench-scaling.svg"), svg::scaling(&r.scaling)).unwrap();
+        std::fs::write(out.join("bench-scaling.svg"), plot::scaling(&r.scaling)).unwrap();
     }
     if !r.balance.is_empty() {
-        std::fs::write(out.join("bench-balance.svg"), svg::balance(&r.balance)).unwrap();
+        std::fs::write(out.join("bench-balance.svg"), plot::balance(&r.balance)).unwrap();
     }
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{Load, Outcome, Rec};
+use crate::load::{self, answer_pid, Load, Outcome, Rec};
+use crate::procfs::*;
 use crate::servers::*;
 use crate::util::*;
 
@@ -627,7 +628,7 @@ pub fn recovery(ctx: &Ctx) -> Recovery {
             };
             let spawn = t0.elapsed().as_secs_f64() * 1000.0;
             let served =
-                wait_until(Duration::from_secs(10), 1, || match http_get(&s.addr, Duration::from_secs(2)) {
+                wait_until(Duration::from_secs(10), 1, || match load::get(&s.addr, Duration::from_secs(2)) {
                     Ok((200, body)) if answer_pid(&body) == Some(newpid) => Some(()),
                     _ => None,
                 });

@@ -1,11 +1,11 @@
-//! Small helpers: clocks, /proc sampling, process clean-up, statistics, tiny HTTP GET.
+//! Small helpers: clocks, polling, process clean-up, statistics. (`/proc` is read in `procfs`.)
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::procfs::alive;
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable across processes on this machine.
 pub fn mono_ns() -> u64 {
@@ -29,83 +29,6 @@ pub fn wait_until<T>(timeout: Duration, every_ms: u64, mut f: impl FnMut() -> Op
             return None;
         }
         sleep_ms(every_ms);
-    }
-}
-
-/// CPU time (user + system, ns) of every thread of `pid`, from /proc/PID/task/*/schedstat
-/// (nanosecond resolution, unlike the 10 ms ticks of /proc/PID/stat).
-pub fn cpu_ns(pid: i32) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for e in rd.flatten() {
-            if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
-                total += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            }
-        }
-    }
-    total
-}
-
-/// VmRSS of `pid` in bytes.
-pub fn rss_bytes(pid: i32) -> u64 {
-    status_field(pid, "VmRSS:")
-}
-
-/// Private memory (USS: Private_Clean + Private_Dirty from smaps_rollup) of `pid` in bytes.
-pub fn uss_bytes(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>()
-                * 1024
-        })
-        .unwrap_or(0)
-}
-
-fn status_field(pid: i32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next().and_then(|k| k.parse::<u64>().ok()))
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
-/// Direct children of `pid` (all its threads).
-pub fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for e in rd.flatten() {
-            if let Ok(s) = std::fs::read_to_string(e.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            }
-        }
-    }
-    out
-}
-
-/// `pid` and all its descendants, parents first.
-pub fn tree(pid: i32) -> Vec<i32> {
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() {
-        let c = children(out[i]);
-        out.extend(c);
-        i += 1;
-    }
-    out
-}
-
-pub fn alive(pid: i32) -> bool {
-    // A zombie still "exists" for kill(0); look at the state too.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(false),
-        Err(_) => false,
     }
 }
 
@@ -152,39 +75,6 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// One GET on a new connection: (status, body).
-pub fn http_get(addr: &str, timeout: Duration) -> Result<(u16, String), String> {
-    let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    c.set_read_timeout(Some(timeout)).ok();
-    c.set_write_timeout(Some(timeout)).ok();
-    c.write_all(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    c.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    let s = String::from_utf8_lossy(&buf).to_string();
-    let code = s.get(9..12).and_then(|c| c.parse().ok()).ok_or("no status line")?;
-    let body = s.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
-}
-
-/// The pid in a node-app answer (`hello from worker 1 pid 1234`).
-pub fn answer_pid(body: &str) -> Option<i32> {
-    body.split_whitespace().skip_while(|w| *w != "pid").nth(1).and_then(|p| p.parse().ok())
-}
-
-/// Waits until `n` distinct pids answered 200 on `addr`.
-pub fn wait_serving(addr: &str, n: usize, timeout: Duration) -> bool {
-    let mut seen = std::collections::HashSet::new();
-    wait_until(timeout, 5, || {
-        if let Ok((200, body)) = http_get(addr, Duration::from_secs(2)) {
-            if let Some(p) = answer_pid(&body) {
-                seen.insert(p);
-            }
-        }
-        (seen.len() >= n).then_some(())
-    })
-    .is_some()
 }
 
 pub fn read_file(p: &Path) -> String {
