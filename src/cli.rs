@@ -1,9 +1,12 @@
-//! Command-line definitions (clap derive). Values are taken as strings here and validated in
-//! `config`, together with the config file, so both report problems the same way.
+//! Command-line definitions (clap derive). The app settings' flags are `config::Layer`'s
+//! (one definition for the flag and the config key); their values are taken as strings and
+//! validated in `config`, together with the config file, so both report problems the same way.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::config::Layer;
 
 #[derive(Debug, Parser)]
 #[command(name = "herdsman", version, about = "Runs N copies of a server on shared sockets, with zero-downtime rolling reloads", long_about = None)]
@@ -102,7 +105,7 @@ pub struct RunArgs {
     #[arg(short, long, value_name = "NAME")]
     pub name: Option<String>,
     #[command(flatten)]
-    pub app: AppArgs,
+    pub app: Layer,
     /// Control socket path.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -111,98 +114,15 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// The app settings shared by `run` and `init`.
-#[derive(Debug, Args)]
-pub struct AppArgs {
-    /// Number of workers: N > 0; 0, "auto" or "max" = one per CPU; -K = CPUs minus K.
-    #[arg(short, long, value_name = "COUNT", allow_hyphen_values = true)]
-    pub workers: Option<String>,
-    /// Bind this socket when not socket-activated: HOST:PORT, :PORT (all addresses, IPv4 and IPv6),
-    /// [V6]:PORT or unix:/path. Repeatable.
-    #[arg(short, long, value_name = "ADDR")]
-    pub listen: Vec<String>,
-    /// Extra environment for workers. Repeatable.
-    #[arg(short, long, value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
-    /// Workers' working directory.
-    #[arg(long, value_name = "DIR")]
-    pub cwd: Option<PathBuf>,
-    /// Readiness: "notify" (worker sends READY=1) or "alive:DURATION" [default: alive:1s].
-    #[arg(long, value_name = "MODE")]
-    pub ready: Option<String>,
-    /// How long a new worker may take to become ready [default: 60s].
-    #[arg(long, value_name = "DUR")]
-    pub ready_timeout: Option<String>,
-    /// Signal asking a worker to drain and exit [default: SIGTERM].
-    #[arg(long, value_name = "SIG")]
-    pub stop_signal: Option<String>,
-    /// How long a worker may drain before SIGKILL [default: 30s].
-    #[arg(long, value_name = "DUR")]
-    pub stop_timeout: Option<String>,
-    /// Workers replaced at a time during a rolling reload [default: 1].
-    #[arg(long, value_name = "N")]
-    pub reload_batch: Option<String>,
-    /// During a reload, a new worker must stay ready (and running) this long before its old worker is stopped [default: 1s].
-    #[arg(long, value_name = "DUR")]
-    pub min_ready: Option<String>,
-    /// After a failed reload: "rollback" the slots already moved to the previous generation, or "keep" them [default: rollback].
-    #[arg(long, value_name = "MODE")]
-    pub on_failure: Option<String>,
-    /// How connections reach workers: "shared" (one socket), "steer" (a socket per worker; only ready, non-draining ones receive) or "sticky" (steer, by client address) [default: shared].
-    #[arg(long, value_name = "MODE")]
-    pub balance: Option<String>,
-    /// Per-worker watchdog: workers get WATCHDOG_USEC and must send WATCHDOG=1 this often; a hung one is replaced.
-    #[arg(long, value_name = "DUR")]
-    pub watchdog: Option<String>,
-    /// Replace (gracefully) a worker whose memory (RSS summed over its process group) stays above this, e.g. 512M.
-    #[arg(long, value_name = "SIZE")]
-    pub max_memory: Option<String>,
-    /// Run workers as this user (name or uid): its primary and supplementary groups, HOME, USER, LOGNAME. Needs root.
-    #[arg(long, value_name = "USER")]
-    pub user: Option<String>,
-    /// Override the workers' primary group (name or gid).
-    #[arg(long, value_name = "GROUP")]
-    pub group: Option<String>,
-    /// Serve Prometheus/OpenMetrics `GET /metrics` on HOST:PORT, [V6]:PORT or unix:/path (default: off).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<String>,
-}
-
-impl AppArgs {
-    pub fn overrides(
-        &self,
-        name: Option<String>,
-        control: Option<PathBuf>,
-        command: Vec<String>,
-    ) -> crate::config::Overrides {
-        crate::config::Overrides {
-            name,
-            workers: self.workers.clone(),
-            listen: self.listen.clone(),
-            env: self.env.clone(),
-            cwd: self.cwd.clone(),
-            ready: self.ready.clone(),
-            ready_timeout: self.ready_timeout.clone(),
-            stop_signal: self.stop_signal.clone(),
-            stop_timeout: self.stop_timeout.clone(),
-            reload_batch: self.reload_batch.clone(),
-            min_ready: self.min_ready.clone(),
-            on_failure: self.on_failure.clone(),
-            balance: self.balance.clone(),
-            watchdog: self.watchdog.clone(),
-            max_memory: self.max_memory.clone(),
-            control,
-            command,
-            user: self.user.clone(),
-            group: self.group.clone(),
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
 impl RunArgs {
-    pub fn overrides(&self) -> crate::config::Overrides {
-        self.app.overrides(self.name.clone(), self.control.clone(), self.command.clone())
+    /// The flags' layer: the app flags with `--name`, `--control` and the command.
+    pub fn layer(&self) -> Layer {
+        Layer {
+            name: self.name.clone(),
+            control: self.control.clone(),
+            command: self.command.clone(),
+            ..self.app.clone()
+        }
     }
 }
 
@@ -212,7 +132,7 @@ pub struct InitArgs {
     /// App name: the instance of herdsman@NAME.service and /etc/herdsman/NAME.toml.
     pub name: String,
     #[command(flatten)]
-    pub app: AppArgs,
+    pub app: Layer,
     /// Overwrite an existing app's configuration.
     #[arg(long)]
     pub force: bool,

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::cli::{InitArgs, RemoveArgs};
-use crate::config::{self, ListenAddr, Settings};
+use crate::config::{self, Layer, ListenAddr, Settings};
 use crate::exit;
 
 /// The service unit's `TimeoutStopSec=` covers a stop timeout up to this.
@@ -60,56 +60,16 @@ fn units(name: &str) -> [String; 2] {
     [format!("herdsman@{name}.socket"), format!("herdsman@{name}.service")]
 }
 
-/// Renders the validated settings as the app's config file.
+/// Renders the validated settings as the app's config file: every setting in the form it reads
+/// back, but the worker count as requested (`auto` stays `auto`) and the user and group as given.
 fn render_config(s: &Settings, workers: Option<&str>, user: Option<&str>, group: Option<&str>) -> String {
-    let mut t = toml::Table::new();
-    let strs = |v: &[String]| toml::Value::Array(v.iter().map(|x| toml::Value::String(x.clone())).collect());
-    t.insert("name".into(), s.name.clone().into());
-    t.insert("command".into(), strs(&s.command));
-    let w = match workers.map(config::values::workers) {
-        Some(Ok(config::WorkerCount::Fixed(n))) => toml::Value::Integer(n.get() as i64),
-        Some(Ok(config::WorkerCount::CpusMinus(0))) => "auto".into(),
-        Some(Ok(config::WorkerCount::CpusMinus(k))) => toml::Value::Integer(-(k as i64)),
-        _ => toml::Value::Integer(s.workers.get() as i64),
-    };
-    t.insert("workers".into(), w);
-    if let Some(u) = user {
-        t.insert("user".into(), u.into());
+    let mut layer = Layer::from(s);
+    if let Some(w) = workers.and_then(|w| config::values::workers(w).ok()) {
+        layer.workers = Some(w.to_string());
     }
-    if let Some(g) = group {
-        t.insert("group".into(), g.into());
-    }
-    if let Some(g) = &s.control_group {
-        t.insert("control_group".into(), g.clone().into());
-    }
-    t.insert("listen".into(), strs(&s.listen.iter().map(ToString::to_string).collect::<Vec<_>>()));
-    if let Some(cwd) = &s.cwd {
-        t.insert("cwd".into(), cwd.display().to_string().into());
-    }
-    t.insert("ready".into(), s.ready.to_string().into());
-    let dur = |d: Duration| toml::Value::String(humantime::format_duration(d).to_string());
-    t.insert("ready_timeout".into(), dur(s.ready_timeout));
-    t.insert("stop_signal".into(), s.stop_signal.as_str().into());
-    t.insert("stop_timeout".into(), dur(s.stop_timeout));
-    t.insert("reload_batch".into(), toml::Value::Integer(s.reload_batch.get() as i64));
-    t.insert("min_ready".into(), dur(s.min_ready));
-    t.insert("on_failure".into(), s.on_failure.to_string().into());
-    t.insert("balance".into(), s.balance.to_string().into());
-    if let Some(w) = s.watchdog {
-        t.insert("watchdog".into(), dur(w));
-    }
-    if let Some(m) = &s.metrics {
-        t.insert("metrics".into(), m.to_string().into());
-    }
-    if let Some(m) = s.max_memory {
-        t.insert("max_memory".into(), format!("{}K", m >> 10).into());
-    }
-    if !s.env.is_empty() {
-        let env: toml::Table =
-            s.env.iter().map(|(k, v)| (k.clone(), toml::Value::String(v.clone()))).collect();
-        t.insert("env".into(), toml::Value::Table(env));
-    }
-    let body = toml::to_string(&t).unwrap_or_default();
+    layer.user = user.map(String::from);
+    layer.group = group.map(String::from);
+    let body = layer.to_toml();
     format!(
         "# herdsman app {name}: written by `herdsman init`; edit, then `systemctl reload herdsman@{name}`.\n\
          # `listen` is used only when the app runs without systemd: under systemd the socket unit\n\
@@ -330,10 +290,9 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     let user = a.app.user.clone().or_else(|| {
         sudo_user.map(str::trim).filter(|u| !u.is_empty() && *u != "root" && *u != "0").map(String::from)
     });
-    let mut ov = a.app.overrides(Some(name.clone()), None, command);
-    ov.cwd = Some(cwd);
-    ov.user = user.clone();
-    let mut settings = config::load(None, &ov, cpus).map_err(|p| fail(exit::CONFIG, p.0.join("\n")))?;
+    let layer =
+        Layer { name: Some(name.clone()), command, cwd: Some(cwd), user: user.clone(), ..a.app.clone() };
+    let mut settings = config::load(None, &layer, cpus).map_err(|p| fail(exit::CONFIG, p.to_string()))?;
     if let Some(g) = &a.control_group {
         if !matches!(nix::unistd::Group::from_name(g), Ok(Some(_))) {
             return Err(fail(exit::CONFIG, format!("--control-group: no such group {g:?}; create it first")));

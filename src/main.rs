@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use herdsman::cli::{Cli, Command, RunArgs};
-use herdsman::config::{self, Overrides, Settings};
+use herdsman::config::{self, Layer, Settings};
 use herdsman::control::{client, paths, server};
 use herdsman::listeners::{Activation, Listeners};
 use herdsman::logging::Sink;
@@ -188,12 +188,12 @@ fn base_env() -> Vec<(String, String)> {
 }
 
 /// Loads the settings and checks that the command can be found.
-fn load(file: Option<&PathBuf>, ov: &Overrides) -> Result<Settings, config::Problems> {
-    let s = config::load(file.map(PathBuf::as_path), ov, cpus())?;
+fn load(file: Option<&PathBuf>, flags: &Layer) -> Result<Settings, config::Problems> {
+    let s = config::load(file.map(PathBuf::as_path), flags, cpus())?;
     let mut env = base_env();
     env.extend(s.env.iter().cloned());
     spawn::resolve(&s.command[0], &env, s.cwd.as_deref())
-        .map_err(|e| config::Problems(vec![e.to_string()]))?;
+        .map_err(|e| config::Problem::new(config::Place::Anywhere, e))?;
     Ok(s)
 }
 
@@ -204,7 +204,7 @@ fn print_problems(p: &config::Problems) {
 }
 
 fn check_config(file: &PathBuf) -> ExitCode {
-    match load(Some(file), &Overrides::default()) {
+    match load(Some(file), &Layer::default()) {
         Ok(s) => {
             herdsman::outln!(
                 "{}: ok (app {}, {} worker(s), command {:?})",
@@ -223,8 +223,8 @@ fn check_config(file: &PathBuf) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let ov = args.overrides();
-    let settings = match load(args.config.as_ref(), &ov) {
+    let flags = args.layer();
+    let settings = match load(args.config.as_ref(), &flags) {
         Ok(s) => s,
         Err(p) => {
             print_problems(&p);
@@ -320,7 +320,7 @@ fn run(args: RunArgs) -> ExitCode {
         notify: None,
         resume: None,
         config: args.config,
-        overrides: ov,
+        overrides: flags,
         binary,
         upgrades: 0,
         argv: std::env::args().collect(),
@@ -357,7 +357,8 @@ struct Parts {
     notify: Option<herdsman::notify::WorkerNotify>,
     resume: Option<supervisor::handover::Resumed>,
     config: Option<PathBuf>,
-    overrides: Overrides,
+    /// The flags' layer, for reloads.
+    overrides: Layer,
     binary: PathBuf,
     upgrades: u64,
     argv: Vec<String>,
@@ -378,8 +379,8 @@ fn serve(settings: Settings, p: Parts, rt: tokio::runtime::Runtime) -> ExitCode 
         std::process::id(),
     );
     let reload_source: Option<supervisor::ReloadSource> = p.config.clone().map(|file| {
-        let ov = p.overrides.clone();
-        Box::new(move || load(Some(&file), &ov)) as supervisor::ReloadSource
+        let flags = p.overrides.clone();
+        Box::new(move || load(Some(&file), &flags)) as supervisor::ReloadSource
     });
     let carry = (|| -> std::io::Result<herdsman::upgrade::Carry> {
         let control = std::os::fd::OwnedFd::from(p.control.listener.try_clone()?);

@@ -366,7 +366,7 @@ mod tests {
             cwd: Some(cwd.clone()),
             ..crate::config::load(
                 None,
-                &crate::config::Overrides { command: vec!["sh".into()], ..Default::default() },
+                &crate::config::Layer { command: vec!["sh".into()], ..Default::default() },
                 std::num::NonZeroUsize::MIN,
             )
             .unwrap()

@@ -34,10 +34,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Overrides;
+use crate::config::Layer;
 
 /// The layout of [`Handover`]; a new binary takes over only a state of a format it reads.
-pub const STATE_FORMAT: u32 = 1;
+/// 2: the flags as a `config::Layer` (its environment a table), `file_workers` a worker count.
+pub const STATE_FORMAT: u32 = 2;
 /// How long the new binary's check may take (`HERDSMAN_UPGRADE_CHECK_TIMEOUT` overrides it).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The environment variable that carries the state's descriptor number into the new image.
@@ -64,7 +65,8 @@ pub struct Handover {
     pub exec_at_ns: i64,
     /// What `herdsman run` was started with, for reloads that re-read the config.
     pub config: Option<PathBuf>,
-    pub overrides: Overrides,
+    /// Its flags' layer (the settings given on the command line).
+    pub overrides: Layer,
     /// The argv to re-execute with next time.
     pub argv: Vec<String>,
     /// The workers' soft fd limit (see `sys::raise_fd_limit`).
@@ -196,7 +198,7 @@ pub struct Carry {
     pub binary: PathBuf,
     pub upgrades: u64,
     pub config: Option<PathBuf>,
-    pub overrides: Overrides,
+    pub overrides: Layer,
     pub argv: Vec<String>,
     /// The environment to re-execute with (herdsman's own, without [`STATE_VAR`]).
     pub env: Vec<(String, String)>,

@@ -18,7 +18,7 @@ fn cpus() -> NonZeroUsize {
 
 /// TOML-ish text built from the real keys and hostile values.
 fn config_text() -> impl Strategy<Value = String> {
-    let key = prop::sample::select(config::KEYS.to_vec()).prop_map(str::to_string);
+    let key = prop::sample::select(config::keys().to_vec()).prop_map(str::to_string);
     let any_key = prop_oneof![key, "[a-z_]{1,12}"];
     let value = prop_oneof![
         "\"[^\"\\\\\n]{0,20}\"".prop_map(|s| s),
@@ -75,10 +75,10 @@ proptest! {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("app.toml");
         std::fs::write(&path, &text).unwrap();
-        match config::load(Some(&path), &config::Overrides::default(), cpus()) {
+        match config::load(Some(&path), &config::Layer::default(), cpus()) {
             Err(p) => {
                 prop_assert!(!p.0.is_empty());
-                for line in &p.0 {
+                for line in p.0.iter().map(ToString::to_string) {
                     prop_assert!(!line.contains('\n'), "multi-line problem: {line:?}");
                 }
             }
@@ -92,7 +92,7 @@ proptest! {
         memory in "[0-9]{1,22}(K|M|G|T)?",
         env in (env_key(), "[a-z\u{0}]{0,4}").prop_map(|(k, v)| format!("{k}={v}")),
     ) {
-        let ov = config::Overrides {
+        let ov = config::Layer {
             command: vec!["true".into()],
             ready_timeout: Some(timeout.clone()),
             stop_timeout: Some(timeout.clone()),
@@ -104,7 +104,7 @@ proptest! {
         };
         match config::load(None, &ov, cpus()) {
             Ok(s) => assert_bounded(&s)?,
-            Err(p) => prop_assert!(p.0.iter().all(|l| !l.contains('\n'))),
+            Err(p) => prop_assert!(p.0.iter().all(|l| !l.to_string().contains('\n'))),
         }
     }
 
@@ -114,7 +114,7 @@ proptest! {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("app.toml");
         std::fs::write(&path, &bytes).unwrap();
-        let _ = config::load(Some(&path), &config::Overrides::default(), cpus());
+        let _ = config::load(Some(&path), &config::Layer::default(), cpus());
     }
 
     #[test]
