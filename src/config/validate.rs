@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use super::layer::{FileLayer, Layer};
+use super::layer::{FileLayer, Layer, keys};
 use super::problem::{ConfigError, Place, Problem};
 use super::values::{self, Balance, ListenAddr, OnFailure, ReadyMode, WorkerCount};
 use super::{BackoffPolicy, DEFAULT_MIN_READY, Settings};
@@ -20,21 +20,30 @@ use super::{BackoffPolicy, DEFAULT_MIN_READY, Settings};
 /// Validates `cli` over `file` into settings, or every problem found. `cpus` resolves "auto"
 /// worker counts.
 pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Result<Settings, Vec<Problem>> {
-    let mut c = Checker { cli, file, problems: Vec::new() };
-    // In this order, so that problems are listed as they always were.
+    let mut c = Checker { cli, file, problems: Vec::new(), seen: Vec::new() };
+    let secs = Duration::from_secs;
+    // Each setting: its key, where the layer holds it, its parser, its default. In this order,
+    // so that problems are listed as they always were.
     let command = c.command();
     let name = c.name(&command);
     let workers = c.pick("workers", |l| l.workers.as_deref(), values::workers);
+    let workers = workers.unwrap_or(WorkerCount::Fixed(NonZeroUsize::MIN)).resolve(cpus);
     let listen = c.listen();
     let env = c.env();
     let cwd = c.cwd();
-    let ready = c.pick("ready", |l| l.ready.as_deref(), values::ready);
-    let ready_timeout = c.pick("ready_timeout", |l| l.ready_timeout.as_deref(), positive_duration);
-    let stop_signal = c.pick("stop_signal", |l| l.stop_signal.as_deref(), values::signal);
-    let stop_timeout = c.pick("stop_timeout", |l| l.stop_timeout.as_deref(), positive_duration);
-    let reload_batch = c.pick("reload_batch", |l| l.reload_batch.as_deref(), values::positive);
-    let min_ready = c.pick("min_ready", |l| l.min_ready.as_deref(), values::duration);
-    let on_failure = c.pick("on_failure", |l| l.on_failure.as_deref(), values::on_failure);
+    let ready = c.pick("ready", |l| l.ready.as_deref(), values::ready).unwrap_or(ReadyMode::Alive(secs(1)));
+    let ready_timeout =
+        c.pick("ready_timeout", |l| l.ready_timeout.as_deref(), positive_duration).unwrap_or(secs(60));
+    let stop_signal =
+        c.pick("stop_signal", |l| l.stop_signal.as_deref(), values::signal).unwrap_or(Signal::SIGTERM);
+    let stop_timeout =
+        c.pick("stop_timeout", |l| l.stop_timeout.as_deref(), positive_duration).unwrap_or(secs(30));
+    let reload_batch =
+        c.pick("reload_batch", |l| l.reload_batch.as_deref(), values::positive).unwrap_or(NonZeroUsize::MIN);
+    let min_ready =
+        c.pick("min_ready", |l| l.min_ready.as_deref(), values::duration).unwrap_or(DEFAULT_MIN_READY);
+    let on_failure =
+        c.pick("on_failure", |l| l.on_failure.as_deref(), values::on_failure).unwrap_or(OnFailure::Rollback);
     let balance = c.pick("balance", |l| l.balance.as_deref(), values::balance).unwrap_or(Balance::Shared);
     c.steerable(balance, &listen);
     let watchdog = c.pick("watchdog", |l| l.watchdog.as_deref(), positive_duration);
@@ -44,31 +53,37 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
     let control = c.lookup("control", |l| l.control.as_deref()).map(|(p, _)| p.to_path_buf());
     let control_group = c.pick("control_group", |l| l.control_group.as_deref(), group_exists);
     let user = c.user();
+    let file_workers = file.and_then(|f| f.layer.workers.as_deref()).and_then(|w| values::workers(w).ok());
 
+    debug_assert!(
+        keys().iter().all(|k| c.seen.contains(k)),
+        "every key must be validated; not: {:?}",
+        keys().iter().filter(|k| !c.seen.contains(k)).collect::<Vec<_>>()
+    );
     if !c.problems.is_empty() {
         return Err(c.problems);
     }
     Ok(Settings {
         name,
         command,
-        workers: workers.unwrap_or(WorkerCount::Fixed(NonZeroUsize::MIN)).resolve(cpus),
+        workers,
         listen,
         env,
         cwd,
-        ready: ready.unwrap_or(ReadyMode::Alive(Duration::from_secs(1))),
-        ready_timeout: ready_timeout.unwrap_or(Duration::from_secs(60)),
-        stop_signal: stop_signal.unwrap_or(Signal::SIGTERM),
-        stop_timeout: stop_timeout.unwrap_or(Duration::from_secs(30)),
-        reload_batch: reload_batch.unwrap_or(NonZeroUsize::MIN),
-        min_ready: min_ready.unwrap_or(DEFAULT_MIN_READY),
-        on_failure: on_failure.unwrap_or(OnFailure::Rollback),
+        ready,
+        ready_timeout,
+        stop_signal,
+        stop_timeout,
+        reload_batch,
+        min_ready,
+        on_failure,
         balance,
         backoff,
         watchdog,
         max_memory,
         control,
         control_group,
-        file_workers: file.and_then(|f| f.layer.workers.as_deref()).and_then(|w| values::workers(w).ok()),
+        file_workers,
         user,
         metrics,
     })
@@ -128,16 +143,19 @@ struct Checker<'a> {
     cli: &'a Layer,
     file: Option<&'a FileLayer>,
     problems: Vec<Problem>,
+    /// The keys looked up so far (every key must be, see `validate`).
+    seen: Vec<&'static str>,
 }
 
 impl<'a> Checker<'a> {
     /// A setting's raw value, from the flag if given, else from the file, and where it is.
     fn lookup<R: ?Sized>(
-        &self,
-        key: &str,
+        &mut self,
+        key: &'static str,
         get: impl Fn(&'a Layer) -> Option<&'a R>,
     ) -> Option<(&'a R, Place)> {
-        debug_assert!(super::keys().contains(&key), "{key} is not a setting");
+        debug_assert!(keys().contains(&key), "{key} is not a setting");
+        self.seen.push(key);
         if let Some(v) = get(self.cli) {
             let flag =
                 if key == "command" { key.to_string() } else { format!("--{}", key.replace('_', "-")) };
@@ -150,7 +168,7 @@ impl<'a> Checker<'a> {
     /// A single-valued setting, parsed; `None` if unset or invalid (then it is a problem).
     fn pick<T, E: Into<ConfigError>>(
         &mut self,
-        key: &str,
+        key: &'static str,
         get: impl Fn(&'a Layer) -> Option<&'a str>,
         parse: impl Fn(&str) -> Result<T, E>,
     ) -> Option<T> {
@@ -196,6 +214,7 @@ impl<'a> Checker<'a> {
 
     /// The file's environment with the flags' entries over it.
     fn env(&mut self) -> Vec<(String, String)> {
+        self.seen.push("env");
         let file = self.file.map(|f| (&f.layer.env, f.key("env")));
         let mut env: Vec<(String, String)> = Vec::new();
         for (entries, place) in file.into_iter().chain([(&self.cli.env, Place::Flag("--env".into()))]) {
