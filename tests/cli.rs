@@ -104,6 +104,21 @@ fn garbage_socket_activation_variables_are_rejected_clearly() {
 }
 
 #[test]
+fn an_empty_command_in_the_config_file_is_a_configuration_error_not_a_panic() {
+    // `command = []` used to pass validation, then panic (exit 101) looking up command[0].
+    let dir = TempDir::new("emptycmd");
+    let file = dir.path("web.toml");
+    std::fs::write(&file, "command = []\n").unwrap();
+    assert_one_line_error(
+        &herdsman(&["check-config", file.to_str().unwrap()], &[]),
+        CONFIG,
+        "no command to run",
+    );
+    let out = herdsman(&["run", "-c", file.to_str().unwrap(), "--listen", "127.0.0.1:0"], &[]);
+    assert_one_line_error(&out, CONFIG, "no command to run");
+}
+
+#[test]
 fn check_config_lists_every_problem_and_accepts_a_good_file() {
     let dir = TempDir::new("checkcfg");
     let bad = dir.path("bad.toml");
