@@ -5,8 +5,9 @@
 //! file):
 //! * `main` reads the world once (argv, environment, signals) and injects it; it is the only
 //!   code that reads the environment, and it owns the exit codes ([`exit`]).
-//! * [`config`] turns flags and the TOML file into validated [`config::Settings`];
-//!   [`credentials`] resolves `user`/`group` before any fork.
+//! * [`config`] turns flags and the TOML file into validated [`config::Settings`]: every
+//!   setting is one field of [`config::Layer`], which is both the flags ([`cli`]) and the
+//!   file's keys; [`credentials`] resolves `user`/`group` before any fork.
 //! * [`listeners`] inherits the sockets from systemd (`LISTEN_FDS`) or binds them; with
 //!   `--balance steer|sticky`, [`steer`] gives every worker its own socket in one
 //!   `SO_REUSEPORT` group and rewrites the classic BPF program that routes new connections.

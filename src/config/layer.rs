@@ -208,9 +208,10 @@ pub fn from_table(path: &Path, table: toml::Table) -> (FileLayer, Vec<Problem>) 
     // Every key was read alone already; together they cannot fail (but would be reported).
     match deserialize(&good) {
         Ok(layer) => file.layer = layer,
-        Err(e) => {
-            problems.push(Problem::new(Place::File(path.display().to_string()), ConfigError::WrongType(e)))
-        }
+        Err(e) => problems.push(Problem::new(
+            Place::File(path.display().to_string()),
+            ConfigError::WrongType(e.replace('\n', "; ")),
+        )),
     }
     (file, problems)
 }

@@ -90,11 +90,6 @@ impl Problem {
         let error = error.into();
         Problem { line: format!("{place}{error}"), place, error }
     }
-
-    /// A problem with a flag.
-    pub fn flag(flag: impl Into<String>, error: impl Into<ConfigError>) -> Problem {
-        Problem::new(Place::Flag(flag.into()), error)
-    }
 }
 
 impl Borrow<str> for Problem {
