@@ -298,8 +298,16 @@ fn dechunk(mut b: &[u8]) -> Option<(Vec<u8>, usize)> {
     }
 }
 
-/// The body of a `200` response (whole, as read until the server closed).
-pub fn response_body(buf: &[u8]) -> Result<Vec<u8>, &'static str> {
+/// Where the body of a `200` response is: in the response, or (chunked) reassembled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    At(std::ops::Range<usize>),
+    Dechunked(Vec<u8>),
+}
+
+/// The body of a `200` response (whole, as read until the server closed), without copying
+/// it unless it was chunked.
+pub fn body(buf: &[u8]) -> Result<Body, &'static str> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no end of headers")? + 4;
     let head = std::str::from_utf8(&buf[..end]).map_err(|_| "headers are not text")?;
     let status = head.split("\r\n").next().unwrap_or("");
@@ -309,19 +317,27 @@ pub fn response_body(buf: &[u8]) -> Result<Vec<u8>, &'static str> {
         (Some(v), Some(_)) if v.starts_with("HTTP/1.") => return Err("status is not 200"),
         _ => return Err("not an HTTP response"),
     }
-    let body = &buf[end..];
     if chunked(head) {
-        return dechunk(body).map(|(d, _)| d).ok_or("truncated chunked body");
+        return dechunk(&buf[end..]).map(|(d, _)| Body::Dechunked(d)).ok_or("truncated chunked body");
     }
     for l in head.split("\r\n") {
         if let Some((k, v)) = l.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-length") {
                 let n: usize = v.trim().parse().map_err(|_| "bad Content-Length")?;
-                return body.get(..n).map(<[u8]>::to_vec).ok_or("body shorter than Content-Length");
+                let stop = end.checked_add(n).filter(|s| *s <= buf.len());
+                return stop.map(|s| Body::At(end..s)).ok_or("body shorter than Content-Length");
             }
         }
     }
-    Ok(body.to_vec())
+    Ok(Body::At(end..buf.len()))
+}
+
+/// The body of a `200` response (whole, as read until the server closed), copied.
+pub fn response_body(buf: &[u8]) -> Result<Vec<u8>, &'static str> {
+    Ok(match body(buf)? {
+        Body::At(r) => buf[r].to_vec(),
+        Body::Dechunked(d) => d,
+    })
 }
 
 #[cfg(test)]

@@ -252,27 +252,24 @@ impl Metrics {
         let mut set = tokio::task::JoinSet::new();
         for (slot, path) in targets {
             set.spawn(async move {
-                let page = match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path)).await {
-                    Ok(Ok(body)) => body,
-                    Ok(Err(e)) => return (slot, Err(e.to_string())),
-                    Err(_) => return (slot, Err(Fetch::Timeout.to_string())),
-                };
-                // Parse as soon as the page is in, on a blocking thread, while other
-                // workers' pages are still on their way.
-                let parsed =
-                    tokio::task::spawn_blocking(move || parse::parse(&page).map_err(|e| e.to_string()));
-                (slot, parsed.await.unwrap_or_else(|e| Err(e.to_string())))
+                match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path)).await {
+                    Ok(Ok(page)) => (slot, Ok(page)),
+                    Ok(Err(e)) => (slot, Err(e.to_string())),
+                    Err(_) => (slot, Err(Fetch::Timeout.to_string())),
+                }
             });
         }
-        let mut pages = Vec::new();
+        let mut pages = Vec::with_capacity(set.len());
         while let Some(r) = set.join_next().await {
             if let Ok(p) = r {
                 pages.push(p);
             }
         }
         let fetched = started.elapsed();
+        // Parsing, /proc sampling, merging and rendering: one hand-off to a blocking thread
+        // (a few ms of CPU for 64 pages: too much for the loop's thread).
         let me = self.clone();
-        let page = tokio::task::spawn_blocking(move || me.render(&snap, pages, format))
+        let page = tokio::task::spawn_blocking(move || me.render(&snap, &pages, format))
             .await
             .map_err(|e| format!("rendering failed: {e}"))?;
         tracing::debug!(
@@ -284,20 +281,19 @@ impl Metrics {
         Ok(page)
     }
 
-    fn render(
-        &self,
-        snap: &Snapshot,
-        pages: Vec<(usize, Result<Vec<Family>, String>)>,
-        format: Format,
-    ) -> String {
-        let mut parsed = Vec::new();
+    fn render(&self, snap: &Snapshot, pages: &[(usize, Result<Page, String>)], format: Format) -> String {
+        let mut parsed = Vec::with_capacity(pages.len());
         let mut failed = Vec::new();
+        let mut body_bytes = 0;
         for (slot, page) in pages {
-            match page {
-                Ok(f) => parsed.push((slot, f)),
+            match page.as_ref().map_err(String::clone).and_then(|p| {
+                body_bytes += p.body().len();
+                parse::parse(p.body()).map_err(|e| e.to_string())
+            }) {
+                Ok(f) => parsed.push((*slot, f)),
                 Err(e) => {
                     tracing::debug!("worker {slot} metrics skipped: {e}");
-                    failed.push(slot);
+                    failed.push(*slot);
                 }
             }
         }
@@ -321,46 +317,49 @@ impl Metrics {
             }
         }
         let queues = if self.0.sockets.is_empty() { Default::default() } else { queue::listening() };
-        let own = {
-            let mut s = self.state();
-            for slot in failed {
-                *s.scrape_errors.entry(slot).or_default() += 1;
+        let mut s = self.state();
+        for slot in failed {
+            *s.scrape_errors.entry(slot).or_default() += 1;
+        }
+        for (pid, slot, t) in &ticks_now {
+            s.cpu_seen.insert(*pid, (*slot, *t));
+        }
+        let live: BTreeSet<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
+        let gone: Vec<i32> = s.cpu_seen.keys().filter(|p| !live.contains(p)).copied().collect();
+        for pid in gone {
+            if let Some((slot, t)) = s.cpu_seen.remove(&pid) {
+                *s.cpu_gone.entry(slot).or_default() += t;
             }
-            for (pid, slot, t) in &ticks_now {
-                s.cpu_seen.insert(*pid, (*slot, *t));
-            }
-            let live: BTreeSet<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
-            let gone: Vec<i32> = s.cpu_seen.keys().filter(|p| !live.contains(p)).copied().collect();
-            for pid in gone {
-                if let Some((slot, t)) = s.cpu_seen.remove(&pid) {
-                    *s.cpu_gone.entry(slot).or_default() += t;
-                }
-            }
-            s.slots.extend(snap.workers.iter().map(|w| w.id));
-            self.own_families(&s, snap, &rss, &queues)
-        };
-        let reserved: Vec<String> = own.iter().map(|f| f.name.clone()).collect();
+        }
+        s.slots.extend(snap.workers.iter().map(|w| w.id));
+        let slots: BTreeSet<usize> = s.slots.iter().copied().chain(0..snap.desired).collect();
+        let ids: Vec<String> = slots.iter().map(|i| i.to_string()).collect();
+        let own = self.own_families(&s, snap, &slots, &ids, &rss, &queues);
+        drop(s);
+        let reserved: Vec<&str> = own.iter().map(|f| &*f.name).collect();
         let mut workers = parse::merge(parsed, &reserved);
         if format == Format::OpenMetrics {
             parse::drop_created_twins(&mut workers);
         }
-        let mut out =
-            String::with_capacity(4096 + workers.iter().map(|f| f.samples.len() * 64).sum::<usize>());
+        // Workers' samples come out about as long as they came in, plus `,worker="ID"`.
+        let samples: usize = workers.iter().map(|f| f.samples.len()).sum();
+        let mut out = String::with_capacity(16384 + body_bytes + samples * 16);
         model::render(&own, format, &mut out);
         model::render(&workers, format, &mut out);
         model::finish(format, &mut out);
         out
     }
 
-    fn own_families(
-        &self,
+    /// herdsman's families: `slots` are every slot known, `ids` their labels.
+    fn own_families<'a>(
+        &'a self,
         s: &State,
         snap: &Snapshot,
+        slots: &BTreeSet<usize>,
+        ids: &'a [String],
         rss: &BTreeMap<usize, u64>,
         queues: &queue::Queues,
-    ) -> Vec<Family> {
-        let slots: BTreeSet<usize> = s.slots.iter().copied().chain(0..snap.desired).collect();
-        let ids: Vec<String> = slots.iter().map(|i| i.to_string()).collect();
+    ) -> Vec<Family<'a>> {
         let mut out = Vec::new();
 
         let mut f = Family::new("herdsman_build_info", Kind::Gauge, "herdsman's version (always 1).");
@@ -394,12 +393,12 @@ impl Metrics {
             Kind::Counter,
             "Workers started in a slot after its worker exited unexpectedly.",
         );
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             f.push(&[("worker", id)], s.restarts.get(slot).copied().unwrap_or(0) as f64);
         }
         out.push(f);
         let mut f = Family::new("herdsman_worker_exits", Kind::Counter, "Worker exits by slot and reason.");
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             for r in Reason::ALL {
                 let n = s.exits.get(&(*slot, r)).copied().unwrap_or(0);
                 f.push(&[("worker", id), ("reason", r.label())], n as f64);
@@ -422,7 +421,7 @@ impl Metrics {
             Kind::Gauge,
             "Resident memory of the slot's worker process(es).",
         );
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             f.push(&[("worker", id)], rss.get(slot).copied().unwrap_or(0) as f64);
         }
         out.push(f);
@@ -432,7 +431,7 @@ impl Metrics {
             Kind::Counter,
             "CPU time (user + system) used by the slot's worker processes.",
         );
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             let live: u64 = s.cpu_seen.values().filter(|(sl, _)| sl == slot).map(|(_, t)| t).sum();
             let total = live + s.cpu_gone.get(slot).copied().unwrap_or(0);
             f.push(&[("worker", id)], total as f64 / tps);
@@ -443,7 +442,7 @@ impl Metrics {
             Kind::Counter,
             "Worker metrics pages skipped: no answer in time, too large, or not Prometheus text.",
         );
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             f.push(&[("worker", id)], s.scrape_errors.get(slot).copied().unwrap_or(0) as f64);
         }
         out.push(f);
@@ -544,7 +543,7 @@ enum Fetch {
 }
 
 /// `GET /metrics` over the worker's unix socket; the body of a 200 answer.
-async fn fetch(path: &Path) -> Result<Vec<u8>, Fetch> {
+async fn fetch(path: &Path) -> Result<Page, Fetch> {
     let mut s = match tokio::net::UnixStream::connect(path).await {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             // A worker of another user made its socket 0750 (a UMask): herdsman keeps
@@ -558,14 +557,17 @@ async fn fetch(path: &Path) -> Result<Vec<u8>, Fetch> {
         b"GET /metrics HTTP/1.1\r\nHost: herdsman\r\nAccept: text/plain;version=0.0.4\r\nConnection: close\r\n\r\n",
     )
     .await?;
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
+    // Read straight into the page's buffer (one read for a page that fits), doubling it
+    // as needed.
+    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_READ);
     loop {
-        let n = s.read(&mut chunk).await?;
+        if buf.capacity() - buf.len() < FIRST_READ / 2 {
+            buf.reserve(buf.capacity());
+        }
+        let n = s.read_buf(&mut buf).await?;
         if n == 0 {
             break;
         }
-        buf.extend_from_slice(&chunk[..n]);
         if buf.len() > WORKER_MAX_BYTES + 16 * 1024 {
             return Err(Fetch::TooLarge);
         }
@@ -574,11 +576,29 @@ async fn fetch(path: &Path) -> Result<Vec<u8>, Fetch> {
             break;
         }
     }
-    let body = http::response_body(&buf).map_err(Fetch::Http)?;
-    if body.len() > WORKER_MAX_BYTES {
+    let page = match http::body(&buf).map_err(Fetch::Http)? {
+        http::Body::At(body) => Page { buf, body },
+        http::Body::Dechunked(data) => Page { body: 0..data.len(), buf: data },
+    };
+    if page.body.len() > WORKER_MAX_BYTES {
         return Err(Fetch::TooLarge);
     }
-    Ok(body)
+    Ok(page)
+}
+
+/// The first read's size: most pages (and their HTTP head) fit.
+const FIRST_READ: usize = 32 * 1024;
+
+/// A worker's answer and where its body is in it.
+struct Page {
+    buf: Vec<u8>,
+    body: std::ops::Range<usize>,
+}
+
+impl Page {
+    fn body(&self) -> &[u8] {
+        &self.buf[self.body.clone()]
+    }
 }
 
 fn take_socket(path: &Path) -> std::io::Result<()> {
