@@ -135,26 +135,29 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + AsRawFd,
 {
     tokio::spawn(async move {
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut s)).await {
-            Err(_) => response(408, "text/plain", b"request timeout\n"),
+        // The head, and the page after it (written as is, not copied behind the head).
+        let (answer, page) = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut s)).await {
+            Err(_) => (response(408, "text/plain", b"request timeout\n"), String::new()),
             Ok(Err(_)) => return,
             Ok(Ok(head)) => match parse_request(&head) {
-                Err(code) => response(code, "text/plain", reason(code).as_bytes()),
+                Err(code) => (response(code, "text/plain", reason(code).as_bytes()), String::new()),
                 Ok(req) => {
                     let format = Format::from_accept(req.accept.as_deref());
                     let _permit = limit.acquire().await;
                     match metrics.collect(&controls, format).await {
                         Ok(page) => {
-                            let body = if req.head { Vec::new() } else { page.into_bytes() };
-                            response(200, format.content_type(), &body)
+                            let page = if req.head { String::new() } else { page };
+                            (head_of(200, format.content_type(), page.len()), page)
                         }
-                        Err(e) => response(503, "text/plain", format!("{e}\n").as_bytes()),
+                        Err(e) => (response(503, "text/plain", format!("{e}\n").as_bytes()), String::new()),
                     }
                 }
             },
         };
         let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-            let _ = s.write_all(&answer).await;
+            if s.write_all(&answer).await.is_ok() {
+                let _ = s.write_all(page.as_bytes()).await;
+            }
             let _ = s.shutdown().await;
         })
         .await;
@@ -192,17 +195,21 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-fn response(code: u16, ctype: &str, body: &[u8]) -> Vec<u8> {
+/// A response's head, for a body of `len` bytes.
+fn head_of(code: u16, ctype: &str, len: usize) -> Vec<u8> {
     let mut r = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {code} {}\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nConnection: close\r\n",
         reason(code),
-        body.len()
     );
     if code == 405 {
         r.push_str("Allow: GET, HEAD\r\n");
     }
     r.push_str("\r\n");
-    let mut out = r.into_bytes();
+    r.into_bytes()
+}
+
+fn response(code: u16, ctype: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = head_of(code, ctype, body.len());
     out.extend_from_slice(body);
     out
 }
