@@ -8,9 +8,10 @@
 //! worker's time to ready, the socket path handed to a new worker); each is a short mutex
 //! hold, never I/O. A scrape ([`collect`]) runs in its own task: it asks the loop for a
 //! [`Snapshot`] (the same answer `status` gets), fetches every ready worker's page
-//! concurrently over its `HERDSMAN_METRICS_SOCKET` (bounded time and size), then samples
-//! `/proc` and the listen queues and renders on a blocking thread. A slow scraper or a hung
-//! worker therefore costs the loop nothing but the snapshot.
+//! concurrently over its `HERDSMAN_METRICS_SOCKET` (bounded time and size) while a blocking
+//! thread samples `/proc` and the listen queues, then parses, merges and renders on a
+//! blocking thread. A slow scraper or a hung worker therefore costs the loop nothing but the
+//! snapshot (and the socket I/O of the fetches, which are tasks on it).
 //!
 //! Why no `prometheus-client`: its text encoder writes OpenMetrics only (a counter's family
 //! line is `x`, not the `x_total` the 0.0.4 format wants, and it always ends with `# EOF`),
@@ -113,6 +114,8 @@ struct Inner {
     /// The listening sockets (copies) and their label.
     sockets: Vec<(String, OwnedFd)>,
     euid: u32,
+    /// Read buffers of earlier scrapes, for the next one's pages (see [`POOL_BYTES`]).
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 /// The shared handle.
@@ -144,6 +147,7 @@ impl Metrics {
             seq: AtomicU64::new(0),
             sockets,
             euid: nix::unistd::geteuid().as_raw(),
+            buffers: Mutex::new(Vec::new()),
         }))
     }
 
@@ -249,10 +253,23 @@ impl Metrics {
                 .collect()
         };
         let started = std::time::Instant::now();
+        // `/proc` and the listen queues do not depend on the pages: sample them on a blocking
+        // thread while the pages are on their way.
+        let pids: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
+        let want_queues = !self.0.sockets.is_empty();
+        let sampled = tokio::task::spawn_blocking(move || {
+            // One /proc scan for every worker's whole process group (pre-fork servers'
+            // children count with their worker).
+            let usage = crate::control::procstat::scan_groups(&pids);
+            let queues = if want_queues { queue::listening() } else { Default::default() };
+            Sampled { usage, queues }
+        });
+        let mut buffers = self.buffers(targets.len());
         let mut set = tokio::task::JoinSet::new();
         for (slot, path) in targets {
+            let buf = buffers.pop().unwrap_or_default();
             set.spawn(async move {
-                match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path)).await {
+                match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path, buf)).await {
                     Ok(Ok(page)) => (slot, Ok(page)),
                     Ok(Err(e)) => (slot, Err(e.to_string())),
                     Err(_) => (slot, Err(Fetch::Timeout.to_string())),
@@ -266,12 +283,17 @@ impl Metrics {
             }
         }
         let fetched = started.elapsed();
-        // Parsing, /proc sampling, merging and rendering: one hand-off to a blocking thread
-        // (a few ms of CPU for 64 pages: too much for the loop's thread).
+        let sampled = sampled.await.map_err(|e| format!("sampling /proc failed: {e}"))?;
+        // Parsing, merging and rendering: one hand-off to a blocking thread (a few ms of CPU
+        // for 64 pages: too much for the loop's thread).
         let me = self.clone();
-        let page = tokio::task::spawn_blocking(move || me.render(&snap, &pages, format))
-            .await
-            .map_err(|e| format!("rendering failed: {e}"))?;
+        let page = tokio::task::spawn_blocking(move || {
+            let page = me.render(&snap, &pages, sampled, format);
+            me.recycle(pages);
+            page
+        })
+        .await
+        .map_err(|e| format!("rendering failed: {e}"))?;
         tracing::debug!(
             "metrics scrape: workers' pages in {:.1} ms, page of {} bytes in {:.1} ms",
             fetched.as_secs_f64() * 1e3,
@@ -281,7 +303,13 @@ impl Metrics {
         Ok(page)
     }
 
-    fn render(&self, snap: &Snapshot, pages: &[(usize, Result<Page, String>)], format: Format) -> String {
+    fn render(
+        &self,
+        snap: &Snapshot,
+        pages: &[(usize, Result<Page, String>)],
+        Sampled { usage, queues }: Sampled,
+        format: Format,
+    ) -> String {
         let mut parsed = Vec::with_capacity(pages.len());
         let mut failed = Vec::new();
         let mut body_bytes = 0;
@@ -302,10 +330,6 @@ impl Metrics {
         // old and new worker).
         let mut rss: BTreeMap<usize, u64> = BTreeMap::new();
         let mut ticks_now: Vec<(i32, usize, u64)> = Vec::new();
-        // One /proc scan for every worker's whole process group (pre-fork servers' children
-        // count with their worker).
-        let pids: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
-        let usage = crate::control::procstat::scan_groups(&pids);
         for w in &snap.workers {
             if let Some(u) = w.pid.and_then(|pid| usage.get(&pid).map(|u| (pid, u))) {
                 let (pid, u) = u;
@@ -316,7 +340,6 @@ impl Metrics {
                 ticks_now.push((pid, w.id, u.ticks));
             }
         }
-        let queues = if self.0.sockets.is_empty() { Default::default() } else { queue::listening() };
         let mut s = self.state();
         for slot in failed {
             *s.scrape_errors.entry(slot).or_default() += 1;
@@ -342,12 +365,33 @@ impl Metrics {
             parse::drop_created_twins(&mut workers);
         }
         // Workers' samples come out about as long as they came in, plus `,worker="ID"`.
-        let samples: usize = workers.iter().map(|f| f.samples.len()).sum();
+        let samples: usize =
+            workers.iter().flat_map(|f| std::iter::once(f).chain(&f.merged)).map(|f| f.samples.len()).sum();
         let mut out = String::with_capacity(16384 + body_bytes + samples * 16);
         model::render(&own, format, &mut out);
         model::render(&workers, format, &mut out);
         model::finish(format, &mut out);
         out
+    }
+
+    /// Up to `n` pooled read buffers (empty).
+    fn buffers(&self, n: usize) -> Vec<Vec<u8>> {
+        let mut pool = self.0.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = pool.len().saturating_sub(n);
+        pool.split_off(keep)
+    }
+
+    /// Keeps the pages' buffers for the next scrape, within [`POOL_BYTES`].
+    fn recycle(&self, pages: Vec<(usize, Result<Page, String>)>) {
+        let mut pool = self.0.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pooled: usize = pool.iter().map(Vec::capacity).sum();
+        for mut buf in pages.into_iter().filter_map(|(_, p)| p.ok()).map(|p| p.buf) {
+            if buf.capacity() <= POOLED_MAX && pooled + buf.capacity() <= POOL_BYTES {
+                pooled += buf.capacity();
+                buf.clear();
+                pool.push(buf);
+            }
+        }
     }
 
     /// herdsman's families: `slots` are every slot known, `ids` their labels.
@@ -543,7 +587,8 @@ enum Fetch {
 }
 
 /// `GET /metrics` over the worker's unix socket; the body of a 200 answer.
-async fn fetch(path: &Path) -> Result<Page, Fetch> {
+/// `buf`: an empty buffer to read into (a pooled one, or new).
+async fn fetch(path: &Path, mut buf: Vec<u8>) -> Result<Page, Fetch> {
     let mut s = match tokio::net::UnixStream::connect(path).await {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             // A worker of another user made its socket 0750 (a UMask): herdsman keeps
@@ -559,7 +604,7 @@ async fn fetch(path: &Path) -> Result<Page, Fetch> {
     .await?;
     // Read straight into the page's buffer (one read for a page that fits), doubling it
     // as needed.
-    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_READ);
+    buf.reserve(FIRST_READ);
     loop {
         if buf.capacity() - buf.len() < FIRST_READ / 2 {
             buf.reserve(buf.capacity());
@@ -586,8 +631,19 @@ async fn fetch(path: &Path) -> Result<Page, Fetch> {
     Ok(page)
 }
 
+/// What a scrape samples besides the pages: usage by process group leader, listen queues.
+struct Sampled {
+    usage: HashMap<i32, crate::control::procstat::Usage>,
+    queues: queue::Queues,
+}
+
 /// The first read's size: most pages (and their HTTP head) fit.
-const FIRST_READ: usize = 32 * 1024;
+const FIRST_READ: usize = 16 * 1024;
+/// Read buffers up to this size are kept for the next scrape, up to [`POOL_BYTES`] in all: a
+/// new buffer for each of 64 pages per scrape costs more in page faults (the freed memory
+/// goes back to the kernel between scrapes) than parsing them does.
+const POOLED_MAX: usize = 64 * 1024;
+const POOL_BYTES: usize = 2 << 20;
 
 /// A worker's answer and where its body is in it.
 struct Page {

@@ -87,8 +87,6 @@ pub struct Sample {
     pub suffix: &'static str,
     /// This sample's labels: a range of its family's [`Family::labels`].
     pub labels: Range<usize>,
-    /// The `worker` label herdsman adds to a worker's sample (written after its labels).
-    pub worker: Option<usize>,
     pub value: f64,
 }
 
@@ -102,11 +100,25 @@ pub struct Family<'a> {
     pub kind: Kind,
     pub samples: Vec<Sample>,
     pub labels: Vec<Label<'a>>,
+    /// A worker's family: the `worker` label herdsman adds to each of its samples (written
+    /// after their own labels).
+    pub worker: Option<usize>,
+    /// Families of the same name and kind from later workers' pages (see
+    /// [`super::parse::merge`]): written after this one's samples, under its HELP and TYPE.
+    pub merged: Vec<Family<'a>>,
 }
 
 impl<'a> Family<'a> {
     pub fn new(name: impl Into<Cow<'a, str>>, kind: Kind, help: impl Into<Cow<'a, str>>) -> Family<'a> {
-        Family { name: name.into(), help: help.into(), kind, samples: Vec::new(), labels: Vec::new() }
+        Family {
+            name: name.into(),
+            help: help.into(),
+            kind,
+            samples: Vec::new(),
+            labels: Vec::new(),
+            worker: None,
+            merged: Vec::new(),
+        }
     }
 
     /// Adds a sample; a counter's value sample gets `_total`.
@@ -114,14 +126,14 @@ impl<'a> Family<'a> {
         let suffix = if self.kind == Kind::Counter { "_total" } else { "" };
         let start = self.labels.len();
         self.labels.extend(labels.iter().map(|(k, v)| (*k, Cow::Borrowed(*v))));
-        self.samples.push(Sample { suffix, labels: start..self.labels.len(), worker: None, value });
+        self.samples.push(Sample { suffix, labels: start..self.labels.len(), value });
     }
 
     /// Adds a sample with owned label values.
     fn push_owned(&mut self, suffix: &'static str, labels: Vec<Label<'a>>, value: f64) {
         let start = self.labels.len();
         self.labels.extend(labels);
-        self.samples.push(Sample { suffix, labels: start..self.labels.len(), worker: None, value });
+        self.samples.push(Sample { suffix, labels: start..self.labels.len(), value });
     }
 
     /// A sample's labels.
@@ -257,37 +269,39 @@ pub fn render(families: &[Family<'_>], format: Format, out: &mut String) {
         out.push(' ');
         out.push_str(f.kind.name(om));
         out.push('\n');
-        for s in &f.samples {
-            if !om && s.suffix == "_created" {
-                continue;
-            }
-            out.push_str(&f.name);
-            out.push_str(s.suffix);
-            let labels = f.labels_of(s);
-            if !labels.is_empty() || s.worker.is_some() {
-                out.push('{');
-                for (i, (k, v)) in labels.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(k);
-                    out.push_str("=\"");
-                    escape_label(v, out);
-                    out.push('"');
+        for part in std::iter::once(f).chain(&f.merged) {
+            for s in &part.samples {
+                if !om && s.suffix == "_created" {
+                    continue;
                 }
-                if let Some(w) = s.worker {
-                    if !labels.is_empty() {
-                        out.push(',');
+                out.push_str(&f.name);
+                out.push_str(s.suffix);
+                let labels = part.labels_of(s);
+                if !labels.is_empty() || part.worker.is_some() {
+                    out.push('{');
+                    for (i, (k, v)) in labels.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(k);
+                        out.push_str("=\"");
+                        escape_label(v, out);
+                        out.push('"');
                     }
-                    out.push_str("worker=\"");
-                    write_int(w as u64, out);
-                    out.push('"');
+                    if let Some(w) = part.worker {
+                        if !labels.is_empty() {
+                            out.push(',');
+                        }
+                        out.push_str("worker=\"");
+                        write_int(w as u64, out);
+                        out.push('"');
+                    }
+                    out.push('}');
                 }
-                out.push('}');
+                out.push(' ');
+                write_value(s.value, out);
+                out.push('\n');
             }
-            out.push(' ');
-            write_value(s.value, out);
-            out.push('\n');
         }
     }
 }

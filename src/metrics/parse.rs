@@ -236,14 +236,15 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
         let f = &mut families[i];
         let start = f.labels.len();
         f.labels.append(&mut line_labels);
-        f.samples.push(Sample { suffix, labels: start..f.labels.len(), worker: None, value: v });
+        f.samples.push(Sample { suffix, labels: start..f.labels.len(), value: v });
     }
     Ok(families)
 }
 
 /// Merges the workers' families (each sample labelled `worker="ID"`) by name: one HELP/TYPE
 /// per name, in the order names first appear. A family whose name herdsman uses itself, or
-/// whose type differs from the one already merged under that name, is left out.
+/// whose type differs from the one already merged under that name, is left out. Nothing is
+/// copied: a later page's family goes into the first one's [`Family::merged`].
 pub fn merge<'a>(pages: Vec<(usize, Vec<Family<'a>>)>, reserved: &[&str]) -> Vec<Family<'a>> {
     let mut out: Vec<Family<'a>> = Vec::new();
     let mut index: HashMap<Cow<'a, str>, usize> = HashMap::new();
@@ -257,22 +258,11 @@ pub fn merge<'a>(pages: Vec<(usize, Vec<Family<'a>>)>, reserved: &[&str]) -> Vec
                     *k = "exported_worker";
                 }
             }
+            f.worker = Some(worker);
             match index.get(&f.name) {
-                Some(&i) if out[i].kind == f.kind => {
-                    let into = &mut out[i];
-                    let offset = into.labels.len();
-                    into.labels.append(&mut f.labels);
-                    into.samples.extend(f.samples.into_iter().map(|mut s| {
-                        s.labels = s.labels.start + offset..s.labels.end + offset;
-                        s.worker = Some(worker);
-                        s
-                    }));
-                }
+                Some(&i) if out[i].kind == f.kind => out[i].merged.push(f),
                 Some(_) => {}
                 None => {
-                    for s in &mut f.samples {
-                        s.worker = Some(worker);
-                    }
                     index.insert(f.name.clone(), out.len());
                     out.push(f);
                 }
@@ -374,5 +364,6 @@ mod tests {
         let m = merge(vec![(0, a), (1, b)], &["herdsman_generation"]);
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].samples.len(), 1);
+        assert!(m[0].merged.is_empty());
     }
 }
