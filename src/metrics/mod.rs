@@ -7,11 +7,13 @@
 //! thing happens (a worker exit and its reason, a restart, a reload and its duration, a
 //! worker's time to ready, the socket path handed to a new worker); each is a short mutex
 //! hold, never I/O. A scrape ([`collect`]) runs in its own task: it asks the loop for a
-//! [`Snapshot`] (the same answer `status` gets), fetches every ready worker's page
-//! concurrently over its `HERDSMAN_METRICS_SOCKET` (bounded time and size) while a blocking
-//! thread samples `/proc` and the listen queues, then parses, merges and renders on a
-//! blocking thread. A slow scraper or a hung worker therefore costs the loop nothing but the
-//! snapshot (and the socket I/O of the fetches, which are tasks on it).
+//! [`Snapshot`] (the same answer `status` gets) and fetches every ready worker's page
+//! concurrently over its `HERDSMAN_METRICS_SOCKET` (bounded time and size). Its CPU work is
+//! all on one blocking thread started with the fetches: it samples `/proc` and the listen
+//! queues while the pages are on their way, parses each page as it arrives (the parsed
+//! families borrow the page's text: no copies per sample), and merges and renders once the
+//! last fetch has ended. A slow scraper or a hung worker therefore costs the loop nothing but
+//! the snapshot (and the fetches' socket I/O, which are tasks on it).
 //!
 //! Why no `prometheus-client`: its text encoder writes OpenMetrics only (a counter's family
 //! line is `x`, not the `x_total` the 0.0.4 format wants, and it always ends with `# EOF`),
@@ -32,12 +34,13 @@ pub mod model;
 pub mod parse;
 pub mod queue;
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::wait::WaitStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -252,19 +255,15 @@ impl Metrics {
                 .filter_map(|w| s.sockets.get(&w.pid?).cloned())
                 .collect()
         };
-        let started = std::time::Instant::now();
-        // `/proc` and the listen queues do not depend on the pages: sample them on a blocking
-        // thread while the pages are on their way.
-        let pids: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
-        let want_queues = !self.0.sockets.is_empty();
-        let sampled = tokio::task::spawn_blocking(move || {
-            // One /proc scan for every worker's whole process group (pre-fork servers'
-            // children count with their worker).
-            let usage = crate::control::procstat::scan_groups(&pids);
-            let queues = if want_queues { queue::listening() } else { Default::default() };
-            Sampled { usage, queues }
-        });
-        let mut buffers = self.buffers(targets.len());
+        let started = Instant::now();
+        // Everything but the socket I/O happens in one blocking task started now: it samples
+        // /proc and the listen queues while the pages are on their way, parses each page as
+        // it comes in, and merges and renders once the last one is in.
+        let (pages_tx, pages_rx) = std::sync::mpsc::channel();
+        let me = self.clone();
+        let n = targets.len();
+        let work = tokio::task::spawn_blocking(move || me.build(&snap, n, pages_rx, format, started));
+        let mut buffers = self.buffers(n);
         let mut set = tokio::task::JoinSet::new();
         for (slot, path) in targets {
             let buf = buffers.pop().unwrap_or_default();
@@ -276,55 +275,91 @@ impl Metrics {
                 }
             });
         }
-        let mut pages = Vec::with_capacity(set.len());
         while let Some(r) = set.join_next().await {
-            if let Ok(p) = r {
-                pages.push(p);
+            if let Ok((slot, page)) = r {
+                // Never blocks (unbounded); fails only if the task is gone, which the
+                // `await` below reports.
+                let _ = pages_tx.send(Fetched::Page(slot, page));
             }
         }
         let fetched = started.elapsed();
-        let sampled = sampled.await.map_err(|e| format!("sampling /proc failed: {e}"))?;
-        // Parsing, merging and rendering: one hand-off to a blocking thread (a few ms of CPU
-        // for 64 pages: too much for the loop's thread).
-        let me = self.clone();
-        let page = tokio::task::spawn_blocking(move || {
-            let page = me.render(&snap, &pages, sampled, format);
-            me.recycle(pages);
-            page
-        })
-        .await
-        .map_err(|e| format!("rendering failed: {e}"))?;
+        let _ = pages_tx.send(Fetched::Done);
+        let (page, t) = work.await.map_err(|e| format!("rendering failed: {e}"))?;
         tracing::debug!(
-            "metrics scrape: workers' pages in {:.1} ms, page of {} bytes in {:.1} ms",
+            "metrics scrape: workers' pages in {:.1} ms (parsed as they came in {:.1} ms), /proc and queues in {:.1} ms, merged and rendered in {:.1} ms; page of {} bytes in {:.1} ms",
             fetched.as_secs_f64() * 1e3,
+            t.parsing.as_secs_f64() * 1e3,
+            t.sampling.as_secs_f64() * 1e3,
+            t.rendering.as_secs_f64() * 1e3,
             page.len(),
             started.elapsed().as_secs_f64() * 1e3
         );
         Ok(page)
     }
 
-    fn render(
+    /// The scrape's work on its blocking thread: samples, then parses the pages `rx` brings
+    /// (`n` at most) until [`Fetched::Done`], then renders. Without `Done` (the scrape was
+    /// dropped) nothing is rendered or counted.
+    fn build(
         &self,
         snap: &Snapshot,
-        pages: &[(usize, Result<Page, String>)],
-        Sampled { usage, queues }: Sampled,
+        n: usize,
+        rx: std::sync::mpsc::Receiver<Fetched>,
         format: Format,
-    ) -> String {
-        let mut parsed = Vec::with_capacity(pages.len());
-        let mut failed = Vec::new();
-        let mut body_bytes = 0;
-        for (slot, page) in pages {
-            match page.as_ref().map_err(String::clone).and_then(|p| {
-                body_bytes += p.body().len();
-                parse::parse(p.body()).map_err(|e| e.to_string())
-            }) {
-                Ok(f) => parsed.push((*slot, f)),
-                Err(e) => {
-                    tracing::debug!("worker {slot} metrics skipped: {e}");
-                    failed.push(*slot);
+        started: Instant,
+    ) -> (String, Timings) {
+        // One /proc scan for every worker's whole process group (pre-fork servers' children
+        // count with their worker).
+        let pids: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
+        let sampled = Sampled {
+            usage: crate::control::procstat::scan_groups(&pids),
+            queues: if self.0.sockets.is_empty() { Default::default() } else { queue::listening() },
+        };
+        let mut t = Timings { sampling: started.elapsed(), ..Timings::default() };
+        // The pages stay where they are received while their families borrow them.
+        let cells: Vec<OnceCell<Page>> = (0..n).map(|_| OnceCell::new()).collect();
+        let page = {
+            let mut cells = cells.iter();
+            let mut parsed = Parsed { pages: Vec::with_capacity(n), failed: Vec::new(), body_bytes: 0 };
+            let mut done = false;
+            for m in &rx {
+                let (slot, page) = match m {
+                    Fetched::Done => {
+                        done = true;
+                        break;
+                    }
+                    Fetched::Page(slot, page) => (slot, page),
+                };
+                let t0 = Instant::now();
+                let families = page.and_then(|p| {
+                    let p = cells.next().ok_or("more pages than workers")?.get_or_init(|| p);
+                    parsed.body_bytes += p.body().len();
+                    parse::parse(p.body()).map_err(|e| e.to_string())
+                });
+                t.parsing += t0.elapsed();
+                match families {
+                    Ok(f) => parsed.pages.push((slot, f)),
+                    Err(e) => {
+                        tracing::debug!("worker {slot} metrics skipped: {e}");
+                        parsed.failed.push(slot);
+                    }
                 }
             }
-        }
+            if !done {
+                return (String::new(), t);
+            }
+            let t0 = Instant::now();
+            let page = self.render(snap, parsed, sampled, format);
+            t.rendering = t0.elapsed();
+            page
+        };
+        self.recycle(cells.into_iter().filter_map(OnceCell::into_inner));
+        (page, t)
+    }
+
+    fn render(&self, snap: &Snapshot, parsed: Parsed<'_>, sampled: Sampled, format: Format) -> String {
+        let Parsed { pages: mut parsed, failed, body_bytes } = parsed;
+        let Sampled { usage, queues } = sampled;
         parsed.sort_by_key(|(slot, _)| *slot);
         // CPU and memory by slot, summed over the slot's processes (during a roll-out, its
         // old and new worker).
@@ -382,10 +417,10 @@ impl Metrics {
     }
 
     /// Keeps the pages' buffers for the next scrape, within [`POOL_BYTES`].
-    fn recycle(&self, pages: Vec<(usize, Result<Page, String>)>) {
+    fn recycle(&self, pages: impl Iterator<Item = Page>) {
         let mut pool = self.0.buffers.lock().unwrap_or_else(|p| p.into_inner());
         let mut pooled: usize = pool.iter().map(Vec::capacity).sum();
-        for mut buf in pages.into_iter().filter_map(|(_, p)| p.ok()).map(|p| p.buf) {
+        for mut buf in pages.map(|p| p.buf) {
             if buf.capacity() <= POOLED_MAX && pooled + buf.capacity() <= POOL_BYTES {
                 pooled += buf.capacity();
                 buf.clear();
@@ -631,10 +666,34 @@ async fn fetch(path: &Path, mut buf: Vec<u8>) -> Result<Page, Fetch> {
     Ok(page)
 }
 
+/// What the loop hands the scrape's blocking task: a worker's page (or why there is none),
+/// then `Done` once every fetch has ended.
+enum Fetched {
+    Page(usize, Result<Page, String>),
+    Done,
+}
+
 /// What a scrape samples besides the pages: usage by process group leader, listen queues.
 struct Sampled {
     usage: HashMap<i32, crate::control::procstat::Usage>,
     queues: queue::Queues,
+}
+
+/// The pages parsed so far: families by slot, the slots whose page was skipped, and the
+/// accepted pages' size (to size the output).
+struct Parsed<'a> {
+    pages: Vec<(usize, Vec<Family<'a>>)>,
+    failed: Vec<usize>,
+    body_bytes: usize,
+}
+
+/// Where a scrape's blocking task spent its time (for the debug log): sampling is measured
+/// from the scrape's start.
+#[derive(Default)]
+struct Timings {
+    sampling: Duration,
+    parsing: Duration,
+    rendering: Duration,
 }
 
 /// The first read's size: most pages (and their HTTP head) fit.
