@@ -33,6 +33,10 @@ fn valid_label(s: &str) -> bool {
 }
 
 fn number(s: &str) -> Option<f64> {
+    // Most values are small integers: exact as f64 below 2^53, the same as `parse` gives.
+    if (1..=15).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(s.bytes().fold(0u64, |n, b| n * 10 + u64::from(b - b'0')) as f64);
+    }
     match s {
         "+Inf" | "Inf" => Some(f64::INFINITY),
         "-Inf" => Some(f64::NEG_INFINITY),
@@ -168,7 +172,8 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
     for (n, line) in text.split('\n').enumerate() {
         let n = n + 1;
         let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.trim().is_empty() {
+        // (A line starting with a visible ASCII character is not blank: skips the trim.)
+        if !line.as_bytes().first().is_some_and(u8::is_ascii_graphic) && line.trim().is_empty() {
             continue;
         }
         if let Some(c) = line.strip_prefix('#') {
@@ -198,7 +203,7 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
             current = Some((i, raw));
             continue;
         }
-        let end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
+        let end = line.bytes().position(|b| matches!(b, b'{' | b' ' | b'\t')).unwrap_or(line.len());
         let name = &line[..end];
         if !valid_name(name) {
             return Err(ParseError::Line(n, "bad metric name"));
