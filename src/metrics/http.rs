@@ -165,26 +165,29 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + AsRawFd,
 {
     tokio::spawn(async move {
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut s)).await {
-            Err(_) => response(408, "text/plain", b"request timeout\n"),
+        // The head, and the page after it (written as is, not copied behind the head).
+        let (answer, page) = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut s)).await {
+            Err(_) => (response(408, "text/plain", b"request timeout\n"), String::new()),
             Ok(Err(_)) => return,
             Ok(Ok(head)) => match parse_request(&head) {
-                Err(code) => response(code, "text/plain", reason(code).as_bytes()),
+                Err(code) => (response(code, "text/plain", reason(code).as_bytes()), String::new()),
                 Ok(req) => {
                     let format = Format::from_accept(req.accept.as_deref());
                     let _permit = limit.acquire().await;
                     match metrics.collect(&controls, format).await {
                         Ok(page) => {
-                            let body = if req.head { Vec::new() } else { page.into_bytes() };
-                            response(200, format.content_type(), &body)
+                            let page = if req.head { String::new() } else { page };
+                            (head_of(200, format.content_type(), page.len()), page)
                         }
-                        Err(e) => response(503, "text/plain", format!("{e}\n").as_bytes()),
+                        Err(e) => (response(503, "text/plain", format!("{e}\n").as_bytes()), String::new()),
                     }
                 }
             },
         };
         let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-            let _ = s.write_all(&answer).await;
+            if s.write_all(&answer).await.is_ok() {
+                let _ = s.write_all(page.as_bytes()).await;
+            }
             let _ = s.shutdown().await;
         })
         .await;
@@ -222,17 +225,21 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-fn response(code: u16, ctype: &str, body: &[u8]) -> Vec<u8> {
+/// A response's head, for a body of `len` bytes.
+fn head_of(code: u16, ctype: &str, len: usize) -> Vec<u8> {
     let mut r = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {code} {}\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nConnection: close\r\n",
         reason(code),
-        body.len()
     );
     if code == 405 {
         r.push_str("Allow: GET, HEAD\r\n");
     }
     r.push_str("\r\n");
-    let mut out = r.into_bytes();
+    r.into_bytes()
+}
+
+fn response(code: u16, ctype: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = head_of(code, ctype, body.len());
     out.extend_from_slice(body);
     out
 }
@@ -328,8 +335,16 @@ fn dechunk(mut b: &[u8]) -> Option<(Vec<u8>, usize)> {
     }
 }
 
-/// The body of a `200` response (whole, as read until the server closed).
-pub fn response_body(buf: &[u8]) -> Result<Vec<u8>, &'static str> {
+/// Where the body of a `200` response is: in the response, or (chunked) reassembled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    At(std::ops::Range<usize>),
+    Dechunked(Vec<u8>),
+}
+
+/// The body of a `200` response (whole, as read until the server closed), without copying
+/// it unless it was chunked.
+pub fn body(buf: &[u8]) -> Result<Body, &'static str> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no end of headers")? + 4;
     let head = std::str::from_utf8(&buf[..end]).map_err(|_| "headers are not text")?;
     let status = head.split("\r\n").next().unwrap_or("");
@@ -339,19 +354,27 @@ pub fn response_body(buf: &[u8]) -> Result<Vec<u8>, &'static str> {
         (Some(v), Some(_)) if v.starts_with("HTTP/1.") => return Err("status is not 200"),
         _ => return Err("not an HTTP response"),
     }
-    let body = &buf[end..];
     if chunked(head) {
-        return dechunk(body).map(|(d, _)| d).ok_or("truncated chunked body");
+        return dechunk(&buf[end..]).map(|(d, _)| Body::Dechunked(d)).ok_or("truncated chunked body");
     }
     for l in head.split("\r\n") {
         if let Some((k, v)) = l.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-length") {
                 let n: usize = v.trim().parse().map_err(|_| "bad Content-Length")?;
-                return body.get(..n).map(<[u8]>::to_vec).ok_or("body shorter than Content-Length");
+                let stop = end.checked_add(n).filter(|s| *s <= buf.len());
+                return stop.map(|s| Body::At(end..s)).ok_or("body shorter than Content-Length");
             }
         }
     }
-    Ok(body.to_vec())
+    Ok(Body::At(end..buf.len()))
+}
+
+/// The body of a `200` response (whole, as read until the server closed), copied.
+pub fn response_body(buf: &[u8]) -> Result<Vec<u8>, &'static str> {
+    Ok(match body(buf)? {
+        Body::At(r) => buf[r].to_vec(),
+        Body::Dechunked(d) => d,
+    })
 }
 
 #[cfg(test)]

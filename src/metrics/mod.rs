@@ -7,10 +7,13 @@
 //! thing happens (a worker exit and its reason, a restart, a reload and its duration, a
 //! worker's time to ready, the socket path handed to a new worker); each is a short mutex
 //! hold, never I/O. A scrape ([`collect`]) runs in its own task: it asks the loop for a
-//! [`Snapshot`] (the same answer `status` gets), fetches every ready worker's page
-//! concurrently over its `HERDSMAN_METRICS_SOCKET` (bounded time and size), then samples
-//! `/proc` and the listen queues and renders on a blocking thread. A slow scraper or a hung
-//! worker therefore costs the loop nothing but the snapshot.
+//! [`Snapshot`] (the same answer `status` gets) and fetches every ready worker's page
+//! concurrently over its `HERDSMAN_METRICS_SOCKET` (bounded time and size). Its CPU work is
+//! all on one blocking thread started with the fetches: it samples `/proc` and the listen
+//! queues while the pages are on their way, parses each page as it arrives (the parsed
+//! families borrow the page's text: no copies per sample), and merges and renders once the
+//! last fetch has ended. A slow scraper or a hung worker therefore costs the loop nothing but
+//! the snapshot (and the fetches' socket I/O, which are tasks on it).
 //!
 //! Why no `prometheus-client`: its text encoder writes OpenMetrics only (a counter's family
 //! line is `x`, not the `x_total` the 0.0.4 format wants, and it always ends with `# EOF`),
@@ -32,12 +35,13 @@ pub mod model;
 pub mod parse;
 pub mod queue;
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::wait::WaitStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,6 +120,8 @@ struct Inner {
     /// The listening sockets (copies) and their label.
     sockets: Vec<(String, OwnedFd)>,
     euid: u32,
+    /// Read buffers of earlier scrapes, for the next one's pages (see [`POOL_BYTES`]).
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 /// The shared handle.
@@ -153,6 +159,7 @@ impl Metrics {
             seq: AtomicU64::new(0),
             sockets,
             euid: nix::unistd::geteuid().as_raw(),
+            buffers: Mutex::new(Vec::new()),
         }))
     }
 
@@ -257,68 +264,116 @@ impl Metrics {
                 .filter_map(|w| s.sockets.get(&w.pid?).cloned())
                 .collect()
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        // Everything but the socket I/O happens in one blocking task started now: it samples
+        // /proc and the listen queues while the pages are on their way, parses each page as
+        // it comes in, and merges and renders once the last one is in.
+        let (pages_tx, pages_rx) = std::sync::mpsc::channel();
+        let me = self.clone();
+        let n = targets.len();
+        let work = tokio::task::spawn_blocking(move || me.build(&snap, n, pages_rx, format, started));
+        let mut buffers = self.buffers(n);
         let mut set = tokio::task::JoinSet::new();
         for (slot, path) in targets {
+            let buf = buffers.pop().unwrap_or_default();
             set.spawn(async move {
-                let page = match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path)).await {
-                    Ok(Ok(body)) => body,
-                    Ok(Err(e)) => return (slot, Err(e.to_string())),
-                    Err(_) => return (slot, Err(Fetch::Timeout.to_string())),
-                };
-                // Parse as soon as the page is in, on a blocking thread, while other
-                // workers' pages are still on their way.
-                let parsed =
-                    tokio::task::spawn_blocking(move || parse::parse(&page).map_err(|e| e.to_string()));
-                (slot, parsed.await.unwrap_or_else(|e| Err(e.to_string())))
+                match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path, buf)).await {
+                    Ok(Ok(page)) => (slot, Ok(page)),
+                    Ok(Err(e)) => (slot, Err(e.to_string())),
+                    Err(_) => (slot, Err(Fetch::Timeout.to_string())),
+                }
             });
         }
-        let mut pages = Vec::new();
         while let Some(r) = set.join_next().await {
-            if let Ok(p) = r {
-                pages.push(p);
+            if let Ok((slot, page)) = r {
+                // Never blocks (unbounded); fails only if the task is gone, which the
+                // `await` below reports.
+                let _ = pages_tx.send(Fetched::Page(slot, page));
             }
         }
         let fetched = started.elapsed();
-        let me = self.clone();
-        let page = tokio::task::spawn_blocking(move || me.render(&snap, pages, format))
-            .await
-            .map_err(|e| format!("rendering failed: {e}"))?;
+        let _ = pages_tx.send(Fetched::Done);
+        let (page, t) = work.await.map_err(|e| format!("rendering failed: {e}"))?;
         tracing::debug!(
-            "metrics scrape: workers' pages in {:.1} ms, page of {} bytes in {:.1} ms",
+            "metrics scrape: workers' pages in {:.1} ms (parsed as they came in {:.1} ms), /proc and queues in {:.1} ms, merged and rendered in {:.1} ms; page of {} bytes in {:.1} ms",
             fetched.as_secs_f64() * 1e3,
+            t.parsing.as_secs_f64() * 1e3,
+            t.sampling.as_secs_f64() * 1e3,
+            t.rendering.as_secs_f64() * 1e3,
             page.len(),
             started.elapsed().as_secs_f64() * 1e3
         );
         Ok(page)
     }
 
-    fn render(
+    /// The scrape's work on its blocking thread: samples, then parses the pages `rx` brings
+    /// (`n` at most) until [`Fetched::Done`], then renders. Without `Done` (the scrape was
+    /// dropped) nothing is rendered or counted.
+    fn build(
         &self,
         snap: &Snapshot,
-        pages: Vec<(usize, Result<Vec<Family>, String>)>,
+        n: usize,
+        rx: std::sync::mpsc::Receiver<Fetched>,
         format: Format,
-    ) -> String {
-        let mut parsed = Vec::new();
-        let mut failed = Vec::new();
-        for (slot, page) in pages {
-            match page {
-                Ok(f) => parsed.push((slot, f)),
-                Err(e) => {
-                    tracing::debug!("worker {slot} metrics skipped: {e}");
-                    failed.push(slot);
+        started: Instant,
+    ) -> (String, Timings) {
+        // One /proc scan for every worker's whole process group (pre-fork servers' children
+        // count with their worker).
+        let pids: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
+        let sampled = Sampled {
+            usage: crate::procstat::scan_groups(&pids),
+            queues: if self.0.sockets.is_empty() { Default::default() } else { queue::listening() },
+        };
+        let mut t = Timings { sampling: started.elapsed(), ..Timings::default() };
+        // The pages stay where they are received while their families borrow them.
+        let cells: Vec<OnceCell<Page>> = (0..n).map(|_| OnceCell::new()).collect();
+        let page = {
+            let mut cells = cells.iter();
+            let mut parsed = Parsed { pages: Vec::with_capacity(n), failed: Vec::new(), body_bytes: 0 };
+            let mut done = false;
+            for m in &rx {
+                let (slot, page) = match m {
+                    Fetched::Done => {
+                        done = true;
+                        break;
+                    }
+                    Fetched::Page(slot, page) => (slot, page),
+                };
+                let t0 = Instant::now();
+                let families = page.and_then(|p| {
+                    let p = cells.next().ok_or("more pages than workers")?.get_or_init(|| p);
+                    parsed.body_bytes += p.body().len();
+                    parse::parse(p.body()).map_err(|e| e.to_string())
+                });
+                t.parsing += t0.elapsed();
+                match families {
+                    Ok(f) => parsed.pages.push((slot, f)),
+                    Err(e) => {
+                        tracing::debug!("worker {slot} metrics skipped: {e}");
+                        parsed.failed.push(slot);
+                    }
                 }
             }
-        }
+            if !done {
+                return (String::new(), t);
+            }
+            let t0 = Instant::now();
+            let page = self.render(snap, parsed, sampled, format);
+            t.rendering = t0.elapsed();
+            page
+        };
+        self.recycle(cells.into_iter().filter_map(OnceCell::into_inner));
+        (page, t)
+    }
+
+    fn render(&self, snap: &Snapshot, parsed: Parsed<'_>, sampled: Sampled, format: Format) -> String {
+        let Parsed { pages: mut parsed, failed, body_bytes } = parsed;
+        let Sampled { usage, queues } = sampled;
         parsed.sort_by_key(|(slot, _)| *slot);
         // CPU and memory by slot, summed over the slot's processes (during a roll-out, its
         // old and new worker).
         let mut rss: BTreeMap<usize, u64> = BTreeMap::new();
         let mut ticks_now: Vec<(i32, usize, u64)> = Vec::new();
-        // One /proc scan for every worker's whole process group (pre-fork servers' children
-        // count with their worker).
-        let pids: Vec<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
-        let usage = crate::procstat::scan_groups(&pids);
         for w in &snap.workers {
             if let Some(u) = w.pid.and_then(|pid| usage.get(&pid).map(|u| (pid, u))) {
                 let (pid, u) = u;
@@ -329,47 +384,70 @@ impl Metrics {
                 ticks_now.push((pid, w.id, u.ticks));
             }
         }
-        let queues = if self.0.sockets.is_empty() { Default::default() } else { queue::listening() };
-        let own = {
-            let mut s = self.state();
-            for slot in failed {
-                *s.scrape_errors.entry(slot).or_default() += 1;
+        let mut s = self.state();
+        for slot in failed {
+            *s.scrape_errors.entry(slot).or_default() += 1;
+        }
+        for (pid, slot, t) in &ticks_now {
+            s.cpu_seen.insert(*pid, (*slot, *t));
+        }
+        let live: BTreeSet<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
+        let gone: Vec<i32> = s.cpu_seen.keys().filter(|p| !live.contains(p)).copied().collect();
+        for pid in gone {
+            if let Some((slot, t)) = s.cpu_seen.remove(&pid) {
+                *s.cpu_gone.entry(slot).or_default() += t;
             }
-            for (pid, slot, t) in &ticks_now {
-                s.cpu_seen.insert(*pid, (*slot, *t));
-            }
-            let live: BTreeSet<i32> = snap.workers.iter().filter_map(|w| w.pid).collect();
-            let gone: Vec<i32> = s.cpu_seen.keys().filter(|p| !live.contains(p)).copied().collect();
-            for pid in gone {
-                if let Some((slot, t)) = s.cpu_seen.remove(&pid) {
-                    *s.cpu_gone.entry(slot).or_default() += t;
-                }
-            }
-            s.slots.extend(snap.workers.iter().map(|w| w.id));
-            self.own_families(&s, snap, &rss, &queues)
-        };
-        let reserved: Vec<String> = own.iter().map(|f| f.name.clone()).collect();
+        }
+        s.slots.extend(snap.workers.iter().map(|w| w.id));
+        let slots: BTreeSet<usize> = s.slots.iter().copied().chain(0..snap.desired).collect();
+        let ids: Vec<String> = slots.iter().map(|i| i.to_string()).collect();
+        let own = self.own_families(&s, snap, &slots, &ids, &rss, &queues);
+        drop(s);
+        let reserved: Vec<&str> = own.iter().map(|f| &*f.name).collect();
         let mut workers = parse::merge(parsed, &reserved);
         if format == Format::OpenMetrics {
             parse::drop_created_twins(&mut workers);
         }
-        let mut out =
-            String::with_capacity(4096 + workers.iter().map(|f| f.samples.len() * 64).sum::<usize>());
+        // Workers' samples come out about as long as they came in, plus `,worker="ID"`.
+        let samples: usize =
+            workers.iter().flat_map(|f| std::iter::once(f).chain(&f.merged)).map(|f| f.samples.len()).sum();
+        let mut out = String::with_capacity(16384 + body_bytes + samples * 16);
         model::render(&own, format, &mut out);
         model::render(&workers, format, &mut out);
         model::finish(format, &mut out);
         out
     }
 
-    fn own_families(
-        &self,
+    /// Up to `n` pooled read buffers (empty).
+    fn buffers(&self, n: usize) -> Vec<Vec<u8>> {
+        let mut pool = self.0.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = pool.len().saturating_sub(n);
+        pool.split_off(keep)
+    }
+
+    /// Keeps the pages' buffers for the next scrape, within [`POOL_BYTES`].
+    fn recycle(&self, pages: impl Iterator<Item = Page>) {
+        let mut pool = self.0.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pooled: usize = pool.iter().map(Vec::capacity).sum();
+        for mut buf in pages.map(|p| p.buf) {
+            if buf.capacity() <= POOLED_MAX && pooled + buf.capacity() <= POOL_BYTES {
+                pooled += buf.capacity();
+                buf.clear();
+                pool.push(buf);
+            }
+        }
+    }
+
+    /// herdsman's families: `slots` are every slot known, `ids` their labels.
+    fn own_families<'a>(
+        &'a self,
         s: &State,
         snap: &Snapshot,
+        slots: &BTreeSet<usize>,
+        ids: &'a [String],
         rss: &BTreeMap<usize, u64>,
         queues: &queue::Queues,
-    ) -> Vec<Family> {
-        let slots: BTreeSet<usize> = s.slots.iter().copied().chain(0..snap.desired).collect();
-        let ids: Vec<String> = slots.iter().map(|i| i.to_string()).collect();
+    ) -> Vec<Family<'a>> {
         let mut out = Vec::new();
 
         let mut f = Family::new("herdsman_build_info", Kind::Gauge, "herdsman's version (always 1).");
@@ -403,12 +481,12 @@ impl Metrics {
             Kind::Counter,
             "Workers started in a slot after its worker exited unexpectedly.",
         );
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             f.push(&[("worker", id)], s.restarts.get(slot).copied().unwrap_or(0) as f64);
         }
         out.push(f);
         let mut f = Family::new("herdsman_worker_exits", Kind::Counter, "Worker exits by slot and reason.");
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             for r in Reason::ALL {
                 let n = s.exits.get(&(*slot, r)).copied().unwrap_or(0);
                 f.push(&[("worker", id), ("reason", r.label())], n as f64);
@@ -431,7 +509,7 @@ impl Metrics {
             Kind::Gauge,
             "Resident memory of the slot's worker process(es).",
         );
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             f.push(&[("worker", id)], rss.get(slot).copied().unwrap_or(0) as f64);
         }
         out.push(f);
@@ -441,7 +519,7 @@ impl Metrics {
             Kind::Counter,
             "CPU time (user + system) used by the slot's worker processes.",
         );
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             let live: u64 = s.cpu_seen.values().filter(|(sl, _)| sl == slot).map(|(_, t)| t).sum();
             let total = live + s.cpu_gone.get(slot).copied().unwrap_or(0);
             f.push(&[("worker", id)], total as f64 / tps);
@@ -452,7 +530,7 @@ impl Metrics {
             Kind::Counter,
             "Worker metrics pages skipped: no answer in time, too large, or not Prometheus text.",
         );
-        for (slot, id) in slots.iter().zip(&ids) {
+        for (slot, id) in slots.iter().zip(ids) {
             f.push(&[("worker", id)], s.scrape_errors.get(slot).copied().unwrap_or(0) as f64);
         }
         out.push(f);
@@ -553,7 +631,8 @@ enum Fetch {
 }
 
 /// `GET /metrics` over the worker's unix socket; the body of a 200 answer.
-async fn fetch(path: &Path) -> Result<Vec<u8>, Fetch> {
+/// `buf`: an empty buffer to read into (a pooled one, or new).
+async fn fetch(path: &Path, mut buf: Vec<u8>) -> Result<Page, Fetch> {
     let mut s = match tokio::net::UnixStream::connect(path).await {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             // A worker of another user made its socket 0750 (a UMask): herdsman keeps
@@ -567,14 +646,17 @@ async fn fetch(path: &Path) -> Result<Vec<u8>, Fetch> {
         b"GET /metrics HTTP/1.1\r\nHost: herdsman\r\nAccept: text/plain;version=0.0.4\r\nConnection: close\r\n\r\n",
     )
     .await?;
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
+    // Read straight into the page's buffer (one read for a page that fits), doubling it
+    // as needed.
+    buf.reserve(FIRST_READ);
     loop {
-        let n = s.read(&mut chunk).await?;
+        if buf.capacity() - buf.len() < FIRST_READ / 2 {
+            buf.reserve(buf.capacity());
+        }
+        let n = s.read_buf(&mut buf).await?;
         if n == 0 {
             break;
         }
-        buf.extend_from_slice(&chunk[..n]);
         if buf.len() > WORKER_MAX_BYTES + 16 * 1024 {
             return Err(Fetch::TooLarge);
         }
@@ -583,11 +665,64 @@ async fn fetch(path: &Path) -> Result<Vec<u8>, Fetch> {
             break;
         }
     }
-    let body = http::response_body(&buf).map_err(Fetch::Http)?;
-    if body.len() > WORKER_MAX_BYTES {
+    let page = match http::body(&buf).map_err(Fetch::Http)? {
+        http::Body::At(body) => Page { buf, body },
+        http::Body::Dechunked(data) => Page { body: 0..data.len(), buf: data },
+    };
+    if page.body.len() > WORKER_MAX_BYTES {
         return Err(Fetch::TooLarge);
     }
-    Ok(body)
+    Ok(page)
+}
+
+/// What the loop hands the scrape's blocking task: a worker's page (or why there is none),
+/// then `Done` once every fetch has ended.
+enum Fetched {
+    Page(usize, Result<Page, String>),
+    Done,
+}
+
+/// What a scrape samples besides the pages: usage by process group leader, listen queues.
+struct Sampled {
+    usage: HashMap<i32, crate::procstat::Usage>,
+    queues: queue::Queues,
+}
+
+/// The pages parsed so far: families by slot, the slots whose page was skipped, and the
+/// accepted pages' size (to size the output).
+struct Parsed<'a> {
+    pages: Vec<(usize, Vec<Family<'a>>)>,
+    failed: Vec<usize>,
+    body_bytes: usize,
+}
+
+/// Where a scrape's blocking task spent its time (for the debug log): sampling is measured
+/// from the scrape's start.
+#[derive(Default)]
+struct Timings {
+    sampling: Duration,
+    parsing: Duration,
+    rendering: Duration,
+}
+
+/// The first read's size: most pages (and their HTTP head) fit.
+const FIRST_READ: usize = 16 * 1024;
+/// Read buffers up to this size are kept for the next scrape, up to [`POOL_BYTES`] in all: a
+/// new buffer for each of 64 pages per scrape costs more in page faults (the freed memory
+/// goes back to the kernel between scrapes) than parsing them does.
+const POOLED_MAX: usize = 64 * 1024;
+const POOL_BYTES: usize = 2 << 20;
+
+/// A worker's answer and where its body is in it.
+struct Page {
+    buf: Vec<u8>,
+    body: std::ops::Range<usize>,
+}
+
+impl Page {
+    fn body(&self) -> &[u8] {
+        &self.buf[self.body.clone()]
+    }
 }
 
 fn take_socket(path: &Path) -> std::io::Result<()> {

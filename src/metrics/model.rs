@@ -5,7 +5,9 @@
 //! OpenMetrics (its sample is `x_total` in both); OpenMetrics says `unknown` where 0.0.4 says
 //! `untyped`, escapes `"` in HELP, has no `_created` in 0.0.4, and ends with `# EOF`.
 
+use std::borrow::Cow;
 use std::fmt::Write;
+use std::ops::Range;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -76,33 +78,67 @@ impl Format {
     }
 }
 
+/// A label: name and (unescaped) value, borrowed from a worker's page where it can be.
+pub type Label<'a> = (&'a str, Cow<'a, str>);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     /// Appended to the family name: `""`, `"_total"`, `"_bucket"`, ...
     pub suffix: &'static str,
-    pub labels: Vec<(String, String)>,
+    /// This sample's labels: a range of its family's [`Family::labels`].
+    pub labels: Range<usize>,
     pub value: f64,
 }
 
+/// A family; `'a` is the page its names and labels are borrowed from (`'static` for
+/// herdsman's own). Labels live in one vector per family, not one per sample.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Family {
+pub struct Family<'a> {
     /// The family name; for counters without `_total`.
-    pub name: String,
-    pub help: String,
+    pub name: Cow<'a, str>,
+    pub help: Cow<'a, str>,
     pub kind: Kind,
     pub samples: Vec<Sample>,
+    pub labels: Vec<Label<'a>>,
+    /// A worker's family: the `worker` label herdsman adds to each of its samples (written
+    /// after their own labels).
+    pub worker: Option<usize>,
+    /// Families of the same name and kind from later workers' pages (see
+    /// [`super::parse::merge`]): written after this one's samples, under its HELP and TYPE.
+    pub merged: Vec<Family<'a>>,
 }
 
-impl Family {
-    pub fn new(name: &str, kind: Kind, help: &str) -> Family {
-        Family { name: name.to_string(), help: help.to_string(), kind, samples: Vec::new() }
+impl<'a> Family<'a> {
+    pub fn new(name: impl Into<Cow<'a, str>>, kind: Kind, help: impl Into<Cow<'a, str>>) -> Family<'a> {
+        Family {
+            name: name.into(),
+            help: help.into(),
+            kind,
+            samples: Vec::new(),
+            labels: Vec::new(),
+            worker: None,
+            merged: Vec::new(),
+        }
     }
 
     /// Adds a sample; a counter's value sample gets `_total`.
-    pub fn push(&mut self, labels: &[(&str, &str)], value: f64) {
+    pub fn push(&mut self, labels: &[(&'a str, &'a str)], value: f64) {
         let suffix = if self.kind == Kind::Counter { "_total" } else { "" };
-        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.samples.push(Sample { suffix, labels, value });
+        let start = self.labels.len();
+        self.labels.extend(labels.iter().map(|(k, v)| (*k, Cow::Borrowed(*v))));
+        self.samples.push(Sample { suffix, labels: start..self.labels.len(), value });
+    }
+
+    /// Adds a sample with owned label values.
+    fn push_owned(&mut self, suffix: &'static str, labels: Vec<Label<'a>>, value: f64) {
+        let start = self.labels.len();
+        self.labels.extend(labels);
+        self.samples.push(Sample { suffix, labels: start..self.labels.len(), value });
+    }
+
+    /// A sample's labels.
+    pub fn labels_of(&self, s: &Sample) -> &[Label<'a>] {
+        &self.labels[s.labels.clone()]
     }
 }
 
@@ -128,18 +164,17 @@ impl Histogram {
         self.count += 1;
     }
 
-    pub fn family(&self, name: &str, help: &str) -> Family {
+    pub fn family(&self, name: &'static str, help: &'static str) -> Family<'static> {
         let mut f = Family::new(name, Kind::Histogram, help);
         let mut acc = 0;
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             acc += c;
             let le = float_label(*b);
-            f.samples.push(Sample { suffix: "_bucket", labels: vec![("le".into(), le)], value: acc as f64 });
+            f.push_owned("_bucket", vec![("le", Cow::Owned(le))], acc as f64);
         }
-        let inf = vec![("le".to_string(), "+Inf".to_string())];
-        f.samples.push(Sample { suffix: "_bucket", labels: inf, value: self.count as f64 });
-        f.samples.push(Sample { suffix: "_sum", labels: vec![], value: self.sum });
-        f.samples.push(Sample { suffix: "_count", labels: vec![], value: self.count as f64 });
+        f.push_owned("_bucket", vec![("le", Cow::Borrowed("+Inf"))], self.count as f64);
+        f.push_owned("_sum", vec![], self.sum);
+        f.push_owned("_count", vec![], self.count as f64);
         f
     }
 }
@@ -151,18 +186,49 @@ fn float_label(v: f64) -> String {
 
 /// A sample value: integers without a fraction, `NaN`, `+Inf`, `-Inf`.
 pub fn value(v: f64) -> String {
+    let mut s = String::new();
+    write_value(v, &mut s);
+    s
+}
+
+/// [`value`], written to `out`.
+fn write_value(v: f64, out: &mut String) {
     if v.is_nan() {
-        "NaN".into()
+        out.push_str("NaN");
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
     } else if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
+        let i = v as i64;
+        if i < 0 {
+            out.push('-');
+        }
+        write_int(i.unsigned_abs(), out);
     } else {
-        format!("{v}")
+        let _ = write!(out, "{v}");
     }
 }
 
+/// Decimal digits of `n` (what `{}` writes, without the formatting machinery).
+fn write_int(mut n: u64, out: &mut String) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+}
+
 fn escape_label(s: &str, out: &mut String) {
+    if !s.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(s);
+        return;
+    }
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -185,41 +251,57 @@ fn escape_help(s: &str, om: bool, out: &mut String) {
 }
 
 /// Writes `families` in `format` (without the OpenMetrics `# EOF`: see [`finish`]).
-pub fn render(families: &[Family], format: Format, out: &mut String) {
+pub fn render(families: &[Family<'_>], format: Format, out: &mut String) {
     let om = format == Format::OpenMetrics;
     for f in families {
         if f.samples.is_empty() && f.kind == Kind::Untyped {
             continue;
         }
-        let head = if f.kind == Kind::Counter && !om { format!("{}_total", f.name) } else { f.name.clone() };
+        let total = if f.kind == Kind::Counter && !om { "_total" } else { "" };
         out.push_str("# HELP ");
-        out.push_str(&head);
+        out.push_str(&f.name);
+        out.push_str(total);
         out.push(' ');
         escape_help(&f.help, om, out);
+        out.push_str("\n# TYPE ");
+        out.push_str(&f.name);
+        out.push_str(total);
+        out.push(' ');
+        out.push_str(f.kind.name(om));
         out.push('\n');
-        let _ = writeln!(out, "# TYPE {head} {}", f.kind.name(om));
-        for s in &f.samples {
-            if !om && s.suffix == "_created" {
-                continue;
-            }
-            out.push_str(&f.name);
-            out.push_str(s.suffix);
-            if !s.labels.is_empty() {
-                out.push('{');
-                for (i, (k, v)) in s.labels.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(k);
-                    out.push_str("=\"");
-                    escape_label(v, out);
-                    out.push('"');
+        for part in std::iter::once(f).chain(&f.merged) {
+            for s in &part.samples {
+                if !om && s.suffix == "_created" {
+                    continue;
                 }
-                out.push('}');
+                out.push_str(&f.name);
+                out.push_str(s.suffix);
+                let labels = part.labels_of(s);
+                if !labels.is_empty() || part.worker.is_some() {
+                    out.push('{');
+                    for (i, (k, v)) in labels.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(k);
+                        out.push_str("=\"");
+                        escape_label(v, out);
+                        out.push('"');
+                    }
+                    if let Some(w) = part.worker {
+                        if !labels.is_empty() {
+                            out.push(',');
+                        }
+                        out.push_str("worker=\"");
+                        write_int(w as u64, out);
+                        out.push('"');
+                    }
+                    out.push('}');
+                }
+                out.push(' ');
+                write_value(s.value, out);
+                out.push('\n');
             }
-            out.push(' ');
-            out.push_str(&value(s.value));
-            out.push('\n');
         }
     }
 }
@@ -263,6 +345,18 @@ mod tests {
         assert!(t.contains("x_seconds_bucket{le=\"1.0\"} 2\n"), "{t}");
         assert!(t.contains("x_seconds_bucket{le=\"+Inf\"} 3\n"), "{t}");
         assert!(t.contains("x_seconds_count 3\n"), "{t}");
+    }
+
+    #[test]
+    fn values_are_written_as_display_would() {
+        for v in [0.0f64, -0.0, 7.0, -42.0, 1.7e9, 1e15 - 1.0, -1e15 + 1.0, 1e15, 0.25, -2.5e-7, 1e300] {
+            let want =
+                if v.fract() == 0.0 && v.abs() < 1e15 { format!("{}", v as i64) } else { format!("{v}") };
+            assert_eq!(value(v), want, "{v}");
+        }
+        assert_eq!(value(f64::NAN), "NaN");
+        assert_eq!(value(f64::INFINITY), "+Inf");
+        assert_eq!(value(f64::NEG_INFINITY), "-Inf");
     }
 
     #[test]

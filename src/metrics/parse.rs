@@ -6,9 +6,10 @@
 //! time). It is small, strict (anything unexpected rejects the whole page, which is then
 //! counted in `herdsman_worker_scrape_errors_total`) and fuzzed in `tests/fuzz.rs`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
-use super::model::{Family, Kind, Sample};
+use super::model::{Family, Kind, Label, Sample};
 
 /// Why a worker's page was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,18 +21,22 @@ pub enum ParseError {
 }
 
 fn valid_name(s: &str) -> bool {
-    let mut c = s.chars();
-    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_' || ch == ':')
-        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+    let mut c = s.bytes();
+    matches!(c.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_' || b == b':')
+        && c.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
 }
 
 fn valid_label(s: &str) -> bool {
-    let mut c = s.chars();
-    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_')
-        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+    let mut c = s.bytes();
+    matches!(c.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && c.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn number(s: &str) -> Option<f64> {
+    // Most values are small integers: exact as f64 below 2^53, the same as `parse` gives.
+    if (1..=15).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(s.bytes().fold(0u64, |n, b| n * 10 + u64::from(b - b'0')) as f64);
+    }
     match s {
         "+Inf" | "Inf" => Some(f64::INFINITY),
         "-Inf" => Some(f64::NEG_INFINITY),
@@ -43,37 +48,59 @@ fn number(s: &str) -> Option<f64> {
     }
 }
 
-/// `{a="1",b="x\"y"}` → labels and the rest of the line.
-fn labels(s: &str) -> Option<(Vec<(String, String)>, &str)> {
-    let mut out = Vec::new();
+/// A quoted label value's text up to its closing `"` (what follows the opening one) →
+/// the value (borrowed unless it has escapes) and the rest after the closing quote.
+fn label_value(s: &str) -> Option<(Cow<'_, str>, &str)> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut escaped = false;
+    loop {
+        match *b.get(i)? {
+            b'"' => break,
+            b'\\' => {
+                if !matches!(b.get(i + 1)?, b'n' | b'\\' | b'"') {
+                    return None;
+                }
+                escaped = true;
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    let (raw, rest) = (&s[..i], &s[i + 1..]);
+    if !escaped {
+        return Some((Cow::Borrowed(raw), rest));
+    }
+    let mut value = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        value.push(match c {
+            '\\' => match chars.next()? {
+                'n' => '\n',
+                c => c,
+            },
+            c => c,
+        });
+    }
+    Some((Cow::Owned(value), rest))
+}
+
+/// `{a="1",b="x\"y"}` → labels (appended to `out`) and the rest of the line.
+fn labels<'a>(s: &'a str, out: &mut Vec<Label<'a>>) -> Option<&'a str> {
     let mut rest = s.strip_prefix('{')?;
     loop {
         rest = rest.trim_start();
         if let Some(r) = rest.strip_prefix('}') {
-            return Some((out, r));
+            return Some(r);
         }
         let eq = rest.find('=')?;
         let name = rest[..eq].trim();
         if !valid_label(name) {
             return None;
         }
-        rest = rest[eq + 1..].trim_start().strip_prefix('"')?;
-        let mut value = String::new();
-        let mut chars = rest.char_indices();
-        let end = loop {
-            match chars.next()? {
-                (i, '"') => break i,
-                (_, '\\') => match chars.next()?.1 {
-                    'n' => value.push('\n'),
-                    '\\' => value.push('\\'),
-                    '"' => value.push('"'),
-                    _ => return None,
-                },
-                (_, c) => value.push(c),
-            }
-        };
-        out.push((name.to_string(), value));
-        rest = rest[end + 1..].trim_start();
+        let (value, r) = label_value(rest[eq + 1..].trim_start().strip_prefix('"')?)?;
+        out.push((name, value));
+        rest = r.trim_start();
         if let Some(r) = rest.strip_prefix(',') {
             rest = r;
         } else if !rest.starts_with('}') {
@@ -82,7 +109,10 @@ fn labels(s: &str) -> Option<(Vec<(String, String)>, &str)> {
     }
 }
 
-fn unescape_help(s: &str) -> String {
+fn unescape_help(s: &str) -> Cow<'_, str> {
+    if !s.contains('\\') {
+        return Cow::Borrowed(s);
+    }
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
@@ -98,46 +128,52 @@ fn unescape_help(s: &str) -> String {
             _ => out.push(c),
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 /// The family a sample named `name` belongs to, given the current family.
-fn belongs(f: &Family, raw: &str, name: &str) -> Option<&'static str> {
+fn belongs(f: &Family<'_>, raw: &str, name: &str) -> Option<&'static str> {
     if f.kind == Kind::Counter {
         // `# TYPE x_total counter` with samples `x_total`, or `# TYPE x counter` with `x`.
         return if name == raw {
             Some("_total")
         } else {
-            (name.strip_prefix(f.name.as_str()) == Some("_created")).then_some("_created")
+            (name.strip_prefix(&*f.name) == Some("_created")).then_some("_created")
         };
     }
     f.kind
         .suffixes()
         .iter()
         .copied()
-        .find(|s| name.len() == f.name.len() + s.len() && name.starts_with(&f.name) && name.ends_with(s))
+        .find(|s| name.len() == f.name.len() + s.len() && name.starts_with(&*f.name) && name.ends_with(s))
 }
 
-/// Parses one worker's page. Timestamps are accepted and dropped.
-pub fn parse(text: &[u8]) -> Result<Vec<Family>, ParseError> {
-    let text = std::str::from_utf8(text).map_err(|_| ParseError::Utf8)?;
-    let mut families: Vec<Family> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    // The current family and the name its TYPE/HELP line used.
-    let mut current: Option<(usize, String)> = None;
-    let family_for = |families: &mut Vec<Family>, index: &mut HashMap<String, usize>, raw: &str| -> usize {
-        let name = raw.to_string();
-        if let Some(i) = index.get(&name) {
-            return *i;
-        }
-        families.push(Family::new(&name, Kind::Untyped, ""));
-        index.insert(name, families.len() - 1);
+fn family_for<'a>(
+    families: &mut Vec<Family<'a>>,
+    index: &mut HashMap<&'a str, usize>,
+    raw: &'a str,
+) -> usize {
+    *index.entry(raw).or_insert_with(|| {
+        families.push(Family::new(raw, Kind::Untyped, ""));
         families.len() - 1
-    };
+    })
+}
+
+/// Parses one worker's page; names, help texts and label values are borrowed from `text`
+/// (copied only where they have escapes). Timestamps are accepted and dropped.
+pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
+    let text = std::str::from_utf8(text).map_err(|_| ParseError::Utf8)?;
+    let mut families: Vec<Family<'_>> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    // The current family and the name its TYPE/HELP line used.
+    let mut current: Option<(usize, &str)> = None;
+    // One line's labels (reused).
+    let mut line_labels: Vec<Label<'_>> = Vec::new();
     for (n, line) in text.split('\n').enumerate() {
         let n = n + 1;
         let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.trim().is_empty() {
+        // (A line starting with a visible ASCII character is not blank: skips the trim.)
+        if !line.as_bytes().first().is_some_and(u8::is_ascii_graphic) && line.trim().is_empty() {
             continue;
         }
         if let Some(c) = line.strip_prefix('#') {
@@ -159,24 +195,25 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family>, ParseError> {
                 }
                 f.kind = kind;
                 if kind == Kind::Counter {
-                    f.name = raw.strip_suffix("_total").unwrap_or(raw).to_string();
+                    f.name = Cow::Borrowed(raw.strip_suffix("_total").unwrap_or(raw));
                 }
             } else {
                 families[i].help = unescape_help(arg);
             }
-            current = Some((i, raw.to_string()));
+            current = Some((i, raw));
             continue;
         }
-        let end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
+        let end = line.bytes().position(|b| matches!(b, b'{' | b' ' | b'\t')).unwrap_or(line.len());
         let name = &line[..end];
         if !valid_name(name) {
             return Err(ParseError::Line(n, "bad metric name"));
         }
         let rest = &line[end..];
-        let (labels, rest) = if rest.starts_with('{') {
-            labels(rest).ok_or(ParseError::Line(n, "bad labels"))?
+        line_labels.clear();
+        let rest = if rest.starts_with('{') {
+            labels(rest, &mut line_labels).ok_or(ParseError::Line(n, "bad labels"))?
         } else {
-            (Vec::new(), rest)
+            rest
         };
         let mut fields = rest.split_whitespace();
         let v = fields.next().and_then(number).ok_or(ParseError::Line(n, "bad value"))?;
@@ -186,48 +223,49 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family>, ParseError> {
         if fields.next().is_some() {
             return Err(ParseError::Line(n, "trailing text"));
         }
-        let (i, suffix) =
-            match current.as_ref().and_then(|(i, raw)| Some((*i, belongs(&families[*i], raw, name)?))) {
-                Some(found) => found,
-                None => {
-                    let i = family_for(&mut families, &mut index, name);
-                    if families[i].kind != Kind::Untyped {
-                        return Err(ParseError::Line(n, "samples of a family are not together"));
-                    }
-                    current = Some((i, name.to_string()));
-                    (i, "")
+        let (i, suffix) = match current.and_then(|(i, raw)| Some((i, belongs(&families[i], raw, name)?))) {
+            Some(found) => found,
+            None => {
+                let i = family_for(&mut families, &mut index, name);
+                if families[i].kind != Kind::Untyped {
+                    return Err(ParseError::Line(n, "samples of a family are not together"));
                 }
-            };
-        if labels.iter().enumerate().any(|(j, (k, _))| labels[..j].iter().any(|(k2, _)| k2 == k)) {
+                current = Some((i, name));
+                (i, "")
+            }
+        };
+        let ls = &line_labels;
+        if ls.iter().enumerate().any(|(j, (k, _))| ls[..j].iter().any(|(k2, _)| k2 == k)) {
             return Err(ParseError::Line(n, "duplicate label"));
         }
-        families[i].samples.push(Sample { suffix, labels, value: v });
+        let f = &mut families[i];
+        let start = f.labels.len();
+        f.labels.append(&mut line_labels);
+        f.samples.push(Sample { suffix, labels: start..f.labels.len(), value: v });
     }
     Ok(families)
 }
 
-/// Merges the workers' families (each labelled `worker="ID"`) by name: one HELP/TYPE per
-/// name, in the order names first appear. A family whose name herdsman uses itself, or whose
-/// type differs from the one already merged under that name, is left out.
-pub fn merge(pages: Vec<(usize, Vec<Family>)>, reserved: &[String]) -> Vec<Family> {
-    let mut out: Vec<Family> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
+/// Merges the workers' families (each sample labelled `worker="ID"`) by name: one HELP/TYPE
+/// per name, in the order names first appear. A family whose name herdsman uses itself, or
+/// whose type differs from the one already merged under that name, is left out. Nothing is
+/// copied: a later page's family goes into the first one's [`Family::merged`].
+pub fn merge<'a>(pages: Vec<(usize, Vec<Family<'a>>)>, reserved: &[&str]) -> Vec<Family<'a>> {
+    let mut out: Vec<Family<'a>> = Vec::new();
+    let mut index: HashMap<Cow<'a, str>, usize> = HashMap::new();
     for (worker, families) in pages {
-        let id = worker.to_string();
         for mut f in families {
-            if reserved.contains(&f.name) || f.samples.is_empty() {
+            if reserved.contains(&&*f.name) || f.samples.is_empty() {
                 continue;
             }
-            for s in &mut f.samples {
-                for (k, _) in &mut s.labels {
-                    if k == "worker" {
-                        *k = "exported_worker".to_string();
-                    }
+            for (k, _) in &mut f.labels {
+                if *k == "worker" {
+                    *k = "exported_worker";
                 }
-                s.labels.push(("worker".to_string(), id.clone()));
             }
+            f.worker = Some(worker);
             match index.get(&f.name) {
-                Some(&i) if out[i].kind == f.kind => out[i].samples.append(&mut f.samples),
+                Some(&i) if out[i].kind == f.kind => out[i].merged.push(f),
                 Some(_) => {}
                 None => {
                     index.insert(f.name.clone(), out.len());
@@ -241,8 +279,8 @@ pub fn merge(pages: Vec<(usize, Vec<Family>)>, reserved: &[String]) -> Vec<Famil
 
 /// OpenMetrics reserves `_created` for counters, histograms and summaries: a 0.0.4 page's
 /// separate `x_created` gauges (what Python's client writes) would clash, so they go.
-pub fn drop_created_twins(families: &mut Vec<Family>) {
-    let bases: Vec<String> = families
+pub fn drop_created_twins(families: &mut Vec<Family<'_>>) {
+    let bases: Vec<Cow<'_, str>> = families
         .iter()
         .filter(|f| matches!(f.kind, Kind::Counter | Kind::Histogram | Kind::Summary))
         .map(|f| f.name.clone())
@@ -263,7 +301,7 @@ mod tests {
     #[test]
     fn a_page_parses_into_families() {
         let f = parse(PAGE.as_bytes()).unwrap();
-        let names: Vec<_> = f.iter().map(|f| (f.name.as_str(), f.kind)).collect();
+        let names: Vec<_> = f.iter().map(|f| (&*f.name, f.kind)).collect();
         assert_eq!(
             names,
             [
@@ -298,6 +336,21 @@ mod tests {
     }
 
     #[test]
+    fn label_values_keep_their_escapes_and_the_worker_label_comes_last() {
+        let page = "# HELP e A \\n\\\\ \\x \"q\".\n# TYPE e gauge\ne{ a = \"x\\\"y\\\\z\\n\" , b=\"é,}\"} 1\ne 2.5\n";
+        let f = parse(page.as_bytes()).unwrap();
+        assert!(matches!(f[0].labels_of(&f[0].samples[0])[0].1, Cow::Owned(_)));
+        assert!(matches!(f[0].labels_of(&f[0].samples[0])[1].1, Cow::Borrowed("é,}")));
+        let m = merge(vec![(12, f)], &[]);
+        let mut t = String::new();
+        render(&m, Format::Text, &mut t);
+        assert_eq!(
+            t,
+            "# HELP e A \\n\\\\ \\\\x \"q\".\n# TYPE e gauge\ne{a=\"x\\\"y\\\\z\\n\",b=\"é,}\",worker=\"12\"} 1\ne{worker=\"12\"} 2.5\n"
+        );
+    }
+
+    #[test]
     fn garbage_is_rejected() {
         for bad in
             ["<html>", "x{a=\"1} 2", "x 1 2 3", "x{a=\"1\",a=\"2\"} 1", "x notanumber", "# TYPE x flavour"]
@@ -313,8 +366,9 @@ mod tests {
         let a =
             parse(b"# TYPE herdsman_generation gauge\nherdsman_generation 9\n# TYPE q gauge\nq 1\n").unwrap();
         let b = parse(b"# TYPE q counter\nq 1\n").unwrap();
-        let m = merge(vec![(0, a), (1, b)], &["herdsman_generation".to_string()]);
+        let m = merge(vec![(0, a), (1, b)], &["herdsman_generation"]);
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].samples.len(), 1);
+        assert!(m[0].merged.is_empty());
     }
 }
