@@ -322,7 +322,6 @@ fn run(args: RunArgs) -> ExitCode {
         config: args.config,
         overrides: flags,
         binary,
-        upgrades: 0,
         argv: std::env::args().collect(),
     };
     serve(settings, parts, rt)
@@ -360,7 +359,6 @@ struct Parts {
     /// The flags' layer, for reloads.
     overrides: Layer,
     binary: PathBuf,
-    upgrades: u64,
     argv: Vec<String>,
 }
 
@@ -386,7 +384,6 @@ fn serve(settings: Settings, p: Parts, rt: tokio::runtime::Runtime) -> ExitCode 
         let control = std::os::fd::OwnedFd::from(p.control.listener.try_clone()?);
         Ok(herdsman::upgrade::Carry {
             binary: p.binary.clone(),
-            upgrades: p.upgrades,
             config: p.config.clone(),
             overrides: p.overrides.clone(),
             argv: p.argv.clone(),
@@ -529,7 +526,6 @@ fn resume(fd: &str) -> ExitCode {
             config: state.config,
             overrides: state.overrides,
             binary: state.binary,
-            upgrades: state.upgrades,
             argv: state.argv,
         })
     })();

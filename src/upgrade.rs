@@ -196,7 +196,6 @@ pub struct HttpState {
 #[derive(Debug)]
 pub struct Carry {
     pub binary: PathBuf,
-    pub upgrades: u64,
     pub config: Option<PathBuf>,
     pub overrides: Layer,
     pub argv: Vec<String>,

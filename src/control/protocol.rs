@@ -26,6 +26,13 @@ pub struct ReloadOutcome {
     pub retry: bool,
 }
 
+impl ReloadOutcome {
+    /// A final answer (`retry` false: the client does not send the reload again).
+    pub fn new(ok: bool, generation: u64, message: impl Into<String>) -> ReloadOutcome {
+        ReloadOutcome { ok, generation, message: message.into(), retry: false }
+    }
+}
+
 /// One worker in a [`Snapshot`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerInfo {
@@ -145,11 +152,6 @@ pub enum WorkerState {
 }
 
 impl WorkerState {
-    /// `starting`, `starting (new)` or `starting (replacement)`.
-    pub fn starts_with(self, prefix: &str) -> bool {
-        self.as_str().starts_with(prefix)
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             WorkerState::Starting => "starting",

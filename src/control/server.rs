@@ -297,12 +297,7 @@ async fn handle(
                 return write.write_all(gone().line().as_bytes()).await;
             }
             if !wait {
-                let outcome = ReloadOutcome {
-                    retry: false,
-                    ok: true,
-                    generation: 0,
-                    message: "reload requested".into(),
-                };
+                let outcome = ReloadOutcome::new(true, 0, "reload requested");
                 return write.write_all(Reply::Reload(outcome).line().as_bytes()).await;
             }
             loop {

@@ -47,7 +47,7 @@ use nix::sys::wait::WaitStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::control::protocol::Snapshot;
+use crate::control::protocol::{Snapshot, WorkerState};
 use crate::requests::Control;
 use model::{Family, Format, Histogram, Kind};
 
@@ -92,6 +92,19 @@ impl Reason {
             _ if matches!(status, WaitStatus::Signaled(..)) => Reason::Signal,
             _ => Reason::Exit,
         }
+    }
+}
+
+/// The `state` label of `herdsman_workers` for a worker in `s` (`holding` counts as ready,
+/// `stopping` with `draining`); `None` for an empty slot.
+fn gauge_state(s: WorkerState) -> Option<&'static str> {
+    match s {
+        WorkerState::Starting | WorkerState::StartingNew | WorkerState::StartingReplacement => {
+            Some("starting")
+        }
+        WorkerState::Ready | WorkerState::Holding => Some("ready"),
+        WorkerState::Draining | WorkerState::Stopping => Some("draining"),
+        WorkerState::Backoff | WorkerState::Waiting => None,
     }
 }
 
@@ -462,12 +475,7 @@ impl Metrics {
             let n = snap
                 .workers
                 .iter()
-                .filter(|w| w.pid.is_some())
-                .filter(|w| match state {
-                    "starting" => w.state.starts_with("starting"),
-                    "ready" => w.state == "ready" || w.state == "holding",
-                    _ => w.state == "stopping" || w.state == "draining",
-                })
+                .filter(|w| w.pid.is_some() && gauge_state(w.state) == Some(state))
                 .count();
             f.push(&[("state", state)], n as f64);
         }

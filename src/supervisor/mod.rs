@@ -343,12 +343,7 @@ impl Supervisor {
         self.notifier.send("STOPPING=1\nSTATUS=stopping");
         self.fail_rollout("the supervisor is stopping".to_string());
         if let Some(waiters) = self.queued.take() {
-            let outcome = ReloadOutcome {
-                retry: false,
-                ok: false,
-                generation: self.spec.generation,
-                message: "the supervisor is stopping".to_string(),
-            };
+            let outcome = ReloadOutcome::new(false, self.spec.generation, "the supervisor is stopping");
             self.answer(waiters, outcome);
         }
         let pids: Vec<i32> = self.workers.keys().copied().collect();

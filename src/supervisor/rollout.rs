@@ -92,12 +92,7 @@ fn unix_now() -> u64 {
 impl Supervisor {
     pub(super) fn request_reload(&mut self, reply: Waiter) {
         if self.stopping {
-            let outcome = ReloadOutcome {
-                retry: false,
-                ok: false,
-                generation: self.spec.generation,
-                message: "the supervisor is stopping".into(),
-            };
+            let outcome = ReloadOutcome::new(false, self.spec.generation, "the supervisor is stopping");
             self.answer(vec![reply], outcome);
         } else if self.upgrading() {
             tracing::info!(app = %self.app, "reload requested during an upgrade: it waits for the upgrade");
@@ -121,8 +116,7 @@ impl Supervisor {
             tracing::error!(app = %sup.app, "reload failed: {msg}");
             sup.metrics.reloaded(false, None);
             sup.record_reload(false, Some(msg.clone()));
-            let outcome =
-                ReloadOutcome { retry: false, ok: false, generation: sup.spec.generation, message: msg };
+            let outcome = ReloadOutcome::new(false, sup.spec.generation, msg);
             sup.answer(waiters, outcome);
         };
         let settings = match &self.reload_source {
@@ -277,7 +271,7 @@ impl Supervisor {
                 tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
                 self.record_reload(true, None);
                 self.metrics.reloaded(true, Some(r.started.elapsed()));
-                ReloadOutcome { retry: false, ok: true, generation: r.spec.generation, message: msg }
+                ReloadOutcome::new(true, r.spec.generation, msg)
             }
             Purpose::Rollback { failure } => {
                 let msg = format!(
@@ -286,7 +280,7 @@ impl Supervisor {
                 );
                 tracing::warn!(app = %self.app, generation = r.spec.generation, "{msg}");
                 self.set_rollback("ok");
-                ReloadOutcome { retry: false, ok: false, generation: r.spec.generation, message: msg }
+                ReloadOutcome::new(false, r.spec.generation, msg)
             }
         };
         self.notifier.send("READY=1");
@@ -342,7 +336,7 @@ impl Supervisor {
         if !self.stopping {
             self.notifier.send("READY=1");
         }
-        let outcome = ReloadOutcome { retry: false, ok: false, generation: r.spec.generation, message: msg };
+        let outcome = ReloadOutcome::new(false, r.spec.generation, msg);
         self.answer(std::mem::take(&mut r.waiters), outcome);
     }
 
