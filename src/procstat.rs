@@ -15,7 +15,8 @@
 //!   worker itself has reaped (its `cutime`/`cstime`), so a master that forks and reaps
 //!   workers is charged for them.
 //!
-//! One scan of `/proc` serves every worker: [`scan_groups`] reads each process's `stat` once.
+//! One scan of `/proc` serves every worker: [`scan_groups`] asks each process's group with
+//! `getpgid` and reads the `stat` of the processes in a counted group once.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -65,12 +66,22 @@ pub fn scan_groups(leaders: &[i32]) -> HashMap<i32, Usage> {
     let page = page_size();
     let Ok(dir) = std::fs::read_dir("/proc") else { return HashMap::new() };
     let mut buf = String::with_capacity(512);
+    let mut path = String::with_capacity(24);
     for entry in dir.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        // One syscall tells whether the process is in a group we count; only those have
+        // their `stat` opened and formatted by the kernel (the expensive part of a scan).
+        match nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))) {
+            Ok(g) if out.contains_key(&g.as_raw()) => {}
+            _ => continue,
+        }
         buf.clear();
-        let read =
-            std::fs::File::open(format!("/proc/{pid}/stat")).and_then(|mut f| f.read_to_string(&mut buf));
+        path.clear();
+        path.push_str("/proc/");
+        path.push_str(name.to_str().unwrap_or_default());
+        path.push_str("/stat");
+        let read = std::fs::File::open(&path).and_then(|mut f| f.read_to_string(&mut buf));
         // A process that exited between readdir and open is simply not counted.
         let Some(st) = read.ok().and_then(|_| parse_stat(&buf)) else { continue };
         let Some(u) = out.get_mut(&st.pgid) else { continue };

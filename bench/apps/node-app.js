@@ -11,6 +11,9 @@
 //      WARM_MODE=defer warm first, then start accepting (listen) and become ready.
 //  * GET /work?ms=N: a CPU-bound request: busy-loops N ms (default 2) on the event loop, then
 //    answers like `/` (the body names the worker and its pid).
+//  * $HERDSMAN_METRICS_SOCKET set (herdsman --metrics): serves GET /metrics there, a
+//    Prometheus text page of ~200 samples (this worker's request counters), as an app with
+//    prom-client would.
 //  * SIGTERM/SIGINT: stop accepting, close (never shutdown) the listener, answer in-flight
 //    requests with Connection: close, close idle keep-alive connections, exit when drained.
 'use strict';
@@ -45,6 +48,21 @@ const server = http.createServer((req, res) => {
   res.end(body);
 });
 server.keepAliveTimeout = 30000;
+
+let served = 0;
+server.on('request', () => { served++; });
+if (process.env.HERDSMAN_METRICS_SOCKET) {
+  const page = () => {
+    let out = '# HELP bench_requests_total Requests served, by route.\n# TYPE bench_requests_total counter\n';
+    for (let i = 0; i < 199; i++) out += `bench_requests_total{route="/r${i}"} ${served + i}\n`;
+    return out;
+  };
+  http.createServer((req, res) => {
+    const text = page();
+    res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4', 'Content-Length': Buffer.byteLength(text) });
+    res.end(text);
+  }).listen(process.env.HERDSMAN_METRICS_SOCKET).unref();
+}
 
 function ready() {
   if (process.send) process.send('ready');

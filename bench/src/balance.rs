@@ -28,15 +28,34 @@ pub struct Contender {
     pub kind: Kind,
     /// herdsman's `--balance` value.
     pub balance: Option<&'static str>,
+    /// herdsman with `--metrics`, scraped every [`SCRAPE_EVERY`] while it is measured (data
+    /// path only): what a Prometheus scrape costs the app.
+    pub metrics: bool,
 }
 
-pub const CONTENDERS: [Contender; 5] = [
-    Contender { label: "limit", kind: Kind::Limit, balance: None },
-    Contender { label: "shared", kind: Kind::Herdsman, balance: Some("shared") },
-    Contender { label: "steer", kind: Kind::Herdsman, balance: Some("steer") },
-    Contender { label: "sticky", kind: Kind::Herdsman, balance: Some("sticky") },
-    Contender { label: "PM2", kind: Kind::Pm2, balance: None },
+const fn c(label: &'static str, kind: Kind, balance: Option<&'static str>, metrics: bool) -> Contender {
+    Contender { label, kind, balance, metrics }
+}
+
+pub const CONTENDERS: [Contender; 7] = [
+    c("limit", Kind::Limit, None, false),
+    // The limit measured again as a contender (data path only): its ratio to the limit is
+    // the measurement's own noise, the yardstick for every other ratio.
+    c("limit again", Kind::Limit, None, false),
+    c("shared", Kind::Herdsman, Some("shared"), false),
+    c("steer", Kind::Herdsman, Some("steer"), false),
+    c("sticky", Kind::Herdsman, Some("sticky"), false),
+    c("metrics", Kind::Herdsman, Some("shared"), true),
+    c("PM2", Kind::Pm2, None, false),
 ];
+
+/// How often the `metrics` contender is scraped while it is measured (Prometheus' usual
+/// interval is 15 s to 1 min: this is 15–60 times harsher).
+pub const SCRAPE_EVERY: Duration = Duration::from_secs(1);
+
+/// The client populations of the data-path table: wrk (127.0.0.1 only), the in-repo client
+/// over pseudo-random addresses, and over consecutive ones (spread evenly over the slots).
+pub const CLIENTS: [&str; 3] = ["wrk", "multi", "even"];
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct BTputRow {
@@ -85,6 +104,12 @@ pub struct Balance {
     pub multi_cycles: usize,
     pub multi_threads: usize,
     pub tput_sources: Vec<String>,
+    /// The "even" population: consecutive addresses, as many as connections.
+    #[serde(default)]
+    pub even_sources: Vec<String>,
+    /// Scrapes of the `metrics` contender (answered / failed) over the data-path runs.
+    #[serde(default)]
+    pub scrapes: (u64, u64),
     pub tput: Vec<BTputRow>,
     pub reload_app: String,
     pub reload_n: usize,
@@ -124,9 +149,10 @@ pub fn sources(count: usize, seed: u64) -> Vec<Ipv4Addr> {
     out
 }
 
-fn start_c(ctx: &Ctx, c: Contender, app: &App, n: usize) -> Option<Server> {
-    match start_balanced(ctx, c.kind, app, n, c.balance) {
-        Ok(s) => Some(s),
+fn start_c(ctx: &Ctx, c: Contender, app: &App, n: usize) -> Option<(Server, Option<String>)> {
+    let metrics = c.metrics.then(|| format!("127.0.0.1:{}", ctx.next_port()));
+    match start_balanced(ctx, c.kind, app, n, c.balance, metrics.as_deref()) {
+        Ok(s) => Some((s, metrics)),
         Err(e) => {
             log(&format!("  {} did not start: {e}", c.label));
             None
@@ -146,9 +172,9 @@ pub fn balance(ctx: &Ctx, ns: &[usize]) -> Balance {
     let quick = ctx.quick;
     let mut b = Balance {
         ns: ns.to_vec(),
-        tput_secs: if quick { 2 } else { 3 },
-        tput_cycles: if quick { 1 } else { 4 },
-        multi_cycles: if quick { 1 } else { 2 },
+        tput_secs: if quick { 2 } else { 4 },
+        tput_cycles: if quick { 1 } else { 5 },
+        multi_cycles: if quick { 1 } else { 3 },
         multi_threads: WRK_CONNS,
         reload_app: "warm 1 s, gate".into(),
         reload_n: 2,
@@ -161,8 +187,10 @@ pub fn balance(ctx: &Ctx, ns: &[usize]) -> Balance {
         ..Default::default()
     };
     let tsrc = sources(16, 12);
+    let esrc: Vec<Ipv4Addr> = (0..WRK_CONNS as u32).map(|i| Ipv4Addr::from(0x7f00_0002 + i)).collect();
     let csrc = sources(b.cpu_conc, 7);
     b.tput_sources = tsrc.iter().map(|a| a.to_string()).collect();
+    b.even_sources = esrc.iter().map(|a| a.to_string()).collect();
     b.cpu_sources = csrc.iter().map(|a| a.to_string()).collect();
     b.wrk_args = format!("wrk -t1 -c{WRK_CONNS} -d{}s", b.tput_secs);
     let instant = App::Node { warm_ms: 0, mode: "gate" };
@@ -171,24 +199,32 @@ pub fn balance(ctx: &Ctx, ns: &[usize]) -> Balance {
     for &n in ns {
         b.loads.push((format!("data path N={n}"), loadavg()));
         log(&format!("balance N={n}: starting limit, herdsman shared/steer/sticky and PM2 side by side"));
-        let servers: Vec<(Contender, Server)> =
-            CONTENDERS.iter().filter_map(|c| start_c(ctx, *c, &instant, n).map(|s| (*c, s))).collect();
-        for (_, s) in &servers {
+        let servers: Vec<(Contender, Server, Option<String>)> = CONTENDERS
+            .iter()
+            .filter_map(|c| start_c(ctx, *c, &instant, n).map(|(s, m)| (*c, s, m)))
+            .collect();
+        for (_, s, _) in &servers {
             let _ = wrk(&s.addr, true, 1, WRK_CONNS);
             let _ = wrk(&s.addr, false, 1, WRK_CONNS);
         }
-        for (client, cycles) in [("wrk", b.tput_cycles), ("multi", b.multi_cycles)] {
+        for (client, cycles) in CLIENTS.into_iter().zip([b.tput_cycles, b.multi_cycles, b.multi_cycles]) {
             for cycle in 0..cycles {
                 for keep_alive in [true, false] {
                     let mut got: BTreeMap<&str, f64> = BTreeMap::new();
                     let mut line = String::new();
                     for i in 0..servers.len() {
-                        let (c, s) = &servers[(i + cycle) % servers.len()];
-                        let res = if client == "wrk" {
-                            wrk(&s.addr, keep_alive, b.tput_secs, WRK_CONNS)
-                        } else {
-                            Ok(multi(&s.addr, keep_alive, b.tput_secs, b.multi_threads, &tsrc))
+                        let (c, s, metrics) = &servers[(i + cycle) % servers.len()];
+                        let scraper = metrics.as_deref().map(Scraper::start);
+                        let res = match client {
+                            "wrk" => wrk(&s.addr, keep_alive, b.tput_secs, WRK_CONNS),
+                            "multi" => Ok(multi(&s.addr, keep_alive, b.tput_secs, b.multi_threads, &tsrc)),
+                            _ => Ok(multi(&s.addr, keep_alive, b.tput_secs, b.multi_threads, &esrc)),
                         };
+                        if let Some(sc) = scraper {
+                            let (ok, failed) = sc.stop();
+                            b.scrapes.0 += ok;
+                            b.scrapes.1 += failed;
+                        }
                         match res {
                             Ok((rps, errors)) => {
                                 line += &format!(" {} {rps:.0}", c.label);
@@ -221,7 +257,7 @@ pub fn balance(ctx: &Ctx, ns: &[usize]) -> Balance {
     let warm = App::Node { warm_ms: 1000, mode: "gate" };
     b.loads.push(("reloads".into(), loadavg()));
     for ka in [true, false] {
-        for c in CONTENDERS.iter().filter(|c| c.kind != Kind::Limit) {
+        for c in CONTENDERS.iter().filter(|c| c.kind != Kind::Limit && !c.metrics) {
             let mode = if ka { "keep-alive" } else { "new conn" };
             log(&format!("balance reload: {} {} N={} {mode}", c.label, b.reload_app, b.reload_n));
             let out = match reload_run(
@@ -259,12 +295,13 @@ pub fn balance(ctx: &Ctx, ns: &[usize]) -> Balance {
     let path = format!("/work?ms={}", b.cpu_work_ms);
     for &n in ns {
         b.loads.push((format!("CPU-bound N={n}"), loadavg()));
-        let mut plan: Vec<(Contender, bool)> = CONTENDERS.iter().map(|c| (*c, true)).collect();
+        let mut plan: Vec<(Contender, bool)> =
+            CONTENDERS.iter().filter(|c| !c.metrics && c.label != "limit again").map(|c| (*c, true)).collect();
         plan.extend(
             CONTENDERS.iter().filter(|c| matches!(c.balance, Some("steer" | "sticky"))).map(|c| (*c, false)),
         );
         for (c, bound) in plan {
-            let Some(s) = start_c(ctx, c, &instant, n) else { continue };
+            let Some((s, _)) = start_c(ctx, c, &instant, n) else { continue };
             sleep_ms(300);
             let src: Vec<Ipv4Addr> = if bound { csrc.clone() } else { vec![] };
             let opts = Opts { path: path.clone(), sources: src, pids: true };
@@ -340,4 +377,38 @@ fn row_for<'a>(
         errors: vec![],
     });
     rows.last_mut().unwrap()
+}
+
+/// GET /metrics every [`SCRAPE_EVERY`] on a thread of its own until stopped.
+struct Scraper {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl Scraper {
+    fn start(addr: &str) -> Scraper {
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let addr = addr.to_string();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            loop {
+                match load::get_path(&addr, "/metrics", Duration::from_secs(5)) {
+                    Ok(body) if body.contains("herdsman_build_info") && body.contains("bench_requests_total") => {
+                        ok += 1
+                    }
+                    _ => failed += 1,
+                }
+                if rx.recv_timeout(SCRAPE_EVERY).is_ok() {
+                    return (ok, failed);
+                }
+            }
+        });
+        Scraper { stop, thread }
+    }
+
+    /// (answered, failed) scrapes.
+    fn stop(self) -> (u64, u64) {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap_or_default()
+    }
 }

@@ -270,10 +270,22 @@ fn exchange(c: &mut Conn, req: &[u8]) -> Result<Response, Err> {
 
 /// One GET of `/` on a new connection (`Connection: close`): (status, body).
 pub fn get(addr: &str, timeout: Duration) -> Result<(u16, String), String> {
+    get_status(addr, "/", timeout)
+}
+
+/// GET `path` (new connection): the body of a 200 answer.
+pub fn get_path(addr: &str, path: &str, timeout: Duration) -> Result<String, String> {
+    match get_status(addr, path, timeout)? {
+        (200, body) => Ok(body),
+        (status, _) => Err(format!("GET {path}: status {status}")),
+    }
+}
+
+fn get_status(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let mut c = connect(addr, None, timeout).map_err(|e| format!("{e:?}"))?;
-    let r = exchange(&mut c, b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("{e:?}"))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    let r = exchange(&mut c, req.as_bytes()).map_err(|e| format!("{e:?}"))?;
     Ok((r.status, String::from_utf8_lossy(&c.buf[r.body]).into_owned()))
 }
 

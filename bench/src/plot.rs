@@ -26,10 +26,12 @@ type Bucket = (f64, f64, f64, u32, u32);
 type Panel<'a> = (&'a str, Box<dyn Fn(&ScaleRow) -> (f64, f64)>);
 
 const GREY: RGBColor = RGBColor(0x88, 0x88, 0x88);
+const LIGHT_GREY: RGBColor = RGBColor(0xc4, 0xc4, 0xc4);
 const BLUE: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const LIGHT_BLUE: RGBColor = RGBColor(0x9e, 0xca, 0xe1);
 const GREEN: RGBColor = RGBColor(0x2c, 0xa0, 0x2c);
 const PURPLE: RGBColor = RGBColor(0x94, 0x67, 0xbd);
+const TEAL: RGBColor = RGBColor(0x17, 0xbe, 0xcf);
 const RED: RGBColor = RGBColor(0xd6, 0x27, 0x28);
 const FAIL: RGBColor = RGBColor(0xdd, 0x00, 0x00);
 const SHADE: RGBColor = RGBColor(0xfd, 0xe9, 0xc8);
@@ -48,9 +50,11 @@ fn color(k: Kind) -> &'static RGBColor {
 fn bcolor(label: &str) -> &'static RGBColor {
     match label {
         "limit" => &GREY,
+        "limit again" => &LIGHT_GREY,
         "shared" => &BLUE,
         "steer" => &GREEN,
         "sticky" => &PURPLE,
+        "metrics" => &TEAL,
         _ => &RED,
     }
 }
@@ -298,6 +302,7 @@ pub fn scaling(sc: &Scaling) -> String {
 /// warming app, (c) CPU-bound latency p50/p99/max and requests-per-worker min/max.
 pub fn balance(b: &Balance) -> String {
     let labels = ["shared", "steer", "sticky", "PM2"];
+    let tput_labels = ["limit again", "shared", "steer", "sticky", "metrics", "PM2"];
     let (w, h) = (1000u32, 1010u32);
     render(w, h, |root| {
         root.draw(&Text::new(
@@ -305,12 +310,12 @@ pub fn balance(b: &Balance) -> String {
             (20, 10),
             bold(15.0),
         ))?;
-        for (i, l) in ["limit", "shared", "steer", "sticky", "PM2"].iter().enumerate() {
-            let x = 20 + i as i32 * 85;
+        for (i, l) in ["limit", "limit again", "shared", "steer", "sticky", "metrics", "PM2"].iter().enumerate() {
+            let x = 20 + i as i32 * 100;
             root.draw(&Rectangle::new([(x, 34), (x + 12, 46)], bcolor(l).filled()))?;
             root.draw(&Text::new(*l, (x + 16, 40), font(12.0, false, HPos::Left, VPos::Center)))?;
         }
-        balance_tput(root, b, &labels)?;
+        balance_tput(root, b, &tput_labels)?;
         balance_reloads(root, b, &labels)?;
         balance_cpu(root, b, h)
     })
@@ -320,8 +325,9 @@ pub fn balance(b: &Balance) -> String {
 fn balance_tput(root: &Area, b: &Balance, labels: &[&'static str]) -> Drawn {
     root.draw(&Text::new(
         format!(
-            "Data path: req/s ÷ the limit's (median of cycles; whiskers min–max). wrk = one client address; multi = {} source addresses",
-            b.tput_sources.len()
+            "Data path: req/s ÷ the limit's (median of cycles; whiskers min–max). wrk = one client address; multi = {} random addresses; even = {} consecutive",
+            b.tput_sources.len(),
+            b.even_sources.len()
         ),
         (60, 68),
         bold(12.0),
@@ -329,7 +335,7 @@ fn balance_tput(root: &Area, b: &Balance, labels: &[&'static str]) -> Drawn {
     let groups: Vec<(usize, bool, &str)> =
         b.ns.iter()
             .flat_map(|&n| {
-                ["wrk", "multi"].into_iter().flat_map(move |c| [true, false].map(move |ka| (n, ka, c)))
+                crate::balance::CLIENTS.into_iter().flat_map(move |c| [true, false].map(move |ka| (n, ka, c)))
             })
             .filter(|(n, ka, c)| b.tput.iter().any(|x| x.n == *n && x.keep_alive == *ka && x.client == *c))
             .collect();
@@ -362,7 +368,7 @@ fn balance_tput(root: &Area, b: &Balance, labels: &[&'static str]) -> Drawn {
         &(EmptyElement::at((ng, 0.98))
             + Text::new("0.98 target", (-60, -3), font(10.0, false, HPos::Left, VPos::Bottom).color(&GREEN))),
     )?;
-    // A group is 8 % padding each side and four bars, 2 % apart.
+    // A group is 4 % padding each side and one bar per label, 2 % apart.
     let bw = 0.92 / labels.len() as f64;
     for (gi, (n, ka, client)) in groups.iter().enumerate() {
         let gx = gi as f64 + 0.04;

@@ -140,7 +140,7 @@ fn app_cmd(ctx: &Ctx, app: &App) -> (Vec<String>, Vec<(String, String)>) {
 }
 
 pub fn start(ctx: &Ctx, kind: Kind, app: &App, n: usize) -> Result<Server, String> {
-    start_balanced(ctx, kind, app, n, None)
+    start_balanced(ctx, kind, app, n, None, None)
 }
 
 /// Like [`start`]; for herdsman, `balance` = `Some("shared" | "steer" | "sticky")` adds
@@ -151,6 +151,7 @@ pub fn start_balanced(
     app: &App,
     n: usize,
     balance: Option<&str>,
+    metrics: Option<&str>,
 ) -> Result<Server, String> {
     let port = ctx.next_port();
     let addr = format!("127.0.0.1:{port}");
@@ -176,6 +177,7 @@ pub fn start_balanced(
                     // adds a fixed 1 s hold per batch on top (docs/guarantees.md).
                     .args(["--min-ready", "0s"])
                     .args(balance.iter().flat_map(|b| ["--balance", b]))
+                    .args(metrics.iter().flat_map(|m| ["--metrics", m]))
                     .arg("--control")
                     .arg(&sock);
                 for (k, v) in &env {

@@ -234,7 +234,7 @@ pub fn reload_run(
     reloads: usize,
     threads: usize,
 ) -> Result<RunOut, String> {
-    let srv = start_balanced(ctx, kind, app, n, balance)?;
+    let srv = start_balanced(ctx, kind, app, n, balance, None)?;
     sleep_ms(300);
     let steady = if ctx.quick { 1000 } else { 2000 };
     let gap = (TAIL_S * 1000.0) as u64 + 500;
