@@ -18,12 +18,20 @@ extern "C" fn on_signal(sig: i32) {
 /// `launch --listen ADDR -w N -- CMD...`: binds ADDR (same options as herdsman: SO_REUSEADDR,
 /// backlog 4096), forks N workers with the socket at fd 3 and LISTEN_FDS=1 / LISTEN_PID=their
 /// own pid, and waits. SIGTERM/SIGINT are forwarded to the workers; exits when all are gone.
+/// With `--reuseport` every worker gets a socket of its own instead, all N in one
+/// `SO_REUSEPORT` group with no program attached (the kernel's flow hash picks): per-worker
+/// queues without herdsman, the yardstick for what `--balance steer`'s queues cost.
 pub fn launch(args: &[String]) -> i32 {
     let mut listen = None;
     let mut n = 1usize;
+    let mut reuseport = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
+            "--reuseport" => {
+                reuseport = true;
+                i += 1;
+            }
             "--listen" => {
                 listen = Some(args[i + 1].clone());
                 i += 2;
@@ -44,9 +52,19 @@ pub fn launch(args: &[String]) -> i32 {
     let listen = listen.expect("launch: --listen ADDR");
     // std binds with SO_REUSEADDR; re-listen with herdsman's backlog.
     let l = TcpListener::bind(&listen).expect("bind");
-    let fd = l.as_raw_fd();
+    let shared = l.as_raw_fd();
+    let own: Vec<i32> = if reuseport {
+        drop(l);
+        let a: std::net::SocketAddrV4 = listen.parse().expect("--reuseport: an IPv4 HOST:PORT");
+        (0..n).map(|_| reuseport_listener(a)).collect()
+    } else {
+        std::mem::forget(l);
+        vec![]
+    };
     unsafe {
-        libc::listen(fd, 4096);
+        if !reuseport {
+            libc::listen(shared, 4096);
+        }
         // No SA_RESTART: waitpid must return EINTR so the signal gets forwarded.
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_signal as extern "C" fn(i32) as libc::sighandler_t;
@@ -55,6 +73,7 @@ pub fn launch(args: &[String]) -> i32 {
     }
     let mut pids = Vec::new();
     for id in 0..n {
+        let fd = own.get(id).copied().unwrap_or(shared);
         // `sh -c 'LISTEN_PID=$$ exec "$@"'`: $$ is the pid the command keeps after exec.
         let mut c = Command::new("/bin/sh");
         c.arg("-c")
@@ -167,5 +186,27 @@ fn serve(l: TcpListener) {
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
+    }
+}
+
+/// A listening TCP socket on `a` with SO_REUSEADDR and SO_REUSEPORT, backlog 4096.
+fn reuseport_listener(a: std::net::SocketAddrV4) -> i32 {
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            let p = &one as *const libc::c_int as *const libc::c_void;
+            libc::setsockopt(fd, libc::SOL_SOCKET, opt, p, std::mem::size_of::<libc::c_int>() as u32);
+        }
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = a.port().to_be();
+        sa.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        let r = libc::bind(fd, &sa as *const libc::sockaddr_in as *const libc::sockaddr, len);
+        assert!(r == 0, "bind {a}: {}", std::io::Error::last_os_error());
+        assert!(libc::listen(fd, 4096) == 0, "listen: {}", std::io::Error::last_os_error());
+        fd
     }
 }

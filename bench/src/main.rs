@@ -133,6 +133,7 @@ fn all(a: &[String]) -> i32 {
         load_after: String::new(),
         quick,
         minutes: 0.0,
+        notes: vec![],
     };
     log(&format!(
         "{} run, results to {}; load average {}",

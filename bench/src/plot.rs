@@ -652,7 +652,7 @@ mod tests {
 
     #[test]
     fn balance_from_the_committed_results_shows_every_measured_figure() {
-        let r: Results = serde_json::from_str(include_str!("../results/results-balance.json")).unwrap();
+        let r: Results = serde_json::from_str(include_str!("../results/results.json")).unwrap();
         let b = &r.balance;
         let svg = balance(b);
         let mut want: Vec<String> =
