@@ -295,8 +295,11 @@ pub fn balance(ctx: &Ctx, ns: &[usize]) -> Balance {
     let path = format!("/work?ms={}", b.cpu_work_ms);
     for &n in ns {
         b.loads.push((format!("CPU-bound N={n}"), loadavg()));
-        let mut plan: Vec<(Contender, bool)> =
-            CONTENDERS.iter().filter(|c| !c.metrics && c.label != "limit again").map(|c| (*c, true)).collect();
+        let mut plan: Vec<(Contender, bool)> = CONTENDERS
+            .iter()
+            .filter(|c| !c.metrics && c.label != "limit again")
+            .map(|c| (*c, true))
+            .collect();
         plan.extend(
             CONTENDERS.iter().filter(|c| matches!(c.balance, Some("steer" | "sticky"))).map(|c| (*c, false)),
         );
@@ -393,7 +396,9 @@ impl Scraper {
             let (mut ok, mut failed) = (0, 0);
             loop {
                 match load::get_path(&addr, "/metrics", Duration::from_secs(5)) {
-                    Ok(body) if body.contains("herdsman_build_info") && body.contains("bench_requests_total") => {
+                    Ok(body)
+                        if body.contains("herdsman_build_info") && body.contains("bench_requests_total") =>
+                    {
                         ok += 1
                     }
                     _ => failed += 1,

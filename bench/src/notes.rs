@@ -176,46 +176,39 @@ pub fn balance_notes(r: &Results) -> String {
             .map(|x| mmm(&x.ratio).med)
     };
     let n0 = b.ns.first().copied().unwrap_or(2);
-    let steered: Vec<_> = b.tput.iter().filter(|x| x.label == "steer" || x.label == "sticky").collect();
-    if !steered.is_empty() {
-        let spans = steered
+    // Every slice of a mode, over every N and client population (sticky: where its clients
+    // spread evenly), as a geometric mean with its 95 % CI; "limit again" is the yardstick.
+    let pooled = |label: &str, ka: bool, clients: &[&str]| {
+        let all: Vec<f64> = b
+            .tput
             .iter()
-            .filter(|x| {
-                let m = mmm(&x.ratio);
-                m.min <= 1.0 && m.max >= 1.0
-            })
-            .count();
-        // Noise is judged on the rows with at least 3 cycles (a range of 1–2 samples says little).
-        let judged: Vec<_> = steered.iter().filter(|x| x.ratio.len() >= 3).collect();
-        let widest = judged
-            .iter()
-            .map(|x| {
-                let m = mmm(&x.ratio);
-                m.max - m.min
-            })
-            .fold(0.0, f64::max);
+            .filter(|x| x.label == label && x.keep_alive == ka && clients.contains(&x.client.as_str()))
+            .flat_map(|x| x.ratio.iter().copied())
+            .collect();
+        let g = crate::report::geo(&all);
+        (g.n > 0).then(|| format!("{:.3}× (CI {:.3}–{:.3})", g.mean, g.lo, g.hi))
+    };
+    let all = &crate::balance::CLIENTS[..];
+    if let (Some(ska), Some(snc), Some(aka), Some(anc)) = (
+        pooled("steer", true, all),
+        pooled("steer", false, all),
+        pooled("limit again", true, all),
+        pooled("limit again", false, all),
+    ) {
         let _ = writeln!(
             s,
             "* **Data path.** The BPF program runs in the kernel once per SYN; after that a steered \
-             connection is an ordinary accepted socket and herdsman is not in its path, so there is \
-             no per-request work to find. Of the {} steer/sticky ratios, {spans} have a min–max range \
-             that includes 1.00. {}",
-            steered.len(),
-            if judged.is_empty() {
-                "With fewer than 3 cycles per ratio there is no range to judge the noise by: don't read \
-                 these ratios as a data-path cost."
-                    .to_string()
-            } else if widest > 0.1 {
-                format!(
-                    "Over the {} ratios with ≥ 3 cycles the widest min–max range is {widest:.2} wide: the \
-                     slice-to-slice noise of this run is far larger than the 2 % the target asks to \
-                     resolve, so this run can neither confirm nor refute ≥ 0.98× — the ratios (and \
-                     *not met* above) are noise-dominated; a quiet machine is needed for that figure.",
-                    judged.len()
-                )
-            } else {
-                "The noise is small enough here for the ratios to be read as they stand.".to_string()
-            }
+             connection is an ordinary accepted socket and herdsman is not in its path. Over every \
+             slice (both N, all three client populations) steer reaches {ska} of the limit with \
+             keep-alive and {snc} with a new connection per request; the limit measured against \
+             itself gives {aka} and {anc}, the noise of one such figure. With keep-alive (the BPF \
+             program runs once per connection) steer is at the limit. With a new connection per \
+             request it is below: every request is queued on the socket of a worker chosen by hash, \
+             which may be busy while the other is idle, where one shared queue hands it to whichever \
+             worker accepts first — the price of per-worker queues, which `--balance steer` needs \
+             to keep connections away from workers that are not ready. *Per-worker queues* below \
+             measures that price without herdsman (the same N sockets in one `SO_REUSEPORT` group, \
+             no program)."
         );
     }
     if let (Some(wk), Some(mk)) = (ratio(n0, true, "wrk", "sticky"), ratio(n0, true, "multi", "sticky")) {

@@ -310,7 +310,9 @@ pub fn balance(b: &Balance) -> String {
             (20, 10),
             bold(15.0),
         ))?;
-        for (i, l) in ["limit", "limit again", "shared", "steer", "sticky", "metrics", "PM2"].iter().enumerate() {
+        for (i, l) in
+            ["limit", "limit again", "shared", "steer", "sticky", "metrics", "PM2"].iter().enumerate()
+        {
             let x = 20 + i as i32 * 100;
             root.draw(&Rectangle::new([(x, 34), (x + 12, 46)], bcolor(l).filled()))?;
             root.draw(&Text::new(*l, (x + 16, 40), font(12.0, false, HPos::Left, VPos::Center)))?;

@@ -359,9 +359,9 @@ pub fn markdown(r: &Results) -> String {
         s.push('\n');
     }
     s.push_str(&crate::notes::notes(r));
-    // Written by bench/metrics.sh and bench/upgrade.sh (their own runs): kept across
+    // Written by bench/queues.sh, bench/metrics.sh and bench/upgrade.sh (their own runs): kept across
     // regenerations of this page.
-    for own in ["docs/bench-metrics.md", "docs/bench-upgrade.md"] {
+    for own in ["docs/bench-queues.md", "docs/bench-metrics.md", "docs/bench-upgrade.md"] {
         if let Ok(m) = std::fs::read_to_string(own) {
             s.push('\n');
             s.push_str(&m);
@@ -511,11 +511,18 @@ pub fn balance_targets(b: &Balance) -> Vec<(String, String, bool)> {
     // design: the table shows those rows too); shared with a scrape every second.
     let cases: [(&str, &[&str], String); 3] = [
         ("steer", &CLIENTS, "wrk, random and consecutive client addresses".to_string()),
-        ("sticky", &["even"], format!("{} consecutive client addresses, even over the slots", b.even_sources.len())),
+        (
+            "sticky",
+            &["even"],
+            format!("{} consecutive client addresses, even over the slots", b.even_sources.len()),
+        ),
         (
             "metrics",
             &CLIENTS,
-            format!("`--balance shared --metrics`, scraped every {} s", crate::balance::SCRAPE_EVERY.as_secs()),
+            format!(
+                "`--balance shared --metrics`, scraped every {} s",
+                crate::balance::SCRAPE_EVERY.as_secs()
+            ),
         ),
     ];
     for (label, clients, what) in cases {
@@ -835,7 +842,7 @@ pub fn balance_section(r: &Results) -> String {
     let _ = writeln!(
         s,
         "\nReproduce this section alone (it replaces only this section of `docs/benchmarks.md` and \
-         writes `docs/bench-balance.svg`; raw results in `bench/results/results-balance.json`):\n\n\
+         writes `docs/bench-balance.svg`; raw results in `bench/results/results-balance.json`; the full run's are in `bench/results/results.json`):\n\n\
          ```sh\nbench/run.sh --only balance\n```\n"
     );
     let _ = writeln!(s, "{BALANCE_END}");
