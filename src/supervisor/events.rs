@@ -1,13 +1,13 @@
 //! Events into the supervisor loop: worker exits, notify messages from workers, timers.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::exits::{describe_exit, failure_report, stop_signal_hint};
-use super::{DRAIN_GRACE, Event, Supervisor, human};
-use crate::backoff;
+use super::pool::DRAIN_GRACE;
+use super::{Event, Supervisor, human};
 use crate::config::ReadyMode;
 use crate::notify::Message;
 use crate::worker::{Failure, FailureKind, Role, State};
@@ -18,25 +18,21 @@ impl Supervisor {
             Event::Exited { pid, status } => (pid, status),
             Event::UpgradeChecked(r) => return self.on_upgrade_checked(r),
         };
-        let Some(w) = self.workers.remove(&pid) else { return };
-        if let Some(st) = &mut self.steering {
-            if let Err(e) = st.release(pid) {
-                tracing::error!(app = %self.app, "steering: {e}");
-            }
-        }
+        let Some(w) = self.pool.workers.remove(&pid) else { return };
+        self.outside.release(pid);
         // Whatever the worker left in its process group was killed before this event was
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
-        self.host.reap(&w);
+        self.outside.host.reap(&w);
         let how = describe_exit(status);
-        self.metrics.exited(
+        self.outside.metrics.exited(
             pid,
             w.slot,
             crate::metrics::Reason::of(w.failure.as_ref().map(|f| f.kind), status),
         );
-        let now = self.host.now();
+        let now = self.now();
         let ran = now.duration_since(w.started);
         // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.
-        let owned = self.rollout.as_ref().is_some_and(|r| r.owns(pid));
+        let owned = self.rollouts.owns(pid);
         match (w.role, w.state) {
             (Role::Retired, _) => match stop_signal_hint(&w, status) {
                 Some(hint) => {
@@ -51,7 +47,8 @@ impl Supervisor {
                     .failure
                     .as_ref()
                     .map_or_else(|| format!("{how} before it was ready"), Failure::to_string);
-                self.replacement_failed(pid, &failure_report(&w, &reason));
+                let effects = self.health.replacement_failed(pid, &failure_report(&w, &reason));
+                self.apply(effects);
             }
             (Role::Candidate, state) => {
                 let reason = match (&w.failure, state) {
@@ -68,35 +65,23 @@ impl Supervisor {
                 self.fail_rollout(report);
             }
             (Role::Active, state) => {
-                let Some(slot) = self.slots.get_mut(&w.slot) else { return };
-                if slot.active == Some(pid) {
-                    slot.active = None;
-                }
                 let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.settings.backoff.reset_after);
-                slot.restarts += 1;
-                self.metrics.restarted(w.slot);
-                slot.settled = true;
-                // A crash after a good run restarts at once (like PM2) and starts a new back-off
-                // sequence; repeated quick failures back off: initial, doubling, capped.
-                let (delay, streak) = if healthy {
-                    slot.failures = 0;
-                    (Duration::ZERO, "after a good run".to_string())
-                } else {
-                    slot.failures += 1;
-                    let d = backoff::delay(&self.settings.backoff, slot.failures);
-                    (d, format!("failure {} in a row", slot.failures))
+                let Some(restart) =
+                    self.pool.active_exited(w.slot, pid, healthy, now, &self.settings.backoff)
+                else {
+                    return;
                 };
-                slot.restart_at = Some(now + delay);
+                self.outside.metrics.restarted(w.slot);
                 let reason = match (&w.failure, state) {
                     (Some(f), _) => f.to_string(),
                     (None, State::Starting { .. }) => format!("{how} before it was ready"),
                     (None, _) => format!("{how} after {}", human(ran)),
                 };
                 let report = failure_report(&w, &reason);
-                slot.last_error = Some(reason);
+                self.pool.set_last_error(w.slot, reason);
                 tracing::warn!(
                     app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
-                    "{report}; restarting in {} ({streak})", human(delay)
+                    "{report}; restarting in {} ({})", human(restart.delay), restart.streak
                 );
                 if owned {
                     self.fail_rollout(report);
@@ -106,20 +91,20 @@ impl Supervisor {
     }
 
     pub(super) fn on_notify(&mut self, msg: Message) {
-        let pid = if self.workers.contains_key(&msg.pid) {
+        let pid = if self.pool.workers.contains_key(&msg.pid) {
             msg.pid
         } else {
             // A child of the worker (e.g. `npm start` → node) speaks for its process group.
             match nix::unistd::getpgid(Some(Pid::from_raw(msg.pid))) {
-                Ok(pg) if self.workers.contains_key(&pg.as_raw()) => pg.as_raw(),
+                Ok(pg) if self.pool.workers.contains_key(&pg.as_raw()) => pg.as_raw(),
                 _ => {
                     tracing::debug!("notify message from unknown pid {} ignored", msg.pid);
                     return;
                 }
             }
         };
-        let now = self.host.now();
-        let Some(w) = self.workers.get_mut(&pid) else { return };
+        let now = self.now();
+        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
         let mut became_ready = false;
         for (key, value) in msg.assignments {
             match key.as_str() {
@@ -142,12 +127,12 @@ impl Supervisor {
     }
 
     pub(super) fn on_ready(&mut self, pid: i32) {
-        self.steer_receiving(pid, true);
-        let Some(w) = self.workers.get(&pid) else { return };
+        self.outside.steer_receiving(pid, true);
+        let Some(w) = self.pool.workers.get(&pid) else { return };
         let took = w.started.elapsed();
-        self.metrics.ready(took);
+        self.outside.metrics.ready(took);
         tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
-        if let Some(slot) = self.slots.get_mut(&w.slot) {
+        if let Some(slot) = self.pool.slots.get_mut(&w.slot) {
             slot.settled = true;
         }
     }
@@ -155,7 +140,8 @@ impl Supervisor {
     pub(super) fn on_timers(&mut self, now: Instant) {
         let mut became_ready = Vec::new();
         let mut timed_out = Vec::new();
-        for (pid, w) in self.workers.iter_mut() {
+        let outside = &mut self.outside;
+        for (pid, w) in self.pool.workers.iter_mut() {
             match w.state {
                 State::Starting { deadline } => {
                     if let ReadyMode::Alive(d) = w.spec.ready {
@@ -170,23 +156,22 @@ impl Supervisor {
                     }
                 }
                 State::Draining { since } => {
-                    let queued = self.steering.as_ref().map_or(0, |st| st.queued(*pid));
+                    let queued = outside.queued(*pid);
                     let out_of_time = now >= since + w.spec.stop_timeout;
                     // While stopping, nothing receives and new connections are parked on
                     // member 0 for the next start: its worker need not (and could not) empty it.
-                    let parked =
-                        self.stopping && self.steering.as_ref().is_some_and(|st| st.holds_parking(*pid));
+                    let parked = self.stopping && outside.holds_parking(*pid);
                     if now >= since + DRAIN_GRACE && (queued == 0 || out_of_time || parked) {
                         if queued > 0 && !parked {
                             tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
                         }
                         w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
-                        self.host.signal(w, w.spec.stop_signal, false);
+                        outside.signal(w, w.spec.stop_signal, false);
                     }
                 }
                 State::Stopping { kill_at } if now >= kill_at => {
                     tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
-                    self.host.signal(w, Signal::SIGKILL, true);
+                    outside.signal(w, Signal::SIGKILL, true);
                     w.state = State::Killed;
                 }
                 _ => {}
@@ -196,17 +181,25 @@ impl Supervisor {
             self.on_ready(pid);
         }
         for pid in timed_out {
-            if let Some(w) = self.workers.get(&pid) {
+            if let Some(w) = self.pool.workers.get(&pid) {
                 let why = format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout));
                 self.kill_now(pid, Some(Failure::new(FailureKind::ReadyTimeout, why)));
             }
         }
         self.check_health(now);
-        if let Some((every, last)) = self.watchdog {
-            if now >= last + every {
-                self.notifier.send("WATCHDOG=1");
-                self.watchdog = Some((every, now));
-            }
+        self.manager.ping_if_due(now);
+    }
+
+    /// Watchdogs, then (when due) memory: what [`super::health::Health`] decides is applied.
+    fn check_health(&mut self, now: Instant) {
+        let rollouts = &self.rollouts;
+        let effects = self.health.check_watchdogs(&self.pool, now, |pid| rollouts.owns(pid));
+        self.apply(effects);
+        if self.health.memory_due(now) {
+            let pids: Vec<i32> = self.pool.workers.keys().copied().collect();
+            let rss = self.outside.host.memory(&pids);
+            let effects = self.health.check_memory(&mut self.pool, &rss);
+            self.apply(effects);
         }
     }
 }

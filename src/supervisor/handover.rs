@@ -1,5 +1,10 @@
 //! The loop's side of an in-place upgrade (see `crate::upgrade` for the whole protocol): when
 //! an upgrade may start, the check, the exec, and the supervisor's part of the state.
+//!
+//! The part: [`Upgrades`] holds the upgrade asked for, the reloads deferred behind it, the
+//! count of upgrades so far and what an upgrade carries that the loop does not own. Writing
+//! the state and taking it over reads every other part (that is what a handover is), so
+//! those stay on `Supervisor`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::RawFd;
@@ -9,20 +14,62 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Event, Slot, Supervisor};
+use super::pool::Slot;
+use super::{Event, Supervisor};
 use crate::control::protocol::{ReloadOutcome, UpgradeDone};
+use crate::requests::Waiter;
 use crate::spawn::Spec;
 use crate::sys::HandedOver;
 use crate::upgrade::{
-    self, Clock, Exporter, Handover, SlotState, SupervisorState, UpgradeError, WorkerPhase, WorkerRecord,
+    self, Carry, Clock, Exporter, Handover, SlotState, SupervisorState, UpgradeError, WorkerPhase,
+    WorkerRecord,
 };
 use crate::worker::Worker;
 
 /// How long the loop lets its tasks write the last answers before `execve`.
 const FLUSH: Duration = Duration::from_millis(50);
 
+/// The upgrade part.
+pub(super) struct Upgrades {
+    /// An in-place upgrade that was asked for and has not ended.
+    pending: Option<Pending>,
+    /// Reloads asked for during an upgrade.
+    deferred: Vec<Waiter>,
+    /// In-place upgrades since the service started.
+    pub count: u64,
+    /// What an upgrade carries over that the loop does not own (`None`: upgrades are refused).
+    carry: Option<Carry>,
+}
+
+impl Upgrades {
+    pub fn new(carry: Option<Carry>) -> Upgrades {
+        Upgrades { pending: None, deferred: Vec::new(), count: 0, carry }
+    }
+
+    /// Whether an upgrade was asked for and has not ended (a reload then waits for it).
+    pub fn upgrading(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// A reload asked for during an upgrade: it waits for the upgrade's end.
+    pub fn defer(&mut self, waiter: Waiter) {
+        if let Some(tx) = &waiter.progress {
+            let _ = tx.send("an in-place upgrade is in progress: this reload waits for it".to_string());
+        }
+        self.deferred.push(waiter);
+    }
+
+    /// When the loop must wake for the upgrade.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.pending.as_ref()?.phase {
+            Phase::Checked { exec_at, .. } => Some(*exec_at),
+            _ => None,
+        }
+    }
+}
+
 /// An upgrade that was asked for and has not ended.
-pub(super) struct Pending {
+struct Pending {
     binary: PathBuf,
     reply: Option<oneshot::Sender<Result<UpgradeDone, String>>>,
     /// The client's connection, for the new image to answer on.
@@ -84,49 +131,41 @@ impl Supervisor {
         if self.stopping {
             return refuse(reply, UpgradeError::Stopping);
         }
-        if self.upgrade.is_some() {
+        if self.upgrades.upgrading() {
             return refuse(reply, UpgradeError::Busy);
         }
-        let Some(carry) = &self.carry else {
+        let Some(carry) = &self.upgrades.carry else {
             let e = UpgradeError::Prepare("this supervisor was not started by `herdsman run`".into());
             return refuse(reply, e);
         };
         let binary = binary.unwrap_or_else(|| carry.binary.clone());
         tracing::info!(app = %self.app, "upgrade requested: re-executing from {}", binary.display());
-        self.upgrade = Some(Pending { binary, reply, conn, phase: Phase::Waiting });
-    }
-
-    /// Whether a reload must wait for an upgrade (then it is answered "retry" before the exec,
-    /// or started normally if the upgrade fails).
-    pub(super) fn upgrading(&self) -> bool {
-        self.upgrade.is_some()
+        self.upgrades.pending = Some(Pending { binary, reply, conn, phase: Phase::Waiting });
     }
 
     /// Moves a pending upgrade on: check when the loop is quiet, exec once checked.
     pub(super) fn drive_upgrade(&mut self) {
-        let Some(up) = &self.upgrade else { return };
+        let Some(up) = &self.upgrades.pending else { return };
         if self.stopping {
             return self.end_upgrade(Err(UpgradeError::Stopping));
         }
-        let quiet = self.rollout.is_none()
-            && self.queued.is_none()
-            && self.replacing.is_empty()
-            && self.scale_waiters.is_empty();
+        let quiet = self.rollouts.idle() && self.health.idle() && !self.pool.has_scale_waiters();
         match &up.phase {
             Phase::Waiting if quiet => {
                 let binary = up.binary.clone();
-                let timeout = self.carry.as_ref().map_or(upgrade::CHECK_TIMEOUT, |c| c.check_timeout);
+                let timeout =
+                    self.upgrades.carry.as_ref().map_or(upgrade::CHECK_TIMEOUT, |c| c.check_timeout);
                 let state = self
                     .handover(&mut Exporter::new(true, self.fd_floor()), None)
                     .and_then(|h| serde_json::to_vec(&h).map_err(|e| UpgradeError::Prepare(e.to_string())));
                 match state {
                     Ok(bytes) => {
-                        let events = self.events.clone();
+                        let events = self.outside.events.clone();
                         tokio::spawn(async move {
                             let r = upgrade::check(binary, bytes, timeout).await;
                             let _ = events.send(Event::UpgradeChecked(r));
                         });
-                        if let Some(up) = &mut self.upgrade {
+                        if let Some(up) = &mut self.upgrades.pending {
                             up.phase = Phase::Checking;
                         }
                     }
@@ -138,32 +177,24 @@ impl Supervisor {
         }
     }
 
-    /// When the loop must wake for the upgrade.
-    pub(super) fn upgrade_deadline(&self) -> Option<Instant> {
-        match &self.upgrade.as_ref()?.phase {
-            Phase::Checked { exec_at, .. } => Some(*exec_at),
-            _ => None,
-        }
-    }
-
     pub(super) fn on_upgrade_checked(&mut self, r: Result<upgrade::CheckReport, UpgradeError>) {
-        let Some(up) = &mut self.upgrade else { return };
+        let Some(up) = &mut self.upgrades.pending else { return };
         match r {
             Ok(report) => {
                 tracing::info!(app = %self.app, "{} (herdsman {}) passed its take-over check", up.binary.display(), report.version);
                 // Reloads that waited for the upgrade go to the new image: tell their clients.
-                let waiters = std::mem::take(&mut self.deferred);
+                let waiters = std::mem::take(&mut self.upgrades.deferred);
                 let outcome = ReloadOutcome {
                     ok: false,
-                    generation: self.spec.generation,
+                    generation: self.pool.spec.generation,
                     message: format!(
                         "the supervisor is being upgraded in place to herdsman {}: send the reload again",
                         report.version
                     ),
                     retry: true,
                 };
-                self.answer(waiters, outcome);
-                if let Some(up) = &mut self.upgrade {
+                super::answer(waiters, outcome);
+                if let Some(up) = &mut self.upgrades.pending {
                     up.phase = Phase::Checked { report, exec_at: Instant::now() + FLUSH };
                 }
             }
@@ -173,20 +204,20 @@ impl Supervisor {
 
     /// Ends a pending upgrade that will not happen: the client hears why, waiting reloads run.
     fn end_upgrade(&mut self, r: Result<UpgradeDone, UpgradeError>) {
-        let Some(up) = self.upgrade.take() else { return };
+        let Some(up) = self.upgrades.pending.take() else { return };
         if let Err(e) = &r {
             tracing::error!(app = %self.app, "upgrade refused: {e}");
         }
         if let Some(tx) = up.reply {
             let _ = tx.send(r.map_err(|e| e.to_string()));
         }
-        for w in std::mem::take(&mut self.deferred) {
+        for w in std::mem::take(&mut self.upgrades.deferred) {
             self.request_reload(w);
         }
     }
 
     fn exec_upgrade(&mut self) {
-        let Some(up) = &mut self.upgrade else { return };
+        let Some(up) = &mut self.upgrades.pending else { return };
         let binary = up.binary.clone();
         let conn = up.conn.take();
         let version = match &up.phase {
@@ -198,21 +229,21 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => return self.end_upgrade(Err(e)),
         };
-        tracing::info!(app = %self.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.display(), self.workers.len());
-        self.notifier.send(&format!("STATUS=upgrading in place to herdsman {version}"));
-        self.notifier.flush();
+        tracing::info!(app = %self.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.display(), self.pool.workers.len());
+        self.manager.send(&format!("STATUS=upgrading in place to herdsman {version}"));
+        self.manager.flush();
         // The last lines must not die with this image.
-        self.launcher.output().flush(Duration::from_millis(500));
+        self.outside.launcher.output().flush(Duration::from_millis(500));
         crate::logging::flush(Duration::from_millis(500));
-        let Some(carry) = &self.carry else { return };
+        let Some(carry) = &self.upgrades.carry else { return };
         let err = upgrade::exec(&binary, &state, exporter, carry);
         // Still here: execve failed, the duplicates are closed again.
-        self.last_status.clear();
+        self.manager.forget_status();
         self.end_upgrade(Err(err));
     }
 
     fn fd_floor(&self) -> RawFd {
-        self.listeners.floor()
+        self.outside.listeners.floor()
     }
 
     /// The whole state, with `ex` deciding the descriptor numbers.
@@ -222,7 +253,8 @@ impl Supervisor {
         conn: Option<&std::os::fd::OwnedFd>,
     ) -> Result<Handover, UpgradeError> {
         let prep = |e: std::io::Error| UpgradeError::Prepare(e.to_string());
-        let carry = self.carry.as_ref().ok_or_else(|| UpgradeError::Prepare("nothing to carry".into()))?;
+        let carry =
+            self.upgrades.carry.as_ref().ok_or_else(|| UpgradeError::Prepare("nothing to carry".into()))?;
         let clock = Clock::now();
         let control = upgrade::ControlState {
             fd: ex.fd(&carry.control.0).map_err(prep)?,
@@ -239,9 +271,9 @@ impl Supervisor {
             }),
             None => None,
         };
-        let listeners = self.listeners.export(ex).map_err(prep)?;
-        let steering = self.steering.as_ref().map(|s| s.export(ex)).transpose().map_err(prep)?;
-        let notify = self.notify.export(ex).map_err(prep)?;
+        let listeners = self.outside.listeners.export(ex).map_err(prep)?;
+        let steering = self.outside.steering.as_ref().map(|s| s.export(ex)).transpose().map_err(prep)?;
+        let notify = self.outside.notify.export(ex).map_err(prep)?;
         let supervisor = self.export(ex, &clock).map_err(prep)?;
         let reply = conn.map(|c| ex.fd(c)).transpose().map_err(prep)?;
         Ok(Handover {
@@ -249,7 +281,7 @@ impl Supervisor {
             from_version: upgrade::version().to_string(),
             // The next upgrade defaults to the same path (the installed one).
             binary: carry.binary.clone(),
-            upgrades: self.upgrades + 1,
+            upgrades: self.upgrades.count + 1,
             exec_at_ns: upgrade::monotonic_ns(),
             config: carry.config.clone(),
             overrides: carry.overrides.clone(),
@@ -257,7 +289,7 @@ impl Supervisor {
             worker_fd_limit: crate::sys::worker_fd_limit(),
             control,
             metrics_http,
-            metrics: self.metrics.export(),
+            metrics: self.outside.metrics.export(),
             listeners,
             steering,
             notify,
@@ -276,8 +308,9 @@ impl Supervisor {
                 specs.len() - 1
             }
         };
-        let spec = index(&self.spec);
+        let spec = index(&self.pool.spec);
         let slots = self
+            .pool
             .slots
             .iter()
             .map(|(id, s)| SlotState {
@@ -292,7 +325,7 @@ impl Supervisor {
             })
             .collect();
         let mut workers = Vec::new();
-        for w in self.workers.values() {
+        for w in self.pool.workers.values() {
             workers.push(WorkerRecord {
                 pid: w.pid,
                 slot: w.slot,
@@ -314,14 +347,14 @@ impl Supervisor {
             settings: self.settings.clone(),
             specs,
             spec,
-            generation: self.generation,
-            desired: self.desired,
+            generation: self.pool.generation,
+            desired: self.pool.desired,
             slots,
             workers,
-            last_reload: self.last_reload.clone(),
-            watchdog_timeouts: self.watchdog_timeouts,
-            sent_ready: self.sent_ready,
-            next_memory_check_ns: self.next_memory_check.map(|t| clock.to_ns(t)),
+            last_reload: self.rollouts.last_reload.clone(),
+            watchdog_timeouts: self.health.watchdog_timeouts,
+            sent_ready: self.manager.sent_ready,
+            next_memory_check_ns: self.health.next_memory_check.map(|t| clock.to_ns(t)),
         })
     }
 
@@ -336,14 +369,14 @@ impl Supervisor {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, format!("spec {i} missing"))
             })
         };
-        self.spec = spec_at(state.spec)?;
-        self.generation = state.generation;
-        self.desired = state.desired;
-        self.last_reload = state.last_reload;
-        self.watchdog_timeouts = state.watchdog_timeouts;
-        self.sent_ready = state.sent_ready;
-        self.next_memory_check = state.next_memory_check_ns.map(|n| clock.instant(n));
-        self.upgrades = upgrades;
+        self.pool.spec = spec_at(state.spec)?;
+        self.pool.generation = state.generation;
+        self.pool.desired = state.desired;
+        self.rollouts.last_reload = state.last_reload;
+        self.health.watchdog_timeouts = state.watchdog_timeouts;
+        self.manager.sent_ready = state.sent_ready;
+        self.health.next_memory_check = state.next_memory_check_ns.map(|n| clock.instant(n));
+        self.upgrades.count = upgrades;
         let mut slots = BTreeMap::new();
         for s in state.slots {
             slots.insert(
@@ -359,7 +392,7 @@ impl Supervisor {
                 },
             );
         }
-        self.slots = slots;
+        self.pool.slots = slots;
         let mut take = |fd: RawFd| {
             fds.remove(&fd).ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, format!("fd {fd} missing"))
@@ -370,9 +403,10 @@ impl Supervisor {
             let pipes = [Arc::new(take(w.stdout)?), Arc::new(take(w.stderr)?)];
             let spec = spec_at(w.spec)?;
             let tail = crate::output::Tail::from_lines(w.tail);
-            let output_done = self.launcher.capture(w.slot, w.pid, spec.generation, pipes.clone(), &tail);
-            super::exits::watch_exit(w.pid, pidfd.clone(), output_done, self.events.clone());
-            self.workers.insert(
+            let output_done =
+                self.outside.launcher.capture(w.slot, w.pid, spec.generation, pipes.clone(), &tail);
+            super::exits::watch_exit(w.pid, pidfd.clone(), output_done, self.outside.events.clone());
+            self.pool.workers.insert(
                 w.pid,
                 Worker {
                     pid: w.pid,
@@ -391,9 +425,7 @@ impl Supervisor {
             );
         }
         // The manager's watchdog: ping at once (the exec took a moment of it).
-        if let Some((every, _)) = self.watchdog {
-            self.watchdog = Some((every, Instant::now().checked_sub(every).unwrap_or_else(Instant::now)));
-        }
+        self.manager.ping_soon(Instant::now());
         if let Some((conn, done)) = reply {
             use std::io::Write;
             let took = done.took_ms;
@@ -401,7 +433,7 @@ impl Supervisor {
             let _ = s.set_nonblocking(false);
             let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = s.write_all(crate::control::protocol::Reply::Upgrade(done).line().as_bytes());
-            tracing::info!(app = %self.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.workers.len());
+            tracing::info!(app = %self.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.pool.workers.len());
         }
         Ok(())
     }

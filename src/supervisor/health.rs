@@ -5,151 +5,174 @@
 //! over its memory limit the normal stop signal so it drains). Memory is sampled from
 //! `/proc/PID/stat` every [`MEMORY_CHECK`] (a few microseconds per worker), and a worker is
 //! replaced only when it stays above the limit for [`MEMORY_STRIKES`] samples in a row.
+//!
+//! The part: [`Health`] holds the replacements in flight and the memory clock. It reads the
+//! pool and answers with [`Effect`]s: replace a worker, kill one, promote a replacement that
+//! became ready (the same hand-over a roll-out uses).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Supervisor;
-use crate::worker::{Failure, FailureKind, Role, State};
+use super::effect::Effect;
+use super::pool::Pool;
+use crate::worker::{Failure, FailureKind, Role, State, Worker};
 
 pub const MEMORY_CHECK: Duration = Duration::from_secs(5);
 const MEMORY_STRIKES: u32 = 2;
 
 /// A replacement in flight: the new worker's old counterpart.
 #[derive(Debug, Clone)]
-pub struct Replacement {
-    pub old: i32,
+struct Replacement {
+    old: i32,
     /// The old worker is hung: SIGKILL instead of the stop signal.
-    pub hard: bool,
+    hard: bool,
 }
 
-impl Supervisor {
+pub(super) struct Health {
+    /// Health replacements in flight, by new worker pid.
+    replacing: HashMap<i32, Replacement>,
+    pub watchdog_timeouts: u64,
+    /// When memory is sampled next (`None`: no worker has a limit).
+    pub next_memory_check: Option<Instant>,
+    app: Arc<str>,
+}
+
+impl Health {
+    pub fn new(app: Arc<str>) -> Health {
+        Health { replacing: HashMap::new(), watchdog_timeouts: 0, next_memory_check: None, app }
+    }
+
+    /// Whether no replacement is in flight.
+    pub fn idle(&self) -> bool {
+        self.replacing.is_empty()
+    }
+
+    /// A worker with a memory limit started: sampling begins.
+    pub fn watch_memory(&mut self, now: Instant) {
+        if self.next_memory_check.is_none() {
+            self.next_memory_check = Some(now + MEMORY_CHECK);
+        }
+    }
+
     /// When the watchdog of a ready worker runs out.
-    pub(super) fn watchdog_deadline(&self, pid: i32) -> Option<Instant> {
-        let w = self.workers.get(&pid)?;
+    pub fn watchdog_deadline(&self, w: &Worker) -> Option<Instant> {
         let every = w.spec.watchdog?;
         match (w.role, w.state) {
-            (Role::Active | Role::Candidate, State::Ready { since }) if !self.is_being_replaced(pid) => {
+            (Role::Active | Role::Candidate, State::Ready { since }) if !self.is_being_replaced(w.pid) => {
                 Some(w.last_ping.max(since) + every)
             }
             _ => None,
         }
     }
 
+    /// When the loop must wake for a watchdog or the memory sample.
+    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Instant> + 'a {
+        pool.workers.values().filter_map(move |w| self.watchdog_deadline(w)).chain(self.next_memory_check)
+    }
+
     fn is_being_replaced(&self, old: i32) -> bool {
         self.replacing.values().any(|r| r.old == old)
     }
 
-    /// Checks watchdogs and (when due) memory; starts replacements.
-    pub(super) fn check_health(&mut self, now: Instant) {
-        let hung: Vec<i32> = self
-            .workers
-            .keys()
-            .copied()
-            .filter(|pid| self.watchdog_deadline(*pid).is_some_and(|d| now >= d))
-            .collect();
-        for pid in hung {
-            let every = self.workers[&pid].spec.watchdog.unwrap_or_default();
-            let reason = Failure::new(
+    /// Workers whose watchdog ran out: a worker `owned` by the roll-out is killed (its exit
+    /// aborts the roll-out), any other is replaced and killed once its replacement is ready.
+    pub fn check_watchdogs(&mut self, pool: &Pool, now: Instant, owned: impl Fn(i32) -> bool) -> Vec<Effect> {
+        let mut hung: Vec<&Worker> =
+            pool.workers.values().filter(|w| self.watchdog_deadline(w).is_some_and(|d| now >= d)).collect();
+        hung.sort_by_key(|w| w.pid);
+        let mut effects = Vec::new();
+        for w in hung {
+            let every = w.spec.watchdog.unwrap_or_default();
+            let failure = Failure::new(
                 FailureKind::Watchdog,
                 format!("watchdog: no WATCHDOG=1 for {}", super::human(every)),
             );
             self.watchdog_timeouts += 1;
-            if self.rollout.as_ref().is_some_and(|r| r.owns(pid)) {
-                // A worker the roll-out started is hung: kill it; its exit aborts the roll-out.
-                self.kill_now(pid, Some(reason));
+            effects.push(if owned(w.pid) {
+                Effect::Kill { pid: w.pid, failure: Some(failure) }
             } else {
-                self.replace_worker(pid, reason, true);
-            }
+                Effect::Replace { old: w.pid, failure, hard: true }
+            });
         }
-        if self.next_memory_check.is_some_and(|t| now >= t) {
+        effects
+    }
+
+    /// Whether memory is to be sampled now; if so, the next sample is scheduled.
+    pub fn memory_due(&mut self, now: Instant) -> bool {
+        let due = self.next_memory_check.is_some_and(|t| now >= t);
+        if due {
             self.next_memory_check = Some(now + MEMORY_CHECK);
-            let mut over = Vec::new();
-            let pids: Vec<i32> = self.workers.keys().copied().collect();
-            let groups = self.host.memory(&pids);
-            for (pid, w) in self.workers.iter_mut() {
-                let Some(limit) = w.spec.max_memory else { continue };
-                if w.role != Role::Active || !w.is_ready() {
-                    continue;
-                }
-                let rss = groups.get(pid).copied().unwrap_or(0);
-                w.memory_strikes = if rss > limit { w.memory_strikes + 1 } else { 0 };
-                if w.memory_strikes >= MEMORY_STRIKES {
-                    w.memory_strikes = 0;
-                    over.push((*pid, rss, limit));
-                }
-            }
-            for (pid, rss, limit) in over {
-                if !self.is_being_replaced(pid) {
-                    let reason = Failure::new(
-                        FailureKind::Memory,
-                        format!("memory {} MiB above the limit of {} MiB", rss >> 20, limit >> 20),
-                    );
-                    self.replace_worker(pid, reason, false);
-                }
-            }
         }
+        due
     }
 
-    /// Starts a replacement for `old` in its slot; the old worker goes once it is ready.
-    fn replace_worker(&mut self, old: i32, reason: Failure, hard: bool) {
-        let Some(w) = self.workers.get(&old) else { return };
-        let (slot, spec) = (w.slot, w.spec.clone());
-        tracing::warn!(
-            app = %self.app, worker_id = slot, worker_pid = old, worker_generation = spec.generation,
-            "worker {slot} (pid {old}) {reason}: starting a replacement"
-        );
-        if let Some(w) = self.workers.get_mut(&old) {
-            w.failure = Some(reason.clone());
-        }
-        match self.launch(slot, &spec, Role::Replacement) {
-            Ok(new) => {
-                self.replacing.insert(new, Replacement { old, hard });
-            }
-            Err(e) => {
-                tracing::error!(app = %self.app, worker_id = slot, "replacement for worker {slot} failed: {e}");
-                if hard {
-                    self.kill_now(old, None);
-                }
-            }
-        }
-    }
-
-    /// Swaps in replacements that became ready.
-    pub(super) fn promote_replacements(&mut self) {
-        let ready: Vec<(i32, Replacement)> = self
-            .replacing
-            .iter()
-            .filter(|(new, _)| self.workers.get(new).is_some_and(|w| w.is_ready()))
-            .map(|(n, r)| (*n, r.clone()))
-            .collect();
-        for (new, r) in ready {
-            self.replacing.remove(&new);
-            let Some(slot_id) = self.workers.get(&new).map(|w| w.slot) else { continue };
-            let current = self.slots.get(&slot_id).and_then(|s| s.active);
-            if current != Some(r.old) {
-                // The slot moved on meanwhile (roll-out, restart): this replacement is stale.
-                self.retire(new);
+    /// Takes a memory sample (`rss`: bytes by worker): an active worker above its limit for
+    /// [`MEMORY_STRIKES`] samples in a row is replaced (and stopped gracefully after).
+    pub fn check_memory(&mut self, pool: &mut Pool, rss: &HashMap<i32, u64>) -> Vec<Effect> {
+        let mut over = Vec::new();
+        for (pid, w) in pool.workers.iter_mut() {
+            let Some(limit) = w.spec.max_memory else { continue };
+            if w.role != Role::Active || !w.is_ready() {
                 continue;
             }
-            if let Some(slot) = self.slots.get_mut(&slot_id) {
+            let rss = rss.get(pid).copied().unwrap_or(0);
+            w.memory_strikes = if rss > limit { w.memory_strikes + 1 } else { 0 };
+            if w.memory_strikes >= MEMORY_STRIKES {
+                w.memory_strikes = 0;
+                over.push((*pid, rss, limit));
+            }
+        }
+        over.sort_unstable();
+        over.into_iter()
+            .filter(|(pid, _, _)| !self.is_being_replaced(*pid))
+            .map(|(pid, rss, limit)| {
+                let failure = Failure::new(
+                    FailureKind::Memory,
+                    format!("memory {} MiB above the limit of {} MiB", rss >> 20, limit >> 20),
+                );
+                Effect::Replace { old: pid, failure, hard: false }
+            })
+            .collect()
+    }
+
+    /// The replacement `new` for `old` started.
+    pub fn replacing(&mut self, new: i32, old: i32, hard: bool) {
+        self.replacing.insert(new, Replacement { old, hard });
+    }
+
+    /// Swaps in the replacements that became ready. One whose slot moved on meanwhile (a
+    /// roll-out, a restart) is stale and retired instead.
+    pub fn promote_ready(&mut self, pool: &mut Pool) -> Vec<Effect> {
+        let mut ready: Vec<(i32, Replacement)> = self
+            .replacing
+            .iter()
+            .filter(|(new, _)| pool.workers.get(new).is_some_and(|w| w.is_ready()))
+            .map(|(n, r)| (*n, r.clone()))
+            .collect();
+        ready.sort_by_key(|(n, _)| *n);
+        let mut effects = Vec::new();
+        for (new, r) in ready {
+            self.replacing.remove(&new);
+            let Some(slot_id) = pool.workers.get(&new).map(|w| w.slot) else { continue };
+            if pool.slots.get(&slot_id).and_then(|s| s.active) != Some(r.old) {
+                effects.push(Effect::Retire(new));
+                continue;
+            }
+            if let Some(slot) = pool.slots.get_mut(&slot_id) {
                 slot.restarts += 1;
             }
             tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = new, "worker {slot_id} replaced (pid {} → {new})", r.old);
-            if r.hard {
-                self.kill_now(r.old, None);
-            }
-            self.promote(slot_id, new);
+            effects.push(Effect::Promote { slot: slot_id, new, kill_old: r.hard });
         }
+        effects
     }
 
-    /// A replacement died before it was ready.
-    pub(super) fn replacement_failed(&mut self, new: i32, report: &str) {
-        if let Some(r) = self.replacing.remove(&new) {
-            tracing::error!(app = %self.app, "replacement failed: {report}");
-            if r.hard {
-                // The old worker is hung and serves nobody: kill it; its slot restarts with back-off.
-                self.kill_now(r.old, None);
-            }
-        }
+    /// The replacement `new` died before it was ready. If the worker it was to replace is
+    /// hung it serves nobody: it is killed, and its slot restarts with back-off.
+    pub fn replacement_failed(&mut self, new: i32, report: &str) -> Vec<Effect> {
+        let Some(r) = self.replacing.remove(&new) else { return Vec::new() };
+        tracing::error!(app = %self.app, "replacement failed: {report}");
+        if r.hard { vec![Effect::Kill { pid: r.old, failure: None }] } else { Vec::new() }
     }
 }

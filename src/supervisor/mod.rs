@@ -12,41 +12,53 @@
 //! *active* worker and, during a roll-out, one *candidate*; replaced workers are *retired* and
 //! drain on their own schedule.
 
+//!
+//! The state is held by parts with one concern each, which own their fields and decide:
+//! [`pool`] (the slots, the workers, the wanted size, back-off), [`rollout`] (the roll-out,
+//! the reloads queued behind it, the last result), [`health`] (watchdog and memory
+//! replacements), [`handover`] (in-place upgrades), [`manager`] (what systemd is told) and
+//! [`outside`] (the host, the launcher, the sockets, the metrics). The roll-out's and health's
+//! decisions come back as [`effect::Effect`]s; [`Supervisor`] is the thin driver that carries
+//! them out ([`Supervisor::apply`]) and owns the one slot hand-over ([`Supervisor::promote`]).
+
+mod effect;
 mod events;
 mod exits;
 pub mod handover;
 mod health;
 mod host;
+mod manager;
+mod outside;
+mod pool;
+mod reload;
 mod rollout;
 mod status;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::backoff;
-use crate::config::{Problems, ReadyMode, Settings};
-use crate::control::protocol::{LastReload, ReloadOutcome, ScaleError};
+use crate::config::{Problems, Settings};
+use crate::control::protocol::{ReloadOutcome, ScaleError};
 use crate::listeners::Listeners;
 use crate::notify::{Notifier, WorkerNotify};
 use crate::output::Output;
 use crate::requests::{Control, Scale, Waiter};
 use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
-use crate::worker::{Role, State, Worker};
-use rollout::Rollout;
-
-/// A steered worker that stopped receiving keeps running at least this long before its stop
-/// signal, for handshakes that were already routed to it (see `steer`).
-const DRAIN_GRACE: Duration = Duration::from_millis(250);
-/// How often a draining worker's accept queue is checked.
-const DRAIN_POLL: Duration = Duration::from_millis(20);
+use crate::worker::{Failure, Role, State, Worker};
+use effect::Effect;
+use handover::Upgrades;
+use health::Health;
+use manager::Manager;
+use outside::Outside;
+use pool::Pool;
+use rollout::Rollouts;
 
 /// How long to wait for a dead worker's last output before reporting its exit.
 const OUTPUT_GRACE: Duration = Duration::from_millis(250);
@@ -84,69 +96,18 @@ enum Event {
     UpgradeChecked(Result<crate::upgrade::CheckReport, crate::upgrade::UpgradeError>),
 }
 
-/// A slot: one stable worker id.
-struct Slot {
-    /// The worker serving (or starting to serve) this slot.
-    active: Option<i32>,
-    /// What the slot runs when (re)started.
-    spec: Arc<Spec>,
-    /// Failures in a row, for back-off.
-    failures: u32,
-    restarts: u32,
-    /// Back-off: do not start before this.
-    restart_at: Option<Instant>,
-    /// Became ready or failed at least once (for the first `READY=1`).
-    settled: bool,
-    last_error: Option<String>,
-}
-
+/// The driver: the parts, and what belongs to none of them.
 pub struct Supervisor {
     settings: Settings,
     app: Arc<str>,
-    /// What new slots and restarts without a slot spec run.
-    spec: Arc<Spec>,
-    /// The newest generation number handed out.
-    generation: u64,
-    desired: usize,
-    slots: BTreeMap<usize, Slot>,
-    workers: HashMap<i32, Worker>,
-    rollout: Option<Rollout>,
-    /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
-    queued: Option<Vec<Waiter>>,
-    /// Health replacements in flight, by new worker pid.
-    replacing: HashMap<i32, health::Replacement>,
-    watchdog_timeouts: u64,
-    next_memory_check: Option<Instant>,
-    /// `scale --wait` clients: answered once the pool has converged.
-    scale_waiters: Vec<oneshot::Sender<Result<usize, ScaleError>>>,
-    last_reload: Option<LastReload>,
-    launcher: Launcher,
-    /// Per-worker sockets and the routing program, with `--balance steer|sticky`.
-    steering: Option<Steering>,
-    /// Copies of the shared listening sockets (for their accept-queue length in `status`).
-    shared_sockets: Vec<std::os::fd::OwnedFd>,
-    notifier: Notifier,
-    reload_source: Option<ReloadSource>,
-    watchdog: Option<(Duration, Instant)>,
-    sockets: Vec<String>,
-    events: mpsc::UnboundedSender<Event>,
     /// Set once a stop began; the loop ends when no worker is left.
     stopping: bool,
-    sent_ready: bool,
-    last_status: String,
-    metrics: crate::metrics::Metrics,
-    listeners: Listeners,
-    /// The workers' notify socket (also read by the loop itself).
-    notify: Arc<WorkerNotify>,
-    carry: Option<crate::upgrade::Carry>,
-    /// An in-place upgrade that was asked for and has not ended.
-    upgrade: Option<handover::Pending>,
-    /// Reloads asked for during an upgrade.
-    deferred: Vec<Waiter>,
-    /// In-place upgrades since the service started.
-    upgrades: u64,
-    /// Everything the loop does to processes and the clock it reads (see `host`).
-    host: Box<dyn host::Host>,
+    pool: Pool,
+    rollouts: Rollouts,
+    health: Health,
+    upgrades: Upgrades,
+    manager: Manager,
+    outside: Outside,
 }
 
 /// Runs the supervisor until a stop request has been carried out.
@@ -180,63 +141,42 @@ impl Supervisor {
             notify.address.clone(),
             world.output,
         )?;
-        let sockets = match &world.steering {
-            Some(st) => st.addrs(),
-            None => world.listeners.addrs(),
-        };
         let (events, event_rx) = mpsc::unbounded_channel();
         let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
         let now = host.now();
-        let mut sup = Supervisor {
-            app,
-            desired: settings.workers.get(),
-            settings,
-            spec,
-            generation: 1,
-            slots: BTreeMap::new(),
-            workers: HashMap::new(),
-            rollout: None,
-            queued: None,
-            scale_waiters: Vec::new(),
-            replacing: HashMap::new(),
-            watchdog_timeouts: 0,
-            next_memory_check: None,
-            last_reload: None,
-            launcher,
-            shared_sockets: if world.steering.is_none() {
-                world.listeners.copies()?.into_iter().map(|(_, _, fd)| fd).collect()
-            } else {
-                Vec::new()
-            },
-            steering: world.steering,
-            notifier: world.notifier,
-            reload_source: world.reload_source,
-            watchdog: world.watchdog.map(|d| (d, now)),
-            sockets,
-            events,
-            stopping: false,
-            sent_ready: false,
-            last_status: String::new(),
-            metrics: world.metrics,
-            listeners: world.listeners,
-            notify,
-            carry: world.carry,
-            upgrade: None,
-            deferred: Vec::new(),
-            upgrades: 0,
+        let outside = Outside::new(
+            app.clone(),
             host,
+            launcher,
+            world.listeners,
+            world.steering,
+            notify,
+            world.metrics,
+            events,
+        )?;
+        let mut sup = Supervisor {
+            pool: Pool::new(spec, settings.workers.get()),
+            rollouts: Rollouts::new(app.clone(), world.reload_source),
+            health: Health::new(app.clone()),
+            upgrades: Upgrades::new(world.carry),
+            manager: Manager::new(world.notifier, world.watchdog, now),
+            outside,
+            settings,
+            app,
+            stopping: false,
         };
         if let Some(r) = world.resume {
             sup.resume(r)?;
         } else {
+            let sockets = sup.outside.sockets.join(", ");
             tracing::info!(
                 app = %sup.app,
-                workers = sup.desired,
-                sockets = %sup.sockets.join(", "),
+                workers = sup.pool.desired,
+                sockets = %sockets,
                 "starting {} worker(s) of {:?} on {}",
-                sup.desired,
+                sup.pool.desired,
                 sup.settings.command.join(" "),
-                sup.sockets.join(", ")
+                sockets
             );
         }
         Ok((sup, event_rx))
@@ -249,11 +189,11 @@ impl Supervisor {
         mut event_rx: mpsc::UnboundedReceiver<Event>,
         mut controls: mpsc::Receiver<Control>,
     ) -> anyhow::Result<()> {
-        let notify = self.notify.clone();
+        let notify = self.outside.notify.clone();
         let mut controls_open = true;
         loop {
             self.reconcile();
-            if self.stopping && self.workers.is_empty() {
+            if self.stopping && self.pool.workers.is_empty() {
                 break;
             }
             let wake = self.next_deadline();
@@ -266,7 +206,7 @@ impl Supervisor {
                 },
                 _ = sleep_until(wake) => {}
             }
-            let now = self.host.now();
+            let now = self.now();
             self.on_timers(now);
         }
         tracing::info!(app = %self.app, "all workers stopped");
@@ -281,12 +221,24 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// Gives reload clients their final answer.
+fn answer(waiters: Vec<Waiter>, outcome: ReloadOutcome) {
+    for tx in waiters.into_iter().filter_map(|w| w.reply) {
+        let _ = tx.send(outcome.clone());
+    }
+}
+
 impl Supervisor {
+    /// The loop's clock.
+    fn now(&self) -> Instant {
+        self.outside.host.now()
+    }
+
     fn on_control(&mut self, c: Control) {
         match c {
             Control::Reload(waiter) => self.request_reload(waiter),
             Control::Scale { scale, wait, reply } => match (self.scale(scale), reply) {
-                (Ok(_), Some(tx)) if wait => self.scale_waiters.push(tx),
+                (Ok(_), Some(tx)) if wait => self.pool.wait_for_scale(tx),
                 (r, Some(tx)) => {
                     let _ = tx.send(r);
                 }
@@ -301,19 +253,9 @@ impl Supervisor {
     }
 
     fn scale(&mut self, scale: Scale) -> Result<usize, ScaleError> {
-        let want = match scale {
-            Scale::To(n) => n,
-            Scale::Add(n) => self.desired.saturating_add(n),
-            Scale::Remove(n) => self.desired.saturating_sub(n),
-        };
-        if want == 0 {
-            return Err(ScaleError::Zero { now: self.desired });
-        }
-        if want > crate::config::values::MAX_WORKERS {
-            return Err(ScaleError::TooMany { want });
-        }
-        if want != self.desired {
-            tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.desired);
+        let want = self.pool.target(scale)?;
+        if want != self.pool.desired {
+            tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.pool.desired);
         }
         self.set_desired(want);
         Ok(want)
@@ -321,46 +263,55 @@ impl Supervisor {
 
     /// The wanted number of workers; sticky steering hashes clients over that many slots.
     fn set_desired(&mut self, n: usize) {
-        self.desired = n;
-        if let Some(st) = &mut self.steering {
-            if let Err(e) = st.set_slots(n) {
-                tracing::error!(app = %self.app, "steering: {e}");
-            }
-        }
+        self.pool.desired = n;
+        self.outside.set_slots(n);
     }
 
     fn stop(&mut self) {
-        let now = self.host.now();
+        let now = self.now();
         if self.stopping {
             tracing::warn!(app = %self.app, "second stop request: killing the remaining workers now");
-            for w in self.workers.values_mut().filter(|w| w.state != State::Killed) {
+            for w in self.pool.workers.values_mut().filter(|w| w.state != State::Killed) {
                 w.state = State::Stopping { kill_at: now };
             }
             return;
         }
-        tracing::info!(app = %self.app, "stopping: sending {} to {} worker(s)", self.settings.stop_signal, self.workers.len());
+        tracing::info!(app = %self.app, "stopping: sending {} to {} worker(s)", self.settings.stop_signal, self.pool.workers.len());
         self.stopping = true;
-        self.notifier.send("STOPPING=1\nSTATUS=stopping");
+        self.manager.send("STOPPING=1\nSTATUS=stopping");
         self.fail_rollout("the supervisor is stopping".to_string());
-        if let Some(waiters) = self.queued.take() {
-            let outcome = ReloadOutcome::new(false, self.spec.generation, "the supervisor is stopping");
-            self.answer(waiters, outcome);
-        }
-        let pids: Vec<i32> = self.workers.keys().copied().collect();
+        let effects = self.rollouts.drop_queued(self.pool.spec.generation);
+        self.apply(effects);
+        let pids: Vec<i32> = self.pool.workers.keys().copied().collect();
         for pid in pids {
             self.retire(pid);
         }
     }
 
+    /// Carries out what a part decided, in order.
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Promote { slot, new, kill_old } => self.promote(slot, new, kill_old),
+                Effect::Kill { pid, failure } => self.kill_now(pid, failure),
+                Effect::Retire(pid) => self.retire(pid),
+                Effect::Replace { old, failure, hard } => self.replace(old, failure, hard),
+                Effect::Notify(msg) => self.manager.send(&msg),
+                Effect::Answer { waiters, outcome } => answer(waiters, outcome),
+                Effect::Reloaded { ok, took } => self.outside.metrics.reloaded(ok, took),
+            }
+        }
+    }
+
     /// SIGKILLs `pid`'s process group at once (a failed or hung worker); its exit event
     /// follows. `failure` says why, for the report.
-    fn kill_now(&mut self, pid: i32, failure: Option<crate::worker::Failure>) {
-        self.steer_receiving(pid, false);
-        let Some(w) = self.workers.get_mut(&pid) else { return };
+    fn kill_now(&mut self, pid: i32, failure: Option<Failure>) {
+        self.outside.steer_receiving(pid, false);
+        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
         if failure.is_some() {
             w.failure = failure;
         }
-        self.host.signal(w, Signal::SIGKILL, true);
+        self.outside.signal(w, Signal::SIGKILL, true);
         w.state = State::Killed;
     }
 
@@ -368,10 +319,10 @@ impl Supervisor {
     /// receiving first stops receiving and drains its own accept queue (see `steer`); the
     /// stop signal follows from `on_timers`.
     fn retire(&mut self, pid: i32) {
-        let now = self.host.now();
-        let was_receiving = self.steering.as_ref().is_some_and(|st| st.is_receiving(pid));
-        self.steer_receiving(pid, false);
-        let Some(w) = self.workers.get_mut(&pid) else { return };
+        let now = self.now();
+        let was_receiving = self.outside.is_receiving(pid);
+        self.outside.steer_receiving(pid, false);
+        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
         w.role = Role::Retired;
         if matches!(w.state, State::Stopping { .. } | State::Killed | State::Draining { .. }) {
             return;
@@ -380,157 +331,108 @@ impl Supervisor {
             w.state = State::Draining { since: now };
         } else {
             w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
-            self.host.signal(w, w.spec.stop_signal, false);
+            self.outside.signal(w, w.spec.stop_signal, false);
         }
-        if let Some(slot) = self.slots.get_mut(&w.slot) {
-            if slot.active == Some(pid) {
-                slot.active = None;
+        self.pool.unassign(pid);
+    }
+
+    /// Makes `new` the active worker of `slot` and retires the one it replaces (SIGKILLed
+    /// first with `kill_old`: it is hung): the one path by which a roll-out's new worker and
+    /// a health replacement (watchdog, memory) take over a slot.
+    fn promote(&mut self, slot: usize, new: i32, kill_old: bool) {
+        let current = self.pool.slots.get(&slot).and_then(|s| s.active);
+        if kill_old {
+            if let Some(old) = current.filter(|o| *o != new) {
+                self.kill_now(old, None);
             }
         }
-    }
-
-    /// Makes `new` the active worker of `slot_id` and retires the one it replaces: the one
-    /// path by which a roll-out's new worker and a health replacement (watchdog, memory) take
-    /// over a slot. Returns the replaced pid.
-    fn promote(&mut self, slot_id: usize, new: i32) -> Option<i32> {
-        let old = self.slots.get_mut(&slot_id)?.active.replace(new);
-        if let Some(w) = self.workers.get_mut(&new) {
-            w.role = Role::Active;
-        }
-        if let Some(old) = old.filter(|o| *o != new) {
+        if let Some(old) = self.pool.promote(slot, new) {
             self.retire(old);
         }
-        old
     }
 
-    /// Lets new connections reach `pid` (or stops them), with steered sockets.
-    fn steer_receiving(&mut self, pid: i32, receiving: bool) {
-        if let Some(st) = &mut self.steering {
-            if let Err(e) = st.set_receiving(pid, receiving) {
-                tracing::error!(app = %self.app, "steering: {e}");
+    /// Starts a replacement for the unhealthy `old` in its slot; it takes over once ready.
+    fn replace(&mut self, old: i32, failure: Failure, hard: bool) {
+        let Some(w) = self.pool.workers.get_mut(&old) else { return };
+        let (slot, spec) = (w.slot, w.spec.clone());
+        tracing::warn!(
+            app = %self.app, worker_id = slot, worker_pid = old, worker_generation = spec.generation,
+            "worker {slot} (pid {old}) {failure}: starting a replacement"
+        );
+        w.failure = Some(failure);
+        match self.launch(slot, &spec, Role::Replacement) {
+            Ok(new) => self.health.replacing(new, old, hard),
+            Err(e) => {
+                tracing::error!(app = %self.app, worker_id = slot, "replacement for worker {slot} failed: {e}");
+                if hard {
+                    self.kill_now(old, None);
+                }
             }
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let now = self.host.now();
-        let workers = self.workers.values().filter_map(|w| match w.state {
-            State::Starting { deadline } => Some(match w.spec.ready {
-                ReadyMode::Alive(d) => deadline.min(w.started + d),
-                ReadyMode::Notify => deadline,
-            }),
-            State::Stopping { kill_at } => Some(kill_at),
-            // Past the grace, poll the accept queue until it is empty.
-            State::Draining { since } => Some((since + DRAIN_GRACE).max(now + DRAIN_POLL)),
-            State::Ready { .. } | State::Killed => None,
-        });
-        let slots = self.slots.values().filter_map(|s| s.restart_at);
-        let watchdogs = self.workers.keys().filter_map(|pid| self.watchdog_deadline(*pid));
-        let watchdog = self.watchdog.map(|(every, last)| last + every);
-        // Roll-out candidates holding for min_ready.
-        let holds = self.rollout.iter().flat_map(|r| {
-            r.candidates().filter_map(|pid| match self.workers.get(&pid)?.state {
-                State::Ready { since } => Some(r.hold_until(since)),
-                _ => None,
-            })
-        });
-        // Retry notifications the manager had no room for.
-        let notify_retry = self.notifier.has_backlog().then(|| now + Duration::from_millis(50));
-        workers
-            .chain(slots)
-            .chain(watchdogs)
-            .chain(watchdog)
-            .chain(holds)
-            .chain(self.next_memory_check)
-            .chain(notify_retry)
-            .chain(self.upgrade_deadline())
+        let now = self.now();
+        self.pool
+            .deadlines(now)
+            .chain(self.health.deadlines(&self.pool))
+            .chain(self.rollouts.deadlines(&self.pool))
+            .chain(self.manager.deadlines(now))
+            .chain(self.upgrades.deadline())
             .min()
     }
 
     /// Moves the world toward the wanted state. Called after every event.
     fn reconcile(&mut self) {
-        let now = self.host.now();
+        let now = self.now();
         // Retry notifications the manager had no room for (next_deadline wakes us for it).
-        self.notifier.flush();
+        self.manager.flush();
         if !self.stopping {
             self.reconcile_slots(now);
             self.drive_rollout();
-            self.promote_replacements();
-            self.answer_scale_waiters();
+            let effects = self.health.promote_ready(&mut self.pool);
+            self.apply(effects);
+            if self.pool.has_scale_waiters() {
+                if let Some(result) = self.pool.scale_result() {
+                    self.pool.answer_scale(result);
+                }
+            }
             self.drive_upgrade();
         } else {
             self.drive_upgrade();
-            for tx in self.scale_waiters.drain(..) {
-                let _ = tx.send(Err(ScaleError::Stopping));
-            }
+            self.pool.answer_scale(Err(ScaleError::Stopping));
         }
-        if !self.sent_ready && (self.stopping || self.slots.values().all(|s| s.settled)) {
-            self.sent_ready = true;
-            if !self.stopping {
-                tracing::info!(app = %self.app, "started: {}", self.status_line());
-                self.notifier.send("READY=1");
-            }
+        if self.manager.ready_once(self.pool.settled(), self.stopping) {
+            tracing::info!(app = %self.app, "started: {}", self.status_line());
         }
         let status = self.status_line();
-        if status != self.last_status {
-            self.notifier.send(&format!("STATUS={status}"));
-            self.last_status = status;
-        }
+        self.manager.status(status);
     }
 
     fn reconcile_slots(&mut self, now: Instant) {
-        for id in 0..self.desired {
-            let spec = self.rollout.as_ref().map(|r| r.spec.clone()).unwrap_or_else(|| self.spec.clone());
-            self.slots.entry(id).or_insert_with(|| Slot {
-                active: None,
-                spec,
-                failures: 0,
-                restarts: 0,
-                restart_at: None,
-                settled: false,
-                last_error: None,
-            });
-        }
-        // Extra slots (scale down): retire their workers, drop the slot once empty.
-        let extra: Vec<usize> = self.slots.range(self.desired..).map(|(id, _)| *id).collect();
-        for id in extra {
-            let pids: Vec<i32> = self
-                .workers
-                .values()
-                .filter(|w| w.slot == id && w.role != Role::Retired)
-                .map(|w| w.pid)
-                .collect();
+        let spec =
+            self.rollouts.current.as_ref().map(|r| r.spec.clone()).unwrap_or_else(|| self.pool.spec.clone());
+        self.pool.add_missing_slots(&spec);
+        // Extra slots (scale down): retire their workers; the slot is gone.
+        for (id, pids) in self.pool.remove_extra_slots() {
             for pid in pids {
                 self.retire(pid);
             }
-            if let Some(r) = &mut self.rollout {
+            if let Some(r) = &mut self.rollouts.current {
                 r.forget_slot(id);
             }
-            self.slots.remove(&id);
         }
         // Empty slots start (after their back-off), unless a roll-out candidate is coming.
-        let ids: Vec<usize> = self.slots.keys().copied().collect();
-        for id in ids {
-            let slot = &self.slots[&id];
-            let has_candidate = self.rollout.as_ref().is_some_and(|r| r.candidate_for(id).is_some());
-            if slot.active.is_some() || has_candidate || slot.restart_at.is_some_and(|t| t > now) {
+        for id in self.pool.slots_to_start(now) {
+            if self.rollouts.has_candidate(id) {
                 continue;
             }
-            let spec = slot.spec.clone();
+            let Some(spec) = self.pool.slots.get(&id).map(|s| s.spec.clone()) else { continue };
             match self.launch(id, &spec, Role::Active) {
-                Ok(pid) => {
-                    let slot = self.slots.get_mut(&id).expect("slot exists");
-                    slot.active = Some(pid);
-                    slot.restart_at = None;
-                }
+                Ok(pid) => self.pool.started(id, pid),
                 Err(e) => {
-                    let slot = self.slots.get_mut(&id).expect("slot exists");
-                    slot.failures += 1;
-                    slot.settled = true;
-                    let delay = backoff::delay(&self.settings.backoff, slot.failures);
-                    slot.restart_at = Some(now + delay);
+                    let delay = self.pool.start_failed(id, now, &self.settings.backoff, e.to_string());
                     tracing::error!(app = %self.app, worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
-                    slot.last_error = Some(e.to_string());
                 }
             }
         }
@@ -538,38 +440,13 @@ impl Supervisor {
 
     /// Starts a worker for slot `id` running `spec`.
     fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, crate::spawn::SpawnError> {
-        let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
-        let l = match &mut self.steering {
-            None => self.host.launch(&self.launcher, spec, id, None, metrics_socket.as_deref())?,
-            Some(st) => {
-                let picked = st.reserve(id)?;
-                match self.host.launch(
-                    &self.launcher,
-                    spec,
-                    id,
-                    Some(&st.fds(&picked)),
-                    metrics_socket.as_deref(),
-                ) {
-                    Ok(l) => {
-                        st.bind(&picked, l.pid);
-                        l
-                    }
-                    Err(e) => {
-                        st.unreserve(&picked);
-                        return Err(e);
-                    }
-                }
-            }
-        };
+        let l = self.outside.launch(id, spec)?;
         let pid = l.pid;
-        self.metrics.launched(pid, id, metrics_socket);
-        let pidfd = Arc::new(l.pidfd);
-        self.host.watch(pid, pidfd.clone(), l.output_done, &self.events);
-        let now = self.host.now();
-        if spec.max_memory.is_some() && self.next_memory_check.is_none() {
-            self.next_memory_check = Some(now + health::MEMORY_CHECK);
+        let now = self.now();
+        if spec.max_memory.is_some() {
+            self.health.watch_memory(now);
         }
-        self.workers.insert(
+        self.pool.workers.insert(
             pid,
             Worker {
                 pid,
@@ -578,7 +455,7 @@ impl Supervisor {
                 state: State::Starting { deadline: now + spec.ready_timeout },
                 role,
                 started: now,
-                pidfd,
+                pidfd: l.pidfd,
                 tail: l.tail,
                 pipes: l.pipes,
                 failure: None,
@@ -589,45 +466,6 @@ impl Supervisor {
         );
         tracing::info!(app = %self.app, worker_id = id, worker_pid = pid, worker_generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
         Ok(pid)
-    }
-
-    fn answer(&self, waiters: Vec<Waiter>, outcome: ReloadOutcome) {
-        for tx in waiters.into_iter().filter_map(|w| w.reply) {
-            let _ = tx.send(outcome.clone());
-        }
-    }
-
-    /// Answers `scale --wait` clients once every slot runs a ready worker and removed slots
-    /// are gone, or as soon as a slot fails to start.
-    fn answer_scale_waiters(&mut self) {
-        if self.scale_waiters.is_empty() {
-            return;
-        }
-        let failed = self
-            .slots
-            .iter()
-            .find(|(id, s)| **id < self.desired && s.active.is_none() && s.restart_at.is_some());
-        let result = if let Some((id, slot)) = failed {
-            let why = slot.last_error.clone().unwrap_or_else(|| "failed to start".to_string());
-            Err(ScaleError::StartFailed { slot: *id, why })
-        } else {
-            let removed_gone = self.workers.values().all(|w| w.slot < self.desired);
-            if !(removed_gone && self.slots.len() == self.desired && self.ready_count() == self.desired) {
-                return;
-            }
-            Ok(self.desired)
-        };
-        for tx in self.scale_waiters.drain(..) {
-            let _ = tx.send(result.clone());
-        }
-    }
-
-    fn ready_count(&self) -> usize {
-        self.slots
-            .values()
-            .filter_map(|s| s.active)
-            .filter(|pid| self.workers.get(pid).is_some_and(Worker::is_ready))
-            .count()
     }
 }
 

@@ -12,18 +12,25 @@
 //! back to the spec they ran before, by a second roll-out that is readiness-gated like the
 //! first. A failed rollback stops there: never a loop, never a hard restart. Requests that
 //! arrive during a roll-out are coalesced into one more roll-out afterwards.
+//!
+//! The part: [`Rollouts`] holds the roll-out in progress, the reloads queued behind it and the
+//! last reload's result. Its decisions (promote a candidate that held, abort, finish) come
+//! back as [`Effect`]s for the driver (`Supervisor::drive_rollout`), which also starts the
+//! candidates it asks for.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{ReloadOutcome, Supervisor};
-use crate::config::OnFailure;
-use crate::control::protocol::LastReload;
+use super::ReloadSource;
+use super::effect::Effect;
+use super::pool::Pool;
+use crate::config::{OnFailure, Settings};
+use crate::control::protocol::{LastReload, ReloadOutcome};
 use crate::notify::monotonic_usec;
 use crate::requests::Waiter;
 use crate::spawn::Spec;
-use crate::worker::{Role, State};
+use crate::worker::{Role, State, Worker};
 
 /// Why a roll-out runs.
 pub(super) enum Purpose {
@@ -51,6 +58,28 @@ pub(super) struct Rollout {
 }
 
 impl Rollout {
+    fn new(
+        spec: Arc<Spec>,
+        purpose: Purpose,
+        pending: VecDeque<(usize, Arc<Spec>)>,
+        min_ready: Duration,
+        now: Instant,
+        waiters: Vec<Waiter>,
+    ) -> Rollout {
+        Rollout {
+            spec,
+            purpose,
+            total: pending.len(),
+            pending,
+            in_flight: Vec::new(),
+            moved: Vec::new(),
+            min_ready,
+            done: 0,
+            started: now,
+            waiters,
+        }
+    }
+
     pub fn candidate_for(&self, slot: usize) -> Option<i32> {
         self.in_flight.iter().find(|(s, _)| *s == slot).map(|(_, pid)| *pid)
     }
@@ -83,194 +112,192 @@ impl Rollout {
         self.in_flight.retain(|(s, _)| *s != slot);
         self.moved.retain(|(s, _, _)| *s != slot);
     }
+
+    fn progress(&self, line: &str) {
+        for w in &self.waiters {
+            if let Some(tx) = &w.progress {
+                let _ = tx.send(line.to_string());
+            }
+        }
+    }
+
+    fn verb(&self) -> &'static str {
+        if self.is_rollback() { "rollback" } else { "reload" }
+    }
 }
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-impl Supervisor {
-    pub(super) fn request_reload(&mut self, reply: Waiter) {
-        if self.stopping {
-            let outcome = ReloadOutcome::new(false, self.spec.generation, "the supervisor is stopping");
-            self.answer(vec![reply], outcome);
-        } else if self.upgrading() {
-            tracing::info!(app = %self.app, "reload requested during an upgrade: it waits for the upgrade");
-            if let Some(tx) = &reply.progress {
-                let _ = tx.send("an in-place upgrade is in progress: this reload waits for it".to_string());
-            }
-            self.deferred.push(reply);
-        } else if self.rollout.is_some() {
-            tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
-            if let Some(tx) = &reply.progress {
-                let _ = tx.send("a roll-out is in progress: this reload runs right after it".to_string());
-            }
-            self.queued.get_or_insert_with(Vec::new).push(reply);
-        } else {
-            self.start_rollout(vec![reply]);
+/// The roll-out part: the one in progress, the reloads waiting for it, the last result.
+pub(super) struct Rollouts {
+    /// The roll-out in progress.
+    pub current: Option<Rollout>,
+    /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
+    queued: Option<Vec<Waiter>>,
+    pub last_reload: Option<LastReload>,
+    /// Re-reads the configuration for a reload (`None`: reload the settings in use).
+    source: Option<ReloadSource>,
+    app: Arc<str>,
+}
+
+impl Rollouts {
+    pub fn new(app: Arc<str>, source: Option<ReloadSource>) -> Rollouts {
+        Rollouts { current: None, queued: None, last_reload: None, source, app }
+    }
+
+    /// Whether `pid` was started by the roll-out in progress.
+    pub fn owns(&self, pid: i32) -> bool {
+        self.current.as_ref().is_some_and(|r| r.owns(pid))
+    }
+
+    /// Whether a candidate is starting or holding for `slot`.
+    pub fn has_candidate(&self, slot: usize) -> bool {
+        self.current.as_ref().is_some_and(|r| r.candidate_for(slot).is_some())
+    }
+
+    /// Whether nothing runs or waits to run.
+    pub fn idle(&self) -> bool {
+        self.current.is_none() && self.queued.is_none()
+    }
+
+    /// A reload asked for while a roll-out runs: it joins the one more roll-out that follows.
+    pub fn queue(&mut self, waiter: Waiter) {
+        tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
+        if let Some(tx) = &waiter.progress {
+            let _ = tx.send("a roll-out is in progress: this reload runs right after it".to_string());
+        }
+        self.queued.get_or_insert_with(Vec::new).push(waiter);
+    }
+
+    /// The queued reloads, once no roll-out runs.
+    pub fn take_queued(&mut self) -> Option<Vec<Waiter>> {
+        if self.current.is_some() { None } else { self.queued.take() }
+    }
+
+    /// The supervisor stops: queued reloads are answered, they will not run.
+    pub fn drop_queued(&mut self, generation: u64) -> Vec<Effect> {
+        let Some(waiters) = self.queued.take() else { return Vec::new() };
+        let outcome = ReloadOutcome::new(false, generation, "the supervisor is stopping");
+        vec![Effect::Answer { waiters, outcome }]
+    }
+
+    /// Whether reloads re-read the configuration.
+    pub fn rereads(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// The settings a reload moves to: re-read, or the ones in use.
+    pub fn load(&self, current: &Settings) -> Result<Settings, String> {
+        match &self.source {
+            Some(source) => source().map_err(|problems| {
+                format!("invalid configuration, nothing changed: {}", problems.0.join("; "))
+            }),
+            None => Ok(current.clone()),
         }
     }
 
-    fn start_rollout(&mut self, waiters: Vec<Waiter>) {
-        let refuse = |sup: &mut Self, waiters, msg: String| {
-            tracing::error!(app = %sup.app, "reload failed: {msg}");
-            sup.metrics.reloaded(false, None);
-            sup.record_reload(false, Some(msg.clone()));
-            let outcome = ReloadOutcome::new(false, sup.spec.generation, msg);
-            sup.answer(waiters, outcome);
-        };
-        let settings = match &self.reload_source {
-            Some(source) => match source() {
-                Ok(new) => new,
-                Err(problems) => {
-                    let msg = format!("invalid configuration, nothing changed: {}", problems.0.join("; "));
-                    return refuse(self, waiters, msg);
-                }
-            },
-            None => self.settings.clone(),
-        };
-        // Pin the new generation before anything changes: a release that cannot be resolved
-        // (a dangling `current` link, a missing program) fails the reload and changes nothing.
-        let spec = match self.launcher.pin(&settings, self.generation + 1) {
-            Ok(spec) => Arc::new(spec),
-            Err(e) => {
-                return refuse(
-                    self,
-                    waiters,
-                    format!("cannot resolve the new release, nothing changed: {e}"),
-                );
-            }
-        };
-        if self.reload_source.is_some() {
-            self.apply_settings(settings);
-        }
-        self.generation += 1;
-        let pending: VecDeque<(usize, Arc<Spec>)> =
-            self.slots.keys().copied().filter(|id| *id < self.desired).map(|id| (id, spec.clone())).collect();
-        tracing::info!(app = %self.app, generation = self.generation, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {} ({})", pending.len(), self.generation, spec.cwd.display());
-        self.notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
-        let line = format!("rolling {} worker(s) to generation {}", pending.len(), self.generation);
-        for w in &waiters {
-            if let Some(tx) = &w.progress {
-                let _ = tx.send(line.clone());
-            }
-        }
-        self.rollout = Some(Rollout {
-            spec,
-            purpose: Purpose::Reload,
-            total: pending.len(),
-            pending,
-            in_flight: Vec::new(),
-            moved: Vec::new(),
-            min_ready: self.settings.min_ready,
-            done: 0,
-            started: self.host.now(),
-            waiters,
-        });
+    /// A reload that cannot start (`msg` says why): nothing changed.
+    pub fn refuse(&mut self, waiters: Vec<Waiter>, msg: String, generation: u64) -> Vec<Effect> {
+        tracing::error!(app = %self.app, "reload failed: {msg}");
+        self.record(false, Some(msg.clone()));
+        let outcome = ReloadOutcome::new(false, generation, msg);
+        vec![Effect::Reloaded { ok: false, took: None }, Effect::Answer { waiters, outcome }]
     }
 
-    /// Takes in a re-read configuration. Sockets and the name cannot change while running.
-    fn apply_settings(&mut self, new: crate::config::Settings) {
-        if new.listen != self.settings.listen && !new.listen.is_empty() {
-            tracing::warn!(app = %self.app, "listen addresses changed in the config: sockets are kept; restart the app to change them");
-        }
-        if new.name != self.settings.name {
-            tracing::warn!(app = %self.app, "the app name cannot change while running; keeping {:?}", self.settings.name);
-        }
-        // The file's worker count wins only when the file changed it since it was last read;
-        // otherwise a runtime scale is kept.
-        if new.file_workers != self.settings.file_workers && new.file_workers.is_some() {
-            tracing::info!(app = %self.app, "config file changed workers to {}", new.workers);
-            self.set_desired(new.workers.get());
-        }
-        if new.balance != self.settings.balance {
-            tracing::warn!(app = %self.app, "balance changed in the config: the sockets are kept as they are ({}); restart the app to change it", self.settings.balance);
-        }
-        let (name, balance) = (self.settings.name.clone(), self.settings.balance);
-        self.settings = crate::config::Settings { name, balance, ..new };
+    /// Starts rolling `slots` to `spec` (a reload that was pinned already).
+    pub fn begin(
+        &mut self,
+        spec: Arc<Spec>,
+        slots: Vec<usize>,
+        min_ready: Duration,
+        now: Instant,
+        waiters: Vec<Waiter>,
+    ) -> Vec<Effect> {
+        let g = spec.generation;
+        let pending: VecDeque<(usize, Arc<Spec>)> = slots.into_iter().map(|id| (id, spec.clone())).collect();
+        tracing::info!(app = %self.app, generation = g, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {g} ({})", pending.len(), spec.cwd.display());
+        let r = Rollout::new(spec, Purpose::Reload, pending, min_ready, now, waiters);
+        r.progress(&format!("rolling {} worker(s) to generation {g}", r.total));
+        self.current = Some(r);
+        vec![Effect::Notify(format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()))]
     }
 
-    pub(super) fn drive_rollout(&mut self) {
-        if self.rollout.is_none() {
-            if let Some(waiters) = self.queued.take() {
-                self.start_rollout(waiters);
-            }
-        }
-        let Some(mut r) = self.rollout.take() else { return };
-        let now = self.host.now();
-        // Promote candidates that have been ready for min_ready; retire the workers they replace.
+    /// Promotes the candidates that have been ready for `min_ready`: each takes over its slot
+    /// and the worker it replaces is stopped.
+    pub fn promote_held(&mut self, pool: &mut Pool, now: Instant) -> Vec<Effect> {
+        let Some(r) = &mut self.current else { return Vec::new() };
+        let mut effects = Vec::new();
         let mut still = Vec::new();
-        for (slot_id, pid) in std::mem::take(&mut r.in_flight) {
-            let held = match self.workers.get(&pid).map(|w| w.state) {
+        for (slot, pid) in std::mem::take(&mut r.in_flight) {
+            let held = match pool.workers.get(&pid).map(|w| w.state) {
                 Some(State::Ready { since }) => now >= r.hold_until(since),
                 _ => false,
             };
             if !held {
-                still.push((slot_id, pid));
+                still.push((slot, pid));
                 continue;
             }
-            let Some(spec) = self.workers.get(&pid).map(|w| w.spec.clone()) else { continue };
-            let Some(slot) = self.slots.get_mut(&slot_id) else { continue };
-            let previous = std::mem::replace(&mut slot.spec, spec.clone());
-            slot.failures = 0;
-            slot.restart_at = None;
-            self.promote(slot_id, pid);
-            r.moved.push((slot_id, pid, previous));
+            let Some(spec) = pool.workers.get(&pid).map(|w| w.spec.clone()) else { continue };
+            let Some(previous) = pool.move_slot(slot, spec.clone()) else { continue };
+            r.moved.push((slot, pid, previous));
             r.done += 1;
             let took =
-                self.workers.get(&pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
+                pool.workers.get(&pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
-            tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", if r.is_rollback() { "rollback" } else { "reload" });
-            for w in &r.waiters {
-                if let Some(tx) = &w.progress {
-                    let _ = tx.send(line.clone());
-                }
-            }
+            tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", r.verb());
+            r.progress(&line);
+            effects.push(Effect::Promote { slot, new: pid, kill_old: false });
         }
         r.in_flight = still;
-        // Start the next batch.
-        let batch = self.settings.reload_batch.get();
-        while r.in_flight.len() < batch {
-            let Some((slot_id, spec)) = r.pending.pop_front() else { break };
-            if !self.slots.contains_key(&slot_id) {
-                continue;
-            }
-            match self.launch(slot_id, &spec, Role::Candidate) {
-                Ok(pid) => {
-                    r.in_flight.push((slot_id, pid));
-                    let extend = spec
-                        .ready_timeout
-                        .saturating_add(r.min_ready)
-                        .saturating_add(spec.stop_timeout.min(Duration::from_secs(30)));
-                    self.notifier.send(&format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()));
-                }
-                Err(e) => {
-                    self.rollout = Some(r);
-                    self.fail_rollout(format!("worker {slot_id} could not start: {e}"));
-                    return;
-                }
-            }
-        }
-        if r.in_flight.is_empty() && r.pending.is_empty() {
-            self.finish_rollout(r);
-        } else {
-            self.rollout = Some(r);
-        }
+        effects
     }
 
-    /// Every slot of the roll-out moved: the reload (or its rollback) is over.
-    fn finish_rollout(&mut self, r: Rollout) {
-        let took = r.started.elapsed().as_secs_f64();
+    /// The next slot to start a candidate for, while fewer than `batch` are in flight.
+    pub fn next_candidate(&mut self, pool: &Pool, batch: usize) -> Option<(usize, Arc<Spec>)> {
+        let r = self.current.as_mut()?;
+        while r.in_flight.len() < batch {
+            let (slot, spec) = r.pending.pop_front()?;
+            if pool.slots.contains_key(&slot) {
+                return Some((slot, spec));
+            }
+        }
+        None
+    }
+
+    /// The candidate `pid` for `slot` started: systemd's reload timeout is extended by the
+    /// longest this step can take.
+    pub fn candidate_started(&mut self, slot: usize, pid: i32, spec: &Spec) -> Vec<Effect> {
+        let Some(r) = &mut self.current else { return Vec::new() };
+        r.in_flight.push((slot, pid));
+        let extend = spec
+            .ready_timeout
+            .saturating_add(r.min_ready)
+            .saturating_add(spec.stop_timeout.min(Duration::from_secs(30)));
+        vec![Effect::Notify(format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()))]
+    }
+
+    /// Ends the roll-out once every slot moved: the reload (or its rollback) is over. A
+    /// reload's generation becomes the pool's.
+    pub fn finish_if_done(&mut self, pool: &mut Pool, now: Instant) -> Vec<Effect> {
+        if !self.current.as_ref().is_some_and(|r| r.in_flight.is_empty() && r.pending.is_empty()) {
+            return Vec::new();
+        }
+        let Some(r) = self.current.take() else { return Vec::new() };
+        let ran = now.saturating_duration_since(r.started);
+        let took = ran.as_secs_f64();
+        let mut effects = Vec::new();
         let outcome = match r.purpose {
             Purpose::Reload => {
-                self.spec = r.spec.clone();
+                pool.spec = r.spec.clone();
                 let msg = format!(
                     "reload complete: {} worker(s) on generation {} in {took:.2} s",
                     r.done, r.spec.generation
                 );
                 tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
-                self.record_reload(true, None);
-                self.metrics.reloaded(true, Some(r.started.elapsed()));
+                self.record(true, None);
+                effects.push(Effect::Reloaded { ok: true, took: Some(ran) });
                 ReloadOutcome::new(true, r.spec.generation, msg)
             }
             Purpose::Rollback { failure } => {
@@ -283,25 +310,37 @@ impl Supervisor {
                 ReloadOutcome::new(false, r.spec.generation, msg)
             }
         };
-        self.notifier.send("READY=1");
-        self.answer(r.waiters, outcome);
+        effects.push(Effect::Notify("READY=1".to_string()));
+        effects.push(Effect::Answer { waiters: r.waiters, outcome });
+        effects
     }
 
     /// Aborts the roll-out in progress: its candidates are killed, no further old worker is
-    /// stopped, and — for a reload with `on_failure = "rollback"` — the slots it moved start
-    /// rolling back.
-    pub(super) fn fail_rollout(&mut self, reason: String) {
-        let Some(mut r) = self.rollout.take() else { return };
+    /// stopped, and — for a reload with `on_failure = "rollback"`, unless `stopping` — the
+    /// slots it moved start rolling back.
+    pub fn fail(
+        &mut self,
+        reason: String,
+        pool: &mut Pool,
+        on_failure: OnFailure,
+        stopping: bool,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let Some(mut r) = self.current.take() else { return Vec::new() };
+        let mut effects = Vec::new();
         for (_, pid) in &r.in_flight {
-            self.kill_now(*pid, None);
-            if let Some(w) = self.workers.get_mut(pid) {
+            effects.push(Effect::Kill { pid: *pid, failure: None });
+            if let Some(w) = pool.workers.get_mut(pid) {
                 w.role = Role::Retired;
             }
         }
         let msg = match &r.purpose {
             Purpose::Reload => {
-                self.record_reload(false, Some(reason.clone()));
-                self.metrics.reloaded(false, Some(r.started.elapsed()));
+                self.record(false, Some(reason.clone()));
+                effects.push(Effect::Reloaded {
+                    ok: false,
+                    took: Some(now.saturating_duration_since(r.started)),
+                });
                 format!(
                     "reload to generation {} failed after {}/{} worker(s): {reason}",
                     r.spec.generation, r.done, r.total
@@ -319,9 +358,9 @@ impl Supervisor {
         let msg = match (&r.purpose, r.moved.is_empty()) {
             (Purpose::Rollback { .. }, _) => msg,
             (Purpose::Reload, true) => format!("{msg}; every worker keeps running the previous code"),
-            (Purpose::Reload, false) if self.settings.on_failure == OnFailure::Rollback && !self.stopping => {
-                match self.start_rollback(&mut r, msg) {
-                    Ok(()) => return,
+            (Purpose::Reload, false) if on_failure == OnFailure::Rollback && !stopping => {
+                match self.start_rollback(&mut r, msg, pool, now) {
+                    Ok(()) => return effects,
                     Err(msg) => msg,
                 }
             }
@@ -333,25 +372,32 @@ impl Supervisor {
         };
         // The reload is over (RELOADING=1 → READY=1), unless it ends because we are stopping:
         // systemd already has STOPPING=1.
-        if !self.stopping {
-            self.notifier.send("READY=1");
+        if !stopping {
+            effects.push(Effect::Notify("READY=1".to_string()));
         }
         let outcome = ReloadOutcome::new(false, r.spec.generation, msg);
-        self.answer(std::mem::take(&mut r.waiters), outcome);
+        effects.push(Effect::Answer { waiters: std::mem::take(&mut r.waiters), outcome });
+        effects
     }
 
     /// Rolls the slots `failed` moved back to what each ran before. Slots whose new worker is
     /// gone restart from the old spec as usual; the ones still running the new spec get a
     /// readiness-gated roll-out. `Err` carries the final message when nothing is left to roll.
-    fn start_rollback(&mut self, failed: &mut Rollout, msg: String) -> Result<(), String> {
+    fn start_rollback(
+        &mut self,
+        failed: &mut Rollout,
+        msg: String,
+        pool: &mut Pool,
+        now: Instant,
+    ) -> Result<(), String> {
         let mut pending = VecDeque::new();
         let mut restarting = 0;
         for (slot_id, _, previous) in &failed.moved {
-            let Some(slot) = self.slots.get_mut(slot_id) else { continue };
+            let Some(slot) = pool.slots.get_mut(slot_id) else { continue };
             slot.spec = previous.clone();
             let running_new = slot
                 .active
-                .and_then(|pid| self.workers.get(&pid))
+                .and_then(|pid| pool.workers.get(&pid))
                 .is_some_and(|w| w.is_ready() && Arc::ptr_eq(&w.spec, &failed.spec));
             if running_new {
                 pending.push_back((*slot_id, previous.clone()));
@@ -359,7 +405,7 @@ impl Supervisor {
                 restarting += 1;
             }
         }
-        let back_to = failed.moved.first().map(|(_, _, p)| p.clone()).unwrap_or_else(|| self.spec.clone());
+        let back_to = failed.moved.first().map(|(_, _, p)| p.clone()).unwrap_or_else(|| pool.spec.clone());
         let failure = if restarting > 0 {
             format!("{msg}; {restarting} worker(s) restart on generation {}", back_to.generation)
         } else {
@@ -371,28 +417,31 @@ impl Supervisor {
         }
         let line = format!("rolling {} worker(s) back to generation {}", pending.len(), back_to.generation);
         tracing::warn!(app = %self.app, generation = back_to.generation, "reload failed: {line}");
-        for w in &failed.waiters {
-            if let Some(tx) = &w.progress {
-                let _ = tx.send(line.clone());
-            }
-        }
+        failed.progress(&line);
         self.set_rollback("running");
-        self.rollout = Some(Rollout {
-            spec: back_to,
-            purpose: Purpose::Rollback { failure },
-            total: pending.len(),
+        let waiters = std::mem::take(&mut failed.waiters);
+        self.current = Some(Rollout::new(
+            back_to,
+            Purpose::Rollback { failure },
             pending,
-            in_flight: Vec::new(),
-            moved: Vec::new(),
-            min_ready: failed.min_ready,
-            done: 0,
-            started: self.host.now(),
-            waiters: std::mem::take(&mut failed.waiters),
-        });
+            failed.min_ready,
+            now,
+            waiters,
+        ));
         Ok(())
     }
 
-    fn record_reload(&mut self, ok: bool, error: Option<String>) {
+    /// When candidates holding for `min_ready` have held long enough.
+    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Instant> + 'a {
+        self.current.iter().flat_map(move |r| {
+            r.candidates().filter_map(move |pid| match pool.workers.get(&pid).map(|w: &Worker| w.state) {
+                Some(State::Ready { since }) => Some(r.hold_until(since)),
+                _ => None,
+            })
+        })
+    }
+
+    fn record(&mut self, ok: bool, error: Option<String>) {
         self.last_reload = Some(LastReload {
             result: if ok { "ok" } else { "failed" }.to_string(),
             at: unix_now(),

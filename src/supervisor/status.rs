@@ -9,22 +9,23 @@ impl Supervisor {
     /// E.g. `4/4 ready · generation 3`, `reloading 2/4 · generation 3→4`.
     pub(super) fn status_line(&self) -> String {
         if self.stopping {
-            return format!("stopping ({} worker(s) left)", self.workers.len());
+            return format!("stopping ({} worker(s) left)", self.pool.workers.len());
         }
+        let pool = &self.pool;
         let mut s =
-            format!("{}/{} ready · generation {}", self.ready_count(), self.desired, self.spec.generation);
-        if let Some(r) = &self.rollout {
+            format!("{}/{} ready · generation {}", pool.ready_count(), pool.desired, pool.spec.generation);
+        if let Some(r) = &self.rollouts.current {
             s = if r.is_rollback() {
                 format!("rolling back {}/{} · generation {}", r.done, r.total, r.spec.generation)
             } else {
                 format!(
                     "reloading {}/{} · generation {}→{}",
-                    r.done, r.total, self.spec.generation, r.spec.generation
+                    r.done, r.total, pool.spec.generation, r.spec.generation
                 )
             };
         }
-        let now = self.host.now();
-        for (id, slot) in &self.slots {
+        let now = self.now();
+        for (id, slot) in &pool.slots {
             if let (None, Some(at)) = (slot.active, slot.restart_at) {
                 let wait = at.saturating_duration_since(now);
                 s.push_str(&format!(
@@ -34,15 +35,15 @@ impl Supervisor {
                 ));
             }
         }
-        if self.upgrading() {
-            s.push_str(if self.rollout.is_some() {
+        if self.upgrades.upgrading() {
+            s.push_str(if self.rollouts.current.is_some() {
                 " · upgrade waiting for the roll-out"
             } else {
                 " · upgrading in place"
             });
         }
-        if let Some(lr) = &self.last_reload {
-            if let (Some(err), None) = (&lr.error, &self.rollout) {
+        if let Some(lr) = &self.rollouts.last_reload {
+            if let (Some(err), None) = (&lr.error, &self.rollouts.current) {
                 s.push_str(&format!(" · reload failed: {err}"));
             }
         }
@@ -50,10 +51,11 @@ impl Supervisor {
     }
 
     pub(super) fn snapshot(&self) -> Snapshot {
-        let now = self.host.now();
+        let now = self.now();
+        let (pool, outside) = (&self.pool, &self.outside);
         let shared_queue: u32 =
-            self.shared_sockets.iter().map(|fd| crate::sys::tcp_listen_queue(fd).map_or(0, |q| q.0)).sum();
-        let mut workers: Vec<WorkerInfo> = self
+            outside.shared_sockets.iter().map(|fd| crate::sys::tcp_listen_queue(fd).map_or(0, |q| q.0)).sum();
+        let mut workers: Vec<WorkerInfo> = pool
             .workers
             .values()
             .map(|w| WorkerInfo {
@@ -67,21 +69,21 @@ impl Supervisor {
                     _ => w.state_name(),
                 },
                 cwd: w.spec.cwd.display().to_string(),
-                receiving: match &self.steering {
+                receiving: match &outside.steering {
                     Some(st) => st.is_receiving(w.pid),
                     None => matches!(w.state, State::Starting { .. } | State::Ready { .. }),
                 },
-                accept_queue: match &self.steering {
+                accept_queue: match &outside.steering {
                     Some(st) => st.queued(w.pid),
                     None => shared_queue,
                 },
-                restarts: self.slots.get(&w.slot).map_or(0, |s| s.restarts),
+                restarts: pool.slots.get(&w.slot).map_or(0, |s| s.restarts),
                 uptime_s: now.duration_since(w.started).as_secs_f64(),
                 cpu_percent: 0.0,
                 rss_bytes: 0,
             })
             .collect();
-        for (id, slot) in &self.slots {
+        for (id, slot) in &pool.slots {
             if slot.active.is_none() && !workers.iter().any(|w| w.id == *id && w.state != "stopping") {
                 workers.push(WorkerInfo {
                     id: *id,
@@ -106,19 +108,19 @@ impl Supervisor {
         Snapshot {
             name: self.settings.name.clone(),
             pid: std::process::id(),
-            sockets: self.sockets.clone(),
-            generation: self.spec.generation,
-            desired: self.desired,
-            ready: self.ready_count(),
+            sockets: outside.sockets.clone(),
+            generation: pool.spec.generation,
+            desired: pool.desired,
+            ready: pool.ready_count(),
             status: self.status_line(),
             workers,
-            last_reload: self.last_reload.clone(),
+            last_reload: self.rollouts.last_reload.clone(),
             log_dropped: crate::logging::dropped(),
             balance: self.settings.balance.to_string(),
-            metrics: self.metrics.address(),
+            metrics: outside.metrics.address(),
             version: crate::upgrade::version().to_string(),
-            upgrades: self.upgrades,
-            upgrading: self.upgrading(),
+            upgrades: self.upgrades.count,
+            upgrading: self.upgrades.upgrading(),
         }
     }
 }

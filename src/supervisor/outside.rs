@@ -1,0 +1,162 @@
+//! The world the loop acts on: the host (processes and the clock), the launcher, the listening
+//! sockets and their steering, the workers' notify socket, the metrics records, and the
+//! channel on which exits come back.
+//!
+//! The parts decide; the driver carries their decisions out through this part. It keeps
+//! what must stay consistent with the processes: a worker's steered sockets are reserved
+//! before its launch and bound to its pid after, released when it is gone.
+
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+
+use super::Event;
+use super::host::Host;
+use crate::listeners::Listeners;
+use crate::notify::WorkerNotify;
+use crate::spawn::{Launcher, SpawnError, Spec};
+use crate::steer::Steering;
+use crate::worker::Worker;
+
+pub(super) struct Outside {
+    /// Everything the loop does to processes and the clock it reads (see `host`).
+    pub host: Box<dyn Host>,
+    pub launcher: Launcher,
+    pub listeners: Listeners,
+    /// Per-worker sockets and the routing program, with `--balance steer|sticky`.
+    pub steering: Option<Steering>,
+    /// Copies of the shared listening sockets (for their accept-queue length in `status`).
+    pub shared_sockets: Vec<std::os::fd::OwnedFd>,
+    /// The addresses served, for the log and `status`.
+    pub sockets: Vec<String>,
+    /// The workers' notify socket (also read by the loop itself).
+    pub notify: Arc<WorkerNotify>,
+    /// Where the loop records what happens, for the metrics endpoint.
+    pub metrics: crate::metrics::Metrics,
+    /// Where exits (and the upgrade check) are reported to the loop.
+    pub events: mpsc::UnboundedSender<Event>,
+    app: Arc<str>,
+}
+
+/// A started worker's process, watched, before the pool takes it in.
+pub(super) struct Started {
+    pub pid: i32,
+    pub pidfd: Arc<std::os::fd::OwnedFd>,
+    pub tail: crate::output::Tail,
+    pub pipes: [Arc<std::os::fd::OwnedFd>; 2],
+}
+
+impl Outside {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        app: Arc<str>,
+        host: Box<dyn Host>,
+        launcher: Launcher,
+        listeners: Listeners,
+        steering: Option<Steering>,
+        notify: Arc<WorkerNotify>,
+        metrics: crate::metrics::Metrics,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> anyhow::Result<Outside> {
+        let sockets = match &steering {
+            Some(st) => st.addrs(),
+            None => listeners.addrs(),
+        };
+        let shared_sockets = if steering.is_none() {
+            listeners.copies()?.into_iter().map(|(_, _, fd)| fd).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Outside {
+            host,
+            launcher,
+            listeners,
+            steering,
+            shared_sockets,
+            sockets,
+            notify,
+            metrics,
+            events,
+            app,
+        })
+    }
+
+    /// Starts a worker of `spec` for slot `id` (on its own steered sockets, if steered) and
+    /// watches it for its exit.
+    pub fn launch(&mut self, id: usize, spec: &Spec) -> Result<Started, SpawnError> {
+        let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
+        let l = match &mut self.steering {
+            None => self.host.launch(&self.launcher, spec, id, None, metrics_socket.as_deref())?,
+            Some(st) => {
+                let picked = st.reserve(id)?;
+                match self.host.launch(
+                    &self.launcher,
+                    spec,
+                    id,
+                    Some(&st.fds(&picked)),
+                    metrics_socket.as_deref(),
+                ) {
+                    Ok(l) => {
+                        st.bind(&picked, l.pid);
+                        l
+                    }
+                    Err(e) => {
+                        st.unreserve(&picked);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        self.metrics.launched(l.pid, id, metrics_socket);
+        let pidfd = Arc::new(l.pidfd);
+        self.host.watch(l.pid, pidfd.clone(), l.output_done, &self.events);
+        Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes })
+    }
+
+    pub fn signal(&mut self, w: &Worker, sig: Signal, group: bool) {
+        self.host.signal(w, sig, group);
+    }
+
+    /// Lets new connections reach `pid` (or stops them), with steered sockets.
+    pub fn steer_receiving(&mut self, pid: i32, receiving: bool) {
+        if let Some(st) = &mut self.steering {
+            if let Err(e) = st.set_receiving(pid, receiving) {
+                tracing::error!(app = %self.app, "steering: {e}");
+            }
+        }
+    }
+
+    /// Whether `pid` receives new connections on its steered sockets.
+    pub fn is_receiving(&self, pid: i32) -> bool {
+        self.steering.as_ref().is_some_and(|st| st.is_receiving(pid))
+    }
+
+    /// Connections waiting in `pid`'s own accept queue (steered sockets only).
+    pub fn queued(&self, pid: i32) -> u32 {
+        self.steering.as_ref().map_or(0, |st| st.queued(pid))
+    }
+
+    /// Whether `pid`'s sockets hold the connections parked for the next start.
+    pub fn holds_parking(&self, pid: i32) -> bool {
+        self.steering.as_ref().is_some_and(|st| st.holds_parking(pid))
+    }
+
+    /// Frees an exited worker's steered sockets.
+    pub fn release(&mut self, pid: i32) {
+        if let Some(st) = &mut self.steering {
+            if let Err(e) = st.release(pid) {
+                tracing::error!(app = %self.app, "steering: {e}");
+            }
+        }
+    }
+
+    /// The wanted number of workers; sticky steering hashes clients over that many slots.
+    pub fn set_slots(&mut self, n: usize) {
+        if let Some(st) = &mut self.steering {
+            if let Err(e) = st.set_slots(n) {
+                tracing::error!(app = %self.app, "steering: {e}");
+            }
+        }
+    }
+}

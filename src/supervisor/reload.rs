@@ -1,0 +1,113 @@
+//! The driver's side of a reload: where a request goes (refused while stopping, deferred
+//! behind an upgrade, queued behind a roll-out, or started), pinning the new generation,
+//! taking in re-read settings, and stepping the roll-out: it asks [`Rollouts`] what to do,
+//! starts the candidates it asks for and applies the effects it returns.
+//!
+//! [`Rollouts`]: super::rollout::Rollouts
+
+use std::sync::Arc;
+
+use super::{ReloadOutcome, Supervisor, answer};
+use crate::requests::Waiter;
+use crate::worker::Role;
+
+impl Supervisor {
+    pub(super) fn request_reload(&mut self, reply: Waiter) {
+        if self.stopping {
+            let outcome = ReloadOutcome::new(false, self.pool.spec.generation, "the supervisor is stopping");
+            answer(vec![reply], outcome);
+        } else if self.upgrades.upgrading() {
+            tracing::info!(app = %self.app, "reload requested during an upgrade: it waits for the upgrade");
+            self.upgrades.defer(reply);
+        } else if self.rollouts.current.is_some() {
+            self.rollouts.queue(reply);
+        } else {
+            self.start_rollout(vec![reply]);
+        }
+    }
+
+    fn start_rollout(&mut self, waiters: Vec<Waiter>) {
+        let generation = self.pool.spec.generation;
+        let settings = match self.rollouts.load(&self.settings) {
+            Ok(s) => s,
+            Err(msg) => {
+                let effects = self.rollouts.refuse(waiters, msg, generation);
+                return self.apply(effects);
+            }
+        };
+        // Pin the new generation before anything changes: a release that cannot be resolved
+        // (a dangling `current` link, a missing program) fails the reload and changes nothing.
+        let spec = match self.outside.launcher.pin(&settings, self.pool.generation + 1) {
+            Ok(spec) => Arc::new(spec),
+            Err(e) => {
+                let msg = format!("cannot resolve the new release, nothing changed: {e}");
+                let effects = self.rollouts.refuse(waiters, msg, generation);
+                return self.apply(effects);
+            }
+        };
+        if self.rollouts.rereads() {
+            self.apply_settings(settings);
+        }
+        self.pool.generation += 1;
+        let slots: Vec<usize> =
+            self.pool.slots.keys().copied().filter(|id| *id < self.pool.desired).collect();
+        let now = self.now();
+        let effects = self.rollouts.begin(spec, slots, self.settings.min_ready, now, waiters);
+        self.apply(effects);
+    }
+
+    /// Takes in a re-read configuration. Sockets and the name cannot change while running.
+    fn apply_settings(&mut self, new: crate::config::Settings) {
+        if new.listen != self.settings.listen && !new.listen.is_empty() {
+            tracing::warn!(app = %self.app, "listen addresses changed in the config: sockets are kept; restart the app to change them");
+        }
+        if new.name != self.settings.name {
+            tracing::warn!(app = %self.app, "the app name cannot change while running; keeping {:?}", self.settings.name);
+        }
+        // The file's worker count wins only when the file changed it since it was last read;
+        // otherwise a runtime scale is kept.
+        if new.file_workers != self.settings.file_workers && new.file_workers.is_some() {
+            tracing::info!(app = %self.app, "config file changed workers to {}", new.workers);
+            self.set_desired(new.workers.get());
+        }
+        if new.balance != self.settings.balance {
+            tracing::warn!(app = %self.app, "balance changed in the config: the sockets are kept as they are ({}); restart the app to change it", self.settings.balance);
+        }
+        let (name, balance) = (self.settings.name.clone(), self.settings.balance);
+        self.settings = crate::config::Settings { name, balance, ..new };
+    }
+
+    /// One step of the roll-out (after every event): start the queued one if none runs,
+    /// promote the candidates that held, start the next batch, finish.
+    pub(super) fn drive_rollout(&mut self) {
+        if let Some(waiters) = self.rollouts.take_queued() {
+            self.start_rollout(waiters);
+        }
+        if self.rollouts.current.is_none() {
+            return;
+        }
+        let now = self.now();
+        let effects = self.rollouts.promote_held(&mut self.pool, now);
+        self.apply(effects);
+        let batch = self.settings.reload_batch.get();
+        while let Some((slot, spec)) = self.rollouts.next_candidate(&self.pool, batch) {
+            match self.launch(slot, &spec, Role::Candidate) {
+                Ok(pid) => {
+                    let effects = self.rollouts.candidate_started(slot, pid, &spec);
+                    self.apply(effects);
+                }
+                Err(e) => return self.fail_rollout(format!("worker {slot} could not start: {e}")),
+            }
+        }
+        let effects = self.rollouts.finish_if_done(&mut self.pool, now);
+        self.apply(effects);
+    }
+
+    /// Aborts the roll-out in progress (see [`super::rollout::Rollouts::fail`]).
+    pub(super) fn fail_rollout(&mut self, reason: String) {
+        let now = self.now();
+        let effects =
+            self.rollouts.fail(reason, &mut self.pool, self.settings.on_failure, self.stopping, now);
+        self.apply(effects);
+    }
+}
