@@ -40,7 +40,6 @@ fn status_counts_the_memory_of_a_workers_children() {
         .worker_env("TW_CHILD_ALLOC_MB", "80")
         .start();
     h.wait_started();
-    h.wait_log("child allocated 80 MB", 1, LONG);
     // The worker itself (a small Python process) is far below 80 MB; its child holds them.
     let rss = wait_for(LONG, "rss_bytes to include the child's 80 MB", || {
         let v = status_json(control(&dir));
@@ -53,6 +52,7 @@ fn status_counts_the_memory_of_a_workers_children() {
 #[test]
 fn max_memory_replaces_a_worker_whose_child_is_over_the_limit() {
     let dir = TempDir::new("child-maxmem");
+    let events = dir.path("events");
     let h = Run::new(&dir, 1)
         .arg("--ready")
         .arg("notify")
@@ -60,13 +60,20 @@ fn max_memory_replaces_a_worker_whose_child_is_over_the_limit() {
         .arg("60M")
         .worker_env("TW_NOTIFY", "1")
         .worker_env("TW_CHILD_ALLOC_MB", "100")
+        .worker_env("TW_EVENTS", events.to_str().unwrap())
         .start();
     h.wait_started();
     let first = h.get()["pid"].as_i64().unwrap() as i32;
-    h.wait_log("above the limit of 60 MiB: starting a replacement", 1, LONG);
-    h.wait_log(&format!("worker 0 replaced (pid {first}"), 1, LONG);
-    // The old worker drained and went, and its child with it.
-    h.wait_log(&format!("worker 0 (pid {first}) exited with status 0"), 1, LONG);
+    // Replaced: a new ready worker in slot 0, the old one gone for memory.
+    wait_for(LONG, "slot 0 replaced", || {
+        let st = h.status()?;
+        let w = in_slot(&st, 0)?;
+        (w["pid"] != first && w["state"] == "ready" && w["restarts"] == 1).then_some(())
+    });
+    h.wait_metric("herdsman_worker_exits_total", &[("worker", "0"), ("reason", "memory")], 1.0);
+    // The old worker drained (exited 0 by itself) and went, and its child with it.
+    let ev = worker_events(&events);
+    assert!(ev.iter().any(|e| e["pid"] == first && e["event"] == "exit" && e["code"] == 0), "{ev:?}");
     wait_for(LONG, "the old worker's child to be gone", || {
         processes_in_group(first).is_empty().then_some(())
     });
@@ -154,30 +161,50 @@ fn the_default_app_name_of_an_interpreter_is_its_scripts_stem() {
 fn a_worker_killed_by_its_own_stop_signal_is_logged_with_the_stop_signal_hint() {
     let dir = TempDir::new("nohandler");
     // `sleep` has no SIGTERM handler: the stop signal kills it.
-    let h = Run::new(&dir, 1).arg("--ready").arg("alive:100ms").arg("--").arg("sleep").arg("1000").start();
+    let mut h =
+        Run::new(&dir, 1).arg("--ready").arg("alive:100ms").arg("--").arg("sleep").arg("1000").start();
     h.wait_started();
     h.signal(libc::SIGHUP);
-    h.wait_log(
-        "was killed by SIGTERM: the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no SIGTERM handler and in-flight requests were cut off: make it drain on SIGTERM, or pass --stop-signal SIGINT if it handles SIGINT",
-        1,
-        LONG,
+    h.wait_generation(2);
+    // The old worker died of the signal it was sent to stop (counted as an exit by signal).
+    h.wait_metric("herdsman_worker_exits_total", &[("worker", "0"), ("reason", "signal")], 1.0);
+    // The hint is the contract (it tells the user what to fix): checked as text, in the whole log.
+    assert_eq!(h.stop().code(), Some(0));
+    assert!(
+        h.stderr().contains(
+            "was killed by SIGTERM: the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no SIGTERM handler and in-flight requests were cut off: make it drain on SIGTERM, or pass --stop-signal SIGINT if it handles SIGINT"
+        ),
+        "{}",
+        h.stderr()
     );
 }
 
 #[test]
 fn a_worker_that_drains_on_its_stop_signal_gets_no_hint() {
     let dir = TempDir::new("handler");
-    let h = Run::new(&dir, 1)
+    let events = dir.path("events");
+    let mut h = Run::new(&dir, 1)
         .arg("--ready")
         .arg("notify")
         .arg("--stop-signal")
         .arg("SIGINT")
         .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_EVENTS", events.to_str().unwrap())
         .start();
     h.wait_started();
     let pid = h.get()["pid"].as_i64().unwrap();
     h.signal(libc::SIGHUP);
-    h.wait_log(&format!("worker 0 (pid {pid}) exited with status 0"), 1, LONG);
+    h.wait_generation(2);
+    // The old worker drained on SIGINT and exited 0: an exit, not a death by signal.
+    let m = h.wait_metric("herdsman_worker_exits_total", &[("worker", "0"), ("reason", "exit")], 1.0);
+    assert_eq!(
+        sample(&m, "herdsman_worker_exits_total", &[("worker", "0"), ("reason", "signal")]),
+        Some(0.0)
+    );
+    let ev = worker_events(&events);
+    assert!(ev.iter().any(|e| e["pid"] == pid && e["event"] == "exit" && e["code"] == 0), "{ev:?}");
+    // No hint (the hint's wording is the contract): checked as text, in the whole log.
+    assert_eq!(h.stop().code(), Some(0));
     assert!(!h.stderr().contains("the stop signal it was sent"), "{}", h.stderr());
 }
 
@@ -215,10 +242,17 @@ fn a_worker_failing_with_eaddrinuse_is_told_to_use_fd_3() {
 #[test]
 fn an_ordinary_failure_gets_no_eaddrinuse_hint() {
     let dir = TempDir::new("plainfail");
-    let h = Run::new(&dir, 1).arg("--ready").arg("notify").worker_env("TW_FAIL_START", "1").start();
-    h.wait_log("worker failing at start", 1, LONG);
-    h.wait_log("restarting in", 1, LONG);
-    assert!(!h.stderr().contains("fd 3 instead"), "{}", h.stderr());
+    let mut h = Run::new(&dir, 1).arg("--ready").arg("notify").worker_env("TW_FAIL_START", "1").start();
+    wait_for(LONG, "a failed start of slot 0", || {
+        let st = h.status()?;
+        (in_slot(&st, 0)?["restarts"].as_u64()? >= 1).then_some(())
+    });
+    // The hint's wording is the contract, and the failure report is only in the log: the
+    // whole log has the report, without the hint.
+    assert_eq!(h.stop().code(), Some(0));
+    let log = h.stderr();
+    assert!(log.contains("last output: worker failing at start"), "{log}");
+    assert!(!log.contains("fd 3 instead"), "{log}");
 }
 
 #[test]

@@ -165,22 +165,53 @@ impl Herdsman {
 
     /// The `--control` socket it was started with, if any.
     pub fn control(&self) -> Option<PathBuf> {
-        let child = self.child.as_ref()?;
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).ok()?;
-        let args: Vec<String> =
-            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        let i = args.iter().position(|a| a == "--control")?;
-        args.get(i + 1).map(PathBuf::from)
+        arg_after(&cmdline(self.child.as_ref()?.id())?, &["--control"]).map(PathBuf::from)
+    }
+
+    /// `herdsman COMMAND TARGET ARGS` against this supervisor: TARGET is its `--control`
+    /// socket, or else its `--name` resolved in its own environment (the default socket).
+    fn ask(&self, command: &str, args: &[&str]) -> Option<std::process::Output> {
+        let mut cmd = Command::new(BIN);
+        cmd.arg(command);
+        match self.control() {
+            Some(control) => {
+                cmd.arg(control);
+            }
+            None => {
+                let pid = self.child.as_ref()?.id();
+                let name = arg_after(&cmdline(pid)?, &["--name", "-n"])?;
+                cmd.arg(name);
+                let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+                for kv in environ.split(|b| *b == 0).map(String::from_utf8_lossy) {
+                    if let Some((k, v)) = kv.split_once('=') {
+                        if k == "XDG_RUNTIME_DIR" || k == "RUNTIME_DIRECTORY" {
+                            cmd.env(k, v);
+                        }
+                    }
+                }
+            }
+        }
+        let out = cmd.args(args).output().ok()?;
+        out.status.success().then_some(out)
     }
 
     /// `status --json`, or None while the supervisor does not answer (yet).
     pub fn status(&self) -> Option<Value> {
-        let control = self.control()?;
-        let out = Command::new(BIN).arg("status").arg(&control).arg("--json").output().ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        serde_json::from_slice(&self.ask("status", &["--json"])?.stdout).ok()
+    }
+
+    /// `herdsman metrics` (always collected, with or without `--metrics`): every sample, or
+    /// None while the supervisor does not answer (yet).
+    pub fn metrics(&self) -> Option<Vec<Sample>> {
+        Some(parse_metrics(&String::from_utf8_lossy(&self.ask("metrics", &[])?.stdout)))
+    }
+
+    /// Waits until sample `name` with exactly `labels` has `value`.
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) -> Vec<Sample> {
+        wait_for(Duration::from_secs(60), &format!("{name}{labels:?} = {value}"), || {
+            let samples = self.metrics()?;
+            (sample(&samples, name, labels) == Some(value)).then_some(samples)
+        })
     }
 
     /// Waits until the supervisor reports generation `generation` with every slot ready and
@@ -232,11 +263,8 @@ impl Herdsman {
 
     /// Waits until every slot has settled: its first worker became ready, or failed and
     /// waits in back-off (what `READY=1` to the service manager waits for). Read from
-    /// `status --json` (the log, for supervisors started without `--control`).
+    /// `status --json`.
     pub fn wait_started(&self) {
-        if self.control().is_none() {
-            return self.wait_log("started:", 1, Duration::from_secs(20));
-        }
         wait_for(Duration::from_secs(20), "every slot ready or in back-off", || {
             let st = self.status()?;
             let workers = st["workers"].as_array()?;
@@ -249,6 +277,19 @@ impl Herdsman {
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().unwrap();
         wait_for(timeout, "herdsman to exit", || child.try_wait().unwrap())
+    }
+
+    /// Stops the supervisor (SIGTERM) and waits for it to exit and for the end of its output,
+    /// so that `stderr()` is its whole log: for the few checks on wording that is itself the
+    /// contract (a hint to the user), including that some wording is *not* there.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(30));
+        // The capture threads hold the other references; each drops its own at end of file.
+        wait_for(Duration::from_secs(30), "the end of herdsman's output", || {
+            (Arc::strong_count(&self.stderr) == 1 && Arc::strong_count(&self.stdout) == 1).then_some(())
+        });
+        status
     }
 
     pub fn get(&self) -> Value {
@@ -306,6 +347,101 @@ pub fn capture(r: impl Read + Send + 'static, echo: bool) -> Arc<Mutex<String>> 
         }
     });
     buf
+}
+
+/// A process's argv, from /proc.
+fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+}
+
+/// The value after the first of `flags` in `args` (before any `--`).
+fn arg_after(args: &[String], flags: &[&str]) -> Option<String> {
+    let end = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    let i = args[..end].iter().position(|a| flags.contains(&a.as_str()))?;
+    args.get(i + 1).cloned()
+}
+
+/// The worker in slot `id` of a `status --json` answer that is not on its way out (the
+/// serving one, or the empty slot's entry).
+pub fn in_slot(st: &Value, id: u64) -> Option<&Value> {
+    st["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["id"] == id && w["state"] != "stopping" && w["state"] != "draining")
+}
+
+/// One sample of a Prometheus text page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Parses Prometheus text (0.0.4): comments skipped, label values unescaped.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (name, mut rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => continue,
+        };
+        let mut labels = Vec::new();
+        if let Some(r) = rest.strip_prefix('{') {
+            rest = r;
+            while let Some((key, r)) = rest.split_once("=\"") {
+                let mut value = String::new();
+                let mut chars = r.char_indices();
+                let mut end = r.len();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => match chars.next() {
+                            Some((_, 'n')) => value.push('\n'),
+                            Some((_, c)) => value.push(c),
+                            None => {}
+                        },
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                labels.push((key.trim_start_matches(',').to_string(), value));
+                rest = &r[end..];
+                if let Some(r) = rest.strip_prefix('}') {
+                    rest = r;
+                    break;
+                }
+            }
+        }
+        let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) else { continue };
+        out.push(Sample { name: name.to_string(), labels, value });
+    }
+    out
+}
+
+/// The value of sample `name` with exactly these labels.
+pub fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+        })
+        .map(|s| s.value)
+}
+
+/// The test worker's life events (`TW_EVENTS`), in the order written; empty before the first.
+pub fn worker_events(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // A line being appended right now may be incomplete: only whole lines count.
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("TW_EVENTS line {l:?}: {e}")))
+        .collect()
 }
 
 /// `herdsman status CONTROL --json`, which must succeed.

@@ -43,6 +43,10 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
                         "garbage" (a 200 whose body is not Prometheus text), "hang"
                         (accept, never answer)
   TW_METRICS_ONLY=id    serve that mode only in this slot (others serve "ok")
+  TW_EVENTS=path        append one JSON line per life event to path: {"event": "start"} first
+                        thing, {"event": "exit", "code": N} when the worker ends by itself
+                        (start-up failure, or 0 after draining on the stop signal); each with
+                        "pid", "worker_id", "generation" and "t_ns" (CLOCK_MONOTONIC, ns)
 
 Also reported: "uids"/"gids" (real, effective, saved) and "groups" (supplementary),
 and HOME/USER/LOGNAME in "env".
@@ -115,13 +119,31 @@ def elog(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def event(kind, **fields):
+    """One line of TW_EVENTS (appends of one short line are atomic)."""
+    path = ENV.get("TW_EVENTS")
+    if not path:
+        return
+    rec = {"event": kind, "pid": os.getpid(), "worker_id": WORKER_ID, "generation": GENERATION,
+           "t_ns": time.monotonic_ns(), **fields}
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        os.write(fd, (json.dumps(rec) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+event("start")
+
 # --- Start-up failure knobs. -------------------------------------------------
 if ENV.get("TW_FAIL_START") == "1":
     elog("worker failing at start")
+    event("exit", code=3)
     sys.exit(3)
 _break = ENV.get("TW_BREAK_FILE")
 if _break and os.path.exists(_break):
     elog(f"broken build: {_break} exists")
+    event("exit", code=3)
     sys.exit(3)
 
 VERSION = None
@@ -580,4 +602,5 @@ def main():
 if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
+    event("exit", code=code)
     os._exit(code)  # don't wait for stray daemon threads
