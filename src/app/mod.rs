@@ -153,3 +153,24 @@ fn cpus() -> NonZeroUsize {
 fn notify_dir(settings: &Settings, env: &crate::control::paths::Env) -> Option<PathBuf> {
     crate::control::paths::default_socket(&settings.name, env).parent().map(Path::to_path_buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_init_failure_prints_one_line_per_line_and_a_client_failure_as_one() {
+        let f = Failure::from(init::Failure { code: exit::CONFIG, message: "one\ntwo".into() });
+        assert_eq!((f.code, f.lines), (exit::CONFIG, vec!["one".to_string(), "two".to_string()]));
+        let f = Failure::from(client::Failure { code: exit::TIMEOUT, message: "slow".into() });
+        assert_eq!((f.code, f.lines), (exit::TIMEOUT, vec!["slow".to_string()]));
+    }
+
+    #[test]
+    fn a_bad_timeout_is_a_usage_error_naming_the_flag() {
+        let f = timeout_arg("bogus").unwrap_err();
+        assert_eq!(f.code, exit::USAGE);
+        assert!(f.lines[0].starts_with("--timeout: "), "{:?}", f.lines);
+        assert_eq!(timeout_arg("2s").unwrap(), std::time::Duration::from_secs(2));
+    }
+}

@@ -84,3 +84,41 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .build()
         .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start the event loop: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::ffi::OsStringExt;
+
+    use super::*;
+
+    fn process(vars: &[(&str, &[u8])]) -> Process {
+        let vars = vars.iter().map(|(k, v)| (OsString::from(k), OsString::from_vec(v.to_vec()))).collect();
+        Process { args: vec!["herdsman".into(), OsString::from_vec(b"-c\xff".to_vec())], vars, exe: None }
+    }
+
+    #[test]
+    fn var_reads_like_std_env_var_the_first_entry_and_only_utf8() {
+        let p = process(&[("A", b"one"), ("A", b"two"), ("BAD", b"\xff"), ("EMPTY", b"")]);
+        assert_eq!(p.var("A").as_deref(), Some("one"));
+        assert_eq!(p.var("BAD"), None);
+        assert_eq!(p.var("EMPTY").as_deref(), Some(""));
+        assert_eq!(p.var("MISSING"), None);
+    }
+
+    #[test]
+    fn env_and_argv_keep_every_entry_in_order_lossily() {
+        let p = process(&[("A", b"one"), ("BAD", b"\xff")]);
+        let env = p.env();
+        assert_eq!(env[0], ("A".to_string(), "one".to_string()));
+        assert_eq!(env[1], ("BAD".to_string(), "\u{fffd}".to_string()));
+        assert_eq!(p.argv(), ["herdsman", "-c\u{fffd}"]);
+    }
+
+    #[test]
+    fn paths_ignore_empty_runtime_directories() {
+        let p = process(&[("RUNTIME_DIRECTORY", b""), ("XDG_RUNTIME_DIR", b"/run/user/1000")]);
+        let env = p.paths();
+        assert_eq!(env.runtime_directory, None);
+        assert_eq!(env.xdg_runtime_dir.as_deref(), Some("/run/user/1000"));
+    }
+}
