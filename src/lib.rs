@@ -3,8 +3,11 @@
 //!
 //! Theory of operation (where to look first; docs/architecture.md maps every concern to its
 //! file):
-//! * `main` reads the world once (argv, environment, signals) and injects it; it is the only
-//!   code that reads the environment, and it owns the exit codes ([`exit`]).
+//! * `main` reads argv and the environment once into an [`app::Process`], calls [`app`], and
+//!   turns its [`app::Failure`] into an exit code ([`exit`]). [`app`] is the start-up sequence
+//!   (settings, sockets adopted or bound, the `World`, the loop, the exit code) for `run` and
+//!   for the new image of an in-place upgrade, and the subcommands; it owns the process-wide
+//!   signals; it reads the environment only through the `Process`.
 //! * [`config`] turns flags and the TOML file into validated [`config::Settings`]: every
 //!   setting is one field of [`config::Layer`], which is both the flags ([`cli`]) and the
 //!   file's keys; [`credentials`] resolves `user`/`group` before any fork.
@@ -28,6 +31,7 @@
 //!   take-over check of the new binary, then every descriptor and the whole state handed to
 //!   `execve` in one memfd; `supervisor/handover.rs` is the loop's side.
 
+pub mod app;
 pub mod backoff;
 pub mod cli;
 pub mod config;

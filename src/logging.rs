@@ -36,6 +36,69 @@ static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// Entries queued or being written (for [`flush`]).
 static PENDING: AtomicUsize = AtomicUsize::new(0);
 
+/// Installs herdsman's own logging, once per process: structured journal entries when our
+/// stderr is the journal (under systemd), else plain lines on stderr; either way through the
+/// queue. Returns the queue for worker lines when they go to the journal. The arguments are
+/// the environment's: `HERDSMAN_LOG=error|warn|info|debug|trace` sets the verbosity
+/// (default info); `JOURNAL_STREAM` says whether stderr is the journal;
+/// `HERDSMAN_JOURNAL_SOCKET=PATH` sends everything to that native journal socket instead of
+/// `/run/systemd/journal/socket`, whatever stderr is (for tests: a socket nobody reads stands
+/// in for a stalled journald).
+pub fn install(
+    level: Option<&str>,
+    journal_stream: Option<&str>,
+    journal_socket: Option<&str>,
+) -> Option<Sink> {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let level = level.and_then(|l| l.parse::<LevelFilter>().ok()).unwrap_or(LevelFilter::INFO);
+    let journal = match journal_socket.filter(|s| !s.is_empty()) {
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            crate::journal::stderr_is_journal(journal_stream).then(|| PathBuf::from(crate::journal::SOCKET))
+        }
+    };
+    if let Some(path) = journal {
+        if let Ok(sink) = Sink::start(Some(path)) {
+            tracing_subscriber::registry().with(level).with(JournalLayer::new(sink.clone())).init();
+            return Some(sink);
+        }
+    }
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match Sink::start(None) {
+        Ok(sink) => tracing_subscriber::fmt()
+            .with_writer(sink.stderr_writer())
+            .with_ansi(ansi)
+            .with_target(false)
+            .with_max_level(level)
+            .init(),
+        // No thread for the queue (resources exhausted at start): write directly, still
+        // never panicking on an error.
+        Err(_) => tracing_subscriber::fmt()
+            .with_writer(|| IgnoreErrors(std::io::stderr()))
+            .with_ansi(ansi)
+            .with_target(false)
+            .with_max_level(level)
+            .init(),
+    }
+    None
+}
+
+/// A writer that reports success whatever happens (so `tracing` never prints its own error).
+struct IgnoreErrors<W>(W);
+
+impl<W: Write> Write for IgnoreErrors<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
+}
+
 /// Waits (at most `max`, so a stalled journal cannot hold up an exit) until every queued
 /// entry is written: called once before the process exits, so the last lines are not lost.
 pub fn flush(max: std::time::Duration) {

@@ -3,7 +3,7 @@
 //! Under systemd the unit sets `RuntimeDirectory=herdsman/%i`, so the socket is
 //! `$RUNTIME_DIRECTORY/control.sock` = `/run/herdsman/NAME/control.sock`. Standalone, root
 //! uses the same place and other users `$XDG_RUNTIME_DIR/herdsman/NAME/control.sock`. The
-//! environment is passed in as [`Env`] (read once by `main`).
+//! environment is passed in as [`Env`] (from what `main` read once).
 
 use std::path::{Path, PathBuf};
 
@@ -19,10 +19,11 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn from_process() -> Self {
+    /// From the environment as `var` reads it (`app::Process::var`: what `main` read once).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         Env {
-            runtime_directory: std::env::var("RUNTIME_DIRECTORY").ok().filter(|s| !s.is_empty()),
-            xdg_runtime_dir: std::env::var("XDG_RUNTIME_DIR").ok().filter(|s| !s.is_empty()),
+            runtime_directory: var("RUNTIME_DIRECTORY").filter(|s| !s.is_empty()),
+            xdg_runtime_dir: var("XDG_RUNTIME_DIR").filter(|s| !s.is_empty()),
             euid: nix::unistd::geteuid().as_raw(),
         }
     }

@@ -1,0 +1,104 @@
+//! The new image after an in-place upgrade (`HERDSMAN_UPGRADE_STATE` is set; `main` checks it
+//! before argv): the previous image's state is read from the memfd it names, then every
+//! descriptor it lists is adopted — listening and steered sockets, the workers' notify
+//! socket, the control socket, the metrics endpoint, the live workers' descriptors —
+//! all or nothing, and the supervisor goes on in [`super::serve`] as after `run`.
+
+use std::os::fd::RawFd;
+
+use super::process::{kernel_and_limits, runtime};
+use super::serve::{Parts, queue_copies, serve};
+use super::{Failure, Process, notify_dir};
+use crate::control::{protocol::UpgradeDone, server};
+use crate::listeners::Listeners;
+use crate::logging::Sink;
+use crate::metrics::{self, Metrics};
+use crate::notify::WorkerNotify;
+use crate::steer::Steering;
+use crate::supervisor::handover::Resumed;
+use crate::sys::HandedOver;
+use crate::upgrade::{self, Handover};
+use crate::{exit, sys};
+
+/// Takes over from the previous image, whose state is in the memfd numbered `fd`, and
+/// supervises until stopped.
+pub fn resume(fd: &str, process: &Process) -> Result<(), Failure> {
+    let journal = process.start_logging();
+    let state = read_state(fd).map_err(|e| fail("reading the state", &e))?;
+    kernel_and_limits()?;
+    sys::set_worker_fd_limit(state.worker_fd_limit);
+    let mut fds = HandedOver::adopt(&state.fds).map_err(|e| fail("adopting the descriptors", &e))?;
+    let rt = runtime()?;
+    // Adopted sockets register with the runtime's reactor.
+    let entered = rt.enter();
+    let settings = state.supervisor.settings.clone();
+    let parts =
+        rebuild(state, &mut fds, journal, process).map_err(|e| fail("rebuilding from the state", &e))?;
+    if fds.left() > 0 {
+        tracing::warn!("upgrade: {} handed-over descriptor(s) were not used and are closed", fds.left());
+    }
+    drop(fds);
+    drop(entered);
+    serve(settings, parts, rt, process)
+}
+
+/// The take-over failed: said in the log too, as the previous image reads it there.
+fn fail(what: &str, e: &dyn std::fmt::Display) -> Failure {
+    tracing::error!("upgrade: the new image cannot take over ({what}: {e})");
+    Failure::new(exit::FAILURE, format!("upgrade: the new image cannot take over ({what}: {e})"))
+}
+
+fn read_state(fd: &str) -> Result<Handover, String> {
+    let n: RawFd =
+        fd.trim().parse().map_err(|_| format!("{} is not a descriptor number", upgrade::STATE_VAR))?;
+    let mut memfd = HandedOver::adopt(&[n]).map_err(|e| e.to_string())?;
+    let mut file = std::fs::File::from(memfd.take(n).map_err(|e| e.to_string())?);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| e.to_string())?;
+    upgrade::parse(&bytes)
+}
+
+/// The [`Parts`] a fresh start would have bound, from the state and its descriptors.
+fn rebuild(
+    state: Handover,
+    fds: &mut HandedOver,
+    journal: Option<Sink>,
+    process: &Process,
+) -> std::io::Result<Parts> {
+    let listeners = Listeners::adopt(state.listeners, fds)?;
+    let steering = state.steering.map(|s| Steering::adopt(s, fds)).transpose()?;
+    let notify = WorkerNotify::adopt(state.notify, fds)?;
+    let c = state.control;
+    let control = server::Bound::adopt(fds.take(c.fd)?, c.path, c.made_dir)?;
+    let metrics_bound = match state.metrics_http {
+        Some(h) => Some(metrics::http::Bound::adopt(fds.take(h.fd)?, h.unix, h.address)?),
+        None => None,
+    };
+    let dir = notify_dir(&state.supervisor.settings, &process.paths());
+    let metrics = Metrics::resume(dir, queue_copies(&listeners), state.metrics);
+    let reply = state.reply.map(|r| fds.take(r)).transpose()?;
+    let done = UpgradeDone {
+        version: upgrade::version().to_string(),
+        from_version: state.from_version.clone(),
+        pid: std::process::id(),
+        upgrades: state.upgrades,
+        took_ms: (upgrade::monotonic_ns() - state.exec_at_ns) as f64 / 1e6,
+        workers: state.supervisor.workers.len(),
+    };
+    let resumed = Resumed::take(state.supervisor, fds, reply.map(|r| (r, done)), state.upgrades)?;
+    Ok(Parts {
+        journal,
+        listeners,
+        steering,
+        control,
+        access: server::Access { uid: c.uid, group: c.group },
+        metrics_bound,
+        metrics,
+        notify: Some(notify),
+        resume: Some(resumed),
+        config: state.config,
+        overrides: state.overrides,
+        binary: state.binary,
+        argv: state.argv,
+    })
+}

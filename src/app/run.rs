@@ -1,0 +1,99 @@
+//! `herdsman run`: a fresh start, standalone or socket-activated (the same path: the
+//! listeners come from `LISTEN_FDS` when systemd passed them to us, else they are bound).
+//! Settings, the process set-up, then every socket before the runtime, so a bad address or a
+//! busy control socket fails the start with its own exit code, before any worker runs.
+
+use std::path::PathBuf;
+
+use super::process::{kernel_and_limits, runtime};
+use super::serve::{Parts, queue_copies, serve};
+use super::{Failure, Process, load, notify_dir};
+use crate::cli::RunArgs;
+use crate::config::{Balance, Settings};
+use crate::control::{paths, server};
+use crate::exit;
+use crate::listeners::{Activation, Listeners};
+use crate::metrics::{self, Metrics};
+use crate::steer::{SteerError, Steering};
+
+/// Runs an app until it is stopped: 0 after a graceful stop, else the [`Failure`] of the
+/// step that failed (78 bad configuration, 71 kernel, 1 anything else).
+pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
+    let flags = args.layer();
+    let settings = load(args.config.as_deref(), &flags, &process.env()).map_err(|p| Failure::config(&p))?;
+    let journal = process.start_logging();
+    kernel_and_limits()?;
+
+    let activation = Activation {
+        listen_fds: process.var("LISTEN_FDS"),
+        listen_pid: process.var("LISTEN_PID"),
+        listen_fdnames: process.var("LISTEN_FDNAMES"),
+    };
+    let steered = settings.balance != Balance::Shared;
+    let listeners = Listeners::open(&activation, std::process::id(), &settings.listen, steered)
+        .map_err(|e| Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string()))?;
+    let steering = if steered { Some(steering(&settings, &listeners)?) } else { None };
+    let paths_env = process.paths();
+    let (control, access) = control_socket(&settings, &paths_env)?;
+    let metrics_bound = settings
+        .metrics
+        .as_ref()
+        .map(metrics::http::bind)
+        .transpose()
+        .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    let rt = runtime()?;
+    // Copies of the listening sockets, to read their queues (never their flags).
+    let metrics = Metrics::new(notify_dir(&settings, &paths_env), queue_copies(&listeners));
+    let parts = Parts {
+        journal,
+        listeners,
+        steering,
+        control,
+        access,
+        metrics_bound,
+        metrics,
+        notify: None,
+        resume: None,
+        config: args.config,
+        overrides: flags,
+        // Where the next in-place upgrade re-executes from: this binary's installed path.
+        binary: process.exe.clone().unwrap_or_else(|| PathBuf::from("/usr/bin/herdsman")),
+        argv: process.argv(),
+    };
+    serve(settings, parts, rt, process)
+}
+
+/// `--balance steer|sticky`: every worker's own socket, in one `SO_REUSEPORT` group per address.
+fn steering(settings: &Settings, listeners: &Listeners) -> Result<Steering, Failure> {
+    let copies = listeners
+        .copies()
+        .map_err(|e| Failure::new(exit::FAILURE, format!("cannot duplicate the listening sockets: {e}")))?;
+    Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor()).map_err(|e| {
+        let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
+        Failure::new(if config { exit::CONFIG } else { exit::FAILURE }, e.to_string())
+    })
+}
+
+/// Binds the control socket (`--control`, else the app's default place, in a runtime
+/// directory that must be private) and says who may use it.
+fn control_socket(
+    settings: &Settings,
+    paths_env: &paths::Env,
+) -> Result<(server::Bound, server::Access), Failure> {
+    let default_control = paths::default_socket(&settings.name, paths_env);
+    if let Some(dir) = paths::fallback_dir(paths_env) {
+        paths::ensure_private_dir(&dir, paths_env.euid).map_err(|e| {
+            let not_ours = matches!(e, paths::PrivateDirError::NotOurs { .. });
+            Failure::new(if not_ours { exit::CONFIG } else { exit::FAILURE }, e.to_string())
+        })?;
+    }
+    let control_path = settings.control.clone().unwrap_or(default_control);
+    let group = settings
+        .control_group
+        .as_deref()
+        .and_then(|g| nix::unistd::Group::from_name(g).ok().flatten())
+        .map(|g| g.gid.as_raw());
+    let control =
+        server::bind(&control_path, group).map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    Ok((control, server::Access { uid: paths_env.euid, group }))
+}
