@@ -127,10 +127,17 @@ fn a_worker_whose_pidfd_cannot_be_opened_is_killed_and_reaped_not_left_unsupervi
         })
     });
     assert_eq!(st["ready"], 0, "{st}");
-    // It keeps retrying and says why: text, as the error names the cause for the user, and a
-    // start that fails before there is a worker shows in status only in the `status` line
-    // (no `failures` or `last_error` field).
-    h.wait_log("cannot watch the new worker (pidfd_open: Too many open files", 6, LONG);
+    // It keeps retrying (failures in a row grow) and says why in each slot's `last_error`.
+    wait_for(LONG, "three failed starts per slot, each naming EMFILE", || {
+        try_status(&control).filter(|s| {
+            let w = s["workers"].as_array().cloned().unwrap_or_default();
+            w.len() == 2
+                && w.iter().all(|w| {
+                    w["failures"].as_u64().unwrap_or(0) >= 3
+                        && w["last_error"].as_str().unwrap_or("").contains("pidfd_open: Too many open files")
+                })
+        })
+    });
     // No worker lives on unsupervised, and none is left a zombie.
     wait_for(LONG, "no process carrying the test's marker", || {
         processes_with_env(&marker).is_empty().then_some(())
@@ -254,8 +261,20 @@ fn workers_that_could_not_start_for_lack_of_fds_start_once_fds_are_available_aga
         })
     });
     assert!(st["ready"].as_u64().unwrap() < 6, "{st}");
-    // The error names the cause for the user (text: status has no `last_error`).
-    h.wait_log("Too many open files", 3, LONG);
+    // Each slot that could not start says why in its `last_error`.
+    wait_for(LONG, "three slots in back-off naming EMFILE", || {
+        try_status(&control).filter(|s| {
+            let w = s["workers"].as_array().cloned().unwrap_or_default();
+            w.iter()
+                .filter(|w| {
+                    w["state"] == "backoff"
+                        && w["failures"].as_u64().unwrap_or(0) >= 1
+                        && w["last_error"].as_str().unwrap_or("").contains("Too many open files")
+                })
+                .count()
+                >= 3
+        })
+    });
     // The supervisor serves on, and once descriptors are available again (the operator
     // raised the limit) every slot fills.
     assert!(!h.distinct_workers(1).is_empty());

@@ -132,9 +132,15 @@ fn a_crash_loop_backs_off_and_the_supervisor_lives() {
             i + 1
         );
     }
-    // The failure report carries the worker's last output (text, as the log is the only place
-    // that has it: status exposes no `last_error`).
-    h.wait_log("last output: worker failing at start", 1, LONG);
+    // The slot's `last_error` carries the worker's last output; it waits in back-off with its
+    // failures in a row counted and the time to its next start shown.
+    let st = h.status().unwrap();
+    let w = &st["workers"][0];
+    assert!(w["last_error"].as_str().unwrap_or("").contains("last output: worker failing at start"), "{st}");
+    assert!(w["failures"].as_u64().unwrap_or(0) >= 4, "{st}");
+    if w["state"] == "backoff" {
+        assert!(w["restart_in_ms"].as_u64().is_some(), "{st}");
+    }
     let mut h = h;
     assert!(h.child.as_mut().unwrap().try_wait().unwrap().is_none(), "supervisor must stay up");
 }
@@ -702,7 +708,16 @@ fn a_failed_credential_drop_fails_the_worker_start_and_never_runs_it_as_root() {
     });
     assert!(st["workers"][0]["pid"].is_null(), "{st}");
     assert_eq!(st["ready"], 0, "{st}");
-    // The error names the failing step and errno, for the user (text: status has no
-    // `last_error`); twice, as the start is retried.
-    h.wait_log("setting the supplementary groups (setgroups): Operation not permitted", 2, LONG);
+    // The slot's `last_error` names the failing step and errno; the start is retried
+    // (failures in a row count up).
+    wait_for(LONG, "two failed starts naming setgroups EPERM", || {
+        let st = h.status()?;
+        let w = &st["workers"][0];
+        (w["failures"].as_u64().unwrap_or(0) >= 2
+            && w["last_error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("setting the supplementary groups (setgroups): Operation not permitted"))
+        .then_some(())
+    });
 }

@@ -51,6 +51,16 @@ pub struct WorkerInfo {
     #[serde(default)]
     pub accept_queue: u32,
     pub restarts: u32,
+    /// The slot's failures in a row (failed starts, workers that ended before a good run);
+    /// 0 again after a good run. Back-off grows with it.
+    #[serde(default)]
+    pub failures: u32,
+    /// Why the slot's last worker failed to start or ended unexpectedly; `null` if none did.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// `backoff` only: milliseconds until the slot is started again.
+    #[serde(default)]
+    pub restart_in_ms: Option<u64>,
     pub uptime_s: f64,
     /// CPU use since the previous status request (or since start), filled by the control server.
     pub cpu_percent: f64,

@@ -5,7 +5,7 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::exits::{describe_exit, failure_report, stop_signal_hint};
+use super::exits::{describe_exit, failure_detail, failure_report, stop_signal_hint};
 use super::pool::DRAIN_GRACE;
 use super::{Event, Supervisor, human};
 use crate::config::ReadyMode;
@@ -78,7 +78,7 @@ impl Supervisor {
                     (None, _) => format!("{how} after {}", human(ran)),
                 };
                 let report = failure_report(&w, &reason);
-                self.pool.set_last_error(w.slot, reason);
+                self.pool.set_last_error(w.slot, failure_detail(&w, &reason));
                 tracing::warn!(
                     app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
                     "{report}; restarting in {} ({})", human(restart.delay), restart.streak

@@ -73,7 +73,19 @@ pub(super) fn describe_exit(status: WaitStatus) -> String {
 }
 
 pub(super) fn failure_report(w: &Worker, reason: &str) -> String {
-    let mut report = format!("worker {} (pid {}, generation {}) {reason}", w.slot, w.pid, w.spec.generation);
+    format!(
+        "worker {} (pid {}, generation {}) {}",
+        w.slot,
+        w.pid,
+        w.spec.generation,
+        failure_detail(w, reason)
+    )
+}
+
+/// `reason`, then the worker's last output lines and a hint when they name a known mistake:
+/// what `status` shows as the slot's `last_error`.
+pub(super) fn failure_detail(w: &Worker, reason: &str) -> String {
+    let mut report = reason.to_string();
     let tail = w.tail.lines();
     if !tail.is_empty() {
         report.push_str("; last output: ");

@@ -78,6 +78,9 @@ impl Supervisor {
                     None => shared_queue,
                 },
                 restarts: pool.slots.get(&w.slot).map_or(0, |s| s.restarts),
+                failures: pool.slots.get(&w.slot).map_or(0, |s| s.failures),
+                last_error: pool.slots.get(&w.slot).and_then(|s| s.last_error.clone()),
+                restart_in_ms: None,
                 uptime_s: now.duration_since(w.started).as_secs_f64(),
                 cpu_percent: 0.0,
                 rss_bytes: 0,
@@ -98,6 +101,11 @@ impl Supervisor {
                     receiving: false,
                     accept_queue: 0,
                     restarts: slot.restarts,
+                    failures: slot.failures,
+                    last_error: slot.last_error.clone(),
+                    restart_in_ms: slot.restart_at.map(|t| {
+                        u64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+                    }),
                     uptime_s: 0.0,
                     cpu_percent: 0.0,
                     rss_bytes: 0,

@@ -254,13 +254,6 @@ impl Herdsman {
         self.stdout.lock().unwrap().clone()
     }
 
-    /// Waits until the supervisor's log contains `needle` `count` times.
-    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) {
-        wait_for(timeout, &format!("{count}× {needle:?} in herdsman's log"), || {
-            (self.stderr().matches(needle).count() >= count).then_some(())
-        });
-    }
-
     /// Waits until every slot has settled: its first worker became ready, or failed and
     /// waits in back-off (what `READY=1` to the service manager waits for). Read from
     /// `status --json`.
