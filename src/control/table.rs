@@ -96,6 +96,15 @@ pub fn status(s: &Snapshot) -> String {
         ]);
     }
     out.push_str(&columns(&rows));
+    // Slots waiting to start again: why, how often in a row, and when.
+    for w in s.workers.iter().filter(|w| w.state == "backoff") {
+        let why = w.last_error.as_deref().unwrap_or("failed");
+        let when = w
+            .restart_in_ms
+            .map(|ms| format!(", next start in {:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_default();
+        out.push_str(&format!("worker {}: {why} (failure {} in a row{when})\n", w.id, w.failures));
+    }
     out
 }
 
@@ -109,6 +118,26 @@ mod tests {
         assert_eq!(bytes(812_000), "812 kB");
         assert_eq!(age(7200.0), "2h");
         assert_eq!(age(42.9), "42s");
+    }
+
+    #[test]
+    fn a_slot_in_back_off_says_why_how_often_and_when() {
+        let s: Snapshot = serde_json::from_value(serde_json::json!({
+            "name": "web", "pid": 1, "sockets": ["127.0.0.1:8080"], "generation": 1, "desired": 1,
+            "ready": 0, "status": "0/1 ready", "last_reload": null, "balance": "shared",
+            "version": "0.1.0", "upgrades": 0, "upgrading": false,
+            "workers": [{"id": 0, "pid": null, "generation": 1, "state": "backoff", "restarts": 5,
+                "failures": 5, "last_error": "exited with status 3 before it was ready; last output: boom",
+                "restart_in_ms": 1600, "uptime_s": 0.0, "cpu_percent": 0.0, "rss_bytes": 0}]
+        }))
+        .unwrap();
+        let t = status(&s);
+        assert!(
+            t.ends_with(
+                "worker 0: exited with status 3 before it was ready; last output: boom (failure 5 in a row, next start in 1.6s)\n"
+            ),
+            "{t}"
+        );
     }
 
     #[test]
