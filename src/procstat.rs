@@ -69,7 +69,8 @@ pub fn scan_groups(leaders: &[i32]) -> HashMap<i32, Usage> {
     let mut path = String::with_capacity(24);
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Some(dir) = name.to_str() else { continue };
+        let Ok(pid) = dir.parse::<i32>() else { continue };
         // One syscall tells whether the process is in a group we count; only those have
         // their `stat` opened and formatted by the kernel (the expensive part of a scan).
         match nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))) {
@@ -79,7 +80,7 @@ pub fn scan_groups(leaders: &[i32]) -> HashMap<i32, Usage> {
         buf.clear();
         path.clear();
         path.push_str("/proc/");
-        path.push_str(name.to_str().unwrap_or_default());
+        path.push_str(dir);
         path.push_str("/stat");
         let read = std::fs::File::open(&path).and_then(|mut f| f.read_to_string(&mut buf));
         // A process that exited between readdir and open is simply not counted.

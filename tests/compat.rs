@@ -247,8 +247,8 @@ fn an_ordinary_failure_gets_no_eaddrinuse_hint() {
         let st = h.status()?;
         (in_slot(&st, 0)?["restarts"].as_u64()? >= 1).then_some(())
     });
-    // The hint's wording is the contract, and the failure report is only in the log: the
-    // whole log has the report, without the hint.
+    // The hint's wording is the contract: the whole log has the failure report (also the
+    // slot's `last_error` in status), without the hint.
     assert_eq!(h.stop().code(), Some(0));
     let log = h.stderr();
     assert!(log.contains("last output: worker failing at start"), "{log}");

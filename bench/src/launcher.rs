@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -50,21 +50,17 @@ pub fn launch(args: &[String]) -> i32 {
     let cmd = &args[i..];
     assert!(!cmd.is_empty(), "launch: no command");
     let listen = listen.expect("launch: --listen ADDR");
-    // std binds with SO_REUSEADDR; re-listen with herdsman's backlog.
-    let l = TcpListener::bind(&listen).expect("bind");
-    let shared = l.as_raw_fd();
-    let own: Vec<i32> = if reuseport {
-        drop(l);
+    // One socket for all (std binds with SO_REUSEADDR; re-listened with herdsman's backlog),
+    // or one per worker.
+    let fds: Vec<i32> = if reuseport {
         let a: std::net::SocketAddrV4 = listen.parse().expect("--reuseport: an IPv4 HOST:PORT");
         (0..n).map(|_| reuseport_listener(a)).collect()
     } else {
-        std::mem::forget(l);
-        vec![]
+        let fd = TcpListener::bind(&listen).expect("bind").into_raw_fd();
+        unsafe { libc::listen(fd, 4096) };
+        vec![fd; n]
     };
     unsafe {
-        if !reuseport {
-            libc::listen(shared, 4096);
-        }
         // No SA_RESTART: waitpid must return EINTR so the signal gets forwarded.
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_signal as extern "C" fn(i32) as libc::sighandler_t;
@@ -72,8 +68,7 @@ pub fn launch(args: &[String]) -> i32 {
         libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
     }
     let mut pids = Vec::new();
-    for id in 0..n {
-        let fd = own.get(id).copied().unwrap_or(shared);
+    for (id, &fd) in fds.iter().enumerate() {
         // `sh -c 'LISTEN_PID=$$ exec "$@"'`: $$ is the pid the command keeps after exec.
         let mut c = Command::new("/bin/sh");
         c.arg("-c")

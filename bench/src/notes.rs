@@ -179,13 +179,7 @@ pub fn balance_notes(r: &Results) -> String {
     // Every slice of a mode, over every N and client population (sticky: where its clients
     // spread evenly), as a geometric mean with its 95 % CI; "limit again" is the yardstick.
     let pooled = |label: &str, ka: bool, clients: &[&str]| {
-        let all: Vec<f64> = b
-            .tput
-            .iter()
-            .filter(|x| x.label == label && x.keep_alive == ka && clients.contains(&x.client.as_str()))
-            .flat_map(|x| x.ratio.iter().copied())
-            .collect();
-        let g = crate::report::geo(&all);
+        let g = crate::report::pooled(b, label, ka, clients);
         (g.n > 0).then(|| format!("{:.3}× (CI {:.3}–{:.3})", g.mean, g.lo, g.hi))
     };
     let all = &crate::balance::CLIENTS[..];

@@ -527,19 +527,14 @@ pub fn balance_targets(b: &Balance) -> Vec<(String, String, bool)> {
     ];
     for (label, clients, what) in cases {
         for ka in [true, false] {
-            let rows: Vec<&BTputRow> = b
-                .tput
-                .iter()
-                .filter(|x| x.label == label && x.keep_alive == ka && clients.contains(&x.client.as_str()))
-                .collect();
+            let rows = cells(b, label, ka, clients);
             if rows.is_empty() {
                 continue;
             }
             // One slice's ratio is noisy (the "limit again" row shows by how much): the target
             // is judged on every slice of the mode's cells together, as a geometric mean with
             // its 95 % confidence interval; the cells' medians are listed for the reader.
-            let all: Vec<f64> = rows.iter().flat_map(|x| x.ratio.iter().copied()).collect();
-            let g = geo(&all);
+            let g = pooled(b, label, ka, clients);
             let parts: Vec<String> =
                 rows.iter().map(|x| format!("N={} {}: {:.2}×", x.n, x.client, mmm(&x.ratio).med)).collect();
             v.push((
@@ -594,14 +589,24 @@ pub fn geo(ratios: &[f64]) -> Geo {
     Geo { mean: m.exp(), lo: (m - half).exp(), hi: (m + half).exp(), n }
 }
 
+/// The data-path rows of `label` in one mode, over the given client populations.
+fn cells<'a>(b: &'a Balance, label: &str, ka: bool, clients: &[&str]) -> Vec<&'a BTputRow> {
+    b.tput
+        .iter()
+        .filter(|x| x.label == label && x.keep_alive == ka && clients.contains(&x.client.as_str()))
+        .collect()
+}
+
+/// Every slice of those rows, as one geometric mean with its 95 % CI.
+pub fn pooled(b: &Balance, label: &str, ka: bool, clients: &[&str]) -> Geo {
+    let all: Vec<f64> = cells(b, label, ka, clients).iter().flat_map(|x| x.ratio.iter().copied()).collect();
+    geo(&all)
+}
+
 /// The "limit again" contender over the same cells: the noise of one ratio.
 fn noise(b: &Balance, clients: &[&str], ka: bool) -> String {
-    let all: Vec<f64> = b
-        .tput
-        .iter()
-        .filter(|x| x.label == "limit again" && x.keep_alive == ka && clients.contains(&x.client.as_str()))
-        .flat_map(|x| x.ratio.iter().copied())
-        .collect();
+    let all: Vec<f64> =
+        cells(b, "limit again", ka, clients).iter().flat_map(|x| x.ratio.iter().copied()).collect();
     if all.is_empty() {
         return "not measured".into();
     }

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::protocol::Snapshot;
+use super::protocol::{Snapshot, WorkerState};
 
 /// `42s`, `7m`, `2h`, `3d`.
 pub fn age(secs: f64) -> String {
@@ -97,7 +97,7 @@ pub fn status(s: &Snapshot) -> String {
     }
     out.push_str(&columns(&rows));
     // Slots waiting to start again: why, how often in a row, and when.
-    for w in s.workers.iter().filter(|w| w.state == "backoff") {
+    for w in s.workers.iter().filter(|w| w.state == WorkerState::Backoff) {
         let why = w.last_error.as_deref().unwrap_or("failed");
         let when = w
             .restart_in_ms

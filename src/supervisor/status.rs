@@ -58,7 +58,8 @@ impl Supervisor {
         let mut workers: Vec<WorkerInfo> = pool
             .workers
             .values()
-            .map(|w| WorkerInfo {
+            .map(|w| (w, pool.slots.get(&w.slot)))
+            .map(|(w, slot)| WorkerInfo {
                 id: w.slot,
                 pid: Some(w.pid),
                 generation: w.spec.generation,
@@ -77,9 +78,9 @@ impl Supervisor {
                     Some(st) => st.queued(w.pid),
                     None => shared_queue,
                 },
-                restarts: pool.slots.get(&w.slot).map_or(0, |s| s.restarts),
-                failures: pool.slots.get(&w.slot).map_or(0, |s| s.failures),
-                last_error: pool.slots.get(&w.slot).and_then(|s| s.last_error.clone()),
+                restarts: slot.map_or(0, |s| s.restarts),
+                failures: slot.map_or(0, |s| s.failures),
+                last_error: slot.and_then(|s| s.last_error.clone()),
                 restart_in_ms: None,
                 uptime_s: now.duration_since(w.started).as_secs_f64(),
                 cpu_percent: 0.0,
