@@ -56,6 +56,19 @@ fn service_dropin(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("herdsman@{name}.service.d")).join("stop-timeout.conf")
 }
 
+fn steer_dropin(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("herdsman@{name}.service.d")).join("steer.conf")
+}
+
+/// `--balance steer`'s round robin is an eBPF program: the service needs CAP_BPF and the
+/// `bpf` system call, which the unit's defaults leave out.
+const STEER_DROPIN: &str = "# Written by `herdsman init --balance steer`: round-robin steering loads an eBPF\n\
+# SK_REUSEPORT program (maps of the app's own sockets). Without these two lines herdsman\n\
+# spreads new connections by a hash instead, and says so at start.\n\
+[Service]\n\
+CapabilityBoundingSet=CAP_BPF\n\
+SystemCallFilter=bpf\n";
+
 fn units(name: &str) -> [String; 2] {
     [format!("herdsman@{name}.socket"), format!("herdsman@{name}.service")]
 }
@@ -193,6 +206,9 @@ fn plan_init(a: &InitArgs, s: &Settings, user: Option<&str>) -> Result<Plan, Fai
             service_dropin(&a.unit_dir, &s.name),
             format!("# Written by `herdsman init`: stop_timeout plus a margin.\n[Service]\nTimeoutStopSec={secs}s\n"),
         ));
+    }
+    if s.balance == config::Balance::Steer {
+        files.push(unit(steer_dropin(&a.unit_dir, &s.name), STEER_DROPIN.to_string()));
     }
     let [sock, svc] = units(&s.name);
     let commands = if a.no_start {
@@ -335,6 +351,12 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
         write_file(f)?;
         println!("wrote {}", f.path.display());
     }
+    // --force: a drop-in an earlier init wrote that these settings no longer need goes.
+    for stale in [service_dropin(&a.unit_dir, &name), steer_dropin(&a.unit_dir, &name)] {
+        if !plan.files.iter().any(|f| f.path == stale) && std::fs::remove_file(&stale).is_ok() {
+            println!("removed {}", stale.display());
+        }
+    }
     for c in &plan.commands {
         run_command(c)?;
     }
@@ -369,6 +391,7 @@ pub fn remove(a: &RemoveArgs) -> Result<(), Failure> {
         a.config_dir.join(format!("{name}.toml")),
         socket_dropin(&a.unit_dir, &name),
         service_dropin(&a.unit_dir, &name),
+        steer_dropin(&a.unit_dir, &name),
     ];
     let present: Vec<&PathBuf> = files.iter().filter(|p| p.exists()).collect();
     if present.is_empty() {
@@ -457,6 +480,26 @@ mod tests {
         let bad = init(&args(&dir.0, &["--force", "--metrics", "9464"]), cpus(), None).unwrap_err();
         assert_eq!(bad.code, crate::exit::CONFIG);
         assert!(bad.message.contains("--metrics"), "{}", bad.message);
+    }
+
+    #[test]
+    fn init_balance_steer_gives_the_service_cap_bpf_and_reuseport_sockets() {
+        let dir = Scratch::new("steer");
+        init(&args(&dir.0, &["--balance", "steer", "-w", "2"]), cpus(), None).map_err(|f| f.message).unwrap();
+        let units = dir.0.join("units");
+        let sock = std::fs::read_to_string(units.join("herdsman@web.socket.d/listen.conf")).unwrap();
+        assert_eq!(sock.matches("ListenStream=127.0.0.1:8080").count(), 4, "{sock}");
+        assert!(sock.contains("ReusePort=yes"), "{sock}");
+        let steer = std::fs::read_to_string(units.join("herdsman@web.service.d/steer.conf")).unwrap();
+        assert!(
+            steer.contains("\n[Service]\nCapabilityBoundingSet=CAP_BPF\nSystemCallFilter=bpf\n"),
+            "{steer}"
+        );
+        // sticky routes by address with a classic program: no capability.
+        init(&args(&dir.0, &["--force", "--balance", "sticky"]), cpus(), None)
+            .map_err(|f| f.message)
+            .unwrap();
+        assert!(!units.join("herdsman@web.service.d/steer.conf").exists());
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! exits) rebuilds the program from the set of *receiving* members and attaches it again,
 //! which replaces the group's program atomically.
 //!
-//! * `steer`: key = the client's source port; `key % n` over the receiving members.
+//! * `steer`: **round robin** over the receiving members, by an eBPF program (below) when the
+//!   kernel allows it; otherwise (no `CAP_BPF`, a seccomp filter, `HERDSMAN_STEER_ROUTING=hash`)
+//!   by the classic program, key = a hash of the client's source port and address, `key % n`.
 //! * `sticky`: key = the client's IPv4 address (IPv6: its /64); `key % slots` picks the slot,
 //!   which maps to that slot's receiving member; a slot with none falls back to
 //!   `key % n` over the receiving members, so its clients come back when it is ready again.
@@ -26,9 +28,29 @@
 //! the member listening after the worker closed its fd, so a late connection waits for the next
 //! worker that gets the member instead of being reset.
 //!
-//! Why classic BPF and hand-written instructions: it works without privileges (eBPF
-//! `SOCKARRAY` maps need root here), the programs are a handful of instructions built by
-//! [`program`] and unit-tested, and no crate builds classic reuseport programs.
+//! Round robin (`steer`, eBPF). A hash spreads connections evenly only on average: at any
+//! moment one worker's queue holds more than its share while the other's may be empty, and a
+//! connection waits for the worker its hash chose. Measured on 2 cores (docs/bench-queues.md)
+//! that costs several per cent of new-connection throughput against one shared queue; a
+//! counter in the kernel costs nothing and takes turns exactly. Classic BPF has no state, so
+//! this part is an eBPF `SK_REUSEPORT` program ([`round_robin_program`], 30 instructions)
+//! over three maps per pool: `socks` (a `REUSEPORT_SOCKARRAY`: key = member index, value = the
+//! member; every member is put in once, when it is created), `ring` (two halves of receiving
+//! member indices) and `turn` (`{counter, active}`, `active` = half base << 16 | count). The
+//! program adds 1 to the counter atomically, picks `ring[base + counter % count]` and
+//! selects that member. A state change writes the *inactive* half, then `active` in one store,
+//! so a SYN never sees a half-written list. The program is attached once; later changes only
+//! write the maps. It needs `CAP_BPF` (or root) and the `bpf` system call; if anything is
+//! refused, steering stays on the classic program (which is attached first, and stays the
+//! bridge while the eBPF one is built), herdsman says so once, and `status --json` shows
+//! `"routing": "hash"`. A kernel socket can be in one `SOCKARRAY` at a time: after a restart or
+//! an in-place upgrade the previous program's maps are freed by the kernel shortly after the
+//! classic bridge replaced it, so putting a member in the new map is retried for up to 2 s.
+//!
+//! Why hand-written instructions: the programs are a handful of instructions built here and
+//! unit-tested (the classic ones with a small interpreter, the eBPF one by the kernel's
+//! verifier and a real group); `aya`/`libbpf-rs` would bring a BPF toolchain or a C
+//! library for 30 instructions, and no crate builds classic reuseport programs.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -38,7 +60,7 @@ use nix::sys::socket::{
 };
 
 use crate::config::Balance;
-use crate::sys::{self, BpfInsn};
+use crate::sys::{self, BpfInsn, EbpfInsn};
 
 /// Like systemd's default `Backlog=` on Debian 12.
 const BACKLOG: i32 = 4096;
@@ -82,6 +104,8 @@ struct Pool {
     local: SockaddrStorage,
     family: AddressFamily,
     members: Vec<Member>,
+    /// The eBPF round-robin router (`steer`, when the kernel allows it).
+    rr: Option<RoundRobin>,
 }
 
 /// Every steered address, and the routing mode.
@@ -93,6 +117,30 @@ pub struct Steering {
     slots: usize,
     /// fds at or below this are the workers' target range: keep ours above it.
     floor: RawFd,
+    /// How `steer` picks among the receiving members.
+    routing: Routing,
+}
+
+/// How new connections are spread over the receiving members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Routing {
+    /// `steer` with the eBPF program: take turns.
+    RoundRobin,
+    /// `steer` with the classic program: a hash of the client's port and address.
+    Hash,
+    /// `sticky`: the client's address picks the slot.
+    ClientAddress,
+}
+
+impl std::fmt::Display for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Routing::RoundRobin => "round-robin",
+            Routing::Hash => "hash",
+            Routing::ClientAddress => "client-address",
+        })
+    }
 }
 
 impl Steering {
@@ -103,6 +151,7 @@ impl Steering {
         sockets: Vec<(String, String, OwnedFd)>,
         slots: usize,
         floor: RawFd,
+        round_robin: bool,
     ) -> Result<Self, SteerError> {
         let mut pools: Vec<Pool> = Vec::new();
         for (addr, name, fd) in sockets {
@@ -121,12 +170,44 @@ impl Steering {
             let member = Member { fd, holder: None, slot: 0, receiving: false };
             match pools.iter_mut().find(|p| p.local == local) {
                 Some(p) => p.members.push(member),
-                None => pools.push(Pool { addr, name, local, family, members: vec![member] }),
+                None => pools.push(Pool { addr, name, local, family, members: vec![member], rr: None }),
             }
         }
-        let steering = Steering { mode, pools, slots: slots.max(1), floor };
-        steering.apply()?;
+        let mut steering = Steering { mode, pools, slots: slots.max(1), floor, routing: Routing::Hash };
+        steering.start(round_robin)?;
         Ok(steering)
+    }
+
+    /// Attaches the classic program, then (for `steer`, if wanted) builds the eBPF router of
+    /// every pool; a refusal leaves the classic one in place, said once in the log.
+    fn start(&mut self, round_robin: bool) -> Result<(), SteerError> {
+        self.routing = if self.mode == Balance::Sticky { Routing::ClientAddress } else { Routing::Hash };
+        self.apply()?;
+        if self.mode != Balance::Steer || !round_robin {
+            return Ok(());
+        }
+        let built: io::Result<Vec<RoundRobin>> = self.pools.iter().map(RoundRobin::new).collect();
+        match built {
+            Ok(routers) => {
+                for (pool, rr) in self.pools.iter_mut().zip(routers) {
+                    pool.rr = Some(rr);
+                }
+                self.routing = Routing::RoundRobin;
+                // Attaches the eBPF programs (replacing the classic ones) with the current set.
+                self.apply()
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "--balance steer: round robin needs eBPF, which the kernel refused ({e}); new connections are spread by a hash instead (give the service CAP_BPF and the bpf system call: herdsman init --balance steer writes them)"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// How new connections are spread (for status).
+    pub fn routing(&self) -> Routing {
+        self.routing
     }
 
     pub fn mode(&self) -> Balance {
@@ -261,8 +342,9 @@ impl Steering {
     }
 
     /// The pools a previous image handed over, in the same kernel order (no socket was
-    /// closed); the routing program is attached again (the same one).
-    pub fn adopt(st: SteeringState, fds: &mut sys::HandedOver) -> io::Result<Steering> {
+    /// closed); the routing program is built and attached again (`round_robin` as for
+    /// [`Steering::new`]: the environment is the one the first image started with).
+    pub fn adopt(st: SteeringState, fds: &mut sys::HandedOver, round_robin: bool) -> io::Result<Steering> {
         let mut pools = Vec::new();
         for p in st.pools {
             let mut members = Vec::new();
@@ -279,16 +361,35 @@ impl Steering {
             let local: SockaddrStorage = socket::getsockname(first.fd.as_raw_fd())?;
             let family =
                 local.family().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no family"))?;
-            pools.push(Pool { addr: p.addr, name: p.name, local, family, members });
+            pools.push(Pool { addr: p.addr, name: p.name, local, family, members, rr: None });
         }
-        let steering = Steering { mode: st.mode, pools, slots: st.slots.max(1), floor: st.floor };
-        steering.apply().map_err(|e| io::Error::other(e.to_string()))?;
+        let mut steering = Steering {
+            mode: st.mode,
+            pools,
+            slots: st.slots.max(1),
+            floor: st.floor,
+            routing: Routing::Hash,
+        };
+        steering.start(round_robin).map_err(|e| io::Error::other(e.to_string()))?;
         Ok(steering)
     }
 
-    /// Attaches the current program to every pool.
-    fn apply(&self) -> Result<(), SteerError> {
-        for pool in &self.pools {
+    /// Attaches the current program to every pool (or, with the eBPF router, writes its maps).
+    fn apply(&mut self) -> Result<(), SteerError> {
+        for pool in &mut self.pools {
+            if let Some(rr) = &mut pool.rr {
+                match rr.update(&pool.members) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::warn!(
+                            "--balance steer: the round-robin router of {} failed ({e}); spreading new connections by a hash from now on",
+                            pool.addr
+                        );
+                        pool.rr = None;
+                        self.routing = Routing::Hash;
+                    }
+                }
+            }
             let receiving: Vec<(u32, usize)> = pool
                 .members
                 .iter()
@@ -305,6 +406,184 @@ impl Steering {
         }
         Ok(())
     }
+}
+
+/// Members per pool the eBPF router can hold: every worker twice (a roll-out of all at once)
+/// plus systemd's spare sockets. Map memory is reserved up front: 8 + 2 × 4 bytes per entry.
+const RR_CAPACITY: u32 = 2 * crate::config::values::MAX_WORKERS as u32 + 512;
+/// `BPF_MAP_TYPE_ARRAY`, `BPF_MAP_TYPE_REUSEPORT_SOCKARRAY` (linux/bpf.h).
+const MAP_ARRAY: u32 = 2;
+const MAP_REUSEPORT_SOCKARRAY: u32 = 20;
+
+/// One pool's eBPF round-robin router: its maps and program (see the module doc).
+#[derive(Debug)]
+struct RoundRobin {
+    socks: OwnedFd,
+    ring: OwnedFd,
+    turn: OwnedFd,
+    prog: OwnedFd,
+    /// Members `0..inserted` are in `socks`.
+    inserted: usize,
+    /// The half of `ring` the program reads (0 or 1); `None` before the first update.
+    active: Option<u32>,
+    /// What the active half holds, to skip writes that change nothing.
+    current: Vec<u32>,
+}
+
+impl RoundRobin {
+    /// Creates the maps and loads the program; [`RoundRobin::update`] attaches it.
+    fn new(pool: &Pool) -> io::Result<RoundRobin> {
+        let socks = sys::bpf_map_create(MAP_REUSEPORT_SOCKARRAY, 4, 8, RR_CAPACITY)
+            .map_err(|e| io::Error::new(e.kind(), format!("creating a REUSEPORT_SOCKARRAY map: {e}")))?;
+        let ring = sys::bpf_map_create(MAP_ARRAY, 4, 4, 2 * RR_CAPACITY)?;
+        let turn = sys::bpf_map_create(MAP_ARRAY, 4, 8, 1)?;
+        let insns = round_robin_program(turn.as_raw_fd(), ring.as_raw_fd(), socks.as_raw_fd());
+        let prog = sys::bpf_load_reuseport_prog(&insns, c"MIT OR Apache-2.0")
+            .map_err(|e| io::Error::new(e.kind(), format!("loading the SK_REUSEPORT program: {e}")))?;
+        let mut rr = RoundRobin { socks, ring, turn, prog, inserted: 0, active: None, current: Vec::new() };
+        // A member may still be in the map of the program a previous herdsman attached; the
+        // kernel frees that map shortly after the classic bridge replaced the program.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match rr.insert(&pool.members) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other.map(|()| rr),
+            }
+        }
+    }
+
+    /// Puts members not yet in `socks` there (at their index).
+    fn insert(&mut self, members: &[Member]) -> io::Result<()> {
+        if members.len() > RR_CAPACITY as usize {
+            return Err(io::Error::other(format!("more than {RR_CAPACITY} sockets on one address")));
+        }
+        while self.inserted < members.len() {
+            let fd = members[self.inserted].fd.as_raw_fd() as u64;
+            sys::bpf_map_update(&self.socks, self.inserted as u32, &fd.to_ne_bytes())?;
+            self.inserted += 1;
+        }
+        Ok(())
+    }
+
+    /// Makes the program pick among the receiving members (member 0, the parking one, when
+    /// none is): writes the inactive half, then switches to it; attaches the program the
+    /// first time.
+    fn update(&mut self, members: &[Member]) -> io::Result<()> {
+        self.insert(members)?;
+        let mut list: Vec<u32> =
+            members.iter().enumerate().filter(|(_, m)| m.receiving).map(|(i, _)| i as u32).collect();
+        if list.is_empty() {
+            list.push(0);
+        }
+        if self.active.is_some() && list == self.current {
+            return Ok(());
+        }
+        let half = self.active.map_or(0, |h| 1 - h);
+        let base = half * RR_CAPACITY;
+        for (j, index) in list.iter().enumerate() {
+            sys::bpf_map_update(&self.ring, base + j as u32, &index.to_ne_bytes())?;
+        }
+        let active = (base << 16) | list.len() as u32;
+        // `turn` is {counter: u32, active: u32}; writing it restarts the counter at 0.
+        let mut turn = [0u8; 8];
+        turn[4..].copy_from_slice(&active.to_ne_bytes());
+        sys::bpf_map_update(&self.turn, 0, &turn)?;
+        if self.active.is_none() {
+            sys::attach_reuseport_ebpf(&members[0].fd, &self.prog)?;
+        }
+        self.active = Some(half);
+        self.current = list;
+        Ok(())
+    }
+}
+
+// eBPF encoding (linux/bpf_common.h, linux/bpf.h).
+const E_LD_IMM64: u8 = 0x18; // BPF_LD | BPF_DW | BPF_IMM
+const E_LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+const E_STX_W: u8 = 0x63; // BPF_STX | BPF_MEM | BPF_W
+const E_ST_W: u8 = 0x62; // BPF_ST | BPF_MEM | BPF_W
+const E_ATOMIC_W: u8 = 0xc3; // BPF_STX | BPF_ATOMIC | BPF_W
+const E_MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+const E_MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+const E_ADD_K: u8 = 0x07;
+const E_ADD_X: u8 = 0x0f;
+const E_AND_K: u8 = 0x57;
+const E_RSH_K: u8 = 0x77;
+const E_MOD_X: u8 = 0x9f;
+const E_JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+const E_CALL: u8 = 0x85;
+const E_EXIT: u8 = 0x95;
+/// `BPF_ADD | BPF_FETCH`: the old value comes back in the source register.
+const FETCH_ADD: i32 = 0x01;
+/// `BPF_PSEUDO_MAP_FD`: a 64-bit immediate that is a map's descriptor.
+const PSEUDO_MAP_FD: u8 = 1;
+const FN_MAP_LOOKUP_ELEM: i32 = 1;
+const FN_SK_SELECT_REUSEPORT: i32 = 82;
+/// `SK_PASS`: take the selected member (or, if none was selected, the kernel's hash).
+const SK_PASS: i32 = 1;
+
+fn e(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> EbpfInsn {
+    EbpfInsn { code, regs: (src << 4) | dst, off, imm }
+}
+
+/// `dst = map` (two instruction slots).
+fn e_map(dst: u8, map: RawFd) -> [EbpfInsn; 2] {
+    [e(E_LD_IMM64, dst, PSEUDO_MAP_FD, 0, map), e(0, 0, 0, 0, 0)]
+}
+
+/// The round-robin `SK_REUSEPORT` program over `turn`, `ring` and `socks` (module doc).
+/// Every path ends in `SK_PASS`: a missing entry falls back to the kernel's hash rather than
+/// refusing the connection.
+pub fn round_robin_program(turn: RawFd, ring: RawFd, socks: RawFd) -> Vec<EbpfInsn> {
+    let mut p = Vec::new();
+    // r6 = ctx; key 0 at fp-4; r0 = &turn[0].
+    p.push(e(E_MOV_X, 6, 1, 0, 0));
+    p.push(e(E_ST_W, 10, 0, -4, 0));
+    p.extend(e_map(1, turn));
+    p.push(e(E_MOV_X, 2, 10, 0, 0));
+    p.push(e(E_ADD_K, 2, 0, 0, -4));
+    p.push(e(E_CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+    let miss_1 = p.len();
+    p.push(e(E_JEQ_K, 0, 0, 0, 0)); // if r0 == 0 goto pass
+    // r7 = active; r8 = counter++ (atomic, the old value).
+    p.push(e(E_LDX_W, 7, 0, 4, 0));
+    p.push(e(E_MOV_K, 8, 0, 0, 1));
+    p.push(e(E_ATOMIC_W, 0, 8, 0, FETCH_ADD));
+    // r9 = count; if 0 goto pass; r7 = base; r8 = base + r8 % count.
+    p.push(e(E_MOV_X, 9, 7, 0, 0));
+    p.push(e(E_AND_K, 9, 0, 0, 0xffff));
+    let miss_2 = p.len();
+    p.push(e(E_JEQ_K, 9, 0, 0, 0));
+    p.push(e(E_RSH_K, 7, 0, 0, 16));
+    p.push(e(E_MOD_X, 8, 9, 0, 0));
+    p.push(e(E_ADD_X, 8, 7, 0, 0));
+    // r0 = &ring[r8] (key at fp-8).
+    p.push(e(E_STX_W, 10, 8, -8, 0));
+    p.extend(e_map(1, ring));
+    p.push(e(E_MOV_X, 2, 10, 0, 0));
+    p.push(e(E_ADD_K, 2, 0, 0, -8));
+    p.push(e(E_CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
+    let miss_3 = p.len();
+    p.push(e(E_JEQ_K, 0, 0, 0, 0));
+    // sk_select_reuseport(ctx, socks, &member (fp-12), 0).
+    p.push(e(E_LDX_W, 1, 0, 0, 0));
+    p.push(e(E_STX_W, 10, 1, -12, 0));
+    p.push(e(E_MOV_X, 1, 6, 0, 0));
+    p.extend(e_map(2, socks));
+    p.push(e(E_MOV_X, 3, 10, 0, 0));
+    p.push(e(E_ADD_K, 3, 0, 0, -12));
+    p.push(e(E_MOV_K, 4, 0, 0, 0));
+    p.push(e(E_CALL, 0, 0, 0, FN_SK_SELECT_REUSEPORT));
+    // pass: return SK_PASS.
+    let pass = p.len();
+    p.push(e(E_MOV_K, 0, 0, 0, SK_PASS));
+    p.push(e(E_EXIT, 0, 0, 0, 0));
+    for at in [miss_1, miss_2, miss_3] {
+        p[at].off = (pass - at - 1) as i16;
+    }
+    p
 }
 
 /// Opens one more member of `pool`'s group: same address, `SO_REUSEPORT`, listening.
@@ -626,7 +905,7 @@ mod tests {
     #[test]
     fn the_kernel_routes_connections_only_to_receiving_members() {
         let (addr, name, fd) = bound_reuseport();
-        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10).unwrap();
+        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10, false).unwrap();
         let picks: Vec<Vec<usize>> = (0..3).map(|slot| st.reserve(slot).unwrap()).collect();
         assert_eq!(picks, vec![vec![0], vec![1], vec![2]], "member 0 first, then new ones in order");
         for (i, p) in picks.iter().enumerate() {
@@ -650,10 +929,102 @@ mod tests {
         assert_eq!((q2[0], q2[1], q2[2]), (5, q[1] + 10, q[2]), "{q2:?}");
     }
 
+    /// Whether this process may load eBPF (CAP_BPF or CAP_SYS_ADMIN in its effective set).
+    fn may_load_ebpf() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+        let eff = u64::from_str_radix(eff, 16).unwrap();
+        eff & (1 << 39 | 1 << 21) != 0
+    }
+
+    /// A steered group with `n` members held by pids 100.. (none receiving yet).
+    fn steered_group(n: usize, round_robin: bool) -> (String, Steering) {
+        let (addr, name, fd) = bound_reuseport();
+        let mut st =
+            Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], n, 10, round_robin).unwrap();
+        for slot in 0..n {
+            let p = st.reserve(slot).unwrap();
+            st.bind(&p, 100 + slot as i32);
+        }
+        (addr, st)
+    }
+
+    #[test]
+    fn round_robin_takes_turns_exactly_over_receiving_members_only() {
+        let (addr, mut st) = steered_group(3, true);
+        if !may_load_ebpf() {
+            assert_eq!(st.routing(), Routing::Hash);
+            eprintln!("SKIP: no CAP_BPF here: steer routes by hash");
+            return;
+        }
+        assert_eq!(st.routing(), Routing::RoundRobin);
+        // Nothing receiving: parked on member 0.
+        let _c0 = connect_n(&addr, 4, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 4), vec![4, 0, 0]);
+        st.set_receiving(101, true).unwrap();
+        st.set_receiving(102, true).unwrap();
+        let _c1 = connect_n(&addr, 40, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 44), vec![4, 20, 20], "one connection at a time: strict turns");
+        st.set_receiving(100, true).unwrap();
+        st.set_receiving(102, false).unwrap();
+        let _c2 = connect_n(&addr, 10, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 54), vec![9, 25, 20]);
+        // A member opened later (scale up) joins the turns.
+        let p = st.reserve(3).unwrap();
+        st.bind(&p, 103);
+        st.set_receiving(103, true).unwrap();
+        let _c3 = connect_n(&addr, 9, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 63), vec![12, 28, 20, 3]);
+    }
+
+    #[test]
+    fn a_second_supervisor_on_the_same_group_takes_the_round_robin_over() {
+        // What a restart under systemd or an in-place upgrade does: the group's sockets are
+        // already in the previous router's map, which the kernel frees once the new
+        // supervisor's classic bridge has replaced the old program.
+        let (addr, mut first) = steered_group(2, true);
+        if !may_load_ebpf() {
+            eprintln!("SKIP: no CAP_BPF here");
+            return;
+        }
+        let copies: Vec<(String, String, OwnedFd)> = first.pools[0]
+            .members
+            .iter()
+            .map(|m| (addr.clone(), "t".to_string(), sys::dup_cloexec_from(&m.fd, 10).unwrap()))
+            .collect();
+        first.set_receiving(100, true).unwrap();
+        drop(first);
+        let mut second = Steering::new(Balance::Steer, copies, 2, 10, true).unwrap();
+        assert_eq!(second.routing(), Routing::RoundRobin);
+        for (i, slot) in [(0, 0), (1, 1)] {
+            second.pools[0].members[i].holder = Some(200 + slot);
+        }
+        second.set_receiving(200, true).unwrap();
+        second.set_receiving(201, true).unwrap();
+        let _c = connect_n(&addr, 10, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&second, 10), vec![5, 5]);
+    }
+
+    #[test]
+    fn the_round_robin_program_passes_the_verifier_shape() {
+        // Every jump lands inside the program and every path ends in `exit`.
+        let prog = round_robin_program(7, 8, 9);
+        assert_eq!(prog.last().unwrap().code, E_EXIT);
+        for (i, insn) in prog.iter().enumerate() {
+            if insn.code == E_JEQ_K {
+                let to = i as i64 + 1 + i64::from(insn.off);
+                assert!(to > i as i64 && (to as usize) < prog.len(), "jump at {i} to {to}");
+                assert_eq!(prog[to as usize].code, E_MOV_K, "every miss goes to `return SK_PASS`");
+            }
+        }
+        let maps: Vec<i32> = prog.iter().filter(|i| i.code == E_LD_IMM64).map(|i| i.imm).collect();
+        assert_eq!(maps, vec![7, 8, 9]);
+    }
+
     #[test]
     fn the_kernel_keeps_sticky_clients_on_their_slot() {
         let (addr, name, fd) = bound_reuseport();
-        let mut st = Steering::new(Balance::Sticky, vec![(addr.clone(), name, fd)], 3, 10).unwrap();
+        let mut st = Steering::new(Balance::Sticky, vec![(addr.clone(), name, fd)], 3, 10, false).unwrap();
         for slot in 0..3 {
             let p = st.reserve(slot).unwrap();
             st.bind(&p, 200 + slot as i32);
@@ -676,7 +1047,7 @@ mod tests {
             return;
         }
         let (addr, name, fd) = bound_reuseport_on("[::1]:0");
-        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10).unwrap();
+        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10, false).unwrap();
         for slot in 0..3 {
             let p = st.reserve(slot).unwrap();
             st.bind(&p, 300 + slot as i32);

@@ -218,13 +218,17 @@ fn status_shows_balance_receiving_and_accept_queue() {
     let mut h = steered(&dir, 2, "steer").start();
     let v = started(&mut h, &sock, 2);
     assert_eq!(v["balance"], "steer");
+    assert_eq!(v["routing"], expected_steer_routing());
     for w in v["workers"].as_array().unwrap() {
         assert_eq!(w["receiving"], true);
         assert!(w["accept_queue"].is_u64(), "{w}");
     }
     let table = Command::new(BIN).args(["status", &sock]).output().unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("RECV") && table.contains("QUEUE") && table.contains("balance steer"), "{table}");
+    assert!(
+        table.contains("RECV") && table.contains("QUEUE") && table.contains("balance steer ("),
+        "{table}"
+    );
 
     // Shared: every worker receives, and shows the shared queue.
     let dir2 = TempDir::new("shared-status");
@@ -232,6 +236,7 @@ fn status_shows_balance_receiving_and_accept_queue() {
     h2.wait_started();
     let v = status_json(dir2.path("control.sock"));
     assert_eq!(v["balance"], "shared");
+    assert_eq!(v["routing"], Value::Null);
     assert!(v["workers"].as_array().unwrap().iter().all(|w| w["receiving"] == true), "{v}");
 }
 
@@ -249,4 +254,22 @@ fn unix_addresses_and_unknown_modes_are_config_errors() {
         assert_eq!(out.status.code(), Some(78), "{err}");
         assert!(err.contains(needle) && err.lines().count() == 1, "{err}");
     }
+}
+
+#[test]
+fn steer_routing_can_be_pinned_to_the_hash_and_a_bad_value_is_refused() {
+    let dir = TempDir::new("steer-hash");
+    let sock = dir.path("control.sock").display().to_string();
+    let mut h = steered(&dir, 2, "steer").env("HERDSMAN_STEER_ROUTING", "hash").start();
+    let v = started(&mut h, &sock, 2);
+    assert_eq!(v["routing"], "hash");
+    h.distinct_workers(2);
+    let out = Command::new(BIN)
+        .args(["run", "--listen", "127.0.0.1:0", "--balance", "steer", "--", "python3", &worker_py()])
+        .env("HERDSMAN_STEER_ROUTING", "random")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("HERDSMAN_STEER_ROUTING") && err.lines().count() == 1, "{err}");
 }

@@ -317,6 +317,8 @@ fn a_steered_app_keeps_its_routing_across_an_upgrade() {
     assert_eq!(st["generation"], 2);
     assert!(st["workers"].as_array().unwrap().iter().all(|w| w["receiving"] == true));
     assert_eq!(st["balance"], "steer");
+    assert_eq!(before["routing"], expected_steer_routing());
+    assert_eq!(st["routing"], before["routing"], "the new image builds the same router");
 }
 
 fn open_fds(pid: i32) -> usize {

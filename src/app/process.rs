@@ -29,6 +29,21 @@ impl Process {
         value.to_str().map(String::from)
     }
 
+    /// `HERDSMAN_STEER_ROUTING=hash` keeps `--balance steer` on the classic (hash) program, to
+    /// compare the two; the default, `round-robin`, uses the eBPF one where the kernel allows.
+    pub fn steer_round_robin(&self) -> Result<bool, super::Failure> {
+        match self.var("HERDSMAN_STEER_ROUTING").as_deref() {
+            None | Some("" | "round-robin") => Ok(true),
+            Some("hash") => Ok(false),
+            Some(other) => Err(super::Failure::new(
+                crate::exit::CONFIG,
+                format!(
+                    "HERDSMAN_STEER_ROUTING={other:?} is not a routing; use round-robin or hash (or unset it)"
+                ),
+            )),
+        }
+    }
+
     /// The whole environment as text (what workers inherit before the app's `env`).
     pub fn env(&self) -> Vec<(String, String)> {
         self.vars

@@ -66,7 +66,8 @@ fn rebuild(
     process: &Process,
 ) -> std::io::Result<Parts> {
     let listeners = Listeners::adopt(state.listeners, fds)?;
-    let steering = state.steering.map(|s| Steering::adopt(s, fds)).transpose()?;
+    let round_robin = process.steer_round_robin().map_err(|f| std::io::Error::other(f.lines.join("; ")))?;
+    let steering = state.steering.map(|s| Steering::adopt(s, fds, round_robin)).transpose()?;
     let notify = WorkerNotify::adopt(state.notify, fds)?;
     let c = state.control;
     let control = server::Bound::adopt(fds.take(c.fd)?, c.path, c.made_dir)?;

@@ -32,7 +32,7 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
     let steered = settings.balance != Balance::Shared;
     let listeners = Listeners::open(&activation, std::process::id(), &settings.listen, steered)
         .map_err(|e| Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string()))?;
-    let steering = if steered { Some(steering(&settings, &listeners)?) } else { None };
+    let steering = if steered { Some(steering(&settings, &listeners, process)?) } else { None };
     let paths_env = process.paths();
     let (control, access) = control_socket(&settings, &paths_env)?;
     let metrics_bound = settings
@@ -64,14 +64,17 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
 }
 
 /// `--balance steer|sticky`: every worker's own socket, in one `SO_REUSEPORT` group per address.
-fn steering(settings: &Settings, listeners: &Listeners) -> Result<Steering, Failure> {
+fn steering(settings: &Settings, listeners: &Listeners, process: &Process) -> Result<Steering, Failure> {
+    let round_robin = process.steer_round_robin()?;
     let copies = listeners
         .copies()
         .map_err(|e| Failure::new(exit::FAILURE, format!("cannot duplicate the listening sockets: {e}")))?;
-    Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor()).map_err(|e| {
-        let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
-        Failure::new(if config { exit::CONFIG } else { exit::FAILURE }, e.to_string())
-    })
+    Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor(), round_robin).map_err(
+        |e| {
+            let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
+            Failure::new(if config { exit::CONFIG } else { exit::FAILURE }, e.to_string())
+        },
+    )
 }
 
 /// Binds the control socket (`--control`, else the app's default place, in a runtime

@@ -89,6 +89,10 @@ pub struct Snapshot {
     /// How connections reach workers: "shared", "steer" or "sticky".
     #[serde(default = "shared")]
     pub balance: String,
+    /// How steered connections are spread over the receiving workers: "round-robin" (eBPF),
+    /// "hash" (classic BPF) or "client-address" (`sticky`); `null` for `shared`.
+    #[serde(default)]
+    pub routing: Option<String>,
     /// The running supervisor's version.
     #[serde(default)]
     pub version: String,

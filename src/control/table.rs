@@ -61,7 +61,10 @@ pub fn status(s: &Snapshot) -> String {
         s.desired,
         s.generation,
         s.sockets.join(", "),
-        s.balance,
+        match &s.routing {
+            Some(r) => format!("{} ({r})", s.balance),
+            None => s.balance.clone(),
+        },
         s.version,
         s.upgrades
     );

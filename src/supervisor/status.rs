@@ -126,6 +126,7 @@ impl Supervisor {
             last_reload: self.rollouts.last_reload.clone(),
             log_dropped: crate::logging::dropped(),
             balance: self.settings.balance.to_string(),
+            routing: outside.steering.as_ref().map(|st| st.routing().to_string()),
             metrics: outside.metrics.address(),
             version: crate::upgrade::version().to_string(),
             upgrades: self.upgrades.count,

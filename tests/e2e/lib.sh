@@ -190,7 +190,8 @@ ct_boot() {
     local t0 deadline pid state=""
     t0=$(now)
     LEADER=""
-    setsid systemd-nspawn --register=no --keep-unit -q -D "$CT_ROOT" --private-network \
+    # CAP_BPF: nspawn's default set lacks it; `--balance steer` loads an eBPF program.
+    setsid systemd-nspawn --register=no --keep-unit -q -D "$CT_ROOT" --private-network --capability=CAP_BPF \
         -M "$CT_NAME" -b systemd.firstboot=off >>"$CT_DIR/console.log" 2>&1 </dev/null &
     NSPAWN_PID=$!
     # nspawn forks a short-lived outer child first; PID 1 is the child running systemd.

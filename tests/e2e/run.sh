@@ -468,6 +468,8 @@ package_upgrade_under_load() {
     [ "$(echo "$st" | json_get 'd["upgrades"]')" -ge 1 ] || fail "upgrades is $(echo "$st" | json_get 'd["upgrades"]')"
     [ "$(ct herdsman status steerup --json | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')" = "$spids0" ] ||
         fail "the upgrade replaced the steered app's workers"
+    [ "$(ct herdsman status steerup --json | json_get 'd["routing"]')" = round-robin ] ||
+        fail "the steered app's routing after the upgrade is not round-robin"
     exe=$(ct readlink "/proc/$main0/exe")
     [ "$exe" = /usr/bin/herdsman ] || fail "the supervisor runs '$exe', not /usr/bin/herdsman"
     note "MainPID $main0 kept, workers '$pids0' kept, exe $exe, upgrades $(echo "$st" | json_get 'd["upgrades"]')"
@@ -635,6 +637,9 @@ s_steer() {
     local st n errs t_sock
     st=$(ct herdsman status steer --json)
     [ "$(echo "$st" | json_get 'd["balance"]')" = steer ] || fail "balance is not steer"
+    # init's steer.conf gives the service CAP_BPF and bpf(): the eBPF round robin, not the hash.
+    [ "$(echo "$st" | json_get 'd["routing"]')" = round-robin ] ||
+        { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "routing is $(echo "$st" | json_get 'd["routing"]'), not round-robin"; }
     n=$(ct ss -Htln 'sport = :8787' | wc -l)
     note "listening sockets on :8787: $n"
     [ "$n" -eq 6 ] || fail "expected 6 sockets (2 per worker) on :8787, got $n"
@@ -644,6 +649,7 @@ s_steer() {
     [ "$(load_field steer_reload 'd["failed"]')" -eq 0 ] ||
         fail "$(load_field steer_reload 'd["failed"]') failed requests during a steered reload of a warming app"
     ready_text steer 3 2 || fail "not on generation 2: $(prop herdsman@steer.service StatusText)"
+    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = round-robin ] || fail "routing changed in the reload"
 
     t_sock=$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)
     ADDR=127.0.0.1:8787 load_start steer_restart new 6
@@ -655,6 +661,8 @@ s_steer() {
     note "errors during the restart: $errs"
     case $errs in *Refused*|*Reset*|*RemoteDisconnected*) fail "connections refused or reset during a restart: $errs" ;; esac
     [ "$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)" = "$t_sock" ] || fail "the socket unit was restarted"
+    # The restarted service took the sockets over from the previous process's router.
+    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = round-robin ] || fail "routing after the restart is not round-robin"
     ct herdsman remove steer --yes >/dev/null || fail "remove steer"
 }
 

@@ -437,6 +437,16 @@ pub fn worker_events(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// What `--balance steer` routes by here: "round-robin" where this process may load eBPF
+/// (CAP_BPF or CAP_SYS_ADMIN effective; workers inherit the test's credentials), else "hash".
+#[allow(dead_code)]
+pub fn expected_steer_routing() -> &'static str {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    let eff = u64::from_str_radix(eff, 16).unwrap();
+    if eff & (1 << 39 | 1 << 21) != 0 { "round-robin" } else { "hash" }
+}
+
 /// `herdsman status CONTROL --json`, which must succeed.
 pub fn status_json(control: impl AsRef<std::ffi::OsStr>) -> Value {
     let out = Command::new(BIN).arg("status").arg(control).arg("--json").output().unwrap();
