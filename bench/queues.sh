@@ -2,8 +2,10 @@
 # What per-worker accept queues cost on the data path (issue 12): `--balance steer` against
 # the no-supervisor limit with ONE shared queue and against the same limit with a queue PER
 # WORKER (N sockets in one SO_REUSEPORT group, no program: the kernel's flow hash picks) —
-# the design `steer` needs, without herdsman. Also `--balance shared` and the limit measured
-# again (the noise of one ratio).
+# the design `steer` needs, without herdsman. `steer` is the default round robin (eBPF: needs
+# root or CAP_BPF, else it falls back to the hash and the table says so); `steer hash` is
+# the same with HERDSMAN_STEER_ROUTING=hash (the classic program). Also `--balance shared`
+# and the limit measured again (the noise of one ratio).
 #
 #   bench/queues.sh [ROUNDS] [N]     (default 12 rounds of 4 s per contender and mode, N=2)
 #
@@ -32,7 +34,7 @@ cleanup() {
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-NAMES=(limit "limit again" reuseport shared steer)
+NAMES=(limit "limit again" reuseport shared steer "steer hash")
 ADDRS=()
 for name in "${NAMES[@]}"; do
     p=$(port)
@@ -40,17 +42,20 @@ for name in "${NAMES[@]}"; do
     case "$name" in
         limit|"limit again") "$BENCH" launch --listen "$a" -w "$N" -- node "$APP" >/dev/null 2>&1 & ;;
         reuseport) "$BENCH" launch --reuseport --listen "$a" -w "$N" -- node "$APP" >/dev/null 2>&1 & ;;
-        *) "$BIN" run --name "q$p" --listen "$a" -w "$N" --balance "$name" --ready notify --min-ready 0s \
+        *) HERDSMAN_STEER_ROUTING=$([ "$name" = "steer hash" ] && echo hash || echo round-robin) \
+           "$BIN" run --name "q$p" --listen "$a" -w "$N" --balance "${name%% *}" --ready notify --min-ready 0s \
                --control "$TMP/c$p" -- node "$APP" >/dev/null 2>&1 & ;;
     esac
     PIDS+=($!)
     ADDRS+=("$a")
+    [ "$name" = steer ] && STEER_CONTROL=$TMP/c$p
 done
 # Every contender answers before the first slice (and warms its JIT).
 for a in "${ADDRS[@]}"; do
     for _ in $(seq 100); do curl -sf "http://$a/" >/dev/null && break; sleep 0.1; done
     wrk -t1 -c32 -d1s "http://$a/" >/dev/null
 done
+ROUTING=$("$BIN" status "$STEER_CONTROL" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["routing"])')
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 : > "$TMP/raw"
 for r in $(seq "$ROUNDS"); do
@@ -65,15 +70,15 @@ for r in $(seq "$ROUNDS"); do
         done
     done
 done
-python3 - "$TMP/raw" "$N" "$ROUNDS" "$LOAD" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
+python3 - "$TMP/raw" "$N" "$ROUNDS" "$LOAD" "$(cut -d' ' -f1-3 /proc/loadavg)" "$ROUTING" <<'PY'
 import collections, math, sys
-raw, n, rounds, load0, load1 = sys.argv[1:]
+raw, n, rounds, load0, load1, routing = sys.argv[1:]
 rps = collections.defaultdict(dict)
 for line in open(raw):
     r, mode, name, v = line.rstrip("\n").split("\t")
     rps[(r, mode)][name] = float(v)
-names = ["limit again", "reuseport", "shared", "steer"]
-print(f"N={n}, {rounds} rounds of 4 s per contender and mode, load average {load0} before, {load1} after.\n")
+names = ["limit again", "reuseport", "shared", "steer", "steer hash"]
+print(f"N={n}, {rounds} rounds of 4 s per contender and mode, load average {load0} before, {load1} after; steer routed by {routing}.\n")
 print("| mode | limit req/s (median) | " + " | ".join(names) + " | steer ÷ reuseport |")
 print("|---|---|" + "---|" * (len(names) + 1))
 def gm(pairs):
