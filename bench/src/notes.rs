@@ -197,8 +197,8 @@ pub fn balance_notes(r: &Results) -> String {
              keep-alive and {snc} with a new connection per request; the limit measured against \
              itself gives {aka} and {anc}, the noise of one such figure. With keep-alive (the BPF \
              program runs once per connection) steer is at the limit. With a new connection per \
-             request it is below: every request is queued on the socket of a worker chosen by hash, \
-             which may be busy while the other is idle, where one shared queue hands it to whichever \
+             request it is below: every request is queued on the socket of a worker chosen in turn \
+             (or by hash without eBPF), which may be busy while the other is idle, where one shared queue hands it to whichever \
              worker accepts first — the price of per-worker queues, which `--balance steer` needs \
              to keep connections away from workers that are not ready. *Per-worker queues* below \
              measures that price without herdsman (the same N sockets in one `SO_REUSEPORT` group, \
@@ -261,14 +261,14 @@ pub fn balance_notes(r: &Results) -> String {
                 cpu(n, "sticky", many).map(|k| format!(", sticky {:.2}", k.min_max)).unwrap_or_default(),
                 if st.p99 > sh.p99 * 1.1 && st.max < sh.max {
                     "By p99 steer's tail is longer (per-worker queues: a connection goes to the worker \
-                     the hash picks, which may be busy while another is idle), but the single largest \
+                     the program picks, which may be busy while another is idle), but the single largest \
                      latency was shared's — a max is one request and moves with whatever else ran on \
                      the machine. Cloudflare measured max 72.7 ms shared vs 144.6 ms with per-worker \
                      queues."
                 } else if st.p99 > sh.p99 * 1.1 {
                     "Steer's tail is longer: one shared queue lets whichever worker is free take the next \
-                     connection, while per-worker queues hand a connection to a worker chosen by hash, \
-                     which may be busy while another is idle — the effect Cloudflare measured (max 72.7 ms \
+                     connection, while per-worker queues hand a connection to a worker chosen in turn \
+                     (or by hash), which may be busy while another is idle — the effect Cloudflare measured (max 72.7 ms \
                      shared vs 144.6 ms with per-worker queues)."
                 } else if st.p99 < sh.p99 / 1.1 {
                     "Here steer's tail was *shorter* than shared's, the opposite of Cloudflare's \

@@ -665,9 +665,9 @@ pub fn balance_section(r: &Results) -> String {
         "Contenders, all with `bench/apps/node-app.js` and the same N: **limit** (the bench's \
          launcher, one shared socket, no supervisor), herdsman `--balance shared` (one socket \
          shared by all workers), **steer** (a socket per worker in one `SO_REUSEPORT` group, a \
-         classic BPF program sends new connections only to ready, non-draining workers, by a hash \
-         of the client's source port and address), **sticky** (the same, keyed by the client's \
-         address over the slots), **limit again** (a second limit: its ratio to the first is the \
+         BPF program sends new connections only to ready, non-draining workers, in turns: the \
+         eBPF round robin, as the bench runs as root), **sticky** (the same, a classic BPF \
+         program keyed by the client's address over the slots), **limit again** (a second limit: its ratio to the first is the \
          measurement's noise), **metrics** (shared, with `--metrics` and a scrape every second; \
          data path only), and **PM2** cluster mode. N = 2 is one worker per core on this \
          {}-core machine; N = 4 oversubscribes the cores, where a worker's own queue waits while \
