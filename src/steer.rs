@@ -31,8 +31,8 @@
 //! Round robin (`steer`, eBPF). A hash spreads connections evenly only on average: at any
 //! moment one worker's queue holds more than its share while another's may be empty, and a
 //! keep-alive connection stays where its hash put it. On a CPU-bound endpoint
-//! (docs/bench-queues.md, `bench/routing.sh`) taking turns gave 6–7 % more new-connection
-//! throughput and a 23–33 % lower keep-alive p99 than the hash. Classic BPF has no state, so
+//! (docs/bench-queues.md, `bench/routing.sh`) taking turns gave about 7 % more new-connection
+//! throughput and a 22–27 % lower keep-alive p99 than the hash. Classic BPF has no state, so
 //! this part is an eBPF `SK_REUSEPORT` program ([`round_robin_program`], 35 instructions)
 //! over three maps per pool: `socks` (a `REUSEPORT_SOCKARRAY`: key = member index, value = the
 //! member; every member is put in once, when it is created), `ring` (two halves of receiving
