@@ -61,12 +61,14 @@ fn steer_dropin(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// `--balance steer`'s round robin is an eBPF program: the service needs CAP_BPF and the
-/// `bpf` system call, which the unit's defaults leave out.
+/// `bpf` system call, which the unit's defaults leave out; CAP_SETPCAP lets herdsman drop
+/// both capabilities from every worker's bounding set.
 const STEER_DROPIN: &str = "# Written by `herdsman init --balance steer`: round-robin steering loads an eBPF\n\
 # SK_REUSEPORT program (maps of the app's own sockets). Without these two lines herdsman\n\
-# spreads new connections by a hash instead, and says so at start.\n\
+# spreads new connections by a hash instead, and says so at start. CAP_SETPCAP: herdsman\n\
+# drops CAP_BPF and CAP_SETPCAP from every worker's bounding set (also a worker run as root).\n\
 [Service]\n\
-CapabilityBoundingSet=CAP_BPF\n\
+CapabilityBoundingSet=CAP_BPF CAP_SETPCAP\n\
 SystemCallFilter=bpf\n";
 
 fn units(name: &str) -> [String; 2] {
@@ -351,7 +353,8 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
         write_file(f)?;
         println!("wrote {}", f.path.display());
     }
-    // --force: a drop-in an earlier init wrote that these settings no longer need goes.
+    // A drop-in an earlier init wrote (with --force) that these settings no longer need goes.
+    // A changed balance needs `systemctl restart` (the capability set and the sockets).
     for stale in [service_dropin(&a.unit_dir, &name), steer_dropin(&a.unit_dir, &name)] {
         if !plan.files.iter().any(|f| f.path == stale) && std::fs::remove_file(&stale).is_ok() {
             println!("removed {}", stale.display());
@@ -492,7 +495,7 @@ mod tests {
         assert!(sock.contains("ReusePort=yes"), "{sock}");
         let steer = std::fs::read_to_string(units.join("herdsman@web.service.d/steer.conf")).unwrap();
         assert!(
-            steer.contains("\n[Service]\nCapabilityBoundingSet=CAP_BPF\nSystemCallFilter=bpf\n"),
+            steer.contains("\n[Service]\nCapabilityBoundingSet=CAP_BPF CAP_SETPCAP\nSystemCallFilter=bpf\n"),
             "{steer}"
         );
         // sticky routes by address with a classic program: no capability.

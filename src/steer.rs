@@ -117,8 +117,6 @@ pub struct Steering {
     slots: usize,
     /// fds at or below this are the workers' target range: keep ours above it.
     floor: RawFd,
-    /// How `steer` picks among the receiving members.
-    routing: Routing,
 }
 
 /// How new connections are spread over the receiving members.
@@ -172,7 +170,7 @@ impl Steering {
                 None => pools.push(Pool { addr, name, local, family, members: vec![member], rr: None }),
             }
         }
-        let mut steering = Steering { mode, pools, slots: slots.max(1), floor, routing: Routing::Hash };
+        let mut steering = Steering { mode, pools, slots: slots.max(1), floor };
         steering.start(round_robin)?;
         Ok(steering)
     }
@@ -180,7 +178,6 @@ impl Steering {
     /// Attaches the classic program, then (for `steer`, if wanted) builds the eBPF router of
     /// every pool; a refusal leaves the classic one in place, said once in the log.
     fn start(&mut self, round_robin: bool) -> Result<(), SteerError> {
-        self.routing = if self.mode == Balance::Sticky { Routing::ClientAddress } else { Routing::Hash };
         self.apply()?;
         if self.mode != Balance::Steer || !round_robin {
             return Ok(());
@@ -191,7 +188,6 @@ impl Steering {
                 for (pool, rr) in self.pools.iter_mut().zip(routers) {
                     pool.rr = Some(rr);
                 }
-                self.routing = Routing::RoundRobin;
                 // Attaches the eBPF programs (replacing the classic ones) with the current set.
                 self.apply()
             }
@@ -204,9 +200,16 @@ impl Steering {
         }
     }
 
-    /// How new connections are spread (for status).
+    /// How new connections are spread (for status): round robin only where every address
+    /// has its eBPF router.
     pub fn routing(&self) -> Routing {
-        self.routing
+        if self.mode == Balance::Sticky {
+            Routing::ClientAddress
+        } else if !self.pools.is_empty() && self.pools.iter().all(|p| p.rr.is_some()) {
+            Routing::RoundRobin
+        } else {
+            Routing::Hash
+        }
     }
 
     pub fn mode(&self) -> Balance {
@@ -362,13 +365,7 @@ impl Steering {
                 local.family().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no family"))?;
             pools.push(Pool { addr: p.addr, name: p.name, local, family, members, rr: None });
         }
-        let mut steering = Steering {
-            mode: st.mode,
-            pools,
-            slots: st.slots.max(1),
-            floor: st.floor,
-            routing: Routing::Hash,
-        };
+        let mut steering = Steering { mode: st.mode, pools, slots: st.slots.max(1), floor: st.floor };
         steering.start(round_robin).map_err(|e| io::Error::other(e.to_string()))?;
         Ok(steering)
     }
@@ -385,7 +382,6 @@ impl Steering {
                             pool.addr
                         );
                         pool.rr = None;
-                        self.routing = Routing::Hash;
                     }
                 }
             }
@@ -417,9 +413,9 @@ const MAP_REUSEPORT_SOCKARRAY: u32 = 20;
 /// One pool's eBPF round-robin router: its maps and program (see the module doc).
 #[derive(Debug)]
 struct RoundRobin {
-    socks: OwnedFd,
-    ring: OwnedFd,
-    turn: OwnedFd,
+    socks: sys::BpfMap,
+    ring: sys::BpfMap,
+    turn: sys::BpfMap,
     prog: OwnedFd,
     /// Members `0..inserted` are in `socks`.
     inserted: usize,
@@ -432,13 +428,20 @@ struct RoundRobin {
 impl RoundRobin {
     /// Creates the maps and loads the program; [`RoundRobin::update`] attaches it.
     fn new(pool: &Pool) -> io::Result<RoundRobin> {
-        let socks = sys::bpf_map_create(MAP_REUSEPORT_SOCKARRAY, 4, 8, RR_CAPACITY)
+        let socks = sys::BpfMap::create(MAP_REUSEPORT_SOCKARRAY, 8, RR_CAPACITY)
             .map_err(|e| io::Error::new(e.kind(), format!("creating a REUSEPORT_SOCKARRAY map: {e}")))?;
-        let ring = sys::bpf_map_create(MAP_ARRAY, 4, 4, 2 * RR_CAPACITY)?;
-        let turn = sys::bpf_map_create(MAP_ARRAY, 4, 8, 1)?;
-        let insns = round_robin_program(turn.as_raw_fd(), ring.as_raw_fd(), socks.as_raw_fd());
-        let prog = sys::bpf_load_reuseport_prog(&insns, c"MIT OR Apache-2.0")
-            .map_err(|e| io::Error::new(e.kind(), format!("loading the SK_REUSEPORT program: {e}")))?;
+        let ring = sys::BpfMap::create(MAP_ARRAY, 4, 2 * RR_CAPACITY)?;
+        let turn = sys::BpfMap::create(MAP_ARRAY, 8, 1)?;
+        let insns = round_robin_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd());
+        let prog = sys::bpf_load_reuseport_prog(&insns, c"MIT OR Apache-2.0").map_err(|e| {
+            // EINVAL: the verifier refused it, e.g. a kernel before 5.12 (no atomic fetch-add).
+            let hint = if e.raw_os_error() == Some(libc::EINVAL) {
+                "; this kernel is too old (needs Linux 5.12)"
+            } else {
+                ""
+            };
+            io::Error::new(e.kind(), format!("loading the SK_REUSEPORT program: {e}{hint}"))
+        })?;
         let mut rr = RoundRobin { socks, ring, turn, prog, inserted: 0, active: None, current: Vec::new() };
         // A member may still be in the map of the program a previous herdsman attached; the
         // kernel frees that map shortly after the classic bridge replaced the program.
@@ -460,7 +463,7 @@ impl RoundRobin {
         }
         while self.inserted < members.len() {
             let fd = members[self.inserted].fd.as_raw_fd() as u64;
-            sys::bpf_map_update(&self.socks, self.inserted as u32, &fd.to_ne_bytes())?;
+            self.socks.update(self.inserted as u32, &fd.to_ne_bytes())?;
             self.inserted += 1;
         }
         Ok(())
@@ -482,13 +485,13 @@ impl RoundRobin {
         let half = self.active.map_or(0, |h| 1 - h);
         let base = half * RR_CAPACITY;
         for (j, index) in list.iter().enumerate() {
-            sys::bpf_map_update(&self.ring, base + j as u32, &index.to_ne_bytes())?;
+            self.ring.update(base + j as u32, &index.to_ne_bytes())?;
         }
         let active = (base << 16) | list.len() as u32;
         // `turn` is {counter: u32, active: u32}; writing it restarts the counter at 0.
         let mut turn = [0u8; 8];
         turn[4..].copy_from_slice(&active.to_ne_bytes());
-        sys::bpf_map_update(&self.turn, 0, &turn)?;
+        self.turn.update(0, &turn)?;
         if self.active.is_none() {
             sys::attach_reuseport_ebpf(&members[0].fd, &self.prog)?;
         }

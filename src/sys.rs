@@ -6,7 +6,8 @@
 //! [`ExecPlan`] builds `argv`, `envp` (with a fixed-size `LISTEN_PID=` slot), the fd layout and
 //! the working directory *before* forking, and the child only does async-signal-safe system
 //! calls: `dup2`, `close_range`, `setpgid`, `setgroups`/`setgid`/`setuid` (with `--user`, on
-//! numbers resolved before fork), `setrlimit`, `prctl`, `sigprocmask`, `signal`, `chdir`, writing digits
+//! numbers resolved before fork), `setrlimit`, `prctl` (also dropping `CAP_BPF` from the
+//! bounding set), `sigprocmask`, `signal`, `chdir`, writing digits
 //! into memory it already owns, and `execve`. No allocation, no locks, no logging.
 //!
 //! The fd plan is simple by construction: every listening socket is kept at a number
@@ -20,6 +21,10 @@ use std::ffi::{CString, c_char, c_int, c_uint};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+/// `CAP_BPF` (linux/capability.h, Linux 5.8).
+const CAP_BPF: c_int = 39;
+/// `CAP_SETPCAP`: dropping from the bounding set needs it.
+const CAP_SETPCAP: c_int = 8;
 /// `close_range` flag: mark instead of close (Linux 5.11).
 const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
 /// Room for `NAME=` (names up to 31 bytes) plus the longest pid and a NUL.
@@ -221,6 +226,12 @@ impl ExecPlan {
             // Own process group: terminal signals go to the supervisor only, and the worker's
             // own children can be killed with it.
             libc::setpgid(0, 0);
+            // CAP_BPF (and CAP_SETPCAP, which dropping it needs) is the supervisor's, for the
+            // steering program: out of the worker's bounding set while still privileged, so a
+            // worker running as root never has it. Fails harmlessly (EPERM) where the
+            // supervisor has no CAP_SETPCAP, and then it has no CAP_BPF under the unit either.
+            libc::prctl(libc::PR_CAPBSET_DROP, CAP_BPF as libc::c_ulong, 0, 0, 0);
+            libc::prctl(libc::PR_CAPBSET_DROP, CAP_SETPCAP as libc::c_ulong, 0, 0, 0);
             // Drop to the worker user before PR_SET_PDEATHSIG: changing the effective uid or
             // gid clears the parent-death signal. These are the raw system calls std's
             // `Command::uid/gid/groups` also make after fork (glibc resets its thread list in
@@ -685,32 +696,44 @@ unsafe fn bpf<T>(cmd: c_int, attr: &mut T) -> io::Result<c_int> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as c_int) }
 }
 
-/// Creates a BPF map (`BPF_MAP_CREATE`) and returns its descriptor (close-on-exec).
-pub fn bpf_map_create(
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-) -> io::Result<OwnedFd> {
-    let mut attr = MapCreateAttr { map_type, key_size, value_size, max_entries, map_flags: 0 };
-    // SAFETY: a plain `BPF_MAP_CREATE` attribute without pointers.
-    let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr)? };
-    // SAFETY: the kernel just returned this new descriptor (close-on-exec); we own it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A BPF map with 4-byte keys, and the value size it was created with.
+#[derive(Debug)]
+pub struct BpfMap {
+    fd: OwnedFd,
+    value_size: usize,
 }
 
-/// Sets element `key` of a map with 4-byte keys (`BPF_MAP_UPDATE_ELEM`, `BPF_ANY`).
-pub fn bpf_map_update(map: &OwnedFd, key: u32, value: &[u8]) -> io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: (&key as *const u32) as u64,
-        value: value.as_ptr() as u64,
-        flags: 0,
-    };
-    // SAFETY: `key` and `value` outlive the call; the kernel reads the map's key and value
-    // sizes from them, and callers pass values of the size the map was created with.
-    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+impl BpfMap {
+    /// Creates a map (`BPF_MAP_CREATE`); its descriptor is close-on-exec.
+    pub fn create(map_type: u32, value_size: u32, max_entries: u32) -> io::Result<BpfMap> {
+        let mut attr = MapCreateAttr { map_type, key_size: 4, value_size, max_entries, map_flags: 0 };
+        // SAFETY: a plain `BPF_MAP_CREATE` attribute without pointers.
+        let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr)? };
+        // SAFETY: the kernel just returned this new descriptor (close-on-exec); we own it.
+        Ok(BpfMap { fd: unsafe { OwnedFd::from_raw_fd(fd) }, value_size: value_size as usize })
+    }
+
+    /// Sets element `key` (`BPF_MAP_UPDATE_ELEM`, `BPF_ANY`); `value` must be the map's size.
+    pub fn update(&self, key: u32, value: &[u8]) -> io::Result<()> {
+        if value.len() != self.value_size {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut attr = ElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: (&key as *const u32) as u64,
+            value: value.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `key` (4 bytes, the map's key size) and `value` (checked above to be the
+        // map's value size) outlive the call; the kernel only reads them.
+        unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+    }
+
+    /// The descriptor, for a program's map reference.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 /// Loads a `BPF_PROG_TYPE_SK_REUSEPORT` program. On refusal the error carries the first line

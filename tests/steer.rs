@@ -219,6 +219,15 @@ fn status_shows_balance_receiving_and_accept_queue() {
     let v = started(&mut h, &sock, 2);
     assert_eq!(v["balance"], "steer");
     assert_eq!(v["routing"], expected_steer_routing());
+    // The supervisor's CAP_BPF (and CAP_SETPCAP) never reach a worker, even one run as root.
+    if nix::unistd::geteuid().is_root() {
+        for w in v["workers"].as_array().unwrap() {
+            let st = std::fs::read_to_string(format!("/proc/{}/status", w["pid"])).unwrap();
+            let bnd = st.lines().find_map(|l| l.strip_prefix("CapBnd:")).unwrap().trim();
+            let bnd = u64::from_str_radix(bnd, 16).unwrap();
+            assert_eq!(bnd & (1 << 39 | 1 << 8), 0, "worker bounding set {bnd:#x}");
+        }
+    }
     for w in v["workers"].as_array().unwrap() {
         assert_eq!(w["receiving"], true);
         assert!(w["accept_queue"].is_u64(), "{w}");

@@ -66,8 +66,18 @@ fn rebuild(
     process: &Process,
 ) -> std::io::Result<Parts> {
     let listeners = Listeners::adopt(state.listeners, fds)?;
-    let round_robin = process.steer_round_robin().map_err(|f| std::io::Error::other(f.lines.join("; ")))?;
-    let steering = state.steering.map(|s| Steering::adopt(s, fds, round_robin)).transpose()?;
+    // The previous image is gone: a value it never read (an older binary) must not stop the
+    // take-over; it means the hash, with a warning.
+    let steering = match state.steering {
+        Some(st) => {
+            let round_robin = process.steer_round_robin().unwrap_or_else(|f| {
+                tracing::warn!("{}; steering by hash", f.lines.join("; "));
+                false
+            });
+            Some(Steering::adopt(st, fds, round_robin)?)
+        }
+        None => None,
+    };
     let notify = WorkerNotify::adopt(state.notify, fds)?;
     let c = state.control;
     let control = server::Bound::adopt(fds.take(c.fd)?, c.path, c.made_dir)?;

@@ -640,6 +640,12 @@ s_steer() {
     # init's steer.conf gives the service CAP_BPF and bpf(): the eBPF round robin, not the hash.
     [ "$(echo "$st" | json_get 'd["routing"]')" = round-robin ] ||
         { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "routing is $(echo "$st" | json_get 'd["routing"]'), not round-robin"; }
+    # Workers run as root here (no --user): the supervisor's CAP_BPF/CAP_SETPCAP never reach them.
+    local wpid bnd
+    wpid=$(echo "$st" | json_get 'd["workers"][0]["pid"]')
+    bnd=$(ct awk '/^CapBnd:/ {print $2}' "/proc/$wpid/status")
+    note "worker $wpid CapBnd $bnd, supervisor $(ct awk '/^CapBnd:/ {print $2}' "/proc/$(prop herdsman@steer.service MainPID)/status")"
+    (( (16#$bnd >> 39 & 1) == 0 && (16#$bnd >> 8 & 1) == 0 )) || fail "worker $wpid has CAP_BPF or CAP_SETPCAP in its bounding set ($bnd)"
     n=$(ct ss -Htln 'sport = :8787' | wc -l)
     note "listening sockets on :8787: $n"
     [ "$n" -eq 6 ] || fail "expected 6 sockets (2 per worker) on :8787, got $n"
