@@ -14,25 +14,11 @@
 # limit's in the same round; the table shows the geometric mean of the rounds with its 95 %
 # confidence interval. Node app: bench/apps/node-app.js (30-byte answer). Needs wrk, node.
 # Builds herdsman and the bench in release mode; stops what it started (by pid) at the end.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
 ROUNDS=${1:-12}
 N=${2:-2}
-cargo build --release --quiet
+. "$(dirname "$0")/lib.sh" queues
 cargo build --release --quiet --manifest-path bench/Cargo.toml
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/herdsman
 BENCH=$ROOT/bench/target/release/herdsman-bench
-APP=$ROOT/bench/apps/node-app.js
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/herdsman-bench-queues.XXXXXX")
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 NAMES=(limit "limit again" reuseport shared steer "steer hash")
 ADDRS=()

@@ -10,24 +10,10 @@
 # worker it was routed to), and a new connection per request with 4N. The two contenders
 # alternate within each round (the order flips every round). Per row: the median over the
 # rounds of req/s and of wrk's p99 latency, and the median of the rounds' req/s ratios.
-# Needs wrk, node, ss (iproute2), root or CAP_BPF for the round robin. Stops what it started.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
+# Needs wrk, node, and root or CAP_BPF for the round robin. Stops what it started.
 ROUNDS=${1:-10}
 N=${2:-2}
-cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/herdsman
-APP=$ROOT/bench/apps/node-app.js
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/herdsman-bench-routing.XXXXXX")
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$(dirname "$0")/lib.sh" routing
 
 NAMES=(round-robin hash)
 ADDRS=()

@@ -373,8 +373,16 @@ impl Steering {
     /// Attaches the current program to every pool (or, with the eBPF router, writes its maps).
     fn apply(&mut self) -> Result<(), SteerError> {
         for pool in &mut self.pools {
+            // (member index, slot) of the members new connections may reach.
+            let receiving: Vec<(u32, usize)> = pool
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.receiving)
+                .map(|(i, m)| (i as u32, m.slot))
+                .collect();
             if let Some(rr) = &mut pool.rr {
-                match rr.update(&pool.members) {
+                match rr.update(&pool.members, &receiving) {
                     Ok(()) => continue,
                     Err(e) => {
                         tracing::warn!(
@@ -385,13 +393,6 @@ impl Steering {
                     }
                 }
             }
-            let receiving: Vec<(u32, usize)> = pool
-                .members
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| m.receiving)
-                .map(|(i, m)| (i as u32, m.slot))
-                .collect();
             let prog = program(self.mode, &receiving, self.slots);
             sys::attach_reuseport_cbpf(&pool.members[0].fd, &prog).map_err(|err| SteerError::Attach {
                 mode: self.mode,
@@ -472,10 +473,9 @@ impl RoundRobin {
     /// Makes the program pick among the receiving members (member 0, the parking one, when
     /// none is): writes the inactive half, then switches to it; attaches the program the
     /// first time.
-    fn update(&mut self, members: &[Member]) -> io::Result<()> {
+    fn update(&mut self, members: &[Member], receiving: &[(u32, usize)]) -> io::Result<()> {
         self.insert(members)?;
-        let mut list: Vec<u32> =
-            members.iter().enumerate().filter(|(_, m)| m.receiving).map(|(i, _)| i as u32).collect();
+        let mut list: Vec<u32> = receiving.iter().map(|(i, _)| *i).collect();
         if list.is_empty() {
             list.push(0);
         }

@@ -610,15 +610,26 @@ pub type BpfInsn = libc::sock_filter;
 pub fn attach_reuseport_cbpf(fd: &OwnedFd, prog: &[BpfInsn]) -> io::Result<()> {
     let len = u16::try_from(prog.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
     let fprog = libc::sock_fprog { len, filter: prog.as_ptr().cast_mut() };
-    // SAFETY: `fprog` points at `prog`, which outlives the call; the kernel only reads
-    // `len` instructions from it and copies them; the option length is the struct's size.
+    // SAFETY: `fprog` points at `prog`, which outlives the call; the kernel only reads `len`
+    // instructions from it and copies them.
+    unsafe { set_socket_option(fd, SO_ATTACH_REUSEPORT_CBPF, &fprog) }
+}
+
+/// `setsockopt(fd, SOL_SOCKET, option, value, size_of::<T>())`.
+///
+/// # Safety
+/// `T` must be the type the kernel expects for `option`, and any pointer inside `value` valid
+/// for the kernel to read for the duration of the call.
+unsafe fn set_socket_option<T>(fd: &OwnedFd, option: c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a live `T` of exactly the length passed; the caller vouches for the
+    // type and for what it points at.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
@@ -785,17 +796,8 @@ pub fn bpf_load_reuseport_prog(prog: &[EbpfInsn], license: &std::ffi::CStr) -> i
 /// group's previous program (classic or eBPF) atomically.
 pub fn attach_reuseport_ebpf(fd: &OwnedFd, prog: &OwnedFd) -> io::Result<()> {
     let pfd: c_int = prog.as_raw_fd();
-    // SAFETY: the option value is one int (the program's descriptor), read by the kernel.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_EBPF,
-            (&pfd as *const c_int).cast(),
-            std::mem::size_of::<c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    // SAFETY: the option's value is one int, the program's descriptor.
+    unsafe { set_socket_option(fd, SO_ATTACH_REUSEPORT_EBPF, &pfd) }
 }
 
 /// A listening TCP socket's accept queue: (connections waiting to be accepted, backlog), from

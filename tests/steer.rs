@@ -222,9 +222,7 @@ fn status_shows_balance_receiving_and_accept_queue() {
     // The supervisor's CAP_BPF (and CAP_SETPCAP) never reach a worker, even one run as root.
     if nix::unistd::geteuid().is_root() {
         for w in v["workers"].as_array().unwrap() {
-            let st = std::fs::read_to_string(format!("/proc/{}/status", w["pid"])).unwrap();
-            let bnd = st.lines().find_map(|l| l.strip_prefix("CapBnd:")).unwrap().trim();
-            let bnd = u64::from_str_radix(bnd, 16).unwrap();
+            let bnd = capabilities(&w["pid"].to_string(), "CapBnd");
             assert_eq!(bnd & (1 << 39 | 1 << 8), 0, "worker bounding set {bnd:#x}");
         }
     }

@@ -437,14 +437,19 @@ pub fn worker_events(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// A capability set of process `pid` ("self" for the test): `field` is `CapEff`, `CapBnd`, ...
+#[allow(dead_code)]
+pub fn capabilities(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).unwrap().trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
 /// What `--balance steer` routes by here: "round-robin" where this process may load eBPF
 /// (CAP_BPF or CAP_SYS_ADMIN effective; workers inherit the test's credentials), else "hash".
 #[allow(dead_code)]
 pub fn expected_steer_routing() -> &'static str {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
-    let eff = u64::from_str_radix(eff, 16).unwrap();
-    if eff & (1 << 39 | 1 << 21) != 0 { "round-robin" } else { "hash" }
+    if capabilities("self", "CapEff") & (1 << 39 | 1 << 21) != 0 { "round-robin" } else { "hash" }
 }
 
 /// `herdsman status CONTROL --json`, which must succeed.
