@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# `--balance steer`: round robin (the eBPF program) against the flow hash (the classic program,
-# HERDSMAN_STEER_ROUTING=hash), on a CPU-bound endpoint where the split of connections over
-# the workers decides throughput and tail latency (issue 12).
+# `--balance steer`'s three routings side by side (HERDSMAN_STEER_ROUTING): the shortest queue
+# (the default eBPF program, which reads queue lengths), round robin (the eBPF program that only
+# takes turns) and the flow hash (the classic program), on a CPU-bound endpoint where the split
+# of connections over the workers decides throughput and tail latency (issue 12).
 #
 #   bench/routing.sh [ROUNDS] [N]    (default 10 rounds, N=2 workers)
 #
 # Client: wrk -t1 from 127.0.0.1 on /work?ms=2 (2 ms of busy loop per request,
 # bench/apps/node-app.js): keep-alive with 2N and 4N connections (each connection stays on the
-# worker it was routed to), and a new connection per request with 4N. The two contenders
-# alternate within each round (the order flips every round). Per row: the median over the
-# rounds of req/s and of wrk's p99 latency, and the median of the rounds' req/s ratios.
-# Needs wrk, node, and root or CAP_BPF for the round robin. Stops what it started.
+# worker it was routed to), and a new connection per request with 4N. The contenders take
+# turns within each round (the order rotates every round). Per row and routing: the median
+# over the rounds of req/s and of wrk's p99 latency, and the median of the rounds' req/s
+# ratios to round robin. Needs wrk, node, root (or CAP_BPF and CAP_PERFMON). Stops what it
+# started.
 ROUNDS=${1:-10}
 N=${2:-2}
 . "$(dirname "$0")/lib.sh" routing
 
-NAMES=(round-robin hash)
+NAMES=(shortest-queue round-robin hash)
 ADDRS=()
 for name in "${NAMES[@]}"; do
     p=$(port)
@@ -24,10 +26,11 @@ for name in "${NAMES[@]}"; do
     PIDS+=($!)
     ADDRS+=("127.0.0.1:$p")
 done
-for i in 0 1; do
+K=${#NAMES[@]}
+for i in $(seq 0 $((K - 1))); do
     for _ in $(seq 100); do curl -sf "http://${ADDRS[$i]}/" >/dev/null && break; sleep 0.1; done
     got=$("$BIN" status "$TMP/${NAMES[$i]}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["routing"])')
-    [ "$got" = "${NAMES[$i]}" ] || { echo "routing is $got, not ${NAMES[$i]} (no CAP_BPF?)" >&2; exit 1; }
+    [ "$got" = "${NAMES[$i]}" ] || { echo "routing is $got, not ${NAMES[$i]} (no CAP_BPF or CAP_PERFMON?)" >&2; exit 1; }
     wrk -t1 -c8 -d1s "http://${ADDRS[$i]}/work?ms=2" >/dev/null
 done
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -37,8 +40,8 @@ for r in $(seq "$ROUNDS"); do
         set -- $load
         hdr=()
         [ "$1" = close ] && hdr=(-H "Connection: close")
-        for k in 0 1; do
-            i=$(((k + r) % 2))
+        for k in $(seq 0 $((K - 1))); do
+            i=$(((k + r) % K))
             out=$(wrk -t1 -c"$2" -d3s --latency "${hdr[@]}" "http://${ADDRS[$i]}/work?ms=2")
             rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
             p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
@@ -59,11 +62,14 @@ for line in open(raw):
     r, load, name, rps, p99 = line.rstrip("\n").split("\t")
     rows[load][name].append((float(rps), ms(p99)))
 print(f"N={n} workers, {rounds} rounds of 3 s per contender and load, /work?ms=2, load average {load0} before, {load1} after.\n")
-print("| load (connections) | round robin req/s | hash req/s | hash ÷ round robin | round robin p99 | hash p99 |")
-print("|---|---|---|---|---|---|")
+names = ["shortest-queue", "round-robin", "hash"]
+print("| load (connections) | " + " | ".join(f"{x} req/s" for x in names) + " | shortest-queue ÷ round-robin | hash ÷ round-robin | "
+      + " | ".join(f"{x} p99" for x in names) + " |")
+print("|---|" + "---|" * (3 * len(names) - 1))
 for load, by in rows.items():
-    rr, h = by["round-robin"], by["hash"]
     med = lambda xs, j: statistics.median(x[j] for x in xs)
-    ratio = statistics.median(b[0] / a[0] for a, b in zip(rr, h))
-    print(f"| {load} | {med(rr, 0):.0f} | {med(h, 0):.0f} | {ratio:.3f}× | {med(rr, 1):.1f} ms | {med(h, 1):.1f} ms |")
+    ratio = lambda x: statistics.median(b[0] / a[0] for a, b in zip(by["round-robin"], by[x]))
+    print(f"| {load} | " + " | ".join(f"{med(by[x], 0):.0f}" for x in names)
+          + f" | {ratio('shortest-queue'):.3f}× | {ratio('hash'):.3f}× | "
+          + " | ".join(f"{med(by[x], 1):.1f} ms" for x in names) + " |")
 PY

@@ -60,15 +60,17 @@ fn steer_dropin(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("herdsman@{name}.service.d")).join("steer.conf")
 }
 
-/// `--balance steer`'s round robin is an eBPF program: the service needs CAP_BPF and the
-/// `bpf` system call, which the unit's defaults leave out; CAP_SETPCAP lets herdsman drop
-/// both capabilities from every worker's bounding set.
-const STEER_DROPIN: &str = "# Written by `herdsman init --balance steer`: round-robin steering loads an eBPF\n\
-# SK_REUSEPORT program (maps of the app's own sockets). Without these two lines herdsman\n\
-# spreads new connections by a hash instead, and says so at start. CAP_SETPCAP: herdsman\n\
-# drops CAP_BPF and CAP_SETPCAP from every worker's bounding set (also a worker run as root).\n\
+/// `--balance steer` routes with an eBPF program: the service needs CAP_BPF and the `bpf`
+/// system call, which the unit's defaults leave out, and CAP_PERFMON to read queue lengths;
+/// CAP_SETPCAP lets herdsman drop all three from every worker's bounding set.
+const STEER_DROPIN: &str = "# Written by `herdsman init --balance steer`: steering loads an eBPF SK_REUSEPORT\n\
+# program (maps of the app's own sockets) that gives each new connection to the receiving\n\
+# worker with the shortest accept queue, read from kernel memory (CAP_PERFMON). Without\n\
+# CAP_PERFMON herdsman takes turns; without CAP_BPF or bpf() it spreads connections by a hash;\n\
+# it says so at start. CAP_SETPCAP: herdsman drops CAP_BPF, CAP_PERFMON and CAP_SETPCAP from\n\
+# every worker's bounding set (also a worker run as root).\n\
 [Service]\n\
-CapabilityBoundingSet=CAP_BPF CAP_SETPCAP\n\
+CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SETPCAP\n\
 SystemCallFilter=bpf\n";
 
 fn units(name: &str) -> [String; 2] {
@@ -495,7 +497,9 @@ mod tests {
         assert!(sock.contains("ReusePort=yes"), "{sock}");
         let steer = std::fs::read_to_string(units.join("herdsman@web.service.d/steer.conf")).unwrap();
         assert!(
-            steer.contains("\n[Service]\nCapabilityBoundingSet=CAP_BPF CAP_SETPCAP\nSystemCallFilter=bpf\n"),
+            steer.contains(
+                "\n[Service]\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SETPCAP\nSystemCallFilter=bpf\n"
+            ),
             "{steer}"
         );
         // sticky routes by address with a classic program: no capability.

@@ -11,9 +11,11 @@
 //! exits) rebuilds the program from the set of *receiving* members and attaches it again,
 //! which replaces the group's program atomically.
 //!
-//! * `steer`: **round robin** over the receiving members, by an eBPF program (below) when the
-//!   kernel allows it; otherwise (no `CAP_BPF`, a seccomp filter, `HERDSMAN_STEER_ROUTING=hash`)
-//!   by the classic program, key = a hash of the client's source port and address, `key % n`.
+//! * `steer`: the receiving member with the **shortest accept queue**, looking from the one
+//!   whose turn it is (an eBPF program, below); where the kernel refuses that, **round robin**
+//!   (eBPF without kernel reads); where it refuses eBPF (no `CAP_BPF`, a seccomp filter) or
+//!   `HERDSMAN_STEER_ROUTING=hash`, the classic program, key = a hash of the client's source
+//!   port and address, `key % n`.
 //! * `sticky`: key = the client's IPv4 address (IPv6: its /64); `key % slots` picks the slot,
 //!   which maps to that slot's receiving member; a slot with none falls back to
 //!   `key % n` over the receiving members, so its clients come back when it is ready again.
@@ -33,7 +35,7 @@
 //! keep-alive connection stays where its hash put it. On a CPU-bound endpoint
 //! (docs/bench-queues.md, `bench/routing.sh`) taking turns gave about 7 % more new-connection
 //! throughput and a 22–27 % lower keep-alive p99 than the hash. Classic BPF has no state, so
-//! this part is an eBPF `SK_REUSEPORT` program ([`round_robin_program`], 35 instructions)
+//! this part is an eBPF `SK_REUSEPORT` program ([`round_robin_program`], 36 instructions)
 //! over three maps per pool: `socks` (a `REUSEPORT_SOCKARRAY`: key = member index, value = the
 //! member; every member is put in once, when it is created), `ring` (two halves of receiving
 //! member indices) and `turn` (`{counter, active}`, `active` = half base << 16 | count). The
@@ -47,10 +49,24 @@
 //! an in-place upgrade the previous program's maps are freed by the kernel shortly after the
 //! classic bridge replaced it, so putting a member in the new map is retried for up to 2 s.
 //!
+//! Shortest queue (`steer`'s default). Turns are blind: a worker busy with a slow request
+//! still gets its turn while another sits idle, which is the known cost of per-worker queues
+//! (a shared queue is served by whichever worker is free). [`shortest_queue_program`] runs on
+//! the same maps: from the member whose turn it is, it looks at up to [`SCAN`] receiving
+//! members in turn order and picks the first with an empty accept queue, else the shortest;
+//! so with no backlog it is exactly round robin. No BPF context exposes a listener's queue,
+//! so it reads `sk_ack_backlog` with `bpf_probe_read_kernel` through the `SOCKARRAY`'s own
+//! socket pointers, at offsets taken from the kernel's BTF ([`crate::btf`]). A read cannot
+//! fault, and one that fails only skips that member: the choice is always a receiving member.
+//! The helper needs `CAP_PERFMON` (reading kernel memory) and a kernel that is not locked
+//! down, and is GPL-only, so this program declares "Dual MIT/GPL". Refused, steer takes plain
+//! turns and says so once (`"routing": "round-robin"`).
+//!
 //! Why hand-written instructions: the programs are a handful of instructions built here and
 //! unit-tested (the classic ones with a small interpreter, the eBPF one by the kernel's
 //! verifier and a real group); `aya`/`libbpf-rs` would bring a BPF toolchain or a C
-//! library for 35 instructions, and no crate builds classic reuseport programs.
+//! library for two programs built from a few dozen instruction patterns, and no crate builds
+//! classic reuseport programs.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -104,8 +120,8 @@ struct Pool {
     local: SockaddrStorage,
     family: AddressFamily,
     members: Vec<Member>,
-    /// The eBPF round-robin router (`steer`, when the kernel allows it).
-    rr: Option<RoundRobin>,
+    /// The eBPF router (`steer`, when the kernel allows it).
+    router: Option<Router>,
 }
 
 /// Every steered address, and the routing mode.
@@ -122,6 +138,8 @@ pub struct Steering {
 /// How new connections are spread over the receiving members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routing {
+    /// `steer` with the eBPF program that reads queue lengths: the shortest queue, in turn.
+    ShortestQueue,
     /// `steer` with the eBPF program: take turns.
     RoundRobin,
     /// `steer` with the classic program: a hash of the client's port and address.
@@ -133,6 +151,7 @@ pub enum Routing {
 impl std::fmt::Display for Routing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Routing::ShortestQueue => "shortest-queue",
             Routing::RoundRobin => "round-robin",
             Routing::Hash => "hash",
             Routing::ClientAddress => "client-address",
@@ -148,7 +167,7 @@ impl Steering {
         sockets: Vec<(String, String, OwnedFd)>,
         slots: usize,
         floor: RawFd,
-        round_robin: bool,
+        want: Routing,
     ) -> Result<Self, SteerError> {
         let mut pools: Vec<Pool> = Vec::new();
         for (addr, name, fd) in sockets {
@@ -167,48 +186,67 @@ impl Steering {
             let member = Member { fd, holder: None, slot: 0, receiving: false };
             match pools.iter_mut().find(|p| p.local == local) {
                 Some(p) => p.members.push(member),
-                None => pools.push(Pool { addr, name, local, family, members: vec![member], rr: None }),
+                None => pools.push(Pool { addr, name, local, family, members: vec![member], router: None }),
             }
         }
         let mut steering = Steering { mode, pools, slots: slots.max(1), floor };
-        steering.start(round_robin)?;
+        steering.start(want)?;
         Ok(steering)
     }
 
-    /// Attaches the classic program, then (for `steer`, if wanted) builds the eBPF router of
-    /// every pool; a refusal leaves the classic one in place, said once in the log.
-    fn start(&mut self, round_robin: bool) -> Result<(), SteerError> {
+    /// Attaches the classic program, then (for `steer`) builds the eBPF router of every pool
+    /// that picks as `want` says; what the kernel refuses steps down (shortest queue, round
+    /// robin, the classic hash), said once in the log.
+    fn start(&mut self, want: Routing) -> Result<(), SteerError> {
         self.apply()?;
-        if self.mode != Balance::Steer || !round_robin {
+        if self.mode != Balance::Steer {
             return Ok(());
         }
-        let built: io::Result<Vec<RoundRobin>> = self.pools.iter().map(RoundRobin::new).collect();
-        match built {
-            Ok(routers) => {
-                for (pool, rr) in self.pools.iter_mut().zip(routers) {
-                    pool.rr = Some(rr);
+        let mut picks = want;
+        loop {
+            let offsets = match picks {
+                Routing::ShortestQueue => KernelOffsets::read().map(Some),
+                Routing::RoundRobin => Ok(None),
+                Routing::Hash | Routing::ClientAddress => return Ok(()),
+            };
+            let built: io::Result<Vec<Router>> =
+                offsets.and_then(|at| self.pools.iter().map(|p| Router::new(p, at)).collect());
+            match built {
+                Ok(routers) => {
+                    for (pool, router) in self.pools.iter_mut().zip(routers) {
+                        pool.router = Some(router);
+                    }
+                    // Attaches the eBPF programs (replacing the classic ones) with the current set.
+                    return self.apply();
                 }
-                // Attaches the eBPF programs (replacing the classic ones) with the current set.
-                self.apply()
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "--balance steer: round robin needs eBPF, which the kernel refused ({e}); new connections are spread by a hash instead (give the service CAP_BPF and the bpf system call: herdsman init --balance steer writes them)"
-                );
-                Ok(())
+                Err(e) if picks == Routing::ShortestQueue => {
+                    tracing::warn!(
+                        "--balance steer: the shortest-queue program cannot run here ({e}); taking turns instead (give the service CAP_PERFMON: herdsman init --balance steer writes it; or set HERDSMAN_STEER_ROUTING=round-robin)"
+                    );
+                    picks = Routing::RoundRobin;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "--balance steer: round robin needs eBPF, which the kernel refused ({e}); new connections are spread by a hash instead (give the service CAP_BPF and the bpf system call: herdsman init --balance steer writes them)"
+                    );
+                    return Ok(());
+                }
             }
         }
     }
 
-    /// How new connections are spread (for status): round robin only where every address
-    /// has its eBPF router.
+    /// How new connections are spread (for status): the eBPF router's way only where every
+    /// address has one.
     pub fn routing(&self) -> Routing {
         if self.mode == Balance::Sticky {
-            Routing::ClientAddress
-        } else if !self.pools.is_empty() && self.pools.iter().all(|p| p.rr.is_some()) {
-            Routing::RoundRobin
-        } else {
-            Routing::Hash
+            return Routing::ClientAddress;
+        }
+        let picks: Option<Vec<Routing>> =
+            self.pools.iter().map(|p| p.router.as_ref().map(|r| r.picks)).collect();
+        match picks.as_deref() {
+            Some([first, rest @ ..]) if rest.iter().all(|r| r == first) => *first,
+            Some([_, ..]) => Routing::RoundRobin,
+            _ => Routing::Hash,
         }
     }
 
@@ -344,9 +382,9 @@ impl Steering {
     }
 
     /// The pools a previous image handed over, in the same kernel order (no socket was
-    /// closed); the routing program is built and attached again (`round_robin` as for
+    /// closed); the routing program is built and attached again (`want` as for
     /// [`Steering::new`]: the environment is the one the first image started with).
-    pub fn adopt(st: SteeringState, fds: &mut sys::HandedOver, round_robin: bool) -> io::Result<Steering> {
+    pub fn adopt(st: SteeringState, fds: &mut sys::HandedOver, want: Routing) -> io::Result<Steering> {
         let mut pools = Vec::new();
         for p in st.pools {
             let mut members = Vec::new();
@@ -363,10 +401,10 @@ impl Steering {
             let local: SockaddrStorage = socket::getsockname(first.fd.as_raw_fd())?;
             let family =
                 local.family().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no family"))?;
-            pools.push(Pool { addr: p.addr, name: p.name, local, family, members, rr: None });
+            pools.push(Pool { addr: p.addr, name: p.name, local, family, members, router: None });
         }
         let mut steering = Steering { mode: st.mode, pools, slots: st.slots.max(1), floor: st.floor };
-        steering.start(round_robin).map_err(|e| io::Error::other(e.to_string()))?;
+        steering.start(want).map_err(|e| io::Error::other(e.to_string()))?;
         Ok(steering)
     }
 
@@ -381,15 +419,15 @@ impl Steering {
                 .filter(|(_, m)| m.receiving)
                 .map(|(i, m)| (i as u32, m.slot))
                 .collect();
-            if let Some(rr) = &mut pool.rr {
-                match rr.update(&pool.members, &receiving) {
+            if let Some(router) = &mut pool.router {
+                match router.update(&pool.members, &receiving) {
                     Ok(()) => continue,
                     Err(e) => {
                         tracing::warn!(
-                            "--balance steer: the round-robin router of {} failed ({e}); spreading new connections by a hash from now on",
+                            "--balance steer: the eBPF router of {} failed ({e}); spreading new connections by a hash from now on",
                             pool.addr
                         );
-                        pool.rr = None;
+                        pool.router = None;
                     }
                 }
             }
@@ -411,9 +449,11 @@ const RR_CAPACITY: u32 = 2 * crate::config::values::MAX_WORKERS as u32 + 512;
 const MAP_ARRAY: u32 = 2;
 const MAP_REUSEPORT_SOCKARRAY: u32 = 20;
 
-/// One pool's eBPF round-robin router: its maps and program (see the module doc).
+/// One pool's eBPF router: its maps and program (see the module doc).
 #[derive(Debug)]
-struct RoundRobin {
+struct Router {
+    /// [`Routing::ShortestQueue`] or [`Routing::RoundRobin`].
+    picks: Routing,
     socks: sys::BpfMap,
     ring: sys::BpfMap,
     turn: sys::BpfMap,
@@ -426,24 +466,33 @@ struct RoundRobin {
     current: Vec<u32>,
 }
 
-impl RoundRobin {
-    /// Creates the maps and loads the program; [`RoundRobin::update`] attaches it.
-    fn new(pool: &Pool) -> io::Result<RoundRobin> {
+impl Router {
+    /// Creates the maps and loads the program (the shortest-queue one with `offsets`);
+    /// [`Router::update`] attaches it.
+    fn new(pool: &Pool, offsets: Option<KernelOffsets>) -> io::Result<Router> {
         let socks = sys::BpfMap::create(MAP_REUSEPORT_SOCKARRAY, 8, RR_CAPACITY)
             .map_err(|e| io::Error::new(e.kind(), format!("creating a REUSEPORT_SOCKARRAY map: {e}")))?;
         let ring = sys::BpfMap::create(MAP_ARRAY, 4, 2 * RR_CAPACITY)?;
         let turn = sys::BpfMap::create(MAP_ARRAY, 8, 1)?;
-        let insns = round_robin_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd());
-        let prog = sys::bpf_load_reuseport_prog(&insns, c"MIT OR Apache-2.0").map_err(|e| {
-            // EINVAL: the verifier refused it, e.g. a kernel before 5.12 (no atomic fetch-add).
-            let hint = if e.raw_os_error() == Some(libc::EINVAL) {
-                "; this kernel is too old (needs Linux 5.12)"
-            } else {
-                ""
+        let (insns, license) = match offsets {
+            Some(at) => {
+                (shortest_queue_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd(), at), GPL_COMPATIBLE)
+            }
+            None => (round_robin_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd()), c"MIT OR Apache-2.0"),
+        };
+        let prog = sys::bpf_load_reuseport_prog(&insns, license).map_err(|e| {
+            // EINVAL: the verifier refused it: a kernel before 5.12 (no atomic fetch-add), or,
+            // for the shortest queue, no bpf_probe_read_kernel (no CAP_PERFMON, or lockdown).
+            let hint = match (e.kind() == io::ErrorKind::InvalidInput, offsets.is_some()) {
+                (true, true) => "; reading queue lengths needs CAP_PERFMON and a kernel not locked down",
+                (true, false) => "; this kernel is too old (needs Linux 5.12)",
+                _ => "",
             };
             io::Error::new(e.kind(), format!("loading the SK_REUSEPORT program: {e}{hint}"))
         })?;
-        let mut rr = RoundRobin { socks, ring, turn, prog, inserted: 0, active: None, current: Vec::new() };
+        let picks = if offsets.is_some() { Routing::ShortestQueue } else { Routing::RoundRobin };
+        let mut rr =
+            Router { picks, socks, ring, turn, prog, inserted: 0, active: None, current: Vec::new() };
         // A member may still be in the map of the program a previous herdsman attached; the
         // kernel frees that map shortly after the classic bridge replaced the program.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -514,7 +563,14 @@ const E_ADD_X: u8 = 0x0f;
 const E_AND_K: u8 = 0x57;
 const E_RSH_K: u8 = 0x77;
 const E_MOD_X: u8 = 0x9f;
+const E_LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
+const E_STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
+const E_LSH_K: u8 = 0x67;
 const E_JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+const E_JNE_K: u8 = 0x55;
+const E_JLE_K: u8 = 0xb5; // unsigned <=
+const E_JGE_X: u8 = 0x3d; // unsigned >=
+const E_JNE32_K: u8 = 0x56; // BPF_JMP32 | BPF_JNE | BPF_K
 const E_CALL: u8 = 0x85;
 const E_EXIT: u8 = 0x95;
 /// `BPF_ADD | BPF_FETCH`: the old value comes back in the source register.
@@ -523,6 +579,11 @@ const FETCH_ADD: i32 = 0x01;
 const PSEUDO_MAP_FD: u8 = 1;
 const FN_MAP_LOOKUP_ELEM: i32 = 1;
 const FN_SK_SELECT_REUSEPORT: i32 = 82;
+/// Copies kernel memory; cannot fault (GPL-only, and needs `CAP_PERFMON`).
+const FN_PROBE_READ_KERNEL: i32 = 113;
+/// The shortest-queue program calls a GPL-only helper, so it must say it is GPL-compatible:
+/// it is herdsman's code, MIT-licensed, which may be used under the GPL.
+const GPL_COMPATIBLE: &std::ffi::CStr = c"Dual MIT/GPL";
 /// `SK_PASS`: take the selected member (or, if none was selected, the kernel's hash).
 const SK_PASS: i32 = 1;
 
@@ -535,11 +596,10 @@ fn e_map(dst: u8, map: RawFd) -> [EbpfInsn; 2] {
     [e(E_LD_IMM64, dst, PSEUDO_MAP_FD, 0, map), e(0, 0, 0, 0, 0)]
 }
 
-/// The round-robin `SK_REUSEPORT` program over `turn`, `ring` and `socks` (module doc).
-/// Every path ends in `SK_PASS`: a missing entry falls back to the kernel's hash rather than
-/// refusing the connection.
-pub fn round_robin_program(turn: RawFd, ring: RawFd, socks: RawFd) -> Vec<EbpfInsn> {
-    let mut p = Vec::new();
+/// The common start of both programs: `r6` = ctx, `r7` = the active half's base, `r8` =
+/// this connection's turn (the counter before an atomic add of 1), `r9` = the number of
+/// receiving members (never 0). Returns the positions of the jumps to `return SK_PASS`.
+fn take_a_turn(p: &mut Vec<EbpfInsn>, turn: RawFd) -> Vec<usize> {
     // r6 = ctx; key 0 at fp-4; r0 = &turn[0].
     p.push(e(E_MOV_X, 6, 1, 0, 0));
     p.push(e(E_ST_W, 10, 0, -4, 0));
@@ -553,39 +613,189 @@ pub fn round_robin_program(turn: RawFd, ring: RawFd, socks: RawFd) -> Vec<EbpfIn
     p.push(e(E_LDX_W, 7, 0, 4, 0));
     p.push(e(E_MOV_K, 8, 0, 0, 1));
     p.push(e(E_ATOMIC_W, 0, 8, 0, FETCH_ADD));
-    // r9 = count; if 0 goto pass; r7 = base; r8 = base + r8 % count.
+    // r9 = count; if 0 goto pass; r7 = base.
     p.push(e(E_MOV_X, 9, 7, 0, 0));
     p.push(e(E_AND_K, 9, 0, 0, 0xffff));
     let miss_2 = p.len();
     p.push(e(E_JEQ_K, 9, 0, 0, 0));
     p.push(e(E_RSH_K, 7, 0, 0, 16));
-    p.push(e(E_MOD_X, 8, 9, 0, 0));
-    p.push(e(E_ADD_X, 8, 7, 0, 0));
-    // r0 = &ring[r8] (key at fp-8).
-    p.push(e(E_STX_W, 10, 8, -8, 0));
+    vec![miss_1, miss_2]
+}
+
+/// `r1` = the member at `ring[r7 + (r8 + k) % r9]`'s key, stored at fp-8; `r0` = its entry.
+fn ring_entry(p: &mut Vec<EbpfInsn>, ring: RawFd, k: i32) {
+    p.push(e(E_MOV_X, 1, 8, 0, 0));
+    if k != 0 {
+        p.push(e(E_ADD_K, 1, 0, 0, k));
+    }
+    p.push(e(E_MOD_X, 1, 9, 0, 0));
+    p.push(e(E_ADD_X, 1, 7, 0, 0));
+    p.push(e(E_STX_W, 10, 1, -8, 0));
     p.extend(e_map(1, ring));
     p.push(e(E_MOV_X, 2, 10, 0, 0));
     p.push(e(E_ADD_K, 2, 0, 0, -8));
     p.push(e(E_CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM));
-    let miss_3 = p.len();
-    p.push(e(E_JEQ_K, 0, 0, 0, 0));
-    // sk_select_reuseport(ctx, socks, &member (fp-12), 0).
-    p.push(e(E_LDX_W, 1, 0, 0, 0));
-    p.push(e(E_STX_W, 10, 1, -12, 0));
+}
+
+/// `sk_select_reuseport(ctx, socks, &member at fp-12, 0)`, then `return SK_PASS` (at the
+/// returned position).
+fn select_and_pass(p: &mut Vec<EbpfInsn>, socks: RawFd) -> usize {
     p.push(e(E_MOV_X, 1, 6, 0, 0));
     p.extend(e_map(2, socks));
     p.push(e(E_MOV_X, 3, 10, 0, 0));
     p.push(e(E_ADD_K, 3, 0, 0, -12));
     p.push(e(E_MOV_K, 4, 0, 0, 0));
     p.push(e(E_CALL, 0, 0, 0, FN_SK_SELECT_REUSEPORT));
-    // pass: return SK_PASS.
     let pass = p.len();
     p.push(e(E_MOV_K, 0, 0, 0, SK_PASS));
     p.push(e(E_EXIT, 0, 0, 0, 0));
-    for at in [miss_1, miss_2, miss_3] {
-        p[at].off = (pass - at - 1) as i16;
+    pass
+}
+
+/// Points the jumps at `from` to `to`.
+fn patch(p: &mut [EbpfInsn], from: &[usize], to: usize) {
+    for &at in from {
+        p[at].off = (to - at - 1) as i16;
     }
+}
+
+/// The round-robin `SK_REUSEPORT` program over `turn`, `ring` and `socks` (module doc).
+/// Every path ends in `SK_PASS`: a missing entry falls back to the kernel's hash rather than
+/// refusing the connection.
+pub fn round_robin_program(turn: RawFd, ring: RawFd, socks: RawFd) -> Vec<EbpfInsn> {
+    let mut p = Vec::new();
+    let mut misses = take_a_turn(&mut p, turn);
+    ring_entry(&mut p, ring, 0);
+    misses.push(p.len());
+    p.push(e(E_JEQ_K, 0, 0, 0, 0));
+    // The member at fp-12.
+    p.push(e(E_LDX_W, 1, 0, 0, 0));
+    p.push(e(E_STX_W, 10, 1, -12, 0));
+    let pass = select_and_pass(&mut p, socks);
+    patch(&mut p, &misses, pass);
     p
+}
+
+/// Members the shortest-queue program looks at per connection, from the one whose turn it is.
+pub const SCAN: i32 = 8;
+
+/// Where the shortest-queue program reads in kernel memory, from the kernel's BTF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct reuseport_array.ptrs`: the `SOCKARRAY`'s socket pointers.
+    pub ptrs: i32,
+    /// `struct sock.sk_ack_backlog`: connections waiting for `accept()`.
+    pub backlog: i32,
+}
+
+impl KernelOffsets {
+    pub fn read() -> io::Result<KernelOffsets> {
+        use crate::btf::{Btf, Shape, VMLINUX};
+        let btf =
+            Btf::read(VMLINUX).map_err(|e| io::Error::new(e.kind(), format!("reading {VMLINUX}: {e}")))?;
+        let field = |name: &str, member: &str, shape: Shape| match btf.member(name, member) {
+            Some((at, s)) if s == shape => {
+                i32::try_from(at).map_err(|_| io::Error::other("offset too large"))
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("the kernel's BTF has no {name}.{member} of the expected type"),
+            )),
+        };
+        Ok(KernelOffsets {
+            ptrs: field("reuseport_array", "ptrs", Shape::PointerArray)?,
+            backlog: field("sock", "sk_ack_backlog", Shape::Int(4))?,
+        })
+    }
+}
+
+/// The shortest-queue `SK_REUSEPORT` program (module doc): from the member whose turn it is,
+/// up to [`SCAN`] receiving members in turn order; the first with an empty accept queue, else
+/// the one with the shortest, gets the connection. Queue lengths are read with
+/// `bpf_probe_read_kernel` (which cannot fault) through the `SOCKARRAY`'s own pointers, so a
+/// read that fails only skips that member, and the choice is always a receiving member.
+pub fn shortest_queue_program(turn: RawFd, ring: RawFd, socks: RawFd, at: KernelOffsets) -> Vec<EbpfInsn> {
+    // Stack: fp-4 key 0, fp-8 ring key, fp-12 the best member so far, fp-16 the map pointer,
+    // fp-24 the map's address as a number, fp-32 a member's socket, fp-40 its queue length,
+    // fp-44 the best length so far, fp-48 the member being looked at.
+    let mut p = Vec::new();
+    let mut to_pass = take_a_turn(&mut p, turn);
+    // The map's address as a number (pointer arithmetic on a map is refused): copy it.
+    p.extend(e_map(1, socks));
+    p.push(e(E_STX_DW, 10, 1, -16, 0));
+    p.push(e(E_MOV_X, 3, 10, 0, 0));
+    p.push(e(E_ADD_K, 3, 0, 0, -16));
+    probe_read(&mut p, -24, 8);
+    to_pass.push(p.len());
+    p.push(e(E_JNE_K, 0, 0, 0, 0));
+    p.push(e(E_ST_W, 10, 0, -44, -1));
+    p.push(e(E_ST_W, 10, 0, -12, -1));
+    let mut to_done = Vec::new();
+    for k in 0..SCAN {
+        let mut to_next = Vec::new();
+        if k > 0 {
+            to_done.push(p.len());
+            p.push(e(E_JLE_K, 9, 0, 0, k)); // fewer members than k + 1: done
+        }
+        ring_entry(&mut p, ring, k);
+        to_next.push(p.len());
+        p.push(e(E_JEQ_K, 0, 0, 0, 0));
+        // fp-48 = member; r3 = &ptrs[member].
+        p.push(e(E_LDX_W, 1, 0, 0, 0));
+        p.push(e(E_STX_W, 10, 1, -48, 0));
+        p.push(e(E_LSH_K, 1, 0, 0, 3));
+        p.push(e(E_LDX_DW, 3, 10, -24, 0));
+        p.push(e(E_ADD_X, 3, 1, 0, 0));
+        p.push(e(E_ADD_K, 3, 0, 0, at.ptrs));
+        probe_read(&mut p, -32, 8);
+        to_next.push(p.len());
+        p.push(e(E_JNE_K, 0, 0, 0, 0));
+        // r3 = &sock->sk_ack_backlog (no socket in that entry: next).
+        p.push(e(E_LDX_DW, 3, 10, -32, 0));
+        to_next.push(p.len());
+        p.push(e(E_JEQ_K, 3, 0, 0, 0));
+        p.push(e(E_ADD_K, 3, 0, 0, at.backlog));
+        probe_read(&mut p, -40, 4);
+        to_next.push(p.len());
+        p.push(e(E_JNE_K, 0, 0, 0, 0));
+        // Shorter than the best so far: it is the best; empty: done.
+        p.push(e(E_LDX_W, 1, 10, -40, 0));
+        p.push(e(E_LDX_W, 2, 10, -44, 0));
+        to_next.push(p.len());
+        p.push(e(E_JGE_X, 1, 2, 0, 0));
+        p.push(e(E_STX_W, 10, 1, -44, 0));
+        p.push(e(E_LDX_W, 2, 10, -48, 0));
+        p.push(e(E_STX_W, 10, 2, -12, 0));
+        to_done.push(p.len());
+        p.push(e(E_JEQ_K, 1, 0, 0, 0));
+        let next = p.len();
+        patch(&mut p, &to_next, next);
+    }
+    let done = p.len();
+    patch(&mut p, &to_done, done);
+    // No member could be read: the member whose turn it is (SK_PASS alone would let the
+    // kernel's hash pick from the whole group, receiving or not).
+    p.push(e(E_LDX_W, 1, 10, -12, 0));
+    let fallback = p.len();
+    p.push(e(E_JNE32_K, 1, 0, 0, -1));
+    ring_entry(&mut p, ring, 0);
+    to_pass.push(p.len());
+    p.push(e(E_JEQ_K, 0, 0, 0, 0));
+    p.push(e(E_LDX_W, 1, 0, 0, 0));
+    p.push(e(E_STX_W, 10, 1, -12, 0));
+    let select = p.len();
+    patch(&mut p, &[fallback], select);
+    let pass = select_and_pass(&mut p, socks);
+    patch(&mut p, &to_pass, pass);
+    p
+}
+
+/// `r0 = bpf_probe_read_kernel(fp + to, len, r3)`: 0, or an error (and zeros) on a bad address.
+fn probe_read(p: &mut Vec<EbpfInsn>, to: i32, len: i32) {
+    p.push(e(E_MOV_X, 1, 10, 0, 0));
+    p.push(e(E_ADD_K, 1, 0, 0, to));
+    p.push(e(E_MOV_K, 2, 0, 0, len));
+    p.push(e(E_CALL, 0, 0, 0, FN_PROBE_READ_KERNEL));
 }
 
 /// Opens one more member of `pool`'s group: same address, `SO_REUSEPORT`, listening.
@@ -907,7 +1117,8 @@ mod tests {
     #[test]
     fn the_kernel_routes_connections_only_to_receiving_members() {
         let (addr, name, fd) = bound_reuseport();
-        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10, false).unwrap();
+        let mut st =
+            Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10, Routing::Hash).unwrap();
         let picks: Vec<Vec<usize>> = (0..3).map(|slot| st.reserve(slot).unwrap()).collect();
         assert_eq!(picks, vec![vec![0], vec![1], vec![2]], "member 0 first, then new ones in order");
         for (i, p) in picks.iter().enumerate() {
@@ -940,10 +1151,9 @@ mod tests {
     }
 
     /// A steered group with `n` members held by pids 100.. (none receiving yet).
-    fn steered_group(n: usize, round_robin: bool) -> (String, Steering) {
+    fn steered_group(n: usize, want: Routing) -> (String, Steering) {
         let (addr, name, fd) = bound_reuseport();
-        let mut st =
-            Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], n, 10, round_robin).unwrap();
+        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], n, 10, want).unwrap();
         for slot in 0..n {
             let p = st.reserve(slot).unwrap();
             st.bind(&p, 100 + slot as i32);
@@ -953,7 +1163,7 @@ mod tests {
 
     #[test]
     fn round_robin_takes_turns_exactly_over_receiving_members_only() {
-        let (addr, mut st) = steered_group(3, true);
+        let (addr, mut st) = steered_group(3, Routing::RoundRobin);
         if !may_load_ebpf() {
             assert_eq!(st.routing(), Routing::Hash);
             eprintln!("SKIP: no CAP_BPF here: steer routes by hash");
@@ -979,12 +1189,70 @@ mod tests {
         assert_eq!(queues(&st, 63), vec![12, 28, 20, 3]);
     }
 
+    /// Whether this process may also read kernel memory from BPF (CAP_PERFMON or CAP_SYS_ADMIN).
+    fn may_read_kernel() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+        may_load_ebpf() && u64::from_str_radix(eff, 16).unwrap() & (1 << 38 | 1 << 21) != 0
+    }
+
+    #[test]
+    fn the_shortest_queue_gets_the_connection_and_ties_take_turns() {
+        let (addr, mut st) = steered_group(3, Routing::ShortestQueue);
+        if !may_read_kernel() || KernelOffsets::read().is_err() {
+            assert_ne!(st.routing(), Routing::ShortestQueue);
+            eprintln!("SKIP: no CAP_PERFMON or no kernel BTF here: steer routes by {}", st.routing());
+            return;
+        }
+        assert_eq!(st.routing(), Routing::ShortestQueue);
+        // Nothing receiving: parked on member 0.
+        let _c0 = connect_n(&addr, 3, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 3), vec![3, 0, 0]);
+        st.set_receiving(101, true).unwrap();
+        let _c1 = connect_n(&addr, 10, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 13), vec![3, 10, 0]);
+        // Member 2 joins with an empty queue: it gets every connection until it has caught up
+        // (round robin would have split them 5/5), then they alternate.
+        st.set_receiving(102, true).unwrap();
+        let _c2 = connect_n(&addr, 10, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 23), vec![3, 10, 10]);
+        let _c3 = connect_n(&addr, 10, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 33), vec![3, 15, 15]);
+        // Member 0 receives too: the shortest (3) catches up first; never a non-receiving one.
+        st.set_receiving(100, true).unwrap();
+        st.set_receiving(101, false).unwrap();
+        let _c4 = connect_n(&addr, 14, std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(queues(&st, 47), vec![16, 15, 16]);
+    }
+
+    #[test]
+    fn the_shortest_queue_program_passes_the_verifier_and_jumps_inside_itself() {
+        let at = KernelOffsets { ptrs: 296, backlog: 600 };
+        let prog = shortest_queue_program(7, 8, 9, at);
+        assert_eq!(prog.last().unwrap().code, E_EXIT);
+        for (i, insn) in prog.iter().enumerate() {
+            if insn.code & 0x07 == 0x05 && insn.code != E_CALL && insn.code != E_EXIT {
+                let to = i as i64 + 1 + i64::from(insn.off);
+                assert!(to > i as i64 && (to as usize) < prog.len(), "jump at {i} to {to}");
+            }
+        }
+        if !may_read_kernel() {
+            eprintln!("SKIP: the kernel's verifier needs CAP_BPF and CAP_PERFMON");
+            return;
+        }
+        let turn = sys::BpfMap::create(MAP_ARRAY, 8, 1).unwrap();
+        let ring = sys::BpfMap::create(MAP_ARRAY, 4, 2 * RR_CAPACITY).unwrap();
+        let socks = sys::BpfMap::create(MAP_REUSEPORT_SOCKARRAY, 8, RR_CAPACITY).unwrap();
+        let prog = shortest_queue_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd(), at);
+        sys::bpf_load_reuseport_prog(&prog, GPL_COMPATIBLE).unwrap();
+    }
+
     #[test]
     fn a_second_supervisor_on_the_same_group_takes_the_round_robin_over() {
         // What a restart under systemd or an in-place upgrade does: the group's sockets are
         // already in the previous router's map, which the kernel frees once the new
         // supervisor's classic bridge has replaced the old program.
-        let (addr, mut first) = steered_group(2, true);
+        let (addr, mut first) = steered_group(2, Routing::RoundRobin);
         if !may_load_ebpf() {
             eprintln!("SKIP: no CAP_BPF here");
             return;
@@ -996,7 +1264,7 @@ mod tests {
             .collect();
         first.set_receiving(100, true).unwrap();
         drop(first);
-        let mut second = Steering::new(Balance::Steer, copies, 2, 10, true).unwrap();
+        let mut second = Steering::new(Balance::Steer, copies, 2, 10, Routing::RoundRobin).unwrap();
         assert_eq!(second.routing(), Routing::RoundRobin);
         for (i, slot) in [(0, 0), (1, 1)] {
             second.pools[0].members[i].holder = Some(200 + slot);
@@ -1021,13 +1289,14 @@ mod tests {
         }
         let maps: Vec<i32> = prog.iter().filter(|i| i.code == E_LD_IMM64).map(|i| i.imm).collect();
         assert_eq!(maps, vec![7, 8, 9]);
-        assert_eq!(prog.len(), 35, "the module doc counts them");
+        assert_eq!(prog.len(), 36, "the module doc counts them");
     }
 
     #[test]
     fn the_kernel_keeps_sticky_clients_on_their_slot() {
         let (addr, name, fd) = bound_reuseport();
-        let mut st = Steering::new(Balance::Sticky, vec![(addr.clone(), name, fd)], 3, 10, false).unwrap();
+        let mut st =
+            Steering::new(Balance::Sticky, vec![(addr.clone(), name, fd)], 3, 10, Routing::Hash).unwrap();
         for slot in 0..3 {
             let p = st.reserve(slot).unwrap();
             st.bind(&p, 200 + slot as i32);
@@ -1050,7 +1319,8 @@ mod tests {
             return;
         }
         let (addr, name, fd) = bound_reuseport_on("[::1]:0");
-        let mut st = Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10, false).unwrap();
+        let mut st =
+            Steering::new(Balance::Steer, vec![(addr.clone(), name, fd)], 3, 10, Routing::Hash).unwrap();
         for slot in 0..3 {
             let p = st.reserve(slot).unwrap();
             st.bind(&p, 300 + slot as i32);

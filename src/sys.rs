@@ -21,8 +21,9 @@ use std::ffi::{CString, c_char, c_int, c_uint};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-/// `CAP_BPF` (linux/capability.h, Linux 5.8).
+/// `CAP_BPF`, `CAP_PERFMON` (linux/capability.h, Linux 5.8).
 const CAP_BPF: c_int = 39;
+const CAP_PERFMON: c_int = 38;
 /// `CAP_SETPCAP`: dropping from the bounding set needs it.
 const CAP_SETPCAP: c_int = 8;
 /// `close_range` flag: mark instead of close (Linux 5.11).
@@ -226,11 +227,13 @@ impl ExecPlan {
             // Own process group: terminal signals go to the supervisor only, and the worker's
             // own children can be killed with it.
             libc::setpgid(0, 0);
-            // CAP_BPF (and CAP_SETPCAP, which dropping it needs) is the supervisor's, for the
-            // steering program: out of the worker's bounding set while still privileged, so a
-            // worker running as root never has it. Fails harmlessly (EPERM) where the
-            // supervisor has no CAP_SETPCAP, and then it has no CAP_BPF under the unit either.
+            // CAP_BPF and CAP_PERFMON (and CAP_SETPCAP, which dropping them needs) are the
+            // supervisor's, for the steering program: out of the worker's bounding set while
+            // still privileged, so a worker running as root never has them. Fails harmlessly
+            // (EPERM) where the supervisor has no CAP_SETPCAP, and then it has neither of the
+            // others under the unit either.
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_BPF as libc::c_ulong, 0, 0, 0);
+            libc::prctl(libc::PR_CAPBSET_DROP, CAP_PERFMON as libc::c_ulong, 0, 0, 0);
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_SETPCAP as libc::c_ulong, 0, 0, 0);
             // Drop to the worker user before PR_SET_PDEATHSIG: changing the effective uid or
             // gid clears the parent-death signal. These are the raw system calls std's

@@ -219,11 +219,12 @@ fn status_shows_balance_receiving_and_accept_queue() {
     let v = started(&mut h, &sock, 2);
     assert_eq!(v["balance"], "steer");
     assert_eq!(v["routing"], expected_steer_routing());
-    // The supervisor's CAP_BPF (and CAP_SETPCAP) never reach a worker, even one run as root.
+    // The supervisor's CAP_BPF, CAP_PERFMON (and CAP_SETPCAP) never reach a worker, even one
+    // run as root.
     if nix::unistd::geteuid().is_root() {
         for w in v["workers"].as_array().unwrap() {
             let bnd = capabilities(&w["pid"].to_string(), "CapBnd");
-            assert_eq!(bnd & (1 << 39 | 1 << 8), 0, "worker bounding set {bnd:#x}");
+            assert_eq!(bnd & (1 << 39 | 1 << 38 | 1 << 8), 0, "worker bounding set {bnd:#x}");
         }
     }
     for w in v["workers"].as_array().unwrap() {
@@ -264,13 +265,18 @@ fn unix_addresses_and_unknown_modes_are_config_errors() {
 }
 
 #[test]
-fn steer_routing_can_be_pinned_to_the_hash_and_a_bad_value_is_refused() {
-    let dir = TempDir::new("steer-hash");
-    let sock = dir.path("control.sock").display().to_string();
-    let mut h = steered(&dir, 2, "steer").env("HERDSMAN_STEER_ROUTING", "hash").start();
-    let v = started(&mut h, &sock, 2);
-    assert_eq!(v["routing"], "hash");
-    h.distinct_workers(2);
+fn steer_routing_can_be_pinned_lower_and_a_bad_value_is_refused() {
+    for (pinned, expected) in [
+        ("hash", "hash"),
+        ("round-robin", if expected_steer_routing() == "hash" { "hash" } else { "round-robin" }),
+    ] {
+        let dir = TempDir::new("steer-pinned");
+        let sock = dir.path("control.sock").display().to_string();
+        let mut h = steered(&dir, 2, "steer").env("HERDSMAN_STEER_ROUTING", pinned).start();
+        let v = started(&mut h, &sock, 2);
+        assert_eq!(v["routing"], expected, "HERDSMAN_STEER_ROUTING={pinned}");
+        h.distinct_workers(2);
+    }
     let out = Command::new(BIN)
         .args(["run", "--listen", "127.0.0.1:0", "--balance", "steer", "--", "python3", &worker_py()])
         .env("HERDSMAN_STEER_ROUTING", "random")

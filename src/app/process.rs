@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use super::Failure;
 use crate::control::paths;
 use crate::logging::Sink;
+use crate::steer::Routing;
 use crate::{exit, sys};
 
 /// The world as `main` read it, once. The library reads argv and the environment only
@@ -29,16 +30,19 @@ impl Process {
         value.to_str().map(String::from)
     }
 
-    /// `HERDSMAN_STEER_ROUTING=hash` keeps `--balance steer` on the classic (hash) program, to
-    /// compare the two; the default, `round-robin`, uses the eBPF one where the kernel allows.
-    pub fn steer_round_robin(&self) -> Result<bool, super::Failure> {
+    /// `HERDSMAN_STEER_ROUTING`: how `--balance steer` picks among receiving workers. The
+    /// default, `shortest-queue`, steps down to `round-robin` and then `hash` where the kernel
+    /// refuses what it needs; setting a lower one starts there (to compare, or to keep
+    /// CAP_PERFMON from the service).
+    pub fn steer_routing(&self) -> Result<Routing, super::Failure> {
         match self.var("HERDSMAN_STEER_ROUTING").as_deref() {
-            None | Some("" | "round-robin") => Ok(true),
-            Some("hash") => Ok(false),
+            None | Some("" | "shortest-queue") => Ok(Routing::ShortestQueue),
+            Some("round-robin") => Ok(Routing::RoundRobin),
+            Some("hash") => Ok(Routing::Hash),
             Some(other) => Err(super::Failure::new(
                 crate::exit::CONFIG,
                 format!(
-                    "HERDSMAN_STEER_ROUTING={other:?} is not a routing; use round-robin or hash (or unset it)"
+                    "HERDSMAN_STEER_ROUTING={other:?} is not a routing; use shortest-queue, round-robin or hash (or unset it)"
                 ),
             )),
         }

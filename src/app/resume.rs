@@ -14,7 +14,7 @@ use crate::listeners::Listeners;
 use crate::logging::Sink;
 use crate::metrics::{self, Metrics};
 use crate::notify::WorkerNotify;
-use crate::steer::Steering;
+use crate::steer::{Routing, Steering};
 use crate::supervisor::handover::Resumed;
 use crate::sys::HandedOver;
 use crate::upgrade::{self, Handover};
@@ -70,11 +70,11 @@ fn rebuild(
     // take-over; it means the hash, with a warning.
     let steering = match state.steering {
         Some(st) => {
-            let round_robin = process.steer_round_robin().unwrap_or_else(|f| {
+            let want = process.steer_routing().unwrap_or_else(|f| {
                 tracing::warn!("{}; steering by hash", f.lines.join("; "));
-                false
+                Routing::Hash
             });
-            Some(Steering::adopt(st, fds, round_robin)?)
+            Some(Steering::adopt(st, fds, want)?)
         }
         None => None,
     };

@@ -65,16 +65,14 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
 
 /// `--balance steer|sticky`: every worker's own socket, in one `SO_REUSEPORT` group per address.
 fn steering(settings: &Settings, listeners: &Listeners, process: &Process) -> Result<Steering, Failure> {
-    let round_robin = process.steer_round_robin()?;
+    let want = process.steer_routing()?;
     let copies = listeners
         .copies()
         .map_err(|e| Failure::new(exit::FAILURE, format!("cannot duplicate the listening sockets: {e}")))?;
-    Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor(), round_robin).map_err(
-        |e| {
-            let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
-            Failure::new(if config { exit::CONFIG } else { exit::FAILURE }, e.to_string())
-        },
-    )
+    Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor(), want).map_err(|e| {
+        let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
+        Failure::new(if config { exit::CONFIG } else { exit::FAILURE }, e.to_string())
+    })
 }
 
 /// Binds the control socket (`--control`, else the app's default place, in a runtime

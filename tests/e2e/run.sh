@@ -468,8 +468,8 @@ package_upgrade_under_load() {
     [ "$(echo "$st" | json_get 'd["upgrades"]')" -ge 1 ] || fail "upgrades is $(echo "$st" | json_get 'd["upgrades"]')"
     [ "$(ct herdsman status steerup --json | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')" = "$spids0" ] ||
         fail "the upgrade replaced the steered app's workers"
-    [ "$(ct herdsman status steerup --json | json_get 'd["routing"]')" = round-robin ] ||
-        fail "the steered app's routing after the upgrade is not round-robin"
+    [ "$(ct herdsman status steerup --json | json_get 'd["routing"]')" = shortest-queue ] ||
+        fail "the steered app's routing after the upgrade is not shortest-queue"
     exe=$(ct readlink "/proc/$main0/exe")
     [ "$exe" = /usr/bin/herdsman ] || fail "the supervisor runs '$exe', not /usr/bin/herdsman"
     note "MainPID $main0 kept, workers '$pids0' kept, exe $exe, upgrades $(echo "$st" | json_get 'd["upgrades"]')"
@@ -637,15 +637,18 @@ s_steer() {
     local st n errs t_sock
     st=$(ct herdsman status steer --json)
     [ "$(echo "$st" | json_get 'd["balance"]')" = steer ] || fail "balance is not steer"
-    # init's steer.conf gives the service CAP_BPF and bpf(): the eBPF round robin, not the hash.
-    [ "$(echo "$st" | json_get 'd["routing"]')" = round-robin ] ||
-        { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "routing is $(echo "$st" | json_get 'd["routing"]'), not round-robin"; }
-    # Workers run as root here (no --user): the supervisor's CAP_BPF/CAP_SETPCAP never reach them.
+    # init's steer.conf gives the service CAP_BPF, CAP_PERFMON and bpf(): the eBPF program
+    # that reads queue lengths, not plain turns or the hash.
+    [ "$(echo "$st" | json_get 'd["routing"]')" = shortest-queue ] ||
+        { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "routing is $(echo "$st" | json_get 'd["routing"]'), not shortest-queue"; }
+    # Workers run as root here (no --user): the supervisor's CAP_BPF, CAP_PERFMON and
+    # CAP_SETPCAP never reach them.
     local wpid bnd
     wpid=$(echo "$st" | json_get 'd["workers"][0]["pid"]')
     bnd=$(ct awk '/^CapBnd:/ {print $2}' "/proc/$wpid/status")
     note "worker $wpid CapBnd $bnd, supervisor $(ct awk '/^CapBnd:/ {print $2}' "/proc/$(prop herdsman@steer.service MainPID)/status")"
-    (( (16#$bnd >> 39 & 1) == 0 && (16#$bnd >> 8 & 1) == 0 )) || fail "worker $wpid has CAP_BPF or CAP_SETPCAP in its bounding set ($bnd)"
+    (( (16#$bnd >> 39 & 1) == 0 && (16#$bnd >> 38 & 1) == 0 && (16#$bnd >> 8 & 1) == 0 )) ||
+        fail "worker $wpid has CAP_BPF, CAP_PERFMON or CAP_SETPCAP in its bounding set ($bnd)"
     n=$(ct ss -Htln 'sport = :8787' | wc -l)
     note "listening sockets on :8787: $n"
     [ "$n" -eq 6 ] || fail "expected 6 sockets (2 per worker) on :8787, got $n"
@@ -655,7 +658,7 @@ s_steer() {
     [ "$(load_field steer_reload 'd["failed"]')" -eq 0 ] ||
         fail "$(load_field steer_reload 'd["failed"]') failed requests during a steered reload of a warming app"
     ready_text steer 3 2 || fail "not on generation 2: $(prop herdsman@steer.service StatusText)"
-    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = round-robin ] || fail "routing changed in the reload"
+    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = shortest-queue ] || fail "routing changed in the reload"
 
     t_sock=$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)
     ADDR=127.0.0.1:8787 load_start steer_restart new 6
@@ -668,7 +671,7 @@ s_steer() {
     case $errs in *Refused*|*Reset*|*RemoteDisconnected*) fail "connections refused or reset during a restart: $errs" ;; esac
     [ "$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)" = "$t_sock" ] || fail "the socket unit was restarted"
     # The restarted service took the sockets over from the previous process's router.
-    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = round-robin ] || fail "routing after the restart is not round-robin"
+    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = shortest-queue ] || fail "routing after the restart is not shortest-queue"
     ct herdsman remove steer --yes >/dev/null || fail "remove steer"
 }
 
