@@ -196,13 +196,22 @@ pub fn balance_notes(r: &Results) -> String {
              slice (both N, all three client populations) steer reaches {ska} of the limit with \
              keep-alive and {snc} with a new connection per request; the limit measured against \
              itself gives {aka} and {anc}, the noise of one such figure. With keep-alive (the BPF \
-             program runs once per connection) steer is at the limit. With a new connection per \
-             request it is below: every request is queued on the socket of a worker chosen in turn \
-             (or by hash without eBPF), which may be busy while the other is idle, where one shared queue hands it to whichever \
-             worker accepts first — the price of per-worker queues, which `--balance steer` needs \
-             to keep connections away from workers that are not ready. *Per-worker queues* below \
-             measures that price without herdsman (the same N sockets in one `SO_REUSEPORT` group, \
-             no program)."
+             program runs once per connection) steer is at the limit. {}",
+            if crate::report::pooled(b, "steer", false, all).lo >= 0.98 {
+                "With a new connection per request it is at the limit too: the program gives each \
+                 SYN to the receiving worker with the shortest accept queue, so a worker that is busy \
+                 while another is idle is passed over, which is what one shared queue does by itself. \
+                 What per-worker queues cost without that choice (the same N sockets in one \
+                 `SO_REUSEPORT` group, the kernel's hash) is in *Per-worker queues* below."
+            } else {
+                "With a new connection per request it is below: every request is queued on the \
+                 socket of the worker the program picked, which may be busy by the time it is \
+                 accepted while another is idle, where one shared queue hands it to whichever worker \
+                 accepts first — the price of per-worker queues, which `--balance steer` needs to \
+                 keep connections away from workers that are not ready. *Per-worker queues* below \
+                 measures that price without herdsman (the same N sockets in one `SO_REUSEPORT` \
+                 group, no program)."
+            }
         );
     }
     if let (Some(wk), Some(mk)) = (ratio(n0, true, "wrk", "sticky"), ratio(n0, true, "multi", "sticky")) {
@@ -267,9 +276,10 @@ pub fn balance_notes(r: &Results) -> String {
                      queues."
                 } else if st.p99 > sh.p99 * 1.1 {
                     "Steer's tail is longer: one shared queue lets whichever worker is free take the next \
-                     connection, while per-worker queues hand a connection to a worker chosen in turn \
-                     (or by hash), which may be busy while another is idle — the effect Cloudflare measured (max 72.7 ms \
-                     shared vs 144.6 ms with per-worker queues)."
+                     connection, while per-worker queues hold a connection for the worker the program \
+                     picked when its SYN arrived (the shortest queue then), which may be busy by the \
+                     time it is accepted while another is idle — the effect Cloudflare measured (max \
+                     72.7 ms shared vs 144.6 ms with per-worker queues)."
                 } else if st.p99 < sh.p99 / 1.1 {
                     "Here steer's tail was *shorter* than shared's, the opposite of Cloudflare's \
                      measurement (max 72.7 ms shared vs 144.6 ms with per-worker queues). With a shared \
@@ -292,7 +302,7 @@ pub fn balance_notes(r: &Results) -> String {
                 k1.p99,
                 cpu(n, "steer", 1)
                     .map(|s1| format!(
-                        "; steer from one address still spreads by source port (per worker {}, min/max {:.2})",
+                        "; steer from one address still spreads over every worker (per worker {}, min/max {:.2})",
                         s1.per_worker.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" / "),
                         s1.min_max
                     ))
