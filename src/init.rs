@@ -64,8 +64,8 @@ fn steer_dropin(dir: &Path, name: &str) -> PathBuf {
 /// system call, which the unit's defaults leave out, and CAP_PERFMON to read queue lengths;
 /// CAP_SETPCAP lets herdsman drop all three from every worker's bounding set.
 const STEER_DROPIN: &str = "# Written by `herdsman init --balance steer`: steering loads an eBPF SK_REUSEPORT\n\
-# program (maps of the app's own sockets) that gives each new connection to the receiving\n\
-# worker with the shortest accept queue, read from kernel memory (CAP_PERFMON). Without\n\
+# program (maps of the app's own sockets): receiving workers take turns, and one whose accept\n\
+# queue is much longer than another's is passed over (read from kernel memory: CAP_PERFMON). Without\n\
 # CAP_PERFMON herdsman takes turns; without CAP_BPF or bpf() it spreads connections by a hash;\n\
 # it says so at start. CAP_SETPCAP: herdsman drops CAP_BPF, CAP_PERFMON and CAP_SETPCAP from\n\
 # every worker's bounding set (also a worker run as root).\n\
