@@ -243,13 +243,10 @@ impl Steering {
         if self.mode == Balance::Sticky {
             return Routing::ClientAddress;
         }
+        // Every pool's router is built at once, with the same way of picking.
         let picks: Option<Vec<Routing>> =
             self.pools.iter().map(|p| p.router.as_ref().map(|r| r.picks)).collect();
-        match picks.as_deref() {
-            Some([first, rest @ ..]) if rest.iter().all(|r| r == first) => *first,
-            Some([_, ..]) => Routing::RoundRobin,
-            _ => Routing::Hash,
-        }
+        picks.and_then(|v| v.first().copied()).unwrap_or(Routing::Hash)
     }
 
     pub fn mode(&self) -> Balance {
@@ -654,6 +651,17 @@ fn select_and_pass(p: &mut Vec<EbpfInsn>, socks: RawFd) -> usize {
     pass
 }
 
+/// The member at `ring[r7 + r8 % r9]` (the one whose turn it is) at fp-12; returns the
+/// position of the jump taken if the ring has no such entry.
+fn member_of_turn(p: &mut Vec<EbpfInsn>, ring: RawFd) -> usize {
+    ring_entry(p, ring, 0);
+    let miss = p.len();
+    p.push(e(E_JEQ_K, 0, 0, 0, 0));
+    p.push(e(E_LDX_W, 1, 0, 0, 0));
+    p.push(e(E_STX_W, 10, 1, -12, 0));
+    miss
+}
+
 /// Points the jumps at `from` to `to`.
 fn patch(p: &mut [EbpfInsn], from: &[usize], to: usize) {
     for &at in from {
@@ -667,12 +675,7 @@ fn patch(p: &mut [EbpfInsn], from: &[usize], to: usize) {
 pub fn round_robin_program(turn: RawFd, ring: RawFd, socks: RawFd) -> Vec<EbpfInsn> {
     let mut p = Vec::new();
     let mut misses = take_a_turn(&mut p, turn);
-    ring_entry(&mut p, ring, 0);
-    misses.push(p.len());
-    p.push(e(E_JEQ_K, 0, 0, 0, 0));
-    // The member at fp-12.
-    p.push(e(E_LDX_W, 1, 0, 0, 0));
-    p.push(e(E_STX_W, 10, 1, -12, 0));
+    misses.push(member_of_turn(&mut p, ring));
     let pass = select_and_pass(&mut p, socks);
     patch(&mut p, &misses, pass);
     p
@@ -682,9 +685,9 @@ pub fn round_robin_program(turn: RawFd, ring: RawFd, socks: RawFd) -> Vec<EbpfIn
 pub const SCAN: i32 = 8;
 /// How much longer the turn's member's queue may be than another's before that one gets the
 /// connection. With 0, a burst of keep-alive connections (all opened at once, kept for
-/// good) spreads by momentary queue lengths instead of evenly, and its p99 came out 10-17 %
-/// worse than plain turns (`bench/routing.sh`, N=4); with 2 it matched turns, and kept most
-/// of the new-connection gain.
+/// good) spreads by momentary queue lengths instead of evenly: with 16 connections over 4
+/// workers its p99 came out 7-26 % above plain turns' in four runs (`bench/routing.sh`); with
+/// 2 it was within 4 % of turns there, and kept most of the new-connection gain.
 pub const SLACK: i32 = 2;
 
 /// Where the shortest-queue program reads in kernel memory, from the kernel's BTF.
@@ -786,11 +789,7 @@ pub fn shortest_queue_program(turn: RawFd, ring: RawFd, socks: RawFd, at: Kernel
     p.push(e(E_LDX_W, 1, 10, -12, 0));
     let fallback = p.len();
     p.push(e(E_JNE32_K, 1, 0, 0, -1));
-    ring_entry(&mut p, ring, 0);
-    to_pass.push(p.len());
-    p.push(e(E_JEQ_K, 0, 0, 0, 0));
-    p.push(e(E_LDX_W, 1, 0, 0, 0));
-    p.push(e(E_STX_W, 10, 1, -12, 0));
+    to_pass.push(member_of_turn(&mut p, ring));
     let select = p.len();
     patch(&mut p, &[fallback], select);
     let pass = select_and_pass(&mut p, socks);
@@ -1155,10 +1154,14 @@ mod tests {
 
     /// Whether this process may load eBPF (CAP_BPF or CAP_SYS_ADMIN in its effective set).
     fn may_load_ebpf() -> bool {
+        cap_eff() & (1 << 39 | 1 << 21) != 0
+    }
+
+    /// This process's effective capabilities.
+    fn cap_eff() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
-        let eff = u64::from_str_radix(eff, 16).unwrap();
-        eff & (1 << 39 | 1 << 21) != 0
+        u64::from_str_radix(eff, 16).unwrap()
     }
 
     /// A steered group with `n` members held by pids 100.. (none receiving yet).
@@ -1202,9 +1205,7 @@ mod tests {
 
     /// Whether this process may also read kernel memory from BPF (CAP_PERFMON or CAP_SYS_ADMIN).
     fn may_read_kernel() -> bool {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
-        may_load_ebpf() && u64::from_str_radix(eff, 16).unwrap() & (1 << 38 | 1 << 21) != 0
+        may_load_ebpf() && cap_eff() & (1 << 38 | 1 << 21) != 0
     }
 
     #[test]
