@@ -19,8 +19,9 @@ use crate::sys;
 
 /// Variables a worker must never inherit from the supervisor's environment: systemd's notify
 /// and watchdog settings (a worker sending `STOPPING=1` there would stop the whole service),
-/// the supervisor's own socket-activation variables, and `JOURNAL_STREAM` (a worker's stdout
-/// is our pipe, not the journal).
+/// the supervisor's own socket-activation variables, `JOURNAL_STREAM` (a worker's stdout
+/// is our pipe, not the journal), and what herdsman sets per worker (a Node IPC channel named
+/// by an inherited `NODE_CHANNEL_FD` would be some other process's descriptor number).
 const SCRUBBED: &[&str] = &[
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -32,6 +33,9 @@ const SCRUBBED: &[&str] = &[
     "HERDSMAN_WORKER_ID",
     "HERDSMAN_GENERATION",
     "HERDSMAN_METRICS_SOCKET",
+    "NODE_APP_INSTANCE",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
     crate::upgrade::STATE_VAR,
 ];
 
@@ -217,6 +221,8 @@ impl Launcher {
         env.push(("LISTEN_FDNAMES".into(), self.fdnames.clone()));
         env.push(("NOTIFY_SOCKET".into(), self.notify_socket.clone()));
         env.push(("HERDSMAN_WORKER_ID".into(), worker_id.to_string()));
+        // PM2's name for the same number (its cluster mode's instance id).
+        env.push(("NODE_APP_INSTANCE".into(), worker_id.to_string()));
         env.push(("HERDSMAN_GENERATION".into(), spec.generation.to_string()));
         env.push(("HERDSMAN_APP".into(), self.app.to_string()));
         if let Some(w) = spec.watchdog {

@@ -344,9 +344,19 @@ pub fn env_pair(s: &str) -> Result<(String, String), ValueError> {
 
 /// Variables herdsman sets for every worker (besides any `HERDSMAN_*`). A config that set
 /// them too would put duplicates in the environment, and glibc and Python take the first one,
-/// which would silently break socket activation or notification.
-pub const RESERVED_ENV: &[&str] =
-    &["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+/// which would silently break socket activation or notification. `NODE_APP_INSTANCE` is PM2's
+/// name for the worker id; `NODE_CHANNEL_*` name a Node worker's IPC channel (see `ipc`).
+pub const RESERVED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "NODE_APP_INSTANCE",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+];
 
 pub fn env_key_reserved(k: &str) -> bool {
     RESERVED_ENV.contains(&k) || k.starts_with("HERDSMAN_")
@@ -464,6 +474,8 @@ mod tests {
             "WATCHDOG_USEC",
             "WATCHDOG_PID",
             "HERDSMAN_WORKER_ID",
+            "NODE_APP_INSTANCE",
+            "NODE_CHANNEL_FD",
         ] {
             assert_eq!(env_pair(&format!("{key}=1")), Err(ValueError::EnvReserved(key.to_string())));
         }
