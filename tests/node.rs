@@ -26,3 +26,91 @@ fn every_worker_gets_node_app_instance_equal_to_its_slot_and_a_non_node_worker_n
         assert_eq!(v["open_fds"], serde_json::json!([0, 1, 2, 3]), "stray fds: {v}");
     }
 }
+
+fn app_js() -> String {
+    format!("{}/tests/support/app.js", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `herdsman run ... [extra] -- node app.js` (`extra`: herdsman's flags, `-e` included).
+fn node_app(dir: &TempDir, workers: usize, extra: &[&str]) -> Run {
+    let mut run = Run::new(dir, workers);
+    for a in extra {
+        run = run.arg(a);
+    }
+    run.arg("--").arg("node").arg(&app_js())
+}
+
+/// What each app wrote at its exit (`APP_EXIT_MARK`): `"<told> <code>"` by pid.
+fn exit_marks(dir: &TempDir) -> Vec<(String, String)> {
+    let mut marks: Vec<(String, String)> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("exit.")?.to_string();
+            Some((pid, std::fs::read_to_string(e.path()).ok()?))
+        })
+        .collect();
+    marks.sort();
+    marks
+}
+
+#[test]
+fn process_send_ready_makes_node_workers_ready_under_ready_notify_and_through_a_reload() {
+    let dir = TempDir::new("node-ready");
+    let h = node_app(&dir, 2, &["--ready", "notify"]).start();
+    // No READY=1 is ever sent: only `process.send('ready')` can make them ready.
+    h.wait_generation(1);
+    let seen = h.distinct_workers(2);
+    for v in &seen {
+        assert_eq!(v["instance"], v["worker_id"].to_string(), "NODE_APP_INSTANCE is the slot: {v}");
+        assert_eq!(v["listen_fds"], "1", "{v}");
+        assert_eq!(v["channel_fd"], "4", "the channel comes after the one socket: {v}");
+        assert_eq!(v["connected"], true, "{v}");
+    }
+    h.signal(libc::SIGHUP);
+    let st = h.wait_generation(2);
+    assert_eq!(st["last_reload"]["result"], "ok", "{st}");
+    let seen = h.distinct_workers(2);
+    assert!(seen.iter().all(|v| v["generation"] == 2), "{seen:?}");
+}
+
+#[test]
+fn a_node_app_that_never_says_ready_is_not_ready_under_ready_notify() {
+    let dir = TempDir::new("node-silent");
+    let h =
+        node_app(&dir, 1, &["--ready", "notify", "--ready-timeout", "1h", "-e", "APP_NO_READY=1"]).start();
+    // It serves (so it has started and listens), yet it never told herdsman it is ready.
+    let v = wait_for(std::time::Duration::from_secs(60), "the app answering", || get(&h.addr).ok());
+    assert_eq!(v["connected"], true, "{v}");
+    let st = h.status().unwrap();
+    assert_eq!(st["workers"][0]["state"], "starting", "{st}");
+}
+
+#[test]
+fn stop_signal_message_sends_pm2s_shutdown_and_the_app_exits_0_on_reload_and_stop() {
+    let dir = TempDir::new("node-shutdown");
+    let mark = dir.path("exit");
+    let env = format!("APP_EXIT_MARK={}", mark.display());
+    let mut h = node_app(&dir, 1, &["--ready", "notify", "--stop-signal", "message", "-e", &env]).start();
+    h.wait_generation(1);
+    let first = h.get()["pid"].to_string();
+    // A reload stops the old worker with the message: it closes its server and exits 0.
+    h.signal(libc::SIGHUP);
+    h.wait_generation(2);
+    let m = h.wait_metric("herdsman_worker_exits_total", &[("worker", "0"), ("reason", "exit")], 1.0);
+    assert_eq!(
+        sample(&m, "herdsman_worker_exits_total", &[("worker", "0"), ("reason", "signal")]),
+        Some(0.0)
+    );
+    assert_eq!(exit_marks(&dir), vec![(first, "shutdown 0".to_string())]);
+    let second = h.get()["pid"].to_string();
+    // So does stopping the supervisor.
+    assert!(h.stop().success());
+    let marks = exit_marks(&dir);
+    assert_eq!(
+        marks.iter().find(|(p, _)| *p == second).map(|(_, m)| m.as_str()),
+        Some("shutdown 0"),
+        "{marks:?}"
+    );
+}

@@ -104,7 +104,9 @@ pub(super) fn failure_detail(w: &Worker, reason: &str) -> String {
 /// cut off mid-request instead of draining. Says what to do about it.
 pub(super) fn stop_signal_hint(w: &Worker, status: WaitStatus) -> Option<String> {
     let WaitStatus::Signaled(_, sig, _) = status else { return None };
-    if sig != w.spec.stop_signal || sig == nix::sys::signal::Signal::SIGKILL {
+    // With `message` no signal was sent (the SIGTERM fallback for a closed channel says so).
+    let crate::config::StopSignal::Signal(stop) = w.spec.stop_signal else { return None };
+    if sig != stop || sig == nix::sys::signal::Signal::SIGKILL {
         return None;
     }
     let name = sig.as_str();

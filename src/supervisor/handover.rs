@@ -418,6 +418,7 @@ impl Supervisor {
                     pidfd,
                     tail,
                     pipes,
+                    channel: None,
                     failure: w.failure,
                     last_ping: clock.instant(w.last_ping_ns),
                     memory_strikes: w.memory_strikes,

@@ -34,6 +34,7 @@ use crate::worker::Worker;
 enum Effect {
     Spawn { pid: i32, slot: usize, generation: u64 },
     Signal { pid: i32, sig: Signal },
+    Message { pid: i32, text: String },
     Reap { pid: i32 },
 }
 
@@ -78,6 +79,7 @@ impl Host for Fake {
             tail: Default::default(),
             pipes: [Arc::new(devnull()), Arc::new(devnull())],
             output_done,
+            channel: None,
         })
     }
 
@@ -85,6 +87,11 @@ impl Host for Fake {
 
     fn signal(&mut self, w: &Worker, sig: Signal, _group: bool) {
         self.log.borrow_mut().push(Effect::Signal { pid: w.pid, sig });
+    }
+
+    fn message(&mut self, w: &Worker, message: &str) -> std::io::Result<()> {
+        self.log.borrow_mut().push(Effect::Message { pid: w.pid, text: message.to_string() });
+        Ok(())
     }
 
     fn reap(&mut self, w: &Worker) {

@@ -10,7 +10,7 @@ const info = () => ({
   instance: process.env.NODE_APP_INSTANCE ?? null,
   worker_id: Number(process.env.HERDSMAN_WORKER_ID ?? -1),
   generation: Number(process.env.HERDSMAN_GENERATION ?? -1),
-  channel_fd: process.env.NODE_CHANNEL_FD ?? null,
+  channel_fd: process.channel ? String(process.channel.fd) : null,
   connected: Boolean(process.connected),
   listen_fds: process.env.LISTEN_FDS ?? null,
   open_fds: fs.readdirSync('/proc/self/fd').map(Number).sort((a, b) => a - b),
@@ -27,12 +27,18 @@ server.listen({ fd: 3 }, () => {
   if (process.send) process.send('ready');
 });
 
+let told = 'none';
 process.on('message', (m) => {
   if (m === 'shutdown') {
-    if (process.env.APP_SHUTDOWN_MARK) fs.writeFileSync(`${process.env.APP_SHUTDOWN_MARK}.${process.pid}`, 'shutdown');
+    told = 'shutdown';
     server.close(() => process.exit(0));
   }
 });
+// APP_EXIT_MARK: at exit, write "<what the app was told> <exit code>" to MARK.<pid>.
+process.on('exit', (code) => {
+  if (process.env.APP_EXIT_MARK) fs.writeFileSync(`${process.env.APP_EXIT_MARK}.${process.pid}`, `${told} ${code}`);
+});
+// APP_DISCONNECT_MARK: when the channel closes, write "disconnect" to MARK.<pid>.
 process.on('disconnect', () => {
   if (process.env.APP_DISCONNECT_MARK) fs.writeFileSync(`${process.env.APP_DISCONNECT_MARK}.${process.pid}`, 'disconnect');
 });
