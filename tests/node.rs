@@ -114,3 +114,38 @@ fn stop_signal_message_sends_pm2s_shutdown_and_the_app_exits_0_on_reload_and_sto
         "{marks:?}"
     );
 }
+
+#[test]
+fn node_workers_keep_their_ipc_channel_across_an_in_place_upgrade() {
+    let dir = TempDir::new("node-upgrade");
+    let mark = dir.path("exit");
+    let env = format!("APP_EXIT_MARK={}", mark.display());
+    let h = node_app(&dir, 2, &["--ready", "notify", "--stop-signal", "message", "-e", &env]).start();
+    let before = h.wait_generation(1);
+    let pids = |st: &Value| -> BTreeSet<String> {
+        st["workers"].as_array().unwrap().iter().map(|w| w["pid"].to_string()).collect()
+    };
+    let copy = dir.path("herdsman-new");
+    std::fs::copy(BIN, &copy).unwrap();
+    let control = h.control().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["upgrade", control.to_str().unwrap(), "--binary", copy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = h.status().unwrap();
+    assert_eq!(after["upgrades"], 1, "{after}");
+    assert_eq!(pids(&after), pids(&before), "the same workers");
+    // The new image stops the workers it took over with the message, on their own channels:
+    // each closes its server and exits 0 (a lost channel would mean SIGTERM, and death by it).
+    h.signal(libc::SIGHUP);
+    h.wait_generation(2);
+    for slot in ["0", "1"] {
+        let m = h.wait_metric("herdsman_worker_exits_total", &[("worker", slot), ("reason", "exit")], 1.0);
+        let killed = sample(&m, "herdsman_worker_exits_total", &[("worker", slot), ("reason", "signal")]);
+        assert_eq!(killed, Some(0.0), "worker {slot}");
+    }
+    let told: Vec<(String, String)> =
+        pids(&before).into_iter().map(|p| (p, "shutdown 0".to_string())).collect();
+    assert_eq!(exit_marks(&dir), told);
+}
