@@ -110,9 +110,15 @@ pub(super) fn stop_signal_hint(w: &Worker, status: WaitStatus) -> Option<String>
         return None;
     }
     let name = sig.as_str();
+    // A Node worker (it has PM2's channel) may be written for PM2's shutdown message instead.
+    let message = if w.channel.is_some() {
+        ", or --stop-signal message if it handles PM2's 'shutdown' message"
+    } else {
+        ""
+    };
     Some(if sig == nix::sys::signal::Signal::SIGTERM {
         format!(
-            "the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass --stop-signal SIGINT if it handles SIGINT (PM2's stop signal)"
+            "the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass --stop-signal SIGINT if it handles SIGINT (PM2's stop signal){message}"
         )
     } else {
         format!(
