@@ -149,3 +149,25 @@ fn node_workers_keep_their_ipc_channel_across_an_in_place_upgrade() {
         pids(&before).into_iter().map(|p| (p, "shutdown 0".to_string())).collect();
     assert_eq!(exit_marks(&dir), told);
 }
+
+#[test]
+fn a_node_app_that_closed_its_channel_is_stopped_with_sigterm_instead_of_the_message() {
+    let dir = TempDir::new("node-disconnect");
+    // No stop timeout to fall back on: only the SIGTERM instead of the message stops it.
+    let mut h = node_app(
+        &dir,
+        1,
+        &["--ready", "notify", "--stop-signal", "message", "--stop-timeout", "1h", "-e", "APP_DISCONNECT=1"],
+    )
+    .start();
+    h.wait_generation(1);
+    wait_for(std::time::Duration::from_secs(60), "the app to close its channel", || {
+        (h.get()["connected"] == false).then_some(())
+    });
+    h.signal(libc::SIGHUP);
+    h.wait_generation(2);
+    // Killed by the SIGTERM (Node has no handler for it), the supervisor unharmed (no SIGPIPE).
+    h.wait_metric("herdsman_worker_exits_total", &[("worker", "0"), ("reason", "signal")], 1.0);
+    assert!(h.status().is_some());
+    assert!(h.stop().success());
+}

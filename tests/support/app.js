@@ -24,7 +24,9 @@ const server = http.createServer((req, res) => {
 
 server.listen({ fd: 3 }, () => {
   if (process.env.APP_NO_READY) return;
-  if (process.send) process.send('ready');
+  if (!process.send) return;
+  // APP_DISCONNECT: close the channel right after saying ready (process.disconnect()).
+  process.send('ready', () => process.env.APP_DISCONNECT && process.disconnect());
 });
 
 let told = 'none';
