@@ -21,12 +21,10 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-
 pub use layer::{Layer, keys};
 pub use problem::{ConfigError, Place, Problem, Problems};
 pub use validate::validate;
-pub use values::{Balance, ListenAddr, OnFailure, ReadyMode, WorkerCount};
+pub use values::{Balance, ListenAddr, OnFailure, ReadyMode, StopSignal, WorkerCount};
 
 /// Restart back-off for workers that fail repeatedly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,8 +64,7 @@ pub struct Settings {
     pub cwd: Option<PathBuf>,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
-    #[serde(with = "values::signal_name")]
-    pub stop_signal: Signal,
+    pub stop_signal: StopSignal,
     pub stop_timeout: Duration,
     pub reload_batch: NonZeroUsize,
     /// A roll-out's new worker must stay ready this long before its old worker is stopped.
@@ -121,6 +118,7 @@ fn load_layers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::signal::Signal;
 
     fn cpus() -> NonZeroUsize {
         NonZeroUsize::new(4).unwrap()
@@ -147,7 +145,7 @@ mod tests {
         let s = parse(text, &Layer::default()).unwrap();
         assert_eq!(s.name, "web");
         assert_eq!(s.workers.get(), 3);
-        assert_eq!(s.stop_signal, Signal::SIGINT);
+        assert_eq!(s.stop_signal, StopSignal::Signal(Signal::SIGINT));
         assert_eq!(s.env, vec![("A".to_string(), "1".to_string())]);
         let ov = Layer {
             workers: Some("max".into()),

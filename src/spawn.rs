@@ -9,18 +9,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-use crate::config::{ReadyMode, Settings};
+use crate::config::{ReadyMode, Settings, StopSignal};
 use crate::credentials::Credentials;
 use crate::output::{Origin, Output, Stream, Tail};
 use crate::sys;
 
 /// Variables a worker must never inherit from the supervisor's environment: systemd's notify
 /// and watchdog settings (a worker sending `STOPPING=1` there would stop the whole service),
-/// the supervisor's own socket-activation variables, and `JOURNAL_STREAM` (a worker's stdout
-/// is our pipe, not the journal).
+/// the supervisor's own socket-activation variables, `JOURNAL_STREAM` (a worker's stdout
+/// is our pipe, not the journal), and what herdsman sets per worker (a Node IPC channel named
+/// by an inherited `NODE_CHANNEL_FD` would be some other process's descriptor number).
 const SCRUBBED: &[&str] = &[
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -32,6 +32,9 @@ const SCRUBBED: &[&str] = &[
     "HERDSMAN_WORKER_ID",
     "HERDSMAN_GENERATION",
     "HERDSMAN_METRICS_SOCKET",
+    "NODE_APP_INSTANCE",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
     crate::upgrade::STATE_VAR,
 ];
 
@@ -49,6 +52,9 @@ pub enum SpawnError {
     /// Without a pidfd nobody could watch, signal or reap it, so it was killed at once.
     #[error("cannot watch the new worker (pidfd_open: {0}), so it was killed")]
     Unwatchable(std::io::Error),
+    /// A Node worker's IPC channel (see `ipc`), or moving a socket out of its way.
+    #[error("cannot set up the IPC channel of a Node worker: {0}")]
+    Channel(std::io::Error),
     /// No steered socket for it (see `steer`).
     #[error("{0}")]
     Steering(#[from] crate::steer::SteerError),
@@ -102,8 +108,7 @@ pub struct Spec {
     pub cwd: PathBuf,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
-    #[serde(with = "crate::config::values::signal_name")]
-    pub stop_signal: Signal,
+    pub stop_signal: StopSignal,
     pub stop_timeout: Duration,
     /// Workers must send `WATCHDOG=1` at least this often once ready.
     pub watchdog: Option<Duration>,
@@ -114,6 +119,11 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// Whether its workers get a Node IPC channel (see `ipc`).
+    pub fn node_channel(&self) -> bool {
+        crate::ipc::is_node(&self.program)
+    }
+
     /// A spec for `s`, pinned against `path_env` (the `PATH` search) and the current directory.
     pub fn pin(s: &Settings, generation: u64, path_env: &[(String, String)]) -> Result<Self, PinError> {
         let dir = s.cwd.clone().unwrap_or_else(|| PathBuf::from("."));
@@ -162,6 +172,8 @@ pub struct Launched {
     pub pipes: [Arc<OwnedFd>; 2],
     /// Closed when both output streams reached end of file.
     pub output_done: mpsc::Receiver<()>,
+    /// The supervisor's end of a Node worker's IPC channel (see `ipc`).
+    pub channel: Option<OwnedFd>,
 }
 
 pub struct Launcher {
@@ -217,6 +229,8 @@ impl Launcher {
         env.push(("LISTEN_FDNAMES".into(), self.fdnames.clone()));
         env.push(("NOTIFY_SOCKET".into(), self.notify_socket.clone()));
         env.push(("HERDSMAN_WORKER_ID".into(), worker_id.to_string()));
+        // PM2's name for the same number (its cluster mode's instance id).
+        env.push(("NODE_APP_INSTANCE".into(), worker_id.to_string()));
         env.push(("HERDSMAN_GENERATION".into(), spec.generation.to_string()));
         env.push(("HERDSMAN_APP".into(), self.app.to_string()));
         if let Some(w) = spec.watchdog {
@@ -244,6 +258,12 @@ impl Launcher {
     ) -> Result<Launched, SpawnError> {
         let mut env = self.env(spec, worker_id, fds.len());
         env.extend(metrics.map(|m| ("HERDSMAN_METRICS_SOCKET".to_string(), m.to_string())));
+        // A Node worker's IPC channel goes right after its sockets (see `place`).
+        let channel = spec.node_channel().then(crate::ipc::pair).transpose().map_err(SpawnError::Channel)?;
+        if channel.is_some() {
+            env.push(("NODE_CHANNEL_FD".into(), (3 + fds.len()).to_string()));
+            env.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), crate::ipc::SERIALIZATION.into()));
+        }
         let path = &spec.program;
         if !is_executable(Path::new(path)) {
             return Err(SpawnError::Gone { path: path.clone(), generation: spec.generation });
@@ -254,13 +274,17 @@ impl Launcher {
         let stdio = [self.devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
         let pid_vars: &[&str] =
             if spec.watchdog.is_some() { &["LISTEN_PID", "WATCHDOG_PID"] } else { &["LISTEN_PID"] };
-        let mut plan = sys::ExecPlan::new(path, &spec.command, &flat, pid_vars, Some(&spec.cwd), stdio, fds)
-            .map_err(SpawnError::Plan)?;
+        let placed = place(fds, channel.as_ref().map(|(_, theirs)| theirs)).map_err(SpawnError::Channel)?;
+        let mut plan =
+            sys::ExecPlan::new(path, &spec.command, &flat, pid_vars, Some(&spec.cwd), stdio, &placed.fds)
+                .map_err(SpawnError::Plan)?;
         if let Some(u) = &spec.user {
             plan = plan.with_credentials(u.uid, u.gid, &u.groups);
         }
         let pid = plan.spawn().map_err(|err| SpawnError::Start { program: spec.command[0].clone(), err })?;
-        drop((out_w, err_w));
+        drop((out_w, err_w, placed));
+        // The worker holds its end now: ours must go, or its exit would never close the channel.
+        let channel = channel.map(|(ours, _theirs)| ours);
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
@@ -273,7 +297,7 @@ impl Launcher {
         let pipes = [Arc::new(out_r), Arc::new(err_r)];
         let tail = Tail::default();
         let output_done = self.capture(worker_id, pid, spec.generation, pipes.clone(), &tail);
-        Ok(Launched { pid, pidfd, tail, pipes, output_done })
+        Ok(Launched { pid, pidfd, tail, pipes, output_done, channel })
     }
 
     /// Starts reading a worker's stdout and stderr (`pipes`); the receiver closes at the end
@@ -298,6 +322,39 @@ impl Launcher {
     pub fn output(&self) -> &Output {
         &self.output
     }
+}
+
+/// A worker's descriptors from 3 up, as the child `dup2`s them: its sockets (`LISTEN_FDS`),
+/// then its IPC channel if it has one (so the channel is `3 + LISTEN_FDS`).
+struct Placed {
+    fds: Vec<RawFd>,
+    /// Temporary copies of sources that were in the way (closed after the spawn).
+    _moved: Vec<OwnedFd>,
+}
+
+/// Which of `sources` (the descriptors for 3, 4, ... in order) lie inside the target range
+/// `0..3 + sources.len()`: an earlier `dup2` could overwrite one before it is copied, and one
+/// that is its own target would stay close-on-exec (`dup2` onto itself changes nothing). The
+/// supervisor keeps its sockets at `3 + LISTEN_FDS` and up, so with a channel the first socket
+/// is usually in the way, and the channel's fresh end may be anywhere.
+fn crowded(sources: &[RawFd]) -> Vec<usize> {
+    let end = 3 + sources.len() as RawFd;
+    sources.iter().enumerate().filter(|(_, fd)| **fd < end).map(|(i, _)| i).collect()
+}
+
+/// Plans a worker's descriptors: the sockets, then the channel; every source in the way is
+/// copied above the target range first (close-on-exec copies, closed with the plan).
+fn place(sockets: &[RawFd], channel: Option<&OwnedFd>) -> std::io::Result<Placed> {
+    let mut fds = sockets.to_vec();
+    fds.extend(channel.map(AsRawFd::as_raw_fd));
+    let end = 3 + fds.len() as RawFd;
+    let mut moved = Vec::new();
+    for i in crowded(&fds) {
+        let copy = sys::dup_number_cloexec_from(fds[i], end)?;
+        fds[i] = copy.as_raw_fd();
+        moved.push(copy);
+    }
+    Ok(Placed { fds, _moved: moved })
 }
 
 /// Finds the program like `execvp` would, but before forking (so a typo is a clear error, and
@@ -338,6 +395,35 @@ fn is_executable(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_inside_the_target_range_are_crowded() {
+        // One socket at 4 (the supervisor's floor for one socket), no channel: nothing moves.
+        assert_eq!(crowded(&[4]), Vec::<usize>::new());
+        // With a channel the range grows to 3..5: the socket at 4 is the channel's target, and
+        // a channel end that landed on 3 would be overwritten by the socket's dup2.
+        assert_eq!(crowded(&[4, 3]), vec![0, 1]);
+        assert_eq!(crowded(&[5, 4, 9]), vec![0, 1]);
+        assert_eq!(crowded(&[6, 7, 8]), Vec::<usize>::new());
+        assert_eq!(crowded(&[7, 8, 20]), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn the_channel_lands_after_the_sockets_and_nothing_is_left_in_the_way() {
+        use std::os::fd::AsRawFd;
+        // Real descriptors, wherever the process has room: sockets and a channel end.
+        let sockets: Vec<OwnedFd> = (0..2).map(|_| crate::ipc::pair().unwrap().0).collect();
+        let (_, theirs) = crate::ipc::pair().unwrap();
+        let raw: Vec<RawFd> = sockets.iter().map(AsRawFd::as_raw_fd).collect();
+        let placed = place(&raw, Some(&theirs)).unwrap();
+        assert_eq!(placed.fds.len(), 3);
+        assert!(crowded(&placed.fds).is_empty(), "{:?}", placed.fds);
+        // The same sockets, in order: a moved one is a copy of the same socket.
+        let inode = |fd: RawFd| nix::sys::stat::fstat(fd).unwrap().st_ino;
+        assert_eq!(inode(placed.fds[0]), inode(raw[0]));
+        assert_eq!(inode(placed.fds[1]), inode(raw[1]));
+        assert_eq!(inode(placed.fds[2]), inode(theirs.as_raw_fd()));
+    }
 
     #[test]
     fn programs_are_found_on_path_or_rejected_clearly() {

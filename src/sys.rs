@@ -828,6 +828,18 @@ pub fn tcp_listen_queue(fd: &OwnedFd) -> io::Result<(u32, u32)> {
     Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
 
+// ---- Node IPC channel (issue 23: a Node worker's channel at fd 3 + LISTEN_FDS) ----
+
+/// Duplicates the open descriptor number `fd` (a socket the caller holds, known by its number)
+/// to the lowest free number `>= min`, close-on-exec: moves a socket out of the way of a
+/// worker's target range for one spawn (see `spawn::crowded`). Only the descriptor is new; the
+/// open file description and its flags are shared, never changed.
+pub fn dup_number_cloexec_from(fd: RawFd, min: c_int) -> io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: fcntl just returned this new descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@
 //!
 //! What carries over: pid, workers (pids, slots, generations, pinned specs, restart counts,
 //! back-off, timers), sockets (shared or steered, with their routing program), output pipes,
-//! the workers' notify socket, the control socket, the metrics endpoint and counters, the last
+//! Node workers' IPC channels (see `ipc`), the workers' notify socket, the control socket, the metrics endpoint and counters, the last
 //! reload, the worker fd limit. Timers are carried as `CLOCK_MONOTONIC` instants, which
 //! `execve` does not reset.
 
@@ -124,6 +124,10 @@ pub struct WorkerRecord {
     pub pidfd: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
+    /// The supervisor's end of a Node worker's IPC channel (absent in states written before
+    /// there were channels).
+    #[serde(default)]
+    pub channel: Option<RawFd>,
     pub tail: Vec<String>,
     pub failure: Option<crate::worker::Failure>,
     pub last_ping_ns: i64,

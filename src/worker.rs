@@ -86,6 +86,9 @@ pub struct Worker {
     /// The read ends of its stdout and stderr pipes (shared with their readers), to hand
     /// over in an upgrade.
     pub pipes: [Arc<OwnedFd>; 2],
+    /// The supervisor's end of its Node IPC channel (see `ipc`), to send PM2's `shutdown`
+    /// and to hand over in an upgrade; `None` for other programs.
+    pub channel: Option<Arc<OwnedFd>>,
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
     pub failure: Option<Failure>,
 

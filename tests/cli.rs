@@ -56,6 +56,13 @@ fn bad_command_line_values_each_give_one_line_and_the_config_code() {
 }
 
 #[test]
+fn stop_signal_message_for_a_program_that_is_not_node_is_a_configuration_error() {
+    let out = herdsman(&["run", "--listen", "127.0.0.1:0", "--stop-signal", "message", "--", "true"], &[]);
+    assert_one_line_error(&out, CONFIG, "--stop-signal / stop_signal: `message` (PM2's shutdown message)");
+    assert_one_line_error(&out, CONFIG, "\"true\" is not node or nodejs");
+}
+
+#[test]
 fn usage_errors_get_one_line_and_the_usage_code() {
     assert_one_line_error(
         &herdsman(&["run", "--frobnicate"], &[]),

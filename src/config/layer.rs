@@ -56,7 +56,7 @@ pub struct Layer {
     #[arg(long, value_name = "DUR")]
     #[serde(deserialize_with = "string")]
     pub ready_timeout: Option<String>,
-    /// Signal asking a worker to drain and exit [default: SIGTERM].
+    /// Signal asking a worker to drain and exit, or "message": PM2's 'shutdown' message over a Node worker's IPC channel [default: SIGTERM].
     #[arg(long, value_name = "SIG")]
     #[serde(deserialize_with = "string")]
     pub stop_signal: Option<String>,

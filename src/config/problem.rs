@@ -64,6 +64,10 @@ pub enum ConfigError {
         "{0} is a unix socket, which cannot be steered (only TCP addresses can); use balance = \"shared\" or a TCP address"
     )]
     NotSteerable(ListenAddr),
+    #[error(
+        "`message` (PM2's shutdown message) goes over a Node worker's IPC channel, and {0:?} is not node or nodejs: run node itself (node app.js) or use a signal the app handles (e.g. SIGINT)"
+    )]
+    MessageNeedsNode(String),
     #[error("no such group {0:?}; create it or remove the key")]
     NoControlGroup(String),
     #[error(transparent)]

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 
 use super::layer::{FileLayer, Layer, keys};
 use super::problem::{ConfigError, Place, Problem};
-use super::values::{self, Balance, ListenAddr, OnFailure, ReadyMode, WorkerCount};
+use super::values::{self, Balance, ListenAddr, OnFailure, ReadyMode, StopSignal, WorkerCount};
 use super::{BackoffPolicy, DEFAULT_MIN_READY, Settings};
 
 /// Validates `cli` over `file` into settings, or every problem found. `cpus` resolves "auto"
@@ -34,8 +34,10 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
     let ready = c.pick("ready", |l| l.ready.as_deref(), values::ready).unwrap_or(ReadyMode::Alive(secs(1)));
     let ready_timeout =
         c.pick("ready_timeout", |l| l.ready_timeout.as_deref(), positive_duration).unwrap_or(secs(60));
-    let stop_signal =
-        c.pick("stop_signal", |l| l.stop_signal.as_deref(), values::signal).unwrap_or(Signal::SIGTERM);
+    let stop_signal = c
+        .pick("stop_signal", |l| l.stop_signal.as_deref(), values::stop_signal)
+        .unwrap_or(StopSignal::Signal(Signal::SIGTERM));
+    c.message_needs_node(stop_signal, &command);
     let stop_timeout =
         c.pick("stop_timeout", |l| l.stop_timeout.as_deref(), positive_duration).unwrap_or(secs(30));
     let reload_batch =
@@ -106,7 +108,7 @@ impl From<&Settings> for Layer {
             cwd: s.cwd.clone(),
             ready: Some(s.ready.to_string()),
             ready_timeout: text(s.ready_timeout),
-            stop_signal: Some(s.stop_signal.as_str().to_string()),
+            stop_signal: Some(s.stop_signal.to_string()),
             stop_timeout: text(s.stop_timeout),
             reload_batch: Some(s.reload_batch.to_string()),
             min_ready: text(s.min_ready),
@@ -240,6 +242,18 @@ impl<'a> Checker<'a> {
     }
 
     /// Steered sockets are TCP only.
+    /// `--stop-signal message` needs the IPC channel only Node workers get (see `ipc`). The
+    /// program's file name is the one its resolved path has, so this is known before any start.
+    fn message_needs_node(&mut self, stop: StopSignal, command: &[String]) {
+        match command.first() {
+            Some(program) if stop == StopSignal::Message && !crate::ipc::is_node(program) => {
+                let place = Place::Setting { flag: "--stop-signal".into(), key: "stop_signal".into() };
+                self.problems.push(Problem::new(place, ConfigError::MessageNeedsNode(program.clone())));
+            }
+            _ => {}
+        }
+    }
+
     fn steerable(&mut self, balance: Balance, listen: &[ListenAddr]) {
         if balance == Balance::Shared {
             return;

@@ -19,7 +19,9 @@ pub enum ValueError {
     Duration { input: String, reason: String },
     #[error("duration {0:?} is too long; the maximum is 1y (365.25 days), e.g. 30s or 10m")]
     DurationTooLong(String),
-    #[error("unknown or unusable signal {0:?}; use a name like SIGTERM, TERM, SIGINT or SIGQUIT")]
+    #[error(
+        "unknown or unusable signal {0:?}; use a name like SIGTERM, TERM, SIGINT or SIGQUIT, or `message` (PM2's shutdown message, for Node apps)"
+    )]
     Signal(String),
     #[error(
         "invalid worker count {0:?}; use a number N > 0, 0/\"auto\"/\"max\" for one per CPU, or -K for CPUs minus K"
@@ -171,6 +173,50 @@ pub fn signal(s: &str) -> Result<Signal, ValueError> {
         .ok()
         .filter(|sig| !matches!(sig, Signal::SIGKILL | Signal::SIGSTOP))
         .ok_or_else(|| ValueError::Signal(s.to_string()))
+}
+
+/// How a worker is asked to stop: a signal, or PM2's `'shutdown'` message over a Node
+/// worker's IPC channel (`message`, see `ipc`). Written as the signal's name or `message`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    Signal(Signal),
+    Message,
+}
+
+impl std::fmt::Display for StopSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopSignal::Signal(s) => f.write_str(s.as_str()),
+            StopSignal::Message => f.write_str("message"),
+        }
+    }
+}
+
+pub fn stop_signal(s: &str) -> Result<StopSignal, ValueError> {
+    if s.trim().eq_ignore_ascii_case("message") {
+        return Ok(StopSignal::Message);
+    }
+    signal(s).map(StopSignal::Signal)
+}
+
+/// As its name (`"SIGTERM"`, `"message"`), which is also how earlier versions wrote a plain
+/// signal into an in-place upgrade's state.
+impl serde::Serialize for StopSignal {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StopSignal {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<StopSignal, D::Error> {
+        let name = String::deserialize(de)?;
+        if name == "message" {
+            return Ok(StopSignal::Message);
+        }
+        name.parse()
+            .map(StopSignal::Signal)
+            .map_err(|_| serde::de::Error::custom(format!("unknown stop signal {name:?}")))
+    }
 }
 
 pub fn workers(s: &str) -> Result<WorkerCount, ValueError> {
@@ -344,9 +390,19 @@ pub fn env_pair(s: &str) -> Result<(String, String), ValueError> {
 
 /// Variables herdsman sets for every worker (besides any `HERDSMAN_*`). A config that set
 /// them too would put duplicates in the environment, and glibc and Python take the first one,
-/// which would silently break socket activation or notification.
-pub const RESERVED_ENV: &[&str] =
-    &["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+/// which would silently break socket activation or notification. `NODE_APP_INSTANCE` is PM2's
+/// name for the worker id; `NODE_CHANNEL_*` name a Node worker's IPC channel (see `ipc`).
+pub const RESERVED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "NODE_APP_INSTANCE",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+];
 
 pub fn env_key_reserved(k: &str) -> bool {
     RESERVED_ENV.contains(&k) || k.starts_with("HERDSMAN_")
@@ -464,6 +520,8 @@ mod tests {
             "WATCHDOG_USEC",
             "WATCHDOG_PID",
             "HERDSMAN_WORKER_ID",
+            "NODE_APP_INSTANCE",
+            "NODE_CHANNEL_FD",
         ] {
             assert_eq!(env_pair(&format!("{key}=1")), Err(ValueError::EnvReserved(key.to_string())));
         }
@@ -477,20 +535,5 @@ mod tests {
         assert_eq!(ready("notify").unwrap(), ReadyMode::Notify);
         assert_eq!(ready("alive:2s").unwrap(), ReadyMode::Alive(Duration::from_secs(2)));
         assert!(ready("when-ready").is_err());
-    }
-}
-
-/// Serde for a signal as its name (`"SIGTERM"`), for the in-place upgrade's state.
-pub mod signal_name {
-    use nix::sys::signal::Signal;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(s: &Signal, ser: S) -> Result<S::Ok, S::Error> {
-        ser.serialize_str(s.as_str())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Signal, D::Error> {
-        let name = String::deserialize(de)?;
-        name.parse().map_err(|_| serde::de::Error::custom(format!("unknown signal {name:?}")))
     }
 }

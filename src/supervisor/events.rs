@@ -17,6 +17,7 @@ impl Supervisor {
         let (pid, status) = match ev {
             Event::Exited { pid, status } => (pid, status),
             Event::UpgradeChecked(r) => return self.on_upgrade_checked(r),
+            Event::Channel { pid, msg } => return self.on_channel(pid, msg),
         };
         let Some(w) = self.pool.workers.remove(&pid) else { return };
         self.outside.release(pid);
@@ -104,24 +105,33 @@ impl Supervisor {
             }
         };
         let now = self.now();
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
-        let mut became_ready = false;
         for (key, value) in msg.assignments {
             match key.as_str() {
-                "READY"
-                    if value == "1"
-                        && matches!(w.state, State::Starting { .. })
-                        && w.spec.ready == ReadyMode::Notify =>
-                {
-                    w.state = State::Ready { since: now };
-                    became_ready = true;
+                "READY" if value == "1" => self.notified_ready(pid),
+                "WATCHDOG" if value == "1" => {
+                    if let Some(w) = self.pool.workers.get_mut(&pid) {
+                        w.last_ping = now;
+                    }
                 }
-
-                "WATCHDOG" if value == "1" => w.last_ping = now,
                 _ => {}
             }
         }
-        if became_ready {
+    }
+
+    /// A Node worker's IPC message: `process.send('ready')` counts exactly like `READY=1`.
+    pub(super) fn on_channel(&mut self, pid: i32, msg: crate::ipc::Incoming) {
+        match msg {
+            crate::ipc::Incoming::Ready => self.notified_ready(pid),
+        }
+    }
+
+    /// The worker said it is ready (`READY=1`, or `'ready'` on its IPC channel): under
+    /// `--ready notify`, a starting worker becomes ready.
+    fn notified_ready(&mut self, pid: i32) {
+        let now = self.now();
+        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        if matches!(w.state, State::Starting { .. }) && w.spec.ready == ReadyMode::Notify {
+            w.state = State::Ready { since: now };
             self.on_ready(pid);
         }
     }
@@ -166,7 +176,7 @@ impl Supervisor {
                             tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
                         }
                         w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
-                        outside.signal(w, w.spec.stop_signal, false);
+                        outside.ask_to_stop(w);
                     }
                 }
                 State::Stopping { kill_at } if now >= kill_at => {

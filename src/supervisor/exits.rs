@@ -104,13 +104,21 @@ pub(super) fn failure_detail(w: &Worker, reason: &str) -> String {
 /// cut off mid-request instead of draining. Says what to do about it.
 pub(super) fn stop_signal_hint(w: &Worker, status: WaitStatus) -> Option<String> {
     let WaitStatus::Signaled(_, sig, _) = status else { return None };
-    if sig != w.spec.stop_signal || sig == nix::sys::signal::Signal::SIGKILL {
+    // With `message` no signal was sent (the SIGTERM fallback for a closed channel says so).
+    let crate::config::StopSignal::Signal(stop) = w.spec.stop_signal else { return None };
+    if sig != stop || sig == nix::sys::signal::Signal::SIGKILL {
         return None;
     }
     let name = sig.as_str();
+    // A Node worker (it has PM2's channel) may be written for PM2's shutdown message instead.
+    let message = if w.channel.is_some() {
+        ", or --stop-signal message if it handles PM2's 'shutdown' message"
+    } else {
+        ""
+    };
     Some(if sig == nix::sys::signal::Signal::SIGTERM {
         format!(
-            "the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass --stop-signal SIGINT if it handles SIGINT (PM2's stop signal)"
+            "the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass --stop-signal SIGINT if it handles SIGINT (PM2's stop signal){message}"
         )
     } else {
         format!(

@@ -98,7 +98,7 @@ pub struct Resumed {
 }
 
 impl Resumed {
-    /// Takes the supervisor's descriptors (pidfds, output pipes) out of `fds`.
+    /// Takes the supervisor's descriptors (pidfds, output pipes, IPC channels) out of `fds`.
     pub fn take(
         state: SupervisorState,
         fds: &mut HandedOver,
@@ -107,7 +107,7 @@ impl Resumed {
     ) -> std::io::Result<Resumed> {
         let mut own = HashMap::new();
         for w in &state.workers {
-            for fd in [w.pidfd, w.stdout, w.stderr] {
+            for fd in [w.pidfd, w.stdout, w.stderr].into_iter().chain(w.channel) {
                 own.insert(fd, fds.take(fd)?);
             }
         }
@@ -336,6 +336,7 @@ impl Supervisor {
                 pidfd: ex.fd(&*w.pidfd)?,
                 stdout: ex.fd(&*w.pipes[0])?,
                 stderr: ex.fd(&*w.pipes[1])?,
+                channel: w.channel.as_deref().map(|c| ex.fd(c)).transpose()?,
                 tail: w.tail.lines(),
                 failure: w.failure.clone(),
                 last_ping_ns: clock.to_ns(w.last_ping),
@@ -401,11 +402,15 @@ impl Supervisor {
         for w in state.workers {
             let pidfd = Arc::new(take(w.pidfd)?);
             let pipes = [Arc::new(take(w.stdout)?), Arc::new(take(w.stderr)?)];
+            let channel = w.channel.map(&mut take).transpose()?.map(Arc::new);
             let spec = spec_at(w.spec)?;
             let tail = crate::output::Tail::from_lines(w.tail);
             let output_done =
                 self.outside.launcher.capture(w.slot, w.pid, spec.generation, pipes.clone(), &tail);
             super::exits::watch_exit(w.pid, pidfd.clone(), output_done, self.outside.events.clone());
+            if let Some(c) = &channel {
+                super::outside::listen_to(w.pid, c.clone(), &self.outside.events);
+            }
             self.pool.workers.insert(
                 w.pid,
                 Worker {
@@ -418,6 +423,7 @@ impl Supervisor {
                     pidfd,
                     tail,
                     pipes,
+                    channel,
                     failure: w.failure,
                     last_ping: clock.instant(w.last_ping_ns),
                     memory_strikes: w.memory_strikes,

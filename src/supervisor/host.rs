@@ -43,6 +43,9 @@ pub(crate) trait Host {
     );
     /// Sends `sig` to the worker and, with `group`, to its whole process group.
     fn signal(&mut self, w: &Worker, sig: Signal, group: bool);
+    /// Sends `message` (a JSON string) on the worker's IPC channel; an error when it has
+    /// none or the worker closed it.
+    fn message(&mut self, w: &Worker, message: &str) -> std::io::Result<()>;
     /// Reaps an exited worker (after its exit event).
     fn reap(&mut self, w: &Worker);
     /// Resident memory of each worker's process group, in bytes.
@@ -83,6 +86,13 @@ impl Host for RealHost {
 
     fn signal(&mut self, w: &Worker, sig: Signal, group: bool) {
         w.signal(sig, group);
+    }
+
+    fn message(&mut self, w: &Worker, message: &str) -> std::io::Result<()> {
+        match &w.channel {
+            Some(c) => crate::ipc::send(c, message),
+            None => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "it has no IPC channel")),
+        }
     }
 
     fn reap(&mut self, w: &Worker) {

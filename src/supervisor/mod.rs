@@ -92,7 +92,15 @@ pub struct World {
 }
 
 enum Event {
-    Exited { pid: i32, status: WaitStatus },
+    Exited {
+        pid: i32,
+        status: WaitStatus,
+    },
+    /// A Node worker said something on its IPC channel.
+    Channel {
+        pid: i32,
+        msg: crate::ipc::Incoming,
+    },
     UpgradeChecked(Result<crate::upgrade::CheckReport, crate::upgrade::UpgradeError>),
 }
 
@@ -276,7 +284,11 @@ impl Supervisor {
             }
             return;
         }
-        tracing::info!(app = %self.app, "stopping: sending {} to {} worker(s)", self.settings.stop_signal, self.pool.workers.len());
+        let how = match self.settings.stop_signal {
+            crate::config::StopSignal::Signal(sig) => sig.as_str(),
+            crate::config::StopSignal::Message => "the shutdown message",
+        };
+        tracing::info!(app = %self.app, "stopping: sending {how} to {} worker(s)", self.pool.workers.len());
         self.stopping = true;
         self.manager.send("STOPPING=1\nSTATUS=stopping");
         self.fail_rollout("the supervisor is stopping".to_string());
@@ -331,7 +343,7 @@ impl Supervisor {
             w.state = State::Draining { since: now };
         } else {
             w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
-            self.outside.signal(w, w.spec.stop_signal, false);
+            self.outside.ask_to_stop(w);
         }
         self.pool.unassign(pid);
     }
@@ -458,6 +470,7 @@ impl Supervisor {
                 pidfd: l.pidfd,
                 tail: l.tail,
                 pipes: l.pipes,
+                channel: l.channel,
                 failure: None,
 
                 last_ping: now,

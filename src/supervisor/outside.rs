@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::Event;
 use super::host::Host;
+use crate::config::StopSignal;
 use crate::listeners::Listeners;
 use crate::notify::WorkerNotify;
 use crate::spawn::{Launcher, SpawnError, Spec};
@@ -45,6 +46,7 @@ pub(super) struct Started {
     pub pidfd: Arc<std::os::fd::OwnedFd>,
     pub tail: crate::output::Tail,
     pub pipes: [Arc<std::os::fd::OwnedFd>; 2],
+    pub channel: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Outside {
@@ -111,11 +113,32 @@ impl Outside {
         self.metrics.launched(l.pid, id, metrics_socket);
         let pidfd = Arc::new(l.pidfd);
         self.host.watch(l.pid, pidfd.clone(), l.output_done, &self.events);
-        Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes })
+        let channel = l.channel.map(Arc::new);
+        if let Some(c) = &channel {
+            listen_to(l.pid, c.clone(), &self.events);
+        }
+        Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes, channel })
     }
 
     pub fn signal(&mut self, w: &Worker, sig: Signal, group: bool) {
         self.host.signal(w, sig, group);
+    }
+
+    /// Asks `w` to stop: its stop signal, or PM2's `shutdown` message over its IPC channel
+    /// (`--stop-signal message`). A worker whose channel is closed (it disconnected) gets
+    /// SIGTERM instead, with one line saying so.
+    pub fn ask_to_stop(&mut self, w: &Worker) {
+        let sig = match w.spec.stop_signal {
+            StopSignal::Signal(sig) => sig,
+            StopSignal::Message => match self.host.message(w, crate::ipc::SHUTDOWN) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = w.pid, "worker {} (pid {}): cannot send the shutdown message ({e}): sending SIGTERM instead", w.slot, w.pid);
+                    Signal::SIGTERM
+                }
+            },
+        };
+        self.host.signal(w, sig, false);
     }
 
     /// Lets new connections reach `pid` (or stops them), with steered sockets.
@@ -159,4 +182,13 @@ impl Outside {
             }
         }
     }
+}
+
+/// Reads a Node worker's IPC channel until it closes; what the worker says becomes an
+/// [`Event::Channel`]. Also started for the workers a new image takes over in an upgrade.
+pub(super) fn listen_to(pid: i32, channel: Arc<std::os::fd::OwnedFd>, events: &mpsc::UnboundedSender<Event>) {
+    let events = events.clone();
+    tokio::spawn(crate::ipc::read(channel, move |msg| {
+        let _ = events.send(Event::Channel { pid, msg });
+    }));
 }

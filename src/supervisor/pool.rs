@@ -305,7 +305,7 @@ mod tests {
             cwd: "/".into(),
             ready: ReadyMode::Notify,
             ready_timeout: Duration::from_secs(60),
-            stop_signal: Signal::SIGTERM,
+            stop_signal: crate::config::StopSignal::Signal(Signal::SIGTERM),
             stop_timeout: Duration::from_secs(30),
             watchdog: None,
             max_memory: None,

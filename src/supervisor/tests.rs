@@ -34,6 +34,7 @@ use crate::worker::Worker;
 enum Effect {
     Spawn { pid: i32, slot: usize, generation: u64 },
     Signal { pid: i32, sig: Signal },
+    Message { pid: i32, text: String },
     Reap { pid: i32 },
 }
 
@@ -78,6 +79,7 @@ impl Host for Fake {
             tail: Default::default(),
             pipes: [Arc::new(devnull()), Arc::new(devnull())],
             output_done,
+            channel: None,
         })
     }
 
@@ -85,6 +87,11 @@ impl Host for Fake {
 
     fn signal(&mut self, w: &Worker, sig: Signal, _group: bool) {
         self.log.borrow_mut().push(Effect::Signal { pid: w.pid, sig });
+    }
+
+    fn message(&mut self, w: &Worker, message: &str) -> std::io::Result<()> {
+        self.log.borrow_mut().push(Effect::Message { pid: w.pid, text: message.to_string() });
+        Ok(())
     }
 
     fn reap(&mut self, w: &Worker) {
@@ -108,15 +115,30 @@ struct Sim {
 
 /// `extra`: more TOML lines (e.g. `min_ready = "0s"`).
 fn sim(workers: usize, extra: &str) -> Sim {
+    sim_of(false, workers, extra)
+}
+
+/// With `node`: the program is an executable file named `node` (so its workers would get an
+/// IPC channel; the fake host starts nothing).
+fn sim_of(node: bool, workers: usize, extra: &str) -> Sim {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("herdsman-core-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let command = if node {
+        use std::os::unix::fs::PermissionsExt;
+        let program = dir.join("node");
+        std::fs::write(&program, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        format!("[{:?}, \"app.js\"]", program.display().to_string())
+    } else {
+        "[\"sh\", \"-c\", \"true\"]".to_string()
+    };
     let file = dir.join("app.toml");
     std::fs::write(
         &file,
         format!(
-            "name = \"core\"\ncommand = [\"sh\", \"-c\", \"true\"]\nworkers = {workers}\nlisten = [\"127.0.0.1:1\"]\nready = \"notify\"\n{extra}\n"
+            "name = \"core\"\ncommand = {command}\nworkers = {workers}\nlisten = [\"127.0.0.1:1\"]\nready = \"notify\"\n{extra}\n"
         ),
     )
     .unwrap();
@@ -672,4 +694,32 @@ async fn a_second_stop_kills_the_remaining_workers_at_once() {
     assert_eq!(s.signalled(pid), [Signal::SIGTERM]);
     s.stop();
     assert_eq!(s.signalled(pid), [Signal::SIGTERM, Signal::SIGKILL]);
+}
+
+#[tokio::test]
+async fn a_node_workers_ready_message_counts_exactly_like_ready_1() {
+    let mut s = sim(2, "");
+    let pids = s.spawned();
+    for (pid, _) in &pids {
+        s.sup.on_event(Event::Channel { pid: *pid, msg: crate::ipc::Incoming::Ready });
+        s.settle();
+    }
+    assert_eq!(s.status().ready, 2);
+    assert_eq!(s.told().iter().filter(|m| *m == "READY=1").count(), 1);
+}
+
+#[tokio::test]
+async fn stop_signal_message_sends_the_shutdown_message_instead_of_a_signal_then_sigkill_after_the_stop_timeout()
+ {
+    let mut s = sim_of(true, 1, "stop_signal = \"message\"\nstop_timeout = \"5s\"");
+    s.all_ready();
+    let pid = s.spawned()[0].0;
+    s.sup.on_control(Control::Stop);
+    s.settle();
+    let messages: Vec<Effect> =
+        s.effects().into_iter().filter(|e| matches!(e, Effect::Message { .. })).collect();
+    assert_eq!(messages, vec![Effect::Message { pid, text: "shutdown".into() }]);
+    assert_eq!(s.signalled(pid), [], "no signal with the message");
+    s.advance(Duration::from_secs(5));
+    assert_eq!(s.signalled(pid), [Signal::SIGKILL], "SIGKILL after the stop timeout, as with signals");
 }

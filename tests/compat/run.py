@@ -69,7 +69,6 @@ def need_program(name, hint):
 def prepare_express():
     need_program("node", "apt install nodejs")
     need_program("npm", "apt install npm")
-    need_program("systemd-notify", "apt install systemd")
     prefix = os.path.join(CACHE, "node")
     if not os.path.exists(os.path.join(prefix, "node_modules", "express", "package.json")):
         r = run(["npm", "install", "--prefix", prefix, "--no-audit", "--no-fund", "--loglevel=error",
@@ -103,7 +102,6 @@ def prepare_axum():
 
 def prepare_node():
     need_program("node", "apt install nodejs")
-    need_program("systemd-notify", "apt install systemd")
     return {}
 
 

@@ -1,7 +1,6 @@
 // Express recipe (docs/servers.md): app.listen({fd: 3}) instead of app.listen(8080).
 'use strict';
 const express = require('express');
-const { execFileSync } = require('node:child_process');
 const info = require('./compat_info.js');
 
 const app = express();
@@ -10,7 +9,7 @@ app.get('/', (req, res) => res.type('application/json').send(info('express')));
 const server = app.listen({ fd: 3 }, (err) => {
   if (err) throw err;
   info.markLoaded();
-  if (process.env.NOTIFY_SOCKET) execFileSync('systemd-notify', ['--ready']);
+  if (process.send) process.send('ready');
 });
 
 process.on('SIGTERM', () => {

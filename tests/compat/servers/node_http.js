@@ -1,7 +1,6 @@
 // Node `http` recipe (docs/servers.md): serve on the inherited socket at fd 3.
 'use strict';
 const http = require('node:http');
-const { execFileSync } = require('node:child_process');
 const info = require('./compat_info.js');
 
 const server = http.createServer((req, res) => {
@@ -11,8 +10,8 @@ const server = http.createServer((req, res) => {
 
 server.listen({ fd: 3 }, () => {
   info.markLoaded();
-  // --ready notify: systemd-notify runs in our process group, which herdsman accepts.
-  if (process.env.NOTIFY_SOCKET) execFileSync('systemd-notify', ['--ready']);
+  // --ready notify: PM2's wait_ready, over the IPC channel herdsman gives Node workers.
+  if (process.send) process.send('ready');
 });
 
 // Drain on the stop signal: stop accepting (close() our copy of fd 3), finish, exit.
