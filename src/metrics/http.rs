@@ -139,12 +139,14 @@ pub fn serve(bound: &Bound, metrics: Metrics, controls: mpsc::Sender<Control>) -
         controls,
         pages: Arc::new([Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None))]),
         conns: Arc::new(std::sync::Mutex::new(Conns::default())),
+        room: Arc::new(tokio::sync::Notify::new()),
     };
     match bound {
         Bound::Tcp(l, _) => {
             let l = tokio::net::TcpListener::from_std(l.try_clone()?)?;
             tokio::spawn(async move {
                 loop {
+                    shared.room().await;
                     match l.accept().await {
                         Ok((s, _)) => {
                             let _ = s.set_nodelay(true);
@@ -159,6 +161,7 @@ pub fn serve(bound: &Bound, metrics: Metrics, controls: mpsc::Sender<Control>) -
             let l = tokio::net::UnixListener::from_std(l.try_clone()?)?;
             tokio::spawn(async move {
                 loop {
+                    shared.room().await;
                     match l.accept().await {
                         Ok((s, _)) => shared.connection(s),
                         Err(e) => accept_failed(e).await,
@@ -207,6 +210,8 @@ struct Shared {
     /// By format: text, OpenMetrics.
     pages: Arc<[Slot; 2]>,
     conns: Arc<std::sync::Mutex<Conns>>,
+    /// Told when a connection ends.
+    room: Arc<tokio::sync::Notify>,
 }
 
 /// The open connections: those still to send their request, oldest first (evictable), and
@@ -228,6 +233,7 @@ impl Conns {
 struct Registered {
     id: u64,
     conns: Arc<std::sync::Mutex<Conns>>,
+    room: Arc<tokio::sync::Notify>,
 }
 
 impl Registered {
@@ -248,6 +254,8 @@ impl Drop for Registered {
         let mut c = lock(&self.conns);
         c.waiting.remove(&self.id);
         c.served.remove(&self.id);
+        drop(c);
+        self.room.notify_one();
     }
 }
 
@@ -256,8 +264,24 @@ fn lock(m: &std::sync::Mutex<Conns>) -> std::sync::MutexGuard<'_, Conns> {
 }
 
 impl Shared {
+    /// Returns once a new connection can be taken: while every one of [`MAX_CONNECTIONS`]
+    /// has sent its request (each ends within [`SCRAPE_DEADLINE`] and the write timeouts),
+    /// new ones wait in the listen queue, costing no descriptor.
+    async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let c = lock(&self.conns);
+                if c.open() < MAX_CONNECTIONS || !c.waiting.is_empty() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Takes a new connection: within [`MAX_CONNECTIONS`], evicting the oldest that has not
-    /// sent its request; refused (closed) when every open one has.
+    /// sent its request (closed if every open one has, which [`Shared::room`] makes rare).
     fn connection<S>(&self, s: S)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -281,7 +305,7 @@ impl Shared {
         let id = c.next;
         c.next += 1;
         let me = self.clone();
-        let reg = Registered { id, conns: self.conns.clone() };
+        let reg = Registered { id, conns: self.conns.clone(), room: self.room.clone() };
         let task = tokio::spawn(async move { me.serve_one(s, reg).await });
         c.waiting.insert(id, task.abort_handle());
     }
