@@ -44,7 +44,8 @@ impl App {
             .arg("100ms")
             .worker_env("TW_NOTIFY", "1");
         let h = extra(run).start();
-        let s = wait_for(LONG, "ready workers", || try_status(&control).filter(|s| s["ready"] == workers as u64));
+        let s =
+            wait_for(LONG, "ready workers", || try_status(&control).filter(|s| s["ready"] == workers as u64));
         let addr = s["metrics"].as_str().expect("status --json shows the metrics address").to_string();
         App { h, control, addr, _dir: dir }
     }
@@ -149,7 +150,10 @@ fn clients_that_never_read_share_one_page_and_the_memory_goes_back() {
     // One full scrape first: the page is what it should be, and what a scrape costs is in
     // the baseline.
     let s = scrape_ok(&app.addr);
-    assert_eq!(sample(&s, "tw_wide", &[("i", "14999"), ("pad", &"x".repeat(200)), ("worker", "1")]), Some(14999.0));
+    assert_eq!(
+        sample(&s, "tw_wide", &[("i", "14999"), ("pad", &"x".repeat(200)), ("worker", "1")]),
+        Some(14999.0)
+    );
     let base_rss = app.status_field("VmRSS");
     let base_hwm = app.status_field("VmHWM");
     let started = Instant::now();
@@ -194,7 +198,9 @@ fn a_thousand_idle_connections_neither_exhaust_descriptors_nor_starve_a_scrape()
         eprintln!("skipped: this test needs 2000 descriptors and the fd limit is lower (ulimit -n)");
         return;
     };
-    let app = App::start("limits-idle", 2, |r| r.worker_env("TW_METRICS", "hang").worker_env("TW_METRICS_ONLY", "1"));
+    let app = App::start("limits-idle", 2, |r| {
+        r.worker_env("TW_METRICS", "hang").worker_env("TW_METRICS_ONLY", "1")
+    });
     scrape_ok(&app.addr);
     let base = app.fds();
     let idle: Vec<TcpStream> = (0..1100).map(|_| TcpStream::connect(&app.addr).unwrap()).collect();

@@ -297,7 +297,9 @@ impl Shared {
                 }
                 None => {
                     drop(c);
-                    tracing::debug!("metrics endpoint: {MAX_CONNECTIONS} requests in progress; connection closed");
+                    tracing::debug!(
+                        "metrics endpoint: {MAX_CONNECTIONS} requests in progress; connection closed"
+                    );
                     return;
                 }
             }

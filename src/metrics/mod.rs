@@ -401,7 +401,9 @@ impl Metrics {
             page
         };
         let mut read = 0;
-        self.recycle(cells.into_iter().filter_map(OnceCell::into_inner).inspect(|p| read += p.buf.capacity()));
+        self.recycle(
+            cells.into_iter().filter_map(OnceCell::into_inner).inspect(|p| read += p.buf.capacity()),
+        );
         if read >= BIG {
             crate::sys::release_free_memory();
         }

@@ -168,7 +168,11 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
 /// [`parse`], rejecting a page with more than `max_families` families or `max_series`
 /// samples as soon as it has them (a page is bounded in bytes, but a page of short lines
 /// multiplies: each sample gets a `worker` label and its own entries in the merge).
-pub fn parse_capped(text: &[u8], max_families: usize, max_series: usize) -> Result<Vec<Family<'_>>, ParseError> {
+pub fn parse_capped(
+    text: &[u8],
+    max_families: usize,
+    max_series: usize,
+) -> Result<Vec<Family<'_>>, ParseError> {
     let mut series = 0usize;
     let text = std::str::from_utf8(text).map_err(|_| ParseError::Utf8)?;
     let mut families: Vec<Family<'_>> = Vec::new();
