@@ -699,6 +699,29 @@ mod tests {
         assert!(parse_request(b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n").unwrap().head);
     }
 
+    /// Issue 22 item 5: a scrape whose page cannot be built (here: the supervisor's queue is
+    /// full and never drained) is answered `503` at the deadline, not held forever.
+    #[test]
+    fn a_scrape_that_cannot_get_its_page_is_answered_503_at_the_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let p = std::env::temp_dir().join(format!("herdsman-deadline-{}.sock", std::process::id()));
+        let addr = ListenAddr::Unix(p.clone());
+        let bound = bind(&addr).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        // The queue is full: the scrape's snapshot request can never be sent.
+        tx.try_send(Control::Status { reply: tokio::sync::oneshot::channel().0 }).unwrap();
+        let answer = rt.block_on(async {
+            serve(&bound, Metrics::disabled(), tx).unwrap();
+            let mut c = tokio::net::UnixStream::connect(&p).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut all = Vec::new();
+            let read = c.read_to_end(&mut all);
+            tokio::time::timeout(Duration::from_secs(60), read).await.map(|_| all)
+        });
+        let answer = String::from_utf8_lossy(&answer.expect("an answer, not a wait without end")).to_string();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+
     #[test]
     fn the_end_of_a_response_fed_a_byte_at_a_time_is_where_the_whole_says() {
         let cases: [&[u8]; 5] = [
