@@ -5,6 +5,11 @@
 //! top of it) would be most of the binary and of its dependency tree for that. The request
 //! head parser and the response body reader here are pure functions over bytes, bounded,
 //! and fuzzed in `tests/fuzz.rs`.
+//!
+//! What a scraper can make herdsman spend is bounded (issue 22): [`MAX_CONNECTIONS`] open
+//! connections, idle ones evicted oldest first for new ones; one page built per format at a
+//! time and shared for [`FRESH`] by every request; one [`SCRAPE_DEADLINE`] on waiting for it
+//! and building it; a client that stops taking its answer is dropped after 5 s.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -29,7 +34,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// of the page).
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections open at once. When full, a new connection evicts the oldest one that has not
-/// sent its request yet; when every one has, the new one is closed.
+/// sent its request yet; while every one has, new ones wait in the listen queue.
 pub const MAX_CONNECTIONS: usize = 256;
 /// One deadline on waiting for the page and building it; `503` after it.
 pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
