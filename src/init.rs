@@ -333,6 +333,9 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
                 "herdsman: warning: no --user (and no SUDO_USER): the workers of {name} run as root under the shipped unit; choose a user with --user www-data"
             );
         }
+        if let Some(w) = metrics_warning(&name, settings.metrics.as_ref()) {
+            eprintln!("herdsman: warning: {w}");
+        }
     };
     if a.dry_run {
         for f in &plan.files {
@@ -380,6 +383,15 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     );
     root_warning();
     Ok(())
+}
+
+/// `--metrics :PORT` serves the (unauthenticated) metrics page on every address of every
+/// network: say so, and what to write instead.
+fn metrics_warning(name: &str, metrics: Option<&config::ListenAddr>) -> Option<String> {
+    let Some(config::ListenAddr::AnyAddress(port)) = metrics else { return None };
+    Some(format!(
+        "--metrics :{port} serves {name}'s metrics page, unauthenticated, on every network this host is on; use --metrics 127.0.0.1:{port} (or unix:/run/herdsman/{name}/metrics.sock) unless a firewall keeps the port in"
+    ))
 }
 
 fn is_active(unit: &str) -> bool {
@@ -472,6 +484,17 @@ mod tests {
 
     fn is_root() -> bool {
         nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn metrics_on_every_network_gets_a_warning_loopback_and_unix_do_not() {
+        let any = config::ListenAddr::AnyAddress(9464);
+        let w = metrics_warning("web", Some(&any)).unwrap();
+        assert!(w.contains("every network") && w.contains("127.0.0.1:9464"), "{w}");
+        let lo = config::ListenAddr::Tcp("127.0.0.1:9464".parse().unwrap());
+        assert_eq!(metrics_warning("web", Some(&lo)), None);
+        assert_eq!(metrics_warning("web", Some(&config::ListenAddr::Unix("/run/m.sock".into()))), None);
+        assert_eq!(metrics_warning("web", None), None);
     }
 
     #[test]

@@ -840,6 +840,22 @@ pub fn dup_number_cloexec_from(fd: RawFd, min: c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+// ---- Metrics memory (issue 22, item 4): give freed heap memory back after a big scrape ----
+
+/// Returns the heap memory malloc holds free to the system (glibc's `malloc_trim`, every
+/// arena, including free pages inside the heap). glibc otherwise keeps it: a freed buffer
+/// larger than its mmap threshold raises that threshold, so the next big buffers come from
+/// the heap, and a scrape's pages and parse data end up as free heap nobody gives back.
+/// A no-op where the C library is not glibc.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks malloc's own arenas under their locks; it takes no
+    // pointer from us and is safe to call from any thread at any time outside a fork child.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

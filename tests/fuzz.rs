@@ -218,4 +218,21 @@ proptest! {
         let _ = http::complete_response(resp.as_bytes());
         let _ = http::response_body(resp.as_bytes());
     }
+
+    /// A worker's answer read in pieces (any split) ends where the whole says it does.
+    #[test]
+    fn a_response_fed_in_pieces_ends_where_the_whole_says(
+        resp in "HTTP/1\\.1 200 OK\r\n((Content-Length: [0-9]{1,2})|(Transfer-Encoding: chunked))?\r\n\r\n([0-9a-f]{1,2}(;x)?\r\n[a-z\r\n]{0,20}\r\n){0,3}(0\r\n\r\n)?[a-z]{0,3}",
+        step in 1usize..8,
+    ) {
+        use herdsman::metrics::http;
+        let whole = resp.as_bytes();
+        let mut end = http::ResponseEnd::default();
+        let (mut got, mut at) = (None, 0);
+        while got.is_none() && at < whole.len() {
+            at = (at + step).min(whole.len());
+            got = end.feed(&whole[..at]);
+        }
+        prop_assert_eq!(got, http::complete_response(whole));
+    }
 }

@@ -5,13 +5,19 @@
 //! top of it) would be most of the binary and of its dependency tree for that. The request
 //! head parser and the response body reader here are pure functions over bytes, bounded,
 //! and fuzzed in `tests/fuzz.rs`.
+//!
+//! What a scraper can make herdsman spend is bounded (issue 22): [`MAX_CONNECTIONS`] open
+//! connections, idle ones evicted oldest first for new ones; one page built per format at a
+//! time and shared for [`FRESH`] by every request; one [`SCRAPE_DEADLINE`] on waiting for it
+//! and building it; a client that stops taking its answer is dropped after 5 s.
 
-use std::os::fd::AsRawFd;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::AbortHandle;
 
 use super::Metrics;
 use super::model::Format;
@@ -24,8 +30,17 @@ pub const MAX_HEAD: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client must take the page within this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Scrapes rendered at the same time; more wait their turn.
-const CONCURRENT: usize = 4;
+/// A client that takes none of its answer for this long is dropped (and with it its share
+/// of the page).
+const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections open at once. When full, a new connection evicts the oldest one that has not
+/// sent its request yet; while every one has, new ones wait in the listen queue.
+pub const MAX_CONNECTIONS: usize = 256;
+/// One deadline on waiting for the page and building it; `503` after it.
+pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
+/// Requests that come within this of a page's build get that page (one page per scrape
+/// interval, whatever the number of scrapers).
+pub const FRESH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -124,16 +139,23 @@ pub fn bind(addr: &ListenAddr) -> Result<Bound, BindError> {
 /// Serves `bound` until the runtime ends. Each connection is its own task.
 pub fn serve(bound: &Bound, metrics: Metrics, controls: mpsc::Sender<Control>) -> std::io::Result<()> {
     metrics.set_address(bound.address());
-    let limit = Arc::new(Semaphore::new(CONCURRENT));
+    let shared = Shared {
+        metrics,
+        controls,
+        pages: Arc::new([Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None))]),
+        conns: Arc::new(std::sync::Mutex::new(Conns::default())),
+        room: Arc::new(tokio::sync::Notify::new()),
+    };
     match bound {
         Bound::Tcp(l, _) => {
             let l = tokio::net::TcpListener::from_std(l.try_clone()?)?;
             tokio::spawn(async move {
                 loop {
+                    shared.room().await;
                     match l.accept().await {
                         Ok((s, _)) => {
                             let _ = s.set_nodelay(true);
-                            connection(s, metrics.clone(), controls.clone(), limit.clone());
+                            shared.connection(s);
                         }
                         Err(e) => accept_failed(e).await,
                     }
@@ -144,8 +166,9 @@ pub fn serve(bound: &Bound, metrics: Metrics, controls: mpsc::Sender<Control>) -
             let l = tokio::net::UnixListener::from_std(l.try_clone()?)?;
             tokio::spawn(async move {
                 loop {
+                    shared.room().await;
                     match l.accept().await {
-                        Ok((s, _)) => connection(s, metrics.clone(), controls.clone(), limit.clone()),
+                        Ok((s, _)) => shared.connection(s),
                         Err(e) => accept_failed(e).await,
                     }
                 }
@@ -160,38 +183,229 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-fn connection<S>(mut s: S, metrics: Metrics, controls: mpsc::Sender<Control>, limit: Arc<Semaphore>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + AsRawFd,
-{
-    tokio::spawn(async move {
+/// A built page (or why there is none), shared by every request that came while it was
+/// built or within [`FRESH`] of it.
+type Page = Arc<Built>;
+
+struct Built {
+    at: Instant,
+    page: Result<String, String>,
+}
+
+impl Drop for Built {
+    fn drop(&mut self) {
+        // Give a big page's memory back to the system now, not at some later allocation.
+        if let Ok(p) = &mut self.page {
+            if p.capacity() >= crate::metrics::BIG {
+                drop(std::mem::take(p));
+                crate::sys::release_free_memory();
+            }
+        }
+    }
+}
+
+/// The latest page of one format.
+type Slot = Arc<Mutex<Option<Page>>>;
+
+/// What the endpoint's connections share.
+#[derive(Clone)]
+struct Shared {
+    metrics: Metrics,
+    controls: mpsc::Sender<Control>,
+    /// By format: text, OpenMetrics.
+    pages: Arc<[Slot; 2]>,
+    conns: Arc<std::sync::Mutex<Conns>>,
+    /// Told when a connection ends.
+    room: Arc<tokio::sync::Notify>,
+}
+
+/// The open connections: those still to send their request, oldest first (evictable), and
+/// those that did.
+#[derive(Default)]
+struct Conns {
+    next: u64,
+    waiting: BTreeMap<u64, AbortHandle>,
+    served: HashSet<u64>,
+}
+
+impl Conns {
+    fn open(&self) -> usize {
+        self.waiting.len() + self.served.len()
+    }
+}
+
+/// A connection's place in [`Conns`], given up when its task ends (or is aborted).
+struct Registered {
+    id: u64,
+    conns: Arc<std::sync::Mutex<Conns>>,
+    room: Arc<tokio::sync::Notify>,
+}
+
+impl Registered {
+    /// The request is in: no longer evictable. `false`: it was evicted meanwhile.
+    fn requested(&self) -> bool {
+        let mut c = lock(&self.conns);
+        if c.waiting.remove(&self.id).is_some() {
+            c.served.insert(self.id);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut c = lock(&self.conns);
+        c.waiting.remove(&self.id);
+        c.served.remove(&self.id);
+        drop(c);
+        self.room.notify_one();
+    }
+}
+
+fn lock(m: &std::sync::Mutex<Conns>) -> std::sync::MutexGuard<'_, Conns> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Returns once a new connection can be taken: while every one of [`MAX_CONNECTIONS`]
+    /// has sent its request (each ends within [`SCRAPE_DEADLINE`] and the write timeouts),
+    /// new ones wait in the listen queue, costing no descriptor.
+    async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let c = lock(&self.conns);
+                if c.open() < MAX_CONNECTIONS || !c.waiting.is_empty() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Takes a new connection: within [`MAX_CONNECTIONS`], evicting the oldest that has not
+    /// sent its request (closed if every open one has, which [`Shared::room`] makes rare).
+    fn connection<S>(&self, s: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut c = lock(&self.conns);
+        if c.open() >= MAX_CONNECTIONS {
+            match c.waiting.pop_first() {
+                Some((_, oldest)) => {
+                    // (Its task ends, and closes its socket, when the runtime next runs it.)
+                    drop(c);
+                    oldest.abort();
+                    c = lock(&self.conns);
+                }
+                None => {
+                    drop(c);
+                    tracing::debug!(
+                        "metrics endpoint: {MAX_CONNECTIONS} requests in progress; connection closed"
+                    );
+                    return;
+                }
+            }
+        }
+        let id = c.next;
+        c.next += 1;
+        let me = self.clone();
+        let reg = Registered { id, conns: self.conns.clone(), room: self.room.clone() };
+        let task = tokio::spawn(async move { me.serve_one(s, reg).await });
+        c.waiting.insert(id, task.abort_handle());
+    }
+
+    async fn serve_one<S>(self, mut s: S, reg: Registered)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         // The head, and the page after it (written as is, not copied behind the head).
         let (answer, page) = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut s)).await {
-            Err(_) => (response(408, "text/plain", b"request timeout\n"), String::new()),
+            Err(_) => (response(408, "text/plain", b"request timeout\n"), None),
             Ok(Err(_)) => return,
             Ok(Ok(head)) => match parse_request(&head) {
-                Err(code) => (response(code, "text/plain", reason(code).as_bytes()), String::new()),
+                Err(code) => (response(code, "text/plain", reason(code).as_bytes()), None),
                 Ok(req) => {
+                    if !reg.requested() {
+                        return;
+                    }
                     let format = Format::from_accept(req.accept.as_deref());
-                    let _permit = limit.acquire().await;
-                    match metrics.collect(&controls, format).await {
-                        Ok(page) => {
-                            let page = if req.head { String::new() } else { page };
-                            (head_of(200, format.content_type(), page.len()), page)
+                    match tokio::time::timeout(SCRAPE_DEADLINE, self.page(format)).await {
+                        Ok(built) => match &built.page {
+                            Ok(p) => {
+                                let head = head_of(200, format.content_type(), p.len());
+                                (head, (!req.head).then_some(built.clone()))
+                            }
+                            Err(e) => (response(503, "text/plain", format!("{e}\n").as_bytes()), None),
+                        },
+                        Err(_) => {
+                            let e = format!("no page within {} s\n", SCRAPE_DEADLINE.as_secs());
+                            (response(503, "text/plain", e.as_bytes()), None)
                         }
-                        Err(e) => (response(503, "text/plain", format!("{e}\n").as_bytes()), String::new()),
                     }
                 }
             },
         };
         let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-            if s.write_all(&answer).await.is_ok() {
-                let _ = s.write_all(page.as_bytes()).await;
+            if write_all(&mut s, &answer).await.is_ok() {
+                if let Some(Ok(p)) = page.as_deref().map(|b| &b.page) {
+                    let _ = write_all(&mut s, p.as_bytes()).await;
+                }
             }
             let _ = s.shutdown().await;
         })
         .await;
-    });
+    }
+
+    /// The page in `format`: the one built within [`FRESH`], or a new one. One build at a
+    /// time per format; requests that come during it wait for it and share it. The build is
+    /// its own task, so it ends (and serves those waiting) even if its requester gives up.
+    async fn page(&self, format: Format) -> Page {
+        let slot = self.pages[usize::from(format == Format::OpenMetrics)].clone();
+        let mut latest = slot.clone().lock_owned().await;
+        if let Some(p) = latest.as_ref().filter(|p| p.at.elapsed() < FRESH) {
+            return p.clone();
+        }
+        // The old page goes before the new one is built.
+        *latest = None;
+        let (metrics, controls) = (self.metrics.clone(), self.controls.clone());
+        let build = tokio::spawn(async move {
+            let page = metrics.collect(&controls, format).await;
+            let built = Arc::new(Built { at: Instant::now(), page });
+            *latest = Some(built.clone());
+            drop(latest);
+            // Not kept past its time: a big page's memory goes once its readers are done.
+            let weak = Arc::downgrade(&built);
+            tokio::spawn(async move {
+                tokio::time::sleep(FRESH).await;
+                let mut latest = slot.lock().await;
+                if latest.as_ref().is_some_and(|p| std::ptr::eq(Arc::as_ptr(p), weak.as_ptr())) {
+                    *latest = None;
+                }
+            });
+            built
+        });
+        match build.await {
+            Ok(p) => p,
+            Err(e) => Arc::new(Built { at: Instant::now(), page: Err(format!("rendering failed: {e}")) }),
+        }
+    }
+}
+
+/// Writes all of `b`, giving up when the client takes nothing for [`STALL_TIMEOUT`].
+async fn write_all<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, mut b: &[u8]) -> std::io::Result<()> {
+    while !b.is_empty() {
+        let n = tokio::time::timeout(STALL_TIMEOUT, s.write(b))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        b = &b[n..];
+    }
+    Ok(())
 }
 
 async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
@@ -202,14 +416,21 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Resul
         if n == 0 {
             return Ok(head);
         }
+        // Only the new bytes (and the three before them) can complete the end of the head.
+        let from = head.len().saturating_sub(3);
         head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+        if head_ends(&head[from..]) {
             return Ok(head);
         }
         if head.len() > MAX_HEAD {
             return Ok(head);
         }
     }
+}
+
+/// Whether `b` has the empty line that ends a request head.
+fn head_ends(b: &[u8]) -> bool {
+    b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n")
 }
 
 fn reason(code: u16) -> &'static str {
@@ -304,6 +525,96 @@ pub fn complete_response(buf: &[u8]) -> Option<usize> {
     if chunked(head) { dechunk(&buf[end..]).map(|(_, used)| end + used) } else { None }
 }
 
+/// Where a response being read ends, found as its bytes come in: each byte is looked at a
+/// bounded number of times however the answer is split into reads (a worker dripping its
+/// page a few bytes at a time once made every read rescan, and copy, all that came before).
+#[derive(Debug, Default)]
+pub struct ResponseEnd {
+    state: EndState,
+    /// Bytes already looked at for the line or head end being searched.
+    scanned: usize,
+}
+
+#[derive(Debug, Default)]
+enum EndState {
+    /// Looking for the end of the head.
+    #[default]
+    Head,
+    /// Ends at this length.
+    Length(usize),
+    /// Until the server closes.
+    Close,
+    /// A chunk-size line starts at `at`.
+    ChunkSize { at: usize },
+    /// The line after the last chunk starts at `at`.
+    Trailer { at: usize },
+}
+
+impl ResponseEnd {
+    /// `buf`: everything read so far (the same buffer, grown). The length of the complete
+    /// response once it is there, as [`complete_response`] would say.
+    pub fn feed(&mut self, buf: &[u8]) -> Option<usize> {
+        let scanned = &mut self.scanned;
+        loop {
+            match self.state {
+                EndState::Head => {
+                    let from = scanned.saturating_sub(3);
+                    let Some(p) = find(buf.get(from..)?, b"\r\n\r\n") else {
+                        *scanned = buf.len();
+                        return None;
+                    };
+                    let end = from + p + 4;
+                    let head = std::str::from_utf8(&buf[..end]).ok()?;
+                    self.state = EndState::Close;
+                    for l in head.split("\r\n") {
+                        if let Some((k, v)) = l.split_once(':') {
+                            if k.trim().eq_ignore_ascii_case("content-length") {
+                                self.state = EndState::Length(end.checked_add(v.trim().parse().ok()?)?);
+                                break;
+                            }
+                        }
+                    }
+                    if matches!(self.state, EndState::Close) && chunked(head) {
+                        self.state = EndState::ChunkSize { at: end };
+                    }
+                    *scanned = end;
+                }
+                EndState::Length(n) => return (buf.len() >= n).then_some(n),
+                EndState::Close => return None,
+                EndState::ChunkSize { at } | EndState::Trailer { at } => {
+                    let from = scanned.saturating_sub(1).max(at);
+                    let Some(p) = find(buf.get(from..)?, b"\r\n") else {
+                        *scanned = buf.len();
+                        return None;
+                    };
+                    let eol = from + p;
+                    if let EndState::Trailer { .. } = self.state {
+                        return Some(eol + 2);
+                    }
+                    let size_text = std::str::from_utf8(&buf[at..eol]).ok()?;
+                    let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+                    if size == 0 {
+                        self.state = EndState::Trailer { at: eol + 2 };
+                        *scanned = eol + 2;
+                        continue;
+                    }
+                    // The chunk's data and its CRLF: the next size line starts after them.
+                    let next = (eol + 2).checked_add(size)?.checked_add(2)?;
+                    self.state = EndState::ChunkSize { at: next };
+                    *scanned = next;
+                    if buf.len() < next {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 fn chunked(head: &str) -> bool {
     head.split("\r\n").any(|l| {
         l.split_once(':').is_some_and(|(k, v)| {
@@ -391,6 +702,56 @@ mod tests {
         assert_eq!(parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"), Err(405));
         assert_eq!(parse_request(b"garbage\r\n\r\n"), Err(400));
         assert!(parse_request(b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n").unwrap().head);
+    }
+
+    /// Issue 22 item 5: a scrape whose page cannot be built (here: the supervisor's queue is
+    /// full and never drained) is answered `503` at the deadline, not held forever.
+    #[test]
+    fn a_scrape_that_cannot_get_its_page_is_answered_503_at_the_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let p = std::env::temp_dir().join(format!("herdsman-deadline-{}.sock", std::process::id()));
+        let addr = ListenAddr::Unix(p.clone());
+        let bound = bind(&addr).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        // The queue is full: the scrape's snapshot request can never be sent.
+        tx.try_send(Control::Status { reply: tokio::sync::oneshot::channel().0 }).unwrap();
+        let answer = rt.block_on(async {
+            serve(&bound, Metrics::disabled(), tx).unwrap();
+            let mut c = tokio::net::UnixStream::connect(&p).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut all = Vec::new();
+            let read = c.read_to_end(&mut all);
+            tokio::time::timeout(Duration::from_secs(60), read).await.map(|_| all)
+        });
+        let answer = String::from_utf8_lossy(&answer.expect("an answer, not a wait without end")).to_string();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+
+    #[test]
+    fn the_end_of_a_response_fed_a_byte_at_a_time_is_where_the_whole_says() {
+        let cases: [&[u8]; 5] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcEXTRA",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\nafter",
+            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc",
+            b"no head at all\r\n",
+        ];
+        for whole in cases {
+            for step in [1, 2, 3, 5, whole.len()] {
+                let mut end = ResponseEnd::default();
+                let mut got = None;
+                let mut at = 0;
+                while got.is_none() && at < whole.len() {
+                    at = (at + step).min(whole.len());
+                    got = end.feed(&whole[..at]);
+                }
+                // Fed as it came, the end is found as soon as the bytes are there.
+                assert_eq!(got, complete_response(whole), "{} by {step}", String::from_utf8_lossy(whole));
+                if let Some(n) = got {
+                    assert_eq!(complete_response(&whole[..n]), Some(n));
+                }
+            }
+        }
     }
 
     #[test]

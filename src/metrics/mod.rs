@@ -55,6 +55,18 @@ use model::{Family, Format, Histogram, Kind};
 pub const WORKER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest worker page accepted.
 pub const WORKER_MAX_BYTES: usize = 4 << 20;
+/// The most samples (series) a worker page may have: a 4 MiB page of `a 1` lines is a million
+/// series, which rendered with their `worker` label made a 37 MB page of two workers' 8 MiB.
+pub const WORKER_MAX_SERIES: usize = 20_000;
+/// The most metric families a worker page may have.
+pub const WORKER_MAX_FAMILIES: usize = 2_000;
+/// The workers' part of a page is at most this large, rendered: pages that would make it
+/// larger are skipped (and counted), in the order they arrive.
+pub const WORKERS_MAX_RENDERED: usize = 16 << 20;
+/// A scrape that read or built at least this much gives the freed memory back to the system
+/// when it is done (glibc keeps freed heap memory, and raises its mmap threshold after a big
+/// buffer is freed, so the next big buffers come from the heap).
+pub(crate) const BIG: usize = 1 << 20;
 /// How long the loop may take to answer the snapshot request.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -342,7 +354,8 @@ impl Metrics {
         let cells: Vec<OnceCell<Page>> = (0..n).map(|_| OnceCell::new()).collect();
         let page = {
             let mut cells = cells.iter();
-            let mut parsed = Parsed { pages: Vec::with_capacity(n), failed: Vec::new(), body_bytes: 0 };
+            let mut parsed =
+                Parsed { pages: Vec::with_capacity(n), failed: Vec::new(), body_bytes: 0, rendered_bound: 0 };
             let mut done = false;
             for m in &rx {
                 let (slot, page) = match m {
@@ -354,9 +367,21 @@ impl Metrics {
                 };
                 let t0 = Instant::now();
                 let families = page.and_then(|p| {
+                    // A page that cannot fit is dropped unparsed (its body alone is a lower
+                    // bound of what it renders to).
+                    if p.body().len() > WORKERS_MAX_RENDERED - parsed.rendered_bound {
+                        return Err(Fetch::OverBudget.to_string());
+                    }
                     let p = cells.next().ok_or("more pages than workers")?.get_or_init(|| p);
+                    let f = parse::parse_capped(p.body(), WORKER_MAX_FAMILIES, WORKER_MAX_SERIES)
+                        .map_err(|e| e.to_string())?;
+                    let bound = rendered_bound(p.body().len(), &f);
+                    if bound > WORKERS_MAX_RENDERED - parsed.rendered_bound {
+                        return Err(Fetch::OverBudget.to_string());
+                    }
+                    parsed.rendered_bound += bound;
                     parsed.body_bytes += p.body().len();
-                    parse::parse(p.body()).map_err(|e| e.to_string())
+                    Ok(f)
                 });
                 t.parsing += t0.elapsed();
                 match families {
@@ -375,12 +400,18 @@ impl Metrics {
             t.rendering = t0.elapsed();
             page
         };
-        self.recycle(cells.into_iter().filter_map(OnceCell::into_inner));
+        let mut read = 0;
+        self.recycle(
+            cells.into_iter().filter_map(OnceCell::into_inner).inspect(|p| read += p.buf.capacity()),
+        );
+        if read >= BIG {
+            crate::sys::release_free_memory();
+        }
         (page, t)
     }
 
     fn render(&self, snap: &Snapshot, parsed: Parsed<'_>, sampled: Sampled, format: Format) -> String {
-        let Parsed { pages: mut parsed, failed, body_bytes } = parsed;
+        let Parsed { pages: mut parsed, failed, body_bytes, .. } = parsed;
         let Sampled { usage, queues } = sampled;
         parsed.sort_by_key(|(slot, _)| *slot);
         // CPU and memory by slot, summed over the slot's processes (during a roll-out, its
@@ -636,6 +667,8 @@ enum Fetch {
     TooLarge,
     #[error("bad HTTP answer: {0}")]
     Http(&'static str),
+    #[error("the workers' part of the page would exceed {WORKERS_MAX_RENDERED} bytes")]
+    OverBudget,
 }
 
 /// `GET /metrics` over the worker's unix socket; the body of a 200 answer.
@@ -657,6 +690,7 @@ async fn fetch(path: &Path, mut buf: Vec<u8>) -> Result<Page, Fetch> {
     // Read straight into the page's buffer (one read for a page that fits), doubling it
     // as needed.
     buf.reserve(FIRST_READ);
+    let mut end = http::ResponseEnd::default();
     loop {
         if buf.capacity() - buf.len() < FIRST_READ / 2 {
             buf.reserve(buf.capacity());
@@ -668,7 +702,7 @@ async fn fetch(path: &Path, mut buf: Vec<u8>) -> Result<Page, Fetch> {
         if buf.len() > WORKER_MAX_BYTES + 16 * 1024 {
             return Err(Fetch::TooLarge);
         }
-        if let Some(done) = http::complete_response(&buf) {
+        if let Some(done) = end.feed(&buf) {
             buf.truncate(done);
             break;
         }
@@ -702,7 +736,24 @@ struct Parsed<'a> {
     pages: Vec<(usize, Vec<Family<'a>>)>,
     failed: Vec<usize>,
     body_bytes: usize,
+    /// What the accepted pages render to at most (see [`rendered_bound`]).
+    rendered_bound: usize,
 }
+
+/// At most what a worker page of `body` bytes parsed into `families` renders to: no sample
+/// line grows by more than [`SAMPLE_GROWTH`] (`_total`, braces, `exported_`, `,worker="ID"`; timestamps and
+/// spaces go, label escapes come out as they went in), a HELP text at most doubles (an
+/// OpenMetrics `\"`), and a family may get HELP and TYPE lines its page did not have.
+fn rendered_bound(body: usize, families: &[Family<'_>]) -> usize {
+    families.iter().fold(body, |b, f| {
+        b.saturating_add(f.samples.len().saturating_mul(SAMPLE_GROWTH))
+            .saturating_add(f.help.len())
+            .saturating_add(2 * f.name.len() + 48)
+    })
+}
+
+/// See [`rendered_bound`].
+const SAMPLE_GROWTH: usize = 48;
 
 /// Where a scrape's blocking task spent its time (for the debug log): sampling is measured
 /// from the scrape's start.
@@ -740,4 +791,41 @@ fn take_socket(path: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::other("not a socket"));
     }
     std::os::unix::fs::lchown(path, Some(nix::unistd::geteuid().as_raw()), None)
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    /// The budget of the workers' part of a page holds only if [`rendered_bound`] is one:
+    /// pages that grow the most when rendered stay within it, in both formats.
+    #[test]
+    fn the_rendered_bound_is_an_upper_bound() {
+        let pages: [&[u8]; 5] = [
+            b"# TYPE c counter\nc 1\nc 2\nc 3\n",
+            b"# TYPE e counter\ne{worker=\"\"} 1\ne{worker=\"\"} 2\n",
+            b"a 1\nb 1\nc 1\nd{x=\"1\"} 2 1700000000000\n",
+            b"# HELP h \"\"\"\"\"\"\"\" \\x \\x\n# TYPE h gauge\nh{ a = \"\\\"\" , worker=\"w\" } 1e300\n",
+            b"# TYPE s summary\ns{quantile=\"0.5\"} 1\ns_sum 2\ns_count 3\n# TYPE k histogram\nk_bucket{le=\"+Inf\"} 1\nk_sum 1\nk_count 1\n",
+        ];
+        for format in [Format::Text, Format::OpenMetrics] {
+            let parsed: Vec<(usize, Vec<Family<'_>>)> =
+                pages.iter().map(|p| (usize::MAX, parse::parse(p).unwrap())).collect();
+            let bound: usize = pages.iter().zip(&parsed).map(|(p, (_, f))| rendered_bound(p.len(), f)).sum();
+            let merged = parse::merge(parsed, &[]);
+            let mut out = String::new();
+            model::render(&merged, format, &mut out);
+            assert!(out.len() <= bound, "{} > {bound}:\n{out}", out.len());
+        }
+    }
+
+    #[test]
+    fn pages_over_the_series_or_family_cap_are_rejected() {
+        let many = "x 1\n".repeat(11);
+        assert!(parse::parse_capped(many.as_bytes(), 5, 10).is_err());
+        assert!(parse::parse_capped(many.as_bytes(), 5, 11).is_ok());
+        let families: String = (0..6).map(|i| format!("f{i} 1\n")).collect();
+        assert!(parse::parse_capped(families.as_bytes(), 5, 100).is_err());
+        assert!(parse::parse_capped(families.as_bytes(), 6, 100).is_ok());
+    }
 }

@@ -162,6 +162,18 @@ fn family_for<'a>(
 /// Parses one worker's page; names, help texts and label values are borrowed from `text`
 /// (copied only where they have escapes). Timestamps are accepted and dropped.
 pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
+    parse_capped(text, usize::MAX, usize::MAX)
+}
+
+/// [`parse`], rejecting a page with more than `max_families` families or `max_series`
+/// samples as soon as it has them (a page is bounded in bytes, but a page of short lines
+/// multiplies: each sample gets a `worker` label and its own entries in the merge).
+pub fn parse_capped(
+    text: &[u8],
+    max_families: usize,
+    max_series: usize,
+) -> Result<Vec<Family<'_>>, ParseError> {
+    let mut series = 0usize;
     let text = std::str::from_utf8(text).map_err(|_| ParseError::Utf8)?;
     let mut families: Vec<Family<'_>> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
@@ -187,6 +199,9 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
                 return Err(ParseError::Line(n, "bad metric name in HELP/TYPE"));
             }
             let i = family_for(&mut families, &mut index, raw);
+            if families.len() > max_families {
+                return Err(ParseError::Line(n, "too many metric families"));
+            }
             if what == "TYPE" {
                 let kind = Kind::parse(arg.trim()).ok_or(ParseError::Line(n, "unknown TYPE"))?;
                 let f = &mut families[i];
@@ -227,6 +242,9 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
             Some(found) => found,
             None => {
                 let i = family_for(&mut families, &mut index, name);
+                if families.len() > max_families {
+                    return Err(ParseError::Line(n, "too many metric families"));
+                }
                 if families[i].kind != Kind::Untyped {
                     return Err(ParseError::Line(n, "samples of a family are not together"));
                 }
@@ -237,6 +255,10 @@ pub fn parse(text: &[u8]) -> Result<Vec<Family<'_>>, ParseError> {
         let ls = &line_labels;
         if ls.iter().enumerate().any(|(j, (k, _))| ls[..j].iter().any(|(k2, _)| k2 == k)) {
             return Err(ParseError::Line(n, "duplicate label"));
+        }
+        series += 1;
+        if series > max_series {
+            return Err(ParseError::Line(n, "too many series"));
         }
         let f = &mut families[i];
         let start = f.labels.len();

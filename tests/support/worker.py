@@ -41,7 +41,10 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
                         tw_requests_total{path="/"}, a gauge tw_worker_pid and a histogram
                         tw_latency_seconds, plus TW_METRICS_SAMPLES extra gauge samples),
                         "garbage" (a 200 whose body is not Prometheus text), "hang"
-                        (accept, never answer)
+                        (accept, never answer), "tiny" (4 MiB of one-word counter samples,
+                        about a million series), "wide" (~3.8 MB: 15000 series of ~250
+                        bytes), "drip" (the "wide" page chunked, then 3000 one-byte chunks
+                        sent one by one)
   TW_METRICS_ONLY=id    serve that mode only in this slot (others serve "ok")
   TW_EVENTS=path        append one JSON line per life event to path: {"event": "start"} first
                         thing, {"event": "exit", "code": N} when the worker ends by itself
@@ -439,6 +442,33 @@ def metrics_page():
     return ("\n".join(lines) + "\n").encode()
 
 
+_BIG = {}
+
+
+def big_page(mode):
+    if mode not in _BIG:
+        if mode == "tiny":
+            head = b"# TYPE tw_tiny counter\n"
+            _BIG[mode] = head + b"tw_tiny 1\n" * (((4 << 20) - len(head)) // 10)
+        else:
+            pad = "x" * 200
+            lines = ["# HELP tw_wide Wide samples.", "# TYPE tw_wide gauge"]
+            lines += [f'tw_wide{{i="{i}",pad="{pad}"}} {i}' for i in range(15000)]
+            _BIG[mode] = ("\n".join(lines) + "\n").encode()
+    return _BIG[mode]
+
+
+def drip(conn):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    body = big_page("wide")
+    conn.sendall(head + f"{len(body):x}\r\n".encode() + body + b"\r\n")
+    for _ in range(3000):
+        conn.sendall(b"1\r\n\n\r\n")
+        time.sleep(0.0005)
+    conn.sendall(b"0\r\n\r\n")
+    conn.close()
+
+
 def metrics_server(mode):
     path = ENV.get("HERDSMAN_METRICS_SOCKET")
     if not path:
@@ -460,7 +490,15 @@ def metrics_server(mode):
                 if not got:
                     break
                 req += got
-            body = metrics_page() if mode == "ok" else b"<html>not metrics</html>\n"
+            if mode == "drip":
+                drip(conn)
+                continue
+            if mode == "ok":
+                body = metrics_page()
+            elif mode in ("tiny", "wide"):
+                body = big_page(mode)
+            else:
+                body = b"<html>not metrics</html>\n"
             head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             conn.sendall(head.encode() + body)
         except OSError:
