@@ -21,13 +21,54 @@ fn fail(code: i32, message: impl Into<String>) -> Failure {
     Failure { code, message: message.into() }
 }
 
+/// How long a client keeps asking again while the supervisor answers "busy" (its control
+/// connections are all in use; idle ones are evicted to make room, so this is short-lived).
+const BUSY_RETRY: Duration = Duration::from_secs(5);
+
 /// Sends `op` to the supervisor at `path`; calls `progress` for each progress line and returns
-/// the final reply.
+/// the final reply. A "busy" answer (nothing was carried out) is retried for up to
+/// [`BUSY_RETRY`], within `timeout`.
 pub fn call(
     path: &Path,
     op: Op,
     timeout: Duration,
     mut progress: impl FnMut(&str),
+) -> Result<Reply, Failure> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        match call_once(path, op.clone(), left, &mut progress) {
+            Err((_, true)) if started.elapsed() + pause < BUSY_RETRY.min(timeout) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            other => return other.map_err(|(f, _)| f),
+        }
+    }
+}
+
+/// One attempt; the error says whether it was "busy" (nothing carried out: ask again).
+fn call_once(
+    path: &Path,
+    op: Op,
+    timeout: Duration,
+    progress: &mut impl FnMut(&str),
+) -> Result<Reply, (Failure, bool)> {
+    call_inner(path, op, timeout, progress).map_err(|f| {
+        let busy = f.code == BUSY;
+        (Failure { code: if busy { exit::TIMEOUT } else { f.code }, message: f.message }, busy)
+    })
+}
+
+/// Marks a "busy" answer inside [`call_once`] (never leaves this module).
+const BUSY: i32 = -75;
+
+fn call_inner(
+    path: &Path,
+    op: Op,
+    timeout: Duration,
+    progress: &mut impl FnMut(&str),
 ) -> Result<Reply, Failure> {
     let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => fail(
@@ -81,8 +122,8 @@ pub fn call(
             Reply::Progress { message } => progress(&message),
             Reply::Error { kind, message } => {
                 let code = match kind {
-                    ErrorKind::PermissionDenied => exit::NOPERM,
-                    ErrorKind::Busy => exit::TIMEOUT,
+                    ErrorKind::PermissionDenied | ErrorKind::Untrusted => exit::NOPERM,
+                    ErrorKind::Busy => BUSY,
                     ErrorKind::Failed
                     | ErrorKind::BadRequest
                     | ErrorKind::ShuttingDown
