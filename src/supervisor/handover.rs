@@ -167,9 +167,10 @@ impl Supervisor {
                 };
                 let timeout =
                     self.upgrades.carry.as_ref().map_or(upgrade::CHECK_TIMEOUT, |c| c.check_timeout);
-                let state = self
-                    .handover(&mut Exporter::new(true, self.fd_floor()), None)
-                    .and_then(|h| serde_json::to_vec(&upgrade::redacted(h)).map_err(|e| UpgradeError::Prepare(e.to_string())));
+                let state = self.handover(&mut Exporter::new(true, self.fd_floor()), None).and_then(|h| {
+                    serde_json::to_vec(&upgrade::redacted(h))
+                        .map_err(|e| UpgradeError::Prepare(e.to_string()))
+                });
                 match state {
                     Ok(bytes) => {
                         let events = self.outside.events.clone();
