@@ -282,3 +282,59 @@ pub fn upgrade(
         other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Read;
+
+    /// A server that answers the first `busy` connections "busy" (without reading, as the
+    /// real one does), then `scale`; returns how many connections it saw.
+    fn server(path: &Path, busy: usize) -> std::thread::JoinHandle<usize> {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for n in 0.. {
+                let (mut s, _) = listener.accept().unwrap();
+                if n < busy {
+                    let reply = Reply::error(ErrorKind::Busy, "busy: the control socket is full; try again");
+                    s.write_all(reply.line().as_bytes()).unwrap();
+                    continue;
+                }
+                let mut line = [0u8; 1];
+                let _ = s.read(&mut line);
+                s.write_all(Reply::Scale { workers: 3 }.line().as_bytes()).unwrap();
+                return n + 1;
+            }
+            unreachable!()
+        })
+    }
+
+    #[test]
+    fn a_busy_answer_is_retried_until_the_supervisor_has_room() {
+        let dir = std::env::temp_dir().join(format!("herdsman-client-busy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let seen = server(&path, 3);
+        let reply = call(&path, Op::Status, Duration::from_secs(30), |_| {}).unwrap();
+        assert!(matches!(reply, Reply::Scale { workers: 3 }), "{reply:?}");
+        assert_eq!(seen.join().unwrap(), 4);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_supervisor_that_stays_busy_is_reported_busy_with_exit_75_after_a_few_seconds() {
+        let dir = std::env::temp_dir().join(format!("herdsman-client-busier-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let _server = server(&path, usize::MAX);
+        let started = Instant::now();
+        let err = call(&path, Op::Status, Duration::from_secs(60), |_| {}).unwrap_err();
+        assert_eq!(err.code, exit::TIMEOUT, "{}", err.message);
+        assert!(err.message.starts_with("busy:"), "{}", err.message);
+        assert!(started.elapsed() < Duration::from_secs(50), "kept retrying for {:?}", started.elapsed());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
