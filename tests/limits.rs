@@ -280,6 +280,33 @@ fn thousands_of_idle_connections_from_a_member_and_a_stranger_do_not_stop_roots_
     }
 }
 
+/// issue 22 §2: idle non-root connections are dropped sooner than root's (2 s, not 5 s).
+#[test]
+fn an_idle_connection_from_a_member_is_dropped_after_2_s() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP an_idle_connection_from_a_member_is_dropped_after_2_s: needs root to become nobody");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let group = nix::unistd::Group::from_gid(nobody.gid).unwrap().unwrap().name;
+    let dir = TempDir::new("idle-member");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let control = dir.path("control.sock");
+    let config = dir.path("app.toml");
+    std::fs::write(&config, format!("control_group = \"{group}\"\n")).unwrap();
+    let h = Run::new(&dir, 1).arg("-c").arg(config.to_str().unwrap()).start();
+    h.wait_started();
+    const IDLE: &str = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(60)\ns.connect(sys.argv[1])\nprint(s.recv(4096).decode())";
+    let out = Command::new("setpriv")
+        .args(["--reuid", &nobody.uid.to_string(), "--regid", &nobody.gid.to_string(), "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", IDLE, control.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{reply} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(reply.contains("request timed out: send one JSON line within 2s"), "{reply}");
+}
+
 #[test]
 fn a_worker_count_over_the_limit_is_a_config_error_naming_the_limit() {
     let dir = TempDir::new("max-workers");
