@@ -6,14 +6,18 @@
 //!    flight that the state does not describe (a roll-out, queued reloads, a health
 //!    replacement, `scale` waiters); reloads asked for meanwhile are answered "retry after the
 //!    upgrade" just before the exec, and the client resends them to the new image.
+//!    Only root asks (or herdsman's own uid, when herdsman is not root: the control server
+//!    refuses anyone else), and only for a binary nobody else could have written: it is
+//!    opened once and checked on its descriptor ([`Candidate`]); that descriptor is what the
+//!    check and the exec run.
 //! 2. **Check**: the new binary runs as `herdsman upgrade-check` with the *current state* on its
-//!    stdin (without descriptors) and must answer one JSON line with its version and
+//!    stdin (without descriptors, its secrets [`redacted`], no environment) and must answer one JSON line with its version and
 //!    [`STATE_FORMAT`] within [`CHECK_TIMEOUT`]. Missing, not executable, crashing, hanging,
 //!    unparsable or incompatible: refused with one line, nothing changed.
 //! 3. **Exec**: every descriptor the state names is duplicated *without* close-on-exec (the
 //!    originals stay close-on-exec; nothing about the sockets changes), the state goes into an
-//!    inheritable memfd named by `HERDSMAN_UPGRADE_STATE`, and the loop calls `execve` with the
-//!    original argv and environment. If `execve` fails, the duplicates and the memfd are closed
+//!    inheritable memfd named by `HERDSMAN_UPGRADE_STATE`, and the loop calls `execveat` on the
+//!    checked binary's descriptor with the original argv and environment. If `execve` fails, the duplicates and the memfd are closed
 //!    and the old image carries on; the client gets the error.
 //! 4. **Resume**: `main` sees `HERDSMAN_UPGRADE_STATE`, reads the whole state, adopts every listed
 //!    descriptor at once ([`crate::sys::HandedOver`]: all open and listed once, or none taken),
