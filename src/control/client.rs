@@ -27,7 +27,7 @@ const BUSY_RETRY: Duration = Duration::from_secs(5);
 
 /// Sends `op` to the supervisor at `path`; calls `progress` for each progress line and returns
 /// the final reply. A "busy" answer (nothing was carried out) is retried for up to
-/// [`BUSY_RETRY`], within `timeout`.
+/// 5 s (`BUSY_RETRY`), within `timeout`.
 pub fn call(
     path: &Path,
     op: Op,
