@@ -34,7 +34,7 @@ pub enum Control {
     /// reply comes only if it fails: on success the new image answers on `conn`.
     Upgrade {
         binary: Option<std::path::PathBuf>,
-        reply: Option<oneshot::Sender<Result<UpgradeDone, String>>>,
+        reply: Option<oneshot::Sender<Result<UpgradeDone, crate::upgrade::UpgradeError>>>,
         conn: Option<std::os::fd::OwnedFd>,
     },
 }

@@ -856,6 +856,42 @@ pub fn release_free_memory() {
     }
 }
 
+// ---- In-place upgrade: the candidate binary is opened once, checked, and that descriptor
+// ---- executed (issue 22, item 1). ----
+
+/// Opens `name` (one path component, or `/`) relative to `dir` as an `O_PATH` descriptor,
+/// close-on-exec, without following a symbolic link: a link is opened as itself (its
+/// `fstat` says so) and never resolved.
+pub fn open_path_nofollow(dir: Option<BorrowedFd<'_>>, name: &std::path::Path) -> io::Result<OwnedFd> {
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let raw = nix::fcntl::openat(dir.map(|d| d.as_raw_fd()), name, flags, nix::sys::stat::Mode::empty())?;
+    // SAFETY: openat just returned this new descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Replaces this process's image with the file open at `fd` (`execveat(fd, "", ...,
+/// AT_EMPTY_PATH)`): the file that was checked is the one that runs, whatever happens to its
+/// path meanwhile. Returns only on failure.
+pub fn execve_fd(fd: BorrowedFd<'_>, argv: &[String], env: &[String]) -> io::Error {
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"));
+    let prepared = (|| -> io::Result<(Vec<CString>, Vec<CString>)> {
+        let argv = argv.iter().map(|a| c(a)).collect::<io::Result<Vec<_>>>()?;
+        let env = env.iter().map(|e| c(e)).collect::<io::Result<Vec<_>>>()?;
+        Ok((argv, env))
+    })();
+    match prepared {
+        Ok((argv, env)) => {
+            let flags = nix::fcntl::AtFlags::AT_EMPTY_PATH;
+            match nix::unistd::execveat(Some(fd.as_raw_fd()), c"", &argv, &env, flags) {
+                Ok(never) => match never {},
+                Err(e) => io::Error::from(e),
+            }
+        }
+        Err(e) => e,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

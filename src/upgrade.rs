@@ -6,14 +6,18 @@
 //!    flight that the state does not describe (a roll-out, queued reloads, a health
 //!    replacement, `scale` waiters); reloads asked for meanwhile are answered "retry after the
 //!    upgrade" just before the exec, and the client resends them to the new image.
+//!    Only root asks (or herdsman's own uid, when herdsman is not root: the control server
+//!    refuses anyone else), and only for a binary nobody else could have written: it is
+//!    opened once and checked on its descriptor ([`Candidate`]); that descriptor is what the
+//!    check and the exec run.
 //! 2. **Check**: the new binary runs as `herdsman upgrade-check` with the *current state* on its
-//!    stdin (without descriptors) and must answer one JSON line with its version and
+//!    stdin (without descriptors, its secrets [`redacted`], no environment) and must answer one JSON line with its version and
 //!    [`STATE_FORMAT`] within [`CHECK_TIMEOUT`]. Missing, not executable, crashing, hanging,
 //!    unparsable or incompatible: refused with one line, nothing changed.
 //! 3. **Exec**: every descriptor the state names is duplicated *without* close-on-exec (the
 //!    originals stay close-on-exec; nothing about the sockets changes), the state goes into an
-//!    inheritable memfd named by `HERDSMAN_UPGRADE_STATE`, and the loop calls `execve` with the
-//!    original argv and environment. If `execve` fails, the duplicates and the memfd are closed
+//!    inheritable memfd named by `HERDSMAN_UPGRADE_STATE`, and the loop calls `execveat` on the
+//!    checked binary's descriptor with the original argv and environment. If `execve` fails, the duplicates and the memfd are closed
 //!    and the old image carries on; the client gets the error.
 //! 4. **Resume**: `main` sees `HERDSMAN_UPGRADE_STATE`, reads the whole state, adopts every listed
 //!    descriptor at once ([`crate::sys::HandedOver`]: all open and listed once, or none taken),
@@ -311,34 +315,190 @@ pub enum UpgradeError {
     Busy,
     #[error("the supervisor is stopping")]
     Stopping,
+    /// The candidate could have been supplied by someone who may not run code as herdsman's
+    /// user (see [`Candidate::open`]).
+    #[error("refusing to run {path}: {why}")]
+    Untrusted { path: String, why: String },
+}
+
+impl UpgradeError {
+    /// Whether this is a refusal of an untrusted binary (`ErrorKind::Untrusted`, exit 77).
+    pub fn untrusted(&self) -> bool {
+        matches!(self, UpgradeError::Untrusted { .. })
+    }
+}
+
+/// The binary an upgrade runs, opened once (`O_PATH`, no symlink followed anywhere on its
+/// path) and checked on that descriptor; the check and the `execve` both run *this*
+/// descriptor, so nothing can be swapped in between.
+///
+/// Trusted means nobody but root (and herdsman's own user, when herdsman is not root) could
+/// have written it: the file and every directory above it are owned by root or by herdsman's
+/// user, and none is writable by group or others, except a directory with the sticky bit
+/// (`/tmp`), where nobody else can rename or remove an entry they do not own (and the entry's
+/// own owner is checked next). A symbolic link anywhere on the path is refused rather than
+/// resolved (give the real path: `readlink -f`), as is `..`. The file must be an ELF
+/// executable: a script's interpreter would be opened by its path, unchecked.
+#[derive(Debug)]
+pub struct Candidate {
+    pub fd: OwnedFd,
+    pub path: PathBuf,
+}
+
+impl Candidate {
+    /// Opens and checks `path` for an upgrade of a herdsman running as `euid`.
+    pub fn open(path: &std::path::Path, euid: u32) -> Result<Candidate, UpgradeError> {
+        use std::path::Component;
+        let shown = path.display().to_string();
+        let untrusted = |why: String| UpgradeError::Untrusted { path: shown.clone(), why };
+        if !path.is_absolute() {
+            return Err(untrusted("the path is not absolute; give the full path".into()));
+        }
+        let owners = if euid == 0 { "root".to_string() } else { format!("root or uid {euid}") };
+        let owned = |uid: u32| uid == 0 || uid == euid;
+        let names: Vec<&std::ffi::OsStr> = path
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(Ok(n)),
+                Component::ParentDir => Some(Err(())),
+                _ => None,
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|_| untrusted("the path contains `..`; give the real path (readlink -f)".into()))?;
+        let io = |e: std::io::Error| UpgradeError::Prepare(format!("opening {shown}: {e}"));
+        let mut at = std::path::PathBuf::from("/");
+        let mut dir = crate::sys::open_path_nofollow(None, std::path::Path::new("/")).map_err(io)?;
+        let Some((last, parents)) = names.split_last() else {
+            return Err(UpgradeError::NotExecutable(shown));
+        };
+        for name in std::iter::once(None).chain(parents.iter().map(Some)) {
+            if let Some(name) = name {
+                at.push(name);
+                dir = match crate::sys::open_path_nofollow(Some(dir.as_fd()), std::path::Path::new(name)) {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(UpgradeError::Missing(shown));
+                    }
+                    Err(e) => return Err(io(e)),
+                };
+            }
+            let st = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(|e| io(e.into()))?;
+            let kind = st.st_mode & libc::S_IFMT;
+            if kind == libc::S_IFLNK {
+                return Err(untrusted(format!(
+                    "{} is a symbolic link; give the real path (readlink -f)",
+                    at.display()
+                )));
+            }
+            if kind != libc::S_IFDIR {
+                return Err(UpgradeError::Missing(shown));
+            }
+            if !owned(st.st_uid) {
+                return Err(untrusted(format!(
+                    "directory {} is owned by uid {}, not {owners}; install the binary where only {owners} can write",
+                    at.display(),
+                    st.st_uid
+                )));
+            }
+            if st.st_mode & 0o022 != 0 && st.st_mode & libc::S_ISVTX == 0 {
+                return Err(untrusted(format!(
+                    "directory {} is writable by {}; install the binary where only {owners} can write",
+                    at.display(),
+                    if st.st_mode & 0o002 != 0 { "everyone" } else { "its group" }
+                )));
+            }
+        }
+        let fd = match crate::sys::open_path_nofollow(Some(dir.as_fd()), std::path::Path::new(last)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(UpgradeError::Missing(shown)),
+            Err(e) => return Err(io(e)),
+        };
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| io(e.into()))?;
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFLNK {
+            return Err(untrusted("it is a symbolic link; give the real path (readlink -f)".into()));
+        }
+        if kind != libc::S_IFREG || st.st_mode & 0o111 == 0 {
+            return Err(UpgradeError::NotExecutable(shown));
+        }
+        if !owned(st.st_uid) {
+            return Err(untrusted(format!(
+                "it is owned by uid {}, not {owners}; install it as {owners} (the package installs /usr/bin/herdsman)",
+                st.st_uid
+            )));
+        }
+        if st.st_mode & 0o022 != 0 {
+            return Err(untrusted(format!(
+                "it is writable by {}; chmod go-w it",
+                if st.st_mode & 0o002 != 0 { "everyone" } else { "its group" }
+            )));
+        }
+        // Read through the descriptor itself (not the path): the file checked above.
+        let mut magic = [0u8; 4];
+        let read = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
+        if read.is_err() || magic != *b"\x7fELF" {
+            return Err(untrusted(
+                "it is not an ELF executable (a script's interpreter would run unchecked); give an installed herdsman".into(),
+            ));
+        }
+        Ok(Candidate { fd, path: path.to_path_buf() })
+    }
+}
+
+/// The state the candidate's check reads: the whole document (the check proves the new
+/// binary parses all of it), with every value that may be a secret replaced: the workers'
+/// environment (config `env`, `-e`) and herdsman's own argv. The check needs none of them.
+pub fn redacted(mut state: Handover) -> Handover {
+    const HIDDEN: &str = "(redacted)";
+    for (_, v) in &mut state.supervisor.settings.env {
+        *v = HIDDEN.to_string();
+    }
+    for spec in &mut state.supervisor.specs {
+        for (_, v) in &mut spec.env {
+            *v = HIDDEN.to_string();
+        }
+    }
+    for kv in &mut state.overrides.env {
+        let key = kv.split_once('=').map(|(k, _)| k.to_string()).unwrap_or_default();
+        *kv = format!("{key}={HIDDEN}");
+    }
+    state.argv = state.argv.iter().take(1).cloned().collect();
+    state
 }
 
 /// Runs the candidate's check with `state` on its stdin. Bounded by [`CHECK_TIMEOUT`]; never
 /// blocks the loop (the child runs on a helper thread).
-pub async fn check(path: PathBuf, state: Vec<u8>, timeout: Duration) -> Result<CheckReport, UpgradeError> {
-    tokio::task::spawn_blocking(move || check_blocking(&path, &state, timeout))
+pub async fn check(
+    path: PathBuf,
+    fd: OwnedFd,
+    state: Vec<u8>,
+    timeout: Duration,
+) -> Result<CheckReport, UpgradeError> {
+    tokio::task::spawn_blocking(move || check_blocking(&path, &fd, &state, timeout))
         .await
         .unwrap_or_else(|e| Err(UpgradeError::Prepare(format!("the check thread failed: {e}"))))
 }
 
 fn check_blocking(
     path: &std::path::Path,
+    fd: &OwnedFd,
     state: &[u8],
     timeout: Duration,
 ) -> Result<CheckReport, UpgradeError> {
     use std::io::{Read, Write};
-    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|_| UpgradeError::Missing(shown.clone()))?;
-    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return Err(UpgradeError::NotExecutable(shown));
-    }
-    let mut child = Command::new(path)
+    // The checked file itself, through its descriptor (open in the child until its execve,
+    // which resolves this name to that file): never its path again.
+    let mut child = Command::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .arg0(path)
         .arg(CHECK_COMMAND)
-        // Ours names a descriptor of this image: the check must not take itself for a resume.
-        .env_remove(STATE_VAR)
+        // Nothing of herdsman's environment (ours names a descriptor of this image, and it
+        // may hold secrets): only a standard PATH.
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -454,7 +614,7 @@ pub fn parse(bytes: &[u8]) -> Result<Handover, String> {
 
 /// Writes `state` into an inheritable memfd and re-executes `binary`. Returns only if
 /// `execve` failed (then every duplicate is closed again by the drop of `exporter`).
-pub fn exec(binary: &std::path::Path, state: &Handover, exporter: Exporter, carry: &Carry) -> UpgradeError {
+pub fn exec(binary: &Candidate, state: &Handover, exporter: Exporter, carry: &Carry) -> UpgradeError {
     use std::io::{Seek, Write};
     let json = match serde_json::to_vec(state) {
         Ok(j) => j,
@@ -471,8 +631,8 @@ pub fn exec(binary: &std::path::Path, state: &Handover, exporter: Exporter, carr
     let mut env: Vec<String> =
         carry.env.iter().filter(|(k, _)| k != STATE_VAR).map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("{STATE_VAR}={}", file.as_raw_fd()));
-    let path = binary.display().to_string();
-    let err = crate::sys::execve(&path, &carry.argv, &env);
+    let path = binary.path.display().to_string();
+    let err = crate::sys::execve_fd(binary.fd.as_fd(), &carry.argv, &env);
     drop(exporter);
     drop(file);
     UpgradeError::Exec { path, err: err.to_string() }

@@ -173,32 +173,138 @@ fn a_kernel_without_pidfd_open_is_refused_at_start_with_one_line_and_exit_71() {
     assert!(err.contains("seccomp"), "{err}");
 }
 
+/// issue 22 §2: with every control slot held by idle connections a new client got "busy". Now
+/// the oldest idle connection is evicted (told "busy", closed) to make room: status answers.
 #[test]
-fn control_connections_over_the_limit_get_a_busy_error_at_once_and_status_works_after() {
+fn idle_control_connections_are_evicted_oldest_first_and_status_still_answers() {
     let dir = TempDir::new("busy");
     let h = Run::new(&dir, 1).start();
     h.wait_started();
     let control = dir.path("control.sock");
+    let since = std::time::Instant::now();
     // MAX_CLIENTS idle clients (connected, sending nothing) hold every slot...
     let idle: Vec<UnixStream> = (0..herdsman::control::server::MAX_CLIENTS)
         .map(|_| UnixStream::connect(&control).expect("connect"))
         .collect();
-    // ...so one more is told so and closed at once: a busy answer (rather than a status) can
-    // only come while all of them are held, i.e. before the first one's 5 s request timeout.
+    // ...and a status still answers.
     let out = Command::new(BIN).arg("status").arg(&control).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
-    assert!(err.contains("busy:") && err.contains("try again"), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    // The idle ones were being served (not refused): each gets the request-timeout answer.
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The oldest idle connection made room: told "busy" and closed (unless its own request
+    // timeout, 5 s, came first on a very slow machine).
     let mut first = idle.into_iter().next().unwrap();
     let mut reply = String::new();
     first.set_read_timeout(Some(LONG)).unwrap();
     first.read_to_string(&mut reply).unwrap();
-    assert!(reply.contains("request timed out"), "{reply}");
-    // Closed clients free their slots: status answers again.
-    wait_for(LONG, "status to answer after the idle clients left", || try_status(&control));
-    let _ = first.write_all(b"");
+    if since.elapsed() < Duration::from_secs(4) {
+        assert!(reply.contains(r#""kind":"busy""#), "{reply}");
+    } else {
+        assert!(reply.contains(r#""kind":"busy""#) || reply.contains("request timed out"), "{reply}");
+    }
+}
+
+/// Holds up to `n` idle connections to `control` as `uid:gid` (a process of its own, which
+/// raises its descriptor limit as far as it may): prints how many it opened, then waits for
+/// its stdin to close.
+fn idle_holder(control: &Path, uid: u32, gid: u32, n: usize) -> (std::process::Child, usize) {
+    const HOLD: &str = r#"
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+except (ValueError, OSError):
+    pass
+n = min(int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 16)
+held = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()
+"#;
+    let mut child = Command::new("setpriv")
+        .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", HOLD, control.to_str().unwrap(), &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = capture(child.stdout.take().unwrap(), false);
+    let opened = wait_for(Duration::from_secs(120), "the idle connections to be open", || {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the connection holder exited: {st}");
+        }
+        out.lock().unwrap().trim().parse::<usize>().ok()
+    });
+    (child, opened)
+}
+
+/// issue 22 §2: a `control_group` member holding 64 idle connections made root's
+/// `systemctl reload` fail with "busy" (the slot was taken before `SO_PEERCRED` was checked).
+/// Now with 2000 idle connections from a member and 2000 from a stranger, root's status and
+/// reload both work. (How long status took is printed, not asserted: see the report.)
+#[test]
+fn thousands_of_idle_connections_from_a_member_and_a_stranger_do_not_stop_roots_status_or_reload() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP thousands_of_idle_connections...: needs root to become other users");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let group = nix::unistd::Group::from_gid(nobody.gid).unwrap().unwrap().name;
+    let dir = TempDir::new("idle-members");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let control = dir.path("control.sock");
+    let config = dir.path("app.toml");
+    std::fs::write(&config, format!("control_group = \"{group}\"\n")).unwrap();
+    let h = Run::new(&dir, 1).arg("-c").arg(config.to_str().unwrap()).start();
+    h.wait_started();
+    // The stranger must get as far as SO_PEERCRED: open the file itself up.
+    std::fs::set_permissions(&control, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let (member, m) = idle_holder(&control, uid, gid, 2000);
+    let (stranger, s) = idle_holder(&control, 54321, 54321, 2000);
+    eprintln!("idle connections opened: {m} by a member (uid {uid}), {s} by a stranger (uid 54321)");
+    let started = std::time::Instant::now();
+    let out = Command::new(BIN).arg("status").arg(&control).arg("--json").output().unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "root's status: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("root's status answered in {:.1} ms", took.as_secs_f64() * 1e3);
+    let started = std::time::Instant::now();
+    let out = Command::new(BIN).arg("reload").arg(&control).output().unwrap();
+    assert!(out.status.success(), "root's reload: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("root's reload took {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    assert_eq!(try_status(&control).unwrap()["generation"], 2);
+    for mut c in [member, stranger] {
+        drop(c.stdin.take());
+        let _ = c.wait();
+    }
+}
+
+/// issue 22 §2: idle non-root connections are dropped sooner than root's (2 s, not 5 s).
+#[test]
+fn an_idle_connection_from_a_member_is_dropped_after_2_s() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP an_idle_connection_from_a_member_is_dropped_after_2_s: needs root to become nobody");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let group = nix::unistd::Group::from_gid(nobody.gid).unwrap().unwrap().name;
+    let dir = TempDir::new("idle-member");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let control = dir.path("control.sock");
+    let config = dir.path("app.toml");
+    std::fs::write(&config, format!("control_group = \"{group}\"\n")).unwrap();
+    let h = Run::new(&dir, 1).arg("-c").arg(config.to_str().unwrap()).start();
+    h.wait_started();
+    const IDLE: &str = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(60)\ns.connect(sys.argv[1])\nprint(s.recv(4096).decode())";
+    let out = Command::new("setpriv")
+        .args(["--reuid", &nobody.uid.to_string(), "--regid", &nobody.gid.to_string(), "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", IDLE, control.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{reply} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(reply.contains("request timed out: send one JSON line within 2s"), "{reply}");
 }
 
 #[test]

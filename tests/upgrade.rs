@@ -45,18 +45,49 @@ fn exe(pid: i32) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
 }
 
+/// A scratch directory only root can write (whatever the umask): an upgrade accepts only
+/// binaries nobody else could have written.
+fn root_dir(tag: &str) -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new(tag);
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 /// A copy of the herdsman binary (the "new version" an upgrade installs).
 fn copy_of_herdsman(dir: &TempDir, name: &str) -> PathBuf {
     let p = dir.path(name);
     std::fs::copy(BIN, &p).unwrap();
+    chmod(&p, 0o755);
     p
 }
 
+/// A candidate binary whose behaviour a test writes: a copy of the system shell (an ELF file
+/// owned by root), so `CANDIDATE upgrade-check` runs the script `upgrade-check` and the exec
+/// `CANDIDATE run ...` the script `run`, both in herdsman's working directory (the test's
+/// directory: start herdsman with `.cwd(&dir.0)`). A script itself is refused as a candidate
+/// (its interpreter would run unchecked).
+fn shell_candidate(dir: &TempDir, name: &str) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::copy(std::fs::canonicalize("/bin/sh").unwrap(), &p).unwrap();
+    chmod(&p, 0o755);
+    p
+}
+
+/// What a [`shell_candidate`] does when run as `CANDIDATE what` (`upgrade-check` or `run`).
+fn behave(dir: &TempDir, what: &str, body: &str) {
+    std::fs::write(dir.path(what), format!("{body}\n")).unwrap();
+}
+
 fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let p = dir.path(name);
     std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    chmod(&p, 0o755);
     p
 }
 
@@ -77,7 +108,7 @@ fn upgrade(control: &Path, binary: &Path) -> Output {
 
 #[test]
 fn an_upgrade_under_load_keeps_the_pid_every_worker_and_every_request_and_the_new_image_supervises() {
-    let dir = TempDir::new("upgrade-load");
+    let dir = root_dir("upgrade-load");
     let control = dir.path("control.sock");
     let h = Run::new(&dir, 3).worker_env("TW_NOTIFY", "1").arg("--ready").arg("notify").start();
     ready(&control, 3);
@@ -153,22 +184,21 @@ fn an_upgrade_under_load_keeps_the_pid_every_worker_and_every_request_and_the_ne
 
 #[test]
 fn refused_binaries_change_nothing_missing_not_executable_failing_or_hanging() {
-    let dir = TempDir::new("upgrade-refuse");
+    let dir = root_dir("upgrade-refuse");
     let control = dir.path("control.sock");
-    let h = Run::new(&dir, 2).env("HERDSMAN_UPGRADE_CHECK_TIMEOUT", "1s").start();
+    let h = Run::new(&dir, 2).env("HERDSMAN_UPGRADE_CHECK_TIMEOUT", "1s").cwd(&dir.0).start();
     let before = ready(&control, 2);
     let plain = dir.path("plain");
     std::fs::write(&plain, "not a program").unwrap();
-    let fails = script(&dir, "fails", "echo 'broken build' >&2; exit 1");
-    let hangs = script(&dir, "hangs", "exec sleep 600");
-    let silent = script(&dir, "silent", "exit 0");
-    for (bin, why) in [
-        (dir.path("missing"), "does not exist"),
-        (plain, "not an executable"),
-        (fails, "exit status 1"),
-        (hangs, "did not answer"),
-        (silent, "no state-format report"),
+    let candidate = shell_candidate(&dir, "candidate");
+    for (bin, check, why) in [
+        (dir.path("missing"), "", "does not exist"),
+        (plain, "", "not an executable"),
+        (candidate.clone(), "echo 'broken build' >&2; exit 1", "(exit status 1): broken build"),
+        (candidate.clone(), "exec sleep 600", "did not answer"),
+        (candidate.clone(), "exit 0", "no state-format report"),
     ] {
+        behave(&dir, "upgrade-check", check);
         let out = upgrade(&control, &bin);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{}: {err}", bin.display());
@@ -187,7 +217,7 @@ fn refused_binaries_change_nothing_missing_not_executable_failing_or_hanging() {
 
 #[test]
 fn an_upgrade_during_a_roll_out_waits_for_it_and_a_reload_during_an_upgrade_waits_for_the_upgrade() {
-    let dir = TempDir::new("upgrade-order");
+    let dir = root_dir("upgrade-order");
     let control = dir.path("control.sock");
     let gate = dir.path("gate-");
     let open = |id: usize| std::fs::write(format!("{}{id}", gate.display()), "").unwrap();
@@ -199,6 +229,7 @@ fn an_upgrade_during_a_roll_out_waits_for_it_and_a_reload_during_an_upgrade_wait
     let _h = Run::new(&dir, 2)
         .env("HERDSMAN_UPGRADE_CHECK_TIMEOUT", "5m")
         .worker_env("TW_READY_GATE", gate.to_str().unwrap())
+        .cwd(&dir.0)
         .start();
     ready(&control, 2);
     close(0);
@@ -234,15 +265,17 @@ fn an_upgrade_during_a_roll_out_waits_for_it_and_a_reload_during_an_upgrade_wait
 
     // Now the other way round: the check of this upgrade waits at a gate, a reload comes in.
     let check_gate = dir.path("check-gate");
-    let slow = script(
+    let slow = shell_candidate(&dir, "herdsman-slow-check");
+    behave(
         &dir,
-        "herdsman-slow-check",
+        "upgrade-check",
         &format!(
-            "if [ \"$1\" = upgrade-check ]; then while [ ! -e {g} ]; do sleep 0.02; done; fi\nexec {bin} \"$@\"",
+            "while [ ! -e {g} ]; do sleep 0.02; done\nexec {bin} upgrade-check",
             g = check_gate.display(),
             bin = copy.display()
         ),
     );
+    behave(&dir, "run", &format!("exec {} run \"$@\"", copy.display()));
     let up = Command::new(BIN)
         .args(["upgrade", control.to_str().unwrap(), "--binary", slow.to_str().unwrap()])
         .stdout(Stdio::piped())
@@ -270,7 +303,7 @@ fn an_upgrade_during_a_roll_out_waits_for_it_and_a_reload_during_an_upgrade_wait
 
 #[test]
 fn two_upgrades_in_a_row_the_second_by_sigusr2_from_the_path_herdsman_was_started_from() {
-    let dir = TempDir::new("upgrade-twice");
+    let dir = root_dir("upgrade-twice");
     let control = dir.path("control.sock");
     let h = Run::new(&dir, 2).start();
     let before = ready(&control, 2);
@@ -291,7 +324,7 @@ fn two_upgrades_in_a_row_the_second_by_sigusr2_from_the_path_herdsman_was_starte
 
 #[test]
 fn a_steered_app_keeps_its_routing_across_an_upgrade() {
-    let dir = TempDir::new("upgrade-steer");
+    let dir = root_dir("upgrade-steer");
     let control = dir.path("control.sock");
     let mut run = Run::new(&dir, 3).arg("--balance").arg("steer");
     // Steering needs TCP: port 0, the real port read back from status.
@@ -348,19 +381,21 @@ fn http_metrics(addr: &str) -> String {
 #[test]
 fn a_failed_execve_leaves_the_old_image_serving_with_nothing_leaked_and_the_metrics_endpoint_survives_an_upgrade()
  {
-    let dir = TempDir::new("upgrade-execfail");
+    let dir = root_dir("upgrade-execfail");
     let control = dir.path("control.sock");
-    let h = Run::new(&dir, 2).arg("--metrics").arg("127.0.0.1:0").start();
+    let h = Run::new(&dir, 2).arg("--metrics").arg("127.0.0.1:0").cwd(&dir.0).start();
     let before = ready(&control, 2);
     let metrics = before["metrics"].as_str().unwrap().to_string();
     let fds = open_fds(h.pid());
     assert!(http_metrics(&metrics).contains("herdsman_workers"));
     // Passes its check, then makes itself unexecutable: the execve that follows fails.
-    let vanishing = script(
+    let vanishing = shell_candidate(&dir, "vanishing");
+    behave(
         &dir,
-        "vanishing",
+        "upgrade-check",
         &format!(
-            "if [ \"$1\" = upgrade-check ]; then cat >/dev/null; chmod -x \"$0\"; echo '{{\"version\":\"9.9.9\",\"state_format\":{}}}'; exit 0; fi\nexit 1",
+            "cat >/dev/null; chmod -x {}; echo '{{\"version\":\"9.9.9\",\"state_format\":{}}}'; exit 0",
+            vanishing.display(),
             herdsman::upgrade::STATE_FORMAT
         ),
     );
@@ -397,4 +432,174 @@ fn a_failed_execve_leaves_the_old_image_serving_with_nothing_leaked_and_the_metr
     assert!(http_metrics(&metrics).contains("herdsman_workers"), "metrics endpoint lost");
     assert!(settled(fds) <= fds, "descriptors leaked by the hand-over");
     assert!(!fd_targets(h.pid()).iter().any(|t| t.starts_with("/memfd:")), "state memfd leaked");
+}
+
+fn needs_root(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("SKIP {test}: needs root (to own files as another user and to become nobody)");
+    }
+    root
+}
+
+fn nobody() -> (u32, u32) {
+    let u = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+fn chown(p: &Path, uid: u32) {
+    nix::unistd::chown(p, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+}
+
+/// issue 22 §1: an upgrade ran any binary a caller named, as root. Now a binary anyone but
+/// root could have written (owned by another user, writable by others, under a directory
+/// another user owns or can write, reached through a symlink or `..`) or a script is
+/// refused (kind `untrusted`, exit 77) and never runs; the same shell, trusted, does run.
+#[test]
+fn a_binary_someone_other_than_root_could_have_written_is_refused_and_never_runs() {
+    if !needs_root("a_binary_someone_other_than_root_could_have_written_is_refused_and_never_runs") {
+        return;
+    }
+    let (nobody, _) = nobody();
+    let dir = root_dir("upgrade-untrusted");
+    let control = dir.path("control.sock");
+    let ran = dir.path("ran");
+    let h = Run::new(&dir, 1).cwd(&dir.0).start();
+    let before = ready(&control, 1);
+    behave(&dir, "upgrade-check", &format!("touch {}; exit 1", ran.display()));
+    let theirs = shell_candidate(&dir, "theirs");
+    chown(&theirs, nobody);
+    let group_writable = shell_candidate(&dir, "group-writable");
+    chmod(&group_writable, 0o775);
+    let world_writable = shell_candidate(&dir, "world-writable");
+    chmod(&world_writable, 0o757);
+    let their_dir = dir.path("their-dir");
+    std::fs::create_dir(&their_dir).unwrap();
+    chown(&their_dir, nobody);
+    chmod(&their_dir, 0o755);
+    let in_their_dir = their_dir.join("herdsman");
+    std::fs::copy(dir.path("theirs"), &in_their_dir).unwrap();
+    chown(&in_their_dir, 0);
+    chmod(&in_their_dir, 0o755);
+    let open_dir = dir.path("open-dir");
+    std::fs::create_dir(&open_dir).unwrap();
+    chmod(&open_dir, 0o777);
+    let in_open_dir = open_dir.join("herdsman");
+    std::fs::copy(dir.path("theirs"), &in_open_dir).unwrap();
+    chown(&in_open_dir, 0);
+    chmod(&in_open_dir, 0o755);
+    let trusted = shell_candidate(&dir, "trusted");
+    let link = dir.path("link");
+    std::os::unix::fs::symlink(&trusted, &link).unwrap();
+    let link_dir = dir.path("link-dir");
+    std::os::unix::fs::symlink(&dir.0, &link_dir).unwrap();
+    let sh_script = script(&dir, "script", &format!("touch {}; exit 1", ran.display()));
+    for (bin, why) in [
+        (theirs, format!("is owned by uid {nobody}, not root")),
+        (group_writable, "writable by its group".to_string()),
+        (world_writable, "writable by everyone".to_string()),
+        (in_their_dir, format!("directory {} is owned by uid {nobody}", their_dir.display())),
+        (in_open_dir, format!("directory {} is writable by everyone", open_dir.display())),
+        (link, "symbolic link".to_string()),
+        (link_dir.join("trusted"), format!("{} is a symbolic link", link_dir.display())),
+        (dir.path("their-dir/../trusted"), "`..`".to_string()),
+        (sh_script, "not an ELF executable".to_string()),
+    ] {
+        let out = upgrade(&control, &bin);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{}: {err}", bin.display());
+        assert!(err.contains(&why), "{}: expected {why:?} in {err:?}", bin.display());
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err:?}");
+        assert!(!ran.exists(), "{} ran", bin.display());
+        let st = status(&control);
+        assert_eq!((st["upgrades"].as_u64(), st["pid"].as_i64()), (Some(0), before["pid"].as_i64()));
+        assert_eq!(exe(h.pid()), PathBuf::from(BIN).canonicalize().unwrap());
+    }
+    // The same shell, owned by root in a directory only root writes, is run (its check fails).
+    let out = upgrade(&control, &trusted);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(ran.exists(), "the trusted candidate's check did not run: the refusals above prove nothing");
+}
+
+/// issue 22 §1: the take-over check got the state with the workers' environment (the config's
+/// `env` secrets) and herdsman's own environment. Now it gets neither.
+#[test]
+fn the_take_over_check_never_sees_the_workers_secrets_or_herdsmans_environment() {
+    let dir = root_dir("upgrade-secrets");
+    let control = dir.path("control.sock");
+    let _h = Run::new(&dir, 1)
+        .worker_env("APP_SECRET", "s3cr3t-of-the-app")
+        .env("HERDSMAN_TEST_SECRET", "s3cr3t-of-the-service")
+        .cwd(&dir.0)
+        .start();
+    ready(&control, 1);
+    let (state, env) = (dir.path("state-seen"), dir.path("env-seen"));
+    behave(&dir, "upgrade-check", &format!("cat >{}; env >{}; exit 1", state.display(), env.display()));
+    let candidate = shell_candidate(&dir, "candidate");
+    let out = upgrade(&control, &candidate);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let state = std::fs::read_to_string(&state).unwrap();
+    let env = std::fs::read_to_string(&env).unwrap();
+    assert!(state.contains("APP_SECRET"), "the check did not get the state: {state}");
+    assert!(!state.contains("s3cr3t-of-the-app"), "the check saw the app's secret: {state}");
+    assert!(!env.contains("s3cr3t"), "the check saw herdsman's environment: {env}");
+    assert!(!env.contains(herdsman::upgrade::STATE_VAR), "{env}");
+}
+
+/// issue 22 §1: a `control_group` member ran `herdsman upgrade --binary ./evil.sh` and got a
+/// root shell. Now only root may upgrade: the member is refused (exit 77), whatever the
+/// binary, and its binary never runs; root's upgrade goes through.
+#[test]
+fn a_control_group_member_cannot_upgrade_and_its_binary_never_runs() {
+    if !needs_root("a_control_group_member_cannot_upgrade_and_its_binary_never_runs") {
+        return;
+    }
+    let (uid, gid) = nobody();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)).unwrap().unwrap().name;
+    let dir = root_dir("upgrade-member");
+    let control = dir.path("control.sock");
+    let config = dir.path("app.toml");
+    std::fs::write(&config, format!("control_group = \"{group}\"\n")).unwrap();
+    let h = Run::new(&dir, 1).arg("-c").arg(config.to_str().unwrap()).start();
+    let before = ready(&control, 1);
+    // What the member runs, where it can reach it (the checkout may be in a 0700 directory).
+    let client = copy_of_herdsman(&dir, "herdsman-client");
+    let mine = dir.path("mine");
+    std::fs::create_dir(&mine).unwrap();
+    chown(&mine, uid);
+    let ran = dir.path("ran");
+    let evil = mine.join("evil.sh");
+    std::fs::write(&evil, format!("#!/bin/sh\ntouch {}\nexit 1\n", ran.display())).unwrap();
+    chmod(&evil, 0o755);
+    chown(&evil, uid);
+    let copy = copy_of_herdsman(&dir, "herdsman-new");
+    let as_member = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--clear-groups"])
+            .arg(&client)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = as_member(&["status", control.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "the member may not even ask for status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bin in [&evil, &copy] {
+        let out = as_member(&["upgrade", control.to_str().unwrap(), "--binary", bin.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{}: {err}", bin.display());
+        assert!(err.contains("only root may upgrade"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err:?}");
+        assert!(!ran.exists(), "the member's binary ran");
+        let st = status(&control);
+        assert_eq!(st["upgrades"], 0);
+        assert_eq!(workers(&st), workers(&before));
+    }
+    let out = upgrade(&control, &copy);
+    assert!(out.status.success(), "root's upgrade: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(exe(h.pid()), copy);
+    assert_eq!(status(&control)["upgrades"], 1);
 }

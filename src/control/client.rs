@@ -21,13 +21,54 @@ fn fail(code: i32, message: impl Into<String>) -> Failure {
     Failure { code, message: message.into() }
 }
 
+/// How long a client keeps asking again while the supervisor answers "busy" (its control
+/// connections are all in use; idle ones are evicted to make room, so this is short-lived).
+const BUSY_RETRY: Duration = Duration::from_secs(5);
+
 /// Sends `op` to the supervisor at `path`; calls `progress` for each progress line and returns
-/// the final reply.
+/// the final reply. A "busy" answer (nothing was carried out) is retried for up to
+/// 5 s (`BUSY_RETRY`), within `timeout`.
 pub fn call(
     path: &Path,
     op: Op,
     timeout: Duration,
     mut progress: impl FnMut(&str),
+) -> Result<Reply, Failure> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        match call_once(path, op.clone(), left, &mut progress) {
+            Err((_, true)) if started.elapsed() + pause < BUSY_RETRY.min(timeout) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            other => return other.map_err(|(f, _)| f),
+        }
+    }
+}
+
+/// One attempt; the error says whether it was "busy" (nothing carried out: ask again).
+fn call_once(
+    path: &Path,
+    op: Op,
+    timeout: Duration,
+    progress: &mut impl FnMut(&str),
+) -> Result<Reply, (Failure, bool)> {
+    call_inner(path, op, timeout, progress).map_err(|f| {
+        let busy = f.code == BUSY;
+        (Failure { code: if busy { exit::TIMEOUT } else { f.code }, message: f.message }, busy)
+    })
+}
+
+/// Marks a "busy" answer inside [`call_once`] (never leaves this module).
+const BUSY: i32 = -75;
+
+fn call_inner(
+    path: &Path,
+    op: Op,
+    timeout: Duration,
+    progress: &mut impl FnMut(&str),
 ) -> Result<Reply, Failure> {
     let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => fail(
@@ -81,8 +122,8 @@ pub fn call(
             Reply::Progress { message } => progress(&message),
             Reply::Error { kind, message } => {
                 let code = match kind {
-                    ErrorKind::PermissionDenied => exit::NOPERM,
-                    ErrorKind::Busy => exit::TIMEOUT,
+                    ErrorKind::PermissionDenied | ErrorKind::Untrusted => exit::NOPERM,
+                    ErrorKind::Busy => BUSY,
                     ErrorKind::Failed
                     | ErrorKind::BadRequest
                     | ErrorKind::ShuttingDown
@@ -239,5 +280,61 @@ pub fn upgrade(
             Ok(())
         }
         other => Err(fail(exit::FAILURE, format!("unexpected answer: {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Read;
+
+    /// A server that answers the first `busy` connections "busy" (without reading, as the
+    /// real one does), then `scale`; returns how many connections it saw.
+    fn server(path: &Path, busy: usize) -> std::thread::JoinHandle<usize> {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for n in 0.. {
+                let (mut s, _) = listener.accept().unwrap();
+                if n < busy {
+                    let reply = Reply::error(ErrorKind::Busy, "busy: the control socket is full; try again");
+                    s.write_all(reply.line().as_bytes()).unwrap();
+                    continue;
+                }
+                let mut line = [0u8; 1];
+                let _ = s.read(&mut line);
+                s.write_all(Reply::Scale { workers: 3 }.line().as_bytes()).unwrap();
+                return n + 1;
+            }
+            unreachable!()
+        })
+    }
+
+    #[test]
+    fn a_busy_answer_is_retried_until_the_supervisor_has_room() {
+        let dir = std::env::temp_dir().join(format!("herdsman-client-busy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let seen = server(&path, 3);
+        let reply = call(&path, Op::Status, Duration::from_secs(30), |_| {}).unwrap();
+        assert!(matches!(reply, Reply::Scale { workers: 3 }), "{reply:?}");
+        assert_eq!(seen.join().unwrap(), 4);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_supervisor_that_stays_busy_is_reported_busy_with_exit_75_after_a_few_seconds() {
+        let dir = std::env::temp_dir().join(format!("herdsman-client-busier-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let _server = server(&path, usize::MAX);
+        let started = Instant::now();
+        let err = call(&path, Op::Status, Duration::from_secs(60), |_| {}).unwrap_err();
+        assert_eq!(err.code, exit::TIMEOUT, "{}", err.message);
+        assert!(err.message.starts_with("busy:"), "{}", err.message);
+        assert!(started.elapsed() < Duration::from_secs(50), "kept retrying for {:?}", started.elapsed());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -273,6 +273,9 @@ pub enum ErrorKind {
     Scale,
     /// `upgrade` was refused, or its `execve` failed; nothing changed.
     UpgradeRefused,
+    /// `upgrade` was refused because its binary could have been written by someone other than
+    /// root (or herdsman's own user): see `crate::upgrade::Candidate`. Nothing ran.
+    Untrusted,
 }
 
 impl Reply {

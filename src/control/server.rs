@@ -2,9 +2,18 @@
 //!
 //! Each connection carries one request; a malformed, oversized or slow request gets an error
 //! reply and the connection is closed, without touching the supervisor. Requests become
-//! [`Control`]s on the supervisor's queue. At most [`MAX_CLIENTS`] connections are served at
-//! once (each holds a file descriptor, and the supervisor's descriptors are for its
-//! workers); one more gets a one-line busy error and is closed at once.
+//! [`Control`]s on the supervisor's queue.
+//!
+//! Slots. The peer's credentials (`SO_PEERCRED`) are checked as soon as a connection is
+//! accepted: a peer that may not use the socket is answered and closed at once and never
+//! holds anything. At most [`MAX_CLIENTS`] connections are served at once (each holds a file
+//! descriptor, and the supervisor's descriptors are for its workers); [`ROOT_SLOTS`] of them
+//! only root ever uses (so `systemctl reload` always gets one), one non-root uid holds at
+//! most [`SLOTS_PER_UID`], and a non-root connection must send its request within 2 s (root's:
+//! 5 s). When a new connection finds no room, the oldest connection that has not sent its
+//! request yet (of the same uid, or of any non-root uid, or for root of anyone) is told
+//! "busy" and closed to make room; only when every connection in the way is in the middle of
+//! a request is the new one answered "busy". Clients retry "busy" for a few seconds.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
@@ -188,7 +197,8 @@ pub fn spawn(
 ) -> std::io::Result<()> {
     let listener = UnixListener::from_std(bound.listener.try_clone()?)?;
     let meter = Arc::new(Mutex::new(CpuMeter::default()));
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let lookups = Arc::new(Semaphore::new(MAX_LOOKUPS));
     tokio::spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {
@@ -200,60 +210,195 @@ pub fn spawn(
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                refuse_busy(&stream);
+            // Who it is comes first: nothing is held for a peer before it is known.
+            let Ok(cred) = stream.peer_cred() else { continue };
+            let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+            let conn = Conn {
+                stream,
+                uid,
+                controls: controls.clone(),
+                access,
+                meter: meter.clone(),
+                metrics: metrics.clone(),
+                slots: slots.clone(),
+            };
+            if access.allows_at_once(uid, gid) {
+                conn.admit();
+                continue;
+            }
+            if access.group.is_none() {
+                refuse(&conn.stream, uid, pid, access);
+                continue;
+            }
+            // Supplementary groups need a lookup (NSS may block): off the loop, a bounded
+            // number at once; over that the peer hears "busy" (its client retries).
+            let Ok(permit) = lookups.clone().try_acquire_owned() else {
+                refuse_busy(&conn.stream, "membership checks");
                 continue;
             };
-            let controls = controls.clone();
-            let meter = meter.clone();
-            let metrics = metrics.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, controls, access, meter, metrics).await {
-                    tracing::debug!("control client: {e}");
-                }
+                let allowed =
+                    tokio::task::spawn_blocking(move || access.allows(uid, gid, pid)).await.unwrap_or(false);
                 drop(permit);
+                if allowed {
+                    conn.admit();
+                } else {
+                    refuse(&conn.stream, uid, pid, access);
+                }
             });
         }
     });
     Ok(())
 }
 
-/// Over [`MAX_CLIENTS`]: one line, without waiting (a fresh connection's send buffer is
-/// empty, so the write cannot block), then the connection is closed by the caller's drop.
-fn refuse_busy(stream: &UnixStream) {
-    let message = format!(
-        "busy: {MAX_CLIENTS} control connections are open, the most served at once; try again in a moment"
-    );
-    let _ = stream.try_write(Reply::error(ErrorKind::Busy, message).line().as_bytes());
+/// Supplementary-group lookups (`/proc`, NSS) running at the same time.
+const MAX_LOOKUPS: usize = 16;
+
+/// Of [`MAX_CLIENTS`], this many are only ever used by uid 0 (`systemctl reload` runs
+/// `herdsman reload` as root): whatever other users hold, root gets a slot.
+pub const ROOT_SLOTS: usize = 16;
+
+/// Slots one non-root uid may hold at once.
+pub const SLOTS_PER_UID: usize = 16;
+
+/// A non-root client's request must arrive within this (root's: [`REQUEST_TIMEOUT`]). Every
+/// client sends its one line at once; an idle connection only holds a slot.
+const USER_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connections being served. A connection is *idle* until its request line has arrived;
+/// idle ones are evicted (oldest first) to make room, busy ones never are.
+#[derive(Default)]
+struct Slots {
+    next: u64,
+    /// By age (ids grow): uid, and the eviction signal while idle.
+    held: std::collections::BTreeMap<u64, (u32, Option<oneshot::Sender<()>>)>,
 }
 
-async fn handle(
+impl Slots {
+    /// A slot for `uid`, evicting the oldest idle connection that stands in the way; `None`
+    /// when every connection in the way is in the middle of a request.
+    fn take(&mut self, uid: u32) -> Option<(u64, oneshot::Receiver<()>)> {
+        let users = self.held.values().filter(|(u, _)| *u != 0).count();
+        let mine = self.held.values().filter(|(u, _)| *u == uid).count();
+        let full = self.held.len() >= MAX_CLIENTS;
+        // Whose idle connection must go to make room, if any.
+        let victim = if uid != 0 && mine >= SLOTS_PER_UID {
+            self.oldest_idle(|u| u == uid)
+        } else if uid != 0 && (full || users >= MAX_CLIENTS - ROOT_SLOTS) {
+            self.oldest_idle(|u| u != 0)
+        } else if full {
+            // Root, and every slot held: another user's idle connection first, else root's.
+            self.oldest_idle(|u| u != 0).or_else(|| self.oldest_idle(|_| true))
+        } else {
+            return Some(self.add(uid));
+        };
+        self.evict_then_add(victim, uid)
+    }
+
+    fn oldest_idle(&self, of: impl Fn(u32) -> bool) -> Option<u64> {
+        self.held.iter().find(|(_, (u, evict))| of(*u) && evict.is_some()).map(|(id, _)| *id)
+    }
+
+    fn evict_then_add(&mut self, victim: Option<u64>, uid: u32) -> Option<(u64, oneshot::Receiver<()>)> {
+        let (_, evict) = self.held.remove(&victim?)?;
+        if let Some(tx) = evict {
+            let _ = tx.send(());
+        }
+        Some(self.add(uid))
+    }
+
+    fn add(&mut self, uid: u32) -> (u64, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next;
+        self.next += 1;
+        self.held.insert(id, (uid, Some(tx)));
+        (id, rx)
+    }
+
+    /// The request arrived: no longer evictable.
+    fn busy(&mut self, id: u64) {
+        if let Some((_, evict)) = self.held.get_mut(&id) {
+            *evict = None;
+        }
+    }
+}
+
+/// Gives the slot back when the connection's task ends.
+struct Held {
+    slots: Arc<Mutex<Slots>>,
+    id: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).held.remove(&self.id);
+    }
+}
+
+/// An authorized connection, before it has a slot.
+struct Conn {
     stream: UnixStream,
+    uid: u32,
     controls: mpsc::Sender<Control>,
     access: Access,
     meter: Arc<Mutex<CpuMeter>>,
     metrics: crate::metrics::Metrics,
-) -> std::io::Result<()> {
-    let cred = stream.peer_cred()?;
-    let (read, mut write) = stream.into_split();
-    let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
-    let allowed = access.allows_at_once(uid, gid)
-        || tokio::task::spawn_blocking(move || access.allows(uid, gid, pid)).await.unwrap_or(false);
-    if !allowed {
-        tracing::warn!("control: refused uid {} (pid {:?})", cred.uid(), cred.pid());
-        let also = access.group.map(|g| format!(" and members of group {g}")).unwrap_or_default();
-        let msg = format!(
-            "permission denied: uid {} may not control this app (allowed: root, uid {}{also})",
-            cred.uid(),
-            access.uid
-        );
-        return write.write_all(Reply::error(ErrorKind::PermissionDenied, msg).line().as_bytes()).await;
+    slots: Arc<Mutex<Slots>>,
+}
+
+impl Conn {
+    /// Takes a slot (see [`Slots::take`]) and serves the connection, or answers "busy".
+    fn admit(self) {
+        let taken = self.slots.lock().unwrap_or_else(|p| p.into_inner()).take(self.uid);
+        let Some((id, evicted)) = taken else {
+            return refuse_busy(&self.stream, "requests in progress");
+        };
+        tokio::spawn(async move {
+            let held = Held { slots: self.slots.clone(), id };
+            if let Err(e) = handle(self, held, evicted).await {
+                tracing::debug!("control client: {e}");
+            }
+        });
     }
+}
+
+/// A peer that may not use the socket: one line, without waiting (a fresh connection's send
+/// buffer is empty, so the write cannot block), then closed by the caller's drop.
+fn refuse(stream: &UnixStream, uid: u32, pid: Option<i32>, access: Access) {
+    tracing::warn!("control: refused uid {uid} (pid {pid:?})");
+    let also = access.group.map(|g| format!(" and members of group {g}")).unwrap_or_default();
+    let msg = format!(
+        "permission denied: uid {uid} may not control this app (allowed: root, uid {}{also})",
+        access.uid
+    );
+    let _ = stream.try_write(Reply::error(ErrorKind::PermissionDenied, msg).line().as_bytes());
+}
+
+/// No slot: one line, without waiting, then the connection is closed by the caller's drop.
+fn refuse_busy(stream: &UnixStream, what: &str) {
+    let message = format!("busy: the control socket is full ({what}); try again in a moment");
+    let _ = stream.try_write(Reply::error(ErrorKind::Busy, message).line().as_bytes());
+}
+
+async fn handle(conn: Conn, held: Held, mut evicted: oneshot::Receiver<()>) -> std::io::Result<()> {
+    let Conn { stream, uid, controls, access, meter, metrics, slots } = conn;
+    let (read, mut write) = stream.into_split();
+    let within = if uid == 0 { REQUEST_TIMEOUT } else { USER_REQUEST_TIMEOUT };
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
-    let got = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let got = tokio::select! {
+        got = tokio::time::timeout(within, reader.read_until(b'\n', &mut line)) => got,
+        _ = &mut evicted => {
+            let message = "busy: the control socket is full and this connection sent nothing; try again";
+            return write.write_all(Reply::error(ErrorKind::Busy, message).line().as_bytes()).await;
+        }
+    };
+    slots.lock().unwrap_or_else(|p| p.into_inner()).busy(held.id);
     let request = match got {
-        Err(_) => Err("request timed out: send one JSON line within 5 s".to_string()),
+        Err(_) => Err(format!(
+            "request timed out: send one JSON line within {}",
+            humantime::format_duration(within)
+        )),
         Ok(Err(e)) => Err(format!("cannot read the request: {e}")),
         Ok(Ok(_)) if line.len() > MAX_REQUEST => {
             Err(format!("request too large (limit {MAX_REQUEST} bytes)"))
@@ -315,6 +460,16 @@ async fn handle(
                 }
             }
         }
+        // Upgrading runs a binary as herdsman's user: root's (or that user's own) decision
+        // alone, never a control_group member's.
+        Op::Upgrade { .. } if uid != 0 && uid != access.uid => {
+            tracing::warn!("control: refused an upgrade from uid {uid}");
+            let message = format!(
+                "permission denied: only root{} may upgrade herdsman in place (uid {uid} may ask for status, reload and scale)",
+                if access.uid != 0 { format!(" and uid {}", access.uid) } else { String::new() }
+            );
+            write.write_all(Reply::error(ErrorKind::PermissionDenied, message).line().as_bytes()).await
+        }
         Op::Upgrade { binary } => {
             // The new image answers on this same connection (a copy of it is handed over);
             // this task only answers when the upgrade is refused or fails.
@@ -326,8 +481,9 @@ async fn handle(
             }
             let reply = match rx.await {
                 Ok(Ok(done)) => Reply::Upgrade(done),
-                Ok(Err(message)) => {
-                    Reply::error(ErrorKind::UpgradeRefused, format!("cannot upgrade: {message}"))
+                Ok(Err(e)) => {
+                    let kind = if e.untrusted() { ErrorKind::Untrusted } else { ErrorKind::UpgradeRefused };
+                    Reply::error(kind, format!("cannot upgrade: {e}"))
                 }
                 Err(_) => gone(),
             };
@@ -360,5 +516,51 @@ async fn handle(
             };
             write.write_all(reply.line().as_bytes()).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_always_gets_a_slot_and_users_evict_their_own_oldest_idle_connection() {
+        let mut slots = Slots::default();
+        // One user fills its share: the next one of its connections evicts its oldest.
+        let mut rx: Vec<_> = (0..SLOTS_PER_UID).map(|_| slots.take(1000).unwrap().1).collect();
+        let (_, newest) = slots.take(1000).unwrap();
+        assert!(rx[0].try_recv().is_ok(), "the oldest idle connection was not evicted");
+        assert!(rx[1].try_recv().is_err());
+        assert_eq!(slots.held.values().filter(|(u, _)| *u == 1000).count(), SLOTS_PER_UID);
+        // Many users fill what is not root's: a new user evicts the oldest idle user connection.
+        for uid in 1001..1010 {
+            for _ in 0..SLOTS_PER_UID {
+                slots.take(uid).unwrap();
+            }
+        }
+        let users = slots.held.values().filter(|(u, _)| *u != 0).count();
+        assert_eq!(users, MAX_CLIENTS - ROOT_SLOTS);
+        // Root gets every reserved slot without evicting anyone...
+        for _ in 0..ROOT_SLOTS {
+            slots.take(0).unwrap();
+        }
+        assert_eq!(slots.held.len(), MAX_CLIENTS);
+        // ...and, with all held, evicts a user's idle connection rather than be refused.
+        slots.take(0).unwrap();
+        assert_eq!(slots.held.len(), MAX_CLIENTS);
+        assert_eq!(slots.held.values().filter(|(u, _)| *u == 0).count(), ROOT_SLOTS + 1);
+        drop(newest);
+    }
+
+    #[test]
+    fn connections_in_the_middle_of_a_request_are_never_evicted() {
+        let mut slots = Slots::default();
+        let ids: Vec<u64> = (0..SLOTS_PER_UID).map(|_| slots.take(1000).unwrap().0).collect();
+        for id in &ids {
+            slots.busy(*id);
+        }
+        assert!(slots.take(1000).is_none(), "evicted a connection that sent its request");
+        // Root is not affected by a user's busy connections.
+        assert!(slots.take(0).is_some());
     }
 }

@@ -21,7 +21,7 @@ use crate::requests::Waiter;
 use crate::spawn::Spec;
 use crate::sys::HandedOver;
 use crate::upgrade::{
-    self, Carry, Clock, Exporter, Handover, SlotState, SupervisorState, UpgradeError, WorkerPhase,
+    self, Candidate, Carry, Clock, Exporter, Handover, SlotState, SupervisorState, UpgradeError, WorkerPhase,
     WorkerRecord,
 };
 use crate::worker::Worker;
@@ -70,8 +70,9 @@ impl Upgrades {
 
 /// An upgrade that was asked for and has not ended.
 struct Pending {
-    binary: PathBuf,
-    reply: Option<oneshot::Sender<Result<UpgradeDone, String>>>,
+    /// The binary, opened and checked once: the check and the exec run this descriptor.
+    binary: Candidate,
+    reply: Option<oneshot::Sender<Result<UpgradeDone, UpgradeError>>>,
     /// The client's connection, for the new image to answer on.
     conn: Option<std::os::fd::OwnedFd>,
     phase: Phase,
@@ -120,12 +121,12 @@ impl Supervisor {
     pub(super) fn request_upgrade(
         &mut self,
         binary: Option<PathBuf>,
-        reply: Option<oneshot::Sender<Result<UpgradeDone, String>>>,
+        reply: Option<oneshot::Sender<Result<UpgradeDone, UpgradeError>>>,
         conn: Option<std::os::fd::OwnedFd>,
     ) {
         let refuse = |reply: Option<oneshot::Sender<_>>, e: UpgradeError| {
             if let Some(tx) = reply {
-                let _ = tx.send(Err(e.to_string()));
+                let _ = tx.send(Err(e));
             }
         };
         if self.stopping {
@@ -140,6 +141,13 @@ impl Supervisor {
         };
         let binary = binary.unwrap_or_else(|| carry.binary.clone());
         tracing::info!(app = %self.app, "upgrade requested: re-executing from {}", binary.display());
+        let binary = match Candidate::open(&binary, nix::unistd::geteuid().as_raw()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(app = %self.app, "upgrade refused: {e}");
+                return refuse(reply, e);
+            }
+        };
         self.upgrades.pending = Some(Pending { binary, reply, conn, phase: Phase::Waiting });
     }
 
@@ -152,17 +160,22 @@ impl Supervisor {
         let quiet = self.rollouts.idle() && self.health.idle() && !self.pool.has_scale_waiters();
         match &up.phase {
             Phase::Waiting if quiet => {
-                let binary = up.binary.clone();
+                let binary = up.binary.path.clone();
+                let fd = match up.binary.fd.try_clone() {
+                    Ok(fd) => fd,
+                    Err(e) => return self.end_upgrade(Err(UpgradeError::Prepare(e.to_string()))),
+                };
                 let timeout =
                     self.upgrades.carry.as_ref().map_or(upgrade::CHECK_TIMEOUT, |c| c.check_timeout);
-                let state = self
-                    .handover(&mut Exporter::new(true, self.fd_floor()), None)
-                    .and_then(|h| serde_json::to_vec(&h).map_err(|e| UpgradeError::Prepare(e.to_string())));
+                let state = self.handover(&mut Exporter::new(true, self.fd_floor()), None).and_then(|h| {
+                    serde_json::to_vec(&upgrade::redacted(h))
+                        .map_err(|e| UpgradeError::Prepare(e.to_string()))
+                });
                 match state {
                     Ok(bytes) => {
                         let events = self.outside.events.clone();
                         tokio::spawn(async move {
-                            let r = upgrade::check(binary, bytes, timeout).await;
+                            let r = upgrade::check(binary, fd, bytes, timeout).await;
                             let _ = events.send(Event::UpgradeChecked(r));
                         });
                         if let Some(up) = &mut self.upgrades.pending {
@@ -181,7 +194,7 @@ impl Supervisor {
         let Some(up) = &mut self.upgrades.pending else { return };
         match r {
             Ok(report) => {
-                tracing::info!(app = %self.app, "{} (herdsman {}) passed its take-over check", up.binary.display(), report.version);
+                tracing::info!(app = %self.app, "{} (herdsman {}) passed its take-over check", up.binary.path.display(), report.version);
                 // Reloads that waited for the upgrade go to the new image: tell their clients.
                 let waiters = std::mem::take(&mut self.upgrades.deferred);
                 let outcome = ReloadOutcome {
@@ -209,7 +222,7 @@ impl Supervisor {
             tracing::error!(app = %self.app, "upgrade refused: {e}");
         }
         if let Some(tx) = up.reply {
-            let _ = tx.send(r.map_err(|e| e.to_string()));
+            let _ = tx.send(r);
         }
         for w in std::mem::take(&mut self.upgrades.deferred) {
             self.request_reload(w);
@@ -218,18 +231,22 @@ impl Supervisor {
 
     fn exec_upgrade(&mut self) {
         let Some(up) = &mut self.upgrades.pending else { return };
-        let binary = up.binary.clone();
+        let binary = up.binary.fd.try_clone().map(|fd| Candidate { fd, path: up.binary.path.clone() });
         let conn = up.conn.take();
         let version = match &up.phase {
             Phase::Checked { report, .. } => report.version.clone(),
             _ => return,
+        };
+        let binary = match binary {
+            Ok(b) => b,
+            Err(e) => return self.end_upgrade(Err(UpgradeError::Prepare(e.to_string()))),
         };
         let mut exporter = Exporter::new(false, self.fd_floor());
         let state = match self.handover(&mut exporter, conn.as_ref()) {
             Ok(s) => s,
             Err(e) => return self.end_upgrade(Err(e)),
         };
-        tracing::info!(app = %self.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.display(), self.pool.workers.len());
+        tracing::info!(app = %self.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.path.display(), self.pool.workers.len());
         self.manager.send(&format!("STATUS=upgrading in place to herdsman {version}"));
         self.manager.flush();
         // The last lines must not die with this image.

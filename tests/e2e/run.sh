@@ -716,6 +716,7 @@ s_control_group() {
     out=$(ct runuser -u hsoutsider -- herdsman reload ops 2>&1) || rc=$?
     [ $rc -eq 77 ] || fail "reload by a user outside hsops: exit $rc: $out"
     ready_text ops 1 3 || fail "the refused reload changed something: $(prop herdsman@ops.service StatusText)"
+    s_control_group_upgrade_and_slots
     ct herdsman remove ops --yes >/dev/null || fail "remove ops"
 
     # The same with herdsman itself running as a service user (a User= drop-in, documented
@@ -749,6 +750,77 @@ s_control_group() {
     ct userdel hsoutsider
     ct groupdel hsops
 }
+
+# issue 22 §1 and §2 under the shipped unit, on app `ops` (control_group hsops, member
+# hsmember, generation 3): a member's `upgrade --binary` of its own script is refused and the
+# script never runs (nor does an upgrade to the installed binary by the member), root's
+# `upgrade --binary /usr/bin/herdsman` goes through; then 2000 (or as many as the container
+# allows) idle connections from the member, and root's `systemctl reload` and `herdsman
+# status` still work.
+s_control_group_upgrade_and_slots() {
+    local out rc marker=/run/herdsman/ops/evil-ran
+    mkdir -p "$CT_ROOT/srv/hsmember"
+    printf '#!/bin/sh\ntouch %s\nexit 1\n' "$marker" >"$CT_ROOT/srv/hsmember/evil.sh"
+    ct chown -R hsmember /srv/hsmember
+    ct chmod 0755 /srv/hsmember /srv/hsmember/evil.sh
+    for bin in /srv/hsmember/evil.sh /usr/bin/herdsman; do
+        rc=0
+        out=$(CT_TIMEOUT=90 ct runuser -u hsmember -- herdsman upgrade ops --binary "$bin" 2>&1) || rc=$?
+        note "member's upgrade --binary $bin: exit $rc: $out"
+        [ $rc -eq 77 ] || fail "a member's upgrade --binary $bin got exit $rc (want 77, refused): $out"
+        ! ct test -e "$marker" || fail "the member's script ran as root"
+    done
+    [ "$(status_of ops upgrades)" = 0 ] || fail "a member's upgrade happened"
+    rc=0
+    out=$(CT_TIMEOUT=90 ct herdsman upgrade ops --binary /srv/hsmember/evil.sh 2>&1) || rc=$?
+    [ $rc -eq 77 ] || fail "root's upgrade to a binary hsmember owns got exit $rc (want 77): $out"
+    ! ct test -e "$marker" || fail "the member's script ran as root (asked by root)"
+    out=$(CT_TIMEOUT=90 ct herdsman upgrade ops --binary /usr/bin/herdsman 2>&1) || fail "root's upgrade: $out"
+    note "root: $out"
+    [ "$(status_of ops upgrades)" = 1 ] || fail "root's upgrade did not happen"
+
+    # Idle connections held by the member, from a process of its own.
+    local hold stop=/tmp/hs-holder-stop-$$ n
+    rm -f "$CT_ROOT$stop" "$RUN_TMP/holder.out"
+    hold='
+import os, resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+except (ValueError, OSError):
+    pass
+n = min(int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 16)
+held = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    held.append(s)
+print(len(held), flush=True)
+end = time.monotonic() + 150
+while not os.path.exists(sys.argv[3]) and time.monotonic() < end:
+    time.sleep(0.05)
+'
+    CT_TIMEOUT=180 ct runuser -u hsmember -- python3 -c "$hold" /run/herdsman/ops/control.sock 2000 "$stop" \
+        >"$RUN_TMP/holder.out" 2>&1 &
+    local holder=$!
+    wait_until 120 "the member's idle connections" grep -qx '[0-9]*' "$RUN_TMP/holder.out" ||
+        fail "the connection holder: $(cat "$RUN_TMP/holder.out")"
+    n=$(cat "$RUN_TMP/holder.out")
+    [ "$n" -ge 1000 ] || fail "only $n idle connections could be opened"
+    local t0 took
+    t0=$(now)
+    out=$(ct herdsman status ops 2>&1) || fail "root's status with $n idle connections from a member: $out"
+    took=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }')
+    CT_TIMEOUT=90 ct systemctl reload herdsman@ops || fail "systemctl reload with $n idle connections from a member"
+    ready_text ops 1 4 || fail "not on generation 4 after root's reload: $(prop herdsman@ops.service StatusText)"
+    note "$n idle connections from hsmember: root's herdsman status answered in ${took} s (with nsenter), systemctl reload ok"
+    touch "$CT_ROOT$stop"
+    wait "$holder" || true
+    rm -f "$CT_ROOT$stop"
+}
+
+# `herdsman status NAME --json`'s KEY inside the container.
+status_of() { ct herdsman status "$1" --json | "$HOST_PY" -c "import json,sys; print(json.load(sys.stdin)['$2'])"; }
 
 # Units whose enablement symlink points nowhere.
 dangling_links() { ct find /etc/systemd/system -xtype l -name 'herdsman@*'; }

@@ -106,6 +106,8 @@ pub struct Run {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub addr: Addr,
+    /// herdsman's working directory (default: the test's).
+    pub cwd: Option<PathBuf>,
 }
 
 impl Run {
@@ -126,7 +128,13 @@ impl Run {
             ],
             env: Vec::new(),
             addr,
+            cwd: None,
         }
+    }
+    /// Starts herdsman in `dir`.
+    pub fn cwd(mut self, dir: &std::path::Path) -> Self {
+        self.cwd = Some(dir.to_path_buf());
+        self
     }
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.to_string());
@@ -145,13 +153,25 @@ impl Run {
         if !args.iter().any(|a| a == "--") {
             args.extend(["--".to_string(), "python3".to_string(), worker_py()]);
         }
-        Herdsman::spawn(&args, &self.env, self.addr)
+        Herdsman::spawn_in(&args, &self.env, self.addr, self.cwd.as_deref())
     }
 }
 
 impl Herdsman {
     pub fn spawn(args: &[String], env: &[(String, String)], addr: Addr) -> Herdsman {
+        Herdsman::spawn_in(args, env, addr, None)
+    }
+
+    pub fn spawn_in(
+        args: &[String],
+        env: &[(String, String)],
+        addr: Addr,
+        cwd: Option<&std::path::Path>,
+    ) -> Herdsman {
         let mut cmd = Command::new(BIN);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
         for (k, v) in env {
