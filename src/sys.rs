@@ -927,19 +927,20 @@ pub fn drop_steering_capabilities(still_works: impl FnOnce() -> io::Result<()>) 
         caps_set(&before)?;
         return Ok(CapsDropped::Kept(e));
     }
-    for cap in [CAP_BPF, CAP_PERFMON, CAP_SETPCAP] {
-        // SAFETY: prctl with integer arguments only. EPERM without CAP_SETPCAP (then the
-        // workers' bounding set drop fails the same way and only these sets change).
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-    }
     lower_steering_capabilities()?;
     Ok(CapsDropped::Dropped)
 }
 
-/// Takes `CAP_BPF`, `CAP_PERFMON` and `CAP_SETPCAP` out of the calling thread's permitted,
-/// effective and inheritable sets: for a thread that never needs them (herdsman's log thread,
-/// started before the router is loaded).
+/// Takes `CAP_BPF`, `CAP_PERFMON` and then `CAP_SETPCAP` out of the calling thread's bounding
+/// set (so that an `execve` from this thread, even as root, cannot get them back), then out
+/// of its permitted, effective and inheritable sets. Also for a thread that never needs them
+/// (herdsman's log thread, started before the router is loaded).
 pub fn lower_steering_capabilities() -> io::Result<()> {
+    for cap in [CAP_BPF, CAP_PERFMON, CAP_SETPCAP] {
+        // SAFETY: prctl with integer arguments only. EPERM without CAP_SETPCAP (then the
+        // workers' bounding set drop fails the same way and only the other sets change).
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+    }
     lower_capabilities(&[CAP_BPF, CAP_PERFMON, CAP_SETPCAP])
 }
 
