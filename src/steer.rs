@@ -11,9 +11,8 @@
 //! exits) rebuilds the program from the set of *receiving* members and attaches it again,
 //! which replaces the group's program atomically.
 //!
-//! * `steer`: the receiving member with the **shortest accept queue**, looking from the one
-//!   whose turn it is (an eBPF program, below); where the kernel refuses that, **round robin**
-//!   (eBPF without kernel reads); where it refuses eBPF (no `CAP_BPF`, a seccomp filter) or
+//! * `steer`: the receiving members in turn (**round robin**, an eBPF program, below); where
+//!   the kernel refuses eBPF (no `CAP_BPF`, a seccomp filter) or with
 //!   `HERDSMAN_STEER_ROUTING=hash`, the classic program, key = a hash of the client's source
 //!   port and address, `key % n`.
 //! * `sticky`: key = the client's IPv4 address (IPv6: its /64); `key % slots` picks the slot,
@@ -45,30 +44,26 @@
 //! write the maps. It needs `CAP_BPF` (or root) and the `bpf` system call; if anything is
 //! refused, steering stays on the classic program (which is attached first, and stays the
 //! bridge while the eBPF one is built), herdsman says so once, and `status --json` shows
-//! `"routing": "hash"`. A kernel socket can be in one `SOCKARRAY` at a time: after a restart or
-//! an in-place upgrade the previous program's maps are freed by the kernel shortly after the
-//! classic bridge replaced it, so putting a member in the new map is retried for up to 2 s.
+//! `"routing": "hash"`. A kernel socket can be in one `SOCKARRAY` at a time: after a restart
+//! the previous program's maps are freed by the kernel shortly after the classic bridge
+//! replaced it, so putting a member in the new map is retried for up to 2 s. An in-place
+//! upgrade hands the program and its maps over with the sockets ([`RouterState`]).
 //!
-//! Shortest queue (`steer`'s default). Turns are blind: a worker busy with a slow request
-//! still gets its turn while another sits idle, which is the known cost of per-worker queues
-//! (a shared queue is served by whichever worker is free). [`shortest_queue_program`] runs on
-//! the same maps: the member whose turn it is gets the connection unless another of the next
-//! [`SCAN`] receiving members has an accept queue more than [`SLACK`] (2) shorter, and then
-//! the shortest does; so with little backlog it is exactly round robin (a burst of
-//! keep-alive connections still spreads evenly), and a worker stuck on slow requests is
-//! passed over while its queue waits. No BPF context exposes a listener's queue,
-//! so it reads `sk_ack_backlog` with `bpf_probe_read_kernel` through the `SOCKARRAY`'s own
-//! socket pointers, at offsets taken from the kernel's BTF ([`crate::btf`]). A read cannot
-//! fault, and one that fails only skips that member: the choice is always a receiving member.
-//! The helper needs `CAP_PERFMON` (reading kernel memory) and a kernel that is not locked
-//! down, and is GPL-only, so this program declares "Dual MIT/GPL". Refused, steer takes plain
-//! turns and says so once (`"routing": "round-robin"`).
+//! Capabilities. `CAP_BPF` is needed to create the maps and load the program, not to write a
+//! map through a descriptor one holds (Linux 6.5 and later; before, with
+//! `kernel.unprivileged_bpf_disabled` set, every `bpf()` call checks it) nor to attach a
+//! loaded program to a socket. So once the routers are attached,
+//! [`Steering::give_up_capabilities`] takes it (with `CAP_PERFMON` and `CAP_SETPCAP`) out of
+//! every set of the supervisor, the bounding set included, after checking that a harmless map
+//! write still works without it. steer's earlier default, the shortest accept queue, read
+//! queue lengths from kernel memory (`CAP_PERFMON`, a BTF parser) and was removed in issue 22
+//! for a gain no benchmark separated from the noise (docs/bench-queues.md).
 //!
 //! Why hand-written instructions: the programs are a handful of instructions built here and
 //! unit-tested (the classic ones with a small interpreter, the eBPF one by the kernel's
 //! verifier and a real group); `aya`/`libbpf-rs` would bring a BPF toolchain or a C
-//! library for two programs built from a few dozen instruction patterns, and no crate builds
-//! classic reuseport programs.
+//! library for one program of 36 instructions, and no crate builds classic reuseport
+//! programs.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -493,8 +488,11 @@ impl Router {
         let insns = round_robin_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd());
         let prog = sys::bpf_load_reuseport_prog(&insns, c"MIT OR Apache-2.0").map_err(|e| {
             // EINVAL: the verifier refused it: a kernel before 5.12 (no atomic fetch-add).
-            let hint =
-                if e.kind() == io::ErrorKind::InvalidInput { "; this kernel is too old (needs Linux 5.12)" } else { "" };
+            let hint = if e.kind() == io::ErrorKind::InvalidInput {
+                "; this kernel is too old (needs Linux 5.12)"
+            } else {
+                ""
+            };
             io::Error::new(e.kind(), format!("loading the SK_REUSEPORT program: {e}{hint}"))
         })?;
         let mut rr = Router { socks, ring, turn, prog, inserted: 0, active: None, current: Vec::new() };

@@ -227,11 +227,11 @@ impl ExecPlan {
             // Own process group: terminal signals go to the supervisor only, and the worker's
             // own children can be killed with it.
             libc::setpgid(0, 0);
-            // CAP_BPF and CAP_PERFMON (and CAP_SETPCAP, which dropping them needs) are the
-            // supervisor's, for the steering program: out of the worker's bounding set while
-            // still privileged, so a worker running as root never has them. Fails harmlessly
-            // (EPERM) where the supervisor has no CAP_SETPCAP, and then it has neither of the
-            // others under the unit either.
+            // CAP_BPF (and CAP_SETPCAP, which dropping it needs; CAP_PERFMON too) are the
+            // supervisor's, to load the steering program: out of the worker's bounding set
+            // while still privileged, so a worker running as root never has them. Fails
+            // harmlessly (EPERM) where the supervisor has no CAP_SETPCAP: it has neither under
+            // the unit then, or gave all three up once its program was attached.
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_BPF as libc::c_ulong, 0, 0, 0);
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_PERFMON as libc::c_ulong, 0, 0, 0);
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_SETPCAP as libc::c_ulong, 0, 0, 0);

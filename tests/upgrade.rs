@@ -336,7 +336,8 @@ fn bpf_program_ids(pid: i32) -> Vec<String> {
         .flatten()
         .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf-prog"))
         .filter_map(|e| {
-            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()));
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()));
             info.ok()?.lines().find_map(|l| l.strip_prefix("prog_id:").map(|v| v.trim().to_string()))
         })
         .collect();

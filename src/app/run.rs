@@ -71,9 +71,9 @@ fn steering(settings: &Settings, listeners: &Listeners, process: &Process) -> Re
         .map_err(|e| Failure::new(exit::FAILURE, format!("cannot duplicate the listening sockets: {e}")))?;
     let steering = Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor(), want)
         .map_err(|e| {
-            let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
-            Failure::new(if config { exit::CONFIG } else { exit::FAILURE }, e.to_string())
-        })?;
+        let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
+        Failure::new(if config { exit::CONFIG } else { exit::FAILURE }, e.to_string())
+    })?;
     // Loaded and attached: CAP_BPF is not needed any more (main thread, before the runtime
     // and the workers' threads exist).
     steering
