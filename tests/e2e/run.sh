@@ -633,6 +633,7 @@ s_user() {
 # a warming app (503 for 1.5 s after accepting) reloads with no failed request, and a restart
 # of the service refuses or resets no connection (they wait in the sockets systemd holds).
 s_steer() {
+    ensure_worker # (when run alone: E2E_ONLY=steer)
     app_init steer 8787 3 --balance steer --min-ready 0s -e TW_WARM_MS=1500
     wait_until 60 "herdsman@steer ready" ready_text steer 3 ||
         { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "steer app not ready"; }
