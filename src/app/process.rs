@@ -40,7 +40,7 @@ impl Process {
             Some("hash") => Ok(Routing::Hash),
             Some("shortest-queue") => Err(super::Failure::new(
                 crate::exit::CONFIG,
-                "HERDSMAN_STEER_ROUTING=\"shortest-queue\" was removed (it read kernel memory for no measured gain); use round-robin (the default) or hash, or unset it",
+                "HERDSMAN_STEER_ROUTING=\"shortest-queue\" was removed (it needed CAP_PERFMON to read kernel memory, for a gain inside the benchmarks' noise); use round-robin (the default) or hash, or unset it",
             )),
             Some(other) => Err(super::Failure::new(
                 crate::exit::CONFIG,
