@@ -2,9 +2,9 @@
 # What per-worker accept queues cost on the data path (issue 12): `--balance steer` against
 # the no-supervisor limit with ONE shared queue and against the same limit with a queue PER
 # WORKER (N sockets in one SO_REUSEPORT group, no program: the kernel's flow hash picks) —
-# the design `steer` needs, without herdsman. `steer` is the default, the shortest queue (eBPF:
-# needs root, or CAP_BPF and CAP_PERFMON, else it steps down and the table says to what);
-# `steer round-robin` is the same with HERDSMAN_STEER_ROUTING=round-robin (plain turns). Also
+# the design `steer` needs, without herdsman. `steer` is the default, round robin (eBPF:
+# needs root, or CAP_BPF, else it steps down and the table says to what); `steer hash` is
+# the same with HERDSMAN_STEER_ROUTING=hash (the classic program). Also
 # `--balance shared` and the limit measured again (the noise of one ratio).
 #
 #   bench/queues.sh [ROUNDS] [N]     (default 12 rounds of 4 s per contender and mode, N=2)
@@ -20,7 +20,7 @@ N=${2:-2}
 cargo build --release --quiet --manifest-path bench/Cargo.toml
 BENCH=$ROOT/bench/target/release/herdsman-bench
 
-NAMES=(limit "limit again" reuseport shared steer "steer round-robin")
+NAMES=(limit "limit again" reuseport shared steer "steer hash")
 ADDRS=()
 for name in "${NAMES[@]}"; do
     p=$(port)
@@ -28,7 +28,7 @@ for name in "${NAMES[@]}"; do
     case "$name" in
         limit|"limit again") "$BENCH" launch --listen "$a" -w "$N" -- node "$APP" >/dev/null 2>&1 & ;;
         reuseport) "$BENCH" launch --reuseport --listen "$a" -w "$N" -- node "$APP" >/dev/null 2>&1 & ;;
-        *) HERDSMAN_STEER_ROUTING=$([ "$name" = "steer round-robin" ] && echo round-robin) \
+        *) HERDSMAN_STEER_ROUTING=$([ "$name" = "steer hash" ] && echo hash) \
            "$BIN" run --name "q$p" --listen "$a" -w "$N" --balance "${name%% *}" --ready notify --min-ready 0s \
                --control "$TMP/c$p" -- node "$APP" >/dev/null 2>&1 & ;;
     esac
@@ -63,7 +63,7 @@ rps = collections.defaultdict(dict)
 for line in open(raw):
     r, mode, name, v = line.rstrip("\n").split("\t")
     rps[(r, mode)][name] = float(v)
-names = ["limit again", "reuseport", "shared", "steer", "steer round-robin"]
+names = ["limit again", "reuseport", "shared", "steer", "steer hash"]
 print(f"N={n}, {rounds} rounds of 4 s per contender and mode, load average {load0} before, {load1} after; steer routed by {routing}.\n")
 print("| mode | limit req/s (median) | " + " | ".join(names) + " | steer ÷ reuseport |")
 print("|---|---|" + "---|" * (len(names) + 1))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# `--balance steer`'s three routings side by side (HERDSMAN_STEER_ROUTING): the shortest queue
-# (the default eBPF program, which reads queue lengths), round robin (the eBPF program that only
-# takes turns) and the flow hash (the classic program), on a CPU-bound endpoint where the split
-# of connections over the workers decides throughput and tail latency (issue 12).
+# `--balance steer`'s two routings side by side (HERDSMAN_STEER_ROUTING): round robin (the
+# default eBPF program, which takes turns) and the flow hash (the classic program), on a
+# CPU-bound endpoint where the split of connections over the workers decides throughput and
+# tail latency (issue 12). The shortest queue it also compared until issue 22 was removed
+# (docs/bench-queues.md says why, with its figures).
 #
 #   bench/routing.sh [ROUNDS] [N]    (default 10 rounds, N=2 workers)
 #
@@ -11,13 +12,13 @@
 # worker it was routed to), and a new connection per request with 4N. The contenders take
 # turns within each round (the order rotates every round). Per row and routing: the median
 # over the rounds of req/s and of wrk's p99 latency, and the median of the rounds' req/s
-# ratios to round robin. Needs wrk, node, root (or CAP_BPF and CAP_PERFMON). Stops what it
+# ratios to round robin. Needs wrk, node, root (or CAP_BPF). Stops what it
 # started.
 ROUNDS=${1:-10}
 N=${2:-2}
 . "$(dirname "$0")/lib.sh" routing
 
-NAMES=(shortest-queue round-robin hash)
+NAMES=(round-robin hash)
 ADDRS=()
 for name in "${NAMES[@]}"; do
     p=$(port)
@@ -30,7 +31,7 @@ K=${#NAMES[@]}
 for i in $(seq 0 $((K - 1))); do
     for _ in $(seq 100); do curl -sf "http://${ADDRS[$i]}/" >/dev/null && break; sleep 0.1; done
     got=$("$BIN" status "$TMP/${NAMES[$i]}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["routing"])')
-    [ "$got" = "${NAMES[$i]}" ] || { echo "routing is $got, not ${NAMES[$i]} (no CAP_BPF or CAP_PERFMON?)" >&2; exit 1; }
+    [ "$got" = "${NAMES[$i]}" ] || { echo "routing is $got, not ${NAMES[$i]} (no CAP_BPF?)" >&2; exit 1; }
     wrk -t1 -c8 -d1s "http://${ADDRS[$i]}/work?ms=2" >/dev/null
 done
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -62,14 +63,14 @@ for line in open(raw):
     r, load, name, rps, p99 = line.rstrip("\n").split("\t")
     rows[load][name].append((float(rps), ms(p99)))
 print(f"N={n} workers, {rounds} rounds of 3 s per contender and load, /work?ms=2, load average {load0} before, {load1} after.\n")
-names = ["shortest-queue", "round-robin", "hash"]
-print("| load (connections) | " + " | ".join(f"{x} req/s" for x in names) + " | shortest-queue ÷ round-robin | hash ÷ round-robin | "
+names = ["round-robin", "hash"]
+print("| load (connections) | " + " | ".join(f"{x} req/s" for x in names) + " | hash ÷ round-robin | "
       + " | ".join(f"{x} p99" for x in names) + " |")
 print("|---|" + "---|" * (3 * len(names) - 1))
 for load, by in rows.items():
     med = lambda xs, j: statistics.median(x[j] for x in xs)
     ratio = lambda x: statistics.median(b[0] / a[0] for a, b in zip(by["round-robin"], by[x]))
     print(f"| {load} | " + " | ".join(f"{med(by[x], 0):.0f}" for x in names)
-          + f" | {ratio('shortest-queue'):.3f}× | {ratio('hash'):.3f}× | "
+          + f" | {ratio('hash'):.3f}× | "
           + " | ".join(f"{med(by[x], 1):.1f} ms" for x in names) + " |")
 PY

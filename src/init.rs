@@ -61,16 +61,15 @@ fn steer_dropin(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// `--balance steer` routes with an eBPF program: the service needs CAP_BPF and the `bpf`
-/// system call, which the unit's defaults leave out, and CAP_PERFMON to read queue lengths;
-/// CAP_SETPCAP lets herdsman drop all three from every worker's bounding set.
+/// system call, which the unit's defaults leave out; CAP_SETPCAP lets herdsman drop CAP_BPF
+/// from every worker's bounding set (and both from its own once the program is attached).
 const STEER_DROPIN: &str = "# Written by `herdsman init --balance steer`: steering loads an eBPF SK_REUSEPORT\n\
-# program (maps of the app's own sockets): receiving workers take turns, and one whose accept\n\
-# queue is much longer than another's is passed over (read from kernel memory: CAP_PERFMON). Without\n\
-# CAP_PERFMON herdsman takes turns; without CAP_BPF or bpf() it spreads connections by a hash;\n\
-# it says so at start. CAP_SETPCAP: herdsman drops CAP_BPF, CAP_PERFMON and CAP_SETPCAP from\n\
-# every worker's bounding set (also a worker run as root).\n\
+# program (maps of the app's own sockets): receiving workers take turns. Without CAP_BPF or\n\
+# bpf() herdsman spreads connections by a hash, and says so at start. CAP_SETPCAP: herdsman\n\
+# drops CAP_BPF and CAP_SETPCAP from every worker's bounding set (also a worker run as root),\n\
+# and from all of its own sets once the program is attached (Linux 6.5 and later).\n\
 [Service]\n\
-CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SETPCAP\n\
+CapabilityBoundingSet=CAP_BPF CAP_SETPCAP\n\
 SystemCallFilter=bpf\n";
 
 fn units(name: &str) -> [String; 2] {
@@ -520,9 +519,7 @@ mod tests {
         assert!(sock.contains("ReusePort=yes"), "{sock}");
         let steer = std::fs::read_to_string(units.join("herdsman@web.service.d/steer.conf")).unwrap();
         assert!(
-            steer.contains(
-                "\n[Service]\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SETPCAP\nSystemCallFilter=bpf\n"
-            ),
+            steer.contains("\n[Service]\nCapabilityBoundingSet=CAP_BPF CAP_SETPCAP\nSystemCallFilter=bpf\n"),
             "{steer}"
         );
         // sticky routes by address with a classic program: no capability.

@@ -33,7 +33,6 @@
 
 pub mod app;
 pub mod backoff;
-pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -143,7 +143,12 @@ impl Sink {
     pub fn start(journal: Option<PathBuf>) -> std::io::Result<Sink> {
         let journal = journal.map(|p| Journal::connect(&p)).transpose()?;
         let (tx, rx) = sync_channel(QUEUE);
-        std::thread::Builder::new().name("herdsman-log".into()).spawn(move || drain(rx, journal))?;
+        std::thread::Builder::new().name("herdsman-log".into()).spawn(move || {
+            // Started before steering loads its program: never needs what that takes (the
+            // supervisor's main thread gives them up once loaded; threads keep their own).
+            let _ = crate::sys::lower_steering_capabilities();
+            drain(rx, journal)
+        })?;
         Ok(Sink { tx })
     }
 

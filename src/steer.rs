@@ -11,9 +11,8 @@
 //! exits) rebuilds the program from the set of *receiving* members and attaches it again,
 //! which replaces the group's program atomically.
 //!
-//! * `steer`: the receiving member with the **shortest accept queue**, looking from the one
-//!   whose turn it is (an eBPF program, below); where the kernel refuses that, **round robin**
-//!   (eBPF without kernel reads); where it refuses eBPF (no `CAP_BPF`, a seccomp filter) or
+//! * `steer`: the receiving members in turn (**round robin**, an eBPF program, below); where
+//!   the kernel refuses eBPF (no `CAP_BPF`, a seccomp filter) or with
 //!   `HERDSMAN_STEER_ROUTING=hash`, the classic program, key = a hash of the client's source
 //!   port and address, `key % n`.
 //! * `sticky`: key = the client's IPv4 address (IPv6: its /64); `key % slots` picks the slot,
@@ -45,30 +44,26 @@
 //! write the maps. It needs `CAP_BPF` (or root) and the `bpf` system call; if anything is
 //! refused, steering stays on the classic program (which is attached first, and stays the
 //! bridge while the eBPF one is built), herdsman says so once, and `status --json` shows
-//! `"routing": "hash"`. A kernel socket can be in one `SOCKARRAY` at a time: after a restart or
-//! an in-place upgrade the previous program's maps are freed by the kernel shortly after the
-//! classic bridge replaced it, so putting a member in the new map is retried for up to 2 s.
+//! `"routing": "hash"`. A kernel socket can be in one `SOCKARRAY` at a time: after a restart
+//! the previous program's maps are freed by the kernel shortly after the classic bridge
+//! replaced it, so putting a member in the new map is retried for up to 2 s. An in-place
+//! upgrade hands the program and its maps over with the sockets ([`RouterState`]).
 //!
-//! Shortest queue (`steer`'s default). Turns are blind: a worker busy with a slow request
-//! still gets its turn while another sits idle, which is the known cost of per-worker queues
-//! (a shared queue is served by whichever worker is free). [`shortest_queue_program`] runs on
-//! the same maps: the member whose turn it is gets the connection unless another of the next
-//! [`SCAN`] receiving members has an accept queue more than [`SLACK`] (2) shorter, and then
-//! the shortest does; so with little backlog it is exactly round robin (a burst of
-//! keep-alive connections still spreads evenly), and a worker stuck on slow requests is
-//! passed over while its queue waits. No BPF context exposes a listener's queue,
-//! so it reads `sk_ack_backlog` with `bpf_probe_read_kernel` through the `SOCKARRAY`'s own
-//! socket pointers, at offsets taken from the kernel's BTF ([`crate::btf`]). A read cannot
-//! fault, and one that fails only skips that member: the choice is always a receiving member.
-//! The helper needs `CAP_PERFMON` (reading kernel memory) and a kernel that is not locked
-//! down, and is GPL-only, so this program declares "Dual MIT/GPL". Refused, steer takes plain
-//! turns and says so once (`"routing": "round-robin"`).
+//! Capabilities. `CAP_BPF` is needed to create the maps and load the program, not to write a
+//! map through a descriptor one holds (Linux 6.5 and later; before, with
+//! `kernel.unprivileged_bpf_disabled` set, every `bpf()` call checks it) nor to attach a
+//! loaded program to a socket. So once the routers are attached,
+//! [`Steering::give_up_capabilities`] takes it (with `CAP_PERFMON` and `CAP_SETPCAP`) out of
+//! every set of the supervisor, the bounding set included, after checking that a harmless map
+//! write still works without it. steer's earlier default, the shortest accept queue, read
+//! queue lengths from kernel memory (`CAP_PERFMON`, a BTF parser) and was removed in issue 22
+//! for a gain no benchmark separated from the noise (docs/bench-queues.md).
 //!
 //! Why hand-written instructions: the programs are a handful of instructions built here and
 //! unit-tested (the classic ones with a small interpreter, the eBPF one by the kernel's
 //! verifier and a real group); `aya`/`libbpf-rs` would bring a BPF toolchain or a C
-//! library for two programs built from a few dozen instruction patterns, and no crate builds
-//! classic reuseport programs.
+//! library for one program of 36 instructions, and no crate builds classic reuseport
+//! programs.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -140,8 +135,6 @@ pub struct Steering {
 /// How new connections are spread over the receiving members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routing {
-    /// `steer` with the eBPF program that reads queue lengths: the shortest queue, in turn.
-    ShortestQueue,
     /// `steer` with the eBPF program: take turns.
     RoundRobin,
     /// `steer` with the classic program: a hash of the client's port and address.
@@ -153,7 +146,6 @@ pub enum Routing {
 impl std::fmt::Display for Routing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Routing::ShortestQueue => "shortest-queue",
             Routing::RoundRobin => "round-robin",
             Routing::Hash => "hash",
             Routing::ClientAddress => "client-address",
@@ -196,45 +188,52 @@ impl Steering {
         Ok(steering)
     }
 
-    /// Attaches the classic program, then (for `steer`) builds the eBPF router of every pool
-    /// that picks as `want` says; what the kernel refuses steps down (shortest queue, round
-    /// robin, the classic hash), said once in the log.
+    /// Attaches the classic program, then (for `steer` with `want` round robin) builds the
+    /// eBPF router of every pool; if the kernel refuses it, steering stays on the classic
+    /// hash, said once in the log.
     fn start(&mut self, want: Routing) -> Result<(), SteerError> {
         self.apply()?;
-        if self.mode != Balance::Steer {
+        if self.mode != Balance::Steer || want != Routing::RoundRobin {
             return Ok(());
         }
-        let mut picks = want;
-        loop {
-            let offsets = match picks {
-                Routing::ShortestQueue => KernelOffsets::read().map(Some),
-                Routing::RoundRobin => Ok(None),
-                Routing::Hash | Routing::ClientAddress => return Ok(()),
-            };
-            let built: io::Result<Vec<Router>> =
-                offsets.and_then(|at| self.pools.iter().map(|p| Router::new(p, at)).collect());
-            match built {
-                Ok(routers) => {
-                    for (pool, router) in self.pools.iter_mut().zip(routers) {
-                        pool.router = Some(router);
-                    }
-                    // Attaches the eBPF programs (replacing the classic ones) with the current set.
-                    return self.apply();
+        let built: io::Result<Vec<Router>> = self.pools.iter().map(Router::new).collect();
+        match built {
+            Ok(routers) => {
+                for (pool, router) in self.pools.iter_mut().zip(routers) {
+                    pool.router = Some(router);
                 }
-                Err(e) if picks == Routing::ShortestQueue => {
-                    tracing::warn!(
-                        "--balance steer: the shortest-queue program cannot run here ({e}); taking turns instead (give the service CAP_PERFMON: herdsman init --balance steer writes it; or set HERDSMAN_STEER_ROUTING=round-robin)"
-                    );
-                    picks = Routing::RoundRobin;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "--balance steer: round robin needs eBPF, which the kernel refused ({e}); new connections are spread by a hash instead (give the service CAP_BPF and the bpf system call: herdsman init --balance steer writes them)"
-                    );
-                    return Ok(());
-                }
+                // Attaches the eBPF programs (replacing the classic ones) with the current set.
+                self.apply()
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "--balance steer: round robin needs eBPF, which the kernel refused ({e}); new connections are spread by a hash instead (give the service CAP_BPF and the bpf system call: herdsman init --balance steer writes them)"
+                );
+                Ok(())
             }
         }
+    }
+
+    /// Every program is loaded and attached: from here on steering only writes the maps,
+    /// through descriptors herdsman holds (and an in-place upgrade hands them over), so the
+    /// supervisor gives up `CAP_BPF`, `CAP_PERFMON` and `CAP_SETPCAP` (permitted, effective,
+    /// inheritable and bounding sets, [`sys::drop_steering_capabilities`]) where the kernel
+    /// lets a process without `CAP_BPF` write a map it holds: Linux 6.5 and later (and stable
+    /// kernels that took the change), or any kernel with `kernel.unprivileged_bpf_disabled =
+    /// 0`. Before, with unprivileged BPF disabled (Debian's default), every `bpf()` call needs
+    /// `CAP_BPF`, so it keeps them (said once in the log; found by a probe, not the version). Call it from the main thread before any other thread that
+    /// could hold them is started (capabilities are per thread; see the function).
+    pub fn give_up_capabilities(&self) -> Result<sys::CapsDropped, io::Error> {
+        let Some(router) = self.pools.iter().find_map(|p| p.router.as_ref()) else {
+            return Ok(sys::CapsDropped::NoRouter);
+        };
+        let dropped = sys::drop_steering_capabilities(|| router.probe())?;
+        if let sys::CapsDropped::Kept(e) = &dropped {
+            tracing::info!(
+                "--balance steer: keeping CAP_BPF: this kernel refuses map writes without it ({e}; Linux before 6.5 with kernel.unprivileged_bpf_disabled set)"
+            );
+        }
+        Ok(dropped)
     }
 
     /// How new connections are spread (for status): the eBPF router's way only where every
@@ -243,10 +242,8 @@ impl Steering {
         if self.mode == Balance::Sticky {
             return Routing::ClientAddress;
         }
-        // Every pool's router is built at once, with the same way of picking.
-        let picks: Option<Vec<Routing>> =
-            self.pools.iter().map(|p| p.router.as_ref().map(|r| r.picks)).collect();
-        picks.and_then(|v| v.first().copied()).unwrap_or(Routing::Hash)
+        // Every pool's router is built (or handed over) at once.
+        if self.pools.iter().all(|p| p.router.is_some()) { Routing::RoundRobin } else { Routing::Hash }
     }
 
     pub fn mode(&self) -> Balance {
@@ -375,17 +372,23 @@ impl Steering {
                     receiving: m.receiving,
                 });
             }
-            pools.push(PoolState { addr: p.addr.clone(), name: p.name.clone(), members });
+            let router = p.router.as_ref().map(|r| r.export(ex)).transpose()?;
+            pools.push(PoolState { addr: p.addr.clone(), name: p.name.clone(), members, router });
         }
         Ok(SteeringState { mode: self.mode, slots: self.slots, floor: self.floor, pools })
     }
 
     /// The pools a previous image handed over, in the same kernel order (no socket was
-    /// closed); the routing program is built and attached again (`want` as for
-    /// [`Steering::new`]: the environment is the one the first image started with).
+    /// closed). Their eBPF routers (program and maps, still attached) are handed over too and
+    /// kept as they are, so the new image needs no `CAP_BPF` (the previous one may have given
+    /// it up); from an image that had none (or an older one that did not hand them over),
+    /// the routing program is built and attached again (`want` as for [`Steering::new`]: the
+    /// environment is the one the first image started with).
     pub fn adopt(st: SteeringState, fds: &mut sys::HandedOver, want: Routing) -> io::Result<Steering> {
         let mut pools = Vec::new();
+        let mut routers = Vec::new();
         for p in st.pools {
+            routers.push(p.router.map(|r| Router::adopt(r, fds)).transpose()?);
             let mut members = Vec::new();
             for m in p.members {
                 members.push(Member {
@@ -403,7 +406,19 @@ impl Steering {
             pools.push(Pool { addr: p.addr, name: p.name, local, family, members, router: None });
         }
         let mut steering = Steering { mode: st.mode, pools, slots: st.slots.max(1), floor: st.floor };
-        steering.start(want).map_err(|e| io::Error::other(e.to_string()))?;
+        let kept: Option<Vec<Router>> = routers.into_iter().collect();
+        match kept {
+            Some(kept) if st.mode == Balance::Steer && !kept.is_empty() => {
+                for (pool, router) in steering.pools.iter_mut().zip(kept) {
+                    pool.router = Some(router);
+                }
+                // Writes the maps with the adopted state; the program stays attached.
+                steering.apply()
+            }
+            // Dropping a partial set closes those maps; the classic bridge replaces their program.
+            _ => steering.start(want),
+        }
+        .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(steering)
     }
 
@@ -451,8 +466,6 @@ const MAP_REUSEPORT_SOCKARRAY: u32 = 20;
 /// One pool's eBPF router: its maps and program (see the module doc).
 #[derive(Debug)]
 struct Router {
-    /// [`Routing::ShortestQueue`] or [`Routing::RoundRobin`].
-    picks: Routing,
     socks: sys::BpfMap,
     ring: sys::BpfMap,
     turn: sys::BpfMap,
@@ -466,32 +479,23 @@ struct Router {
 }
 
 impl Router {
-    /// Creates the maps and loads the program (the shortest-queue one with `offsets`);
-    /// [`Router::update`] attaches it.
-    fn new(pool: &Pool, offsets: Option<KernelOffsets>) -> io::Result<Router> {
+    /// Creates the maps and loads the program; [`Router::update`] attaches it.
+    fn new(pool: &Pool) -> io::Result<Router> {
         let socks = sys::BpfMap::create(MAP_REUSEPORT_SOCKARRAY, 8, RR_CAPACITY)
             .map_err(|e| io::Error::new(e.kind(), format!("creating a REUSEPORT_SOCKARRAY map: {e}")))?;
         let ring = sys::BpfMap::create(MAP_ARRAY, 4, 2 * RR_CAPACITY)?;
         let turn = sys::BpfMap::create(MAP_ARRAY, 8, 1)?;
-        let (insns, license) = match offsets {
-            Some(at) => {
-                (shortest_queue_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd(), at), GPL_COMPATIBLE)
-            }
-            None => (round_robin_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd()), c"MIT OR Apache-2.0"),
-        };
-        let prog = sys::bpf_load_reuseport_prog(&insns, license).map_err(|e| {
-            // EINVAL: the verifier refused it: a kernel before 5.12 (no atomic fetch-add), or,
-            // for the shortest queue, no bpf_probe_read_kernel (no CAP_PERFMON, or lockdown).
-            let hint = match (e.kind() == io::ErrorKind::InvalidInput, offsets.is_some()) {
-                (true, true) => "; reading queue lengths needs CAP_PERFMON and a kernel not locked down",
-                (true, false) => "; this kernel is too old (needs Linux 5.12)",
-                _ => "",
+        let insns = round_robin_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd());
+        let prog = sys::bpf_load_reuseport_prog(&insns, c"MIT OR Apache-2.0").map_err(|e| {
+            // EINVAL: the verifier refused it: a kernel before 5.12 (no atomic fetch-add).
+            let hint = if e.kind() == io::ErrorKind::InvalidInput {
+                "; this kernel is too old (needs Linux 5.12)"
+            } else {
+                ""
             };
             io::Error::new(e.kind(), format!("loading the SK_REUSEPORT program: {e}{hint}"))
         })?;
-        let picks = if offsets.is_some() { Routing::ShortestQueue } else { Routing::RoundRobin };
-        let mut rr =
-            Router { picks, socks, ring, turn, prog, inserted: 0, active: None, current: Vec::new() };
+        let mut rr = Router { socks, ring, turn, prog, inserted: 0, active: None, current: Vec::new() };
         // A member may still be in the map of the program a previous herdsman attached; the
         // kernel frees that map shortly after the classic bridge replaced the program.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -503,6 +507,39 @@ impl Router {
                 other => break other.map(|()| rr),
             }
         }
+    }
+
+    /// For an in-place upgrade: the descriptors and what the maps hold.
+    fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<RouterState> {
+        Ok(RouterState {
+            socks: ex.fd(self.socks.fd())?,
+            ring: ex.fd(self.ring.fd())?,
+            turn: ex.fd(self.turn.fd())?,
+            prog: ex.fd(&self.prog)?,
+            inserted: self.inserted,
+            active: self.active,
+            current: self.current.clone(),
+        })
+    }
+
+    /// The router a previous image handed over: same maps, same attached program.
+    fn adopt(st: RouterState, fds: &mut sys::HandedOver) -> io::Result<Router> {
+        Ok(Router {
+            socks: sys::BpfMap::adopt(fds.take(st.socks)?, 8),
+            ring: sys::BpfMap::adopt(fds.take(st.ring)?, 4),
+            turn: sys::BpfMap::adopt(fds.take(st.turn)?, 8),
+            prog: fds.take(st.prog)?,
+            inserted: st.inserted,
+            active: st.active,
+            current: st.current,
+        })
+    }
+
+    /// A map write that changes nothing the program reads (the last entry of the inactive
+    /// half of `ring`): whether this process may still write the maps.
+    fn probe(&self) -> io::Result<()> {
+        let half = self.active.map_or(1, |h| 1 - h);
+        self.ring.update(half * RR_CAPACITY + RR_CAPACITY - 1, &0u32.to_ne_bytes())
     }
 
     /// Puts members not yet in `socks` there (at their index).
@@ -562,14 +599,7 @@ const E_ADD_X: u8 = 0x0f;
 const E_AND_K: u8 = 0x57;
 const E_RSH_K: u8 = 0x77;
 const E_MOD_X: u8 = 0x9f;
-const E_LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
-const E_STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
-const E_LSH_K: u8 = 0x67;
 const E_JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-const E_JNE_K: u8 = 0x55;
-const E_JLE_K: u8 = 0xb5; // unsigned <=
-const E_JGE_X: u8 = 0x3d; // unsigned >=
-const E_JNE32_K: u8 = 0x56; // BPF_JMP32 | BPF_JNE | BPF_K
 const E_CALL: u8 = 0x85;
 const E_EXIT: u8 = 0x95;
 /// `BPF_ADD | BPF_FETCH`: the old value comes back in the source register.
@@ -578,11 +608,6 @@ const FETCH_ADD: i32 = 0x01;
 const PSEUDO_MAP_FD: u8 = 1;
 const FN_MAP_LOOKUP_ELEM: i32 = 1;
 const FN_SK_SELECT_REUSEPORT: i32 = 82;
-/// Copies kernel memory; cannot fault (GPL-only, and needs `CAP_PERFMON`).
-const FN_PROBE_READ_KERNEL: i32 = 113;
-/// The shortest-queue program calls a GPL-only helper, so it must say it is GPL-compatible:
-/// it is herdsman's code, MIT-licensed, which may be used under the GPL.
-const GPL_COMPATIBLE: &std::ffi::CStr = c"Dual MIT/GPL";
 /// `SK_PASS`: take the selected member (or, if none was selected, the kernel's hash).
 const SK_PASS: i32 = 1;
 
@@ -595,7 +620,7 @@ fn e_map(dst: u8, map: RawFd) -> [EbpfInsn; 2] {
     [e(E_LD_IMM64, dst, PSEUDO_MAP_FD, 0, map), e(0, 0, 0, 0, 0)]
 }
 
-/// The common start of both programs: `r6` = ctx, `r7` = the active half's base, `r8` =
+/// The program's start: `r6` = ctx, `r7` = the active half's base, `r8` =
 /// this connection's turn (the counter before an atomic add of 1), `r9` = the number of
 /// receiving members (never 0). Returns the positions of the jumps to `return SK_PASS`.
 fn take_a_turn(p: &mut Vec<EbpfInsn>, turn: RawFd) -> Vec<usize> {
@@ -621,12 +646,9 @@ fn take_a_turn(p: &mut Vec<EbpfInsn>, turn: RawFd) -> Vec<usize> {
     vec![miss_1, miss_2]
 }
 
-/// `r1` = the member at `ring[r7 + (r8 + k) % r9]`'s key, stored at fp-8; `r0` = its entry.
-fn ring_entry(p: &mut Vec<EbpfInsn>, ring: RawFd, k: i32) {
+/// `r1` = the member at `ring[r7 + r8 % r9]`'s key, stored at fp-8; `r0` = its entry.
+fn ring_entry(p: &mut Vec<EbpfInsn>, ring: RawFd) {
     p.push(e(E_MOV_X, 1, 8, 0, 0));
-    if k != 0 {
-        p.push(e(E_ADD_K, 1, 0, 0, k));
-    }
     p.push(e(E_MOD_X, 1, 9, 0, 0));
     p.push(e(E_ADD_X, 1, 7, 0, 0));
     p.push(e(E_STX_W, 10, 1, -8, 0));
@@ -654,7 +676,7 @@ fn select_and_pass(p: &mut Vec<EbpfInsn>, socks: RawFd) -> usize {
 /// The member at `ring[r7 + r8 % r9]` (the one whose turn it is) at fp-12; returns the
 /// position of the jump taken if the ring has no such entry.
 fn member_of_turn(p: &mut Vec<EbpfInsn>, ring: RawFd) -> usize {
-    ring_entry(p, ring, 0);
+    ring_entry(p, ring);
     let miss = p.len();
     p.push(e(E_JEQ_K, 0, 0, 0, 0));
     p.push(e(E_LDX_W, 1, 0, 0, 0));
@@ -679,133 +701,6 @@ pub fn round_robin_program(turn: RawFd, ring: RawFd, socks: RawFd) -> Vec<EbpfIn
     let pass = select_and_pass(&mut p, socks);
     patch(&mut p, &misses, pass);
     p
-}
-
-/// Members the shortest-queue program looks at per connection, from the one whose turn it is.
-pub const SCAN: i32 = 8;
-/// How much longer the turn's member's queue may be than another's before that one gets the
-/// connection. With 0, a burst of keep-alive connections (all opened at once, kept for
-/// good) spreads by momentary queue lengths instead of evenly: with 16 connections over 4
-/// workers its p99 came out 7-26 % above plain turns' in four runs (`bench/routing.sh`); with
-/// 2 it was within 4 % of turns there, and kept most of the new-connection gain.
-pub const SLACK: i32 = 2;
-
-/// Where the shortest-queue program reads in kernel memory, from the kernel's BTF.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelOffsets {
-    /// `struct reuseport_array.ptrs`: the `SOCKARRAY`'s socket pointers.
-    pub ptrs: i32,
-    /// `struct sock.sk_ack_backlog`: connections waiting for `accept()`.
-    pub backlog: i32,
-}
-
-impl KernelOffsets {
-    pub fn read() -> io::Result<KernelOffsets> {
-        use crate::btf::{Btf, Shape, VMLINUX};
-        let btf =
-            Btf::read(VMLINUX).map_err(|e| io::Error::new(e.kind(), format!("reading {VMLINUX}: {e}")))?;
-        let field = |name: &str, member: &str, shape: Shape| match btf.member(name, member) {
-            Some((at, s)) if s == shape => {
-                i32::try_from(at).map_err(|_| io::Error::other("offset too large"))
-            }
-            _ => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("the kernel's BTF has no {name}.{member} of the expected type"),
-            )),
-        };
-        Ok(KernelOffsets {
-            ptrs: field("reuseport_array", "ptrs", Shape::PointerArray)?,
-            backlog: field("sock", "sk_ack_backlog", Shape::Int(4))?,
-        })
-    }
-}
-
-/// The shortest-queue `SK_REUSEPORT` program (module doc): the member whose turn it is gets
-/// the connection unless, among the next [`SCAN`] receiving members in turn order, one's
-/// accept queue is more than [`SLACK`] shorter; then the shortest of those (the first empty
-/// one) does. Queue lengths are read with
-/// `bpf_probe_read_kernel` (which cannot fault) through the `SOCKARRAY`'s own pointers, so a
-/// read that fails only skips that member, and the choice is always a receiving member.
-pub fn shortest_queue_program(turn: RawFd, ring: RawFd, socks: RawFd, at: KernelOffsets) -> Vec<EbpfInsn> {
-    // Stack: fp-4 key 0, fp-8 ring key, fp-12 the best member so far, fp-16 the map pointer,
-    // fp-24 the map's address as a number, fp-32 a member's socket, fp-40 its queue length,
-    // fp-44 the best length so far, fp-48 the member being looked at.
-    let mut p = Vec::new();
-    let mut to_pass = take_a_turn(&mut p, turn);
-    // The map's address as a number (pointer arithmetic on a map is refused): copy it.
-    p.extend(e_map(1, socks));
-    p.push(e(E_STX_DW, 10, 1, -16, 0));
-    p.push(e(E_MOV_X, 3, 10, 0, 0));
-    p.push(e(E_ADD_K, 3, 0, 0, -16));
-    to_pass.push(probe_read(&mut p, -24, 8));
-    p.push(e(E_ST_W, 10, 0, -44, -1));
-    p.push(e(E_ST_W, 10, 0, -12, -1));
-    let mut to_done = Vec::new();
-    for k in 0..SCAN {
-        let mut to_next = Vec::new();
-        if k > 0 {
-            to_done.push(p.len());
-            p.push(e(E_JLE_K, 9, 0, 0, k)); // fewer members than k + 1: done
-        }
-        ring_entry(&mut p, ring, k);
-        to_next.push(p.len());
-        p.push(e(E_JEQ_K, 0, 0, 0, 0));
-        // fp-48 = member; r3 = &ptrs[member].
-        p.push(e(E_LDX_W, 1, 0, 0, 0));
-        p.push(e(E_STX_W, 10, 1, -48, 0));
-        p.push(e(E_LSH_K, 1, 0, 0, 3));
-        p.push(e(E_LDX_DW, 3, 10, -24, 0));
-        p.push(e(E_ADD_X, 3, 1, 0, 0));
-        p.push(e(E_ADD_K, 3, 0, 0, at.ptrs));
-        to_next.push(probe_read(&mut p, -32, 8));
-        // r3 = &sock->sk_ack_backlog (no socket in that entry: next).
-        p.push(e(E_LDX_DW, 3, 10, -32, 0));
-        to_next.push(p.len());
-        p.push(e(E_JEQ_K, 3, 0, 0, 0));
-        p.push(e(E_ADD_K, 3, 0, 0, at.backlog));
-        to_next.push(probe_read(&mut p, -40, 4));
-        // Shorter than the best so far: it is the best; empty: done.
-        p.push(e(E_LDX_W, 1, 10, -40, 0));
-        p.push(e(E_LDX_W, 2, 10, -44, 0));
-        to_next.push(p.len());
-        p.push(e(E_JGE_X, 1, 2, 0, 0));
-        p.push(e(E_STX_W, 10, 1, -44, 0));
-        p.push(e(E_LDX_W, 2, 10, -48, 0));
-        p.push(e(E_STX_W, 10, 2, -12, 0));
-        to_done.push(p.len());
-        p.push(e(E_JLE_K, 1, 0, 0, if k == 0 { SLACK } else { 0 }));
-        if k == 0 {
-            // The others must beat the turn's member by more than SLACK.
-            p.push(e(E_ADD_K, 1, 0, 0, -SLACK));
-            p.push(e(E_STX_W, 10, 1, -44, 0));
-        }
-        let next = p.len();
-        patch(&mut p, &to_next, next);
-    }
-    let done = p.len();
-    patch(&mut p, &to_done, done);
-    // No member could be read: the member whose turn it is (SK_PASS alone would let the
-    // kernel's hash pick from the whole group, receiving or not).
-    p.push(e(E_LDX_W, 1, 10, -12, 0));
-    let fallback = p.len();
-    p.push(e(E_JNE32_K, 1, 0, 0, -1));
-    to_pass.push(member_of_turn(&mut p, ring));
-    let select = p.len();
-    patch(&mut p, &[fallback], select);
-    let pass = select_and_pass(&mut p, socks);
-    patch(&mut p, &to_pass, pass);
-    p
-}
-
-/// `bpf_probe_read_kernel(fp + to, len, r3)`, then a jump (to patch) taken if it failed (a
-/// bad address: the kernel zeroes the buffer and returns an error); returns the jump's position.
-fn probe_read(p: &mut Vec<EbpfInsn>, to: i32, len: i32) -> usize {
-    p.push(e(E_MOV_X, 1, 10, 0, 0));
-    p.push(e(E_ADD_K, 1, 0, 0, to));
-    p.push(e(E_MOV_K, 2, 0, 0, len));
-    p.push(e(E_CALL, 0, 0, 0, FN_PROBE_READ_KERNEL));
-    p.push(e(E_JNE_K, 0, 0, 0, 0));
-    p.len() - 1
 }
 
 /// Opens one more member of `pool`'s group: same address, `SO_REUSEPORT`, listening.
@@ -838,6 +733,21 @@ pub struct PoolState {
     pub addr: String,
     pub name: String,
     pub members: Vec<MemberState>,
+    /// The eBPF router (absent: none, or an image from before routers were handed over).
+    #[serde(default)]
+    pub router: Option<RouterState>,
+}
+
+/// A pool's eBPF router in an upgrade's state: descriptors of its maps and program.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RouterState {
+    pub socks: RawFd,
+    pub ring: RawFd,
+    pub turn: RawFd,
+    pub prog: RawFd,
+    pub inserted: usize,
+    pub active: Option<u32>,
+    pub current: Vec<u32>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -1203,65 +1113,62 @@ mod tests {
         assert_eq!(queues(&st, 63), vec![12, 28, 20, 3]);
     }
 
-    /// Whether this process may also read kernel memory from BPF (CAP_PERFMON or CAP_SYS_ADMIN).
-    fn may_read_kernel() -> bool {
-        may_load_ebpf() && cap_eff() & (1 << 38 | 1 << 21) != 0
+    /// A capability set of the calling thread (`CapEff`, `CapBnd`, ...).
+    fn thread_caps(field: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let hex = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).unwrap().trim();
+        u64::from_str_radix(hex, 16).unwrap()
     }
 
     #[test]
-    fn a_queue_more_than_slack_shorter_gets_the_connection_else_members_take_turns() {
-        assert_eq!(SLACK, 2, "the expected queues below are worked out for a slack of 2");
-        let (addr, mut st) = steered_group(3, Routing::ShortestQueue);
-        if !may_read_kernel() || KernelOffsets::read().is_err() {
-            assert_ne!(st.routing(), Routing::ShortestQueue);
-            eprintln!("SKIP: no CAP_PERFMON or no kernel BTF here: steer routes by {}", st.routing());
+    fn after_giving_up_cap_bpf_the_router_takes_turns_over_members_opened_later() {
+        if !may_load_ebpf() {
+            eprintln!("SKIP: no CAP_BPF here");
             return;
         }
-        assert_eq!(st.routing(), Routing::ShortestQueue);
-        // Nothing receiving: parked on member 0.
-        let _c0 = connect_n(&addr, 3, std::net::Ipv4Addr::LOCALHOST);
-        assert_eq!(queues(&st, 3), vec![3, 0, 0]);
-        // Queues within the slack: strict turns, as round robin.
-        st.set_receiving(101, true).unwrap();
-        st.set_receiving(102, true).unwrap();
-        let _c1 = connect_n(&addr, 6, std::net::Ipv4Addr::LOCALHOST);
-        assert_eq!(queues(&st, 9), vec![3, 3, 3]);
-        // Member 1 falls behind (its worker is busy): 13 queued against 3.
-        st.set_receiving(102, false).unwrap();
-        let _c2 = connect_n(&addr, 10, std::net::Ipv4Addr::LOCALHOST);
-        assert_eq!(queues(&st, 19), vec![3, 13, 3]);
-        // On its turn it is passed over while member 2's queue is more than 2 shorter; then
-        // they take turns again (round robin would have made it 18 and 8).
-        st.set_receiving(102, true).unwrap();
-        let _c3 = connect_n(&addr, 10, std::net::Ipv4Addr::LOCALHOST);
-        assert_eq!(queues(&st, 29), vec![3, 14, 12]);
-        // Only receiving members are ever picked, however short another queue is.
-        st.set_receiving(100, true).unwrap();
-        st.set_receiving(101, false).unwrap();
-        let _c4 = connect_n(&addr, 14, std::net::Ipv4Addr::LOCALHOST);
-        assert_eq!(queues(&st, 43), vec![13, 14, 16]);
-    }
-
-    #[test]
-    fn the_shortest_queue_program_passes_the_verifier_and_jumps_inside_itself() {
-        let at = KernelOffsets { ptrs: 296, backlog: 600 };
-        let prog = shortest_queue_program(7, 8, 9, at);
-        assert_eq!(prog.last().unwrap().code, E_EXIT);
-        for (i, insn) in prog.iter().enumerate() {
-            if insn.code & 0x07 == 0x05 && insn.code != E_CALL && insn.code != E_EXIT {
-                let to = i as i64 + 1 + i64::from(insn.off);
-                assert!(to > i as i64 && (to as usize) < prog.len(), "jump at {i} to {to}");
+        // Its own thread: capabilities are per thread, and this one gives them up for good.
+        std::thread::spawn(|| {
+            // As under the unit: CAP_BPF is the only capability that allows bpf() (root's
+            // CAP_SYS_ADMIN would too).
+            sys::lower_capabilities(&[21]).unwrap(); // CAP_SYS_ADMIN
+            let (addr, mut st) = steered_group(2, Routing::RoundRobin);
+            assert_eq!(st.routing(), Routing::RoundRobin);
+            let dropped = st.give_up_capabilities().unwrap();
+            // Before Linux 6.5, with unprivileged BPF disabled, every bpf() call needs CAP_BPF.
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+            let mut v = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+            let since_6_5 = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 5);
+            let unpriv_ok = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
+                .is_ok_and(|s| s.trim() == "0");
+            // (Some stable kernels before 6.5 took the change: either outcome there.)
+            if let sys::CapsDropped::Kept(e) = &dropped {
+                assert!(!since_6_5 && !unpriv_ok, "kept CAP_BPF on a kernel that needs it only to load: {e}");
+                assert_ne!(thread_caps("CapEff") & 1 << 39, 0, "CAP_BPF is back where it is needed");
+                eprintln!("SKIP (rest): this kernel needs CAP_BPF for every bpf() call");
+                return;
             }
-        }
-        if !may_read_kernel() {
-            eprintln!("SKIP: the kernel's verifier needs CAP_BPF and CAP_PERFMON");
-            return;
-        }
-        let turn = sys::BpfMap::create(MAP_ARRAY, 8, 1).unwrap();
-        let ring = sys::BpfMap::create(MAP_ARRAY, 4, 2 * RR_CAPACITY).unwrap();
-        let socks = sys::BpfMap::create(MAP_REUSEPORT_SOCKARRAY, 8, RR_CAPACITY).unwrap();
-        let prog = shortest_queue_program(turn.raw_fd(), ring.raw_fd(), socks.raw_fd(), at);
-        sys::bpf_load_reuseport_prog(&prog, GPL_COMPATIBLE).unwrap();
+            assert!(matches!(dropped, sys::CapsDropped::Dropped), "{dropped:?}");
+            const STEER_CAPS: u64 = 1 << 39 | 1 << 38 | 1 << 8;
+            for field in ["CapEff", "CapPrm", "CapInh", "CapBnd"] {
+                assert_eq!(thread_caps(field) & STEER_CAPS, 0, "{field}");
+            }
+            assert_eq!(thread_caps("CapEff") & 1 << 21, 0, "no CAP_SYS_ADMIN either");
+            // Really gone: creating a map is refused now (unprivileged BPF is disabled here).
+            if !unpriv_ok {
+                assert!(sys::BpfMap::create(MAP_ARRAY, 4, 1).is_err(), "a map without CAP_BPF");
+            }
+            st.set_receiving(100, true).unwrap();
+            st.set_receiving(101, true).unwrap();
+            // A member opened now is written into the SOCKARRAY without CAP_BPF.
+            let p = st.reserve(2).unwrap();
+            st.bind(&p, 102);
+            st.set_receiving(102, true).unwrap();
+            let _c = connect_n(&addr, 9, std::net::Ipv4Addr::LOCALHOST);
+            assert_eq!(queues(&st, 9), vec![3, 3, 3]);
+            assert_eq!(st.routing(), Routing::RoundRobin);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -264,12 +264,46 @@ fn unix_addresses_and_unknown_modes_are_config_errors() {
     }
 }
 
+/// CAP_BPF (39), CAP_PERFMON (38), CAP_SETPCAP (8).
+const STEER_CAPS: u64 = 1 << 39 | 1 << 38 | 1 << 8;
+
+#[test]
+fn the_supervisor_gives_up_cap_bpf_once_the_router_is_attached_and_new_workers_still_take_turns() {
+    let dir = TempDir::new("steer-caps");
+    let sock = dir.path("control.sock").display().to_string();
+    if expected_steer_routing() == "hash" {
+        eprintln!("SKIP: no CAP_BPF here: steer routes by hash");
+        return;
+    }
+    let mut h = steered(&dir, 2, "steer").start();
+    let v = started(&mut h, &sock, 2);
+    assert_eq!(v["routing"], "round-robin", "steer's default takes turns");
+    // Every thread of the supervisor (capabilities are per thread), in every set that could
+    // give them back: effective, permitted, inheritable, ambient, and bounding (an execve).
+    let pid = v["pid"].as_u64().unwrap();
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!tasks.is_empty());
+    for task in &tasks {
+        for field in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+            let set = capabilities(&format!("{pid}/task/{task}"), field);
+            assert_eq!(set & STEER_CAPS, 0, "supervisor thread {task}: {field} {set:#x}");
+        }
+    }
+    // Scaling up opens a member and writes it into the router's maps, without CAP_BPF.
+    let out = Command::new(BIN).args(["scale", &sock, "3"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = started(&mut h, &sock, 3);
+    assert_eq!(v["routing"], "round-robin");
+    h.distinct_workers(3);
+}
+
 #[test]
 fn steer_routing_can_be_pinned_lower_and_a_bad_value_is_refused() {
-    for (pinned, expected) in [
-        ("hash", "hash"),
-        ("round-robin", if expected_steer_routing() == "hash" { "hash" } else { "round-robin" }),
-    ] {
+    for (pinned, expected) in [("hash", "hash"), ("round-robin", expected_steer_routing())] {
         let dir = TempDir::new("steer-pinned");
         let sock = dir.path("control.sock").display().to_string();
         let mut h = steered(&dir, 2, "steer").env("HERDSMAN_STEER_ROUTING", pinned).start();
@@ -277,12 +311,20 @@ fn steer_routing_can_be_pinned_lower_and_a_bad_value_is_refused() {
         assert_eq!(v["routing"], expected, "HERDSMAN_STEER_ROUTING={pinned}");
         h.distinct_workers(2);
     }
-    let out = Command::new(BIN)
-        .args(["run", "--listen", "127.0.0.1:0", "--balance", "steer", "--", "python3", &worker_py()])
-        .env("HERDSMAN_STEER_ROUTING", "random")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
-    assert!(err.contains("HERDSMAN_STEER_ROUTING") && err.lines().count() == 1, "{err}");
+    // An unknown value, and the removed shortest queue: a config error naming the fix.
+    for bad in ["random", "shortest-queue"] {
+        // A supervisor that accepted it would run on: `timeout` stops it (exit 124).
+        let out = Command::new("timeout")
+            .args(["-s", "KILL", "60", BIN, "run", "--listen", "127.0.0.1:0", "--balance", "steer", "--"])
+            .args(["python3", &worker_py()])
+            .env("HERDSMAN_STEER_ROUTING", bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "HERDSMAN_STEER_ROUTING={bad}: {err}");
+        assert!(
+            err.contains("HERDSMAN_STEER_ROUTING") && err.contains("round-robin") && err.lines().count() == 1,
+            "{err}"
+        );
+    }
 }

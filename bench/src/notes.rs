@@ -199,10 +199,10 @@ pub fn balance_notes(r: &Results) -> String {
              program runs once per connection) steer is at the limit. {}",
             if crate::report::pooled(b, "steer", false, all).lo >= 0.98 {
                 "With a new connection per request it is at the limit too: the program gives each \
-                 SYN to the receiving worker with the shortest accept queue, so a worker that is busy \
-                 while another is idle is passed over, which is what one shared queue does by itself. \
-                 What per-worker queues cost without that choice (the same N sockets in one \
-                 `SO_REUSEPORT` group, the kernel's hash) is in *Per-worker queues* below."
+                 SYN to the receiving workers in turn, so no worker's queue grows while another's \
+                 is empty, as long as requests cost about the same. What per-worker queues cost \
+                 without that choice (the same N sockets in one `SO_REUSEPORT` group, the kernel's \
+                 hash) is in *Per-worker queues* below."
             } else {
                 "With a new connection per request it is below: every request is queued on the \
                  socket of the worker the program picked, which may be busy by the time it is \
@@ -277,7 +277,7 @@ pub fn balance_notes(r: &Results) -> String {
                 } else if st.p99 > sh.p99 * 1.1 {
                     "Steer's tail is longer: one shared queue lets whichever worker is free take the next \
                      connection, while per-worker queues hold a connection for the worker the program \
-                     picked when its SYN arrived (the shortest queue then), which may be busy by the \
+                     picked when its SYN arrived (the one whose turn it was), which may be busy by the \
                      time it is accepted while another is idle — the effect Cloudflare measured (max \
                      72.7 ms shared vs 144.6 ms with per-worker queues)."
                 } else if st.p99 < sh.p99 / 1.1 {

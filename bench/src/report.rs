@@ -665,8 +665,8 @@ pub fn balance_section(r: &Results) -> String {
         "Contenders, all with `bench/apps/node-app.js` and the same N: **limit** (the bench's \
          launcher, one shared socket, no supervisor), herdsman `--balance shared` (one socket \
          shared by all workers), **steer** (a socket per worker in one `SO_REUSEPORT` group, a \
-         BPF program sends new connections only to ready, non-draining workers, each to the one \
-         with the shortest accept queue: the eBPF program, as the bench runs as root), **sticky** (the same, a classic BPF \
+         BPF program sends new connections only to ready, non-draining workers, in turn: the \
+         eBPF round robin, as the bench runs as root), **sticky** (the same, a classic BPF \
          program keyed by the client's address over the slots), **limit again** (a second limit: its ratio to the first is the \
          measurement's noise), **metrics** (shared, with `--metrics` and a scrape every second; \
          data path only), and **PM2** cluster mode. N = 2 is one worker per core on this \

@@ -31,18 +31,21 @@ impl Process {
     }
 
     /// `HERDSMAN_STEER_ROUTING`: how `--balance steer` picks among receiving workers. The
-    /// default, `shortest-queue`, steps down to `round-robin` and then `hash` where the kernel
-    /// refuses what it needs; setting a lower one starts there (to compare, or to keep
-    /// CAP_PERFMON from the service).
+    /// default, `round-robin`, steps down to `hash` where the kernel refuses eBPF; `hash`
+    /// starts there (to compare, or to keep CAP_BPF from the service). `shortest-queue` was
+    /// removed (docs/bench-queues.md says why) and is refused with the fix.
     pub fn steer_routing(&self) -> Result<Routing, super::Failure> {
         match self.var("HERDSMAN_STEER_ROUTING").as_deref() {
-            None | Some("" | "shortest-queue") => Ok(Routing::ShortestQueue),
-            Some("round-robin") => Ok(Routing::RoundRobin),
+            None | Some("" | "round-robin") => Ok(Routing::RoundRobin),
             Some("hash") => Ok(Routing::Hash),
+            Some("shortest-queue") => Err(super::Failure::new(
+                crate::exit::CONFIG,
+                "HERDSMAN_STEER_ROUTING=\"shortest-queue\" was removed (it needed CAP_PERFMON to read kernel memory, for a gain inside the benchmarks' noise); use round-robin (the default) or hash, or unset it",
+            )),
             Some(other) => Err(super::Failure::new(
                 crate::exit::CONFIG,
                 format!(
-                    "HERDSMAN_STEER_ROUTING={other:?} is not a routing; use shortest-queue, round-robin or hash (or unset it)"
+                    "HERDSMAN_STEER_ROUTING={other:?} is not a routing; use round-robin or hash (or unset it)"
                 ),
             )),
         }

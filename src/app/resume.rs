@@ -74,7 +74,10 @@ fn rebuild(
                 tracing::warn!("{}; steering by hash", f.lines.join("; "));
                 Routing::Hash
             });
-            Some(Steering::adopt(st, fds, want)?)
+            let steering = Steering::adopt(st, fds, want)?;
+            // As after `run`: the router was handed over (or loaded again), CAP_BPF can go.
+            steering.give_up_capabilities()?;
+            Some(steering)
         }
         None => None,
     };

@@ -69,10 +69,17 @@ fn steering(settings: &Settings, listeners: &Listeners, process: &Process) -> Re
     let copies = listeners
         .copies()
         .map_err(|e| Failure::new(exit::FAILURE, format!("cannot duplicate the listening sockets: {e}")))?;
-    Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor(), want).map_err(|e| {
+    let steering = Steering::new(settings.balance, copies, settings.workers.get(), listeners.floor(), want)
+        .map_err(|e| {
         let config = matches!(e, SteerError::NotTcp { .. } | SteerError::NoReusePort { .. });
         Failure::new(if config { exit::CONFIG } else { exit::FAILURE }, e.to_string())
-    })
+    })?;
+    // Loaded and attached: CAP_BPF is not needed any more (main thread, before the runtime
+    // and the workers' threads exist).
+    steering
+        .give_up_capabilities()
+        .map_err(|e| Failure::new(exit::FAILURE, format!("--balance steer: giving up CAP_BPF: {e}")))?;
+    Ok(steering)
 }
 
 /// Binds the control socket (`--control`, else the app's default place, in a runtime

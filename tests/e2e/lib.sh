@@ -190,12 +190,11 @@ ct_boot() {
     local t0 deadline pid state=""
     t0=$(now)
     LEADER=""
-    # `--balance steer` loads an eBPF program: nspawn's default capability set lacks CAP_BPF
-    # and CAP_PERFMON, and its seccomp filter refuses bpf() (it allows it only with
-    # CAP_SYS_ADMIN). A host systemd has neither restriction; the unit's own (steer.conf) is
-    # what the test checks.
+    # `--balance steer` loads an eBPF program: nspawn's default capability set lacks CAP_BPF,
+    # and its seccomp filter refuses bpf() (it allows it only with CAP_SYS_ADMIN). A host
+    # systemd has neither restriction; the unit's own (steer.conf) is what the test checks.
     setsid systemd-nspawn --register=no --keep-unit -q -D "$CT_ROOT" --private-network \
-        --capability=CAP_BPF,CAP_PERFMON --system-call-filter=bpf \
+        --capability=CAP_BPF --system-call-filter=bpf \
         -M "$CT_NAME" -b systemd.firstboot=off >>"$CT_DIR/console.log" 2>&1 </dev/null &
     NSPAWN_PID=$!
     # nspawn forks a short-lived outer child first; PID 1 is the child running systemd.

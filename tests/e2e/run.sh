@@ -468,8 +468,10 @@ package_upgrade_under_load() {
     [ "$(echo "$st" | json_get 'd["upgrades"]')" -ge 1 ] || fail "upgrades is $(echo "$st" | json_get 'd["upgrades"]')"
     [ "$(ct herdsman status steerup --json | json_get '" ".join(sorted(str(w["pid"]) for w in d["workers"]))')" = "$spids0" ] ||
         fail "the upgrade replaced the steered app's workers"
-    [ "$(ct herdsman status steerup --json | json_get 'd["routing"]')" = shortest-queue ] ||
-        fail "the steered app's routing after the upgrade is not shortest-queue"
+    # The supervisor gave up CAP_BPF once its router was attached (and NoNewPrivileges= keeps
+    # an execve from getting it back): round robin now means the router was handed over.
+    [ "$(ct herdsman status steerup --json | json_get 'd["routing"]')" = round-robin ] ||
+        fail "the steered app's routing after the upgrade is not round-robin"
     exe=$(ct readlink "/proc/$main0/exe")
     [ "$exe" = /usr/bin/herdsman ] || fail "the supervisor runs '$exe', not /usr/bin/herdsman"
     note "MainPID $main0 kept, workers '$pids0' kept, exe $exe, upgrades $(echo "$st" | json_get 'd["upgrades"]')"
@@ -631,22 +633,24 @@ s_user() {
 # a warming app (503 for 1.5 s after accepting) reloads with no failed request, and a restart
 # of the service refuses or resets no connection (they wait in the sockets systemd holds).
 s_steer() {
+    ensure_worker # (when run alone: E2E_ONLY=steer)
     app_init steer 8787 3 --balance steer --min-ready 0s -e TW_WARM_MS=1500
     wait_until 60 "herdsman@steer ready" ready_text steer 3 ||
         { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "steer app not ready"; }
     local st n errs t_sock
     st=$(ct herdsman status steer --json)
     [ "$(echo "$st" | json_get 'd["balance"]')" = steer ] || fail "balance is not steer"
-    # init's steer.conf gives the service CAP_BPF, CAP_PERFMON and bpf(): the eBPF program
-    # that reads queue lengths, not plain turns or the hash.
-    [ "$(echo "$st" | json_get 'd["routing"]')" = shortest-queue ] ||
-        { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "routing is $(echo "$st" | json_get 'd["routing"]'), not shortest-queue"; }
-    # Workers run as root here (no --user): the supervisor's CAP_BPF, CAP_PERFMON and
-    # CAP_SETPCAP never reach them.
+    # init's steer.conf gives the service CAP_BPF (no CAP_PERFMON) and bpf(): the eBPF
+    # program that takes turns, not the hash.
+    [ "$(echo "$st" | json_get 'd["routing"]')" = round-robin ] ||
+        { ct journalctl -u herdsman@steer --no-pager -n 20 | sed 's/^/#   /'; fail "routing is $(echo "$st" | json_get 'd["routing"]'), not round-robin"; }
+    steer_caps_gone "after the start"
+    # Workers run as root here (no --user): the supervisor's CAP_BPF and CAP_SETPCAP never
+    # reach them.
     local wpid bnd
     wpid=$(echo "$st" | json_get 'd["workers"][0]["pid"]')
     bnd=$(ct awk '/^CapBnd:/ {print $2}' "/proc/$wpid/status")
-    note "worker $wpid CapBnd $bnd, supervisor $(ct awk '/^CapBnd:/ {print $2}' "/proc/$(prop herdsman@steer.service MainPID)/status")"
+    note "worker $wpid CapBnd $bnd"
     (( (16#$bnd >> 39 & 1) == 0 && (16#$bnd >> 38 & 1) == 0 && (16#$bnd >> 8 & 1) == 0 )) ||
         fail "worker $wpid has CAP_BPF, CAP_PERFMON or CAP_SETPCAP in its bounding set ($bnd)"
     n=$(ct ss -Htln 'sport = :8787' | wc -l)
@@ -658,7 +662,8 @@ s_steer() {
     [ "$(load_field steer_reload 'd["failed"]')" -eq 0 ] ||
         fail "$(load_field steer_reload 'd["failed"]') failed requests during a steered reload of a warming app"
     ready_text steer 3 2 || fail "not on generation 2: $(prop herdsman@steer.service StatusText)"
-    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = shortest-queue ] || fail "routing changed in the reload"
+    # The new workers' sockets went into the router's maps without CAP_BPF.
+    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = round-robin ] || fail "routing changed in the reload"
 
     t_sock=$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)
     ADDR=127.0.0.1:8787 load_start steer_restart new 6
@@ -671,11 +676,27 @@ s_steer() {
     case $errs in *Refused*|*Reset*|*RemoteDisconnected*) fail "connections refused or reset during a restart: $errs" ;; esac
     [ "$(prop herdsman@steer.socket ActiveEnterTimestampMonotonic)" = "$t_sock" ] || fail "the socket unit was restarted"
     # The restarted service took the sockets over from the previous process's router.
-    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = shortest-queue ] || fail "routing after the restart is not shortest-queue"
+    [ "$(ct herdsman status steer --json | json_get 'd["routing"]')" = round-robin ] || fail "routing after the restart is not round-robin"
+    steer_caps_gone "after the restart"
     ct herdsman remove steer --yes >/dev/null || fail "remove steer"
 }
 
 get_json_ok() { ct curl -fsS --max-time 5 -o /dev/null "http://$ADDR/"; }
+
+# Once its router is attached, no thread of herdsman@steer's supervisor holds CAP_BPF,
+# CAP_PERFMON or CAP_SETPCAP in any set (bounding included: no execve gets them back).
+steer_caps_gone() {
+    local main task field set
+    main=$(prop herdsman@steer.service MainPID)
+    for task in $(ct ls "/proc/$main/task"); do
+        for field in CapEff CapPrm CapInh CapAmb CapBnd; do
+            set=$(ct awk "/^$field:/ {print \$2}" "/proc/$main/task/$task/status")
+            (( (16#$set >> 39 & 1) == 0 && (16#$set >> 38 & 1) == 0 && (16#$set >> 8 & 1) == 0 )) ||
+                fail "$1: supervisor $main thread $task has CAP_BPF, CAP_PERFMON or CAP_SETPCAP in $field ($set)"
+        done
+    done
+    note "$1: supervisor $main CapBnd $(ct awk '/^CapBnd:/ {print $2}' "/proc/$main/status")"
+}
 
 # The test worker, where app_init's command expects it (create_app also puts it there).
 ensure_worker() {

@@ -466,19 +466,12 @@ pub fn capabilities(pid: &str, field: &str) -> u64 {
 }
 
 /// What `--balance steer` routes by here (the supervisor inherits the test's credentials):
-/// "shortest-queue" where this process may load eBPF and read kernel memory from it (CAP_BPF
-/// and CAP_PERFMON, or CAP_SYS_ADMIN, effective) and the kernel has BTF, "round-robin" with
-/// eBPF alone, else "hash".
+/// "round-robin" where this process may load eBPF (CAP_BPF or CAP_SYS_ADMIN effective), else
+/// "hash".
 #[allow(dead_code)]
 pub fn expected_steer_routing() -> &'static str {
     let eff = capabilities("self", "CapEff");
-    let ebpf = eff & (1 << 39 | 1 << 21) != 0;
-    let perfmon = eff & (1 << 38 | 1 << 21) != 0;
-    match (ebpf, perfmon && std::path::Path::new("/sys/kernel/btf/vmlinux").exists()) {
-        (true, true) => "shortest-queue",
-        (true, false) => "round-robin",
-        _ => "hash",
-    }
+    if eff & (1 << 39 | 1 << 21) != 0 { "round-robin" } else { "hash" }
 }
 
 /// `herdsman status CONTROL --json`, which must succeed.
