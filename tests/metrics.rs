@@ -418,3 +418,171 @@ fn a_config_may_not_set_herdsman_metrics_socket() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("HERDSMAN_METRICS_SOCKET"));
 }
+
+// Issue 22 (items 3, 6, 7): what a worker can put in herdsman's runtime directory or on its
+// page must not make herdsman read, delete or publish anything else.
+
+/// A world-readable scratch directory with a copy of the test worker (a worker running as
+/// `nobody` may not be able to enter the checkout) and a runtime directory of its own
+/// (`RUNTIME_DIRECTORY`: the worker sockets' and notify socket's home).
+struct Stage {
+    _dir: TempDir,
+    worker: String,
+    runtime: std::path::PathBuf,
+}
+
+impl Stage {
+    fn new(tag: &str) -> Stage {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new(tag);
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let worker = dir.path("worker.py");
+        std::fs::copy(worker_py(), &worker).unwrap();
+        std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let runtime = dir.path("rt");
+        std::fs::create_dir(&runtime).unwrap();
+        Stage { worker: worker.display().to_string(), runtime, _dir: dir }
+    }
+
+    /// `run` with this runtime directory and, as root, its workers running as `nobody`.
+    fn run(&self, run: Run) -> Run {
+        let run = run.env("RUNTIME_DIRECTORY", self.runtime.to_str().unwrap());
+        let run = if nix::unistd::geteuid().is_root() { run.arg("--user").arg("nobody") } else { run };
+        run.arg("--").arg("/usr/bin/python3").arg(&self.worker)
+    }
+
+    /// The directory of the sockets of `nobody`'s workers.
+    fn nobody_dir(&self) -> std::path::PathBuf {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+        self.runtime.join(format!("metrics-u{}", nobody.uid))
+    }
+}
+
+fn skip_unless_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    eprintln!("SKIP {test}: needs root (its worker runs as nobody)");
+    true
+}
+
+/// A unix socket only root may use, answering every connection with a metrics page (and
+/// counting them), as a root-only service would.
+struct Secret {
+    path: std::path::PathBuf,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _dir: TempDir,
+}
+
+impl Secret {
+    fn serve() -> Secret {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("metrics-secret");
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.path("secret.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = connections.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => req.extend_from_slice(&b[..k]),
+                    }
+                }
+                let body = "# TYPE root_secret gauge\nroot_secret 42\n";
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Secret { path, connections, _dir: dir }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_worker_linking_its_metrics_socket_to_a_root_only_socket_gets_nothing_published() {
+    if skip_unless_root("a_worker_linking_its_metrics_socket...") {
+        return;
+    }
+    let secret = Secret::serve();
+    let stage = Stage::new("metrics-link");
+    // Worker 0 puts a symbolic link to the root-only socket where its socket should be.
+    let app = App::start("metrics-link", 2, |r| {
+        stage.run(
+            r.worker_env("TW_METRICS", "link")
+                .worker_env("TW_METRICS_ONLY", "0")
+                .worker_env("TW_METRICS_LINK", secret.path.to_str().unwrap()),
+        )
+    });
+    let s = app.wait("worker 0's page refused (or the secret published)", |s| {
+        value(s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]) >= Some(1.0)
+            || s.iter().any(|x| x["name"] == "root_secret")
+    });
+    assert!(!s.iter().any(|x| x["name"] == "root_secret"), "a root-only socket was published: {s:?}");
+    assert_eq!(secret.connections(), 0, "herdsman connected to the root-only socket");
+    // The honest worker's page is still merged.
+    assert!(value(&s, "tw_worker_pid", &[("worker", "1")]).is_some());
+}
+
+#[test]
+fn a_private_worker_socket_is_read_without_dac_override_and_given_back() {
+    use std::os::unix::fs::MetadataExt;
+    if skip_unless_root("a_private_worker_socket...") {
+        return;
+    }
+    // herdsman as root without CAP_DAC_OVERRIDE (as the shipped unit): the worker's 0700 socket
+    // can only be reached by taking the file (CAP_CHOWN), which herdsman gives back.
+    let stage = Stage::new("metrics-private");
+    let dir = TempDir::new("metrics-private-app");
+    let run = stage.run(
+        Run::new(&dir, 1)
+            .arg("--metrics")
+            .arg("127.0.0.1:0")
+            .arg("--ready")
+            .arg("notify")
+            .worker_env("TW_NOTIFY", "1")
+            .worker_env("TW_METRICS", "private"),
+    );
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--inh-caps=-dac_override,-dac_read_search,-fowner"])
+        .args(["--bounding-set=-dac_override,-dac_read_search,-fowner", BIN])
+        .args(&run.args);
+    for (k, v) in &run.env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+    let mut child = cmd.spawn().unwrap();
+    let stderr = capture(child.stderr.take().unwrap(), true);
+    let stdout = capture(child.stdout.take().unwrap(), false);
+    let h = Herdsman { child: Some(child), stderr, stdout, addr: run.addr };
+    let control = dir.path("control.sock");
+    let st = wait_ready(&control, 1);
+    let addr = st["metrics"].as_str().unwrap().to_string();
+    let sock = wait_for(LONG, "the worker's socket", || {
+        std::fs::read_dir(stage.nobody_dir()).ok()?.flatten().map(|e| e.path()).find(|p| {
+            p.extension().is_some_and(|x| x == "sock")
+        })
+    });
+    let s = wait_for(LONG, "worker 0's page", || {
+        let s = parse(&scrape(&addr, None).1, "text");
+        value(&s, "tw_worker_pid", &[("worker", "0")]).is_some().then_some(s)
+    });
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0));
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let m = std::fs::symlink_metadata(&sock).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (nobody.uid.as_raw(), 0o700), "the worker's socket changed hands");
+    drop(h);
+}

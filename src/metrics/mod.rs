@@ -287,10 +287,11 @@ impl Metrics {
         let work = tokio::task::spawn_blocking(move || me.build(&snap, n, pages_rx, format, started));
         let mut buffers = self.buffers(n);
         let mut set = tokio::task::JoinSet::new();
+        let euid = self.0.euid;
         for (slot, path) in targets {
             let buf = buffers.pop().unwrap_or_default();
             set.spawn(async move {
-                match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path, buf)).await {
+                match tokio::time::timeout(WORKER_TIMEOUT, fetch(&path, euid, buf)).await {
                     Ok(Ok(page)) => (slot, Ok(page)),
                     Ok(Err(e)) => (slot, Err(e.to_string())),
                     Err(_) => (slot, Err(Fetch::Timeout.to_string())),
@@ -640,16 +641,9 @@ enum Fetch {
 
 /// `GET /metrics` over the worker's unix socket; the body of a 200 answer.
 /// `buf`: an empty buffer to read into (a pooled one, or new).
-async fn fetch(path: &Path, mut buf: Vec<u8>) -> Result<Page, Fetch> {
-    let mut s = match tokio::net::UnixStream::connect(path).await {
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            // A worker of another user made its socket 0750 (a UMask): herdsman keeps
-            // CAP_CHOWN for this, takes the socket file and connects as its owner.
-            take_socket(path)?;
-            tokio::net::UnixStream::connect(path).await?
-        }
-        r => r?,
-    };
+/// `euid`: herdsman's (see [`connect`]).
+async fn fetch(path: &Path, euid: u32, mut buf: Vec<u8>) -> Result<Page, Fetch> {
+    let mut s = connect(path, euid).await?;
     s.write_all(
         b"GET /metrics HTTP/1.1\r\nHost: herdsman\r\nAccept: text/plain;version=0.0.4\r\nConnection: close\r\n\r\n",
     )
@@ -733,11 +727,99 @@ impl Page {
     }
 }
 
-fn take_socket(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let m = std::fs::symlink_metadata(path)?;
-    if !m.file_type().is_socket() {
-        return Err(std::io::Error::other("not a socket"));
+/// The uid a worker's socket must belong to: [`Metrics::socket_for`] puts the sockets of a
+/// worker running as another user in `metrics-uUID/`, the others next to it (herdsman's).
+fn socket_owner(path: &Path, euid: u32) -> u32 {
+    let dir = path.parent().and_then(Path::file_name).and_then(|n| n.to_str());
+    dir.and_then(user_dir_uid).unwrap_or(euid)
+}
+
+/// `metrics-uUID` → UID.
+fn user_dir_uid(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("metrics-u")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    std::os::unix::fs::lchown(path, Some(nix::unistd::geteuid().as_raw()), None)
+    digits.parse().ok()
+}
+
+/// Opens a worker's metrics socket file (`O_PATH`) without following anything a worker could
+/// have put in its way: herdsman's runtime directory is opened as configured, then
+/// `metrics-uUID/` (writable by the worker's group) and the socket name without following a
+/// symbolic link (each relative to the directory opened before it: through
+/// `/proc/self/fd/N/`, what `openat` does). The directory must be herdsman's, the socket a
+/// socket owned by the worker's uid: a link or hard link to another socket (a root-only
+/// one, say) is refused, never connected to as root.
+fn open_socket(path: &Path, euid: u32) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let bad = |what: &str| std::io::Error::other(format!("{}: {what}", path.display()));
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(bad("not a socket path"));
+    };
+    let open = |p: &Path, flags: i32| {
+        std::fs::OpenOptions::new().read(true).custom_flags(flags | libc::O_NOFOLLOW).open(p)
+    };
+    let within = |d: &std::fs::File, name: &std::ffi::OsStr| {
+        let mut p = PathBuf::from(format!("/proc/self/fd/{}", d.as_raw_fd()));
+        p.push(name);
+        p
+    };
+    let owner = socket_owner(path, euid);
+    let dir = match (dir.parent(), dir.file_name()) {
+        (Some(base), Some(sub)) if owner != euid => {
+            let base = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(base)?;
+            let d = open(&within(&base, sub), libc::O_DIRECTORY)
+                .map_err(|e| bad(&format!("its directory is not a directory ({e})")))?;
+            let m = d.metadata()?;
+            if m.uid() != euid || m.mode() & 0o002 != 0 {
+                return Err(bad("its directory is not herdsman's"));
+            }
+            d
+        }
+        _ => std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir)?,
+    };
+    let sock = open(&within(&dir, name), libc::O_PATH).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => bad("a symbolic link, not the worker's socket"),
+        _ => e,
+    })?;
+    let m = sock.metadata()?;
+    if !m.file_type().is_socket() {
+        return Err(bad("not a socket"));
+    }
+    if m.uid() != owner {
+        return Err(bad(&format!("owned by uid {}, not the worker's {owner}", m.uid())));
+    }
+    Ok(sock)
+}
+
+/// Connects to a worker's metrics socket, opened by [`open_socket`], through
+/// `/proc/self/fd/N` (the very file checked). A worker of another user may have made its
+/// socket 0750 (a UMask): herdsman keeps CAP_CHOWN for this, takes that file for the
+/// connect (`fchownat` on the descriptor) and gives it back.
+async fn connect(path: &Path, euid: u32) -> std::io::Result<tokio::net::UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let sock = open_socket(path, euid)?;
+    let at = format!("/proc/self/fd/{}", sock.as_raw_fd());
+    match tokio::net::UnixStream::connect(&at).await {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let owner = sock.metadata()?.uid();
+            let chown = |uid: u32| {
+                nix::unistd::fchownat(
+                    Some(sock.as_raw_fd()),
+                    "",
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    None,
+                    nix::fcntl::AtFlags::AT_EMPTY_PATH,
+                )
+                .map_err(std::io::Error::from)
+            };
+            chown(euid)?;
+            let s = tokio::net::UnixStream::connect(&at).await;
+            chown(owner)?;
+            s
+        }
+        r => r,
+    }
 }

@@ -41,7 +41,10 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
                         tw_requests_total{path="/"}, a gauge tw_worker_pid and a histogram
                         tw_latency_seconds, plus TW_METRICS_SAMPLES extra gauge samples),
                         "garbage" (a 200 whose body is not Prometheus text), "hang"
-                        (accept, never answer)
+                        (accept, never answer), "file" (the bytes of TW_METRICS_FILE, read
+                        at each request), "private" ("ok" on a socket only its owner may
+                        use: mode 0700), "link" (serve nothing: a symbolic link to
+                        TW_METRICS_LINK where the socket should be)
   TW_METRICS_ONLY=id    serve that mode only in this slot (others serve "ok")
   TW_EVENTS=path        append one JSON line per life event to path: {"event": "start"} first
                         thing, {"event": "exit", "code": N} when the worker ends by itself
@@ -443,8 +446,13 @@ def metrics_server(mode):
     if not path:
         elog("TW_METRICS set but HERDSMAN_METRICS_SOCKET missing")
         return
+    if mode == "link":
+        os.symlink(ENV["TW_METRICS_LINK"], path)
+        return
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     srv.bind(path)
+    if mode == "private":
+        os.chmod(path, 0o700)
     srv.listen(64)
     while True:
         conn, _ = srv.accept()
@@ -459,7 +467,13 @@ def metrics_server(mode):
                 if not got:
                     break
                 req += got
-            body = metrics_page() if mode == "ok" else b"<html>not metrics</html>\n"
+            if mode == "file":
+                with open(ENV["TW_METRICS_FILE"], "rb") as f:
+                    body = f.read()
+            elif mode in ("ok", "private"):
+                body = metrics_page()
+            else:
+                body = b"<html>not metrics</html>\n"
             head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             conn.sendall(head.encode() + body)
         except OSError:
