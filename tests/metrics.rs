@@ -572,9 +572,11 @@ fn a_private_worker_socket_is_read_without_dac_override_and_given_back() {
     let st = wait_ready(&control, 1);
     let addr = st["metrics"].as_str().unwrap().to_string();
     let sock = wait_for(LONG, "the worker's socket", || {
-        std::fs::read_dir(stage.nobody_dir()).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.extension().is_some_and(|x| x == "sock")
-        })
+        std::fs::read_dir(stage.nobody_dir())
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "sock"))
     });
     let s = wait_for(LONG, "worker 0's page", || {
         let s = parse(&scrape(&addr, None).1, "text");
@@ -583,6 +585,74 @@ fn a_private_worker_socket_is_read_without_dac_override_and_given_back() {
     assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0));
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let m = std::fs::symlink_metadata(&sock).unwrap();
-    assert_eq!((m.uid(), m.mode() & 0o777), (nobody.uid.as_raw(), 0o700), "the worker's socket changed hands");
+    assert_eq!(
+        (m.uid(), m.mode() & 0o777),
+        (nobody.uid.as_raw(), 0o700),
+        "the worker's socket changed hands"
+    );
     drop(h);
+}
+
+/// `nobody`'s `metrics-uUID/` in the stage's runtime directory, made as herdsman makes it
+/// (root's, group nogroup, 0770: the worker may put anything in it).
+fn planted_dir(stage: &Stage) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = stage.nobody_dir();
+    std::fs::create_dir(&d).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    std::os::unix::fs::chown(&d, None, Some(nobody.gid.as_raw())).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o770)).unwrap();
+    d
+}
+
+#[test]
+fn a_link_a_worker_planted_in_its_socket_directory_is_not_followed_at_start() {
+    if skip_unless_root("a_link_a_worker_planted...") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let stage = Stage::new("metrics-plant");
+    // A root-only directory holding a file named like a dead supervisor's worker socket, and a
+    // link to it where a worker of the last run could put one.
+    let secret = TempDir::new("metrics-plant-secret");
+    std::fs::set_permissions(&secret.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let victim = secret.path("metrics-2147483000-0-0.sock");
+    drop(std::os::unix::net::UnixListener::bind(&victim).unwrap());
+    let d = planted_dir(&stage);
+    std::os::unix::fs::symlink(&secret.0, d.join("metrics-u1")).unwrap();
+    let app = App::start("metrics-plant", 1, |r| stage.run(r.worker_env("TW_METRICS", "ok")));
+    wait_ready(&app.control, 1);
+    assert!(std::fs::symlink_metadata(&victim).is_ok(), "herdsman removed a file in a root-only directory");
+    assert!(std::fs::symlink_metadata(d.join("metrics-u1")).is_err(), "the planted link is still there");
+}
+
+#[test]
+fn links_to_dot_in_a_workers_socket_directory_do_not_hang_the_start() {
+    if skip_unless_root("links_to_dot...") {
+        return;
+    }
+    let stage = Stage::new("metrics-dots");
+    let d = planted_dir(&stage);
+    for name in ["metrics-u1", "metrics-u2", "metrics-u3"] {
+        std::os::unix::fs::symlink(".", d.join(name)).unwrap();
+    }
+    let app = App::start("metrics-dots", 1, |r| stage.run(r.worker_env("TW_METRICS", "ok")));
+    let s = app.wait("worker 0's page", |s| value(s, "tw_worker_pid", &[("worker", "0")]).is_some());
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0));
+}
+
+#[test]
+fn the_runtime_directory_is_left_empty_at_exit() {
+    if skip_unless_root("the_runtime_directory_is_left_empty_at_exit") {
+        return;
+    }
+    let stage = Stage::new("metrics-exit");
+    let mut app = App::start("metrics-exit", 2, |r| stage.run(r.worker_env("TW_METRICS", "ok")));
+    let d = stage.nobody_dir();
+    wait_for(LONG, "both workers' sockets", || (std::fs::read_dir(&d).ok()?.count() == 2).then_some(()));
+    // What a worker may leave behind.
+    std::os::unix::fs::symlink("/", d.join("junk")).unwrap();
+    assert_eq!(app.h.stop().code(), Some(0));
+    let left: Vec<_> = std::fs::read_dir(&stage.runtime).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left in the runtime directory: {left:?}");
 }

@@ -146,7 +146,7 @@ impl Metrics {
     /// `HERDSMAN_METRICS_SOCKET`). `sockets`: copies of the listening sockets, labelled.
     pub fn new(dir: Option<PathBuf>, sockets: Vec<(String, OwnedFd)>) -> Metrics {
         if let Some(d) = &dir {
-            remove_stale(d);
+            remove_stale(d, false);
         }
         Self::empty(dir, sockets)
     }
@@ -581,6 +581,9 @@ impl Drop for Inner {
         for (_, path) in s.sockets.values() {
             let _ = std::fs::remove_file(path);
         }
+        if let Some(d) = &self.dir {
+            remove_stale(d, true);
+        }
     }
 }
 
@@ -596,6 +599,9 @@ fn user_dir(d: &Path, gid: u32) -> std::io::Result<()> {
     if !m.is_dir() {
         return Err(std::io::Error::other("not a directory"));
     }
+    if m.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(std::io::Error::other(format!("owned by uid {}, not herdsman", m.uid())));
+    }
     if m.gid() != gid {
         std::os::unix::fs::lchown(d, None, Some(gid))?;
     }
@@ -605,26 +611,66 @@ fn user_dir(d: &Path, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Removes worker sockets left by supervisors that are gone (ours too, if our pid was reused).
-fn remove_stale(dir: &Path) {
+/// Removes worker sockets left by supervisors that are gone (ours too, if our pid was
+/// reused) from herdsman's runtime directory `dir`, and everything but live supervisors'
+/// sockets from each `metrics-uUID/` in it. Nothing is followed: a worker may put anything in
+/// its `metrics-uUID/`, and a symbolic link there (to `.`, to a root-only directory) must
+/// neither be walked into nor have what it points to removed. Only `dir` and one level of
+/// real directories named `metrics-u<digits>` that herdsman owns are read; entries are told
+/// apart by `DirEntry::file_type` (never follows) and removing one removes only the name.
+/// `exiting`: herdsman is about to exit, so the `metrics-uUID/` directories go too (when
+/// nothing of another supervisor sharing `dir` is left in them).
+fn remove_stale(dir: &Path, exiting: bool) {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("metrics-u") && e.path().is_dir() {
-            remove_stale(&e.path());
+        let (Ok(ty), Some(name)) = (e.file_type(), e.file_name().to_str().map(str::to_owned)) else {
+            continue;
+        };
+        if ty.is_dir() {
+            // (`DirEntry::metadata` does not follow links either.)
+            if user_dir_uid(&name).is_some() && e.metadata().is_ok_and(|m| m.uid() == euid) {
+                remove_stale_in(&e.path());
+                if exiting {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
             continue;
         }
-        let Some(pid) = name.strip_prefix("metrics-").and_then(|r| r.split('-').next()) else { continue };
-        let Ok(pid) = pid.parse::<i32>() else { continue };
-        let alive = !matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Err(nix::errno::Errno::ESRCH)
-        );
-        if (!alive || pid == std::process::id() as i32) && name.ends_with(".sock") {
+        use std::os::unix::fs::FileTypeExt;
+        if ty.is_socket() && name.ends_with(".sock") && stale(&name) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// In a `metrics-uUID/`: removes every entry but directories and live supervisors' sockets.
+fn remove_stale_in(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let Ok(ty) = e.file_type() else { continue };
+        let name = e.file_name();
+        let live = ty.is_socket() && name.to_str().is_some_and(|n| n.ends_with(".sock") && !stale(n));
+        if !ty.is_dir() && !live {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether the socket name `metrics-PID-...` is not (any more) a live supervisor's: its
+/// supervisor is gone, or it is ours from an earlier life of our pid (or herdsman is exiting).
+/// Names of another form are stale.
+fn stale(name: &str) -> bool {
+    let Some(pid) = name.strip_prefix("metrics-").and_then(|r| r.split('-').next()) else { return true };
+    let Ok(pid) = pid.parse::<i32>() else { return true };
+    pid <= 0
+        || pid == std::process::id() as i32
+        || matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
 }
 
 #[derive(Debug, thiserror::Error)]
