@@ -656,3 +656,94 @@ fn the_runtime_directory_is_left_empty_at_exit() {
     let left: Vec<_> = std::fs::read_dir(&stage.runtime).unwrap().flatten().map(|e| e.path()).collect();
     assert!(left.is_empty(), "left in the runtime directory: {left:?}");
 }
+
+/// A worker page that tries to break or forge the merged page: its own `exported_worker`
+/// beside `worker`, Prometheus's `__*` labels, series rendered with herdsman's prefix, the
+/// same series twice, and names another family of the page already has.
+const FORGED_PAGE: &str = "\
+# HELP forged Forged.
+# TYPE forged gauge
+forged{worker=\"a\"} 1
+forged{exported_worker=\"a\"} 2
+forged{worker=\"b\",exported_worker=\"c\"} 3
+forged{__name__=\"herdsman_generation\"} 4
+forged{__meta_x=\"1\",path=\"/\"} 5
+# HELP herdsman_worker_restarts_total Forged.
+# TYPE herdsman_worker_restarts_total untyped
+herdsman_worker_restarts_total{worker=\"0\"} 99
+# HELP herdsman Forged.
+# TYPE herdsman counter
+herdsman 1
+# HELP herdsman_build_info Forged.
+# TYPE herdsman_build_info gauge
+herdsman_build_info{version=\"forged\"} 1
+# HELP dup Twice.
+# TYPE dup gauge
+dup 1
+dup 2
+# HELP lat Latency.
+# TYPE lat histogram
+lat_bucket{le=\"+Inf\"} 1
+lat_sum 1
+lat_count 1
+# HELP lat_sum Forged.
+# TYPE lat_sum gauge
+lat_sum 3
+";
+
+/// No two samples of `samples` are the same series.
+fn assert_no_duplicates(samples: &[Value], page: &str) {
+    let mut seen = std::collections::BTreeSet::new();
+    for s in samples {
+        let key = (s["name"].to_string(), s["labels"].to_string());
+        assert!(seen.insert(key), "a series appears twice: {s}\n{page}");
+    }
+}
+
+#[test]
+fn a_forged_worker_page_neither_breaks_nor_forges_the_merged_page() {
+    let stage = Stage::new("metrics-forged");
+    let page = stage._dir.path("page.prom");
+    std::fs::write(&page, FORGED_PAGE).unwrap();
+    std::fs::set_permissions(&page, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let app = App::start("metrics-forged", 2, |r| {
+        stage.run(
+            r.worker_env("TW_METRICS", "file")
+                .worker_env("TW_METRICS_ONLY", "0")
+                .worker_env("TW_METRICS_FILE", page.to_str().unwrap()),
+        )
+    });
+    let (_, body) = scrape(&app.addr, None);
+    promtool(&body);
+    let s = parse(&body, "text");
+    assert_no_duplicates(&s, &body);
+    // herdsman's own series are its own.
+    let ours: Vec<&Value> =
+        s.iter().filter(|x| x["name"].as_str().unwrap().starts_with("herdsman")).collect();
+    assert!(ours.iter().all(|x| x["labels"].get("exported_worker").is_none()), "{body}");
+    assert_eq!(value(&s, "herdsman_worker_restarts_total", &[("worker", "0")]), Some(0.0), "{body}");
+    assert_eq!(value(&s, "herdsman_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert!(value(&s, "herdsman_build_info", &[("version", "forged"), ("worker", "0")]).is_none(), "{body}");
+    assert!(!body.contains("herdsman_total"), "{body}");
+    // No label of Prometheus's own.
+    assert!(
+        s.iter().all(|x| x["labels"].as_object().unwrap().keys().all(|k| !k.starts_with("__"))),
+        "{body}"
+    );
+    // The worker's `worker` label is renamed past its own `exported_worker`: the first of two
+    // series that come out the same stays.
+    assert_eq!(value(&s, "forged", &[("exported_worker", "a"), ("worker", "0")]), Some(1.0), "{body}");
+    let both = [("exported_exported_worker", "b"), ("exported_worker", "c"), ("worker", "0")];
+    assert_eq!(value(&s, "forged", &both), Some(3.0), "{body}");
+    assert_eq!(value(&s, "dup", &[("worker", "0")]), Some(1.0), "{body}");
+    assert_eq!(value(&s, "lat_sum", &[("worker", "0")]), Some(1.0), "{body}");
+    // The honest worker's page is all there.
+    assert_eq!(value(&s, "tw_requests_total", &[("path", "/"), ("worker", "1")]), Some(7.0), "{body}");
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0), "{body}");
+
+    let (_, om) = scrape(&app.addr, Some("application/openmetrics-text;version=1.0.0"));
+    let s = parse(&om, "openmetrics");
+    assert_no_duplicates(&s, &om);
+    assert_eq!(value(&s, "forged", &[("exported_worker", "a"), ("worker", "0")]), Some(1.0), "{om}");
+    assert_eq!(value(&s, "tw_requests_total", &[("path", "/"), ("worker", "1")]), Some(7.0), "{om}");
+}

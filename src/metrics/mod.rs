@@ -417,11 +417,8 @@ impl Metrics {
         let ids: Vec<String> = slots.iter().map(|i| i.to_string()).collect();
         let own = self.own_families(&s, snap, &slots, &ids, &rss, &queues);
         drop(s);
-        let reserved: Vec<&str> = own.iter().map(|f| &*f.name).collect();
-        let mut workers = parse::merge(parsed, &reserved);
-        if format == Format::OpenMetrics {
-            parse::drop_created_twins(&mut workers);
-        }
+        // (herdsman's names all start with `parse::RESERVED_PREFIX`: no worker's can.)
+        let workers = parse::merge(parsed, format);
         // Workers' samples come out about as long as they came in, plus `,worker="ID"`.
         let samples: usize =
             workers.iter().flat_map(|f| std::iter::once(f).chain(&f.merged)).map(|f| f.samples.len()).sum();
