@@ -327,7 +327,6 @@ fn rendered_names(f: &Family<'_>, om: bool) -> Vec<String> {
 /// A worker's family made fit to merge: samples with a `__*` label, or the same series as
 /// one before them once the `worker` label is renamed, go; `worker` is renamed.
 fn tidy(f: &mut Family<'_>) {
-    let mut seen: std::collections::HashSet<(&'static str, Vec<(&str, &str)>)> = Default::default();
     let mut keep = Vec::with_capacity(f.samples.len());
     for s in &f.samples {
         let labels = &mut f.labels[s.labels.clone()];
@@ -340,16 +339,53 @@ fn tidy(f: &mut Family<'_>) {
         }
         keep.push(ok);
     }
-    for (s, ok) in f.samples.iter().zip(keep.iter_mut()) {
-        if *ok {
-            let mut key: Vec<(&str, &str)> =
-                f.labels[s.labels.clone()].iter().map(|(k, v)| (*k, &**v)).collect();
-            key.sort_unstable();
-            *ok = seen.insert((s.suffix, key));
-        }
-    }
+    drop_repeated(f, &mut keep);
     let mut keep = keep.into_iter();
     f.samples.retain(|_| keep.next().unwrap_or(false));
+}
+
+/// Marks in `keep` each sample of `f` that is the same series as a kept one before it.
+/// Series are found by a hash of their suffix and sorted labels (one reused buffer): the
+/// first sample with each hash, and the others whose labels differ (collisions).
+fn drop_repeated(f: &Family<'_>, keep: &mut [bool]) {
+    use std::collections::hash_map::Entry;
+    use std::hash::BuildHasher;
+    fn sorted<'s>(f: &'s Family<'_>, i: usize, out: &mut Vec<(&'s str, &'s str)>) {
+        out.clear();
+        out.extend(f.labels_of(&f.samples[i]).iter().map(|(k, v)| (*k, &**v)));
+        out.sort_unstable();
+    }
+    let same = |i: usize, j: usize, a: &mut Vec<_>, b: &mut Vec<_>| {
+        sorted(f, i, a);
+        sorted(f, j, b);
+        f.samples[i].suffix == f.samples[j].suffix && a == b
+    };
+    let state = std::collections::hash_map::RandomState::new();
+    let mut first: HashMap<u64, usize> = HashMap::with_capacity(f.samples.len());
+    let mut more: Vec<(u64, usize)> = Vec::new();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for (i, kept) in keep.iter_mut().enumerate() {
+        if !*kept {
+            continue;
+        }
+        sorted(f, i, &mut a);
+        let h = state.hash_one((f.samples[i].suffix, &a));
+        match first.entry(h) {
+            Entry::Vacant(e) => {
+                e.insert(i);
+            }
+            Entry::Occupied(e) => {
+                let j = *e.get();
+                let dup = same(i, j, &mut a, &mut b)
+                    || more.iter().filter(|(h2, _)| *h2 == h).any(|(_, j)| same(i, *j, &mut a, &mut b));
+                if dup {
+                    *kept = false;
+                } else {
+                    more.push((h, i));
+                }
+            }
+        }
+    }
 }
 
 /// OpenMetrics reserves `_created` for counters, histograms and summaries: a 0.0.4 page's
