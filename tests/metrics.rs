@@ -747,3 +747,43 @@ fn a_forged_worker_page_neither_breaks_nor_forges_the_merged_page() {
     assert_eq!(value(&s, "forged", &[("exported_worker", "a"), ("worker", "0")]), Some(1.0), "{om}");
     assert_eq!(value(&s, "tw_requests_total", &[("path", "/"), ("worker", "1")]), Some(7.0), "{om}");
 }
+
+#[test]
+fn a_runtime_directory_herdsman_made_is_gone_after_exit() {
+    if skip_unless_root("a_runtime_directory_herdsman_made_is_gone_after_exit") {
+        return;
+    }
+    // No RUNTIME_DIRECTORY: root's default, /run/herdsman/NAME, which herdsman makes.
+    let stage = Stage::new("metrics-rundir");
+    let name = format!("metrics-rundir-{}", std::process::id());
+    let runtime = std::path::Path::new("/run/herdsman").join(&name);
+    let _ = std::fs::remove_dir_all(&runtime);
+    let dir = TempDir::new("metrics-rundir-app");
+    let run = Run::new(&dir, 2)
+        .arg("--name")
+        .arg(&name)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_METRICS", "ok")
+        .arg("--user")
+        .arg("nobody")
+        .arg("--")
+        .arg("/usr/bin/python3")
+        .arg(&stage.worker);
+    let mut args = run.args.clone();
+    // (Run::new names every app `t`: this one has its own name, hence its own directory.)
+    let at = args.iter().position(|a| a == "--name").unwrap();
+    args.drain(at..at + 2);
+    let mut h = Herdsman::spawn(&args, &[], run.addr);
+    wait_ready(&dir.path("control.sock"), 2);
+    let sockets =
+        runtime.join(format!("metrics-u{}", nix::unistd::User::from_name("nobody").unwrap().unwrap().uid));
+    wait_for(LONG, "both workers' sockets", || {
+        (std::fs::read_dir(&sockets).ok()?.count() == 2).then_some(())
+    });
+    assert_eq!(h.stop().code(), Some(0));
+    let left: Vec<_> =
+        std::fs::read_dir(&runtime).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(!runtime.exists(), "{} is still there, with {left:?}", runtime.display());
+}

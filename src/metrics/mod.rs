@@ -572,15 +572,28 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// herdsman is exiting (its workers are gone): removes their socket files and the
+    /// `metrics-uUID/` directories (see [`remove_stale`]). Also done when the last handle goes.
+    pub fn remove_files(&self) {
+        remove_files(self.0.dir.as_deref(), &mut self.state().sockets);
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        for (_, path) in s.sockets.values() {
-            let _ = std::fs::remove_file(path);
-        }
-        if let Some(d) = &self.dir {
-            remove_stale(d, true);
-        }
+        remove_files(self.dir.as_deref(), &mut s.sockets);
+    }
+}
+
+/// See [`Metrics::remove_files`].
+fn remove_files(dir: Option<&Path>, sockets: &mut HashMap<i32, (usize, PathBuf)>) {
+    for (_, (_, path)) in sockets.drain() {
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(d) = dir {
+        remove_stale(d, true);
     }
 }
 
