@@ -787,3 +787,18 @@ fn a_runtime_directory_herdsman_made_is_gone_after_exit() {
         std::fs::read_dir(&runtime).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(!runtime.exists(), "{} is still there, with {left:?}", runtime.display());
 }
+
+#[test]
+fn other_sockets_in_the_runtime_directory_are_left_alone_at_start_and_exit() {
+    // What another supervisor sharing the directory has there: its control socket and its
+    // workers' notify socket. Only worker metrics sockets are herdsman's to clean up.
+    let stage = Stage::new("metrics-others");
+    let control = stage.runtime.join("control.sock");
+    let _control = std::os::unix::net::UnixListener::bind(&control).unwrap();
+    let notify = stage.runtime.join(format!("notify-{}.sock", std::process::id()));
+    let _notify = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    let mut app = App::start("metrics-others", 1, |r| stage.run(r.worker_env("TW_METRICS", "ok")));
+    assert!(control.exists() && notify.exists(), "removed at start");
+    assert_eq!(app.h.stop().code(), Some(0));
+    assert!(control.exists() && notify.exists(), "removed at exit");
+}

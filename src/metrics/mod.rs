@@ -649,7 +649,8 @@ fn remove_stale(dir: &Path, exiting: bool) {
             continue;
         }
         use std::os::unix::fs::FileTypeExt;
-        if ty.is_socket() && name.ends_with(".sock") && stale(&name) {
+        // (Only worker sockets: the control socket and the notify sockets live here too.)
+        if ty.is_socket() && name.ends_with(".sock") && stale(&name) == Some(true) {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -662,25 +663,27 @@ fn remove_stale_in(dir: &Path) {
     for e in entries.flatten() {
         let Ok(ty) = e.file_type() else { continue };
         let name = e.file_name();
-        let live = ty.is_socket() && name.to_str().is_some_and(|n| n.ends_with(".sock") && !stale(n));
+        let live =
+            ty.is_socket() && name.to_str().is_some_and(|n| n.ends_with(".sock") && stale(n) == Some(false));
         if !ty.is_dir() && !live {
             let _ = std::fs::remove_file(e.path());
         }
     }
 }
 
-/// Whether the socket name `metrics-PID-...` is not (any more) a live supervisor's: its
-/// supervisor is gone, or it is ours from an earlier life of our pid (or herdsman is exiting).
-/// Names of another form are stale.
-fn stale(name: &str) -> bool {
-    let Some(pid) = name.strip_prefix("metrics-").and_then(|r| r.split('-').next()) else { return true };
-    let Ok(pid) = pid.parse::<i32>() else { return true };
-    pid <= 0
-        || pid == std::process::id() as i32
-        || matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Err(nix::errno::Errno::ESRCH)
-        )
+/// Whether the worker socket name `metrics-PID-...` is not (any more) a live supervisor's:
+/// its supervisor is gone, or it is ours from an earlier life of our pid (or herdsman is
+/// exiting). `None`: not a worker socket's name.
+fn stale(name: &str) -> Option<bool> {
+    let pid: i32 = name.strip_prefix("metrics-")?.split('-').next()?.parse().ok()?;
+    Some(
+        pid <= 0
+            || pid == std::process::id() as i32
+            || matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Err(nix::errno::Errno::ESRCH)
+            ),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
