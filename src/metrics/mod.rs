@@ -28,6 +28,9 @@
 //! process. Workers running as another user (`user`) get theirs in `metrics-uUID/` (owned
 //! by herdsman, group of the worker user, 0770), since they cannot create files in a
 //! directory only herdsman may write. herdsman removes each file when its worker is gone.
+//! That directory is writable by the workers, so nothing in it is trusted or followed: see
+//! [`open_socket`] (a scrape) and [`remove_stale`] (start and exit). And a worker's page can
+//! neither break the merged page nor forge herdsman's series: see [`parse::merge`].
 
 pub mod carry;
 pub mod http;
