@@ -29,7 +29,7 @@
 //! by herdsman, group of the worker user, 0770), since they cannot create files in a
 //! directory only herdsman may write. herdsman removes each file when its worker is gone.
 //! That directory is writable by the workers, so nothing in it is trusted or followed: see
-//! [`open_socket`] (a scrape) and [`remove_stale`] (start and exit). And a worker's page can
+//! `open_socket` (a scrape) and `remove_stale` (start and exit). And a worker's page can
 //! neither break the merged page nor forge herdsman's series: see [`parse::merge`].
 
 pub mod carry;
@@ -577,7 +577,7 @@ impl Metrics {
 
 impl Metrics {
     /// herdsman is exiting (its workers are gone): removes their socket files and the
-    /// `metrics-uUID/` directories (see [`remove_stale`]). Also done when the last handle goes.
+    /// `metrics-uUID/` directories (see `remove_stale`). Also done when the last handle goes.
     pub fn remove_files(&self) {
         remove_files(self.0.dir.as_deref(), &mut self.state().sockets);
     }
