@@ -241,7 +241,12 @@ impl WorkerNotify {
     /// socket is 0666 and the directory gets search (x) permission for group and others but
     /// not read, so workers running as another user can reach the socket without listing the
     /// directory. That is safe because a datagram only counts when its kernel-checked sender
-    /// (`SCM_CREDENTIALS`) is one of our workers. The pid in the name keeps supervisors that
+    /// (`SCM_CREDENTIALS`) is one of our workers (or in a worker's process group); anyone
+    /// else's is read and dropped. Why not 0660 with the workers' group, or 0600: the socket
+    /// must stay reachable by workers of every `user` a reload may switch between (old and new
+    /// ones send at once), by workers' children (`systemd-notify --ready`) and by a worker
+    /// that drops privileges itself (`gosu`, `setpriv`, an app calling `setuid`), as
+    /// systemd's own `/run/systemd/notify` (0777) is. The pid in the name keeps supervisors that
     /// share a directory apart; sockets left by killed supervisors (nobody answers on them)
     /// are removed, ours included when our pid was reused. A path longer than a socket
     /// address allows falls back to an abstract socket.

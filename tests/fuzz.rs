@@ -187,8 +187,8 @@ proptest! {
         if let Ok(families) = parse::parse(text.as_bytes()) {
             // What herdsman accepts it must be able to write back, in both formats, and
             // read again (the page a scraper gets).
-            let merged = parse::merge(vec![(worker, families)], &[]);
             for format in [model::Format::Text, model::Format::OpenMetrics] {
+                let merged = parse::merge(vec![(worker, families.clone())], format);
                 let mut out = String::new();
                 model::render(&merged, format, &mut out);
                 if format == model::Format::Text {

@@ -422,3 +422,387 @@ fn a_config_may_not_set_herdsman_metrics_socket() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("HERDSMAN_METRICS_SOCKET"));
 }
+
+// Issue 22 (items 3, 6, 7): what a worker can put in herdsman's runtime directory or on its
+// page must not make herdsman read, delete or publish anything else.
+
+/// A world-readable scratch directory with a copy of the test worker (a worker running as
+/// `nobody` may not be able to enter the checkout) and a runtime directory of its own
+/// (`RUNTIME_DIRECTORY`: the worker sockets' and notify socket's home).
+struct Stage {
+    _dir: TempDir,
+    worker: String,
+    runtime: std::path::PathBuf,
+}
+
+impl Stage {
+    fn new(tag: &str) -> Stage {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new(tag);
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let worker = dir.path("worker.py");
+        std::fs::copy(worker_py(), &worker).unwrap();
+        std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let runtime = dir.path("rt");
+        std::fs::create_dir(&runtime).unwrap();
+        Stage { worker: worker.display().to_string(), runtime, _dir: dir }
+    }
+
+    /// `run` with this runtime directory and, as root, its workers running as `nobody`.
+    fn run(&self, run: Run) -> Run {
+        let run = run.env("RUNTIME_DIRECTORY", self.runtime.to_str().unwrap());
+        let run = if nix::unistd::geteuid().is_root() { run.arg("--user").arg("nobody") } else { run };
+        run.arg("--").arg("/usr/bin/python3").arg(&self.worker)
+    }
+
+    /// The directory of the sockets of `nobody`'s workers.
+    fn nobody_dir(&self) -> std::path::PathBuf {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+        self.runtime.join(format!("metrics-u{}", nobody.uid))
+    }
+}
+
+fn skip_unless_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    eprintln!("SKIP {test}: needs root (its worker runs as nobody)");
+    true
+}
+
+/// A unix socket only root may use, answering every connection with a metrics page (and
+/// counting them), as a root-only service would.
+struct Secret {
+    path: std::path::PathBuf,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _dir: TempDir,
+}
+
+impl Secret {
+    fn serve() -> Secret {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("metrics-secret");
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.path("secret.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = connections.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => req.extend_from_slice(&b[..k]),
+                    }
+                }
+                let body = "# TYPE root_secret gauge\nroot_secret 42\n";
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Secret { path, connections, _dir: dir }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_worker_linking_its_metrics_socket_to_a_root_only_socket_gets_nothing_published() {
+    if skip_unless_root("a_worker_linking_its_metrics_socket...") {
+        return;
+    }
+    let secret = Secret::serve();
+    let stage = Stage::new("metrics-link");
+    // Worker 0 puts a symbolic link to the root-only socket where its socket should be.
+    let app = App::start("metrics-link", 2, |r| {
+        stage.run(
+            r.worker_env("TW_METRICS", "link")
+                .worker_env("TW_METRICS_ONLY", "0")
+                .worker_env("TW_METRICS_LINK", secret.path.to_str().unwrap()),
+        )
+    });
+    let s = app.wait("worker 0's page refused (or the secret published)", |s| {
+        value(s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]) >= Some(1.0)
+            || s.iter().any(|x| x["name"] == "root_secret")
+    });
+    assert!(!s.iter().any(|x| x["name"] == "root_secret"), "a root-only socket was published: {s:?}");
+    assert_eq!(secret.connections(), 0, "herdsman connected to the root-only socket");
+    // The honest worker's page is still merged.
+    assert!(value(&s, "tw_worker_pid", &[("worker", "1")]).is_some());
+}
+
+#[test]
+fn a_private_worker_socket_is_read_without_dac_override_and_given_back() {
+    use std::os::unix::fs::MetadataExt;
+    if skip_unless_root("a_private_worker_socket...") {
+        return;
+    }
+    // herdsman as root without CAP_DAC_OVERRIDE (as the shipped unit): the worker's 0700 socket
+    // can only be reached by taking the file (CAP_CHOWN), which herdsman gives back.
+    let stage = Stage::new("metrics-private");
+    let dir = TempDir::new("metrics-private-app");
+    let run = stage.run(
+        Run::new(&dir, 1)
+            .arg("--metrics")
+            .arg("127.0.0.1:0")
+            .arg("--ready")
+            .arg("notify")
+            .worker_env("TW_NOTIFY", "1")
+            .worker_env("TW_METRICS", "private"),
+    );
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--inh-caps=-dac_override,-dac_read_search,-fowner"])
+        .args(["--bounding-set=-dac_override,-dac_read_search,-fowner", BIN])
+        .args(&run.args);
+    for (k, v) in &run.env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+    let mut child = cmd.spawn().unwrap();
+    let stderr = capture(child.stderr.take().unwrap(), true);
+    let stdout = capture(child.stdout.take().unwrap(), false);
+    let h = Herdsman { child: Some(child), stderr, stdout, addr: run.addr };
+    let control = dir.path("control.sock");
+    let st = wait_ready(&control, 1);
+    let addr = st["metrics"].as_str().unwrap().to_string();
+    let sock = wait_for(LONG, "the worker's socket", || {
+        std::fs::read_dir(stage.nobody_dir())
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "sock"))
+    });
+    let s = wait_for(LONG, "worker 0's page", || {
+        let s = parse(&scrape(&addr, None).1, "text");
+        value(&s, "tw_worker_pid", &[("worker", "0")]).is_some().then_some(s)
+    });
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0));
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let m = std::fs::symlink_metadata(&sock).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o777),
+        (nobody.uid.as_raw(), 0o700),
+        "the worker's socket changed hands"
+    );
+    drop(h);
+}
+
+/// `nobody`'s `metrics-uUID/` in the stage's runtime directory, made as herdsman makes it
+/// (root's, group nogroup, 0770: the worker may put anything in it).
+fn planted_dir(stage: &Stage) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = stage.nobody_dir();
+    std::fs::create_dir(&d).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    std::os::unix::fs::chown(&d, None, Some(nobody.gid.as_raw())).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o770)).unwrap();
+    d
+}
+
+#[test]
+fn a_link_a_worker_planted_in_its_socket_directory_is_not_followed_at_start() {
+    if skip_unless_root("a_link_a_worker_planted...") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let stage = Stage::new("metrics-plant");
+    // A root-only directory holding a file named like a dead supervisor's worker socket, and a
+    // link to it where a worker of the last run could put one.
+    let secret = TempDir::new("metrics-plant-secret");
+    std::fs::set_permissions(&secret.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let victim = secret.path("metrics-2147483000-0-0.sock");
+    drop(std::os::unix::net::UnixListener::bind(&victim).unwrap());
+    let d = planted_dir(&stage);
+    std::os::unix::fs::symlink(&secret.0, d.join("metrics-u1")).unwrap();
+    let app = App::start("metrics-plant", 1, |r| stage.run(r.worker_env("TW_METRICS", "ok")));
+    wait_ready(&app.control, 1);
+    assert!(std::fs::symlink_metadata(&victim).is_ok(), "herdsman removed a file in a root-only directory");
+    assert!(std::fs::symlink_metadata(d.join("metrics-u1")).is_err(), "the planted link is still there");
+}
+
+#[test]
+fn links_to_dot_in_a_workers_socket_directory_do_not_hang_the_start() {
+    if skip_unless_root("links_to_dot...") {
+        return;
+    }
+    let stage = Stage::new("metrics-dots");
+    let d = planted_dir(&stage);
+    for name in ["metrics-u1", "metrics-u2", "metrics-u3"] {
+        std::os::unix::fs::symlink(".", d.join(name)).unwrap();
+    }
+    let app = App::start("metrics-dots", 1, |r| stage.run(r.worker_env("TW_METRICS", "ok")));
+    let s = app.wait("worker 0's page", |s| value(s, "tw_worker_pid", &[("worker", "0")]).is_some());
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0));
+}
+
+#[test]
+fn the_runtime_directory_is_left_empty_at_exit() {
+    if skip_unless_root("the_runtime_directory_is_left_empty_at_exit") {
+        return;
+    }
+    let stage = Stage::new("metrics-exit");
+    let mut app = App::start("metrics-exit", 2, |r| stage.run(r.worker_env("TW_METRICS", "ok")));
+    let d = stage.nobody_dir();
+    wait_for(LONG, "both workers' sockets", || (std::fs::read_dir(&d).ok()?.count() == 2).then_some(()));
+    // What a worker may leave behind.
+    std::os::unix::fs::symlink("/", d.join("junk")).unwrap();
+    assert_eq!(app.h.stop().code(), Some(0));
+    let left: Vec<_> = std::fs::read_dir(&stage.runtime).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left in the runtime directory: {left:?}");
+}
+
+/// A worker page that tries to break or forge the merged page: its own `exported_worker`
+/// beside `worker`, Prometheus's `__*` labels, series rendered with herdsman's prefix, the
+/// same series twice, and names another family of the page already has.
+const FORGED_PAGE: &str = "\
+# HELP forged Forged.
+# TYPE forged gauge
+forged{worker=\"a\"} 1
+forged{exported_worker=\"a\"} 2
+forged{worker=\"b\",exported_worker=\"c\"} 3
+forged{__name__=\"herdsman_generation\"} 4
+forged{__meta_x=\"1\",path=\"/\"} 5
+# HELP herdsman_worker_restarts_total Forged.
+# TYPE herdsman_worker_restarts_total untyped
+herdsman_worker_restarts_total{worker=\"0\"} 99
+# HELP herdsman Forged.
+# TYPE herdsman counter
+herdsman 1
+# HELP herdsman_build_info Forged.
+# TYPE herdsman_build_info gauge
+herdsman_build_info{version=\"forged\"} 1
+# HELP dup Twice.
+# TYPE dup gauge
+dup 1
+dup 2
+# HELP lat Latency.
+# TYPE lat histogram
+lat_bucket{le=\"+Inf\"} 1
+lat_sum 1
+lat_count 1
+# HELP lat_sum Forged.
+# TYPE lat_sum gauge
+lat_sum 3
+";
+
+/// No two samples of `samples` are the same series.
+fn assert_no_duplicates(samples: &[Value], page: &str) {
+    let mut seen = std::collections::BTreeSet::new();
+    for s in samples {
+        let key = (s["name"].to_string(), s["labels"].to_string());
+        assert!(seen.insert(key), "a series appears twice: {s}\n{page}");
+    }
+}
+
+#[test]
+fn a_forged_worker_page_neither_breaks_nor_forges_the_merged_page() {
+    let stage = Stage::new("metrics-forged");
+    let page = stage._dir.path("page.prom");
+    std::fs::write(&page, FORGED_PAGE).unwrap();
+    std::fs::set_permissions(&page, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let app = App::start("metrics-forged", 2, |r| {
+        stage.run(
+            r.worker_env("TW_METRICS", "file")
+                .worker_env("TW_METRICS_ONLY", "0")
+                .worker_env("TW_METRICS_FILE", page.to_str().unwrap()),
+        )
+    });
+    let (_, body) = scrape(&app.addr, None);
+    promtool(&body);
+    let s = parse(&body, "text");
+    assert_no_duplicates(&s, &body);
+    // herdsman's own series are its own.
+    let ours: Vec<&Value> =
+        s.iter().filter(|x| x["name"].as_str().unwrap().starts_with("herdsman")).collect();
+    assert!(ours.iter().all(|x| x["labels"].get("exported_worker").is_none()), "{body}");
+    assert_eq!(value(&s, "herdsman_worker_restarts_total", &[("worker", "0")]), Some(0.0), "{body}");
+    assert_eq!(value(&s, "herdsman_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert!(value(&s, "herdsman_build_info", &[("version", "forged"), ("worker", "0")]).is_none(), "{body}");
+    assert!(!body.contains("herdsman_total"), "{body}");
+    // No label of Prometheus's own.
+    assert!(
+        s.iter().all(|x| x["labels"].as_object().unwrap().keys().all(|k| !k.starts_with("__"))),
+        "{body}"
+    );
+    // The worker's `worker` label is renamed past its own `exported_worker`: the first of two
+    // series that come out the same stays.
+    assert_eq!(value(&s, "forged", &[("exported_worker", "a"), ("worker", "0")]), Some(1.0), "{body}");
+    let both = [("exported_exported_worker", "b"), ("exported_worker", "c"), ("worker", "0")];
+    assert_eq!(value(&s, "forged", &both), Some(3.0), "{body}");
+    assert_eq!(value(&s, "dup", &[("worker", "0")]), Some(1.0), "{body}");
+    assert_eq!(value(&s, "lat_sum", &[("worker", "0")]), Some(1.0), "{body}");
+    // The honest worker's page is all there.
+    assert_eq!(value(&s, "tw_requests_total", &[("path", "/"), ("worker", "1")]), Some(7.0), "{body}");
+    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0), "{body}");
+
+    let (_, om) = scrape(&app.addr, Some("application/openmetrics-text;version=1.0.0"));
+    let s = parse(&om, "openmetrics");
+    assert_no_duplicates(&s, &om);
+    assert_eq!(value(&s, "forged", &[("exported_worker", "a"), ("worker", "0")]), Some(1.0), "{om}");
+    assert_eq!(value(&s, "tw_requests_total", &[("path", "/"), ("worker", "1")]), Some(7.0), "{om}");
+}
+
+#[test]
+fn a_runtime_directory_herdsman_made_is_gone_after_exit() {
+    if skip_unless_root("a_runtime_directory_herdsman_made_is_gone_after_exit") {
+        return;
+    }
+    // No RUNTIME_DIRECTORY: root's default, /run/herdsman/NAME, which herdsman makes.
+    let stage = Stage::new("metrics-rundir");
+    let name = format!("metrics-rundir-{}", std::process::id());
+    let runtime = std::path::Path::new("/run/herdsman").join(&name);
+    let _ = std::fs::remove_dir_all(&runtime);
+    let dir = TempDir::new("metrics-rundir-app");
+    let run = Run::new(&dir, 2)
+        .arg("--name")
+        .arg(&name)
+        .arg("--ready")
+        .arg("notify")
+        .worker_env("TW_NOTIFY", "1")
+        .worker_env("TW_METRICS", "ok")
+        .arg("--user")
+        .arg("nobody")
+        .arg("--")
+        .arg("/usr/bin/python3")
+        .arg(&stage.worker);
+    let mut args = run.args.clone();
+    // (Run::new names every app `t`: this one has its own name, hence its own directory.)
+    let at = args.iter().position(|a| a == "--name").unwrap();
+    args.drain(at..at + 2);
+    let mut h = Herdsman::spawn(&args, &[], run.addr);
+    wait_ready(&dir.path("control.sock"), 2);
+    let sockets =
+        runtime.join(format!("metrics-u{}", nix::unistd::User::from_name("nobody").unwrap().unwrap().uid));
+    wait_for(LONG, "both workers' sockets", || {
+        (std::fs::read_dir(&sockets).ok()?.count() == 2).then_some(())
+    });
+    assert_eq!(h.stop().code(), Some(0));
+    let left: Vec<_> =
+        std::fs::read_dir(&runtime).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(!runtime.exists(), "{} is still there, with {left:?}", runtime.display());
+}
+
+#[test]
+fn other_sockets_in_the_runtime_directory_are_left_alone_at_start_and_exit() {
+    // What another supervisor sharing the directory has there: its control socket and its
+    // workers' notify socket. Only worker metrics sockets are herdsman's to clean up.
+    let stage = Stage::new("metrics-others");
+    let control = stage.runtime.join("control.sock");
+    let _control = std::os::unix::net::UnixListener::bind(&control).unwrap();
+    let notify = stage.runtime.join(format!("notify-{}.sock", std::process::id()));
+    let _notify = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    let mut app = App::start("metrics-others", 1, |r| stage.run(r.worker_env("TW_METRICS", "ok")));
+    assert!(control.exists() && notify.exists(), "removed at start");
+    assert_eq!(app.h.stop().code(), Some(0));
+    assert!(control.exists() && notify.exists(), "removed at exit");
+}

@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use super::model::{Family, Kind, Label, Sample};
+use super::model::{Family, Format, Kind, Label, Sample};
 
 /// Why a worker's page was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -268,22 +268,37 @@ pub fn parse_capped(
     Ok(families)
 }
 
-/// Merges the workers' families (each sample labelled `worker="ID"`) by name: one HELP/TYPE
-/// per name, in the order names first appear. A family whose name herdsman uses itself, or
-/// whose type differs from the one already merged under that name, is left out. Nothing is
-/// copied: a later page's family goes into the first one's [`Family::merged`].
-pub fn merge<'a>(pages: Vec<(usize, Vec<Family<'a>>)>, reserved: &[&str]) -> Vec<Family<'a>> {
+/// The prefix of herdsman's own series: no worker series may be rendered with it.
+pub const RESERVED_PREFIX: &str = "herdsman_";
+
+/// What a worker's `worker` label is renamed to, as Prometheus renames an exposed label that
+/// clashes with a target label: the first of these the sample does not have already.
+const EXPORTED_WORKER: [&str; 3] =
+    ["exported_worker", "exported_exported_worker", "exported_exported_exported_worker"];
+
+/// Merges the workers' families (each sample labelled `worker="ID"`) into what the page may
+/// hold, as a strict scraper reads it (Prometheus drops a whole scrape over one bad series):
+/// one HELP/TYPE per name, in the order names first appear. Nothing is copied: a later
+/// page's family goes into the first one's [`Family::merged`]. Left out:
+/// * a family with a series that would be rendered with [`RESERVED_PREFIX`] (herdsman's);
+/// * a family whose type differs from the one already merged under its name, or with a
+///   series name another family already has in `format` (`x_total` of a counter `x` and a
+///   gauge `x_total`; a histogram's `x_sum` and a gauge `x_sum`): the first one stays;
+/// * a sample with a label named `__*` (reserved for Prometheus's own use);
+/// * a sample that is the same series as one before it, once its `worker` label is renamed
+///   to `exported_worker` (or `exported_exported_worker` when it has that label too, ...).
+pub fn merge<'a>(pages: Vec<(usize, Vec<Family<'a>>)>, format: Format) -> Vec<Family<'a>> {
+    let om = format == Format::OpenMetrics;
     let mut out: Vec<Family<'a>> = Vec::new();
     let mut index: HashMap<Cow<'a, str>, usize> = HashMap::new();
     for (worker, families) in pages {
         for mut f in families {
-            if reserved.contains(&&*f.name) || f.samples.is_empty() {
+            if rendered_names(&f, om).iter().any(|n| n.starts_with(RESERVED_PREFIX)) {
                 continue;
             }
-            for (k, _) in &mut f.labels {
-                if *k == "worker" {
-                    *k = "exported_worker";
-                }
+            tidy(&mut f);
+            if f.samples.is_empty() {
+                continue;
             }
             f.worker = Some(worker);
             match index.get(&f.name) {
@@ -296,12 +311,108 @@ pub fn merge<'a>(pages: Vec<(usize, Vec<Family<'a>>)>, reserved: &[&str]) -> Vec
             }
         }
     }
+    if om {
+        drop_created_twins(&mut out);
+    }
+    // Names a family takes on the page: its own, then the first family to take one keeps it.
+    let mut taken: HashMap<String, usize> = HashMap::new();
+    let mut keep = Vec::with_capacity(out.len());
+    for (i, f) in out.iter().enumerate() {
+        let names = rendered_names(f, om);
+        let free = names.iter().all(|n| taken.get(n).is_none_or(|j| *j == i));
+        if free {
+            taken.extend(names.into_iter().map(|n| (n, i)));
+        }
+        keep.push(free);
+    }
+    let mut keep = keep.into_iter();
+    out.retain(|_| keep.next().unwrap_or(false));
     out
+}
+
+/// The names `f` is written with in a page: its HELP/TYPE name and its samples' names.
+fn rendered_names(f: &Family<'_>, om: bool) -> Vec<String> {
+    let family =
+        if f.kind == Kind::Counter && !om { format!("{}_total", f.name) } else { f.name.to_string() };
+    let mut names = vec![family];
+    for suffix in f.kind.suffixes() {
+        if om || *suffix != "_created" {
+            let n = format!("{}{suffix}", f.name);
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    names
+}
+
+/// A worker's family made fit to merge: samples with a `__*` label, or the same series as
+/// one before them once the `worker` label is renamed, go; `worker` is renamed.
+fn tidy(f: &mut Family<'_>) {
+    let mut keep = Vec::with_capacity(f.samples.len());
+    for s in &f.samples {
+        let labels = &mut f.labels[s.labels.clone()];
+        let mut ok = !labels.iter().any(|(k, _)| k.starts_with("__"));
+        if let Some(i) = labels.iter().position(|(k, _)| *k == "worker") {
+            match EXPORTED_WORKER.iter().find(|n| !labels.iter().any(|(k, _)| k == *n)) {
+                Some(n) => labels[i].0 = n,
+                None => ok = false,
+            }
+        }
+        keep.push(ok);
+    }
+    drop_repeated(f, &mut keep);
+    let mut keep = keep.into_iter();
+    f.samples.retain(|_| keep.next().unwrap_or(false));
+}
+
+/// Marks in `keep` each sample of `f` that is the same series as a kept one before it.
+/// Series are found by a hash of their suffix and sorted labels (one reused buffer): the
+/// first sample with each hash, and the others whose labels differ (collisions).
+fn drop_repeated(f: &Family<'_>, keep: &mut [bool]) {
+    use std::collections::hash_map::Entry;
+    use std::hash::BuildHasher;
+    fn sorted<'s>(f: &'s Family<'_>, i: usize, out: &mut Vec<(&'s str, &'s str)>) {
+        out.clear();
+        out.extend(f.labels_of(&f.samples[i]).iter().map(|(k, v)| (*k, &**v)));
+        out.sort_unstable();
+    }
+    let same = |i: usize, j: usize, a: &mut Vec<_>, b: &mut Vec<_>| {
+        sorted(f, i, a);
+        sorted(f, j, b);
+        f.samples[i].suffix == f.samples[j].suffix && a == b
+    };
+    let state = std::collections::hash_map::RandomState::new();
+    let mut first: HashMap<u64, usize> = HashMap::with_capacity(f.samples.len());
+    let mut more: Vec<(u64, usize)> = Vec::new();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for (i, kept) in keep.iter_mut().enumerate() {
+        if !*kept {
+            continue;
+        }
+        sorted(f, i, &mut a);
+        let h = state.hash_one((f.samples[i].suffix, &a));
+        match first.entry(h) {
+            Entry::Vacant(e) => {
+                e.insert(i);
+            }
+            Entry::Occupied(e) => {
+                let j = *e.get();
+                let dup = same(i, j, &mut a, &mut b)
+                    || more.iter().filter(|(h2, _)| *h2 == h).any(|(_, j)| same(i, *j, &mut a, &mut b));
+                if dup {
+                    *kept = false;
+                } else {
+                    more.push((h, i));
+                }
+            }
+        }
+    }
 }
 
 /// OpenMetrics reserves `_created` for counters, histograms and summaries: a 0.0.4 page's
 /// separate `x_created` gauges (what Python's client writes) would clash, so they go.
-pub fn drop_created_twins(families: &mut Vec<Family<'_>>) {
+fn drop_created_twins(families: &mut Vec<Family<'_>>) {
     let bases: Vec<Cow<'_, str>> = families
         .iter()
         .filter(|f| matches!(f.kind, Kind::Counter | Kind::Histogram | Kind::Summary))
@@ -341,7 +452,7 @@ mod tests {
     fn merged_pages_have_one_header_and_worker_labels() {
         let a = parse(PAGE.as_bytes()).unwrap();
         let b = parse(PAGE.as_bytes()).unwrap();
-        let mut m = merge(vec![(0, a), (1, b)], &[]);
+        let m = merge(vec![(0, a.clone()), (1, b.clone())], Format::Text);
         let mut t = String::new();
         render(&m, Format::Text, &mut t);
         assert_eq!(t.matches("# TYPE http_requests_total counter").count(), 1, "{t}");
@@ -349,7 +460,7 @@ mod tests {
             t.contains("http_requests_total{code=\"200\",exported_worker=\"x\",worker=\"1\"} 5\n"),
             "{t}"
         );
-        drop_created_twins(&mut m);
+        let m = merge(vec![(0, a), (1, b)], Format::OpenMetrics);
         let mut o = String::new();
         render(&m, Format::OpenMetrics, &mut o);
         assert!(!o.contains("_created"), "{o}");
@@ -363,7 +474,7 @@ mod tests {
         let f = parse(page.as_bytes()).unwrap();
         assert!(matches!(f[0].labels_of(&f[0].samples[0])[0].1, Cow::Owned(_)));
         assert!(matches!(f[0].labels_of(&f[0].samples[0])[1].1, Cow::Borrowed("é,}")));
-        let m = merge(vec![(12, f)], &[]);
+        let m = merge(vec![(12, f)], Format::Text);
         let mut t = String::new();
         render(&m, Format::Text, &mut t);
         assert_eq!(
@@ -384,11 +495,33 @@ mod tests {
     }
 
     #[test]
+    fn a_workers_page_cannot_forge_or_break_the_merged_one() {
+        let page = "# TYPE f gauge\nf{worker=\"a\"} 1\nf{exported_worker=\"a\"} 2\nf{worker=\"b\",exported_worker=\"c\"} 3\nf{__name__=\"x\"} 4\nf 5\nf 6\n# TYPE herdsman_up_total untyped\nherdsman_up_total 1\n# TYPE herdsman counter\nherdsman 1\n# TYPE c_total gauge\nc_total 1\n# TYPE c counter\nc 2\n# TYPE l histogram\nl_sum 1\nl_count 1\n# TYPE l_count gauge\nl_count 3\n";
+        for format in [Format::Text, Format::OpenMetrics] {
+            let m = merge(vec![(7, parse(page.as_bytes()).unwrap())], format);
+            let names: Vec<_> = m.iter().map(|f| &*f.name).collect();
+            assert_eq!(names, ["f", "c_total", "l"], "{format:?}");
+            let mut t = String::new();
+            render(&m, format, &mut t);
+            let f: Vec<_> = t.lines().filter(|l| l.starts_with("f")).collect();
+            assert_eq!(
+                f,
+                [
+                    "f{exported_worker=\"a\",worker=\"7\"} 1",
+                    "f{exported_exported_worker=\"b\",exported_worker=\"c\",worker=\"7\"} 3",
+                    "f{worker=\"7\"} 5"
+                ],
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
     fn herdsman_names_and_type_clashes_are_left_out() {
         let a =
             parse(b"# TYPE herdsman_generation gauge\nherdsman_generation 9\n# TYPE q gauge\nq 1\n").unwrap();
         let b = parse(b"# TYPE q counter\nq 1\n").unwrap();
-        let m = merge(vec![(0, a), (1, b)], &["herdsman_generation"]);
+        let m = merge(vec![(0, a), (1, b)], Format::Text);
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].samples.len(), 1);
         assert!(m[0].merged.is_empty());

@@ -218,6 +218,9 @@ impl Supervisor {
             self.on_timers(now);
         }
         tracing::info!(app = %self.app, "all workers stopped");
+        // Their metrics socket files and directories go now, before the notify socket's
+        // directory (when the loop ends), so the runtime directory is left as it was found.
+        self.outside.metrics.remove_files();
         Ok(())
     }
 }

@@ -44,7 +44,10 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
                         (accept, never answer), "tiny" (4 MiB of one-word counter samples,
                         about a million series), "wide" (~3.8 MB: 15000 series of ~250
                         bytes), "drip" (the "wide" page chunked, then 3000 one-byte chunks
-                        sent one by one)
+                        sent one by one), "file" (the bytes of TW_METRICS_FILE, read
+                        at each request), "private" ("ok" on a socket only its owner may
+                        use: mode 0700), "link" (serve nothing: a symbolic link to
+                        TW_METRICS_LINK where the socket should be)
   TW_METRICS_ONLY=id    serve that mode only in this slot (others serve "ok")
   TW_EVENTS=path        append one JSON line per life event to path: {"event": "start"} first
                         thing, {"event": "exit", "code": N} when the worker ends by itself
@@ -474,8 +477,13 @@ def metrics_server(mode):
     if not path:
         elog("TW_METRICS set but HERDSMAN_METRICS_SOCKET missing")
         return
+    if mode == "link":
+        os.symlink(ENV["TW_METRICS_LINK"], path)
+        return
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     srv.bind(path)
+    if mode == "private":
+        os.chmod(path, 0o700)
     srv.listen(64)
     while True:
         conn, _ = srv.accept()
@@ -493,7 +501,10 @@ def metrics_server(mode):
             if mode == "drip":
                 drip(conn)
                 continue
-            if mode == "ok":
+            if mode == "file":
+                with open(ENV["TW_METRICS_FILE"], "rb") as f:
+                    body = f.read()
+            elif mode in ("ok", "private"):
                 body = metrics_page()
             elif mode in ("tiny", "wide"):
                 body = big_page(mode)
