@@ -260,8 +260,10 @@ fn counters_move_for_a_killed_worker_a_failed_and_a_good_reload_and_the_socket_f
     std::fs::write(&broken, "x").unwrap();
     let out = Command::new(BIN).arg("reload").arg(&app.control).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    let s = app.samples();
-    assert_eq!(value(&s, "herdsman_reloads_total", &[("result", "failed")]), Some(1.0));
+    // Scrapes within a second share one page: wait for one built after the reload.
+    let s = app.wait("the failed reload counted", |s| {
+        value(s, "herdsman_reloads_total", &[("result", "failed")]) == Some(1.0)
+    });
     assert_eq!(value(&s, "herdsman_reloads_total", &[("result", "ok")]), Some(0.0));
     assert_eq!(value(&s, "herdsman_reload_duration_seconds_count", &[]), Some(1.0));
 
@@ -269,8 +271,9 @@ fn counters_move_for_a_killed_worker_a_failed_and_a_good_reload_and_the_socket_f
     std::fs::remove_file(&broken).unwrap();
     let out = Command::new(BIN).arg("reload").arg(&app.control).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let s = app.samples();
-    assert_eq!(value(&s, "herdsman_reloads_total", &[("result", "ok")]), Some(1.0));
+    let s = app.wait("the good reload counted", |s| {
+        value(s, "herdsman_reloads_total", &[("result", "ok")]) == Some(1.0)
+    });
     assert_eq!(value(&s, "herdsman_reload_duration_seconds_count", &[]), Some(2.0));
     // The failed reload used generation 2: the good one runs 3, as `status` says.
     let status_gen = try_status(&app.control).unwrap()["generation"].as_f64();
@@ -344,7 +347,10 @@ fn a_worker_hanging_on_its_metrics_socket_costs_the_scrape_only_its_timeout() {
     let s = if value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "1")]) >= Some(1.0) {
         s
     } else {
-        app.samples()
+        // Scrapes within a second share one page: wait for one built after the count.
+        app.wait("the hung worker's scrape error counted", |s| {
+            value(s, "herdsman_worker_scrape_errors_total", &[("worker", "1")]) >= Some(1.0)
+        })
     };
     assert!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "1")]) >= Some(1.0), "{body}");
     assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0));

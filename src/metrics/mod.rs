@@ -956,7 +956,7 @@ mod limit_tests {
             let parsed: Vec<(usize, Vec<Family<'_>>)> =
                 pages.iter().map(|p| (usize::MAX, parse::parse(p).unwrap())).collect();
             let bound: usize = pages.iter().zip(&parsed).map(|(p, (_, f))| rendered_bound(p.len(), f)).sum();
-            let merged = parse::merge(parsed, &[]);
+            let merged = parse::merge(parsed, format);
             let mut out = String::new();
             model::render(&merged, format, &mut out);
             assert!(out.len() <= bound, "{} > {bound}:\n{out}", out.len());
