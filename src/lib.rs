@@ -41,6 +41,7 @@ pub mod credentials;
 pub mod exit;
 pub mod generate;
 pub mod init;
+pub mod intercept;
 pub mod journal;
 pub mod listeners;
 pub mod logging;

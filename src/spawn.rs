@@ -162,6 +162,8 @@ pub struct Launched {
     pub pipes: [Arc<OwnedFd>; 2],
     /// Closed when both output streams reached end of file.
     pub output_done: mpsc::Receiver<()>,
+    /// Its bind filter's notification descriptor (see `intercept`), when interception is on.
+    pub bind_notify: Option<OwnedFd>,
 }
 
 pub struct Launcher {
@@ -172,6 +174,8 @@ pub struct Launcher {
     notify_socket: String,
     devnull: OwnedFd,
     output: Output,
+    /// The bind interception filter every worker installs (see `intercept`); `None`: off.
+    bind_filter: Option<Vec<libc::sock_filter>>,
 }
 
 impl Launcher {
@@ -184,7 +188,17 @@ impl Launcher {
         output: Output,
     ) -> std::io::Result<Self> {
         let devnull = OwnedFd::from(std::fs::File::open("/dev/null")?);
-        Ok(Launcher { app, base_env, fds, fdnames, notify_socket, devnull, output })
+        Ok(Launcher { app, base_env, fds, fdnames, notify_socket, devnull, output, bind_filter: None })
+    }
+
+    /// Workers from now on install the bind interception filter (see `intercept`).
+    pub fn intercept_binds(&mut self) {
+        self.bind_filter = Some(crate::intercept::filter());
+    }
+
+    /// Whether workers install the bind interception filter.
+    pub fn intercepts_binds(&self) -> bool {
+        self.bind_filter.is_some()
     }
 
     /// Pins generation `generation` of `s` (see [`Spec`]).
@@ -259,8 +273,25 @@ impl Launcher {
         if let Some(u) = &spec.user {
             plan = plan.with_credentials(u.uid, u.gid, &u.groups);
         }
+        // Bind interception: the worker sends its filter's notification fd over this pair.
+        let channel = match &self.bind_filter {
+            Some(prog) => {
+                let (ours, theirs) = crate::intercept::channel().map_err(SpawnError::Pipe)?;
+                plan = plan.with_bind_filter(prog.clone(), &theirs).map_err(SpawnError::Pipe)?;
+                Some(ours)
+            }
+            None => None,
+        };
         let pid = plan.spawn().map_err(|err| SpawnError::Start { program: spec.command[0].clone(), err })?;
-        drop((out_w, err_w));
+        drop((out_w, err_w, plan));
+        // Sent before the exec succeeded, so it is queued by now.
+        let bind_notify = match channel.as_ref().map(crate::intercept::receive).transpose() {
+            Ok(n) => n,
+            Err(e) => {
+                sys::kill_and_reap_unwatched(pid);
+                return Err(SpawnError::Start { program: spec.command[0].clone(), err: e });
+            }
+        };
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
@@ -273,7 +304,7 @@ impl Launcher {
         let pipes = [Arc::new(out_r), Arc::new(err_r)];
         let tail = Tail::default();
         let output_done = self.capture(worker_id, pid, spec.generation, pipes.clone(), &tail);
-        Ok(Launched { pid, pidfd, tail, pipes, output_done })
+        Ok(Launched { pid, pidfd, tail, pipes, output_done, bind_notify })
     }
 
     /// Starts reading a worker's stdout and stderr (`pipes`); the receiver closes at the end

@@ -86,6 +86,11 @@ pub struct Worker {
     /// The read ends of its stdout and stderr pipes (shared with their readers), to hand
     /// over in an upgrade.
     pub pipes: [Arc<OwnedFd>; 2],
+    /// Its bind filter's notification descriptor (see `intercept`), to hand over in an
+    /// upgrade; `None` without interception.
+    pub bind_notify: Option<Arc<OwnedFd>>,
+    /// It bound one of herdsman's sockets itself (through the bind filter).
+    pub bound: bool,
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
     pub failure: Option<Failure>,
 

@@ -80,6 +80,8 @@ pub(super) fn serve(
         journal, listeners, steering, control, access, metrics_bound, metrics, notify, resume, ..
     } = p;
     let notify_dir = notify_dir(&settings, &process.paths());
+    let bind_intercept = crate::intercept::resolve(settings.bind_intercept)
+        .map_err(|e| Failure::new(exit::OS, e.to_string()))?;
     let control_ref = &control;
     let metrics_ref = &metrics_bound;
     let result = rt.block_on(async move {
@@ -102,6 +104,7 @@ pub(super) fn serve(
             carry,
             notify,
             resume,
+            bind_intercept,
         };
         supervisor::run(settings, world, rx).await
     });

@@ -46,6 +46,9 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         c.pick("on_failure", |l| l.on_failure.as_deref(), values::on_failure).unwrap_or(OnFailure::Rollback);
     let balance = c.pick("balance", |l| l.balance.as_deref(), values::balance).unwrap_or(Balance::Shared);
     c.steerable(balance, &listen);
+    let bind_intercept = c
+        .pick("bind_intercept", |l| l.bind_intercept.as_deref(), values::bind_intercept)
+        .unwrap_or_default();
     let watchdog = c.pick("watchdog", |l| l.watchdog.as_deref(), positive_duration);
     let max_memory = c.pick("max_memory", |l| l.max_memory.as_deref(), values::size);
     let metrics = c.pick("metrics", |l| l.metrics.as_deref(), values::metrics_addr);
@@ -78,6 +81,7 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         min_ready,
         on_failure,
         balance,
+        bind_intercept,
         backoff,
         watchdog,
         max_memory,
@@ -112,6 +116,7 @@ impl From<&Settings> for Layer {
             min_ready: text(s.min_ready),
             on_failure: Some(s.on_failure.to_string()),
             balance: Some(s.balance.to_string()),
+            bind_intercept: Some(s.bind_intercept.to_string()),
             watchdog: s.watchdog.and_then(text),
             max_memory: s.max_memory.map(values::size_text),
             backoff_initial: backoff(s.backoff.initial, default.initial),

@@ -45,6 +45,8 @@ pub enum ValueError {
     Metrics(String),
     #[error("invalid balance mode {0:?}; use \"shared\", \"steer\" or \"sticky\"")]
     Balance(String),
+    #[error("invalid bind interception mode {0:?}; use \"auto\", \"on\" or \"off\"")]
+    BindIntercept(String),
     #[error("invalid value {0:?}; use \"rollback\" or \"keep\"")]
     OnFailure(String),
     #[error("invalid readiness mode {0:?}; use \"notify\" or \"alive:DURATION\" (e.g. alive:1s)")]
@@ -254,6 +256,40 @@ pub fn balance(s: &str) -> Result<Balance, ValueError> {
         "steer" => Ok(Balance::Steer),
         "sticky" => Ok(Balance::Sticky),
         _ => Err(ValueError::Balance(s.to_string())),
+    }
+}
+
+/// Whether workers' own `bind()` of herdsman's port gets herdsman's socket
+/// (`--bind-intercept`, see `intercept`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindIntercept {
+    /// On where the kernel and the sandbox allow it (probed once at start), else off with a
+    /// log line.
+    #[default]
+    Auto,
+    /// On; the start fails when it cannot work.
+    On,
+    /// Off: a worker's own bind() of herdsman's port fails with `EADDRINUSE`.
+    Off,
+}
+
+impl std::fmt::Display for BindIntercept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BindIntercept::Auto => "auto",
+            BindIntercept::On => "on",
+            BindIntercept::Off => "off",
+        })
+    }
+}
+
+pub fn bind_intercept(s: &str) -> Result<BindIntercept, ValueError> {
+    match s.trim() {
+        "auto" => Ok(BindIntercept::Auto),
+        "on" => Ok(BindIntercept::On),
+        "off" => Ok(BindIntercept::Off),
+        _ => Err(ValueError::BindIntercept(s.to_string())),
     }
 }
 

@@ -17,6 +17,7 @@ impl Supervisor {
         let (pid, status) = match ev {
             Event::Exited { pid, status } => (pid, status),
             Event::UpgradeChecked(r) => return self.on_upgrade_checked(r),
+            Event::Intercepted { pid, seen } => return self.on_intercepted(pid, seen),
         };
         let Some(w) = self.pool.workers.remove(&pid) else { return };
         self.outside.release(pid);
@@ -200,6 +201,36 @@ impl Supervisor {
             let rss = self.outside.host.memory(&pids);
             let effects = self.health.check_memory(&mut self.pool, &rss);
             self.apply(effects);
+        }
+    }
+}
+
+impl Supervisor {
+    /// What a worker's bind filter saw (see `intercept`).
+    pub(super) fn on_intercepted(&mut self, pid: i32, seen: crate::intercept::Seen) {
+        use crate::intercept::Seen;
+        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let (slot, generation) = (w.slot, w.spec.generation);
+        match seen {
+            Seen::Bound { asked, served } => {
+                if !w.bound {
+                    let how = if asked == served {
+                        String::new()
+                    } else {
+                        format!(" (it asked for {asked}; herdsman serves {served})")
+                    };
+                    tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
+                }
+                w.bound = true;
+            }
+            Seen::Listened => {}
+            Seen::Foreign { asked } => {
+                let ours = self.outside.sockets.join(", ");
+                tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");
+            }
+            Seen::Failed(why) => {
+                tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
+            }
         }
     }
 }

@@ -107,7 +107,7 @@ impl Resumed {
     ) -> std::io::Result<Resumed> {
         let mut own = HashMap::new();
         for w in &state.workers {
-            for fd in [w.pidfd, w.stdout, w.stderr] {
+            for fd in [w.pidfd, w.stdout, w.stderr].into_iter().chain(w.bind_notify) {
                 own.insert(fd, fds.take(fd)?);
             }
         }
@@ -336,6 +336,8 @@ impl Supervisor {
                 pidfd: ex.fd(&*w.pidfd)?,
                 stdout: ex.fd(&*w.pipes[0])?,
                 stderr: ex.fd(&*w.pipes[1])?,
+                bind_notify: w.bind_notify.as_ref().map(|n| ex.fd(&**n)).transpose()?,
+                bound: w.bound,
                 tail: w.tail.lines(),
                 failure: w.failure.clone(),
                 last_ping_ns: clock.to_ns(w.last_ping),
@@ -401,6 +403,11 @@ impl Supervisor {
         for w in state.workers {
             let pidfd = Arc::new(take(w.pidfd)?);
             let pipes = [Arc::new(take(w.stdout)?), Arc::new(take(w.stderr)?)];
+            let bind_notify = w.bind_notify.map(&mut take).transpose()?.map(Arc::new);
+            if let Some(n) = &bind_notify {
+                let fds = self.outside.fds_of(w.pid);
+                self.outside.watch_binds(w.pid, n.clone(), &fds);
+            }
             let spec = spec_at(w.spec)?;
             let tail = crate::output::Tail::from_lines(w.tail);
             let output_done =
@@ -418,6 +425,8 @@ impl Supervisor {
                     pidfd,
                     tail,
                     pipes,
+                    bind_notify,
+                    bound: w.bound,
                     failure: w.failure,
                     last_ping: clock.instant(w.last_ping_ns),
                     memory_strikes: w.memory_strikes,

@@ -89,10 +89,15 @@ pub struct World {
     pub notify: Option<WorkerNotify>,
     /// The state a new image takes over after an in-place upgrade.
     pub resume: Option<handover::Resumed>,
+    /// Workers install the bind interception filter (`--bind-intercept`, resolved: see
+    /// `intercept::resolve`).
+    pub bind_intercept: bool,
 }
 
 enum Event {
     Exited { pid: i32, status: WaitStatus },
+    /// What a worker's bind filter saw (see `intercept`).
+    Intercepted { pid: i32, seen: crate::intercept::Seen },
     UpgradeChecked(Result<crate::upgrade::CheckReport, crate::upgrade::UpgradeError>),
 }
 
@@ -133,7 +138,7 @@ impl Supervisor {
             Some(st) => st.names(),
             None => world.listeners.names(),
         };
-        let launcher = Launcher::new(
+        let mut launcher = Launcher::new(
             app.clone(),
             world.base_env,
             world.listeners.raw_fds(),
@@ -141,6 +146,9 @@ impl Supervisor {
             notify.address.clone(),
             world.output,
         )?;
+        if world.bind_intercept {
+            launcher.intercept_binds();
+        }
         let (events, event_rx) = mpsc::unbounded_channel();
         let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
         let now = host.now();
@@ -458,6 +466,8 @@ impl Supervisor {
                 pidfd: l.pidfd,
                 tail: l.tail,
                 pipes: l.pipes,
+                bind_notify: l.bind_notify,
+                bound: false,
                 failure: None,
 
                 last_ping: now,

@@ -45,6 +45,7 @@ pub(super) struct Started {
     pub pidfd: Arc<std::os::fd::OwnedFd>,
     pub tail: crate::output::Tail,
     pub pipes: [Arc<std::os::fd::OwnedFd>; 2],
+    pub bind_notify: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Outside {
@@ -86,20 +87,18 @@ impl Outside {
     /// watches it for its exit.
     pub fn launch(&mut self, id: usize, spec: &Spec) -> Result<Started, SpawnError> {
         let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
-        let l = match &mut self.steering {
-            None => self.host.launch(&self.launcher, spec, id, None, metrics_socket.as_deref())?,
+        let (l, fds) = match &mut self.steering {
+            None => (
+                self.host.launch(&self.launcher, spec, id, None, metrics_socket.as_deref())?,
+                self.listeners.raw_fds(),
+            ),
             Some(st) => {
                 let picked = st.reserve(id)?;
-                match self.host.launch(
-                    &self.launcher,
-                    spec,
-                    id,
-                    Some(&st.fds(&picked)),
-                    metrics_socket.as_deref(),
-                ) {
+                let fds = st.fds(&picked);
+                match self.host.launch(&self.launcher, spec, id, Some(&fds), metrics_socket.as_deref()) {
                     Ok(l) => {
                         st.bind(&picked, l.pid);
-                        l
+                        (l, fds)
                     }
                     Err(e) => {
                         st.unreserve(&picked);
@@ -111,11 +110,33 @@ impl Outside {
         self.metrics.launched(l.pid, id, metrics_socket);
         let pidfd = Arc::new(l.pidfd);
         self.host.watch(l.pid, pidfd.clone(), l.output_done, &self.events);
-        Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes })
+        let bind_notify = l.bind_notify.map(Arc::new);
+        if let Some(n) = &bind_notify {
+            self.watch_binds(l.pid, n.clone(), &fds);
+        }
+        Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes, bind_notify })
+    }
+
+    /// Answers `pid`'s trapped `bind()`/`listen()` calls with `fds` (its sockets) and reports
+    /// what it saw to the loop (see `intercept`).
+    pub fn watch_binds(&self, pid: i32, listener: Arc<std::os::fd::OwnedFd>, fds: &[std::os::fd::RawFd]) {
+        let sockets = Arc::new(crate::intercept::Sockets::of(fds));
+        let events = self.events.clone();
+        crate::intercept::watch(listener, sockets, move |seen| {
+            let _ = events.send(Event::Intercepted { pid, seen });
+        });
     }
 
     pub fn signal(&mut self, w: &Worker, sig: Signal, group: bool) {
         self.host.signal(w, sig, group);
+    }
+
+    /// The sockets worker `pid` was given (its steered members, else the shared ones).
+    pub fn fds_of(&self, pid: i32) -> Vec<std::os::fd::RawFd> {
+        match &self.steering {
+            Some(st) => st.fds_of(pid),
+            None => self.listeners.raw_fds(),
+        }
     }
 
     /// Lets new connections reach `pid` (or stops them), with steered sockets.

@@ -78,6 +78,7 @@ impl Host for Fake {
             tail: Default::default(),
             pipes: [Arc::new(devnull()), Arc::new(devnull())],
             output_done,
+            bind_notify: None,
         })
     }
 
@@ -144,6 +145,7 @@ fn sim(workers: usize, extra: &str) -> Sim {
         carry: None,
         notify: None,
         resume: None,
+        bind_intercept: false,
     };
     let host = Fake {
         clock: Rc::new(Cell::new(Instant::now())),
