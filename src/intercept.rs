@@ -12,7 +12,7 @@
 //! * `bind()` of a TCP address (IPv4 or IPv6; the sockaddr read with `process_vm_readv`,
 //!   then `SECCOMP_IOCTL_NOTIF_ID_VALID` so a reused pid cannot mislead us) whose port is one
 //!   of the worker's sockets (the exact address first, else the only socket on that port), on
-//!   a `SOCK_STREAM` socket: herdsman's socket is installed at the app's own descriptor number
+//!   a TCP socket: herdsman's socket is installed at the app's own descriptor number
 //!   (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SECCOMP_ADDFD_FLAG_SETFD`, keeping the app's
 //!   close-on-exec flag), then the call returns 0. Not `SECCOMP_ADDFD_FLAG_SEND`, which would
 //!   make `bind()` return the descriptor number. The two steps are not atomic, which is
@@ -374,16 +374,11 @@ fn fd_flags(tid: i32, fd: RawFd) -> Option<i32> {
     i32::from_str_radix(line.trim(), 8).ok()
 }
 
-/// Whether `fd` in task `tid` is a `SOCK_STREAM` socket (a copy through `pidfd_getfd`).
+/// Whether `fd` in task `tid` is a TCP socket (its `system.sockprotoname`: "TCP", "TCPv6",
+/// "MPTCP"; UDP, unix and raw sockets are not).
 fn is_stream(tid: i32, fd: RawFd) -> bool {
-    let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().to_string())))
-        .and_then(|v| v.parse::<i32>().ok())
-        .unwrap_or(tid);
-    let Ok(pidfd) = sys::pidfd_open(tgid) else { return false };
-    let Ok(copy) = sys::pidfd_getfd(&pidfd, fd) else { return false };
-    socket::getsockopt(&copy, sockopt::SockType).is_ok_and(|t| t == SockType::Stream)
+    let path = std::path::PathBuf::from(format!("/proc/{tid}/fd/{fd}"));
+    sys::socket_protocol(&path).is_ok_and(|p| p.starts_with("TCP") || p.starts_with("MPTCP"))
 }
 
 #[cfg(test)]

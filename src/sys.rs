@@ -1055,16 +1055,23 @@ pub fn notif_addfd(listener: &OwnedFd, id: u64, src: BorrowedFd<'_>, target: u32
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-/// A copy of descriptor `fd` of the process `pidfd` refers to (`pidfd_getfd`, Linux 5.6;
-/// needs ptrace access to it). Close-on-exec.
-pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall with integer arguments.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if r < 0 {
+/// The protocol name of the socket `path` leads to (`/proc/PID/fd/N`): the `system.sockprotoname`
+/// attribute every socket has ("TCP", "TCPv6", "UDP", "UNIX", ...). Needs ptrace read access
+/// to the process, like `readlink` of the same path; `getxattr` is in systemd's
+/// `@system-service` set (`pidfd_getfd`, the other way to learn a socket's type, is not).
+pub fn socket_protocol(path: &std::path::Path) -> io::Result<String> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = [0u8; 32];
+    // SAFETY: both strings are NUL-terminated; the kernel writes at most `buf.len()` bytes.
+    let n = unsafe {
+        libc::getxattr(path.as_ptr(), c"system.sockprotoname".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    };
+    if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the kernel just returned this new descriptor; we own it.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    let got = &buf[..n as usize];
+    let name = got.split(|b| *b == 0).next().unwrap_or(got);
+    Ok(String::from_utf8_lossy(name).into_owned())
 }
 
 /// A close-on-exec copy of `fd` (above the standard streams), which the caller keeps open.
