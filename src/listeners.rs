@@ -1,7 +1,9 @@
 //! The listening sockets: inherited from systemd (`LISTEN_FDS`) or bound from `--listen`.
 //!
 //! The supervisor never accepts on them, never changes their file status flags (`O_NONBLOCK` is
-//! shared with every worker and with systemd's copy) and never calls `shutdown()` on them. It
+//! shared with every worker and with systemd's copy; the one exception: bind interception
+//! sets it, never clears it, when an app that binds the port itself made its own socket
+//! non-blocking, see `intercept`) and never calls `shutdown()` on them. It
 //! only keeps a descriptor to hand to each new worker at fd 3, 4, ... To make that placement
 //! collision-free, [`Listeners`] keeps its own copies at numbers `>= 3 + n` (see `sys`).
 

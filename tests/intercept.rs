@@ -270,3 +270,59 @@ fn bind_intercept_on_fails_the_start_when_a_sandbox_refuses_seccomp() {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
 }
+
+/// A worker that binds herdsman's port itself only once `go` exists, and writes the outcome.
+const BIND_LATER: &str = r#"
+import os, socket, sys, time
+port, go, result = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+while not os.path.exists(go):
+    time.sleep(0.02)
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+try:
+    s.bind(("127.0.0.1", port))
+    s.listen(16)
+    r = "ok"
+except OSError as e:
+    r = "errno %d" % e.errno
+with open(result + ".tmp", "w") as f:
+    f.write(r)
+os.rename(result + ".tmp", result)
+while True:
+    time.sleep(1000)
+"#;
+
+#[test]
+fn a_worker_that_binds_after_an_in_place_upgrade_still_gets_herdsmans_socket() {
+    let dir = TempDir::new("intercept-upgrade");
+    let port = free_port();
+    let script = dir.path("later.py");
+    std::fs::write(&script, BIND_LATER).unwrap();
+    let (go, result) = (dir.path("go"), dir.path("result"));
+    let h = run(
+        &dir,
+        port,
+        1,
+        &[],
+        &["python3", script.to_str().unwrap(), &port.to_string(), go.to_str().unwrap(), result.to_str().unwrap()],
+    );
+    let control = dir.path("control.sock");
+    let pid = wait_for(Duration::from_secs(60), "the worker ready", || {
+        let st = h.status()?;
+        let w = st["workers"].as_array()?.first()?.clone();
+        (w["state"] == "ready").then(|| w["pid"].as_i64())?
+    });
+    let copy = dir.path("herdsman-new");
+    std::fs::copy(BIN, &copy).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["upgrade", control.to_str().unwrap(), "--binary", copy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "upgrade: {}\n{}", String::from_utf8_lossy(&out.stderr), h.stderr());
+    assert_eq!(h.status().unwrap()["upgrades"], 1);
+    std::fs::write(&go, "").unwrap();
+    let r = wait_for(Duration::from_secs(60), "the worker's bind outcome", || std::fs::read_to_string(&result).ok());
+    assert_eq!(r, "ok", "errno 38 is ENOSYS: the new image lost the bind filter's descriptor");
+    let inode = listener_inode(port).unwrap();
+    assert!(socket_inodes(pid).iter().filter(|i| **i == inode).count() >= 2, "the worker holds herdsman's socket twice");
+    assert_eq!(h.status().unwrap()["workers"][0]["pid"], pid);
+}
