@@ -121,13 +121,8 @@ pub fn resolve(mode: BindIntercept) -> Result<bool, Unavailable> {
 
 /// A socketpair for one worker's notification descriptor: (the supervisor's end, the worker's).
 pub fn channel() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    socket::socketpair(
-        socket::AddressFamily::Unix,
-        SockType::Datagram,
-        None,
-        socket::SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(std::io::Error::from)
+    socket::socketpair(socket::AddressFamily::Unix, SockType::Datagram, None, socket::SockFlag::SOCK_CLOEXEC)
+        .map_err(std::io::Error::from)
 }
 
 /// The notification descriptor a worker sent before its exec (so it is already queued).
@@ -143,54 +138,101 @@ pub struct Target {
     inode: u64,
 }
 
-/// A worker's TCP sockets (the shared ones, or its steered members).
+impl Target {
+    /// A TCP listening socket (`None` for anything else).
+    fn of(fd: OwnedFd) -> Option<Target> {
+        let stream = socket::getsockopt(&fd, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
+        let addr = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok().and_then(|a| to_std(&a))?;
+        let inode = nix::sys::stat::fstat(fd.as_raw_fd()).ok()?.st_ino;
+        stream.then_some(Target { addr, fd, inode })
+    }
+}
+
+/// A worker's TCP sockets (the shared ones, or its steered members), and, when herdsman has
+/// none yet (no `--listen`), the [`Learner`] every worker shares.
 #[derive(Debug, Default)]
-pub struct Sockets(Vec<Target>);
+pub struct Sockets {
+    list: Vec<Arc<Target>>,
+    learner: Option<Arc<Learner>>,
+}
 
 impl Sockets {
     /// The TCP listening sockets among `fds` (copies; unix sockets and others are left out).
-    pub fn of(fds: &[RawFd]) -> Sockets {
-        let mut list = Vec::new();
-        for &raw in fds {
-            let Ok(fd) = sys::dup_raw_cloexec(raw) else { continue };
-            let stream = socket::getsockopt(&fd, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
-            let addr = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok().and_then(|a| to_std(&a));
-            let inode = nix::sys::stat::fstat(fd.as_raw_fd()).map(|s| s.st_ino).unwrap_or(0);
-            if let (true, Some(addr)) = (stream, addr) {
-                list.push(Target { addr, fd, inode });
-            }
-        }
-        Sockets(list)
+    pub fn of(fds: &[RawFd], learner: Option<Arc<Learner>>) -> Sockets {
+        let list =
+            fds.iter().filter_map(|&raw| Target::of(sys::dup_raw_cloexec(raw).ok()?)).map(Arc::new).collect();
+        Sockets { list, learner }
     }
 
-    /// The socket a bind of `want` gets: the exact address, else the only one on its port.
-    pub fn find(&self, want: SocketAddr) -> Option<&Target> {
+    /// The socket a bind of `want` gets: the exact address, else the only one on its port;
+    /// with no socket of its own, the one learned from the first worker's bind.
+    pub fn find(&self, want: SocketAddr) -> Option<Arc<Target>> {
         if want.port() == 0 {
             return None;
         }
-        let exact = |t: &&Target| {
-            t.addr.port() == want.port() && canonical(t.addr.ip()) == canonical(want.ip())
-        };
-        if let Some(t) = self.0.iter().find(exact) {
-            return Some(t);
+        if let Some(l) = &self.learner {
+            return l.get().filter(|t| t.addr.port() == want.port());
         }
-        let mut same_port = self.0.iter().filter(|t| t.addr.port() == want.port());
+        let exact =
+            |t: &&Arc<Target>| t.addr.port() == want.port() && canonical(t.addr.ip()) == canonical(want.ip());
+        if let Some(t) = self.list.iter().find(exact) {
+            return Some(t.clone());
+        }
+        let mut same_port = self.list.iter().filter(|t| t.addr.port() == want.port());
         match (same_port.next(), same_port.next()) {
-            (Some(t), None) => Some(t),
+            (Some(t), None) => Some(t.clone()),
             // Several on that port (systemd's v4 and v6): the wildcard of the same family.
-            (Some(_), Some(_)) => self.0.iter().find(|t| {
-                t.addr.port() == want.port() && t.addr.is_ipv4() == want.is_ipv4() && t.addr.ip().is_unspecified()
-            }),
+            (Some(_), Some(_)) => self
+                .list
+                .iter()
+                .find(|t| {
+                    t.addr.port() == want.port()
+                        && t.addr.is_ipv4() == want.is_ipv4()
+                        && t.addr.ip().is_unspecified()
+                })
+                .cloned(),
             _ => None,
         }
     }
 
-    fn by_inode(&self, inode: u64) -> Option<&Target> {
-        self.0.iter().find(|t| t.inode == inode)
+    fn by_inode(&self, inode: u64) -> Option<Arc<Target>> {
+        if let Some(l) = &self.learner {
+            return l.get().filter(|t| t.inode == inode);
+        }
+        self.list.iter().find(|t| t.inode == inode).cloned()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.list.is_empty() && self.learner.is_none()
+    }
+}
+
+/// The address herdsman learns from the first worker that binds a TCP address itself, when it
+/// was started without `--listen` (standalone, not socket-activated): herdsman binds that
+/// address once, in the supervisor, and every worker gets that socket, as Node's cluster
+/// module does. Shared by all workers' bind filters.
+#[derive(Debug, Default)]
+pub struct Learner {
+    learned: std::sync::Mutex<Option<Arc<Target>>>,
+}
+
+impl Learner {
+    fn get(&self) -> Option<Arc<Target>> {
+        self.learned.lock().ok()?.clone()
+    }
+
+    /// The learned socket, binding `asked` now if nothing was learned yet (then also the new
+    /// listener, for the supervisor to keep and hand to every later worker).
+    fn learn(&self, asked: SocketAddr) -> Result<(Arc<Target>, Option<crate::listeners::Listener>), String> {
+        let mut learned = self.learned.lock().map_err(|_| "poisoned".to_string())?;
+        if let Some(t) = learned.as_ref() {
+            return Ok((t.clone(), None));
+        }
+        let l = crate::listeners::Listeners::bind_learned(asked, 0).map_err(|e| e.to_string())?;
+        let fd = l.copy().map_err(|e| e.to_string())?;
+        let t = Arc::new(Target::of(fd).ok_or("the learned socket is not a TCP listener")?);
+        *learned = Some(t.clone());
+        Ok((t, Some(l)))
     }
 }
 
@@ -214,7 +256,9 @@ fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
     let family = u16::from_ne_bytes([*b.first()?, *b.get(1)?]);
     let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
     match family as i32 {
-        libc::AF_INET if b.len() >= 8 => Some(SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(), port)),
+        libc::AF_INET if b.len() >= 8 => {
+            Some(SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(), port))
+        }
         libc::AF_INET6 if b.len() >= 24 => {
             let octets: [u8; 16] = b[8..24].try_into().ok()?;
             Some(SocketAddr::new(Ipv6Addr::from(octets).into(), port))
@@ -224,10 +268,11 @@ fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
 }
 
 /// What the supervisor learns from a worker's trapped calls.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Seen {
-    /// It bound one of herdsman's sockets (`asked`: the address it asked for).
-    Bound { asked: SocketAddr, served: SocketAddr },
+    /// It bound one of herdsman's sockets (`asked`: the address it asked for); `learned`:
+    /// herdsman had none and bound this one for it, to keep and hand to every worker.
+    Bound { asked: SocketAddr, served: SocketAddr, learned: Option<crate::listeners::Listener> },
     /// It called `listen()` on one of herdsman's sockets.
     Listened,
     /// It bound a TCP address on a port herdsman does not serve.
@@ -326,14 +371,31 @@ fn answer(listener: &OwnedFd, sockets: &Sockets, n: &libc::seccomp_notif) -> Opt
         go_on();
         return None;
     }
-    let Some(target) = sockets.find(asked) else {
-        go_on();
-        return is_stream(tid, fd).then_some(Seen::Foreign { asked });
-    };
     if !is_stream(tid, fd) {
         go_on();
         return None;
     }
+    let mut learned = None;
+    let target = match (sockets.find(asked), &sockets.learner) {
+        (Some(t), _) => t,
+        (None, Some(l)) if l.get().is_none() => match l.learn(asked) {
+            Ok((t, new)) => {
+                learned = new;
+                t
+            }
+            Err(e) => {
+                // The app gets its own bind's outcome (EADDRINUSE if something else has it).
+                go_on();
+                return Some(Seen::Failed(format!(
+                    "binding {asked} (learned from the worker's own bind): {e}"
+                )));
+            }
+        },
+        (None, _) => {
+            go_on();
+            return Some(Seen::Foreign { asked });
+        }
+    };
     if socket_inode(tid, fd) != Some(target.inode) {
         let flags = fd_flags(tid, fd).unwrap_or(0);
         let ours = nix::fcntl::fcntl(target.fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0);
@@ -356,7 +418,7 @@ fn answer(listener: &OwnedFd, sockets: &Sockets, n: &libc::seccomp_notif) -> Opt
         }
     }
     let _ = sys::notif_respond(listener, n.id, 0, 0, false);
-    Some(Seen::Bound { asked, served: target.addr })
+    Some(Seen::Bound { asked, served: target.addr, learned })
 }
 
 /// The inode of the socket at `fd` in task `tid` (`/proc/TID/fd/N` reads `socket:[INODE]`).
@@ -407,7 +469,7 @@ mod tests {
         let l1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let l2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (p1, p2) = (l1.local_addr().unwrap().port(), l2.local_addr().unwrap().port());
-        let s = Sockets::of(&[l1.as_raw_fd(), l2.as_raw_fd()]);
+        let s = Sockets::of(&[l1.as_raw_fd(), l2.as_raw_fd()], None);
         let at = |a: &str| s.find(a.parse().unwrap()).map(|t| t.addr.port());
         assert_eq!(at(&format!("127.0.0.1:{p1}")), Some(p1));
         assert_eq!(at(&format!("0.0.0.0:{p2}")), Some(p2), "any host, by port");
@@ -416,7 +478,7 @@ mod tests {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert_eq!(at(&other.local_addr().unwrap().to_string()), None);
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        assert!(Sockets::of(&[udp.as_raw_fd()]).is_empty(), "only TCP sockets are offered");
+        assert!(Sockets::of(&[udp.as_raw_fd()], None).is_empty(), "only TCP sockets are offered");
     }
 
     #[test]

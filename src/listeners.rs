@@ -34,7 +34,7 @@ pub enum ListenError {
     #[error("LISTEN_FDS: fd {fd} is unusable ({err}); check the socket unit's ListenStream= settings")]
     BadFd { fd: RawFd, err: io::Error },
     #[error(
-        "no socket to serve: not socket-activated and no --listen address; add --listen 127.0.0.1:8080 (or `listen = [...]` in the config)"
+        "no socket to serve: not socket-activated, no --listen address and no bind interception (--bind-intercept, which learns the app's own address); add --listen 127.0.0.1:8080 (or `listen = [...]` in the config)"
     )]
     Nothing,
     #[error(
@@ -62,6 +62,13 @@ pub struct Listener {
     pub addr: String,
     /// A unix socket file we created and remove at exit.
     owned_path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// A close-on-exec copy of the socket (the same socket, a new descriptor).
+    pub fn copy(&self) -> io::Result<OwnedFd> {
+        sys::dup_raw_cloexec(self.fd.as_raw_fd())
+    }
 }
 
 /// All listening sockets, in fd order.
@@ -124,9 +131,36 @@ impl Listeners {
         Ok(Listeners { list, activated })
     }
 
-    /// No socket at all: for the supervisor's in-process tests, whose workers are made up.
+    /// No socket at all: for the supervisor's in-process tests, whose workers are made up,
+    /// and for a start without `--listen` whose address is learned from the first worker's
+    /// own bind (see [`Listeners::learned`]).
     pub fn none() -> Listeners {
         Listeners { list: Vec::new(), activated: false }
+    }
+
+    /// Binds `addr`, the address a worker bound itself when herdsman had no socket (see
+    /// `intercept`): as `--listen` would (`[::]`/`0.0.0.0` as given; `[::]` dual-stack, as the
+    /// apps that bind it ask for).
+    pub fn bind_learned(addr: std::net::SocketAddr, index: usize) -> Result<Listener, ListenError> {
+        let listen = if addr.ip().is_unspecified() && addr.is_ipv6() {
+            ListenAddr::AnyAddress(addr.port())
+        } else {
+            ListenAddr::Tcp(addr)
+        };
+        bind(&listen, index, false)
+    }
+
+    /// Adds a learned socket ([`Listeners::bind_learned`]), above the workers' new fd range:
+    /// its descriptor, for the launcher.
+    pub fn learned(&mut self, l: Listener) -> io::Result<RawFd> {
+        let fd = sys::dup_cloexec_from(&l.fd, self.floor() + 1)?;
+        let raw = fd.as_raw_fd();
+        self.list.push(Listener { fd, ..l });
+        Ok(raw)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
     }
 
     pub fn raw_fds(&self) -> Vec<RawFd> {

@@ -196,6 +196,16 @@ impl Launcher {
         self.bind_filter = Some(crate::intercept::filter());
     }
 
+    /// From now on every worker also gets `fd` (after the others), named `name`: a socket
+    /// learned from a worker's own bind (see `intercept`).
+    pub fn add_socket(&mut self, fd: RawFd, name: &str) {
+        self.fds.push(fd);
+        if !self.fdnames.is_empty() {
+            self.fdnames.push(':');
+        }
+        self.fdnames.push_str(name);
+    }
+
     /// Whether workers install the bind interception filter.
     pub fn intercepts_binds(&self) -> bool {
         self.bind_filter.is_some()

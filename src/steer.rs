@@ -305,7 +305,12 @@ impl Steering {
 
     /// The sockets worker `pid` holds (for its bind filter after an in-place upgrade).
     pub fn fds_of(&self, pid: i32) -> Vec<RawFd> {
-        self.pools.iter().flat_map(|p| &p.members).filter(|m| m.holder == Some(pid)).map(|m| m.fd.as_raw_fd()).collect()
+        self.pools
+            .iter()
+            .flat_map(|p| &p.members)
+            .filter(|m| m.holder == Some(pid))
+            .map(|m| m.fd.as_raw_fd())
+            .collect()
     }
 
     /// The reserved members now belong to worker `pid`.

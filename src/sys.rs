@@ -1042,7 +1042,13 @@ pub fn notif_id_valid(listener: &OwnedFd, id: u64) -> bool {
 /// Installs `src` in the notifying task at descriptor number `target`, replacing what was
 /// there (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SECCOMP_ADDFD_FLAG_SETFD`; not `_SEND`, so the
 /// trapped call's answer stays ours to give).
-pub fn notif_addfd(listener: &OwnedFd, id: u64, src: BorrowedFd<'_>, target: u32, cloexec: bool) -> io::Result<()> {
+pub fn notif_addfd(
+    listener: &OwnedFd,
+    id: u64,
+    src: BorrowedFd<'_>,
+    target: u32,
+    cloexec: bool,
+) -> io::Result<()> {
     let addfd = libc::seccomp_notif_addfd {
         id,
         flags: libc::SECCOMP_ADDFD_FLAG_SETFD as u32,
@@ -1060,7 +1066,8 @@ pub fn notif_addfd(listener: &OwnedFd, id: u64, src: BorrowedFd<'_>, target: u32
 /// to the process, like `readlink` of the same path; `getxattr` is in systemd's
 /// `@system-service` set (`pidfd_getfd`, the other way to learn a socket's type, is not).
 pub fn socket_protocol(path: &std::path::Path) -> io::Result<String> {
-    let path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut buf = [0u8; 32];
     // SAFETY: both strings are NUL-terminated; the kernel writes at most `buf.len()` bytes.
     let n = unsafe {

@@ -13,8 +13,11 @@ use support::*;
 /// The seed's Node app, verbatim but for the port.
 fn node_app(dir: &TempDir, port: u16) -> String {
     let path = dir.path("app.js");
-    std::fs::write(&path, format!("require('http').createServer((q,s)=>s.end('hi '+process.pid)).listen({port})\n"))
-        .unwrap();
+    std::fs::write(
+        &path,
+        format!("require('http').createServer((q,s)=>s.end('hi '+process.pid)).listen({port})\n"),
+    )
+    .unwrap();
     path.display().to_string()
 }
 
@@ -65,10 +68,11 @@ fn socket_inodes(pid: i64) -> Vec<String> {
         .collect()
 }
 
-/// The inode of herdsman's listening socket on `port` (from `/proc/net/tcp`, state 0A).
+/// The inode of herdsman's listening socket on `port` (from `/proc/net/tcp{,6}`, state 0A).
 fn listener_inode(port: u16) -> Option<String> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|l| {
+    let mut table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.push_str(&std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default());
+    table.lines().filter(|l| !l.trim_start().starts_with("sl")).find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
         (local_port == port && f.get(3) == Some(&"0A")).then(|| f.get(9).map(|s| s.to_string()))?
@@ -78,6 +82,11 @@ fn listener_inode(port: u16) -> Option<String> {
 /// Waits until `n` workers are ready and each holds herdsman's listening socket at a number
 /// of its own choosing (the app's own bind got it): returns their pids.
 fn wait_workers_on_herdsmans_socket(h: &Herdsman, port: u16, n: usize) -> Vec<i64> {
+    wait_workers_holding(h, port, n, 2)
+}
+
+/// Waits until `n` workers are ready and each holds herdsman's socket at least `copies` times.
+fn wait_workers_holding(h: &Herdsman, port: u16, n: usize, copies: usize) -> Vec<i64> {
     wait_for(Duration::from_secs(60), "every worker ready on herdsman's socket", || {
         let inode = listener_inode(port)?;
         let st = h.status()?;
@@ -87,7 +96,8 @@ fn wait_workers_on_herdsmans_socket(h: &Herdsman, port: u16, n: usize) -> Vec<i6
             .filter(|w| w["state"] == "ready")
             .filter_map(|w| w["pid"].as_i64())
             .collect();
-        let on_ours = pids.iter().filter(|p| socket_inodes(**p).iter().filter(|i| **i == inode).count() >= 2);
+        let on_ours =
+            pids.iter().filter(|p| socket_inodes(**p).iter().filter(|i| **i == inode).count() >= copies);
         (pids.len() == n && on_ours.count() == n).then_some(pids)
     })
 }
@@ -267,7 +277,10 @@ fn bind_intercept_on_fails_the_start_when_a_sandbox_refuses_seccomp() {
         let st: Value = serde_json::from_slice(&out.stdout).ok()?;
         (st["ready"] == 1).then_some(())
     });
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = child.wait();
 }
 
@@ -303,7 +316,13 @@ fn a_worker_that_binds_after_an_in_place_upgrade_still_gets_herdsmans_socket() {
         port,
         1,
         &[],
-        &["python3", script.to_str().unwrap(), &port.to_string(), go.to_str().unwrap(), result.to_str().unwrap()],
+        &[
+            "python3",
+            script.to_str().unwrap(),
+            &port.to_string(),
+            go.to_str().unwrap(),
+            result.to_str().unwrap(),
+        ],
     );
     let control = dir.path("control.sock");
     let pid = wait_for(Duration::from_secs(60), "the worker ready", || {
@@ -320,9 +339,61 @@ fn a_worker_that_binds_after_an_in_place_upgrade_still_gets_herdsmans_socket() {
     assert!(out.status.success(), "upgrade: {}\n{}", String::from_utf8_lossy(&out.stderr), h.stderr());
     assert_eq!(h.status().unwrap()["upgrades"], 1);
     std::fs::write(&go, "").unwrap();
-    let r = wait_for(Duration::from_secs(60), "the worker's bind outcome", || std::fs::read_to_string(&result).ok());
+    let r = wait_for(Duration::from_secs(60), "the worker's bind outcome", || {
+        std::fs::read_to_string(&result).ok()
+    });
     assert_eq!(r, "ok", "errno 38 is ENOSYS: the new image lost the bind filter's descriptor");
     let inode = listener_inode(port).unwrap();
-    assert!(socket_inodes(pid).iter().filter(|i| **i == inode).count() >= 2, "the worker holds herdsman's socket twice");
+    assert!(
+        socket_inodes(pid).iter().filter(|i| **i == inode).count() >= 2,
+        "the worker holds herdsman's socket twice"
+    );
     assert_eq!(h.status().unwrap()["workers"][0]["pid"], pid);
+}
+
+#[test]
+fn without_listen_the_first_workers_own_address_is_learned_and_shared_by_every_worker() {
+    if !have("node") {
+        eprintln!("skipped: node is not installed");
+        return;
+    }
+    let dir = TempDir::new("intercept-learn");
+    let port = free_port();
+    let app = node_app(&dir, port);
+    let control = dir.path("control.sock").display().to_string();
+    let args: Vec<String> = ["run", "--name", "t", "-w", "3", "--control", &control, "--", "node", &app]
+        .map(String::from)
+        .to_vec();
+    let h = Herdsman::spawn(&args, &[], Addr::Tcp(format!("127.0.0.1:{port}")));
+    // Node's listen(PORT) binds [::]:PORT; herdsman binds that itself and hands it on.
+    let st = wait_for(Duration::from_secs(60), "the learned address in status", || {
+        let st = h.status()?;
+        (st["learned_sockets"].as_array()?.len() == 1).then_some(st)
+    });
+    assert_eq!(st["learned_sockets"], st["sockets"], "{st}");
+    assert!(st["learned_sockets"][0].as_str().unwrap().ends_with(&format!(":{port}")), "{st}");
+    // The first workers started before it was learned: they hold it where their bind put it.
+    let pids = wait_workers_holding(&h, port, 3, 1);
+    let mut answered = std::collections::BTreeSet::new();
+    wait_for(Duration::from_secs(60), "every worker answering", || {
+        let body = http_body(port).unwrap_or_else(|e| panic!("{e}\nherdsman log:\n{}", h.stderr()));
+        answered.insert(body.strip_prefix("hi ")?.trim().parse::<i64>().ok()?);
+        (answered.len() == 3).then_some(())
+    });
+    assert_eq!(answered.len(), pids.len());
+    // A worker started after the address was learned gets it at fd 3 (LISTEN_FDS=1) too.
+    let victim = pids[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    // Its replacement gets it at fd 3 and at its own bind's number.
+    let new = wait_for(Duration::from_secs(60), "the replacement", || {
+        let pids = wait_workers_holding(&h, port, 3, 1);
+        pids.into_iter().find(|p| !answered.contains(p))
+    });
+    let inode = listener_inode(port).unwrap();
+    wait_for(Duration::from_secs(60), "the replacement holding it twice", || {
+        (socket_inodes(new).iter().filter(|i| **i == inode).count() >= 2).then_some(())
+    });
+    let env = std::fs::read(format!("/proc/{new}/environ")).unwrap();
+    assert!(env.split(|b| *b == 0).any(|kv| kv == b"LISTEN_FDS=1"), "the replacement was given the socket");
 }

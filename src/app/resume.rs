@@ -111,5 +111,6 @@ fn rebuild(
         overrides: state.overrides,
         binary: state.binary,
         argv: state.argv,
+        bind_intercept: None,
     })
 }

@@ -46,9 +46,8 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         c.pick("on_failure", |l| l.on_failure.as_deref(), values::on_failure).unwrap_or(OnFailure::Rollback);
     let balance = c.pick("balance", |l| l.balance.as_deref(), values::balance).unwrap_or(Balance::Shared);
     c.steerable(balance, &listen);
-    let bind_intercept = c
-        .pick("bind_intercept", |l| l.bind_intercept.as_deref(), values::bind_intercept)
-        .unwrap_or_default();
+    let bind_intercept =
+        c.pick("bind_intercept", |l| l.bind_intercept.as_deref(), values::bind_intercept).unwrap_or_default();
     let watchdog = c.pick("watchdog", |l| l.watchdog.as_deref(), positive_duration);
     let max_memory = c.pick("max_memory", |l| l.max_memory.as_deref(), values::size);
     let metrics = c.pick("metrics", |l| l.metrics.as_deref(), values::metrics_addr);

@@ -212,7 +212,7 @@ impl Supervisor {
         let Some(w) = self.pool.workers.get_mut(&pid) else { return };
         let (slot, generation) = (w.slot, w.spec.generation);
         match seen {
-            Seen::Bound { asked, served } => {
+            Seen::Bound { asked, served, learned } => {
                 if !w.bound {
                     let how = if asked == served {
                         String::new()
@@ -222,6 +222,9 @@ impl Supervisor {
                     tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
                 }
                 w.bound = true;
+                if let Some(l) = learned {
+                    self.outside.adopt_learned(l);
+                }
             }
             Seen::Listened => {}
             Seen::Foreign { asked } => {

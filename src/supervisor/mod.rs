@@ -95,9 +95,15 @@ pub struct World {
 }
 
 enum Event {
-    Exited { pid: i32, status: WaitStatus },
+    Exited {
+        pid: i32,
+        status: WaitStatus,
+    },
     /// What a worker's bind filter saw (see `intercept`).
-    Intercepted { pid: i32, seen: crate::intercept::Seen },
+    Intercepted {
+        pid: i32,
+        seen: crate::intercept::Seen,
+    },
     UpgradeChecked(Result<crate::upgrade::CheckReport, crate::upgrade::UpgradeError>),
 }
 

@@ -36,6 +36,11 @@ pub(super) struct Outside {
     pub metrics: crate::metrics::Metrics,
     /// Where exits (and the upgrade check) are reported to the loop.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Started without a socket (no `--listen`, not socket-activated) but with bind
+    /// interception: the address is learned from the first worker's own bind (see `intercept`).
+    learner: Option<Arc<crate::intercept::Learner>>,
+    /// The addresses learned that way, for `status` (`learned_sockets`).
+    pub learned: Vec<String>,
     app: Arc<str>,
 }
 
@@ -69,7 +74,11 @@ impl Outside {
         } else {
             Vec::new()
         };
+        let learner = (listeners.is_empty() && steering.is_none() && launcher.intercepts_binds())
+            .then(|| Arc::new(crate::intercept::Learner::default()));
         Ok(Outside {
+            learner,
+            learned: Vec::new(),
             host,
             launcher,
             listeners,
@@ -120,7 +129,8 @@ impl Outside {
     /// Answers `pid`'s trapped `bind()`/`listen()` calls with `fds` (its sockets) and reports
     /// what it saw to the loop (see `intercept`).
     pub fn watch_binds(&self, pid: i32, listener: Arc<std::os::fd::OwnedFd>, fds: &[std::os::fd::RawFd]) {
-        let sockets = Arc::new(crate::intercept::Sockets::of(fds));
+        let learner = if fds.is_empty() { self.learner.clone() } else { None };
+        let sockets = Arc::new(crate::intercept::Sockets::of(fds, learner));
         let events = self.events.clone();
         crate::intercept::watch(listener, sockets, move |seen| {
             let _ = events.send(Event::Intercepted { pid, seen });
@@ -129,6 +139,24 @@ impl Outside {
 
     pub fn signal(&mut self, w: &Worker, sig: Signal, group: bool) {
         self.host.signal(w, sig, group);
+    }
+
+    /// Keeps the socket herdsman bound for a worker's own bind when it had none: every later
+    /// worker gets it at fd 3 (`LISTEN_FDS=1`), `status` shows it, upgrades carry it.
+    pub fn adopt_learned(&mut self, l: crate::listeners::Listener) {
+        let addr = l.addr.clone();
+        let name = l.name.clone();
+        let copy = l.copy();
+        match self.listeners.learned(l) {
+            Ok(raw) => {
+                self.launcher.add_socket(raw, &name);
+                self.sockets.push(addr.clone());
+                self.shared_sockets.extend(copy.ok());
+                tracing::info!(app = %self.app, "serving {addr}, the address the first worker bound (no --listen): every worker gets this socket");
+                self.learned.push(addr);
+            }
+            Err(e) => tracing::error!(app = %self.app, "cannot keep the learned socket {addr}: {e}"),
+        }
     }
 
     /// The sockets worker `pid` was given (its steered members, else the shared ones).
