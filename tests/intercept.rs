@@ -397,3 +397,74 @@ fn without_listen_the_first_workers_own_address_is_learned_and_shared_by_every_w
     let env = std::fs::read(format!("/proc/{new}/environ")).unwrap();
     assert!(env.split(|b| *b == 0).any(|kv| kv == b"LISTEN_FDS=1"), "the replacement was given the socket");
 }
+
+/// A worker that calls listen() on herdsman's socket at fd 3 only once `go` exists, never
+/// binding anything itself; then serves nothing (readiness is all that is tested).
+const LISTEN_LATER: &str = r#"
+import os, socket, sys, time
+go = sys.argv[1]
+while not os.path.exists(go):
+    time.sleep(0.02)
+s = socket.socket(fileno=3)
+s.listen(16)
+while True:
+    time.sleep(1000)
+"#;
+
+/// A worker that binds herdsman's port itself and never calls listen(), as gunicorn does
+/// on a socket that already listens.
+const BIND_NO_LISTEN: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+while True:
+    time.sleep(1000)
+"#;
+
+fn first_worker(h: &Herdsman) -> Option<Value> {
+    h.status()?["workers"].as_array()?.first().cloned()
+}
+
+#[test]
+fn ready_listen_waits_for_the_workers_listen_on_herdsmans_socket() {
+    let dir = TempDir::new("intercept-ready-listen");
+    let port = free_port();
+    let script = dir.path("listen.py");
+    std::fs::write(&script, LISTEN_LATER).unwrap();
+    let go = dir.path("go");
+    let h = run(
+        &dir,
+        port,
+        1,
+        &["--ready", "listen"],
+        &["python3", script.to_str().unwrap(), go.to_str().unwrap()],
+    );
+    // Starting, and it stays so while it has not called listen(): wait until it runs python
+    // (its first status), then well past any alive: delay, checking every status.
+    let w =
+        wait_for(Duration::from_secs(60), "the worker", || first_worker(&h).filter(|w| w["pid"].is_i64()));
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        assert_eq!(first_worker(&h).unwrap()["state"], "starting", "ready before listen(): {w}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(&go, "").unwrap();
+    wait_for(Duration::from_secs(60), "ready after listen()", || {
+        (first_worker(&h)?["state"] == "ready").then_some(())
+    });
+}
+
+#[test]
+fn ready_listen_takes_a_worker_that_binds_but_skips_listen_one_second_after_its_bind() {
+    let dir = TempDir::new("intercept-ready-skip");
+    let port = free_port();
+    let script = dir.path("bind.py");
+    std::fs::write(&script, BIND_NO_LISTEN).unwrap();
+    let h =
+        run(&dir, port, 1, &["--ready", "listen"], &["python3", script.to_str().unwrap(), &port.to_string()]);
+    let w = wait_for(Duration::from_secs(60), "ready without listen()", || {
+        first_worker(&h).filter(|w| w["state"] == "ready")
+    });
+    let inode = listener_inode(port).unwrap();
+    assert!(socket_inodes(w["pid"].as_i64().unwrap()).iter().filter(|i| **i == inode).count() >= 2);
+}

@@ -48,7 +48,7 @@ pub struct Layer {
     #[arg(long, value_name = "DIR")]
     #[serde(deserialize_with = "path")]
     pub cwd: Option<PathBuf>,
-    /// Readiness: "notify" (worker sends READY=1) or "alive:DURATION" [default: alive:1s].
+    /// Readiness: "auto" (listen for a worker that binds herdsman's address itself, else alive:1s), "listen" (the worker calls listen() on herdsman's socket; 1 s after its bind if it never does), "notify" (worker sends READY=1) or "alive:DURATION" [default: auto].
     #[arg(long, value_name = "MODE")]
     #[serde(deserialize_with = "string")]
     pub ready: Option<String>,

@@ -31,7 +31,7 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
     let listen = c.listen();
     let env = c.env();
     let cwd = c.cwd();
-    let ready = c.pick("ready", |l| l.ready.as_deref(), values::ready).unwrap_or(ReadyMode::Alive(secs(1)));
+    let ready = c.pick("ready", |l| l.ready.as_deref(), values::ready).unwrap_or(ReadyMode::Auto);
     let ready_timeout =
         c.pick("ready_timeout", |l| l.ready_timeout.as_deref(), positive_duration).unwrap_or(secs(60));
     let stop_signal =

@@ -145,8 +145,11 @@ impl Supervisor {
         for (pid, w) in self.pool.workers.iter_mut() {
             match w.state {
                 State::Starting { deadline } => {
-                    if let ReadyMode::Alive(d) = w.spec.ready {
-                        if now >= w.started + d {
+                    if let Some(at) = w.ready_by_clock() {
+                        if now >= at {
+                            if w.bound_at.is_some() {
+                                tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) bound herdsman's socket but did not call listen() (it already listens: gunicorn checks SO_ACCEPTCONN): ready {} after its bind", w.slot, human(crate::config::values::LISTEN_SKIPPED));
+                            }
                             w.state = State::Ready { since: now };
                             became_ready.push(*pid);
                             continue;
@@ -222,11 +225,18 @@ impl Supervisor {
                     tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
                 }
                 w.bound = true;
+                w.bound_at.get_or_insert(self.outside.host.now());
                 if let Some(l) = learned {
                     self.outside.adopt_learned(l);
                 }
             }
-            Seen::Listened => {}
+            Seen::Listened => {
+                let listen = matches!(w.spec.ready, ReadyMode::Listen | ReadyMode::Auto);
+                if listen && matches!(w.state, State::Starting { .. }) {
+                    w.state = State::Ready { since: self.outside.host.now() };
+                    self.on_ready(pid);
+                }
+            }
             Seen::Foreign { asked } => {
                 let ours = self.outside.sockets.join(", ");
                 tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");

@@ -427,6 +427,7 @@ impl Supervisor {
                     pipes,
                     bind_notify,
                     bound: w.bound,
+                    bound_at: None,
                     failure: w.failure,
                     last_ping: clock.instant(w.last_ping_ns),
                     memory_strikes: w.memory_strikes,

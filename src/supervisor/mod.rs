@@ -474,6 +474,7 @@ impl Supervisor {
                 pipes: l.pipes,
                 bind_notify: l.bind_notify,
                 bound: false,
+                bound_at: None,
                 failure: None,
 
                 last_ping: now,
