@@ -468,3 +468,31 @@ fn ready_listen_takes_a_worker_that_binds_but_skips_listen_one_second_after_its_
     let inode = listener_inode(port).unwrap();
     assert!(socket_inodes(w["pid"].as_i64().unwrap()).iter().filter(|i| **i == inode).count() >= 2);
 }
+
+#[test]
+fn workers_of_another_user_get_herdsmans_socket_and_never_the_supervisors_ptrace_capability() {
+    if !nix::unistd::geteuid().is_root() || !have("node") {
+        eprintln!("skipped: needs root (to run workers as nobody) and node");
+        return;
+    }
+    let dir = TempDir::new("intercept-user");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let app = node_app(&dir, port);
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let h = run(&dir, port, 2, &["--user", "nobody", "--cwd", dir.0.to_str().unwrap()], &["node", &app]);
+    let pids = wait_workers_on_herdsmans_socket(&h, port, 2);
+    let mut answered = std::collections::BTreeSet::new();
+    wait_for(Duration::from_secs(60), "both workers answering", || {
+        let body = http_body(port).unwrap_or_else(|e| panic!("{e}\nherdsman log:\n{}", h.stderr()));
+        answered.insert(body.strip_prefix("hi ")?.trim().parse::<i64>().ok()?);
+        (answered.len() == 2).then_some(())
+    });
+    for pid in pids {
+        let uid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(uid.lines().any(|l| l.starts_with("Uid:") && !l.contains("\t0\t")), "runs as nobody");
+        let bnd = capabilities(&pid.to_string(), "CapBnd");
+        assert_eq!(bnd & (1 << 19), 0, "CAP_SYS_PTRACE in worker {pid}'s bounding set {bnd:#x}");
+    }
+}
