@@ -93,6 +93,8 @@ pub struct Worker {
     pub bound: bool,
     /// When it first did (this image's clock; for `--ready listen|auto`).
     pub bound_at: Option<Instant>,
+    /// It was told (once) that it binds a port herdsman does not serve.
+    pub warned_foreign: bool,
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
     pub failure: Option<Failure>,
 

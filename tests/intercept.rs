@@ -496,3 +496,34 @@ fn workers_of_another_user_get_herdsmans_socket_and_never_the_supervisors_ptrace
         assert_eq!(bnd & (1 << 19), 0, "CAP_SYS_PTRACE in worker {pid}'s bounding set {bnd:#x}");
     }
 }
+
+#[test]
+fn steered_workers_each_get_their_own_member_socket_for_their_own_bind() {
+    if !have("node") {
+        eprintln!("skipped: node is not installed");
+        return;
+    }
+    let dir = TempDir::new("intercept-steer");
+    let port = free_port();
+    let app = node_app(&dir, port);
+    let h = run(&dir, port, 2, &["--balance", "steer"], &["node", &app]);
+    // Each worker holds its own member (at fd 3 and where its bind put it), not the other's.
+    let held = wait_for(Duration::from_secs(60), "each worker on its own member socket", || {
+        let st = h.status()?;
+        let ws = st["workers"].as_array()?;
+        let mut held = Vec::new();
+        for w in ws.iter().filter(|w| w["state"] == "ready") {
+            let inodes = socket_inodes(w["pid"].as_i64()?);
+            let twice = inodes.iter().find(|i| inodes.iter().filter(|j| j == i).count() >= 2)?.clone();
+            held.push(twice);
+        }
+        (held.len() == 2).then_some(held)
+    });
+    assert_ne!(held[0], held[1], "two workers on one member socket");
+    let mut answered = std::collections::BTreeSet::new();
+    wait_for(Duration::from_secs(60), "both workers answering", || {
+        let body = http_body(port).unwrap_or_else(|e| panic!("{e}\nherdsman log:\n{}", h.stderr()));
+        answered.insert(body.strip_prefix("hi ")?.trim().parse::<i64>().ok()?);
+        (answered.len() == 2).then_some(())
+    });
+}

@@ -237,10 +237,12 @@ impl Supervisor {
                     self.on_ready(pid);
                 }
             }
-            Seen::Foreign { asked } => {
+            Seen::Foreign { asked } if !w.warned_foreign => {
+                w.warned_foreign = true;
                 let ours = self.outside.sockets.join(", ");
                 tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");
             }
+            Seen::Foreign { .. } => {}
             Seen::Failed(why) => {
                 tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
             }

@@ -428,6 +428,7 @@ impl Supervisor {
                     bind_notify,
                     bound: w.bound,
                     bound_at: None,
+                    warned_foreign: false,
                     failure: w.failure,
                     last_ping: clock.instant(w.last_ping_ns),
                     memory_strikes: w.memory_strikes,

@@ -475,6 +475,7 @@ impl Supervisor {
                 bind_notify: l.bind_notify,
                 bound: false,
                 bound_at: None,
+                warned_foreign: false,
                 failure: None,
 
                 last_ping: now,
