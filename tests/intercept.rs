@@ -527,3 +527,18 @@ fn steered_workers_each_get_their_own_member_socket_for_their_own_bind() {
         (answered.len() == 2).then_some(())
     });
 }
+
+#[test]
+fn a_worker_that_exits_0_before_ready_without_interception_gets_the_swallowed_eaddrinuse_hint() {
+    // Express 5 hands EADDRINUSE to its listen callback: the app ends with status 0, silently.
+    let dir = TempDir::new("intercept-express-hint");
+    let port = free_port();
+    let h = run(&dir, port, 1, &["--bind-intercept", "off"], &["sh", "-c", "exit 0"]);
+    let err = wait_for(Duration::from_secs(60), "the slot's last error", || {
+        first_worker(&h)?["last_error"].as_str().map(String::from)
+    });
+    assert!(
+        err.contains("exited with status 0 before it was ready") && err.contains("--bind-intercept"),
+        "{err}"
+    );
+}
