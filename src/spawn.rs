@@ -287,7 +287,7 @@ impl Launcher {
         let channel = match &self.bind_filter {
             Some(prog) => {
                 let (ours, theirs) = crate::intercept::channel().map_err(SpawnError::Pipe)?;
-                plan = plan.with_bind_filter(prog.clone(), &theirs).map_err(SpawnError::Pipe)?;
+                plan = plan.with_bind_filter(prog.clone(), theirs).map_err(SpawnError::Pipe)?;
                 Some(ours)
             }
             None => None,

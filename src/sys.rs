@@ -863,11 +863,12 @@ impl ExecPlan {
     /// Makes the child install `prog` with `SECCOMP_FILTER_FLAG_NEW_LISTENER` (after
     /// `PR_SET_NO_NEW_PRIVS`, after the privilege drop) and send the listener over `channel`
     /// (`SCM_RIGHTS`), keeping no copy. A failure fails the spawn, naming the step.
-    pub fn with_bind_filter(mut self, prog: Vec<libc::sock_filter>, channel: &OwnedFd) -> io::Result<Self> {
+    pub fn with_bind_filter(mut self, prog: Vec<libc::sock_filter>, channel: OwnedFd) -> io::Result<Self> {
         if u16::try_from(prog.len()).is_err() {
             return Err(io::Error::from_raw_os_error(libc::E2BIG));
         }
-        let channel = dup_cloexec_from(channel, 3 + self.fds.len() as c_int)?;
+        let floor = 3 + self.fds.len() as c_int;
+        let channel = if channel.as_raw_fd() >= floor { channel } else { dup_cloexec_from(&channel, floor)? };
         self.bind_filter = Some(BindFilter { prog, channel });
         Ok(self)
     }

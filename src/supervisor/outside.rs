@@ -41,6 +41,8 @@ pub(super) struct Outside {
     learner: Option<Arc<crate::intercept::Learner>>,
     /// The addresses learned that way, for `status` (`learned_sockets`).
     pub learned: Vec<String>,
+    /// The bind filters' table of the shared sockets (see `watch_binds`), built once.
+    shared_table: Option<Arc<crate::intercept::Sockets>>,
     app: Arc<str>,
 }
 
@@ -79,6 +81,7 @@ impl Outside {
         Ok(Outside {
             learner,
             learned: Vec::new(),
+            shared_table: None,
             host,
             launcher,
             listeners,
@@ -128,9 +131,16 @@ impl Outside {
 
     /// Answers `pid`'s trapped `bind()`/`listen()` calls with `fds` (its sockets) and reports
     /// what it saw to the loop (see `intercept`).
-    pub fn watch_binds(&self, pid: i32, listener: Arc<std::os::fd::OwnedFd>, fds: &[std::os::fd::RawFd]) {
-        let learner = if fds.is_empty() { self.learner.clone() } else { None };
-        let sockets = Arc::new(crate::intercept::Sockets::of(fds, learner));
+    pub fn watch_binds(&mut self, pid: i32, listener: Arc<std::os::fd::OwnedFd>, fds: &[std::os::fd::RawFd]) {
+        let sockets = if self.steering.is_some() {
+            Arc::new(crate::intercept::Sockets::of(fds, None))
+        } else {
+            // Shared sockets: one table (one copy of each socket) for every worker.
+            let learner = if fds.is_empty() { self.learner.clone() } else { None };
+            self.shared_table
+                .get_or_insert_with(|| Arc::new(crate::intercept::Sockets::of(fds, learner)))
+                .clone()
+        };
         let events = self.events.clone();
         crate::intercept::watch(listener, sockets, move |seen| {
             let _ = events.send(Event::Intercepted { pid, seen });
@@ -154,6 +164,8 @@ impl Outside {
                 self.shared_sockets.extend(copy.ok());
                 tracing::info!(app = %self.app, "serving {addr}, the address the first worker bound (no --listen): every worker gets this socket");
                 self.learned.push(addr);
+                // Later workers get it at fd 3 and their own table.
+                self.shared_table = None;
             }
             Err(e) => tracing::error!(app = %self.app, "cannot keep the learned socket {addr}: {e}"),
         }
