@@ -353,11 +353,16 @@ fn answer(listener: &OwnedFd, sockets: &Sockets, n: &libc::seccomp_notif) -> Opt
     };
     let read = match read {
         Ok(r) => r,
-        Err(e) => {
+        Err(e @ (nix::Error::EPERM | nix::Error::EACCES)) => {
             go_on();
             return Some(Seen::Failed(format!(
                 "cannot read worker memory ({e}): run herdsman as the worker's user or grant it CAP_SYS_PTRACE"
             )));
+        }
+        // A bad address (EFAULT) or a task that is gone: the kernel answers the call itself.
+        Err(_) => {
+            go_on();
+            return None;
         }
     };
     if !sys::notif_id_valid(listener, n.id) {
