@@ -300,7 +300,14 @@ pub fn watch(listener: Arc<OwnedFd>, sockets: Arc<Sockets>, report: impl Fn(Seen
             if revents.contains(nix::poll::PollFlags::POLLIN) {
                 match sys::notif_recv(&listener) {
                     Ok(n) => {
-                        if let Some(seen) = answer(&listener, &sockets, &n) {
+                        // Read the worker's /proc entries as their owner (see `sys::with_fs_ids`).
+                        use std::os::unix::fs::MetadataExt;
+                        let owner = std::fs::metadata(format!("/proc/{}", n.pid)).map(|m| (m.uid(), m.gid()));
+                        let seen = match owner {
+                            Ok((uid, gid)) => sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n)),
+                            Err(_) => answer(&listener, &sockets, &n),
+                        };
+                        if let Some(seen) = seen {
                             report(seen);
                         }
                     }
@@ -376,9 +383,16 @@ fn answer(listener: &OwnedFd, sockets: &Sockets, n: &libc::seccomp_notif) -> Opt
         go_on();
         return None;
     }
-    if !is_stream(tid, fd) {
-        go_on();
-        return None;
+    match is_stream(tid, fd) {
+        Ok(true) => {}
+        Ok(false) => {
+            go_on();
+            return None;
+        }
+        Err(e) => {
+            go_on();
+            return Some(Seen::Failed(format!("cannot read the type of the worker's socket (fd {fd}): {e}")));
+        }
     }
     let mut learned = None;
     let target = match (sockets.find(asked), &sockets.learner) {
@@ -443,9 +457,9 @@ fn fd_flags(tid: i32, fd: RawFd) -> Option<i32> {
 
 /// Whether `fd` in task `tid` is a TCP socket (its `system.sockprotoname`: "TCP", "TCPv6",
 /// "MPTCP"; UDP, unix and raw sockets are not).
-fn is_stream(tid: i32, fd: RawFd) -> bool {
+fn is_stream(tid: i32, fd: RawFd) -> std::io::Result<bool> {
     let path = std::path::PathBuf::from(format!("/proc/{tid}/fd/{fd}"));
-    sys::socket_protocol(&path).is_ok_and(|p| p.starts_with("TCP") || p.starts_with("MPTCP"))
+    sys::socket_protocol(&path).map(|p| p.starts_with("TCP") || p.starts_with("MPTCP"))
 }
 
 #[cfg(test)]

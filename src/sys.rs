@@ -1088,6 +1088,26 @@ pub fn socket_protocol(path: &std::path::Path) -> io::Result<String> {
     Ok(String::from_utf8_lossy(name).into_owned())
 }
 
+/// Runs `f` with the calling thread's filesystem uid and gid set to `uid` and `gid`, then
+/// restores them. `setfsuid`/`setfsgid` change only the calling thread (raw system calls, no
+/// libc broadcast), and the capabilities that leave with a non-zero fsuid (`CAP_CHOWN`,
+/// `CAP_DAC_OVERRIDE`, ...) come back with the old one. For `/proc/PID/fd/N` of a worker of
+/// another user: its `fd` directory is `0500` and the worker's own, and the shipped unit gives
+/// herdsman no `CAP_DAC_READ_SEARCH`. Needs `CAP_SETUID`/`CAP_SETGID` (else nothing changes).
+pub fn with_fs_ids<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain system calls with integer arguments; each returns the previous id.
+    let (old_gid, old_uid) =
+        unsafe { (libc::syscall(libc::SYS_setfsgid, gid), libc::syscall(libc::SYS_setfsuid, uid)) };
+    let r = f();
+    // SAFETY: as above, putting back the ids they returned (the uid first: it restores the
+    // capabilities the group change may need).
+    unsafe {
+        libc::syscall(libc::SYS_setfsuid, old_uid);
+        libc::syscall(libc::SYS_setfsgid, old_gid);
+    }
+    r
+}
+
 /// A close-on-exec copy of `fd` (above the standard streams), which the caller keeps open.
 pub fn dup_raw_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
     let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
