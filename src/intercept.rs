@@ -283,7 +283,17 @@ pub enum Seen {
 
 /// Answers `pid`'s trapped calls on the event loop until its last process is gone, telling
 /// `report` what it saw.
-pub fn watch(listener: Arc<OwnedFd>, sockets: Arc<Sockets>, report: impl Fn(Seen) + Send + 'static) {
+///
+/// `owner`: the workers' user and group (`--user`; `None`: herdsman's own). Everything read
+/// about a trapped call (its sockaddr in `/proc/TID/mem`, its descriptor in `/proc/TID/fd`) is
+/// read as that user, so the supervisor needs no `CAP_SYS_PTRACE` or `CAP_DAC_READ_SEARCH` for
+/// workers of another user (see `sys::with_fs_ids`).
+pub fn watch(
+    listener: Arc<OwnedFd>,
+    sockets: Arc<Sockets>,
+    owner: Option<(u32, u32)>,
+    report: impl Fn(Seen) + Send + 'static,
+) {
     let afd = match sys::watch_readable(listener.clone()) {
         Ok(a) => a,
         Err(e) => {
@@ -300,12 +310,11 @@ pub fn watch(listener: Arc<OwnedFd>, sockets: Arc<Sockets>, report: impl Fn(Seen
             if revents.contains(nix::poll::PollFlags::POLLIN) {
                 match sys::notif_recv(&listener) {
                     Ok(n) => {
-                        // Read the worker's /proc entries as their owner (see `sys::with_fs_ids`).
-                        use std::os::unix::fs::MetadataExt;
-                        let owner = std::fs::metadata(format!("/proc/{}", n.pid)).map(|m| (m.uid(), m.gid()));
                         let seen = match owner {
-                            Ok((uid, gid)) => sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n)),
-                            Err(_) => answer(&listener, &sockets, &n),
+                            Some((uid, gid)) => {
+                                sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n))
+                            }
+                            None => answer(&listener, &sockets, &n),
                         };
                         if let Some(seen) = seen {
                             report(seen);
@@ -352,18 +361,19 @@ fn answer(listener: &OwnedFd, sockets: &Sockets, n: &libc::seccomp_notif) -> Opt
     }
     let len = (n.data.args[2] as usize).min(MAX_SOCKADDR);
     let mut buf = [0u8; MAX_SOCKADDR];
-    let read = {
-        let local = [std::io::IoSliceMut::new(&mut buf[..len])];
-        let mut local = local;
-        let remote = [nix::sys::uio::RemoteIoVec { base: n.data.args[1] as usize, len }];
-        nix::sys::uio::process_vm_readv(nix::unistd::Pid::from_raw(tid), &mut local, &remote)
-    };
+    // /proc/TID/mem, not process_vm_readv: opening it checks ptrace access with the
+    // filesystem ids (the worker's, see `watch`), process_vm_readv with the real ones (root's,
+    // which would need CAP_SYS_PTRACE for a worker of another user).
+    let read = std::fs::File::open(format!("/proc/{tid}/mem")).and_then(|f| {
+        use std::os::unix::fs::FileExt;
+        f.read_at(&mut buf[..len], n.data.args[1])
+    });
     let read = match read {
         Ok(r) => r,
-        Err(e @ (nix::Error::EPERM | nix::Error::EACCES)) => {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
             go_on();
             return Some(Seen::Failed(format!(
-                "cannot read worker memory ({e}): run herdsman as the worker's user or grant it CAP_SYS_PTRACE"
+                "cannot read the worker's memory ({e}): run herdsman as root or as the workers' user"
             )));
         }
         // A bad address (EFAULT) or a task that is gone: the kernel answers the call itself.

@@ -24,9 +24,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 /// `CAP_BPF`, `CAP_PERFMON` (linux/capability.h, Linux 5.8).
 const CAP_BPF: c_int = 39;
 const CAP_PERFMON: c_int = 38;
-/// `CAP_SYS_PTRACE`: the supervisor's, to read a `--user` worker's bind() address (see
-/// `intercept`).
-const CAP_SYS_PTRACE: c_int = 19;
 /// `CAP_SETPCAP`: dropping from the bounding set needs it.
 const CAP_SETPCAP: c_int = 8;
 /// `close_range` flag: mark instead of close (Linux 5.11).
@@ -242,9 +239,6 @@ impl ExecPlan {
             // others under the unit either.
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_BPF as libc::c_ulong, 0, 0, 0);
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_PERFMON as libc::c_ulong, 0, 0, 0);
-            // Likewise CAP_SYS_PTRACE, which the supervisor keeps to read the address a
-            // worker of another user passes to bind() (bind interception).
-            libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_PTRACE as libc::c_ulong, 0, 0, 0);
             libc::prctl(libc::PR_CAPBSET_DROP, CAP_SETPCAP as libc::c_ulong, 0, 0, 0);
             // Drop to the worker user before PR_SET_PDEATHSIG: changing the effective uid or
             // gid clears the parent-death signal. These are the raw system calls std's

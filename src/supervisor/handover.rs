@@ -403,12 +403,13 @@ impl Supervisor {
         for w in state.workers {
             let pidfd = Arc::new(take(w.pidfd)?);
             let pipes = [Arc::new(take(w.stdout)?), Arc::new(take(w.stderr)?)];
+            let spec = spec_at(w.spec)?;
             let bind_notify = w.bind_notify.map(&mut take).transpose()?.map(Arc::new);
             if let Some(n) = &bind_notify {
                 let fds = self.outside.fds_of(w.pid);
-                self.outside.watch_binds(w.pid, n.clone(), &fds);
+                let owner = spec.user.as_ref().map(|u| (u.uid, u.gid));
+                self.outside.watch_binds(w.pid, n.clone(), &fds, owner);
             }
-            let spec = spec_at(w.spec)?;
             let tail = crate::output::Tail::from_lines(w.tail);
             let output_done =
                 self.outside.launcher.capture(w.slot, w.pid, spec.generation, pipes.clone(), &tail);

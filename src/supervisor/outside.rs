@@ -124,14 +124,21 @@ impl Outside {
         self.host.watch(l.pid, pidfd.clone(), l.output_done, &self.events);
         let bind_notify = l.bind_notify.map(Arc::new);
         if let Some(n) = &bind_notify {
-            self.watch_binds(l.pid, n.clone(), &fds);
+            self.watch_binds(l.pid, n.clone(), &fds, spec.user.as_ref().map(|u| (u.uid, u.gid)));
         }
         Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes, bind_notify })
     }
 
     /// Answers `pid`'s trapped `bind()`/`listen()` calls with `fds` (its sockets) and reports
     /// what it saw to the loop (see `intercept`).
-    pub fn watch_binds(&mut self, pid: i32, listener: Arc<std::os::fd::OwnedFd>, fds: &[std::os::fd::RawFd]) {
+    /// `owner`: the worker's user and group (`--user`), as which its `/proc` entries are read.
+    pub fn watch_binds(
+        &mut self,
+        pid: i32,
+        listener: Arc<std::os::fd::OwnedFd>,
+        fds: &[std::os::fd::RawFd],
+        owner: Option<(u32, u32)>,
+    ) {
         let sockets = if self.steering.is_some() {
             Arc::new(crate::intercept::Sockets::of(fds, None))
         } else {
@@ -142,7 +149,7 @@ impl Outside {
                 .clone()
         };
         let events = self.events.clone();
-        crate::intercept::watch(listener, sockets, move |seen| {
+        crate::intercept::watch(listener, sockets, owner, move |seen| {
             let _ = events.send(Event::Intercepted { pid, seen });
         });
     }
