@@ -540,3 +540,51 @@ fn a_worker_that_exits_0_before_ready_without_interception_gets_the_swallowed_ea
         "{err}"
     );
 }
+
+/// A Go server with the standard library only: `http.ListenAndServe(":PORT")`, which binds
+/// `[::]:PORT` with raw system calls (no libc: LD_PRELOAD could never reach it).
+const GO_SERVER: &str = r#"package main
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+)
+
+func main() {
+	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "hi %d", os.Getpid()) })
+	if err := http.ListenAndServe(":"+os.Args[1], nil); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+"#;
+
+#[test]
+fn a_static_go_binary_serves_from_two_workers_on_herdsmans_socket() {
+    if std::process::Command::new("go").arg("version").output().is_err() {
+        eprintln!("skipped: go is not installed");
+        return;
+    }
+    let dir = TempDir::new("intercept-go");
+    std::fs::write(dir.path("main.go"), GO_SERVER).unwrap();
+    let bin = dir.path("server");
+    let out = std::process::Command::new("go")
+        .args(["build", "-o", bin.to_str().unwrap(), "main.go"])
+        .current_dir(&dir.0)
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", dir.path("gocache"))
+        .env("HOME", &dir.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "go build: {}", String::from_utf8_lossy(&out.stderr));
+    let port = free_port();
+    let h = run(&dir, port, 2, &[], &[bin.to_str().unwrap(), &port.to_string()]);
+    wait_workers_on_herdsmans_socket(&h, port, 2);
+    let mut answered = std::collections::BTreeSet::new();
+    wait_for(Duration::from_secs(60), "both workers answering", || {
+        let body = http_body(port).unwrap_or_else(|e| panic!("{e}\nherdsman log:\n{}", h.stderr()));
+        answered.insert(body.strip_prefix("hi ")?.trim().parse::<i64>().ok()?);
+        (answered.len() == 2).then_some(())
+    });
+}
