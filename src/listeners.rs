@@ -16,6 +16,9 @@ use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, Sockadd
 use crate::config::ListenAddr;
 use crate::sys;
 
+/// The `LISTEN_FDNAMES` entry of a socket learned from a worker's own bind (see `intercept`).
+pub const LEARNED: &str = "learned";
+
 /// Like systemd's default `Backlog=` on Debian 12.
 const BACKLOG: i32 = 4096;
 
@@ -152,11 +155,18 @@ impl Listeners {
 
     /// Adds a learned socket ([`Listeners::bind_learned`]), above the workers' new fd range:
     /// its descriptor, for the launcher.
+    /// Its `LISTEN_FDNAMES` entry is [`LEARNED`] (which also marks it for `status` after an
+    /// in-place upgrade).
     pub fn learned(&mut self, l: Listener) -> io::Result<RawFd> {
         let fd = sys::dup_cloexec_from(&l.fd, self.floor() + 1)?;
         let raw = fd.as_raw_fd();
-        self.list.push(Listener { fd, ..l });
+        self.list.push(Listener { fd, name: LEARNED.to_string(), ..l });
         Ok(raw)
+    }
+
+    /// The addresses learned from a worker's own bind ([`Listeners::learned`]).
+    pub fn learned_addrs(&self) -> Vec<String> {
+        self.list.iter().filter(|l| l.name == LEARNED).map(|l| l.addr.clone()).collect()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -396,6 +396,18 @@ fn without_listen_the_first_workers_own_address_is_learned_and_shared_by_every_w
     });
     let env = std::fs::read(format!("/proc/{new}/environ")).unwrap();
     assert!(env.split(|b| *b == 0).any(|kv| kv == b"LISTEN_FDS=1"), "the replacement was given the socket");
+    assert!(env.split(|b| *b == 0).any(|kv| kv == b"LISTEN_FDNAMES=learned"), "named for what it is");
+    // An in-place upgrade keeps the learned socket, and says so.
+    let copy = dir.path("herdsman-new");
+    std::fs::copy(BIN, &copy).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["upgrade", &control, "--binary", copy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "upgrade: {}", String::from_utf8_lossy(&out.stderr));
+    let after = h.status().unwrap();
+    assert_eq!(after["upgrades"], 1);
+    assert_eq!(after["learned_sockets"], st["learned_sockets"], "{after}");
 }
 
 /// A worker that calls listen() on herdsman's socket at fd 3 only once `go` exists, never

@@ -80,7 +80,7 @@ impl Outside {
             .then(|| Arc::new(crate::intercept::Learner::default()));
         Ok(Outside {
             learner,
-            learned: Vec::new(),
+            learned: listeners.learned_addrs(),
             shared_table: None,
             host,
             launcher,
@@ -162,11 +162,11 @@ impl Outside {
     /// worker gets it at fd 3 (`LISTEN_FDS=1`), `status` shows it, upgrades carry it.
     pub fn adopt_learned(&mut self, l: crate::listeners::Listener) {
         let addr = l.addr.clone();
-        let name = l.name.clone();
+        let name = crate::listeners::LEARNED;
         let copy = l.copy();
         match self.listeners.learned(l) {
             Ok(raw) => {
-                self.launcher.add_socket(raw, &name);
+                self.launcher.add_socket(raw, name);
                 self.sockets.push(addr.clone());
                 self.shared_sockets.extend(copy.ok());
                 tracing::info!(app = %self.app, "serving {addr}, the address the first worker bound (no --listen): every worker gets this socket");
