@@ -24,7 +24,7 @@ use std::time::Duration;
 pub use layer::{Layer, keys};
 pub use problem::{ConfigError, Place, Problem, Problems};
 pub use validate::validate;
-pub use values::{Balance, ListenAddr, OnFailure, ReadyMode, StopSignal, WorkerCount};
+pub use values::{Balance, BindIntercept, ListenAddr, OnFailure, ReadyMode, StopSignal, WorkerCount};
 
 /// Restart back-off for workers that fail repeatedly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -73,6 +73,9 @@ pub struct Settings {
     pub on_failure: OnFailure,
     /// How new connections reach workers.
     pub balance: Balance,
+    /// Whether a worker's own bind() of herdsman's port gets herdsman's socket.
+    #[serde(default)]
+    pub bind_intercept: BindIntercept,
     pub backoff: BackoffPolicy,
     /// Per-worker watchdog (`WATCHDOG_USEC` for workers).
     pub watchdog: Option<Duration>,

@@ -40,6 +40,7 @@ pub mod credentials;
 pub mod exit;
 pub mod generate;
 pub mod init;
+pub mod intercept;
 pub mod ipc;
 pub mod journal;
 pub mod listeners;

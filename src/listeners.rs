@@ -1,7 +1,9 @@
 //! The listening sockets: inherited from systemd (`LISTEN_FDS`) or bound from `--listen`.
 //!
 //! The supervisor never accepts on them, never changes their file status flags (`O_NONBLOCK` is
-//! shared with every worker and with systemd's copy) and never calls `shutdown()` on them. It
+//! shared with every worker and with systemd's copy; the one exception: bind interception
+//! sets it, never clears it, when an app that binds the port itself made its own socket
+//! non-blocking, see `intercept`) and never calls `shutdown()` on them. It
 //! only keeps a descriptor to hand to each new worker at fd 3, 4, ... To make that placement
 //! collision-free, [`Listeners`] keeps its own copies at numbers `>= 3 + n` (see `sys`).
 
@@ -13,6 +15,9 @@ use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, Sockadd
 
 use crate::config::ListenAddr;
 use crate::sys;
+
+/// The `LISTEN_FDNAMES` entry of a socket learned from a worker's own bind (see `intercept`).
+pub const LEARNED: &str = "learned";
 
 /// Like systemd's default `Backlog=` on Debian 12.
 const BACKLOG: i32 = 4096;
@@ -32,7 +37,7 @@ pub enum ListenError {
     #[error("LISTEN_FDS: fd {fd} is unusable ({err}); check the socket unit's ListenStream= settings")]
     BadFd { fd: RawFd, err: io::Error },
     #[error(
-        "no socket to serve: not socket-activated and no --listen address; add --listen 127.0.0.1:8080 (or `listen = [...]` in the config)"
+        "no socket to serve: not socket-activated, no --listen address and no bind interception (--bind-intercept, which learns the app's own address); add --listen 127.0.0.1:8080 (or `listen = [...]` in the config)"
     )]
     Nothing,
     #[error(
@@ -60,6 +65,13 @@ pub struct Listener {
     pub addr: String,
     /// A unix socket file we created and remove at exit.
     owned_path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// A close-on-exec copy of the socket (the same socket, a new descriptor).
+    pub fn copy(&self) -> io::Result<OwnedFd> {
+        sys::dup_raw_cloexec(self.fd.as_raw_fd())
+    }
 }
 
 /// All listening sockets, in fd order.
@@ -122,9 +134,43 @@ impl Listeners {
         Ok(Listeners { list, activated })
     }
 
-    /// No socket at all: for the supervisor's in-process tests, whose workers are made up.
+    /// No socket at all: for the supervisor's in-process tests, whose workers are made up,
+    /// and for a start without `--listen` whose address is learned from the first worker's
+    /// own bind (see [`Listeners::learned`]).
     pub fn none() -> Listeners {
         Listeners { list: Vec::new(), activated: false }
+    }
+
+    /// Binds `addr`, the address a worker bound itself when herdsman had no socket (see
+    /// `intercept`): as `--listen` would (`[::]`/`0.0.0.0` as given; `[::]` dual-stack, as the
+    /// apps that bind it ask for).
+    pub fn bind_learned(addr: std::net::SocketAddr, index: usize) -> Result<Listener, ListenError> {
+        let listen = if addr.ip().is_unspecified() && addr.is_ipv6() {
+            ListenAddr::AnyAddress(addr.port())
+        } else {
+            ListenAddr::Tcp(addr)
+        };
+        bind(&listen, index, false)
+    }
+
+    /// Adds a learned socket ([`Listeners::bind_learned`]), above the workers' new fd range:
+    /// its descriptor, for the launcher.
+    /// Its `LISTEN_FDNAMES` entry is [`LEARNED`] (which also marks it for `status` after an
+    /// in-place upgrade).
+    pub fn learned(&mut self, l: Listener) -> io::Result<RawFd> {
+        let fd = sys::dup_cloexec_from(&l.fd, self.floor() + 1)?;
+        let raw = fd.as_raw_fd();
+        self.list.push(Listener { fd, name: LEARNED.to_string(), ..l });
+        Ok(raw)
+    }
+
+    /// The addresses learned from a worker's own bind ([`Listeners::learned`]).
+    pub fn learned_addrs(&self) -> Vec<String> {
+        self.list.iter().filter(|l| l.name == LEARNED).map(|l| l.addr.clone()).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
     }
 
     pub fn raw_fds(&self) -> Vec<RawFd> {

@@ -174,6 +174,8 @@ pub struct Launched {
     pub output_done: mpsc::Receiver<()>,
     /// The supervisor's end of a Node worker's IPC channel (see `ipc`).
     pub channel: Option<OwnedFd>,
+    /// Its bind filter's notification descriptor (see `intercept`), when interception is on.
+    pub bind_notify: Option<OwnedFd>,
 }
 
 pub struct Launcher {
@@ -184,6 +186,8 @@ pub struct Launcher {
     notify_socket: String,
     devnull: OwnedFd,
     output: Output,
+    /// The bind interception filter every worker installs (see `intercept`); `None`: off.
+    bind_filter: Option<Vec<libc::sock_filter>>,
 }
 
 impl Launcher {
@@ -196,7 +200,27 @@ impl Launcher {
         output: Output,
     ) -> std::io::Result<Self> {
         let devnull = OwnedFd::from(std::fs::File::open("/dev/null")?);
-        Ok(Launcher { app, base_env, fds, fdnames, notify_socket, devnull, output })
+        Ok(Launcher { app, base_env, fds, fdnames, notify_socket, devnull, output, bind_filter: None })
+    }
+
+    /// Workers from now on install the bind interception filter (see `intercept`).
+    pub fn intercept_binds(&mut self) {
+        self.bind_filter = Some(crate::intercept::filter());
+    }
+
+    /// From now on every worker also gets `fd` (after the others), named `name`: a socket
+    /// learned from a worker's own bind (see `intercept`).
+    pub fn add_socket(&mut self, fd: RawFd, name: &str) {
+        self.fds.push(fd);
+        if !self.fdnames.is_empty() {
+            self.fdnames.push(':');
+        }
+        self.fdnames.push_str(name);
+    }
+
+    /// Whether workers install the bind interception filter.
+    pub fn intercepts_binds(&self) -> bool {
+        self.bind_filter.is_some()
     }
 
     /// Pins generation `generation` of `s` (see [`Spec`]).
@@ -281,10 +305,28 @@ impl Launcher {
         if let Some(u) = &spec.user {
             plan = plan.with_credentials(u.uid, u.gid, &u.groups);
         }
+        // Bind interception: the worker sends its filter's notification fd over this pair.
+        let filter_pair = match &self.bind_filter {
+            Some(prog) => {
+                let (ours, theirs) = crate::intercept::channel().map_err(SpawnError::Pipe)?;
+                plan = plan.with_bind_filter(prog.clone(), theirs).map_err(SpawnError::Pipe)?;
+                Some(ours)
+            }
+            None => None,
+        };
         let pid = plan.spawn().map_err(|err| SpawnError::Start { program: spec.command[0].clone(), err })?;
+        drop(plan);
         drop((out_w, err_w, placed));
         // The worker holds its end now: ours must go, or its exit would never close the channel.
         let channel = channel.map(|(ours, _theirs)| ours);
+        // Sent before the exec succeeded, so it is queued by now.
+        let bind_notify = match filter_pair.as_ref().map(crate::intercept::receive).transpose() {
+            Ok(n) => n,
+            Err(e) => {
+                sys::kill_and_reap_unwatched(pid);
+                return Err(SpawnError::Start { program: spec.command[0].clone(), err: e });
+            }
+        };
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
@@ -297,7 +339,7 @@ impl Launcher {
         let pipes = [Arc::new(out_r), Arc::new(err_r)];
         let tail = Tail::default();
         let output_done = self.capture(worker_id, pid, spec.generation, pipes.clone(), &tail);
-        Ok(Launched { pid, pidfd, tail, pipes, output_done, channel })
+        Ok(Launched { pid, pidfd, tail, pipes, output_done, channel, bind_notify })
     }
 
     /// Starts reading a worker's stdout and stderr (`pipes`); the receiver closes at the end

@@ -300,6 +300,16 @@ impl Steering {
         self.pools.iter().zip(picked).map(|(p, i)| p.members[*i].fd.as_raw_fd()).collect()
     }
 
+    /// The sockets worker `pid` holds (for its bind filter after an in-place upgrade).
+    pub fn fds_of(&self, pid: i32) -> Vec<RawFd> {
+        self.pools
+            .iter()
+            .flat_map(|p| &p.members)
+            .filter(|m| m.holder == Some(pid))
+            .map(|m| m.fd.as_raw_fd())
+            .collect()
+    }
+
     /// The reserved members now belong to worker `pid`.
     pub fn bind(&mut self, picked: &[usize], pid: i32) {
         for (p, i) in self.pools.iter_mut().zip(picked) {

@@ -39,6 +39,7 @@ const STAGES: &[&str] = &[
     "setting the supplementary groups (setgroups)",
     "setting the group (setgid)",
     "setting the user (setuid)",
+    "installing the bind filter (seccomp)",
 ];
 
 /// Everything a worker's exec needs, prepared before `fork()`.
@@ -60,6 +61,8 @@ pub struct ExecPlan {
     /// The fd limit to give the worker back when herdsman raised its own (see
     /// [`raise_fd_limit`]): workers start with the limits herdsman was started with.
     child_nofile: Option<libc::rlimit>,
+    /// The bind interception filter to install just before exec (see [`BindFilter`]).
+    bind_filter: Option<BindFilter>,
 }
 
 /// Why a plan could not be built.
@@ -136,6 +139,7 @@ impl ExecPlan {
             max_fd,
             creds: None,
             child_nofile,
+            bind_filter: None,
         })
     }
 
@@ -218,8 +222,9 @@ impl ExecPlan {
             if libc::syscall(libc::SYS_close_range, first_free as c_uint, c_uint::MAX, CLOSE_RANGE_CLOEXEC)
                 != 0
             {
+                let channel = self.bind_filter.as_ref().map(|f| f.channel.as_raw_fd());
                 for fd in first_free..self.max_fd {
-                    if fd != err_w {
+                    if fd != err_w && Some(fd) != channel {
                         libc::close(fd);
                     }
                 }
@@ -272,6 +277,13 @@ impl ExecPlan {
             if let Some(cwd) = &self.cwd {
                 if libc::chdir(cwd.as_ptr()) != 0 {
                     fail(err_w, 1);
+                }
+            }
+            // Last, after the privilege drop (NO_NEW_PRIVS lets an unprivileged process
+            // install it): every later system call, execve included, is allowed by it.
+            if let Some(f) = &self.bind_filter {
+                if install_bind_filter(f) != 0 {
+                    fail(err_w, 6);
                 }
             }
             let me = libc::getpid();
@@ -840,6 +852,275 @@ pub fn dup_number_cloexec_from(fd: RawFd, min: c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Bind interception: the seccomp user-notification filter a worker installs before exec, and
+// the supervisor's side of its notifications (see `intercept` for the why and the policy).
+// ---------------------------------------------------------------------------------------------
+
+/// The filter a worker installs just before exec, and where it sends the notification fd.
+#[derive(Debug)]
+pub struct BindFilter {
+    prog: Vec<libc::sock_filter>,
+    /// The worker's end of the socketpair, kept above the target range of the fd plan.
+    channel: OwnedFd,
+}
+
+impl ExecPlan {
+    /// Makes the child install `prog` with `SECCOMP_FILTER_FLAG_NEW_LISTENER` (after
+    /// `PR_SET_NO_NEW_PRIVS`, after the privilege drop) and send the listener over `channel`
+    /// (`SCM_RIGHTS`), keeping no copy. A failure fails the spawn, naming the step.
+    pub fn with_bind_filter(mut self, prog: Vec<libc::sock_filter>, channel: OwnedFd) -> io::Result<Self> {
+        if u16::try_from(prog.len()).is_err() {
+            return Err(io::Error::from_raw_os_error(libc::E2BIG));
+        }
+        let floor = 3 + self.fds.len() as c_int;
+        let channel = if channel.as_raw_fd() >= floor { channel } else { dup_cloexec_from(&channel, floor)? };
+        self.bind_filter = Some(BindFilter { prog, channel });
+        Ok(self)
+    }
+}
+
+/// Installs the filter and sends its listener to the supervisor. Async-signal-safe: only
+/// system calls on memory prepared before fork and the stack. 0, or -1 with errno set.
+///
+/// # Safety
+/// Call only in the forked child, before exec.
+unsafe fn install_bind_filter(f: &BindFilter) -> c_int {
+    // SAFETY: prctl/seccomp/close take plain values and pointers to live memory (`fprog`
+    // points at the plan's instructions, which outlive the call); the kernel copies the program.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return -1;
+        }
+        let Some(nfd) = seccomp_new_listener(&f.prog) else { return -1 };
+        let r = send_fd(f.channel.as_raw_fd(), nfd);
+        let errno = *libc::__errno_location();
+        libc::close(nfd);
+        *libc::__errno_location() = errno;
+        r
+    }
+}
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, prog)`: the listener fd.
+/// Async-signal-safe.
+///
+/// # Safety
+/// Installs a filter on the calling thread for good: only in a child about to exec (or exit).
+unsafe fn seccomp_new_listener(prog: &[libc::sock_filter]) -> Option<c_int> {
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr().cast_mut() };
+    // SAFETY: `fprog` points at `prog`, valid for `len` instructions during the call.
+    let nfd = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if nfd < 0 { None } else { Some(nfd as c_int) }
+}
+
+/// Sends `fd` over the unix socket `sock` (`SCM_RIGHTS`, one data byte). Async-signal-safe: the
+/// message and its control buffer live on the stack. 0, or -1 with errno set.
+///
+/// # Safety
+/// `sock` and `fd` must be open descriptors.
+unsafe fn send_fd(sock: c_int, fd: c_int) -> c_int {
+    let mut byte = [b'F'];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // CMSG_SPACE(sizeof(int)) is 24 on 64-bit and 16 on 32-bit; u64s keep it aligned.
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr is valid; every pointer set below points at a live stack buffer
+    // of the stated length; the CMSG_* helpers only compute addresses inside `control`.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() {
+            *libc::__errno_location() = libc::EINVAL;
+            return -1;
+        }
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<c_int>(), fd);
+        loop {
+            if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) >= 0 {
+                return 0;
+            }
+            if *libc::__errno_location() != libc::EINTR {
+                return -1;
+            }
+        }
+    }
+}
+
+/// Why the kernel (or a sandbox) cannot run the bind filter, found by [`probe_bind_filter`]:
+/// the step that failed and its error.
+#[derive(Debug)]
+pub struct FilterRefused {
+    pub step: &'static str,
+    pub err: io::Error,
+}
+
+/// Tries, in a short-lived child, what a worker will do: `PR_SET_NO_NEW_PRIVS`, `seccomp()`
+/// with `prog` and `SECCOMP_FILTER_FLAG_NEW_LISTENER`, and `SECCOMP_IOCTL_NOTIF_ADDFD` (asked
+/// for a notification that does not exist: `ENOENT` where the call exists, Linux 5.9).
+pub fn probe_bind_filter(prog: &[libc::sock_filter]) -> Result<(), FilterRefused> {
+    const STEPS: [&str; 3] = ["prctl(PR_SET_NO_NEW_PRIVS)", "seccomp()", "SECCOMP_IOCTL_NOTIF_ADDFD"];
+    let refused = |step, err| FilterRefused { step, err };
+    let (r, w) = pipe_cloexec().map_err(|e| refused("pipe", e))?;
+    // SAFETY: fork has no memory-safety preconditions; the child only makes async-signal-safe
+    // system calls on stack data and `prog` (copied by fork), then exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(refused("fork", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: we are the forked child; only async-signal-safe calls, then _exit.
+        unsafe {
+            let report = |step: u32, errno: c_int| -> ! {
+                let mut buf = [0u8; 8];
+                buf[..4].copy_from_slice(&step.to_ne_bytes());
+                buf[4..].copy_from_slice(&errno.to_ne_bytes());
+                libc::write(w.as_raw_fd(), buf.as_ptr().cast(), buf.len());
+                libc::_exit(0)
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                report(1, *libc::__errno_location());
+            }
+            let Some(nfd) = seccomp_new_listener(prog) else { report(2, *libc::__errno_location()) };
+            let mut addfd: libc::seccomp_notif_addfd = std::mem::zeroed();
+            addfd.id = 0;
+            addfd.flags = libc::SECCOMP_ADDFD_FLAG_SETFD as u32;
+            addfd.srcfd = nfd as u32;
+            addfd.newfd = nfd as u32;
+            let r = libc::ioctl(nfd, libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd as *const _);
+            let errno = *libc::__errno_location();
+            if r == 0 || errno == libc::ENOENT {
+                report(0, 0);
+            }
+            report(3, errno)
+        }
+    }
+    drop(w);
+    let mut buf = [0u8; 8];
+    let got = nix::unistd::read(r.as_raw_fd(), &mut buf).unwrap_or(0);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    if got != 8 {
+        return Err(refused("the probe", io::Error::other("the probe child died")));
+    }
+    let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    match step {
+        0 => Ok(()),
+        n => Err(refused(STEPS[(n - 1).min(2)], io::Error::from_raw_os_error(errno))),
+    }
+}
+
+/// One pending notification (`SECCOMP_IOCTL_NOTIF_RECV`). Blocks if none is pending: call it
+/// only when the listener polls readable. `ENOENT`: the notifying task went away meanwhile.
+pub fn notif_recv(listener: &OwnedFd) -> io::Result<libc::seccomp_notif> {
+    // SAFETY: the kernel requires a zeroed struct and writes one `seccomp_notif` into it;
+    // every bit pattern is valid for its integer fields.
+    unsafe {
+        let mut n: libc::seccomp_notif = std::mem::zeroed();
+        if libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &mut n as *mut _) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n)
+    }
+}
+
+/// Answers notification `id`: the system call returns `val` (or fails with `-error`), or with
+/// `continue_` runs as if no filter had trapped it.
+pub fn notif_respond(listener: &OwnedFd, id: u64, val: i64, error: i32, continue_: bool) -> io::Result<()> {
+    let flags = if continue_ { libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32 } else { 0 };
+    let resp = libc::seccomp_notif_resp { id, val, error, flags };
+    // SAFETY: the kernel reads one `seccomp_notif_resp` from our stack.
+    let r = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &resp as *const _) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Whether notification `id` is still pending (its task did not die and its pid was not
+/// reused): checked after reading the task's memory.
+pub fn notif_id_valid(listener: &OwnedFd, id: u64) -> bool {
+    // SAFETY: the kernel reads one u64 from our stack.
+    unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id as *const u64) == 0 }
+}
+
+/// Installs `src` in the notifying task at descriptor number `target`, replacing what was
+/// there (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SECCOMP_ADDFD_FLAG_SETFD`; not `_SEND`, so the
+/// trapped call's answer stays ours to give).
+pub fn notif_addfd(
+    listener: &OwnedFd,
+    id: u64,
+    src: BorrowedFd<'_>,
+    target: u32,
+    cloexec: bool,
+) -> io::Result<()> {
+    let addfd = libc::seccomp_notif_addfd {
+        id,
+        flags: libc::SECCOMP_ADDFD_FLAG_SETFD as u32,
+        srcfd: src.as_raw_fd() as u32,
+        newfd: target,
+        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
+    };
+    // SAFETY: the kernel reads one `seccomp_notif_addfd` from our stack; `src` is open.
+    let r = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd as *const _) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The protocol name of the socket `path` leads to (`/proc/PID/fd/N`): the `system.sockprotoname`
+/// attribute every socket has ("TCP", "TCPv6", "UDP", "UNIX", ...). Needs ptrace read access
+/// to the process, like `readlink` of the same path; `getxattr` is in systemd's
+/// `@system-service` set (`pidfd_getfd`, the other way to learn a socket's type, is not).
+pub fn socket_protocol(path: &std::path::Path) -> io::Result<String> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = [0u8; 32];
+    // SAFETY: both strings are NUL-terminated; the kernel writes at most `buf.len()` bytes.
+    let n = unsafe {
+        libc::getxattr(path.as_ptr(), c"system.sockprotoname".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let got = &buf[..n as usize];
+    let name = got.split(|b| *b == 0).next().unwrap_or(got);
+    Ok(String::from_utf8_lossy(name).into_owned())
+}
+
+/// Runs `f` with the calling thread's filesystem uid and gid set to `uid` and `gid`, then
+/// restores them. `setfsuid`/`setfsgid` change only the calling thread (raw system calls, no
+/// libc broadcast), and the capabilities that leave with a non-zero fsuid (`CAP_CHOWN`,
+/// `CAP_DAC_OVERRIDE`, ...) come back with the old one. For `/proc/PID/fd/N` of a worker of
+/// another user: its `fd` directory is `0500` and the worker's own, and the shipped unit gives
+/// herdsman no `CAP_DAC_READ_SEARCH`. Needs `CAP_SETUID`/`CAP_SETGID` (else nothing changes).
+pub fn with_fs_ids<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain system calls with integer arguments; each returns the previous id.
+    let (old_gid, old_uid) =
+        unsafe { (libc::syscall(libc::SYS_setfsgid, gid), libc::syscall(libc::SYS_setfsuid, uid)) };
+    let r = f();
+    // SAFETY: as above, putting back the ids they returned (the uid first: it restores the
+    // capabilities the group change may need).
+    unsafe {
+        libc::syscall(libc::SYS_setfsuid, old_uid);
+        libc::syscall(libc::SYS_setfsgid, old_gid);
+    }
+    r
+}
+
+/// A close-on-exec copy of `fd` (above the standard streams), which the caller keeps open.
+pub fn dup_raw_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: fcntl just returned this new descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 // ---- Metrics memory (issue 22, item 4): give freed heap memory back after a big scrape ----
 
 /// Returns the heap memory malloc holds free to the system (glibc's `malloc_trim`, every
@@ -1016,6 +1297,32 @@ pub fn lower_capabilities(caps: &[c_int]) -> io::Result<()> {
         after = without(after, cap, false);
     }
     if after == before { Ok(()) } else { caps_set(&after) }
+}
+
+/// Receives one descriptor sent with [`send_fd`] (without waiting: it must be queued).
+pub fn recv_fd(channel: &OwnedFd) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        channel.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut got = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel just installed this descriptor for us (SCM_RIGHTS); we
+                // own it (extra ones are closed by dropping them).
+                let own = unsafe { OwnedFd::from_raw_fd(fd) };
+                got.get_or_insert(own);
+            }
+        }
+    }
+    got.ok_or_else(|| io::Error::other("no descriptor was sent"))
 }
 
 #[cfg(test)]

@@ -132,6 +132,13 @@ pub struct WorkerRecord {
     /// there were channels).
     #[serde(default)]
     pub channel: Option<RawFd>,
+    /// Its bind filter's notification descriptor (see `intercept`): carried, so a worker never
+    /// sees `ENOSYS` from bind() because its supervisor's image changed.
+    #[serde(default)]
+    pub bind_notify: Option<RawFd>,
+    /// It bound one of herdsman's sockets itself.
+    #[serde(default)]
+    pub bound: bool,
     pub tail: Vec<String>,
     pub failure: Option<crate::worker::Failure>,
     pub last_ping_ns: i64,

@@ -89,6 +89,15 @@ pub struct Worker {
     /// The supervisor's end of its Node IPC channel (see `ipc`), to send PM2's `shutdown`
     /// and to hand over in an upgrade; `None` for other programs.
     pub channel: Option<Arc<OwnedFd>>,
+    /// Its bind filter's notification descriptor (see `intercept`), to hand over in an
+    /// upgrade; `None` without interception.
+    pub bind_notify: Option<Arc<OwnedFd>>,
+    /// It bound one of herdsman's sockets itself (through the bind filter).
+    pub bound: bool,
+    /// When it first did (this image's clock; for `--ready listen|auto`).
+    pub bound_at: Option<Instant>,
+    /// It was told (once) that it binds a port herdsman does not serve.
+    pub warned_foreign: bool,
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
     pub failure: Option<Failure>,
 
@@ -99,6 +108,21 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// When a starting worker becomes ready by the clock: `alive:` after its start, and with
+    /// `listen`/`auto`, [`LISTEN_SKIPPED`] after its bind if it never calls `listen()`
+    /// (`auto` without a bind: `alive:1s`). `None`: only a message makes it ready.
+    ///
+    /// [`LISTEN_SKIPPED`]: crate::config::values::LISTEN_SKIPPED
+    pub fn ready_by_clock(&self) -> Option<Instant> {
+        use crate::config::{ReadyMode, values::LISTEN_SKIPPED};
+        match (self.spec.ready, self.bound_at) {
+            (ReadyMode::Alive(d), _) => Some(self.started + d),
+            (ReadyMode::Notify, _) | (ReadyMode::Listen, None) => None,
+            (ReadyMode::Listen | ReadyMode::Auto, Some(at)) => Some(at + LISTEN_SKIPPED),
+            (ReadyMode::Auto, None) => Some(self.started + LISTEN_SKIPPED),
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         matches!(self.state, State::Ready { .. })
     }

@@ -76,7 +76,18 @@ fn usage_errors_get_one_line_and_the_usage_code() {
 #[test]
 fn a_missing_command_or_socket_is_a_configuration_error() {
     assert_one_line_error(&herdsman(&["run", "--listen", "127.0.0.1:0"], &[]), CONFIG, "no command to run");
-    assert_one_line_error(&herdsman(&["run", "--", "true"], &[]), CONFIG, "no socket to serve");
+    // Without bind interception nothing could tell herdsman the app's address.
+    assert_one_line_error(
+        &herdsman(&["run", "--bind-intercept", "off", "--", "true"], &[]),
+        CONFIG,
+        "no socket to serve",
+    );
+    // Steered sockets are bound before a worker starts: the address cannot be learned.
+    assert_one_line_error(
+        &herdsman(&["run", "--balance", "steer", "--", "true"], &[]),
+        CONFIG,
+        "needs --listen",
+    );
     assert_one_line_error(
         &herdsman(&["run", "--listen", "127.0.0.1:0", "--", "no-such-program-xyz"], &[]),
         CONFIG,

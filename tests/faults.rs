@@ -172,8 +172,10 @@ fn sigterm_during_a_roll_out_stops_old_and_new_workers_alike() {
 fn spawn_failures_from_exhausted_file_descriptors_are_survived() {
     let dir = TempDir::new("emfile");
     let mut run = Run::new(&dir, 2);
-    // Run herdsman itself with few file descriptors, then ask for more workers than fit.
-    let mut args = vec!["--nofile=28:28".to_string(), BIN.to_string()];
+    // Run herdsman itself with few file descriptors, then ask for more workers than fit (each
+    // costs the supervisor 4: its pidfd, two output pipes and its bind filter's listener, and a
+    // few more while it starts).
+    let mut args = vec!["--nofile=32:32".to_string(), BIN.to_string()];
     args.append(&mut run.args);
     args.extend(["--".into(), "python3".into(), worker_py()]);
     run.args = args;

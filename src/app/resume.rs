@@ -114,5 +114,6 @@ fn rebuild(
         overrides: state.overrides,
         binary: state.binary,
         argv: state.argv,
+        bind_intercept: None,
     })
 }

@@ -12,7 +12,7 @@ use crate::cli::RunArgs;
 use crate::config::{Balance, Settings};
 use crate::control::{paths, server};
 use crate::exit;
-use crate::listeners::{Activation, Listeners};
+use crate::listeners::{Activation, ListenError, Listeners};
 use crate::metrics::{self, Metrics};
 use crate::steer::{SteerError, Steering};
 
@@ -30,8 +30,24 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
         listen_fdnames: process.var("LISTEN_FDNAMES"),
     };
     let steered = settings.balance != Balance::Shared;
-    let listeners = Listeners::open(&activation, std::process::id(), &settings.listen, steered)
-        .map_err(|e| Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string()))?;
+    let bind_intercept = crate::intercept::resolve(settings.bind_intercept)
+        .map_err(|e| Failure::new(exit::OS, e.to_string()))?;
+    let listeners = match Listeners::open(&activation, std::process::id(), &settings.listen, steered) {
+        // No address: learned from the first worker's own bind (see `intercept`).
+        Err(ListenError::Nothing) if bind_intercept && !steered => Listeners::none(),
+        Err(ListenError::Nothing) if steered => {
+            return Err(Failure::new(
+                exit::CONFIG,
+                format!(
+                    "--balance {} needs --listen (every worker gets its own socket, bound before it starts, so the address cannot be learned from the app); add --listen 127.0.0.1:8080 or use --balance shared",
+                    settings.balance
+                ),
+            ));
+        }
+        r => r.map_err(|e| {
+            Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string())
+        })?,
+    };
     let steering = if steered { Some(steering(&settings, &listeners, process)?) } else { None };
     let paths_env = process.paths();
     let (control, access) = control_socket(&settings, &paths_env)?;
@@ -59,6 +75,7 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
         // Where the next in-place upgrade re-executes from: this binary's installed path.
         binary: process.exe.clone().unwrap_or_else(|| PathBuf::from("/usr/bin/herdsman")),
         argv: process.argv(),
+        bind_intercept: Some(bind_intercept),
     };
     serve(settings, parts, rt, process)
 }

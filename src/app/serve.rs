@@ -41,6 +41,8 @@ pub(super) struct Parts {
     /// Where the next in-place upgrade re-executes from.
     pub binary: PathBuf,
     pub argv: Vec<String>,
+    /// Whether workers get the bind filter, when already resolved (`None`: probe now).
+    pub bind_intercept: Option<bool>,
 }
 
 /// Runs the loop with its control socket, metrics endpoint and signals until it stops, then
@@ -80,6 +82,11 @@ pub(super) fn serve(
         journal, listeners, steering, control, access, metrics_bound, metrics, notify, resume, ..
     } = p;
     let notify_dir = notify_dir(&settings, &process.paths());
+    let bind_intercept = match p.bind_intercept {
+        Some(b) => b,
+        None => crate::intercept::resolve(settings.bind_intercept)
+            .map_err(|e| Failure::new(exit::OS, e.to_string()))?,
+    };
     let control_ref = &control;
     let metrics_ref = &metrics_bound;
     let result = rt.block_on(async move {
@@ -102,6 +109,7 @@ pub(super) fn serve(
             carry,
             notify,
             resume,
+            bind_intercept,
         };
         supervisor::run(settings, world, rx).await
     });

@@ -48,7 +48,7 @@ pub struct Layer {
     #[arg(long, value_name = "DIR")]
     #[serde(deserialize_with = "path")]
     pub cwd: Option<PathBuf>,
-    /// Readiness: "notify" (worker sends READY=1) or "alive:DURATION" [default: alive:1s].
+    /// Readiness: "auto" (listen for a worker that binds herdsman's address itself, else alive:1s), "listen" (the worker calls listen() on herdsman's socket; 1 s after its bind if it never does), "notify" (worker sends READY=1) or "alive:DURATION" [default: auto].
     #[arg(long, value_name = "MODE")]
     #[serde(deserialize_with = "string")]
     pub ready: Option<String>,
@@ -80,6 +80,10 @@ pub struct Layer {
     #[arg(long, value_name = "MODE")]
     #[serde(deserialize_with = "string")]
     pub balance: Option<String>,
+    /// A worker that binds herdsman's port itself (an unchanged app: `listen(8000)`) gets herdsman's socket instead: "auto" (where the kernel and sandbox allow it), "on" (fail the start if they do not) or "off" [default: auto].
+    #[arg(long, value_name = "MODE")]
+    #[serde(deserialize_with = "string")]
+    pub bind_intercept: Option<String>,
     /// Per-worker watchdog: workers get WATCHDOG_USEC and must send WATCHDOG=1 this often; a hung one is replaced.
     #[arg(long, value_name = "DUR")]
     #[serde(deserialize_with = "string")]
@@ -383,6 +387,7 @@ mod tests {
             "min_ready",
             "on_failure",
             "balance",
+            "bind_intercept",
             "watchdog",
             "max_memory",
             "backoff_initial",
@@ -441,7 +446,7 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, min_ready, on_failure, balance, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics",
+                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics",
                 "app.toml: key `name`: expected a string, got integer",
                 "app.toml: key `env`: `A` must be a string (quote it), got integer",
                 "app.toml: key `env`: invalid variable name \"C=D\"",

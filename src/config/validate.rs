@@ -31,7 +31,7 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
     let listen = c.listen();
     let env = c.env();
     let cwd = c.cwd();
-    let ready = c.pick("ready", |l| l.ready.as_deref(), values::ready).unwrap_or(ReadyMode::Alive(secs(1)));
+    let ready = c.pick("ready", |l| l.ready.as_deref(), values::ready).unwrap_or(ReadyMode::Auto);
     let ready_timeout =
         c.pick("ready_timeout", |l| l.ready_timeout.as_deref(), positive_duration).unwrap_or(secs(60));
     let stop_signal = c
@@ -48,6 +48,8 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         c.pick("on_failure", |l| l.on_failure.as_deref(), values::on_failure).unwrap_or(OnFailure::Rollback);
     let balance = c.pick("balance", |l| l.balance.as_deref(), values::balance).unwrap_or(Balance::Shared);
     c.steerable(balance, &listen);
+    let bind_intercept =
+        c.pick("bind_intercept", |l| l.bind_intercept.as_deref(), values::bind_intercept).unwrap_or_default();
     let watchdog = c.pick("watchdog", |l| l.watchdog.as_deref(), positive_duration);
     let max_memory = c.pick("max_memory", |l| l.max_memory.as_deref(), values::size);
     let metrics = c.pick("metrics", |l| l.metrics.as_deref(), values::metrics_addr);
@@ -80,6 +82,7 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         min_ready,
         on_failure,
         balance,
+        bind_intercept,
         backoff,
         watchdog,
         max_memory,
@@ -114,6 +117,7 @@ impl From<&Settings> for Layer {
             min_ready: text(s.min_ready),
             on_failure: Some(s.on_failure.to_string()),
             balance: Some(s.balance.to_string()),
+            bind_intercept: Some(s.bind_intercept.to_string()),
             watchdog: s.watchdog.and_then(text),
             max_memory: s.max_memory.map(values::size_text),
             backoff_initial: backoff(s.backoff.initial, default.initial),

@@ -47,9 +47,13 @@ pub enum ValueError {
     Metrics(String),
     #[error("invalid balance mode {0:?}; use \"shared\", \"steer\" or \"sticky\"")]
     Balance(String),
+    #[error("invalid bind interception mode {0:?}; use \"auto\", \"on\" or \"off\"")]
+    BindIntercept(String),
     #[error("invalid value {0:?}; use \"rollback\" or \"keep\"")]
     OnFailure(String),
-    #[error("invalid readiness mode {0:?}; use \"notify\" or \"alive:DURATION\" (e.g. alive:1s)")]
+    #[error(
+        "invalid readiness mode {0:?}; use \"auto\", \"listen\", \"notify\" or \"alive:DURATION\" (e.g. alive:1s)"
+    )]
     Ready(String),
     #[error("invalid memory size {0:?}; use a number with K, M, G or T (e.g. 512M, 1.5G)")]
     Size(String),
@@ -81,13 +85,25 @@ pub enum ReadyMode {
     Notify,
     /// The worker is ready once it has stayed alive this long.
     Alive(Duration),
+    /// The worker is ready when it calls `listen()` on one of herdsman's sockets (through
+    /// the bind filter, see `intercept`), or [`LISTEN_SKIPPED`] after it bound herdsman's
+    /// socket without calling `listen()` (gunicorn skips it on a listening socket).
+    Listen,
+    /// `Listen` for a worker that binds herdsman's address itself, `alive:1s` for one that
+    /// does not (bound or not by then).
+    Auto,
 }
+
+/// How long after binding herdsman's socket a worker that never calls `listen()` is ready.
+pub const LISTEN_SKIPPED: Duration = Duration::from_secs(1);
 
 impl std::fmt::Display for ReadyMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReadyMode::Notify => f.write_str("notify"),
             ReadyMode::Alive(d) => write!(f, "alive:{}", humantime::format_duration(*d)),
+            ReadyMode::Listen => f.write_str("listen"),
+            ReadyMode::Auto => f.write_str("auto"),
         }
     }
 }
@@ -303,6 +319,40 @@ pub fn balance(s: &str) -> Result<Balance, ValueError> {
     }
 }
 
+/// Whether workers' own `bind()` of herdsman's port gets herdsman's socket
+/// (`--bind-intercept`, see `intercept`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindIntercept {
+    /// On where the kernel and the sandbox allow it (probed once at start), else off with a
+    /// log line.
+    #[default]
+    Auto,
+    /// On; the start fails when it cannot work.
+    On,
+    /// Off: a worker's own bind() of herdsman's port fails with `EADDRINUSE`.
+    Off,
+}
+
+impl std::fmt::Display for BindIntercept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BindIntercept::Auto => "auto",
+            BindIntercept::On => "on",
+            BindIntercept::Off => "off",
+        })
+    }
+}
+
+pub fn bind_intercept(s: &str) -> Result<BindIntercept, ValueError> {
+    match s.trim() {
+        "auto" => Ok(BindIntercept::Auto),
+        "on" => Ok(BindIntercept::On),
+        "off" => Ok(BindIntercept::Off),
+        _ => Err(ValueError::BindIntercept(s.to_string())),
+    }
+}
+
 /// The `--metrics` / `metrics` address: the same forms as `--listen`.
 pub fn metrics_addr(s: &str) -> Result<ListenAddr, ValueError> {
     listen(s).map_err(|_| ValueError::Metrics(s.to_string()))
@@ -341,6 +391,12 @@ pub fn ready(s: &str) -> Result<ReadyMode, ValueError> {
     }
     if t == "alive" {
         return Ok(ReadyMode::Alive(Duration::from_secs(1)));
+    }
+    if t == "listen" {
+        return Ok(ReadyMode::Listen);
+    }
+    if t == "auto" {
+        return Ok(ReadyMode::Auto);
     }
     if let Some(d) = t.strip_prefix("alive:") {
         return duration(d).map(ReadyMode::Alive);
@@ -533,6 +589,8 @@ mod tests {
     #[test]
     fn ready_modes() {
         assert_eq!(ready("notify").unwrap(), ReadyMode::Notify);
+        assert_eq!(ready("listen").unwrap(), ReadyMode::Listen);
+        assert_eq!(ready("auto").unwrap(), ReadyMode::Auto);
         assert_eq!(ready("alive:2s").unwrap(), ReadyMode::Alive(Duration::from_secs(2)));
         assert!(ready("when-ready").is_err());
     }

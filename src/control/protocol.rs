@@ -74,6 +74,10 @@ pub struct Snapshot {
     pub name: String,
     pub pid: u32,
     pub sockets: Vec<String>,
+    /// The addresses among `sockets` herdsman learned from a worker's own bind (started
+    /// without `--listen`, see `--bind-intercept`); empty otherwise.
+    #[serde(default)]
+    pub learned_sockets: Vec<String>,
     pub generation: u64,
     pub desired: usize,
     pub ready: usize,

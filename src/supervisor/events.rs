@@ -18,6 +18,7 @@ impl Supervisor {
             Event::Exited { pid, status } => (pid, status),
             Event::UpgradeChecked(r) => return self.on_upgrade_checked(r),
             Event::Channel { pid, msg } => return self.on_channel(pid, msg),
+            Event::Intercepted { pid, seen } => return self.on_intercepted(pid, seen),
         };
         let Some(w) = self.pool.workers.remove(&pid) else { return };
         self.outside.release(pid);
@@ -154,8 +155,11 @@ impl Supervisor {
         for (pid, w) in self.pool.workers.iter_mut() {
             match w.state {
                 State::Starting { deadline } => {
-                    if let ReadyMode::Alive(d) = w.spec.ready {
-                        if now >= w.started + d {
+                    if let Some(at) = w.ready_by_clock() {
+                        if now >= at {
+                            if w.bound_at.is_some() {
+                                tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) bound herdsman's socket but did not call listen() (it already listens: gunicorn checks SO_ACCEPTCONN): ready {} after its bind", w.slot, human(crate::config::values::LISTEN_SKIPPED));
+                            }
                             w.state = State::Ready { since: now };
                             became_ready.push(*pid);
                             continue;
@@ -210,6 +214,48 @@ impl Supervisor {
             let rss = self.outside.host.memory(&pids);
             let effects = self.health.check_memory(&mut self.pool, &rss);
             self.apply(effects);
+        }
+    }
+}
+
+impl Supervisor {
+    /// What a worker's bind filter saw (see `intercept`).
+    pub(super) fn on_intercepted(&mut self, pid: i32, seen: crate::intercept::Seen) {
+        use crate::intercept::Seen;
+        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let (slot, generation) = (w.slot, w.spec.generation);
+        match seen {
+            Seen::Bound { asked, served, learned } => {
+                if !w.bound {
+                    let how = if asked == served {
+                        String::new()
+                    } else {
+                        format!(" (it asked for {asked}; herdsman serves {served})")
+                    };
+                    tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
+                }
+                w.bound = true;
+                w.bound_at.get_or_insert(self.outside.host.now());
+                if let Some(l) = learned {
+                    self.outside.adopt_learned(l);
+                }
+            }
+            Seen::Listened => {
+                let listen = matches!(w.spec.ready, ReadyMode::Listen | ReadyMode::Auto);
+                if listen && matches!(w.state, State::Starting { .. }) {
+                    w.state = State::Ready { since: self.outside.host.now() };
+                    self.on_ready(pid);
+                }
+            }
+            Seen::Foreign { asked } if !w.warned_foreign => {
+                w.warned_foreign = true;
+                let ours = self.outside.sockets.join(", ");
+                tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");
+            }
+            Seen::Foreign { .. } => {}
+            Seen::Failed(why) => {
+                tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
+            }
         }
     }
 }

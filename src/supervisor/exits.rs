@@ -91,11 +91,20 @@ pub(super) fn failure_detail(w: &Worker, reason: &str) -> String {
         report.push_str("; last output: ");
         report.push_str(&tail.join(" ⏎ "));
     }
+    let intercepted = w.bind_notify.is_some();
     if tail
         .iter()
         .any(|l| l.contains("EADDRINUSE") || l.to_ascii_lowercase().contains("address already in use"))
     {
         report.push_str("; the app binds its own port: serve on the inherited socket at fd 3 instead (see docs/servers.md)");
+        report.push_str(if intercepted {
+            ", or make it bind the port herdsman serves (bind interception then gives it herdsman's socket), or set --listen to the app's port"
+        } else {
+            ", or turn bind interception on (--bind-intercept)"
+        });
+    } else if !intercepted && reason == "exited with status 0 before it was ready" {
+        // Express 5 hands EADDRINUSE to its listen callback: the app just ends, silently.
+        report.push_str("; if the app binds its own port, its bind may have failed with EADDRINUSE unreported (Express 5 does this): turn bind interception on (--bind-intercept; see docs/servers.md) or serve on the inherited socket at fd 3");
     }
     report
 }

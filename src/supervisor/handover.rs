@@ -108,7 +108,7 @@ impl Resumed {
     ) -> std::io::Result<Resumed> {
         let mut own = HashMap::new();
         for w in &state.workers {
-            for fd in [w.pidfd, w.stdout, w.stderr].into_iter().chain(w.channel) {
+            for fd in [w.pidfd, w.stdout, w.stderr].into_iter().chain(w.channel).chain(w.bind_notify) {
                 own.insert(fd, fds.take(fd)?);
             }
         }
@@ -354,6 +354,8 @@ impl Supervisor {
                 stdout: ex.fd(&*w.pipes[0])?,
                 stderr: ex.fd(&*w.pipes[1])?,
                 channel: w.channel.as_deref().map(|c| ex.fd(c)).transpose()?,
+                bind_notify: w.bind_notify.as_ref().map(|n| ex.fd(&**n)).transpose()?,
+                bound: w.bound,
                 tail: w.tail.lines(),
                 failure: w.failure.clone(),
                 last_ping_ns: clock.to_ns(w.last_ping),
@@ -421,6 +423,12 @@ impl Supervisor {
             let pipes = [Arc::new(take(w.stdout)?), Arc::new(take(w.stderr)?)];
             let channel = w.channel.map(&mut take).transpose()?.map(Arc::new);
             let spec = spec_at(w.spec)?;
+            let bind_notify = w.bind_notify.map(&mut take).transpose()?.map(Arc::new);
+            if let Some(n) = &bind_notify {
+                let fds = self.outside.fds_of(w.pid);
+                let owner = spec.user.as_ref().map(|u| (u.uid, u.gid));
+                self.outside.watch_binds(w.pid, n.clone(), &fds, owner);
+            }
             let tail = crate::output::Tail::from_lines(w.tail);
             let output_done =
                 self.outside.launcher.capture(w.slot, w.pid, spec.generation, pipes.clone(), &tail);
@@ -441,6 +449,10 @@ impl Supervisor {
                     tail,
                     pipes,
                     channel,
+                    bind_notify,
+                    bound: w.bound,
+                    bound_at: None,
+                    warned_foreign: false,
                     failure: w.failure,
                     last_ping: clock.instant(w.last_ping_ns),
                     memory_strikes: w.memory_strikes,

@@ -89,6 +89,9 @@ pub struct World {
     pub notify: Option<WorkerNotify>,
     /// The state a new image takes over after an in-place upgrade.
     pub resume: Option<handover::Resumed>,
+    /// Workers install the bind interception filter (`--bind-intercept`, resolved: see
+    /// `intercept::resolve`).
+    pub bind_intercept: bool,
 }
 
 enum Event {
@@ -100,6 +103,11 @@ enum Event {
     Channel {
         pid: i32,
         msg: crate::ipc::Incoming,
+    },
+    /// What a worker's bind filter saw (see `intercept`).
+    Intercepted {
+        pid: i32,
+        seen: crate::intercept::Seen,
     },
     UpgradeChecked(Result<crate::upgrade::CheckReport, crate::upgrade::UpgradeError>),
 }
@@ -141,7 +149,7 @@ impl Supervisor {
             Some(st) => st.names(),
             None => world.listeners.names(),
         };
-        let launcher = Launcher::new(
+        let mut launcher = Launcher::new(
             app.clone(),
             world.base_env,
             world.listeners.raw_fds(),
@@ -149,6 +157,9 @@ impl Supervisor {
             notify.address.clone(),
             world.output,
         )?;
+        if world.bind_intercept {
+            launcher.intercept_binds();
+        }
         let (events, event_rx) = mpsc::unbounded_channel();
         let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
         let now = host.now();
@@ -474,6 +485,10 @@ impl Supervisor {
                 tail: l.tail,
                 pipes: l.pipes,
                 channel: l.channel,
+                bind_notify: l.bind_notify,
+                bound: false,
+                bound_at: None,
+                warned_foreign: false,
                 failure: None,
 
                 last_ping: now,

@@ -37,6 +37,13 @@ pub(super) struct Outside {
     pub metrics: crate::metrics::Metrics,
     /// Where exits (and the upgrade check) are reported to the loop.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Started without a socket (no `--listen`, not socket-activated) but with bind
+    /// interception: the address is learned from the first worker's own bind (see `intercept`).
+    learner: Option<Arc<crate::intercept::Learner>>,
+    /// The addresses learned that way, for `status` (`learned_sockets`).
+    pub learned: Vec<String>,
+    /// The bind filters' table of the shared sockets (see `watch_binds`), built once.
+    shared_table: Option<Arc<crate::intercept::Sockets>>,
     app: Arc<str>,
 }
 
@@ -47,6 +54,7 @@ pub(super) struct Started {
     pub tail: crate::output::Tail,
     pub pipes: [Arc<std::os::fd::OwnedFd>; 2],
     pub channel: Option<Arc<std::os::fd::OwnedFd>>,
+    pub bind_notify: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Outside {
@@ -70,7 +78,12 @@ impl Outside {
         } else {
             Vec::new()
         };
+        let learner = (listeners.is_empty() && steering.is_none() && launcher.intercepts_binds())
+            .then(|| Arc::new(crate::intercept::Learner::default()));
         Ok(Outside {
+            learner,
+            learned: listeners.learned_addrs(),
+            shared_table: None,
             host,
             launcher,
             listeners,
@@ -88,20 +101,18 @@ impl Outside {
     /// watches it for its exit.
     pub fn launch(&mut self, id: usize, spec: &Spec) -> Result<Started, SpawnError> {
         let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
-        let l = match &mut self.steering {
-            None => self.host.launch(&self.launcher, spec, id, None, metrics_socket.as_deref())?,
+        let (l, fds) = match &mut self.steering {
+            None => (
+                self.host.launch(&self.launcher, spec, id, None, metrics_socket.as_deref())?,
+                self.listeners.raw_fds(),
+            ),
             Some(st) => {
                 let picked = st.reserve(id)?;
-                match self.host.launch(
-                    &self.launcher,
-                    spec,
-                    id,
-                    Some(&st.fds(&picked)),
-                    metrics_socket.as_deref(),
-                ) {
+                let fds = st.fds(&picked);
+                match self.host.launch(&self.launcher, spec, id, Some(&fds), metrics_socket.as_deref()) {
                     Ok(l) => {
                         st.bind(&picked, l.pid);
-                        l
+                        (l, fds)
                     }
                     Err(e) => {
                         st.unreserve(&picked);
@@ -117,7 +128,36 @@ impl Outside {
         if let Some(c) = &channel {
             listen_to(l.pid, c.clone(), &self.events);
         }
-        Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes, channel })
+        let bind_notify = l.bind_notify.map(Arc::new);
+        if let Some(n) = &bind_notify {
+            self.watch_binds(l.pid, n.clone(), &fds, spec.user.as_ref().map(|u| (u.uid, u.gid)));
+        }
+        Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes, channel, bind_notify })
+    }
+
+    /// Answers `pid`'s trapped `bind()`/`listen()` calls with `fds` (its sockets) and reports
+    /// what it saw to the loop (see `intercept`).
+    /// `owner`: the worker's user and group (`--user`), as which its `/proc` entries are read.
+    pub fn watch_binds(
+        &mut self,
+        pid: i32,
+        listener: Arc<std::os::fd::OwnedFd>,
+        fds: &[std::os::fd::RawFd],
+        owner: Option<(u32, u32)>,
+    ) {
+        let sockets = if self.steering.is_some() {
+            Arc::new(crate::intercept::Sockets::of(fds, None))
+        } else {
+            // Shared sockets: one table (one copy of each socket) for every worker.
+            let learner = if fds.is_empty() { self.learner.clone() } else { None };
+            self.shared_table
+                .get_or_insert_with(|| Arc::new(crate::intercept::Sockets::of(fds, learner)))
+                .clone()
+        };
+        let events = self.events.clone();
+        crate::intercept::watch(listener, sockets, owner, move |seen| {
+            let _ = events.send(Event::Intercepted { pid, seen });
+        });
     }
 
     pub fn signal(&mut self, w: &Worker, sig: Signal, group: bool) {
@@ -139,6 +179,34 @@ impl Outside {
             },
         };
         self.host.signal(w, sig, false);
+    }
+
+    /// Keeps the socket herdsman bound for a worker's own bind when it had none: every later
+    /// worker gets it at fd 3 (`LISTEN_FDS=1`), `status` shows it, upgrades carry it.
+    pub fn adopt_learned(&mut self, l: crate::listeners::Listener) {
+        let addr = l.addr.clone();
+        let name = crate::listeners::LEARNED;
+        let copy = l.copy();
+        match self.listeners.learned(l) {
+            Ok(raw) => {
+                self.launcher.add_socket(raw, name);
+                self.sockets.push(addr.clone());
+                self.shared_sockets.extend(copy.ok());
+                tracing::info!(app = %self.app, "serving {addr}, the address the first worker bound (no --listen): every worker gets this socket");
+                self.learned.push(addr);
+                // Later workers get it at fd 3 and their own table.
+                self.shared_table = None;
+            }
+            Err(e) => tracing::error!(app = %self.app, "cannot keep the learned socket {addr}: {e}"),
+        }
+    }
+
+    /// The sockets worker `pid` was given (its steered members, else the shared ones).
+    pub fn fds_of(&self, pid: i32) -> Vec<std::os::fd::RawFd> {
+        match &self.steering {
+            Some(st) => st.fds_of(pid),
+            None => self.listeners.raw_fds(),
+        }
     }
 
     /// Lets new connections reach `pid` (or stops them), with steered sockets.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::backoff;
-use crate::config::{BackoffPolicy, ReadyMode};
+use crate::config::BackoffPolicy;
 use crate::control::protocol::ScaleError;
 use crate::requests::Scale;
 use crate::spawn::Spec;
@@ -246,10 +246,7 @@ impl Pool {
     /// timeouts, drains, back-offs.
     pub fn deadlines(&self, now: Instant) -> impl Iterator<Item = Instant> + '_ {
         let workers = self.workers.values().filter_map(move |w| match w.state {
-            State::Starting { deadline } => Some(match w.spec.ready {
-                ReadyMode::Alive(d) => deadline.min(w.started + d),
-                ReadyMode::Notify => deadline,
-            }),
+            State::Starting { deadline } => Some(w.ready_by_clock().map_or(deadline, |at| deadline.min(at))),
             State::Stopping { kill_at } => Some(kill_at),
             // Past the grace, poll the accept queue until it is empty.
             State::Draining { since } => Some((since + DRAIN_GRACE).max(now + DRAIN_POLL)),
@@ -294,6 +291,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ReadyMode;
     use nix::sys::signal::Signal;
 
     fn spec() -> Arc<Spec> {

@@ -118,6 +118,7 @@ impl Supervisor {
             name: self.settings.name.clone(),
             pid: std::process::id(),
             sockets: outside.sockets.clone(),
+            learned_sockets: outside.learned.clone(),
             generation: pool.spec.generation,
             desired: pool.desired,
             ready: pool.ready_count(),

@@ -80,6 +80,7 @@ impl Host for Fake {
             pipes: [Arc::new(devnull()), Arc::new(devnull())],
             output_done,
             channel: None,
+            bind_notify: None,
         })
     }
 
@@ -166,6 +167,7 @@ fn sim_of(node: bool, workers: usize, extra: &str) -> Sim {
         carry: None,
         notify: None,
         resume: None,
+        bind_intercept: false,
     };
     let host = Fake {
         clock: Rc::new(Cell::new(Instant::now())),

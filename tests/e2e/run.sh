@@ -629,6 +629,31 @@ s_user() {
     ct herdsman remove asuser --yes >/dev/null || fail "remove asuser"
 }
 
+# issue 23: the seed's Node app, unchanged (it binds its own port), under the shipped unit with
+# workers as nobody: the bind filter gives each worker herdsman's socket (the supervisor reads a
+# nobody worker's bind() address with the unit's CAP_SYS_PTRACE), both answer, a reload rolls.
+s_unchanged() {
+    command -v node >/dev/null || { note "SKIP: node is not installed"; exit 77; }
+    mkdir -p "$CT_ROOT/srv/unchanged"
+    echo "require('http').createServer((q,s)=>s.end('hi '+process.pid)).listen(8686)" >"$CT_ROOT/srv/unchanged/app.js"
+    chmod 0755 "$CT_ROOT/srv/unchanged"
+    chmod 0644 "$CT_ROOT/srv/unchanged/app.js"
+    CT_TIMEOUT=120 ct herdsman init unchanged --listen 127.0.0.1:8686 -w 2 --user nobody --cwd /srv/unchanged \
+        -- node app.js 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "herdsman init unchanged failed"
+    wait_until 30 "herdsman@unchanged ready" ready_text unchanged 2 ||
+        { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; fail "unchanged app not ready"; }
+    local pids
+    pids=$(for _ in $(seq 1 40); do ct curl -sS --max-time 5 http://127.0.0.1:8686/; echo; done | grep '^hi ' | sort -u)
+    note "pids answering: $(echo "$pids" | tr '\n' ' ')"
+    [ "$(echo "$pids" | grep -c '^hi ')" -eq 2 ] ||
+        { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; fail "expected 2 workers answering"; }
+    CT_TIMEOUT=90 ct systemctl reload herdsman@unchanged ||
+        { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; fail "reload of the unchanged app failed"; }
+    ready_text unchanged 2 2 || fail "not on generation 2 after reload: $(prop herdsman@unchanged.service StatusText)"
+    ct herdsman remove unchanged --yes >/dev/null || fail "remove unchanged"
+}
+
 # --balance steer under systemd: the socket unit holds 2 sockets per worker (ReusePort=yes);
 # a warming app (503 for 1.5 s after accepting) reloads with no failed request, and a restart
 # of the service refuses or resets no connection (they wait in the sockets systemd holds).
@@ -1000,6 +1025,7 @@ run_scenario "journald burst + remove" s_burst_remove
 run_scenario "oom kill of a worker" s_oom
 run_scenario "strict sandbox (DynamicUser)" s_sandbox
 run_scenario "workers as --user nobody" s_user
+run_scenario "unchanged app binding its own port (--user nobody)" s_unchanged
 run_scenario "steered sockets (--balance steer)" s_steer
 run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "control_group under the shipped unit" s_control_group

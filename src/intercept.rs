@@ -1,0 +1,521 @@
+//! Bind interception: an unchanged server that binds herdsman's port itself
+//! (`http.createServer(...).listen(8000)`, `python3 -m http.server 8000`, a static Go
+//! `ListenAndServe(":8000")`) gets herdsman's listening socket instead of `EADDRINUSE`.
+//!
+//! How. Every worker installs, just before exec and after the privilege drop, a classic BPF
+//! seccomp filter ([`filter`]) that traps only `bind()` and `listen()` with
+//! `SECCOMP_RET_USER_NOTIF` (x86_64 only; other architectures, i386 `socketcall` and x32
+//! included, are allowed through and get today's `EADDRINUSE`). The worker sends the filter's
+//! notification descriptor to the supervisor over a socketpair and keeps no copy; the filter
+//! and its descriptor cover every process the worker forks. [`watch`] answers each trapped
+//! call on the supervisor's event loop:
+//! * `bind()` of a TCP address (IPv4 or IPv6; the sockaddr read from `/proc/TID/mem` as the
+//!   worker's own user, see [`watch`], then `SECCOMP_IOCTL_NOTIF_ID_VALID` so a reused pid
+//!   cannot mislead us; the socket's protocol from its `system.sockprotoname`) whose port is one
+//!   of the worker's sockets (the exact address first, else the only socket on that port), on
+//!   a TCP socket: herdsman's socket is installed at the app's own descriptor number
+//!   (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SECCOMP_ADDFD_FLAG_SETFD`, keeping the app's
+//!   close-on-exec flag), then the call returns 0. Not `SECCOMP_ADDFD_FLAG_SEND`, which would
+//!   make `bind()` return the descriptor number. The two steps are not atomic, which is
+//!   harmless: a bind restarted after a signal finds herdsman's socket already there and gets 0.
+//! * `listen()` on a substituted socket returns 0 without touching the shared backlog.
+//! * Everything else (another port, port 0, UDP, unix sockets, a socket we cannot inspect)
+//!   continues as if no filter were there (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`).
+//!
+//! With `--balance steer|sticky` the worker's own sockets are its member sockets, so it gets
+//! its own member. This is not a security boundary: the only effect herdsman ever performs
+//! is installing a socket the worker already holds at fd 3.
+//!
+//! `O_NONBLOCK` policy. The flag lives on the open file description that every worker, herdsman
+//! and systemd share, so nobody may flip it back and forth. herdsman only ever *sets* it, never
+//! clears it: when the app's own socket was non-blocking at its bind (Node's libuv and Go
+//! create sockets with `SOCK_NONBLOCK` and depend on it: libuv accepts until `EAGAIN`), the
+//! shared socket becomes non-blocking for good, with one log line. An app whose socket was
+//! blocking (Python's `http.server`) leaves the flag as it is; such apps poll before they
+//! accept. What an app does itself to the substituted descriptor is shared too: its
+//! `fcntl(F_SETFL)`/`ioctl(FIONBIO)` changes the flag for every worker, and its
+//! `shutdown(SHUT_RD)` stops the listener for every holder (as it does with fd 3 today;
+//! `--balance steer` confines it to the worker's own member socket).
+//!
+//! Why by hand. No well-kept crate does seccomp *user notification*: `seccompiler` builds
+//! filters but has no notification support, and the `libseccomp` crate binds the C library
+//! (one more system dependency for an 8-instruction program and four ioctls). The filter is
+//! built here in safe code; the system calls are in `sys`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use nix::sys::socket::{self, SockType, SockaddrStorage, sockopt};
+
+use crate::config::BindIntercept;
+use crate::sys;
+
+/// `AUDIT_ARCH_X86_64` (linux/audit.h).
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+/// x86_64 system call numbers.
+const NR_BIND: u32 = 49;
+const NR_LISTEN: u32 = 50;
+/// x32 system calls have this bit set; they are allowed through like other architectures.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+/// The longest sockaddr we read (`sockaddr_storage`).
+const MAX_SOCKADDR: usize = 128;
+
+/// The filter: on x86_64, `bind` and `listen` notify the supervisor; everything else, and
+/// every other architecture, is allowed.
+pub fn filter() -> Vec<libc::sock_filter> {
+    use libc::{BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
+    // struct seccomp_data: nr at 0, arch at 4.
+    vec![
+        stmt(BPF_LD | BPF_W | BPF_ABS, 4),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 5),
+        stmt(BPF_LD | BPF_W | BPF_ABS, 0),
+        jump(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, 3, 0),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, NR_BIND, 3, 0),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, NR_LISTEN, 2, 0),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW),
+        stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_USER_NOTIF),
+    ]
+}
+
+/// Why interception cannot work here, with the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("bind interception supports x86_64 workers only (this is {0}); use --bind-intercept=off")]
+    Arch(&'static str),
+    #[error(
+        "bind interception: {step} is not permitted ({err}): a seccomp filter around herdsman refuses it; allow it (systemd: add `seccomp` to SystemCallFilter=) or use --bind-intercept=off"
+    )]
+    Refused { step: &'static str, err: std::io::Error },
+    #[error(
+        "bind interception: {step} is missing ({err}): it needs Linux 5.9 or newer (SECCOMP_IOCTL_NOTIF_ADDFD); upgrade the kernel or use --bind-intercept=off"
+    )]
+    Kernel { step: &'static str, err: std::io::Error },
+}
+
+/// Whether workers get the filter: `on` fails when it cannot work, `auto` logs why not once
+/// and goes on without it, `off` never probes.
+pub fn resolve(mode: BindIntercept) -> Result<bool, Unavailable> {
+    if mode == BindIntercept::Off {
+        return Ok(false);
+    }
+    let probe = if cfg!(target_arch = "x86_64") {
+        sys::probe_bind_filter(&filter()).map_err(|r| match r.err.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => Unavailable::Refused { step: r.step, err: r.err },
+            _ => Unavailable::Kernel { step: r.step, err: r.err },
+        })
+    } else {
+        Err(Unavailable::Arch(std::env::consts::ARCH))
+    };
+    match (probe, mode) {
+        (Ok(()), _) => Ok(true),
+        (Err(e), BindIntercept::On) => Err(e),
+        (Err(e), _) => {
+            tracing::warn!("{e}; going on without it (--bind-intercept=auto)");
+            Ok(false)
+        }
+    }
+}
+
+/// A socketpair for one worker's notification descriptor: (the supervisor's end, the worker's).
+pub fn channel() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    socket::socketpair(socket::AddressFamily::Unix, SockType::Datagram, None, socket::SockFlag::SOCK_CLOEXEC)
+        .map_err(std::io::Error::from)
+}
+
+/// The notification descriptor a worker sent before its exec (so it is already queued).
+pub fn receive(channel: &OwnedFd) -> std::io::Result<OwnedFd> {
+    sys::recv_fd(channel)
+}
+
+/// One of herdsman's TCP sockets a worker may get in place of its own.
+#[derive(Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    fd: OwnedFd,
+    inode: u64,
+}
+
+impl Target {
+    /// A TCP listening socket (`None` for anything else).
+    fn of(fd: OwnedFd) -> Option<Target> {
+        let stream = socket::getsockopt(&fd, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
+        let addr = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok().and_then(|a| to_std(&a))?;
+        let inode = nix::sys::stat::fstat(fd.as_raw_fd()).ok()?.st_ino;
+        stream.then_some(Target { addr, fd, inode })
+    }
+}
+
+/// A worker's TCP sockets (the shared ones, or its steered members), and, when herdsman has
+/// none yet (no `--listen`), the [`Learner`] every worker shares.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    list: Vec<Arc<Target>>,
+    learner: Option<Arc<Learner>>,
+}
+
+impl Sockets {
+    /// The TCP listening sockets among `fds` (copies; unix sockets and others are left out).
+    pub fn of(fds: &[RawFd], learner: Option<Arc<Learner>>) -> Sockets {
+        let list =
+            fds.iter().filter_map(|&raw| Target::of(sys::dup_raw_cloexec(raw).ok()?)).map(Arc::new).collect();
+        Sockets { list, learner }
+    }
+
+    /// The socket a bind of `want` gets: the exact address, else the only one on its port;
+    /// with no socket of its own, the one learned from the first worker's bind.
+    pub fn find(&self, want: SocketAddr) -> Option<Arc<Target>> {
+        if want.port() == 0 {
+            return None;
+        }
+        if let Some(l) = &self.learner {
+            return l.get().filter(|t| t.addr.port() == want.port());
+        }
+        let exact =
+            |t: &&Arc<Target>| t.addr.port() == want.port() && canonical(t.addr.ip()) == canonical(want.ip());
+        if let Some(t) = self.list.iter().find(exact) {
+            return Some(t.clone());
+        }
+        let mut same_port = self.list.iter().filter(|t| t.addr.port() == want.port());
+        match (same_port.next(), same_port.next()) {
+            (Some(t), None) => Some(t.clone()),
+            // Several on that port (systemd's v4 and v6): the wildcard of the same family.
+            (Some(_), Some(_)) => self
+                .list
+                .iter()
+                .find(|t| {
+                    t.addr.port() == want.port()
+                        && t.addr.is_ipv4() == want.is_ipv4()
+                        && t.addr.ip().is_unspecified()
+                })
+                .cloned(),
+            _ => None,
+        }
+    }
+
+    fn by_inode(&self, inode: u64) -> Option<Arc<Target>> {
+        if let Some(l) = &self.learner {
+            return l.get().filter(|t| t.inode == inode);
+        }
+        self.list.iter().find(|t| t.inode == inode).cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty() && self.learner.is_none()
+    }
+}
+
+/// The address herdsman learns from the first worker that binds a TCP address itself, when it
+/// was started without `--listen` (standalone, not socket-activated): herdsman binds that
+/// address once, in the supervisor, and every worker gets that socket, as Node's cluster
+/// module does. Shared by all workers' bind filters.
+#[derive(Debug, Default)]
+pub struct Learner {
+    learned: std::sync::Mutex<Option<Arc<Target>>>,
+}
+
+impl Learner {
+    fn get(&self) -> Option<Arc<Target>> {
+        self.learned.lock().ok()?.clone()
+    }
+
+    /// The learned socket, binding `asked` now if nothing was learned yet (then also the new
+    /// listener, for the supervisor to keep and hand to every later worker).
+    fn learn(&self, asked: SocketAddr) -> Result<(Arc<Target>, Option<crate::listeners::Listener>), String> {
+        let mut learned = self.learned.lock().map_err(|_| "poisoned".to_string())?;
+        if let Some(t) = learned.as_ref() {
+            return Ok((t.clone(), None));
+        }
+        let l = crate::listeners::Listeners::bind_learned(asked, 0).map_err(|e| e.to_string())?;
+        let fd = l.copy().map_err(|e| e.to_string())?;
+        let t = Arc::new(Target::of(fd).ok_or("the learned socket is not a TCP listener")?);
+        *learned = Some(t.clone());
+        Ok((t, Some(l)))
+    }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from((v4.ip(), v4.port())));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+}
+
+/// A sockaddr as the app passed it: `None` for anything but IPv4 and IPv6.
+fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes([*b.first()?, *b.get(1)?]);
+    let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
+    match family as i32 {
+        libc::AF_INET if b.len() >= 8 => {
+            Some(SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(), port))
+        }
+        libc::AF_INET6 if b.len() >= 24 => {
+            let octets: [u8; 16] = b[8..24].try_into().ok()?;
+            Some(SocketAddr::new(Ipv6Addr::from(octets).into(), port))
+        }
+        _ => None,
+    }
+}
+
+/// What the supervisor learns from a worker's trapped calls.
+#[derive(Debug)]
+pub enum Seen {
+    /// It bound one of herdsman's sockets (`asked`: the address it asked for); `learned`:
+    /// herdsman had none and bound this one for it, to keep and hand to every worker.
+    Bound { asked: SocketAddr, served: SocketAddr, learned: Option<crate::listeners::Listener> },
+    /// It called `listen()` on one of herdsman's sockets.
+    Listened,
+    /// It bound a TCP address on a port herdsman does not serve.
+    Foreign { asked: SocketAddr },
+    /// A trapped call could not be inspected (the reason; the call went on unchanged).
+    Failed(String),
+}
+
+/// Answers `pid`'s trapped calls on the event loop until its last process is gone, telling
+/// `report` what it saw.
+///
+/// `owner`: the workers' user and group (`--user`; `None`: herdsman's own). Everything read
+/// about a trapped call (its sockaddr in `/proc/TID/mem`, its descriptor in `/proc/TID/fd`) is
+/// read as that user, so the supervisor needs no `CAP_SYS_PTRACE` or `CAP_DAC_READ_SEARCH` for
+/// workers of another user (see `sys::with_fs_ids`).
+pub fn watch(
+    listener: Arc<OwnedFd>,
+    sockets: Arc<Sockets>,
+    owner: Option<(u32, u32)>,
+    report: impl Fn(Seen) + Send + 'static,
+) {
+    let afd = match sys::watch_readable(listener.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            report(Seen::Failed(format!("cannot watch the bind filter: {e}")));
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = afd.readable().await else { return };
+            let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO);
+            let revents = fds[0].revents().unwrap_or(nix::poll::PollFlags::empty());
+            if revents.contains(nix::poll::PollFlags::POLLIN) {
+                match sys::notif_recv(&listener) {
+                    Ok(n) => {
+                        let seen = match owner {
+                            Some((uid, gid)) => {
+                                sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n))
+                            }
+                            None => answer(&listener, &sockets, &n),
+                        };
+                        if let Some(seen) = seen {
+                            report(seen);
+                        }
+                    }
+                    // The task went away between the wake-up and the read.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => {
+                        report(Seen::Failed(format!("reading a bind notification: {e}")));
+                        return;
+                    }
+                }
+            } else if revents.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR) {
+                // No process uses the filter any more: the worker and its children are gone.
+                return;
+            } else {
+                guard.clear_ready();
+            }
+        }
+    });
+}
+
+/// Answers one notification; what it saw, if anything worth telling.
+fn answer(listener: &OwnedFd, sockets: &Sockets, n: &libc::seccomp_notif) -> Option<Seen> {
+    let go_on = || {
+        let _ = sys::notif_respond(listener, n.id, 0, 0, true);
+    };
+    let nr = n.data.nr as u32;
+    let tid = n.pid as i32;
+    let fd = n.data.args[0] as RawFd;
+    if nr == NR_LISTEN {
+        let ours = socket_inode(tid, fd).and_then(|i| sockets.by_inode(i)).is_some();
+        if ours {
+            // Already listening with herdsman's backlog: nothing to do, and nothing to change.
+            let _ = sys::notif_respond(listener, n.id, 0, 0, false);
+            return Some(Seen::Listened);
+        }
+        go_on();
+        return None;
+    }
+    if nr != NR_BIND {
+        go_on();
+        return None;
+    }
+    let len = (n.data.args[2] as usize).min(MAX_SOCKADDR);
+    let mut buf = [0u8; MAX_SOCKADDR];
+    // /proc/TID/mem, not process_vm_readv: opening it checks ptrace access with the
+    // filesystem ids (the worker's, see `watch`), process_vm_readv with the real ones (root's,
+    // which would need CAP_SYS_PTRACE for a worker of another user).
+    let read = std::fs::File::open(format!("/proc/{tid}/mem")).and_then(|f| {
+        use std::os::unix::fs::FileExt;
+        f.read_at(&mut buf[..len], n.data.args[1])
+    });
+    let read = match read {
+        Ok(r) => r,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+            go_on();
+            return Some(Seen::Failed(format!(
+                "cannot read the worker's memory ({e}): run herdsman as root or as the workers' user"
+            )));
+        }
+        // A bad address (EFAULT) or a task that is gone: the kernel answers the call itself.
+        Err(_) => {
+            go_on();
+            return None;
+        }
+    };
+    if !sys::notif_id_valid(listener, n.id) {
+        return None;
+    }
+    let Some(asked) = parse_sockaddr(&buf[..read]) else {
+        go_on();
+        return None;
+    };
+    if asked.port() == 0 {
+        go_on();
+        return None;
+    }
+    match is_stream(tid, fd) {
+        Ok(true) => {}
+        Ok(false) => {
+            go_on();
+            return None;
+        }
+        Err(e) => {
+            go_on();
+            return Some(Seen::Failed(format!("cannot read the type of the worker's socket (fd {fd}): {e}")));
+        }
+    }
+    let mut learned = None;
+    let target = match (sockets.find(asked), &sockets.learner) {
+        (Some(t), _) => t,
+        (None, Some(l)) if l.get().is_none() => match l.learn(asked) {
+            Ok((t, new)) => {
+                learned = new;
+                t
+            }
+            Err(e) => {
+                // The app gets its own bind's outcome (EADDRINUSE if something else has it).
+                go_on();
+                return Some(Seen::Failed(format!(
+                    "binding {asked} (learned from the worker's own bind): {e}"
+                )));
+            }
+        },
+        (None, _) => {
+            go_on();
+            return Some(Seen::Foreign { asked });
+        }
+    };
+    if socket_inode(tid, fd) != Some(target.inode) {
+        let flags = fd_flags(tid, fd).unwrap_or(0);
+        let ours = nix::fcntl::fcntl(target.fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0);
+        if flags & libc::O_NONBLOCK != 0 && ours & libc::O_NONBLOCK == 0 {
+            let set = nix::fcntl::OFlag::from_bits_truncate(ours | libc::O_NONBLOCK);
+            if nix::fcntl::fcntl(target.fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(set)).is_ok() {
+                tracing::info!(
+                    "made {} non-blocking for every worker, as the app's own socket was (it is never made blocking again)",
+                    target.addr
+                );
+            }
+        }
+        let cloexec = flags & libc::O_CLOEXEC != 0;
+        if let Err(e) = sys::notif_addfd(listener, n.id, target.fd.as_fd(), fd as u32, cloexec) {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return None;
+            }
+            go_on();
+            return Some(Seen::Failed(format!("installing {} at the app's fd {fd}: {e}", target.addr)));
+        }
+    }
+    let _ = sys::notif_respond(listener, n.id, 0, 0, false);
+    Some(Seen::Bound { asked, served: target.addr, learned })
+}
+
+/// The inode of the socket at `fd` in task `tid` (`/proc/TID/fd/N` reads `socket:[INODE]`).
+fn socket_inode(tid: i32, fd: RawFd) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{tid}/fd/{fd}")).ok()?;
+    let s = link.to_str()?;
+    s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// The file status and descriptor flags of `fd` in task `tid` (`/proc/TID/fdinfo/N`, octal
+/// `flags:`, `O_CLOEXEC` included).
+fn fd_flags(tid: i32, fd: RawFd) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).ok()?;
+    let line = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    i32::from_str_radix(line.trim(), 8).ok()
+}
+
+/// Whether `fd` in task `tid` is a TCP socket (its `system.sockprotoname`: "TCP", "TCPv6",
+/// "MPTCP"; UDP, unix and raw sockets are not).
+fn is_stream(tid: i32, fd: RawFd) -> std::io::Result<bool> {
+    let path = std::path::PathBuf::from(format!("/proc/{tid}/fd/{fd}"));
+    sys::socket_protocol(&path).map(|p| p.starts_with("TCP") || p.starts_with("MPTCP"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddrs_are_read_as_the_kernel_lays_them_out() {
+        let mut v4 = [0u8; 16];
+        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&8000u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(parse_sockaddr(&v4), Some("127.0.0.1:8000".parse().unwrap()));
+        let mut v6 = [0u8; 28];
+        v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        v6[2..4].copy_from_slice(&8000u16.to_be_bytes());
+        assert_eq!(parse_sockaddr(&v6), Some("[::]:8000".parse().unwrap()));
+        let mut unix = [0u8; 16];
+        unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+        assert_eq!(parse_sockaddr(&unix), None);
+        assert_eq!(parse_sockaddr(&v4[..4]), None);
+    }
+
+    #[test]
+    fn a_bind_gets_the_exact_address_else_the_only_socket_on_its_port() {
+        let l1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let l2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (p1, p2) = (l1.local_addr().unwrap().port(), l2.local_addr().unwrap().port());
+        let s = Sockets::of(&[l1.as_raw_fd(), l2.as_raw_fd()], None);
+        let at = |a: &str| s.find(a.parse().unwrap()).map(|t| t.addr.port());
+        assert_eq!(at(&format!("127.0.0.1:{p1}")), Some(p1));
+        assert_eq!(at(&format!("0.0.0.0:{p2}")), Some(p2), "any host, by port");
+        assert_eq!(at(&format!("[::]:{p2}")), Some(p2), "any family, by port");
+        assert_eq!(at("127.0.0.1:0"), None, "port 0 is never substituted");
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(at(&other.local_addr().unwrap().to_string()), None);
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(Sockets::of(&[udp.as_raw_fd()], None).is_empty(), "only TCP sockets are offered");
+    }
+
+    #[test]
+    fn the_filter_is_accepted_by_this_kernel() {
+        // The development and CI kernels are x86_64 and newer than 5.9.
+        if cfg!(target_arch = "x86_64") {
+            sys::probe_bind_filter(&filter()).unwrap();
+        }
+    }
+}
