@@ -307,7 +307,7 @@ fn control_path_that_is_not_a_socket_is_never_deleted() {
 fn a_stale_control_socket_is_replaced() {
     let dir = TempDir::new("stalesock");
     let path = dir.path("control.sock");
-    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    support::stale_socket(&path);
     assert!(UnixStream::connect(&path).is_err(), "the socket is stale");
     let h = notify_run(&dir, 1).start();
     h.wait_started();
