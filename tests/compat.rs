@@ -306,7 +306,7 @@ fn systemd_notify_ready_from_a_workers_child_counts_as_ready() {
     let first_try = |st: &Value| {
         st["workers"].as_array().unwrap().iter().all(|w| w["restarts"] == 0 && w["failures"] == 0)
     };
-    let v = wait_for(Duration::from_secs(120), "3 workers ready", || {
+    let v = wait_for(STARTUP, "3 workers ready", || {
         let st = h.status()?;
         (st["ready"] == 3).then_some(st)
     });

@@ -31,6 +31,11 @@ pub fn skip(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
+/// How long workers may take to start before a test gives up: a deadline, not a wait (the
+/// tests go on as soon as they are up), generous because the suite also runs inside
+/// `dpkg-buildpackage` on busy builders, where starting a few Python workers took over 20 s.
+pub const STARTUP: Duration = Duration::from_secs(120);
+
 /// Polls `cond` until it returns `Some` or the deadline passes (then panics with `what`).
 pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
@@ -322,7 +327,7 @@ impl Herdsman {
     /// waits in back-off (what `READY=1` to the service manager waits for). Read from
     /// `status --json`.
     pub fn wait_started(&self) {
-        wait_for(Duration::from_secs(20), "every slot ready or in back-off", || {
+        wait_for(STARTUP, "every slot ready or in back-off", || {
             let st = self.status()?;
             let workers = st["workers"].as_array()?;
             let desired = st["desired"].as_u64()? as usize;
@@ -356,7 +361,7 @@ impl Herdsman {
     /// Distinct workers seen in up to `tries` requests, until `n` distinct pids answered.
     pub fn distinct_workers(&self, n: usize) -> Vec<Value> {
         let mut seen: Vec<Value> = Vec::new();
-        wait_for(Duration::from_secs(20), &format!("{n} distinct workers answering"), || {
+        wait_for(STARTUP, &format!("{n} distinct workers answering"), || {
             let v = self.get();
             if !seen.iter().any(|s| s["pid"] == v["pid"]) {
                 seen.push(v);
