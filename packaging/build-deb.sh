@@ -80,7 +80,7 @@ if ! { command -v dpkg-checkbuilddeps >/dev/null && (cd "$src" && dpkg-checkbuil
     || die "missing build dependencies: run \`apt-get build-dep ${profiles[*]} ./\` in the checkout as root (or run this as root)"
   export DEBIAN_FRONTEND=noninteractive
   quiet apt-get update -qq
-  (cd "$src" && quiet apt-get build-dep -y -qq "${profiles[@]}" ./)
+  (cd "$src" && quiet apt-get build-dep -y -qq "${profiles[@]}" ./ 9>&-)
 fi
 
 # A newer (or any other) Debian version: a changelog entry on top, in the copy only.
@@ -106,7 +106,8 @@ opts=${DEB_BUILD_OPTIONS:-}
 if [ "${HERDSMAN_DEB_CHECK:-0}" != 1 ]; then opts="$opts nocheck"; fi
 export DEB_BUILD_OPTIONS="${opts# } terse"
 
-(cd "$src" && quiet dpkg-buildpackage -b -us -uc "${profiles[@]}")
+# (9>&-: the lock is ours; the build and its tests must not inherit it.)
+(cd "$src" && quiet dpkg-buildpackage -b -us -uc "${profiles[@]}" 9>&-)
 
 debs=("$work"/*.deb)
 [ -e "${debs[0]}" ] || die "dpkg-buildpackage made no .deb (log: $log)"
