@@ -173,7 +173,7 @@ fn sigterm_during_a_roll_out_stops_old_and_new_workers_alike() {
 fn inherited_fds() -> usize {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
+        .expect("/proc/self/fd")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     fds.into_iter()
