@@ -7,13 +7,16 @@
 #                                           (a temporary changelog entry; the checkout is
 #                                           never modified)
 #   HERDSMAN_DEB_CHECK=1                    also run the test suite during the build
-#                                           (default: DEB_BUILD_OPTIONS=nocheck, CI runs it)
+#                                           (default: DEB_BUILD_OPTIONS=nocheck; CI builds
+#                                           its .deb with the tests)
 #   CARGO_NET_OFFLINE=true                  build without the network after `cargo fetch`
 #
 # The build runs on a copy of the checkout (tracked and untracked-but-not-ignored files) in
-# target/debian-build/, so dpkg-buildpackage's files land there instead of in the parent
-# directory, and the copy shares the checkout's target/ for cargo. Installs dpkg-dev,
-# debhelper and build-essential with apt when missing (as root). Needs cargo >= 1.85 (rustup).
+# target/debian-build/ (mode 0700, like a builder's private directory: the tests must pass
+# there), so dpkg-buildpackage's files land there instead of in the parent directory, and the
+# copy shares the checkout's target/ for cargo. Installs the missing Build-Depends of
+# debian/control with `apt-get build-dep` (as root; the <!nocheck> ones only with
+# HERDSMAN_DEB_CHECK=1), nothing else. Needs cargo >= 1.85 (rustup).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,21 +46,11 @@ flock 9
 
 rm -rf "$work"
 mkdir -p "$work" "$out"
+chmod 0700 "$work"
 : >"$log"
 
-need=()
-pkgs=(dpkg-dev debhelper build-essential)
-# The test suite's own needs (Build-Depends <!nocheck>).
-if [ "${HERDSMAN_DEB_CHECK:-0}" = 1 ]; then pkgs+=(python3 systemd); fi
-for pkg in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need+=("$pkg")
-done
-if ((${#need[@]})); then
-  [ "$(id -u)" -eq 0 ] || die "missing packages: ${need[*]} (install them, or run as root)"
-  export DEBIAN_FRONTEND=noninteractive
-  quiet apt-get update -qq
-  quiet apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+profiles=()
+if [ "${HERDSMAN_DEB_CHECK:-0}" != 1 ]; then profiles=(-Pnocheck); fi
 
 export CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 export PATH="$CARGO_HOME/bin:$PATH"
@@ -80,6 +73,16 @@ else
 fi
 [ -f "$src/debian/control" ] || die "no debian/ directory in $root"
 
+# The declared build dependencies, and only those: what dpkg-buildpackage checks is what is
+# installed (the test suite's tools are Build-Depends <!nocheck>).
+if ! { command -v dpkg-checkbuilddeps >/dev/null && (cd "$src" && dpkg-checkbuilddeps "${profiles[@]}") >/dev/null 2>&1; }; then
+  [ "$(id -u)" -eq 0 ] \
+    || die "missing build dependencies: run \`apt-get build-dep ${profiles[*]} ./\` in the checkout as root (or run this as root)"
+  export DEBIAN_FRONTEND=noninteractive
+  quiet apt-get update -qq
+  (cd "$src" && quiet apt-get build-dep -y -qq "${profiles[@]}" ./ 9>&-)
+fi
+
 # A newer (or any other) Debian version: a changelog entry on top, in the copy only.
 if [ -n "$version" ]; then
   dpkg --validate-version "$version" 2>/dev/null || die "invalid Debian version: $version"
@@ -100,14 +103,11 @@ if [ -n "$version" ]; then
 fi
 
 opts=${DEB_BUILD_OPTIONS:-}
-profiles=()
-if [ "${HERDSMAN_DEB_CHECK:-0}" != 1 ]; then
-  opts="$opts nocheck"
-  profiles=(-Pnocheck)
-fi
+if [ "${HERDSMAN_DEB_CHECK:-0}" != 1 ]; then opts="$opts nocheck"; fi
 export DEB_BUILD_OPTIONS="${opts# } terse"
 
-(cd "$src" && quiet dpkg-buildpackage -b -us -uc "${profiles[@]}")
+# (9>&-: the lock is ours; the build and its tests must not inherit it.)
+(cd "$src" && quiet dpkg-buildpackage -b -us -uc "${profiles[@]}" 9>&-)
 
 debs=("$work"/*.deb)
 [ -e "${debs[0]}" ] || die "dpkg-buildpackage made no .deb (log: $log)"

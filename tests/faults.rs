@@ -168,14 +168,33 @@ fn sigterm_during_a_roll_out_stops_old_and_new_workers_alike() {
     }
 }
 
+/// How many descriptors a child of this process inherits besides stdio: those open without
+/// close-on-exec (packaging/build-deb.sh's lock was one, and failed the test below).
+fn inherited_fds() -> usize {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.into_iter()
+        .filter(|&fd| fd > 2)
+        .filter(|&fd| {
+            fcntl(fd, FcntlArg::F_GETFD)
+                .is_ok_and(|f| !FdFlag::from_bits_truncate(f).contains(FdFlag::FD_CLOEXEC))
+        })
+        .count()
+}
+
 #[test]
 fn spawn_failures_from_exhausted_file_descriptors_are_survived() {
     let dir = TempDir::new("emfile");
     let mut run = Run::new(&dir, 2);
     // Run herdsman itself with few file descriptors, then ask for more workers than fit (each
     // costs the supervisor 4: its pidfd, two output pipes and its bind filter's listener, and a
-    // few more while it starts).
-    let mut args = vec!["--nofile=32:32".to_string(), BIN.to_string()];
+    // few more while it starts). Descriptors it inherits (a build tool's lock, say) count
+    // against its limit: add them.
+    let nofile = 32 + inherited_fds();
+    let mut args = vec![format!("--nofile={nofile}:{nofile}"), BIN.to_string()];
     args.append(&mut run.args);
     args.extend(["--".into(), "python3".into(), worker_py()]);
     run.args = args;

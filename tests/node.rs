@@ -10,8 +10,26 @@ use std::collections::BTreeSet;
 
 use support::*;
 
+/// True (after one visible SKIP line) when `node` is not installed: a newcomer's `cargo test`
+/// skips these tests; the package build and CI have it (`nodejs <!nocheck>` in Build-Depends).
+fn no_node(test: &str) -> bool {
+    let ok = std::process::Command::new("node")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        support::skip(test, "needs node (apt install nodejs)");
+    }
+    !ok
+}
+
 #[test]
 fn every_worker_gets_node_app_instance_equal_to_its_slot_and_a_non_node_worker_no_channel() {
+    if no_node("every_worker_gets_node_app_instance_equal_to_its_slot_and_a_non_node_worker_no_channel") {
+        return;
+    }
     let dir = TempDir::new("instance");
     let h = Run::new(&dir, 3).start();
     h.wait_started();
@@ -57,6 +75,9 @@ fn exit_marks(dir: &TempDir) -> Vec<(String, String)> {
 
 #[test]
 fn process_send_ready_makes_node_workers_ready_under_ready_notify_and_through_a_reload() {
+    if no_node("process_send_ready_makes_node_workers_ready_under_ready_notify_and_through_a_reload") {
+        return;
+    }
     let dir = TempDir::new("node-ready");
     let h = node_app(&dir, 2, &["--ready", "notify"]).start();
     // No READY=1 is ever sent: only `process.send('ready')` can make them ready.
@@ -77,6 +98,9 @@ fn process_send_ready_makes_node_workers_ready_under_ready_notify_and_through_a_
 
 #[test]
 fn a_node_app_that_never_says_ready_is_not_ready_under_ready_notify() {
+    if no_node("a_node_app_that_never_says_ready_is_not_ready_under_ready_notify") {
+        return;
+    }
     let dir = TempDir::new("node-silent");
     let h =
         node_app(&dir, 1, &["--ready", "notify", "--ready-timeout", "1h", "-e", "APP_NO_READY=1"]).start();
@@ -89,6 +113,9 @@ fn a_node_app_that_never_says_ready_is_not_ready_under_ready_notify() {
 
 #[test]
 fn stop_signal_message_sends_pm2s_shutdown_and_the_app_exits_0_on_reload_and_stop() {
+    if no_node("stop_signal_message_sends_pm2s_shutdown_and_the_app_exits_0_on_reload_and_stop") {
+        return;
+    }
     let dir = TempDir::new("node-shutdown");
     let mark = dir.path("exit");
     let env = format!("APP_EXIT_MARK={}", mark.display());
@@ -117,6 +144,9 @@ fn stop_signal_message_sends_pm2s_shutdown_and_the_app_exits_0_on_reload_and_sto
 
 #[test]
 fn node_workers_keep_their_ipc_channel_across_an_in_place_upgrade() {
+    if no_node("node_workers_keep_their_ipc_channel_across_an_in_place_upgrade") {
+        return;
+    }
     let dir = TempDir::new("node-upgrade");
     let mark = dir.path("exit");
     let env = format!("APP_EXIT_MARK={}", mark.display());
@@ -152,6 +182,9 @@ fn node_workers_keep_their_ipc_channel_across_an_in_place_upgrade() {
 
 #[test]
 fn a_node_app_that_closed_its_channel_is_stopped_with_sigterm_instead_of_the_message() {
+    if no_node("a_node_app_that_closed_its_channel_is_stopped_with_sigterm_instead_of_the_message") {
+        return;
+    }
     let dir = TempDir::new("node-disconnect");
     // No stop timeout to fall back on: only the SIGTERM instead of the message stops it.
     let mut h = node_app(

@@ -595,9 +595,6 @@ fn a_worker_that_ran_well_is_restarted_at_once_after_a_crash() {
     assert!(ev.iter().any(|e| e["event"] == "exit" && e["code"] == 3), "the restart failed: {ev:?}");
 }
 
-/// An interpreter outside root's home (a pyenv shim under /root is not executable by nobody).
-const SYSTEM_PYTHON: &str = "/usr/bin/python3";
-
 /// The supervisor's real, effective and saved uid, from /proc.
 fn uids_of(pid: i32) -> Vec<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -627,8 +624,9 @@ fn workers_run_as_the_user_flag_names_and_the_supervisor_stays_root() {
     }
     let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
     let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
-    let dir = TempDir::new("user");
+    let dir = TempDir::shared("user");
     let h = Run::new(&dir, 2)
+        .cwd(&dir.0)
         .arg("--ready")
         .arg("notify")
         .worker_env("TW_NOTIFY", "1")
@@ -638,7 +636,7 @@ fn workers_run_as_the_user_flag_names_and_the_supervisor_stays_root() {
         .env("USER", "root")
         .arg("--")
         .arg(SYSTEM_PYTHON)
-        .arg(&worker_py())
+        .arg(&dir.worker_py())
         .start();
     h.wait_started();
     for v in h.distinct_workers(2) {
@@ -665,15 +663,16 @@ fn config_user_and_group_set_the_workers_primary_group() {
     let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
     let daemon = nix::unistd::Group::from_name("daemon").unwrap().expect("group daemon");
     let (uid, gid) = (nobody.uid.as_raw(), daemon.gid.as_raw());
-    let dir = TempDir::new("group");
+    let dir = TempDir::shared("group");
     let cfg = dir.path("app.toml");
     std::fs::write(&cfg, "user = \"nobody\"\ngroup = \"daemon\"\n").unwrap();
     let h = Run::new(&dir, 1)
+        .cwd(&dir.0)
         .arg("--config")
         .arg(cfg.to_str().unwrap())
         .arg("--")
         .arg(SYSTEM_PYTHON)
-        .arg(&worker_py())
+        .arg(&dir.worker_py())
         .start();
     h.wait_started();
     let v = h.get();
@@ -689,9 +688,11 @@ fn a_failed_credential_drop_fails_the_worker_start_and_never_runs_it_as_root() {
         return;
     }
     // herdsman as root but without CAP_SETGID/CAP_SETUID: setgroups fails in the child.
-    let dir = TempDir::new("dropfail");
-    let run = Run::new(&dir, 1).arg("--user").arg("nobody").arg("--").arg(SYSTEM_PYTHON).arg(&worker_py());
+    let dir = TempDir::shared("dropfail");
+    let run =
+        Run::new(&dir, 1).arg("--user").arg("nobody").arg("--").arg(SYSTEM_PYTHON).arg(&dir.worker_py());
     let mut cmd = std::process::Command::new("setpriv");
+    cmd.current_dir(&dir.0);
     cmd.args(["--inh-caps=-setgid,-setuid", "--bounding-set=-setgid,-setuid", BIN]).args(&run.args);
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

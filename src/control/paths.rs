@@ -189,7 +189,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (live, stale) = (dir.join("live.sock"), dir.join("stale.sock"));
         let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
-        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        // Bound, never listening (what a killed supervisor leaves): refused even while another
+        // test's fork holds a copy of the descriptor, which a dropped listener would not be.
+        {
+            use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+            use std::os::fd::AsRawFd;
+            let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+            bind(fd.as_raw_fd(), &UnixAddr::new(&stale).unwrap()).unwrap();
+        }
         let apps = vec![("a".to_string(), live.clone()), ("b".to_string(), stale)];
         assert_eq!(live_only(apps), vec![("a".to_string(), live)]);
         let _ = std::fs::remove_dir_all(&dir);

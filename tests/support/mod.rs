@@ -21,6 +21,21 @@ pub fn worker_py() -> String {
     format!("{}/tests/support/worker.py", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// An interpreter every user can run (a pyenv shim under /root is not executable by nobody):
+/// for workers that run as another user.
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// Says on the terminal that `test` is skipped and why (how to install what it needs). The
+/// test harness captures `eprintln!` of passing tests; this goes straight to stderr.
+pub fn skip(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+}
+
+/// How long workers may take to start before a test gives up: a deadline, not a wait (the
+/// tests go on as soon as they are up), generous because the suite also runs inside
+/// `dpkg-buildpackage` on busy builders, where starting a few Python workers took over 20 s.
+pub const STARTUP: Duration = Duration::from_secs(120);
+
 /// Polls `cond` until it returns `Some` or the deadline passes (then panics with `what`).
 pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
@@ -38,12 +53,34 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
+        Self::under(&std::env::temp_dir(), tag)
+    }
+    /// For workers that run as another user (`--user nobody`): a directory that user can enter
+    /// (0755, under /tmp whatever TMPDIR says) holding a world-readable copy of the test worker
+    /// (`worker_py()` of this dir). The checkout may be in a 0700 directory (root's home, a
+    /// `mktemp -d` build directory) that nobody cannot enter, so such a worker must neither run
+    /// files from it nor start in it: run herdsman with `Run::cwd(&dir.0)` (its workers start in
+    /// herdsman's directory).
+    pub fn shared(tag: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = Self::under(std::path::Path::new("/tmp"), tag);
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let worker = dir.path("worker.py");
+        std::fs::copy(worker_py(), &worker).unwrap();
+        std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o644)).unwrap();
+        dir
+    }
+    fn under(parent: &std::path::Path, tag: &str) -> Self {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("herdsman-test-{tag}-{}-{n}", std::process::id()));
+        let p = parent.join(format!("herdsman-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
+    }
+    /// The copy of the test worker in a `TempDir::shared` directory.
+    pub fn worker_py(&self) -> String {
+        self.path("worker.py").display().to_string()
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
@@ -54,6 +91,18 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Leaves what a killed supervisor leaves at `path`: a socket file nobody listens on. Bound
+/// but never listening, so a `connect()` is refused whoever still holds the descriptor: with
+/// a listener that is dropped instead (`drop(UnixListener::bind(..))`), another test thread's
+/// fork that copied it (CLOEXEC only closes it at that child's exec) keeps it listening, and a
+/// connect in that window succeeds.
+pub fn stale_socket(path: &std::path::Path) {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+    use std::os::fd::AsRawFd;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
 }
 
 /// Where to reach the app.
@@ -106,7 +155,7 @@ pub struct Run {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub addr: Addr,
-    /// herdsman's working directory (default: the test's).
+    /// herdsman's working directory (its workers start there); the test's own when `None`.
     pub cwd: Option<PathBuf>,
 }
 
@@ -131,17 +180,17 @@ impl Run {
             cwd: None,
         }
     }
-    /// Starts herdsman in `dir`.
-    pub fn cwd(mut self, dir: &std::path::Path) -> Self {
-        self.cwd = Some(dir.to_path_buf());
-        self
-    }
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.to_string());
         self
     }
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+    /// Starts herdsman (and so its workers) in `dir`.
+    pub fn cwd(mut self, dir: &std::path::Path) -> Self {
+        self.cwd = Some(dir.to_path_buf());
         self
     }
     /// Passes `-e K=V` to the workers.
@@ -159,9 +208,9 @@ impl Run {
 
 impl Herdsman {
     pub fn spawn(args: &[String], env: &[(String, String)], addr: Addr) -> Herdsman {
-        Herdsman::spawn_in(args, env, addr, None)
+        Self::spawn_in(args, env, addr, None)
     }
-
+    /// `spawn` with herdsman's working directory (`None`: the test's own).
     pub fn spawn_in(
         args: &[String],
         env: &[(String, String)],
@@ -278,7 +327,7 @@ impl Herdsman {
     /// waits in back-off (what `READY=1` to the service manager waits for). Read from
     /// `status --json`.
     pub fn wait_started(&self) {
-        wait_for(Duration::from_secs(20), "every slot ready or in back-off", || {
+        wait_for(STARTUP, "every slot ready or in back-off", || {
             let st = self.status()?;
             let workers = st["workers"].as_array()?;
             let desired = st["desired"].as_u64()? as usize;
@@ -312,7 +361,7 @@ impl Herdsman {
     /// Distinct workers seen in up to `tries` requests, until `n` distinct pids answered.
     pub fn distinct_workers(&self, n: usize) -> Vec<Value> {
         let mut seen: Vec<Value> = Vec::new();
-        wait_for(Duration::from_secs(20), &format!("{n} distinct workers answering"), || {
+        wait_for(STARTUP, &format!("{n} distinct workers answering"), || {
             let v = self.get();
             if !seen.iter().any(|s| s["pid"] == v["pid"]) {
                 seen.push(v);

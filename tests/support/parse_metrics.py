@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Parses a metrics page from stdin with the reference Python parser (prometheus_client,
-from PyPI) and prints its samples as JSON: [{"family", "type", "name", "labels", "value"}].
+"""Parses a metrics page from stdin with the reference Python parser (prometheus_client:
+Debian's python3-prometheus-client, or PyPI's) and prints its samples as JSON:
+[{"family", "type", "name", "labels", "value"}].
 
   parse_metrics.py text         Prometheus text format 0.0.4
   parse_metrics.py openmetrics  OpenMetrics 1.0 (strict: # EOF, counter suffixes, ...)
