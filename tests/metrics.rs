@@ -522,7 +522,8 @@ impl Stage {
 
     /// `run` with this runtime directory and, as root, its workers running as `nobody`.
     fn run(&self, run: Run) -> Run {
-        let run = run.env("RUNTIME_DIRECTORY", self.runtime.to_str().unwrap());
+        // herdsman and so its workers start here: `nobody` may not enter the checkout.
+        let run = run.env("RUNTIME_DIRECTORY", self.runtime.to_str().unwrap()).cwd(&self._dir.0);
         let run = if nix::unistd::geteuid().is_root() { run.arg("--user").arg("nobody") } else { run };
         run.arg("--").arg("/usr/bin/python3").arg(&self.worker)
     }
@@ -640,6 +641,9 @@ fn a_private_worker_socket_is_read_without_dac_override_and_given_back() {
         .args(&run.args);
     for (k, v) in &run.env {
         cmd.env(k, v);
+    }
+    if let Some(cwd) = &run.cwd {
+        cmd.current_dir(cwd);
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
@@ -857,7 +861,8 @@ fn a_runtime_directory_herdsman_made_is_gone_after_exit() {
     // (Run::new names every app `t`: this one has its own name, hence its own directory.)
     let at = args.iter().position(|a| a == "--name").unwrap();
     args.drain(at..at + 2);
-    let mut h = Herdsman::spawn(&args, &[], run.addr);
+    // Started in the stage: `nobody` may not enter the checkout.
+    let mut h = Herdsman::spawn_in(&args, &[], run.addr, Some(&stage._dir.0));
     wait_ready(&dir.path("control.sock"), 2);
     let sockets =
         runtime.join(format!("metrics-u{}", nix::unistd::User::from_name("nobody").unwrap().unwrap().uid));
