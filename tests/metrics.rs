@@ -19,11 +19,6 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn try_status(control: &Path) -> Option<Value> {
-    let out = Command::new(BIN).arg("status").arg(control).arg("--json").output().ok()?;
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
-}
-
 fn wait_ready(control: &Path, n: u64) -> Value {
     wait_for(LONG, &format!("{n} ready worker(s)"), || try_status(control).filter(|s| s["ready"] == n))
 }
@@ -133,31 +128,9 @@ fn value(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> 
         .and_then(|s| s["value"].as_f64())
 }
 
-struct App {
-    h: Herdsman,
-    control: std::path::PathBuf,
-    addr: String,
-    _dir: TempDir,
-}
+type App = MetricsApp;
 
 impl App {
-    fn start(tag: &str, workers: usize, extra: impl FnOnce(Run) -> Run) -> App {
-        let dir = TempDir::new(tag);
-        let control = dir.path("control.sock");
-        let run = Run::new(&dir, workers)
-            .arg("--metrics")
-            .arg("127.0.0.1:0")
-            .arg("--ready")
-            .arg("notify")
-            .arg("--min-ready")
-            .arg("100ms")
-            .worker_env("TW_NOTIFY", "1");
-        let h = extra(run).start();
-        let s = wait_ready(&control, workers as u64);
-        let addr = s["metrics"].as_str().expect("status --json shows the metrics address").to_string();
-        App { h, control, addr, _dir: dir }
-    }
-
     fn samples(&self) -> Vec<Value> {
         let (ctype, body) = scrape(&self.addr, None);
         assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");

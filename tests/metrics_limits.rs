@@ -10,7 +10,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,37 +18,9 @@ use support::*;
 const LONG: Duration = Duration::from_secs(60);
 const MB: u64 = 1 << 20;
 
-fn try_status(control: &Path) -> Option<Value> {
-    let out = Command::new(BIN).arg("status").arg(control).arg("--json").output().ok()?;
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
-}
-
-struct App {
-    h: Herdsman,
-    control: PathBuf,
-    addr: String,
-    _dir: TempDir,
-}
+type App = MetricsApp;
 
 impl App {
-    fn start(tag: &str, workers: usize, extra: impl FnOnce(Run) -> Run) -> App {
-        let dir = TempDir::new(tag);
-        let control = dir.path("control.sock");
-        let run = Run::new(&dir, workers)
-            .arg("--metrics")
-            .arg("127.0.0.1:0")
-            .arg("--ready")
-            .arg("notify")
-            .arg("--min-ready")
-            .arg("100ms")
-            .worker_env("TW_NOTIFY", "1");
-        let h = extra(run).start();
-        let s =
-            wait_for(LONG, "ready workers", || try_status(&control).filter(|s| s["ready"] == workers as u64));
-        let addr = s["metrics"].as_str().expect("status --json shows the metrics address").to_string();
-        App { h, control, addr, _dir: dir }
-    }
-
     /// A `/proc/PID/status` field of the supervisor, in bytes (kB fields) or as is.
     fn status_field(&self, field: &str) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.h.pid())).unwrap();

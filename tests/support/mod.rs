@@ -522,6 +522,42 @@ pub fn expected_steer_routing() -> &'static str {
     let eff = capabilities("self", "CapEff");
     if eff & (1 << 39 | 1 << 21) != 0 { "round-robin" } else { "hash" }
 }
+/// `herdsman status --json` from the supervisor at `control`, if it answers now.
+pub fn try_status(control: &std::path::Path) -> Option<Value> {
+    let out = Command::new(BIN).arg("status").arg(control).arg("--json").output().ok()?;
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+}
+
+/// An app serving metrics on `127.0.0.1:0` whose workers say `READY=1`, started and ready:
+/// the metrics tests' common start (`extra` adds to the command line).
+pub struct MetricsApp {
+    pub h: Herdsman,
+    pub control: PathBuf,
+    /// The metrics endpoint's address, read back from `status --json`.
+    pub addr: String,
+    pub _dir: TempDir,
+}
+
+impl MetricsApp {
+    pub fn start(tag: &str, workers: usize, extra: impl FnOnce(Run) -> Run) -> MetricsApp {
+        let dir = TempDir::new(tag);
+        let control = dir.path("control.sock");
+        let run = Run::new(&dir, workers)
+            .arg("--metrics")
+            .arg("127.0.0.1:0")
+            .arg("--ready")
+            .arg("notify")
+            .arg("--min-ready")
+            .arg("100ms")
+            .worker_env("TW_NOTIFY", "1");
+        let h = extra(run).start();
+        let s = wait_for(STARTUP, &format!("{workers} ready worker(s)"), || {
+            try_status(&control).filter(|s| s["ready"] == workers as u64)
+        });
+        let addr = s["metrics"].as_str().expect("status --json shows the metrics address").to_string();
+        MetricsApp { h, control, addr, _dir: dir }
+    }
+}
 
 /// `herdsman status CONTROL --json`, which must succeed.
 pub fn status_json(control: impl AsRef<std::ffi::OsStr>) -> Value {

@@ -472,19 +472,25 @@ def drip(conn):
     conn.close()
 
 
-def metrics_server(mode):
+def metrics_listen(mode):
+    """The metrics socket, bound and listening (None: nothing to serve). Called before the
+    worker says READY=1, so a scrape after READY=1 always finds it."""
     path = ENV.get("HERDSMAN_METRICS_SOCKET")
     if not path:
         elog("TW_METRICS set but HERDSMAN_METRICS_SOCKET missing")
-        return
+        return None
     if mode == "link":
         os.symlink(ENV["TW_METRICS_LINK"], path)
-        return
+        return None
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     srv.bind(path)
     if mode == "private":
         os.chmod(path, 0o700)
     srv.listen(64)
+    return srv
+
+
+def metrics_server(mode, srv):
     while True:
         conn, _ = srv.accept()
         if mode == "hang":
@@ -523,7 +529,9 @@ if ENV.get("TW_METRICS"):
     _mode = ENV["TW_METRICS"]
     if ENV.get("TW_METRICS_ONLY") not in (None, str(WORKER_ID)):
         _mode = "ok"
-    threading.Thread(target=metrics_server, args=(_mode,), daemon=True).start()
+    _srv = metrics_listen(_mode)
+    if _srv is not None:
+        threading.Thread(target=metrics_server, args=(_mode, _srv), daemon=True).start()
 
 
 def watchdog_pinger():
