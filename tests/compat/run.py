@@ -148,20 +148,23 @@ SERVERS = [
     # written): in-flight requests die with the worker on each reload, so its failed requests are
     # reported as a known limit, not failed on. `unset`: environment variables removed before the
     # server starts (`env -u`), so that gunicorn and Puma bind the -b address themselves instead
-    # of adopting fd 3 from LISTEN_FDS.
-    dict(name="node-bind", prepare=prepare_node, cmd=["node", "node_bind.js"], ready="auto", stop="SIGTERM",
+    # of adopting fd 3 from LISTEN_FDS. Readiness `listen`, not the default `auto`: `auto` calls a
+    # worker that has not bound within 1 s ready by the clock (`alive:1s`), so a slow start on a
+    # loaded machine (gunicorn --preload importing Flask) is called ready before the app loaded
+    # (measured: the check_loaded failure); `listen` waits for the bind whatever the load.
+    dict(name="node-bind", prepare=prepare_node, cmd=["node", "node_bind.js"], ready="listen", stop="SIGTERM",
          bind=True, handlerless=True),
-    dict(name="node-bind-learned", prepare=prepare_node, cmd=["node", "node_bind.js"], ready="auto",
+    dict(name="node-bind-learned", prepare=prepare_node, cmd=["node", "node_bind.js"], ready="listen",
          stop="SIGTERM", bind=True, learned=True, handlerless=True),
     dict(name="express-bind", prepare=prepare_express, cmd=["node", "express_bind.js"], ready="notify",
          stop="message", bind=True),
     dict(name="python-bind", prepare=lambda: {}, cmd=[sys.executable, "python_bind.py", "{port}"],
          ready="listen", stop="SIGTERM", bind=True),
-    dict(name="go-bind", prepare=prepare_go_bind, cmd=None, ready="auto", stop="SIGTERM", bind=True),
+    dict(name="go-bind", prepare=prepare_go_bind, cmd=None, ready="listen", stop="SIGTERM", bind=True),
     dict(name="gunicorn-bind", prepare=lambda: need_python("gunicorn", "flask") or {},
          cmd=[sys.executable, "-m", "gunicorn", "--no-control-socket", "--preload", "--workers", "2",
               "--graceful-timeout", "20", "-b", "127.0.0.1:{port}", "flask_app:app"],
-         ready="auto", stop="SIGTERM", bind=True, unset=["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"]),
+         ready="listen", stop="SIGTERM", bind=True, unset=["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"]),
     dict(name="puma-bind", prepare=prepare_puma,
          cmd=["puma", "-C", "puma/puma_bind.rb", "-b", "tcp://127.0.0.1:{port}", "puma/config.ru"],
          ready="listen", stop="SIGTERM", bind=True, unset=["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"]),
