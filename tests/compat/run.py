@@ -8,6 +8,12 @@ with 0 failed requests, then stop it with SIGTERM: exit 0, no worker SIGKILLed o
 its stop signal, no process left in herdsman's session. One result line per server, then
 `N passed, N failed, N skipped`.
 
+The `-bind` servers are the same apps binding their own port, unchanged (bind interception):
+herdsman gets `--listen 127.0.0.1:PORT` with a free port the app is also told (or no `--listen`
+at all: `node-bind-learned`), and each of the 3 worker slots must answer before the load.
+The seed's handler-less Node app loses the requests in flight when a worker dies of SIGTERM:
+its failed count is reported, not failed on.
+
     tests/compat/run.py [--herdsman target/debug/herdsman] [--jobs 2] [--require-all] [NAME...]
 
 Builds (npm install, go build, cargo build of the axum app) are cached under target/compat/.
