@@ -24,7 +24,11 @@
 //!
 //! With `--balance steer|sticky` the worker's own sockets are its member sockets, so it gets
 //! its own member. This is not a security boundary: the only effect herdsman ever performs
-//! is installing a socket the worker already holds at fd 3.
+//! is installing a socket the worker already holds at fd 3 — with one exception, the address
+//! learned without `--listen`, which the supervisor binds itself. So a worker of another user
+//! (`--user`) never gets a privileged port that way (below `ip_unprivileged_port_start`): its
+//! bind fails as it would without herdsman, and `--listen` (or a socket unit) is the way to
+//! give it one.
 //!
 //! `O_NONBLOCK` policy. The flag lives on the open file description that every worker, herdsman
 //! and systemd share, so nobody may flip it back and forth. herdsman only ever *sets* it, never
@@ -237,6 +241,16 @@ impl Learner {
     }
 }
 
+/// Below `net.ipv4.ip_unprivileged_port_start` (1024 where it cannot be read): a port only a
+/// process with `CAP_NET_BIND_SERVICE` may bind.
+fn privileged(port: u16) -> bool {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(1024);
+    u32::from(port) < start
+}
+
 /// `::ffff:a.b.c.d` as `a.b.c.d`.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -313,9 +327,9 @@ pub fn watch(
                     Ok(n) => {
                         let seen = match owner {
                             Some((uid, gid)) => {
-                                sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n))
+                                sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n, owner))
                             }
-                            None => answer(&listener, &sockets, &n),
+                            None => answer(&listener, &sockets, &n, owner),
                         };
                         if let Some(seen) = seen {
                             report(seen);
@@ -338,8 +352,14 @@ pub fn watch(
     });
 }
 
-/// Answers one notification; what it saw, if anything worth telling.
-fn answer(listener: &OwnedFd, sockets: &Sockets, n: &libc::seccomp_notif) -> Option<Seen> {
+/// Answers one notification; what it saw, if anything worth telling. `owner`: the workers'
+/// user and group when they are not herdsman's own (see `watch`).
+fn answer(
+    listener: &OwnedFd,
+    sockets: &Sockets,
+    n: &libc::seccomp_notif,
+    owner: Option<(u32, u32)>,
+) -> Option<Seen> {
     let go_on = || {
         let _ = sys::notif_respond(listener, n.id, 0, 0, true);
     };
@@ -408,6 +428,14 @@ fn answer(listener: &OwnedFd, sockets: &Sockets, n: &libc::seccomp_notif) -> Opt
     let mut learned = None;
     let target = match (sockets.find(asked), &sockets.learner) {
         (Some(t), _) => t,
+        // A worker of another user may not get, through the root supervisor, a port it could
+        // not bind itself: its own bind fails as it would without herdsman.
+        (None, Some(_)) if owner.is_some_and(|(uid, _)| uid != 0) && privileged(asked.port()) => {
+            go_on();
+            return Some(Seen::Failed(format!(
+                "the worker (another user) binds {asked}, a privileged port: herdsman binds it for such a worker only when asked (--listen {asked}, or a socket unit)"
+            )));
+        }
         (None, Some(l)) if l.get().is_none() => match l.learn(asked) {
             Ok((t, new)) => {
                 learned = new;

@@ -1100,18 +1100,28 @@ pub fn socket_protocol(path: &std::path::Path) -> io::Result<String> {
 /// `CAP_DAC_OVERRIDE`, ...) come back with the old one. For `/proc/PID/fd/N` of a worker of
 /// another user: its `fd` directory is `0500` and the worker's own, and the shipped unit gives
 /// herdsman no `CAP_DAC_READ_SEARCH`. Needs `CAP_SETUID`/`CAP_SETGID` (else nothing changes).
+/// The ids are put back by a guard, so they are restored even if `f` unwinds (the event
+/// loop's thread must never go on with a worker's filesystem ids).
 pub fn with_fs_ids<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
-    // SAFETY: plain system calls with integer arguments; each returns the previous id.
-    let (old_gid, old_uid) =
-        unsafe { (libc::syscall(libc::SYS_setfsgid, gid), libc::syscall(libc::SYS_setfsuid, uid)) };
-    let r = f();
-    // SAFETY: as above, putting back the ids they returned (the uid first: it restores the
-    // capabilities the group change may need).
-    unsafe {
-        libc::syscall(libc::SYS_setfsuid, old_uid);
-        libc::syscall(libc::SYS_setfsgid, old_gid);
+    struct Restore {
+        uid: libc::c_long,
+        gid: libc::c_long,
     }
-    r
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: plain system calls with integer arguments, putting back the ids they
+            // returned (the uid first: it restores the capabilities the group change may need).
+            unsafe {
+                libc::syscall(libc::SYS_setfsuid, self.uid);
+                libc::syscall(libc::SYS_setfsgid, self.gid);
+            }
+        }
+    }
+    // SAFETY: plain system calls with integer arguments; each returns the previous id.
+    let (gid, uid) =
+        unsafe { (libc::syscall(libc::SYS_setfsgid, gid), libc::syscall(libc::SYS_setfsuid, uid)) };
+    let _restore = Restore { uid, gid };
+    f()
 }
 
 /// A close-on-exec copy of `fd` (above the standard streams), which the caller keeps open.

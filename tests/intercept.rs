@@ -600,3 +600,47 @@ fn a_static_go_binary_serves_from_two_workers_on_herdsmans_socket() {
         (answered.len() == 2).then_some(())
     });
 }
+
+#[test]
+fn a_worker_of_another_user_gets_no_privileged_port_through_the_learned_address() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (to run workers as nobody)");
+        return;
+    }
+    let dir = TempDir::new("intercept-privileged");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A port below 1024 that nothing here listens on (the supervisor could bind it as root).
+    let port = (600..1000).find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()).unwrap();
+    let script = format!(
+        "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\ns.listen()\ntime.sleep(3600)\n"
+    );
+    let control = dir.path("control.sock").display().to_string();
+    let args: Vec<String> = [
+        "run",
+        "--name",
+        "t",
+        "-w",
+        "1",
+        "--control",
+        &control,
+        "--user",
+        "nobody",
+        "--cwd",
+        dir.0.to_str().unwrap(),
+        "--",
+        SYSTEM_PYTHON,
+        "-c",
+        &script,
+    ]
+    .map(String::from)
+    .to_vec();
+    let h = Herdsman::spawn(&args, &[], Addr::Tcp(format!("127.0.0.1:{port}")));
+    // Its own bind fails as it would without herdsman (EACCES): the slot fails and backs off.
+    let st = wait_for(Duration::from_secs(60), "the worker's failed start", || {
+        let st = h.status()?;
+        (in_slot(&st, 0)?["failures"].as_u64()? >= 1).then_some(st)
+    });
+    assert_eq!(st["learned_sockets"].as_array().map(Vec::len), Some(0), "{st}");
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "herdsman bound {port}: {st}");
+}
