@@ -115,4 +115,6 @@ for deb in "${debs[@]}"; do
   cp "$deb" "$out/"
   echo "$out/$(basename "$deb")"
 done
+# The build's log (with the test suite's results when it ran) stays beside the package.
+cp "$log" "$out/build.log"
 rm -rf "$work"
