@@ -564,8 +564,11 @@ impl ResponseEnd {
                         return None;
                     };
                     let end = from + p + 4;
-                    let head = std::str::from_utf8(&buf[..end]).ok()?;
+                    // A head that cannot be read ends only when the server closes (and is then
+                    // refused whole): never scanned again on each read.
                     self.state = EndState::Close;
+                    *scanned = end;
+                    let head = std::str::from_utf8(&buf[..end]).ok()?;
                     for l in head.split("\r\n") {
                         if let Some((k, v)) = l.split_once(':') {
                             if k.trim().eq_ignore_ascii_case("content-length") {
@@ -591,6 +594,8 @@ impl ResponseEnd {
                     if let EndState::Trailer { .. } = self.state {
                         return Some(eol + 2);
                     }
+                    // A size line that cannot be read: as with a bad head, wait for the close.
+                    self.state = EndState::Close;
                     let size_text = std::str::from_utf8(&buf[at..eol]).ok()?;
                     let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
                     if size == 0 {
@@ -725,6 +730,25 @@ mod tests {
         });
         let answer = String::from_utf8_lossy(&answer.expect("an answer, not a wait without end")).to_string();
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+
+    /// A head or chunk-size line that is not text ends the search: later reads are not
+    /// scanned again from the start (each re-validated up to 4 MiB on the loop before).
+    #[test]
+    fn a_head_or_chunk_size_that_is_not_text_is_looked_at_once() {
+        let cases: [&[u8]; 2] = [
+            b"HTTP/1.1 200 OK\r\nX: \xff\r\n\r\nbody",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\xff\r\nabc",
+        ];
+        for whole in cases {
+            let mut end = ResponseEnd::default();
+            assert_eq!(end.feed(whole), None);
+            assert!(matches!(end.state, EndState::Close), "{}", String::from_utf8_lossy(whole));
+            let mut more = whole.to_vec();
+            more.extend_from_slice(&[b'x'; 64]);
+            assert_eq!(end.feed(&more), None);
+            assert_eq!(complete_response(&more), None);
+        }
     }
 
     #[test]
