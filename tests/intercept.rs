@@ -21,15 +21,6 @@ fn node_app(dir: &TempDir, port: u16) -> String {
     path.display().to_string()
 }
 
-fn have(program: &str) -> bool {
-    std::process::Command::new(program)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// A port nobody listens on right now (bound to port 0, read, closed).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

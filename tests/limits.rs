@@ -202,6 +202,22 @@ fn idle_control_connections_are_evicted_oldest_first_and_status_still_answers() 
     }
 }
 
+/// One worker of an app whose `control_group` is `nobody`'s primary group (so `nobody` is a
+/// member), started in a 0755 directory `nobody` can reach: (dir, control socket, herdsman,
+/// nobody).
+fn member_app(tag: &str) -> (TempDir, std::path::PathBuf, Herdsman, nix::unistd::User) {
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let group = nix::unistd::Group::from_gid(nobody.gid).unwrap().unwrap().name;
+    let dir = TempDir::new(tag);
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let control = dir.path("control.sock");
+    let config = dir.path("app.toml");
+    std::fs::write(&config, format!("control_group = \"{group}\"\n")).unwrap();
+    let h = Run::new(&dir, 1).arg("-c").arg(config.to_str().unwrap()).start();
+    h.wait_started();
+    (dir, control, h, nobody)
+}
+
 /// Holds up to `n` idle connections to `control` as `uid:gid` (a process of its own, which
 /// raises its descriptor limit as far as it may): prints how many it opened, then waits for
 /// its stdin to close.
@@ -249,16 +265,8 @@ fn thousands_of_idle_connections_from_a_member_and_a_stranger_do_not_stop_roots_
         eprintln!("SKIP thousands_of_idle_connections...: needs root to become other users");
         return;
     }
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let (_dir, control, _h, nobody) = member_app("idle-members");
     let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
-    let group = nix::unistd::Group::from_gid(nobody.gid).unwrap().unwrap().name;
-    let dir = TempDir::new("idle-members");
-    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let control = dir.path("control.sock");
-    let config = dir.path("app.toml");
-    std::fs::write(&config, format!("control_group = \"{group}\"\n")).unwrap();
-    let h = Run::new(&dir, 1).arg("-c").arg(config.to_str().unwrap()).start();
-    h.wait_started();
     // The stranger must get as far as SO_PEERCRED: open the file itself up.
     std::fs::set_permissions(&control, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let (member, m) = idle_holder(&control, uid, gid, 2000);
@@ -287,15 +295,7 @@ fn an_idle_connection_from_a_member_is_dropped_after_2_s() {
         eprintln!("SKIP an_idle_connection_from_a_member_is_dropped_after_2_s: needs root to become nobody");
         return;
     }
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
-    let group = nix::unistd::Group::from_gid(nobody.gid).unwrap().unwrap().name;
-    let dir = TempDir::new("idle-member");
-    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let control = dir.path("control.sock");
-    let config = dir.path("app.toml");
-    std::fs::write(&config, format!("control_group = \"{group}\"\n")).unwrap();
-    let h = Run::new(&dir, 1).arg("-c").arg(config.to_str().unwrap()).start();
-    h.wait_started();
+    let (_dir, control, _h, nobody) = member_app("idle-member");
     const IDLE: &str = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(60)\ns.connect(sys.argv[1])\nprint(s.recv(4096).decode())";
     let out = Command::new("setpriv")
         .args(["--reuid", &nobody.uid.to_string(), "--regid", &nobody.gid.to_string(), "--clear-groups"])

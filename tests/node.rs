@@ -13,12 +13,7 @@ use support::*;
 /// True (after one visible SKIP line) when `node` is not installed: a newcomer's `cargo test`
 /// skips these tests; the package build and CI have it (`nodejs <!nocheck>` in Build-Depends).
 fn no_node(test: &str) -> bool {
-    let ok = std::process::Command::new("node")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = have("node");
     if !ok {
         support::skip(test, "needs node (apt install nodejs)");
     }

@@ -31,6 +31,16 @@ pub fn skip(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
+/// Whether `program --version` runs here (an optional runtime a test needs).
+pub fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// How long workers may take to start before a test gives up: a deadline, not a wait (the
 /// tests go on as soon as they are up), generous because the suite also runs inside
 /// `dpkg-buildpackage` on busy builders, where starting a few Python workers took over 20 s.
