@@ -92,6 +92,12 @@ pub struct Settings {
     pub user: Option<crate::credentials::Credentials>,
     /// Serve `GET /metrics` here (`--metrics`, `metrics`); `None`: no HTTP endpoint.
     pub metrics: Option<ListenAddr>,
+    /// Changes below these paths (absolute) are reloads (`--watch`); empty: no watching.
+    #[serde(default)]
+    pub watch: Vec<PathBuf>,
+    /// Patterns of paths whose changes do not count (`--watch-ignore`), besides the defaults.
+    #[serde(default)]
+    pub watch_ignore: Vec<String>,
 }
 
 /// Reads and validates `file` (if any) under the flags' layer `cli`. `cpus` resolves "auto"

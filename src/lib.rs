@@ -30,6 +30,8 @@
 //! * [`upgrade`] re-executes the supervisor in place (`herdsman upgrade`, `SIGUSR2`): a
 //!   take-over check of the new binary, then every descriptor and the whole state handed to
 //!   `execve` in one memfd; `supervisor/handover.rs` is the loop's side.
+//! * [`watch`] (`--watch`, for development) turns file changes into [`requests`];
+//!   `supervisor/watch.rs` debounces them into one rolling reload, never during a roll-out.
 
 pub mod app;
 pub mod backoff;
@@ -55,4 +57,5 @@ pub mod steer;
 pub mod supervisor;
 pub mod sys;
 pub mod upgrade;
+pub mod watch;
 pub mod worker;

@@ -37,4 +37,6 @@ pub enum Control {
         reply: Option<oneshot::Sender<Result<UpgradeDone, crate::upgrade::UpgradeError>>>,
         conn: Option<std::os::fd::OwnedFd>,
     },
+    /// A file under a `--watch` path changed (see `watch`): a debounced reload follows.
+    Changed(crate::watch::Changed),
 }

@@ -89,8 +89,12 @@ pub(super) fn serve(
     };
     let control_ref = &control;
     let metrics_ref = &metrics_bound;
+    let (tx, rx) = mpsc::channel(64);
+    if !settings.watch.is_empty() {
+        crate::watch::spawn(&settings.watch, &settings.watch_ignore, tx.clone())
+            .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    }
     let result = rt.block_on(async move {
-        let (tx, rx) = mpsc::channel(64);
         forward_signals(tx.clone())?;
         server::spawn(control_ref, tx.clone(), access, metrics.clone())?;
         if let Some(b) = metrics_ref {

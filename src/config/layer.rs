@@ -119,6 +119,14 @@ pub struct Layer {
     #[arg(long, value_name = "ADDR")]
     #[serde(deserialize_with = "string")]
     pub metrics: Option<String>,
+    /// For development: a rolling reload when files under PATH change (after 500 ms without changes, 5 s at most; never during a roll-out). Without PATH: the current directory. Repeatable.
+    #[arg(long, value_name = "PATH", num_args = 0.., default_missing_value = ".")]
+    #[serde(deserialize_with = "strings", skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<String>,
+    /// Changes to paths matching GLOB do not count for --watch: a name (`*.tmp`, `dist`) or a path from the watched directory (`assets/**`); .git, node_modules, target, __pycache__, swap files and *.log never count. Repeatable.
+    #[arg(long, value_name = "GLOB")]
+    #[serde(deserialize_with = "strings", skip_serializing_if = "Vec::is_empty")]
+    pub watch_ignore: Vec<String>,
 }
 
 /// The keys a config file may contain: [`Layer`]'s fields, in order, as serde names them.

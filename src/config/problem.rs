@@ -76,6 +76,10 @@ pub enum ConfigError {
     Zero,
     #[error("backoff_initial must be > 0 and <= backoff_max")]
     BackoffOrder,
+    #[error("{} does not exist; create it or fix the path (relative paths are from herdsman's working directory)", .0.display())]
+    NoWatchPath(PathBuf),
+    #[error("{0}")]
+    WatchIgnore(String),
 }
 
 /// One problem: where and what, and the line that shows both.

@@ -57,6 +57,7 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
     let control = c.lookup("control", |l| l.control.as_deref()).map(|(p, _)| p.to_path_buf());
     let control_group = c.pick("control_group", |l| l.control_group.as_deref(), group_exists);
     let user = c.user();
+    let (watch, watch_ignore) = c.watch();
     let file_workers = file.and_then(|f| f.layer.workers.as_deref()).and_then(|w| values::workers(w).ok());
 
     debug_assert!(
@@ -91,6 +92,8 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         file_workers,
         user,
         metrics,
+        watch,
+        watch_ignore,
     })
 }
 
@@ -128,6 +131,8 @@ impl From<&Settings> for Layer {
             user: None,
             group: None,
             metrics: s.metrics.as_ref().map(ToString::to_string),
+            watch: s.watch.iter().map(|p| p.display().to_string()).collect(),
+            watch_ignore: s.watch_ignore.clone(),
         }
     }
 }
@@ -303,6 +308,33 @@ impl<'a> Checker<'a> {
                 None
             }
         }
+    }
+}
+
+impl Checker<'_> {
+    /// The paths to watch (each must exist; made absolute, so reloads and `init` do not
+    /// depend on the working directory) and the patterns to ignore.
+    fn watch(&mut self) -> (Vec<std::path::PathBuf>, Vec<String>) {
+        let mut watch = Vec::new();
+        if let Some((raw, place)) = self.lookup("watch", |l| non_empty(&l.watch)) {
+            for p in raw {
+                let path = Path::new(p);
+                match std::path::absolute(path) {
+                    Ok(abs) if path.exists() => watch.push(abs),
+                    _ => self.problems.push(Problem::new(place.clone(), ConfigError::NoWatchPath(path.into()))),
+                }
+            }
+        }
+        let mut ignore = Vec::new();
+        if let Some((raw, place)) = self.lookup("watch_ignore", |l| non_empty(&l.watch_ignore)) {
+            for g in raw {
+                match crate::watch::Glob::parse(g) {
+                    Ok(_) => ignore.push(g.clone()),
+                    Err(e) => self.problems.push(Problem::new(place.clone(), ConfigError::WatchIgnore(e))),
+                }
+            }
+        }
+        (watch, ignore)
     }
 }
 

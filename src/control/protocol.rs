@@ -107,6 +107,23 @@ pub struct Snapshot {
     /// check is running).
     #[serde(default)]
     pub upgrading: bool,
+    /// `--watch`: what is watched and what it did; `null` without `--watch`.
+    #[serde(default)]
+    pub watch: Option<WatchInfo>,
+}
+
+/// `--watch`'s part of the status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WatchInfo {
+    /// The watched paths (absolute).
+    pub paths: Vec<String>,
+    /// Changes were seen and their reload has not started yet (it waits for the files to be
+    /// quiet, or for the roll-out in progress to end).
+    pub pending: bool,
+    /// Reloads started because files changed, since the supervisor started.
+    pub reloads: u64,
+    /// The change that started the last of them (the first of its burst).
+    pub trigger: Option<String>,
 }
 
 fn shared() -> String {

@@ -17,7 +17,8 @@
 //! [`pool`] (the slots, the workers, the wanted size, back-off), [`rollout`] (the roll-out,
 //! the reloads queued behind it, the last result), [`health`] (watchdog and memory
 //! replacements), [`handover`] (in-place upgrades), [`manager`] (what systemd is told) and
-//! [`outside`] (the host, the launcher, the sockets, the metrics). The roll-out's and health's
+//! [`outside`] (the host, the launcher, the sockets, the metrics), [`watch`] (`--watch`'s
+//! debounce). The roll-out's and health's
 //! decisions come back as [`effect::Effect`]s; [`Supervisor`] is the thin driver that carries
 //! them out ([`Supervisor::apply`]) and owns the one slot hand-over ([`Supervisor::promote`]).
 
@@ -35,6 +36,7 @@ mod rollout;
 mod status;
 #[cfg(test)]
 mod tests;
+mod watch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,6 +126,7 @@ pub struct Supervisor {
     upgrades: Upgrades,
     manager: Manager,
     outside: Outside,
+    watching: watch::Watching,
 }
 
 /// Runs the supervisor until a stop request has been carried out.
@@ -180,6 +183,7 @@ impl Supervisor {
             upgrades: Upgrades::new(world.carry),
             manager: Manager::new(world.notifier, world.watchdog, now),
             outside,
+            watching: Default::default(),
             settings,
             app,
             stopping: false,
@@ -271,6 +275,12 @@ impl Supervisor {
             }
             Control::Stop => self.stop(),
             Control::Upgrade { binary, reply, conn } => self.request_upgrade(binary, reply, conn),
+            Control::Changed(changed) => {
+                // Before the clock is read: a change after this one is sent again.
+                let path = changed.take();
+                let now = self.now();
+                self.watching.changed(path, now);
+            }
         }
     }
 
@@ -405,6 +415,7 @@ impl Supervisor {
             .chain(self.rollouts.deadlines(&self.pool))
             .chain(self.manager.deadlines(now))
             .chain(self.upgrades.deadline())
+            .chain(self.watch_deadline())
             .min()
     }
 
@@ -416,6 +427,7 @@ impl Supervisor {
         if !self.stopping {
             self.reconcile_slots(now);
             self.drive_rollout();
+            self.drive_watch();
             let effects = self.health.promote_ready(&mut self.pool);
             self.apply(effects);
             if self.pool.has_scale_waiters() {

@@ -73,8 +73,12 @@ impl Supervisor {
         if new.balance != self.settings.balance {
             tracing::warn!(app = %self.app, "balance changed in the config: the sockets are kept as they are ({}); restart the app to change it", self.settings.balance);
         }
+        if (&new.watch, &new.watch_ignore) != (&self.settings.watch, &self.settings.watch_ignore) {
+            tracing::warn!(app = %self.app, "watch or watch_ignore changed in the config: the watched paths are kept; restart the app to change them");
+        }
         let (name, balance) = (self.settings.name.clone(), self.settings.balance);
-        self.settings = crate::config::Settings { name, balance, ..new };
+        let (watch, watch_ignore) = (self.settings.watch.clone(), self.settings.watch_ignore.clone());
+        self.settings = crate::config::Settings { name, balance, watch, watch_ignore, ..new };
     }
 
     /// One step of the roll-out (after every event): start the queued one if none runs,

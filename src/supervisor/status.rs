@@ -132,6 +132,7 @@ impl Supervisor {
             version: crate::upgrade::version().to_string(),
             upgrades: self.upgrades.count,
             upgrading: self.upgrades.upgrading(),
+            watch: (!self.settings.watch.is_empty()).then(|| self.watching.info(&self.settings.watch)),
         }
     }
 }
