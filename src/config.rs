@@ -317,12 +317,26 @@ mod tests {
             control = "/run/x.sock"
             control_group = "root"
             metrics = "unix:/run/m.sock"
+            watch = ["/tmp", "/"]
+            watch_ignore = ["*.tmp", "dist/**"]
         "#;
         let s = parse(text, &Layer::default()).unwrap();
         let written = Layer::from(&s).to_toml();
         assert!(written.contains("max_memory = \"1000\"\n"), "bytes stay bytes, not \"0K\": {written}");
         assert!(!written.contains("backoff_reset"), "a default is not written: {written}");
         assert_eq!(parse(&written, &Layer::default()).unwrap(), s, "{written}");
+    }
+
+    #[test]
+    fn watch_paths_must_exist_and_are_made_absolute() {
+        let ov = Layer { watch: vec!["/no/such/dir".into(), "src".into()], ..Layer::default() };
+        let p = parse("command = [\"x\"]\nwatch_ignore = [\"ok\", \" \"]", &ov).unwrap_err().0;
+        let lines: Vec<String> = p.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("--watch: /no/such/dir does not exist; "), "{lines:?}");
+        assert!(lines[1].starts_with("web.toml: key `watch_ignore`: empty pattern"), "{lines:?}");
+        let s = parse("command = [\"x\"]\nwatch = [\"src\"]", &Layer::default()).unwrap();
+        assert_eq!(s.watch, [std::env::current_dir().unwrap().join("src")]);
     }
 
     #[test]

@@ -725,3 +725,102 @@ async fn stop_signal_message_sends_the_shutdown_message_instead_of_a_signal_then
     s.advance(Duration::from_secs(5));
     assert_eq!(s.signalled(pid), [Signal::SIGKILL], "SIGKILL after the stop timeout, as with signals");
 }
+
+/// A sim with `--watch` on (the watcher thread is not started: the test sends the changes).
+fn watching(workers: usize) -> Sim {
+    let mut s = sim(workers, &format!("watch = [{:?}]", std::env::temp_dir().display().to_string()));
+    s.all_ready();
+    s
+}
+
+impl Sim {
+    fn change(&mut self, path: &str) {
+        self.sup.on_control(Control::Changed(crate::watch::Changed::for_test(path)));
+        self.settle();
+    }
+
+    /// The highest generation spawned so far.
+    fn last_generation(&self) -> u64 {
+        self.spawned().iter().map(|(_, g)| *g).max().unwrap_or(0)
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_file_changes_is_one_reload_once_the_files_are_quiet() {
+    use super::watch::QUIET;
+    let mut s = watching(2);
+    for i in 0..50 {
+        s.change(&format!("/app/f{i}.js"));
+        s.advance(Duration::from_millis(9));
+    }
+    assert_eq!(s.last_generation(), 1, "a reload began during the burst");
+    assert!(s.status().watch.unwrap().pending);
+    s.advance(QUIET - Duration::from_millis(10));
+    assert_eq!(s.last_generation(), 1, "a reload began before the files were quiet for {QUIET:?}");
+    s.advance(Duration::from_millis(1));
+    assert_eq!(s.last_generation(), 2, "no reload once the files were quiet");
+    s.finish_rollout();
+    s.advance(Duration::from_secs(60));
+    let st = s.status();
+    let w = st.watch.unwrap();
+    assert_eq!((w.reloads, w.pending, w.trigger.as_deref()), (1, false, Some("/app/f0.js")));
+    assert_eq!((st.generation, s.last_generation()), (2, 2));
+    assert_eq!(st.last_reload.unwrap().result, "ok");
+}
+
+#[tokio::test]
+async fn changes_during_a_rollout_make_one_reload_after_it_and_do_not_interrupt_it() {
+    let mut s = watching(2);
+    let mut rx = s.reload();
+    // The roll-out's first new worker is starting; changes keep coming for longer than the
+    // quiet period and the longest wait.
+    for i in 0..30 {
+        s.change(&format!("/app/during{i}.js"));
+        s.advance(Duration::from_millis(300));
+    }
+    assert_eq!(s.last_generation(), 2, "a reload began (or was queued and began) during the roll-out");
+    assert!(s.serving().iter().any(|w| w.2 == 1), "the roll-out in progress was cut short");
+    s.rollout_until(|s| s.last_generation() == 3);
+    assert_eq!(answer(&mut rx).map(|o| o.ok), Some(true), "the roll-out in progress did not complete");
+    assert_eq!(s.status().generation, 2);
+    s.finish_rollout();
+    s.advance(Duration::from_secs(60));
+    let st = s.status();
+    assert_eq!((st.generation, s.last_generation()), (3, 3), "one follow-up reload, not more");
+    let w = st.watch.unwrap();
+    assert_eq!((w.reloads, w.pending, w.trigger.as_deref()), (1, false, Some("/app/during0.js")));
+}
+
+#[tokio::test]
+async fn files_that_never_stop_changing_reload_after_the_longest_wait() {
+    use super::watch::MAX_WAIT;
+    let mut s = watching(1);
+    let step = Duration::from_millis(100);
+    let mut waited = Duration::ZERO;
+    while s.last_generation() == 1 {
+        s.change("/app/busy.js");
+        s.advance(step);
+        waited += step;
+        assert!(waited <= MAX_WAIT, "no reload within {MAX_WAIT:?} of the first change");
+    }
+    assert_eq!(waited, MAX_WAIT);
+}
+
+#[tokio::test]
+async fn a_failed_watch_reload_is_reported_and_not_retried_until_the_next_change() {
+    let mut s = watching(1);
+    s.host.broken.set(true);
+    s.change("/app/broken.js");
+    s.advance(Duration::from_secs(1));
+    let st = s.status();
+    assert_eq!(st.last_reload.as_ref().map(|r| r.result.as_str()), Some("failed"), "{:?}", st.last_reload);
+    assert_eq!(st.watch.as_ref().map(|w| (w.reloads, w.pending)), Some((1, false)));
+    s.advance(Duration::from_secs(60));
+    assert_eq!(s.status().watch.unwrap().reloads, 1, "the failed reload was retried without a change");
+    s.host.broken.set(false);
+    s.change("/app/fixed.js");
+    s.advance(Duration::from_secs(1));
+    s.finish_rollout();
+    let st = s.status();
+    assert_eq!((st.generation, st.last_reload.unwrap().result.as_str()), (3, "ok"));
+}
