@@ -1004,6 +1004,85 @@ s_rpm() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# issue 25: the fleet recipe (examples/ansible/deploy.yml) run for real, with ansible-playbook
+# inside the container (connection: local) over two "hosts" that are two apps of it: two
+# releases deployed host by host, then a broken third one whose reload fails on the first
+# host and stops the play before the second.
+
+# fleet_get PORT: "generation/version" of one answer of the app on PORT.
+fleet_get() {
+    ct curl -sS --max-time 5 -H 'Connection: close' "http://127.0.0.1:$1/" |
+        json_get 'str(d["generation"]) + "/" + str(d["version"])'
+}
+
+# fleet_play RELEASE: runs the playbook for RELEASE (its log in $CT_DIR); its exit code.
+fleet_play() {
+    local rc=0
+    CT_TIMEOUT=300 ct ansible-playbook -i "$STATE/fleet/inventory.ini" "$REPO/examples/ansible/deploy.yml" \
+        -e "release=$1" -e "release_src=$STATE/fleet/src/$1" >"$CT_DIR/fleet-$1.log" 2>&1 || rc=$?
+    grep -A3 '^PLAY RECAP' "$CT_DIR/fleet-$1.log" | sed 's/^/#   /'
+    return $rc
+}
+
+s_fleet() {
+    command -v ansible-playbook >/dev/null ||
+        { note "ansible-playbook is not installed on the host (apt-get install ansible-core)"; exit 77; }
+    local r f rc package=""
+    # Three releases of the app: the test worker reads its version from its release; r3 is
+    # broken (its workers exit at start).
+    for r in r1 r2 r3; do
+        mkdir -p "$CT_ROOT$STATE/fleet/src/$r"
+        cp "$REPO/tests/support/worker.py" "$CT_ROOT$STATE/fleet/src/$r/worker.py"
+        echo "$r" >"$CT_ROOT$STATE/fleet/src/$r/version"
+    done
+    touch "$CT_ROOT$STATE/fleet/src/r3/broken"
+    [ "$INSTALL_MODE" = deb ] && package=herdsman   # installed by s_install: the task finds it
+    cat >"$CT_ROOT$STATE/fleet/inventory.ini" <<EOF
+[web]
+fleet-a herdsman_app=fleet-a herdsman_listen=127.0.0.1:8301
+fleet-b herdsman_app=fleet-b herdsman_listen=127.0.0.1:8302
+
+[web:vars]
+ansible_connection=local
+ansible_python_interpreter=$HOST_PY
+herdsman_become=false
+herdsman_package=$package
+herdsman_user=nobody
+herdsman_command=["$HOST_PY", "worker.py"]
+herdsman_init_args=["-w", "2", "--ready", "notify", "-e", "TW_NOTIFY=1", "-e", "TW_VERSION_FILE=version", "-e", "TW_BREAK_FILE=broken"]
+herdsman_reload_timeout=2m
+EOF
+    fleet_play r1 || fail "deploying r1 failed: $(tail -20 "$CT_DIR/fleet-r1.log")"
+    for f in fleet-a:8301 fleet-b:8302; do
+        wait_until 60 "${f%%:*} ready" ready_text "${f%%:*}" 2 || fail "${f%%:*} not ready after r1"
+        [ "$(fleet_get "${f#*:}")" = 1/r1 ] || fail "${f%%:*} serves $(fleet_get "${f#*:}") after r1"
+    done
+    fleet_play r2 || fail "deploying r2 failed: $(tail -20 "$CT_DIR/fleet-r2.log")"
+    for f in fleet-a:8301 fleet-b:8302; do
+        [ "$(fleet_get "${f#*:}")" = 2/r2 ] || fail "${f%%:*} serves $(fleet_get "${f#*:}") after r2"
+    done
+    rc=0
+    fleet_play r3 || rc=$?
+    [ $rc -ne 0 ] || fail "the play with a broken release succeeded"
+    note "ansible-playbook with the broken r3: exit $rc"
+    grep -q 'r3 did not come up on fleet-a' "$CT_DIR/fleet-r3.log" ||
+        fail "the play did not stop at fleet-a: $(tail -20 "$CT_DIR/fleet-r3.log")"
+    # fleet-a: the reload failed, its old workers serve r2, its link is back on r2.
+    [ "$(ct herdsman status fleet-a --json | json_get 'd["last_reload"]["result"]')" = failed ] ||
+        fail "fleet-a's last reload is not recorded as failed"
+    [ "$(fleet_get 8301)" = 2/r2 ] || fail "fleet-a serves $(fleet_get 8301) after the failed r3"
+    [ "$(readlink "$CT_ROOT/srv/fleet-a/current")" = /srv/fleet-a/releases/r2 ] ||
+        fail "fleet-a's current link: $(readlink "$CT_ROOT/srv/fleet-a/current")"
+    # fleet-b: never touched.
+    [ ! -e "$CT_ROOT/srv/fleet-b/releases/r3" ] || fail "the play went on to fleet-b (r3 copied there)"
+    [ "$(readlink "$CT_ROOT/srv/fleet-b/current")" = /srv/fleet-b/releases/r2 ] ||
+        fail "fleet-b's current link: $(readlink "$CT_ROOT/srv/fleet-b/current")"
+    [ "$(fleet_get 8302)" = 2/r2 ] || fail "fleet-b serves $(fleet_get 8302) after the stopped play"
+    [ "$(ct herdsman status fleet-b --json | json_get 'd["last_reload"]["result"]')" = ok ] ||
+        fail "fleet-b's last reload is not the ok one of r2"
+}
+
+# ---------------------------------------------------------------------------------------------
 
 set +e
 ct_create main && ct_boot
@@ -1030,6 +1109,7 @@ run_scenario "steered sockets (--balance steer)" s_steer
 run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "control_group under the shipped unit" s_control_group
 run_scenario "sigkill supervisor" s_sigkill
+run_scenario "fleet: ansible deploy, host by host, stops at a failed reload" s_fleet
 scenario_reboot
 
 if [ "$INSTALL_MODE" = deb ]; then
