@@ -1064,7 +1064,7 @@ EOF
     rc=0
     fleet_play r3 || rc=$?
     [ $rc -ne 0 ] || fail "the play with a broken release succeeded"
-    note "ansible-playbook with the broken r3: exit $rc"
+    note "ansible-playbook with the broken r3: exit $rc, $(grep -o '"msg": ".*"' "$CT_DIR/fleet-r3.log" | tail -n 1)"
     grep -q 'r3 did not come up on fleet-a' "$CT_DIR/fleet-r3.log" ||
         fail "the play did not stop at fleet-a: $(tail -20 "$CT_DIR/fleet-r3.log")"
     # fleet-a: the reload failed, its old workers serve r2, its link is back on r2.
