@@ -107,7 +107,8 @@ fn matches(p: &[u8], s: &[u8]) -> bool {
     match p {
         [] => s.is_empty(),
         [b'*', b'*', rest @ ..] => {
-            rest.strip_prefix(b"/").is_some_and(|r| matches(r, s)) || (0..=s.len()).any(|i| matches(rest, &s[i..]))
+            rest.strip_prefix(b"/").is_some_and(|r| matches(r, s))
+                || (0..=s.len()).any(|i| matches(rest, &s[i..]))
         }
         [b'*', rest @ ..] => {
             for i in 0..=s.len() {
@@ -181,10 +182,9 @@ pub fn spawn(roots: &[PathBuf], ignore: &[String], tx: mpsc::Sender<Control>) ->
         roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "),
         t.dirs
     );
-    std::thread::Builder::new()
-        .name("herdsman-watch".into())
-        .spawn(move || t.run(events))
-        .map_err(|e| WatchError { path: PathBuf::from("/"), reason: format!("cannot start its thread: {e}") })?;
+    std::thread::Builder::new().name("herdsman-watch".into()).spawn(move || t.run(events)).map_err(|e| {
+        WatchError { path: PathBuf::from("/"), reason: format!("cannot start its thread: {e}") }
+    })?;
     Ok(())
 }
 
@@ -259,7 +259,8 @@ impl Thread {
                 Ok(()) => self.dirs += 1,
                 // Gone already (a short-lived directory): its removal is a change of its own.
                 Err(e) if matches!(&e.kind, notify::ErrorKind::PathNotFound) => continue,
-                Err(e) if matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::NotFound) => {
+                Err(e) if matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::NotFound) =>
+                {
                     continue;
                 }
                 Err(e) => return Err(WatchError::new(&d, &e)),

@@ -65,7 +65,9 @@ fn a_burst_of_50_file_writes_is_exactly_one_rolling_reload() {
         std::fs::write(dir.path(&format!("src/f{i}.js")), format!("{i}")).unwrap();
     }
     h.signal(libc::SIGCONT);
-    wait_for(LONG, "a reload for the burst", || (h.status()?["watch"]["reloads"].as_u64()? >= 1).then_some(()));
+    wait_for(LONG, "a reload for the burst", || {
+        (h.status()?["watch"]["reloads"].as_u64()? >= 1).then_some(())
+    });
     let st = wait_settled(&h, 2);
     assert_eq!(st["watch"]["reloads"], 1, "{st}");
     assert_eq!(st["watch"]["trigger"], dir.path("src/f0.js").display().to_string(), "{st}");
@@ -95,7 +97,9 @@ fn writes_to_ignored_paths_do_not_reload() {
     // Then one change that counts: the kernel reports the changes in order, so the reload's
     // trigger is the first change that counted.
     std::fs::write(dir.path("src/app.js"), "v2").unwrap();
-    wait_for(LONG, "the reload for app.js", || (h.status()?["watch"]["reloads"].as_u64()? >= 1).then_some(()));
+    wait_for(LONG, "the reload for app.js", || {
+        (h.status()?["watch"]["reloads"].as_u64()? >= 1).then_some(())
+    });
     let st = wait_settled(&h, 2);
     assert_eq!(st["watch"]["trigger"], dir.path("src/app.js").display().to_string(), "{st}");
     assert_eq!(st["watch"]["reloads"], 1, "{st}");

@@ -321,7 +321,9 @@ impl Checker<'_> {
                 let path = Path::new(p);
                 match std::path::absolute(path) {
                     Ok(abs) if path.exists() => watch.push(abs),
-                    _ => self.problems.push(Problem::new(place.clone(), ConfigError::NoWatchPath(path.into()))),
+                    _ => {
+                        self.problems.push(Problem::new(place.clone(), ConfigError::NoWatchPath(path.into())))
+                    }
                 }
             }
         }

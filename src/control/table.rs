@@ -79,6 +79,11 @@ pub fn status(s: &Snapshot) -> String {
     if let Some(m) = &s.metrics {
         out.push_str(&format!("metrics: http://{m}/metrics\n").replace("http://unix:", "unix:"));
     }
+    if let Some(w) = &s.watch {
+        let pending = if w.pending { " · changes pending" } else { "" };
+        let last = w.trigger.as_deref().map(|t| format!(" (last: {t})")).unwrap_or_default();
+        out.push_str(&format!("watch: {} · {} reload(s){last}{pending}\n", w.paths.join(", "), w.reloads));
+    }
     let mut rows = vec![
         ["ID", "PID", "GEN", "STATE", "RECV", "QUEUE", "RESTARTS", "UPTIME", "CPU", "MEM"]
             .map(String::from)
