@@ -1082,6 +1082,27 @@ EOF
         fail "fleet-b's last reload is not the ok one of r2"
 }
 
+# --watch under systemd (docs/watch.md): `herdsman init --watch` writes the key, and a change
+# is a rolling reload like `systemctl reload`, told to systemd (StatusText's generation).
+s_watch_systemd() {
+    mkdir -p "$CT_ROOT/srv/watched/src"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/watched/worker.py"
+    CT_TIMEOUT=120 ct herdsman init watched --listen 127.0.0.1:8303 -w 1 --ready notify --cwd /srv/watched \
+        -e TW_NOTIFY=1 --watch /srv/watched/src -- "$HOST_PY" /srv/watched/worker.py 2>&1 | sed 's/^/#   /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "herdsman init --watch failed"
+    grep -q '^watch = \["/srv/watched/src"\]' "$CT_ROOT/etc/herdsman/watched.toml" ||
+        fail "init wrote no watch key: $(cat "$CT_ROOT/etc/herdsman/watched.toml")"
+    wait_until 60 "watched ready" ready_text watched 1 || fail "watched not ready"
+    ct sh -c 'for i in 1 2 3 4 5; do echo $i >/srv/watched/src/app$i.js; done'
+    wait_until 60 "watched reloaded by the change" ready_text watched 1 2 || fail "no reload after the change: $(prop herdsman@watched.service StatusText)"
+    local st
+    st=$(ct herdsman status watched --json)
+    note "watch: $(echo "$st" | json_get 'd["watch"]')"
+    [ "$(echo "$st" | json_get 'd["watch"]["reloads"]')" = 1 ] || fail "watch reloads: $(echo "$st" | json_get 'd["watch"]')"
+    [ "$(echo "$st" | json_get 'd["last_reload"]["result"]')" = ok ] || fail "last reload not ok"
+    CT_TIMEOUT=120 ct herdsman remove watched --yes >/dev/null 2>&1 || true
+}
+
 # ---------------------------------------------------------------------------------------------
 
 set +e
@@ -1110,6 +1131,7 @@ run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "control_group under the shipped unit" s_control_group
 run_scenario "sigkill supervisor" s_sigkill
 run_scenario "fleet: ansible deploy, host by host, stops at a failed reload" s_fleet
+run_scenario "watch: --watch under systemd" s_watch_systemd
 scenario_reboot
 
 if [ "$INSTALL_MODE" = deb ]; then
