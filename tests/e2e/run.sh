@@ -1036,7 +1036,9 @@ s_fleet() {
         echo "$r" >"$CT_ROOT$STATE/fleet/src/$r/version"
     done
     touch "$CT_ROOT$STATE/fleet/src/r3/broken"
-    [ "$INSTALL_MODE" = deb ] && package=herdsman   # installed by s_install: the task finds it
+    # The .deb is installed already (s_install): the install task finds it (Ansible's apt module
+    # needs python3-apt; the container has no network to fetch it).
+    if [ "$INSTALL_MODE" = deb ] && "$HOST_PY" -c 'import apt' 2>/dev/null; then package=herdsman; fi
     cat >"$CT_ROOT$STATE/fleet/inventory.ini" <<EOF
 [web]
 fleet-a herdsman_app=fleet-a herdsman_listen=127.0.0.1:8301
