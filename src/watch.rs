@@ -163,8 +163,9 @@ fn is_change(kind: &EventKind) -> bool {
 pub fn spawn(roots: &[PathBuf], ignore: &[String], tx: mpsc::Sender<Control>) -> Result<(), WatchError> {
     let watched = Watched::new(roots, ignore);
     let (events_tx, events) = std::sync::mpsc::channel();
+    let first = roots.first().map_or(Path::new("/"), PathBuf::as_path);
     let watcher = notify::INotifyWatcher::new(events_tx, notify::Config::default())
-        .map_err(|e| WatchError::new(Path::new("/"), &e))?;
+        .map_err(|e| WatchError::new(first, &e))?;
     let mut t = Thread { watched, watcher, tx, sent: Arc::new(AtomicBool::new(false)), dirs: 0 };
     for root in t.watched.roots.clone() {
         if root.is_dir() {
@@ -183,7 +184,7 @@ pub fn spawn(roots: &[PathBuf], ignore: &[String], tx: mpsc::Sender<Control>) ->
         t.dirs
     );
     std::thread::Builder::new().name("herdsman-watch".into()).spawn(move || t.run(events)).map_err(|e| {
-        WatchError { path: PathBuf::from("/"), reason: format!("cannot start its thread: {e}") }
+        WatchError { path: first.to_path_buf(), reason: format!("cannot start a thread: {e}") }
     })?;
     Ok(())
 }

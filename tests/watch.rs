@@ -110,7 +110,8 @@ fn changes_during_a_rollout_make_one_reload_after_it() {
     let dir = TempDir::new("watch-rollout");
     let gate = dir.path("gate");
     std::fs::write(dir.path("gate0"), "").unwrap();
-    let h = start(&dir, &[], &[("TW_READY_GATE", &gate.display().to_string())]);
+    // A long ready timeout: the held roll-out must not fail on its own on a slow machine.
+    let h = start(&dir, &["--ready-timeout", "10m"], &[("TW_READY_GATE", &gate.display().to_string())]);
     // A roll-out that cannot end until the test opens the gate: its new worker waits for it.
     std::fs::remove_file(dir.path("gate0")).unwrap();
     let control = h.control().unwrap();
