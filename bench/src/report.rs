@@ -359,9 +359,11 @@ pub fn markdown(r: &Results) -> String {
         s.push('\n');
     }
     s.push_str(&crate::notes::notes(r));
-    // Written by bench/queues.sh, bench/metrics.sh and bench/upgrade.sh (their own runs): kept across
-    // regenerations of this page.
-    for own in ["docs/bench-queues.md", "docs/bench-metrics.md", "docs/bench-upgrade.md"] {
+    // Written by bench/queues.sh, bench/metrics.sh, bench/upgrade.sh and bench/unchanged.sh (their
+    // own runs): kept across regenerations of this page.
+    for own in
+        ["docs/bench-queues.md", "docs/bench-metrics.md", "docs/bench-upgrade.md", "docs/bench-unchanged.md"]
+    {
         if let Ok(m) = std::fs::read_to_string(own) {
             s.push('\n');
             s.push_str(&m);
