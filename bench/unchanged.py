@@ -1,11 +1,12 @@
-"""Issue 23 benchmarks: unchanged apps (bind interception). Run by bench/unchanged.sh, which
-builds herdsman, sets up PM2 and stops everything afterwards; see that script's header.
+"""Issue 23 benchmarks: unchanged apps (bind interception). Started by bench/unchanged.sh
+(which builds herdsman and checks for wrk and PM2); see that script's header.
 
-    python3 bench/unchanged.py BIN PM2 TMP OUT_MD
+    python3 bench/unchanged.py BIN PM2 [--no-write]
 
-Prints each section's table as it is measured and writes the whole section (markdown) to
-OUT_MD. Every supervisor it starts is recorded in TMP/pids (one pid a line) so that the
-calling script can stop it even if this program dies; this program stops them itself too.
+Prints each section's table as it is measured, then (unless --no-write) writes the whole
+section to docs/bench-unchanged.md and replaces it in docs/benchmarks.md. Works in a scratch
+directory with a private PM2_HOME; on the way out (normal end, error, Ctrl-C or SIGTERM) stops
+every supervisor and wrk it started, by pid, kills its PM2 daemon and removes the directory.
 """
 
 import json
@@ -19,7 +20,13 @@ import sys
 import time
 import urllib.request
 
-BIN, PM2, TMP, OUT = sys.argv[1:5]
+import shutil
+import tempfile
+
+BIN, PM2 = sys.argv[1:3]
+WRITE = "--no-write" not in sys.argv[3:]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TMP = tempfile.mkdtemp(prefix="herdsman-bench-unchanged.")
 ROUNDS = int(os.environ.get("UNCHANGED_ROUNDS", "5"))  # data-path rounds per mode
 DP_WORKERS = int(os.environ.get("UNCHANGED_DP_WORKERS", "1"))  # workers per data-path contender
 SLICE = int(os.environ.get("UNCHANGED_SLICE", "2"))  # seconds per wrk slice
@@ -105,6 +112,7 @@ def wait(cond, timeout, what, step=0.02):
 
 
 running = []  # Herdsman instances still up
+loaders = []  # wrk processes in the background
 
 
 class Herdsman:
@@ -118,8 +126,6 @@ class Herdsman:
         args += list(opts) + ["--", "node", app]
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf)
-        with open(os.path.join(TMP, "pids"), "a") as f:
-            f.write(f"{self.proc.pid}\n")
         running.append(self)
 
     def status(self):
@@ -130,7 +136,9 @@ class Herdsman:
 
     def all_ready(self):
         if self.proc.poll() is not None:
-            raise SystemExit(f"herdsman {self.name} exited ({self.proc.returncode}); see its log in {TMP}")
+            with open(os.path.join(TMP, f"{self.name}.log"), errors="replace") as f:
+                tail = "".join(f.readlines()[-20:])
+            raise SystemExit(f"herdsman {self.name} exited ({self.proc.returncode}); its log ends:\n{tail}")
         s = self.status()
         return s is not None and s["ready"] == self.n and s["status"] != "reloading"
 
@@ -322,6 +330,7 @@ def load_during(port, action):
     """wrk with a new connection per request (8 connections) around action(); wrk's result."""
     w = subprocess.Popen(["wrk", "-t1", "-c8", "-d600s", "-H", "Connection: close",
                           f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    loaders.append(w)
     time.sleep(1.0)
     try:
         action()
@@ -329,6 +338,7 @@ def load_during(port, action):
     finally:
         w.send_signal(signal.SIGINT)  # wrk stops and prints its totals
         text, _ = w.communicate(timeout=30)
+        loaders.remove(w)
     return parse_wrk(text)
 
 
@@ -425,14 +435,10 @@ def main():
     commit = os.environ.get("UNCHANGED_COMMIT", "?")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     log(f"{version}, commit {commit}; load average {loadavg()}")
-    try:
-        dp = data_path()
-        sp = spawn_times()
-        rf = reload_failures()
-        rw = reload_wall()
-    finally:
-        for h in list(running):
-            h.stop()
+    dp = data_path()
+    sp = spawn_times()
+    rf = reload_failures()
+    rw = reload_wall()
     minutes = (time.monotonic() - t0) / 60
     body = md[:]
     md.clear()
@@ -465,12 +471,51 @@ def main():
     md.clear()
     md.extend(head + body)
     md.append("<!-- unchanged:end -->")
-    with open(OUT, "w") as f:
-        f.write("\n".join(md) + "\n")
+    if WRITE:
+        write_docs("\n".join(md) + "\n")
+
+
+def write_docs(section):
+    """docs/bench-unchanged.md, and the same text between the markers of docs/benchmarks.md
+    (added before its "## Reproduce" the first time)."""
+    with open(os.path.join(ROOT, "docs/bench-unchanged.md"), "w") as f:
+        f.write(section)
+    page_path = os.path.join(ROOT, "docs/benchmarks.md")
+    with open(page_path) as f:
+        page = f.read()
+    begin, end = "<!-- unchanged:begin", "<!-- unchanged:end -->"
+    if begin in page:
+        a = page.index(begin)
+        b = page.index(end, a) + len(end) + 1
+        page = page[:a] + section + page[b:]
+    elif "\n## Reproduce\n" in page:
+        a = page.index("\n## Reproduce\n") + 1
+        page = page[:a] + section + "\n" + page[a:]
+    else:
+        page += "\n" + section
+    with open(page_path, "w") as f:
+        f.write(page)
+    log("wrote docs/bench-unchanged.md and its section of docs/benchmarks.md")
+
+
+def cleanup():
+    for h in list(running):
+        h.stop()
+    for w in list(loaders):
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    if os.path.isdir(PM2_ENV["PM2_HOME"]):
+        pm2("kill", check=False)
+    shutil.rmtree(TMP, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    # SIGTERM (bench/unchanged.sh's clean-up) unwinds like Ctrl-C: the finally blocks stop the
-    # supervisors and any wrk still running.
+    # SIGTERM unwinds like Ctrl-C (KeyboardInterrupt): cleanup() stops everything started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main()
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cleanup()
