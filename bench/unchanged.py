@@ -30,7 +30,7 @@ TMP = tempfile.mkdtemp(prefix="herdsman-bench-unchanged.")
 ROUNDS = int(os.environ.get("UNCHANGED_ROUNDS", "5"))  # data-path rounds per mode
 DP_WORKERS = int(os.environ.get("UNCHANGED_DP_WORKERS", "1"))  # workers per data-path contender
 SLICE = int(os.environ.get("UNCHANGED_SLICE", "2"))  # seconds per wrk slice
-SPAWNS = int(os.environ.get("UNCHANGED_SPAWNS", "6"))  # start-ups per arm
+SPAWNS = int(os.environ.get("UNCHANGED_SPAWNS", "10"))  # start-ups per arm
 FAIL_ROUNDS = int(os.environ.get("UNCHANGED_FAIL_ROUNDS", "3"))  # runs of 3 reloads per contender
 WALL_RELOADS = int(os.environ.get("UNCHANGED_WALL_RELOADS", "2"))  # reloads per size and contender
 PM2_ENV = dict(os.environ, PM2_HOME=os.path.join(TMP, "pm2-home"))
@@ -214,6 +214,18 @@ def wrk(port, secs, close, conns=32):
     return parse_wrk(r.stdout)
 
 
+def wrk_pair(port_a, port_b, secs, close):
+    """Two wrk runs at the same time, one per port; their results."""
+    cmd = ["wrk", "-t1", "-c32", f"-d{secs}s"] + (["-H", "Connection: close"] if close else [])
+    ws = [subprocess.Popen(cmd + [f"http://127.0.0.1:{p}/"], stdout=subprocess.PIPE, text=True)
+          for p in (port_a, port_b)]
+    loaders.extend(ws)
+    res = [parse_wrk(w.communicate()[0]) for w in ws]
+    for w in ws:
+        loaders.remove(w)
+    return res
+
+
 def parse_wrk(text):
     m = re.search(r"(\d+) requests in", text)
     rps = re.search(r"Requests/sec:\s+([0-9.]+)", text)
@@ -230,7 +242,7 @@ def parse_wrk(text):
 
 
 def data_path():
-    log(f"1. data path: unchanged+on, fd3+off (twice), fd3+on; {DP_WORKERS} worker(s) each")
+    log(f"1. data path: unchanged+on, fd3+off (again), fd3+on, each paired with fd3+off; {DP_WORKERS} worker(s) each")
     arms = [
         ("unchanged, on", OWN, ["--bind-intercept", "on"]),
         ("fd 3, off", FD3, ["--bind-intercept", "off"]),
@@ -245,47 +257,53 @@ def data_path():
         h.wait_ready()
     for h in hs:  # warm up (JIT, connection paths)
         wrk(h.port, 1, False)
-    res = {close: [[] for _ in arms] for close in (False, True)}
+    # rps[close][i]: contender i's slices; ratio[close][i]: its ratio to fd 3, off, per pair.
+    rps = {close: [[] for _ in arms] for close in (False, True)}
+    ratio = {close: [[] for _ in arms] for close in (False, True)}
+    errs = {close: [0 for _ in arms] for close in (False, True)}
     load0 = loadavg()
     for r in range(ROUNDS):
         for close in (False, True):
-            for k in range(len(arms)):
-                i = (k + r) % len(arms)
-                res[close][i].append(wrk(hs[i].port, SLICE, close))
+            for k in range(3):
+                i = [0, 2, 3][(k + r) % 3]
+                a, b = wrk_pair(hs[i].port, hs[1].port, SLICE, close)
+                for j, x in ((i, a), (1, b)):
+                    rps[close][j].append(x["rps"])
+                    errs[close][j] += sum(x["errors"]) + x["non2xx"]
+                if b["rps"] > 0:
+                    ratio[close][i].append(a["rps"] / b["rps"])
     load1 = loadavg()
     for h in hs:
         h.stop()
     out("### Data path: interception on vs off")
     out()
-    out(f"Four herdsman instances side by side, {DP_WORKERS} worker(s) each, `--listen 127.0.0.1:PORT`, default "
-        f"readiness; `wrk -t1 -c32 -d{SLICE}s` (keep-alive, and `-H 'Connection: close'` for a new "
-        f"connection per request), {ROUNDS} rounds per mode, the four measured in turn within a round "
-        f"(order rotated every round). Ratios are per round (slices seconds apart), then median "
-        f"(min–max) over the rounds. **fd 3, off (again)** is a second identical instance: its ratio "
-        f"to **fd 3, off** is the measurement's own noise. Load average (1, 5, 15 min) before: {load0}; "
-        f"after: {load1}.")
+    out(f"Four herdsman instances, {DP_WORKERS} worker(s) each, `--listen 127.0.0.1:PORT`, default "
+        f"readiness. Each contender is measured **at the same time as** the fd 3, off one: two "
+        f"`wrk -t1 -c32 -d{SLICE}s` started together, one on each (keep-alive, and "
+        f"`-H 'Connection: close'` for a new connection per request), so both see the same machine "
+        f"at the same moment and the ratio of their req/s compares the cost per request at an "
+        f"equal share of the CPU; slices taken in turn were useless here (other jobs' load changes "
+        f"within seconds: single ratios of 0.34–3.5× in a trial run). {ROUNDS} rounds per mode, the "
+        f"three pairs in turn (order rotated); the ratio is the median (min–max) over the rounds. "
+        f"**fd 3, off (again)** is a second identical instance: its ratio is the measurement's own "
+        f"noise. Load average (1, 5, 15 min) before: {load0}; after: {load1}.")
     if DP_WORKERS == 1:
         out()
-        out("One worker per contender: the filter's cost is per system call of the worker, and one "
-            "worker on one core with wrk on the other measures it without a second effect. With 2 "
+        out("One worker per contender: the filter's cost is per system call of the worker. With 2 "
             "workers on this 2-core machine a keep-alive slice is bimodal (30k or 75k req/s in a "
             "trial run, for the same contender): the shared accept queue hands a slice's 32 "
             "connections to the two workers unevenly, and sometimes one worker gets nearly all of "
             "them. `UNCHANGED_DP_WORKERS=2` measures with 2.")
     out()
-    out("| mode | contender | app | req/s | ratio to fd 3, off | errors |")
+    out("| mode | contender | app | req/s (while paired) | ratio to fd 3, off | errors |")
     out("|---|---|---|---|---|---|")
     summary = {}
     for close in (False, True):
-        base = [x["rps"] for x in res[close][1]]
         for i, (name, app, _) in enumerate(arms):
-            rps = [x["rps"] for x in res[close][i]]
-            ratio = [a / b for a, b in zip(rps, base) if b > 0]
-            errs = sum(sum(x["errors"]) + x["non2xx"] for x in res[close][i])
-            summary[(close, name)] = ratio
+            summary[(close, name)] = ratio[close][i]
             out(f"| {'new conn' if close else 'keep-alive'} | {name} | "
-                f"{'`listen(PORT)`' if app == OWN else '`listen({fd:3})`'} | {spread(rps, '{:.0f}')} | "
-                f"{'1' if i == 1 else ratio_s(ratio)} | {errs} |")
+                f"{'`listen(PORT)`' if app == OWN else '`listen({fd:3})`'} | {spread(rps[close][i], '{:.0f}')} | "
+                f"{'1' if i == 1 else ratio_s(ratio[close][i])} | {errs[close][i]} |")
     out()
     return summary
 

@@ -7,7 +7,8 @@
 #
 # 1. Data path: the seed's app unchanged (`listen(PORT)`) under `--bind-intercept on` against the
 #    same server on fd 3 (`listen({fd:3})`) under `off`, a second identical fd-3 instance (the
-#    noise), and the fd-3 app under `on` (the filter alone); wrk, alternating slices, ratios.
+#    noise), and the fd-3 app under `on` (the filter alone); each measured at the same time as
+#    the fd-3 `off` one (two wrk at once), ratios of req/s.
 # 2. Spawn time, `herdsman run -w 4` until `status --json` shows 4 ready: interception on vs off.
 # 3. Failed requests per 3 reloads of the seed's handler-less app under new-connection load:
 #    `--balance shared`, `--balance steer`, PM2 cluster mode (`pm2 reload`).
