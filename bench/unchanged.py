@@ -27,7 +27,7 @@ BIN, PM2 = sys.argv[1:3]
 WRITE = "--no-write" not in sys.argv[3:]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP = tempfile.mkdtemp(prefix="herdsman-bench-unchanged.")
-ROUNDS = int(os.environ.get("UNCHANGED_ROUNDS", "5"))  # data-path rounds per mode
+ROUNDS = int(os.environ.get("UNCHANGED_ROUNDS", "8"))  # data-path rounds per mode
 DP_WORKERS = int(os.environ.get("UNCHANGED_DP_WORKERS", "1"))  # workers per data-path contender
 SLICE = int(os.environ.get("UNCHANGED_SLICE", "2"))  # seconds per wrk slice
 SPAWNS = int(os.environ.get("UNCHANGED_SPAWNS", "10"))  # start-ups per arm
@@ -305,6 +305,15 @@ def data_path():
                 f"{'`listen(PORT)`' if app == OWN else '`listen({fd:3})`'} | {spread(rps[close][i], '{:.0f}')} | "
                 f"{'1' if i == 1 else ratio_s(ratio[close][i])} | {errs[close][i]} |")
     out()
+    for close in (False, True):
+        noise = ratio[close][2]
+        lo, hi = min(noise), max(noise)
+        for i in (0, 3):
+            m = med(ratio[close][i])
+            verdict = ("inside the range of the identical pair" if lo <= m <= hi
+                       else f"outside the range of the identical pair ({lo:.3f}–{hi:.3f})")
+            out(f"* {'new conn' if close else 'keep-alive'}, {arms[i][0]}: median {m:.3f}×, {verdict}.")
+    out()
     return summary
 
 
@@ -340,6 +349,9 @@ def spawn_times():
     for i, (name, _, _) in enumerate(arms):
         ratio = [a / b for a, b in zip(times[i], base)]
         out(f"| {name} | {spread(times[i])} | {'1' if i == 1 else ratio_s(ratio)} |")
+    out()
+    out("Most of a start-up is Node's own (4 workers starting at once on 2 cores); interception "
+        "adds one round trip through herdsman per `bind()` and per `listen()` of a worker.")
     out()
     return [[a / b for a, b in zip(times[i], base)] for i in range(len(arms))]
 
@@ -402,6 +414,15 @@ def reload_failures():
         out(f"| {name} | {', '.join(map(str, fails))} | {spread([x['requests'] for x in runs[i]], '{:.0f}')} | "
             f"{'/'.join(map(str, kinds))} | {spread(walls, '{:.2f}')} |")
     out()
+    out("Why they differ (src/steer.rs, docs/servers.md): under `shared` the old worker gets SIGTERM "
+        "as soon as its replacement held `min_ready`, and a Node app with no handler exits at once, "
+        "dropping the connections it had accepted but not answered (*read* errors: closed without "
+        "an answer). Under `steer` the old worker's member socket stops receiving first, and the "
+        "worker is signalled only once its own accept queue is empty and a short grace has passed, "
+        "so it is idle when it dies. An app with a drain handler loses nothing in either mode "
+        "(docs/guarantees.md). PM2 cluster mode's primary accepts every connection and hands it "
+        "to a worker over IPC.")
+    out()
     return summary
 
 
@@ -438,6 +459,10 @@ def reload_wall():
     out("|---|---|---|---|---|")
     for n, hw, pw in rows:
         out(f"| {n} | {spread(hw, '{:.2f}')} | {med(hw) / n:.2f} | {spread(pw, '{:.2f}')} | {med(hw) / med(pw):.2f} |")
+    out()
+    out("herdsman replaces one slot at a time and stops an old worker only after its replacement "
+        "was ready for `min_ready` (1 s): a slot costs `min_ready` plus the new worker's start. "
+        "PM2 has no such hold: its reload stops an old worker once the new one is listening.")
     out()
     return rows
 
