@@ -93,6 +93,23 @@ def ratio_s(xs):
     return f"{med(xs):.3f}×"
 
 
+def cpu_ns(pids):
+    """On-CPU time of these processes' threads so far (schedstat, ns)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except OSError:
+                pass
+    return total
+
+
 def get_ok(port, timeout=1.0):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as r:
@@ -148,6 +165,9 @@ class Herdsman:
         took = time.monotonic() - self.t0
         wait(lambda: get_ok(self.port), 10, f"{self.name} to serve")
         return took
+
+    def worker_pids(self):
+        return [w["pid"] for w in self.status()["workers"] if w["pid"]]
 
     def reload(self):
         t = time.monotonic()
@@ -257,21 +277,31 @@ def data_path():
         h.wait_ready()
     for h in hs:  # warm up (JIT, connection paths)
         wrk(h.port, 1, False)
-    # rps[close][i]: contender i's slices; ratio[close][i]: its ratio to fd 3, off, per pair.
+    pids = [h.worker_pids() for h in hs]
+    # rps[close][i]: contender i's slices; ratio[close][i]: its req/s ratio to fd 3, off, per
+    # pair; cpu[close][i]: its workers' CPU µs per request, cratio the ratio of those.
     rps = {close: [[] for _ in arms] for close in (False, True)}
     ratio = {close: [[] for _ in arms] for close in (False, True)}
+    cpu = {close: [[] for _ in arms] for close in (False, True)}
+    cratio = {close: [[] for _ in arms] for close in (False, True)}
     errs = {close: [0 for _ in arms] for close in (False, True)}
     load0 = loadavg()
     for r in range(ROUNDS):
         for close in (False, True):
             for k in range(3):
                 i = [0, 2, 3][(k + r) % 3]
+                c0 = [cpu_ns(pids[i]), cpu_ns(pids[1])]
                 a, b = wrk_pair(hs[i].port, hs[1].port, SLICE, close)
-                for j, x in ((i, a), (1, b)):
+                c1 = [cpu_ns(pids[i]), cpu_ns(pids[1])]
+                per = [(c1[j] - c0[j]) / 1000 / max(x["requests"], 1) for j, x in enumerate((a, b))]
+                for j, x, us in ((i, a, per[0]), (1, b, per[1])):
                     rps[close][j].append(x["rps"])
+                    cpu[close][j].append(us)
                     errs[close][j] += sum(x["errors"]) + x["non2xx"]
                 if b["rps"] > 0:
                     ratio[close][i].append(a["rps"] / b["rps"])
+                if per[1] > 0:
+                    cratio[close][i].append(per[0] / per[1])
     load1 = loadavg()
     for h in hs:
         h.stop()
@@ -295,24 +325,30 @@ def data_path():
             "connections to the two workers unevenly, and sometimes one worker gets nearly all of "
             "them. `UNCHANGED_DP_WORKERS=2` measures with 2.")
     out()
-    out("| mode | contender | app | req/s (while paired) | ratio to fd 3, off | errors |")
-    out("|---|---|---|---|---|---|")
+    out("*worker CPU per request* = the worker's on-CPU time over the slice (all its threads, "
+        "`/proc/PID/task/*/schedstat`) ÷ the requests wrk completed: what the filter would add to "
+        "(it runs in the worker, on its system calls); it depends far less on what else the "
+        "machine runs than req/s does.")
+    out()
+    out("| mode | contender | app | req/s (while paired) | req/s ratio to fd 3, off | worker CPU per request µs | CPU ratio to fd 3, off | errors |")
+    out("|---|---|---|---|---|---|---|---|")
     summary = {}
     for close in (False, True):
         for i, (name, app, _) in enumerate(arms):
-            summary[(close, name)] = ratio[close][i]
+            summary[(close, name)] = (ratio[close][i], cratio[close][i])
             out(f"| {'new conn' if close else 'keep-alive'} | {name} | "
                 f"{'`listen(PORT)`' if app == OWN else '`listen({fd:3})`'} | {spread(rps[close][i], '{:.0f}')} | "
-                f"{'1' if i == 1 else ratio_s(ratio[close][i])} | {errs[close][i]} |")
+                f"{'1' if i == 1 else ratio_s(ratio[close][i])} | {spread(cpu[close][i], '{:.1f}')} | "
+                f"{'1' if i == 1 else ratio_s(cratio[close][i])} | {errs[close][i]} |")
     out()
     for close in (False, True):
-        noise = ratio[close][2]
-        lo, hi = min(noise), max(noise)
-        for i in (0, 3):
-            m = med(ratio[close][i])
-            verdict = ("inside the range of the identical pair" if lo <= m <= hi
-                       else f"outside the range of the identical pair ({lo:.3f}–{hi:.3f})")
-            out(f"* {'new conn' if close else 'keep-alive'}, {arms[i][0]}: median {m:.3f}×, {verdict}.")
+        for what, rs in (("req/s", ratio[close]), ("CPU per request", cratio[close])):
+            lo, hi = min(rs[2]), max(rs[2])
+            for i in (0, 3):
+                m = med(rs[i])
+                verdict = ("inside the range of the identical pair" if lo <= m <= hi
+                           else f"outside the range of the identical pair ({lo:.3f}–{hi:.3f})")
+                out(f"* {'new conn' if close else 'keep-alive'}, {arms[i][0]}, {what}: median {m:.3f}×, {verdict}.")
     out()
     return summary
 
@@ -498,12 +534,15 @@ def main():
         out()
         out(f"**Note:** {os.environ['UNCHANGED_NOTE']}")
     out()
-    ka, nc = dp[(False, "unchanged, on")], dp[(True, "unchanged, on")]
+    def both(name, k):
+        return f"keep-alive {ratio_s(dp[(False, name)][k])}, new conn {ratio_s(dp[(True, name)][k])}"
+
     out("| question | result |")
     out("|---|---|")
-    out(f"| data path, unchanged app with interception on ÷ fd-3 app with it off | keep-alive {ratio_s(ka)}, new conn {ratio_s(nc)} "
-        f"(noise: the same fd-3 instance twice gives {ratio_s(dp[(False, 'fd 3, off (again)')])} / {ratio_s(dp[(True, 'fd 3, off (again)')])}) |")
-    out(f"| … the filter alone (fd-3 app, on ÷ off) | keep-alive {ratio_s(dp[(False, 'fd 3, on')])}, new conn {ratio_s(dp[(True, 'fd 3, on')])} |")
+    out(f"| data path, unchanged app with interception on ÷ fd-3 app with it off: req/s | {both('unchanged, on', 0)} "
+        f"(noise, the same fd-3 app twice: {both('fd 3, off (again)', 0)}) |")
+    out(f"| … worker CPU per request | {both('unchanged, on', 1)} (noise: {both('fd 3, off (again)', 1)}) |")
+    out(f"| … the filter alone (fd-3 app, on ÷ off): req/s; CPU per request | {both('fd 3, on', 0)}; {both('fd 3, on', 1)} |")
     out(f"| spawn of 4 workers, unchanged+on ÷ fd 3+off | {ratio_s(sp[0])} (the filter alone, fd 3 on ÷ off: {ratio_s(sp[2])}) |")
     out("| failed requests per 3 reloads (handler-less app, new connections) | "
         + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in rf.items()) + " |")
