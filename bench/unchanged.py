@@ -307,13 +307,13 @@ def data_path():
         h.stop()
     out("### Data path: interception on vs off")
     out()
-    out(f"Four herdsman instances, {DP_WORKERS} worker(s) each, `--listen 127.0.0.1:PORT`, default "
+    out(f"Four herdsman instances, {DP_WORKERS} worker{'s' if DP_WORKERS > 1 else ''} each, `--listen 127.0.0.1:PORT`, default "
         f"readiness. Each contender is measured **at the same time as** the fd 3, off one: two "
         f"`wrk -t1 -c32 -d{SLICE}s` started together, one on each (keep-alive, and "
         f"`-H 'Connection: close'` for a new connection per request), so both see the same machine "
         f"at the same moment and the ratio of their req/s compares the cost per request at an "
-        f"equal share of the CPU; slices taken in turn were useless here (other jobs' load changes "
-        f"within seconds: single ratios of 0.34–3.5× in a trial run). {ROUNDS} rounds per mode, the "
+        f"equal share of the CPU. (Slices taken in turn were useless on this machine: other jobs' load "
+        f"changes within seconds, and one trial run's single ratios spread over 0.34–3.5×.) {ROUNDS} rounds per mode, the "
         f"three pairs in turn (order rotated); the ratio is the median (min–max) over the rounds. "
         f"**fd 3, off (again)** is a second identical instance: its ratio is the measurement's own "
         f"noise. Load average (1, 5, 15 min) before: {load0}; after: {load1}.")
@@ -326,9 +326,9 @@ def data_path():
             "them. `UNCHANGED_DP_WORKERS=2` measures with 2.")
     out()
     out("*worker CPU per request* = the worker's on-CPU time over the slice (all its threads, "
-        "`/proc/PID/task/*/schedstat`) ÷ the requests wrk completed: what the filter would add to "
-        "(it runs in the worker, on its system calls); it depends far less on what else the "
-        "machine runs than req/s does.")
+        "`/proc/PID/task/*/schedstat`) ÷ the requests wrk completed. The filter runs in the worker, "
+        "on its system calls, so its cost would show here; and this figure depends far less on "
+        "what else the machine runs than req/s does.")
     out()
     out("| mode | contender | app | req/s (while paired) | req/s ratio to fd 3, off | worker CPU per request µs | CPU ratio to fd 3, off | errors |")
     out("|---|---|---|---|---|---|---|---|")
@@ -385,6 +385,13 @@ def spawn_times():
     for i, (name, _, _) in enumerate(arms):
         ratio = [a / b for a, b in zip(times[i], base)]
         out(f"| {name} | {spread(times[i])} | {'1' if i == 1 else ratio_s(ratio)} |")
+    out()
+    for i in (0, 2):
+        rs = [a / b for a, b in zip(times[i], base)]
+        inside = min(rs) <= 1 <= max(rs)
+        out(f"* {arms[i][0]}: median {med(rs):.3f}×; "
+            + ("the range includes 1: no difference beyond the run-to-run noise at this load."
+               if inside else f"every round {'slower' if min(rs) > 1 else 'faster'} than fd 3, off."))
     out()
     out("Most of a start-up is Node's own (4 workers starting at once on 2 cores); interception "
         "adds one round trip through herdsman per `bind()` and per `listen()` of a worker.")

@@ -372,7 +372,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "\n## Reproduce\n");
     let _ = writeln!(
         s,
-        "```sh\nbench/run.sh            # full run, ~20 min: installs wrk (apt) and PM2 (npm, into bench/.deps), builds, runs, writes this file + docs/bench-*.svg\nbench/run.sh --quick    # ~2 min smoke run (writes to bench/results/quick/ unless --out is given)\n```\n\n\
+        "```sh\nbench/run.sh            # full run, ~20 min: installs wrk (apt) and PM2 (npm, into bench/.deps), builds, runs, writes this file + docs/bench-*.svg\nbench/run.sh --quick    # ~2 min smoke run (writes to bench/results/quick/ unless --out is given)\nbench/run.sh --only unchanged   # ~5 min: the unchanged-apps section above (docs/bench-unchanged.md) alone\n```\n\n\
          Raw results: `bench/results/results.json`; `cargo run --release --manifest-path bench/Cargo.toml -- report bench/results/results.json docs` \
          regenerates this page and the plots from them."
     );
