@@ -5,6 +5,8 @@
 #   bench/run.sh --quick    ~2 min smoke run: writes bench/results/quick/
 #   bench/run.sh [--quick] --only throughput,reload,cost,recovery,scaling,balance [--out DIR]
 #   bench/run.sh --only balance   section 7 alone (~15 min): replaces that section of docs/benchmarks.md
+#   bench/run.sh --only unchanged bind interception on/off, reload failures and wall time beside
+#                                 PM2 (issue 23, ~5 min): bench/unchanged.sh, docs/bench-unchanged.md
 #
 # Installs what it needs: wrk (Debian package), PM2 (npm, into bench/.deps, with a private
 # PM2_HOME per run), builds herdsman (release) and the bench crate, then runs
@@ -32,6 +34,13 @@ if [ "$(node -p "try{require('$ROOT/bench/.deps/node_modules/pm2/package.json').
 fi
 say "building herdsman and the bench (release)"
 cargo build --release --quiet
+# The unchanged-apps benchmark (issue 23) is a script of its own (~5 min, no load-average wait:
+# it records the load it ran under): `--only unchanged` runs just it, prints its tables and
+# replaces its section of docs/benchmarks.md (docs/bench-unchanged.md).
+if [[ " $* " == *" --only unchanged "* ]]; then
+    say "unchanged apps (bench/unchanged.sh)"
+    exec bench/unchanged.sh
+fi
 cargo build --release --quiet --manifest-path bench/Cargo.toml
 
 if [[ " $* " != *" --quick "* ]]; then

@@ -359,9 +359,11 @@ pub fn markdown(r: &Results) -> String {
         s.push('\n');
     }
     s.push_str(&crate::notes::notes(r));
-    // Written by bench/queues.sh, bench/metrics.sh and bench/upgrade.sh (their own runs): kept across
-    // regenerations of this page.
-    for own in ["docs/bench-queues.md", "docs/bench-metrics.md", "docs/bench-upgrade.md"] {
+    // Written by bench/queues.sh, bench/metrics.sh, bench/upgrade.sh and bench/unchanged.sh (their
+    // own runs): kept across regenerations of this page.
+    for own in
+        ["docs/bench-queues.md", "docs/bench-metrics.md", "docs/bench-upgrade.md", "docs/bench-unchanged.md"]
+    {
         if let Ok(m) = std::fs::read_to_string(own) {
             s.push('\n');
             s.push_str(&m);
@@ -370,7 +372,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "\n## Reproduce\n");
     let _ = writeln!(
         s,
-        "```sh\nbench/run.sh            # full run, ~20 min: installs wrk (apt) and PM2 (npm, into bench/.deps), builds, runs, writes this file + docs/bench-*.svg\nbench/run.sh --quick    # ~2 min smoke run (writes to bench/results/quick/ unless --out is given)\n```\n\n\
+        "```sh\nbench/run.sh            # full run, ~20 min: installs wrk (apt) and PM2 (npm, into bench/.deps), builds, runs, writes this file + docs/bench-*.svg\nbench/run.sh --quick    # ~2 min smoke run (writes to bench/results/quick/ unless --out is given)\nbench/run.sh --only unchanged   # ~5 min: the unchanged-apps section above (docs/bench-unchanged.md) alone\n```\n\n\
          Raw results: `bench/results/results.json`; `cargo run --release --manifest-path bench/Cargo.toml -- report bench/results/results.json docs` \
          regenerates this page and the plots from them."
     );
