@@ -222,10 +222,20 @@ impl Supervisor {
     /// What a worker's bind filter saw (see `intercept`).
     pub(super) fn on_intercepted(&mut self, pid: i32, seen: crate::intercept::Seen) {
         use crate::intercept::Seen;
+        // The socket herdsman bound for the first worker's own bind is the app's, not that
+        // worker's: it is kept even when the worker died before this event (the next worker
+        // gets it at fd 3, `status` shows it).
+        let seen = match seen {
+            Seen::Bound { asked, served, learned: Some(l) } => {
+                self.outside.adopt_learned(l);
+                Seen::Bound { asked, served, learned: None }
+            }
+            other => other,
+        };
         let Some(w) = self.pool.workers.get_mut(&pid) else { return };
         let (slot, generation) = (w.slot, w.spec.generation);
         match seen {
-            Seen::Bound { asked, served, learned } => {
+            Seen::Bound { asked, served, .. } => {
                 if !w.bound {
                     let how = if asked == served {
                         String::new()
@@ -236,9 +246,6 @@ impl Supervisor {
                 }
                 w.bound = true;
                 w.bound_at.get_or_insert(self.outside.host.now());
-                if let Some(l) = learned {
-                    self.outside.adopt_learned(l);
-                }
             }
             Seen::Listened => {
                 let listen = matches!(w.spec.ready, ReadyMode::Listen | ReadyMode::Auto);

@@ -725,3 +725,34 @@ async fn stop_signal_message_sends_the_shutdown_message_instead_of_a_signal_then
     s.advance(Duration::from_secs(5));
     assert_eq!(s.signalled(pid), [Signal::SIGKILL], "SIGKILL after the stop timeout, as with signals");
 }
+
+/// Review finding: the socket herdsman bound for the first worker's own bind (no `--listen`)
+/// was dropped when that worker died before its `Bound` event reached the loop; the address
+/// must survive (`status` shows it) and the next worker must get it (at fd 3).
+#[tokio::test]
+async fn a_learned_socket_survives_the_worker_that_bound_it_dying_first() {
+    let mut s = sim(1, "");
+    let first = s.spawned()[0].0;
+    s.exit(first, 1);
+    let l = crate::listeners::Listeners::bind_learned("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+    let addr = l.addr.clone();
+    let served: std::net::SocketAddr = addr.parse().unwrap();
+    let seen = crate::intercept::Seen::Bound { asked: served, served, learned: Some(l) };
+    s.sup.on_event(Event::Intercepted { pid: first, seen });
+    s.settle();
+    assert_eq!(s.status().learned_sockets, vec![addr.clone()]);
+    s.advance(Duration::from_secs(60)); // past the restart back-off
+    let next = s.spawned().last().unwrap().0;
+    assert_ne!(next, first);
+    let given: Vec<String> = s
+        .sup
+        .outside
+        .fds_of(next)
+        .iter()
+        .filter_map(|&fd| {
+            let a = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrIn>(fd).ok()?;
+            Some(a.to_string())
+        })
+        .collect();
+    assert!(given.contains(&addr), "the next worker's sockets {given:?} lack the learned {addr}");
+}
