@@ -95,26 +95,113 @@ pub enum Unavailable {
     )]
     Refused { step: &'static str, err: std::io::Error },
     #[error(
-        "bind interception: {step} is missing ({err}): it needs Linux 5.9 or newer (SECCOMP_IOCTL_NOTIF_ADDFD); upgrade the kernel or use --bind-intercept=off"
+        "bind interception: {step} is missing ({err}): it needs Linux 5.9 or newer (SECCOMP_IOCTL_NOTIF_ADDFD), this is Linux {release}; upgrade the kernel or use --bind-intercept=off"
     )]
-    Kernel { step: &'static str, err: std::io::Error },
+    Kernel { step: &'static str, err: std::io::Error, release: String },
+    #[error(
+        "bind interception: the worker program {program} is a {kind} binary, and the bind filter traps x86_64 system calls only (its own bind() would get EADDRINUSE); run a 64-bit build, or use --bind-intercept=off and have the app take its socket from fd 3 (LISTEN_FDS)"
+    )]
+    Compat { program: String, kind: &'static str },
+}
+
+/// What kind of compat binary `program` is (`"32-bit (i386)"`, `"x32"`, `"32-bit"`), from
+/// its ELF header (`EI_CLASS`, `e_machine`); `None` for a 64-bit ELF, a script or anything
+/// unreadable. A script (`#!`) is judged by its interpreter, one level deep (`#!/usr/bin/env
+/// X` is not followed: what env runs is only known at exec).
+///
+/// Why the ELF header and not the filter's architecture check at run time: the filter sees
+/// an i386 `bind()` only once the worker runs, too late to fail the start (`on`) or to say
+/// so before the first crash loop (`auto`); the header is known before any worker starts. A
+/// 64-bit launcher that execs a 32-bit program is not seen: that worker's bind proceeds and
+/// fails as without herdsman (the filter allows every other architecture through).
+pub fn compat_kind(program: &std::path::Path) -> Option<&'static str> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(program).and_then(|mut f| f.read(&mut head)).ok()?;
+    let head = &head[..n];
+    if let Some(line) = head.strip_prefix(b"#!") {
+        let line = line.split(|&b| b == b'\n').next()?;
+        let text = std::str::from_utf8(line).ok()?;
+        let interpreter = text.split_whitespace().next()?;
+        if interpreter.ends_with("/env") || !interpreter.starts_with('/') {
+            return None;
+        }
+        let target = std::path::Path::new(interpreter);
+        // One level: an interpreter that is itself a script is not followed.
+        return if std::fs::read(target).is_ok_and(|b| b.starts_with(b"#!")) {
+            None
+        } else {
+            compat_kind(target)
+        };
+    }
+    if head.len() < 20 || &head[..4] != b"\x7fELF" {
+        return None;
+    }
+    const ELFCLASS32: u8 = 1;
+    const EM_386: u16 = 3;
+    const EM_X86_64: u16 = 62;
+    let machine = match head[5] {
+        1 => u16::from_le_bytes([head[18], head[19]]),
+        _ => u16::from_be_bytes([head[18], head[19]]),
+    };
+    match (head[4], machine) {
+        (ELFCLASS32, EM_386) => Some("32-bit (i386)"),
+        (ELFCLASS32, EM_X86_64) => Some("x32"),
+        (ELFCLASS32, _) => Some("32-bit"),
+        _ => None,
+    }
+}
+
+/// The worker program as it will be executed: `command[0]` resolved on the workers' `PATH`
+/// (`env`, herdsman's environment then the app's) from their directory; `None` when it
+/// cannot be found (the spawn says why).
+pub fn worker_program(
+    command: &[String],
+    env: &[(String, String)],
+    cwd: Option<&std::path::Path>,
+) -> Option<std::path::PathBuf> {
+    let first = command.first()?;
+    let found = crate::spawn::resolve(first, env, cwd).ok()?;
+    let path = std::path::PathBuf::from(found);
+    Some(match cwd {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path,
+    })
 }
 
 /// Whether workers get the filter: `on` fails when it cannot work, `auto` logs why not once
-/// and goes on without it, `off` never probes.
-pub fn resolve(mode: BindIntercept) -> Result<bool, Unavailable> {
+/// and goes on without it, `off` never probes. `program`: the worker program (see
+/// [`worker_program`]), checked for a 32-bit build.
+pub fn resolve(mode: BindIntercept, program: Option<&std::path::Path>) -> Result<bool, Unavailable> {
+    resolve_with(mode, program, || sys::probe_bind_filter(&filter()))
+}
+
+/// [`resolve`] with the kernel probe injected (tests give it an old kernel's answer).
+fn resolve_with(
+    mode: BindIntercept,
+    program: Option<&std::path::Path>,
+    probe: impl FnOnce() -> Result<(), sys::FilterRefused>,
+) -> Result<bool, Unavailable> {
     if mode == BindIntercept::Off {
         return Ok(false);
     }
-    let probe = if cfg!(target_arch = "x86_64") {
-        sys::probe_bind_filter(&filter()).map_err(|r| match r.err.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES) => Unavailable::Refused { step: r.step, err: r.err },
-            _ => Unavailable::Kernel { step: r.step, err: r.err },
-        })
-    } else {
+    let compat = program.and_then(|p| Some((p, compat_kind(p)?)));
+    let verdict = if !cfg!(target_arch = "x86_64") {
         Err(Unavailable::Arch(std::env::consts::ARCH))
+    } else if let Some((p, kind)) = compat {
+        Err(Unavailable::Compat { program: p.display().to_string(), kind })
+    } else {
+        probe().map_err(|r| match r.err.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => Unavailable::Refused { step: r.step, err: r.err },
+            _ => Unavailable::Kernel {
+                step: r.step,
+                err: r.err,
+                release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                    .map_or_else(|_| "unknown".into(), |r| r.trim().to_string()),
+            },
+        })
     };
-    match (probe, mode) {
+    match (verdict, mode) {
         (Ok(()), _) => Ok(true),
         (Err(e), BindIntercept::On) => Err(e),
         (Err(e), _) => {
@@ -537,6 +624,89 @@ mod tests {
         assert_eq!(at(&other.local_addr().unwrap().to_string()), None);
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert!(Sockets::of(&[udp.as_raw_fd()], None).is_empty(), "only TCP sockets are offered");
+    }
+
+    /// An ELF header: `class` 1 (32-bit) or 2 (64-bit), little-endian, machine `machine`.
+    fn elf(dir: &std::path::Path, name: &str, class: u8, machine: u16) -> std::path::PathBuf {
+        let mut h = vec![0x7f, b'E', b'L', b'F', class, 1, 1, 0];
+        h.resize(64, 0);
+        h[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        h[18..20].copy_from_slice(&machine.to_le_bytes());
+        let p = dir.join(name);
+        std::fs::write(&p, h).unwrap();
+        p
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("herdsman-intercept-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_32_bit_worker_program_is_recognised_by_its_elf_header() {
+        let d = scratch("elf");
+        assert_eq!(compat_kind(&elf(&d, "i386", 1, 3)), Some("32-bit (i386)"));
+        assert_eq!(compat_kind(&elf(&d, "x32", 1, 62)), Some("x32"));
+        assert_eq!(compat_kind(&elf(&d, "amd64", 2, 62)), None);
+        // A script is judged by its interpreter.
+        let i386 = elf(&d, "i386-interp", 1, 3);
+        std::fs::write(d.join("script"), format!("#!{} -x\n", i386.display())).unwrap();
+        assert_eq!(compat_kind(&d.join("script")), Some("32-bit (i386)"));
+        std::fs::write(d.join("env-script"), "#!/usr/bin/env node\n").unwrap();
+        assert_eq!(compat_kind(&d.join("env-script")), None);
+        assert_eq!(compat_kind(&d.join("missing")), None);
+        // This test binary itself is a 64-bit build.
+        assert_eq!(compat_kind(&std::env::current_exe().unwrap()), None);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_32_bit_worker_fails_on_and_turns_auto_off() {
+        let d = scratch("compat");
+        let i386 = elf(&d, "i386", 1, 3);
+        let ok = || Ok(());
+        let e = resolve_with(BindIntercept::On, Some(&i386), ok).unwrap_err();
+        assert!(matches!(e, Unavailable::Compat { kind: "32-bit (i386)", .. }), "{e}");
+        let line = e.to_string();
+        assert!(!line.contains('\n') && line.contains("--bind-intercept=off"), "{line}");
+        assert!(!resolve_with(BindIntercept::Auto, Some(&i386), ok).unwrap());
+        assert!(!resolve_with(BindIntercept::Off, Some(&i386), ok).unwrap());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A kernel before 5.9 answers `SECCOMP_IOCTL_NOTIF_ADDFD` with `EINVAL` (an unknown
+    /// ioctl of the notification fd), one before 5.0 refuses the listener flag the same way.
+    #[test]
+    fn a_kernel_without_addfd_fails_on_and_turns_auto_off() {
+        let old_kernel = || {
+            Err(sys::FilterRefused {
+                step: "SECCOMP_IOCTL_NOTIF_ADDFD",
+                err: std::io::Error::from_raw_os_error(libc::EINVAL),
+            })
+        };
+        if cfg!(target_arch = "x86_64") {
+            let e = resolve_with(BindIntercept::On, None, old_kernel).unwrap_err();
+            assert!(matches!(e, Unavailable::Kernel { step: "SECCOMP_IOCTL_NOTIF_ADDFD", .. }), "{e}");
+            let line = e.to_string();
+            assert!(
+                !line.contains('\n') && line.contains("5.9") && line.contains("--bind-intercept=off"),
+                "{line}"
+            );
+            assert!(!resolve_with(BindIntercept::Auto, None, old_kernel).unwrap());
+            // A sandbox's refusal is told apart from an old kernel.
+            let refused = || {
+                Err(sys::FilterRefused {
+                    step: "seccomp()",
+                    err: std::io::Error::from_raw_os_error(libc::EPERM),
+                })
+            };
+            assert!(matches!(
+                resolve_with(BindIntercept::On, None, refused),
+                Err(Unavailable::Refused { .. })
+            ));
+            assert!(resolve_with(BindIntercept::On, None, || Ok(())).unwrap());
+        }
     }
 
     #[test]

@@ -635,3 +635,52 @@ fn a_worker_of_another_user_gets_no_privileged_port_through_the_learned_address(
     assert_eq!(st["learned_sockets"].as_array().map(Vec::len), Some(0), "{st}");
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "herdsman bound {port}: {st}");
 }
+
+/// A 32-bit worker program: the bind filter traps x86_64 system calls only, so with
+/// `--bind-intercept on` the start fails (71, the exit code of every other reason it cannot
+/// work) with one line naming the program and the fix, before any worker starts.
+#[test]
+fn bind_intercept_on_fails_the_start_for_a_32_bit_worker_program() {
+    if std::env::consts::ARCH != "x86_64" {
+        return;
+    }
+    let dir = TempDir::new("intercept-i386");
+    // An i386 ELF header (ELFCLASS32, EM_386): what `gcc -m32` would write.
+    let mut h = vec![0x7f, b'E', b'L', b'F', 1, 1, 1, 0];
+    h.resize(52, 0);
+    h[16..18].copy_from_slice(&2u16.to_le_bytes());
+    h[18..20].copy_from_slice(&3u16.to_le_bytes());
+    let program = dir.path("server32");
+    std::fs::write(&program, h).unwrap();
+    std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--name", "t", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--control", dir.path("control.sock").to_str().unwrap(), "--bind-intercept", "on"])
+        .arg("--")
+        .arg(&program)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    // Bounded: a supervisor that starts anyway would crash-loop its worker for ever.
+    let waited = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if waited.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(dir.path("stderr")).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(71), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("32-bit")).collect();
+    assert_eq!(lines.len(), 1, "one line naming the cause: {stderr}");
+    assert!(lines[0].contains("server32") && lines[0].contains("--bind-intercept=off"), "{stderr}");
+}

@@ -800,5 +800,9 @@ async fn a_worker_looping_on_failing_binds_does_not_flood_the_log() {
         assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 4, "the first, then at 10, 100, 1000");
         s.exit(pid, 1);
     });
-    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 6, "and the total at its exit (beside the exit's own line)");
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        6,
+        "and the total at its exit (beside the exit's own line)"
+    );
 }
