@@ -412,11 +412,20 @@ pub fn watch(
             if revents.contains(nix::poll::PollFlags::POLLIN) {
                 match sys::notif_recv(&listener) {
                     Ok(n) => {
+                        // The sockaddr is read off the loop, with a deadline (see `read_sockaddr`).
+                        let read = match n.data.nr as u32 {
+                            NR_BIND => {
+                                let len = (n.data.args[2] as usize).min(MAX_SOCKADDR);
+                                let mem = as_mem(owner, n.pid as i32);
+                                Some(read_sockaddr(mem, n.data.args[1], len, MEMORY_READ_DEADLINE).await)
+                            }
+                            _ => None,
+                        };
                         let seen = match owner {
                             Some((uid, gid)) => {
-                                sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n, owner))
+                                sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n, owner, read))
                             }
-                            None => answer(&listener, &sockets, &n, owner),
+                            None => answer(&listener, &sockets, &n, owner, read),
                         };
                         if let Some(seen) = seen {
                             report(seen);
@@ -441,11 +450,13 @@ pub fn watch(
 
 /// Answers one notification; what it saw, if anything worth telling. `owner`: the workers'
 /// user and group when they are not herdsman's own (see `watch`).
+/// `read`: what [`read_sockaddr`] read of a `bind()`'s sockaddr (`None` for other calls).
 fn answer(
     listener: &OwnedFd,
     sockets: &Sockets,
     n: &libc::seccomp_notif,
     owner: Option<(u32, u32)>,
+    read: Option<Read>,
 ) -> Option<Seen> {
     let go_on = || {
         let _ = sys::notif_respond(listener, n.id, 0, 0, true);
@@ -467,25 +478,23 @@ fn answer(
         go_on();
         return None;
     }
-    let len = (n.data.args[2] as usize).min(MAX_SOCKADDR);
-    let mut buf = [0u8; MAX_SOCKADDR];
-    // /proc/TID/mem, not process_vm_readv: opening it checks ptrace access with the
-    // filesystem ids (the worker's, see `watch`), process_vm_readv with the real ones (root's,
-    // which would need CAP_SYS_PTRACE for a worker of another user).
-    let read = std::fs::File::open(format!("/proc/{tid}/mem")).and_then(|f| {
-        use std::os::unix::fs::FileExt;
-        f.read_at(&mut buf[..len], n.data.args[1])
-    });
-    let read = match read {
-        Ok(r) => r,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+    let buf = match read {
+        Some(Read::Done(Ok(b))) => b,
+        Some(Read::Done(Err(e))) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
             go_on();
             return Some(Seen::Failed(format!(
                 "cannot read the worker's memory ({e}): run herdsman as root or as the workers' user"
             )));
         }
+        Some(Read::TimedOut) => {
+            go_on();
+            return Some(Seen::Failed(format!(
+                "reading the bind() address in the worker's memory took over {} s (is it on a hung file system?): the bind went on unchanged",
+                MEMORY_READ_DEADLINE.as_secs()
+            )));
+        }
         // A bad address (EFAULT) or a task that is gone: the kernel answers the call itself.
-        Err(_) => {
+        Some(Read::Done(Err(_))) | None => {
             go_on();
             return None;
         }
@@ -493,7 +502,7 @@ fn answer(
     if !sys::notif_id_valid(listener, n.id) {
         return None;
     }
-    let Some(asked) = parse_sockaddr(&buf[..read]) else {
+    let Some(asked) = parse_sockaddr(&buf) else {
         go_on();
         return None;
     };
@@ -564,6 +573,64 @@ fn answer(
     }
     let _ = sys::notif_respond(listener, n.id, 0, 0, false);
     Some(Seen::Bound { asked, served: target.addr, learned })
+}
+
+/// How long reading a trapped `bind()`'s sockaddr may take before the call goes on
+/// unchanged. The read faults the page in, and a page of a file on a hung FUSE or NFS mount
+/// never comes: without a deadline, the supervisor's loop would wait with it.
+pub const MEMORY_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What reading a sockaddr gave.
+#[derive(Debug)]
+enum Read {
+    Done(std::io::Result<Vec<u8>>),
+    TimedOut,
+}
+
+/// Opens `/proc/TID/mem` as the worker's own user (the ptrace access check happens at the
+/// open, with the filesystem ids: see `watch`). Opening touches no page of its memory.
+fn as_mem(owner: Option<(u32, u32)>, tid: i32) -> std::io::Result<std::fs::File> {
+    // Not process_vm_readv: it checks ptrace access with the real ids (root's, which would
+    // need CAP_SYS_PTRACE for a worker of another user).
+    let open = || std::fs::File::open(format!("/proc/{tid}/mem"));
+    match owner {
+        Some((uid, gid)) => sys::with_fs_ids(uid, gid, open),
+        None => open(),
+    }
+}
+
+/// Reads `len` bytes at `addr` of an open `/proc/TID/mem` on a thread of its own, so the
+/// event loop never waits for a page that does not come; gives up after `deadline` (the
+/// thread is left to finish, or to hang, alone: a detached thread, which neither the
+/// runtime's shutdown nor herdsman's exit waits for).
+async fn read_sockaddr(
+    mem: std::io::Result<std::fs::File>,
+    addr: u64,
+    len: usize,
+    deadline: std::time::Duration,
+) -> Read {
+    let mem = match mem {
+        Ok(f) => f,
+        Err(e) => return Read::Done(Err(e)),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("herdsman-bind-read".into()).spawn(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        let r = mem.read_at(&mut buf, addr).map(|n| {
+            buf.truncate(n);
+            buf
+        });
+        let _ = tx.send(r);
+    });
+    if let Err(e) = spawned {
+        return Read::Done(Err(e));
+    }
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(r)) => Read::Done(r),
+        Ok(Err(_)) => Read::Done(Err(std::io::Error::other("the reading thread died"))),
+        Err(_) => Read::TimedOut,
+    }
 }
 
 /// The inode of the socket at `fd` in task `tid` (`/proc/TID/fd/N` reads `socket:[INODE]`).
