@@ -10,7 +10,9 @@
 //! and its descriptor cover every process the worker forks. [`watch`] answers each trapped
 //! call on the supervisor's event loop:
 //! * `bind()` of a TCP address (IPv4 or IPv6; the sockaddr read from `/proc/TID/mem` as the
-//!   worker's own user, see [`watch`], then `SECCOMP_IOCTL_NOTIF_ID_VALID` so a reused pid
+//!   worker's own user, see [`watch`], on a thread of its own with a deadline so a page on a
+//!   hung mount cannot stall the loop, see [`read_sockaddr`], then
+//!   `SECCOMP_IOCTL_NOTIF_ID_VALID` so a reused pid
 //!   cannot mislead us; the socket's protocol from its `system.sockprotoname`) whose port is one
 //!   of the worker's sockets (the exact address first, else the only socket on that port), on
 //!   a TCP socket: herdsman's socket is installed at the app's own descriptor number
