@@ -11,7 +11,7 @@
 //! call on the supervisor's event loop:
 //! * `bind()` of a TCP address (IPv4 or IPv6; the sockaddr read from `/proc/TID/mem` as the
 //!   worker's own user, see [`watch`], on a thread of its own with a deadline so a page on a
-//!   hung mount cannot stall the loop, see [`read_sockaddr`], then
+//!   hung mount cannot stall the loop (`read_sockaddr`), then
 //!   `SECCOMP_IOCTL_NOTIF_ID_VALID` so a reused pid
 //!   cannot mislead us; the socket's protocol from its `system.sockprotoname`) whose port is one
 //!   of the worker's sockets (the exact address first, else the only socket on that port), on
