@@ -10,7 +10,9 @@
 //! and its descriptor cover every process the worker forks. [`watch`] answers each trapped
 //! call on the supervisor's event loop:
 //! * `bind()` of a TCP address (IPv4 or IPv6; the sockaddr read from `/proc/TID/mem` as the
-//!   worker's own user, see [`watch`], then `SECCOMP_IOCTL_NOTIF_ID_VALID` so a reused pid
+//!   worker's own user, see [`watch`], on a thread of its own with a deadline so a page on a
+//!   hung mount cannot stall the loop (`read_sockaddr`), then
+//!   `SECCOMP_IOCTL_NOTIF_ID_VALID` so a reused pid
 //!   cannot mislead us; the socket's protocol from its `system.sockprotoname`) whose port is one
 //!   of the worker's sockets (the exact address first, else the only socket on that port), on
 //!   a TCP socket: herdsman's socket is installed at the app's own descriptor number
@@ -95,26 +97,113 @@ pub enum Unavailable {
     )]
     Refused { step: &'static str, err: std::io::Error },
     #[error(
-        "bind interception: {step} is missing ({err}): it needs Linux 5.9 or newer (SECCOMP_IOCTL_NOTIF_ADDFD); upgrade the kernel or use --bind-intercept=off"
+        "bind interception: {step} is missing ({err}): it needs Linux 5.9 or newer (SECCOMP_IOCTL_NOTIF_ADDFD), this is Linux {release}; upgrade the kernel or use --bind-intercept=off"
     )]
-    Kernel { step: &'static str, err: std::io::Error },
+    Kernel { step: &'static str, err: std::io::Error, release: String },
+    #[error(
+        "bind interception: the worker program {program} is a {kind} binary, and the bind filter traps x86_64 system calls only (its own bind() would get EADDRINUSE); run a 64-bit build, or use --bind-intercept=off and have the app take its socket from fd 3 (LISTEN_FDS)"
+    )]
+    Compat { program: String, kind: &'static str },
+}
+
+/// What kind of compat binary `program` is (`"32-bit (i386)"`, `"x32"`, `"32-bit"`), from
+/// its ELF header (`EI_CLASS`, `e_machine`); `None` for a 64-bit ELF, a script or anything
+/// unreadable. A script (`#!`) is judged by its interpreter, one level deep (`#!/usr/bin/env
+/// X` is not followed: what env runs is only known at exec).
+///
+/// Why the ELF header and not the filter's architecture check at run time: the filter sees
+/// an i386 `bind()` only once the worker runs, too late to fail the start (`on`) or to say
+/// so before the first crash loop (`auto`); the header is known before any worker starts. A
+/// 64-bit launcher that execs a 32-bit program is not seen: that worker's bind proceeds and
+/// fails as without herdsman (the filter allows every other architecture through).
+pub fn compat_kind(program: &std::path::Path) -> Option<&'static str> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(program).and_then(|mut f| f.read(&mut head)).ok()?;
+    let head = &head[..n];
+    if let Some(line) = head.strip_prefix(b"#!") {
+        let line = line.split(|&b| b == b'\n').next()?;
+        let text = std::str::from_utf8(line).ok()?;
+        let interpreter = text.split_whitespace().next()?;
+        if interpreter.ends_with("/env") || !interpreter.starts_with('/') {
+            return None;
+        }
+        let target = std::path::Path::new(interpreter);
+        // One level: an interpreter that is itself a script is not followed.
+        return if std::fs::read(target).is_ok_and(|b| b.starts_with(b"#!")) {
+            None
+        } else {
+            compat_kind(target)
+        };
+    }
+    if head.len() < 20 || &head[..4] != b"\x7fELF" {
+        return None;
+    }
+    const ELFCLASS32: u8 = 1;
+    const EM_386: u16 = 3;
+    const EM_X86_64: u16 = 62;
+    let machine = match head[5] {
+        1 => u16::from_le_bytes([head[18], head[19]]),
+        _ => u16::from_be_bytes([head[18], head[19]]),
+    };
+    match (head[4], machine) {
+        (ELFCLASS32, EM_386) => Some("32-bit (i386)"),
+        (ELFCLASS32, EM_X86_64) => Some("x32"),
+        (ELFCLASS32, _) => Some("32-bit"),
+        _ => None,
+    }
+}
+
+/// The worker program as it will be executed: `command[0]` resolved on the workers' `PATH`
+/// (`env`, herdsman's environment then the app's) from their directory; `None` when it
+/// cannot be found (the spawn says why).
+pub fn worker_program(
+    command: &[String],
+    env: &[(String, String)],
+    cwd: Option<&std::path::Path>,
+) -> Option<std::path::PathBuf> {
+    let first = command.first()?;
+    let found = crate::spawn::resolve(first, env, cwd).ok()?;
+    let path = std::path::PathBuf::from(found);
+    Some(match cwd {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path,
+    })
 }
 
 /// Whether workers get the filter: `on` fails when it cannot work, `auto` logs why not once
-/// and goes on without it, `off` never probes.
-pub fn resolve(mode: BindIntercept) -> Result<bool, Unavailable> {
+/// and goes on without it, `off` never probes. `program`: the worker program (see
+/// [`worker_program`]), checked for a 32-bit build.
+pub fn resolve(mode: BindIntercept, program: Option<&std::path::Path>) -> Result<bool, Unavailable> {
+    resolve_with(mode, program, || sys::probe_bind_filter(&filter()))
+}
+
+/// [`resolve`] with the kernel probe injected (tests give it an old kernel's answer).
+fn resolve_with(
+    mode: BindIntercept,
+    program: Option<&std::path::Path>,
+    probe: impl FnOnce() -> Result<(), sys::FilterRefused>,
+) -> Result<bool, Unavailable> {
     if mode == BindIntercept::Off {
         return Ok(false);
     }
-    let probe = if cfg!(target_arch = "x86_64") {
-        sys::probe_bind_filter(&filter()).map_err(|r| match r.err.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES) => Unavailable::Refused { step: r.step, err: r.err },
-            _ => Unavailable::Kernel { step: r.step, err: r.err },
-        })
-    } else {
+    let compat = program.and_then(|p| Some((p, compat_kind(p)?)));
+    let verdict = if !cfg!(target_arch = "x86_64") {
         Err(Unavailable::Arch(std::env::consts::ARCH))
+    } else if let Some((p, kind)) = compat {
+        Err(Unavailable::Compat { program: p.display().to_string(), kind })
+    } else {
+        probe().map_err(|r| match r.err.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => Unavailable::Refused { step: r.step, err: r.err },
+            _ => Unavailable::Kernel {
+                step: r.step,
+                err: r.err,
+                release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                    .map_or_else(|_| "unknown".into(), |r| r.trim().to_string()),
+            },
+        })
     };
-    match (probe, mode) {
+    match (verdict, mode) {
         (Ok(()), _) => Ok(true),
         (Err(e), BindIntercept::On) => Err(e),
         (Err(e), _) => {
@@ -325,11 +414,20 @@ pub fn watch(
             if revents.contains(nix::poll::PollFlags::POLLIN) {
                 match sys::notif_recv(&listener) {
                     Ok(n) => {
+                        // The sockaddr is read off the loop, with a deadline (see `read_sockaddr`).
+                        let read = match n.data.nr as u32 {
+                            NR_BIND => {
+                                let len = (n.data.args[2] as usize).min(MAX_SOCKADDR);
+                                let mem = as_mem(owner, n.pid as i32);
+                                Some(read_sockaddr(mem, n.data.args[1], len, MEMORY_READ_DEADLINE).await)
+                            }
+                            _ => None,
+                        };
                         let seen = match owner {
                             Some((uid, gid)) => {
-                                sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n, owner))
+                                sys::with_fs_ids(uid, gid, || answer(&listener, &sockets, &n, owner, read))
                             }
-                            None => answer(&listener, &sockets, &n, owner),
+                            None => answer(&listener, &sockets, &n, owner, read),
                         };
                         if let Some(seen) = seen {
                             report(seen);
@@ -354,11 +452,13 @@ pub fn watch(
 
 /// Answers one notification; what it saw, if anything worth telling. `owner`: the workers'
 /// user and group when they are not herdsman's own (see `watch`).
+/// `read`: what [`read_sockaddr`] read of a `bind()`'s sockaddr (`None` for other calls).
 fn answer(
     listener: &OwnedFd,
     sockets: &Sockets,
     n: &libc::seccomp_notif,
     owner: Option<(u32, u32)>,
+    read: Option<Read>,
 ) -> Option<Seen> {
     let go_on = || {
         let _ = sys::notif_respond(listener, n.id, 0, 0, true);
@@ -380,25 +480,23 @@ fn answer(
         go_on();
         return None;
     }
-    let len = (n.data.args[2] as usize).min(MAX_SOCKADDR);
-    let mut buf = [0u8; MAX_SOCKADDR];
-    // /proc/TID/mem, not process_vm_readv: opening it checks ptrace access with the
-    // filesystem ids (the worker's, see `watch`), process_vm_readv with the real ones (root's,
-    // which would need CAP_SYS_PTRACE for a worker of another user).
-    let read = std::fs::File::open(format!("/proc/{tid}/mem")).and_then(|f| {
-        use std::os::unix::fs::FileExt;
-        f.read_at(&mut buf[..len], n.data.args[1])
-    });
-    let read = match read {
-        Ok(r) => r,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
+    let buf = match read {
+        Some(Read::Done(Ok(b))) => b,
+        Some(Read::Done(Err(e))) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
             go_on();
             return Some(Seen::Failed(format!(
                 "cannot read the worker's memory ({e}): run herdsman as root or as the workers' user"
             )));
         }
+        Some(Read::TimedOut) => {
+            go_on();
+            return Some(Seen::Failed(format!(
+                "reading the bind() address in the worker's memory took over {} s (is it on a hung file system?): the bind went on unchanged",
+                MEMORY_READ_DEADLINE.as_secs()
+            )));
+        }
         // A bad address (EFAULT) or a task that is gone: the kernel answers the call itself.
-        Err(_) => {
+        Some(Read::Done(Err(_))) | None => {
             go_on();
             return None;
         }
@@ -406,7 +504,7 @@ fn answer(
     if !sys::notif_id_valid(listener, n.id) {
         return None;
     }
-    let Some(asked) = parse_sockaddr(&buf[..read]) else {
+    let Some(asked) = parse_sockaddr(&buf) else {
         go_on();
         return None;
     };
@@ -479,6 +577,64 @@ fn answer(
     Some(Seen::Bound { asked, served: target.addr, learned })
 }
 
+/// How long reading a trapped `bind()`'s sockaddr may take before the call goes on
+/// unchanged. The read faults the page in, and a page of a file on a hung FUSE or NFS mount
+/// never comes: without a deadline, the supervisor's loop would wait with it.
+pub const MEMORY_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What reading a sockaddr gave.
+#[derive(Debug)]
+enum Read {
+    Done(std::io::Result<Vec<u8>>),
+    TimedOut,
+}
+
+/// Opens `/proc/TID/mem` as the worker's own user (the ptrace access check happens at the
+/// open, with the filesystem ids: see `watch`). Opening touches no page of its memory.
+fn as_mem(owner: Option<(u32, u32)>, tid: i32) -> std::io::Result<std::fs::File> {
+    // Not process_vm_readv: it checks ptrace access with the real ids (root's, which would
+    // need CAP_SYS_PTRACE for a worker of another user).
+    let open = || std::fs::File::open(format!("/proc/{tid}/mem"));
+    match owner {
+        Some((uid, gid)) => sys::with_fs_ids(uid, gid, open),
+        None => open(),
+    }
+}
+
+/// Reads `len` bytes at `addr` of an open `/proc/TID/mem` on a thread of its own, so the
+/// event loop never waits for a page that does not come; gives up after `deadline` (the
+/// thread is left to finish, or to hang, alone: a detached thread, which neither the
+/// runtime's shutdown nor herdsman's exit waits for).
+async fn read_sockaddr(
+    mem: std::io::Result<std::fs::File>,
+    addr: u64,
+    len: usize,
+    deadline: std::time::Duration,
+) -> Read {
+    let mem = match mem {
+        Ok(f) => f,
+        Err(e) => return Read::Done(Err(e)),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("herdsman-bind-read".into()).spawn(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        let r = mem.read_at(&mut buf, addr).map(|n| {
+            buf.truncate(n);
+            buf
+        });
+        let _ = tx.send(r);
+    });
+    if let Err(e) = spawned {
+        return Read::Done(Err(e));
+    }
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(r)) => Read::Done(r),
+        Ok(Err(_)) => Read::Done(Err(std::io::Error::other("the reading thread died"))),
+        Err(_) => Read::TimedOut,
+    }
+}
+
 /// The inode of the socket at `fd` in task `tid` (`/proc/TID/fd/N` reads `socket:[INODE]`).
 fn socket_inode(tid: i32, fd: RawFd) -> Option<u64> {
     let link = std::fs::read_link(format!("/proc/{tid}/fd/{fd}")).ok()?;
@@ -537,6 +693,89 @@ mod tests {
         assert_eq!(at(&other.local_addr().unwrap().to_string()), None);
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert!(Sockets::of(&[udp.as_raw_fd()], None).is_empty(), "only TCP sockets are offered");
+    }
+
+    /// An ELF header: `class` 1 (32-bit) or 2 (64-bit), little-endian, machine `machine`.
+    fn elf(dir: &std::path::Path, name: &str, class: u8, machine: u16) -> std::path::PathBuf {
+        let mut h = vec![0x7f, b'E', b'L', b'F', class, 1, 1, 0];
+        h.resize(64, 0);
+        h[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        h[18..20].copy_from_slice(&machine.to_le_bytes());
+        let p = dir.join(name);
+        std::fs::write(&p, h).unwrap();
+        p
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("herdsman-intercept-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_32_bit_worker_program_is_recognised_by_its_elf_header() {
+        let d = scratch("elf");
+        assert_eq!(compat_kind(&elf(&d, "i386", 1, 3)), Some("32-bit (i386)"));
+        assert_eq!(compat_kind(&elf(&d, "x32", 1, 62)), Some("x32"));
+        assert_eq!(compat_kind(&elf(&d, "amd64", 2, 62)), None);
+        // A script is judged by its interpreter.
+        let i386 = elf(&d, "i386-interp", 1, 3);
+        std::fs::write(d.join("script"), format!("#!{} -x\n", i386.display())).unwrap();
+        assert_eq!(compat_kind(&d.join("script")), Some("32-bit (i386)"));
+        std::fs::write(d.join("env-script"), "#!/usr/bin/env node\n").unwrap();
+        assert_eq!(compat_kind(&d.join("env-script")), None);
+        assert_eq!(compat_kind(&d.join("missing")), None);
+        // This test binary itself is a 64-bit build.
+        assert_eq!(compat_kind(&std::env::current_exe().unwrap()), None);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_32_bit_worker_fails_on_and_turns_auto_off() {
+        let d = scratch("compat");
+        let i386 = elf(&d, "i386", 1, 3);
+        let ok = || Ok(());
+        let e = resolve_with(BindIntercept::On, Some(&i386), ok).unwrap_err();
+        assert!(matches!(e, Unavailable::Compat { kind: "32-bit (i386)", .. }), "{e}");
+        let line = e.to_string();
+        assert!(!line.contains('\n') && line.contains("--bind-intercept=off"), "{line}");
+        assert!(!resolve_with(BindIntercept::Auto, Some(&i386), ok).unwrap());
+        assert!(!resolve_with(BindIntercept::Off, Some(&i386), ok).unwrap());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A kernel before 5.9 answers `SECCOMP_IOCTL_NOTIF_ADDFD` with `EINVAL` (an unknown
+    /// ioctl of the notification fd), one before 5.0 refuses the listener flag the same way.
+    #[test]
+    fn a_kernel_without_addfd_fails_on_and_turns_auto_off() {
+        let old_kernel = || {
+            Err(sys::FilterRefused {
+                step: "SECCOMP_IOCTL_NOTIF_ADDFD",
+                err: std::io::Error::from_raw_os_error(libc::EINVAL),
+            })
+        };
+        if cfg!(target_arch = "x86_64") {
+            let e = resolve_with(BindIntercept::On, None, old_kernel).unwrap_err();
+            assert!(matches!(e, Unavailable::Kernel { step: "SECCOMP_IOCTL_NOTIF_ADDFD", .. }), "{e}");
+            let line = e.to_string();
+            assert!(
+                !line.contains('\n') && line.contains("5.9") && line.contains("--bind-intercept=off"),
+                "{line}"
+            );
+            assert!(!resolve_with(BindIntercept::Auto, None, old_kernel).unwrap());
+            // A sandbox's refusal is told apart from an old kernel.
+            let refused = || {
+                Err(sys::FilterRefused {
+                    step: "seccomp()",
+                    err: std::io::Error::from_raw_os_error(libc::EPERM),
+                })
+            };
+            assert!(matches!(
+                resolve_with(BindIntercept::On, None, refused),
+                Err(Unavailable::Refused { .. })
+            ));
+            assert!(resolve_with(BindIntercept::On, None, || Ok(())).unwrap());
+        }
     }
 
     #[test]

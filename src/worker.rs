@@ -98,6 +98,10 @@ pub struct Worker {
     pub bound_at: Option<Instant>,
     /// It was told (once) that it binds a port herdsman does not serve.
     pub warned_foreign: bool,
+    /// Trapped calls of its that could not be inspected (`intercept::Seen::Failed`): the
+    /// first is logged, then only the count (at 10, 100, 1000, … and at its exit), so a
+    /// worker looping on failing binds cannot flood the journal.
+    pub intercept_failures: u64,
     /// Set when the supervisor gave up on it (e.g. not ready in time), for the report.
     pub failure: Option<Failure>,
 

@@ -635,3 +635,220 @@ fn a_worker_of_another_user_gets_no_privileged_port_through_the_learned_address(
     assert_eq!(st["learned_sockets"].as_array().map(Vec::len), Some(0), "{st}");
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "herdsman bound {port}: {st}");
 }
+
+/// A 32-bit worker program: the bind filter traps x86_64 system calls only, so with
+/// `--bind-intercept on` the start fails (71, the exit code of every other reason it cannot
+/// work) with one line naming the program and the fix, before any worker starts.
+#[test]
+fn bind_intercept_on_fails_the_start_for_a_32_bit_worker_program() {
+    if std::env::consts::ARCH != "x86_64" {
+        return;
+    }
+    let dir = TempDir::new("intercept-i386");
+    // An i386 ELF header (ELFCLASS32, EM_386): what `gcc -m32` would write.
+    let mut h = vec![0x7f, b'E', b'L', b'F', 1, 1, 1, 0];
+    h.resize(52, 0);
+    h[16..18].copy_from_slice(&2u16.to_le_bytes());
+    h[18..20].copy_from_slice(&3u16.to_le_bytes());
+    let program = dir.path("server32");
+    std::fs::write(&program, h).unwrap();
+    std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--name", "t", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--control", dir.path("control.sock").to_str().unwrap(), "--bind-intercept", "on"])
+        .arg("--")
+        .arg(&program)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    // Bounded: a supervisor that starts anyway would crash-loop its worker for ever.
+    let waited = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if waited.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(dir.path("stderr")).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(71), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("32-bit")).collect();
+    assert_eq!(lines.len(), 1, "one line naming the cause: {stderr}");
+    assert!(lines[0].contains("server32") && lines[0].contains("--bind-intercept=off"), "{stderr}");
+}
+
+/// A FUSE file system (the kernel protocol over `/dev/fuse`, no libfuse) with one file,
+/// `page`, whose reads are never answered: a hung FUSE or NFS mount. The first READ's task
+/// id is written to `MARKER`.
+const HUNG_FUSE: &str = r#"
+import ctypes, os, struct, sys
+# A FUSE file system with one file, /page, whose reads are never answered (a hung mount).
+# argv: mountpoint, marker (written with "PID" of the first READ's task)
+mnt, marker = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open("/dev/fuse", os.O_RDWR)
+opts = "fd=%d,rootmode=40000,user_id=0,group_id=0" % fd
+if libc.mount(b"hang", mnt.encode(), b"fuse", 6, opts.encode()) != 0:  # MS_NOSUID|MS_NODEV
+    sys.exit("mount: errno %d" % ctypes.get_errno())
+def attr(ino, mode, size):
+    return struct.pack("QQQQQQIIIIIIIIII", ino, size, 8, 0, 0, 0, 0, 0, 0, mode, 1, 0, 0, 0, 4096, 0)
+def reply(unique, err=0, body=b""):
+    os.write(fd, struct.pack("IiQ", 16 + len(body), -err, unique) + body)
+with open(marker + ".mounted", "w"):
+    pass
+while True:
+    try:
+        req = os.read(fd, 1 << 20)
+    except OSError:
+        break
+    ln, op, unique, node = struct.unpack_from("IIQQ", req)
+    pid = struct.unpack_from("I", req, 32)[0]
+    arg = req[40:]
+    if op == 26:  # INIT
+        major, minor = struct.unpack_from("II", arg)
+        reply(unique, 0, struct.pack("IIIIHHIIHHII", 7, 31, 0, 0, 16, 16, 4096, 1, 1, 0, 0, 0) + b"\0" * 24)
+    elif op == 1:  # LOOKUP
+        name = arg.split(b"\0")[0]
+        if node == 1 and name == b"page":
+            reply(unique, 0, struct.pack("QQQQII", 2, 0, 0, 0, 0, 0) + attr(2, 0o100644, 4096))
+        else:
+            reply(unique, 2)
+    elif op == 3:  # GETATTR
+        a = attr(1, 0o40755, 0) if node == 1 else attr(2, 0o100644, 4096)
+        reply(unique, 0, struct.pack("QII", 0, 0, 0) + a)
+    elif op == 14:  # OPEN
+        reply(unique, 0, struct.pack("QII", 1, 0, 0))
+    elif op == 15:  # READ: never answered
+        if not os.path.exists(marker):
+            with open(marker + ".tmp", "w") as f:
+                f.write(str(pid))
+            os.rename(marker + ".tmp", marker)
+    elif op in (2, 42, 36):  # FORGET, BATCH_FORGET, INTERRUPT: no reply
+        pass
+    elif op in (18, 25):  # RELEASE, FLUSH
+        reply(unique)
+    else:
+        reply(unique, 38)  # ENOSYS
+"#;
+
+/// A worker whose bind() sockaddr lies on a page of that file (mapped, never touched).
+const BIND_ON_HUNG_PAGE: &str = r#"
+import ctypes, mmap, socket, sys
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_COPY)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+ctypes.CDLL(None, use_errno=True).bind(s.fileno(), ctypes.c_void_p(addr), 16)
+"#;
+
+/// Stops the FUSE server (its pending reads then fail) and detaches the mount.
+struct Mounted {
+    server: std::process::Child,
+    at: std::path::PathBuf,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+/// `herdsman status --json` in a child, waited for at most `secs`: whether it answered.
+fn status_answers_within(h: &Herdsman, secs: u64) -> bool {
+    let mut c = std::process::Command::new(BIN)
+        .arg("status")
+        .arg(h.control().unwrap())
+        .arg("--json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st.success();
+        }
+        if started.elapsed() > Duration::from_secs(secs) {
+            let _ = c.kill();
+            let _ = c.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Review finding: the supervisor read a trapped bind()'s sockaddr from /proc/TID/mem on its
+/// event loop; a page that never comes (a file on a hung FUSE/NFS mount) froze the whole
+/// supervisor. The read now runs on a thread of its own with a deadline: while it hangs, the
+/// supervisor keeps answering.
+#[test]
+fn a_bind_address_on_a_hung_file_system_page_does_not_freeze_the_supervisor() {
+    if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: needs root and /dev/fuse");
+        return;
+    }
+    let dir = TempDir::new("intercept-hung-page");
+    let at = dir.path("mnt");
+    std::fs::create_dir(&at).unwrap();
+    std::fs::write(dir.path("fuse.py"), HUNG_FUSE).unwrap();
+    std::fs::write(dir.path("worker.py"), BIND_ON_HUNG_PAGE).unwrap();
+    let marker = dir.path("read-by");
+    let server = std::process::Command::new("python3")
+        .arg(dir.path("fuse.py"))
+        .arg(&at)
+        .arg(&marker)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut mounted = Mounted { server, at: at.clone() };
+    let mounted_flag = format!("{}.mounted", marker.display());
+    let up = wait_for(Duration::from_secs(30), "the FUSE mount", || {
+        if std::path::Path::new(&mounted_flag).exists() {
+            return Some(true);
+        }
+        mounted.server.try_wait().ok()?.map(|_| false)
+    });
+    if !up {
+        let mut why = String::new();
+        let _ = mounted.server.stderr.take().map(|mut e| e.read_to_string(&mut why));
+        assert!(why.starts_with("mount: errno"), "the FUSE server failed: {why}");
+        eprintln!("skipped: cannot mount a FUSE file system here: {why}");
+        return;
+    }
+    let port = free_port();
+    let page = at.join("page");
+    let h = run(
+        &dir,
+        port,
+        1,
+        &["--bind-intercept", "on"],
+        &["python3", dir.path("worker.py").to_str().unwrap(), page.to_str().unwrap()],
+    );
+    // Dropped before `h`: the FUSE server's end first, so the hung read fails and the
+    // supervisor (whose reading thread waits uninterruptibly) can be reaped.
+    let mounted = mounted;
+    // The supervisor's read of the worker's memory is the one waiting for the page.
+    let reader: i32 = wait_for(Duration::from_secs(60), "a read of the hung page", || {
+        std::fs::read_to_string(&marker).ok()?.trim().parse().ok()
+    });
+    let tgid = std::fs::read_to_string(format!("/proc/{reader}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:")).map(|t| t.trim().to_string()));
+    assert_eq!(tgid, Some(h.pid().to_string()), "the hung read is the supervisor's (task {reader})");
+    // While that read hangs, the supervisor answers.
+    let answered = status_answers_within(&h, 20);
+    let log = h.stderr.lock().unwrap().clone();
+    assert!(answered, "the supervisor froze on the hung page: {log}");
+    drop(mounted);
+    drop(h);
+}

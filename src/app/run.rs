@@ -30,7 +30,8 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
         listen_fdnames: process.var("LISTEN_FDNAMES"),
     };
     let steered = settings.balance != Balance::Shared;
-    let bind_intercept = crate::intercept::resolve(settings.bind_intercept)
+    let program = worker_program(&settings, &process.env());
+    let bind_intercept = crate::intercept::resolve(settings.bind_intercept, program.as_deref())
         .map_err(|e| Failure::new(exit::OS, e.to_string()))?;
     let listeners = match Listeners::open(&activation, std::process::id(), &settings.listen, steered) {
         // No address: learned from the first worker's own bind (see `intercept`).
@@ -121,4 +122,15 @@ fn control_socket(
     let control =
         server::bind(&control_path, group).map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     Ok((control, server::Access { uid: paths_env.euid, group }))
+}
+
+/// The worker program as it will run (for `intercept::resolve`'s 32-bit check): on the
+/// workers' `PATH` (herdsman's environment, then the app's `env`), from their directory.
+pub(crate) fn worker_program(
+    settings: &crate::config::Settings,
+    env: &[(String, String)],
+) -> Option<std::path::PathBuf> {
+    let mut env = env.to_vec();
+    env.extend(settings.env.iter().cloned());
+    crate::intercept::worker_program(&settings.command, &env, settings.cwd.as_deref())
 }

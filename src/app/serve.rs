@@ -84,8 +84,11 @@ pub(super) fn serve(
     let notify_dir = notify_dir(&settings, &process.paths());
     let bind_intercept = match p.bind_intercept {
         Some(b) => b,
-        None => crate::intercept::resolve(settings.bind_intercept)
-            .map_err(|e| Failure::new(exit::OS, e.to_string()))?,
+        None => crate::intercept::resolve(
+            settings.bind_intercept,
+            super::run::worker_program(&settings, &base_env).as_deref(),
+        )
+        .map_err(|e| Failure::new(exit::OS, e.to_string()))?,
     };
     let control_ref = &control;
     let metrics_ref = &metrics_bound;

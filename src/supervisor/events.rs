@@ -22,6 +22,9 @@ impl Supervisor {
         };
         let Some(w) = self.pool.workers.remove(&pid) else { return };
         self.outside.release(pid);
+        if w.intercept_failures > 1 && !is_power_of_ten(w.intercept_failures) {
+            tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = pid, "worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures);
+        }
         // Whatever the worker left in its process group was killed before this event was
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
         self.outside.host.reap(&w);
@@ -218,14 +221,35 @@ impl Supervisor {
     }
 }
 
+/// 10, 100, 1000, …: when a throttled count is logged again.
+fn is_power_of_ten(mut n: u64) -> bool {
+    if n < 10 {
+        return false;
+    }
+    while n % 10 == 0 {
+        n /= 10;
+    }
+    n == 1
+}
+
 impl Supervisor {
     /// What a worker's bind filter saw (see `intercept`).
     pub(super) fn on_intercepted(&mut self, pid: i32, seen: crate::intercept::Seen) {
         use crate::intercept::Seen;
+        // The socket herdsman bound for the first worker's own bind is the app's, not that
+        // worker's: it is kept even when the worker died before this event (the next worker
+        // gets it at fd 3, `status` shows it).
+        let seen = match seen {
+            Seen::Bound { asked, served, learned: Some(l) } => {
+                self.outside.adopt_learned(l);
+                Seen::Bound { asked, served, learned: None }
+            }
+            other => other,
+        };
         let Some(w) = self.pool.workers.get_mut(&pid) else { return };
         let (slot, generation) = (w.slot, w.spec.generation);
         match seen {
-            Seen::Bound { asked, served, learned } => {
+            Seen::Bound { asked, served, .. } => {
                 if !w.bound {
                     let how = if asked == served {
                         String::new()
@@ -236,9 +260,6 @@ impl Supervisor {
                 }
                 w.bound = true;
                 w.bound_at.get_or_insert(self.outside.host.now());
-                if let Some(l) = learned {
-                    self.outside.adopt_learned(l);
-                }
             }
             Seen::Listened => {
                 let listen = matches!(w.spec.ready, ReadyMode::Listen | ReadyMode::Auto);
@@ -254,7 +275,13 @@ impl Supervisor {
             }
             Seen::Foreign { .. } => {}
             Seen::Failed(why) => {
-                tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
+                w.intercept_failures += 1;
+                let n = w.intercept_failures;
+                if n == 1 {
+                    tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
+                } else if is_power_of_ten(n) {
+                    tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): {n} bind interception failures so far (the latest: {why}); only the first is logged in full");
+                }
             }
         }
     }

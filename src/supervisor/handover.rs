@@ -453,6 +453,7 @@ impl Supervisor {
                     bound: w.bound,
                     bound_at: None,
                     warned_foreign: false,
+                    intercept_failures: 0,
                     failure: w.failure,
                     last_ping: clock.instant(w.last_ping_ns),
                     memory_strikes: w.memory_strikes,

@@ -501,6 +501,7 @@ impl Supervisor {
                 bound: false,
                 bound_at: None,
                 warned_foreign: false,
+                intercept_failures: 0,
                 failure: None,
 
                 last_ping: now,

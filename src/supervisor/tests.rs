@@ -824,3 +824,84 @@ async fn a_failed_watch_reload_is_reported_and_not_retried_until_the_next_change
     let st = s.status();
     assert_eq!((st.generation, st.last_reload.unwrap().result.as_str()), (3, "ok"));
 }
+
+/// Review finding: the socket herdsman bound for the first worker's own bind (no `--listen`)
+/// was dropped when that worker died before its `Bound` event reached the loop; the address
+/// must survive (`status` shows it) and the next worker must get it (at fd 3).
+#[tokio::test]
+async fn a_learned_socket_survives_the_worker_that_bound_it_dying_first() {
+    let mut s = sim(1, "");
+    let first = s.spawned()[0].0;
+    s.exit(first, 1);
+    let l = crate::listeners::Listeners::bind_learned("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+    let addr = l.addr.clone();
+    let served: std::net::SocketAddr = addr.parse().unwrap();
+    let seen = crate::intercept::Seen::Bound { asked: served, served, learned: Some(l) };
+    s.sup.on_event(Event::Intercepted { pid: first, seen });
+    s.settle();
+    assert_eq!(s.status().learned_sockets, vec![addr.clone()]);
+    s.advance(Duration::from_secs(60)); // past the restart back-off
+    let next = s.spawned().last().unwrap().0;
+    assert_ne!(next, first);
+    let given: Vec<String> = s
+        .sup
+        .outside
+        .fds_of(next)
+        .iter()
+        .filter_map(|&fd| {
+            let a = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrIn>(fd).ok()?;
+            Some(a.to_string())
+        })
+        .collect();
+    assert!(given.contains(&addr), "the next worker's sockets {given:?} lack the learned {addr}");
+}
+
+/// Counts the events logged at WARN or above by worker `pid` (those with `worker_pid = pid`).
+struct WarnCount {
+    pid: i64,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnCount {
+    fn on_event(&self, ev: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Pid(Option<i64>);
+        impl tracing::field::Visit for Pid {
+            fn record_i64(&mut self, f: &tracing::field::Field, v: i64) {
+                if f.name() == "worker_pid" {
+                    self.0 = Some(v);
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut pid = Pid(None);
+        ev.record(&mut pid);
+        if *ev.metadata().level() <= tracing::Level::WARN && pid.0 == Some(self.pid) {
+            self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// Review finding: a worker looping on binds that cannot be inspected logged one line per
+/// bind; now the first, then a count at 10, 100, 1000 (and its total at its exit).
+#[tokio::test]
+async fn a_worker_looping_on_failing_binds_does_not_flood_the_log() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let mut s = sim(1, "");
+    let pid = s.spawned()[0].0;
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscriber =
+        tracing_subscriber::registry().with(WarnCount { pid: i64::from(pid), count: count.clone() });
+    tracing::subscriber::with_default(subscriber, || {
+        for _ in 0..1500 {
+            let seen = crate::intercept::Seen::Failed("cannot read the worker's memory (EPERM)".into());
+            s.sup.on_event(Event::Intercepted { pid, seen });
+        }
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 4, "the first, then at 10, 100, 1000");
+        s.exit(pid, 1);
+    });
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        6,
+        "and the total at its exit (beside the exit's own line)"
+    );
+}

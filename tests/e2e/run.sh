@@ -406,9 +406,10 @@ s_reboot_up() {
 
 # Runs in the main shell: the container's nspawn must stay a child of this shell.
 scenario_reboot() {
-    local name=reboot t0 ok=1
-    if ! scenario_selected "$name"; then
+    local name=reboot t0 ok=1 unchanged="unchanged app after reboot"
+    if ! scenario_selected "$name" && ! scenario_selected "$unchanged"; then
         skip_scenario "$name" "not selected by E2E_ONLY"
+        skip_scenario "$unchanged" "not selected by E2E_ONLY"
         return 0
     fi
     t0=$(now)
@@ -421,6 +422,7 @@ scenario_reboot() {
     note "reboot: nspawn exit + boot took $(elapsed "$t0") s"
     if [ $ok = 1 ]; then
         run_scenario "$name" s_reboot_up
+        run_scenario "$unchanged" s_unchanged_reboot
     else
         echo "not ok - $name"
         FAILED=$((FAILED + 1))
@@ -629,28 +631,77 @@ s_user() {
     ct herdsman remove asuser --yes >/dev/null || fail "remove asuser"
 }
 
-# issue 23: the seed's Node app, unchanged (it binds its own port), under the shipped unit with
-# workers as nobody: the bind filter gives each worker herdsman's socket (the supervisor reads a
-# nobody worker's bind() address with the unit's CAP_SYS_PTRACE), both answer, a reload rolls.
+# issue 23: an unchanged Node app (it binds its own port, 8686, and drains on SIGTERM with
+# server.close(), as a PM2 app does) under the shipped unit with workers as nobody: the bind
+# filter gives each worker herdsman's socket (the supervisor reads a nobody worker's bind()
+# address as that user), both answer, `systemctl reload` under new-connection and keep-alive
+# load fails no request; the app is kept for `unchanged app after reboot`.
+UNCHANGED_ADDR=127.0.0.1:8686
+unchanged_status() { ct herdsman status unchanged --json; }
 s_unchanged() {
     command -v node >/dev/null || { note "SKIP: node is not installed"; exit 77; }
     mkdir -p "$CT_ROOT/srv/unchanged"
-    echo "require('http').createServer((q,s)=>s.end('hi '+process.pid)).listen(8686)" >"$CT_ROOT/srv/unchanged/app.js"
+    # The app reads only what PM2 also gives it (NODE_APP_INSTANCE) and herdsman's generation,
+    # for the load client's bookkeeping; it knows nothing of fd 3 or of herdsman's socket.
+    cat >"$CT_ROOT/srv/unchanged/app.js" <<'JS'
+const http = require('http');
+const server = http.createServer((req, res) => {
+  res.setHeader('Content-Type', 'application/json');
+  res.end(JSON.stringify({pid: process.pid, worker_id: Number(process.env.NODE_APP_INSTANCE),
+    generation: Number(process.env.HERDSMAN_GENERATION), version: 'unchanged'}) + '\n');
+});
+server.listen(8686);
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
+JS
     chmod 0755 "$CT_ROOT/srv/unchanged"
     chmod 0644 "$CT_ROOT/srv/unchanged/app.js"
-    CT_TIMEOUT=120 ct herdsman init unchanged --listen 127.0.0.1:8686 -w 2 --user nobody --cwd /srv/unchanged \
+    # The issue's command, with this scenario's own name and port: --listen names only the port.
+    CT_TIMEOUT=120 ct herdsman init unchanged --listen :8686 -w 2 --user nobody --cwd /srv/unchanged \
         -- node app.js 2>&1 | sed 's/^/#   /'
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail "herdsman init unchanged failed"
     wait_until 30 "herdsman@unchanged ready" ready_text unchanged 2 ||
         { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; fail "unchanged app not ready"; }
-    local pids
-    pids=$(for _ in $(seq 1 40); do ct curl -sS --max-time 5 http://127.0.0.1:8686/; echo; done | grep '^hi ' | sort -u)
-    note "pids answering: $(echo "$pids" | tr '\n' ' ')"
-    [ "$(echo "$pids" | grep -c '^hi ')" -eq 2 ] ||
-        { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; fail "expected 2 workers answering"; }
-    CT_TIMEOUT=90 ct systemctl reload herdsman@unchanged ||
-        { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; fail "reload of the unchanged app failed"; }
-    ready_text unchanged 2 2 || fail "not on generation 2 after reload: $(prop herdsman@unchanged.service StatusText)"
+    unchanged_serves 1 || fail "the unchanged app's workers do not both answer"
+    local mode gen=1 st
+    for mode in new keepalive; do
+        ADDR=$UNCHANGED_ADDR load_start "unchanged_$mode" "$mode" 6 || fail "no answer to the $mode load"
+        CT_TIMEOUT=120 ct systemctl reload herdsman@unchanged ||
+            { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; fail "reload of the unchanged app failed"; }
+        gen=$((gen + 1))
+        sleep 1
+        load_stop "unchanged_$mode"
+        [ "$(load_field "unchanged_$mode" 'd["failed"]')" -eq 0 ] ||
+            fail "$(load_field "unchanged_$mode" 'd["failed"]') failed requests during the reload ($mode load)"
+        load_field "unchanged_$mode" 'd["generations"]' | grep -q "\"$gen\"" ||
+            fail "no answer from generation $gen during the $mode load"
+        ready_text unchanged 2 "$gen" || fail "not on generation $gen after reload: $(prop herdsman@unchanged.service StatusText)"
+    done
+    st=$(unchanged_status)
+    note "unchanged app after 2 reloads: $(echo "$st" | json_get '[(w["id"], w["generation"], w["state"]) for w in d["workers"]]')"
+}
+
+# unchanged_serves GEN: both workers of the unchanged app answer, as nobody, on generation GEN.
+unchanged_serves() {
+    local seen uid pid
+    seen=$(for i in $(seq 1 40); do ct curl -sS --max-time 5 -H 'Connection: close' "http://$UNCHANGED_ADDR/?$i"; done |
+        "$HOST_PY" -c '
+import json, sys
+a = [json.loads(l) for l in sys.stdin if l.strip()]
+print(" ".join(sorted({"%s/%s" % (x["worker_id"], x["generation"]) for x in a})))')
+    note "unchanged app: worker/generation answering: $seen"
+    [ "$seen" = "0/$1 1/$1" ] || { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; return 1; }
+    pid=$(unchanged_status | json_get 'd["workers"][0]["pid"]')
+    uid=$(ct awk '/^Uid:/ {print $2}' "/proc/$pid/status")
+    [ "$uid" = 65534 ] || { note "worker $pid runs as uid $uid, not nobody"; return 1; }
+}
+
+s_unchanged_reboot() {
+    command -v node >/dev/null || { note "SKIP: node is not installed"; exit 77; }
+    [ -e "$CT_ROOT/etc/herdsman/unchanged.toml" ] || fail "no unchanged app (the scenario before the reboot failed)"
+    wait_until 30 "herdsman@unchanged ready after reboot" ready_text unchanged 2 ||
+        { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; fail "unchanged app not ready after the reboot"; }
+    # A reboot starts from the installed release: generation 1 again.
+    unchanged_serves 1 || fail "the unchanged app does not serve after the reboot"
     ct herdsman remove unchanged --yes >/dev/null || fail "remove unchanged"
 }
 
@@ -1127,7 +1178,7 @@ run_scenario "journald burst + remove" s_burst_remove
 run_scenario "oom kill of a worker" s_oom
 run_scenario "strict sandbox (DynamicUser)" s_sandbox
 run_scenario "workers as --user nobody" s_user
-run_scenario "unchanged app binding its own port (--user nobody)" s_unchanged
+run_scenario "unchanged app binding its own port (--user nobody, reload under load)" s_unchanged
 run_scenario "steered sockets (--balance steer)" s_steer
 run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "control_group under the shipped unit" s_control_group
