@@ -158,7 +158,12 @@ pub struct InitArgs {
     #[command(flatten)]
     pub pm2: Pm2Args,
     /// The worker command and its arguments.
-    #[arg(last = true, value_name = "COMMAND", required_unless_present = "from_pm2", conflicts_with = "from_pm2")]
+    #[arg(
+        last = true,
+        value_name = "COMMAND",
+        required_unless_present = "from_pm2",
+        conflicts_with = "from_pm2"
+    )]
     pub command: Vec<String>,
 }
 

@@ -22,44 +22,101 @@ pub struct App {
 
 /// The keys herdsman does not map, and what it does instead (one line each).
 const UNMAPPED: &[(&str, &str)] = &[
-    ("watch", "not applied; for development run `herdsman run --watch PATH` (a debounced rolling reload on changes)"),
+    (
+        "watch",
+        "not applied; for development run `herdsman run --watch PATH` (a debounced rolling reload on changes)",
+    ),
     ("ignore_watch", "not applied; with `herdsman run --watch PATH`, exclude files with --watch-ignore GLOB"),
     ("watch_delay", "not applied; `herdsman run --watch` debounces changes itself"),
     ("watch_options", "not applied; `herdsman run --watch` watches with inotify"),
-    ("cron_restart", "herdsman has no schedule; run `herdsman reload NAME` from a systemd timer (a rolling reload, no downtime)"),
-    ("max_restarts", "herdsman never gives up on a crashing worker: it restarts it with exponential back-off (config backoff_initial, backoff_max)"),
+    (
+        "cron_restart",
+        "herdsman has no schedule; run `herdsman reload NAME` from a systemd timer (a rolling reload, no downtime)",
+    ),
+    (
+        "max_restarts",
+        "herdsman never gives up on a crashing worker: it restarts it with exponential back-off (config backoff_initial, backoff_max)",
+    ),
     ("min_uptime", "herdsman resets a worker's back-off once it has stayed up backoff_reset (default 10s)"),
-    ("autorestart", "herdsman always restarts a worker that exits (with back-off); `herdsman stop NAME` stops the app"),
+    (
+        "autorestart",
+        "herdsman always restarts a worker that exits (with back-off); `herdsman stop NAME` stops the app",
+    ),
     ("restart_delay", "herdsman restarts with exponential back-off from backoff_initial (default 100ms)"),
-    ("exp_backoff_restart_delay", "herdsman always restarts with exponential back-off: set backoff_initial (default 100ms) in the app's config"),
+    (
+        "exp_backoff_restart_delay",
+        "herdsman always restarts with exponential back-off: set backoff_initial (default 100ms) in the app's config",
+    ),
     ("stop_exit_codes", "herdsman restarts a worker whatever its exit code, unless the app is being stopped"),
-    ("log_date_format", "worker lines go to the journal (journalctl -u herdsman@NAME) or herdsman's stderr, timestamped there; see `herdsman logs NAME`"),
-    ("error_file", "worker output goes to the journal (journalctl -u herdsman@NAME, WORKER_ID=N) or herdsman's stderr; see `herdsman logs NAME`"),
-    ("out_file", "worker output goes to the journal (journalctl -u herdsman@NAME, WORKER_ID=N) or herdsman's stderr; see `herdsman logs NAME`"),
-    ("log_file", "worker output goes to the journal (journalctl -u herdsman@NAME) or herdsman's stderr; see `herdsman logs NAME`"),
-    ("log", "worker output goes to the journal (journalctl -u herdsman@NAME) or herdsman's stderr; see `herdsman logs NAME`"),
+    (
+        "log_date_format",
+        "worker lines go to the journal (journalctl -u herdsman@NAME) or herdsman's stderr, timestamped there; see `herdsman logs NAME`",
+    ),
+    (
+        "error_file",
+        "worker output goes to the journal (journalctl -u herdsman@NAME, WORKER_ID=N) or herdsman's stderr; see `herdsman logs NAME`",
+    ),
+    (
+        "out_file",
+        "worker output goes to the journal (journalctl -u herdsman@NAME, WORKER_ID=N) or herdsman's stderr; see `herdsman logs NAME`",
+    ),
+    (
+        "log_file",
+        "worker output goes to the journal (journalctl -u herdsman@NAME) or herdsman's stderr; see `herdsman logs NAME`",
+    ),
+    (
+        "log",
+        "worker output goes to the journal (journalctl -u herdsman@NAME) or herdsman's stderr; see `herdsman logs NAME`",
+    ),
     ("pid_file", "no pid files: `herdsman status NAME --json` lists every worker's pid"),
     ("merge_logs", "every worker's lines already go to one place, each tagged with its worker id"),
     ("combine_logs", "every worker's lines already go to one place, each tagged with its worker id"),
     ("time", "the journal timestamps every line"),
     ("log_type", "for JSON lines run herdsman with --log-format json"),
     ("disable_logs", "worker output always goes to the journal or herdsman's stderr; silence it in the app"),
-    ("instance_var", "herdsman gives every worker NODE_APP_INSTANCE and HERDSMAN_WORKER_ID (its slot, 0..N-1); read one of those"),
-    ("increment_var", "not supported: the workers share one socket; derive a per-worker value from HERDSMAN_WORKER_ID"),
+    (
+        "instance_var",
+        "herdsman gives every worker NODE_APP_INSTANCE and HERDSMAN_WORKER_ID (its slot, 0..N-1); read one of those",
+    ),
+    (
+        "increment_var",
+        "not supported: the workers share one socket; derive a per-worker value from HERDSMAN_WORKER_ID",
+    ),
     ("namespace", "no namespaces: every app is its own herdsman@NAME"),
     ("vizion", "no version metadata: herdsman status shows each worker's generation"),
     ("autostart", "`herdsman init` starts the app; pass --no-start to only write the files"),
     ("force", "an app name is one app: `herdsman init --force` replaces an installed app's config"),
     ("treekill", "herdsman always stops a worker's whole process group"),
-    ("kill_retry_time", "herdsman sends the stop signal once, then SIGKILL after the stop timeout (kill_timeout)"),
+    (
+        "kill_retry_time",
+        "herdsman sends the stop signal once, then SIGKILL after the stop timeout (kill_timeout)",
+    ),
     ("source_map_support", "add --enable-source-maps to node_args instead"),
-    ("append_env_to_name", "the app keeps its name; one app per --env is installed under its own name with --only"),
-    ("filter_env", "workers get herdsman's environment plus the app's env; clean the environment of herdsman itself (its unit) instead"),
+    (
+        "append_env_to_name",
+        "the app keeps its name; one app per --env is installed under its own name with --only",
+    ),
+    (
+        "filter_env",
+        "workers get herdsman's environment plus the app's env; clean the environment of herdsman itself (its unit) instead",
+    ),
     ("post_update", "herdsman does not update code; deploy, then `herdsman reload NAME`"),
-    ("pmx", "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics"),
-    ("automation", "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics"),
-    ("deep_monitoring", "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics"),
-    ("trace", "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics"),
+    (
+        "pmx",
+        "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics",
+    ),
+    (
+        "automation",
+        "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics",
+    ),
+    (
+        "deep_monitoring",
+        "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics",
+    ),
+    (
+        "trace",
+        "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics",
+    ),
     ("windowsHide", "Linux only: nothing to hide"),
     ("wait_ready_timeout", "not a PM2 key herdsman knows; listen_timeout is the ready timeout"),
     ("port", "not applied; give the address with --listen APP=ADDR or PORT in the app's env"),
@@ -92,7 +149,10 @@ pub fn app(index: usize, value: &Value, env_name: Option<&str>, base: &Path) -> 
     let script = match obj.get("script") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
         Some(other) if !matches!(other, Value::String(_)) => {
-            return Err(format!("`script` must be a string (the program or file to run), got {}", kind(other)));
+            return Err(format!(
+                "`script` must be a string (the program or file to run), got {}",
+                kind(other)
+            ));
         }
         _ => return Err("no `script`: add script: 'server.js' (the program or file to run)".into()),
     };
@@ -226,7 +286,10 @@ impl Mapper<'_> {
         let requested = self.get("instances").map(instances).transpose()?;
         self.layer.workers = Some(match requested {
             Some(n) if fork && n != "1" => {
-                self.note("instances", format!("{n} not applied: exec_mode fork runs one worker; use exec_mode cluster for {n}"));
+                self.note(
+                    "instances",
+                    format!("{n} not applied: exec_mode fork runs one worker; use exec_mode cluster for {n}"),
+                );
                 "1".into()
             }
             Some(n) => n,
@@ -262,7 +325,8 @@ impl Mapper<'_> {
         if let (Some(chosen), false) = (&chosen, applied) {
             self.note(chosen, "not in this app: --env applies only its env");
         }
-        for key in self.obj.keys().filter(|k| k.starts_with("env_") && Some(k.as_str()) != chosen.as_deref()) {
+        for key in self.obj.keys().filter(|k| k.starts_with("env_") && Some(k.as_str()) != chosen.as_deref())
+        {
             let name = &key["env_".len()..];
             self.notes.push((key.clone(), format!("not applied: pass --env {name} to merge it over env")));
         }
@@ -276,7 +340,8 @@ impl Mapper<'_> {
             // process.send('ready') reaches herdsman through the worker's IPC channel.
             self.layer.ready = Some("notify".into());
         }
-        self.layer.ready_timeout = self.get("listen_timeout").map(|v| millis(v, "listen_timeout")).transpose()?;
+        self.layer.ready_timeout =
+            self.get("listen_timeout").map(|v| millis(v, "listen_timeout")).transpose()?;
         self.layer.stop_timeout = self.get("kill_timeout").map(|v| millis(v, "kill_timeout")).transpose()?;
         self.layer.max_memory = match self.get("max_memory_restart") {
             None => None,
@@ -289,7 +354,10 @@ impl Mapper<'_> {
                 Some(text)
             }
             Some(other) => {
-                return Err(format!("`max_memory_restart` must be a size like \"300M\" or bytes, got {}", kind(other)));
+                return Err(format!(
+                    "`max_memory_restart` must be a size like \"300M\" or bytes, got {}",
+                    kind(other)
+                ));
             }
         };
         if let Some(v) = self.get("kill_signal") {
@@ -301,7 +369,10 @@ impl Mapper<'_> {
         }
         if flag(self.get("shutdown_with_message"), "shutdown_with_message")? {
             if self.layer.stop_signal.is_some() {
-                self.note("kill_signal", "not applied: shutdown_with_message stops workers with the 'shutdown' message");
+                self.note(
+                    "kill_signal",
+                    "not applied: shutdown_with_message stops workers with the 'shutdown' message",
+                );
             }
             self.layer.stop_signal = Some("message".into());
         }
@@ -431,7 +502,9 @@ fn millis(v: &Value, key: &str) -> Result<String, String> {
         _ => return Err(bad()),
     };
     match values::duration(&text) {
-        Ok(d) if d.is_zero() => Err(format!("`{key}` must be more than 0 ms; remove it for herdsman's default")),
+        Ok(d) if d.is_zero() => {
+            Err(format!("`{key}` must be more than 0 ms; remove it for herdsman's default"))
+        }
         Ok(_) => Ok(text),
         Err(_) => Err(bad()),
     }
@@ -462,7 +535,10 @@ fn env_value(table: &str, key: &str, v: &Value) -> Result<String, String> {
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         other => {
-            return Err(format!("`{table}.{key}` must be a string, a number or a boolean, got {}", kind(other)));
+            return Err(format!(
+                "`{table}.{key}` must be a string, a number or a boolean, got {}",
+                kind(other)
+            ));
         }
     };
     if !values::env_key_ok(key) {
@@ -516,7 +592,8 @@ mod tests {
 
     #[test]
     fn instances_as_pm2_writes_them() {
-        let w = |v: Value| map(json!({"script": "a.js", "instances": v}), None).map(|a| a.layer.workers.unwrap());
+        let w =
+            |v: Value| map(json!({"script": "a.js", "instances": v}), None).map(|a| a.layer.workers.unwrap());
         assert_eq!(w(json!("max")).unwrap(), "max");
         assert_eq!(w(json!(-1)).unwrap(), "-1");
         assert_eq!(w(json!(0)).unwrap(), "max");
@@ -531,7 +608,9 @@ mod tests {
         assert_eq!(fork.layer.workers.as_deref(), Some("1"));
         assert_eq!(fork.notes.len(), 1, "{:?}", fork.notes);
         assert_eq!(map(json!({"script": "a.js"}), None).unwrap().layer.workers.as_deref(), Some("1"));
-        assert!(map(json!({"script": "a.js", "exec_mode": "swarm"}), None).unwrap_err().contains("exec_mode"));
+        assert!(
+            map(json!({"script": "a.js", "exec_mode": "swarm"}), None).unwrap_err().contains("exec_mode")
+        );
     }
 
     #[test]
@@ -546,7 +625,11 @@ mod tests {
         assert_eq!(cmd(json!({"script": "npm", "args": "start"})), ["npm", "start"]);
         assert_eq!(cmd(json!({"script": "app.js", "interpreter": "none"})), ["app.js"]);
         assert_eq!(cmd(json!({"script": "./bin/www", "exec_interpreter": "node"})), ["node", "./bin/www"]);
-        assert_eq!(map(json!({"script": "bin/server.js"}), None).unwrap().name, "server", "PM2's default name");
+        assert_eq!(
+            map(json!({"script": "bin/server.js"}), None).unwrap().name,
+            "server",
+            "PM2's default name"
+        );
         assert_eq!(split(r#"a "b c" 'd "e"' f\ g "h\"i""#).unwrap(), ["a", "b c", "d \"e\"", "f g", "h\"i"]);
         assert!(split("'open").is_err());
     }

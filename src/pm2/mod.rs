@@ -73,7 +73,11 @@ pub fn run_args(mut args: RunArgs) -> Result<RunArgs, String> {
 
 /// `herdsman init --from-pm2 FILE [--only APP,…]`: every selected app installed by
 /// [`init::init`], after every one of them was checked (so a bad second app installs nothing).
-pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>) -> Result<(), init::Failure> {
+pub fn init(
+    a: &InitArgs,
+    cpus: std::num::NonZeroUsize,
+    sudo_user: Option<&str>,
+) -> Result<(), init::Failure> {
     let config = |message: String| init::Failure { code: exit::CONFIG, message };
     let Some(file) = &a.pm2.from_pm2 else {
         return Err(config("init --from-pm2: no file".into()));
@@ -113,6 +117,9 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     }
     Ok(())
 }
+
+/// `(key, what herdsman does instead)`.
+type Note = (String, String);
 
 fn print_notes(notes: &[String]) {
     for n in notes {
@@ -188,14 +195,20 @@ fn load(
     }
     let names = || apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ");
     if let Some(missing) = only.iter().find(|o| !apps.iter().any(|a| &a.name == *o)) {
-        return Err(format!("--only {missing}: {shown} has no app {missing} (its apps: {}); fix --only", names()));
+        return Err(format!(
+            "--only {missing}: {shown} has no app {missing} (its apps: {}); fix --only",
+            names()
+        ));
     }
     let chosen: Vec<map::App> =
         apps.iter().filter(|a| only.is_empty() || only.contains(&a.name)).cloned().collect();
     for (app, addr) in &f.listen {
         match app {
             Some(a) if !chosen.iter().any(|c| &c.name == a) => {
-                return Err(format!("--listen {a}={addr}: no app {a} selected (the apps: {}); fix the name", names()));
+                return Err(format!(
+                    "--listen {a}={addr}: no app {a} selected (the apps: {}); fix the name",
+                    names()
+                ));
             }
             None if chosen.len() != 1 => {
                 return Err(format!(
@@ -209,6 +222,7 @@ fn load(
     let mut selected = Vec::new();
     for app in chosen {
         for (key, note) in &app.notes {
+            let note = note.replace("NAME", &app.name);
             notes.push(format!("{shown}: app {}: `{key}`: {note}", app.name));
         }
         let mut layer = app.layer;
@@ -244,7 +258,7 @@ fn load(
 
 /// The apps of the file's top level: `{ apps: [...] }` (PM2's `module.exports`), a bare array,
 /// or one app object; and a note for every other top-level key.
-fn entries(value: &Value) -> Result<(Vec<&Value>, Vec<(String, String)>), String> {
+fn entries(value: &Value) -> Result<(Vec<&Value>, Vec<Note>), String> {
     let mut notes = Vec::new();
     let apps = match value {
         Value::Array(items) => items.iter().collect(),
@@ -341,7 +355,16 @@ mod tests {
     fn flags_apply_to_every_app_env_name_selects_env_name_listen_app_names_one() {
         let dir = Scratch::new("flags");
         let file = dir.file("ecosystem.json", TWO);
-        let f = flags(&["--env", "production", "-e", "B=3", "--listen", "jobs=unix:/run/j.sock", "--stop-timeout", "9s"]);
+        let f = flags(&[
+            "--env",
+            "production",
+            "-e",
+            "B=3",
+            "--listen",
+            "jobs=unix:/run/j.sock",
+            "--stop-timeout",
+            "9s",
+        ]);
         let (apps, notes) = load(&file, &[], &f, NODE_TIMEOUT).unwrap();
         assert_eq!(apps.len(), 2);
         let (api, jobs) = (&apps[0].layer, &apps[1].layer);
@@ -356,7 +379,8 @@ mod tests {
         assert!(notes.iter().any(|n| n.contains("app jobs: `watch`")), "{notes:?}");
         assert!(notes.iter().any(|n| n.contains("app jobs: `env_production`")), "{notes:?}");
         // The flags override the file, like over a config file.
-        let (apps, _) = load(&file, &["api".into()], &flags(&["-w", "5", "-e", "A=9"]), NODE_TIMEOUT).unwrap();
+        let (apps, _) =
+            load(&file, &["api".into()], &flags(&["-w", "5", "-e", "A=9"]), NODE_TIMEOUT).unwrap();
         assert_eq!(apps.len(), 1);
         assert_eq!(apps[0].layer.workers.as_deref(), Some("5"));
         assert_eq!(apps[0].layer.env, ["A=9", "PORT=3000"]);
@@ -376,11 +400,15 @@ mod tests {
         assert!(err(&[], &["--listen", "127.0.0.1:80"]).contains("which app?"));
         assert!(err(&[], &["--listen", "web=127.0.0.1:80"]).contains("no app web"));
         assert!(err(&[], &["--env", "a", "--env", "b"]).contains("one PM2 environment"));
-        let bad = dir.file("bad.json", r#"{"apps": [{"name": "x", "script": "x.js", "env": {"PORT": "http"}}]}"#);
+        let bad =
+            dir.file("bad.json", r#"{"apps": [{"name": "x", "script": "x.js", "env": {"PORT": "http"}}]}"#);
         let e = load(&bad, &[], &Layer::default(), NODE_TIMEOUT).unwrap_err();
         assert!(e.contains("PORT=\"http\" is not a port"), "{e}");
-        let dup = dir.file("dup.json", r#"[{"name": "x", "script": "x.js"}, {"name": "x", "script": "y.js"}]"#);
-        assert!(load(&dup, &[], &Layer::default(), NODE_TIMEOUT).unwrap_err().contains("two apps are named x"));
+        let dup =
+            dir.file("dup.json", r#"[{"name": "x", "script": "x.js"}, {"name": "x", "script": "y.js"}]"#);
+        assert!(
+            load(&dup, &[], &Layer::default(), NODE_TIMEOUT).unwrap_err().contains("two apps are named x")
+        );
         let none = dir.file("none.json", r#"{"apps": []}"#);
         assert!(load(&none, &[], &Layer::default(), NODE_TIMEOUT).unwrap_err().contains("no apps"));
         let odd = dir.file("odd.json", "42");

@@ -142,15 +142,19 @@ fn node(program: &str, path: &Path, timeout: Duration) -> Result<Value, String> 
         }
     }
     let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
-    let answer = |text: &str| text.rfind(MARK).map(|i| text[i + MARK.len()..].lines().next().unwrap_or("").to_string());
+    let answer = |text: &str| {
+        text.rfind(MARK).map(|i| text[i + MARK.len()..].lines().next().unwrap_or("").to_string())
+    };
     if !status.success() {
         let why = answer(&err)
             .or_else(|| err.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()))
             .unwrap_or_else(|| format!("node exited with {status}"));
         return Err(format!("{file} failed to load in node: {why}; fix the file"));
     }
-    let json = answer(&out).ok_or_else(|| format!("node printed no apps for {file}; check that it sets module.exports"))?;
-    serde_json::from_str(&json).map_err(|e| format!("node's answer for {file} is not JSON ({e}); report this"))
+    let json = answer(&out)
+        .ok_or_else(|| format!("node printed no apps for {file}; check that it sets module.exports"))?;
+    serde_json::from_str(&json)
+        .map_err(|e| format!("node's answer for {file} is not JSON ({e}); report this"))
 }
 
 /// The first document of a YAML text, as JSON.
