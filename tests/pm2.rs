@@ -59,7 +59,10 @@ fn run_from_pm2_js_runs_the_apps_workers_with_env_production_and_wait_ready_as_n
     let dir = TempDir::new("pm2-js");
     let gate = dir.path("ready");
     let ready_file = format!("READY_FILE={}", gate.display());
-    let mut h = run_api(&dir, &fixture("ecosystem.config.js"), &["-e", &ready_file]);
+    let mark = format!("EXIT_MARK={}", dir.path("exit").display());
+    // A stop timeout no load can reach (the flag over the file's kill_timeout).
+    let extra = ["-e", &ready_file, "-e", &mark, "--stop-timeout", "5m"];
+    let mut h = run_api(&dir, &fixture("ecosystem.config.js"), &extra);
     // A worker answers (it listens), yet is not ready: `wait_ready` is `ready = notify`, and
     // only process.send('ready') (sent once the gate file exists) makes it ready.
     let v = wait_for(STARTUP, "a worker answering", || get(&h.addr).ok());
@@ -79,9 +82,13 @@ fn run_from_pm2_js_runs_the_apps_workers_with_env_production_and_wait_ready_as_n
     let seen = h.distinct_workers(2);
     assert!(seen.iter().all(|s| s["env"]["GREETING"] == "hello from production"));
     // shutdown_with_message: each worker is told 'shutdown' and exits 0 by itself.
-    assert!(h.stop().success(), "{}", h.stderr());
-    assert!(h.stderr().contains("sending the shutdown message"), "{}", h.stderr());
-    assert!(!h.stderr().contains("SIGKILL"), "{}", h.stderr());
+    let pids: Vec<String> = seen.iter().map(|s| s["pid"].to_string()).collect();
+    h.signal(libc::SIGTERM);
+    assert!(h.wait_exit(std::time::Duration::from_secs(60)).success(), "{}", h.stderr());
+    for pid in pids {
+        let told = std::fs::read_to_string(dir.path(&format!("exit.{pid}"))).unwrap_or_default();
+        assert_eq!(told, "shutdown 0", "worker {pid}");
+    }
 }
 
 #[test]
@@ -252,6 +259,12 @@ fn bad_ecosystem_input_is_one_line_naming_the_problem_and_exit_78() {
         ),
         (vec!["init".into(), "--from-pm2".into(), write("e.toml", "")], "name it ecosystem.config.js"),
     ];
+    // --only without a file is a usage error.
+    for cmd in [&["run", "--only", "a"][..], &["init", "web", "--only", "a", "--", "true"][..]] {
+        let (code, _, err) = herdsman(cmd);
+        assert_eq!(code, 2, "{cmd:?}: {err}");
+        assert!(err.contains("add --from-pm2 FILE") && err.lines().count() == 1, "{err}");
+    }
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, _, err) = herdsman(&args);

@@ -37,7 +37,7 @@ pub struct Pm2Args {
     #[arg(long, value_name = "FILE")]
     pub from_pm2: Option<PathBuf>,
     /// With --from-pm2: only these apps (comma-separated names; `run` needs exactly one).
-    #[arg(long, value_name = "APP,…", value_delimiter = ',', requires = "from_pm2")]
+    #[arg(long, value_name = "APP,…", value_delimiter = ',')]
     pub only: Vec<String>,
 }
 
@@ -51,17 +51,20 @@ pub struct Selected {
 
 /// `herdsman run --from-pm2 FILE --only APP`: the run arguments of that app (the arguments
 /// unchanged without `--from-pm2`). Prints a line per key herdsman does not map.
-pub fn run_args(mut args: RunArgs) -> Result<RunArgs, String> {
-    let Some(file) = args.pm2.from_pm2.take() else { return Ok(args) };
+pub fn run_args(mut args: RunArgs) -> Result<RunArgs, init::Failure> {
+    let config = |message: String| init::Failure { code: exit::CONFIG, message };
+    let Some(file) = args.pm2.from_pm2.take() else {
+        return if args.pm2.only.is_empty() { Ok(args) } else { Err(only_alone()) };
+    };
     let only = std::mem::take(&mut args.pm2.only);
-    let (mut apps, notes) = load(&file, &only, &args.app, NODE_TIMEOUT)?;
+    let (mut apps, notes) = load(&file, &only, &args.app, NODE_TIMEOUT).map_err(config)?;
     if only.len() != 1 {
         let names: Vec<&str> = apps.iter().map(|a| a.name.as_str()).collect();
-        return Err(format!(
+        return Err(config(format!(
             "run --from-pm2 runs one app: name it with --only APP ({} has: {}); install them all with `herdsman init --from-pm2`",
             file.display(),
             names.join(", ")
-        ));
+        )));
     }
     print_notes(&notes);
     let mut app = apps.remove(0);
@@ -79,9 +82,7 @@ pub fn init(
     sudo_user: Option<&str>,
 ) -> Result<(), init::Failure> {
     let config = |message: String| init::Failure { code: exit::CONFIG, message };
-    let Some(file) = &a.pm2.from_pm2 else {
-        return Err(config("init --from-pm2: no file".into()));
-    };
+    let Some(file) = &a.pm2.from_pm2 else { return Err(only_alone()) };
     let (apps, notes) = load(file, &a.pm2.only, &a.app, NODE_TIMEOUT).map_err(config)?;
     print_notes(&notes);
     for app in &apps {
@@ -116,6 +117,14 @@ pub fn init(
         init::init(&one, cpus, sudo_user)?;
     }
     Ok(())
+}
+
+/// `--only` without `--from-pm2`.
+fn only_alone() -> init::Failure {
+    init::Failure {
+        code: exit::USAGE,
+        message: "--only selects apps of an ecosystem file: add --from-pm2 FILE, or remove --only".into(),
+    }
 }
 
 /// `(key, what herdsman does instead)`.

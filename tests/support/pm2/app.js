@@ -1,7 +1,7 @@
 // A PM2 app as PM2 users write them, for the `--from-pm2` tests (tests/pm2.rs, the e2e `pm2`
 // scenario): listens on PORT (or, under herdsman, on the inherited socket at fd 3), says
 // `process.send('ready')` once listening (once READY_FILE exists, when that is set), stops on
-// PM2's 'shutdown' message. Each answer is JSON: pid, worker id, argv and the environment.
+// PM2's 'shutdown' message (EXIT_MARK: each process writes what it was told and its exit code). Each answer is JSON: pid, worker id, argv and the environment.
 'use strict';
 const http = require('http');
 const fs = require('fs');
@@ -30,6 +30,14 @@ server.listen(process.env.LISTEN_FDS ? { fd: 3 } : Number(process.env.PORT), () 
   }, 20);
 });
 
+let told = 'none';
 process.on('message', (m) => {
-  if (m === 'shutdown') server.close(() => process.exit(0));
+  if (m === 'shutdown') {
+    told = 'shutdown';
+    server.close(() => process.exit(0));
+  }
+});
+// EXIT_MARK: at exit, write "<what the app was told> <exit code>" to EXIT_MARK.<pid>.
+process.on('exit', (code) => {
+  if (process.env.EXIT_MARK) fs.writeFileSync(`${process.env.EXIT_MARK}.${process.pid}`, `${told} ${code}`);
 });
