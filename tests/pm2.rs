@@ -258,7 +258,35 @@ fn bad_ecosystem_input_is_one_line_naming_the_problem_and_exit_78() {
             "apps[0] is a number",
         ),
         (vec!["init".into(), "--from-pm2".into(), write("e.toml", "")], "name it ecosystem.config.js"),
+        // The second app's program does not exist: the first is not installed either.
+        (
+            vec![
+                "init".into(),
+                "--from-pm2".into(),
+                write(
+                    "second.json",
+                    r#"[{"name": "a", "script": "a.py", "env": {"PORT": 81}}, {"name": "b", "script": "b", "interpreter": "no-such-interpreter", "env": {"PORT": 82}}]"#,
+                ),
+                "--no-start".into(),
+                "--config-dir".into(),
+                dir.path("etc").display().to_string(),
+                "--unit-dir".into(),
+                dir.path("units").display().to_string(),
+            ],
+            "app b: command not found: no-such-interpreter",
+        ),
     ];
+    assert!(!dir.path("etc").exists() && !dir.path("units").exists(), "a bad app installs nothing");
+    // A JavaScript file without node (not on PATH): one line saying so, what to do, exit 78.
+    let js = write("ecosystem.config.js", "module.exports = { apps: [] };");
+    let out = Command::new(BIN)
+        .args(["init", "--from-pm2", &js, "--dry-run"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("needs node, which is not installed") && err.lines().count() == 1, "{err}");
     // --only without a file is a usage error.
     for cmd in [&["run", "--only", "a"][..], &["init", "web", "--only", "a", "--", "true"][..]] {
         let (code, _, err) = herdsman(cmd);

@@ -104,10 +104,17 @@ pub fn init(
             });
         }
         let layer = Layer { name: Some(name.clone()), ..app.layer.clone() };
-        config::load(None, &layer, cpus).map_err(|p| {
+        let s = config::load(None, &layer, cpus).map_err(|p| {
             let lines: Vec<String> = p.0.iter().map(|l| format!("app {name}: {l}")).collect();
             config(lines.join("\n"))
         })?;
+        // The program, found as `init` will look for it (our PATH, then the app's env).
+        if let Some(program) = s.command.first().filter(|p| !p.contains('/')) {
+            let mut env: Vec<(String, String)> = std::env::vars().collect();
+            env.extend(s.env.iter().cloned());
+            crate::spawn::resolve(program, &env, s.cwd.as_deref())
+                .map_err(|e| config(format!("app {name}: {e}")))?;
+        }
     }
     for app in apps {
         let mut layer = app.layer;
