@@ -16,6 +16,7 @@
 
 mod map;
 mod read;
+mod value;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -309,11 +310,8 @@ fn entries(value: &Value) -> Result<(Vec<&Value>, Vec<Note>), String> {
 fn other_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "nothing (null)",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
         Value::Object(_) => "an object without `apps`",
+        other => value::kind(other),
     }
 }
 
