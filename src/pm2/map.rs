@@ -31,6 +31,10 @@ const UNMAPPED: &[(&str, &str)] = &[
     ("watch_delay", "not applied; `herdsman run --watch` debounces changes itself"),
     ("watch_options", "not applied; `herdsman run --watch` watches with inotify"),
     (
+        "cron",
+        "herdsman has no schedule; run `herdsman reload NAME` from a systemd timer (a rolling reload, no downtime)",
+    ),
+    (
         "cron_restart",
         "herdsman has no schedule; run `herdsman reload NAME` from a systemd timer (a rolling reload, no downtime)",
     ),
@@ -95,7 +99,7 @@ const UNMAPPED: &[(&str, &str)] = &[
     ("source_map_support", "add --enable-source-maps to node_args instead"),
     (
         "append_env_to_name",
-        "the app keeps its name; one app per --env is installed under its own name with --only",
+        "not applied: the app keeps its name (to install one per environment, copy the app under another name)",
     ),
     (
         "filter_env",
@@ -119,7 +123,6 @@ const UNMAPPED: &[(&str, &str)] = &[
         "no PM2 monitoring agent: `herdsman metrics NAME` (Prometheus) has the app's and its workers' metrics",
     ),
     ("windowsHide", "Linux only: nothing to hide"),
-    ("wait_ready_timeout", "not a PM2 key herdsman knows; listen_timeout is the ready timeout"),
     ("port", "not applied; give the address with --listen APP=ADDR or PORT in the app's env"),
 ];
 
