@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Layer;
+use crate::pm2::Pm2Args;
 
 #[derive(Debug, Parser)]
 #[command(name = "herdsman", version, about = "Runs N copies of a server on shared sockets, with zero-downtime rolling reloads", long_about = None)]
@@ -98,7 +99,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML app config; command-line flags override it.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", conflicts_with = "from_pm2")]
     pub config: Option<PathBuf>,
     /// App name (default: config file stem, else the command's basename; for an interpreter like
     /// node, python3, ruby, bun or deno, its script's stem: `node app.js` is `app`).
@@ -109,8 +110,10 @@ pub struct RunArgs {
     /// Control socket path.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    #[command(flatten)]
+    pub pm2: Pm2Args,
     /// The worker command and its arguments.
-    #[arg(last = true, value_name = "COMMAND")]
+    #[arg(last = true, value_name = "COMMAND", conflicts_with = "from_pm2")]
     pub command: Vec<String>,
 }
 
@@ -126,11 +129,12 @@ impl RunArgs {
     }
 }
 
-/// `herdsman init NAME [options] -- COMMAND...`
-#[derive(Debug, Args)]
+/// `herdsman init NAME [options] -- COMMAND...` (or `init --from-pm2 FILE [options]`)
+#[derive(Debug, Clone, Args)]
 pub struct InitArgs {
     /// App name: the instance of herdsman@NAME.service and /etc/herdsman/NAME.toml.
-    pub name: String,
+    #[arg(required_unless_present = "from_pm2", conflicts_with = "from_pm2")]
+    pub name: Option<String>,
     #[command(flatten)]
     pub app: Layer,
     /// Overwrite an existing app's configuration.
@@ -151,8 +155,15 @@ pub struct InitArgs {
     /// Where unit drop-ins are written.
     #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system", hide = true)]
     pub unit_dir: PathBuf,
+    #[command(flatten)]
+    pub pm2: Pm2Args,
     /// The worker command and its arguments.
-    #[arg(last = true, value_name = "COMMAND", required = true)]
+    #[arg(
+        last = true,
+        value_name = "COMMAND",
+        required_unless_present = "from_pm2",
+        conflicts_with = "from_pm2"
+    )]
     pub command: Vec<String>,
 }
 

@@ -280,7 +280,8 @@ fn write_file(f: &File) -> Result<(), Failure> {
 /// `sudo_user` is `SUDO_USER` (read by `main`): the default worker user when `--user` is not
 /// given.
 pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>) -> Result<(), Failure> {
-    let name = config::values::name(&a.name).map_err(|e| fail(exit::CONFIG, format!("NAME: {e}")))?;
+    let name = config::values::name(a.name.as_deref().unwrap_or_default())
+        .map_err(|e| fail(exit::CONFIG, format!("NAME: {e}")))?;
     if a.app.listen.is_empty() {
         return Err(fail(
             exit::CONFIG,

@@ -50,6 +50,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod output;
+pub mod pm2;
 pub mod procstat;
 pub mod requests;
 pub mod spawn;

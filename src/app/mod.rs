@@ -76,8 +76,11 @@ impl From<init::Failure> for Failure {
 pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
     let env = &process.paths();
     match command {
-        Command::Run(args) => run(*args, process),
+        Command::Run(args) => run(crate::pm2::run_args(*args)?, process),
         Command::CheckConfig { file } => check_config(&file, process),
+        Command::Init(a) if a.pm2.from_pm2.is_some() || !a.pm2.only.is_empty() => {
+            Ok(crate::pm2::init(&a, cpus(), process.var("SUDO_USER").as_deref())?)
+        }
         Command::Init(a) => Ok(init::init(&a, cpus(), process.var("SUDO_USER").as_deref())?),
         Command::Remove(a) => Ok(init::remove(&a)?),
         Command::Generate { dir } => generate::write_all(&dir)

@@ -40,7 +40,7 @@ pub struct Layer {
     #[arg(short, long, value_name = "ADDR")]
     #[serde(deserialize_with = "strings", skip_serializing_if = "Vec::is_empty")]
     pub listen: Vec<String>,
-    /// Extra environment for workers. Repeatable.
+    /// Extra environment for workers. Repeatable. With --from-pm2, `--env NAME` merges the ecosystem's env_NAME.
     #[arg(short, long, value_name = "KEY=VALUE")]
     #[serde(with = "env", skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<String>,

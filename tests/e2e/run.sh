@@ -705,6 +705,54 @@ s_unchanged_reboot() {
     ct herdsman remove unchanged --yes >/dev/null || fail "remove unchanged"
 }
 
+# issue 25: a PM2 ecosystem file (tests/support/pm2/: two cluster Node apps, env_production,
+# wait_ready + process.send('ready'), shutdown_with_message) installed by `init --from-pm2`: both
+# apps serve on their own ports (api: PORT from its env; web: --listen web=ADDR) with the merged
+# env, each worker ready through its IPC channel; a reload rolls api; both removed.
+s_pm2() {
+    command -v node >/dev/null || { note "SKIP: node is not installed"; exit 77; }
+    mkdir -p "$CT_ROOT/srv/pm2"
+    cp "$REPO"/tests/support/pm2/ecosystem.config.js "$REPO"/tests/support/pm2/app.js "$CT_ROOT/srv/pm2/"
+    chmod 0755 "$CT_ROOT/srv/pm2"
+    chmod 0644 "$CT_ROOT"/srv/pm2/*
+    CT_TIMEOUT=120 ct herdsman init --from-pm2 /srv/pm2/ecosystem.config.js --env production \
+        --listen web=127.0.0.1:8932 >"$CT_DIR/pm2-init.out" 2>&1 ||
+        { sed 's/^/#   /' "$CT_DIR/pm2-init.out"; fail "herdsman init --from-pm2 failed"; }
+    sed 's/^/#   /' "$CT_DIR/pm2-init.out"
+    local key
+    for key in watch ignore_watch cron_restart max_restarts autorestart out_file merge_logs; do
+        [ "$(grep -c "app web: \`$key\`:" "$CT_DIR/pm2-init.out")" -eq 1 ] || fail "no single line for web's \`$key\`"
+    done
+    wait_until 60 "herdsman@api 2/2 ready" ready_text api 2 ||
+        { ct journalctl -u herdsman@api --no-pager -n 30 | sed 's/^/#   /'; fail "api not ready"; }
+    wait_until 60 "herdsman@web 3/3 ready" ready_text web 3 ||
+        { ct journalctl -u herdsman@web --no-pager -n 30 | sed 's/^/#   /'; fail "web not ready"; }
+    local app name port greeting pids
+    for app in api:8931:"hello from production" web:8932:"web in production"; do
+        IFS=: read -r name port greeting <<<"$app"
+        pids=$(for _ in $(seq 1 40); do ct curl -sS --max-time 5 "http://127.0.0.1:$port/"; echo; done |
+            "$HOST_PY" -c '
+import json, sys
+want = sys.argv[1]
+pids = set()
+for line in sys.stdin:
+    if not line.strip():
+        continue
+    d = json.loads(line)
+    assert d["env"]["GREETING"] == want and d["env"]["NODE_ENV"] == "production", d["env"]
+    pids.add(d["pid"])
+print(len(pids))' "$greeting") || fail "$name on :$port: wrong answers (env not merged?)"
+        note "$name on :$port: $pids worker(s) answering with GREETING=$greeting"
+    done
+    [ "$(ct herdsman status api --json | json_get 'd["desired"]')" = 2 ] || fail "api: not 2 workers"
+    [ "$(ct herdsman status web --json | json_get 'd["desired"]')" = 3 ] || fail "web: not 3 workers"
+    CT_TIMEOUT=120 ct systemctl reload herdsman@api ||
+        { ct journalctl -u herdsman@api --no-pager -n 30 | sed 's/^/#   /'; fail "reload of api failed"; }
+    ready_text api 2 2 || fail "api not on generation 2 after reload: $(prop herdsman@api.service StatusText)"
+    ct herdsman remove api --yes >/dev/null || fail "remove api"
+    ct herdsman remove web --yes >/dev/null || fail "remove web"
+}
+
 # --balance steer under systemd: the socket unit holds 2 sockets per worker (ReusePort=yes);
 # a warming app (503 for 1.5 s after accepting) reloads with no failed request, and a restart
 # of the service refuses or resets no connection (they wait in the sockets systemd holds).
@@ -1179,6 +1227,7 @@ run_scenario "oom kill of a worker" s_oom
 run_scenario "strict sandbox (DynamicUser)" s_sandbox
 run_scenario "workers as --user nobody" s_user
 run_scenario "unchanged app binding its own port (--user nobody, reload under load)" s_unchanged
+run_scenario "init --from-pm2: two PM2 apps from one ecosystem file" s_pm2
 run_scenario "steered sockets (--balance steer)" s_steer
 run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "control_group under the shipped unit" s_control_group
