@@ -713,22 +713,24 @@ s_pm2() {
     command -v node >/dev/null || { note "SKIP: node is not installed"; exit 77; }
     mkdir -p "$CT_ROOT/srv/pm2"
     cp "$REPO"/tests/support/pm2/ecosystem.config.js "$REPO"/tests/support/pm2/app.js "$CT_ROOT/srv/pm2/"
+    # Named pm2api/pm2web here: the main scenarios' app is called web.
+    sed -i "s/name: 'api'/name: 'pm2api'/; s/name: 'web'/name: 'pm2web'/" "$CT_ROOT/srv/pm2/ecosystem.config.js"
     chmod 0755 "$CT_ROOT/srv/pm2"
     chmod 0644 "$CT_ROOT"/srv/pm2/*
     CT_TIMEOUT=120 ct herdsman init --from-pm2 /srv/pm2/ecosystem.config.js --env production \
-        --listen web=127.0.0.1:8932 >"$CT_DIR/pm2-init.out" 2>&1 ||
+        --listen pm2web=127.0.0.1:8932 >"$CT_DIR/pm2-init.out" 2>&1 ||
         { sed 's/^/#   /' "$CT_DIR/pm2-init.out"; fail "herdsman init --from-pm2 failed"; }
     sed 's/^/#   /' "$CT_DIR/pm2-init.out"
     local key
     for key in watch ignore_watch cron_restart max_restarts autorestart out_file merge_logs; do
-        [ "$(grep -c "app web: \`$key\`:" "$CT_DIR/pm2-init.out")" -eq 1 ] || fail "no single line for web's \`$key\`"
+        [ "$(grep -c "app pm2web: \`$key\`:" "$CT_DIR/pm2-init.out")" -eq 1 ] || fail "no single line for pm2web's \`$key\`"
     done
-    wait_until 60 "herdsman@api 2/2 ready" ready_text api 2 ||
-        { ct journalctl -u herdsman@api --no-pager -n 30 | sed 's/^/#   /'; fail "api not ready"; }
-    wait_until 60 "herdsman@web 3/3 ready" ready_text web 3 ||
-        { ct journalctl -u herdsman@web --no-pager -n 30 | sed 's/^/#   /'; fail "web not ready"; }
+    wait_until 60 "herdsman@pm2api 2/2 ready" ready_text pm2api 2 ||
+        { ct journalctl -u herdsman@pm2api --no-pager -n 30 | sed 's/^/#   /'; fail "pm2api not ready"; }
+    wait_until 60 "herdsman@pm2web 3/3 ready" ready_text pm2web 3 ||
+        { ct journalctl -u herdsman@pm2web --no-pager -n 30 | sed 's/^/#   /'; fail "pm2web not ready"; }
     local app name port greeting pids
-    for app in api:8931:"hello from production" web:8932:"web in production"; do
+    for app in pm2api:8931:"hello from production" pm2web:8932:"web in production"; do
         IFS=: read -r name port greeting <<<"$app"
         pids=$(for _ in $(seq 1 40); do ct curl -sS --max-time 5 "http://127.0.0.1:$port/"; echo; done |
             "$HOST_PY" -c '
@@ -744,13 +746,13 @@ for line in sys.stdin:
 print(len(pids))' "$greeting") || fail "$name on :$port: wrong answers (env not merged?)"
         note "$name on :$port: $pids worker(s) answering with GREETING=$greeting"
     done
-    [ "$(ct herdsman status api --json | json_get 'd["desired"]')" = 2 ] || fail "api: not 2 workers"
-    [ "$(ct herdsman status web --json | json_get 'd["desired"]')" = 3 ] || fail "web: not 3 workers"
-    CT_TIMEOUT=120 ct systemctl reload herdsman@api ||
-        { ct journalctl -u herdsman@api --no-pager -n 30 | sed 's/^/#   /'; fail "reload of api failed"; }
-    ready_text api 2 2 || fail "api not on generation 2 after reload: $(prop herdsman@api.service StatusText)"
-    ct herdsman remove api --yes >/dev/null || fail "remove api"
-    ct herdsman remove web --yes >/dev/null || fail "remove web"
+    [ "$(ct herdsman status pm2api --json | json_get 'd["desired"]')" = 2 ] || fail "pm2api: not 2 workers"
+    [ "$(ct herdsman status pm2web --json | json_get 'd["desired"]')" = 3 ] || fail "pm2web: not 3 workers"
+    CT_TIMEOUT=120 ct systemctl reload herdsman@pm2api ||
+        { ct journalctl -u herdsman@pm2api --no-pager -n 30 | sed 's/^/#   /'; fail "reload of pm2api failed"; }
+    ready_text pm2api 2 2 || fail "pm2api not on generation 2 after reload: $(prop herdsman@pm2api.service StatusText)"
+    ct herdsman remove pm2api --yes >/dev/null || fail "remove pm2api"
+    ct herdsman remove pm2web --yes >/dev/null || fail "remove pm2web"
 }
 
 # --balance steer under systemd: the socket unit holds 2 sockets per worker (ReusePort=yes);
