@@ -28,6 +28,12 @@ pub enum Command {
     Init(Box<InitArgs>),
     /// Stop, disable and delete an app installed with `init`.
     Remove(RemoveArgs),
+    /// Restart an app installed with `init` (its socket stays open: connections wait, none is refused).
+    Restart(ServiceArgs),
+    /// Stop an app installed with `init`: service and socket (connections are refused until `start`).
+    Stop(ServiceArgs),
+    /// Start an app installed with `init`: socket and service.
+    Start(ServiceArgs),
     /// Write man pages and shell completions into DIR (used by packaging).
     #[command(hide = true)]
     Generate {
@@ -164,6 +170,17 @@ pub struct RemoveArgs {
     /// Really stop, disable and delete the app (without it, only say what would happen).
     #[arg(long)]
     pub yes: bool,
+    #[arg(long, value_name = "DIR", default_value = "/etc/herdsman", hide = true)]
+    pub config_dir: PathBuf,
+    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system", hide = true)]
+    pub unit_dir: PathBuf,
+}
+
+/// `herdsman restart|stop|start NAME`
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// App name (as given to `herdsman init`).
+    pub name: String,
     #[arg(long, value_name = "DIR", default_value = "/etc/herdsman", hide = true)]
     pub config_dir: PathBuf,
     #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system", hide = true)]

@@ -270,7 +270,19 @@ impl Supervisor {
                 let _ = reply.send(self.snapshot());
             }
             Control::Stop => self.stop(),
+            Control::ReapOrphans => self.reap_orphans(),
+            Control::Probe { reply } => {
+                let _ = reply.send(!self.stopping && self.pool.all_ready());
+            }
             Control::Upgrade { binary, reply, conn } => self.request_upgrade(binary, reply, conn),
+        }
+    }
+
+    /// Reaps every orphan that was re-parented to herdsman, never a worker (see `reaper`).
+    fn reap_orphans(&mut self) {
+        let workers = &self.pool.workers;
+        for (pid, status) in crate::reaper::sweep(|pid| workers.contains_key(&pid)).unwrap_or_default() {
+            tracing::debug!(app = %self.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
         }
     }
 
