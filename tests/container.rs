@@ -214,3 +214,46 @@ fn ready_turns_200_during_start_and_503_during_a_stop_while_live_stays_200() {
     let status = h.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{}", h.stderr());
 }
+
+/// examples/container: the Deployment parses, probes `/ready` and `/live` on the port the
+/// image's ENTRYPOINT serves `--metrics` on, and gives the pod at least the preStop pause plus
+/// herdsman's `--stop-timeout` to stop (no container engine runs here: this is the check).
+#[test]
+fn the_container_example_agrees_with_itself() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/container");
+    let has_yaml = Command::new(SYSTEM_PYTHON).args(["-c", "import yaml"]).status().is_ok_and(|s| s.success());
+    if !has_yaml {
+        return skip("the_container_example_agrees_with_itself", "needs python3-yaml (apt-get install python3-yaml)");
+    }
+    let script = r#"
+import json, sys, yaml
+d = yaml.safe_load(open(sys.argv[1]))
+pod = d["spec"]["template"]["spec"]
+c = pod["containers"][0]
+ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+print(json.dumps({
+    "kind": d["kind"],
+    "grace": pod["terminationGracePeriodSeconds"],
+    "pre_stop": c["lifecycle"]["preStop"]["exec"]["command"],
+    "ready": [c["readinessProbe"]["httpGet"]["path"], ports[c["readinessProbe"]["httpGet"]["port"]]],
+    "live": [c["livenessProbe"]["httpGet"]["path"], ports[c["livenessProbe"]["httpGet"]["port"]]],
+}))
+"#;
+    let out = Command::new(SYSTEM_PYTHON).args(["-c", script]).arg(dir.join("deployment.yaml")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["kind"], "Deployment");
+    let containerfile = std::fs::read_to_string(dir.join("Containerfile")).unwrap();
+    let entry = containerfile.lines().find(|l| l.starts_with("ENTRYPOINT")).expect("an ENTRYPOINT");
+    let entry: Vec<String> = serde_json::from_str(entry.trim_start_matches("ENTRYPOINT").trim()).unwrap();
+    let after = |flag: &str| entry.iter().position(|a| a == flag).map(|i| entry[i + 1].clone()).unwrap();
+    assert_eq!(entry[..2], ["herdsman", "run"]);
+    let metrics_port: u64 = after("--metrics").rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(d["ready"], serde_json::json!(["/ready", metrics_port]));
+    assert_eq!(d["live"], serde_json::json!(["/live", metrics_port]));
+    let stop = after("--stop-timeout");
+    let stop_s: u64 = stop.trim_end_matches('s').parse().unwrap();
+    let pause: u64 = d["pre_stop"][1].as_str().unwrap().parse().unwrap();
+    assert_eq!(d["pre_stop"][0], "sleep");
+    assert!(d["grace"].as_u64().unwrap() > pause + stop_s, "grace period {} <= preStop {pause} + stop {stop}", d["grace"]);
+}
