@@ -74,7 +74,9 @@ pub fn become_reaper(under_systemd: bool) -> Reaper {
     match nix::sys::prctl::set_child_subreaper(true) {
         Ok(()) => Reaper::Subreaper,
         Err(e) => {
-            tracing::warn!("cannot become a child subreaper ({e}): orphans of workers go to the system's init");
+            tracing::warn!(
+                "cannot become a child subreaper ({e}): orphans of workers go to the system's init"
+            );
             Reaper::Off
         }
     }
@@ -187,6 +189,8 @@ mod tests {
         // Three children that exit at once: a "worker", one spawned as waited-for, a stranger.
         let mut worker = Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
         let (mut waited, guard) = spawn_waited(Command::new("sh").args(["-c", "exit 4"])).unwrap();
+        // Reaped by the sweep under test, not by a wait().
+        #[allow(clippy::zombie_processes)]
         let stranger = Command::new("sh").args(["-c", "exit 5"]).spawn().unwrap();
         let (w, k, s) = (worker.id() as i32, waited.id() as i32, stranger.id() as i32);
         for p in [w, k, s] {

@@ -2,6 +2,9 @@
 //! when it is not) reaps the orphans workers leave behind without taking a worker's exit
 //! status, and the metrics address answers an orchestrator's `GET /ready` and `GET /live`.
 
+// Test helpers fail the test by panicking, on purpose.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::io::{Read, Write};
@@ -96,7 +99,9 @@ fn as_pid_1_no_zombie_is_left_after_20_reloads_and_worker_exit_statuses_stay_rig
         h.wait_generation(generation);
     }
     // Every orphan died with its worker's group and was reaped: none is left a zombie.
-    wait_for(Duration::from_secs(30), "no zombie child of herdsman", || zombies_of(pid1).is_empty().then_some(()));
+    wait_for(Duration::from_secs(30), "no zombie child of herdsman", || {
+        zombies_of(pid1).is_empty().then_some(())
+    });
     // A worker's own exit status still reaches the loop (never reaped by the sweep).
     std::fs::write(dir.path("crash-0"), "").unwrap();
     let st = wait_for(Duration::from_secs(60), "worker 0's exit status in status --json", || {
@@ -106,7 +111,9 @@ fn as_pid_1_no_zombie_is_left_after_20_reloads_and_worker_exit_statuses_stay_rig
     });
     let _ = std::fs::remove_file(dir.path("crash-0"));
     assert!(in_slot(&st, 1).unwrap()["last_error"].is_null(), "{st}");
-    wait_for(Duration::from_secs(30), "no zombie after the crash", || zombies_of(pid1).is_empty().then_some(()));
+    wait_for(Duration::from_secs(30), "no zombie after the crash", || {
+        zombies_of(pid1).is_empty().then_some(())
+    });
 }
 
 /// Not PID 1 (a standalone run, not under systemd): herdsman makes itself a child subreaper,
@@ -131,7 +138,9 @@ fn standalone_herdsman_is_a_subreaper_and_reaps_what_workers_orphan() {
         reload(&control);
         h.wait_generation(generation);
     }
-    wait_for(Duration::from_secs(30), "no zombie child of herdsman", || zombies_of(me).is_empty().then_some(()));
+    wait_for(Duration::from_secs(30), "no zombie child of herdsman", || {
+        zombies_of(me).is_empty().then_some(())
+    });
     // The new workers' sleeps only: the old ones died with their workers and were reaped.
     wait_for(Duration::from_secs(30), "two sleeps left", || {
         (children_of(me).iter().filter(|c| c.2 == "sleep").count() == 2).then_some(())
@@ -221,9 +230,13 @@ fn ready_turns_200_during_start_and_503_during_a_stop_while_live_stays_200() {
 #[test]
 fn the_container_example_agrees_with_itself() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/container");
-    let has_yaml = Command::new(SYSTEM_PYTHON).args(["-c", "import yaml"]).status().is_ok_and(|s| s.success());
+    let has_yaml =
+        Command::new(SYSTEM_PYTHON).args(["-c", "import yaml"]).status().is_ok_and(|s| s.success());
     if !has_yaml {
-        return skip("the_container_example_agrees_with_itself", "needs python3-yaml (apt-get install python3-yaml)");
+        return skip(
+            "the_container_example_agrees_with_itself",
+            "needs python3-yaml (apt-get install python3-yaml)",
+        );
     }
     let script = r#"
 import json, sys, yaml
@@ -239,7 +252,8 @@ print(json.dumps({
     "live": [c["livenessProbe"]["httpGet"]["path"], ports[c["livenessProbe"]["httpGet"]["port"]]],
 }))
 "#;
-    let out = Command::new(SYSTEM_PYTHON).args(["-c", script]).arg(dir.join("deployment.yaml")).output().unwrap();
+    let out =
+        Command::new(SYSTEM_PYTHON).args(["-c", script]).arg(dir.join("deployment.yaml")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let d: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(d["kind"], "Deployment");
@@ -255,5 +269,9 @@ print(json.dumps({
     let stop_s: u64 = stop.trim_end_matches('s').parse().unwrap();
     let pause: u64 = d["pre_stop"][1].as_str().unwrap().parse().unwrap();
     assert_eq!(d["pre_stop"][0], "sleep");
-    assert!(d["grace"].as_u64().unwrap() > pause + stop_s, "grace period {} <= preStop {pause} + stop {stop}", d["grace"]);
+    assert!(
+        d["grace"].as_u64().unwrap() > pause + stop_s,
+        "grace period {} <= preStop {pause} + stop {stop}",
+        d["grace"]
+    );
 }

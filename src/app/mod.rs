@@ -108,7 +108,11 @@ pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
 
 /// `herdsman restart|stop|start NAME`; a standalone app of that name is one whose control
 /// socket answers.
-fn service(action: service::Action, a: &crate::cli::ServiceArgs, env: &crate::control::paths::Env) -> Result<(), Failure> {
+fn service(
+    action: service::Action,
+    a: &crate::cli::ServiceArgs,
+    env: &crate::control::paths::Env,
+) -> Result<(), Failure> {
     let standalone = |name: &str| {
         std::os::unix::net::UnixStream::connect(crate::control::paths::default_socket(name, env)).is_ok()
     };
