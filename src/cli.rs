@@ -18,6 +18,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an app: bind (or inherit) its sockets and supervise its workers.
+    ///
+    /// Also a container entrypoint: as PID 1 (or, standalone, as a child subreaper) it reaps
+    /// the orphans workers leave behind; SIGTERM/SIGINT stop it gracefully (exit 0);
+    /// `--metrics` serves the probes `GET /ready` and `GET /live` (docs/containers.md).
     Run(Box<RunArgs>),
     /// Validate a config file: exit 0, or print every problem and exit 78.
     CheckConfig {
