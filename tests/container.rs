@@ -58,8 +58,20 @@ fn orphaning_worker() -> Vec<String> {
 /// worker's own exit status still reaches `status --json`.
 #[test]
 fn as_pid_1_no_zombie_is_left_after_20_reloads_and_worker_exit_statuses_stay_right() {
-    if !is_root() || !have("unshare") {
-        return skip("as_pid_1", "needs root and unshare(1) for a PID namespace");
+    // Root, and a kernel/sandbox that lets us make a PID namespace (not fakeroot, not a
+    // container without CAP_SYS_ADMIN).
+    let can_unshare = is_root()
+        && have("unshare")
+        && Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "true"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !can_unshare {
+        return skip(
+            "as_pid_1",
+            "needs root and `unshare --pid --fork --mount-proc` (util-linux) to work here",
+        );
     }
     let dir = TempDir::new("pid1");
     let crash = dir.path("crash-");
