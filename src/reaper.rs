@@ -29,6 +29,9 @@
 //!   this round if the lock is busy: the next `SIGCHLD`, at the latest that child's own exit,
 //!   sweeps again). So no such pid is ever unknown to a sweep.
 //!
+//! `/proc` must be this PID namespace's (a container's always is): its pids are what
+//! `waitid` takes. Where it is not (`unshare --pid` without `--mount-proc`), nothing is reaped.
+//!
 //! A zombie's pid cannot be reused until it is reaped, so a pid listed as a child and not
 //! known is an orphan, or one that was ours and alive (`WNOHANG` then leaves it alone).
 //! Nothing is lost between `SIGCHLD`s: each sweep reaps every zombie present, and an orphan
@@ -66,6 +69,12 @@ pub enum Reaper {
 /// is; otherwise a subreaper unless `under_systemd`.
 pub fn become_reaper(under_systemd: bool) -> Reaper {
     if std::process::id() == 1 {
+        if !proc_is_ours() {
+            tracing::warn!(
+                "PID 1, but /proc belongs to another PID namespace: orphans cannot be reaped; mount a /proc of this namespace (unshare --mount-proc)"
+            );
+            return Reaper::Off;
+        }
         return Reaper::Pid1;
     }
     if under_systemd {
@@ -92,6 +101,10 @@ pub fn sweep(is_worker: impl Fn(i32) -> bool) -> Option<Vec<(i32, WaitStatus)>> 
         Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
     };
     let mut reaped = Vec::new();
+    if !proc_is_ours() {
+        // Its pids are not ours: a listed pid could name another of our children here.
+        return Some(reaped);
+    }
     for pid in children() {
         if is_worker(pid) || waited.contains(&pid) {
             continue;
@@ -122,6 +135,13 @@ impl Drop for Waited {
     fn drop(&mut self) {
         WAITED.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
     }
+}
+
+/// Whether `/proc` shows this PID namespace (a container mounts its own; `unshare --pid`
+/// without `--mount-proc` leaves the parent's, whose pids are not the ones `waitid` takes).
+pub fn proc_is_ours() -> bool {
+    let me = std::fs::read_link("/proc/self").ok().and_then(|p| p.to_str()?.parse::<u32>().ok());
+    me == Some(std::process::id())
 }
 
 /// This process's children: every thread's (an orphan is re-parented to any live thread of
@@ -163,6 +183,11 @@ fn parent_of(stat: &str) -> Option<i32> {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn proc_shows_our_pid_namespace_here() {
+        assert!(proc_is_ours());
+    }
 
     #[test]
     fn parent_of_reads_past_a_command_with_spaces_and_parentheses() {
