@@ -19,6 +19,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an app: bind (or inherit) its sockets and supervise its workers.
+    ///
+    /// Also a container entrypoint: as PID 1 (or, standalone, as a child subreaper) it reaps
+    /// the orphans workers leave behind; SIGTERM/SIGINT stop it gracefully (exit 0);
+    /// `--metrics` serves the probes `GET /ready` and `GET /live` (docs/containers.md).
     Run(Box<RunArgs>),
     /// Validate a config file: exit 0, or print every problem and exit 78.
     CheckConfig {
@@ -29,6 +33,12 @@ pub enum Command {
     Init(Box<InitArgs>),
     /// Stop, disable and delete an app installed with `init`.
     Remove(RemoveArgs),
+    /// Restart an app installed with `init` (its socket stays open: connections wait, none is refused).
+    Restart(ServiceArgs),
+    /// Stop an app installed with `init`: service and socket (connections are refused until `start`).
+    Stop(ServiceArgs),
+    /// Start an app installed with `init`: socket and service.
+    Start(ServiceArgs),
     /// Write man pages and shell completions into DIR (used by packaging).
     #[command(hide = true)]
     Generate {
@@ -175,6 +185,17 @@ pub struct RemoveArgs {
     /// Really stop, disable and delete the app (without it, only say what would happen).
     #[arg(long)]
     pub yes: bool,
+    #[arg(long, value_name = "DIR", default_value = "/etc/herdsman", hide = true)]
+    pub config_dir: PathBuf,
+    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system", hide = true)]
+    pub unit_dir: PathBuf,
+}
+
+/// `herdsman restart|stop|start NAME`
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// App name (as given to `herdsman init`).
+    pub name: String,
     #[arg(long, value_name = "DIR", default_value = "/etc/herdsman", hide = true)]
     pub config_dir: PathBuf,
     #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system", hide = true)]

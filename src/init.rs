@@ -31,7 +31,7 @@ pub struct Failure {
     pub message: String,
 }
 
-fn fail(code: i32, message: impl Into<String>) -> Failure {
+pub(crate) fn fail(code: i32, message: impl Into<String>) -> Failure {
     Failure { code, message: message.into() }
 }
 
@@ -48,7 +48,7 @@ struct Plan {
     commands: Vec<Vec<String>>,
 }
 
-fn socket_dropin(dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn socket_dropin(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("herdsman@{name}.socket.d")).join("listen.conf")
 }
 
@@ -72,7 +72,7 @@ const STEER_DROPIN: &str = "# Written by `herdsman init --balance steer`: steeri
 CapabilityBoundingSet=CAP_BPF CAP_SETPCAP\n\
 SystemCallFilter=bpf\n";
 
-fn units(name: &str) -> [String; 2] {
+pub(crate) fn units(name: &str) -> [String; 2] {
     [format!("herdsman@{name}.socket"), format!("herdsman@{name}.service")]
 }
 
@@ -225,7 +225,7 @@ fn plan_init(a: &InitArgs, s: &Settings, user: Option<&str>) -> Result<Plan, Fai
     Ok(Plan { files, commands })
 }
 
-fn systemd_running() -> bool {
+pub(crate) fn systemd_running() -> bool {
     Path::new("/run/systemd/system").is_dir()
 }
 

@@ -27,6 +27,8 @@
 //! * [`control`] is the control socket (protocol — the public wire schema —, server, client;
 //!   peers authenticated by `SO_PEERCRED`); [`procstat`] reads `/proc` for it and the metrics; [`metrics`] serves Prometheus metrics, herdsman's own and its workers',
 //!   outside the loop.
+//! * [`reaper`] reaps orphans as a container's PID 1 (or as a subreaper) without ever taking a
+//!   worker's exit; [`init`] and [`service`] install an app as systemd units and drive them.
 //! * [`upgrade`] re-executes the supervisor in place (`herdsman upgrade`, `SIGUSR2`): a
 //!   take-over check of the new binary, then every descriptor and the whole state handed to
 //!   `execve` in one memfd; `supervisor/handover.rs` is the loop's side.
@@ -52,7 +54,9 @@ pub mod notify;
 pub mod output;
 pub mod pm2;
 pub mod procstat;
+pub mod reaper;
 pub mod requests;
+pub mod service;
 pub mod spawn;
 pub mod steer;
 pub mod supervisor;

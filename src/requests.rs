@@ -30,6 +30,13 @@ pub enum Control {
     },
     /// Graceful stop; a second one kills what is left at once.
     Stop,
+    /// A child exited (`SIGCHLD`) and herdsman is a reaper: reap the orphans (see `reaper`).
+    ReapOrphans,
+    /// An orchestrator's probe (`GET /ready`): answered at once with whether every slot has a
+    /// ready worker and no stop is in progress.
+    Probe {
+        reply: oneshot::Sender<bool>,
+    },
     /// In-place upgrade from `binary` (default: the path herdsman was started from). The
     /// reply comes only if it fails: on success the new image answers on `conn`.
     Upgrade {

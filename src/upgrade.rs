@@ -499,23 +499,25 @@ fn check_blocking(
     let shown = path.display().to_string();
     // The checked file itself, through its descriptor (open in the child until its execve,
     // which resolves this name to that file): never its path again.
-    let mut child = Command::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .arg0(path)
-        .arg(CHECK_COMMAND)
-        // Nothing of herdsman's environment (ours names a descriptor of this image, and it
-        // may hold secrets): only a standard PATH.
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| UpgradeError::CheckFailed {
-            path: shown.clone(),
-            how: format!("cannot run it: {e}"),
-            detail: String::new(),
-        })?;
+    // Waited for here (try_wait below): never reaped by the orphan sweep (see `reaper`).
+    let (mut child, _waited) = crate::reaper::spawn_waited(
+        Command::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .arg0(path)
+            .arg(CHECK_COMMAND)
+            // Nothing of herdsman's environment (ours names a descriptor of this image, and it
+            // may hold secrets): only a standard PATH.
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0),
+    )
+    .map_err(|e| UpgradeError::CheckFailed {
+        path: shown.clone(),
+        how: format!("cannot run it: {e}"),
+        detail: String::new(),
+    })?;
     let mut stdin = child.stdin.take();
     let state = state.to_vec();
     // Feed the state from its own thread: a check that never reads must not block us.

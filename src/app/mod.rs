@@ -37,7 +37,7 @@ pub use run::run;
 use crate::cli::Command;
 use crate::config::{self, Layer, Settings};
 use crate::control::client;
-use crate::{exit, generate, init, spawn};
+use crate::{exit, generate, init, service, spawn};
 
 /// Why a command failed: the lines to print on stderr (each after `herdsman: `) and the exit
 /// code.
@@ -83,6 +83,9 @@ pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
         }
         Command::Init(a) => Ok(init::init(&a, cpus(), process.var("SUDO_USER").as_deref())?),
         Command::Remove(a) => Ok(init::remove(&a)?),
+        Command::Restart(a) => service(service::Action::Restart, &a, env),
+        Command::Stop(a) => service(service::Action::Stop, &a, env),
+        Command::Start(a) => service(service::Action::Start, &a, env),
         Command::Generate { dir } => generate::write_all(&dir)
             .map_err(|e| Failure::new(exit::FAILURE, format!("cannot write to {}: {e}", dir.display()))),
         Command::UpgradeCheck => upgrade_check(),
@@ -104,6 +107,19 @@ pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
             Ok(client::scale(target, workers, !no_wait, timeout_arg(&timeout)?, env)?)
         }
     }
+}
+
+/// `herdsman restart|stop|start NAME`; a standalone app of that name is one whose control
+/// socket answers.
+fn service(
+    action: service::Action,
+    a: &crate::cli::ServiceArgs,
+    env: &crate::control::paths::Env,
+) -> Result<(), Failure> {
+    let standalone = |name: &str| {
+        std::os::unix::net::UnixStream::connect(crate::control::paths::default_socket(name, env)).is_ok()
+    };
+    Ok(service::run(action, a, standalone)?)
 }
 
 /// `herdsman check-config FILE`: exit 0 with one line, or every problem and exit 78.

@@ -90,6 +90,8 @@ pub(super) fn serve(
         )
         .map_err(|e| Failure::new(exit::OS, e.to_string()))?,
     };
+    // systemd sets INVOCATION_ID for every unit it runs: it is the reaper there already.
+    let under_systemd = process.var("INVOCATION_ID").is_some();
     let control_ref = &control;
     let metrics_ref = &metrics_bound;
     let (tx, rx) = mpsc::channel(64);
@@ -98,7 +100,12 @@ pub(super) fn serve(
             .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     }
     let result = rt.block_on(async move {
-        forward_signals(tx.clone())?;
+        // A container's PID 1, or a subreaper standalone: orphans are reaped (see `reaper`).
+        let reaper = crate::reaper::become_reaper(under_systemd);
+        if reaper != crate::reaper::Reaper::Off {
+            tracing::debug!("reaping orphans ({reaper:?})");
+        }
+        forward_signals(tx.clone(), reaper != crate::reaper::Reaper::Off)?;
         server::spawn(control_ref, tx.clone(), access, metrics.clone())?;
         if let Some(b) = metrics_ref {
             metrics::http::serve(b, metrics.clone(), tx.clone())?;
@@ -152,8 +159,9 @@ pub(super) fn queue_copies(listeners: &Listeners) -> Vec<(String, OwnedFd)> {
 }
 
 /// SIGHUP = reload, SIGTERM/SIGINT = stop, SIGTTIN/SIGTTOU = one worker more/less, SIGUSR2 =
-/// in-place upgrade from the path herdsman was started from (as `herdsman upgrade`).
-fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
+/// in-place upgrade from the path herdsman was started from (as `herdsman upgrade`); with
+/// `reap`, SIGCHLD = reap the orphans.
+fn forward_signals(tx: mpsc::Sender<Control>, reap: bool) -> std::io::Result<()> {
     use crate::requests::{Scale, Waiter};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -161,6 +169,7 @@ fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
     let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
     let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
     let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut chld = if reap { Some(signal(SignalKind::child())?) } else { None };
     tokio::spawn(async move {
         loop {
             let c = tokio::select! {
@@ -170,6 +179,7 @@ fn forward_signals(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
                 _ = ttin.recv() => Control::Scale { scale: Scale::Add(1), wait: false, reply: None },
                 _ = ttou.recv() => Control::Scale { scale: Scale::Remove(1), wait: false, reply: None },
                 _ = usr2.recv() => Control::Upgrade { binary: None, reply: None, conn: None },
+                Some(_) = async { chld.as_mut()?.recv().await } => Control::ReapOrphans,
             };
             if tx.send(c).await.is_err() {
                 break;

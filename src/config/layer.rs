@@ -115,7 +115,8 @@ pub struct Layer {
     #[arg(long, value_name = "GROUP")]
     #[serde(deserialize_with = "string")]
     pub group: Option<String>,
-    /// Serve Prometheus/OpenMetrics `GET /metrics` on HOST:PORT, [V6]:PORT or unix:/path (default: off).
+    /// Serve Prometheus/OpenMetrics `GET /metrics`, and the probes `GET /ready` and `GET /live`, on
+    /// HOST:PORT, [V6]:PORT or unix:/path (default: off).
     #[arg(long, value_name = "ADDR")]
     #[serde(deserialize_with = "string")]
     pub metrics: Option<String>,

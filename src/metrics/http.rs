@@ -1,4 +1,6 @@
 //! The `GET /metrics` endpoint (`--metrics ADDR`) and the little HTTP/1.1 both sides need.
+//! The same address answers an orchestrator's probes, `GET /ready` and `GET /live` (see
+//! [`probe`]): a Kubernetes readiness/liveness probe needs no other port.
 //!
 //! Why no HTTP crate: herdsman answers exactly one request per connection (`GET /metrics`,
 //! `Connection: close`) and reads exactly one answer from each worker; hyper (or axum on
@@ -331,6 +333,19 @@ impl Shared {
                     if !reg.requested() {
                         return;
                     }
+                    if let Some(p) = req.probe {
+                        let (code, body) = probe(p, &self.controls).await;
+                        let mut answer = response(code, "text/plain", body.as_bytes());
+                        if req.head {
+                            answer.truncate(answer.len() - body.len());
+                        }
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+                            let _ = write_all(&mut s, &answer).await;
+                            let _ = s.shutdown().await;
+                        })
+                        .await;
+                        return;
+                    }
                     let format = Format::from_accept(req.accept.as_deref());
                     match tokio::time::timeout(SCRAPE_DEADLINE, self.page(format)).await {
                         Ok(built) => match &built.page {
@@ -391,6 +406,25 @@ impl Shared {
             Ok(p) => p,
             Err(e) => Arc::new(Built { at: Instant::now(), page: Err(format!("rendering failed: {e}")) }),
         }
+    }
+}
+
+/// Answers a probe: asks the supervisor loop, which answers at once unless it is wedged.
+/// `/live` is 200 when it answered within [`LIVE_DEADLINE`]; `/ready` is 200 when it
+/// answered in time *and* said every slot has a ready worker and no stop is in progress.
+/// Bodies are one short line.
+pub async fn probe(p: Probe, controls: &mpsc::Sender<Control>) -> (u16, &'static str) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let asked = tokio::time::timeout(LIVE_DEADLINE, async {
+        controls.send(Control::Probe { reply: tx }).await.ok()?;
+        rx.await.ok()
+    })
+    .await;
+    match (p, asked) {
+        (_, Err(_) | Ok(None)) => (503, "the supervisor loop did not answer within 2 s\n"),
+        (Probe::Live, Ok(Some(_))) => (200, "live\n"),
+        (Probe::Ready, Ok(Some(true))) => (200, "ready\n"),
+        (Probe::Ready, Ok(Some(false))) => (503, "not ready\n"),
     }
 }
 
@@ -470,7 +504,21 @@ fn response(code: u16, ctype: &str, body: &[u8]) -> Vec<u8> {
 pub struct Request {
     pub head: bool,
     pub accept: Option<String>,
+    /// `GET /ready` or `GET /live` (an orchestrator's probe); `None`: the metrics page.
+    pub probe: Option<Probe>,
 }
+
+/// The orchestrator probes served next to the metrics page (see [`probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `200` when every slot has a ready worker and no stop is in progress, else `503`.
+    Ready,
+    /// `200` when the supervisor loop answered within [`LIVE_DEADLINE`], else `503`.
+    Live,
+}
+
+/// `GET /live` fails when the supervisor loop has not answered within this (a wedged loop).
+pub const LIVE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Parses a request head: `GET /metrics` (or `HEAD`, or `/`), else the status code to answer.
 pub fn parse_request(head: &[u8]) -> Result<Request, u16> {
@@ -498,13 +546,15 @@ pub fn parse_request(head: &[u8]) -> Result<Request, u16> {
             accept = Some(v.trim().to_string());
         }
     }
-    let path = target.split('?').next().unwrap_or("");
-    if path != "/metrics" && path != "/" {
-        return Err(404);
-    }
+    let probe = match target.split('?').next().unwrap_or("") {
+        "/metrics" | "/" => None,
+        "/ready" => Some(Probe::Ready),
+        "/live" => Some(Probe::Live),
+        _ => return Err(404),
+    };
     match method {
-        "GET" => Ok(Request { head: false, accept }),
-        "HEAD" => Ok(Request { head: true, accept }),
+        "GET" => Ok(Request { head: false, accept, probe }),
+        "HEAD" => Ok(Request { head: true, accept, probe }),
         _ => Err(405),
     }
 }
@@ -702,7 +752,12 @@ mod tests {
         let r = parse_request(
             b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text\r\n\r\n",
         );
-        assert_eq!(r, Ok(Request { head: false, accept: Some("application/openmetrics-text".into()) }));
+        assert_eq!(
+            r,
+            Ok(Request { head: false, accept: Some("application/openmetrics-text".into()), probe: None })
+        );
+        assert_eq!(parse_request(b"GET /ready HTTP/1.1\r\n\r\n").unwrap().probe, Some(Probe::Ready));
+        assert_eq!(parse_request(b"HEAD /live?x HTTP/1.0\r\n\r\n").unwrap().probe, Some(Probe::Live));
         assert_eq!(parse_request(b"GET /other HTTP/1.1\r\n\r\n"), Err(404));
         assert_eq!(parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"), Err(405));
         assert_eq!(parse_request(b"garbage\r\n\r\n"), Err(400));

@@ -274,6 +274,10 @@ impl Supervisor {
                 let _ = reply.send(self.snapshot());
             }
             Control::Stop => self.stop(),
+            Control::ReapOrphans => self.reap_orphans(),
+            Control::Probe { reply } => {
+                let _ = reply.send(!self.stopping && self.pool.all_ready());
+            }
             Control::Upgrade { binary, reply, conn } => self.request_upgrade(binary, reply, conn),
             Control::Changed(changed) => {
                 // Before the clock is read: a change after this one is sent again.
@@ -281,6 +285,14 @@ impl Supervisor {
                 let now = self.now();
                 self.watching.changed(path, now);
             }
+        }
+    }
+
+    /// Reaps every orphan that was re-parented to herdsman, never a worker (see `reaper`).
+    fn reap_orphans(&mut self) {
+        let workers = &self.pool.workers;
+        for (pid, status) in crate::reaper::sweep(|pid| workers.contains_key(&pid)).unwrap_or_default() {
+            tracing::debug!(app = %self.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
         }
     }
 

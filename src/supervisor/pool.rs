@@ -237,6 +237,16 @@ impl Pool {
             .count()
     }
 
+    /// Whether every wanted slot has a ready active worker (`GET /ready`); never with none
+    /// wanted (nothing would serve).
+    pub fn all_ready(&self) -> bool {
+        self.desired > 0
+            && (0..self.desired).all(|id| {
+                let active = self.slots.get(&id).and_then(|s| s.active);
+                active.and_then(|pid| self.workers.get(&pid)).is_some_and(Worker::is_ready)
+            })
+    }
+
     /// Whether every slot was ready or failed at least once (for the first `READY=1`).
     pub fn settled(&self) -> bool {
         self.slots.values().all(|s| s.settled)

@@ -1207,6 +1207,44 @@ s_watch_systemd() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# issue 25: `herdsman restart|stop|start NAME` (pm2 restart/stop/start) on an app installed
+# with init. restart keeps the socket unit: new connections queue in systemd's socket while
+# the service restarts, so no request fails; stop refuses connections; start serves again.
+
+s_service() {
+    local ADDR=127.0.0.1:8383 rc=0 stamp0 pid0 out
+    mkdir -p "$CT_ROOT/srv/web"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
+    app_init svc 8383 2
+    wait_until 30 "herdsman@svc ready" ready_text svc 2 || fail "svc not ready: $(prop herdsman@svc.service StatusText)"
+    stamp0=$(prop herdsman@svc.socket ActiveEnterTimestampMonotonic)
+    pid0=$(prop herdsman@svc.service MainPID)
+    load_start svc_restart new 6
+    CT_TIMEOUT=120 ct herdsman restart svc || rc=$?
+    wait_until 30 "herdsman@svc ready after restart" ready_text svc 2 || fail "not ready after restart"
+    sleep 1
+    load_stop svc_restart
+    [ $rc -eq 0 ] || fail "herdsman restart svc exited $rc"
+    [ "$(prop herdsman@svc.service MainPID)" != "$pid0" ] || fail "the supervisor was not restarted"
+    [ "$(prop herdsman@svc.socket ActiveEnterTimestampMonotonic)" = "$stamp0" ] || fail "the socket unit was restarted"
+    [ "$(load_field svc_restart 'd["failed"]')" -eq 0 ] ||
+        fail "$(load_field svc_restart 'd["failed"]') failed requests during herdsman restart"
+    note "restart under load (new connections): $(load_field svc_restart 'd["ok"]') ok, 0 failed"
+    ct herdsman stop svc || fail "herdsman stop svc failed"
+    [ "$(ct systemctl is-active herdsman@svc.service)" != active ] || fail "service still active after stop"
+    [ "$(ct systemctl is-active herdsman@svc.socket)" != active ] || fail "socket still active after stop"
+    ! ct curl -sS --max-time 5 -o /dev/null "http://$ADDR/" 2>/dev/null || fail "a connection was served after stop"
+    ct herdsman start svc || fail "herdsman start svc failed"
+    wait_until 30 "herdsman@svc ready after start" ready_text svc 2 || fail "not ready after start"
+    ct curl -fsS --max-time 5 -o /dev/null "http://$ADDR/" || fail "not serving after start"
+    # Not installed with init: one line, exit 69.
+    rc=0; out=$(ct herdsman restart nosuch 2>&1) || rc=$?
+    note "restart nosuch: exit $rc: $out"
+    [ $rc -eq 69 ] || fail "restart of an unknown app exited $rc, not 69"
+    ct herdsman remove svc --yes >/dev/null || fail "remove svc"
+}
+
+# ---------------------------------------------------------------------------------------------
 
 set +e
 ct_create main && ct_boot
@@ -1236,6 +1274,7 @@ run_scenario "control_group under the shipped unit" s_control_group
 run_scenario "sigkill supervisor" s_sigkill
 run_scenario "fleet: ansible deploy, host by host, stops at a failed reload" s_fleet
 run_scenario "watch: --watch under systemd" s_watch_systemd
+run_scenario "herdsman restart/stop/start" s_service
 scenario_reboot
 
 if [ "$INSTALL_MODE" = deb ]; then
