@@ -24,7 +24,7 @@ use std::time::Duration;
 pub use layer::{Layer, keys};
 pub use problem::{ConfigError, Place, Problem, Problems};
 pub use validate::validate;
-pub use values::{Balance, BindIntercept, ListenAddr, OnFailure, ReadyMode, StopSignal, WorkerCount};
+pub use values::{Balance, BindIntercept, ListenAddr, LogFormat, OnFailure, ReadyMode, StopSignal, WorkerCount};
 
 /// Restart back-off for workers that fail repeatedly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -92,6 +92,9 @@ pub struct Settings {
     pub user: Option<crate::credentials::Credentials>,
     /// Serve `GET /metrics` here (`--metrics`, `metrics`); `None`: no HTTP endpoint.
     pub metrics: Option<ListenAddr>,
+    /// Standalone output as text or JSON lines (`--log-format`, `log_format`).
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 /// Reads and validates `file` (if any) under the flags' layer `cli`. `cpus` resolves "auto"

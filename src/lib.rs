@@ -45,6 +45,7 @@ pub mod ipc;
 pub mod journal;
 pub mod listeners;
 pub mod logging;
+pub mod logs;
 pub mod metrics;
 pub mod notify;
 pub mod output;

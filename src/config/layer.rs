@@ -119,6 +119,10 @@ pub struct Layer {
     #[arg(long, value_name = "ADDR")]
     #[serde(deserialize_with = "string")]
     pub metrics: Option<String>,
+    /// `run`'s `--log-format` (a flag of `run` only: under journald it changes nothing).
+    #[arg(skip)]
+    #[serde(deserialize_with = "string")]
+    pub log_format: Option<String>,
 }
 
 /// The keys a config file may contain: [`Layer`]'s fields, in order, as serde names them.

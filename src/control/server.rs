@@ -14,6 +14,12 @@
 //! request yet (of the same uid, or of any non-root uid, or for root of anyone) is told
 //! "busy" and closed to make room; only when every connection in the way is in the middle of
 //! a request is the new one answered "busy". Clients retry "busy" for a few seconds.
+//!
+//! Followers (`logs -f`) stay connected as long as they like: once its request is read, a
+//! follower gives its slot back and holds one of [`MAX_FOLLOWERS`] follower places instead
+//! (non-root peers at most [`USER_FOLLOWERS`] of them, so root can always follow); more are
+//! answered "busy". A follower is fed from its own bounded queue (see [`crate::logs`]): a
+//! slow one loses lines, counted, and never holds up the supervisor or other clients.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
@@ -27,6 +33,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::protocol::ReloadOutcome;
 use super::protocol::{self, ErrorKind, MAX_REQUEST, Op, Reply};
+use crate::logs::{Query, Record, Source};
 use crate::procstat::CpuMeter;
 use crate::requests::{Control, Waiter};
 
@@ -194,8 +201,10 @@ pub fn spawn(
     controls: mpsc::Sender<Control>,
     access: Access,
     metrics: crate::metrics::Metrics,
+    logs: Source,
 ) -> std::io::Result<()> {
     let listener = UnixListener::from_std(bound.listener.try_clone()?)?;
+    let followers = Followers::new();
     let meter = Arc::new(Mutex::new(CpuMeter::default()));
     let slots = Arc::new(Mutex::new(Slots::default()));
     let lookups = Arc::new(Semaphore::new(MAX_LOOKUPS));
@@ -221,6 +230,8 @@ pub fn spawn(
                 meter: meter.clone(),
                 metrics: metrics.clone(),
                 slots: slots.clone(),
+                logs: logs.clone(),
+                followers: followers.clone(),
             };
             if access.allows_at_once(uid, gid) {
                 conn.admit();
@@ -249,6 +260,30 @@ pub fn spawn(
         }
     });
     Ok(())
+}
+
+/// `logs -f` connections served at the same time (besides [`MAX_CLIENTS`]).
+pub const MAX_FOLLOWERS: usize = 16;
+/// Of [`MAX_FOLLOWERS`], non-root peers hold at most this many.
+pub const USER_FOLLOWERS: usize = 12;
+
+/// The follower places (see the module doc).
+#[derive(Clone)]
+struct Followers {
+    all: Arc<Semaphore>,
+    users: Arc<Semaphore>,
+}
+
+impl Followers {
+    fn new() -> Self {
+        Followers { all: Arc::new(Semaphore::new(MAX_FOLLOWERS)), users: Arc::new(Semaphore::new(USER_FOLLOWERS)) }
+    }
+
+    /// A place for a follower of `uid`, held until the permits are dropped.
+    fn take(&self, uid: u32) -> Option<(tokio::sync::OwnedSemaphorePermit, Option<tokio::sync::OwnedSemaphorePermit>)> {
+        let user = if uid == 0 { None } else { Some(self.users.clone().try_acquire_owned().ok()?) };
+        Some((self.all.clone().try_acquire_owned().ok()?, user))
+    }
 }
 
 /// Supplementary-group lookups (`/proc`, NSS) running at the same time.
@@ -344,6 +379,8 @@ struct Conn {
     meter: Arc<Mutex<CpuMeter>>,
     metrics: crate::metrics::Metrics,
     slots: Arc<Mutex<Slots>>,
+    logs: Source,
+    followers: Followers,
 }
 
 impl Conn {
@@ -381,7 +418,7 @@ fn refuse_busy(stream: &UnixStream, what: &str) {
 }
 
 async fn handle(conn: Conn, held: Held, mut evicted: oneshot::Receiver<()>) -> std::io::Result<()> {
-    let Conn { stream, uid, controls, access, meter, metrics, slots } = conn;
+    let Conn { stream, uid, controls, access, meter, metrics, slots, logs, followers } = conn;
     let (read, mut write) = stream.into_split();
     let within = if uid == 0 { REQUEST_TIMEOUT } else { USER_REQUEST_TIMEOUT };
     let mut line = Vec::new();
@@ -495,6 +532,56 @@ async fn handle(conn: Conn, held: Held, mut evicted: oneshot::Receiver<()>) -> s
                 Err(message) => Reply::error(ErrorKind::Failed, message),
             };
             write.write_all(reply.line().as_bytes()).await
+        }
+        Op::Logs { lines, follow, worker, since_us } => {
+            let ring = match logs {
+                Source::Ring(ring) => ring,
+                Source::Journal { unit, app } => {
+                    let reply = Reply::Journal { unit, app, pid: std::process::id() };
+                    return write.write_all(reply.line().as_bytes()).await;
+                }
+            };
+            let query = Query { lines, worker, since_us };
+            if !follow {
+                let recent = ring.recent(&query);
+                let mut out = String::new();
+                for r in &recent {
+                    out.push_str(&Reply::Log(Record::clone(r)).line());
+                }
+                out.push_str(&Reply::Logs { lines: recent.len() }.line());
+                return write.write_all(out.as_bytes()).await;
+            }
+            let Some(_place) = followers.take(uid) else {
+                let message = format!(
+                    "busy: {MAX_FOLLOWERS} followers (logs -f) are connected, {USER_FOLLOWERS} at most for users other than root; stop one or try again"
+                );
+                return write.write_all(Reply::error(ErrorKind::Busy, message).line().as_bytes()).await;
+            };
+            // From here on a follower holds a follower place, not a request slot.
+            drop(held);
+            let (backlog, mut sub) = ring.follow(&query);
+            let mut out = String::new();
+            for r in &backlog {
+                out.push_str(&Reply::Log(Record::clone(r)).line());
+            }
+            write.write_all(out.as_bytes()).await?;
+            let mut scratch = [0u8; 256];
+            loop {
+                tokio::select! {
+                    next = sub.rx.recv() => {
+                        let Some(r) = next else { return Ok(()) };
+                        let dropped = sub.take_dropped();
+                        let mut out = String::new();
+                        if dropped > 0 {
+                            out.push_str(&Reply::LogsDropped { dropped }.line());
+                        }
+                        out.push_str(&Reply::Log(Record::clone(&r)).line());
+                        write.write_all(out.as_bytes()).await?;
+                    }
+                    // The client hung up (it never sends anything else).
+                    n = reader.read(&mut scratch) => if matches!(n, Ok(0) | Err(_)) { return Ok(()) },
+                }
+            }
         }
         Op::Scale { workers, wait } => {
             let scale = match protocol::parse_scale(&workers) {
