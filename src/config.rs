@@ -24,7 +24,9 @@ use std::time::Duration;
 pub use layer::{Layer, keys};
 pub use problem::{ConfigError, Place, Problem, Problems};
 pub use validate::validate;
-pub use values::{Balance, BindIntercept, ListenAddr, LogFormat, OnFailure, ReadyMode, StopSignal, WorkerCount};
+pub use values::{
+    Balance, BindIntercept, ListenAddr, LogFormat, OnFailure, ReadyMode, StopSignal, WorkerCount,
+};
 
 /// Restart back-off for workers that fail repeatedly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

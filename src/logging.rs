@@ -441,7 +441,11 @@ mod tests {
         let v = Fields {
             message: "worker 2 replaced".into(),
             other: Vec::new(),
-            raw: vec![("worker_id".into(), "2".into()), ("worker_pid".into(), "77".into()), ("app".into(), "x".into())],
+            raw: vec![
+                ("worker_id".into(), "2".into()),
+                ("worker_pid".into(), "77".into()),
+                ("app".into(), "x".into()),
+            ],
         };
         let line = json_event("web", tracing::Level::WARN, v, std::time::UNIX_EPOCH);
         assert_eq!(line.last(), Some(&b'\n'));

@@ -10,7 +10,7 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use support::*;
 
@@ -132,7 +132,8 @@ fn logs_since_keeps_only_lines_read_at_or_after_the_time() {
     assert_eq!(lines_of(&logs(&h, &["--since", &format!("@{t}")])), ["second"]);
     assert_eq!(lines_of(&logs(&h, &["--since", "1h"])), ["first", "second"]);
     assert!(logs(&h, &["--since", "@99999999999"]).is_empty());
-    let bad = Command::new(BIN).arg("logs").arg(h.control().unwrap()).args(["--since", "bogus"]).output().unwrap();
+    let bad =
+        Command::new(BIN).arg("logs").arg(h.control().unwrap()).args(["--since", "bogus"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2), "a bad --since is a usage error");
 }
 
@@ -253,7 +254,8 @@ fn a_follower_that_does_not_read_loses_lines_counted_and_stalls_nothing() {
 #[test]
 fn log_format_json_writes_every_worker_line_and_event_as_a_json_object() {
     let dir = TempDir::new("logs-json");
-    let script = "import sys, time\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\ntime.sleep(1000)";
+    let script =
+        "import sys, time\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\ntime.sleep(1000)";
     let mut h = start(&dir, 2, script, &["--log-format", "json"]);
     wait_for(STARTUP, "both workers' lines", || (logs(&h, &["-n", "100"]).len() == 4).then_some(()));
     h.stop();

@@ -95,7 +95,10 @@ pub(super) fn serve(
         // Standalone, worker lines are kept in a ring for `herdsman logs`; under journald the
         // journal keeps them (see `logs`).
         let (output, logs) = match journal {
-            Some(sink) => (Output::journal(sink), crate::logs::Source::Journal { unit: crate::logs::own_unit(), app: settings.name.clone() }),
+            Some(sink) => (
+                Output::journal(sink),
+                crate::logs::Source::Journal { unit: crate::logs::own_unit(), app: settings.name.clone() },
+            ),
             None => {
                 let ring = crate::logs::Ring::default();
                 let json = settings.log_format == config::LogFormat::Json;

@@ -402,6 +402,7 @@ mod tests {
             "user",
             "group",
             "metrics",
+            "log_format",
         ];
         assert_eq!(super::keys(), keys);
     }
@@ -450,7 +451,7 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics",
+                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics, log_format",
                 "app.toml: key `name`: expected a string, got integer",
                 "app.toml: key `env`: `A` must be a string (quote it), got integer",
                 "app.toml: key `env`: invalid variable name \"C=D\"",

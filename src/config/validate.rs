@@ -53,7 +53,8 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
     let watchdog = c.pick("watchdog", |l| l.watchdog.as_deref(), positive_duration);
     let max_memory = c.pick("max_memory", |l| l.max_memory.as_deref(), values::size);
     let metrics = c.pick("metrics", |l| l.metrics.as_deref(), values::metrics_addr);
-    let log_format = c.pick("log_format", |l| l.log_format.as_deref(), values::log_format).unwrap_or_default();
+    let log_format =
+        c.pick("log_format", |l| l.log_format.as_deref(), values::log_format).unwrap_or_default();
     let backoff = c.backoff();
     let control = c.lookup("control", |l| l.control.as_deref()).map(|(p, _)| p.to_path_buf());
     let control_group = c.pick("control_group", |l| l.control_group.as_deref(), group_exists);

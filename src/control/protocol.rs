@@ -405,7 +405,8 @@ mod tests {
         assert!(parse_request(br#"{"v":9,"op":"status"}"#).unwrap_err().contains("version 9"));
         assert!(parse_request(br#"{"v":1,"op":"explode"}"#).is_err());
         assert_eq!(parse_request(br#"{"v":1,"op":"metrics"}"#).unwrap().op, Op::Metrics);
-        let logs = Op::Logs { lines: crate::logs::DEFAULT_LINES, follow: false, worker: None, since_us: None };
+        let logs =
+            Op::Logs { lines: crate::logs::DEFAULT_LINES, follow: false, worker: None, since_us: None };
         assert_eq!(parse_request(br#"{"v":1,"op":"logs"}"#).unwrap().op, logs);
     }
 

@@ -276,11 +276,17 @@ struct Followers {
 
 impl Followers {
     fn new() -> Self {
-        Followers { all: Arc::new(Semaphore::new(MAX_FOLLOWERS)), users: Arc::new(Semaphore::new(USER_FOLLOWERS)) }
+        Followers {
+            all: Arc::new(Semaphore::new(MAX_FOLLOWERS)),
+            users: Arc::new(Semaphore::new(USER_FOLLOWERS)),
+        }
     }
 
     /// A place for a follower of `uid`, held until the permits are dropped.
-    fn take(&self, uid: u32) -> Option<(tokio::sync::OwnedSemaphorePermit, Option<tokio::sync::OwnedSemaphorePermit>)> {
+    fn take(
+        &self,
+        uid: u32,
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, Option<tokio::sync::OwnedSemaphorePermit>)> {
         let user = if uid == 0 { None } else { Some(self.users.clone().try_acquire_owned().ok()?) };
         Some((self.all.clone().try_acquire_owned().ok()?, user))
     }

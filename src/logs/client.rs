@@ -73,7 +73,11 @@ pub fn logs(a: &Args, env: &paths::Env) -> Result<(), Failure> {
         .target
         .as_deref()
         .filter(|t| !t.contains('/') && Path::new(INIT_CONFIG_DIR).join(format!("{t}.toml")).exists())
-        .map(|name| Target { unit: Some(format!("herdsman@{name}.service")), app: name.to_string(), pid: None });
+        .map(|name| Target {
+            unit: Some(format!("herdsman@{name}.service")),
+            app: name.to_string(),
+            pid: None,
+        });
     let path = match (paths::resolve(a.target.as_deref(), env), &installed) {
         (Ok(p), _) => p,
         (Err(_), Some(t)) => return journal::read(t, &query, a.follow, |r| print(r, a.json)),

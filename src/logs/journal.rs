@@ -96,7 +96,12 @@ pub fn record(entry: &Value) -> Option<Record> {
 /// Runs journalctl and hands each worker line to `emit` until the end (or, with `follow`,
 /// until `emit` returns `false` or journalctl ends). journalctl's own messages (no access to
 /// the journal, ...) go to our stderr as they are.
-pub fn read(t: &Target, q: &Query, follow: bool, mut emit: impl FnMut(&Record) -> bool) -> Result<(), Failure> {
+pub fn read(
+    t: &Target,
+    q: &Query,
+    follow: bool,
+    mut emit: impl FnMut(&Record) -> bool,
+) -> Result<(), Failure> {
     let mut child = Command::new("journalctl")
         .args(args(t, q, follow))
         .stdin(Stdio::null())
@@ -127,7 +132,8 @@ pub fn read(t: &Target, q: &Query, follow: bool, mut emit: impl FnMut(&Record) -
     if stopped {
         let _ = child.kill();
     }
-    let status = child.wait().map_err(|e| Failure { code: exit::FAILURE, message: format!("journalctl: {e}") })?;
+    let status =
+        child.wait().map_err(|e| Failure { code: exit::FAILURE, message: format!("journalctl: {e}") })?;
     if !stopped && !status.success() {
         return Err(Failure { code: exit::FAILURE, message: format!("journalctl failed ({status})") });
     }

@@ -239,7 +239,7 @@ pub fn own_unit() -> Option<String> {
 
 fn unit_of_cgroup(cgroup: &str) -> Option<String> {
     let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    path.split('/').filter(|c| c.ends_with(".service")).next_back().map(String::from)
+    path.split('/').rfind(|c| c.ends_with(".service")).map(String::from)
 }
 
 #[cfg(test)]
@@ -270,7 +270,7 @@ mod tests {
         }
         let (n, bytes) = ring.usage();
         assert!(bytes <= RING_BYTES, "{bytes}");
-        assert!(n < RING_LINES && n >= RING_BYTES / (LINE_BYTES + ENTRY_OVERHEAD), "{n}");
+        assert!((RING_BYTES / (LINE_BYTES + ENTRY_OVERHEAD)..RING_LINES).contains(&n), "{n}");
     }
 
     #[test]
