@@ -318,8 +318,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for JournalLayer {
 /// herdsman's own events as JSON lines on stderr (`--log-format json`), for container log
 /// collectors: `ts` (RFC 3339, UTC), `app`, `stream` (always `"herdsman"`, where worker lines
 /// say `"stdout"`/`"stderr"`), `level` (`error`, `warn`, `info`, `debug`, `trace`), `message`,
-/// and the event's fields: `worker_id`, `worker_pid` and `generation` become `worker`, `pid`
-/// and `generation` (as in worker lines), any other keeps its name (string values).
+/// and the event's fields: `worker_id`, `worker_pid` and `generation`/`worker_generation`
+/// become `worker`, `pid` and `generation` (numbers, as in worker lines), any other keeps its
+/// name (string values).
 pub struct JsonLayer {
     sink: Sink,
     app: String,
@@ -346,7 +347,7 @@ fn json_event(app: &str, level: tracing::Level, v: Fields, now: std::time::Syste
         let (key, number) = match k.as_str() {
             "worker_id" => ("worker", true),
             "worker_pid" => ("pid", true),
-            "generation" => ("generation", true),
+            "generation" | "worker_generation" => ("generation", true),
             "app" | "ts" | "stream" | "level" | "message" => continue,
             other => (other, false),
         };
