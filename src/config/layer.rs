@@ -121,7 +121,7 @@ pub struct Layer {
     pub metrics: Option<String>,
     /// `run`'s `--log-format` (a flag of `run` only: under journald it changes nothing).
     #[arg(skip)]
-    #[serde(deserialize_with = "string")]
+    #[serde(deserialize_with = "string", skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
 }
 

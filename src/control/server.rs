@@ -262,6 +262,9 @@ pub fn spawn(
     Ok(())
 }
 
+/// A `logs` answer (without `follow`) must be read within this.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `logs -f` connections served at the same time (besides [`MAX_CLIENTS`]).
 pub const MAX_FOLLOWERS: usize = 16;
 /// Of [`MAX_FOLLOWERS`], non-root peers hold at most this many.
@@ -555,7 +558,14 @@ async fn handle(conn: Conn, held: Held, mut evicted: oneshot::Receiver<()>) -> s
                     out.push_str(&Reply::Log(Record::clone(r)).line());
                 }
                 out.push_str(&Reply::Logs { lines: recent.len() }.line());
-                return write.write_all(out.as_bytes()).await;
+                // Up to the ring's 4 MiB: a client that does not read it gives its slot up.
+                return match tokio::time::timeout(ANSWER_TIMEOUT, write.write_all(out.as_bytes())).await {
+                    Ok(r) => r,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "logs: the client did not read",
+                    )),
+                };
             }
             let Some(_place) = followers.take(uid) else {
                 let message = format!(
@@ -643,6 +653,18 @@ mod tests {
         assert_eq!(slots.held.len(), MAX_CLIENTS);
         assert_eq!(slots.held.values().filter(|(u, _)| *u == 0).count(), ROOT_SLOTS + 1);
         drop(newest);
+    }
+
+    #[test]
+    fn users_hold_at_most_their_share_of_follower_places_and_root_the_rest() {
+        let f = Followers::new();
+        let users: Vec<_> = (0..USER_FOLLOWERS).map(|i| f.take(1000 + i as u32).unwrap()).collect();
+        assert!(f.take(2000).is_none(), "a user took more than the users' share");
+        let root: Vec<_> = (USER_FOLLOWERS..MAX_FOLLOWERS).map(|_| f.take(0).unwrap()).collect();
+        assert!(f.take(0).is_none());
+        drop(users);
+        assert!(f.take(1000).is_some(), "places come back when followers leave");
+        drop(root);
     }
 
     #[test]
