@@ -757,11 +757,16 @@ s_logs() {
     pid2=$(ct herdsman status logs --json | json_get '[w["pid"] for w in d["workers"] if w["id"] == 2][0]')
     grep -q "\"pid\":$pid2,.*\"line\":\"burst 20/20\"" "$f" || fail "no 'burst 20/20' of worker 2 (pid $pid2) in: $(tail -3 "$f")"
     ct herdsman logs logs -n 3 >"$f" || fail "logs -n 3 (text): exit $?"
-    grep -Evq '^[0-9]+\|logs \| (out|err) \| ' "$f" && fail "text lines not 'ID|APP | out|err | line': $(cat "$f")"
+    if grep -Evq '^[0-9]+\|logs \| (out|err) \| ' "$f"; then
+        fail "text lines not 'ID|APP | out|err | line': $(cat "$f")"
+    fi
     # -f: a reload's new workers (generation 2) print their burst while a follower reads.
     # (`timeout` inside: the follower ends by itself even if the kill below does not reach it)
-    ct timeout 40 herdsman logs logs -f -n 0 --json >"$CT_DIR/logs-follow.json" 2>"$CT_DIR/logs-follow.err" &
+    ct timeout 40 herdsman logs logs -f -n 1 --json >"$CT_DIR/logs-follow.json" 2>"$CT_DIR/logs-follow.err" &
     local follower=$!
+    # Its one line of backlog printed: journalctl is following.
+    wait_until 20 "the follower's first line" test -s "$CT_DIR/logs-follow.json" ||
+        fail "logs -f printed nothing: $(cat "$CT_DIR/logs-follow.err")"
     CT_TIMEOUT=90 ct herdsman reload logs >/dev/null || fail "reload logs"
     wait_until 30 "a generation-2 line reaching the follower" grep -q '"generation":2,' "$CT_DIR/logs-follow.json" ||
         fail "logs -f saw no line of the reload's workers: $(tail -3 "$CT_DIR/logs-follow.json")"
@@ -771,7 +776,9 @@ s_logs() {
     # Stopped: the journal still has the lines (installed app: /etc/herdsman/logs.toml).
     ct systemctl stop herdsman@logs.service herdsman@logs.socket || fail "stop herdsman@logs"
     ct herdsman logs logs -n 2 --json >"$f" || rc=$?
-    [ $rc -eq 0 ] && [ "$(wc -l <"$f")" -eq 2 ] || fail "logs of the stopped app: exit $rc, $(wc -l <"$f") lines"
+    if [ $rc -ne 0 ] || [ "$(wc -l <"$f")" -ne 2 ]; then
+        fail "logs of the stopped app: exit $rc, $(wc -l <"$f") lines"
+    fi
     ct herdsman remove logs --yes >/dev/null || fail "remove logs"
 }
 
