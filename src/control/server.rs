@@ -16,10 +16,9 @@
 //! a request is the new one answered "busy". Clients retry "busy" for a few seconds.
 //!
 //! Followers (`logs -f`) stay connected as long as they like: once its request is read, a
-//! follower gives its slot back and holds one of [`MAX_FOLLOWERS`] follower places instead
-//! (non-root peers at most [`USER_FOLLOWERS`] of them, so root can always follow); more are
-//! answered "busy". A follower is fed from its own bounded queue (see [`crate::logs`]): a
-//! slow one loses lines, counted, and never holds up the supervisor or other clients.
+//! follower gives its slot back and holds a follower place instead (see
+//! [`crate::logs::serve`]); it is fed from its own bounded queue: a slow one loses lines,
+//! counted, and never holds up the supervisor or other clients.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
@@ -33,7 +32,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::protocol::ReloadOutcome;
 use super::protocol::{self, ErrorKind, MAX_REQUEST, Op, Reply};
-use crate::logs::{Query, Record, Source};
+use crate::logs::Source;
+use crate::logs::serve::Followers;
 use crate::procstat::CpuMeter;
 use crate::requests::{Control, Waiter};
 
@@ -204,7 +204,7 @@ pub fn spawn(
     logs: Source,
 ) -> std::io::Result<()> {
     let listener = UnixListener::from_std(bound.listener.try_clone()?)?;
-    let followers = Followers::new();
+    let followers = Followers::default();
     let meter = Arc::new(Mutex::new(CpuMeter::default()));
     let slots = Arc::new(Mutex::new(Slots::default()));
     let lookups = Arc::new(Semaphore::new(MAX_LOOKUPS));
@@ -260,39 +260,6 @@ pub fn spawn(
         }
     });
     Ok(())
-}
-
-/// A `logs` answer (without `follow`) must be read within this.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// `logs -f` connections served at the same time (besides [`MAX_CLIENTS`]).
-pub const MAX_FOLLOWERS: usize = 16;
-/// Of [`MAX_FOLLOWERS`], non-root peers hold at most this many.
-pub const USER_FOLLOWERS: usize = 12;
-
-/// The follower places (see the module doc).
-#[derive(Clone)]
-struct Followers {
-    all: Arc<Semaphore>,
-    users: Arc<Semaphore>,
-}
-
-impl Followers {
-    fn new() -> Self {
-        Followers {
-            all: Arc::new(Semaphore::new(MAX_FOLLOWERS)),
-            users: Arc::new(Semaphore::new(USER_FOLLOWERS)),
-        }
-    }
-
-    /// A place for a follower of `uid`, held until the permits are dropped.
-    fn take(
-        &self,
-        uid: u32,
-    ) -> Option<(tokio::sync::OwnedSemaphorePermit, Option<tokio::sync::OwnedSemaphorePermit>)> {
-        let user = if uid == 0 { None } else { Some(self.users.clone().try_acquire_owned().ok()?) };
-        Some((self.all.clone().try_acquire_owned().ok()?, user))
-    }
 }
 
 /// Supplementary-group lookups (`/proc`, NSS) running at the same time.
@@ -543,61 +510,8 @@ async fn handle(conn: Conn, held: Held, mut evicted: oneshot::Receiver<()>) -> s
             write.write_all(reply.line().as_bytes()).await
         }
         Op::Logs { lines, follow, worker, since_us } => {
-            let ring = match logs {
-                Source::Ring(ring) => ring,
-                Source::Journal { unit, app } => {
-                    let reply = Reply::Journal { unit, app, pid: std::process::id() };
-                    return write.write_all(reply.line().as_bytes()).await;
-                }
-            };
-            let query = Query { lines, worker, since_us };
-            if !follow {
-                let recent = ring.recent(&query);
-                let mut out = String::new();
-                for r in &recent {
-                    out.push_str(&Reply::Log(Record::clone(r)).line());
-                }
-                out.push_str(&Reply::Logs { lines: recent.len() }.line());
-                // Up to the ring's 4 MiB: a client that does not read it gives its slot up.
-                return match tokio::time::timeout(ANSWER_TIMEOUT, write.write_all(out.as_bytes())).await {
-                    Ok(r) => r,
-                    Err(_) => Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "logs: the client did not read",
-                    )),
-                };
-            }
-            let Some(_place) = followers.take(uid) else {
-                let message = format!(
-                    "busy: {MAX_FOLLOWERS} followers (logs -f) are connected, {USER_FOLLOWERS} at most for users other than root; stop one or try again"
-                );
-                return write.write_all(Reply::error(ErrorKind::Busy, message).line().as_bytes()).await;
-            };
-            // From here on a follower holds a follower place, not a request slot.
-            drop(held);
-            let (backlog, mut sub) = ring.follow(&query);
-            let mut out = String::new();
-            for r in &backlog {
-                out.push_str(&Reply::Log(Record::clone(r)).line());
-            }
-            write.write_all(out.as_bytes()).await?;
-            let mut scratch = [0u8; 256];
-            loop {
-                tokio::select! {
-                    next = sub.rx.recv() => {
-                        let Some(r) = next else { return Ok(()) };
-                        let dropped = sub.take_dropped();
-                        let mut out = String::new();
-                        if dropped > 0 {
-                            out.push_str(&Reply::LogsDropped { dropped }.line());
-                        }
-                        out.push_str(&Reply::Log(Record::clone(&r)).line());
-                        write.write_all(out.as_bytes()).await?;
-                    }
-                    // The client hung up (it never sends anything else).
-                    n = reader.read(&mut scratch) => if matches!(n, Ok(0) | Err(_)) { return Ok(()) },
-                }
-            }
+            let query = crate::logs::Query { lines, worker, since_us };
+            crate::logs::serve::answer(logs, query, follow, uid, &followers, held, reader, write).await
         }
         Op::Scale { workers, wait } => {
             let scale = match protocol::parse_scale(&workers) {
@@ -653,18 +567,6 @@ mod tests {
         assert_eq!(slots.held.len(), MAX_CLIENTS);
         assert_eq!(slots.held.values().filter(|(u, _)| *u == 0).count(), ROOT_SLOTS + 1);
         drop(newest);
-    }
-
-    #[test]
-    fn users_hold_at_most_their_share_of_follower_places_and_root_the_rest() {
-        let f = Followers::new();
-        let users: Vec<_> = (0..USER_FOLLOWERS).map(|i| f.take(1000 + i as u32).unwrap()).collect();
-        assert!(f.take(2000).is_none(), "a user took more than the users' share");
-        let root: Vec<_> = (USER_FOLLOWERS..MAX_FOLLOWERS).map(|_| f.take(0).unwrap()).collect();
-        assert!(f.take(0).is_none());
-        drop(users);
-        assert!(f.take(1000).is_some(), "places come back when followers leave");
-        drop(root);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 
 pub mod client;
 pub mod journal;
+pub mod serve;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
