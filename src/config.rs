@@ -167,6 +167,19 @@ mod tests {
     }
 
     #[test]
+    fn log_format_is_text_by_default_json_from_the_file_or_the_flag_and_nothing_else() {
+        let cmd = "command = [\"python3\", \"app.py\"]\n";
+        assert_eq!(parse(cmd, &Layer::default()).unwrap().log_format, LogFormat::Text);
+        let json = format!("{cmd}log_format = \"json\"");
+        assert_eq!(parse(&json, &Layer::default()).unwrap().log_format, LogFormat::Json);
+        let flag = Layer { log_format: Some("text".into()), ..Default::default() };
+        assert_eq!(parse(&json, &flag).unwrap().log_format, LogFormat::Text);
+        let bad = parse(&format!("{cmd}log_format = \"yaml\""), &Layer::default()).unwrap_err().0;
+        let line = bad.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(line.contains("`log_format`") && line.contains("\"json\""), "{line}");
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key() {
         let text = r#"
             command = "python3 app.py"
