@@ -53,6 +53,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the workers' recent output lines, like pm2 logs (standalone: the supervisor's ring; under systemd: the journal).
+    Logs {
+        /// App name or control socket path (optional when one app runs).
+        target: Option<String>,
+        /// Keep printing new lines as workers write them (until interrupted).
+        #[arg(short, long)]
+        follow: bool,
+        /// How many recent lines to print first.
+        #[arg(short = 'n', long, value_name = "N", default_value_t = crate::logs::DEFAULT_LINES)]
+        lines: usize,
+        /// Only this worker's lines (its id, as in `status`).
+        #[arg(long, value_name = "ID")]
+        worker: Option<usize>,
+        /// Only lines since TIME: a duration ago (10m, 2h), an RFC 3339 time in UTC, or @UNIX_SECONDS.
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// One JSON object per line: ts, app, worker, pid, generation, stream, line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the app's metrics (Prometheus text, herdsman's and its workers') through the control socket.
     Metrics {
         /// App name or control socket path (optional when one app runs).
@@ -122,6 +142,9 @@ pub struct RunArgs {
     pub control: Option<PathBuf>,
     #[command(flatten)]
     pub pm2: Pm2Args,
+    /// Standalone output: "text", or "json" for one JSON object per line (herdsman's events and worker lines; for container log collectors). No effect under journald. Config `log_format` [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
     /// The worker command and its arguments.
     #[arg(last = true, value_name = "COMMAND", conflicts_with = "from_pm2")]
     pub command: Vec<String>,
@@ -133,6 +156,7 @@ impl RunArgs {
         Layer {
             name: self.name.clone(),
             control: self.control.clone(),
+            log_format: self.log_format.clone(),
             command: self.command.clone(),
             ..self.app.clone()
         }

@@ -24,7 +24,9 @@ use std::time::Duration;
 pub use layer::{Layer, keys};
 pub use problem::{ConfigError, Place, Problem, Problems};
 pub use validate::validate;
-pub use values::{Balance, BindIntercept, ListenAddr, OnFailure, ReadyMode, StopSignal, WorkerCount};
+pub use values::{
+    Balance, BindIntercept, ListenAddr, LogFormat, OnFailure, ReadyMode, StopSignal, WorkerCount,
+};
 
 /// Restart back-off for workers that fail repeatedly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -98,6 +100,9 @@ pub struct Settings {
     /// Patterns of paths whose changes do not count (`--watch-ignore`), besides the defaults.
     #[serde(default)]
     pub watch_ignore: Vec<String>,
+    /// Standalone output as text or JSON lines (`--log-format`, `log_format`).
+    #[serde(default)]
+    pub log_format: LogFormat,
 }
 
 /// Reads and validates `file` (if any) under the flags' layer `cli`. `cpus` resolves "auto"
@@ -165,6 +170,19 @@ mod tests {
         let s = parse(text, &ov).unwrap();
         assert_eq!((s.name.as_str(), s.workers.get()), ("api", 4));
         assert_eq!(s.env, vec![("A".to_string(), "2".to_string())]);
+    }
+
+    #[test]
+    fn log_format_is_text_by_default_json_from_the_file_or_the_flag_and_nothing_else() {
+        let cmd = "command = [\"python3\", \"app.py\"]\n";
+        assert_eq!(parse(cmd, &Layer::default()).unwrap().log_format, LogFormat::Text);
+        let json = format!("{cmd}log_format = \"json\"");
+        assert_eq!(parse(&json, &Layer::default()).unwrap().log_format, LogFormat::Json);
+        let flag = Layer { log_format: Some("text".into()), ..Default::default() };
+        assert_eq!(parse(&json, &flag).unwrap().log_format, LogFormat::Text);
+        let bad = parse(&format!("{cmd}log_format = \"yaml\""), &Layer::default()).unwrap_err().0;
+        let line = bad.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(line.contains("`log_format`") && line.contains("\"json\""), "{line}");
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //!   start workers with the sockets at fd 3.. and their own `LISTEN_PID`.
 //! * [`output`] and [`journal`] route worker lines (journald fields `WORKER_ID`, `WORKER_PID`,
 //!   `WORKER_GENERATION`); [`logging`] writes herdsman's own events without ever blocking the
-//!   loop; [`notify`] speaks sd_notify with systemd above and with workers below.
+//!   loop; [`notify`] speaks sd_notify with systemd above and with workers below. [`logs`]
+//!   keeps a bounded ring of recent worker lines for `herdsman logs` (standalone; under
+//!   systemd the client reads the journal).
 //! * [`control`] is the control socket (protocol — the public wire schema —, server, client;
 //!   peers authenticated by `SO_PEERCRED`); [`procstat`] reads `/proc` for it and the metrics; [`metrics`] serves Prometheus metrics, herdsman's own and its workers',
 //!   outside the loop.
@@ -49,6 +51,7 @@ pub mod ipc;
 pub mod journal;
 pub mod listeners;
 pub mod logging;
+pub mod logs;
 pub mod metrics;
 pub mod notify;
 pub mod output;

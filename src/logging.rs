@@ -43,11 +43,13 @@ static PENDING: AtomicUsize = AtomicUsize::new(0);
 /// (default info); `JOURNAL_STREAM` says whether stderr is the journal;
 /// `HERDSMAN_JOURNAL_SOCKET=PATH` sends everything to that native journal socket instead of
 /// `/run/systemd/journal/socket`, whatever stderr is (for tests: a socket nobody reads stands
-/// in for a stalled journald).
+/// in for a stalled journald). With `json_app` (`--log-format json`, outside the journal),
+/// each event is one JSON object per line on stderr ([`JsonLayer`]).
 pub fn install(
     level: Option<&str>,
     journal_stream: Option<&str>,
     journal_socket: Option<&str>,
+    json_app: Option<&str>,
 ) -> Option<Sink> {
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
@@ -66,6 +68,12 @@ pub fn install(
         }
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if let Some(app) = json_app {
+        if let Ok(sink) = Sink::start(None) {
+            tracing_subscriber::registry().with(level).with(JsonLayer { sink, app: app.to_string() }).init();
+            return None;
+        }
+    }
     match Sink::start(None) {
         Ok(sink) => tracing_subscriber::fmt()
             .with_writer(sink.stderr_writer())
@@ -307,10 +315,59 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for JournalLayer {
     }
 }
 
+/// herdsman's own events as JSON lines on stderr (`--log-format json`), for container log
+/// collectors: `ts` (RFC 3339, UTC), `app`, `stream` (always `"herdsman"`, where worker lines
+/// say `"stdout"`/`"stderr"`), `level` (`error`, `warn`, `info`, `debug`, `trace`), `message`,
+/// and the event's fields: `worker_id`, `worker_pid` and `generation`/`worker_generation`
+/// become `worker`, `pid` and `generation` (numbers, as in worker lines), any other keeps its
+/// name (string values).
+pub struct JsonLayer {
+    sink: Sink,
+    app: String,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for JsonLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let mut v = Fields::default();
+        event.record(&mut v);
+        let line = json_event(&self.app, *event.metadata().level(), v, std::time::SystemTime::now());
+        self.sink.stderr(line);
+    }
+}
+
+fn json_event(app: &str, level: tracing::Level, v: Fields, now: std::time::SystemTime) -> Vec<u8> {
+    use serde_json::{Map, Value};
+    let mut o = Map::new();
+    o.insert("ts".into(), crate::logs::rfc3339(crate::logs::unix_us(now)).into());
+    o.insert("app".into(), app.into());
+    o.insert("stream".into(), "herdsman".into());
+    o.insert("level".into(), level.as_str().to_ascii_lowercase().into());
+    o.insert("message".into(), v.message.into());
+    for (k, val) in v.raw {
+        let (key, number) = match k.as_str() {
+            "worker_id" => ("worker", true),
+            "worker_pid" => ("pid", true),
+            "generation" | "worker_generation" => ("generation", true),
+            "app" | "ts" | "stream" | "level" | "message" => continue,
+            other => (other, false),
+        };
+        let value = match val.parse::<i64>() {
+            Ok(n) if number => Value::from(n),
+            _ => Value::from(val),
+        };
+        o.insert(key.to_string(), value);
+    }
+    let mut line = serde_json::to_vec(&Value::Object(o)).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
 #[derive(Default)]
 struct Fields {
     message: String,
     other: Vec<(String, String)>,
+    /// Every field but the message, under its own name.
+    raw: Vec<(String, String)>,
 }
 
 impl Visit for Fields {
@@ -328,6 +385,7 @@ impl Fields {
             self.message = value;
             return;
         }
+        self.raw.push((field.name().to_string(), value.clone()));
         if let Some(name) = journal_name(field.name()) {
             self.other.push((name, value));
         }
@@ -377,6 +435,28 @@ mod tests {
             report.lines().find_map(|l| l.strip_prefix("HERDSMAN_LOG_DROPPED=")).unwrap().parse().unwrap();
         assert!(n > 0, "{report}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn json_events_carry_the_documented_keys_and_worker_fields_as_numbers() {
+        let v = Fields {
+            message: "worker 2 replaced".into(),
+            other: Vec::new(),
+            raw: vec![
+                ("worker_id".into(), "2".into()),
+                ("worker_pid".into(), "77".into()),
+                ("app".into(), "x".into()),
+            ],
+        };
+        let line = json_event("web", tracing::Level::WARN, v, std::time::UNIX_EPOCH);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let j: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(j["app"], "web");
+        assert_eq!(j["stream"], "herdsman");
+        assert_eq!(j["level"], "warn");
+        assert_eq!(j["worker"], 2);
+        assert_eq!(j["pid"], 77);
+        assert_eq!(j["ts"], "1970-01-01T00:00:00.000000Z");
     }
 
     #[test]

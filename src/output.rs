@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::journal::split_priority;
 use crate::logging::Sink;
+use crate::logs::{Record, Ring};
 use tokio::sync::mpsc;
 
 /// Longer lines are split into pieces of this size.
@@ -24,7 +25,9 @@ const TAIL_LINES: usize = 10;
 const TAIL_LINE_CHARS: usize = 300;
 const QUEUE: usize = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which of a worker's streams a line came from (`"stdout"`/`"stderr"` in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Stream {
     Stdout,
     Stderr,
@@ -43,6 +46,8 @@ struct Line {
     origin: Arc<Origin>,
     stream: Stream,
     text: Vec<u8>,
+    /// When it was read (µs since the epoch).
+    at_us: u64,
 }
 
 /// The last lines a worker printed, for reports like "worker 1 exited with status 3: ...".
@@ -78,24 +83,43 @@ impl Tail {
 #[derive(Clone)]
 pub struct Output {
     tx: mpsc::Sender<Line>,
+    /// Standalone: the ring `herdsman logs` reads (see [`crate::logs`]).
+    ring: Option<Ring>,
 }
 
 impl Output {
     /// Standalone output: `ID|APP | line` on our stdout (worker stdout) or stderr (worker
-    /// stderr), like `pm2 logs`.
-    pub fn standalone() -> Self {
+    /// stderr), like `pm2 logs`; with `json` (`--log-format json`), one [`Record`] object
+    /// per line instead. Every line is also kept in `ring` for `herdsman logs`.
+    pub fn standalone(json: bool, ring: Ring) -> Self {
         let stdout = std::io::stdout();
         let stderr = std::io::stderr();
-        Self::with_writer(move |line| {
+        let mut out = Self::with_writer(move |line| {
             let mut buf = Vec::with_capacity(line.text.len() + 32);
-            let _ = write!(buf, "{}|{} | ", line.origin.worker_id, line.origin.app);
-            buf.extend_from_slice(&line.text);
+            if json {
+                let o = &line.origin;
+                let record = Record {
+                    ts: crate::logs::rfc3339(line.at_us),
+                    app: o.app.to_string(),
+                    worker: o.worker_id,
+                    pid: o.pid,
+                    generation: o.generation,
+                    stream: line.stream,
+                    line: String::from_utf8_lossy(&line.text).into_owned(),
+                };
+                let _ = serde_json::to_writer(&mut buf, &record);
+            } else {
+                let _ = write!(buf, "{}|{} | ", line.origin.worker_id, line.origin.app);
+                buf.extend_from_slice(&line.text);
+            }
             buf.push(b'\n');
             let _ = match line.stream {
                 Stream::Stdout => stdout.lock().write_all(&buf),
                 Stream::Stderr => stderr.lock().write_all(&buf),
             };
-        })
+        });
+        out.ring = Some(ring);
+        out
     }
 
     /// Under systemd: one journal entry per line, with the worker's fields, so that
@@ -146,7 +170,7 @@ impl Output {
                 }
             })
             .expect("spawning the output thread");
-        Output { tx }
+        Output { tx, ring: None }
     }
 
     /// Waits (at most `limit`) until the writer thread has taken every queued line. Blocking:
@@ -169,6 +193,7 @@ impl Output {
         done: mpsc::Sender<()>,
     ) {
         let tx = self.tx.clone();
+        let ring = self.ring.clone();
         tokio::spawn(async move {
             let _done = done;
             // The worker's entry keeps the same descriptor (for an in-place upgrade), so the
@@ -192,9 +217,14 @@ impl Output {
                 let tx = tx.clone();
                 let origin = origin.clone();
                 let tail = tail.clone();
+                let now = std::time::SystemTime::now();
+                if let Some(ring) = &ring {
+                    ring.push(&origin, stream, &text, now);
+                }
                 async move {
                     tail.push(&text);
-                    let _ = tx.send(Line { origin, stream, text }).await;
+                    let at_us = crate::logs::unix_us(now);
+                    let _ = tx.send(Line { origin, stream, text, at_us }).await;
                 }
             };
             loop {

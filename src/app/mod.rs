@@ -91,6 +91,10 @@ pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
         Command::UpgradeCheck => upgrade_check(),
         Command::Status { target, json } => Ok(client::status(target.as_deref(), json, env)?),
         Command::Metrics { target } => Ok(client::metrics(target.as_deref(), env)?),
+        Command::Logs { target, follow, lines, worker, since, json } => {
+            let args = crate::logs::client::Args { target, follow, lines, worker, since, json };
+            Ok(crate::logs::client::logs(&args, env)?)
+        }
         Command::List { json } => Ok(client::list(json, env)?),
         Command::Reload { target, no_wait, wait: _, timeout } => {
             Ok(client::reload(target.as_deref(), !no_wait, timeout_arg(&timeout)?, env)?)

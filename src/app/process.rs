@@ -69,12 +69,15 @@ impl Process {
         paths::Env::from_vars(|k| self.var(k))
     }
 
-    /// Installs herdsman's own logging (see [`crate::logging::install`]).
-    pub(super) fn start_logging(&self) -> Option<Sink> {
+    /// Installs herdsman's own logging (see [`crate::logging::install`]), as JSON lines with
+    /// `log_format = "json"`.
+    pub(super) fn start_logging(&self, settings: &crate::config::Settings) -> Option<Sink> {
+        let json = settings.log_format == crate::config::LogFormat::Json;
         crate::logging::install(
             self.var("HERDSMAN_LOG").as_deref(),
             self.var("JOURNAL_STREAM").as_deref(),
             self.var("HERDSMAN_JOURNAL_SOCKET").as_deref(),
+            json.then_some(settings.name.as_str()),
         )
     }
 }

@@ -23,8 +23,10 @@ use crate::{exit, sys};
 /// Takes over from the previous image, whose state is in the memfd numbered `fd`, and
 /// supervises until stopped.
 pub fn resume(fd: &str, process: &Process) -> Result<(), Failure> {
-    let journal = process.start_logging();
+    // Logging starts once the state says how (`log_format`): a failure to read it is
+    // printed on stderr by `main` all the same.
     let state = read_state(fd).map_err(|e| fail("reading the state", &e))?;
+    let journal = process.start_logging(&state.supervisor.settings);
     kernel_and_limits()?;
     sys::set_worker_fd_limit(state.worker_fd_limit);
     let mut fds = HandedOver::adopt(&state.fds).map_err(|e| fail("adopting the descriptors", &e))?;

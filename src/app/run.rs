@@ -21,7 +21,7 @@ use crate::steer::{SteerError, Steering};
 pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
     let flags = args.layer();
     let settings = load(args.config.as_deref(), &flags, &process.env()).map_err(|p| Failure::config(&p))?;
-    let journal = process.start_logging();
+    let journal = process.start_logging(&settings);
     kernel_and_limits()?;
 
     let activation = Activation {

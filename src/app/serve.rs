@@ -106,7 +106,20 @@ pub(super) fn serve(
             tracing::debug!("reaping orphans ({reaper:?})");
         }
         forward_signals(tx.clone(), reaper != crate::reaper::Reaper::Off)?;
-        server::spawn(control_ref, tx.clone(), access, metrics.clone())?;
+        // Standalone, worker lines are kept in a ring for `herdsman logs`; under journald the
+        // journal keeps them (see `logs`).
+        let (output, logs) = match journal {
+            Some(sink) => (
+                Output::journal(sink),
+                crate::logs::Source::Journal { unit: crate::logs::own_unit(), app: settings.name.clone() },
+            ),
+            None => {
+                let ring = crate::logs::Ring::default();
+                let json = settings.log_format == config::LogFormat::Json;
+                (Output::standalone(json, ring.clone()), crate::logs::Source::Ring(ring))
+            }
+        };
+        server::spawn(control_ref, tx.clone(), access, metrics.clone(), logs)?;
         if let Some(b) = metrics_ref {
             metrics::http::serve(b, metrics.clone(), tx.clone())?;
         }
@@ -114,7 +127,7 @@ pub(super) fn serve(
             listeners,
             notifier,
             base_env,
-            output: journal.map(Output::journal).unwrap_or_else(Output::standalone),
+            output,
             reload_source,
             watchdog,
             notify_dir,

@@ -128,6 +128,10 @@ pub struct Layer {
     #[arg(long, value_name = "GLOB")]
     #[serde(deserialize_with = "strings", skip_serializing_if = "Vec::is_empty")]
     pub watch_ignore: Vec<String>,
+    /// `run`'s `--log-format` (a flag of `run` only: under journald it changes nothing).
+    #[arg(skip)]
+    #[serde(deserialize_with = "string", skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
 }
 
 /// The keys a config file may contain: [`Layer`]'s fields, in order, as serde names them.
@@ -409,6 +413,7 @@ mod tests {
             "metrics",
             "watch",
             "watch_ignore",
+            "log_format",
         ];
         assert_eq!(super::keys(), keys);
     }
@@ -457,7 +462,7 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics, watch, watch_ignore",
+                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics, watch, watch_ignore, log_format",
                 "app.toml: key `name`: expected a string, got integer",
                 "app.toml: key `env`: `A` must be a string (quote it), got integer",
                 "app.toml: key `env`: invalid variable name \"C=D\"",

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 
 use super::layer::{FileLayer, Layer, keys};
 use super::problem::{ConfigError, Place, Problem};
-use super::values::{self, Balance, ListenAddr, OnFailure, ReadyMode, StopSignal, WorkerCount};
+use super::values::{self, Balance, ListenAddr, LogFormat, OnFailure, ReadyMode, StopSignal, WorkerCount};
 use super::{BackoffPolicy, DEFAULT_MIN_READY, Settings};
 
 /// Validates `cli` over `file` into settings, or every problem found. `cpus` resolves "auto"
@@ -53,6 +53,8 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
     let watchdog = c.pick("watchdog", |l| l.watchdog.as_deref(), positive_duration);
     let max_memory = c.pick("max_memory", |l| l.max_memory.as_deref(), values::size);
     let metrics = c.pick("metrics", |l| l.metrics.as_deref(), values::metrics_addr);
+    let log_format =
+        c.pick("log_format", |l| l.log_format.as_deref(), values::log_format).unwrap_or_default();
     let backoff = c.backoff();
     let control = c.lookup("control", |l| l.control.as_deref()).map(|(p, _)| p.to_path_buf());
     let control_group = c.pick("control_group", |l| l.control_group.as_deref(), group_exists);
@@ -94,6 +96,7 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         metrics,
         watch,
         watch_ignore,
+        log_format,
     })
 }
 
@@ -133,6 +136,7 @@ impl From<&Settings> for Layer {
             metrics: s.metrics.as_ref().map(ToString::to_string),
             watch: s.watch.iter().map(|p| p.display().to_string()).collect(),
             watch_ignore: s.watch_ignore.clone(),
+            log_format: (s.log_format != LogFormat::Text).then(|| s.log_format.to_string()),
         }
     }
 }

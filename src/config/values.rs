@@ -51,6 +51,8 @@ pub enum ValueError {
     BindIntercept(String),
     #[error("invalid value {0:?}; use \"rollback\" or \"keep\"")]
     OnFailure(String),
+    #[error("invalid log format {0:?}; use \"text\" or \"json\" (one JSON object per line)")]
+    LogFormat(String),
     #[error(
         "invalid readiness mode {0:?}; use \"auto\", \"listen\", \"notify\" or \"alive:DURATION\" (e.g. alive:1s)"
     )]
@@ -373,6 +375,33 @@ impl std::fmt::Display for OnFailure {
             OnFailure::Rollback => "rollback",
             OnFailure::Keep => "keep",
         })
+    }
+}
+
+/// How standalone output is written (`--log-format`, `log_format`); no effect under journald.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LogFormat {
+    /// `ID|APP | line` for worker lines, tracing's text for herdsman's events.
+    #[default]
+    Text,
+    /// One JSON object per line (see `crate::logs::Record` and `crate::logging`).
+    Json,
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+pub fn log_format(s: &str) -> Result<LogFormat, ValueError> {
+    match s.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(ValueError::LogFormat(s.to_string())),
     }
 }
 

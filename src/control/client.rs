@@ -34,11 +34,29 @@ pub fn call(
     timeout: Duration,
     mut progress: impl FnMut(&str),
 ) -> Result<Reply, Failure> {
+    call_with(path, op, timeout, |r| match r {
+        Reply::Progress { message } => {
+            progress(message);
+            true
+        }
+        _ => false,
+    })
+}
+
+/// [`call`] for answers of many lines (`logs`): `interim` sees every reply that is not an
+/// error and says whether more are to come (`true`: read on); the first one it says `false`
+/// to is returned.
+pub fn call_with(
+    path: &Path,
+    op: Op,
+    timeout: Duration,
+    mut interim: impl FnMut(&Reply) -> bool,
+) -> Result<Reply, Failure> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(20);
     loop {
         let left = timeout.saturating_sub(started.elapsed());
-        match call_once(path, op.clone(), left, &mut progress) {
+        match call_once(path, op.clone(), left, &mut interim) {
             Err((_, true)) if started.elapsed() + pause < BUSY_RETRY.min(timeout) => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(500));
@@ -53,9 +71,9 @@ fn call_once(
     path: &Path,
     op: Op,
     timeout: Duration,
-    progress: &mut impl FnMut(&str),
+    interim: &mut impl FnMut(&Reply) -> bool,
 ) -> Result<Reply, (Failure, bool)> {
-    call_inner(path, op, timeout, progress).map_err(|f| {
+    call_inner(path, op, timeout, interim).map_err(|f| {
         let busy = f.code == BUSY;
         (Failure { code: if busy { exit::TIMEOUT } else { f.code }, message: f.message }, busy)
     })
@@ -68,7 +86,7 @@ fn call_inner(
     path: &Path,
     op: Op,
     timeout: Duration,
-    progress: &mut impl FnMut(&str),
+    interim: &mut impl FnMut(&Reply) -> bool,
 ) -> Result<Reply, Failure> {
     let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => fail(
@@ -119,7 +137,6 @@ fn call_inner(
         let env: Envelope = serde_json::from_str(&line)
             .map_err(|e| fail(exit::FAILURE, format!("unreadable answer: {e}")))?;
         match env.reply {
-            Reply::Progress { message } => progress(&message),
             Reply::Error { kind, message } => {
                 let code = match kind {
                     ErrorKind::PermissionDenied | ErrorKind::Untrusted => exit::NOPERM,
@@ -132,6 +149,7 @@ fn call_inner(
                 };
                 return Err(fail(code, message));
             }
+            other if interim(&other) => {}
             other => return Ok(other),
         }
     }

@@ -236,6 +236,24 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         binary: Option<std::path::PathBuf>,
     },
+    /// Recent worker lines (`herdsman logs`): the last `lines` (of worker `worker`, read at
+    /// or after `since_us`, µs since the epoch) as `log` replies, then a `logs` reply; with
+    /// `follow`, new lines as they come until the client hangs up (never a final reply).
+    /// Under journald the answer is one `journal` reply: read the journal instead.
+    Logs {
+        #[serde(default = "default_lines")]
+        lines: usize,
+        #[serde(default)]
+        follow: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_us: Option<u64>,
+    },
+}
+
+fn default_lines() -> usize {
+    crate::logs::DEFAULT_LINES
 }
 
 fn yes() -> bool {
@@ -266,6 +284,23 @@ pub enum Reply {
         text: String,
     },
     Upgrade(UpgradeDone),
+    /// One worker line (an answer to `logs`).
+    Log(crate::logs::Record),
+    /// Lines dropped for this follower because it read slower than the workers wrote.
+    LogsDropped {
+        dropped: u64,
+    },
+    /// The end of a `logs` answer without `follow`: how many `log` replies came before.
+    Logs {
+        lines: usize,
+    },
+    /// `logs` under journald: the worker lines are in the journal of `unit` (`null`: not
+    /// in a service; match the supervisor's `pid`), with `HERDSMAN_APP=app`.
+    Journal {
+        unit: Option<String>,
+        app: String,
+        pid: u32,
+    },
     /// `kind` says what went wrong for programs (the client's exit code comes from it);
     /// `message` says it for people.
     Error {
@@ -387,6 +422,9 @@ mod tests {
         assert!(parse_request(br#"{"v":9,"op":"status"}"#).unwrap_err().contains("version 9"));
         assert!(parse_request(br#"{"v":1,"op":"explode"}"#).is_err());
         assert_eq!(parse_request(br#"{"v":1,"op":"metrics"}"#).unwrap().op, Op::Metrics);
+        let logs =
+            Op::Logs { lines: crate::logs::DEFAULT_LINES, follow: false, worker: None, since_us: None };
+        assert_eq!(parse_request(br#"{"v":1,"op":"logs"}"#).unwrap().op, logs);
     }
 
     #[test]

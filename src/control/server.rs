@@ -14,6 +14,11 @@
 //! request yet (of the same uid, or of any non-root uid, or for root of anyone) is told
 //! "busy" and closed to make room; only when every connection in the way is in the middle of
 //! a request is the new one answered "busy". Clients retry "busy" for a few seconds.
+//!
+//! Followers (`logs -f`) stay connected as long as they like: once its request is read, a
+//! follower gives its slot back and holds a follower place instead (see
+//! [`crate::logs::serve`]); it is fed from its own bounded queue: a slow one loses lines,
+//! counted, and never holds up the supervisor or other clients.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
@@ -27,6 +32,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::protocol::ReloadOutcome;
 use super::protocol::{self, ErrorKind, MAX_REQUEST, Op, Reply};
+use crate::logs::Source;
+use crate::logs::serve::Followers;
 use crate::procstat::CpuMeter;
 use crate::requests::{Control, Waiter};
 
@@ -194,8 +201,10 @@ pub fn spawn(
     controls: mpsc::Sender<Control>,
     access: Access,
     metrics: crate::metrics::Metrics,
+    logs: Source,
 ) -> std::io::Result<()> {
     let listener = UnixListener::from_std(bound.listener.try_clone()?)?;
+    let followers = Followers::default();
     let meter = Arc::new(Mutex::new(CpuMeter::default()));
     let slots = Arc::new(Mutex::new(Slots::default()));
     let lookups = Arc::new(Semaphore::new(MAX_LOOKUPS));
@@ -221,6 +230,8 @@ pub fn spawn(
                 meter: meter.clone(),
                 metrics: metrics.clone(),
                 slots: slots.clone(),
+                logs: logs.clone(),
+                followers: followers.clone(),
             };
             if access.allows_at_once(uid, gid) {
                 conn.admit();
@@ -344,6 +355,8 @@ struct Conn {
     meter: Arc<Mutex<CpuMeter>>,
     metrics: crate::metrics::Metrics,
     slots: Arc<Mutex<Slots>>,
+    logs: Source,
+    followers: Followers,
 }
 
 impl Conn {
@@ -381,7 +394,7 @@ fn refuse_busy(stream: &UnixStream, what: &str) {
 }
 
 async fn handle(conn: Conn, held: Held, mut evicted: oneshot::Receiver<()>) -> std::io::Result<()> {
-    let Conn { stream, uid, controls, access, meter, metrics, slots } = conn;
+    let Conn { stream, uid, controls, access, meter, metrics, slots, logs, followers } = conn;
     let (read, mut write) = stream.into_split();
     let within = if uid == 0 { REQUEST_TIMEOUT } else { USER_REQUEST_TIMEOUT };
     let mut line = Vec::new();
@@ -495,6 +508,10 @@ async fn handle(conn: Conn, held: Held, mut evicted: oneshot::Receiver<()>) -> s
                 Err(message) => Reply::error(ErrorKind::Failed, message),
             };
             write.write_all(reply.line().as_bytes()).await
+        }
+        Op::Logs { lines, follow, worker, since_us } => {
+            let query = crate::logs::Query { lines, worker, since_us };
+            crate::logs::serve::answer(logs, query, follow, uid, &followers, held, reader, write).await
         }
         Op::Scale { workers, wait } => {
             let scale = match protocol::parse_scale(&workers) {

@@ -158,7 +158,7 @@ fn sim_of(node: bool, workers: usize, extra: &str) -> Sim {
         listeners: Listeners::none(),
         notifier: Notifier::new(Some(&format!("@{name}"))).unwrap(),
         base_env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        output: crate::output::Output::standalone(),
+        output: crate::output::Output::standalone(false, crate::logs::Ring::default()),
         reload_source: None,
         watchdog: None,
         notify_dir: None,

@@ -831,6 +831,58 @@ ensure_worker() {
     [ -f "$CT_ROOT/srv/web/version" ] || echo v1 >"$CT_ROOT/srv/web/version"
 }
 
+# issue 25: `herdsman logs` under the shipped unit reads the journal of herdsman@NAME (worker
+# lines only, with their WORKER_ID & co.); `-f` follows it; a stopped app is still readable.
+logs_json_check() { # LINES-JSON APP [WORKER]: every line a record with the documented keys
+    "$HOST_PY" -c '
+import json, sys
+keys = {"ts", "app", "worker", "pid", "generation", "stream", "line"}
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+bad = [r for r in recs if set(r) != keys or r["app"] != sys.argv[2]
+       or (len(sys.argv) > 3 and r["worker"] != int(sys.argv[3]))]
+print("# %d records, %d bad%s" % (len(recs), len(bad), (": %r" % bad[:2]) if bad else ""))
+sys.exit(1 if bad or not recs else 0)' "$@"
+}
+
+s_logs() {
+    ensure_worker
+    app_init logs 8941 3 -e TW_BURST_LINES=20
+    wait_until 60 "herdsman@logs ready" ready_text logs 3 ||
+        { ct systemctl status --no-pager -n 20 herdsman@logs.service | sed 's/^/#   /'; fail "logs app not ready"; }
+    local f="$CT_DIR/logs.json" pid2 rc=0
+    ct herdsman logs logs -n 5 --json >"$f" || fail "herdsman logs logs -n 5 --json: exit $?"
+    [ "$(wc -l <"$f")" -eq 5 ] || fail "logs -n 5 printed $(wc -l <"$f") lines"
+    logs_json_check "$f" logs || fail "logs -n 5: not 5 records of app logs"
+    ct herdsman logs logs -n 100 --worker 2 --json >"$f" || fail "logs --worker 2: exit $?"
+    logs_json_check "$f" logs 2 || fail "logs --worker 2 printed another worker's line"
+    pid2=$(ct herdsman status logs --json | json_get '[w["pid"] for w in d["workers"] if w["id"] == 2][0]')
+    grep -q "\"pid\":$pid2,.*\"line\":\"burst 20/20\"" "$f" || fail "no 'burst 20/20' of worker 2 (pid $pid2) in: $(tail -3 "$f")"
+    ct herdsman logs logs -n 3 >"$f" || fail "logs -n 3 (text): exit $?"
+    if grep -Evq '^[0-9]+\|logs \| (out|err) \| ' "$f"; then
+        fail "text lines not 'ID|APP | out|err | line': $(cat "$f")"
+    fi
+    # -f: a reload's new workers (generation 2) print their burst while a follower reads.
+    # (`timeout` inside: the follower ends by itself even if the kill below does not reach it)
+    ct timeout 40 herdsman logs logs -f -n 1 --json >"$CT_DIR/logs-follow.json" 2>"$CT_DIR/logs-follow.err" &
+    local follower=$!
+    # Its one line of backlog printed: journalctl is following.
+    wait_until 20 "the follower's first line" test -s "$CT_DIR/logs-follow.json" ||
+        fail "logs -f printed nothing: $(cat "$CT_DIR/logs-follow.err")"
+    CT_TIMEOUT=90 ct herdsman reload logs >/dev/null || fail "reload logs"
+    wait_until 30 "a generation-2 line reaching the follower" grep -q '"generation":2,' "$CT_DIR/logs-follow.json" ||
+        fail "logs -f saw no line of the reload's workers: $(tail -3 "$CT_DIR/logs-follow.json")"
+    kill "$follower" 2>/dev/null || true
+    wait "$follower" 2>/dev/null || true
+    logs_json_check "$CT_DIR/logs-follow.json" logs || fail "logs -f printed something else"
+    # Stopped: the journal still has the lines (installed app: /etc/herdsman/logs.toml).
+    ct systemctl stop herdsman@logs.service herdsman@logs.socket || fail "stop herdsman@logs"
+    ct herdsman logs logs -n 2 --json >"$f" || rc=$?
+    if [ $rc -ne 0 ] || [ "$(wc -l <"$f")" -ne 2 ]; then
+        fail "logs of the stopped app: exit $rc, $(wc -l <"$f") lines"
+    fi
+    ct herdsman remove logs --yes >/dev/null || fail "remove logs"
+}
+
 # issue 11 §2.6: control_group under the shipped unit (RuntimeDirectoryMode=0750,
 # ProtectProc=invisible): a user whose *supplementary* group it is may status and reload; a
 # user outside it is refused.
@@ -1271,6 +1323,7 @@ run_scenario "init --from-pm2: two PM2 apps from one ecosystem file" s_pm2
 run_scenario "steered sockets (--balance steer)" s_steer
 run_scenario "wedged supervisor (WatchdogSec)" s_wedged
 run_scenario "control_group under the shipped unit" s_control_group
+run_scenario "logs under the shipped unit" s_logs
 run_scenario "sigkill supervisor" s_sigkill
 run_scenario "fleet: ansible deploy, host by host, stops at a failed reload" s_fleet
 run_scenario "watch: --watch under systemd" s_watch_systemd
