@@ -377,7 +377,7 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     }
     let addrs: Vec<String> = settings.listen.iter().map(ToString::to_string).collect();
     println!(
-        "app {name}: {} worker(s) on {}\n  status: herdsman status {name}\n  deploy: systemctl reload herdsman@{name}\n  logs:   journalctl -u herdsman@{name} -f",
+        "app {name}: {} worker(s) on {}\n  status: herdsman status {name}\n  deploy: systemctl reload herdsman@{name}\n  logs:   herdsman logs {name} -f",
         settings.workers,
         addrs.join(", ")
     );
