@@ -254,10 +254,16 @@ impl Rollouts {
         effects
     }
 
-    /// The next slot to start a candidate for, while fewer than `batch` are in flight.
+    /// The next slot to start a candidate for, while fewer than `batch` candidates are
+    /// starting (not ready yet). A candidate that is ready and holds `min_ready` no longer
+    /// holds the next one back: the next slot's candidate starts while it holds (its old
+    /// worker is still stopped only once it held; see the module doc).
     pub fn next_candidate(&mut self, pool: &Pool, batch: usize) -> Option<(usize, Arc<Spec>)> {
         let r = self.current.as_mut()?;
-        while r.in_flight.len() < batch {
+        let starting = |r: &Rollout| {
+            r.in_flight.iter().filter(|(_, pid)| !pool.workers.get(pid).is_some_and(Worker::is_ready)).count()
+        };
+        while starting(r) < batch {
             let (slot, spec) = r.pending.pop_front()?;
             if pool.slots.contains_key(&slot) {
                 return Some((slot, spec));
