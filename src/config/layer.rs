@@ -64,10 +64,14 @@ pub struct Layer {
     #[arg(long, value_name = "DUR")]
     #[serde(deserialize_with = "string")]
     pub stop_timeout: Option<String>,
-    /// Workers replaced at a time during a rolling reload [default: 1].
+    /// New workers started at a time during a rolling reload; the next starts once one is ready [default: 1].
     #[arg(long, value_name = "N")]
     #[serde(with = "integer")]
     pub reload_batch: Option<String>,
+    /// During a reload, at most this many new workers run at once beside the old ones (starting, or ready and waiting out --min-ready); 1 replaces one worker at a time [default: no limit: the next slot's new worker starts while the previous one waits out --min-ready].
+    #[arg(long, value_name = "N")]
+    #[serde(with = "integer")]
+    pub reload_surge: Option<String>,
     /// During a reload, a new worker must stay ready (and running) this long before its old worker is stopped [default: 1s].
     #[arg(long, value_name = "DUR")]
     #[serde(deserialize_with = "string")]
@@ -296,7 +300,7 @@ mod count {
     }
 }
 
-/// An integer (`reload_batch`).
+/// An integer (`reload_batch`, `reload_surge`).
 mod integer {
     use super::*;
 
@@ -384,6 +388,7 @@ mod tests {
             "stop_signal",
             "stop_timeout",
             "reload_batch",
+            "reload_surge",
             "min_ready",
             "on_failure",
             "balance",
@@ -446,7 +451,7 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics",
+                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, reload_surge, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics",
                 "app.toml: key `name`: expected a string, got integer",
                 "app.toml: key `env`: `A` must be a string (quote it), got integer",
                 "app.toml: key `env`: invalid variable name \"C=D\"",

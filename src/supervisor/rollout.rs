@@ -1,9 +1,19 @@
 //! Rolling reload: generation g → g+1, slot by slot, and its safety net.
 //!
-//! For each slot (in batches of `reload_batch`): start a candidate of the new generation, wait
-//! until it is ready *and has stayed ready for `min_ready`*, then make it the slot's active
-//! worker and send the stop signal to the old one, which drains on its own timer while the
-//! roll-out moves on. An old worker is never stopped before its replacement is ready.
+//! For each slot: start a candidate of the new generation, wait until it is ready *and has
+//! stayed ready for `min_ready`*, then make it the slot's active worker and send the stop
+//! signal to the old one, which drains on its own timer while the roll-out moves on. An old
+//! worker is never stopped before its own replacement held `min_ready`.
+//!
+//! The slots overlap: the next slot's candidate starts as soon as the previous one is *ready*,
+//! while it holds, not once it held. `reload_batch` candidates may be starting at a time (one
+//! that holds does not count); `reload_surge`, when set, caps the candidates in flight
+//! (starting or holding), i.e. the extra workers (and their memory) beside the old ones —
+//! `reload_surge = 1` is strictly one slot after the other. N workers that get ready in `r`
+//! then roll in about N·r + `min_ready`, not N·(r + `min_ready`). A version that dies before
+//! it is ready still costs one start (nothing else starts before a candidate is ready); one
+//! that dies while holding kills the candidates started meanwhile, none of whose old workers
+//! was stopped.
 //!
 //! Until the roll-out ends, any failure of a worker it started — a candidate that exits, misses
 //! its ready timeout or its watchdog, or a worker it already promoted that exits — aborts it:
@@ -255,15 +265,15 @@ impl Rollouts {
     }
 
     /// The next slot to start a candidate for, while fewer than `batch` candidates are
-    /// starting (not ready yet). A candidate that is ready and holds `min_ready` no longer
-    /// holds the next one back: the next slot's candidate starts while it holds (its old
-    /// worker is still stopped only once it held; see the module doc).
-    pub fn next_candidate(&mut self, pool: &Pool, batch: usize) -> Option<(usize, Arc<Spec>)> {
+    /// starting (not ready yet) and fewer than `surge` are in flight (starting or holding). A
+    /// candidate that is ready and holds `min_ready` does not hold the next one back: the next
+    /// slot's candidate starts while it holds (see the module doc).
+    pub fn next_candidate(&mut self, pool: &Pool, batch: usize, surge: usize) -> Option<(usize, Arc<Spec>)> {
         let r = self.current.as_mut()?;
         let starting = |r: &Rollout| {
             r.in_flight.iter().filter(|(_, pid)| !pool.workers.get(pid).is_some_and(Worker::is_ready)).count()
         };
-        while starting(r) < batch {
+        while starting(r) < batch && r.in_flight.len() < surge {
             let (slot, spec) = r.pending.pop_front()?;
             if pool.slots.contains_key(&slot) {
                 return Some((slot, spec));
