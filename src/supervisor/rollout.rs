@@ -12,15 +12,15 @@
 //! `reload_surge = 1` is strictly one slot after the other. N workers that get ready in `r`
 //! then roll in about N·r + `min_ready`, not N·(r + `min_ready`). A version that dies before
 //! it is ready still costs one start (nothing else starts before a candidate is ready); one
-//! that dies while holding kills the candidates started meanwhile, none of whose old workers
+//! that dies while holding ends the candidates started meanwhile, none of whose old workers
 //! was stopped.
 //!
 //! Until the roll-out ends, any failure of a worker it started — a candidate that exits, misses
 //! its ready timeout or its watchdog, or a worker it already promoted that exits — aborts it:
-//! pending candidates are killed, no further old worker is stopped, the reload fails with the
-//! reason, and (with `on_failure = "rollback"`, the default) the slots already moved are rolled
-//! back to the spec they ran before, by a second roll-out that is readiness-gated like the
-//! first. A failed rollback stops there: never a loop, never a hard restart. Requests that
+//! candidates still starting are killed and those holding drain (they serve already), no
+//! further old worker is stopped, the reload fails with the reason, and (with `on_failure =
+//! "rollback"`, the default) the slots already moved are rolled back to the spec they ran
+//! before, by a second roll-out that is readiness-gated like the first. A failed rollback stops there: never a loop, never a hard restart. Requests that
 //! arrive during a roll-out are coalesced into one more roll-out afterwards.
 //!
 //! The part: [`Rollouts`] holds the roll-out in progress, the reloads queued behind it and the
@@ -331,8 +331,8 @@ impl Rollouts {
         effects
     }
 
-    /// Aborts the roll-out in progress: its candidates are killed, no further old worker is
-    /// stopped, and — for a reload with `on_failure = "rollback"`, unless `stopping` — the
+    /// Aborts the roll-out in progress: its candidates are stopped (drained if they hold,
+    /// killed if they are still starting), no further old worker is stopped, and — for a reload with `on_failure = "rollback"`, unless `stopping` — the
     /// slots it moved start rolling back.
     pub fn fail(
         &mut self,
@@ -345,9 +345,14 @@ impl Rollouts {
         let Some(mut r) = self.current.take() else { return Vec::new() };
         let mut effects = Vec::new();
         for (_, pid) in &r.in_flight {
-            effects.push(Effect::Kill { pid: *pid, failure: None });
-            if let Some(w) = pool.workers.get_mut(pid) {
-                w.role = Role::Retired;
+            let Some(w) = pool.workers.get_mut(pid) else { continue };
+            w.role = Role::Retired;
+            // One that is ready (holding) serves already: it drains like any retired worker.
+            // One still starting is killed.
+            if w.is_ready() {
+                effects.push(Effect::Retire(*pid));
+            } else {
+                effects.push(Effect::Kill { pid: *pid, failure: None });
             }
         }
         let msg = match &r.purpose {
