@@ -68,7 +68,7 @@ pub struct Layer {
     #[arg(long, value_name = "N")]
     #[serde(with = "integer")]
     pub reload_batch: Option<String>,
-    /// During a reload, at most this many new workers run at once beside the old ones (starting, or ready and waiting out --min-ready); 1 replaces one worker at a time [default: no limit: the next slot's new worker starts while the previous one waits out --min-ready].
+    /// During a reload, at most this many new workers run at once beside the old ones (starting, or ready and waiting out --min-ready); 1 replaces one worker after the other [default: no limit].
     #[arg(long, value_name = "N")]
     #[serde(with = "integer")]
     pub reload_surge: Option<String>,

@@ -13,7 +13,10 @@
 //! then roll in about N·r + `min_ready`, not N·(r + `min_ready`). A version that dies before
 //! it is ready still costs one start (nothing else starts before a candidate is ready); one
 //! that dies while holding ends the candidates started meanwhile, none of whose old workers
-//! was stopped.
+//! was stopped. `min_ready` is each candidate's whole watch: a roll-out now ends about
+//! `min_ready` after its last candidate is ready, so a build that dies later than that is not
+//! rolled back (one slot after the other, the earlier slots used to be watched incidentally
+//! for the rest of the roll-out; `reload_surge = 1` restores that order).
 //!
 //! Until the roll-out ends, any failure of a worker it started — a candidate that exits, misses
 //! its ready timeout or its watchdog, or a worker it already promoted that exits — aborts it:
