@@ -69,8 +69,8 @@ pub struct Settings {
     /// New workers started at a time during a roll-out (the next starts once one is ready).
     pub reload_batch: NonZeroUsize,
     /// The most new workers a roll-out runs at once, starting or holding `min_ready` (`None`:
-    /// no limit). Absent from an older image's upgrade state.
-    #[serde(default)]
+    /// no limit). Absent from an older image's upgrade state, and left out when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload_surge: Option<NonZeroUsize>,
     /// A roll-out's new worker must stay ready this long before its old worker is stopped.
     pub min_ready: Duration,

@@ -70,7 +70,8 @@ pub struct Layer {
     pub reload_batch: Option<String>,
     /// During a reload, at most this many new workers run at once beside the old ones (starting, or ready and waiting out --min-ready); 1 replaces one worker after the other [default: no limit].
     #[arg(long, value_name = "N")]
-    #[serde(with = "integer")]
+    // Left out when unset, so an image that predates the key can still read an upgrade state.
+    #[serde(with = "integer", skip_serializing_if = "Option::is_none")]
     pub reload_surge: Option<String>,
     /// During a reload, a new worker must stay ready (and running) this long before its old worker is stopped [default: 1s].
     #[arg(long, value_name = "DUR")]
