@@ -459,7 +459,7 @@ async fn the_next_slots_new_worker_starts_while_the_previous_one_holds_min_ready
 }
 
 #[tokio::test]
-async fn a_new_worker_that_fails_while_holding_kills_the_ones_started_meanwhile_and_no_old_worker_is_stopped()
+async fn a_new_worker_that_fails_while_holding_ends_the_ones_started_meanwhile_and_no_old_worker_is_stopped()
 {
     let mut s = sim(3, "");
     s.all_ready();
