@@ -68,7 +68,12 @@ pub struct Settings {
     pub ready_timeout: Duration,
     pub stop_signal: StopSignal,
     pub stop_timeout: Duration,
+    /// New workers started at a time during a roll-out (the next starts once one is ready).
     pub reload_batch: NonZeroUsize,
+    /// The most new workers a roll-out runs at once, starting or holding `min_ready` (`None`:
+    /// no limit). Absent from an older image's upgrade state, and left out when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_surge: Option<NonZeroUsize>,
     /// A roll-out's new worker must stay ready this long before its old worker is stopped.
     pub min_ready: Duration,
     /// What an aborted roll-out does with the slots it already moved.
@@ -325,6 +330,7 @@ mod tests {
             stop_signal = "int"
             stop_timeout = "1h"
             reload_batch = 2
+            reload_surge = 3
             min_ready = "0s"
             on_failure = "keep"
             balance = "sticky"

@@ -193,9 +193,14 @@ fn a_new_worker_that_misses_its_watchdog_aborts_the_reload() {
     let a = rel.release("a", &["gate-0", "gate-1"]);
     rel.release("b", &["gate-0", "gate-1", "LATE_HANG"]);
     rel.switch("a");
+    // Slot 1's new worker (hung too, holding when slot 0's is killed) drains like any retired
+    // worker, i.e. until its stop timeout: kept short so the old workers' own watchdogs are
+    // not exposed to a loaded machine for long.
     let _h = release_run(&dir, &rel, 2)
         .arg("--watchdog")
         .arg("3s")
+        .arg("--stop-timeout")
+        .arg("5s")
         .arg("--min-ready")
         .arg("1h")
         .worker_env("TW_WATCHDOG", "1")
@@ -357,4 +362,45 @@ fn on_failure_keep_leaves_the_moved_slots_on_the_new_generation() {
         let want_a = gens.iter().any(|(g, _, id)| *g == 1 && *id == 2);
         (gens.len() == 3 && want_b && want_a && v["last_reload"]["rollback"].is_null()).then_some(())
     });
+}
+
+#[test]
+fn every_slots_new_worker_starts_while_the_others_hold_min_ready_and_a_crash_among_them_leaves_every_old_worker_serving()
+ {
+    let dir = TempDir::new("overlap");
+    let sock = dir.path("control.sock").display().to_string();
+    let rel = Releases::new(&dir);
+    let a = rel.release("a", &["gate-0", "gate-1", "gate-2"]);
+    let b = rel.release("b", &["gate-0", "gate-1", "gate-2"]);
+    rel.switch("a");
+    // No load here: the worker made to crash loses what it had accepted, whatever the
+    // supervisor does; this test is about which workers run when.
+    let _h = release_run(&dir, &rel, 3).arg("--min-ready").arg("1h").start();
+    let before = settled(&sock, 3, 1, &a);
+
+    rel.switch("b");
+    let reload = reload_in_background(&sock);
+    // The next slot's new worker does not wait for the previous one's min_ready: all three
+    // hold at once, and no old worker was told to stop (each is still ready, same pid).
+    wait_for(LONG, "every slot's new worker holding beside its old worker", || {
+        let v = status_json(&sock);
+        let l = live(&v);
+        let both = |id: i64| {
+            l.get(&id).is_some_and(|ws| {
+                ws.len() == 2
+                    && ws.iter().any(|w| w["generation"] == 2 && w["state"] == "holding")
+                    && ws.iter().any(|w| w["pid"] == before[&id] && w["state"] == "ready")
+            })
+        };
+        (both(0) && both(1) && both(2)).then_some(())
+    });
+    // Slot 1's new worker dies while it holds: the reload fails, the two others are stopped,
+    // and the app ends where it started.
+    std::fs::write(b.join("crash-1"), "").unwrap();
+    let out = reload.join().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(settled(&sock, 3, 1, &a), before, "every old worker still serves, same pids");
+    let v = status_json(&sock);
+    assert_eq!(v["last_reload"]["result"], "failed", "{v}");
+    assert!(v["last_reload"]["error"].as_str().unwrap().contains("worker 1"), "{v}");
 }

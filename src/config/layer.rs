@@ -64,10 +64,15 @@ pub struct Layer {
     #[arg(long, value_name = "DUR")]
     #[serde(deserialize_with = "string")]
     pub stop_timeout: Option<String>,
-    /// Workers replaced at a time during a rolling reload [default: 1].
+    /// New workers started at a time during a rolling reload; the next starts once one is ready [default: 1].
     #[arg(long, value_name = "N")]
     #[serde(with = "integer")]
     pub reload_batch: Option<String>,
+    /// During a reload, at most this many new workers run at once beside the old ones (starting, or ready and waiting out --min-ready); 1 replaces one worker after the other [default: no limit].
+    #[arg(long, value_name = "N")]
+    // Left out when unset, so an image that predates the key can still read an upgrade state.
+    #[serde(with = "integer", skip_serializing_if = "Option::is_none")]
+    pub reload_surge: Option<String>,
     /// During a reload, a new worker must stay ready (and running) this long before its old worker is stopped [default: 1s].
     #[arg(long, value_name = "DUR")]
     #[serde(deserialize_with = "string")]
@@ -309,7 +314,7 @@ mod count {
     }
 }
 
-/// An integer (`reload_batch`).
+/// An integer (`reload_batch`, `reload_surge`).
 mod integer {
     use super::*;
 
@@ -397,6 +402,7 @@ mod tests {
             "stop_signal",
             "stop_timeout",
             "reload_batch",
+            "reload_surge",
             "min_ready",
             "on_failure",
             "balance",
@@ -462,7 +468,7 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics, watch, watch_ignore, log_format",
+                "app.toml: key `colour`: unknown key; allowed keys are: name, command, workers, listen, env, cwd, ready, ready_timeout, stop_signal, stop_timeout, reload_batch, reload_surge, min_ready, on_failure, balance, bind_intercept, watchdog, max_memory, backoff_initial, backoff_max, backoff_reset, control, control_group, user, group, metrics, watch, watch_ignore, log_format",
                 "app.toml: key `name`: expected a string, got integer",
                 "app.toml: key `env`: `A` must be a string (quote it), got integer",
                 "app.toml: key `env`: invalid variable name \"C=D\"",

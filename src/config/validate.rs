@@ -42,6 +42,7 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         c.pick("stop_timeout", |l| l.stop_timeout.as_deref(), positive_duration).unwrap_or(secs(30));
     let reload_batch =
         c.pick("reload_batch", |l| l.reload_batch.as_deref(), values::positive).unwrap_or(NonZeroUsize::MIN);
+    let reload_surge = c.pick("reload_surge", |l| l.reload_surge.as_deref(), values::positive);
     let min_ready =
         c.pick("min_ready", |l| l.min_ready.as_deref(), values::duration).unwrap_or(DEFAULT_MIN_READY);
     let on_failure =
@@ -82,6 +83,7 @@ pub fn validate(cli: &Layer, file: Option<&FileLayer>, cpus: NonZeroUsize) -> Re
         stop_signal,
         stop_timeout,
         reload_batch,
+        reload_surge,
         min_ready,
         on_failure,
         balance,
@@ -120,6 +122,7 @@ impl From<&Settings> for Layer {
             stop_signal: Some(s.stop_signal.to_string()),
             stop_timeout: text(s.stop_timeout),
             reload_batch: Some(s.reload_batch.to_string()),
+            reload_surge: s.reload_surge.map(|n| n.to_string()),
             min_ready: text(s.min_ready),
             on_failure: Some(s.on_failure.to_string()),
             balance: Some(s.balance.to_string()),

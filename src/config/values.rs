@@ -259,7 +259,7 @@ pub fn workers(s: &str) -> Result<WorkerCount, ValueError> {
         .map(|n| NonZeroUsize::new(n).map_or(WorkerCount::CpusMinus(0), WorkerCount::Fixed))
 }
 
-/// A positive whole number (`reload_batch`).
+/// A positive whole number (`reload_batch`, `reload_surge`).
 pub fn positive(s: &str) -> Result<NonZeroUsize, ValueError> {
     s.trim().parse::<NonZeroUsize>().map_err(|_| ValueError::NotPositive(s.to_string()))
 }

@@ -94,7 +94,8 @@ impl Supervisor {
         let effects = self.rollouts.promote_held(&mut self.pool, now);
         self.apply(effects);
         let batch = self.settings.reload_batch.get();
-        while let Some((slot, spec)) = self.rollouts.next_candidate(&self.pool, batch) {
+        let surge = self.settings.reload_surge.map_or(usize::MAX, std::num::NonZeroUsize::get);
+        while let Some((slot, spec)) = self.rollouts.next_candidate(&self.pool, batch, surge) {
             match self.launch(slot, &spec, Role::Candidate) {
                 Ok(pid) => {
                     let effects = self.rollouts.candidate_started(slot, pid, &spec);

@@ -1,16 +1,29 @@
 //! Rolling reload: generation g → g+1, slot by slot, and its safety net.
 //!
-//! For each slot (in batches of `reload_batch`): start a candidate of the new generation, wait
-//! until it is ready *and has stayed ready for `min_ready`*, then make it the slot's active
-//! worker and send the stop signal to the old one, which drains on its own timer while the
-//! roll-out moves on. An old worker is never stopped before its replacement is ready.
+//! For each slot: start a candidate of the new generation, wait until it is ready *and has
+//! stayed ready for `min_ready`*, then make it the slot's active worker and send the stop
+//! signal to the old one, which drains on its own timer while the roll-out moves on. An old
+//! worker is never stopped before its own replacement held `min_ready`.
+//!
+//! The slots overlap: the next slot's candidate starts as soon as the previous one is *ready*,
+//! while it holds, not once it held. `reload_batch` candidates may be starting at a time (one
+//! that holds does not count); `reload_surge`, when set, caps the candidates in flight
+//! (starting or holding), i.e. the extra workers (and their memory) beside the old ones —
+//! `reload_surge = 1` is strictly one slot after the other. N workers that get ready in `r`
+//! then roll in about N·r + `min_ready`, not N·(r + `min_ready`). A version that dies before
+//! it is ready still costs one start (nothing else starts before a candidate is ready); one
+//! that dies while holding ends the candidates started meanwhile, none of whose old workers
+//! was stopped. `min_ready` is each candidate's whole watch: a roll-out now ends about
+//! `min_ready` after its last candidate is ready, so a build that dies later than that is not
+//! rolled back (one slot after the other, the earlier slots used to be watched incidentally
+//! for the rest of the roll-out; `reload_surge = 1` restores that order).
 //!
 //! Until the roll-out ends, any failure of a worker it started — a candidate that exits, misses
 //! its ready timeout or its watchdog, or a worker it already promoted that exits — aborts it:
-//! pending candidates are killed, no further old worker is stopped, the reload fails with the
-//! reason, and (with `on_failure = "rollback"`, the default) the slots already moved are rolled
-//! back to the spec they ran before, by a second roll-out that is readiness-gated like the
-//! first. A failed rollback stops there: never a loop, never a hard restart. Requests that
+//! candidates still starting are killed and those holding drain (they serve already), no
+//! further old worker is stopped, the reload fails with the reason, and (with `on_failure =
+//! "rollback"`, the default) the slots already moved are rolled back to the spec they ran
+//! before, by a second roll-out that is readiness-gated like the first. A failed rollback stops there: never a loop, never a hard restart. Requests that
 //! arrive during a roll-out are coalesced into one more roll-out afterwards.
 //!
 //! The part: [`Rollouts`] holds the roll-out in progress, the reloads queued behind it and the
@@ -254,10 +267,16 @@ impl Rollouts {
         effects
     }
 
-    /// The next slot to start a candidate for, while fewer than `batch` are in flight.
-    pub fn next_candidate(&mut self, pool: &Pool, batch: usize) -> Option<(usize, Arc<Spec>)> {
+    /// The next slot to start a candidate for, while fewer than `batch` candidates are
+    /// starting (not ready yet) and fewer than `surge` are in flight (starting or holding). A
+    /// candidate that is ready and holds `min_ready` does not hold the next one back: the next
+    /// slot's candidate starts while it holds (see the module doc).
+    pub fn next_candidate(&mut self, pool: &Pool, batch: usize, surge: usize) -> Option<(usize, Arc<Spec>)> {
         let r = self.current.as_mut()?;
-        while r.in_flight.len() < batch {
+        let starting = |r: &Rollout| {
+            r.in_flight.iter().filter(|(_, pid)| !pool.workers.get(pid).is_some_and(Worker::is_ready)).count()
+        };
+        while starting(r) < batch && r.in_flight.len() < surge {
             let (slot, spec) = r.pending.pop_front()?;
             if pool.slots.contains_key(&slot) {
                 return Some((slot, spec));
@@ -315,8 +334,8 @@ impl Rollouts {
         effects
     }
 
-    /// Aborts the roll-out in progress: its candidates are killed, no further old worker is
-    /// stopped, and — for a reload with `on_failure = "rollback"`, unless `stopping` — the
+    /// Aborts the roll-out in progress: its candidates are stopped (drained if they hold,
+    /// killed if they are still starting), no further old worker is stopped, and — for a reload with `on_failure = "rollback"`, unless `stopping` — the
     /// slots it moved start rolling back.
     pub fn fail(
         &mut self,
@@ -329,9 +348,14 @@ impl Rollouts {
         let Some(mut r) = self.current.take() else { return Vec::new() };
         let mut effects = Vec::new();
         for (_, pid) in &r.in_flight {
-            effects.push(Effect::Kill { pid: *pid, failure: None });
-            if let Some(w) = pool.workers.get_mut(pid) {
-                w.role = Role::Retired;
+            let Some(w) = pool.workers.get_mut(pid) else { continue };
+            w.role = Role::Retired;
+            // One that is ready (holding) serves already: it drains like any retired worker.
+            // One still starting is killed.
+            if w.is_ready() {
+                effects.push(Effect::Retire(*pid));
+            } else {
+                effects.push(Effect::Kill { pid: *pid, failure: None });
             }
         }
         let msg = match &r.purpose {

@@ -47,6 +47,8 @@ struct Fake {
     rss: Rc<RefCell<HashMap<i32, u64>>>,
     /// While set, every launch fails.
     broken: Rc<Cell<bool>>,
+    /// When each stop signal or message was sent: (pid, clock); SIGKILL is left out.
+    stops: Rc<RefCell<Vec<(i32, Instant)>>>,
 }
 
 fn devnull() -> OwnedFd {
@@ -88,10 +90,15 @@ impl Host for Fake {
 
     fn signal(&mut self, w: &Worker, sig: Signal, _group: bool) {
         self.log.borrow_mut().push(Effect::Signal { pid: w.pid, sig });
+        // SIGKILL is no request to stop (a failed candidate, a hung worker after its stop).
+        if sig != Signal::SIGKILL {
+            self.stops.borrow_mut().push((w.pid, self.clock.get()));
+        }
     }
 
     fn message(&mut self, w: &Worker, message: &str) -> std::io::Result<()> {
         self.log.borrow_mut().push(Effect::Message { pid: w.pid, text: message.to_string() });
+        self.stops.borrow_mut().push((w.pid, self.clock.get()));
         Ok(())
     }
 
@@ -110,6 +117,8 @@ struct Sim {
     host: Fake,
     manager: UnixDatagram,
     told: Vec<String>,
+    /// When each worker was made ready (by [`Sim::ready`]).
+    readied: HashMap<i32, Instant>,
     _events: mpsc::UnboundedReceiver<Event>,
     _dir: std::path::PathBuf,
 }
@@ -175,9 +184,11 @@ fn sim_of(node: bool, workers: usize, extra: &str) -> Sim {
         log: Default::default(),
         rss: Default::default(),
         broken: Default::default(),
+        stops: Default::default(),
     };
     let (sup, events) = Supervisor::new(settings, world, Box::new(host.clone())).unwrap();
-    let mut s = Sim { sup, host, manager, told: Vec::new(), _events: events, _dir: dir };
+    let mut s =
+        Sim { sup, host, manager, told: Vec::new(), readied: HashMap::new(), _events: events, _dir: dir };
     s.sup.reconcile();
     s
 }
@@ -202,6 +213,7 @@ impl Sim {
     }
 
     fn ready(&mut self, pid: i32) {
+        self.readied.entry(pid).or_insert(self.host.clock.get());
         self.sup.on_notify(Message { pid, assignments: vec![("READY".into(), "1".into())] });
         self.settle();
     }
@@ -274,6 +286,42 @@ impl Sim {
             .collect()
     }
 
+    /// Those of `pids` that were told to stop (signal or message) before a later worker of
+    /// their slot had been ready for `min_ready`: the roll-out's safety rule says there are
+    /// none.
+    fn stopped_early(&self, pids: &[i32]) -> Vec<i32> {
+        let spawns: Vec<(i32, usize, u64)> = self
+            .effects()
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Spawn { pid, slot, generation } => Some((*pid, *slot, *generation)),
+                _ => None,
+            })
+            .collect();
+        let min_ready = self.sup.settings.min_ready;
+        let stops = self.host.stops.borrow();
+        let mut early = Vec::new();
+        for (pid, at) in stops.iter() {
+            if !pids.contains(pid) {
+                continue;
+            }
+            let Some((_, slot, _)) = spawns.iter().find(|(p, _, _)| p == pid) else { continue };
+            // Pids are handed out in order: a later worker has a higher one.
+            let held = spawns.iter().any(|(p, s, _)| {
+                s == slot && p > pid && self.readied.get(p).is_some_and(|r| *r + min_ready <= *at)
+            });
+            if !held {
+                early.push(*pid);
+            }
+        }
+        early
+    }
+
+    /// The pids of generation `g` spawned so far.
+    fn of_generation(&self, g: u64) -> Vec<i32> {
+        self.spawned().iter().filter(|p| p.1 == g).map(|p| p.0).collect()
+    }
+
     /// Everything sent to the service manager so far, one datagram each.
     fn told(&mut self) -> &[String] {
         let mut buf = [0u8; 4096];
@@ -281,6 +329,20 @@ impl Sim {
             self.told.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
         &self.told
+    }
+
+    /// Makes every worker that is starting now ready.
+    fn all_ready_now(&mut self) {
+        let starting: Vec<i32> = self
+            .status()
+            .workers
+            .iter()
+            .filter(|w| matches!(w.state, WorkerState::Starting | WorkerState::StartingNew))
+            .filter_map(|w| w.pid)
+            .collect();
+        for pid in starting {
+            self.ready(pid);
+        }
     }
 
     /// Starts every slot's first worker and makes it ready.
@@ -362,6 +424,221 @@ async fn a_reload_never_stops_an_old_worker_before_its_replacement_held_min_read
     assert!(outcome.ok && outcome.generation == 2, "{outcome:?}");
     assert!(s.serving().iter().all(|w| w.2 == 2));
     assert!(old.iter().all(|p| s.effects().contains(&Effect::Reap { pid: *p })));
+}
+
+#[tokio::test]
+async fn the_next_slots_new_worker_starts_while_the_previous_one_holds_min_ready_and_no_old_worker_stops_before_its_own_replacement_held()
+ {
+    let mut s = sim(4, "");
+    s.all_ready();
+    let old = s.of_generation(1);
+    let mut rx = s.reload();
+    let half = s.sup.settings.min_ready / 2;
+    assert_eq!(s.of_generation(2).len(), 1, "one new worker starting at a time (reload_batch = 1)");
+    // Slot 0's new worker is ready: slot 1's starts at once, while slot 0's holds.
+    s.ready(s.of_generation(2)[0]);
+    assert_eq!(
+        s.of_generation(2).len(),
+        2,
+        "the next slot's new worker waits for the previous one's min_ready"
+    );
+    assert!(s.signalled(old[0]).is_empty(), "slot 0's old worker stopped before its replacement held");
+    s.advance(half);
+    s.ready(s.of_generation(2)[1]);
+    assert_eq!(s.of_generation(2).len(), 3);
+    assert!(old.iter().all(|p| s.signalled(*p).is_empty()), "an old worker stopped within min_ready");
+    // Slot 0's new worker held: only slot 0's old worker is stopped.
+    s.advance(half);
+    let stopped: Vec<i32> = old.iter().copied().filter(|p| !s.signalled(*p).is_empty()).collect();
+    assert_eq!(stopped, [old[0]]);
+    s.finish_rollout();
+    assert!(answer(&mut rx).is_some_and(|o| o.ok && o.generation == 2));
+    assert!(s.serving().iter().all(|w| w.2 == 2), "{:?}", s.serving());
+    assert_eq!(s.stopped_early(&old), Vec::<i32>::new());
+    assert!(old.iter().all(|p| s.signalled(*p) == [Signal::SIGTERM]), "every old worker drained once");
+}
+
+#[tokio::test]
+async fn a_new_worker_that_fails_while_holding_ends_the_ones_started_meanwhile_and_no_old_worker_is_stopped()
+{
+    let mut s = sim(3, "");
+    s.all_ready();
+    let old = s.of_generation(1);
+    let mut rx = s.reload();
+    s.ready(s.of_generation(2)[0]);
+    s.ready(s.of_generation(2)[1]);
+    let new = s.of_generation(2);
+    assert_eq!(new.len(), 3, "slot 2's new worker started while slots 0 and 1 hold");
+    // Slot 0's new worker dies within min_ready (slot 1's holds, slot 2's starts).
+    s.exit(new[0], 1);
+    let outcome = answer(&mut rx).expect("answered at once");
+    assert!(!outcome.ok && outcome.message.contains("within min_ready"), "{outcome:?}");
+    assert!(outcome.message.contains("every worker keeps running the previous code"), "{}", outcome.message);
+    assert_eq!(s.signalled(new[1]), [Signal::SIGTERM], "the holding new worker (it serves) drains");
+    assert_eq!(s.signalled(new[2]), [Signal::SIGKILL], "the starting new worker is killed");
+    assert!(old.iter().all(|p| s.signalled(*p).is_empty()), "an old worker was stopped");
+    s.exit(new[1], -1);
+    s.exit(new[2], -1);
+    s.advance(Duration::from_secs(5));
+    assert_eq!(s.serving().iter().map(|w| w.1).collect::<Vec<_>>(), old);
+    assert_eq!(s.of_generation(2).len(), 3, "nothing more of the new generation starts");
+    assert_eq!(s.status().last_reload.map(|l| l.result), Some("failed".to_string()));
+}
+
+#[tokio::test]
+async fn a_failure_after_overlapping_slots_moved_rolls_back_and_the_app_ends_on_one_generation() {
+    let mut s = sim(4, "");
+    s.all_ready();
+    let old = s.of_generation(1);
+    let mut rx = s.reload();
+    let half = s.sup.settings.min_ready / 2;
+    s.ready(s.of_generation(2)[0]);
+    s.advance(half);
+    s.ready(s.of_generation(2)[1]);
+    s.advance(half);
+    // Slot 0 moved; its old worker drains and exits.
+    assert_eq!(s.signalled(old[0]), [Signal::SIGTERM]);
+    s.exit(old[0], 0);
+    s.ready(s.of_generation(2)[2]);
+    let new = s.of_generation(2);
+    assert_eq!(new.len(), 4);
+    // Slot 1's new worker dies while holding; slot 2's holds, slot 3's starts.
+    s.exit(new[1], 1);
+    assert!(answer(&mut rx).is_none(), "answered before the rollback ran");
+    assert_eq!(s.signalled(new[2]), [Signal::SIGTERM], "holding: drains");
+    assert_eq!(s.signalled(new[3]), [Signal::SIGKILL], "starting: killed");
+    s.exit(new[2], -1);
+    s.exit(new[3], -1);
+    s.finish_rollout();
+    let outcome = answer(&mut rx).expect("answered after the rollback");
+    assert!(
+        !outcome.ok && outcome.message.contains("rolled back 1 worker(s) to generation 1"),
+        "{outcome:?}"
+    );
+    let serving = s.serving();
+    assert_eq!(serving.len(), 4, "{serving:?}");
+    assert!(serving.iter().all(|w| w.2 == 1), "the app ends on one generation: {serving:?}");
+    assert_eq!(&serving[1..].iter().map(|w| w.1).collect::<Vec<_>>(), &old[1..], "slots 1-3 never moved");
+    assert_eq!(s.stopped_early(&old), Vec::<i32>::new());
+    assert_eq!(
+        s.stopped_early(&new[..1]),
+        Vec::<i32>::new(),
+        "the rolled-back worker held its replacement too"
+    );
+    let last = s.status().last_reload.expect("a last reload");
+    assert_eq!((last.result.as_str(), last.rollback.as_deref()), ("failed", Some("ok")));
+}
+
+#[tokio::test]
+async fn a_new_version_that_dies_before_it_is_ready_starts_one_new_worker_only() {
+    let mut s = sim(4, "");
+    s.all_ready();
+    let mut rx = s.reload();
+    s.exit(s.of_generation(2)[0], 3);
+    assert!(answer(&mut rx).is_some_and(|o| !o.ok));
+    s.advance(Duration::from_secs(5));
+    assert_eq!(s.of_generation(2).len(), 1, "a crash-looping version costs one start, not one per slot");
+}
+
+#[tokio::test]
+async fn reload_surge_caps_the_new_workers_running_at_once() {
+    for surge in [1usize, 2] {
+        let mut s = sim(4, &format!("reload_surge = {surge}"));
+        s.all_ready();
+        let old = s.of_generation(1);
+        let mut rx = s.reload();
+        for i in 0..surge {
+            s.ready(s.of_generation(2)[i]);
+        }
+        assert_eq!(s.of_generation(2).len(), surge, "reload_surge = {surge}: more new workers at once");
+        s.advance(s.sup.settings.min_ready);
+        assert_eq!(
+            s.of_generation(2).len(),
+            surge + 1,
+            "reload_surge = {surge}: the next starts once one moved"
+        );
+        s.finish_rollout();
+        assert!(answer(&mut rx).is_some_and(|o| o.ok));
+        assert_eq!(s.stopped_early(&old), Vec::<i32>::new());
+    }
+}
+
+/// A small deterministic generator for [`the_safety_rule_holds_on_any_schedule`].
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+#[tokio::test]
+async fn the_safety_rule_holds_on_any_schedule() {
+    // Many schedules of readiness, time, old workers exiting and new workers failing (before
+    // or while holding, or after they took over): no worker is ever told to stop before a
+    // later worker of its slot held min_ready, and every reload ends with one generation.
+    for seed in 0..200u64 {
+        let mut g = Lcg(seed);
+        let workers = 1 + g.below(5);
+        let batch = 1 + g.below(2);
+        let mut s = sim(workers, &format!("reload_batch = {batch}"));
+        s.all_ready();
+        let mut rx = s.reload();
+        let mut outcome = None;
+        // Workers that served as their slot's active worker (the rule is about them: a new
+        // worker that never took over may be stopped when the roll-out aborts).
+        let mut active = std::collections::BTreeSet::new();
+        for _ in 0..400 {
+            let st = s.status();
+            active.extend(st.workers.iter().filter(|w| w.state == WorkerState::Ready).filter_map(|w| w.pid));
+            outcome = outcome.or_else(|| answer(&mut rx));
+            if outcome.is_some() {
+                break;
+            }
+            let pick = |states: &[WorkerState], g: &mut Lcg| {
+                let c: Vec<i32> =
+                    st.workers.iter().filter(|w| states.contains(&w.state)).filter_map(|w| w.pid).collect();
+                (!c.is_empty()).then(|| c[g.below(c.len())])
+            };
+            match g.below(10) {
+                0..=3 => match pick(&[WorkerState::StartingNew], &mut g) {
+                    Some(pid) => s.ready(pid),
+                    None => s.advance(Duration::from_millis(100 * (1 + g.below(10)) as u64)),
+                },
+                4..=6 => s.advance(Duration::from_millis(100 * (1 + g.below(10)) as u64)),
+                7 => {
+                    if let Some(pid) = pick(&[WorkerState::Stopping], &mut g) {
+                        s.exit(pid, 0);
+                    }
+                }
+                8 if g.below(3) == 0 => {
+                    let new = s.of_generation(2);
+                    let alive: Vec<i32> =
+                        new.into_iter().filter(|p| st.workers.iter().any(|w| w.pid == Some(*p))).collect();
+                    if !alive.is_empty() {
+                        s.exit(alive[g.below(alive.len())], 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        s.finish_rollout();
+        let outcome = outcome.or_else(|| answer(&mut rx)).unwrap_or_else(|| panic!("seed {seed}: no answer"));
+        let active: Vec<i32> = active.into_iter().collect();
+        assert_eq!(s.stopped_early(&active), Vec::<i32>::new(), "seed {seed}");
+        // Slots whose worker failed outside a roll-out restart after their back-off.
+        s.advance(Duration::from_secs(31));
+        s.all_ready_now();
+        let generations: std::collections::BTreeSet<u64> = s.serving().iter().map(|w| w.2).collect();
+        assert_eq!(generations.len(), 1, "seed {seed}: {outcome:?} ended on {:?}", s.serving());
+        let want = if outcome.ok { 2 } else { 1 };
+        assert!(
+            generations.contains(&want) || !outcome.ok,
+            "seed {seed}: {outcome:?} ended on {generations:?}"
+        );
+        assert_eq!(s.serving().len(), workers, "seed {seed}");
+    }
 }
 
 #[tokio::test]
