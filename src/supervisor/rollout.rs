@@ -5,18 +5,20 @@
 //! signal to the old one, which drains on its own timer while the roll-out moves on. An old
 //! worker is never stopped before its own replacement held `min_ready`.
 //!
-//! The slots overlap: the next slot's candidate starts as soon as the previous one is *ready*,
-//! while it holds, not once it held. `reload_batch` candidates may be starting at a time (one
-//! that holds does not count); `reload_surge`, when set, caps the candidates in flight
-//! (starting or holding), i.e. the extra workers (and their memory) beside the old ones —
-//! `reload_surge = 1` is strictly one slot after the other. N workers that get ready in `r`
-//! then roll in about N·r + `min_ready`, not N·(r + `min_ready`). A version that dies before
-//! it is ready still costs one start (nothing else starts before a candidate is ready); one
-//! that dies while holding ends the candidates started meanwhile, none of whose old workers
-//! was stopped. `min_ready` is each candidate's whole watch: a roll-out now ends about
-//! `min_ready` after its last candidate is ready, so a build that dies later than that is not
-//! rolled back (one slot after the other, the earlier slots used to be watched incidentally
-//! for the rest of the roll-out; `reload_surge = 1` restores that order).
+//! The first slot is a canary: a reload's first candidate (the first `reload_batch`) starts,
+//! gets ready and holds `min_ready` alone, and takes over its slot before any other slot
+//! starts. After it the slots overlap: the next slot's candidate starts as soon as the previous
+//! one is *ready*, while it holds, not once it held. `reload_batch` candidates may be starting
+//! at a time (one that holds does not count); `reload_surge`, when set, caps the candidates in
+//! flight (starting or holding), i.e. the extra workers (and their memory) beside the old ones
+//! — `reload_surge = 1` is strictly one slot after the other. N workers that get ready in `r`
+//! then roll in about (r + `min_ready`) + (N−1)·r + `min_ready`, not N·(r + `min_ready`).
+//! A version that dies before it is ready costs one start; one that dies within about
+//! 2·`min_ready` of getting ready is caught while the canary is watched (alone, then while the
+//! others hold) and rolled back; one that dies later than that, once every slot moved, is not
+//! (measured in the module's choice: overlapping from the first slot let a build dying 1.5 s
+//! after `listen()` through with the default 1 s; the canary catches it). A rollback, going
+//! back to the version that served, has no canary.
 //!
 //! Until the roll-out ends, any failure of a worker it started — a candidate that exits, misses
 //! its ready timeout or its watchdog, or a worker it already promoted that exits — aborts it:
@@ -276,6 +278,8 @@ impl Rollouts {
         let starting = |r: &Rollout| {
             r.in_flight.iter().filter(|(_, pid)| !pool.workers.get(pid).is_some_and(Worker::is_ready)).count()
         };
+        // The canary: before a reload moved its first slot, only its first batch runs.
+        let surge = if r.done == 0 && !r.is_rollback() { surge.min(batch) } else { surge };
         while starting(r) < batch && r.in_flight.len() < surge {
             let (slot, spec) = r.pending.pop_front()?;
             if pool.slots.contains_key(&slot) {

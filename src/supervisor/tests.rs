@@ -427,30 +427,42 @@ async fn a_reload_never_stops_an_old_worker_before_its_replacement_held_min_read
 }
 
 #[tokio::test]
-async fn the_next_slots_new_worker_starts_while_the_previous_one_holds_min_ready_and_no_old_worker_stops_before_its_own_replacement_held()
+async fn the_first_slot_is_a_canary_then_the_next_slots_new_worker_starts_while_the_previous_one_holds_min_ready_and_no_old_worker_stops_before_its_own_replacement_held()
  {
     let mut s = sim(4, "");
     s.all_ready();
     let old = s.of_generation(1);
     let mut rx = s.reload();
-    let half = s.sup.settings.min_ready / 2;
+    let min_ready = s.sup.settings.min_ready;
+    let half = min_ready / 2;
     assert_eq!(s.of_generation(2).len(), 1, "one new worker starting at a time (reload_batch = 1)");
-    // Slot 0's new worker is ready: slot 1's starts at once, while slot 0's holds.
+    // The canary: slot 0's new worker is ready and holds alone.
     s.ready(s.of_generation(2)[0]);
+    assert_eq!(s.of_generation(2).len(), 1, "nothing else starts while the canary holds");
+    s.advance(min_ready - Duration::from_millis(1));
+    assert!(
+        old.iter().all(|p| s.signalled(*p).is_empty()),
+        "an old worker stopped within the canary's min_ready"
+    );
+    s.advance(Duration::from_millis(1));
+    assert_eq!(s.signalled(old[0]), [Signal::SIGTERM], "the canary held: slot 0's old worker drains");
+    assert_eq!(s.of_generation(2).len(), 2, "slot 1's new worker starts once the canary moved");
+    // Slot 1's new worker is ready: slot 2's starts at once, while slot 1's holds.
+    s.ready(s.of_generation(2)[1]);
     assert_eq!(
         s.of_generation(2).len(),
-        2,
+        3,
         "the next slot's new worker waits for the previous one's min_ready"
     );
-    assert!(s.signalled(old[0]).is_empty(), "slot 0's old worker stopped before its replacement held");
+    assert!(s.signalled(old[1]).is_empty(), "slot 1's old worker stopped before its replacement held");
     s.advance(half);
-    s.ready(s.of_generation(2)[1]);
-    assert_eq!(s.of_generation(2).len(), 3);
-    assert!(old.iter().all(|p| s.signalled(*p).is_empty()), "an old worker stopped within min_ready");
-    // Slot 0's new worker held: only slot 0's old worker is stopped.
+    s.ready(s.of_generation(2)[2]);
+    assert_eq!(s.of_generation(2).len(), 4);
+    assert!(old[1..].iter().all(|p| s.signalled(*p).is_empty()), "an old worker stopped within min_ready");
+    // Slot 1's new worker held: only slot 1's old worker is stopped.
     s.advance(half);
     let stopped: Vec<i32> = old.iter().copied().filter(|p| !s.signalled(*p).is_empty()).collect();
-    assert_eq!(stopped, [old[0]]);
+    assert_eq!(stopped, [old[0], old[1]]);
     s.finish_rollout();
     assert!(answer(&mut rx).is_some_and(|o| o.ok && o.generation == 2));
     assert!(s.serving().iter().all(|w| w.2 == 2), "{:?}", s.serving());
@@ -459,30 +471,54 @@ async fn the_next_slots_new_worker_starts_while_the_previous_one_holds_min_ready
 }
 
 #[tokio::test]
-async fn a_new_worker_that_fails_while_holding_ends_the_ones_started_meanwhile_and_no_old_worker_is_stopped()
-{
-    let mut s = sim(3, "");
+async fn a_new_worker_that_fails_while_holding_ends_the_ones_started_meanwhile_and_no_old_worker_of_theirs_is_stopped()
+ {
+    // `on_failure = "keep"`: the canary's slot stays moved, the rest must be untouched.
+    let mut s = sim(3, "on_failure = \"keep\"");
     s.all_ready();
     let old = s.of_generation(1);
     let mut rx = s.reload();
     s.ready(s.of_generation(2)[0]);
+    s.advance(s.sup.settings.min_ready);
+    assert_eq!(s.signalled(old[0]), [Signal::SIGTERM], "the canary moved");
+    s.exit(old[0], 0);
     s.ready(s.of_generation(2)[1]);
     let new = s.of_generation(2);
-    assert_eq!(new.len(), 3, "slot 2's new worker started while slots 0 and 1 hold");
-    // Slot 0's new worker dies within min_ready (slot 1's holds, slot 2's starts).
-    s.exit(new[0], 1);
+    assert_eq!(new.len(), 3, "slot 2's new worker started while slot 1's holds");
+    // Slot 1's new worker dies within min_ready (slot 2's starts).
+    s.exit(new[1], 1);
     let outcome = answer(&mut rx).expect("answered at once");
     assert!(!outcome.ok && outcome.message.contains("within min_ready"), "{outcome:?}");
-    assert!(outcome.message.contains("every worker keeps running the previous code"), "{}", outcome.message);
-    assert_eq!(s.signalled(new[1]), [Signal::SIGTERM], "the holding new worker (it serves) drains");
     assert_eq!(s.signalled(new[2]), [Signal::SIGKILL], "the starting new worker is killed");
-    assert!(old.iter().all(|p| s.signalled(*p).is_empty()), "an old worker was stopped");
-    s.exit(new[1], -1);
+    assert!(old[1..].iter().all(|p| s.signalled(*p).is_empty()), "an old worker was stopped");
     s.exit(new[2], -1);
     s.advance(Duration::from_secs(5));
-    assert_eq!(s.serving().iter().map(|w| w.1).collect::<Vec<_>>(), old);
+    let serving: Vec<i32> = s.serving().iter().map(|w| w.1).collect();
+    assert_eq!(serving[0], new[0], "kept: the canary serves slot 0");
+    assert_eq!(&serving[1..], &old[1..]);
     assert_eq!(s.of_generation(2).len(), 3, "nothing more of the new generation starts");
     assert_eq!(s.status().last_reload.map(|l| l.result), Some("failed".to_string()));
+}
+
+#[tokio::test]
+async fn a_canary_that_fails_while_holding_alone_fails_the_reload_with_every_old_worker_untouched() {
+    let mut s = sim(3, "");
+    s.all_ready();
+    let old = s.of_generation(1);
+    let mut rx = s.reload();
+    let canary = s.of_generation(2)[0];
+    s.ready(canary);
+    s.advance(s.sup.settings.min_ready / 2);
+    assert_eq!(s.of_generation(2).len(), 1, "nothing else started while the canary holds");
+    s.exit(canary, 1);
+    let outcome = answer(&mut rx).expect("answered at once");
+    assert!(
+        !outcome.ok && outcome.message.contains("every worker keeps running the previous code"),
+        "{outcome:?}"
+    );
+    assert!(old.iter().all(|p| s.signalled(*p).is_empty()), "an old worker was stopped");
+    s.advance(Duration::from_secs(5));
+    assert_eq!(s.serving().iter().map(|w| w.1).collect::<Vec<_>>(), old);
 }
 
 #[tokio::test]
@@ -491,14 +527,12 @@ async fn a_failure_after_overlapping_slots_moved_rolls_back_and_the_app_ends_on_
     s.all_ready();
     let old = s.of_generation(1);
     let mut rx = s.reload();
-    let half = s.sup.settings.min_ready / 2;
+    // The canary moves slot 0; its old worker drains and exits.
     s.ready(s.of_generation(2)[0]);
-    s.advance(half);
-    s.ready(s.of_generation(2)[1]);
-    s.advance(half);
-    // Slot 0 moved; its old worker drains and exits.
+    s.advance(s.sup.settings.min_ready);
     assert_eq!(s.signalled(old[0]), [Signal::SIGTERM]);
     s.exit(old[0], 0);
+    s.ready(s.of_generation(2)[1]);
     s.ready(s.of_generation(2)[2]);
     let new = s.of_generation(2);
     assert_eq!(new.len(), 4);
@@ -547,14 +581,17 @@ async fn reload_surge_caps_the_new_workers_running_at_once() {
         s.all_ready();
         let old = s.of_generation(1);
         let mut rx = s.reload();
-        for i in 0..surge {
+        // The canary first, alone.
+        s.ready(s.of_generation(2)[0]);
+        s.advance(s.sup.settings.min_ready);
+        for i in 1..=surge {
             s.ready(s.of_generation(2)[i]);
         }
-        assert_eq!(s.of_generation(2).len(), surge, "reload_surge = {surge}: more new workers at once");
+        assert_eq!(s.of_generation(2).len(), 1 + surge, "reload_surge = {surge}: more new workers at once");
         s.advance(s.sup.settings.min_ready);
         assert_eq!(
             s.of_generation(2).len(),
-            surge + 1,
+            (2 + surge).min(4),
             "reload_surge = {surge}: the next starts once one moved"
         );
         s.finish_rollout();
