@@ -503,9 +503,7 @@ def reload_wall():
     for n, hw, pw in rows:
         out(f"| {n} | {spread(hw, '{:.2f}')} | {med(hw) / n:.2f} | {spread(pw, '{:.2f}')} | {med(hw) / med(pw):.2f} |")
     out()
-    out("herdsman replaces one slot at a time and stops an old worker only after its replacement "
-        "was ready for `min_ready` (1 s): a slot costs `min_ready` plus the new worker's start. "
-        "PM2 has no such hold: its reload stops an old worker once the new one is listening.")
+    out("herdsman stops an old worker only after its replacement was ready for `min_ready` (1 s). The first slot is a canary whose new worker holds alone; after it the slots overlap (the next slot's new worker starts once the previous one is ready, while it holds), so a reload costs about two `min_ready` plus the new workers' start-up, whatever N. PM2 has no such hold: its reload stops an old worker once the new one is listening, so a build that crashes a second after it listens goes through PM2's reload and is rolled back by herdsman's (docs/guarantees.md, `min_ready`).")
     out()
     return rows
 
