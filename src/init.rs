@@ -444,20 +444,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-    struct Scratch(PathBuf);
-    impl Scratch {
-        fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("herdsman-init-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Scratch(p)
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::scratch::Scratch;
 
     fn args(dir: &Path, extra: &[&str]) -> InitArgs {
         use clap::Parser;
@@ -499,22 +486,24 @@ mod tests {
 
     #[test]
     fn init_writes_the_metrics_address_into_the_app_config() {
-        let dir = Scratch::new("metrics");
-        init(&args(&dir.0, &["--metrics", "[::1]:9464"]), cpus(), None).map_err(|f| f.message).unwrap();
-        let (t, _) = written(&dir.0);
+        let dir = Scratch::new("init-metrics");
+        init(&args(dir.path(), &["--metrics", "[::1]:9464"]), cpus(), None).map_err(|f| f.message).unwrap();
+        let (t, _) = written(dir.path());
         assert_eq!(t.get("metrics").and_then(|v| v.as_str()), Some("[::1]:9464"), "{t}");
-        let s = config::load(Some(&dir.0.join("etc/web.toml")), &Default::default(), cpus()).unwrap();
+        let s = config::load(Some(&dir.path().join("etc/web.toml")), &Default::default(), cpus()).unwrap();
         assert_eq!(s.metrics, Some(config::ListenAddr::Tcp("[::1]:9464".parse().unwrap())));
-        let bad = init(&args(&dir.0, &["--force", "--metrics", "9464"]), cpus(), None).unwrap_err();
+        let bad = init(&args(dir.path(), &["--force", "--metrics", "9464"]), cpus(), None).unwrap_err();
         assert_eq!(bad.code, crate::exit::CONFIG);
         assert!(bad.message.contains("--metrics"), "{}", bad.message);
     }
 
     #[test]
     fn init_balance_steer_gives_the_service_cap_bpf_and_reuseport_sockets() {
-        let dir = Scratch::new("steer");
-        init(&args(&dir.0, &["--balance", "steer", "-w", "2"]), cpus(), None).map_err(|f| f.message).unwrap();
-        let units = dir.0.join("units");
+        let dir = Scratch::new("init-steer");
+        init(&args(dir.path(), &["--balance", "steer", "-w", "2"]), cpus(), None)
+            .map_err(|f| f.message)
+            .unwrap();
+        let units = dir.path().join("units");
         let sock = std::fs::read_to_string(units.join("herdsman@web.socket.d/listen.conf")).unwrap();
         assert_eq!(sock.matches("ListenStream=127.0.0.1:8080").count(), 4, "{sock}");
         assert!(sock.contains("ReusePort=yes"), "{sock}");
@@ -524,7 +513,7 @@ mod tests {
             "{steer}"
         );
         // sticky routes by address with a classic program: no capability.
-        init(&args(&dir.0, &["--force", "--balance", "sticky"]), cpus(), None)
+        init(&args(dir.path(), &["--force", "--balance", "sticky"]), cpus(), None)
             .map_err(|f| f.message)
             .unwrap();
         assert!(!units.join("herdsman@web.service.d/steer.conf").exists());
@@ -536,9 +525,9 @@ mod tests {
             eprintln!("SKIP: resolving another worker user needs root");
             return;
         }
-        let dir = Scratch::new("sudo");
-        init(&args(&dir.0, &[]), cpus(), Some("nobody")).map_err(|f| f.message).unwrap();
-        let (t, meta) = written(&dir.0);
+        let dir = Scratch::new("init-sudo");
+        init(&args(dir.path(), &[]), cpus(), Some("nobody")).map_err(|f| f.message).unwrap();
+        let (t, meta) = written(dir.path());
         assert_eq!(t.get("user").and_then(|v| v.as_str()), Some("nobody"), "{t}");
         assert!(t.get("group").is_none(), "{t}");
         let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
@@ -552,26 +541,26 @@ mod tests {
             eprintln!("SKIP: resolving another worker user needs root");
             return;
         }
-        let dir = Scratch::new("flags");
-        init(&args(&dir.0, &["--user", "nobody", "--group", "daemon"]), cpus(), Some("daemon"))
+        let dir = Scratch::new("init-flags");
+        init(&args(dir.path(), &["--user", "nobody", "--group", "daemon"]), cpus(), Some("daemon"))
             .map_err(|f| f.message)
             .unwrap();
-        let (t, meta) = written(&dir.0);
+        let (t, meta) = written(dir.path());
         assert_eq!(t.get("user").and_then(|v| v.as_str()), Some("nobody"), "{t}");
         assert_eq!(t.get("group").and_then(|v| v.as_str()), Some("daemon"), "{t}");
         let daemon = nix::unistd::Group::from_name("daemon").unwrap().unwrap();
         assert_eq!(meta.gid(), daemon.gid.as_raw());
         // What init wrote loads back to the same worker identity.
-        let s = config::load(Some(&dir.0.join("etc/web.toml")), &Default::default(), cpus()).unwrap();
+        let s = config::load(Some(&dir.path().join("etc/web.toml")), &Default::default(), cpus()).unwrap();
         assert_eq!(s.user.map(|u| (u.user, u.gid)), Some(("nobody".to_string(), daemon.gid.as_raw())));
     }
 
     #[test]
     fn init_without_sudo_user_writes_no_user_and_a_private_config() {
-        let dir = Scratch::new("root");
+        let dir = Scratch::new("init-root");
         for sudo in [None, Some(""), Some("root")] {
-            init(&args(&dir.0, &["--force"]), cpus(), sudo).map_err(|f| f.message).unwrap();
-            let (t, meta) = written(&dir.0);
+            init(&args(dir.path(), &["--force"]), cpus(), sudo).map_err(|f| f.message).unwrap();
+            let (t, meta) = written(dir.path());
             assert!(t.get("user").is_none() && t.get("group").is_none(), "{sudo:?}: {t}");
             assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the config holds --env secrets");
         }
@@ -579,14 +568,14 @@ mod tests {
 
     #[test]
     fn init_control_group_is_written_and_an_unknown_one_refused() {
-        let dir = Scratch::new("ctlgroup");
+        let dir = Scratch::new("init-ctlgroup");
         // `root` (gid 0) exists everywhere.
-        init(&args(&dir.0, &["--control-group", "root"]), cpus(), None).map_err(|f| f.message).unwrap();
-        let (t, _) = written(&dir.0);
+        init(&args(dir.path(), &["--control-group", "root"]), cpus(), None).map_err(|f| f.message).unwrap();
+        let (t, _) = written(dir.path());
         assert_eq!(t.get("control_group").and_then(|v| v.as_str()), Some("root"), "{t}");
-        let s = config::load(Some(&dir.0.join("etc/web.toml")), &Default::default(), cpus()).unwrap();
+        let s = config::load(Some(&dir.path().join("etc/web.toml")), &Default::default(), cpus()).unwrap();
         assert_eq!(s.control_group.as_deref(), Some("root"));
-        let f = init(&args(&dir.0, &["--force", "--control-group", "no-such-group-xyz"]), cpus(), None)
+        let f = init(&args(dir.path(), &["--force", "--control-group", "no-such-group-xyz"]), cpus(), None)
             .expect_err("must fail");
         assert_eq!(f.code, exit::CONFIG);
         assert!(f.message.contains("--control-group: no such group"), "{}", f.message);
@@ -594,11 +583,11 @@ mod tests {
 
     #[test]
     fn unknown_init_user_is_a_config_error() {
-        let dir = Scratch::new("nouser");
-        let f = init(&args(&dir.0, &[]), cpus(), Some("no-such-user-xyz")).expect_err("must fail");
+        let dir = Scratch::new("init-nouser");
+        let f = init(&args(dir.path(), &[]), cpus(), Some("no-such-user-xyz")).expect_err("must fail");
         assert_eq!(f.code, exit::CONFIG);
         assert!(f.message.contains("--user: no such user"), "{}", f.message);
-        assert!(!dir.0.join("etc/web.toml").exists());
+        assert!(!dir.path().join("etc/web.toml").exists());
     }
 
     #[test]
@@ -613,10 +602,10 @@ mod tests {
 
     #[test]
     fn config_write_never_follows_symlinks_and_leaves_no_temp_file() {
-        let dir = Scratch::new("symlink");
-        let victim = dir.0.join("victim");
+        let dir = Scratch::new("init-symlink");
+        let victim = dir.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
-        let target = dir.0.join("web.toml");
+        let target = dir.path().join("web.toml");
         // A symlink planted at the target is replaced, not written through.
         std::os::unix::fs::symlink(&victim, &target).unwrap();
         let f = File { path: target.clone(), text: "x = 1\n".into(), mode: 0o600, group: None };
@@ -626,10 +615,11 @@ mod tests {
         assert!(meta.file_type().is_file());
         assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "x = 1\n");
-        let entries: Vec<_> = std::fs::read_dir(&dir.0).unwrap().flatten().map(|e| e.file_name()).collect();
+        let entries: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(entries.len(), 2, "no temp file left: {entries:?}");
         // A symlink planted at the temp name makes the write fail instead of following it.
-        let tmp = dir.0.join(format!(".web.toml.{}.tmp", std::process::id()));
+        let tmp = dir.path().join(format!(".web.toml.{}.tmp", std::process::id()));
         std::os::unix::fs::symlink(&victim, &tmp).unwrap();
         assert!(write_file(&f).is_err());
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");

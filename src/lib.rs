@@ -59,6 +59,8 @@ pub mod pm2;
 pub mod procstat;
 pub mod reaper;
 pub mod requests;
+#[cfg(test)]
+mod scratch;
 pub mod service;
 pub mod spawn;
 pub mod steer;

@@ -329,25 +329,7 @@ fn overlay(base: &Layer, top: &Layer) -> Result<Layer, String> {
 mod tests {
     use super::*;
 
-    struct Scratch(PathBuf);
-    impl Scratch {
-        fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("herdsman-pm2mod-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Scratch(p)
-        }
-        fn file(&self, name: &str, text: &str) -> PathBuf {
-            let p = self.0.join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::scratch::Scratch;
 
     const TWO: &str = r#"{"apps": [
         {"name": "api", "script": "api.js", "instances": 2, "exec_mode": "cluster",
@@ -367,7 +349,7 @@ mod tests {
 
     #[test]
     fn flags_apply_to_every_app_env_name_selects_env_name_listen_app_names_one() {
-        let dir = Scratch::new("flags");
+        let dir = Scratch::new("pm2mod-flags");
         let file = dir.file("ecosystem.json", TWO);
         let f = flags(&[
             "--env",
@@ -387,7 +369,7 @@ mod tests {
         assert_eq!(jobs.listen, ["unix:/run/j.sock"]);
         assert_eq!((api.stop_timeout.as_deref(), jobs.stop_timeout.as_deref()), (Some("9s"), Some("9s")));
         assert_eq!((api.workers.as_deref(), jobs.workers.as_deref()), (Some("2"), Some("max")));
-        assert_eq!(api.cwd.as_deref(), Some(dir.0.as_path()), "relative to the file");
+        assert_eq!(api.cwd.as_deref(), Some(dir.path()), "relative to the file");
         assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(notes.iter().any(|n| n.contains("`deploy`")), "{notes:?}");
         assert!(notes.iter().any(|n| n.contains("app jobs: `watch`")), "{notes:?}");
@@ -402,7 +384,7 @@ mod tests {
 
     #[test]
     fn bad_selections_and_flags_are_one_line_errors() {
-        let dir = Scratch::new("errors");
+        let dir = Scratch::new("pm2mod-errors");
         let file = dir.file("ecosystem.json", TWO);
         let err = |only: &[&str], args: &[&str]| {
             let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();

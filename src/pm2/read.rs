@@ -196,25 +196,7 @@ fn to_json(y: &yaml_rust2::Yaml) -> Result<Value, String> {
 mod tests {
     use super::*;
 
-    struct Scratch(std::path::PathBuf);
-    impl Scratch {
-        fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("herdsman-pm2-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Scratch(p)
-        }
-        fn file(&self, name: &str, text: &str) -> std::path::PathBuf {
-            let p = self.0.join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::scratch::Scratch;
 
     fn have_node() -> bool {
         let ok = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -237,7 +219,7 @@ mod tests {
 
     #[test]
     fn json_and_unknown_extensions() {
-        let dir = Scratch::new("json");
+        let dir = Scratch::new("pm2-json");
         let ok = dir.file("e.json", r#"{"apps": [{"name": "a", "script": "a.js"}]}"#);
         assert_eq!(read(&ok, NODE_TIMEOUT).unwrap()["apps"][0]["name"], "a");
         let bad = dir.file("bad.json", "{apps: 1}");
@@ -248,7 +230,7 @@ mod tests {
         let js = dir.file("ecosystem.config.js", "module.exports = [];");
         let e = node("/nonexistent/node", &js, NODE_TIMEOUT).unwrap_err();
         assert!(e.contains("needs node, which is not installed") && !e.contains('\n'), "{e}");
-        let e = read(&dir.0.join("missing.json"), NODE_TIMEOUT).unwrap_err();
+        let e = read(&dir.path().join("missing.json"), NODE_TIMEOUT).unwrap_err();
         assert!(e.starts_with("cannot read"), "{e}");
     }
 
@@ -257,7 +239,7 @@ mod tests {
         if !have_node() {
             return;
         }
-        let dir = Scratch::new("node");
+        let dir = Scratch::new("pm2-node");
         let cjs = dir.file(
             "ecosystem.config.js",
             "console.log('noise');\nmodule.exports = { apps: [{ name: 'a', script: 'a.js', instances: process.env.HOME ? 2 : 1, f() {} }] };\nsetInterval(() => {}, 1000);\n",
@@ -275,7 +257,7 @@ mod tests {
         if !have_node() {
             return;
         }
-        let dir = Scratch::new("throw");
+        let dir = Scratch::new("pm2-throw");
         let throws = dir.file("t.config.js", "throw new Error('no DB_URL\\nsecond line');");
         let e = read(&throws, NODE_TIMEOUT).unwrap_err();
         assert!(e.contains("t.config.js failed to load in node: no DB_URL;"), "{e}");
