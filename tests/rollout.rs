@@ -193,12 +193,11 @@ fn a_new_worker_that_misses_its_watchdog_aborts_the_reload() {
     let a = rel.release("a", &["gate-0", "gate-1"]);
     rel.release("b", &["gate-0", "gate-1", "LATE_HANG"]);
     rel.switch("a");
-    // Slot 1's new worker (hung too, holding when slot 0's is killed) drains like any retired
-    // worker, i.e. until its stop timeout: kept short so the old workers' own watchdogs are
-    // not exposed to a loaded machine for long.
+    // Slot 0's new worker is the canary: it hangs while it holds, alone. The watchdog is 6 s
+    // (pings every 3 s) so the old workers never miss theirs on a loaded machine.
     let _h = release_run(&dir, &rel, 2)
         .arg("--watchdog")
-        .arg("3s")
+        .arg("6s")
         .arg("--stop-timeout")
         .arg("5s")
         .arg("--min-ready")
