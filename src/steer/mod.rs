@@ -1269,3 +1269,100 @@ mod tests {
         drop(conns);
     }
 }
+
+#[cfg(test)]
+mod golden_capture {
+    use super::*;
+
+    pub fn fnv(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    }
+    pub fn cbpf_bytes(p: &[BpfInsn]) -> Vec<u8> {
+        p.iter()
+            .flat_map(|i| {
+                let mut v = i.code.to_le_bytes().to_vec();
+                v.extend([i.jt, i.jf]);
+                v.extend(i.k.to_le_bytes());
+                v
+            })
+            .collect()
+    }
+    pub fn ebpf_bytes(p: &[EbpfInsn]) -> Vec<u8> {
+        p.iter()
+            .flat_map(|i| {
+                let mut v = vec![i.code, i.regs];
+                v.extend(i.off.to_le_bytes());
+                v.extend(i.imm.to_le_bytes());
+                v
+            })
+            .collect()
+    }
+    /// (mode, slots, receiving) cases.
+    pub fn cases() -> Vec<(Balance, usize, Vec<(u32, usize)>)> {
+        let mut out = Vec::new();
+        for mode in [Balance::Steer, Balance::Shared, Balance::Sticky] {
+            for slots in [1usize, 2, 3, 5, 8] {
+                for mask in 0u32..256 {
+                    let r = (0..8u32)
+                        .filter(|i| mask & (1 << i) != 0)
+                        .map(|i| (i, (i as usize * 7 + 3) % slots))
+                        .collect();
+                    out.push((mode, slots, r));
+                }
+            }
+            for (slots, n) in [(64usize, 100u32), (300, 40), (1, 600)] {
+                let r = (0..n).map(|i| (i * 2 + 1, (i as usize * 5) % slots)).collect();
+                out.push((mode, slots, r));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn capture() {
+        std::fs::write(
+            "/tmp/steer-golden.txt",
+            golden(
+                |m, r, s| cbpf_bytes(&program(m, r, s)),
+                |t, r, k| ebpf_bytes(&round_robin_program(t, r, k)),
+            ),
+        )
+        .unwrap();
+    }
+
+    pub fn golden(
+        cbpf: impl Fn(Balance, &[(u32, usize)], usize) -> Vec<u8>,
+        ebpf: impl Fn(i32, i32, i32) -> Vec<u8>,
+    ) -> String {
+        let mut s = String::new();
+        let mut group: Option<(String, usize, u64)> = None;
+        for (mode, slots, r) in cases() {
+            let key = format!("cbpf {mode} slots={slots}");
+            let b = cbpf(mode, &r, slots);
+            if r.len() > 8 {
+                s += &format!("{key} members={} len={} {:016x}\n", r.len(), b.len() / 8, fnv(&b));
+                continue;
+            }
+            match &mut group {
+                Some((k, n, h)) if *k == key => {
+                    *n += 1;
+                    *h = fnv(&[h.to_le_bytes().as_slice(), &b].concat());
+                }
+                _ => {
+                    if let Some((k, n, h)) = group.take() {
+                        s += &format!("{k} cases={n} {h:016x}\n");
+                    }
+                    group = Some((key, 1, fnv(&b)));
+                }
+            }
+        }
+        if let Some((k, n, h)) = group.take() {
+            s += &format!("{k} cases={n} {h:016x}\n");
+        }
+        for (t, r, k) in [(7, 8, 9), (3, 4, 5), (100, 200, 300), (-1, 0, i32::MAX)] {
+            let b = ebpf(t, r, k);
+            s += &format!("ebpf {t} {r} {k} len={} {:016x}\n", b.len() / 8, fnv(&b));
+        }
+        s
+    }
+}
