@@ -11,7 +11,7 @@
 //! exits) rebuilds the program from the set of *receiving* members and attaches it again,
 //! which replaces the group's program atomically.
 //!
-//! * `steer`: the receiving members in turn (**round robin**, an eBPF program, below); where
+//! * `steer`: the receiving members in turn (**round robin**, an eBPF program: `router.rs`); where
 //!   the kernel refuses eBPF (no `CAP_BPF`, a seccomp filter) or with
 //!   `HERDSMAN_STEER_ROUTING=hash`, the classic program, key = a hash of the client's source
 //!   port and address, `key % n`.
@@ -29,15 +29,17 @@
 //! the member listening after the worker closed its fd, so a late connection waits for the next
 //! worker that gets the member instead of being reset.
 //!
-//! Round robin (`steer`, eBPF): the [`router`] module, its program in [`ebpf`]; the classic
-//! program (`sticky`, and `steer` where the kernel refuses eBPF) in [`cbpf`]. Both builders
-//! jump to symbolic labels ([`asm`]), and their output is checked without privileges by
-//! small interpreters in the tests (which member each connection gets) and, as root, by the
-//! kernel with a real group (`steer::tests`).
-//!
-//! Files: this one holds the pools and their members (the public surface the supervisor
-//! uses); `router.rs` the eBPF maps and their updates; `ebpf.rs` and `cbpf.rs` the two
-//! program builders; `asm.rs` the labels they share.
+//! Files:
+//! * `mod.rs` (this one): the pools and their members, the surface the supervisor uses
+//!   (reserve, bind, receive, release) and the choice of program;
+//! * `router.rs`: the round-robin router (why round robin, its maps, how a state change
+//!   reaches them, what `CAP_BPF` is needed for);
+//! * `ebpf.rs`, `cbpf.rs`: the two program builders, which jump to symbolic labels resolved by
+//!   `asm.rs` instead of counted offsets;
+//! * `handover.rs`: what an in-place upgrade carries of all this;
+//! * tests: `interp.rs` runs both programs on synthetic connections without privileges (which
+//!   member each one gets), `golden.rs` holds the builders to the bytes they produced before
+//!   the labels, `tests.rs` lets the kernel route real connections (the eBPF parts as root).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -54,6 +56,7 @@ mod cbpf;
 mod ebpf;
 #[cfg(test)]
 mod golden;
+mod handover;
 #[cfg(test)]
 mod interp;
 mod router;
@@ -61,6 +64,7 @@ mod router;
 mod tests;
 
 use cbpf::program;
+pub use handover::{MemberState, PoolState, SteeringState};
 use router::Router;
 pub use router::RouterState;
 
@@ -356,69 +360,6 @@ impl Steering {
         self.pools.iter_mut().flat_map(|p| p.members.iter_mut()).filter(move |m| m.holder == Some(pid))
     }
 
-    /// For an in-place upgrade: every member, with the number it will have in the new image.
-    pub fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<SteeringState> {
-        let mut pools = Vec::new();
-        for p in &self.pools {
-            let mut members = Vec::new();
-            for m in &p.members {
-                members.push(MemberState {
-                    fd: ex.fd(&m.fd)?,
-                    holder: m.holder,
-                    slot: m.slot,
-                    receiving: m.receiving,
-                });
-            }
-            let router = p.router.as_ref().map(|r| r.export(ex)).transpose()?;
-            pools.push(PoolState { addr: p.addr.clone(), name: p.name.clone(), members, router });
-        }
-        Ok(SteeringState { mode: self.mode, slots: self.slots, floor: self.floor, pools })
-    }
-
-    /// The pools a previous image handed over, in the same kernel order (no socket was
-    /// closed). Their eBPF routers (program and maps, still attached) are handed over too and
-    /// kept as they are, so the new image needs no `CAP_BPF` (the previous one may have given
-    /// it up); from an image that had none (or an older one that did not hand them over),
-    /// the routing program is built and attached again (`want` as for [`Steering::new`]: the
-    /// environment is the one the first image started with).
-    pub fn adopt(st: SteeringState, fds: &mut sys::HandedOver, want: Routing) -> io::Result<Steering> {
-        let mut pools = Vec::new();
-        let mut routers = Vec::new();
-        for p in st.pools {
-            routers.push(p.router.map(|r| Router::adopt(r, fds)).transpose()?);
-            let mut members = Vec::new();
-            for m in p.members {
-                members.push(Member {
-                    fd: fds.take(m.fd)?,
-                    holder: m.holder,
-                    slot: m.slot,
-                    receiving: m.receiving,
-                });
-            }
-            let first =
-                members.first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty pool"))?;
-            let local: SockaddrStorage = socket::getsockname(first.fd.as_raw_fd())?;
-            let family =
-                local.family().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no family"))?;
-            pools.push(Pool { addr: p.addr, name: p.name, local, family, members, router: None });
-        }
-        let mut steering = Steering { mode: st.mode, pools, slots: st.slots.max(1), floor: st.floor };
-        let kept: Option<Vec<Router>> = routers.into_iter().collect();
-        match kept {
-            Some(kept) if st.mode == Balance::Steer && !kept.is_empty() => {
-                for (pool, router) in steering.pools.iter_mut().zip(kept) {
-                    pool.router = Some(router);
-                }
-                // Writes the maps with the adopted state; the program stays attached.
-                steering.apply()
-            }
-            // Dropping a partial set closes those maps; the classic bridge replaces their program.
-            _ => steering.start(want),
-        }
-        .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(steering)
-    }
-
     /// Attaches the current program to every pool (or, with the eBPF router, writes its maps).
     fn apply(&mut self) -> Result<(), SteerError> {
         for pool in &mut self.pools {
@@ -464,31 +405,4 @@ fn open_member(pool: &Pool, floor: RawFd) -> io::Result<OwnedFd> {
     socket::bind(fd.as_raw_fd(), &pool.local)?;
     socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN))?;
     sys::dup_cloexec_from(&fd, floor)
-}
-
-/// Steered sockets in an upgrade's state.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct SteeringState {
-    pub mode: Balance,
-    pub slots: usize,
-    pub floor: RawFd,
-    pub pools: Vec<PoolState>,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct PoolState {
-    pub addr: String,
-    pub name: String,
-    pub members: Vec<MemberState>,
-    /// The eBPF router (absent: none, or an image from before routers were handed over).
-    #[serde(default)]
-    pub router: Option<RouterState>,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct MemberState {
-    pub fd: RawFd,
-    pub holder: Option<i32>,
-    pub slot: usize,
-    pub receiving: bool,
 }

@@ -1,32 +1,32 @@
-//! The round-robin router (`steer`, eBPF). A hash spreads connections evenly only on average: at any
-//! moment one worker's queue holds more than its share while another's may be empty, and a
+//! The round-robin router (`steer`, eBPF). A hash spreads connections evenly only on average: at
+//! any moment one worker's queue holds more than its share while another's may be empty, and a
 //! keep-alive connection stays where its hash put it. On a CPU-bound endpoint
 //! (docs/bench-queues.md, `bench/routing.sh`) taking turns gave about 7 % more new-connection
-//! throughput and a 22–27 % lower keep-alive p99 than the hash. Classic BPF has no state, so
-//! this part is an eBPF `SK_REUSEPORT` program ([`super::ebpf::round_robin_program`], 36 instructions)
+//! throughput and a 22–27 % lower keep-alive p99 than the hash. Classic BPF has no state, so this
+//! part is an eBPF `SK_REUSEPORT` program ([`super::ebpf::round_robin_program`], 36 instructions)
 //! over three maps per pool: `socks` (a `REUSEPORT_SOCKARRAY`: key = member index, value = the
-//! member; every member is put in once, when it is created), `ring` (two halves of receiving
-//! member indices) and `turn` (`{counter, active}`, `active` = half base << 16 | count). The
-//! program adds 1 to the counter atomically, picks `ring[base + counter % count]` and
-//! selects that member. A state change writes the *inactive* half, then `active` in one store,
-//! so a SYN never sees a half-written list. The program is attached once; later changes only
-//! write the maps. It needs `CAP_BPF` (or root) and the `bpf` system call; if anything is
-//! refused, steering stays on the classic program (which is attached first, and stays the
-//! bridge while the eBPF one is built), herdsman says so once, and `status --json` shows
-//! `"routing": "hash"`. A kernel socket can be in one `SOCKARRAY` at a time: after a restart
-//! the previous program's maps are freed by the kernel shortly after the classic bridge
-//! replaced it, so putting a member in the new map is retried for up to 2 s. An in-place
-//! upgrade hands the program and its maps over with the sockets ([`RouterState`]).
+//! member; every member is put in once, when it is created), `ring` (two halves of receiving member
+//! indices) and `turn` (`{counter, active}`, `active` = half base << 16 | count). The program adds
+//! 1 to the counter atomically, picks `ring[base + counter % count]` and selects that member. A
+//! state change writes the *inactive* half, then `active` in one store, so a SYN never sees a
+//! half-written list. The program is attached once; later changes only write the maps. It needs
+//! `CAP_BPF` (or root) and the `bpf` system call; if anything is refused, steering stays on the
+//! classic program (which is attached first, and stays the bridge while the eBPF one is built),
+//! herdsman says so once, and `status --json` shows `"routing": "hash"`. A kernel socket can be in
+//! one `SOCKARRAY` at a time: after a restart the previous program's maps are freed by the kernel
+//! shortly after the classic bridge replaced it, so putting a member in the new map is retried for
+//! up to 2 s. An in-place upgrade hands the program and its maps over with the sockets
+//! ([`RouterState`]).
 //!
-//! Capabilities. `CAP_BPF` is needed to create the maps and load the program, not to write a
-//! map through a descriptor one holds (Linux 6.5 and later; before, with
-//! `kernel.unprivileged_bpf_disabled` set, every `bpf()` call checks it) nor to attach a
-//! loaded program to a socket. So once the routers are attached,
-//! [`super::Steering::give_up_capabilities`] takes it (with `CAP_PERFMON` and `CAP_SETPCAP`) out of
-//! every set of the supervisor, the bounding set included, after checking that a harmless map
-//! write still works without it. steer's earlier default, the shortest accept queue, read
-//! queue lengths from kernel memory (`CAP_PERFMON`, a BTF parser) and was removed in issue 22
-//! for a gain no benchmark separated from the noise (docs/bench-queues.md).
+//! Capabilities. `CAP_BPF` is needed to create the maps and load the program, not to write a map
+//! through a descriptor one holds (Linux 6.5 and later; before, with
+//! `kernel.unprivileged_bpf_disabled` set, every `bpf()` call checks it) nor to attach a loaded
+//! program to a socket. So once the routers are attached, [`super::Steering::give_up_capabilities`]
+//! takes it (with `CAP_PERFMON` and `CAP_SETPCAP`) out of every set of the supervisor, the bounding
+//! set included, after checking that a harmless map write still works without it. steer's earlier
+//! default, the shortest accept queue, read queue lengths from kernel memory (`CAP_PERFMON`, a BTF
+//! parser) and was removed in issue 22 for a gain no benchmark separated from the noise
+//! (docs/bench-queues.md).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
