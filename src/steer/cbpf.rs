@@ -7,6 +7,9 @@
 //! members); `sticky` takes the client's IPv4 address (IPv6: its /64), `key % slots` picks the
 //! slot and that slot's newest receiving member, and a slot with none falls back to `key % n`.
 //! With nothing receiving the program is `return 0`: the parking member.
+//!
+//! No crate builds classic reuseport programs; this one is a few dozen instructions, written
+//! with the labels of `asm.rs` and run in the tests by `interp.rs`.
 
 use crate::config::Balance;
 use crate::sys::BpfInsn;
@@ -292,5 +295,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_jump_too_far_for_its_encoding_is_an_error() {
+        let too_far = |n: usize| {
+            let mut a = Asm::default();
+            let far = a.label();
+            a.jeq(0, Some(far), None);
+            for _ in 0..n {
+                a.stmt(RET_K, 0);
+            }
+            a.bind(far);
+            a.stmt(RET_K, 1);
+            a.finish().err()
+        };
+        assert_eq!(too_far(255), None, "jt holds 255");
+        assert_eq!(too_far(256), Some(AsmError::OutOfRange { at: 0, offset: 256 }));
+        // Classic BPF only jumps forward.
+        let mut a = Asm::default();
+        let back = a.label();
+        a.bind(back);
+        a.ja(back);
+        assert_eq!(a.finish().err(), Some(AsmError::OutOfRange { at: 0, offset: -1 }));
     }
 }

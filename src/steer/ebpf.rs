@@ -229,4 +229,21 @@ mod tests {
             assert!(matches!(m, Some(1..=3)), "{m:?}");
         }
     }
+
+    #[test]
+    fn a_jump_too_far_for_its_encoding_is_an_error() {
+        let jump_over = |n: usize| {
+            let mut a = Asm::default();
+            let far = a.label();
+            a.jeq(0, 0, far);
+            for _ in 0..n {
+                a.op(E_EXIT, 0, 0, 0, 0);
+            }
+            a.bind(far);
+            a.op(E_EXIT, 0, 0, 0, 0);
+            a.finish()
+        };
+        assert_eq!(jump_over(32767).unwrap()[0].off, i16::MAX);
+        assert_eq!(jump_over(32768).err(), Some(AsmError::OutOfRange { at: 0, offset: 32768 }));
+    }
 }

@@ -2,9 +2,9 @@
 //! tests can run them on synthetic connections without `CAP_BPF`: which member does each SYN
 //! get? The eBPF one models the router's three maps and stubs the two helpers the program
 //! calls (`map_lookup_elem`, `sk_select_reuseport`). Written here rather than taken from a
-//! crate: `rbpf` (the maintained user-space eBPF VM) has neither `BPF_ATOMIC` nor map-fd
-//! immediates nor these helpers, so it would need the same stubs plus patches; no crate runs
-//! classic BPF.
+//! crate: `rbpf` (the maintained user-space eBPF VM) leaves the 32-bit atomic add the program
+//! takes its turn with (`ST_W_XADD`, 0xc3) unimplemented, runs over raw pointers and has no
+//! maps, so it would need the same stubs and a patched opcode; no crate runs classic BPF.
 
 use std::os::fd::RawFd;
 
