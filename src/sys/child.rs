@@ -1,5 +1,5 @@
 //! Every line that runs in a forked child, between `fork()` and `execve()` (or `_exit`), in
-//! the order it runs. Nothing else is in this file.
+//! the order it runs. Nothing else is in this file (but one constant and a unit test).
 //!
 //! herdsman is multi-threaded, so after `fork()` the child is a copy in which only the forking
 //! thread exists: a lock another thread held (malloc's, stdio's, tracing's) stays held forever.
@@ -40,7 +40,7 @@ impl ExecPlan {
         // number yields a descriptor without FD_CLOEXEC, so exactly these survive exec. No
         // source is in the target range (`ExecPlan::new` checked), so none is overwritten.
         // SAFETY: dup2 takes integers and touches only the descriptor table; it is
-        // async-signal-safe. `fail` is too (see there).
+        // async-signal-safe. So is `fail` (write and _exit), which the steps below use too.
         unsafe {
             for (target, &src) in self.stdio.iter().enumerate() {
                 if libc::dup2(src, target as c_int) < 0 {
@@ -139,18 +139,21 @@ impl ExecPlan {
         if let Some(cwd) = &self.cwd {
             // SAFETY: `cwd` is a NUL-terminated string built before the fork; chdir is
             // async-signal-safe.
-            if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
-                // SAFETY: see `fail`.
-                unsafe { fail(err_w, stage::CHDIR) };
+            unsafe {
+                if libc::chdir(cwd.as_ptr()) != 0 {
+                    fail(err_w, stage::CHDIR);
+                }
             }
         }
         // 10. Last, after the privilege drop (NO_NEW_PRIVS lets an unprivileged process
         // install it): every later system call, execve included, is allowed by it.
         if let Some(f) = &self.bind_filter {
-            // SAFETY: we are the forked child, about to exec; see `install_bind_filter`.
-            if unsafe { install_bind_filter(f) } != 0 {
-                // SAFETY: see `fail`.
-                unsafe { fail(err_w, stage::SECCOMP) };
+            // SAFETY: we are the forked child, about to exec; `install_bind_filter` makes
+            // only async-signal-safe calls (see there).
+            unsafe {
+                if install_bind_filter(f) != 0 {
+                    fail(err_w, stage::SECCOMP);
+                }
             }
         }
         // 11. `LISTEN_PID=` and friends get this process's pid, written into the slots the
