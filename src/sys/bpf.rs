@@ -115,6 +115,17 @@ unsafe fn bpf<T>(cmd: c_int, attr: &mut T) -> io::Result<c_int> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as c_int) }
 }
 
+/// [`bpf`] for a command that returns a new descriptor (`BPF_MAP_CREATE`, `BPF_PROG_LOAD`):
+/// owned, close-on-exec (the kernel sets it on every bpf descriptor).
+///
+/// # Safety
+/// As for [`bpf`]; `cmd` must be one that returns a new descriptor.
+unsafe fn bpf_new_fd<T>(cmd: c_int, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: the caller's promise for `attr`; on success the kernel just returned this new
+    // descriptor, which nobody else owns.
+    unsafe { bpf(cmd, attr).map(|fd| OwnedFd::from_raw_fd(fd)) }
+}
+
 /// A BPF map with 4-byte keys, and the value size it was created with.
 #[derive(Debug)]
 pub struct BpfMap {
@@ -127,9 +138,8 @@ impl BpfMap {
     pub fn create(map_type: u32, value_size: u32, max_entries: u32) -> io::Result<BpfMap> {
         let mut attr = MapCreateAttr { map_type, key_size: 4, value_size, max_entries, map_flags: 0 };
         // SAFETY: a plain `BPF_MAP_CREATE` attribute without pointers.
-        let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr)? };
-        // SAFETY: the kernel just returned this new descriptor (close-on-exec); we own it.
-        Ok(BpfMap { fd: unsafe { OwnedFd::from_raw_fd(fd) }, value_size: value_size as usize })
+        let fd = unsafe { bpf_new_fd(BPF_MAP_CREATE, &mut attr)? };
+        Ok(BpfMap { fd, value_size: value_size as usize })
     }
 
     /// Sets element `key` (`BPF_MAP_UPDATE_ELEM`, `BPF_ANY`); `value` must be the map's size.
@@ -184,9 +194,8 @@ pub fn bpf_load_reuseport_prog(prog: &[EbpfInsn], license: &std::ffi::CStr) -> i
         expected_attach_type: BPF_SK_REUSEPORT_SELECT,
     };
     // SAFETY: `prog`, `license` outlive the call; no log buffer on the first try.
-    match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
-        // SAFETY: a new descriptor from the kernel (close-on-exec); we own it.
-        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+    match unsafe { bpf_new_fd(BPF_PROG_LOAD, &mut attr) } {
+        Ok(fd) => Ok(fd),
         Err(e) if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::EACCES) => Err(e),
         Err(first) => {
             // Again with the verifier's log, only to say why.
@@ -194,9 +203,8 @@ pub fn bpf_load_reuseport_prog(prog: &[EbpfInsn], license: &std::ffi::CStr) -> i
             attr.log_size = log.len() as u32;
             attr.log_buf = log.as_mut_ptr() as u64;
             // SAFETY: as above; `log` is writable for `log_size` bytes and outlives the call.
-            if let Ok(fd) = unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
-                // SAFETY: a new descriptor from the kernel; we own it.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            if let Ok(fd) = unsafe { bpf_new_fd(BPF_PROG_LOAD, &mut attr) } {
+                return Ok(fd);
             }
             let text =
                 String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
