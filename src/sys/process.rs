@@ -1,0 +1,153 @@
+//! Processes and this process's resources: pidfds (open, signal), killing a child nobody
+//! watches, the fd limit (raised for the supervisor, given back to workers), and giving
+//! freed heap memory back.
+
+use std::ffi::c_int;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+/// Opens a pidfd for our child `pid`: readable when it exits, and safe to signal (no pid reuse).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; the result is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` through a pidfd (cannot hit a recycled pid).
+pub fn pidfd_signal(pidfd: &OwnedFd, sig: c_int) -> io::Result<()> {
+    // SAFETY: plain syscall; a null siginfo is allowed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Kills and reaps a child that is not supervised (yet): SIGKILL to its process group and to
+/// itself, then `waitpid`. Only for our own unreaped child — until it is reaped its pid (and
+/// so its process group id) cannot be reused, so the signal cannot hit anyone else. Used when
+/// a worker was started but cannot be watched (no pidfd).
+pub fn kill_and_reap_unwatched(pid: i32) {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::sys::wait::waitpid;
+    let p = nix::unistd::Pid::from_raw(pid);
+    // The worker made itself a group leader right after fork (setpgid), before exec.
+    let _ = killpg(p, Signal::SIGKILL);
+    let _ = kill(p, Signal::SIGKILL);
+    while let Err(nix::errno::Errno::EINTR) = waitpid(p, None) {}
+}
+
+/// The soft `RLIMIT_NOFILE` herdsman was started with, once [`raise_fd_limit`] raised it
+/// (`u64::MAX`: never raised). Workers get it back before exec.
+static WORKER_NOFILE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// The workers' soft fd limit (for the upgrade state): `u64::MAX` when never raised.
+pub fn worker_fd_limit() -> u64 {
+    WORKER_NOFILE.load(Ordering::Relaxed)
+}
+
+/// Restores the workers' soft fd limit after an in-place upgrade (the new image finds the
+/// limit already raised, so it cannot learn the original one itself).
+pub fn set_worker_fd_limit(v: u64) {
+    WORKER_NOFILE.store(v, Ordering::Relaxed);
+}
+
+/// Raises the soft fd limit to the hard one: each worker costs the supervisor three
+/// descriptors (its pidfd and two output pipes), and the default soft limit (1024) is far
+/// below what `MAX_WORKERS` needs. Workers are started with the original soft limit again.
+/// Returns `(before, after)`.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        WORKER_NOFILE.store(soft, Ordering::Relaxed);
+    }
+    Ok((soft, hard))
+}
+
+/// For an [`ExecPlan`](super::ExecPlan), read before fork: where the child's close-one-by-one
+/// fallback stops (the soft fd limit, at most 65536; 1024 if unknown), and the limit to give
+/// the worker back if [`raise_fd_limit`] raised ours.
+pub(super) fn worker_nofile() -> (c_int, Option<libc::rlimit>) {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            let original = WORKER_NOFILE.load(Ordering::Relaxed);
+            let restore = (original < soft).then_some(libc::rlimit { rlim_cur: original, rlim_max: hard });
+            (soft.min(65536) as c_int, restore)
+        }
+        Err(_) => (1024, None),
+    }
+}
+
+/// Returns the heap memory malloc holds free to the system (glibc's `malloc_trim`, every
+/// arena, including free pages inside the heap). glibc otherwise keeps it: a freed buffer
+/// larger than its mmap threshold raises that threshold, so the next big buffers come from
+/// the heap, and a scrape's pages and parse data end up as free heap nobody gives back.
+/// A no-op where the C library is not glibc.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks malloc's own arenas under their locks; it takes no
+    // pointer from us and is safe to call from any thread at any time outside a fork child.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unwatched_child_is_killed_with_its_group_and_reaped() {
+        use std::os::unix::process::CommandExt;
+        // A group leader with a grandchild in its group, like a worker that forked.
+        let child = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let in_group = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                        let f: Vec<&str> =
+                            s.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+                        f.get(2) == Some(&pid.to_string().as_str())
+                    })
+                })
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while in_group() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the grandchild never started");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        kill_and_reap_unwatched(pid);
+        // Reaped: no zombie left, and waitpid has nothing more to give.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "child {pid} not reaped");
+        assert!(nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).is_err());
+        // The grandchild got the SIGKILL too (it is reparented and reaped by init or a
+        // subreaper, so poll until it is gone).
+        while in_group() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the worker's group survived");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::mem::forget(child);
+    }
+}
