@@ -31,6 +31,15 @@ fn status_shows_a_table_and_a_stable_json_schema() {
     let sock = dir.path("control.sock").display().to_string();
     let h = notify_run(&dir, 2).start();
     h.wait_started();
+    // Status measurements reuse a /proc scan for 200 ms (procstat::SCAN_REUSE): a worker that
+    // became ready within that window may still show its size from before its exec (128 KiB,
+    // seen when start, table and JSON took under 200 ms inside dpkg-buildpackage; the table
+    // too: 573 kB and 0 kB). Wait until every worker's memory was measured after its exec,
+    // then read the table and the JSON.
+    let v = wait_for(STARTUP, "every worker's memory measured after its exec", || {
+        let v = status_json(&sock);
+        v["workers"].as_array()?.iter().all(|w| w["rss_bytes"].as_u64().unwrap_or(0) > 1_000_000).then_some(v)
+    });
     let out = cli(&["status", &sock]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
@@ -46,13 +55,6 @@ fn status_shows_a_table_and_a_stable_json_schema() {
     assert!(rows.iter().all(|r| r.split_whitespace().nth(3) == Some("ready")), "{table}");
     assert!(table.contains(" MB"), "memory in human units: {table}");
 
-    // Status measurements reuse a /proc scan for 200 ms (procstat::SCAN_REUSE): a worker that
-    // became ready within that window may still show its size from before its exec (128 KiB,
-    // seen when start, table and JSON took under 200 ms inside dpkg-buildpackage).
-    let v = wait_for(STARTUP, "every worker's memory measured after its exec", || {
-        let v = status_json(&sock);
-        v["workers"].as_array()?.iter().all(|w| w["rss_bytes"].as_u64().unwrap_or(0) > 1_000_000).then_some(v)
-    });
     assert_eq!(v["name"], "t");
     assert_eq!((v["generation"].as_u64(), v["desired"].as_u64()), (Some(1), Some(2)));
     assert!(v["last_reload"].is_null());
