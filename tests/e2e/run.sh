@@ -1185,7 +1185,7 @@ fleet_get() {
 # fleet_play RELEASE: runs the playbook for RELEASE (its log in $CT_DIR); its exit code.
 fleet_play() {
     local rc=0
-    CT_TIMEOUT=300 ct ansible-playbook -i "$STATE/fleet/inventory.ini" "$REPO/examples/ansible/deploy.yml" \
+    CT_TIMEOUT=300 ct ansible-playbook -i "$STATE/fleet/inventory.ini" "$STATE/fleet/ansible/deploy.yml" \
         -e "release=$1" -e "release_src=$STATE/fleet/src/$1" >"$CT_DIR/fleet-$1.log" 2>&1 || rc=$?
     grep -A3 '^PLAY RECAP' "$CT_DIR/fleet-$1.log" | sed 's/^/#   /'
     return $rc
@@ -1203,6 +1203,9 @@ s_fleet() {
         echo "$r" >"$CT_ROOT$STATE/fleet/src/$r/version"
     done
     touch "$CT_ROOT$STATE/fleet/src/r3/broken"
+    # The playbook, copied in: the checkout may be where the container does not see it (/tmp).
+    rm -rf "$CT_ROOT$STATE/fleet/ansible"
+    cp -r "$REPO/examples/ansible" "$CT_ROOT$STATE/fleet/ansible"
     # The .deb is installed already (s_install): the install task finds it (Ansible's apt module
     # needs python3-apt; the container has no network to fetch it).
     if [ "$INSTALL_MODE" = deb ] && "$HOST_PY" -c 'import apt' 2>/dev/null; then package=herdsman; fi
