@@ -370,21 +370,26 @@ ids = sorted({json.loads(l)["worker_id"] for l in sys.stdin if l.strip()})
 print(" ".join(map(str, ids)))'
 }
 
-# workers_answering WANT [SECONDS]: batches of 50 new connections until the worker ids that
-# answered (all batches together) are WANT ("0 1 2 3") or SECONDS (30) pass; prints the ids
-# seen. The kernel wakes every worker waiting on a shared socket and the first to run takes
-# the connection, so on a loaded machine one worker can lose 200 races in a row: only a
-# worker that never answers within the deadline is a failure.
-workers_answering() {
-    local want=$1 end=$(($(date +%s) + ${2:-30})) seen=""
+# until_all_seen WANT SECONDS CMD...: runs CMD (it prints what one batch of answers showed,
+# space-separated) until the union of all batches is WANT or SECONDS pass; prints the union.
+# The kernel wakes every worker waiting on a shared socket and the first to run takes the
+# connection, so on a loaded machine one worker can lose 200 races in a row: only a worker
+# that never answers within the deadline is a failure.
+until_all_seen() {
+    local want=$1 end=$(($(date +%s) + $2)) seen=""
+    shift 2
     while :; do
-        seen=$(printf '%s %s\n' "$seen" "$(worker_ids_seen 50)" | tr ' ' '\n' | grep -v '^$' | sort -un | tr '\n' ' ')
+        seen=$(printf '%s %s\n' "$seen" "$("$@")" | tr ' ' '\n' | grep -v '^$' | sort -Vu | tr '\n' ' ')
         seen=${seen% }
         [ "$seen" = "$want" ] && break
         [ "$(date +%s)" -lt "$end" ] || break
     done
     echo "$seen"
 }
+
+# workers_answering WANT [SECONDS]: the worker ids answering batches of 50 new connections,
+# until they are WANT ("0 1 2 3") or SECONDS (30) pass.
+workers_answering() { until_all_seen "$1" "${2:-30}" worker_ids_seen 50; }
 
 # generations_seen N: the set of generations answering N new connections.
 generations_seen() {

@@ -692,24 +692,19 @@ JS
     note "unchanged app after 2 reloads: $(echo "$st" | json_get '[(w["id"], w["generation"], w["state"]) for w in d["workers"]]')"
 }
 
+# unchanged_batch: "worker/generation" of the unchanged app's answers to 20 new connections.
+unchanged_batch() {
+    for i in $(seq 1 20); do ct curl -sS --max-time 5 -H 'Connection: close' "http://$UNCHANGED_ADDR/?$i"; done |
+        "$HOST_PY" -c '
+import json, sys
+a = [json.loads(l) for l in sys.stdin if l.strip()]
+print(" ".join(sorted({"%s/%s" % (x["worker_id"], x["generation"]) for x in a})))'
+}
+
 # unchanged_serves GEN: both workers of the unchanged app answer, as nobody, on generation GEN.
 unchanged_serves() {
     local seen uid pid
-    # Batches of 20 until both workers answered or 30 s passed: on a loaded machine one worker
-    # can win every accept race of a batch (see workers_answering).
-    local end=$(($(date +%s) + 30)) batch
-    seen=""
-    while :; do
-        batch=$(for i in $(seq 1 20); do ct curl -sS --max-time 5 -H 'Connection: close' "http://$UNCHANGED_ADDR/?$i"; done |
-            "$HOST_PY" -c '
-import json, sys
-a = [json.loads(l) for l in sys.stdin if l.strip()]
-print(" ".join(sorted({"%s/%s" % (x["worker_id"], x["generation"]) for x in a})))')
-        seen=$(printf '%s %s' "$seen" "$batch" | tr ' ' '\n' | grep -v '^$' | sort -u | tr '\n' ' ')
-        seen=${seen% }
-        [ "$seen" = "0/$1 1/$1" ] && break
-        [ "$(date +%s)" -lt "$end" ] || break
-    done
+    seen=$(until_all_seen "0/$1 1/$1" 30 unchanged_batch)
     note "unchanged app: worker/generation answering: $seen"
     [ "$seen" = "0/$1 1/$1" ] || { ct journalctl -u herdsman@unchanged --no-pager -n 30 | sed 's/^/#   /'; return 1; }
     pid=$(unchanged_status | json_get 'd["workers"][0]["pid"]')
