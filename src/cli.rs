@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Layer;
-use crate::pm2::Pm2Args;
 
 #[derive(Debug, Parser)]
 #[command(name = "herdsman", version, about = "Runs N copies of a server on shared sockets, with zero-downtime rolling reloads", long_about = None)]
@@ -224,4 +223,17 @@ pub struct ServiceArgs {
     pub config_dir: PathBuf,
     #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system", hide = true)]
     pub unit_dir: PathBuf,
+}
+
+/// The flags of `run` and `init` that take the apps from an ecosystem file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Pm2Args {
+    /// Take the app(s) from a PM2 ecosystem file (ecosystem.config.js or .cjs, evaluated by node;
+    /// .json; .yaml). With it, `--env NAME` merges the file's env_NAME over env, and
+    /// `--listen APP=ADDR` gives app APP its address (default: :PORT from its env).
+    #[arg(long, value_name = "FILE")]
+    pub from_pm2: Option<PathBuf>,
+    /// With --from-pm2: only these apps (comma-separated names; `run` needs exactly one).
+    #[arg(long, value_name = "APP,…", value_delimiter = ',')]
+    pub only: Vec<String>,
 }

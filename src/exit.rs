@@ -28,3 +28,43 @@ pub const UNAVAILABLE: i32 = 69;
 pub const TIMEOUT: i32 = 75;
 /// The control socket refused us.
 pub const NOPERM: i32 = 77;
+
+/// Why a command failed: the lines to print on stderr (each after `herdsman: `, by `main`) and
+/// the exit code. The one failure type of every command (`run`, the clients, `init`, `pm2`).
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code (one of this module's).
+    pub code: i32,
+    /// What to say, one line each (the `herdsman: ` prefix is the printer's).
+    pub lines: Vec<String>,
+}
+
+impl Failure {
+    /// A failure said in one line, printed as it is.
+    pub fn new(code: i32, line: impl Into<String>) -> Failure {
+        Failure { code, lines: vec![line.into()] }
+    }
+
+    /// A failure said in a text of one or more lines, each printed with the prefix.
+    pub fn text(code: i32, text: &str) -> Failure {
+        Failure { code, lines: text.lines().map(String::from).collect() }
+    }
+
+    /// The lines, joined: what a caller that wraps the failure quotes.
+    pub fn message(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_text_prints_one_line_per_line_and_a_line_as_one() {
+        let f = Failure::text(CONFIG, "one\ntwo");
+        assert_eq!((f.code, f.lines), (CONFIG, vec!["one".to_string(), "two".to_string()]));
+        let f = Failure::new(TIMEOUT, "slow\nstill one");
+        assert_eq!((f.code, f.lines), (TIMEOUT, vec!["slow\nstill one".to_string()]));
+    }
+}

@@ -25,14 +25,11 @@ use crate::exit;
 /// The service unit's `TimeoutStopSec=` covers a stop timeout up to this.
 const UNIT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A failure with its exit code.
-pub struct Failure {
-    pub code: i32,
-    pub message: String,
-}
+pub use crate::exit::Failure;
 
+/// A failure said in a text of one or more lines.
 pub(crate) fn fail(code: i32, message: impl Into<String>) -> Failure {
-    Failure { code, message: message.into() }
+    Failure::text(code, &message.into())
 }
 
 /// A file to write: path, contents, mode, and the group to give it (`None`: ours).
@@ -300,7 +297,7 @@ pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>)
     };
     if let Some(first) = command.first_mut() {
         if !first.contains('/') {
-            *first = crate::spawn::resolve(first, &env, Some(&cwd))
+            *first = crate::program::resolve(first, &env, Some(&cwd))
                 .map_err(|e| fail(exit::CONFIG, e.to_string()))?;
         }
     }
@@ -487,21 +484,21 @@ mod tests {
     #[test]
     fn init_writes_the_metrics_address_into_the_app_config() {
         let dir = Scratch::new("init-metrics");
-        init(&args(dir.path(), &["--metrics", "[::1]:9464"]), cpus(), None).map_err(|f| f.message).unwrap();
+        init(&args(dir.path(), &["--metrics", "[::1]:9464"]), cpus(), None).map_err(|f| f.message()).unwrap();
         let (t, _) = written(dir.path());
         assert_eq!(t.get("metrics").and_then(|v| v.as_str()), Some("[::1]:9464"), "{t}");
         let s = config::load(Some(&dir.path().join("etc/web.toml")), &Default::default(), cpus()).unwrap();
         assert_eq!(s.metrics, Some(config::ListenAddr::Tcp("[::1]:9464".parse().unwrap())));
         let bad = init(&args(dir.path(), &["--force", "--metrics", "9464"]), cpus(), None).unwrap_err();
         assert_eq!(bad.code, crate::exit::CONFIG);
-        assert!(bad.message.contains("--metrics"), "{}", bad.message);
+        assert!(bad.message().contains("--metrics"), "{}", bad.message());
     }
 
     #[test]
     fn init_balance_steer_gives_the_service_cap_bpf_and_reuseport_sockets() {
         let dir = Scratch::new("init-steer");
         init(&args(dir.path(), &["--balance", "steer", "-w", "2"]), cpus(), None)
-            .map_err(|f| f.message)
+            .map_err(|f| f.message())
             .unwrap();
         let units = dir.path().join("units");
         let sock = std::fs::read_to_string(units.join("herdsman@web.socket.d/listen.conf")).unwrap();
@@ -514,7 +511,7 @@ mod tests {
         );
         // sticky routes by address with a classic program: no capability.
         init(&args(dir.path(), &["--force", "--balance", "sticky"]), cpus(), None)
-            .map_err(|f| f.message)
+            .map_err(|f| f.message())
             .unwrap();
         assert!(!units.join("herdsman@web.service.d/steer.conf").exists());
     }
@@ -526,7 +523,7 @@ mod tests {
             return;
         }
         let dir = Scratch::new("init-sudo");
-        init(&args(dir.path(), &[]), cpus(), Some("nobody")).map_err(|f| f.message).unwrap();
+        init(&args(dir.path(), &[]), cpus(), Some("nobody")).map_err(|f| f.message()).unwrap();
         let (t, meta) = written(dir.path());
         assert_eq!(t.get("user").and_then(|v| v.as_str()), Some("nobody"), "{t}");
         assert!(t.get("group").is_none(), "{t}");
@@ -543,7 +540,7 @@ mod tests {
         }
         let dir = Scratch::new("init-flags");
         init(&args(dir.path(), &["--user", "nobody", "--group", "daemon"]), cpus(), Some("daemon"))
-            .map_err(|f| f.message)
+            .map_err(|f| f.message())
             .unwrap();
         let (t, meta) = written(dir.path());
         assert_eq!(t.get("user").and_then(|v| v.as_str()), Some("nobody"), "{t}");
@@ -559,7 +556,7 @@ mod tests {
     fn init_without_sudo_user_writes_no_user_and_a_private_config() {
         let dir = Scratch::new("init-root");
         for sudo in [None, Some(""), Some("root")] {
-            init(&args(dir.path(), &["--force"]), cpus(), sudo).map_err(|f| f.message).unwrap();
+            init(&args(dir.path(), &["--force"]), cpus(), sudo).map_err(|f| f.message()).unwrap();
             let (t, meta) = written(dir.path());
             assert!(t.get("user").is_none() && t.get("group").is_none(), "{sudo:?}: {t}");
             assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the config holds --env secrets");
@@ -570,7 +567,7 @@ mod tests {
     fn init_control_group_is_written_and_an_unknown_one_refused() {
         let dir = Scratch::new("init-ctlgroup");
         // `root` (gid 0) exists everywhere.
-        init(&args(dir.path(), &["--control-group", "root"]), cpus(), None).map_err(|f| f.message).unwrap();
+        init(&args(dir.path(), &["--control-group", "root"]), cpus(), None).map_err(|f| f.message()).unwrap();
         let (t, _) = written(dir.path());
         assert_eq!(t.get("control_group").and_then(|v| v.as_str()), Some("root"), "{t}");
         let s = config::load(Some(&dir.path().join("etc/web.toml")), &Default::default(), cpus()).unwrap();
@@ -578,7 +575,7 @@ mod tests {
         let f = init(&args(dir.path(), &["--force", "--control-group", "no-such-group-xyz"]), cpus(), None)
             .expect_err("must fail");
         assert_eq!(f.code, exit::CONFIG);
-        assert!(f.message.contains("--control-group: no such group"), "{}", f.message);
+        assert!(f.message().contains("--control-group: no such group"), "{}", f.message());
     }
 
     #[test]
@@ -586,7 +583,7 @@ mod tests {
         let dir = Scratch::new("init-nouser");
         let f = init(&args(dir.path(), &[]), cpus(), Some("no-such-user-xyz")).expect_err("must fail");
         assert_eq!(f.code, exit::CONFIG);
-        assert!(f.message.contains("--user: no such user"), "{}", f.message);
+        assert!(f.message().contains("--user: no such user"), "{}", f.message());
         assert!(!dir.path().join("etc/web.toml").exists());
     }
 
@@ -596,7 +593,7 @@ mod tests {
         for bad in ["/run/a\nExecStartPre=/bin/sh", "/run/a\r", "/run/\u{7f}", "/run/a\\"] {
             let f = unit_value(bad, "--listen: address").expect_err(bad);
             assert_eq!(f.code, exit::CONFIG);
-            assert!(!f.message.contains('\n'), "one line: {}", f.message);
+            assert!(!f.message().contains('\n'), "one line: {}", f.message());
         }
     }
 
@@ -609,7 +606,7 @@ mod tests {
         // A symlink planted at the target is replaced, not written through.
         std::os::unix::fs::symlink(&victim, &target).unwrap();
         let f = File { path: target.clone(), text: "x = 1\n".into(), mode: 0o600, group: None };
-        write_file(&f).map_err(|f| f.message).unwrap();
+        write_file(&f).map_err(|f| f.message()).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         let meta = std::fs::symlink_metadata(&target).unwrap();
         assert!(meta.file_type().is_file());

@@ -163,7 +163,7 @@ pub fn worker_program(
     cwd: Option<&std::path::Path>,
 ) -> Option<std::path::PathBuf> {
     let first = command.first()?;
-    let found = crate::spawn::resolve(first, env, cwd).ok()?;
+    let found = crate::program::resolve(first, env, cwd).ok()?;
     let path = std::path::PathBuf::from(found);
     Some(match cwd {
         Some(dir) if path.is_relative() => dir.join(path),

@@ -4,7 +4,7 @@
 //! Theory of operation (where to look first; docs/architecture.md maps every concern to its
 //! file):
 //! * `main` reads argv and the environment once into an [`app::Process`], calls [`app`], and
-//!   turns its [`app::Failure`] into an exit code ([`exit`]). [`app`] is the start-up sequence
+//!   turns its [`exit::Failure`] into an exit code ([`exit`]). [`app`] is the start-up sequence
 //!   (settings, sockets adopted or bound, the `World`, the loop, the exit code) for `run` and
 //!   for the new image of an in-place upgrade, and the subcommands; it owns the process-wide
 //!   signals; it reads the environment only through the `Process`.
@@ -43,8 +43,11 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod credentials;
+pub mod env;
 pub mod exit;
 pub mod generate;
+pub mod glob;
+pub mod handoff;
 pub mod init;
 pub mod intercept;
 pub mod ipc;
@@ -57,6 +60,8 @@ pub mod notify;
 pub mod output;
 pub mod pm2;
 pub mod procstat;
+pub mod program;
+pub mod protocol;
 pub mod reaper;
 pub mod requests;
 #[cfg(test)]

@@ -201,7 +201,7 @@ impl Listeners {
     }
 
     /// For an in-place upgrade: every socket, with the number it will have in the new image.
-    pub fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<ListenersState> {
+    pub fn export(&self, ex: &mut crate::handoff::Exporter) -> io::Result<ListenersState> {
         let list = self
             .list
             .iter()

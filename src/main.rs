@@ -5,8 +5,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use herdsman::app::{self, Failure, Process};
+use herdsman::app::{self, Process};
 use herdsman::cli::Cli;
+use herdsman::exit::Failure;
 use herdsman::{exit, sys};
 
 fn main() -> ExitCode {
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
         exe: std::env::current_exe().ok(),
     };
     // The new image of an in-place upgrade: its state, not argv, says what to do.
-    if let Some(fd) = process.var(herdsman::upgrade::STATE_VAR) {
+    if let Some(fd) = process.var(herdsman::env::STATE_VAR) {
         return finish(app::resume(&fd, &process));
     }
     let cli = match Cli::try_parse_from(&process.args) {

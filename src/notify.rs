@@ -366,7 +366,7 @@ pub struct NotifyState {
 
 impl WorkerNotify {
     /// For an in-place upgrade (workers keep their `NOTIFY_SOCKET`).
-    pub fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<NotifyState> {
+    pub fn export(&self, ex: &mut crate::handoff::Exporter) -> io::Result<NotifyState> {
         Ok(NotifyState {
             fd: ex.fd(&self.sock)?,
             address: self.address.clone(),

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::journal::split_priority;
 use crate::logging::Sink;
+pub use crate::logs::{Origin, Stream};
 use crate::logs::{Record, Ring};
 use tokio::sync::mpsc;
 
@@ -24,23 +25,6 @@ pub const MAX_LINE: usize = 16 * 1024;
 const TAIL_LINES: usize = 10;
 const TAIL_LINE_CHARS: usize = 300;
 const QUEUE: usize = 4096;
-
-/// Which of a worker's streams a line came from (`"stdout"`/`"stderr"` in JSON).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// Who wrote a line.
-#[derive(Debug)]
-pub struct Origin {
-    pub app: Arc<str>,
-    pub worker_id: usize,
-    pub pid: i32,
-    pub generation: u64,
-}
 
 struct Line {
     origin: Arc<Origin>,

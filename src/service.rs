@@ -143,11 +143,11 @@ mod tests {
         for (standalone, want) in [(true, "herdsman reload web"), (false, "herdsman init web --listen")] {
             let f = run(Action::Restart, &args(&dir, "web"), |_| standalone).err().unwrap();
             assert_eq!(f.code, exit::UNAVAILABLE);
-            assert!(f.message.contains(want), "{}", f.message);
-            assert!(!f.message.contains('\n'), "{}", f.message);
+            assert!(f.message().contains(want), "{}", f.message());
+            assert!(!f.message().contains('\n'), "{}", f.message());
         }
         let f = run(Action::Stop, &args(&dir, "web"), |_| true).err().unwrap();
-        assert!(f.message.contains("Ctrl-C or SIGTERM"), "{}", f.message);
+        assert!(f.message().contains("Ctrl-C or SIGTERM"), "{}", f.message());
         let f = run(Action::Start, &args(&dir, "bad/name"), |_| true).err().unwrap();
         assert_eq!(f.code, exit::CONFIG);
     }

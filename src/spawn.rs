@@ -16,6 +16,8 @@ use crate::credentials::Credentials;
 use crate::output::{Origin, Output, Stream, Tail};
 use crate::sys;
 
+use crate::program::{ResolveError, is_executable, resolve};
+
 /// Variables a worker must never inherit from the supervisor's environment: systemd's notify
 /// and watchdog settings (a worker sending `STOPPING=1` there would stop the whole service),
 /// the supervisor's own socket-activation variables, `JOURNAL_STREAM` (a worker's stdout
@@ -35,7 +37,7 @@ const SCRUBBED: &[&str] = &[
     "NODE_APP_INSTANCE",
     "NODE_CHANNEL_FD",
     "NODE_CHANNEL_SERIALIZATION_MODE",
-    crate::upgrade::STATE_VAR,
+    crate::env::STATE_VAR,
 ];
 
 /// Why a worker could not be started. Each message names what was being done and on what.
@@ -58,17 +60,6 @@ pub enum SpawnError {
     /// No steered socket for it (see `steer`).
     #[error("{0}")]
     Steering(#[from] crate::steer::SteerError),
-}
-
-/// Why a program cannot be found or run, before any fork.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ResolveError {
-    #[error("{0} is not an executable file; check its permissions (chmod +x)")]
-    NotExecutable(String),
-    #[error("command not found: {0}")]
-    NotFound(String),
-    #[error("command not found: {program} (searched PATH={path})")]
-    NotOnPath { program: String, path: String },
 }
 
 /// Why a generation could not be pinned (its directory or program is unusable).
@@ -399,41 +390,6 @@ fn place(sockets: &[RawFd], channel: Option<&OwnedFd>) -> std::io::Result<Placed
     Ok(Placed { fds, _moved: moved })
 }
 
-/// Finds the program like `execvp` would, but before forking (so a typo is a clear error, and
-/// the child does no path search).
-pub fn resolve(program: &str, env: &[(String, String)], cwd: Option<&Path>) -> Result<String, ResolveError> {
-    if program.contains('/') {
-        let full = match cwd {
-            Some(dir) if !program.starts_with('/') => dir.join(program),
-            _ => PathBuf::from(program),
-        };
-        return if is_executable(&full) {
-            Ok(program.to_string())
-        } else if full.exists() {
-            Err(ResolveError::NotExecutable(program.to_string()))
-        } else {
-            Err(ResolveError::NotFound(program.to_string()))
-        };
-    }
-    let path = env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
-    path.split(':')
-        .filter(|d| d.starts_with('/'))
-        .map(|d| Path::new(d).join(program))
-        .find(|p| is_executable(p))
-        .map(|p| p.to_string_lossy().into_owned())
-        .ok_or_else(|| ResolveError::NotOnPath { program: program.to_string(), path: path.to_string() })
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,18 +421,6 @@ mod tests {
         assert_eq!(inode(placed.fds[0]), inode(raw[0]));
         assert_eq!(inode(placed.fds[1]), inode(raw[1]));
         assert_eq!(inode(placed.fds[2]), inode(theirs.as_raw_fd()));
-    }
-
-    #[test]
-    fn programs_are_found_on_path_or_rejected_clearly() {
-        let env = vec![("PATH".to_string(), "/nonexistent:/bin:/usr/bin".to_string())];
-        assert!(resolve("sh", &env, None).unwrap().ends_with("/sh"));
-        assert!(matches!(resolve("no-such-program-xyz", &env, None), Err(ResolveError::NotOnPath { .. })));
-        let plain = std::env::temp_dir().join(format!("herdsman-not-exec-{}", std::process::id()));
-        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
-        let err = resolve(plain.to_str().unwrap(), &env, None).unwrap_err();
-        std::fs::remove_file(&plain).unwrap();
-        assert!(matches!(err, ResolveError::NotExecutable(_)), "{err}");
     }
 
     #[test]

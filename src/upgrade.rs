@@ -39,14 +39,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Layer;
+pub use crate::env::STATE_VAR;
+pub use crate::handoff::{Exporter, UpgradeError};
 
 /// The layout of [`Handover`]; a new binary takes over only a state of a format it reads.
 /// 2: the flags as a `config::Layer` (its environment a table), `file_workers` a worker count.
 pub const STATE_FORMAT: u32 = 2;
 /// How long the new binary's check may take (`HERDSMAN_UPGRADE_CHECK_TIMEOUT` overrides it).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-/// The environment variable that carries the state's descriptor number into the new image.
-pub const STATE_VAR: &str = "HERDSMAN_UPGRADE_STATE";
 /// The hidden subcommand a candidate binary runs for the check.
 pub const CHECK_COMMAND: &str = "upgrade-check";
 
@@ -222,39 +222,6 @@ pub struct Carry {
     pub check_timeout: Duration,
 }
 
-/// Collects the descriptors of a state. A *dry* exporter (for the check) records the current
-/// numbers; a real one duplicates each without close-on-exec, above the workers' fd range.
-pub struct Exporter {
-    dry: bool,
-    floor: RawFd,
-    dups: Vec<OwnedFd>,
-    numbers: Vec<RawFd>,
-}
-
-impl Exporter {
-    pub fn new(dry: bool, floor: RawFd) -> Exporter {
-        Exporter { dry, floor, dups: Vec::new(), numbers: Vec::new() }
-    }
-
-    /// The number `fd` will have in the new image.
-    pub fn fd(&mut self, fd: &impl AsFd) -> std::io::Result<RawFd> {
-        let n = if self.dry {
-            fd.as_fd().as_raw_fd()
-        } else {
-            let dup = crate::sys::dup_inheritable(fd.as_fd(), self.floor)?;
-            let n = dup.as_raw_fd();
-            self.dups.push(dup);
-            n
-        };
-        self.numbers.push(n);
-        Ok(n)
-    }
-
-    pub fn numbers(&self) -> Vec<RawFd> {
-        self.numbers.clone()
-    }
-}
-
 /// Converts `Instant`s to `CLOCK_MONOTONIC` nanoseconds and back (both count the same clock
 /// on Linux; `execve` keeps it).
 #[derive(Debug, Clone, Copy)]
@@ -297,42 +264,6 @@ pub fn monotonic_ns() -> i64 {
 pub struct CheckReport {
     pub version: String,
     pub state_format: u32,
-}
-
-/// Why an upgrade was refused or failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UpgradeError {
-    #[error("{0} does not exist; give an installed herdsman with --binary PATH")]
-    Missing(String),
-    #[error("{0} is not an executable file; check its permissions (chmod +x) or give another --binary")]
-    NotExecutable(String),
-    #[error("{path} failed its take-over check ({how}){detail}; it cannot take over this supervisor")]
-    CheckFailed { path: String, how: String, detail: String },
-    #[error("{path} did not answer its take-over check within {within} (killed); is it herdsman?")]
-    CheckTimeout { path: String, within: String },
-    #[error(
-        "{path} (version {version}) reads state format {theirs}, this supervisor writes {ours}; upgrade in two steps or restart the service"
-    )]
-    Incompatible { path: String, version: String, theirs: u32, ours: u32 },
-    #[error("cannot prepare the hand-over: {0}")]
-    Prepare(String),
-    #[error("execve {path} failed: {err}; the running supervisor carries on")]
-    Exec { path: String, err: String },
-    #[error("an upgrade is already in progress; wait for it to finish")]
-    Busy,
-    #[error("the supervisor is stopping")]
-    Stopping,
-    /// The candidate could have been supplied by someone who may not run code as herdsman's
-    /// user (see [`Candidate::open`]).
-    #[error("refusing to run {path}: {why}")]
-    Untrusted { path: String, why: String },
-}
-
-impl UpgradeError {
-    /// Whether this is a refusal of an untrusted binary (`ErrorKind::Untrusted`, exit 77).
-    pub fn untrusted(&self) -> bool {
-        matches!(self, UpgradeError::Untrusted { .. })
-    }
 }
 
 /// The binary an upgrade runs, opened once (`O_PATH`, no symlink followed anywhere on its

@@ -132,8 +132,8 @@ impl Worker {
     }
 
     /// How `status` shows it (without its role: see `supervisor::status`).
-    pub fn state_name(&self) -> crate::control::protocol::WorkerState {
-        use crate::control::protocol::WorkerState as W;
+    pub fn state_name(&self) -> crate::protocol::WorkerState {
+        use crate::protocol::WorkerState as W;
         match self.state {
             State::Starting { .. } => W::Starting,
             State::Ready { .. } => W::Ready,

@@ -37,39 +37,12 @@ pub use run::run;
 use crate::cli::Command;
 use crate::config::{self, Layer, Settings};
 use crate::control::client;
-use crate::{exit, generate, init, service, spawn};
+pub use crate::exit::Failure;
+use crate::{exit, generate, init, service};
 
-/// Why a command failed: the lines to print on stderr (each after `herdsman: `) and the exit
-/// code.
-#[derive(Debug)]
-pub struct Failure {
-    /// The exit code (one of [`crate::exit`]'s).
-    pub code: i32,
-    /// What to say, one line each (the `herdsman: ` prefix is the printer's).
-    pub lines: Vec<String>,
-}
-
-impl Failure {
-    fn new(code: i32, line: impl Into<String>) -> Failure {
-        Failure { code, lines: vec![line.into()] }
-    }
-
-    /// Every configuration problem, one line each.
-    fn config(problems: &config::Problems) -> Failure {
-        Failure { code: exit::CONFIG, lines: problems.0.iter().map(ToString::to_string).collect() }
-    }
-}
-
-impl From<client::Failure> for Failure {
-    fn from(f: client::Failure) -> Failure {
-        Failure::new(f.code, f.message)
-    }
-}
-
-impl From<init::Failure> for Failure {
-    fn from(f: init::Failure) -> Failure {
-        Failure { code: f.code, lines: f.message.lines().map(String::from).collect() }
-    }
+/// Every configuration problem, one line each.
+fn config_failure(problems: &config::Problems) -> Failure {
+    Failure { code: exit::CONFIG, lines: problems.0.iter().map(ToString::to_string).collect() }
 }
 
 /// Runs one subcommand to its end.
@@ -79,28 +52,28 @@ pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
         Command::Run(args) => run(crate::pm2::run_args(*args)?, process),
         Command::CheckConfig { file } => check_config(&file, process),
         Command::Init(a) if a.pm2.from_pm2.is_some() || !a.pm2.only.is_empty() => {
-            Ok(crate::pm2::init(&a, cpus(), process.var("SUDO_USER").as_deref())?)
+            crate::pm2::init(&a, cpus(), process.var("SUDO_USER").as_deref())
         }
-        Command::Init(a) => Ok(init::init(&a, cpus(), process.var("SUDO_USER").as_deref())?),
-        Command::Remove(a) => Ok(init::remove(&a)?),
+        Command::Init(a) => init::init(&a, cpus(), process.var("SUDO_USER").as_deref()),
+        Command::Remove(a) => init::remove(&a),
         Command::Restart(a) => service(service::Action::Restart, &a, env),
         Command::Stop(a) => service(service::Action::Stop, &a, env),
         Command::Start(a) => service(service::Action::Start, &a, env),
         Command::Generate { dir } => generate::write_all(&dir)
             .map_err(|e| Failure::new(exit::FAILURE, format!("cannot write to {}: {e}", dir.display()))),
         Command::UpgradeCheck => upgrade_check(),
-        Command::Status { target, json } => Ok(client::status(target.as_deref(), json, env)?),
-        Command::Metrics { target } => Ok(client::metrics(target.as_deref(), env)?),
+        Command::Status { target, json } => client::status(target.as_deref(), json, env),
+        Command::Metrics { target } => client::metrics(target.as_deref(), env),
         Command::Logs { target, follow, lines, worker, since, json } => {
-            let args = crate::logs::client::Args { target, follow, lines, worker, since, json };
-            Ok(crate::logs::client::logs(&args, env)?)
+            let args = crate::control::logs_client::Args { target, follow, lines, worker, since, json };
+            crate::control::logs_client::logs(&args, env)
         }
-        Command::List { json } => Ok(client::list(json, env)?),
+        Command::List { json } => client::list(json, env),
         Command::Reload { target, no_wait, wait: _, timeout } => {
-            Ok(client::reload(target.as_deref(), !no_wait, timeout_arg(&timeout)?, env)?)
+            client::reload(target.as_deref(), !no_wait, timeout_arg(&timeout)?, env)
         }
         Command::Upgrade { target, binary, timeout } => {
-            Ok(client::upgrade(target.as_deref(), binary.as_deref(), timeout_arg(&timeout)?, env)?)
+            client::upgrade(target.as_deref(), binary.as_deref(), timeout_arg(&timeout)?, env)
         }
         Command::Scale { args, no_wait, timeout } => {
             let (target, workers) = match args.as_slice() {
@@ -108,7 +81,7 @@ pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
                 [t, w] => (Some(t.as_str()), w.as_str()),
                 _ => unreachable!("clap enforces 1..=2 values"),
             };
-            Ok(client::scale(target, workers, !no_wait, timeout_arg(&timeout)?, env)?)
+            client::scale(target, workers, !no_wait, timeout_arg(&timeout)?, env)
         }
     }
 }
@@ -123,12 +96,12 @@ fn service(
     let standalone = |name: &str| {
         std::os::unix::net::UnixStream::connect(crate::control::paths::default_socket(name, env)).is_ok()
     };
-    Ok(service::run(action, a, standalone)?)
+    service::run(action, a, standalone)
 }
 
 /// `herdsman check-config FILE`: exit 0 with one line, or every problem and exit 78.
 fn check_config(file: &Path, process: &Process) -> Result<(), Failure> {
-    let s = load(Some(file), &Layer::default(), &process.env()).map_err(|p| Failure::config(&p))?;
+    let s = load(Some(file), &Layer::default(), &process.env()).map_err(|p| config_failure(&p))?;
     crate::outln!(
         "{}: ok (app {}, {} worker(s), command {:?})",
         file.display(),
@@ -162,7 +135,7 @@ fn load(
     let s = config::load(file, flags, cpus())?;
     let mut env = base_env.to_vec();
     env.extend(s.env.iter().cloned());
-    spawn::resolve(&s.command[0], &env, s.cwd.as_deref())
+    crate::program::resolve(&s.command[0], &env, s.cwd.as_deref())
         .map_err(|e| config::Problem::new(config::Place::Anywhere, e))?;
     Ok(s)
 }
@@ -180,14 +153,6 @@ fn notify_dir(settings: &Settings, env: &crate::control::paths::Env) -> Option<P
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_init_failure_prints_one_line_per_line_and_a_client_failure_as_one() {
-        let f = Failure::from(init::Failure { code: exit::CONFIG, message: "one\ntwo".into() });
-        assert_eq!((f.code, f.lines), (exit::CONFIG, vec!["one".to_string(), "two".to_string()]));
-        let f = Failure::from(client::Failure { code: exit::TIMEOUT, message: "slow".into() });
-        assert_eq!((f.code, f.lines), (exit::TIMEOUT, vec!["slow".to_string()]));
-    }
 
     #[test]
     fn a_bad_timeout_is_a_usage_error_naming_the_flag() {

@@ -20,7 +20,8 @@ use crate::steer::{SteerError, Steering};
 /// step that failed (78 bad configuration, 71 kernel, 1 anything else).
 pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
     let flags = args.layer();
-    let settings = load(args.config.as_deref(), &flags, &process.env()).map_err(|p| Failure::config(&p))?;
+    let settings =
+        load(args.config.as_deref(), &flags, &process.env()).map_err(|p| super::config_failure(&p))?;
     let journal = process.start_logging(&settings);
     kernel_and_limits()?;
 

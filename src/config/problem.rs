@@ -57,7 +57,7 @@ pub enum ConfigError {
     #[error("argument {0:?} contains a NUL byte, which no program can receive; remove it")]
     NulInArgument(String),
     #[error(transparent)]
-    Program(#[from] crate::spawn::ResolveError),
+    Program(#[from] crate::program::ResolveError),
     #[error("working directory {} does not exist or is not a directory", .0.display())]
     NoDirectory(PathBuf),
     #[error(

@@ -337,7 +337,7 @@ impl Checker<'_> {
         let mut ignore = Vec::new();
         if let Some((raw, place)) = self.lookup("watch_ignore", |l| non_empty(&l.watch_ignore)) {
             for g in raw {
-                match crate::watch::Glob::parse(g) {
+                match crate::glob::Glob::parse(g) {
                     Ok(_) => ignore.push(g.clone()),
                     Err(e) => self.problems.push(Problem::new(place.clone(), ConfigError::WatchIgnore(e))),
                 }

@@ -6,19 +6,14 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::protocol::{Envelope, ErrorKind, Op, Reply, Request, VERSION};
 use super::{paths, table};
 use crate::exit;
+use crate::protocol::{Envelope, ErrorKind, Op, Reply, Request, VERSION};
 
-/// A failed client command: the message and the exit code.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: i32,
-    pub message: String,
-}
+pub use crate::exit::Failure;
 
 fn fail(code: i32, message: impl Into<String>) -> Failure {
-    Failure { code, message: message.into() }
+    Failure::new(code, message)
 }
 
 /// How long a client keeps asking again while the supervisor answers "busy" (its control
@@ -75,7 +70,7 @@ fn call_once(
 ) -> Result<Reply, (Failure, bool)> {
     call_inner(path, op, timeout, interim).map_err(|f| {
         let busy = f.code == BUSY;
-        (Failure { code: if busy { exit::TIMEOUT } else { f.code }, message: f.message }, busy)
+        (Failure { code: if busy { exit::TIMEOUT } else { f.code }, ..f }, busy)
     })
 }
 
@@ -257,7 +252,7 @@ pub fn scale(
     timeout: Duration,
     env: &paths::Env,
 ) -> Result<(), Failure> {
-    super::protocol::parse_scale(workers).map_err(|m| fail(exit::USAGE, m))?;
+    crate::protocol::parse_scale(workers).map_err(|m| fail(exit::USAGE, m))?;
     let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
     match call(&path, Op::Scale { workers: workers.to_string(), wait }, timeout, |_| {})? {
         Reply::Scale { workers } => {
@@ -350,8 +345,8 @@ mod tests {
         let _server = server(&path, usize::MAX);
         let started = Instant::now();
         let err = call(&path, Op::Status, Duration::from_secs(60), |_| {}).unwrap_err();
-        assert_eq!(err.code, exit::TIMEOUT, "{}", err.message);
-        assert!(err.message.starts_with("busy:"), "{}", err.message);
+        assert_eq!(err.code, exit::TIMEOUT, "{}", err.message());
+        assert!(err.message().starts_with("busy:"), "{}", err.message());
         assert!(started.elapsed() < Duration::from_secs(50), "kept retrying for {:?}", started.elapsed());
         let _ = std::fs::remove_dir_all(&dir);
     }

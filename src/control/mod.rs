@@ -8,7 +8,9 @@
 //! `control_group`), and each connection's `SO_PEERCRED` is checked.
 
 pub mod client;
+pub mod logs_client;
+pub mod logs_server;
 pub mod paths;
-pub mod protocol;
+pub use crate::protocol;
 pub mod server;
 pub mod table;

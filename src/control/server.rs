@@ -17,7 +17,7 @@
 //!
 //! Followers (`logs -f`) stay connected as long as they like: once its request is read, a
 //! follower gives its slot back and holds a follower place instead (see
-//! [`crate::logs::serve`]); it is fed from its own bounded queue: a slow one loses lines,
+//! [`crate::control::logs_server`]); it is fed from its own bounded queue: a slow one loses lines,
 //! counted, and never holds up the supervisor or other clients.
 
 use std::os::fd::AsFd;
@@ -30,11 +30,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::protocol::ReloadOutcome;
-use super::protocol::{self, ErrorKind, MAX_REQUEST, Op, Reply};
+use super::logs_server::Followers;
 use crate::logs::Source;
-use crate::logs::serve::Followers;
 use crate::procstat::CpuMeter;
+use crate::protocol::ReloadOutcome;
+use crate::protocol::{self, ErrorKind, MAX_REQUEST, Op, Reply};
 use crate::requests::{Control, Waiter};
 
 /// A client has this long to send its request.
@@ -511,7 +511,7 @@ async fn handle(conn: Conn, held: Held, mut evicted: oneshot::Receiver<()>) -> s
         }
         Op::Logs { lines, follow, worker, since_us } => {
             let query = crate::logs::Query { lines, worker, since_us };
-            crate::logs::serve::answer(logs, query, follow, uid, &followers, held, reader, write).await
+            super::logs_server::answer(logs, query, follow, uid, &followers, held, reader, write).await
         }
         Op::Scale { workers, wait } => {
             let scale = match protocol::parse_scale(&workers) {

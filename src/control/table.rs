@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::protocol::{Snapshot, WorkerState};
+use crate::protocol::{Snapshot, WorkerState};
 
 /// `42s`, `7m`, `2h`, `3d`.
 pub fn age(secs: f64) -> String {

@@ -19,10 +19,9 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+use super::Stream;
 use super::{Query, Record, rfc3339};
-use crate::control::client::Failure;
-use crate::exit;
-use crate::output::Stream;
+use crate::exit::{self, Failure};
 
 /// Whose journal entries to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,13 +107,15 @@ pub fn read(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| Failure {
-            code: exit::UNAVAILABLE,
-            message: format!(
+        .map_err(|e| {
+            Failure::new(
+                exit::UNAVAILABLE,
+                format!(
                 "cannot run journalctl to read the journal of {} ({e}); read it with `journalctl -u herdsman@{}` where it is installed",
                 t.unit.as_deref().unwrap_or("the supervisor"),
-                t.app
-            ),
+                    t.app
+                ),
+            )
         })?;
     let mut stopped = false;
     if let Some(out) = child.stdout.take() {
@@ -132,10 +133,9 @@ pub fn read(
     if stopped {
         let _ = child.kill();
     }
-    let status =
-        child.wait().map_err(|e| Failure { code: exit::FAILURE, message: format!("journalctl: {e}") })?;
+    let status = child.wait().map_err(|e| Failure::new(exit::FAILURE, format!("journalctl: {e}")))?;
     if !stopped && !status.success() {
-        return Err(Failure { code: exit::FAILURE, message: format!("journalctl failed ({status})") });
+        return Err(Failure::new(exit::FAILURE, format!("journalctl failed ({status})")));
     }
     Ok(())
 }

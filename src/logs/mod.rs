@@ -22,9 +22,7 @@
 //! (never for the ring, the terminal or the journal, and the loop never waits), and it is told
 //! how many.
 
-pub mod client;
 pub mod journal;
-pub mod serve;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,8 +31,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-
-use crate::output::{Origin, Stream};
 
 /// The ring keeps at most this many lines...
 pub const RING_LINES: usize = 10_000;
@@ -48,6 +44,23 @@ pub const LINE_BYTES: usize = 4096;
 pub const FOLLOW_QUEUE: usize = 1024;
 /// `herdsman logs` without `-n` prints this many lines (as `pm2 logs`).
 pub const DEFAULT_LINES: usize = 15;
+
+/// Which of a worker's streams a line came from (`"stdout"`/`"stderr"` in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Who wrote a line.
+#[derive(Debug)]
+pub struct Origin {
+    pub app: Arc<str>,
+    pub worker_id: usize,
+    pub pid: i32,
+    pub generation: u64,
+}
 
 /// One worker line. The JSON keys are a stable interface (`logs --json`, `run --log-format
 /// json`).

@@ -50,7 +50,7 @@ use nix::sys::wait::WaitStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::control::protocol::{Snapshot, WorkerState};
+use crate::protocol::{Snapshot, WorkerState};
 use crate::requests::Control;
 use model::{Family, Format, Histogram, Kind};
 

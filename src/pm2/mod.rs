@@ -18,29 +18,18 @@ mod map;
 mod read;
 mod value;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
+pub use crate::cli::Pm2Args;
 use crate::cli::{InitArgs, RunArgs};
 use crate::config::{self, Layer};
-use crate::{exit, init};
+use crate::exit::{self, Failure};
+use crate::init;
 
 pub use read::NODE_TIMEOUT;
-
-/// The flags of `run` and `init` that take the apps from an ecosystem file.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Pm2Args {
-    /// Take the app(s) from a PM2 ecosystem file (ecosystem.config.js or .cjs, evaluated by node;
-    /// .json; .yaml). With it, `--env NAME` merges the file's env_NAME over env, and
-    /// `--listen APP=ADDR` gives app APP its address (default: :PORT from its env).
-    #[arg(long, value_name = "FILE")]
-    pub from_pm2: Option<PathBuf>,
-    /// With --from-pm2: only these apps (comma-separated names; `run` needs exactly one).
-    #[arg(long, value_name = "APP,…", value_delimiter = ',')]
-    pub only: Vec<String>,
-}
 
 /// An app of the file, mapped, with the flags applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,8 +41,8 @@ pub struct Selected {
 
 /// `herdsman run --from-pm2 FILE --only APP`: the run arguments of that app (the arguments
 /// unchanged without `--from-pm2`). Prints a line per key herdsman does not map.
-pub fn run_args(mut args: RunArgs) -> Result<RunArgs, init::Failure> {
-    let config = |message: String| init::Failure { code: exit::CONFIG, message };
+pub fn run_args(mut args: RunArgs) -> Result<RunArgs, Failure> {
+    let config = |message: String| init::fail(exit::CONFIG, message);
     let Some(file) = args.pm2.from_pm2.take() else {
         return if args.pm2.only.is_empty() { Ok(args) } else { Err(only_alone()) };
     };
@@ -77,12 +66,8 @@ pub fn run_args(mut args: RunArgs) -> Result<RunArgs, init::Failure> {
 
 /// `herdsman init --from-pm2 FILE [--only APP,…]`: every selected app installed by
 /// [`init::init`], after every one of them was checked (so a bad second app installs nothing).
-pub fn init(
-    a: &InitArgs,
-    cpus: std::num::NonZeroUsize,
-    sudo_user: Option<&str>,
-) -> Result<(), init::Failure> {
-    let config = |message: String| init::Failure { code: exit::CONFIG, message };
+pub fn init(a: &InitArgs, cpus: std::num::NonZeroUsize, sudo_user: Option<&str>) -> Result<(), Failure> {
+    let config = |message: String| init::fail(exit::CONFIG, message);
     let Some(file) = &a.pm2.from_pm2 else { return Err(only_alone()) };
     let (apps, notes) = load(file, &a.pm2.only, &a.app, NODE_TIMEOUT).map_err(config)?;
     print_notes(&notes);
@@ -96,13 +81,13 @@ pub fn init(
         }
         let path = a.config_dir.join(format!("{name}.toml"));
         if path.exists() && !a.force && !a.dry_run {
-            return Err(init::Failure {
-                code: exit::FAILURE,
-                message: format!(
+            return Err(init::fail(
+                exit::FAILURE,
+                format!(
                     "app {name} already exists ({}); pass --force to overwrite it (nothing was installed)",
                     path.display()
                 ),
-            });
+            ));
         }
         let layer = Layer { name: Some(name.clone()), ..app.layer.clone() };
         let s = config::load(None, &layer, cpus).map_err(|p| {
@@ -113,7 +98,7 @@ pub fn init(
         if let Some(program) = s.command.first().filter(|p| !p.contains('/')) {
             let mut env: Vec<(String, String)> = std::env::vars().collect();
             env.extend(s.env.iter().cloned());
-            crate::spawn::resolve(program, &env, s.cwd.as_deref())
+            crate::program::resolve(program, &env, s.cwd.as_deref())
                 .map_err(|e| config(format!("app {name}: {e}")))?;
         }
     }
@@ -128,11 +113,8 @@ pub fn init(
 }
 
 /// `--only` without `--from-pm2`.
-fn only_alone() -> init::Failure {
-    init::Failure {
-        code: exit::USAGE,
-        message: "--only selects apps of an ecosystem file: add --from-pm2 FILE, or remove --only".into(),
-    }
+fn only_alone() -> Failure {
+    init::fail(exit::USAGE, "--only selects apps of an ecosystem file: add --from-pm2 FILE, or remove --only")
 }
 
 /// `(key, what herdsman does instead)`.

@@ -15,7 +15,7 @@ use super::{Member, Pool, Routing, Steering};
 
 impl Steering {
     /// For an in-place upgrade: every member, with the number it will have in the new image.
-    pub fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<SteeringState> {
+    pub fn export(&self, ex: &mut crate::handoff::Exporter) -> io::Result<SteeringState> {
         let mut pools = Vec::new();
         for p in &self.pools {
             let mut members = Vec::new();

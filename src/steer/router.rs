@@ -91,7 +91,7 @@ impl Router {
     }
 
     /// For an in-place upgrade: the descriptors and what the maps hold.
-    pub(super) fn export(&self, ex: &mut crate::upgrade::Exporter) -> io::Result<RouterState> {
+    pub(super) fn export(&self, ex: &mut crate::handoff::Exporter) -> io::Result<RouterState> {
         Ok(RouterState {
             socks: ex.fd(self.socks.fd())?,
             ring: ex.fd(self.ring.fd())?,

@@ -7,7 +7,7 @@
 //! gives its slot back and holds one of [`MAX_FOLLOWERS`] follower places instead, non-root
 //! peers at most [`USER_FOLLOWERS`] of them, so root can always follow; more are answered
 //! "busy". A follower is never evicted as idle and has no deadline. It is fed from its own
-//! bounded queue ([`super::Ring::follow`]): a slow one loses lines, counted, and holds up
+//! bounded queue ([`crate::logs::Ring::follow`]): a slow one loses lines, counted, and holds up
 //! only its own task.
 
 use std::sync::Arc;
@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{Query, Record, Source};
-use crate::control::protocol::{ErrorKind, Reply};
+use crate::logs::{Query, Record, Source};
+use crate::protocol::{ErrorKind, Reply};
 
 /// A `logs` answer without `follow` (up to the ring's 4 MiB) must be read within this.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);

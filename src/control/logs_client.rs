@@ -7,12 +7,13 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use super::journal::{self, Target};
-use super::{Query, Record, unix_us};
-use crate::control::client::{self, Failure};
+use crate::control::client;
 use crate::control::paths;
-use crate::control::protocol::{Op, Reply};
 use crate::exit;
+use crate::exit::Failure;
+use crate::logs::journal::{self, Target};
+use crate::logs::{Query, Record, unix_us};
+use crate::protocol::{Op, Reply};
 
 /// Where `init` writes an app's config (`/etc/herdsman/NAME.toml`): its presence says the app
 /// is installed as `herdsman@NAME.service`.
@@ -66,7 +67,7 @@ pub fn logs(a: &Args, env: &paths::Env) -> Result<(), Failure> {
         .as_deref()
         .map(|s| since(s, SystemTime::now()))
         .transpose()
-        .map_err(|message| Failure { code: exit::USAGE, message })?;
+        .map_err(|message| Failure::new(exit::USAGE, message))?;
     let query = Query { lines: a.lines, worker: a.worker, since_us };
     // An installed app is read from its journal even when its supervisor is not running.
     let installed = a
@@ -81,7 +82,7 @@ pub fn logs(a: &Args, env: &paths::Env) -> Result<(), Failure> {
     let path = match (paths::resolve(a.target.as_deref(), env), &installed) {
         (Ok(p), _) => p,
         (Err(_), Some(t)) => return journal::read(t, &query, a.follow, |r| print(r, a.json)),
-        (Err(message), None) => return Err(Failure { code: exit::UNAVAILABLE, message }),
+        (Err(message), None) => return Err(Failure::new(exit::UNAVAILABLE, message)),
     };
     let op = Op::Logs { lines: a.lines, follow: a.follow, worker: a.worker, since_us };
     let timeout = if a.follow { crate::config::values::MAX_DURATION } else { Duration::from_secs(60) };
@@ -105,16 +106,15 @@ pub fn logs(a: &Args, env: &paths::Env) -> Result<(), Failure> {
         }
         Ok(_) if stdout_gone => Ok(()),
         Ok(Reply::Logs { .. }) => Ok(()),
-        Ok(other) => Err(Failure { code: exit::FAILURE, message: format!("unexpected answer: {other:?}") }),
+        Ok(other) => Err(Failure::new(exit::FAILURE, format!("unexpected answer: {other:?}"))),
         // The supervisor went away: an installed app's lines are still in its journal.
         Err(f) if f.code == exit::UNAVAILABLE && !received => match &installed {
             Some(t) => journal::read(t, &query, a.follow, |r| print(r, a.json)),
             None => Err(f),
         },
-        Err(f) if f.code == exit::UNAVAILABLE && a.follow && received => Err(Failure {
-            code: exit::UNAVAILABLE,
-            message: "the supervisor closed the connection (it stopped)".into(),
-        }),
+        Err(f) if f.code == exit::UNAVAILABLE && a.follow && received => {
+            Err(Failure::new(exit::UNAVAILABLE, "the supervisor closed the connection (it stopped)"))
+        }
         Err(f) => Err(f),
     }
 }

@@ -1,0 +1,78 @@
+//! What crosses an in-place upgrade and is shared beyond [`crate::upgrade`]: the [`Exporter`]
+//! that every component holding a descriptor (listeners, steering, notify, metrics, the loop)
+//! hands its fds to, and [`UpgradeError`], the answer an upgrade request waits for. A leaf
+//! module, so those components do not depend on the upgrade itself (which depends on all of
+//! them). The receiving side of the descriptors is [`crate::sys::HandedOver`].
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use crate::sys;
+
+/// Collects the descriptors of a state. A *dry* exporter (for the check) records the current
+/// numbers; a real one duplicates each without close-on-exec, above the workers' fd range.
+pub struct Exporter {
+    dry: bool,
+    floor: RawFd,
+    dups: Vec<OwnedFd>,
+    numbers: Vec<RawFd>,
+}
+
+impl Exporter {
+    pub fn new(dry: bool, floor: RawFd) -> Exporter {
+        Exporter { dry, floor, dups: Vec::new(), numbers: Vec::new() }
+    }
+
+    /// The number `fd` will have in the new image.
+    pub fn fd(&mut self, fd: &impl AsFd) -> std::io::Result<RawFd> {
+        let n = if self.dry {
+            fd.as_fd().as_raw_fd()
+        } else {
+            let dup = sys::dup_inheritable(fd.as_fd(), self.floor)?;
+            let n = dup.as_raw_fd();
+            self.dups.push(dup);
+            n
+        };
+        self.numbers.push(n);
+        Ok(n)
+    }
+
+    pub fn numbers(&self) -> Vec<RawFd> {
+        self.numbers.clone()
+    }
+}
+
+/// Why an upgrade was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("{0} does not exist; give an installed herdsman with --binary PATH")]
+    Missing(String),
+    #[error("{0} is not an executable file; check its permissions (chmod +x) or give another --binary")]
+    NotExecutable(String),
+    #[error("{path} failed its take-over check ({how}){detail}; it cannot take over this supervisor")]
+    CheckFailed { path: String, how: String, detail: String },
+    #[error("{path} did not answer its take-over check within {within} (killed); is it herdsman?")]
+    CheckTimeout { path: String, within: String },
+    #[error(
+        "{path} (version {version}) reads state format {theirs}, this supervisor writes {ours}; upgrade in two steps or restart the service"
+    )]
+    Incompatible { path: String, version: String, theirs: u32, ours: u32 },
+    #[error("cannot prepare the hand-over: {0}")]
+    Prepare(String),
+    #[error("execve {path} failed: {err}; the running supervisor carries on")]
+    Exec { path: String, err: String },
+    #[error("an upgrade is already in progress; wait for it to finish")]
+    Busy,
+    #[error("the supervisor is stopping")]
+    Stopping,
+    /// The candidate could have been supplied by someone who may not run code as herdsman's
+    /// user (see `crate::upgrade::Candidate::open`).
+    #[error("refusing to run {path}: {why}")]
+    Untrusted { path: String, why: String },
+}
+
+impl UpgradeError {
+    /// Whether this is a refusal of an untrusted binary (`ErrorKind::Untrusted`, exit 77).
+    pub fn untrusted(&self) -> bool {
+        matches!(self, UpgradeError::Untrusted { .. })
+    }
+}
