@@ -519,8 +519,10 @@ mod tests {
     #[test]
     fn init_defaults_the_worker_user_to_sudo_user_and_gives_the_config_to_its_group() {
         if !is_root() {
-            eprintln!("SKIP: resolving another worker user needs root");
-            return;
+            return crate::scratch::needs(
+                "init_defaults_the_worker_user_to_sudo_user_and_gives_the_config_to_its_group",
+                "resolving another worker user needs root",
+            );
         }
         let dir = Scratch::new("init-sudo");
         init(&args(dir.path(), &[]), cpus(), Some("nobody")).map_err(|f| f.message()).unwrap();
@@ -535,8 +537,10 @@ mod tests {
     #[test]
     fn init_user_and_group_flags_win_over_sudo_user() {
         if !is_root() {
-            eprintln!("SKIP: resolving another worker user needs root");
-            return;
+            return crate::scratch::needs(
+                "init_user_and_group_flags_win_over_sudo_user",
+                "resolving another worker user needs root",
+            );
         }
         let dir = Scratch::new("init-flags");
         init(&args(dir.path(), &["--user", "nobody", "--group", "daemon"]), cpus(), Some("daemon"))

@@ -276,8 +276,10 @@ fn unknown_worker_user_or_group_is_a_configuration_error_naming_the_key() {
 #[test]
 fn a_non_root_supervisor_cannot_switch_to_another_user() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP a_non_root_supervisor_cannot_switch_to_another_user: needs root to become nobody");
-        return;
+        return support::needs(
+            "a_non_root_supervisor_cannot_switch_to_another_user",
+            "needs root to become nobody",
+        );
     }
     // Run herdsman itself as nobody (setpriv comes with util-linux).
     let out = Command::new("setpriv")
@@ -312,8 +314,10 @@ fn init_rejects_control_characters_in_unit_file_values() {
 #[test]
 fn init_escapes_percent_and_interface_scopes_so_systemd_accepts_the_drop_in() {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
-        eprintln!("SKIP init_escapes_percent...: systemd-analyze is not installed (apt install systemd)");
-        return;
+        return support::needs(
+            "init_escapes_percent_and_interface_scopes_so_systemd_accepts_the_drop_in",
+            "systemd-analyze is not installed (apt install systemd)",
+        );
     }
     let dir = TempDir::new("verify");
     let dropin = dir.path("units/herdsman@web.socket.d/listen.conf");
@@ -338,10 +342,10 @@ fn init_escapes_percent_and_interface_scopes_so_systemd_accepts_the_drop_in() {
 #[test]
 fn a_tmp_runtime_dir_created_by_another_user_is_refused() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIP a_tmp_runtime_dir_created_by_another_user_is_refused: needs root to act as two users"
+        return support::needs(
+            "a_tmp_runtime_dir_created_by_another_user_is_refused",
+            "needs root to act as two users",
         );
-        return;
     }
     // TMPDIR points herdsman's /tmp fallback at a scratch dir; "another user" is root.
     let dir = TempDir::new("tmpfallback");

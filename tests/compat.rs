@@ -139,8 +139,7 @@ fn init_renders_a_bare_port_as_a_dual_stack_listen_stream_systemd_accepts() {
     let check = herdsman(&["check-config", cfg.join("web.toml").to_str().unwrap()]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
-        eprintln!("SKIP systemd-analyze verify: systemd-analyze is not installed (apt install systemd)");
-        return;
+        return needs("systemd-analyze verify", "systemd-analyze is not installed (apt install systemd)");
     }
     verify_units(&units);
 }
@@ -278,11 +277,10 @@ impl Drop for CpuHogs {
 #[test]
 fn systemd_notify_ready_from_a_workers_child_counts_as_ready() {
     if Command::new("systemd-notify").arg("--version").output().is_err() {
-        skip(
+        return needs(
             "systemd_notify_ready_from_a_workers_child_counts_as_ready",
             "systemd-notify is not installed (apt install systemd)",
         );
-        return;
     }
     // The workers may run as nobody (below), who cannot enter a checkout in a 0700 directory:
     // they start in a directory they can enter and run their own copy of the test worker.

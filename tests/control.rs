@@ -257,8 +257,7 @@ fn list_shows_every_running_app() {
 #[test]
 fn an_unprivileged_user_is_refused() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to create a test user");
-        return;
+        return needs("an_unprivileged_user_is_refused", "needs root to create a test user");
     }
     let user = "herdsman-test";
     let _ = Command::new("useradd")

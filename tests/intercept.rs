@@ -474,9 +474,14 @@ fn ready_listen_takes_a_worker_that_binds_but_skips_listen_one_second_after_its_
 
 #[test]
 fn workers_of_another_user_get_herdsmans_socket() {
-    if !nix::unistd::geteuid().is_root() || !have("node") {
-        eprintln!("skipped: needs root (to run workers as nobody) and node");
-        return;
+    if !nix::unistd::geteuid().is_root() {
+        return needs(
+            "workers_of_another_user_get_herdsmans_socket",
+            "needs root (to run workers as nobody)",
+        );
+    }
+    if !have("node") {
+        return skip("workers_of_another_user_get_herdsmans_socket", "needs node (apt install nodejs)");
     }
     let dir = TempDir::new("intercept-user");
     use std::os::unix::fs::PermissionsExt;
@@ -595,8 +600,10 @@ fn a_static_go_binary_serves_from_two_workers_on_herdsmans_socket() {
 #[test]
 fn a_worker_of_another_user_gets_no_privileged_port_through_the_learned_address() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root (to run workers as nobody)");
-        return;
+        return needs(
+            "a_worker_of_another_user_gets_no_privileged_port_through_the_learned_address",
+            "needs root (to run workers as nobody)",
+        );
     }
     let dir = TempDir::new("intercept-privileged");
     use std::os::unix::fs::PermissionsExt;
@@ -793,9 +800,12 @@ fn status_answers_within(h: &Herdsman, secs: u64) -> bool {
 /// supervisor keeps answering.
 #[test]
 fn a_bind_address_on_a_hung_file_system_page_does_not_freeze_the_supervisor() {
-    if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        eprintln!("skipped: needs root and /dev/fuse");
-        return;
+    let test = "a_bind_address_on_a_hung_file_system_page_does_not_freeze_the_supervisor";
+    if !nix::unistd::geteuid().is_root() {
+        return needs(test, "needs root (to mount a FUSE file system)");
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return skip(test, "needs /dev/fuse");
     }
     let dir = TempDir::new("intercept-hung-page");
     let at = dir.path("mnt");

@@ -13,8 +13,10 @@ use support::*;
 #[test]
 fn a_recycled_pid_is_never_signalled_after_its_worker_exits() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: needs root (a pid namespace and ns_last_pid)");
-        return;
+        return needs(
+            "a_recycled_pid_is_never_signalled_after_its_worker_exits",
+            "needs root (a pid namespace and ns_last_pid)",
+        );
     }
     let dir = TempDir::new("pidreuse");
     let harness = format!("{}/tests/support/pid_reuse.py", env!("CARGO_MANIFEST_DIR"));

@@ -262,8 +262,10 @@ sys.stdin.read()
 #[test]
 fn thousands_of_idle_connections_from_a_member_and_a_stranger_do_not_stop_roots_status_or_reload() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP thousands_of_idle_connections...: needs root to become other users");
-        return;
+        return support::needs(
+            "thousands_of_idle_connections_from_a_member_and_a_stranger_do_not_stop_roots_status_or_reload",
+            "needs root to become other users",
+        );
     }
     let (_dir, control, _h, nobody) = member_app("idle-members");
     let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
@@ -292,8 +294,10 @@ fn thousands_of_idle_connections_from_a_member_and_a_stranger_do_not_stop_roots_
 #[test]
 fn an_idle_connection_from_a_member_is_dropped_after_2_s() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP an_idle_connection_from_a_member_is_dropped_after_2_s: needs root to become nobody");
-        return;
+        return support::needs(
+            "an_idle_connection_from_a_member_is_dropped_after_2_s",
+            "needs root to become nobody",
+        );
     }
     let (_dir, control, _h, nobody) = member_app("idle-member");
     const IDLE: &str = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(60)\ns.connect(sys.argv[1])\nprint(s.recv(4096).decode())";

@@ -89,7 +89,7 @@ fn without_reference_parsers(test: &str) -> bool {
     if missing.is_empty() {
         return false;
     }
-    skip(
+    needs(
         test,
         &format!("needs {} (apt install prometheus python3-prometheus-client)", missing.join(" and ")),
     );
@@ -512,7 +512,7 @@ fn skip_unless_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return false;
     }
-    eprintln!("SKIP {test}: needs root (its worker runs as nobody)");
+    needs(test, "needs root (its worker runs as nobody)");
     true
 }
 

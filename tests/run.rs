@@ -619,10 +619,10 @@ fn expected_groups(user: &str, gid: u32) -> serde_json::Value {
 #[test]
 fn workers_run_as_the_user_flag_names_and_the_supervisor_stays_root() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIP workers_run_as_the_user_flag_names_and_the_supervisor_stays_root: needs root to switch users"
+        return support::needs(
+            "workers_run_as_the_user_flag_names_and_the_supervisor_stays_root",
+            "needs root to switch users",
         );
-        return;
     }
     let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
     let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
@@ -659,8 +659,10 @@ fn workers_run_as_the_user_flag_names_and_the_supervisor_stays_root() {
 #[test]
 fn config_user_and_group_set_the_workers_primary_group() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP config_user_and_group_set_the_workers_primary_group: needs root to switch users");
-        return;
+        return support::needs(
+            "config_user_and_group_set_the_workers_primary_group",
+            "needs root to switch users",
+        );
     }
     let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
     let daemon = nix::unistd::Group::from_name("daemon").unwrap().expect("group daemon");
@@ -686,8 +688,10 @@ fn config_user_and_group_set_the_workers_primary_group() {
 #[test]
 fn a_failed_credential_drop_fails_the_worker_start_and_never_runs_it_as_root() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP a_failed_credential_drop...: needs root");
-        return;
+        return support::needs(
+            "a_failed_credential_drop_fails_the_worker_start_and_never_runs_it_as_root",
+            "needs root",
+        );
     }
     // herdsman as root but without CAP_SETGID/CAP_SETUID: setgroups fails in the child.
     let dir = TempDir::shared("dropfail");

@@ -472,7 +472,7 @@ fn a_failed_execve_leaves_the_old_image_serving_with_nothing_leaked_and_the_metr
 fn needs_root(test: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
-        eprintln!("SKIP {test}: needs root (to own files as another user and to become nobody)");
+        needs(test, "needs root (to own files as another user and to become nobody)");
     }
     root
 }
