@@ -379,7 +379,7 @@ fn row_for<'a>(
         ratio: vec![],
         errors: vec![],
     });
-    rows.last_mut().unwrap()
+    rows.last_mut().expect("a row was just pushed")
 }
 
 /// GET /metrics every [`SCRAPE_EVERY`] on a thread of its own until stopped.

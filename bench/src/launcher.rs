@@ -1,5 +1,9 @@
 //! The "limit" launcher (no supervisor at all) and a tiny instantly-ready worker.
 
+// Launching workers by hand (signals, fd 3, waitpid, SO_REUSEPORT) needs libc: each `unsafe` block
+// says why it is sound (the crate denies `unsafe_code` elsewhere).
+#![allow(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
@@ -57,9 +61,13 @@ pub fn launch(args: &[String]) -> i32 {
         (0..n).map(|_| reuseport_listener(a)).collect()
     } else {
         let fd = TcpListener::bind(&listen).expect("bind").into_raw_fd();
+        // SAFETY: `fd` is the listening socket just created (owned by us, leaked on purpose for
+        // the workers); listen(2) touches no memory.
         unsafe { libc::listen(fd, 4096) };
         vec![fd; n]
     };
+    // SAFETY: `sa` is a zeroed, valid sigaction whose handler only stores into an atomic
+    // (async-signal-safe); the old actions are not asked for (null).
     unsafe {
         // No SA_RESTART: waitpid must return EINTR so the signal gets forwarded.
         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -79,6 +87,8 @@ pub fn launch(args: &[String]) -> i32 {
             .env("LISTEN_FDNAMES", "listen-0")
             .env("HERDSMAN_WORKER_ID", id.to_string())
             .env_remove("NOTIFY_SOCKET");
+        // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
+        // functions (dup2, fcntl, signal) on integers: no allocation, no lock.
         unsafe {
             c.pre_exec(move || {
                 if fd != 3 && libc::dup2(fd, 3) < 0 {
@@ -103,11 +113,13 @@ pub fn launch(args: &[String]) -> i32 {
         let sig = SIGNALLED.load(Ordering::SeqCst);
         if sig != 0 && !forwarded {
             for &p in &pids {
+                // SAFETY: kill(2) on a child's pid; plain integers, no memory.
                 unsafe { libc::kill(p, libc::SIGTERM) };
             }
             forwarded = true;
         }
         let mut status = 0;
+        // SAFETY: `status` is a valid, writable int for the call's duration.
         let r = unsafe { libc::waitpid(-1, &mut status, 0) };
         if r > 0 {
             left -= 1;
@@ -123,6 +135,8 @@ pub fn launch(args: &[String]) -> i32 {
 /// `pid generation main_ns ready_ns` (CLOCK_MONOTONIC) to that file. SIGTERM ends it.
 pub fn worker() -> i32 {
     let main_ns = mono_ns();
+    // SAFETY: the launcher (or herdsman) hands every worker its listening socket at fd 3,
+    // which nothing else in this process owns.
     let l = unsafe { TcpListener::from_raw_fd(3) };
     std::thread::spawn(move || serve(l));
     if let Ok(sock) = std::env::var("NOTIFY_SOCKET") {
@@ -177,6 +191,7 @@ fn serve(l: TcpListener) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // O_NONBLOCK is shared by every process on the socket: wait for readability.
                 let mut p = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: `p` is one valid pollfd, the count says one.
                 unsafe { libc::poll(&mut p, 1, 1000) };
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
@@ -186,6 +201,8 @@ fn serve(l: TcpListener) {
 
 /// A listening TCP socket on `a` with SO_REUSEADDR and SO_REUSEPORT, backlog 4096.
 fn reuseport_listener(a: std::net::SocketAddrV4) -> i32 {
+    // SAFETY: every pointer passed is to a local that outlives the call (`one`, `sa`), with
+    // its true size; the fd is the one socket(2) just returned.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());

@@ -52,12 +52,12 @@ fn main() {
 }
 
 fn standalone_load(a: &[String]) -> i32 {
-    let secs: u64 = a[1].parse().unwrap();
-    let threads: usize = a[2].parse().unwrap();
+    let secs: u64 = a[1].parse().expect("load URL SECS THREADS ka|close: SECS a number");
+    let threads: usize = a[2].parse().expect("load URL SECS THREADS ka|close: THREADS a number");
     let recs = load::run(&a[0], threads, a[3] == "ka", Duration::from_secs(secs), &load::Opts::default());
     let mut lat: Vec<f64> =
         recs.iter().filter(|r| !r.outcome.failed()).map(|r| r.lat_us as f64 / 1000.0).collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    lat.sort_by(|a, b| a.total_cmp(b));
     let failed = recs.iter().filter(|r| r.outcome.failed()).count();
     println!(
         "{} requests ({:.0}/s), {failed} failed, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
@@ -87,7 +87,10 @@ fn sh(cmd: &str) -> String {
 
 fn all(a: &[String]) -> i32 {
     let quick = a.iter().any(|x| x == "--quick");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ is inside the checkout")
+        .to_path_buf();
     let out = a.iter().position(|x| x == "--out").map(|i| PathBuf::from(&a[i + 1])).unwrap_or_else(|| {
         if quick {
             root.join("bench/results/quick")
@@ -102,7 +105,7 @@ fn all(a: &[String]) -> i32 {
         .unwrap_or_default();
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let work = std::env::temp_dir().join(format!("herdsman-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&work).expect("cannot create the output directory");
     let ctx = Ctx::new(quick, root.clone(), work.clone());
     for p in [&ctx.herdsman, &ctx.pm2] {
         if !p.exists() {
@@ -172,14 +175,15 @@ fn all(a: &[String]) -> i32 {
     r.meta.load_after = loadavg();
     r.meta.minutes = t0.elapsed().as_secs_f64() / 60.0;
     let results_dir = if quick { root.join("bench/results/quick") } else { root.join("bench/results") };
-    std::fs::create_dir_all(&results_dir).unwrap();
+    std::fs::create_dir_all(&results_dir).expect("cannot create the output directory");
     // A partial run (--only) keeps its own raw results next to the full run's.
     let rp = if only.is_empty() {
         results_dir.join("results.json")
     } else {
         results_dir.join(format!("results-{}.json", only.join("+")))
     };
-    std::fs::write(&rp, serde_json::to_string_pretty(&r).unwrap()).unwrap();
+    std::fs::write(&rp, serde_json::to_string_pretty(&r).expect("the results serialize"))
+        .expect("cannot write the results");
     write_report(&r, &out);
     let _ = std::fs::remove_dir_all(&work);
     log(&format!(
@@ -198,7 +202,7 @@ fn all(a: &[String]) -> i32 {
 /// only the balance section (`--only balance`) replace that section of an existing
 /// DIR/benchmarks.md and leave the rest of the page (another run's figures) alone.
 fn write_report(r: &Results, out: &Path) {
-    std::fs::create_dir_all(out).unwrap();
+    std::fs::create_dir_all(out).expect("cannot create the output directory");
     let md = out.join("benchmarks.md");
     let only_balance = r.tput.rows.is_empty()
         && r.reloads.cells.is_empty()
@@ -209,17 +213,21 @@ fn write_report(r: &Results, out: &Path) {
         Ok(old) if only_balance && !r.balance.is_empty() => report::splice_balance(&old, r),
         _ => report::markdown(r),
     };
-    std::fs::write(&md, page).unwrap();
+    std::fs::write(&md, page).expect("cannot write the results");
     if !r.tput.rows.is_empty() {
-        std::fs::write(out.join("bench-throughput.svg"), plot::throughput(&r.tput)).unwrap();
+        std::fs::write(out.join("bench-throughput.svg"), plot::throughput(&r.tput))
+            .expect("cannot write the results");
     }
     if !r.reloads.timelines.is_empty() {
-        std::fs::write(out.join("bench-reload.svg"), plot::timelines(&r.reloads.timelines)).unwrap();
+        std::fs::write(out.join("bench-reload.svg"), plot::timelines(&r.reloads.timelines))
+            .expect("cannot write the results");
     }
     if !r.scaling.rows.is_empty() {
-        std::fs::write(out.join("bench-scaling.svg"), plot::scaling(&r.scaling)).unwrap();
+        std::fs::write(out.join("bench-scaling.svg"), plot::scaling(&r.scaling))
+            .expect("cannot write the results");
     }
     if !r.balance.is_empty() {
-        std::fs::write(out.join("bench-balance.svg"), plot::balance(&r.balance)).unwrap();
+        std::fs::write(out.join("bench-balance.svg"), plot::balance(&r.balance))
+            .expect("cannot write the results");
     }
 }

@@ -134,7 +134,7 @@ mod tests {
         let pid = child.id() as i32;
         assert!(children(me()).contains(&pid) && tree(me()).contains(&pid));
         assert!(alive(pid));
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        crate::util::kill(pid, libc::SIGKILL);
         // Killed but not reaped: a zombie, which does not count as alive.
         let end = Instant::now() + Duration::from_secs(10);
         while state(pid) != Some('Z') && Instant::now() < end {

@@ -56,11 +56,11 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(quick: bool, root: PathBuf, work: PathBuf) -> Ctx {
         let pm2_home = work.join("pm2-home");
-        std::fs::create_dir_all(&pm2_home).unwrap();
+        std::fs::create_dir_all(&pm2_home).expect("cannot create PM2_HOME in the work directory");
         Ctx {
             quick,
             herdsman: root.join("target/release/herdsman"),
-            me: std::env::current_exe().unwrap(),
+            me: std::env::current_exe().expect("the bench knows its own path"),
             node_app: root.join("bench/apps/node-app.js"),
             pm2: root.join("bench/.deps/node_modules/.bin/pm2"),
             pm2_home,
@@ -189,7 +189,10 @@ pub fn start_balanced(
             }
             c.args(&cmd);
             let f = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-            c.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).process_group(0);
+            c.stdin(Stdio::null())
+                .stdout(f.try_clone().map_err(|e| e.to_string())?)
+                .stderr(f)
+                .process_group(0);
             let child = c.spawn().map_err(|e| format!("spawn {}: {e}", kind.name()))?;
             let pid = child.id() as i32;
             let mut s = Server {
@@ -204,7 +207,7 @@ pub fn start_balanced(
                 startup: Duration::ZERO,
             };
             let ok = if kind == Kind::Herdsman {
-                let sock = s.control.clone().unwrap();
+                let sock = s.control.clone().expect("a herdsman server has a control socket");
                 wait_until(Duration::from_secs(60), 2, || {
                     control_status(&sock).ok().filter(|st| st["ready"].as_u64() == Some(n as u64)).map(|_| ())
                 })
@@ -248,8 +251,8 @@ pub fn start_balanced(
                 "env": envs,
             }]});
             let eco_path = ctx.work.join(format!("{name}.json"));
-            std::fs::write(&eco_path, eco.to_string()).unwrap();
-            ctx.pm2_run(&["start", eco_path.to_str().unwrap()])?;
+            std::fs::write(&eco_path, eco.to_string()).map_err(|e| e.to_string())?;
+            ctx.pm2_run(&["start", eco_path.to_str().ok_or("the work directory is not UTF-8")?])?;
             let mut s = Server {
                 kind,
                 addr: addr.clone(),
@@ -307,7 +310,7 @@ impl Server {
             Kind::Herdsman => {
                 let out = Command::new(&ctx.herdsman)
                     .arg("reload")
-                    .arg(self.control.as_ref().unwrap())
+                    .arg(self.control.as_ref().expect("a herdsman server has a control socket"))
                     .stdin(Stdio::null())
                     .output()
                     .map_err(|e| e.to_string())?;
@@ -317,14 +320,19 @@ impl Server {
                     Err(format!("herdsman reload: {}", String::from_utf8_lossy(&out.stderr)))
                 }
             }
-            Kind::Pm2 => ctx.pm2_run(&["reload", &self.pm2.as_ref().unwrap().2]).map(|_| ()),
+            Kind::Pm2 => {
+                ctx.pm2_run(&["reload", &self.pm2.as_ref().expect("a PM2 server has its app").2]).map(|_| ())
+            }
             Kind::Limit => Err("the limit launcher cannot reload".into()),
         }
     }
 
     /// Reload through the control protocol directly (no CLI process): isolates the supervisor.
     pub fn reload_direct(&self) -> Result<(), String> {
-        let v = control(self.control.as_ref().unwrap(), r#"{"v":1,"op":"reload","wait":true}"#)?;
+        let v = control(
+            self.control.as_ref().expect("a herdsman server has a control socket"),
+            r#"{"v":1,"op":"reload","wait":true}"#,
+        )?;
         if v["ok"] == true {
             Ok(())
         } else {
@@ -335,14 +343,16 @@ impl Server {
     /// Worker pids: herdsman from its status; PM2 and the launcher: the supervisor's children.
     pub fn worker_pids(&self) -> Vec<i32> {
         match self.kind {
-            Kind::Herdsman => control_status(self.control.as_ref().unwrap())
-                .map(|s| {
-                    s["workers"]
-                        .as_array()
-                        .map(|w| w.iter().filter_map(|w| w["pid"].as_i64().map(|p| p as i32)).collect())
-                        .unwrap_or_default()
-                })
-                .unwrap_or_default(),
+            Kind::Herdsman => {
+                control_status(self.control.as_ref().expect("a herdsman server has a control socket"))
+                    .map(|s| {
+                        s["workers"]
+                            .as_array()
+                            .map(|w| w.iter().filter_map(|w| w["pid"].as_i64().map(|p| p as i32)).collect())
+                            .unwrap_or_default()
+                    })
+                    .unwrap_or_default()
+            }
             _ => children(self.pid),
         }
     }

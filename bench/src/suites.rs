@@ -18,7 +18,7 @@ pub fn log(msg: &str) {
 }
 
 fn chrono_now() -> String {
-    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
 }
 
@@ -140,7 +140,7 @@ fn row_for(rows: &mut Vec<TputRow>, n: usize, keep_alive: bool, kind: Kind) -> &
         return &mut rows[i];
     }
     rows.push(TputRow { n, keep_alive, kind, rps: vec![], ratio: vec![], errors: vec![] });
-    rows.last_mut().unwrap()
+    rows.last_mut().expect("a row was just pushed")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ pub fn lat_stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     if v.is_empty() {
         return (0.0, 0.0, 0.0);
     }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.total_cmp(b));
     (pct(&v, 50.0), pct(&v, 99.0), v.last().copied().unwrap_or(f64::NAN))
 }
 
@@ -499,7 +499,15 @@ pub fn cost(ctx: &Ctx) -> Cost {
     for _ in 0..k {
         let t = Instant::now();
         let _ = Command::new(&ctx.herdsman)
-            .args(["status", h.control.as_ref().unwrap().to_str().unwrap(), "--json"])
+            .args([
+                "status",
+                h.control
+                    .as_ref()
+                    .expect("a herdsman server has a control socket")
+                    .to_str()
+                    .expect("a UTF-8 path"),
+                "--json",
+            ])
             .stdout(Stdio::null())
             .status();
         cli.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -507,7 +515,7 @@ pub fn cost(ctx: &Ctx) -> Cost {
     let mut direct = Vec::new();
     for _ in 0..(k * 5) {
         let t = Instant::now();
-        let _ = control_status(h.control.as_ref().unwrap());
+        let _ = control_status(h.control.as_ref().expect("a herdsman server has a control socket"));
         direct.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let mut jlist = Vec::new();
@@ -519,7 +527,7 @@ pub fn cost(ctx: &Ctx) -> Cost {
         }
     }
     let mut sorted = cli.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    sorted.sort_by(|a, b| a.total_cmp(b));
     log(&format!(
         "  herdsman status --json: {:.2} ms median; protocol only {:.3} ms; pm2 jlist {:.0} ms",
         mmm(&cli).med,

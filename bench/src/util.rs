@@ -1,5 +1,9 @@
 //! Small helpers: clocks, polling, process clean-up, statistics. (`/proc` is read in `procfs`.)
 
+// The monotonic clock and kill(2) through libc: two calls, each an `unsafe` block with its
+// SAFETY comment (the crate denies `unsafe_code` elsewhere).
+#![allow(unsafe_code)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -10,6 +14,7 @@ use crate::procfs::alive;
 /// CLOCK_MONOTONIC in nanoseconds: comparable across processes on this machine.
 pub fn mono_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -33,6 +38,8 @@ pub fn wait_until<T>(timeout: Duration, every_ms: u64, mut f: impl FnMut() -> Op
 }
 
 pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; a gone pid is an
+    // error we ignore.
     unsafe {
         libc::kill(pid, sig);
     }
@@ -62,7 +69,7 @@ pub fn mmm(v: &[f64]) -> Mmm {
     if s.is_empty() {
         return Mmm::default();
     }
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
     let med = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
     Mmm { med, min: s[0], max: s[n - 1], n }
