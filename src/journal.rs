@@ -2,9 +2,9 @@
 //!
 //! Why by hand: the output writer must attach *per-worker* fields (`WORKER_ID`, `WORKER_PID`,
 //! `WORKER_GENERATION`) that `journalctl -u herdsman@NAME WORKER_ID=2` filters on. The stream
-//! transport (stdout to journald) cannot carry custom fields, and `tracing-journald` (used for
-//! herdsman's own events) is about tracing events, not relaying other processes' lines. The
-//! protocol is small: one datagram of `KEY=value\n` fields, with a length-prefixed form for
+//! transport (stdout to journald) cannot carry custom fields, and a tracing-to-journal crate
+//! writes tracing events, not other processes' lines (herdsman's own events use this module
+//! too, through `logging`'s writer thread). The protocol is small: one datagram of `KEY=value\n` fields, with a length-prefixed form for
 //! values that contain a newline.
 
 use std::os::unix::net::UnixDatagram;

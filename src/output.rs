@@ -6,7 +6,8 @@
 //! [`MAX_LINE`] are split) and send them, tagged, to one writer thread. The thread is the only
 //! place that does blocking writes, so a slow terminal or pipe never stalls the event loop; a
 //! full queue pushes back on the worker's pipe instead. Lines carry the worker id, pid and
-//! generation, so a journald backend can add them as fields.
+//! generation: under systemd each line is a journal entry with them as fields
+//! ([`Output::journal`]); standalone they go to the terminal (or JSON) and the `logs` ring.
 
 use std::collections::VecDeque;
 use std::io::Write;

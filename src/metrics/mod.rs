@@ -15,13 +15,11 @@
 //! last fetch has ended. A slow scraper or a hung worker therefore costs the loop nothing but
 //! the snapshot (and the fetches' socket I/O, which are tasks on it).
 //!
-//! Why no `prometheus-client`: its text encoder writes OpenMetrics only (a counter's family
-//! line is `x`, not the `x_total` the 0.0.4 format wants, and it always ends with `# EOF`),
-//! and its registry does not expose metric values to an encoder of our own (its maintainers
-//! say as much in prometheus/client_rust#46). herdsman must speak 0.0.4 by default *and*
-//! merge worker families into the same page, so it keeps its few series itself
-//! ([`model`]) and writes both formats from the same data; a dozen families do not need a
-//! registry.
+//! Why no `prometheus-client`: a client library's registry and encoders render its own
+//! metrics, while herdsman's page is its dozen families *merged* with every worker's page,
+//! parsed and relabelled with `worker`, in 0.0.4 by default or OpenMetrics. So it keeps its few
+//! series itself ([`model`]) and renders both formats, the workers' families included, from
+//! the same data; a dozen families do not need a registry.
 //!
 //! Worker sockets live in herdsman's runtime directory (that of the default control socket,
 //! next to the workers' notify socket): `metrics-HPID-SLOT-SEQ.sock`, unique per worker

@@ -3,8 +3,8 @@
 //! [`probe`]): a Kubernetes readiness/liveness probe needs no other port.
 //!
 //! Why no HTTP crate: herdsman answers exactly one request per connection (`GET /metrics`,
-//! `Connection: close`) and reads exactly one answer from each worker; hyper (or axum on
-//! top of it) would be most of the binary and of its dependency tree for that. The request
+//! `Connection: close`) and reads exactly one answer from each worker; an HTTP crate (hyper,
+//! or axum on top of it) would bring its own dependency tree for that. The request
 //! head parser and the response body reader here are pure functions over bytes, bounded,
 //! and fuzzed in `tests/fuzz.rs`.
 //!
