@@ -23,7 +23,7 @@ const BUSY_RETRY: Duration = Duration::from_secs(5);
 /// Sends `op` to the supervisor at `path`; calls `progress` for each progress line and returns
 /// the final reply. A "busy" answer (nothing was carried out) is retried for up to
 /// 5 s (`BUSY_RETRY`), within `timeout`.
-pub fn call(
+pub(crate) fn call(
     path: &Path,
     op: Op,
     timeout: Duration,
@@ -41,7 +41,7 @@ pub fn call(
 /// [`call`] for answers of many lines (`logs`): `interim` sees every reply that is not an
 /// error and says whether more are to come (`true`: read on); the first one it says `false`
 /// to is returned.
-pub fn call_with(
+pub(crate) fn call_with(
     path: &Path,
     op: Op,
     timeout: Duration,
@@ -152,7 +152,7 @@ fn call_inner(
 
 const QUICK: Duration = Duration::from_secs(10);
 
-pub fn status(target: Option<&str>, json: bool, env: &paths::Env) -> Result<(), Failure> {
+pub(crate) fn status(target: Option<&str>, json: bool, env: &paths::Env) -> Result<(), Failure> {
     let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
     match call(&path, Op::Status, QUICK, |_| {})? {
         Reply::Status { status } if json => {
@@ -168,7 +168,7 @@ pub fn status(target: Option<&str>, json: bool, env: &paths::Env) -> Result<(), 
 }
 
 /// `herdsman metrics [TARGET]`: the page, as the HTTP endpoint serves it (0.0.4 text).
-pub fn metrics(target: Option<&str>, env: &paths::Env) -> Result<(), Failure> {
+pub(crate) fn metrics(target: Option<&str>, env: &paths::Env) -> Result<(), Failure> {
     let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
     match call(&path, Op::Metrics, QUICK, |_| {})? {
         Reply::Metrics { text } => {
@@ -179,7 +179,7 @@ pub fn metrics(target: Option<&str>, env: &paths::Env) -> Result<(), Failure> {
     }
 }
 
-pub fn list(json: bool, env: &paths::Env) -> Result<(), Failure> {
+pub(crate) fn list(json: bool, env: &paths::Env) -> Result<(), Failure> {
     let apps = paths::discover(env);
     let mut rows = vec![["NAME", "PID", "READY", "GEN", "STATUS", "CONTROL"].map(String::from).to_vec()];
     let mut snaps = Vec::new();
@@ -216,7 +216,12 @@ pub fn list(json: bool, env: &paths::Env) -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn reload(target: Option<&str>, wait: bool, timeout: Duration, env: &paths::Env) -> Result<(), Failure> {
+pub(crate) fn reload(
+    target: Option<&str>,
+    wait: bool,
+    timeout: Duration,
+    env: &paths::Env,
+) -> Result<(), Failure> {
     let path = paths::resolve(target, env).map_err(|m| fail(exit::UNAVAILABLE, m))?;
     let started = Instant::now();
     let reply = loop {
@@ -245,7 +250,7 @@ pub fn reload(target: Option<&str>, wait: bool, timeout: Duration, env: &paths::
     }
 }
 
-pub fn scale(
+pub(crate) fn scale(
     target: Option<&str>,
     workers: &str,
     wait: bool,
@@ -264,7 +269,7 @@ pub fn scale(
 }
 
 /// `herdsman upgrade [TARGET] [--binary PATH]`: the new image answers (with its version).
-pub fn upgrade(
+pub(crate) fn upgrade(
     target: Option<&str>,
     binary: Option<&Path>,
     timeout: Duration,

@@ -21,7 +21,7 @@ const INIT_CONFIG_DIR: &str = "/etc/herdsman";
 
 /// What `herdsman logs` was asked.
 #[derive(Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     pub target: Option<String>,
     pub follow: bool,
     pub lines: usize,
@@ -32,7 +32,7 @@ pub struct Args {
 
 /// `--since TIME` as µs since the epoch: a duration ago (`10m`, `2h 30m`), `@UNIX_SECONDS`,
 /// or an RFC 3339 time in UTC (`2026-12-07T05:00:00Z`, `2026-12-07 05:00:00`).
-pub fn since(s: &str, now: SystemTime) -> Result<u64, String> {
+pub(crate) fn since(s: &str, now: SystemTime) -> Result<u64, String> {
     let t = s.trim();
     if let Ok(d) = humantime::parse_duration(t) {
         return Ok(unix_us(now).saturating_sub(d.as_micros() as u64));
@@ -61,7 +61,7 @@ fn print(r: &Record, json: bool) -> bool {
 }
 
 /// Runs `herdsman logs`.
-pub fn logs(a: &Args, env: &paths::Env) -> Result<(), Failure> {
+pub(crate) fn logs(a: &Args, env: &paths::Env) -> Result<(), Failure> {
     let since_us = a
         .since
         .as_deref()

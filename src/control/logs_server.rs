@@ -23,13 +23,13 @@ use crate::protocol::{ErrorKind, Reply};
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `logs -f` connections served at the same time (besides the request slots).
-pub const MAX_FOLLOWERS: usize = 16;
+pub(crate) const MAX_FOLLOWERS: usize = 16;
 /// Of [`MAX_FOLLOWERS`], non-root peers hold at most this many.
-pub const USER_FOLLOWERS: usize = 12;
+pub(crate) const USER_FOLLOWERS: usize = 12;
 
 /// The follower places; cheap to clone.
 #[derive(Clone)]
-pub struct Followers {
+pub(crate) struct Followers {
     all: Arc<Semaphore>,
     users: Arc<Semaphore>,
 }
@@ -65,7 +65,7 @@ fn lines(records: &[Arc<Record>]) -> String {
 /// dropped when it becomes a follower; `reader` is the rest of the connection (only read to
 /// notice the hang-up).
 #[allow(clippy::too_many_arguments)]
-pub async fn answer<W: AsyncWriteExt + Unpin>(
+pub(crate) async fn answer<W: AsyncWriteExt + Unpin>(
     source: Source,
     query: Query,
     follow: bool,

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub const SOCKET_FILE: &str = "control.sock";
+pub(crate) const SOCKET_FILE: &str = "control.sock";
 const SYSTEM_DIR: &str = "/run/herdsman";
 
 /// The environment variables that decide socket locations.
@@ -20,7 +20,7 @@ pub struct Env {
 
 impl Env {
     /// From the environment as `var` reads it (`app::Process::var`: what `main` read once).
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+    pub(crate) fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         Env {
             runtime_directory: var("RUNTIME_DIRECTORY").filter(|s| !s.is_empty()),
             xdg_runtime_dir: var("XDG_RUNTIME_DIR").filter(|s| !s.is_empty()),
@@ -42,7 +42,7 @@ impl Env {
 }
 
 /// The socket `herdsman run` creates for app `name` when `--control` is not given.
-pub fn default_socket(name: &str, env: &Env) -> PathBuf {
+pub(crate) fn default_socket(name: &str, env: &Env) -> PathBuf {
     if let Some(rd) = &env.runtime_directory {
         // systemd may list several directories separated by ':'; ours is the first.
         let first = rd.split(':').next().unwrap_or(rd);
@@ -59,14 +59,14 @@ pub fn default_socket(name: &str, env: &Env) -> PathBuf {
 /// The shared-`/tmp` directory [`default_socket`] falls back to (non-root, no
 /// `XDG_RUNTIME_DIR`), which must be checked with [`ensure_private_dir`] before use: anyone
 /// can create `/tmp/herdsman-UID` first.
-pub fn fallback_dir(env: &Env) -> Option<PathBuf> {
+pub(crate) fn fallback_dir(env: &Env) -> Option<PathBuf> {
     let used = env.runtime_directory.is_none() && env.xdg_runtime_dir.is_none() && env.euid != 0;
     used.then(|| std::env::temp_dir().join(format!("herdsman-{}", env.euid)))
 }
 
 /// Why a private runtime directory cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum PrivateDirError {
+pub(crate) enum PrivateDirError {
     #[error(
         "{} is not ours ({what}): another user may have created it to spy on or hijack the control socket; set XDG_RUNTIME_DIR to a private directory (e.g. /run/user/{euid}) or pass --control",
         dir.display()
@@ -78,7 +78,7 @@ pub enum PrivateDirError {
 
 /// Makes sure `dir` is a directory (not a symlink) owned by `euid` with mode 0700: creates it
 /// so, fixes the mode of one of ours, refuses anything else.
-pub fn ensure_private_dir(dir: &Path, euid: u32) -> Result<(), PrivateDirError> {
+pub(crate) fn ensure_private_dir(dir: &Path, euid: u32) -> Result<(), PrivateDirError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let io = |err| PrivateDirError::Io { dir: dir.to_path_buf(), err };
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
@@ -102,7 +102,7 @@ pub fn ensure_private_dir(dir: &Path, euid: u32) -> Result<(), PrivateDirError> 
 }
 
 /// Every control socket found in the standard places, as (app name, path).
-pub fn discover(env: &Env) -> Vec<(String, PathBuf)> {
+pub(crate) fn discover(env: &Env) -> Vec<(String, PathBuf)> {
     let mut found: Vec<(String, PathBuf)> = Vec::new();
     let mut dirs = env.app_dirs();
     if let Some(rd) = &env.runtime_directory {
@@ -133,7 +133,7 @@ fn live_only(apps: Vec<(String, PathBuf)>) -> Vec<(String, PathBuf)> {
 }
 
 /// Turns a TARGET into a socket path.
-pub fn resolve(target: Option<&str>, env: &Env) -> Result<PathBuf, String> {
+pub(crate) fn resolve(target: Option<&str>, env: &Env) -> Result<PathBuf, String> {
     match target {
         Some(t) if t.contains('/') => Ok(PathBuf::from(t)),
         Some(name) => {

@@ -45,7 +45,7 @@ pub const MAX_CLIENTS: usize = 64;
 
 /// Who may use the socket besides root.
 #[derive(Debug, Clone, Copy)]
-pub struct Access {
+pub(crate) struct Access {
     pub uid: u32,
     pub group: Option<u32>,
 }
@@ -90,7 +90,7 @@ fn member_groups(uid: u32, gid: u32) -> Vec<u32> {
 }
 
 /// The bound socket; the file (and the directory, if we made it) is removed on drop.
-pub struct Bound {
+pub(crate) struct Bound {
     pub listener: std::os::unix::net::UnixListener,
     pub path: PathBuf,
     made_dir: Option<PathBuf>,
@@ -98,12 +98,12 @@ pub struct Bound {
 
 impl Bound {
     /// The directory herdsman created for the socket (removed at exit), if any.
-    pub fn made_dir(&self) -> Option<PathBuf> {
+    pub(crate) fn made_dir(&self) -> Option<PathBuf> {
         self.made_dir.clone()
     }
 
     /// The socket a previous image handed over in an in-place upgrade.
-    pub fn adopt(
+    pub(crate) fn adopt(
         fd: std::os::fd::OwnedFd,
         path: PathBuf,
         made_dir: Option<PathBuf>,
@@ -125,7 +125,7 @@ impl Drop for Bound {
 
 /// Why the control socket could not be created.
 #[derive(Debug, thiserror::Error)]
-pub enum BindError {
+pub(crate) enum BindError {
     #[error("cannot create the control directory {}: {err}", dir.display())]
     Dir { dir: PathBuf, err: std::io::Error },
     #[error(
@@ -157,7 +157,7 @@ pub enum BindError {
 /// mode and owner systemd re-applies before every `ExecReload=`; changing its group would
 /// even make systemd re-own everything inside (the socket's group included). The shipped
 /// unit's `RuntimeDirectoryMode=0711` lets `control_group` members reach the socket.
-pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, BindError> {
+pub(crate) fn bind(path: &Path, group: Option<u32>) -> Result<Bound, BindError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let made_dir = if dir.exists() {
         None
@@ -196,7 +196,7 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<Bound, BindError> {
 }
 
 /// Serves clients until the runtime shuts down.
-pub fn spawn(
+pub(crate) fn spawn(
     bound: &Bound,
     controls: mpsc::Sender<Control>,
     access: Access,
@@ -267,10 +267,10 @@ const MAX_LOOKUPS: usize = 16;
 
 /// Of [`MAX_CLIENTS`], this many are only ever used by uid 0 (`systemctl reload` runs
 /// `herdsman reload` as root): whatever other users hold, root gets a slot.
-pub const ROOT_SLOTS: usize = 16;
+pub(crate) const ROOT_SLOTS: usize = 16;
 
 /// Slots one non-root uid may hold at once.
-pub const SLOTS_PER_UID: usize = 16;
+pub(crate) const SLOTS_PER_UID: usize = 16;
 
 /// A non-root client's request must arrive within this (root's: [`REQUEST_TIMEOUT`]). Every
 /// client sends its one line at once; an idle connection only holds a slot.

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::protocol::{Snapshot, WorkerState};
 
 /// `42s`, `7m`, `2h`, `3d`.
-pub fn age(secs: f64) -> String {
+pub(crate) fn age(secs: f64) -> String {
     let s = secs.max(0.0) as u64;
     match s {
         0..60 => format!("{s}s"),
@@ -16,7 +16,7 @@ pub fn age(secs: f64) -> String {
 }
 
 /// `812 kB`, `53.9 MB`, `1.2 GB` (powers of 1000, like PM2).
-pub fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     let n = n as f64;
     if n < 1e6 {
         format!("{:.0} kB", n / 1e3)
@@ -32,7 +32,7 @@ fn now_unix() -> u64 {
 }
 
 /// Lays out rows with every column as wide as its widest cell.
-pub fn columns(rows: &[Vec<String>]) -> String {
+pub(crate) fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
@@ -52,7 +52,7 @@ pub fn columns(rows: &[Vec<String>]) -> String {
     out
 }
 
-pub fn status(s: &Snapshot) -> String {
+pub(crate) fn status(s: &Snapshot) -> String {
     let mut out = format!(
         "{} · pid {} · {}/{} ready · generation {} · {} · balance {} · herdsman {} · upgrades {}\n",
         s.name,

@@ -57,17 +57,17 @@ use crate::requests::Control;
 use model::{Family, Format, Histogram, Kind};
 
 /// How long one worker's page may take.
-pub const WORKER_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const WORKER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest worker page accepted.
-pub const WORKER_MAX_BYTES: usize = 4 << 20;
+pub(crate) const WORKER_MAX_BYTES: usize = 4 << 20;
 /// The most samples (series) a worker page may have: a 4 MiB page of `a 1` lines is a million
 /// series, which rendered with their `worker` label made a 37 MB page of two workers' 8 MiB.
-pub const WORKER_MAX_SERIES: usize = 20_000;
+pub(crate) const WORKER_MAX_SERIES: usize = 20_000;
 /// The most metric families a worker page may have.
-pub const WORKER_MAX_FAMILIES: usize = 2_000;
+pub(crate) const WORKER_MAX_FAMILIES: usize = 2_000;
 /// The workers' part of a page is at most this large, rendered: pages that would make it
 /// larger are skipped (and counted), in the order they arrive.
-pub const WORKERS_MAX_RENDERED: usize = 16 << 20;
+pub(crate) const WORKERS_MAX_RENDERED: usize = 16 << 20;
 /// A scrape that read or built at least this much gives the freed memory back to the system
 /// when it is done (glibc keeps freed heap memory, and raises its mmap threshold after a big
 /// buffer is freed, so the next big buffers come from the heap).
@@ -80,7 +80,7 @@ const START_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 
 /// Why a worker exited, for `herdsman_worker_exits_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reason {
+pub(crate) enum Reason {
     Exit,
     Signal,
     Watchdog,
@@ -101,7 +101,7 @@ impl Reason {
 
     /// From what the supervisor gave up on it for (`Worker::failure`) and its wait status:
     /// a watchdog or memory replacement counts as such even though it ends by a signal.
-    pub fn of(failure: Option<crate::worker::FailureKind>, status: WaitStatus) -> Reason {
+    pub(crate) fn of(failure: Option<crate::worker::FailureKind>, status: WaitStatus) -> Reason {
         use crate::worker::FailureKind;
         match failure {
             Some(FailureKind::Watchdog) => Reason::Watchdog,
@@ -161,7 +161,7 @@ pub struct Metrics(Arc<Inner>);
 impl Metrics {
     /// `dir`: herdsman's runtime directory (worker sockets go there; `None`: workers get no
     /// `HERDSMAN_METRICS_SOCKET`). `sockets`: copies of the listening sockets, labelled.
-    pub fn new(dir: Option<PathBuf>, sockets: Vec<(String, OwnedFd)>) -> Metrics {
+    pub(crate) fn new(dir: Option<PathBuf>, sockets: Vec<(String, OwnedFd)>) -> Metrics {
         if let Some(d) = &dir {
             remove_stale(d, false);
         }
@@ -203,7 +203,7 @@ impl Metrics {
     }
 
     /// The HTTP endpoint's address (for `status`), once it is serving.
-    pub fn address(&self) -> Option<String> {
+    pub(crate) fn address(&self) -> Option<String> {
         self.0.address.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -213,7 +213,7 @@ impl Metrics {
 
     /// The `HERDSMAN_METRICS_SOCKET` for a new worker in `slot` running as `user` (`None`:
     /// as herdsman); `None` when there is no usable directory.
-    pub fn socket_for(&self, slot: usize, user: Option<(u32, u32)>) -> Option<String> {
+    pub(crate) fn socket_for(&self, slot: usize, user: Option<(u32, u32)>) -> Option<String> {
         let base = self.0.dir.as_ref()?;
         let dir = match user {
             Some((uid, gid)) if uid != self.0.euid => {
@@ -237,7 +237,7 @@ impl Metrics {
     }
 
     /// A worker started with `socket` (from [`Metrics::socket_for`]).
-    pub fn launched(&self, pid: i32, slot: usize, socket: Option<String>) {
+    pub(crate) fn launched(&self, pid: i32, slot: usize, socket: Option<String>) {
         let mut s = self.state();
         s.slots.insert(slot);
         if let Some(p) = socket {
@@ -246,7 +246,7 @@ impl Metrics {
     }
 
     /// A worker exited: count it, remove its socket file.
-    pub fn exited(&self, pid: i32, slot: usize, reason: Reason) {
+    pub(crate) fn exited(&self, pid: i32, slot: usize, reason: Reason) {
         let mut s = self.state();
         *s.exits.entry((slot, reason)).or_default() += 1;
         if let Some((_, path)) = s.sockets.remove(&pid) {
@@ -258,12 +258,12 @@ impl Metrics {
     }
 
     /// A slot's worker is replaced after an unexpected exit.
-    pub fn restarted(&self, slot: usize) {
+    pub(crate) fn restarted(&self, slot: usize) {
         *self.state().restarts.entry(slot).or_default() += 1;
     }
 
     /// A reload ended; `took` is the roll-out's duration (`None`: refused before starting).
-    pub fn reloaded(&self, ok: bool, took: Option<Duration>) {
+    pub(crate) fn reloaded(&self, ok: bool, took: Option<Duration>) {
         let mut s = self.state();
         s.reloads[usize::from(!ok)] += 1;
         if let Some(t) = took {
@@ -272,7 +272,7 @@ impl Metrics {
     }
 
     /// A worker became ready `took` after it was spawned.
-    pub fn ready(&self, took: Duration) {
+    pub(crate) fn ready(&self, took: Duration) {
         self.state().start_seconds.observe(took.as_secs_f64());
     }
 }
@@ -280,7 +280,7 @@ impl Metrics {
 impl Metrics {
     /// herdsman is exiting (its workers are gone): removes their socket files and the
     /// `metrics-uUID/` directories (see `remove_stale`). Also done when the last handle goes.
-    pub fn remove_files(&self) {
+    pub(crate) fn remove_files(&self) {
         remove_files(self.0.dir.as_deref(), &mut self.state().sockets);
     }
 }

@@ -24,15 +24,15 @@ const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_RQLEN: u16 = 4;
 
 /// Queue length and limit by socket inode.
-pub type Queues = HashMap<u64, (u64, u64)>;
+pub(crate) type Queues = HashMap<u64, (u64, u64)>;
 
 /// The inode of a socket fd (what sock_diag reports).
-pub fn inode(fd: &OwnedFd) -> Option<u64> {
+pub(crate) fn inode(fd: &OwnedFd) -> Option<u64> {
     nix::sys::stat::fstat(fd.as_raw_fd()).ok().map(|s| s.st_ino)
 }
 
 /// One dump of every listening TCP (v4, v6) and unix socket in our network namespace.
-pub fn listening() -> Queues {
+pub(crate) fn listening() -> Queues {
     let mut q = Queues::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         let _ = dump(&inet_request(family), 16 + 4 + 48 + 4, &mut |m| {

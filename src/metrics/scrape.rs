@@ -15,7 +15,11 @@ use super::*;
 impl Metrics {
     /// The page: herdsman's families, then the workers'. Asks the loop for a snapshot
     /// through `controls`; everything else happens outside the loop.
-    pub async fn collect(&self, controls: &mpsc::Sender<Control>, format: Format) -> Result<String, String> {
+    pub(crate) async fn collect(
+        &self,
+        controls: &mpsc::Sender<Control>,
+        format: Format,
+    ) -> Result<String, String> {
         let (tx, rx) = oneshot::channel();
         controls.send(Control::Status { reply: tx }).await.map_err(|_| "the supervisor is shutting down")?;
         let snap = match tokio::time::timeout(SNAPSHOT_TIMEOUT, rx).await {

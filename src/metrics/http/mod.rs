@@ -36,7 +36,7 @@ pub use wire::{
 use wire::{head_ends, head_of, reason, response};
 
 /// Longest request head accepted.
-pub const MAX_HEAD: usize = 8 * 1024;
+pub(crate) const MAX_HEAD: usize = 8 * 1024;
 /// A client must send its request within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client must take the page within this.
@@ -46,15 +46,15 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections open at once. When full, a new connection evicts the oldest one that has not
 /// sent its request yet; while every one has, new ones wait in the listen queue.
-pub const MAX_CONNECTIONS: usize = 256;
+pub(crate) const MAX_CONNECTIONS: usize = 256;
 /// One deadline on waiting for the page and building it; `503` after it.
-pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
 /// Requests that come within this of a page's build get that page (one page per scrape
 /// interval, whatever the number of scrapers).
-pub const FRESH: Duration = Duration::from_secs(1);
+pub(crate) const FRESH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
-pub enum BindError {
+pub(crate) enum BindError {
     #[error(
         "cannot bind the metrics address {addr}: {err}; choose another --metrics address or stop whatever uses it"
     )]
@@ -62,13 +62,13 @@ pub enum BindError {
 }
 
 /// A bound metrics endpoint, not serving yet.
-pub enum Bound {
+pub(crate) enum Bound {
     Tcp(std::net::TcpListener, String),
     Unix(std::os::unix::net::UnixListener, std::path::PathBuf),
 }
 
 impl Bound {
-    pub fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         match self {
             Bound::Tcp(_, a) => a.clone(),
             Bound::Unix(_, p) => format!("unix:{}", p.display()),
@@ -78,7 +78,9 @@ impl Bound {
 
 impl Bound {
     /// A copy of the listening socket, to hand over in an in-place upgrade.
-    pub fn carry(&self) -> std::io::Result<(std::os::fd::OwnedFd, Option<std::path::PathBuf>, String)> {
+    pub(crate) fn carry(
+        &self,
+    ) -> std::io::Result<(std::os::fd::OwnedFd, Option<std::path::PathBuf>, String)> {
         Ok(match self {
             Bound::Tcp(l, a) => (l.try_clone()?.into(), None, a.clone()),
             Bound::Unix(l, p) => (l.try_clone()?.into(), Some(p.clone()), self.address()),
@@ -86,7 +88,7 @@ impl Bound {
     }
 
     /// The endpoint a previous image handed over.
-    pub fn adopt(
+    pub(crate) fn adopt(
         fd: std::os::fd::OwnedFd,
         unix: Option<std::path::PathBuf>,
         address: String,
@@ -115,7 +117,7 @@ impl Drop for Bound {
 }
 
 /// Binds `addr` (before the event loop starts, so a bad one fails the start).
-pub fn bind(addr: &ListenAddr) -> Result<Bound, BindError> {
+pub(crate) fn bind(addr: &ListenAddr) -> Result<Bound, BindError> {
     let fail = |err| BindError::Bind { addr: addr.to_string(), err };
     match addr {
         ListenAddr::AnyAddress(port) => {
@@ -148,7 +150,7 @@ pub fn bind(addr: &ListenAddr) -> Result<Bound, BindError> {
 }
 
 /// Serves `bound` until the runtime ends. Each connection is its own task.
-pub fn serve(bound: &Bound, metrics: Metrics, controls: mpsc::Sender<Control>) -> std::io::Result<()> {
+pub(crate) fn serve(bound: &Bound, metrics: Metrics, controls: mpsc::Sender<Control>) -> std::io::Result<()> {
     metrics.set_address(bound.address());
     let shared = Shared {
         metrics,
@@ -422,7 +424,7 @@ impl Shared {
 /// `/live` is 200 when it answered within [`LIVE_DEADLINE`]; `/ready` is 200 when it
 /// answered in time *and* said every slot has a ready worker and no stop is in progress.
 /// Bodies are one short line.
-pub async fn probe(p: Probe, controls: &mpsc::Sender<Control>) -> (u16, &'static str) {
+pub(crate) async fn probe(p: Probe, controls: &mpsc::Sender<Control>) -> (u16, &'static str) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let asked = tokio::time::timeout(LIVE_DEADLINE, async {
         controls.send(Control::Probe { reply: tx }).await.ok()?;
