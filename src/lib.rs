@@ -26,8 +26,8 @@
 //!   loop; [`notify`] speaks sd_notify with systemd above and with workers below. [`logs`]
 //!   keeps a bounded ring of recent worker lines for `herdsman logs` (standalone; under
 //!   systemd the client reads the journal).
-//! * [`control`] is the control socket (protocol — the public wire schema —, server, client;
-//!   peers authenticated by `SO_PEERCRED`); [`procstat`] reads `/proc` for it and the metrics; [`metrics`] serves Prometheus metrics, herdsman's own and its workers',
+//! * [`control`] is the control socket (server, client, the `logs` request's halves; peers
+//!   authenticated by `SO_PEERCRED`), speaking [`protocol`] (the public wire schema); [`procstat`] reads `/proc` for it and the metrics; [`metrics`] serves Prometheus metrics, herdsman's own and its workers',
 //!   outside the loop.
 //! * [`reaper`] reaps orphans as a container's PID 1 (or as a subreaper) without ever taking a
 //!   worker's exit; [`init`] and [`service`] install an app as systemd units and drive them.
@@ -36,6 +36,11 @@
 //!   `execve` in one memfd; `supervisor/handover.rs` is the loop's side.
 //! * [`watch`] (`--watch`, for development) turns file changes into [`requests`];
 //!   `supervisor/watch.rs` debounces them into one rolling reload, never during a roll-out.
+//! * Leaves, shared by the modules above without tying them to each other (no import cycle
+//!   among the top-level modules: `tests/architecture.rs`): [`protocol`], [`program`]
+//!   (finding a worker's program), [`handoff`] (the upgrade's fd [`handoff::Exporter`] and
+//!   [`handoff::UpgradeError`]), [`env`] (shared variable names), [`glob`], [`exit`] (the
+//!   codes and [`exit::Failure`]) and [`sys`].
 
 pub mod app;
 pub mod backoff;
