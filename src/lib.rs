@@ -44,6 +44,7 @@ pub mod config;
 pub mod control;
 pub mod credentials;
 pub mod exit;
+pub mod fdstore;
 pub mod generate;
 pub mod init;
 pub mod intercept;
