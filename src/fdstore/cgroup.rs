@@ -13,9 +13,11 @@
 //! (the `0::` line then lives under `/sys/fs/cgroup/unified`). [`locate`] picks the first
 //! that exists, in that order. Child cgroups (none without `Delegate=`) are included.
 //!
-//! Killing is by pidfd: a pid read from `cgroup.procs` is opened, then checked to still be in
-//! the cgroup, and only then signalled through the pidfd, so a pid reused meanwhile by a
-//! process outside the cgroup is never hit.
+//! Killing is by pidfd: a pid read from `cgroup.procs` is opened, then checked to still be
+//! listed there, and only then signalled through the pidfd, so a pid reused meanwhile by a
+//! process outside the cgroup is never hit. (`cgroup.procs`, not `/proc/PID/cgroup`: with
+//! `ProtectProc=invisible` and no `CAP_SYS_PTRACE`, root cannot see a `nobody` worker's
+//! `/proc` entry.)
 
 use std::collections::BTreeSet;
 use std::io;
@@ -96,14 +98,6 @@ impl Cgroup {
         collect(&self.dir, &mut out, 0)?;
         Ok(out)
     }
-
-    /// Whether `pid` is (still) in this cgroup or one below it.
-    pub fn contains(&self, pid: i32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .and_then(|t| parse(&t, self.hierarchy))
-            .is_some_and(|p| p == self.path || p.starts_with(&format!("{}/", self.path)))
-    }
 }
 
 fn collect(dir: &Path, out: &mut BTreeSet<i32>, depth: usize) -> io::Result<()> {
@@ -149,9 +143,15 @@ pub fn sweep(cg: &Cgroup, keep: &BTreeSet<i32>, within: Duration) -> io::Result<
             swept.left.clear();
             return Ok(swept);
         }
-        for &pid in &extra {
-            let Ok(pidfd) = crate::sys::pidfd_open(pid) else { continue };
-            if !cg.contains(pid) {
+        // Open first, then check membership again: a pidfd refers to whoever held the pid
+        // when it was opened, and that process still holds it as long as it lives. So if the
+        // pid is still listed after the open, a signal through the pidfd reaches either that
+        // member of the cgroup or a dead process (ESRCH), never a process outside.
+        let opened: Vec<(i32, OwnedFd)> =
+            extra.iter().filter_map(|&pid| crate::sys::pidfd_open(pid).ok().map(|fd| (pid, fd))).collect();
+        let members = cg.procs()?;
+        for (pid, pidfd) in opened {
+            if !members.contains(&pid) {
                 continue;
             }
             match crate::sys::pidfd_signal(&pidfd, libc::SIGKILL) {
@@ -284,32 +284,29 @@ mod tests {
 
     #[test]
     fn a_sweep_kills_only_what_is_in_the_cgroup_and_not_kept() {
-        // A fake cgroup directory listing a child of ours, a kept child, and a pid outside it
-        // (`contains` reads /proc: our real cgroup is the one named).
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let Some(h) =
-            [Hierarchy::Unified, Hierarchy::NamedSystemd].into_iter().find(|h| parse(&own, *h).is_some())
-        else {
-            return;
-        };
-        let path = parse(&own, h).unwrap();
+        // A fake cgroup directory listing us, a child of ours, a kept child, and a pid that
+        // does not exist; a third child of ours is not listed: it must live.
         let s = crate::scratch::Scratch::new("cgroup-sweep");
         let mut doomed = std::process::Command::new("sleep").arg("60").spawn().unwrap();
         let mut kept = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut outside = std::process::Command::new("sleep").arg("60").spawn().unwrap();
         let (d, k) = (doomed.id() as i32, kept.id() as i32);
         std::fs::write(
             s.path().join("cgroup.procs"),
             format!("{}\n{d}\n{k}\n999999999\n", std::process::id()),
         )
         .unwrap();
-        let cg = Cgroup { hierarchy: h, path, dir: s.path().to_path_buf() };
+        let cg = Cgroup { hierarchy: Hierarchy::Unified, path: "/test".into(), dir: s.path().to_path_buf() };
         let keep = BTreeSet::from([k]);
         let swept = sweep(&cg, &keep, Duration::from_millis(300)).unwrap();
         assert_eq!(swept.killed, BTreeSet::from([d]));
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(doomed.wait().unwrap().signal(), Some(libc::SIGKILL));
         assert!(kept.try_wait().unwrap().is_none(), "the kept process lives");
-        let _ = kept.kill();
-        let _ = kept.wait();
+        assert!(outside.try_wait().unwrap().is_none(), "a process outside the cgroup lives");
+        for mut c in [kept, outside] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
