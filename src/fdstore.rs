@@ -310,6 +310,50 @@ mod tests {
     }
 
     #[test]
+    fn a_full_manager_socket_keeps_the_fd_and_the_order() {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let dir = crate::scratch::Scratch::new("fdstore-full");
+        let path = dir.path().join("notify");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        setsockopt(&rx, sockopt::RcvBuf, &1024).unwrap();
+        let n = Notifier::new(path.to_str()).unwrap();
+        let mut i = 0;
+        while !n.has_backlog() {
+            assert!(i < 100_000, "the socket never filled up");
+            n.send(&format!("EXTEND_TIMEOUT_USEC={i}\nX-FILLER={i}"));
+            i += 1;
+        }
+        let (r, w) = crate::sys::pipe_cloexec().unwrap();
+        store(&n, "out-0-1-7", r.as_fd(), true).unwrap();
+        drop(r); // the waiting message holds its own copy
+        n.send("READY=1");
+        let mut got = Vec::new();
+        loop {
+            let mut more = false;
+            while let Ok((msg, fds)) = crate::sys::recv_with_fds(&rx) {
+                got.push((msg, fds));
+                more = true;
+            }
+            let waiting = n.flush();
+            if !more && !waiting {
+                break;
+            }
+        }
+        let at = |m: &str| got.iter().position(|(g, _)| g == m);
+        let (stored, ready) = (at("FDSTORE=1\nFDNAME=herdsman.out-0-1-7"), at("READY=1"));
+        assert!(stored.is_some() && ready.is_some() && stored < ready, "order kept: {stored:?} {ready:?}");
+        let fds = &got[stored.unwrap()].1;
+        assert_eq!(fds.len(), 1);
+        // It is the pipe: writing to the other end makes it readable.
+        use std::io::{Read, Write};
+        std::fs::File::from(w).write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        std::fs::File::from(fds[0].try_clone().unwrap()).read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"x");
+    }
+
+    #[test]
     fn a_stored_fd_arrives_with_its_name_and_the_same_file() {
         use std::io::{Read, Write};
         let dir = crate::scratch::Scratch::new("fdstore-send");
