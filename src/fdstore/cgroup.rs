@@ -118,6 +118,43 @@ fn collect(dir: &Path, out: &mut BTreeSet<i32>, depth: usize) -> io::Result<()> 
     Ok(())
 }
 
+/// `roots` and every process of `procs` that descends from one of them or shares a root's
+/// process group (workers are group leaders; a pre-forking server's children are in its
+/// group, a daemonizing child has the worker as its parent until it double-forks): what a
+/// sweep must keep besides the re-adopted workers themselves. Reads `/proc/PID/stat`; a
+/// process whose entry cannot be read (gone, or hidden by `ProtectProc=invisible` from a
+/// supervisor without `CAP_SYS_PTRACE`: a worker of another user) is not kept.
+pub fn family(procs: &BTreeSet<i32>, roots: &BTreeSet<i32>) -> BTreeSet<i32> {
+    let links: Vec<(i32, i32, i32)> = procs
+        .iter()
+        .filter_map(|&pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (ppid, pgid) = parse_stat(&stat)?;
+            Some((pid, ppid, pgid))
+        })
+        .collect();
+    let mut kept = roots.clone();
+    loop {
+        let before = kept.len();
+        for &(pid, ppid, pgid) in &links {
+            if kept.contains(&ppid) || roots.contains(&pgid) {
+                kept.insert(pid);
+            }
+        }
+        if kept.len() == before {
+            return kept;
+        }
+    }
+}
+
+/// (ppid, pgid) from a `/proc/PID/stat` line (the command name may hold spaces and `)`).
+fn parse_stat(stat: &str) -> Option<(i32, i32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let _state = fields.next()?;
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
 /// What a sweep did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Swept {
@@ -280,6 +317,43 @@ mod tests {
         std::fs::write(cg.dir.join("sub/cgroup.procs"), "11\n").unwrap();
         std::fs::create_dir_all(cg.dir.join("gone")).unwrap();
         assert_eq!(cg.procs().unwrap(), BTreeSet::from([10, 11, 12]));
+    }
+
+    #[test]
+    fn a_workers_children_are_its_family() {
+        assert_eq!(parse_stat("12 (a b) c) S 7 12 12 0 -1"), Some((7, 12)));
+        assert_eq!(parse_stat("garbage"), None);
+        // A "worker" (a shell) with a child and a grandchild; an unrelated process.
+        let worker =
+            std::process::Command::new("sh").args(["-c", "sh -c 'sleep 60 & wait' & wait"]).spawn().unwrap();
+        let other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let w = worker.id() as i32;
+        let children = |pid: i32| -> Vec<i32> {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (child, grandchild) = loop {
+            if let Some(&c) = children(w).first() {
+                if let Some(&g) = children(c).first() {
+                    break (c, g);
+                }
+            }
+            assert!(Instant::now() < deadline, "the shells did not start their children");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let procs = BTreeSet::from([w, child, grandchild, other.id() as i32, 999_999_999]);
+        assert_eq!(family(&procs, &BTreeSet::from([w])), BTreeSet::from([w, child, grandchild]));
+        for mut c in [worker, other] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), nix::sys::signal::Signal::SIGKILL);
     }
 
     #[test]
