@@ -111,6 +111,13 @@ pub enum Command {
     /// Read an upgrade state on stdin and report whether this binary can take it over.
     #[command(hide = true)]
     UpgradeCheck,
+    /// The unit's ExecStopPost= helper: kill what is left in UNIT's cgroup unless systemd
+    /// restarts the service (then the next herdsman re-adopts the workers).
+    #[command(hide = true)]
+    StopPost {
+        /// The unit (`%n`): this process must be in its cgroup.
+        unit: String,
+    },
     /// Set (N), add (+N) or remove (-N) workers; waits until done.
     Scale {
         /// [TARGET] N|+N|-N

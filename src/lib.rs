@@ -50,6 +50,7 @@ pub mod control;
 pub mod credentials;
 pub mod env;
 pub mod exit;
+pub mod fdstore;
 pub mod generate;
 pub mod glob;
 pub mod handoff;

@@ -80,6 +80,10 @@ pub struct Listeners {
     list: Vec<Listener>,
     /// Whether they came from the service manager.
     pub activated: bool,
+    /// The descriptors herdsman had put in systemd's fd store, passed back with the sockets
+    /// (`LISTEN_FDS`) and told apart by name (`fdstore::split`), until
+    /// [`Listeners::take_stored`].
+    stored: std::collections::BTreeMap<String, OwnedFd>,
 }
 
 impl Listeners {
@@ -92,13 +96,21 @@ impl Listeners {
         reuseport: bool,
     ) -> Result<Self, ListenError> {
         let ours = act.listen_pid.as_deref().map(str::trim) == Some(our_pid.to_string().as_str());
+        let mut stored = Default::default();
         let mut list = match (&act.listen_fds, ours) {
             (Some(count), true) => {
-                let listeners = inherit(count, act.listen_fdnames.as_deref())?;
-                if !addrs.is_empty() {
-                    tracing::info!("socket-activated: ignoring --listen/listen addresses");
+                let (listeners, from_store) = inherit(count, act.listen_fdnames.as_deref())?;
+                stored = from_store;
+                // Only stored descriptors (no socket unit): bind, as without LISTEN_FDS.
+                if !listeners.is_empty() || addrs.is_empty() {
+                    if !addrs.is_empty() {
+                        tracing::info!("socket-activated: ignoring --listen/listen addresses");
+                    }
+                    let mut l = Self::relocated(listeners, true)?;
+                    l.stored = stored;
+                    return Ok(l);
                 }
-                return Self::relocated(listeners, true);
+                Vec::new()
             }
             (Some(_), false) => {
                 if addrs.is_empty() {
@@ -117,7 +129,16 @@ impl Listeners {
         for (i, addr) in addrs.iter().enumerate() {
             list.push(bind(addr, i, reuseport)?);
         }
-        Self::relocated(list, false)
+        let mut l = Self::relocated(list, false)?;
+        l.stored = stored;
+        Ok(l)
+    }
+
+    /// The descriptors systemd's fd store passed back (see `fdstore`), by the name herdsman
+    /// stored them under; empty after the first call, on a fresh start, and standalone.
+    /// Each is close-on-exec and above the workers' fd range.
+    pub fn take_stored(&mut self) -> std::collections::BTreeMap<String, OwnedFd> {
+        std::mem::take(&mut self.stored)
     }
 
     /// Moves every fd to a number >= 3 + n, so workers' `dup2` to 3.. never collides.
@@ -131,14 +152,14 @@ impl Listeners {
                 Ok(Listener { fd, ..l })
             })
             .collect::<Result<Vec<_>, ListenError>>()?;
-        Ok(Listeners { list, activated })
+        Ok(Listeners { list, activated, stored: Default::default() })
     }
 
     /// No socket at all: for the supervisor's in-process tests, whose workers are made up,
     /// and for a start without `--listen` whose address is learned from the first worker's
     /// own bind (see [`Listeners::learned`]).
     pub fn none() -> Listeners {
-        Listeners { list: Vec::new(), activated: false }
+        Listeners { list: Vec::new(), activated: false, stored: Default::default() }
     }
 
     /// Binds `addr`, the address a worker bound itself when herdsman had no socket (see
@@ -227,7 +248,7 @@ impl Listeners {
                 Ok(Listener { fd: fds.take(l.fd)?, name: l.name, addr: l.addr, owned_path: l.owned_path })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let listeners = Listeners { list, activated: st.activated };
+        let listeners = Listeners { list, activated: st.activated, stored: Default::default() };
         if let Some(low) = listeners.list.iter().find(|l| l.fd.as_raw_fd() < listeners.floor()) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -263,23 +284,40 @@ impl Drop for Listeners {
     }
 }
 
-fn inherit(count: &str, names: Option<&str>) -> Result<Vec<Listener>, ListenError> {
+/// Descriptors from systemd's fd store, by name.
+type Stored = std::collections::BTreeMap<String, OwnedFd>;
+
+/// Takes every passed descriptor, sorts them by name into the socket unit's (returned as
+/// listeners, each checked to be a socket) and herdsman's own stored ones (moved above the
+/// listeners' range, `3 + listeners`, where workers' fds go).
+fn inherit(count: &str, names: Option<&str>) -> Result<(Vec<Listener>, Stored), ListenError> {
     let n: usize = count
         .trim()
         .parse()
         .ok()
-        .filter(|n| (1..=1024).contains(n))
+        .filter(|n| (1..=crate::config::values::MAX_WORKERS * 16).contains(n))
         .ok_or_else(|| ListenError::BadCount(count.to_string()))?;
-    let names: Vec<&str> = names.map(|s| s.split(':').collect()).unwrap_or_default();
     let fds = sys::adopt_listen_fds(n).map_err(|(fd, err)| ListenError::BadFd { fd, err })?;
-    Ok(fds
-        .into_iter()
-        .enumerate()
-        .map(|(i, fd)| {
-            let name = names.get(i).filter(|s| !s.is_empty()).unwrap_or(&"unknown").to_string();
-            Listener { addr: describe(&fd), fd, name, owned_path: None }
-        })
-        .collect())
+    let passed = crate::fdstore::split(names, fds);
+    let mut listeners = Vec::with_capacity(passed.listeners.len());
+    for (name, fd) in passed.listeners {
+        match sys::is_socket(&fd) {
+            Ok(true) => listeners.push(Listener { addr: describe(&fd), fd, name, owned_path: None }),
+            Ok(false) => {
+                let err = io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is not a socket"));
+                return Err(ListenError::BadFd { fd: fd.as_raw_fd(), err });
+            }
+            Err(err) => return Err(ListenError::BadFd { fd: fd.as_raw_fd(), err }),
+        }
+    }
+    let floor = 3 + listeners.len() as RawFd;
+    let mut stored = Stored::new();
+    for (name, fd) in passed.stored {
+        let moved = sys::dup_cloexec_from(&fd, floor)
+            .map_err(|err| ListenError::BadFd { fd: fd.as_raw_fd(), err })?;
+        stored.insert(name, moved);
+    }
+    Ok((listeners, stored))
 }
 
 fn bind(addr: &ListenAddr, index: usize, reuseport: bool) -> Result<Listener, ListenError> {

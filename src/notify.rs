@@ -10,7 +10,7 @@
 //!   worker can only speak for itself (or its own process group).
 
 use std::io::{self, IoSliceMut};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram as StdDatagram};
 use std::time::Duration;
@@ -31,13 +31,17 @@ const MAX_DATAGRAM: usize = 4096;
 #[derive(Debug)]
 pub struct Notifier {
     target: Option<(StdDatagram, SocketAddr)>,
+    /// The same address for `sendmsg` (a message that carries a descriptor, see
+    /// [`Notifier::send_with_fd`]).
+    nix_addr: Option<socket::UnixAddr>,
     pending: std::cell::RefCell<Pending>,
 }
 
 #[derive(Debug, Default)]
 struct Pending {
-    /// State messages the manager's socket had no room for, oldest first.
-    state: std::collections::VecDeque<String>,
+    /// State messages the manager's socket had no room for, oldest first, each with the
+    /// descriptor it carries (a copy: `FDSTORE=1`, see `fdstore`).
+    state: std::collections::VecDeque<(String, Option<OwnedFd>)>,
     /// The newest `STATUS=` not sent yet (already sanitized).
     status: Option<String>,
 }
@@ -51,18 +55,46 @@ impl Notifier {
         let Some(path) = socket.filter(|s| !s.is_empty()) else {
             return Ok(Notifier::disabled());
         };
-        let addr = match path.strip_prefix('@') {
-            Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
-            None => SocketAddr::from_pathname(path)?,
+        let (addr, nix_addr) = match path.strip_prefix('@') {
+            Some(name) => (
+                SocketAddr::from_abstract_name(name.as_bytes())?,
+                socket::UnixAddr::new_abstract(name.as_bytes()).map_err(io::Error::from)?,
+            ),
+            None => (SocketAddr::from_pathname(path)?, socket::UnixAddr::new(path).map_err(io::Error::from)?),
         };
         // Non-blocking: a service manager that does not read must never stall the event loop.
         let sock = StdDatagram::unbound()?;
         sock.set_nonblocking(true)?;
-        Ok(Notifier { target: Some((sock, addr)), pending: Default::default() })
+        Ok(Notifier { target: Some((sock, addr)), nix_addr: Some(nix_addr), pending: Default::default() })
     }
 
     pub fn disabled() -> Self {
-        Notifier { target: None, pending: Default::default() }
+        Notifier { target: None, nix_addr: None, pending: Default::default() }
+    }
+
+    /// Whether there is a service manager to notify (`NOTIFY_SOCKET` was set).
+    pub fn is_enabled(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Sends a state message (no `STATUS=`) with `fd` attached (`SCM_RIGHTS`): the fd store's
+    /// `FDSTORE=1` (see `fdstore`, which builds the message). Like every state message it is
+    /// never dropped nor reordered: when it must wait, a close-on-exec copy of `fd` waits with
+    /// it (the error is that copy failing). A no-op without a service manager.
+    pub fn send_with_fd(&self, msg: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if self.target.is_none() {
+            return Ok(());
+        }
+        let mut p = self.pending.borrow_mut();
+        if p.state.is_empty() {
+            if let Sent::Yes = self.try_send_fd(msg, Some(fd)) {
+                return Ok(());
+            }
+        }
+        p.state.push_back((msg.to_string(), Some(fd.try_clone_to_owned()?)));
+        drop(p);
+        self.flush();
+        Ok(())
     }
 
     /// Sends newline-separated `KEY=VALUE` assignments, in order. A `STATUS=` assignment runs
@@ -112,8 +144,12 @@ impl Notifier {
             return false;
         }
         let mut p = self.pending.borrow_mut();
-        while let Some(msg) = p.state.front() {
-            match self.try_send(msg) {
+        while let Some((msg, fd)) = p.state.front() {
+            let sent = match fd {
+                Some(fd) => self.try_send_fd(msg, Some(fd.as_fd())),
+                None => self.try_send(msg),
+            };
+            match sent {
                 Sent::Full => return true,
                 Sent::Yes => p.state.pop_front(),
             };
@@ -140,6 +176,23 @@ impl Notifier {
             Ok(_) => Sent::Yes,
         }
     }
+
+    /// One datagram carrying `fd`, as [`Notifier::try_send`].
+    fn try_send_fd(&self, msg: &str, fd: Option<BorrowedFd<'_>>) -> Sent {
+        let (Some((sock, _)), Some(addr)) = (&self.target, &self.nix_addr) else { return Sent::Yes };
+        let raw = fd.map(|f| [f.as_raw_fd()]);
+        let cmsg: Vec<socket::ControlMessage<'_>> =
+            raw.as_ref().map(|r| vec![socket::ControlMessage::ScmRights(r)]).unwrap_or_default();
+        let iov = [io::IoSlice::new(msg.as_bytes())];
+        match socket::sendmsg(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_DONTWAIT, Some(addr)) {
+            Err(nix::errno::Errno::EAGAIN) => Sent::Full,
+            Err(e) => {
+                tracing::warn!("sd_notify with a descriptor failed ({:?}): {e}", msg.replace('\n', " "));
+                Sent::Yes
+            }
+            Ok(_) => Sent::Yes,
+        }
+    }
 }
 
 enum Sent {
@@ -149,14 +202,14 @@ enum Sent {
 
 impl Pending {
     fn push_state(&mut self, msg: String) {
-        if msg == "WATCHDOG=1" && self.state.iter().any(|m| m == "WATCHDOG=1") {
+        if msg == "WATCHDOG=1" && self.state.iter().any(|(m, _)| m == "WATCHDOG=1") {
             return;
         }
         let is_extend = |m: &str| m.starts_with("EXTEND_TIMEOUT_USEC=") && !m.contains('\n');
         if is_extend(&msg) {
-            self.state.retain(|m| !is_extend(m));
+            self.state.retain(|(m, _)| !is_extend(m));
         }
-        self.state.push_back(msg);
+        self.state.push_back((msg, None));
     }
 }
 

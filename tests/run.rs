@@ -431,6 +431,38 @@ fn socket_activation_via_systemd_socket_activate() {
     }
 }
 
+/// issue 26: systemd passes herdsman's own fd store back in LISTEN_FDS next to the socket
+/// unit's sockets, in no particular order. A stored (non-socket) fd named `herdsman.*` at
+/// fd 3, before the socket, must neither fail the start ("fd 3 is not a socket") nor reach
+/// the workers: they get the one socket, named `web`.
+#[test]
+fn stored_fds_passed_back_with_the_sockets_are_told_apart_by_name() {
+    let dir = TempDir::new("activate-stored");
+    let sock = dir.path("act.sock");
+    let control = dir.path("control.sock");
+    let script = format!(
+        "exec 4<&3 3</dev/null; LISTEN_FDS=2 LISTEN_FDNAMES=herdsman.state-a:web exec {BIN} run --name t -w 2 --control {} -- python3 {}",
+        control.display(),
+        worker_py()
+    );
+    let args = ["-l", sock.to_str().unwrap(), "--fdname=web", "-E", "PATH", "sh", "-c", &script];
+    let mut cmd = std::process::Command::new("systemd-socket-activate");
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("systemd-socket-activate (package systemd)");
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let h =
+        Herdsman { child: Some(child), stderr, stdout: Default::default(), addr: Addr::Unix(sock.clone()) };
+    wait_for(LONG, "the socket to exist", || sock.exists().then_some(()));
+    let seen = h.distinct_workers(2);
+    for v in &seen {
+        assert_eq!(v["listen_fdnames"], "web", "only the socket unit's fd reaches workers: {v}");
+        assert_eq!(v["listen_fds"], "1", "{v}");
+    }
+}
+
 #[test]
 fn a_reload_rereads_the_config_and_an_invalid_one_changes_nothing() {
     let dir = TempDir::new("config-reload");

@@ -62,6 +62,7 @@ pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
         Command::Generate { dir } => generate::write_all(&dir)
             .map_err(|e| Failure::new(exit::FAILURE, format!("cannot write to {}: {e}", dir.display()))),
         Command::UpgradeCheck => upgrade_check(),
+        Command::StopPost { unit } => stop_post(&unit, process),
         Command::Status { target, json } => client::status(target.as_deref(), json, env),
         Command::Metrics { target } => client::metrics(target.as_deref(), env),
         Command::Logs { target, follow, lines, worker, since, json } => {
@@ -117,6 +118,14 @@ fn upgrade_check() -> Result<(), Failure> {
     let report = crate::upgrade::check_command(&mut std::io::stdin().lock())
         .map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?;
     crate::outln!("{}", serde_json::to_string(&report).unwrap_or_default());
+    Ok(())
+}
+
+/// `herdsman stop-post UNIT`, the unit's `ExecStopPost=` (see `fdstore::stop_post`).
+fn stop_post(unit: &str, process: &Process) -> Result<(), Failure> {
+    let line = crate::fdstore::stop_post::run(unit, |k| process.var(k))
+        .map_err(|e| Failure::new(e.code(), e.to_string()))?;
+    crate::outln!("{line}");
     Ok(())
 }
 

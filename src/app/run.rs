@@ -34,7 +34,7 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
     let program = worker_program(&settings, &process.env());
     let bind_intercept = crate::intercept::resolve(settings.bind_intercept, program.as_deref())
         .map_err(|e| Failure::new(exit::OS, e.to_string()))?;
-    let listeners = match Listeners::open(&activation, std::process::id(), &settings.listen, steered) {
+    let mut listeners = match Listeners::open(&activation, std::process::id(), &settings.listen, steered) {
         // No address: learned from the first worker's own bind (see `intercept`).
         Err(ListenError::Nothing) if bind_intercept && !steered => Listeners::none(),
         Err(ListenError::Nothing) if steered => {
@@ -50,6 +50,18 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
             Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string())
         })?,
     };
+    // Under systemd, as the unit's own process: the fd store's descriptors came back with the
+    // sockets, and whatever else is in the unit's cgroup is a leftover (see `fdstore`).
+    // TODO(issue 26, phase 2): restore the re-adopted workers from `stored` (the state memfd
+    // and the driver's fd table) and keep their pids out of the sweep.
+    let _stored = listeners.take_stored();
+    if crate::fdstore::is_unit_main(
+        process.var("INVOCATION_ID").as_deref(),
+        process.var("SYSTEMD_EXEC_PID").as_deref(),
+        std::process::id(),
+    ) {
+        crate::fdstore::sweep_at_start(&std::collections::BTreeSet::new());
+    }
     let steering = if steered { Some(steering(&settings, &listeners, process)?) } else { None };
     let paths_env = process.paths();
     let (control, access) = control_socket(&settings, &paths_env)?;

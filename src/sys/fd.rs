@@ -43,28 +43,61 @@ pub fn dup_raw_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
     dup_at_least(fd, 3, true)
 }
 
-/// Takes ownership of the `n` sockets the service manager passed at fd 3.. (`LISTEN_FDS`),
-/// after checking that each is an open socket. Succeeds at most once per process (a second
-/// call would own the same numbers twice): `Err(fd, why)` names the first unusable one.
+/// Takes ownership of the `n` descriptors the service manager passed at fd 3.. (`LISTEN_FDS`:
+/// the socket unit's sockets and, with `FileDescriptorStoreMax=`, herdsman's own stored fds),
+/// after checking that each is open, and makes each close-on-exec (passed fds are not, and
+/// must not reach workers). Succeeds at most once per process (a second call would own the
+/// same numbers twice): `Err(fd, why)` names the first unusable one.
 pub fn adopt_listen_fds(n: usize) -> Result<Vec<OwnedFd>, (RawFd, io::Error)> {
     static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let first = 3 as RawFd;
     let fds: Vec<RawFd> = (0..n).map(|i| first + i as RawFd).collect();
     for &fd in &fds {
-        let st = nix::sys::stat::fstat(fd).map_err(|e| (fd, io::Error::from(e)))?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-            return Err((
-                fd,
-                io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a socket")),
-            ));
-        }
+        fcntl(fd, FcntlArg::F_GETFD).map_err(|e| (fd, io::Error::from(e)))?;
     }
     if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        return Err((first, io::Error::other("the inherited sockets were already taken")));
+        return Err((first, io::Error::other("the inherited descriptors were already taken")));
     }
-    // SAFETY: every fd is open (fstat succeeded), was handed to this process by the service
+    // SAFETY: every fd is open (F_GETFD succeeded), was handed to this process by the service
     // manager for its exclusive use, and TAKEN makes sure the numbers are owned only once.
-    Ok(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect())
+    let owned: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+    for fd in &owned {
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+            .map_err(|e| (fd.as_raw_fd(), io::Error::from(e)))?;
+    }
+    Ok(owned)
+}
+
+/// Whether `fd` is a socket (the socket unit's fds must be).
+pub fn is_socket(fd: &OwnedFd) -> io::Result<bool> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())?;
+    Ok(st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+}
+
+/// Receives one datagram without waiting, with the descriptors it carries (close-on-exec,
+/// owned): a stand-in service manager's side of the fd store (`fdstore`), for tests.
+pub fn recv_with_fds(sock: &std::os::unix::net::UnixDatagram) -> io::Result<(String, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut buf = vec![0u8; 4096];
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 16]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut got = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel just installed this descriptor for us (SCM_RIGHTS).
+                got.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    let len = msg.bytes;
+    Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), got))
 }
 
 /// Receives one descriptor a worker's child sent (`send_fd` in `child.rs`: the bind filter's

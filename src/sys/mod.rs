@@ -57,7 +57,7 @@ pub use caps::{CapsDropped, drop_steering_capabilities, lower_capabilities, lowe
 pub use exec::{ExecPlan, PlanError};
 pub use fd::{
     adopt_listen_fds, dup_cloexec_from, dup_number_cloexec_from, dup_raw_cloexec, ensure_stdio_open,
-    pipe_cloexec, recv_fd, watch_readable,
+    is_socket, pipe_cloexec, recv_fd, recv_with_fds, watch_readable,
 };
 pub use probe::{FilterRefused, KernelError, KernelSupport, check_kernel, probe_bind_filter};
 pub use process::{

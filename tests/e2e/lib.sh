@@ -404,6 +404,27 @@ print(" ".join(sorted({str(json.loads(l)["generation"]) + "/" + str(json.loads(l
 # The socket unit's activation time: must never change across reloads, restarts, upgrades.
 socket_stamp() { prop "herdsman@$APP.socket" ActiveEnterTimestampMonotonic; }
 
+# cgroup_pids CGROUP: the pids in that cgroup (a unit's ControlGroup, recorded while it ran:
+# systemd clears the property when the unit stops, leftovers or not) and below, one per line,
+# sorted; nothing when the cgroup is gone. systemd's named v1 hierarchy, the hybrid layout's
+# unified one, or a unified host.
+cgroup_pids() {
+    # shellcheck disable=SC2016
+    ct sh -c 'for r in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified /sys/fs/cgroup; do
+        [ -f "$r$1/cgroup.procs" ] || continue
+        find "$r$1" -name cgroup.procs -exec cat {} + | sort -n; exit 0
+    done' sh "$1"
+}
+cgroup_empty() { [ -z "$(cgroup_pids "$1")" ]; }
+
+# describe_pids PID...: "pid (cmdline)" for each, for a failure's note.
+describe_pids() {
+    local p
+    for p in "$@"; do
+        printf '%s (%s) ' "$p" "$(ct cat "/proc/$p/cmdline" 2>/dev/null | tr '\0' ' ' | head -c 80)"
+    done
+}
+
 # ---------------------------------------------------------------------------------------------
 # Load inside the container
 

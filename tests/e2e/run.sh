@@ -1321,6 +1321,127 @@ s_service() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# issue 26: with KillMode=process systemd no longer empties the cgroup, so the unit's three
+# ways to stop must leave nothing behind by themselves: `systemctl stop` (herdsman stops its
+# workers, `herdsman stop-post` kills the rest: each worker starts a child in its own session,
+# which herdsman's process-group kill misses), a stop that times out (workers ignore SIGTERM
+# past TimeoutStopSec: systemd SIGKILLs herdsman only, stop-post kills the workers), and a
+# stop during the restart gap after a crash (no ExecStopPost= runs: the next start's sweep
+# kills the leftovers).
+
+# stopped_clean CGROUP HOW: the cgroup is empty soon after the stop returned.
+stopped_clean() {
+    if ! wait_until 10 "an empty $1 after $2" cgroup_empty "$1"; then
+        # shellcheck disable=SC2046
+        note "left in $1 after $2: $(describe_pids $(cgroup_pids "$1"))"
+        ct journalctl --no-pager -n 15 -u herdsman@stopleft.service | sed 's/^/#   /'
+        fail "$2 left processes in the cgroup"
+    fi
+    note "$2: $1 is empty"
+}
+
+s_stop_leaves() {
+    local ADDR=127.0.0.1:8961 u=herdsman@stopleft.service cg n left p
+    local d="$CT_ROOT/etc/systemd/system/herdsman@stopleft.service.d"
+    mkdir -p "$CT_ROOT/srv/web"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
+    app_init stopleft 8961 2 -e TW_DETACHED_CHILD=1
+    wait_until 30 "herdsman@stopleft ready" ready_text stopleft 2 ||
+        fail "stopleft not ready: $(prop "$u" StatusText)"
+    cg=$(prop "$u" ControlGroup)
+    n=$(cgroup_pids "$cg" | wc -l)
+    note "$u: KillMode=$(prop "$u" KillMode); $n processes in $cg"
+    [ "$n" -ge 5 ] || fail "expected herdsman, 2 workers and their 2 detached children in $cg, found $n"
+
+    # 1. systemctl stop
+    CT_TIMEOUT=90 ct systemctl stop "$u"
+    stopped_clean "$cg" "systemctl stop"
+
+    # 2. a stop that times out: herdsman's own stop timeout (30 s) is longer than systemd's.
+    mkdir -p "$d"
+    printf '[Service]\nEnvironment=TW_IGNORE_TERM=1\nTimeoutStopSec=3s\n' >"$d/zz-e2e-timeout.conf"
+    ct systemctl daemon-reload
+    ct systemctl start "$u"
+    wait_until 30 "herdsman@stopleft ready (workers ignoring SIGTERM)" ready_text stopleft 2 || fail "not ready"
+    CT_TIMEOUT=90 ct systemctl stop "$u" || true
+    note "after the timed-out stop: Result=$(prop "$u" Result), ActiveState=$(prop "$u" ActiveState)"
+    [ "$(prop "$u" Result)" = timeout ] || fail "the stop did not time out (Result=$(prop "$u" Result))"
+    stopped_clean "$cg" "a stop that timed out"
+    rm -f "$d/zz-e2e-timeout.conf"
+
+    # 3. systemctl stop while the unit waits to restart after a crash (a long RestartSec to
+    # hit the gap for sure).
+    printf '[Service]\nRestartSec=5s\n' >"$d/zz-e2e-gap.conf"
+    ct systemctl daemon-reload
+    ct systemctl reset-failed "$u" || true
+    ct systemctl start "$u"
+    wait_until 30 "herdsman@stopleft ready" ready_text stopleft 2 || fail "not ready"
+    ct systemctl kill -s KILL --kill-whom=main "$u"
+    wait_until 10 "$u in auto-restart" sh -c \
+        "[ \"\$(nsenter -t $LEADER -a systemctl show -p SubState --value $u)\" = auto-restart ]" ||
+        fail "not in auto-restart after the crash: $(prop "$u" SubState)"
+    ct systemctl stop "$u"
+    left=$(cgroup_pids "$cg" | tr '\n' ' ')
+    note "stopped in the restart gap: $(echo "$left" | wc -w) process(es) left until the next start"
+    ct systemctl start "$u"
+    wait_until 30 "herdsman@stopleft ready after the gap" ready_text stopleft 2 || fail "not ready after the gap"
+    for p in $left; do
+        if ct test -d "/proc/$p" && cgroup_pids "$cg" | grep -qx "$p"; then
+            fail "process $(describe_pids "$p")left by the stop in the gap survived the next start"
+        fi
+    done
+    [ -z "$left" ] || note "the next start killed every leftover: $left"
+    CT_TIMEOUT=90 ct systemctl stop "$u"
+    stopped_clean "$cg" "systemctl stop after the gap"
+    rm -rf "$d"
+    ct herdsman remove stopleft --yes >/dev/null || fail "remove stopleft"
+}
+
+# issue 26, phase 2 (re-adoption): SIGKILL of the supervisor, three times in a row, under
+# new-connection and keep-alive load: no request fails, and the workers are the same ones.
+# Disabled until re-adoption is wired in (E2E_CRASH_READOPT=1 runs it).
+s_crash_readopt() {
+    if [ -z "${E2E_CRASH_READOPT:-}" ]; then
+        note "SKIP: re-adoption is phase 2 of issue 26 (E2E_CRASH_READOPT=1 runs this scenario)"
+        exit 77
+    fi
+    local ADDR=127.0.0.1:8962 u=herdsman@crash.service mode i main0 pids0 pids1 ro restarts0
+    mkdir -p "$CT_ROOT/srv/web"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
+    app_init crash 8962 2
+    wait_until 30 "herdsman@crash ready" ready_text crash 2 || fail "crash app not ready"
+    crash_pids() {
+        ct herdsman status crash --json |
+            json_get '" ".join("%s/%s/%s" % (w["id"], w["generation"], w["pid"]) for w in sorted(d["workers"], key=lambda w: w["id"]))'
+    }
+    main_changed() { local m; m=$(prop "$u" MainPID); [ "$m" != 0 ] && [ "$m" != "$main0" ]; }
+    pids0=$(crash_pids)
+    restarts0=$(prop "$u" NRestarts)
+    note "workers (slot/generation/pid): $pids0"
+    for mode in new keepalive; do
+        load_start "crash_$mode" "$mode" 6 || fail "no answer to the $mode load"
+        for i in 1 2 3; do
+            main0=$(prop "$u" MainPID)
+            ct systemctl kill -s KILL --kill-whom=main "$u"
+            wait_until 30 "herdsman restarted ($mode, kill $i)" main_changed || fail "not restarted"
+            wait_until 30 "2/2 ready after kill $i" ready_text crash 2 || fail "not ready: $(prop "$u" StatusText)"
+        done
+        sleep 1
+        load_stop "crash_$mode"
+        [ "$(load_field "crash_$mode" 'd["failed"]')" -eq 0 ] ||
+            fail "$(load_field "crash_$mode" 'd["failed"]') failed requests across 3 crashes ($mode load)"
+        note "$mode load across 3 crashes: $(load_field "crash_$mode" 'd["ok"]') ok, 0 failed"
+    done
+    [ "$(prop "$u" NRestarts)" -eq $((restarts0 + 6)) ] || fail "NRestarts $(prop "$u" NRestarts), expected $((restarts0 + 6))"
+    # TODO(issue 26, phase 2): these asserts are what re-adoption must make true.
+    pids1=$(crash_pids)
+    [ "$pids1" = "$pids0" ] || fail "workers changed across the crashes: $pids0 -> $pids1"
+    ro=$(ct herdsman status crash --json | json_get '" ".join(str(w.get("readopted")) for w in d["workers"])')
+    [ "$ro" = "True True" ] || fail "workers not marked readopted: $ro"
+    ct herdsman remove crash --yes >/dev/null || fail "remove crash"
+}
+
+# ---------------------------------------------------------------------------------------------
 
 set +e
 ct_create main && ct_boot
@@ -1352,6 +1473,8 @@ run_scenario "sigkill supervisor" s_sigkill
 run_scenario "fleet: ansible deploy, host by host, stops at a failed reload" s_fleet
 run_scenario "watch: --watch under systemd" s_watch_systemd
 run_scenario "herdsman restart/stop/start" s_service
+run_scenario "stop leaves nothing in the cgroup (stop, stop timeout, stop in the restart gap)" s_stop_leaves
+run_scenario "crash: SIGKILL of the supervisor re-adopts its workers under load" s_crash_readopt
 scenario_reboot
 
 if [ "$INSTALL_MODE" = deb ]; then

@@ -15,6 +15,8 @@ of the environment it was started with.  Behaviour is tuned by TW_* knobs:
   TW_CRASH_AFTER_MS=N   print "crashing now" to stderr, exit 4 after N ms
   TW_IGNORE_TERM=1      ignore SIGTERM and SIGINT
   TW_CHILD=1            spawn a child `sleep 1000` at start
+  TW_DETACHED_CHILD=1   spawn a child `sleep 1000` in a new session at start (out of the
+                        worker's process group, as a daemonizing child is)
   TW_CHILD_ALLOC_MB=N   spawn a child (same process group) that allocates and touches N MB,
                         prints "child allocated N MB (pid P)" to stderr, then sleeps
   TW_TAG=text           reported as "tag"
@@ -207,6 +209,9 @@ START = time.monotonic()
 
 if ENV.get("TW_CHILD") == "1":
     CHILD = subprocess.Popen(["sleep", "1000"])  # same process group
+
+if ENV.get("TW_DETACHED_CHILD") == "1":
+    DETACHED = subprocess.Popen(["sleep", "1000"], start_new_session=True)
 
 if ENV.get("TW_CHILD_ALLOC_MB"):
     # Like a pre-fork server's worker process: the memory is in the child, not in us.
