@@ -15,7 +15,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::Context;
@@ -26,11 +26,15 @@ use crate::journal::{Journal, encode};
 /// can report it without owning the log machinery.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// The queue holds at most this many entries...
+/// The queue holds at most this many entries (counted in [`QUEUED`]: the channel itself is
+/// unbounded, so it allocates as entries come and frees as they go, where a bounded
+/// `sync_channel` would hold 4096 slots, 256 KiB, for the process's whole life)...
 const QUEUE: usize = 4096;
 /// ... and at most this many bytes (worker lines may be up to 16 KiB each).
 const QUEUE_BYTES: usize = 8 << 20;
 
+/// Entries waiting in the queue.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
 /// Bytes waiting in the queue.
 static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// Entries queued or being written (for [`flush`]).
@@ -142,7 +146,7 @@ impl Entry {
 /// The bounded log queue; cheap to clone. Pushing never blocks.
 #[derive(Clone)]
 pub struct Sink {
-    tx: SyncSender<Entry>,
+    tx: Sender<Entry>,
 }
 
 impl Sink {
@@ -150,7 +154,7 @@ impl Sink {
     /// (normally [`crate::journal::SOCKET`]); otherwise to stderr.
     pub fn start(journal: Option<PathBuf>) -> std::io::Result<Sink> {
         let journal = journal.map(|p| Journal::connect(&p)).transpose()?;
-        let (tx, rx) = sync_channel(QUEUE);
+        let (tx, rx) = channel();
         std::thread::Builder::new().name("herdsman-log".into()).spawn(move || {
             // Started before steering loads its program: never needs what that takes (the
             // supervisor's main thread gives them up once loaded; threads keep their own).
@@ -162,19 +166,23 @@ impl Sink {
 
     fn push(&self, e: Entry) {
         let size = e.size();
+        if QUEUED.fetch_add(1, Ordering::Relaxed) + 1 > QUEUE {
+            QUEUED.fetch_sub(1, Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if QUEUED_BYTES.fetch_add(size, Ordering::Relaxed) + size > QUEUE_BYTES {
             QUEUED_BYTES.fetch_sub(size, Ordering::Relaxed);
+            QUEUED.fetch_sub(1, Ordering::Relaxed);
             DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
         }
         PENDING.fetch_add(1, Ordering::AcqRel);
-        match self.tx.try_send(e) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                PENDING.fetch_sub(1, Ordering::AcqRel);
-                QUEUED_BYTES.fetch_sub(size, Ordering::Relaxed);
-                DROPPED.fetch_add(1, Ordering::Relaxed);
-            }
+        if self.tx.send(e).is_err() {
+            PENDING.fetch_sub(1, Ordering::AcqRel);
+            QUEUED_BYTES.fetch_sub(size, Ordering::Relaxed);
+            QUEUED.fetch_sub(1, Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -211,6 +219,7 @@ impl Write for QueuedStderr {
 fn drain(rx: Receiver<Entry>, journal: Option<Journal>) {
     let mut reported = 0;
     while let Ok(e) = rx.recv() {
+        QUEUED.fetch_sub(1, Ordering::Relaxed);
         QUEUED_BYTES.fetch_sub(e.size(), Ordering::Relaxed);
         let delivered = match e {
             Entry::Journal { datagram, fallback } => match &journal {

@@ -197,7 +197,6 @@ impl Output {
                 }
             };
             let mut pending: Vec<u8> = Vec::new();
-            let mut chunk = vec![0u8; 8192];
             let emit = |text: Vec<u8>| {
                 let tx = tx.clone();
                 let origin = origin.clone();
@@ -215,18 +214,28 @@ impl Output {
             loop {
                 let got = match rx.readable().await {
                     Ok(mut guard) => guard.try_io(|fd| {
-                        nix::unistd::read(fd.get_ref().as_raw_fd(), &mut chunk).map_err(std::io::Error::from)
+                        // On the (one) loop thread's stack for the read only: a buffer held by
+                        // each reader was 8 KiB of heap per stream of every worker, old and new
+                        // during a reload, mostly for workers that never print.
+                        let mut chunk = [0u8; 8192];
+                        let n = nix::unistd::read(fd.get_ref().as_raw_fd(), &mut chunk)
+                            .map_err(std::io::Error::from)?;
+                        pending.extend_from_slice(&chunk[..n]);
+                        Ok(n)
                     }),
                     Err(_) => break,
                 };
-                let n = match got {
+                match got {
                     Err(_would_block) => continue,
                     Ok(Ok(0)) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => n,
-                };
-                pending.extend_from_slice(&chunk[..n]);
+                    Ok(Ok(_)) => {}
+                }
                 for line in split_lines(&mut pending) {
                     emit(line).await;
+                }
+                if pending.is_empty() {
+                    // Holds no capacity between lines (a burst would otherwise keep its size).
+                    pending = Vec::new();
                 }
             }
             if !pending.is_empty() {

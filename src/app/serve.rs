@@ -138,6 +138,10 @@ pub(super) fn serve(
             resume,
             bind_intercept,
         };
+        // The start-up is over: its code and freed heap leave the resident set (see
+        // `sys::release_startup_pages`; docs/benchmarks.md, supervisor RSS).
+        let released = crate::sys::release_startup_pages();
+        tracing::debug!("start-up pages released: {} KiB", released / 1024);
         supervisor::run(settings, world, rx).await
     });
     drop(control);
