@@ -255,34 +255,24 @@ impl Exporter {
     }
 }
 
-/// Converts `Instant`s to `CLOCK_MONOTONIC` nanoseconds and back (both count the same clock
-/// on Linux; `execve` keeps it).
+/// Converts the core's times to `CLOCK_MONOTONIC` nanoseconds and back: a [`Mono`] is
+/// that clock already (`execve` keeps it), so this is the identity.
+///
+/// [`Mono`]: crate::supervisor::Mono
 #[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    at: Instant,
-    mono_ns: i64,
-}
+pub struct Clock;
 
 impl Clock {
     pub fn now() -> Clock {
-        Clock { at: Instant::now(), mono_ns: monotonic_ns() }
+        Clock
     }
 
-    pub fn to_ns(&self, t: Instant) -> i64 {
-        if t >= self.at {
-            self.mono_ns.saturating_add(t.duration_since(self.at).as_nanos() as i64)
-        } else {
-            self.mono_ns.saturating_sub(self.at.duration_since(t).as_nanos() as i64)
-        }
+    pub fn to_ns(&self, t: crate::supervisor::Mono) -> i64 {
+        i64::try_from(t.as_nanos()).unwrap_or(i64::MAX)
     }
 
-    pub fn instant(&self, ns: i64) -> Instant {
-        let d = ns - self.mono_ns;
-        if d >= 0 {
-            self.at + Duration::from_nanos(d as u64)
-        } else {
-            self.at.checked_sub(Duration::from_nanos(d.unsigned_abs())).unwrap_or(self.at)
-        }
+    pub fn instant(&self, ns: i64) -> crate::supervisor::Mono {
+        crate::supervisor::Mono::from_nanos(u64::try_from(ns).unwrap_or(0))
     }
 }
 
@@ -650,19 +640,6 @@ pub fn exec(binary: &Candidate, state: &Handover, exporter: Exporter, carry: &Ca
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn instants_survive_the_round_trip_through_the_monotonic_clock() {
-        let c = Clock::now();
-        let past = Instant::now() - Duration::from_secs(3);
-        let future = Instant::now() + Duration::from_millis(1500);
-        let later = Clock::now();
-        for t in [past, future] {
-            let back = later.instant(c.to_ns(t));
-            let diff = if back > t { back - t } else { t - back };
-            assert!(diff < Duration::from_millis(1), "{diff:?}");
-        }
-    }
 
     #[test]
     fn a_state_of_another_format_is_refused_by_name_before_it_is_read() {

@@ -6,8 +6,11 @@
 use std::time::Duration;
 
 use crate::control::protocol::ReloadOutcome;
-use crate::requests::Waiter;
 use crate::worker::Failure;
+
+/// A reload client the core waits to answer; its channels stay in the driver's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub(super) struct WaiterId(pub u64);
 
 #[derive(Debug)]
 pub(super) enum Effect {
@@ -25,7 +28,9 @@ pub(super) enum Effect {
     /// Tell the service manager.
     Notify(String),
     /// Give reload clients their final answer.
-    Answer { waiters: Vec<Waiter>, outcome: ReloadOutcome },
+    Answer { waiters: Vec<WaiterId>, outcome: ReloadOutcome },
+    /// Tell reload clients how it goes (one line).
+    Progress { waiters: Vec<WaiterId>, line: String },
     /// Count a reload that ended (`took`: how long its roll-out ran) for the metrics.
     Reloaded { ok: bool, took: Option<Duration> },
 }

@@ -1,6 +1,6 @@
 //! Events into the supervisor loop: worker exits, notify messages from workers, timers.
 
-use std::time::Instant;
+use super::clock::Mono;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -21,13 +21,19 @@ impl Supervisor {
             Event::Intercepted { pid, seen } => return self.on_intercepted(pid, seen),
         };
         let Some(w) = self.pool.workers.remove(&pid) else { return };
-        self.outside.release(pid);
+        let fds = self.outside.release(pid);
         if w.intercept_failures > 1 && !is_power_of_ten(w.intercept_failures) {
             tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = pid, "worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures);
         }
         // Whatever the worker left in its process group was killed before this event was
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
-        self.outside.host.reap(&w);
+        let tail = match &fds {
+            Some(f) => {
+                self.outside.host.reap(pid, f);
+                f.tail.lines()
+            }
+            None => Vec::new(),
+        };
         let how = describe_exit(status);
         self.outside.metrics.exited(
             pid,
@@ -52,7 +58,7 @@ impl Supervisor {
                     .failure
                     .as_ref()
                     .map_or_else(|| format!("{how} before it was ready"), Failure::to_string);
-                let effects = self.health.replacement_failed(pid, &failure_report(&w, &reason));
+                let effects = self.health.replacement_failed(pid, &failure_report(&w, &tail, &reason));
                 self.apply(effects);
             }
             (Role::Candidate, state) => {
@@ -65,7 +71,7 @@ impl Supervisor {
                     ),
                     (None, _) => format!("{how} before it was ready"),
                 };
-                let report = failure_report(&w, &reason);
+                let report = failure_report(&w, &tail, &reason);
                 tracing::error!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
                 self.fail_rollout(report);
             }
@@ -82,8 +88,8 @@ impl Supervisor {
                     (None, State::Starting { .. }) => format!("{how} before it was ready"),
                     (None, _) => format!("{how} after {}", human(ran)),
                 };
-                let report = failure_report(&w, &reason);
-                self.pool.set_last_error(w.slot, failure_detail(&w, &reason));
+                let report = failure_report(&w, &tail, &reason);
+                self.pool.set_last_error(w.slot, failure_detail(&w, &tail, &reason));
                 tracing::warn!(
                     app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
                     "{report}; restarting in {} ({})", human(restart.delay), restart.streak
@@ -142,8 +148,9 @@ impl Supervisor {
 
     pub(super) fn on_ready(&mut self, pid: i32) {
         self.outside.steer_receiving(pid, true);
+        let now = self.now();
         let Some(w) = self.pool.workers.get(&pid) else { return };
-        let took = w.started.elapsed();
+        let took = now.duration_since(w.started);
         self.outside.metrics.ready(took);
         tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
         if let Some(slot) = self.pool.slots.get_mut(&w.slot) {
@@ -151,7 +158,7 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn on_timers(&mut self, now: Instant) {
+    pub(super) fn on_timers(&mut self, now: Mono) {
         let mut became_ready = Vec::new();
         let mut timed_out = Vec::new();
         let outside = &mut self.outside;
@@ -188,8 +195,8 @@ impl Supervisor {
                 }
                 State::Stopping { kill_at } if now >= kill_at => {
                     tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
-                    outside.signal(w, Signal::SIGKILL, true);
                     w.state = State::Killed;
+                    outside.signal(*pid, Signal::SIGKILL, true);
                 }
                 _ => {}
             }
@@ -204,11 +211,13 @@ impl Supervisor {
             }
         }
         self.check_health(now);
-        self.manager.ping_if_due(now);
+        if let Some(msg) = self.manager.ping_if_due(now) {
+            self.outside.notifier.send(msg);
+        }
     }
 
     /// Watchdogs, then (when due) memory: what [`super::health::Health`] decides is applied.
-    fn check_health(&mut self, now: Instant) {
+    fn check_health(&mut self, now: Mono) {
         let rollouts = &self.rollouts;
         let effects = self.health.check_watchdogs(&self.pool, now, |pid| rollouts.owns(pid));
         self.apply(effects);

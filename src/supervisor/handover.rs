@@ -6,11 +6,12 @@
 //! the state and taking it over reads every other part (that is what a handover is), so
 //! those stay on `Supervisor`.
 
+use super::clock::Mono;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -60,7 +61,7 @@ impl Upgrades {
     }
 
     /// When the loop must wake for the upgrade.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Mono> {
         match &self.pending.as_ref()?.phase {
             Phase::Checked { exec_at, .. } => Some(*exec_at),
             _ => None,
@@ -85,7 +86,7 @@ enum Phase {
     /// Checked; the exec follows once the loop's tasks had `FLUSH` to write.
     Checked {
         report: upgrade::CheckReport,
-        exec_at: Instant,
+        exec_at: Mono,
     },
 }
 
@@ -157,7 +158,7 @@ impl Supervisor {
         if self.stopping {
             return self.end_upgrade(Err(UpgradeError::Stopping));
         }
-        let quiet = self.rollouts.idle() && self.health.idle() && !self.pool.has_scale_waiters();
+        let quiet = self.rollouts.idle() && self.health.idle() && self.scale_waiters.is_empty();
         match &up.phase {
             Phase::Waiting if quiet => {
                 let binary = up.binary.path.clone();
@@ -185,7 +186,7 @@ impl Supervisor {
                     Err(e) => self.end_upgrade(Err(e)),
                 }
             }
-            Phase::Checked { exec_at, .. } if quiet && Instant::now() >= *exec_at => self.exec_upgrade(),
+            Phase::Checked { exec_at, .. } if quiet && self.now() >= *exec_at => self.exec_upgrade(),
             _ => {}
         }
     }
@@ -207,8 +208,9 @@ impl Supervisor {
                     retry: true,
                 };
                 super::answer(waiters, outcome);
+                let exec_at = self.now() + FLUSH;
                 if let Some(up) = &mut self.upgrades.pending {
-                    up.phase = Phase::Checked { report, exec_at: Instant::now() + FLUSH };
+                    up.phase = Phase::Checked { report, exec_at };
                 }
             }
             Err(e) => self.end_upgrade(Err(e)),
@@ -247,8 +249,8 @@ impl Supervisor {
             Err(e) => return self.end_upgrade(Err(e)),
         };
         tracing::info!(app = %self.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.path.display(), self.pool.workers.len());
-        self.manager.send(&format!("STATUS=upgrading in place to herdsman {version}"));
-        self.manager.flush();
+        self.outside.notifier.send(&format!("STATUS=upgrading in place to herdsman {version}"));
+        self.outside.notifier.flush();
         // The last lines must not die with this image.
         self.outside.launcher.output().flush(Duration::from_millis(500));
         crate::logging::flush(Duration::from_millis(500));
@@ -343,6 +345,7 @@ impl Supervisor {
             .collect();
         let mut workers = Vec::new();
         for w in self.pool.workers.values() {
+            let Some(f) = self.outside.fds.get(&w.pid) else { continue };
             workers.push(WorkerRecord {
                 pid: w.pid,
                 slot: w.slot,
@@ -350,13 +353,13 @@ impl Supervisor {
                 state: WorkerPhase::of(w.state, clock),
                 role: w.role,
                 started_ns: clock.to_ns(w.started),
-                pidfd: ex.fd(&*w.pidfd)?,
-                stdout: ex.fd(&*w.pipes[0])?,
-                stderr: ex.fd(&*w.pipes[1])?,
-                channel: w.channel.as_deref().map(|c| ex.fd(c)).transpose()?,
-                bind_notify: w.bind_notify.as_ref().map(|n| ex.fd(&**n)).transpose()?,
+                pidfd: ex.fd(&*f.pidfd)?,
+                stdout: ex.fd(&*f.pipes[0])?,
+                stderr: ex.fd(&*f.pipes[1])?,
+                channel: f.channel.as_deref().map(|c| ex.fd(c)).transpose()?,
+                bind_notify: f.bind_notify.as_ref().map(|n| ex.fd(&**n)).transpose()?,
                 bound: w.bound,
-                tail: w.tail.lines(),
+                tail: f.tail.lines(),
                 failure: w.failure.clone(),
                 last_ping_ns: clock.to_ns(w.last_ping),
                 memory_strikes: w.memory_strikes,
@@ -372,7 +375,7 @@ impl Supervisor {
             slots,
             workers,
             last_reload: self.rollouts.last_reload.clone(),
-            watchdog_timeouts: self.health.watchdog_timeouts,
+            watchdog_timeouts: 0,
             sent_ready: self.manager.sent_ready,
             next_memory_check_ns: self.health.next_memory_check.map(|t| clock.to_ns(t)),
         })
@@ -393,7 +396,6 @@ impl Supervisor {
         self.pool.generation = state.generation;
         self.pool.desired = state.desired;
         self.rollouts.last_reload = state.last_reload;
-        self.health.watchdog_timeouts = state.watchdog_timeouts;
         self.manager.sent_ready = state.sent_ready;
         self.health.next_memory_check = state.next_memory_check_ns.map(|n| clock.instant(n));
         self.upgrades.count = upgrades;
@@ -436,6 +438,16 @@ impl Supervisor {
             if let Some(c) = &channel {
                 super::outside::listen_to(w.pid, c.clone(), &self.outside.events);
             }
+            self.outside.fds.insert(
+                w.pid,
+                super::outside::WorkerFds {
+                    pidfd,
+                    tail,
+                    pipes,
+                    channel: channel.clone(),
+                    bind_notify: bind_notify.clone(),
+                },
+            );
             self.pool.workers.insert(
                 w.pid,
                 Worker {
@@ -445,11 +457,8 @@ impl Supervisor {
                     state: w.state.state(&clock),
                     role: w.role,
                     started: clock.instant(w.started_ns),
-                    pidfd,
-                    tail,
-                    pipes,
-                    channel,
-                    bind_notify,
+                    has_channel: channel.is_some(),
+                    intercepted: bind_notify.is_some(),
                     bound: w.bound,
                     bound_at: None,
                     warned_foreign: false,
@@ -461,7 +470,8 @@ impl Supervisor {
             );
         }
         // The manager's watchdog: ping at once (the exec took a moment of it).
-        self.manager.ping_soon(Instant::now());
+        let now = self.now();
+        self.manager.ping_soon(now);
         if let Some((conn, done)) = reply {
             use std::io::Write;
             let took = done.took_ms;

@@ -10,9 +10,10 @@
 //! pool and answers with [`Effect`]s: replace a worker, kill one, promote a replacement that
 //! became ready (the same hand-over a roll-out uses).
 
+use super::clock::Mono;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::effect::Effect;
 use super::pool::Pool;
@@ -22,25 +23,25 @@ pub const MEMORY_CHECK: Duration = Duration::from_secs(5);
 const MEMORY_STRIKES: u32 = 2;
 
 /// A replacement in flight: the new worker's old counterpart.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Replacement {
     old: i32,
     /// The old worker is hung: SIGKILL instead of the stop signal.
     hard: bool,
 }
 
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct Health {
     /// Health replacements in flight, by new worker pid.
     replacing: HashMap<i32, Replacement>,
-    pub watchdog_timeouts: u64,
     /// When memory is sampled next (`None`: no worker has a limit).
-    pub next_memory_check: Option<Instant>,
+    pub next_memory_check: Option<Mono>,
     app: Arc<str>,
 }
 
 impl Health {
     pub fn new(app: Arc<str>) -> Health {
-        Health { replacing: HashMap::new(), watchdog_timeouts: 0, next_memory_check: None, app }
+        Health { replacing: HashMap::new(), next_memory_check: None, app }
     }
 
     /// Whether no replacement is in flight.
@@ -49,14 +50,14 @@ impl Health {
     }
 
     /// A worker with a memory limit started: sampling begins.
-    pub fn watch_memory(&mut self, now: Instant) {
+    pub fn watch_memory(&mut self, now: Mono) {
         if self.next_memory_check.is_none() {
             self.next_memory_check = Some(now + MEMORY_CHECK);
         }
     }
 
     /// When the watchdog of a ready worker runs out.
-    pub fn watchdog_deadline(&self, w: &Worker) -> Option<Instant> {
+    pub fn watchdog_deadline(&self, w: &Worker) -> Option<Mono> {
         let every = w.spec.watchdog?;
         match (w.role, w.state) {
             (Role::Active | Role::Candidate, State::Ready { since }) if !self.is_being_replaced(w.pid) => {
@@ -67,7 +68,7 @@ impl Health {
     }
 
     /// When the loop must wake for a watchdog or the memory sample.
-    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Instant> + 'a {
+    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Mono> + 'a {
         pool.workers.values().filter_map(move |w| self.watchdog_deadline(w)).chain(self.next_memory_check)
     }
 
@@ -77,7 +78,7 @@ impl Health {
 
     /// Workers whose watchdog ran out: a worker `owned` by the roll-out is killed (its exit
     /// aborts the roll-out), any other is replaced and killed once its replacement is ready.
-    pub fn check_watchdogs(&mut self, pool: &Pool, now: Instant, owned: impl Fn(i32) -> bool) -> Vec<Effect> {
+    pub fn check_watchdogs(&mut self, pool: &Pool, now: Mono, owned: impl Fn(i32) -> bool) -> Vec<Effect> {
         let mut hung: Vec<&Worker> =
             pool.workers.values().filter(|w| self.watchdog_deadline(w).is_some_and(|d| now >= d)).collect();
         hung.sort_by_key(|w| w.pid);
@@ -88,7 +89,6 @@ impl Health {
                 FailureKind::Watchdog,
                 format!("watchdog: no WATCHDOG=1 for {}", super::human(every)),
             );
-            self.watchdog_timeouts += 1;
             effects.push(if owned(w.pid) {
                 Effect::Kill { pid: w.pid, failure: Some(failure) }
             } else {
@@ -99,7 +99,7 @@ impl Health {
     }
 
     /// Whether memory is to be sampled now; if so, the next sample is scheduled.
-    pub fn memory_due(&mut self, now: Instant) -> bool {
+    pub fn memory_due(&mut self, now: Mono) -> bool {
         let due = self.next_memory_check.is_some_and(|t| now >= t);
         if due {
             self.next_memory_check = Some(now + MEMORY_CHECK);

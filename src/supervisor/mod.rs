@@ -22,6 +22,7 @@
 //! decisions come back as [`effect::Effect`]s; [`Supervisor`] is the thin driver that carries
 //! them out ([`Supervisor::apply`]) and owns the one slot hand-over ([`Supervisor::promote`]).
 
+mod clock;
 mod effect;
 mod events;
 mod exits;
@@ -39,7 +40,7 @@ mod tests;
 mod watch;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -54,6 +55,7 @@ use crate::requests::{Control, Scale, Waiter};
 use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
 use crate::worker::{Failure, Role, State, Worker};
+pub use clock::Mono;
 use effect::Effect;
 use handover::Upgrades;
 use health::Health;
@@ -127,6 +129,40 @@ pub struct Supervisor {
     manager: Manager,
     outside: Outside,
     watching: watch::Watching,
+    /// Re-reads the configuration for a reload (`None`: reload the settings in use).
+    reload_source: Option<ReloadSource>,
+    /// The reload clients the core refers to by id.
+    waiters: Waiters,
+    /// `scale --wait` clients: answered once the pool has converged.
+    scale_waiters: Vec<tokio::sync::oneshot::Sender<Result<usize, ScaleError>>>,
+}
+
+/// The driver's table of reload clients (their reply and progress channels), by the id the
+/// core holds.
+#[derive(Default)]
+struct Waiters {
+    next: u64,
+    by_id: std::collections::HashMap<effect::WaiterId, Waiter>,
+}
+
+impl Waiters {
+    fn add(&mut self, w: Waiter) -> effect::WaiterId {
+        self.next += 1;
+        let id = effect::WaiterId(self.next);
+        self.by_id.insert(id, w);
+        id
+    }
+
+    fn progress(&self, ids: &[effect::WaiterId], line: &str) {
+        for tx in ids.iter().filter_map(|id| self.by_id.get(id)).filter_map(|w| w.progress.as_ref()) {
+            let _ = tx.send(line.to_string());
+        }
+    }
+
+    /// The clients `ids`, taken out of the table (to be answered).
+    fn take(&mut self, ids: &[effect::WaiterId]) -> Vec<Waiter> {
+        ids.iter().filter_map(|id| self.by_id.remove(id)).collect()
+    }
 }
 
 /// Runs the supervisor until a stop request has been carried out.
@@ -169,6 +205,7 @@ impl Supervisor {
         let outside = Outside::new(
             app.clone(),
             host,
+            world.notifier,
             launcher,
             world.listeners,
             world.steering,
@@ -178,10 +215,13 @@ impl Supervisor {
         )?;
         let mut sup = Supervisor {
             pool: Pool::new(spec, settings.workers.get()),
-            rollouts: Rollouts::new(app.clone(), world.reload_source),
+            rollouts: Rollouts::new(app.clone()),
+            reload_source: world.reload_source,
+            waiters: Waiters::default(),
+            scale_waiters: Vec::new(),
             health: Health::new(app.clone()),
             upgrades: Upgrades::new(world.carry),
-            manager: Manager::new(world.notifier, world.watchdog, now),
+            manager: Manager::new(world.watchdog, now),
             outside,
             watching: Default::default(),
             settings,
@@ -240,9 +280,9 @@ impl Supervisor {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
+async fn sleep_until(at: Option<Mono>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at.to_tokio()).await,
         None => std::future::pending().await,
     }
 }
@@ -256,15 +296,20 @@ fn answer(waiters: Vec<Waiter>, outcome: ReloadOutcome) {
 
 impl Supervisor {
     /// The loop's clock.
-    fn now(&self) -> Instant {
+    fn now(&self) -> Mono {
         self.outside.host.now()
+    }
+
+    /// The wall clock (seconds since the epoch), read by the host like [`Supervisor::now`].
+    fn unix_now(&self) -> u64 {
+        self.outside.host.unix_now()
     }
 
     fn on_control(&mut self, c: Control) {
         match c {
             Control::Reload(waiter) => self.request_reload(waiter),
             Control::Scale { scale, wait, reply } => match (self.scale(scale), reply) {
-                (Ok(_), Some(tx)) if wait => self.pool.wait_for_scale(tx),
+                (Ok(_), Some(tx)) if wait => self.scale_waiters.push(tx),
                 (r, Some(tx)) => {
                     let _ = tx.send(r);
                 }
@@ -326,7 +371,7 @@ impl Supervisor {
         };
         tracing::info!(app = %self.app, "stopping: sending {how} to {} worker(s)", self.pool.workers.len());
         self.stopping = true;
-        self.manager.send("STOPPING=1\nSTATUS=stopping");
+        self.outside.notifier.send("STOPPING=1\nSTATUS=stopping");
         self.fail_rollout("the supervisor is stopping".to_string());
         let effects = self.rollouts.drop_queued(self.pool.spec.generation);
         self.apply(effects);
@@ -344,8 +389,9 @@ impl Supervisor {
                 Effect::Kill { pid, failure } => self.kill_now(pid, failure),
                 Effect::Retire(pid) => self.retire(pid),
                 Effect::Replace { old, failure, hard } => self.replace(old, failure, hard),
-                Effect::Notify(msg) => self.manager.send(&msg),
-                Effect::Answer { waiters, outcome } => answer(waiters, outcome),
+                Effect::Notify(msg) => self.outside.notifier.send(&msg),
+                Effect::Answer { waiters, outcome } => answer(self.waiters.take(&waiters), outcome),
+                Effect::Progress { waiters, line } => self.waiters.progress(&waiters, &line),
                 Effect::Reloaded { ok, took } => self.outside.metrics.reloaded(ok, took),
             }
         }
@@ -359,8 +405,8 @@ impl Supervisor {
         if failure.is_some() {
             w.failure = failure;
         }
-        self.outside.signal(w, Signal::SIGKILL, true);
         w.state = State::Killed;
+        self.outside.signal(pid, Signal::SIGKILL, true);
     }
 
     /// Sends the stop signal (once) and arms the kill timer. A steered worker that was
@@ -419,47 +465,57 @@ impl Supervisor {
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self) -> Option<Mono> {
         let now = self.now();
         self.pool
             .deadlines(now)
             .chain(self.health.deadlines(&self.pool))
             .chain(self.rollouts.deadlines(&self.pool))
-            .chain(self.manager.deadlines(now))
+            .chain(self.manager.deadlines(now, self.outside.notifier.has_backlog()))
             .chain(self.upgrades.deadline())
             .chain(self.watch_deadline())
             .min()
+    }
+
+    /// Answers the `scale --wait` clients with `result`.
+    fn answer_scale(&mut self, result: Result<usize, ScaleError>) {
+        for tx in self.scale_waiters.drain(..) {
+            let _ = tx.send(result.clone());
+        }
     }
 
     /// Moves the world toward the wanted state. Called after every event.
     fn reconcile(&mut self) {
         let now = self.now();
         // Retry notifications the manager had no room for (next_deadline wakes us for it).
-        self.manager.flush();
+        self.outside.notifier.flush();
         if !self.stopping {
             self.reconcile_slots(now);
             self.drive_rollout();
             self.drive_watch();
             let effects = self.health.promote_ready(&mut self.pool);
             self.apply(effects);
-            if self.pool.has_scale_waiters() {
+            if !self.scale_waiters.is_empty() {
                 if let Some(result) = self.pool.scale_result() {
-                    self.pool.answer_scale(result);
+                    self.answer_scale(result);
                 }
             }
             self.drive_upgrade();
         } else {
             self.drive_upgrade();
-            self.pool.answer_scale(Err(ScaleError::Stopping));
+            self.answer_scale(Err(ScaleError::Stopping));
         }
         if self.manager.ready_once(self.pool.settled(), self.stopping) {
+            self.outside.notifier.send("READY=1");
             tracing::info!(app = %self.app, "started: {}", self.status_line());
         }
         let status = self.status_line();
-        self.manager.status(status);
+        if let Some(msg) = self.manager.status(status) {
+            self.outside.notifier.send(&msg);
+        }
     }
 
-    fn reconcile_slots(&mut self, now: Instant) {
+    fn reconcile_slots(&mut self, now: Mono) {
         let spec =
             self.rollouts.current.as_ref().map(|r| r.spec.clone()).unwrap_or_else(|| self.pool.spec.clone());
         self.pool.add_missing_slots(&spec);
@@ -490,8 +546,12 @@ impl Supervisor {
 
     /// Starts a worker for slot `id` running `spec`.
     fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, crate::spawn::SpawnError> {
-        let l = self.outside.launch(id, spec)?;
-        let pid = l.pid;
+        let pid = self.outside.launch(id, spec)?;
+        let (has_channel, intercepted) = self
+            .outside
+            .fds
+            .get(&pid)
+            .map_or((false, false), |f| (f.channel.is_some(), f.bind_notify.is_some()));
         let now = self.now();
         if spec.max_memory.is_some() {
             self.health.watch_memory(now);
@@ -505,11 +565,8 @@ impl Supervisor {
                 state: State::Starting { deadline: now + spec.ready_timeout },
                 role,
                 started: now,
-                pidfd: l.pidfd,
-                tail: l.tail,
-                pipes: l.pipes,
-                channel: l.channel,
-                bind_notify: l.bind_notify,
+                has_channel,
+                intercepted,
                 bound: false,
                 bound_at: None,
                 warned_foreign: false,

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use super::effect::WaiterId;
 use super::{ReloadOutcome, Supervisor, answer};
 use crate::requests::Waiter;
 use crate::worker::Role;
@@ -20,18 +21,32 @@ impl Supervisor {
             tracing::info!(app = %self.app, "reload requested during an upgrade: it waits for the upgrade");
             self.upgrades.defer(reply);
         } else if self.rollouts.current.is_some() {
-            self.rollouts.queue(reply);
+            let id = self.waiters.add(reply);
+            let effects = self.rollouts.queue(id);
+            self.apply(effects);
         } else {
-            self.start_rollout(vec![reply]);
+            let id = self.waiters.add(reply);
+            self.start_rollout(vec![id]);
         }
     }
 
-    fn start_rollout(&mut self, waiters: Vec<Waiter>) {
+    /// The settings a reload moves to: re-read, or the ones in use.
+    fn load_settings(&self) -> Result<crate::config::Settings, String> {
+        match &self.reload_source {
+            Some(source) => source().map_err(|problems| {
+                format!("invalid configuration, nothing changed: {}", problems.0.join("; "))
+            }),
+            None => Ok(self.settings.clone()),
+        }
+    }
+
+    fn start_rollout(&mut self, waiters: Vec<WaiterId>) {
         let generation = self.pool.spec.generation;
-        let settings = match self.rollouts.load(&self.settings) {
+        let settings = match self.load_settings() {
             Ok(s) => s,
             Err(msg) => {
-                let effects = self.rollouts.refuse(waiters, msg, generation);
+                let unix = self.unix_now();
+                let effects = self.rollouts.refuse(waiters, msg, generation, unix);
                 return self.apply(effects);
             }
         };
@@ -41,11 +56,12 @@ impl Supervisor {
             Ok(spec) => Arc::new(spec),
             Err(e) => {
                 let msg = format!("cannot resolve the new release, nothing changed: {e}");
-                let effects = self.rollouts.refuse(waiters, msg, generation);
+                let unix = self.unix_now();
+                let effects = self.rollouts.refuse(waiters, msg, generation, unix);
                 return self.apply(effects);
             }
         };
-        if self.rollouts.rereads() {
+        if self.reload_source.is_some() {
             self.apply_settings(settings);
         }
         self.pool.generation += 1;
@@ -104,15 +120,17 @@ impl Supervisor {
                 Err(e) => return self.fail_rollout(format!("worker {slot} could not start: {e}")),
             }
         }
-        let effects = self.rollouts.finish_if_done(&mut self.pool, now);
+        let unix = self.unix_now();
+        let effects = self.rollouts.finish_if_done(&mut self.pool, now, unix);
         self.apply(effects);
     }
 
     /// Aborts the roll-out in progress (see [`super::rollout::Rollouts::fail`]).
     pub(super) fn fail_rollout(&mut self, reason: String) {
         let now = self.now();
+        let unix = self.unix_now();
         let effects =
-            self.rollouts.fail(reason, &mut self.pool, self.settings.on_failure, self.stopping, now);
+            self.rollouts.fail(reason, &mut self.pool, self.settings.on_failure, self.stopping, now, unix);
         self.apply(effects);
     }
 }

@@ -33,21 +33,20 @@
 //! back as [`Effect`]s for the driver (`Supervisor::drive_rollout`), which also starts the
 //! candidates it asks for.
 
+use super::clock::Mono;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use super::ReloadSource;
-use super::effect::Effect;
+use super::effect::{Effect, WaiterId};
 use super::pool::Pool;
-use crate::config::{OnFailure, Settings};
+use crate::config::OnFailure;
 use crate::control::protocol::{LastReload, ReloadOutcome};
-use crate::notify::monotonic_usec;
-use crate::requests::Waiter;
 use crate::spawn::Spec;
 use crate::worker::{Role, State, Worker};
 
 /// Why a roll-out runs.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) enum Purpose {
     /// A reload to a new generation.
     Reload,
@@ -55,6 +54,7 @@ pub(super) enum Purpose {
     Rollback { failure: String },
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollout {
     /// The spec the roll-out moves to (for a rollback: the generation it returns to).
     pub spec: Arc<Spec>,
@@ -68,8 +68,9 @@ pub(super) struct Rollout {
     min_ready: Duration,
     pub total: usize,
     pub done: usize,
-    started: Instant,
-    waiters: Vec<Waiter>,
+    started: Mono,
+    /// The reload clients to answer (their channels are the driver's).
+    waiters: Vec<WaiterId>,
 }
 
 impl Rollout {
@@ -78,8 +79,8 @@ impl Rollout {
         purpose: Purpose,
         pending: VecDeque<(usize, Arc<Spec>)>,
         min_ready: Duration,
-        now: Instant,
-        waiters: Vec<Waiter>,
+        now: Mono,
+        waiters: Vec<WaiterId>,
     ) -> Rollout {
         Rollout {
             spec,
@@ -105,7 +106,7 @@ impl Rollout {
     }
 
     /// When the candidate `pid`, ready since `since`, has held long enough.
-    pub fn hold_until(&self, since: Instant) -> Instant {
+    pub fn hold_until(&self, since: Mono) -> Mono {
         since.checked_add(self.min_ready).unwrap_or(since)
     }
 
@@ -128,12 +129,9 @@ impl Rollout {
         self.moved.retain(|(s, _, _)| *s != slot);
     }
 
-    fn progress(&self, line: &str) {
-        for w in &self.waiters {
-            if let Some(tx) = &w.progress {
-                let _ = tx.send(line.to_string());
-            }
-        }
+    /// A progress line for its clients.
+    fn progress(&self, line: &str) -> Effect {
+        Effect::Progress { waiters: self.waiters.clone(), line: line.to_string() }
     }
 
     fn verb(&self) -> &'static str {
@@ -141,25 +139,20 @@ impl Rollout {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 /// The roll-out part: the one in progress, the reloads waiting for it, the last result.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollouts {
     /// The roll-out in progress.
     pub current: Option<Rollout>,
     /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
-    queued: Option<Vec<Waiter>>,
+    queued: Option<Vec<WaiterId>>,
     pub last_reload: Option<LastReload>,
-    /// Re-reads the configuration for a reload (`None`: reload the settings in use).
-    source: Option<ReloadSource>,
     app: Arc<str>,
 }
 
 impl Rollouts {
-    pub fn new(app: Arc<str>, source: Option<ReloadSource>) -> Rollouts {
-        Rollouts { current: None, queued: None, last_reload: None, source, app }
+    pub fn new(app: Arc<str>) -> Rollouts {
+        Rollouts { current: None, queued: None, last_reload: None, app }
     }
 
     /// Whether `pid` was started by the roll-out in progress.
@@ -178,16 +171,15 @@ impl Rollouts {
     }
 
     /// A reload asked for while a roll-out runs: it joins the one more roll-out that follows.
-    pub fn queue(&mut self, waiter: Waiter) {
+    pub fn queue(&mut self, waiter: WaiterId) -> Vec<Effect> {
         tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
-        if let Some(tx) = &waiter.progress {
-            let _ = tx.send("a roll-out is in progress: this reload runs right after it".to_string());
-        }
         self.queued.get_or_insert_with(Vec::new).push(waiter);
+        let line = "a roll-out is in progress: this reload runs right after it".to_string();
+        vec![Effect::Progress { waiters: vec![waiter], line }]
     }
 
     /// The queued reloads, once no roll-out runs.
-    pub fn take_queued(&mut self) -> Option<Vec<Waiter>> {
+    pub fn take_queued(&mut self) -> Option<Vec<WaiterId>> {
         if self.current.is_some() { None } else { self.queued.take() }
     }
 
@@ -198,25 +190,10 @@ impl Rollouts {
         vec![Effect::Answer { waiters, outcome }]
     }
 
-    /// Whether reloads re-read the configuration.
-    pub fn rereads(&self) -> bool {
-        self.source.is_some()
-    }
-
-    /// The settings a reload moves to: re-read, or the ones in use.
-    pub fn load(&self, current: &Settings) -> Result<Settings, String> {
-        match &self.source {
-            Some(source) => source().map_err(|problems| {
-                format!("invalid configuration, nothing changed: {}", problems.0.join("; "))
-            }),
-            None => Ok(current.clone()),
-        }
-    }
-
     /// A reload that cannot start (`msg` says why): nothing changed.
-    pub fn refuse(&mut self, waiters: Vec<Waiter>, msg: String, generation: u64) -> Vec<Effect> {
+    pub fn refuse(&mut self, waiters: Vec<WaiterId>, msg: String, generation: u64, unix: u64) -> Vec<Effect> {
         tracing::error!(app = %self.app, "reload failed: {msg}");
-        self.record(false, Some(msg.clone()));
+        self.record(false, Some(msg.clone()), unix);
         let outcome = ReloadOutcome::new(false, generation, msg);
         vec![Effect::Reloaded { ok: false, took: None }, Effect::Answer { waiters, outcome }]
     }
@@ -227,21 +204,22 @@ impl Rollouts {
         spec: Arc<Spec>,
         slots: Vec<usize>,
         min_ready: Duration,
-        now: Instant,
-        waiters: Vec<Waiter>,
+        now: Mono,
+        waiters: Vec<WaiterId>,
     ) -> Vec<Effect> {
         let g = spec.generation;
         let pending: VecDeque<(usize, Arc<Spec>)> = slots.into_iter().map(|id| (id, spec.clone())).collect();
         tracing::info!(app = %self.app, generation = g, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {g} ({})", pending.len(), spec.cwd.display());
         let r = Rollout::new(spec, Purpose::Reload, pending, min_ready, now, waiters);
-        r.progress(&format!("rolling {} worker(s) to generation {g}", r.total));
+        let progress = r.progress(&format!("rolling {} worker(s) to generation {g}", r.total));
         self.current = Some(r);
-        vec![Effect::Notify(format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()))]
+        // `now` is CLOCK_MONOTONIC, what systemd wants here.
+        vec![progress, Effect::Notify(format!("RELOADING=1\nMONOTONIC_USEC={}", now.as_micros()))]
     }
 
     /// Promotes the candidates that have been ready for `min_ready`: each takes over its slot
     /// and the worker it replaces is stopped.
-    pub fn promote_held(&mut self, pool: &mut Pool, now: Instant) -> Vec<Effect> {
+    pub fn promote_held(&mut self, pool: &mut Pool, now: Mono) -> Vec<Effect> {
         let Some(r) = &mut self.current else { return Vec::new() };
         let mut effects = Vec::new();
         let mut still = Vec::new();
@@ -262,7 +240,7 @@ impl Rollouts {
                 pool.workers.get(&pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
             tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", r.verb());
-            r.progress(&line);
+            effects.push(r.progress(&line));
             effects.push(Effect::Promote { slot, new: pid, kill_old: false });
         }
         r.in_flight = still;
@@ -303,7 +281,7 @@ impl Rollouts {
 
     /// Ends the roll-out once every slot moved: the reload (or its rollback) is over. A
     /// reload's generation becomes the pool's.
-    pub fn finish_if_done(&mut self, pool: &mut Pool, now: Instant) -> Vec<Effect> {
+    pub fn finish_if_done(&mut self, pool: &mut Pool, now: Mono, unix: u64) -> Vec<Effect> {
         if !self.current.as_ref().is_some_and(|r| r.in_flight.is_empty() && r.pending.is_empty()) {
             return Vec::new();
         }
@@ -319,7 +297,7 @@ impl Rollouts {
                     r.done, r.spec.generation
                 );
                 tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
-                self.record(true, None);
+                self.record(true, None, unix);
                 effects.push(Effect::Reloaded { ok: true, took: Some(ran) });
                 ReloadOutcome::new(true, r.spec.generation, msg)
             }
@@ -347,7 +325,8 @@ impl Rollouts {
         pool: &mut Pool,
         on_failure: OnFailure,
         stopping: bool,
-        now: Instant,
+        now: Mono,
+        unix: u64,
     ) -> Vec<Effect> {
         let Some(mut r) = self.current.take() else { return Vec::new() };
         let mut effects = Vec::new();
@@ -364,7 +343,7 @@ impl Rollouts {
         }
         let msg = match &r.purpose {
             Purpose::Reload => {
-                self.record(false, Some(reason.clone()));
+                self.record(false, Some(reason.clone()), unix);
                 effects.push(Effect::Reloaded {
                     ok: false,
                     took: Some(now.saturating_duration_since(r.started)),
@@ -387,7 +366,7 @@ impl Rollouts {
             (Purpose::Rollback { .. }, _) => msg,
             (Purpose::Reload, true) => format!("{msg}; every worker keeps running the previous code"),
             (Purpose::Reload, false) if on_failure == OnFailure::Rollback && !stopping => {
-                match self.start_rollback(&mut r, msg, pool, now) {
+                match self.start_rollback(&mut r, msg, pool, now, &mut effects) {
                     Ok(()) => return effects,
                     Err(msg) => msg,
                 }
@@ -416,7 +395,8 @@ impl Rollouts {
         failed: &mut Rollout,
         msg: String,
         pool: &mut Pool,
-        now: Instant,
+        now: Mono,
+        effects: &mut Vec<Effect>,
     ) -> Result<(), String> {
         let mut pending = VecDeque::new();
         let mut restarting = 0;
@@ -445,7 +425,7 @@ impl Rollouts {
         }
         let line = format!("rolling {} worker(s) back to generation {}", pending.len(), back_to.generation);
         tracing::warn!(app = %self.app, generation = back_to.generation, "reload failed: {line}");
-        failed.progress(&line);
+        effects.push(failed.progress(&line));
         self.set_rollback("running");
         let waiters = std::mem::take(&mut failed.waiters);
         self.current = Some(Rollout::new(
@@ -460,7 +440,7 @@ impl Rollouts {
     }
 
     /// When candidates holding for `min_ready` have held long enough.
-    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Instant> + 'a {
+    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Mono> + 'a {
         self.current.iter().flat_map(move |r| {
             r.candidates().filter_map(move |pid| match pool.workers.get(&pid).map(|w: &Worker| w.state) {
                 Some(State::Ready { since }) => Some(r.hold_until(since)),
@@ -469,10 +449,11 @@ impl Rollouts {
         })
     }
 
-    fn record(&mut self, ok: bool, error: Option<String>) {
+    /// `unix`: the wall-clock time (seconds), given by the driver like `now`.
+    fn record(&mut self, ok: bool, error: Option<String>, unix: u64) {
         self.last_reload = Some(LastReload {
             result: if ok { "ok" } else { "failed" }.to_string(),
-            at: unix_now(),
+            at: unix,
             error,
             rollback: None,
         });

@@ -8,13 +8,14 @@
 //! decisions: coalescing, abort on failure, back-off, scaling and stopping during a roll-out,
 //! and the notify sequence.
 
+use super::clock::Mono;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -22,13 +23,13 @@ use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
 
 use super::host::Host;
+use super::outside::WorkerFds;
 use super::{Event, Supervisor, World};
 use crate::control::protocol::{ReloadOutcome, Scale, ScaleError, Snapshot, WorkerState};
 use crate::listeners::Listeners;
 use crate::notify::{Message, Notifier};
 use crate::requests::{Control, Waiter};
 use crate::spawn::{Launched, Launcher, SpawnError, Spec};
-use crate::worker::Worker;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Effect {
@@ -40,7 +41,7 @@ enum Effect {
 
 #[derive(Clone)]
 struct Fake {
-    clock: Rc<Cell<Instant>>,
+    clock: Rc<Cell<Mono>>,
     next_pid: Rc<Cell<i32>>,
     log: Rc<RefCell<Vec<Effect>>>,
     /// What `memory` reports, by pid (0 for the others).
@@ -48,7 +49,7 @@ struct Fake {
     /// While set, every launch fails.
     broken: Rc<Cell<bool>>,
     /// When each stop signal or message was sent: (pid, clock); SIGKILL is left out.
-    stops: Rc<RefCell<Vec<(i32, Instant)>>>,
+    stops: Rc<RefCell<Vec<(i32, Mono)>>>,
 }
 
 fn devnull() -> OwnedFd {
@@ -56,8 +57,12 @@ fn devnull() -> OwnedFd {
 }
 
 impl Host for Fake {
-    fn now(&self) -> Instant {
+    fn now(&self) -> Mono {
         self.clock.get()
+    }
+
+    fn unix_now(&self) -> u64 {
+        1_700_000_000 + self.clock.get().as_nanos() / 1_000_000_000
     }
 
     fn launch(
@@ -88,22 +93,22 @@ impl Host for Fake {
 
     fn watch(&mut self, _: i32, _: Arc<OwnedFd>, _: mpsc::Receiver<()>, _: &mpsc::UnboundedSender<Event>) {}
 
-    fn signal(&mut self, w: &Worker, sig: Signal, _group: bool) {
-        self.log.borrow_mut().push(Effect::Signal { pid: w.pid, sig });
+    fn signal(&mut self, pid: i32, _: &WorkerFds, sig: Signal, _group: bool) {
+        self.log.borrow_mut().push(Effect::Signal { pid, sig });
         // SIGKILL is no request to stop (a failed candidate, a hung worker after its stop).
         if sig != Signal::SIGKILL {
-            self.stops.borrow_mut().push((w.pid, self.clock.get()));
+            self.stops.borrow_mut().push((pid, self.clock.get()));
         }
     }
 
-    fn message(&mut self, w: &Worker, message: &str) -> std::io::Result<()> {
-        self.log.borrow_mut().push(Effect::Message { pid: w.pid, text: message.to_string() });
-        self.stops.borrow_mut().push((w.pid, self.clock.get()));
+    fn message(&mut self, pid: i32, _: &WorkerFds, message: &str) -> std::io::Result<()> {
+        self.log.borrow_mut().push(Effect::Message { pid, text: message.to_string() });
+        self.stops.borrow_mut().push((pid, self.clock.get()));
         Ok(())
     }
 
-    fn reap(&mut self, w: &Worker) {
-        self.log.borrow_mut().push(Effect::Reap { pid: w.pid });
+    fn reap(&mut self, pid: i32, _: &WorkerFds) {
+        self.log.borrow_mut().push(Effect::Reap { pid });
     }
 
     fn memory(&mut self, _: &[i32]) -> HashMap<i32, u64> {
@@ -118,7 +123,7 @@ struct Sim {
     manager: UnixDatagram,
     told: Vec<String>,
     /// When each worker was made ready (by [`Sim::ready`]).
-    readied: HashMap<i32, Instant>,
+    readied: HashMap<i32, Mono>,
     _events: mpsc::UnboundedReceiver<Event>,
     _dir: std::path::PathBuf,
 }
@@ -179,7 +184,7 @@ fn sim_of(node: bool, workers: usize, extra: &str) -> Sim {
         bind_intercept: false,
     };
     let host = Fake {
-        clock: Rc::new(Cell::new(Instant::now())),
+        clock: Rc::new(Cell::new(Mono::now())),
         next_pid: Rc::new(Cell::new(1000)),
         log: Default::default(),
         rss: Default::default(),

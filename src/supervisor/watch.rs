@@ -6,8 +6,9 @@
 //! `last_reload`), and only when no roll-out runs or waits: changes during a roll-out (or an
 //! in-place upgrade) make one reload after it, however many there were.
 
+use super::clock::Mono;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Supervisor;
 use crate::control::protocol::WatchInfo;
@@ -19,7 +20,7 @@ pub const QUIET: Duration = Duration::from_millis(500);
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// Changes not reloaded for yet, and what the watcher did.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Watching {
     burst: Option<Burst>,
     /// Reloads started because files changed.
@@ -28,16 +29,16 @@ pub(super) struct Watching {
     trigger: Option<PathBuf>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Burst {
-    first: Instant,
-    last: Instant,
+    first: Mono,
+    last: Mono,
     /// The burst's first change.
     path: PathBuf,
 }
 
 impl Watching {
-    pub fn changed(&mut self, path: PathBuf, now: Instant) {
+    pub fn changed(&mut self, path: PathBuf, now: Mono) {
         match &mut self.burst {
             Some(b) => b.last = now,
             None => self.burst = Some(Burst { first: now, last: now, path }),
@@ -45,12 +46,12 @@ impl Watching {
     }
 
     /// When the burst's reload is due (once no roll-out runs).
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Mono> {
         self.burst.as_ref().map(|b| (b.last + QUIET).min(b.first + MAX_WAIT))
     }
 
     /// The burst whose reload is due at `now`, counted as reloaded for.
-    fn due(&mut self, now: Instant) -> Option<Burst> {
+    fn due(&mut self, now: Mono) -> Option<Burst> {
         if self.deadline().is_none_or(|d| now < d) {
             return None;
         }
@@ -77,7 +78,7 @@ impl Supervisor {
     }
 
     /// The burst's deadline, while a reload could start then.
-    pub(super) fn watch_deadline(&self) -> Option<Instant> {
+    pub(super) fn watch_deadline(&self) -> Option<Mono> {
         self.watch_may_reload().then(|| self.watching.deadline()).flatten()
     }
 
