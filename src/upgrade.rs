@@ -32,6 +32,7 @@
 //! reload, the worker fd limit. Timers are carried as `CLOCK_MONOTONIC` instants, which
 //! `execve` does not reset.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -42,7 +43,11 @@ use crate::config::Layer;
 
 /// The layout of [`Handover`]; a new binary takes over only a state of a format it reads.
 /// 2: the flags as a `config::Layer` (its environment a table), `file_workers` a worker count.
-pub const STATE_FORMAT: u32 = 2;
+/// 3: the supervisor's core serialized as it is (`supervisor::Core`) and the descriptors in a
+/// table by name ([`Handover::fds`]). Format 2 is still read (`supervisor::v2`).
+pub const STATE_FORMAT: u32 = 3;
+/// The previous format, still read: what the previous release writes.
+pub const STATE_FORMAT_V2: u32 = 2;
 /// How long the new binary's check may take (`HERDSMAN_UPGRADE_CHECK_TIMEOUT` overrides it).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The environment variable that carries the state's descriptor number into the new image.
@@ -55,7 +60,8 @@ pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
-/// Everything the new image needs, in one document.
+/// Everything the new image needs, in one document: the supervisor's core as it is, the
+/// driver's state beside it, and the descriptors as a table by name.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Handover {
     pub format: u32,
@@ -75,123 +81,67 @@ pub struct Handover {
     pub argv: Vec<String>,
     /// The workers' soft fd limit (see `sys::raise_fd_limit`).
     pub worker_fd_limit: u64,
+    /// The control socket (its descriptor: `control` in [`Handover::fds`]).
     pub control: ControlState,
+    /// The metrics endpoint (its descriptor: `metrics-http`).
     pub metrics_http: Option<HttpState>,
     pub metrics: crate::metrics::carry::MetricsState,
     pub listeners: crate::listeners::ListenersState,
     pub steering: Option<crate::steer::SteeringState>,
     pub notify: crate::notify::NotifyState,
-    pub supervisor: SupervisorState,
-    /// The `herdsman upgrade` client's connection: the new image answers on it.
-    pub reply: Option<RawFd>,
-    /// Every descriptor named above, for adoption in one step.
-    pub fds: Vec<RawFd>,
+    /// The supervisor's core: plain data, serialized as it is.
+    pub core: crate::supervisor::Core,
+    /// Each live worker's last output lines, by pid (for failure reports).
+    pub tails: BTreeMap<i32, Vec<String>>,
+    /// Every descriptor, by name (see [`fd_name`]): across `execve` the value is the
+    /// descriptor's number; the listening sockets', steering's and the notify socket's states
+    /// refer to theirs by that value, which is then only a key (see [`keyed`]).
+    pub fds: BTreeMap<String, RawFd>,
 }
 
-/// The supervisor's part of the state.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SupervisorState {
-    pub settings: crate::config::Settings,
-    /// Every spec in use, each once; slots and workers refer to them by index.
-    pub specs: Vec<crate::spawn::Spec>,
-    pub spec: usize,
-    pub generation: u64,
-    pub desired: usize,
-    pub slots: Vec<SlotState>,
-    pub workers: Vec<WorkerRecord>,
-    pub last_reload: Option<crate::control::protocol::LastReload>,
-    pub watchdog_timeouts: u64,
-    pub sent_ready: bool,
-    pub next_memory_check_ns: Option<i64>,
+/// The names of a worker's descriptors in [`Handover::fds`]: `pidfd-<slot>-<generation>-<pid>`,
+/// `out-…`, `err-…`, `ipc-…` (Node IPC channel), `bind-…` (bind filter).
+pub fn fd_name(kind: &str, slot: usize, generation: u64, pid: i32) -> String {
+    format!("{kind}-{slot}-{generation}-{pid}")
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SlotState {
-    pub id: usize,
-    pub active: Option<i32>,
-    pub spec: usize,
-    pub failures: u32,
-    pub restarts: u32,
-    pub restart_at_ns: Option<i64>,
-    pub settled: bool,
-    pub last_error: Option<String>,
+/// The fixed names in [`Handover::fds`].
+pub const FD_CONTROL: &str = "control";
+pub const FD_METRICS_HTTP: &str = "metrics-http";
+pub const FD_REPLY: &str = "reply";
+
+/// Whether `name` may name a descriptor (systemd's fd store takes up to 255 characters, no `:`).
+pub fn valid_fd_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && !name.contains(':') && name.is_ascii()
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WorkerRecord {
-    pub pid: i32,
-    pub slot: usize,
-    pub spec: usize,
-    pub state: WorkerPhase,
-    pub role: crate::worker::Role,
-    pub started_ns: i64,
-    pub pidfd: RawFd,
-    pub stdout: RawFd,
-    pub stderr: RawFd,
-    /// The supervisor's end of a Node worker's IPC channel (absent in states written before
-    /// there were channels).
-    #[serde(default)]
-    pub channel: Option<RawFd>,
-    /// Its bind filter's notification descriptor (see `intercept`): carried, so a worker never
-    /// sees `ENOSYS` from bind() because its supervisor's image changed.
-    #[serde(default)]
-    pub bind_notify: Option<RawFd>,
-    /// It bound one of herdsman's sockets itself.
-    #[serde(default)]
-    pub bound: bool,
-    pub tail: Vec<String>,
-    pub failure: Option<crate::worker::Failure>,
-    pub last_ping_ns: i64,
-    pub memory_strikes: u32,
-}
-
-/// [`crate::worker::State`] with its instants as `CLOCK_MONOTONIC` nanoseconds.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum WorkerPhase {
-    Starting { deadline_ns: i64 },
-    Ready { since_ns: i64 },
-    Draining { since_ns: i64 },
-    Stopping { kill_at_ns: i64 },
-    Killed,
-}
-
-impl WorkerPhase {
-    pub fn of(s: crate::worker::State, c: &Clock) -> WorkerPhase {
-        match s {
-            crate::worker::State::Starting { deadline } => {
-                WorkerPhase::Starting { deadline_ns: c.to_ns(deadline) }
-            }
-            crate::worker::State::Ready { since } => WorkerPhase::Ready { since_ns: c.to_ns(since) },
-            crate::worker::State::Draining { since } => WorkerPhase::Draining { since_ns: c.to_ns(since) },
-            crate::worker::State::Stopping { kill_at } => {
-                WorkerPhase::Stopping { kill_at_ns: c.to_ns(kill_at) }
-            }
-            crate::worker::State::Killed => WorkerPhase::Killed,
+/// The descriptors the listening sockets', steering's and the notify socket's states refer to
+/// by key (every name in `table` but the supervisor's own), taken out of `fds` (by name) into
+/// a [`crate::sys::HandedOver`] keyed as those states expect.
+pub fn keyed(
+    table: &BTreeMap<String, RawFd>,
+    fds: &mut BTreeMap<String, OwnedFd>,
+    prefixes: &[&str],
+) -> std::io::Result<crate::sys::HandedOver> {
+    let mut by_key = std::collections::HashMap::new();
+    for (name, key) in table {
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
         }
+        let fd = fds.remove(name).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("descriptor {name} missing"))
+        })?;
+        by_key.insert(*key, fd);
     }
-
-    pub fn state(self, c: &Clock) -> crate::worker::State {
-        match self {
-            WorkerPhase::Starting { deadline_ns } => {
-                crate::worker::State::Starting { deadline: c.instant(deadline_ns) }
-            }
-            WorkerPhase::Ready { since_ns } => crate::worker::State::Ready { since: c.instant(since_ns) },
-            WorkerPhase::Draining { since_ns } => {
-                crate::worker::State::Draining { since: c.instant(since_ns) }
-            }
-            WorkerPhase::Stopping { kill_at_ns } => {
-                crate::worker::State::Stopping { kill_at: c.instant(kill_at_ns) }
-            }
-            WorkerPhase::Killed => crate::worker::State::Killed,
-        }
-    }
+    Ok(crate::sys::HandedOver::from_owned(by_key))
 }
+
+/// The name prefixes [`keyed`] hands to the listeners, steering and the notify socket.
+pub const KEYED_PREFIXES: &[&str] = &["listener-", "steer-", "notify-", "legacy-"];
 
 /// The control socket.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ControlState {
-    pub fd: RawFd,
     pub path: PathBuf,
     pub made_dir: Option<PathBuf>,
     pub uid: u32,
@@ -201,7 +151,6 @@ pub struct ControlState {
 /// The metrics endpoint.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HttpState {
-    pub fd: RawFd,
     /// `Some(path)` for a unix socket, `None` for TCP.
     pub unix: Option<PathBuf>,
     pub address: String,
@@ -222,22 +171,46 @@ pub struct Carry {
     pub check_timeout: Duration,
 }
 
-/// Collects the descriptors of a state. A *dry* exporter (for the check) records the current
-/// numbers; a real one duplicates each without close-on-exec, above the workers' fd range.
+/// Collects the descriptors of a state, each under a name. A *dry* exporter (for the check)
+/// records the current numbers; a real one duplicates each without close-on-exec, above the
+/// workers' fd range. Descriptors exported without a name ([`Exporter::fd`], by the listeners,
+/// steering and the notify socket) are named after the current [`Exporter::prefix`].
 pub struct Exporter {
     dry: bool,
     floor: RawFd,
     dups: Vec<OwnedFd>,
-    numbers: Vec<RawFd>,
+    table: BTreeMap<String, RawFd>,
+    prefix: String,
+    counter: usize,
 }
 
 impl Exporter {
     pub fn new(dry: bool, floor: RawFd) -> Exporter {
-        Exporter { dry, floor, dups: Vec::new(), numbers: Vec::new() }
+        Exporter { dry, floor, dups: Vec::new(), table: BTreeMap::new(), prefix: "legacy".into(), counter: 0 }
     }
 
-    /// The number `fd` will have in the new image.
+    /// Names the next unnamed descriptors `<prefix>-0`, `<prefix>-1`, …
+    pub fn prefix(&mut self, prefix: &str) {
+        self.prefix = prefix.to_string();
+        self.counter = 0;
+    }
+
+    /// Exports `fd` under the next name of the current prefix; returns its key (its number in
+    /// the new image across `execve`).
     pub fn fd(&mut self, fd: &impl AsFd) -> std::io::Result<RawFd> {
+        let name = format!("{}-{}", self.prefix, self.counter);
+        self.counter += 1;
+        self.named(name, fd)
+    }
+
+    /// Exports `fd` as `name`; returns its key.
+    pub fn named(&mut self, name: String, fd: &impl AsFd) -> std::io::Result<RawFd> {
+        if !valid_fd_name(&name) || self.table.contains_key(&name) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("descriptor name {name:?} is invalid or used twice"),
+            ));
+        }
         let n = if self.dry {
             fd.as_fd().as_raw_fd()
         } else {
@@ -246,33 +219,13 @@ impl Exporter {
             self.dups.push(dup);
             n
         };
-        self.numbers.push(n);
+        self.table.insert(name, n);
         Ok(n)
     }
 
-    pub fn numbers(&self) -> Vec<RawFd> {
-        self.numbers.clone()
-    }
-}
-
-/// Converts the core's times to `CLOCK_MONOTONIC` nanoseconds and back: a [`Mono`] is
-/// that clock already (`execve` keeps it), so this is the identity.
-///
-/// [`Mono`]: crate::supervisor::Mono
-#[derive(Debug, Clone, Copy)]
-pub struct Clock;
-
-impl Clock {
-    pub fn now() -> Clock {
-        Clock
-    }
-
-    pub fn to_ns(&self, t: crate::supervisor::Mono) -> i64 {
-        i64::try_from(t.as_nanos()).unwrap_or(i64::MAX)
-    }
-
-    pub fn instant(&self, ns: i64) -> crate::supervisor::Mono {
-        crate::supervisor::Mono::from_nanos(u64::try_from(ns).unwrap_or(0))
+    /// The descriptors exported so far: (name, number).
+    pub fn table(&self) -> BTreeMap<String, RawFd> {
+        self.table.clone()
     }
 }
 
@@ -448,14 +401,7 @@ impl Candidate {
 /// environment (config `env`, `-e`) and herdsman's own argv. The check needs none of them.
 pub fn redacted(mut state: Handover) -> Handover {
     const HIDDEN: &str = "(redacted)";
-    for (_, v) in &mut state.supervisor.settings.env {
-        *v = HIDDEN.to_string();
-    }
-    for spec in &mut state.supervisor.specs {
-        for (_, v) in &mut spec.env {
-            *v = HIDDEN.to_string();
-        }
-    }
+    state.core.redact(HIDDEN);
     for kv in &mut state.overrides.env {
         let key = kv.split_once('=').map(|(k, _)| k.to_string()).unwrap_or_default();
         *kv = format!("{key}={HIDDEN}");
@@ -591,24 +537,32 @@ fn check_blocking(
 pub fn check_command(input: &mut impl std::io::Read) -> Result<CheckReport, String> {
     let mut buf = Vec::new();
     input.read_to_end(&mut buf).map_err(|e| format!("cannot read the state: {e}"))?;
-    let state: Handover = parse(&buf)?;
-    Ok(CheckReport { version: version().to_string(), state_format: state.format })
+    let (format, _state) = parse_with_format(&buf)?;
+    Ok(CheckReport { version: version().to_string(), state_format: format })
 }
 
-/// Parses a state, refusing formats this binary does not read.
+/// Parses a state, refusing formats this binary does not read; a format-2 state (the previous
+/// release's) is converted (see `supervisor::v2`).
 pub fn parse(bytes: &[u8]) -> Result<Handover, String> {
+    parse_with_format(bytes).map(|(_, h)| h)
+}
+
+/// [`parse`], with the format the state was written in.
+pub fn parse_with_format(bytes: &[u8]) -> Result<(u32, Handover), String> {
     #[derive(Deserialize)]
     struct Head {
         format: u32,
     }
     let head: Head = serde_json::from_slice(bytes).map_err(|e| format!("unreadable upgrade state: {e}"))?;
-    if head.format != STATE_FORMAT {
-        return Err(format!(
-            "upgrade state format {} is not {STATE_FORMAT}, the one this herdsman reads",
-            head.format
-        ));
+    match head.format {
+        STATE_FORMAT => serde_json::from_slice(bytes)
+            .map(|h| (STATE_FORMAT, h))
+            .map_err(|e| format!("unreadable upgrade state: {e}")),
+        STATE_FORMAT_V2 => crate::supervisor::v2::convert(bytes).map(|h| (STATE_FORMAT_V2, h)),
+        other => Err(format!(
+            "upgrade state format {other} is not {STATE_FORMAT} (or {STATE_FORMAT_V2}), the ones this herdsman reads"
+        )),
     }
-    serde_json::from_slice(bytes).map_err(|e| format!("unreadable upgrade state: {e}"))
 }
 
 /// Writes `state` into an inheritable memfd and re-executes `binary`. Returns only if

@@ -20,10 +20,10 @@ impl Supervisor {
             Event::Channel { pid, msg } => return self.on_channel(pid, msg),
             Event::Intercepted { pid, seen } => return self.on_intercepted(pid, seen),
         };
-        let Some(w) = self.pool.workers.remove(&pid) else { return };
+        let Some(w) = self.core.pool.workers.remove(&pid) else { return };
         let fds = self.outside.release(pid);
         if w.intercept_failures > 1 && !is_power_of_ten(w.intercept_failures) {
-            tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = pid, "worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures);
+            tracing::warn!(app = %self.core.app, worker_id = w.slot, worker_pid = pid, "worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures);
         }
         // Whatever the worker left in its process group was killed before this event was
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
@@ -43,14 +43,14 @@ impl Supervisor {
         let now = self.now();
         let ran = now.duration_since(w.started);
         // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.
-        let owned = self.rollouts.owns(pid);
+        let owned = self.core.rollouts.owns(pid);
         match (w.role, w.state) {
             (Role::Retired, _) => match stop_signal_hint(&w, status) {
                 Some(hint) => {
-                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}: {hint}", w.slot);
+                    tracing::warn!(app = %self.core.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}: {hint}", w.slot);
                 }
                 None => {
-                    tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
+                    tracing::info!(app = %self.core.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
                 }
             },
             (Role::Replacement, _) => {
@@ -58,7 +58,7 @@ impl Supervisor {
                     .failure
                     .as_ref()
                     .map_or_else(|| format!("{how} before it was ready"), Failure::to_string);
-                let effects = self.health.replacement_failed(pid, &failure_report(&w, &tail, &reason));
+                let effects = self.core.health.replacement_failed(pid, &failure_report(&w, &tail, &reason));
                 self.apply(effects);
             }
             (Role::Candidate, state) => {
@@ -67,18 +67,18 @@ impl Supervisor {
                     (None, State::Ready { since }) => format!(
                         "{how} {} after it was ready, within min_ready ({})",
                         human(now.duration_since(since)),
-                        human(self.settings.min_ready)
+                        human(self.core.settings.min_ready)
                     ),
                     (None, _) => format!("{how} before it was ready"),
                 };
                 let report = failure_report(&w, &tail, &reason);
-                tracing::error!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
+                tracing::error!(app = %self.core.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
                 self.fail_rollout(report);
             }
             (Role::Active, state) => {
-                let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.settings.backoff.reset_after);
+                let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.core.settings.backoff.reset_after);
                 let Some(restart) =
-                    self.pool.active_exited(w.slot, pid, healthy, now, &self.settings.backoff)
+                    self.core.pool.active_exited(w.slot, pid, healthy, now, &self.core.settings.backoff)
                 else {
                     return;
                 };
@@ -89,9 +89,9 @@ impl Supervisor {
                     (None, _) => format!("{how} after {}", human(ran)),
                 };
                 let report = failure_report(&w, &tail, &reason);
-                self.pool.set_last_error(w.slot, failure_detail(&w, &tail, &reason));
+                self.core.pool.set_last_error(w.slot, failure_detail(&w, &tail, &reason));
                 tracing::warn!(
-                    app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
+                    app = %self.core.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
                     "{report}; restarting in {} ({})", human(restart.delay), restart.streak
                 );
                 if owned {
@@ -102,12 +102,12 @@ impl Supervisor {
     }
 
     pub(super) fn on_notify(&mut self, msg: Message) {
-        let pid = if self.pool.workers.contains_key(&msg.pid) {
+        let pid = if self.core.pool.workers.contains_key(&msg.pid) {
             msg.pid
         } else {
             // A child of the worker (e.g. `npm start` → node) speaks for its process group.
             match nix::unistd::getpgid(Some(Pid::from_raw(msg.pid))) {
-                Ok(pg) if self.pool.workers.contains_key(&pg.as_raw()) => pg.as_raw(),
+                Ok(pg) if self.core.pool.workers.contains_key(&pg.as_raw()) => pg.as_raw(),
                 _ => {
                     tracing::debug!("notify message from unknown pid {} ignored", msg.pid);
                     return;
@@ -119,7 +119,7 @@ impl Supervisor {
             match key.as_str() {
                 "READY" if value == "1" => self.notified_ready(pid),
                 "WATCHDOG" if value == "1" => {
-                    if let Some(w) = self.pool.workers.get_mut(&pid) {
+                    if let Some(w) = self.core.pool.workers.get_mut(&pid) {
                         w.last_ping = now;
                     }
                 }
@@ -139,7 +139,7 @@ impl Supervisor {
     /// `--ready notify`, a starting worker becomes ready.
     fn notified_ready(&mut self, pid: i32) {
         let now = self.now();
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.core.pool.workers.get_mut(&pid) else { return };
         if matches!(w.state, State::Starting { .. }) && w.spec.ready == ReadyMode::Notify {
             w.state = State::Ready { since: now };
             self.on_ready(pid);
@@ -149,11 +149,11 @@ impl Supervisor {
     pub(super) fn on_ready(&mut self, pid: i32) {
         self.outside.steer_receiving(pid, true);
         let now = self.now();
-        let Some(w) = self.pool.workers.get(&pid) else { return };
+        let Some(w) = self.core.pool.workers.get(&pid) else { return };
         let took = now.duration_since(w.started);
         self.outside.metrics.ready(took);
-        tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
-        if let Some(slot) = self.pool.slots.get_mut(&w.slot) {
+        tracing::info!(app = %self.core.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
+        if let Some(slot) = self.core.pool.slots.get_mut(&w.slot) {
             slot.settled = true;
         }
     }
@@ -162,13 +162,13 @@ impl Supervisor {
         let mut became_ready = Vec::new();
         let mut timed_out = Vec::new();
         let outside = &mut self.outside;
-        for (pid, w) in self.pool.workers.iter_mut() {
+        for (pid, w) in self.core.pool.workers.iter_mut() {
             match w.state {
                 State::Starting { deadline } => {
                     if let Some(at) = w.ready_by_clock() {
                         if now >= at {
                             if w.bound_at.is_some() {
-                                tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) bound herdsman's socket but did not call listen() (it already listens: gunicorn checks SO_ACCEPTCONN): ready {} after its bind", w.slot, human(crate::config::values::LISTEN_SKIPPED));
+                                tracing::info!(app = %self.core.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) bound herdsman's socket but did not call listen() (it already listens: gunicorn checks SO_ACCEPTCONN): ready {} after its bind", w.slot, human(crate::config::values::LISTEN_SKIPPED));
                             }
                             w.state = State::Ready { since: now };
                             became_ready.push(*pid);
@@ -184,17 +184,17 @@ impl Supervisor {
                     let out_of_time = now >= since + w.spec.stop_timeout;
                     // While stopping, nothing receives and new connections are parked on
                     // member 0 for the next start: its worker need not (and could not) empty it.
-                    let parked = self.stopping && outside.holds_parking(*pid);
+                    let parked = self.core.stopping && outside.holds_parking(*pid);
                     if now >= since + DRAIN_GRACE && (queued == 0 || out_of_time || parked) {
                         if queued > 0 && !parked {
-                            tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
+                            tracing::warn!(app = %self.core.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
                         }
                         w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
                         outside.ask_to_stop(w);
                     }
                 }
                 State::Stopping { kill_at } if now >= kill_at => {
-                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
+                    tracing::warn!(app = %self.core.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
                     w.state = State::Killed;
                     outside.signal(*pid, Signal::SIGKILL, true);
                 }
@@ -205,26 +205,26 @@ impl Supervisor {
             self.on_ready(pid);
         }
         for pid in timed_out {
-            if let Some(w) = self.pool.workers.get(&pid) {
+            if let Some(w) = self.core.pool.workers.get(&pid) {
                 let why = format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout));
                 self.kill_now(pid, Some(Failure::new(FailureKind::ReadyTimeout, why)));
             }
         }
         self.check_health(now);
-        if let Some(msg) = self.manager.ping_if_due(now) {
+        if let Some(msg) = self.core.manager.ping_if_due(now) {
             self.outside.notifier.send(msg);
         }
     }
 
     /// Watchdogs, then (when due) memory: what [`super::health::Health`] decides is applied.
     fn check_health(&mut self, now: Mono) {
-        let rollouts = &self.rollouts;
-        let effects = self.health.check_watchdogs(&self.pool, now, |pid| rollouts.owns(pid));
+        let rollouts = &self.core.rollouts;
+        let effects = self.core.health.check_watchdogs(&self.core.pool, now, |pid| rollouts.owns(pid));
         self.apply(effects);
-        if self.health.memory_due(now) {
-            let pids: Vec<i32> = self.pool.workers.keys().copied().collect();
+        if self.core.health.memory_due(now) {
+            let pids: Vec<i32> = self.core.pool.workers.keys().copied().collect();
             let rss = self.outside.host.memory(&pids);
-            let effects = self.health.check_memory(&mut self.pool, &rss);
+            let effects = self.core.health.check_memory(&mut self.core.pool, &rss);
             self.apply(effects);
         }
     }
@@ -255,7 +255,7 @@ impl Supervisor {
             }
             other => other,
         };
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.core.pool.workers.get_mut(&pid) else { return };
         let (slot, generation) = (w.slot, w.spec.generation);
         match seen {
             Seen::Bound { asked, served, .. } => {
@@ -265,7 +265,7 @@ impl Supervisor {
                     } else {
                         format!(" (it asked for {asked}; herdsman serves {served})")
                     };
-                    tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
+                    tracing::info!(app = %self.core.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
                 }
                 w.bound = true;
                 w.bound_at.get_or_insert(self.outside.host.now());
@@ -280,16 +280,16 @@ impl Supervisor {
             Seen::Foreign { asked } if !w.warned_foreign => {
                 w.warned_foreign = true;
                 let ours = self.outside.sockets.join(", ");
-                tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");
+                tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");
             }
             Seen::Foreign { .. } => {}
             Seen::Failed(why) => {
                 w.intercept_failures += 1;
                 let n = w.intercept_failures;
                 if n == 1 {
-                    tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
+                    tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
                 } else if is_power_of_ten(n) {
-                    tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): {n} bind interception failures so far (the latest: {why}); only the first is logged in full");
+                    tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): {n} bind interception failures so far (the latest: {why}); only the first is logged in full");
                 }
             }
         }

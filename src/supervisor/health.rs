@@ -30,7 +30,7 @@ struct Replacement {
     hard: bool,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Health {
     /// Health replacements in flight, by new worker pid.
     replacing: HashMap<i32, Replacement>,

@@ -13,7 +13,7 @@ use std::time::Duration;
 /// How soon a message the manager had no room for is sent again.
 const NOTIFY_RETRY: Duration = Duration::from_millis(50);
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Manager {
     /// Send `WATCHDOG=1` this often (from `WATCHDOG_USEC`), and when it was last sent.
     watchdog: Option<(Duration, Mono)>,
@@ -26,6 +26,17 @@ pub(super) struct Manager {
 impl Manager {
     pub fn new(watchdog: Option<Duration>, now: Mono) -> Manager {
         Manager { watchdog: watchdog.map(|d| (d, now)), sent_ready: false, last_status: String::new() }
+    }
+
+    /// The manager's part of a state taken over from an image that wrote only `sent_ready`
+    /// (the watchdog interval is set on resume: [`Manager::set_watchdog`]).
+    pub fn taken_over(sent_ready: bool) -> Manager {
+        Manager { watchdog: None, sent_ready, last_status: String::new() }
+    }
+
+    /// This image's watchdog interval (its `WATCHDOG_USEC`), counting from `now`.
+    pub fn set_watchdog(&mut self, watchdog: Option<Duration>, now: Mono) {
+        self.watchdog = watchdog.map(|d| (d, now));
     }
 
     /// When the loop must wake to ping the manager or retry a message (`backlog`: the

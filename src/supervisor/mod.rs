@@ -37,6 +37,7 @@ mod rollout;
 mod status;
 #[cfg(test)]
 mod tests;
+pub(crate) mod v2;
 mod watch;
 
 use std::sync::Arc;
@@ -116,8 +117,10 @@ enum Event {
     UpgradeChecked(Result<crate::upgrade::CheckReport, crate::upgrade::UpgradeError>),
 }
 
-/// The driver: the parts, and what belongs to none of them.
-pub struct Supervisor {
+/// The core: every decision's state, plain data (`serde`: an in-place upgrade writes it as
+/// it is), no descriptor, no channel, no clock of its own.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Core {
     settings: Settings,
     app: Arc<str>,
     /// Set once a stop began; the loop ends when no worker is left.
@@ -125,10 +128,54 @@ pub struct Supervisor {
     pool: Pool,
     rollouts: Rollouts,
     health: Health,
-    upgrades: Upgrades,
     manager: Manager,
-    outside: Outside,
     watching: watch::Watching,
+}
+
+impl Core {
+    /// The settings in use.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// How many workers it knows.
+    pub fn workers(&self) -> usize {
+        self.pool.workers.len()
+    }
+
+    /// Makes every spec of one generation one shared `Arc` again (a deserialized core has a
+    /// copy per reference; a generation names one spec).
+    fn intern_specs(&mut self) {
+        let mut seen: std::collections::HashMap<u64, Arc<Spec>> = std::collections::HashMap::new();
+        self.for_each_spec(&mut |spec| {
+            let shared = seen.entry(spec.generation).or_insert_with(|| spec.clone());
+            *spec = shared.clone();
+        });
+    }
+
+    /// Replaces every value that may be a secret (the workers' environment) with `hidden`.
+    pub(crate) fn redact(&mut self, hidden: &str) {
+        for (_, v) in &mut self.settings.env {
+            *v = hidden.to_string();
+        }
+        self.for_each_spec(&mut |spec| {
+            for (_, v) in &mut Arc::make_mut(spec).env {
+                *v = hidden.to_string();
+            }
+        });
+    }
+
+    fn for_each_spec(&mut self, f: &mut dyn FnMut(&mut Arc<Spec>)) {
+        self.pool.for_each_spec(f);
+        self.rollouts.for_each_spec(f);
+    }
+}
+
+/// The driver: the core, and the resources and channels it decides about.
+pub struct Supervisor {
+    core: Core,
+    upgrades: Upgrades,
+    outside: Outside,
     /// Re-reads the configuration for a reload (`None`: reload the settings in use).
     reload_source: Option<ReloadSource>,
     /// The reload clients the core refers to by id.
@@ -213,32 +260,35 @@ impl Supervisor {
             world.metrics,
             events,
         )?;
-        let mut sup = Supervisor {
+        let core = Core {
             pool: Pool::new(spec, settings.workers.get()),
             rollouts: Rollouts::new(app.clone()),
-            reload_source: world.reload_source,
-            waiters: Waiters::default(),
-            scale_waiters: Vec::new(),
             health: Health::new(app.clone()),
-            upgrades: Upgrades::new(world.carry),
             manager: Manager::new(world.watchdog, now),
-            outside,
             watching: Default::default(),
             settings,
             app,
             stopping: false,
         };
+        let mut sup = Supervisor {
+            core,
+            reload_source: world.reload_source,
+            waiters: Waiters::default(),
+            scale_waiters: Vec::new(),
+            upgrades: Upgrades::new(world.carry),
+            outside,
+        };
         if let Some(r) = world.resume {
-            sup.resume(r)?;
+            sup.resume(r, world.watchdog)?;
         } else {
             let sockets = sup.outside.sockets.join(", ");
             tracing::info!(
-                app = %sup.app,
-                workers = sup.pool.desired,
+                app = %sup.core.app,
+                workers = sup.core.pool.desired,
                 sockets = %sockets,
                 "starting {} worker(s) of {:?} on {}",
-                sup.pool.desired,
-                sup.settings.command.join(" "),
+                sup.core.pool.desired,
+                sup.core.settings.command.join(" "),
                 sockets
             );
         }
@@ -256,7 +306,7 @@ impl Supervisor {
         let mut controls_open = true;
         loop {
             self.reconcile();
-            if self.stopping && self.pool.workers.is_empty() {
+            if self.core.stopping && self.core.pool.workers.is_empty() {
                 break;
             }
             let wake = self.next_deadline();
@@ -272,7 +322,7 @@ impl Supervisor {
             let now = self.now();
             self.on_timers(now);
         }
-        tracing::info!(app = %self.app, "all workers stopped");
+        tracing::info!(app = %self.core.app, "all workers stopped");
         // Their metrics socket files and directories go now, before the notify socket's
         // directory (when the loop ends), so the runtime directory is left as it was found.
         self.outside.metrics.remove_files();
@@ -321,30 +371,30 @@ impl Supervisor {
             Control::Stop => self.stop(),
             Control::ReapOrphans => self.reap_orphans(),
             Control::Probe { reply } => {
-                let _ = reply.send(!self.stopping && self.pool.all_ready());
+                let _ = reply.send(!self.core.stopping && self.core.pool.all_ready());
             }
             Control::Upgrade { binary, reply, conn } => self.request_upgrade(binary, reply, conn),
             Control::Changed(changed) => {
                 // Before the clock is read: a change after this one is sent again.
                 let path = changed.take();
                 let now = self.now();
-                self.watching.changed(path, now);
+                self.core.watching.changed(path, now);
             }
         }
     }
 
     /// Reaps every orphan that was re-parented to herdsman, never a worker (see `reaper`).
     fn reap_orphans(&mut self) {
-        let workers = &self.pool.workers;
+        let workers = &self.core.pool.workers;
         for (pid, status) in crate::reaper::sweep(|pid| workers.contains_key(&pid)).unwrap_or_default() {
-            tracing::debug!(app = %self.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
+            tracing::debug!(app = %self.core.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
         }
     }
 
     fn scale(&mut self, scale: Scale) -> Result<usize, ScaleError> {
-        let want = self.pool.target(scale)?;
-        if want != self.pool.desired {
-            tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.pool.desired);
+        let want = self.core.pool.target(scale)?;
+        if want != self.core.pool.desired {
+            tracing::info!(app = %self.core.app, "scaling from {} to {want} worker(s)", self.core.pool.desired);
         }
         self.set_desired(want);
         Ok(want)
@@ -352,30 +402,30 @@ impl Supervisor {
 
     /// The wanted number of workers; sticky steering hashes clients over that many slots.
     fn set_desired(&mut self, n: usize) {
-        self.pool.desired = n;
+        self.core.pool.desired = n;
         self.outside.set_slots(n);
     }
 
     fn stop(&mut self) {
         let now = self.now();
-        if self.stopping {
-            tracing::warn!(app = %self.app, "second stop request: killing the remaining workers now");
-            for w in self.pool.workers.values_mut().filter(|w| w.state != State::Killed) {
+        if self.core.stopping {
+            tracing::warn!(app = %self.core.app, "second stop request: killing the remaining workers now");
+            for w in self.core.pool.workers.values_mut().filter(|w| w.state != State::Killed) {
                 w.state = State::Stopping { kill_at: now };
             }
             return;
         }
-        let how = match self.settings.stop_signal {
+        let how = match self.core.settings.stop_signal {
             crate::config::StopSignal::Signal(sig) => sig.as_str(),
             crate::config::StopSignal::Message => "the shutdown message",
         };
-        tracing::info!(app = %self.app, "stopping: sending {how} to {} worker(s)", self.pool.workers.len());
-        self.stopping = true;
+        tracing::info!(app = %self.core.app, "stopping: sending {how} to {} worker(s)", self.core.pool.workers.len());
+        self.core.stopping = true;
         self.outside.notifier.send("STOPPING=1\nSTATUS=stopping");
         self.fail_rollout("the supervisor is stopping".to_string());
-        let effects = self.rollouts.drop_queued(self.pool.spec.generation);
+        let effects = self.core.rollouts.drop_queued(self.core.pool.spec.generation);
         self.apply(effects);
-        let pids: Vec<i32> = self.pool.workers.keys().copied().collect();
+        let pids: Vec<i32> = self.core.pool.workers.keys().copied().collect();
         for pid in pids {
             self.retire(pid);
         }
@@ -401,7 +451,7 @@ impl Supervisor {
     /// follows. `failure` says why, for the report.
     fn kill_now(&mut self, pid: i32, failure: Option<Failure>) {
         self.outside.steer_receiving(pid, false);
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.core.pool.workers.get_mut(&pid) else { return };
         if failure.is_some() {
             w.failure = failure;
         }
@@ -416,7 +466,7 @@ impl Supervisor {
         let now = self.now();
         let was_receiving = self.outside.is_receiving(pid);
         self.outside.steer_receiving(pid, false);
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.core.pool.workers.get_mut(&pid) else { return };
         w.role = Role::Retired;
         if matches!(w.state, State::Stopping { .. } | State::Killed | State::Draining { .. }) {
             return;
@@ -427,37 +477,37 @@ impl Supervisor {
             w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
             self.outside.ask_to_stop(w);
         }
-        self.pool.unassign(pid);
+        self.core.pool.unassign(pid);
     }
 
     /// Makes `new` the active worker of `slot` and retires the one it replaces (SIGKILLed
     /// first with `kill_old`: it is hung): the one path by which a roll-out's new worker and
     /// a health replacement (watchdog, memory) take over a slot.
     fn promote(&mut self, slot: usize, new: i32, kill_old: bool) {
-        let current = self.pool.slots.get(&slot).and_then(|s| s.active);
+        let current = self.core.pool.slots.get(&slot).and_then(|s| s.active);
         if kill_old {
             if let Some(old) = current.filter(|o| *o != new) {
                 self.kill_now(old, None);
             }
         }
-        if let Some(old) = self.pool.promote(slot, new) {
+        if let Some(old) = self.core.pool.promote(slot, new) {
             self.retire(old);
         }
     }
 
     /// Starts a replacement for the unhealthy `old` in its slot; it takes over once ready.
     fn replace(&mut self, old: i32, failure: Failure, hard: bool) {
-        let Some(w) = self.pool.workers.get_mut(&old) else { return };
+        let Some(w) = self.core.pool.workers.get_mut(&old) else { return };
         let (slot, spec) = (w.slot, w.spec.clone());
         tracing::warn!(
-            app = %self.app, worker_id = slot, worker_pid = old, worker_generation = spec.generation,
+            app = %self.core.app, worker_id = slot, worker_pid = old, worker_generation = spec.generation,
             "worker {slot} (pid {old}) {failure}: starting a replacement"
         );
         w.failure = Some(failure);
         match self.launch(slot, &spec, Role::Replacement) {
-            Ok(new) => self.health.replacing(new, old, hard),
+            Ok(new) => self.core.health.replacing(new, old, hard),
             Err(e) => {
-                tracing::error!(app = %self.app, worker_id = slot, "replacement for worker {slot} failed: {e}");
+                tracing::error!(app = %self.core.app, worker_id = slot, "replacement for worker {slot} failed: {e}");
                 if hard {
                     self.kill_now(old, None);
                 }
@@ -467,11 +517,12 @@ impl Supervisor {
 
     fn next_deadline(&self) -> Option<Mono> {
         let now = self.now();
-        self.pool
+        self.core
+            .pool
             .deadlines(now)
-            .chain(self.health.deadlines(&self.pool))
-            .chain(self.rollouts.deadlines(&self.pool))
-            .chain(self.manager.deadlines(now, self.outside.notifier.has_backlog()))
+            .chain(self.core.health.deadlines(&self.core.pool))
+            .chain(self.core.rollouts.deadlines(&self.core.pool))
+            .chain(self.core.manager.deadlines(now, self.outside.notifier.has_backlog()))
             .chain(self.upgrades.deadline())
             .chain(self.watch_deadline())
             .min()
@@ -489,14 +540,14 @@ impl Supervisor {
         let now = self.now();
         // Retry notifications the manager had no room for (next_deadline wakes us for it).
         self.outside.notifier.flush();
-        if !self.stopping {
+        if !self.core.stopping {
             self.reconcile_slots(now);
             self.drive_rollout();
             self.drive_watch();
-            let effects = self.health.promote_ready(&mut self.pool);
+            let effects = self.core.health.promote_ready(&mut self.core.pool);
             self.apply(effects);
             if !self.scale_waiters.is_empty() {
-                if let Some(result) = self.pool.scale_result() {
+                if let Some(result) = self.core.pool.scale_result() {
                     self.answer_scale(result);
                 }
             }
@@ -505,40 +556,46 @@ impl Supervisor {
             self.drive_upgrade();
             self.answer_scale(Err(ScaleError::Stopping));
         }
-        if self.manager.ready_once(self.pool.settled(), self.stopping) {
+        if self.core.manager.ready_once(self.core.pool.settled(), self.core.stopping) {
             self.outside.notifier.send("READY=1");
-            tracing::info!(app = %self.app, "started: {}", self.status_line());
+            tracing::info!(app = %self.core.app, "started: {}", self.status_line());
         }
         let status = self.status_line();
-        if let Some(msg) = self.manager.status(status) {
+        if let Some(msg) = self.core.manager.status(status) {
             self.outside.notifier.send(&msg);
         }
     }
 
     fn reconcile_slots(&mut self, now: Mono) {
-        let spec =
-            self.rollouts.current.as_ref().map(|r| r.spec.clone()).unwrap_or_else(|| self.pool.spec.clone());
-        self.pool.add_missing_slots(&spec);
+        let spec = self
+            .core
+            .rollouts
+            .current
+            .as_ref()
+            .map(|r| r.spec.clone())
+            .unwrap_or_else(|| self.core.pool.spec.clone());
+        self.core.pool.add_missing_slots(&spec);
         // Extra slots (scale down): retire their workers; the slot is gone.
-        for (id, pids) in self.pool.remove_extra_slots() {
+        for (id, pids) in self.core.pool.remove_extra_slots() {
             for pid in pids {
                 self.retire(pid);
             }
-            if let Some(r) = &mut self.rollouts.current {
+            if let Some(r) = &mut self.core.rollouts.current {
                 r.forget_slot(id);
             }
         }
         // Empty slots start (after their back-off), unless a roll-out candidate is coming.
-        for id in self.pool.slots_to_start(now) {
-            if self.rollouts.has_candidate(id) {
+        for id in self.core.pool.slots_to_start(now) {
+            if self.core.rollouts.has_candidate(id) {
                 continue;
             }
-            let Some(spec) = self.pool.slots.get(&id).map(|s| s.spec.clone()) else { continue };
+            let Some(spec) = self.core.pool.slots.get(&id).map(|s| s.spec.clone()) else { continue };
             match self.launch(id, &spec, Role::Active) {
-                Ok(pid) => self.pool.started(id, pid),
+                Ok(pid) => self.core.pool.started(id, pid),
                 Err(e) => {
-                    let delay = self.pool.start_failed(id, now, &self.settings.backoff, e.to_string());
-                    tracing::error!(app = %self.app, worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
+                    let delay =
+                        self.core.pool.start_failed(id, now, &self.core.settings.backoff, e.to_string());
+                    tracing::error!(app = %self.core.app, worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
                 }
             }
         }
@@ -554,9 +611,9 @@ impl Supervisor {
             .map_or((false, false), |f| (f.channel.is_some(), f.bind_notify.is_some()));
         let now = self.now();
         if spec.max_memory.is_some() {
-            self.health.watch_memory(now);
+            self.core.health.watch_memory(now);
         }
-        self.pool.workers.insert(
+        self.core.pool.workers.insert(
             pid,
             Worker {
                 pid,
@@ -577,7 +634,7 @@ impl Supervisor {
                 memory_strikes: 0,
             },
         );
-        tracing::info!(app = %self.app, worker_id = id, worker_pid = pid, worker_generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
+        tracing::info!(app = %self.core.app, worker_id = id, worker_pid = pid, worker_generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
         Ok(pid)
     }
 }

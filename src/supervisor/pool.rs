@@ -56,7 +56,7 @@ impl Slot {
 }
 
 /// The slots and the workers, with the wanted size.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Pool {
     /// What new slots and restarts without a slot spec run.
     pub spec: Arc<Spec>,
@@ -77,6 +77,13 @@ pub(super) struct Restart {
 impl Pool {
     pub fn new(spec: Arc<Spec>, desired: usize) -> Pool {
         Pool { generation: spec.generation, spec, desired, slots: BTreeMap::new(), workers: HashMap::new() }
+    }
+
+    /// Visits every spec the pool refers to.
+    pub fn for_each_spec(&mut self, f: &mut dyn FnMut(&mut Arc<Spec>)) {
+        f(&mut self.spec);
+        self.slots.values_mut().for_each(|s| f(&mut s.spec));
+        self.workers.values_mut().for_each(|w| f(&mut w.spec));
     }
 
     /// The worker count `scale` asks for, if it can be had.

@@ -46,7 +46,7 @@ use crate::spawn::Spec;
 use crate::worker::{Role, State, Worker};
 
 /// Why a roll-out runs.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) enum Purpose {
     /// A reload to a new generation.
     Reload,
@@ -54,7 +54,7 @@ pub(super) enum Purpose {
     Rollback { failure: String },
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollout {
     /// The spec the roll-out moves to (for a rollback: the generation it returns to).
     pub spec: Arc<Spec>,
@@ -140,7 +140,7 @@ impl Rollout {
 }
 
 /// The roll-out part: the one in progress, the reloads waiting for it, the last result.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollouts {
     /// The roll-out in progress.
     pub current: Option<Rollout>,
@@ -153,6 +153,14 @@ pub(super) struct Rollouts {
 impl Rollouts {
     pub fn new(app: Arc<str>) -> Rollouts {
         Rollouts { current: None, queued: None, last_reload: None, app }
+    }
+
+    /// Visits every spec the roll-out refers to.
+    pub fn for_each_spec(&mut self, f: &mut dyn FnMut(&mut Arc<Spec>)) {
+        let Some(r) = &mut self.current else { return };
+        f(&mut r.spec);
+        r.pending.iter_mut().for_each(|(_, s)| f(s));
+        r.moved.iter_mut().for_each(|(_, _, s)| f(s));
     }
 
     /// Whether `pid` was started by the roll-out in progress.

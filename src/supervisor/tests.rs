@@ -303,7 +303,7 @@ impl Sim {
                 _ => None,
             })
             .collect();
-        let min_ready = self.sup.settings.min_ready;
+        let min_ready = self.sup.core.settings.min_ready;
         let stops = self.host.stops.borrow();
         let mut early = Vec::new();
         for (pid, at) in stops.iter() {
@@ -383,7 +383,7 @@ impl Sim {
             }
             if !moved {
                 if st.workers.iter().any(|w| w.state == WorkerState::Holding) {
-                    self.advance(self.sup.settings.min_ready);
+                    self.advance(self.sup.core.settings.min_ready);
                 } else {
                     return;
                 }
@@ -419,7 +419,7 @@ async fn a_reload_never_stops_an_old_worker_before_its_replacement_held_min_read
     assert_eq!(new.1, 2, "one new worker of generation 2 (reload_batch = 1)");
     assert_eq!(s.spawned().len(), 3);
     s.ready(new.0);
-    s.advance(s.sup.settings.min_ready - Duration::from_millis(1));
+    s.advance(s.sup.core.settings.min_ready - Duration::from_millis(1));
     assert!(old.iter().all(|p| s.signalled(*p).is_empty()), "an old worker was stopped within min_ready");
     s.advance(Duration::from_millis(1));
     let stopped: Vec<i32> = old.iter().copied().filter(|p| s.signalled(*p) == [Signal::SIGTERM]).collect();
@@ -438,7 +438,7 @@ async fn the_first_slot_is_a_canary_then_the_next_slots_new_worker_starts_while_
     s.all_ready();
     let old = s.of_generation(1);
     let mut rx = s.reload();
-    let min_ready = s.sup.settings.min_ready;
+    let min_ready = s.sup.core.settings.min_ready;
     let half = min_ready / 2;
     assert_eq!(s.of_generation(2).len(), 1, "one new worker starting at a time (reload_batch = 1)");
     // The canary: slot 0's new worker is ready and holds alone.
@@ -484,7 +484,7 @@ async fn a_new_worker_that_fails_while_holding_ends_the_ones_started_meanwhile_a
     let old = s.of_generation(1);
     let mut rx = s.reload();
     s.ready(s.of_generation(2)[0]);
-    s.advance(s.sup.settings.min_ready);
+    s.advance(s.sup.core.settings.min_ready);
     assert_eq!(s.signalled(old[0]), [Signal::SIGTERM], "the canary moved");
     s.exit(old[0], 0);
     s.ready(s.of_generation(2)[1]);
@@ -513,7 +513,7 @@ async fn a_canary_that_fails_while_holding_alone_fails_the_reload_with_every_old
     let mut rx = s.reload();
     let canary = s.of_generation(2)[0];
     s.ready(canary);
-    s.advance(s.sup.settings.min_ready / 2);
+    s.advance(s.sup.core.settings.min_ready / 2);
     assert_eq!(s.of_generation(2).len(), 1, "nothing else started while the canary holds");
     s.exit(canary, 1);
     let outcome = answer(&mut rx).expect("answered at once");
@@ -534,7 +534,7 @@ async fn a_failure_after_overlapping_slots_moved_rolls_back_and_the_app_ends_on_
     let mut rx = s.reload();
     // The canary moves slot 0; its old worker drains and exits.
     s.ready(s.of_generation(2)[0]);
-    s.advance(s.sup.settings.min_ready);
+    s.advance(s.sup.core.settings.min_ready);
     assert_eq!(s.signalled(old[0]), [Signal::SIGTERM]);
     s.exit(old[0], 0);
     s.ready(s.of_generation(2)[1]);
@@ -588,12 +588,12 @@ async fn reload_surge_caps_the_new_workers_running_at_once() {
         let mut rx = s.reload();
         // The canary first, alone.
         s.ready(s.of_generation(2)[0]);
-        s.advance(s.sup.settings.min_ready);
+        s.advance(s.sup.core.settings.min_ready);
         for i in 1..=surge {
             s.ready(s.of_generation(2)[i]);
         }
         assert_eq!(s.of_generation(2).len(), 1 + surge, "reload_surge = {surge}: more new workers at once");
-        s.advance(s.sup.settings.min_ready);
+        s.advance(s.sup.core.settings.min_ready);
         assert_eq!(
             s.of_generation(2).len(),
             (2 + surge).min(4),
@@ -751,7 +751,7 @@ async fn back_off_doubles_per_quick_failure_and_resets_after_a_good_run() {
     }
     // A good run (ready for reset_after) forgives: the next crash restarts at once.
     s.ready(pid);
-    s.advance(s.sup.settings.backoff.reset_after);
+    s.advance(s.sup.core.settings.backoff.reset_after);
     let spawns = s.spawned().len();
     s.exit(pid, 3);
     assert_eq!(s.spawned().len(), spawns + 1, "a crash after a good run waits for nothing");
@@ -798,7 +798,7 @@ async fn a_stop_during_a_roll_out_fails_the_reload_stops_old_and_new_workers_and
     for (pid, _) in s.spawned() {
         s.exit(pid, 0);
     }
-    assert!(s.sup.stopping && s.sup.pool.workers.is_empty(), "the loop would end now");
+    assert!(s.sup.core.stopping && s.sup.core.pool.workers.is_empty(), "the loop would end now");
 }
 
 #[tokio::test]
@@ -853,7 +853,7 @@ fn abort_after_one_moved(s: &mut Sim) -> (Vec<i32>, oneshot::Receiver<ReloadOutc
     let rx = s.reload();
     let first = s.spawned().last().unwrap().0;
     s.ready(first);
-    s.advance(s.sup.settings.min_ready);
+    s.advance(s.sup.core.settings.min_ready);
     assert_eq!(s.signalled(old[0]), [Signal::SIGTERM], "slot 0 moved");
     s.exit(old[0], 0);
     let second = s.spawned().last().unwrap().0;
@@ -901,7 +901,7 @@ async fn a_promoted_worker_that_dies_during_the_roll_out_aborts_it_and_its_slot_
     let mut rx = s.reload();
     let first = s.spawned().last().unwrap().0;
     s.ready(first);
-    s.advance(s.sup.settings.min_ready);
+    s.advance(s.sup.core.settings.min_ready);
     let second = s.spawned().last().unwrap().0;
     s.exit(first, 1);
     let outcome = answer(&mut rx).expect("answered at once");

@@ -20,7 +20,7 @@ pub const QUIET: Duration = Duration::from_millis(500);
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// Changes not reloaded for yet, and what the watcher did.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Watching {
     burst: Option<Burst>,
     /// Reloads started because files changed.
@@ -29,7 +29,7 @@ pub(super) struct Watching {
     trigger: Option<PathBuf>,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Burst {
     first: Mono,
     last: Mono,
@@ -74,12 +74,12 @@ impl Watching {
 impl Supervisor {
     /// Whether the watcher may start a reload now: no roll-out runs or waits, no upgrade.
     fn watch_may_reload(&self) -> bool {
-        !self.stopping && self.rollouts.idle() && !self.upgrades.upgrading()
+        !self.core.stopping && self.core.rollouts.idle() && !self.upgrades.upgrading()
     }
 
     /// The burst's deadline, while a reload could start then.
     pub(super) fn watch_deadline(&self) -> Option<Mono> {
-        self.watch_may_reload().then(|| self.watching.deadline()).flatten()
+        self.watch_may_reload().then(|| self.core.watching.deadline()).flatten()
     }
 
     /// Starts the burst's reload when it is due (after every event).
@@ -88,12 +88,12 @@ impl Supervisor {
             return;
         }
         let now = self.now();
-        let Some(burst) = self.watching.due(now) else { return };
+        let Some(burst) = self.core.watching.due(now) else { return };
         let waited = now.saturating_duration_since(burst.first);
         if now.saturating_duration_since(burst.last) < QUIET {
-            tracing::info!(app = %self.app, "--watch: files kept changing for {} (first: {}): reloading anyway; if something writes there all the time, --watch-ignore it", super::human(waited), burst.path.display());
+            tracing::info!(app = %self.core.app, "--watch: files kept changing for {} (first: {}): reloading anyway; if something writes there all the time, --watch-ignore it", super::human(waited), burst.path.display());
         } else {
-            tracing::info!(app = %self.app, "--watch: {} changed: reloading", burst.path.display());
+            tracing::info!(app = %self.core.app, "--watch: {} changed: reloading", burst.path.display());
         }
         self.request_reload(Waiter::default());
         self.drive_rollout();
