@@ -390,7 +390,7 @@ impl Supervisor {
             }
             let tail = crate::output::Tail::from_lines(tails.get(&pid).cloned().unwrap_or_default());
             let output_done = self.outside.launcher.capture(slot, pid, spec.generation, pipes.clone(), &tail);
-            super::exits::watch_exit(pid, pidfd.clone(), output_done, self.outside.events.clone());
+            self.outside.host.watch(pid, pidfd.clone(), output_done, &self.outside.events);
             if let Some(c) = &channel {
                 super::outside::listen_to(pid, c.clone(), &self.outside.events);
             }
