@@ -7,7 +7,7 @@
 //! replaced only when it stays above the limit for [`MEMORY_STRIKES`] samples in a row.
 //!
 //! The part: [`Health`] holds the replacements in flight and the memory clock. It reads the
-//! pool and answers with [`Effect`]s: replace a worker, kill one, promote a replacement that
+//! pool and answers with [`Command`]s: replace a worker, kill one, promote a replacement that
 //! became ready (the same hand-over a roll-out uses).
 
 use super::clock::Mono;
@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::effect::Effect;
+use super::command::Command;
 use super::pool::Pool;
 use crate::worker::{Failure, FailureKind, Role, State, Worker};
 
@@ -78,7 +78,7 @@ impl Health {
 
     /// Workers whose watchdog ran out: a worker `owned` by the roll-out is killed (its exit
     /// aborts the roll-out), any other is replaced and killed once its replacement is ready.
-    pub fn check_watchdogs(&mut self, pool: &Pool, now: Mono, owned: impl Fn(i32) -> bool) -> Vec<Effect> {
+    pub fn check_watchdogs(&mut self, pool: &Pool, now: Mono, owned: impl Fn(i32) -> bool) -> Vec<Command> {
         let mut hung: Vec<&Worker> =
             pool.workers.values().filter(|w| self.watchdog_deadline(w).is_some_and(|d| now >= d)).collect();
         hung.sort_by_key(|w| w.pid);
@@ -90,9 +90,9 @@ impl Health {
                 format!("watchdog: no WATCHDOG=1 for {}", super::human(every)),
             );
             effects.push(if owned(w.pid) {
-                Effect::Kill { pid: w.pid, failure: Some(failure) }
+                Command::Kill { pid: w.pid, failure: Some(failure) }
             } else {
-                Effect::Replace { old: w.pid, failure, hard: true }
+                Command::Replace { old: w.pid, failure, hard: true }
             });
         }
         effects
@@ -109,7 +109,7 @@ impl Health {
 
     /// Takes a memory sample (`rss`: bytes by worker): an active worker above its limit for
     /// [`MEMORY_STRIKES`] samples in a row is replaced (and stopped gracefully after).
-    pub fn check_memory(&mut self, pool: &mut Pool, rss: &HashMap<i32, u64>) -> Vec<Effect> {
+    pub fn check_memory(&mut self, pool: &mut Pool, rss: &HashMap<i32, u64>) -> Vec<Command> {
         let mut over = Vec::new();
         for (pid, w) in pool.workers.iter_mut() {
             let Some(limit) = w.spec.max_memory else { continue };
@@ -131,7 +131,7 @@ impl Health {
                     FailureKind::Memory,
                     format!("memory {} MiB above the limit of {} MiB", rss >> 20, limit >> 20),
                 );
-                Effect::Replace { old: pid, failure, hard: false }
+                Command::Replace { old: pid, failure, hard: false }
             })
             .collect()
     }
@@ -143,7 +143,7 @@ impl Health {
 
     /// Swaps in the replacements that became ready. One whose slot moved on meanwhile (a
     /// roll-out, a restart) is stale and retired instead.
-    pub fn promote_ready(&mut self, pool: &mut Pool) -> Vec<Effect> {
+    pub fn promote_ready(&mut self, pool: &mut Pool) -> Vec<Command> {
         let mut ready: Vec<(i32, Replacement)> = self
             .replacing
             .iter()
@@ -156,23 +156,23 @@ impl Health {
             self.replacing.remove(&new);
             let Some(slot_id) = pool.workers.get(&new).map(|w| w.slot) else { continue };
             if pool.slots.get(&slot_id).and_then(|s| s.active) != Some(r.old) {
-                effects.push(Effect::Retire(new));
+                effects.push(Command::Retire(new));
                 continue;
             }
             if let Some(slot) = pool.slots.get_mut(&slot_id) {
                 slot.restarts += 1;
             }
             tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = new, "worker {slot_id} replaced (pid {} → {new})", r.old);
-            effects.push(Effect::Promote { slot: slot_id, new, kill_old: r.hard });
+            effects.push(Command::Promote { slot: slot_id, new, kill_old: r.hard });
         }
         effects
     }
 
     /// The replacement `new` died before it was ready. If the worker it was to replace is
     /// hung it serves nobody: it is killed, and its slot restarts with back-off.
-    pub fn replacement_failed(&mut self, new: i32, report: &str) -> Vec<Effect> {
+    pub fn replacement_failed(&mut self, new: i32, report: &str) -> Vec<Command> {
         let Some(r) = self.replacing.remove(&new) else { return Vec::new() };
         tracing::error!(app = %self.app, "replacement failed: {report}");
-        if r.hard { vec![Effect::Kill { pid: r.old, failure: None }] } else { Vec::new() }
+        if r.hard { vec![Command::Kill { pid: r.old, failure: None }] } else { Vec::new() }
     }
 }

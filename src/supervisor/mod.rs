@@ -19,11 +19,11 @@
 //! replacements), [`handover`] (in-place upgrades), [`manager`] (what systemd is told) and
 //! [`outside`] (the host, the launcher, the sockets, the metrics), [`watch`] (`--watch`'s
 //! debounce). The roll-out's and health's
-//! decisions come back as [`effect::Effect`]s; [`Supervisor`] is the thin driver that carries
+//! decisions come back as [`command::Command`]s; [`Supervisor`] is the thin driver that carries
 //! them out ([`Supervisor::apply`]) and owns the one slot hand-over ([`Supervisor::promote`]).
 
 mod clock;
-mod effect;
+mod command;
 mod events;
 mod exits;
 pub mod handover;
@@ -57,7 +57,7 @@ use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
 use crate::worker::{Failure, Role, State, Worker};
 pub use clock::Mono;
-use effect::Effect;
+use command::Command;
 use handover::Upgrades;
 use health::Health;
 use manager::Manager;
@@ -189,25 +189,25 @@ pub struct Supervisor {
 #[derive(Default)]
 struct Waiters {
     next: u64,
-    by_id: std::collections::HashMap<effect::WaiterId, Waiter>,
+    by_id: std::collections::HashMap<command::WaiterId, Waiter>,
 }
 
 impl Waiters {
-    fn add(&mut self, w: Waiter) -> effect::WaiterId {
+    fn add(&mut self, w: Waiter) -> command::WaiterId {
         self.next += 1;
-        let id = effect::WaiterId(self.next);
+        let id = command::WaiterId(self.next);
         self.by_id.insert(id, w);
         id
     }
 
-    fn progress(&self, ids: &[effect::WaiterId], line: &str) {
+    fn progress(&self, ids: &[command::WaiterId], line: &str) {
         for tx in ids.iter().filter_map(|id| self.by_id.get(id)).filter_map(|w| w.progress.as_ref()) {
             let _ = tx.send(line.to_string());
         }
     }
 
     /// The clients `ids`, taken out of the table (to be answered).
-    fn take(&mut self, ids: &[effect::WaiterId]) -> Vec<Waiter> {
+    fn take(&mut self, ids: &[command::WaiterId]) -> Vec<Waiter> {
         ids.iter().filter_map(|id| self.by_id.remove(id)).collect()
     }
 }
@@ -432,17 +432,27 @@ impl Supervisor {
     }
 
     /// Carries out what a part decided, in order.
-    fn apply(&mut self, effects: Vec<Effect>) {
+    fn apply(&mut self, effects: Vec<Command>) {
         for e in effects {
             match e {
-                Effect::Promote { slot, new, kill_old } => self.promote(slot, new, kill_old),
-                Effect::Kill { pid, failure } => self.kill_now(pid, failure),
-                Effect::Retire(pid) => self.retire(pid),
-                Effect::Replace { old, failure, hard } => self.replace(old, failure, hard),
-                Effect::Notify(msg) => self.outside.notifier.send(&msg),
-                Effect::Answer { waiters, outcome } => answer(self.waiters.take(&waiters), outcome),
-                Effect::Progress { waiters, line } => self.waiters.progress(&waiters, &line),
-                Effect::Reloaded { ok, took } => self.outside.metrics.reloaded(ok, took),
+                Command::Promote { slot, new, kill_old } => self.promote(slot, new, kill_old),
+                Command::Kill { pid, failure } => self.kill_now(pid, failure),
+                Command::Retire(pid) => self.retire(pid),
+                Command::Replace { old, failure, hard } => self.replace(old, failure, hard),
+                Command::Notify(msg) => self.outside.notifier.send(&msg),
+                Command::Answer { waiters, outcome } => answer(self.waiters.take(&waiters), outcome),
+                Command::Progress { waiters, line } => self.waiters.progress(&waiters, &line),
+                Command::Reloaded { ok, took } => self.outside.metrics.reloaded(ok, took),
+                Command::ReadyMetric { took } => self.outside.metrics.ready(took),
+                Command::RestartMetric { slot } => self.outside.metrics.restarted(slot),
+                Command::Signal { pid, sig, group } => self.outside.signal(pid, sig, group),
+                Command::AskToStop(pid) => {
+                    if let Some(w) = self.core.pool.workers.get(&pid) {
+                        self.outside.ask_to_stop(w);
+                    }
+                }
+                Command::Receiving { pid, on } => self.outside.steer_receiving(pid, on),
+                Command::SampleMemory => self.sample_memory(),
             }
         }
     }

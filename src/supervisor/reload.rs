@@ -7,8 +7,10 @@
 
 use std::sync::Arc;
 
-use super::effect::WaiterId;
-use super::{ReloadOutcome, Supervisor, answer};
+use super::clock::Mono;
+use super::command::Command;
+use super::command::WaiterId;
+use super::{Core, ReloadOutcome, Supervisor, answer};
 use crate::requests::Waiter;
 use crate::worker::Role;
 
@@ -129,16 +131,15 @@ impl Supervisor {
 
     /// Aborts the roll-out in progress (see [`super::rollout::Rollouts::fail`]).
     pub(super) fn fail_rollout(&mut self, reason: String) {
-        let now = self.now();
-        let unix = self.unix_now();
-        let effects = self.core.rollouts.fail(
-            reason,
-            &mut self.core.pool,
-            self.core.settings.on_failure,
-            self.core.stopping,
-            now,
-            unix,
-        );
-        self.apply(effects);
+        let (now, unix) = (self.now(), self.unix_now());
+        let commands = self.core.fail_rollout(reason, now, unix);
+        self.apply(commands);
+    }
+}
+
+impl Core {
+    /// Aborts the roll-out in progress (see [`super::rollout::Rollouts::fail`]).
+    pub(super) fn fail_rollout(&mut self, reason: String, now: Mono, unix: u64) -> Vec<Command> {
+        self.rollouts.fail(reason, &mut self.pool, self.settings.on_failure, self.stopping, now, unix)
     }
 }

@@ -30,7 +30,7 @@
 //!
 //! The part: [`Rollouts`] holds the roll-out in progress, the reloads queued behind it and the
 //! last reload's result. Its decisions (promote a candidate that held, abort, finish) come
-//! back as [`Effect`]s for the driver (`Supervisor::drive_rollout`), which also starts the
+//! back as [`Command`]s for the driver (`Supervisor::drive_rollout`), which also starts the
 //! candidates it asks for.
 
 use super::clock::Mono;
@@ -38,7 +38,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::effect::{Effect, WaiterId};
+use super::command::{Command, WaiterId};
 use super::pool::Pool;
 use crate::config::OnFailure;
 use crate::control::protocol::{LastReload, ReloadOutcome};
@@ -130,8 +130,8 @@ impl Rollout {
     }
 
     /// A progress line for its clients.
-    fn progress(&self, line: &str) -> Effect {
-        Effect::Progress { waiters: self.waiters.clone(), line: line.to_string() }
+    fn progress(&self, line: &str) -> Command {
+        Command::Progress { waiters: self.waiters.clone(), line: line.to_string() }
     }
 
     fn verb(&self) -> &'static str {
@@ -179,11 +179,11 @@ impl Rollouts {
     }
 
     /// A reload asked for while a roll-out runs: it joins the one more roll-out that follows.
-    pub fn queue(&mut self, waiter: WaiterId) -> Vec<Effect> {
+    pub fn queue(&mut self, waiter: WaiterId) -> Vec<Command> {
         tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
         self.queued.get_or_insert_with(Vec::new).push(waiter);
         let line = "a roll-out is in progress: this reload runs right after it".to_string();
-        vec![Effect::Progress { waiters: vec![waiter], line }]
+        vec![Command::Progress { waiters: vec![waiter], line }]
     }
 
     /// The queued reloads, once no roll-out runs.
@@ -192,18 +192,24 @@ impl Rollouts {
     }
 
     /// The supervisor stops: queued reloads are answered, they will not run.
-    pub fn drop_queued(&mut self, generation: u64) -> Vec<Effect> {
+    pub fn drop_queued(&mut self, generation: u64) -> Vec<Command> {
         let Some(waiters) = self.queued.take() else { return Vec::new() };
         let outcome = ReloadOutcome::new(false, generation, "the supervisor is stopping");
-        vec![Effect::Answer { waiters, outcome }]
+        vec![Command::Answer { waiters, outcome }]
     }
 
     /// A reload that cannot start (`msg` says why): nothing changed.
-    pub fn refuse(&mut self, waiters: Vec<WaiterId>, msg: String, generation: u64, unix: u64) -> Vec<Effect> {
+    pub fn refuse(
+        &mut self,
+        waiters: Vec<WaiterId>,
+        msg: String,
+        generation: u64,
+        unix: u64,
+    ) -> Vec<Command> {
         tracing::error!(app = %self.app, "reload failed: {msg}");
         self.record(false, Some(msg.clone()), unix);
         let outcome = ReloadOutcome::new(false, generation, msg);
-        vec![Effect::Reloaded { ok: false, took: None }, Effect::Answer { waiters, outcome }]
+        vec![Command::Reloaded { ok: false, took: None }, Command::Answer { waiters, outcome }]
     }
 
     /// Starts rolling `slots` to `spec` (a reload that was pinned already).
@@ -214,7 +220,7 @@ impl Rollouts {
         min_ready: Duration,
         now: Mono,
         waiters: Vec<WaiterId>,
-    ) -> Vec<Effect> {
+    ) -> Vec<Command> {
         let g = spec.generation;
         let pending: VecDeque<(usize, Arc<Spec>)> = slots.into_iter().map(|id| (id, spec.clone())).collect();
         tracing::info!(app = %self.app, generation = g, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {g} ({})", pending.len(), spec.cwd.display());
@@ -222,12 +228,12 @@ impl Rollouts {
         let progress = r.progress(&format!("rolling {} worker(s) to generation {g}", r.total));
         self.current = Some(r);
         // `now` is CLOCK_MONOTONIC, what systemd wants here.
-        vec![progress, Effect::Notify(format!("RELOADING=1\nMONOTONIC_USEC={}", now.as_micros()))]
+        vec![progress, Command::Notify(format!("RELOADING=1\nMONOTONIC_USEC={}", now.as_micros()))]
     }
 
     /// Promotes the candidates that have been ready for `min_ready`: each takes over its slot
     /// and the worker it replaces is stopped.
-    pub fn promote_held(&mut self, pool: &mut Pool, now: Mono) -> Vec<Effect> {
+    pub fn promote_held(&mut self, pool: &mut Pool, now: Mono) -> Vec<Command> {
         let Some(r) = &mut self.current else { return Vec::new() };
         let mut effects = Vec::new();
         let mut still = Vec::new();
@@ -249,7 +255,7 @@ impl Rollouts {
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
             tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", r.verb());
             effects.push(r.progress(&line));
-            effects.push(Effect::Promote { slot, new: pid, kill_old: false });
+            effects.push(Command::Promote { slot, new: pid, kill_old: false });
         }
         r.in_flight = still;
         effects
@@ -277,19 +283,19 @@ impl Rollouts {
 
     /// The candidate `pid` for `slot` started: systemd's reload timeout is extended by the
     /// longest this step can take.
-    pub fn candidate_started(&mut self, slot: usize, pid: i32, spec: &Spec) -> Vec<Effect> {
+    pub fn candidate_started(&mut self, slot: usize, pid: i32, spec: &Spec) -> Vec<Command> {
         let Some(r) = &mut self.current else { return Vec::new() };
         r.in_flight.push((slot, pid));
         let extend = spec
             .ready_timeout
             .saturating_add(r.min_ready)
             .saturating_add(spec.stop_timeout.min(Duration::from_secs(30)));
-        vec![Effect::Notify(format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()))]
+        vec![Command::Notify(format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()))]
     }
 
     /// Ends the roll-out once every slot moved: the reload (or its rollback) is over. A
     /// reload's generation becomes the pool's.
-    pub fn finish_if_done(&mut self, pool: &mut Pool, now: Mono, unix: u64) -> Vec<Effect> {
+    pub fn finish_if_done(&mut self, pool: &mut Pool, now: Mono, unix: u64) -> Vec<Command> {
         if !self.current.as_ref().is_some_and(|r| r.in_flight.is_empty() && r.pending.is_empty()) {
             return Vec::new();
         }
@@ -306,7 +312,7 @@ impl Rollouts {
                 );
                 tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
                 self.record(true, None, unix);
-                effects.push(Effect::Reloaded { ok: true, took: Some(ran) });
+                effects.push(Command::Reloaded { ok: true, took: Some(ran) });
                 ReloadOutcome::new(true, r.spec.generation, msg)
             }
             Purpose::Rollback { failure } => {
@@ -319,8 +325,8 @@ impl Rollouts {
                 ReloadOutcome::new(false, r.spec.generation, msg)
             }
         };
-        effects.push(Effect::Notify("READY=1".to_string()));
-        effects.push(Effect::Answer { waiters: r.waiters, outcome });
+        effects.push(Command::Notify("READY=1".to_string()));
+        effects.push(Command::Answer { waiters: r.waiters, outcome });
         effects
     }
 
@@ -335,7 +341,7 @@ impl Rollouts {
         stopping: bool,
         now: Mono,
         unix: u64,
-    ) -> Vec<Effect> {
+    ) -> Vec<Command> {
         let Some(mut r) = self.current.take() else { return Vec::new() };
         let mut effects = Vec::new();
         for (_, pid) in &r.in_flight {
@@ -344,15 +350,15 @@ impl Rollouts {
             // One that is ready (holding) serves already: it drains like any retired worker.
             // One still starting is killed.
             if w.is_ready() {
-                effects.push(Effect::Retire(*pid));
+                effects.push(Command::Retire(*pid));
             } else {
-                effects.push(Effect::Kill { pid: *pid, failure: None });
+                effects.push(Command::Kill { pid: *pid, failure: None });
             }
         }
         let msg = match &r.purpose {
             Purpose::Reload => {
                 self.record(false, Some(reason.clone()), unix);
-                effects.push(Effect::Reloaded {
+                effects.push(Command::Reloaded {
                     ok: false,
                     took: Some(now.saturating_duration_since(r.started)),
                 });
@@ -388,10 +394,10 @@ impl Rollouts {
         // The reload is over (RELOADING=1 → READY=1), unless it ends because we are stopping:
         // systemd already has STOPPING=1.
         if !stopping {
-            effects.push(Effect::Notify("READY=1".to_string()));
+            effects.push(Command::Notify("READY=1".to_string()));
         }
         let outcome = ReloadOutcome::new(false, r.spec.generation, msg);
-        effects.push(Effect::Answer { waiters: std::mem::take(&mut r.waiters), outcome });
+        effects.push(Command::Answer { waiters: std::mem::take(&mut r.waiters), outcome });
         effects
     }
 
@@ -404,7 +410,7 @@ impl Rollouts {
         msg: String,
         pool: &mut Pool,
         now: Mono,
-        effects: &mut Vec<Effect>,
+        effects: &mut Vec<Command>,
     ) -> Result<(), String> {
         let mut pending = VecDeque::new();
         let mut restarting = 0;
