@@ -14,6 +14,7 @@ use super::clock::Mono;
 use super::command::Command;
 use super::exits::{describe_exit, failure_detail, failure_report, stop_signal_hint};
 use super::pool::DRAIN_GRACE;
+use super::rollout::ReloadFailure;
 use super::{Core, Event, Supervisor, human};
 use crate::config::ReadyMode;
 use crate::notify::Message;
@@ -160,7 +161,7 @@ impl Core {
                 };
                 let report = failure_report(&w, tail, &reason);
                 tracing::error!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
-                out.extend(self.fail_rollout(report, now, unix));
+                out.extend(self.fail_rollout(ReloadFailure::Worker(report), now, unix));
             }
             (Role::Active, state) => {
                 let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.settings.backoff.reset_after);
@@ -182,7 +183,7 @@ impl Core {
                     "{report}; restarting in {} ({})", human(restart.delay), restart.streak
                 );
                 if owned {
-                    out.extend(self.fail_rollout(report, now, unix));
+                    out.extend(self.fail_rollout(ReloadFailure::Worker(report), now, unix));
                 }
             }
         }

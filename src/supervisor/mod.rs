@@ -422,7 +422,7 @@ impl Supervisor {
         tracing::info!(app = %self.core.app, "stopping: sending {how} to {} worker(s)", self.core.pool.workers.len());
         self.core.stopping = true;
         self.outside.notifier.send("STOPPING=1\nSTATUS=stopping");
-        self.fail_rollout("the supervisor is stopping".to_string());
+        self.fail_rollout(rollout::ReloadFailure::Stopping);
         let effects = self.core.rollouts.drop_queued(self.core.pool.spec.generation);
         self.apply(effects);
         let pids: Vec<i32> = self.core.pool.workers.keys().copied().collect();

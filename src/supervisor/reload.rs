@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::clock::Mono;
 use super::command::Command;
 use super::command::WaiterId;
+use super::rollout::ReloadFailure;
 use super::{Core, ReloadOutcome, Supervisor, answer};
 use crate::requests::Waiter;
 use crate::worker::Role;
@@ -34,11 +35,9 @@ impl Supervisor {
     }
 
     /// The settings a reload moves to: re-read, or the ones in use.
-    fn load_settings(&self) -> Result<crate::config::Settings, String> {
+    fn load_settings(&self) -> Result<crate::config::Settings, ReloadFailure> {
         match &self.reload_source {
-            Some(source) => source().map_err(|problems| {
-                format!("invalid configuration, nothing changed: {}", problems.0.join("; "))
-            }),
+            Some(source) => source().map_err(|problems| ReloadFailure::InvalidConfig(problems.0.join("; "))),
             None => Ok(self.core.settings.clone()),
         }
     }
@@ -58,7 +57,7 @@ impl Supervisor {
         let spec = match self.outside.launcher.pin(&settings, self.core.pool.generation + 1) {
             Ok(spec) => Arc::new(spec),
             Err(e) => {
-                let msg = format!("cannot resolve the new release, nothing changed: {e}");
+                let msg = ReloadFailure::Unresolvable(e.to_string());
                 let unix = self.unix_now();
                 let effects = self.core.rollouts.refuse(waiters, msg, generation, unix);
                 return self.apply(effects);
@@ -121,7 +120,10 @@ impl Supervisor {
                     let effects = self.core.rollouts.candidate_started(slot, pid, &spec);
                     self.apply(effects);
                 }
-                Err(e) => return self.fail_rollout(format!("worker {slot} could not start: {e}")),
+                Err(e) => {
+                    let why = ReloadFailure::CannotStart { slot, error: e.to_string() };
+                    return self.fail_rollout(why);
+                }
             }
         }
         let unix = self.unix_now();
@@ -130,7 +132,7 @@ impl Supervisor {
     }
 
     /// Aborts the roll-out in progress (see [`super::rollout::Rollouts::fail`]).
-    pub(super) fn fail_rollout(&mut self, reason: String) {
+    pub(super) fn fail_rollout(&mut self, reason: ReloadFailure) {
         let (now, unix) = (self.now(), self.unix_now());
         let commands = self.core.fail_rollout(reason, now, unix);
         self.apply(commands);
@@ -139,7 +141,7 @@ impl Supervisor {
 
 impl Core {
     /// Aborts the roll-out in progress (see [`super::rollout::Rollouts::fail`]).
-    pub(super) fn fail_rollout(&mut self, reason: String, now: Mono, unix: u64) -> Vec<Command> {
+    pub(super) fn fail_rollout(&mut self, reason: ReloadFailure, now: Mono, unix: u64) -> Vec<Command> {
         self.rollouts.fail(reason, &mut self.pool, self.settings.on_failure, self.stopping, now, unix)
     }
 }

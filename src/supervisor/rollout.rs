@@ -45,6 +45,38 @@ use crate::control::protocol::{LastReload, ReloadOutcome};
 use crate::spawn::Spec;
 use crate::worker::{Role, State, Worker};
 
+/// Why a reload failed (or could not start). Its `Display` is the wording clients and
+/// `last_reload.error` have always shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ReloadFailure {
+    /// The supervisor began to stop.
+    Stopping,
+    /// A worker the roll-out started failed; the report says how (see `exits::failure_report`).
+    Worker(String),
+    /// A new worker could not be started at all.
+    CannotStart { slot: usize, error: String },
+    /// The re-read configuration is invalid (its problems, `; `-separated).
+    InvalidConfig(String),
+    /// The new release could not be resolved (a dangling `current` link, a missing program).
+    Unresolvable(String),
+}
+
+impl std::fmt::Display for ReloadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadFailure::Stopping => f.write_str("the supervisor is stopping"),
+            ReloadFailure::Worker(report) => f.write_str(report),
+            ReloadFailure::CannotStart { slot, error } => write!(f, "worker {slot} could not start: {error}"),
+            ReloadFailure::InvalidConfig(problems) => {
+                write!(f, "invalid configuration, nothing changed: {problems}")
+            }
+            ReloadFailure::Unresolvable(e) => {
+                write!(f, "cannot resolve the new release, nothing changed: {e}")
+            }
+        }
+    }
+}
+
 /// Why a roll-out runs.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) enum Purpose {
@@ -198,14 +230,15 @@ impl Rollouts {
         vec![Command::Answer { waiters, outcome }]
     }
 
-    /// A reload that cannot start (`msg` says why): nothing changed.
+    /// A reload that cannot start (`why`): nothing changed.
     pub fn refuse(
         &mut self,
         waiters: Vec<WaiterId>,
-        msg: String,
+        why: ReloadFailure,
         generation: u64,
         unix: u64,
     ) -> Vec<Command> {
+        let msg = why.to_string();
         tracing::error!(app = %self.app, "reload failed: {msg}");
         self.record(false, Some(msg.clone()), unix);
         let outcome = ReloadOutcome::new(false, generation, msg);
@@ -335,7 +368,7 @@ impl Rollouts {
     /// slots it moved start rolling back.
     pub fn fail(
         &mut self,
-        reason: String,
+        reason: ReloadFailure,
         pool: &mut Pool,
         on_failure: OnFailure,
         stopping: bool,
@@ -357,7 +390,7 @@ impl Rollouts {
         }
         let msg = match &r.purpose {
             Purpose::Reload => {
-                self.record(false, Some(reason.clone()), unix);
+                self.record(false, Some(reason.to_string()), unix);
                 effects.push(Command::Reloaded {
                     ok: false,
                     took: Some(now.saturating_duration_since(r.started)),
@@ -476,6 +509,35 @@ impl Rollouts {
     fn set_rollback(&mut self, state: &str) {
         if let Some(lr) = &mut self.last_reload {
             lr.rollback = Some(state.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReloadFailure;
+
+    /// `last_reload.error` and the clients' messages keep the wording they had as strings.
+    #[test]
+    fn a_reload_failure_reads_as_it_always_did() {
+        let cases = [
+            (ReloadFailure::Stopping, "the supervisor is stopping"),
+            (
+                ReloadFailure::Worker("worker 0 (pid 7, generation 2) exited".into()),
+                "worker 0 (pid 7, generation 2) exited",
+            ),
+            (
+                ReloadFailure::CannotStart { slot: 1, error: "no such file".into() },
+                "worker 1 could not start: no such file",
+            ),
+            (ReloadFailure::InvalidConfig("a; b".into()), "invalid configuration, nothing changed: a; b"),
+            (
+                ReloadFailure::Unresolvable("gone".into()),
+                "cannot resolve the new release, nothing changed: gone",
+            ),
+        ];
+        for (failure, words) in cases {
+            assert_eq!(failure.to_string(), words);
         }
     }
 }
