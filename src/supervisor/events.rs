@@ -36,7 +36,7 @@ impl Supervisor {
             Event::Channel { pid, msg } => return self.on_channel(pid, msg),
             Event::Intercepted { pid, seen } => return self.on_intercepted(pid, seen),
         };
-        let Some(w) = self.core.pool.workers.remove(&pid) else { return };
+        let Some(w) = self.core.pool.remove_worker(pid) else { return };
         let fds = self.outside.release(pid);
         if w.intercept_failures > 1 && !is_power_of_ten(w.intercept_failures) {
             tracing::warn!(app = %self.core.app, worker_id = w.slot, worker_pid = pid, "worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures);
@@ -61,12 +61,12 @@ impl Supervisor {
     }
 
     pub(super) fn on_notify(&mut self, msg: Message) {
-        let pid = if self.core.pool.workers.contains_key(&msg.pid) {
+        let pid = if self.core.pool.workers().contains_key(&msg.pid) {
             msg.pid
         } else {
             // A child of the worker (e.g. `npm start` → node) speaks for its process group.
             match nix::unistd::getpgid(Some(Pid::from_raw(msg.pid))) {
-                Ok(pg) if self.core.pool.workers.contains_key(&pg.as_raw()) => pg.as_raw(),
+                Ok(pg) if self.core.pool.workers().contains_key(&pg.as_raw()) => pg.as_raw(),
                 _ => {
                     tracing::debug!("notify message from unknown pid {} ignored", msg.pid);
                     return;
@@ -93,7 +93,7 @@ impl Supervisor {
         let drains: HashMap<i32, Drain> = self
             .core
             .pool
-            .workers
+            .workers()
             .values()
             .filter(|w| matches!(w.state, State::Draining { .. }))
             .map(|w| {
@@ -109,7 +109,7 @@ impl Supervisor {
 
     /// The memory sample [`Command::SampleMemory`] asked for.
     pub(super) fn sample_memory(&mut self) {
-        let pids: Vec<i32> = self.core.pool.workers.keys().copied().collect();
+        let pids: Vec<i32> = self.core.pool.workers().keys().copied().collect();
         let rss = self.outside.host.memory(&pids);
         let commands = self.core.health.check_memory(&mut self.core.pool, &rss);
         self.apply(commands);
@@ -202,7 +202,7 @@ impl Core {
             match key.as_str() {
                 "READY" if value == "1" => out.extend(self.notified_ready(pid, now)),
                 "WATCHDOG" if value == "1" => {
-                    if let Some(w) = self.pool.workers.get_mut(&pid) {
+                    if let Some(w) = self.pool.worker_mut(pid) {
                         w.last_ping = now;
                     }
                 }
@@ -215,7 +215,7 @@ impl Core {
     /// The worker said it is ready (`READY=1`, or `'ready'` on its IPC channel): under
     /// `--ready notify`, a starting worker becomes ready.
     pub(super) fn notified_ready(&mut self, pid: i32, now: Mono) -> Vec<Command> {
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return Vec::new() };
+        let Some(w) = self.pool.worker_mut(pid) else { return Vec::new() };
         if matches!(w.state, State::Starting { .. }) && w.spec.ready == ReadyMode::Notify {
             w.state = State::Ready { since: now };
             return self.on_ready(pid, now);
@@ -225,10 +225,10 @@ impl Core {
 
     /// `pid` just became ready: it receives connections, it counts.
     pub(super) fn on_ready(&mut self, pid: i32, now: Mono) -> Vec<Command> {
-        let Some(w) = self.pool.workers.get(&pid) else { return vec![Command::Receiving { pid, on: true }] };
+        let Some(w) = self.pool.worker(pid) else { return vec![Command::Receiving { pid, on: true }] };
         let took = now.duration_since(w.started);
         tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
-        if let Some(slot) = self.pool.slots.get_mut(&w.slot) {
+        if let Some(slot) = self.pool.slot_mut(w.slot) {
             slot.settled = true;
         }
         vec![Command::Receiving { pid, on: true }, Command::ReadyMetric { took }]
@@ -241,7 +241,8 @@ impl Core {
         let mut out = Vec::new();
         let mut became_ready = Vec::new();
         let mut timed_out = Vec::new();
-        for (pid, w) in self.pool.workers.iter_mut() {
+        for w in self.pool.workers_mut() {
+            let pid = &w.pid;
             match w.state {
                 State::Starting { deadline } => {
                     if let Some(at) = w.ready_by_clock() {
@@ -281,7 +282,7 @@ impl Core {
             out.extend(self.on_ready(pid, now));
         }
         for pid in timed_out {
-            if let Some(w) = self.pool.workers.get(&pid) {
+            if let Some(w) = self.pool.worker(pid) {
                 let why = format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout));
                 out.push(Command::Kill { pid, failure: Some(Failure::new(FailureKind::ReadyTimeout, why)) });
             }
@@ -325,7 +326,7 @@ impl Supervisor {
             other => other,
         };
         let now = self.now();
-        let Some(w) = self.core.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.core.pool.worker_mut(pid) else { return };
         let (slot, generation) = (w.slot, w.spec.generation);
         match seen {
             Seen::Bound { asked, served, .. } => {

@@ -111,7 +111,7 @@ impl Resumed {
         upgrades: u64,
     ) -> std::io::Result<Resumed> {
         let mut own = BTreeMap::new();
-        for w in core.pool.workers.values() {
+        for w in core.pool.workers().values() {
             let kinds = ["pidfd", "out", "err"]
                 .into_iter()
                 .chain(w.has_channel.then_some("ipc"))
@@ -211,7 +211,7 @@ impl Supervisor {
                 let waiters = std::mem::take(&mut self.upgrades.deferred);
                 let outcome = ReloadOutcome {
                     ok: false,
-                    generation: self.core.pool.spec.generation,
+                    generation: self.core.pool.spec().generation,
                     message: format!(
                         "the supervisor is being upgraded in place to herdsman {}: send the reload again",
                         report.version
@@ -259,7 +259,7 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => return self.end_upgrade(Err(e)),
         };
-        tracing::info!(app = %self.core.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.path.display(), self.core.pool.workers.len());
+        tracing::info!(app = %self.core.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.path.display(), self.core.pool.workers().len());
         self.outside.notifier.send(&format!("STATUS=upgrading in place to herdsman {version}"));
         self.outside.notifier.flush();
         // The last lines must not die with this image.
@@ -335,7 +335,7 @@ impl Supervisor {
     /// `out-…`, `err-…`, `ipc-…`, `bind-…`): what [`Resumed::take`] takes back.
     pub(super) fn fd_table(&self) -> Vec<(String, &OwnedFd)> {
         let mut table = Vec::new();
-        for w in self.core.pool.workers.values() {
+        for w in self.core.pool.workers().values() {
             let Some(f) = self.outside.fds.get(&w.pid) else { continue };
             let name = |kind: &str| fd_name(kind, w.slot, w.spec.generation, w.pid);
             table.push((name("pidfd"), &*f.pidfd));
@@ -373,7 +373,7 @@ impl Supervisor {
         let workers: Vec<(i32, usize, Arc<Spec>, bool, bool)> = self
             .core
             .pool
-            .workers
+            .workers()
             .values()
             .map(|w| (w.pid, w.slot, w.spec.clone(), w.has_channel, w.intercepted))
             .collect();
@@ -403,7 +403,7 @@ impl Supervisor {
             let _ = s.set_nonblocking(false);
             let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = s.write_all(crate::control::protocol::Reply::Upgrade(done).line().as_bytes());
-            tracing::info!(app = %self.core.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.core.pool.workers.len());
+            tracing::info!(app = %self.core.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.core.pool.workers().len());
         }
         Ok(())
     }

@@ -69,7 +69,7 @@ impl Health {
 
     /// When the loop must wake for a watchdog or the memory sample.
     pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Mono> + 'a {
-        pool.workers.values().filter_map(move |w| self.watchdog_deadline(w)).chain(self.next_memory_check)
+        pool.workers().values().filter_map(move |w| self.watchdog_deadline(w)).chain(self.next_memory_check)
     }
 
     fn is_being_replaced(&self, old: i32) -> bool {
@@ -80,7 +80,7 @@ impl Health {
     /// aborts the roll-out), any other is replaced and killed once its replacement is ready.
     pub fn check_watchdogs(&mut self, pool: &Pool, now: Mono, owned: impl Fn(i32) -> bool) -> Vec<Command> {
         let mut hung: Vec<&Worker> =
-            pool.workers.values().filter(|w| self.watchdog_deadline(w).is_some_and(|d| now >= d)).collect();
+            pool.workers().values().filter(|w| self.watchdog_deadline(w).is_some_and(|d| now >= d)).collect();
         hung.sort_by_key(|w| w.pid);
         let mut effects = Vec::new();
         for w in hung {
@@ -111,7 +111,8 @@ impl Health {
     /// [`MEMORY_STRIKES`] samples in a row is replaced (and stopped gracefully after).
     pub fn check_memory(&mut self, pool: &mut Pool, rss: &HashMap<i32, u64>) -> Vec<Command> {
         let mut over = Vec::new();
-        for (pid, w) in pool.workers.iter_mut() {
+        for w in pool.workers_mut() {
+            let pid = &w.pid;
             let Some(limit) = w.spec.max_memory else { continue };
             if w.role != Role::Active || !w.is_ready() {
                 continue;
@@ -147,19 +148,19 @@ impl Health {
         let mut ready: Vec<(i32, Replacement)> = self
             .replacing
             .iter()
-            .filter(|(new, _)| pool.workers.get(new).is_some_and(|w| w.is_ready()))
+            .filter(|(new, _)| pool.worker(**new).is_some_and(|w| w.is_ready()))
             .map(|(n, r)| (*n, r.clone()))
             .collect();
         ready.sort_by_key(|(n, _)| *n);
         let mut effects = Vec::new();
         for (new, r) in ready {
             self.replacing.remove(&new);
-            let Some(slot_id) = pool.workers.get(&new).map(|w| w.slot) else { continue };
-            if pool.slots.get(&slot_id).and_then(|s| s.active) != Some(r.old) {
+            let Some(slot_id) = pool.worker(new).map(|w| w.slot) else { continue };
+            if pool.slot(slot_id).and_then(|s| s.active) != Some(r.old) {
                 effects.push(Command::Retire(new));
                 continue;
             }
-            if let Some(slot) = pool.slots.get_mut(&slot_id) {
+            if let Some(slot) = pool.slot_mut(slot_id) {
                 slot.restarts += 1;
             }
             tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = new, "worker {slot_id} replaced (pid {} → {new})", r.old);

@@ -140,7 +140,7 @@ impl Core {
 
     /// How many workers it knows.
     pub fn workers(&self) -> usize {
-        self.pool.workers.len()
+        self.pool.workers().len()
     }
 
     /// Makes every spec of one generation one shared `Arc` again (a deserialized core has a
@@ -284,10 +284,10 @@ impl Supervisor {
             let sockets = sup.outside.sockets.join(", ");
             tracing::info!(
                 app = %sup.core.app,
-                workers = sup.core.pool.desired,
+                workers = sup.core.pool.desired(),
                 sockets = %sockets,
                 "starting {} worker(s) of {:?} on {}",
-                sup.core.pool.desired,
+                sup.core.pool.desired(),
                 sup.core.settings.command.join(" "),
                 sockets
             );
@@ -306,7 +306,7 @@ impl Supervisor {
         let mut controls_open = true;
         loop {
             self.reconcile();
-            if self.core.stopping && self.core.pool.workers.is_empty() {
+            if self.core.stopping && self.core.pool.workers().is_empty() {
                 break;
             }
             let wake = self.next_deadline();
@@ -385,7 +385,7 @@ impl Supervisor {
 
     /// Reaps every orphan that was re-parented to herdsman, never a worker (see `reaper`).
     fn reap_orphans(&mut self) {
-        let workers = &self.core.pool.workers;
+        let workers = &self.core.pool.workers();
         for (pid, status) in crate::reaper::sweep(|pid| workers.contains_key(&pid)).unwrap_or_default() {
             tracing::debug!(app = %self.core.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
         }
@@ -393,8 +393,8 @@ impl Supervisor {
 
     fn scale(&mut self, scale: Scale) -> Result<usize, ScaleError> {
         let want = self.core.pool.target(scale)?;
-        if want != self.core.pool.desired {
-            tracing::info!(app = %self.core.app, "scaling from {} to {want} worker(s)", self.core.pool.desired);
+        if want != self.core.pool.desired() {
+            tracing::info!(app = %self.core.app, "scaling from {} to {want} worker(s)", self.core.pool.desired());
         }
         self.set_desired(want);
         Ok(want)
@@ -402,7 +402,7 @@ impl Supervisor {
 
     /// The wanted number of workers; sticky steering hashes clients over that many slots.
     fn set_desired(&mut self, n: usize) {
-        self.core.pool.desired = n;
+        self.core.pool.set_desired(n);
         self.outside.set_slots(n);
     }
 
@@ -410,7 +410,7 @@ impl Supervisor {
         let now = self.now();
         if self.core.stopping {
             tracing::warn!(app = %self.core.app, "second stop request: killing the remaining workers now");
-            for w in self.core.pool.workers.values_mut().filter(|w| w.state != State::Killed) {
+            for w in self.core.pool.workers_mut().filter(|w| w.state != State::Killed) {
                 w.state = State::Stopping { kill_at: now };
             }
             return;
@@ -419,13 +419,13 @@ impl Supervisor {
             crate::config::StopSignal::Signal(sig) => sig.as_str(),
             crate::config::StopSignal::Message => "the shutdown message",
         };
-        tracing::info!(app = %self.core.app, "stopping: sending {how} to {} worker(s)", self.core.pool.workers.len());
+        tracing::info!(app = %self.core.app, "stopping: sending {how} to {} worker(s)", self.core.pool.workers().len());
         self.core.stopping = true;
         self.outside.notifier.send("STOPPING=1\nSTATUS=stopping");
         self.fail_rollout(rollout::ReloadFailure::Stopping);
-        let effects = self.core.rollouts.drop_queued(self.core.pool.spec.generation);
+        let effects = self.core.rollouts.drop_queued(self.core.pool.spec().generation);
         self.apply(effects);
-        let pids: Vec<i32> = self.core.pool.workers.keys().copied().collect();
+        let pids: Vec<i32> = self.core.pool.workers().keys().copied().collect();
         for pid in pids {
             self.retire(pid);
         }
@@ -447,7 +447,7 @@ impl Supervisor {
                 Command::RestartMetric { slot } => self.outside.metrics.restarted(slot),
                 Command::Signal { pid, sig, group } => self.outside.signal(pid, sig, group),
                 Command::AskToStop(pid) => {
-                    if let Some(w) = self.core.pool.workers.get(&pid) {
+                    if let Some(w) = self.core.pool.worker(pid) {
                         self.outside.ask_to_stop(w);
                     }
                 }
@@ -461,7 +461,7 @@ impl Supervisor {
     /// follows. `failure` says why, for the report.
     fn kill_now(&mut self, pid: i32, failure: Option<Failure>) {
         self.outside.steer_receiving(pid, false);
-        let Some(w) = self.core.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.core.pool.worker_mut(pid) else { return };
         if failure.is_some() {
             w.failure = failure;
         }
@@ -476,7 +476,7 @@ impl Supervisor {
         let now = self.now();
         let was_receiving = self.outside.is_receiving(pid);
         self.outside.steer_receiving(pid, false);
-        let Some(w) = self.core.pool.workers.get_mut(&pid) else { return };
+        let Some(w) = self.core.pool.worker_mut(pid) else { return };
         w.role = Role::Retired;
         if matches!(w.state, State::Stopping { .. } | State::Killed | State::Draining { .. }) {
             return;
@@ -494,7 +494,7 @@ impl Supervisor {
     /// first with `kill_old`: it is hung): the one path by which a roll-out's new worker and
     /// a health replacement (watchdog, memory) take over a slot.
     fn promote(&mut self, slot: usize, new: i32, kill_old: bool) {
-        let current = self.core.pool.slots.get(&slot).and_then(|s| s.active);
+        let current = self.core.pool.slot(slot).and_then(|s| s.active);
         if kill_old {
             if let Some(old) = current.filter(|o| *o != new) {
                 self.kill_now(old, None);
@@ -507,7 +507,7 @@ impl Supervisor {
 
     /// Starts a replacement for the unhealthy `old` in its slot; it takes over once ready.
     fn replace(&mut self, old: i32, failure: Failure, hard: bool) {
-        let Some(w) = self.core.pool.workers.get_mut(&old) else { return };
+        let Some(w) = self.core.pool.worker_mut(old) else { return };
         let (slot, spec) = (w.slot, w.spec.clone());
         tracing::warn!(
             app = %self.core.app, worker_id = slot, worker_pid = old, worker_generation = spec.generation,
@@ -583,7 +583,7 @@ impl Supervisor {
             .current
             .as_ref()
             .map(|r| r.spec.clone())
-            .unwrap_or_else(|| self.core.pool.spec.clone());
+            .unwrap_or_else(|| self.core.pool.spec().clone());
         self.core.pool.add_missing_slots(&spec);
         // Extra slots (scale down): retire their workers; the slot is gone.
         for (id, pids) in self.core.pool.remove_extra_slots() {
@@ -599,7 +599,7 @@ impl Supervisor {
             if self.core.rollouts.has_candidate(id) {
                 continue;
             }
-            let Some(spec) = self.core.pool.slots.get(&id).map(|s| s.spec.clone()) else { continue };
+            let Some(spec) = self.core.pool.slot(id).map(|s| s.spec.clone()) else { continue };
             match self.launch(id, &spec, Role::Active) {
                 Ok(pid) => self.core.pool.started(id, pid),
                 Err(e) => {
@@ -623,27 +623,24 @@ impl Supervisor {
         if spec.max_memory.is_some() {
             self.core.health.watch_memory(now);
         }
-        self.core.pool.workers.insert(
+        self.core.pool.insert_worker(Worker {
             pid,
-            Worker {
-                pid,
-                slot: id,
-                spec: spec.clone(),
-                state: State::Starting { deadline: now + spec.ready_timeout },
-                role,
-                started: now,
-                has_channel,
-                intercepted,
-                bound: false,
-                bound_at: None,
-                warned_foreign: false,
-                intercept_failures: 0,
-                failure: None,
+            slot: id,
+            spec: spec.clone(),
+            state: State::Starting { deadline: now + spec.ready_timeout },
+            role,
+            started: now,
+            has_channel,
+            intercepted,
+            bound: false,
+            bound_at: None,
+            warned_foreign: false,
+            intercept_failures: 0,
+            failure: None,
 
-                last_ping: now,
-                memory_strikes: 0,
-            },
-        );
+            last_ping: now,
+            memory_strikes: 0,
+        });
         tracing::info!(app = %self.core.app, worker_id = id, worker_pid = pid, worker_generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
         Ok(pid)
     }

@@ -59,12 +59,12 @@ impl Slot {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Pool {
     /// What new slots and restarts without a slot spec run.
-    pub spec: Arc<Spec>,
+    spec: Arc<Spec>,
     /// The newest generation number handed out.
-    pub generation: u64,
-    pub desired: usize,
-    pub slots: BTreeMap<usize, Slot>,
-    pub workers: HashMap<i32, Worker>,
+    generation: u64,
+    desired: usize,
+    slots: BTreeMap<usize, Slot>,
+    workers: HashMap<i32, Worker>,
 }
 
 /// How a slot's active worker ended, for its restart.
@@ -77,6 +77,86 @@ pub(super) struct Restart {
 impl Pool {
     pub fn new(spec: Arc<Spec>, desired: usize) -> Pool {
         Pool { generation: spec.generation, spec, desired, slots: BTreeMap::new(), workers: HashMap::new() }
+    }
+
+    /// A pool taken over from a state written by an older image (see `supervisor::v2`).
+    pub fn restored(
+        spec: Arc<Spec>,
+        generation: u64,
+        desired: usize,
+        slots: BTreeMap<usize, Slot>,
+        workers: HashMap<i32, Worker>,
+    ) -> Pool {
+        Pool { spec, generation, desired, slots, workers }
+    }
+
+    /// What new slots run: the generation the pool is on.
+    pub fn spec(&self) -> &Arc<Spec> {
+        &self.spec
+    }
+
+    /// A reload's generation became the pool's.
+    pub fn set_spec(&mut self, spec: Arc<Spec>) {
+        self.spec = spec;
+    }
+
+    /// The newest generation number handed out.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Hands out the next generation number (a reload pinned its release).
+    pub fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    /// The wanted number of slots.
+    pub fn desired(&self) -> usize {
+        self.desired
+    }
+
+    pub fn set_desired(&mut self, n: usize) {
+        self.desired = n;
+    }
+
+    pub fn slots(&self) -> &BTreeMap<usize, Slot> {
+        &self.slots
+    }
+
+    pub fn slot(&self, id: usize) -> Option<&Slot> {
+        self.slots.get(&id)
+    }
+
+    pub fn slot_mut(&mut self, id: usize) -> Option<&mut Slot> {
+        self.slots.get_mut(&id)
+    }
+
+    /// The live workers, by pid.
+    pub fn workers(&self) -> &HashMap<i32, Worker> {
+        &self.workers
+    }
+
+    pub fn worker(&self, pid: i32) -> Option<&Worker> {
+        self.workers.get(&pid)
+    }
+
+    pub fn worker_mut(&mut self, pid: i32) -> Option<&mut Worker> {
+        self.workers.get_mut(&pid)
+    }
+
+    pub fn workers_mut(&mut self) -> impl Iterator<Item = &mut Worker> {
+        self.workers.values_mut()
+    }
+
+    /// A worker just started.
+    pub fn insert_worker(&mut self, w: Worker) {
+        self.workers.insert(w.pid, w);
+    }
+
+    /// A worker exited: it leaves the pool.
+    pub fn remove_worker(&mut self, pid: i32) -> Option<Worker> {
+        self.workers.remove(&pid)
     }
 
     /// Visits every spec the pool refers to.

@@ -19,7 +19,7 @@ impl Supervisor {
     pub(super) fn request_reload(&mut self, reply: Waiter) {
         if self.core.stopping {
             let outcome =
-                ReloadOutcome::new(false, self.core.pool.spec.generation, "the supervisor is stopping");
+                ReloadOutcome::new(false, self.core.pool.spec().generation, "the supervisor is stopping");
             answer(vec![reply], outcome);
         } else if self.upgrades.upgrading() {
             tracing::info!(app = %self.core.app, "reload requested during an upgrade: it waits for the upgrade");
@@ -43,7 +43,7 @@ impl Supervisor {
     }
 
     fn start_rollout(&mut self, waiters: Vec<WaiterId>) {
-        let generation = self.core.pool.spec.generation;
+        let generation = self.core.pool.spec().generation;
         let settings = match self.load_settings() {
             Ok(s) => s,
             Err(msg) => {
@@ -54,7 +54,7 @@ impl Supervisor {
         };
         // Pin the new generation before anything changes: a release that cannot be resolved
         // (a dangling `current` link, a missing program) fails the reload and changes nothing.
-        let spec = match self.outside.launcher.pin(&settings, self.core.pool.generation + 1) {
+        let spec = match self.outside.launcher.pin(&settings, self.core.pool.generation() + 1) {
             Ok(spec) => Arc::new(spec),
             Err(e) => {
                 let msg = ReloadFailure::Unresolvable(e.to_string());
@@ -66,9 +66,9 @@ impl Supervisor {
         if self.reload_source.is_some() {
             self.apply_settings(settings);
         }
-        self.core.pool.generation += 1;
+        self.core.pool.next_generation();
         let slots: Vec<usize> =
-            self.core.pool.slots.keys().copied().filter(|id| *id < self.core.pool.desired).collect();
+            self.core.pool.slots().keys().copied().filter(|id| *id < self.core.pool.desired()).collect();
         let now = self.now();
         let effects = self.core.rollouts.begin(spec, slots, self.core.settings.min_ready, now, waiters);
         self.apply(effects);

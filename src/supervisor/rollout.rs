@@ -271,7 +271,7 @@ impl Rollouts {
         let mut effects = Vec::new();
         let mut still = Vec::new();
         for (slot, pid) in std::mem::take(&mut r.in_flight) {
-            let held = match pool.workers.get(&pid).map(|w| w.state) {
+            let held = match pool.worker(pid).map(|w| w.state) {
                 Some(State::Ready { since }) => now >= r.hold_until(since),
                 _ => false,
             };
@@ -279,12 +279,11 @@ impl Rollouts {
                 still.push((slot, pid));
                 continue;
             }
-            let Some(spec) = pool.workers.get(&pid).map(|w| w.spec.clone()) else { continue };
+            let Some(spec) = pool.worker(pid).map(|w| w.spec.clone()) else { continue };
             let Some(previous) = pool.move_slot(slot, spec.clone()) else { continue };
             r.moved.push((slot, pid, previous));
             r.done += 1;
-            let took =
-                pool.workers.get(&pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
+            let took = pool.worker(pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
             tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", r.verb());
             effects.push(r.progress(&line));
@@ -301,13 +300,13 @@ impl Rollouts {
     pub fn next_candidate(&mut self, pool: &Pool, batch: usize, surge: usize) -> Option<(usize, Arc<Spec>)> {
         let r = self.current.as_mut()?;
         let starting = |r: &Rollout| {
-            r.in_flight.iter().filter(|(_, pid)| !pool.workers.get(pid).is_some_and(Worker::is_ready)).count()
+            r.in_flight.iter().filter(|(_, pid)| !pool.worker(*pid).is_some_and(Worker::is_ready)).count()
         };
         // The canary: before a reload moved its first slot, only its first batch runs.
         let surge = if r.done == 0 && !r.is_rollback() { surge.min(batch) } else { surge };
         while starting(r) < batch && r.in_flight.len() < surge {
             let (slot, spec) = r.pending.pop_front()?;
-            if pool.slots.contains_key(&slot) {
+            if pool.slots().contains_key(&slot) {
                 return Some((slot, spec));
             }
         }
@@ -338,7 +337,7 @@ impl Rollouts {
         let mut effects = Vec::new();
         let outcome = match r.purpose {
             Purpose::Reload => {
-                pool.spec = r.spec.clone();
+                pool.set_spec(r.spec.clone());
                 let msg = format!(
                     "reload complete: {} worker(s) on generation {} in {took:.2} s",
                     r.done, r.spec.generation
@@ -378,7 +377,7 @@ impl Rollouts {
         let Some(mut r) = self.current.take() else { return Vec::new() };
         let mut effects = Vec::new();
         for (_, pid) in &r.in_flight {
-            let Some(w) = pool.workers.get_mut(pid) else { continue };
+            let Some(w) = pool.worker_mut(*pid) else { continue };
             w.role = Role::Retired;
             // One that is ready (holding) serves already: it drains like any retired worker.
             // One still starting is killed.
@@ -448,11 +447,11 @@ impl Rollouts {
         let mut pending = VecDeque::new();
         let mut restarting = 0;
         for (slot_id, _, previous) in &failed.moved {
-            let Some(slot) = pool.slots.get_mut(slot_id) else { continue };
+            let Some(slot) = pool.slot_mut(*slot_id) else { continue };
             slot.spec = previous.clone();
             let running_new = slot
                 .active
-                .and_then(|pid| pool.workers.get(&pid))
+                .and_then(|pid| pool.worker(pid))
                 .is_some_and(|w| w.is_ready() && Arc::ptr_eq(&w.spec, &failed.spec));
             if running_new {
                 pending.push_back((*slot_id, previous.clone()));
@@ -460,7 +459,7 @@ impl Rollouts {
                 restarting += 1;
             }
         }
-        let back_to = failed.moved.first().map(|(_, _, p)| p.clone()).unwrap_or_else(|| pool.spec.clone());
+        let back_to = failed.moved.first().map(|(_, _, p)| p.clone()).unwrap_or_else(|| pool.spec().clone());
         let failure = if restarting > 0 {
             format!("{msg}; {restarting} worker(s) restart on generation {}", back_to.generation)
         } else {
@@ -489,7 +488,7 @@ impl Rollouts {
     /// When candidates holding for `min_ready` have held long enough.
     pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Mono> + 'a {
         self.current.iter().flat_map(move |r| {
-            r.candidates().filter_map(move |pid| match pool.workers.get(&pid).map(|w: &Worker| w.state) {
+            r.candidates().filter_map(move |pid| match pool.worker(pid).map(|w: &Worker| w.state) {
                 Some(State::Ready { since }) => Some(r.hold_until(since)),
                 _ => None,
             })

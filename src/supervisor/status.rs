@@ -9,23 +9,30 @@ impl Supervisor {
     /// E.g. `4/4 ready · generation 3`, `reloading 2/4 · generation 3→4`.
     pub(super) fn status_line(&self) -> String {
         if self.core.stopping {
-            return format!("stopping ({} worker(s) left)", self.core.pool.workers.len());
+            return format!("stopping ({} worker(s) left)", self.core.pool.workers().len());
         }
         let pool = &self.core.pool;
-        let mut s =
-            format!("{}/{} ready · generation {}", pool.ready_count(), pool.desired, pool.spec.generation);
+        let mut s = format!(
+            "{}/{} ready · generation {}",
+            pool.ready_count(),
+            pool.desired(),
+            pool.spec().generation
+        );
         if let Some(r) = &self.core.rollouts.current {
             s = if r.is_rollback() {
                 format!("rolling back {}/{} · generation {}", r.done, r.total, r.spec.generation)
             } else {
                 format!(
                     "reloading {}/{} · generation {}→{}",
-                    r.done, r.total, pool.spec.generation, r.spec.generation
+                    r.done,
+                    r.total,
+                    pool.spec().generation,
+                    r.spec.generation
                 )
             };
         }
         let now = self.now();
-        for (id, slot) in &pool.slots {
+        for (id, slot) in pool.slots() {
             if let (None, Some(at)) = (slot.active, slot.restart_at) {
                 let wait = at.saturating_duration_since(now);
                 s.push_str(&format!(
@@ -56,9 +63,9 @@ impl Supervisor {
         let shared_queue: u32 =
             outside.shared_sockets.iter().map(|fd| crate::sys::tcp_listen_queue(fd).map_or(0, |q| q.0)).sum();
         let mut workers: Vec<WorkerInfo> = pool
-            .workers
+            .workers()
             .values()
-            .map(|w| (w, pool.slots.get(&w.slot)))
+            .map(|w| (w, pool.slot(w.slot)))
             .map(|(w, slot)| WorkerInfo {
                 id: w.slot,
                 pid: Some(w.pid),
@@ -87,7 +94,7 @@ impl Supervisor {
                 rss_bytes: 0,
             })
             .collect();
-        for (id, slot) in &pool.slots {
+        for (id, slot) in pool.slots() {
             if slot.active.is_none() && !workers.iter().any(|w| w.id == *id && w.state != "stopping") {
                 workers.push(WorkerInfo {
                     id: *id,
@@ -119,8 +126,8 @@ impl Supervisor {
             pid: std::process::id(),
             sockets: outside.sockets.clone(),
             learned_sockets: outside.learned.clone(),
-            generation: pool.spec.generation,
-            desired: pool.desired,
+            generation: pool.spec().generation,
+            desired: pool.desired(),
             ready: pool.ready_count(),
             status: self.status_line(),
             workers,

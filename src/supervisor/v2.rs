@@ -148,8 +148,7 @@ pub fn convert(bytes: &[u8]) -> Result<Handover, String> {
     let spec_at = |i: usize| specs.get(i).cloned().ok_or_else(|| bad(format!("spec {i} missing")));
     let mut fds: BTreeMap<String, RawFd> = BTreeMap::new();
     let mut tails = BTreeMap::new();
-    let mut pool = Pool::new(spec_at(sup.spec)?, sup.desired);
-    pool.generation = sup.generation;
+    let mut slots = BTreeMap::new();
     for s in sup.slots {
         let slot = Slot {
             active: s.active,
@@ -160,7 +159,7 @@ pub fn convert(bytes: &[u8]) -> Result<Handover, String> {
             settled: s.settled,
             last_error: s.last_error,
         };
-        pool.slots.insert(s.id, slot);
+        slots.insert(s.id, slot);
     }
     let mut workers = HashMap::new();
     for w in sup.workers {
@@ -195,7 +194,7 @@ pub fn convert(bytes: &[u8]) -> Result<Handover, String> {
         };
         workers.insert(w.pid, worker);
     }
-    pool.workers = workers;
+    let pool = Pool::restored(spec_at(sup.spec)?, sup.generation, sup.desired, slots, workers);
     let app: Arc<str> = Arc::from(sup.settings.name.as_str());
     let mut rollouts = Rollouts::new(app.clone());
     rollouts.last_reload = sup.last_reload;

@@ -64,7 +64,7 @@ async fn a_stop_during_a_roll_out_fails_the_reload_stops_old_and_new_workers_and
     for (pid, _) in s.spawned() {
         s.exit(pid, 0);
     }
-    assert!(s.sup.core.stopping && s.sup.core.pool.workers.is_empty(), "the loop would end now");
+    assert!(s.sup.core.stopping && s.sup.core.pool.workers().is_empty(), "the loop would end now");
 }
 
 #[tokio::test]
