@@ -11,16 +11,39 @@
 //! Slots are the stable worker ids (0..N-1, `HERDSMAN_WORKER_ID`). A slot has at most one
 //! *active* worker and, during a roll-out, one *candidate*; replaced workers are *retired* and
 //! drain on their own schedule.
-
 //!
-//! The state is held by parts with one concern each, which own their fields and decide:
-//! [`pool`] (the slots, the workers, the wanted size, back-off), [`rollout`] (the roll-out,
-//! the reloads queued behind it, the last result), [`health`] (watchdog and memory
-//! replacements), [`handover`] (in-place upgrades), [`manager`] (what systemd is told) and
-//! [`outside`] (the host, the launcher, the sockets, the metrics), [`watch`] (`--watch`'s
-//! debounce). The roll-out's and health's
-//! decisions come back as [`command::Command`]s; [`Supervisor`] is the thin driver that carries
-//! them out ([`Supervisor::apply`]) and owns the one slot hand-over ([`Supervisor::promote`]).
+//! ## Core and driver
+//!
+//! The **core** ([`Core`]) is plain data, `serde`-derived: the settings, [`pool`] (slots,
+//! workers as data, wanted size, back-off), [`rollout`] (the roll-out, the reloads queued
+//! behind it, the last result), [`health`] (watchdog and memory replacements), [`manager`]
+//! (what systemd is told) and [`watch`] (`--watch`'s debounce). It holds no descriptor, no
+//! channel, and reads no clock: time comes in as a [`Mono`] (`CLOCK_MONOTONIC` ns, which
+//! survives `execve`) with every input, the wall clock (`last_reload.at`) as unix seconds
+//! where it is needed. Reload and scale clients are ids ([`command::WaiterId`]) whose channels
+//! stay in the driver's table.
+//!
+//! The **driver** ([`Supervisor`]) owns every resource: [`outside`] (the host, the launcher,
+//! the sockets and steering, the workers' notify socket, the notifier, the metrics, and
+//! [`outside::WorkerFds`], the one table of per-worker descriptors: pidfd, output pipes and
+//! tail, IPC channel, bind filter), the reload source, the waiters, the upgrade in flight.
+//! It turns kernel events into inputs and is the only code that acts on the world:
+//!
+//! ```text
+//! event ──► driver resolves what only it can see ──► Core::on_…(input, now[, unix]) ──► Vec<Command>
+//!   exit:    releases the worker's fds, reaps, reads its tail       Core::on_exit
+//!   notify:  maps a child pid to its worker (process group)         Core::on_notify / notified_ready
+//!   timer:   reads draining workers' accept queues (Drain)          Core::on_timers
+//!   memory:  Command::SampleMemory ──► host.memory ──► Health::check_memory ──► Commands
+//! Vec<Command> ──► Supervisor::apply (the only executor): Signal, AskToStop, Kill, Retire,
+//!   Promote, Replace, Receiving, Notify, Answer, Progress, Reloaded/ReadyMetric/RestartMetric
+//! ```
+//!
+//! Starting a worker is the one call whose result the core waits for: the driver launches
+//! (`Supervisor::launch`) and gives the pid, or the error, straight back to the part that
+//! asked (`Pool::started` / `start_failed`, `Rollouts::candidate_started` / `fail_rollout`,
+//! `Health::replacing`). An in-place upgrade writes the core as it is plus the driver's
+//! descriptors by name ([`handover`]); [`v2`] reads the previous release's format.
 
 mod clock;
 mod command;
