@@ -56,6 +56,7 @@ mod manager;
 mod outside;
 mod pool;
 mod reload;
+mod retire;
 mod rollout;
 mod status;
 #[cfg(test)]
@@ -66,7 +67,6 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use tokio::sync::mpsc;
 
@@ -430,28 +430,9 @@ impl Supervisor {
     }
 
     fn stop(&mut self) {
-        let now = self.now();
-        if self.core.stopping {
-            tracing::warn!(app = %self.core.app, "second stop request: killing the remaining workers now");
-            for w in self.core.pool.workers_mut().filter(|w| w.state != State::Killed) {
-                w.state = State::Stopping { kill_at: now };
-            }
-            return;
-        }
-        let how = match self.core.settings.stop_signal {
-            crate::config::StopSignal::Signal(sig) => sig.as_str(),
-            crate::config::StopSignal::Message => "the shutdown message",
-        };
-        tracing::info!(app = %self.core.app, "stopping: sending {how} to {} worker(s)", self.core.pool.workers().len());
-        self.core.stopping = true;
-        self.outside.notifier.send("STOPPING=1\nSTATUS=stopping");
-        self.fail_rollout(rollout::ReloadFailure::Stopping);
-        let effects = self.core.rollouts.drop_queued(self.core.pool.spec().generation);
-        self.apply(effects);
-        let pids: Vec<i32> = self.core.pool.workers().keys().copied().collect();
-        for pid in pids {
-            self.retire(pid);
-        }
+        let (now, unix) = (self.now(), self.unix_now());
+        let commands = self.core.stop(now, unix);
+        self.apply(commands);
     }
 
     /// Carries out what a part decided, in order.
@@ -480,52 +461,25 @@ impl Supervisor {
         }
     }
 
-    /// SIGKILLs `pid`'s process group at once (a failed or hung worker); its exit event
-    /// follows. `failure` says why, for the report.
+    /// SIGKILLs `pid`'s process group at once (see [`Core::kill`]).
     fn kill_now(&mut self, pid: i32, failure: Option<Failure>) {
-        self.outside.steer_receiving(pid, false);
-        let Some(w) = self.core.pool.worker_mut(pid) else { return };
-        if failure.is_some() {
-            w.failure = failure;
-        }
-        w.state = State::Killed;
-        self.outside.signal(pid, Signal::SIGKILL, true);
+        let commands = self.core.kill(pid, failure);
+        self.apply(commands);
     }
 
-    /// Sends the stop signal (once) and arms the kill timer. A steered worker that was
-    /// receiving first stops receiving and drains its own accept queue (see `steer`); the
-    /// stop signal follows from `on_timers`.
+    /// Stops `pid` gracefully (see [`Core::retire`]); whether it receives new connections
+    /// (steered sockets) is the driver's to say.
     fn retire(&mut self, pid: i32) {
         let now = self.now();
-        let was_receiving = self.outside.is_receiving(pid);
-        self.outside.steer_receiving(pid, false);
-        let Some(w) = self.core.pool.worker_mut(pid) else { return };
-        w.role = Role::Retired;
-        if matches!(w.state, State::Stopping { .. } | State::Killed | State::Draining { .. }) {
-            return;
-        }
-        if was_receiving {
-            w.state = State::Draining { since: now };
-        } else {
-            w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
-            self.outside.ask_to_stop(w);
-        }
-        self.core.pool.unassign(pid);
+        let receiving = self.outside.is_receiving(pid);
+        let commands = self.core.retire(pid, receiving, now);
+        self.apply(commands);
     }
 
-    /// Makes `new` the active worker of `slot` and retires the one it replaces (SIGKILLed
-    /// first with `kill_old`: it is hung): the one path by which a roll-out's new worker and
-    /// a health replacement (watchdog, memory) take over a slot.
+    /// Makes `new` the active worker of `slot` (see [`Core::promote`]).
     fn promote(&mut self, slot: usize, new: i32, kill_old: bool) {
-        let current = self.core.pool.slot(slot).and_then(|s| s.active);
-        if kill_old {
-            if let Some(old) = current.filter(|o| *o != new) {
-                self.kill_now(old, None);
-            }
-        }
-        if let Some(old) = self.core.pool.promote(slot, new) {
-            self.retire(old);
-        }
+        let commands = self.core.promote(slot, new, kill_old);
+        self.apply(commands);
     }
 
     /// Starts a replacement for the unhealthy `old` in its slot; it takes over once ready.
