@@ -58,6 +58,7 @@ mod pool;
 mod reload;
 mod retire;
 mod rollout;
+mod spawned;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -78,7 +79,7 @@ use crate::output::Output;
 use crate::requests::{Control, Scale, Waiter};
 use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
-use crate::worker::{Failure, Role, State, Worker};
+use crate::worker::{Failure, Role};
 pub use clock::Mono;
 use command::Command;
 use handover::Upgrades;
@@ -484,20 +485,12 @@ impl Supervisor {
 
     /// Starts a replacement for the unhealthy `old` in its slot; it takes over once ready.
     fn replace(&mut self, old: i32, failure: Failure, hard: bool) {
-        let Some(w) = self.core.pool.worker_mut(old) else { return };
-        let (slot, spec) = (w.slot, w.spec.clone());
-        tracing::warn!(
-            app = %self.core.app, worker_id = slot, worker_pid = old, worker_generation = spec.generation,
-            "worker {slot} (pid {old}) {failure}: starting a replacement"
-        );
-        w.failure = Some(failure);
+        let Some((slot, spec)) = self.core.replace(old, failure) else { return };
         match self.launch(slot, &spec, Role::Replacement) {
             Ok(new) => self.core.health.replacing(new, old, hard),
             Err(e) => {
-                tracing::error!(app = %self.core.app, worker_id = slot, "replacement for worker {slot} failed: {e}");
-                if hard {
-                    self.kill_now(old, None);
-                }
+                let commands = self.core.replacement_start_failed(old, slot, hard, &e);
+                self.apply(commands);
             }
         }
     }
@@ -553,42 +546,20 @@ impl Supervisor {
         }
     }
 
+    /// Fills the empty slots (what to start is the core's; starting is the driver's).
     fn reconcile_slots(&mut self, now: Mono) {
-        let spec = self
-            .core
-            .rollouts
-            .current
-            .as_ref()
-            .map(|r| r.spec.clone())
-            .unwrap_or_else(|| self.core.pool.spec().clone());
-        self.core.pool.add_missing_slots(&spec);
-        // Extra slots (scale down): retire their workers; the slot is gone.
-        for (id, pids) in self.core.pool.remove_extra_slots() {
-            for pid in pids {
-                self.retire(pid);
-            }
-            if let Some(r) = &mut self.core.rollouts.current {
-                r.forget_slot(id);
-            }
-        }
-        // Empty slots start (after their back-off), unless a roll-out candidate is coming.
-        for id in self.core.pool.slots_to_start(now) {
-            if self.core.rollouts.has_candidate(id) {
-                continue;
-            }
-            let Some(spec) = self.core.pool.slot(id).map(|s| s.spec.clone()) else { continue };
+        let (commands, start) = self.core.slots_to_fill(now);
+        self.apply(commands);
+        for (id, spec) in start {
             match self.launch(id, &spec, Role::Active) {
-                Ok(pid) => self.core.pool.started(id, pid),
-                Err(e) => {
-                    let delay =
-                        self.core.pool.start_failed(id, now, &self.core.settings.backoff, e.to_string());
-                    tracing::error!(app = %self.core.app, worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
-                }
+                Ok(pid) => self.core.slot_started(id, pid),
+                Err(e) => self.core.slot_start_failed(id, &e, now),
             }
         }
     }
 
-    /// Starts a worker for slot `id` running `spec`.
+    /// Starts a worker for slot `id` running `spec`, keeps its descriptors and gives the pid
+    /// to the core (the one call whose result the core waits for).
     fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, crate::spawn::SpawnError> {
         let pid = self.outside.launch(id, spec)?;
         let (has_channel, intercepted) = self
@@ -597,28 +568,7 @@ impl Supervisor {
             .get(&pid)
             .map_or((false, false), |f| (f.channel.is_some(), f.bind_notify.is_some()));
         let now = self.now();
-        if spec.max_memory.is_some() {
-            self.core.health.watch_memory(now);
-        }
-        self.core.pool.insert_worker(Worker {
-            pid,
-            slot: id,
-            spec: spec.clone(),
-            state: State::Starting { deadline: now + spec.ready_timeout },
-            role,
-            started: now,
-            has_channel,
-            intercepted,
-            bound: false,
-            bound_at: None,
-            warned_foreign: false,
-            intercept_failures: 0,
-            failure: None,
-
-            last_ping: now,
-            memory_strikes: 0,
-        });
-        tracing::info!(app = %self.core.app, worker_id = id, worker_pid = pid, worker_generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
+        self.core.started(id, spec, role, pid, has_channel, intercepted, now);
         Ok(pid)
     }
 }
