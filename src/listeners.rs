@@ -78,8 +78,6 @@ impl Listener {
 #[derive(Debug)]
 pub struct Listeners {
     list: Vec<Listener>,
-    /// Whether they came from the service manager.
-    pub activated: bool,
 }
 
 impl Listeners {
@@ -98,7 +96,7 @@ impl Listeners {
                 if !addrs.is_empty() {
                     tracing::info!("socket-activated: ignoring --listen/listen addresses");
                 }
-                return Self::relocated(listeners, true);
+                return Self::relocated(listeners);
             }
             (Some(_), false) => {
                 if addrs.is_empty() {
@@ -117,11 +115,11 @@ impl Listeners {
         for (i, addr) in addrs.iter().enumerate() {
             list.push(bind(addr, i, reuseport)?);
         }
-        Self::relocated(list, false)
+        Self::relocated(list)
     }
 
     /// Moves every fd to a number >= 3 + n, so workers' `dup2` to 3.. never collides.
-    fn relocated(list: Vec<Listener>, activated: bool) -> Result<Self, ListenError> {
+    fn relocated(list: Vec<Listener>) -> Result<Self, ListenError> {
         let floor = 3 + list.len() as i32;
         let list = list
             .into_iter()
@@ -131,14 +129,14 @@ impl Listeners {
                 Ok(Listener { fd, ..l })
             })
             .collect::<Result<Vec<_>, ListenError>>()?;
-        Ok(Listeners { list, activated })
+        Ok(Listeners { list })
     }
 
     /// No socket at all: for the supervisor's in-process tests, whose workers are made up,
     /// and for a start without `--listen` whose address is learned from the first worker's
     /// own bind (see [`Listeners::learned`]).
     pub fn none() -> Listeners {
-        Listeners { list: Vec::new(), activated: false }
+        Listeners { list: Vec::new() }
     }
 
     /// Binds `addr`, the address a worker bound itself when herdsman had no socket (see
@@ -214,7 +212,7 @@ impl Listeners {
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(ListenersState { list, activated: self.activated })
+        Ok(ListenersState { list })
     }
 
     /// The sockets a previous image handed over (already above the workers' range: the
@@ -227,7 +225,7 @@ impl Listeners {
                 Ok(Listener { fd: fds.take(l.fd)?, name: l.name, addr: l.addr, owned_path: l.owned_path })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let listeners = Listeners { list, activated: st.activated };
+        let listeners = Listeners { list };
         if let Some(low) = listeners.list.iter().find(|l| l.fd.as_raw_fd() < listeners.floor()) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -242,7 +240,6 @@ impl Listeners {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ListenersState {
     pub list: Vec<ListenerState>,
-    pub activated: bool,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]

@@ -152,11 +152,11 @@ impl Supervisor {
             return refuse(reply, e);
         };
         let binary = binary.unwrap_or_else(|| carry.binary.clone());
-        tracing::info!(app = %self.core.app, "upgrade requested: re-executing from {}", binary.display());
+        tracing::info!("upgrade requested: re-executing from {}", binary.display());
         let binary = match Candidate::open(&binary, nix::unistd::geteuid().as_raw()) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(app = %self.core.app, "upgrade refused: {e}");
+                tracing::error!("upgrade refused: {e}");
                 return refuse(reply, e);
             }
         };
@@ -206,7 +206,11 @@ impl Supervisor {
         let Some(up) = &mut self.upgrades.pending else { return };
         match r {
             Ok(report) => {
-                tracing::info!(app = %self.core.app, "{} (herdsman {}) passed its take-over check", up.binary.path.display(), report.version);
+                tracing::info!(
+                    "{} (herdsman {}) passed its take-over check",
+                    up.binary.path.display(),
+                    report.version
+                );
                 // Reloads that waited for the upgrade go to the new image: tell their clients.
                 let waiters = std::mem::take(&mut self.upgrades.deferred);
                 let outcome = ReloadOutcome {
@@ -232,7 +236,7 @@ impl Supervisor {
     fn end_upgrade(&mut self, r: Result<UpgradeDone, UpgradeError>) {
         let Some(up) = self.upgrades.pending.take() else { return };
         if let Err(e) = &r {
-            tracing::error!(app = %self.core.app, "upgrade refused: {e}");
+            tracing::error!("upgrade refused: {e}");
         }
         if let Some(tx) = up.reply {
             let _ = tx.send(r);
@@ -259,7 +263,12 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => return self.end_upgrade(Err(e)),
         };
-        tracing::info!(app = %self.core.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.path.display(), self.core.pool.workers().len());
+        tracing::info!(
+            "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept",
+            upgrade::version(),
+            binary.path.display(),
+            self.core.pool.workers().len()
+        );
         self.outside.notifier.send(&format!("STATUS=upgrading in place to herdsman {version}"));
         self.outside.notifier.flush();
         // The last lines must not die with this image.
@@ -403,7 +412,11 @@ impl Supervisor {
             let _ = s.set_nonblocking(false);
             let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = s.write_all(crate::control::protocol::Reply::Upgrade(done).line().as_bytes());
-            tracing::info!(app = %self.core.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.core.pool.workers().len());
+            tracing::info!(
+                "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept",
+                upgrade::version(),
+                self.core.pool.workers().len()
+            );
         }
         Ok(())
     }

@@ -237,9 +237,18 @@ impl Waiters {
 }
 
 /// Runs the supervisor until a stop request has been carried out.
+///
+/// Everything it logs is inside one span, `loop` (`app`); what concerns one worker inside its
+/// own (`worker`: `worker_id`, `worker_pid`, `worker_generation`; see `worker::span`).
 pub async fn run(settings: Settings, world: World, controls: mpsc::Receiver<Control>) -> anyhow::Result<()> {
-    let (sup, events) = Supervisor::new(settings, world, Box::new(host::RealHost))?;
-    sup.drive(events, controls).await
+    use tracing::Instrument;
+    let span = tracing::info_span!("loop", app = %settings.name);
+    async move {
+        let (sup, events) = Supervisor::new(settings, world, Box::new(host::RealHost))?;
+        sup.drive(events, controls).await
+    }
+    .instrument(span)
+    .await
 }
 
 impl Supervisor {
@@ -274,7 +283,6 @@ impl Supervisor {
         let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
         let now = host.now();
         let outside = Outside::new(
-            app.clone(),
             host,
             world.notifier,
             launcher,
@@ -286,8 +294,8 @@ impl Supervisor {
         )?;
         let core = Core {
             pool: Pool::new(spec, settings.workers.get()),
-            rollouts: Rollouts::new(app.clone()),
-            health: Health::new(app.clone()),
+            rollouts: Rollouts::new(),
+            health: Health::new(),
             manager: Manager::new(world.watchdog, now),
             watching: Default::default(),
             settings,
@@ -307,7 +315,6 @@ impl Supervisor {
         } else {
             let sockets = sup.outside.sockets.join(", ");
             tracing::info!(
-                app = %sup.core.app,
                 workers = sup.core.pool.desired(),
                 sockets = %sockets,
                 "starting {} worker(s) of {:?} on {}",
@@ -346,7 +353,7 @@ impl Supervisor {
             let now = self.now();
             self.on_timers(now);
         }
-        tracing::info!(app = %self.core.app, "all workers stopped");
+        tracing::info!("all workers stopped");
         // Their metrics socket files and directories go now, before the notify socket's
         // directory (when the loop ends), so the runtime directory is left as it was found.
         self.outside.metrics.remove_files();
@@ -411,14 +418,14 @@ impl Supervisor {
     fn reap_orphans(&mut self) {
         let workers = &self.core.pool.workers();
         for (pid, status) in crate::reaper::sweep(|pid| workers.contains_key(&pid)).unwrap_or_default() {
-            tracing::debug!(app = %self.core.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
+            tracing::debug!("reaped orphan {pid}: it {}", exits::describe_exit(status));
         }
     }
 
     fn scale(&mut self, scale: Scale) -> Result<usize, ScaleError> {
         let want = self.core.pool.target(scale)?;
         if want != self.core.pool.desired() {
-            tracing::info!(app = %self.core.app, "scaling from {} to {want} worker(s)", self.core.pool.desired());
+            tracing::info!("scaling from {} to {want} worker(s)", self.core.pool.desired());
         }
         self.set_desired(want);
         Ok(want)
@@ -538,7 +545,7 @@ impl Supervisor {
         }
         if self.core.manager.ready_once(self.core.pool.settled(), self.core.stopping) {
             self.outside.notifier.send("READY=1");
-            tracing::info!(app = %self.core.app, "started: {}", self.status_line());
+            tracing::info!("started: {}", self.status_line());
         }
         let status = self.status_line();
         if let Some(msg) = self.core.manager.status(status) {

@@ -179,12 +179,11 @@ pub(super) struct Rollouts {
     /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
     queued: Option<Vec<WaiterId>>,
     pub last_reload: Option<LastReload>,
-    app: Arc<str>,
 }
 
 impl Rollouts {
-    pub fn new(app: Arc<str>) -> Rollouts {
-        Rollouts { current: None, queued: None, last_reload: None, app }
+    pub fn new() -> Rollouts {
+        Rollouts { current: None, queued: None, last_reload: None }
     }
 
     /// Visits every spec the roll-out refers to.
@@ -212,7 +211,7 @@ impl Rollouts {
 
     /// A reload asked for while a roll-out runs: it joins the one more roll-out that follows.
     pub fn queue(&mut self, waiter: WaiterId) -> Vec<Command> {
-        tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
+        tracing::info!("reload requested during a roll-out: queued (coalesced)");
         self.queued.get_or_insert_with(Vec::new).push(waiter);
         let line = "a roll-out is in progress: this reload runs right after it".to_string();
         vec![Command::Progress { waiters: vec![waiter], line }]
@@ -239,7 +238,7 @@ impl Rollouts {
         unix: u64,
     ) -> Vec<Command> {
         let msg = why.to_string();
-        tracing::error!(app = %self.app, "reload failed: {msg}");
+        tracing::error!("reload failed: {msg}");
         self.record(false, Some(msg.clone()), unix);
         let outcome = ReloadOutcome::new(false, generation, msg);
         vec![Command::Reloaded { ok: false, took: None }, Command::Answer { waiters, outcome }]
@@ -256,7 +255,7 @@ impl Rollouts {
     ) -> Vec<Command> {
         let g = spec.generation;
         let pending: VecDeque<(usize, Arc<Spec>)> = slots.into_iter().map(|id| (id, spec.clone())).collect();
-        tracing::info!(app = %self.app, generation = g, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {g} ({})", pending.len(), spec.cwd.display());
+        tracing::info!(generation = g, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {g} ({})", pending.len(), spec.cwd.display());
         let r = Rollout::new(spec, Purpose::Reload, pending, min_ready, now, waiters);
         let progress = r.progress(&format!("rolling {} worker(s) to generation {g}", r.total));
         self.current = Some(r);
@@ -285,7 +284,8 @@ impl Rollouts {
             r.done += 1;
             let took = pool.worker(pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
-            tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", r.verb());
+            crate::worker::span(slot, pid, spec.generation)
+                .in_scope(|| tracing::info!("{}: {line}", r.verb()));
             effects.push(r.progress(&line));
             effects.push(Command::Promote { slot, new: pid, kill_old: false });
         }
@@ -342,7 +342,7 @@ impl Rollouts {
                     "reload complete: {} worker(s) on generation {} in {took:.2} s",
                     r.done, r.spec.generation
                 );
-                tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
+                tracing::info!(generation = r.spec.generation, "{msg}");
                 self.record(true, None, unix);
                 effects.push(Command::Reloaded { ok: true, took: Some(ran) });
                 ReloadOutcome::new(true, r.spec.generation, msg)
@@ -352,7 +352,7 @@ impl Rollouts {
                     "{failure}; rolled back {} worker(s) to generation {} in {took:.2} s",
                     r.done, r.spec.generation
                 );
-                tracing::warn!(app = %self.app, generation = r.spec.generation, "{msg}");
+                tracing::warn!(generation = r.spec.generation, "{msg}");
                 self.set_rollback("ok");
                 ReloadOutcome::new(false, r.spec.generation, msg)
             }
@@ -407,7 +407,7 @@ impl Rollouts {
                 )
             }
         };
-        tracing::error!(app = %self.app, generation = r.spec.generation, "{msg}");
+        tracing::error!(generation = r.spec.generation, "{msg}");
         let msg = match (&r.purpose, r.moved.is_empty()) {
             (Purpose::Rollback { .. }, _) => msg,
             (Purpose::Reload, true) => format!("{msg}; every worker keeps running the previous code"),
@@ -470,7 +470,7 @@ impl Rollouts {
             return Err(failure);
         }
         let line = format!("rolling {} worker(s) back to generation {}", pending.len(), back_to.generation);
-        tracing::warn!(app = %self.app, generation = back_to.generation, "reload failed: {line}");
+        tracing::warn!(generation = back_to.generation, "reload failed: {line}");
         effects.push(failed.progress(&line));
         self.set_rollback("running");
         let waiters = std::mem::take(&mut failed.waiters);
