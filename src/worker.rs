@@ -79,6 +79,7 @@ impl std::fmt::Display for Failure {
 pub struct Worker {
     pub pid: i32,
     pub slot: usize,
+    #[serde(with = "crate::supervisor::specs::shared")]
     pub spec: Arc<Spec>,
     pub state: State,
     pub role: Role,

@@ -365,7 +365,6 @@ impl Supervisor {
     /// `watchdog`: this image's `WATCHDOG_USEC` interval.
     pub(super) fn resume(&mut self, r: Resumed, watchdog: Option<Duration>) -> std::io::Result<()> {
         let Resumed { mut core, mut fds, tails, reply, upgrades } = r;
-        core.intern_specs();
         let now = self.now();
         core.manager.set_watchdog(watchdog, now);
         // The manager's watchdog: ping at once (the exec took a moment of it).

@@ -59,6 +59,7 @@ mod reload;
 mod retire;
 mod rollout;
 mod spawned;
+pub(crate) mod specs;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -143,8 +144,11 @@ enum Event {
 
 /// The core: every decision's state, plain data (`serde`: an in-place upgrade writes it as
 /// it is), no descriptor, no channel, no clock of its own.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct Core {
+    /// Every spec in use, once; read before everything that refers to one (see [`specs`]).
+    #[serde(rename = "specs")]
+    _specs: specs::Table,
     settings: Settings,
     app: Arc<str>,
     /// Set once a stop began; the loop ends when no worker is left.
@@ -156,6 +160,31 @@ pub struct Core {
     watching: watch::Watching,
 }
 
+impl serde::Serialize for Core {
+    /// The fields in their order, the spec table first (what `Deserialize` reads them in).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Specs<'a>(&'a Core);
+        impl serde::Serialize for Specs<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let core = self.0;
+                specs::Table::write(core.pool.specs().chain(core.rollouts.specs()).cloned().collect(), s)
+            }
+        }
+        let mut st = s.serialize_struct("Core", 9)?;
+        st.serialize_field("specs", &Specs(self))?;
+        st.serialize_field("settings", &self.settings)?;
+        st.serialize_field("app", &self.app)?;
+        st.serialize_field("stopping", &self.stopping)?;
+        st.serialize_field("pool", &self.pool)?;
+        st.serialize_field("rollouts", &self.rollouts)?;
+        st.serialize_field("health", &self.health)?;
+        st.serialize_field("manager", &self.manager)?;
+        st.serialize_field("watching", &self.watching)?;
+        st.end()
+    }
+}
+
 impl Core {
     /// The settings in use.
     pub fn settings(&self) -> &Settings {
@@ -165,16 +194,6 @@ impl Core {
     /// How many workers it knows.
     pub fn workers(&self) -> usize {
         self.pool.workers().len()
-    }
-
-    /// Makes every spec of one generation one shared `Arc` again (a deserialized core has a
-    /// copy per reference; a generation names one spec).
-    fn intern_specs(&mut self) {
-        let mut seen: std::collections::HashMap<u64, Arc<Spec>> = std::collections::HashMap::new();
-        self.for_each_spec(&mut |spec| {
-            let shared = seen.entry(spec.generation).or_insert_with(|| spec.clone());
-            *spec = shared.clone();
-        });
     }
 
     /// Replaces every value that may be a secret (the workers' environment) with `hidden`.
@@ -293,6 +312,7 @@ impl Supervisor {
             events,
         )?;
         let core = Core {
+            _specs: specs::Table,
             pool: Pool::new(spec, settings.workers.get()),
             rollouts: Rollouts::new(),
             health: Health::new(),

@@ -89,13 +89,16 @@ pub(super) enum Purpose {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollout {
     /// The spec the roll-out moves to (for a rollback: the generation it returns to).
+    #[serde(with = "super::specs::shared")]
     pub spec: Arc<Spec>,
     pub purpose: Purpose,
     /// Slots still to replace, in order, with the spec each moves to.
+    #[serde(with = "super::specs::slots")]
     pending: VecDeque<(usize, Arc<Spec>)>,
     /// Slots whose candidate is starting or holding: (slot, candidate pid).
     in_flight: Vec<(usize, i32)>,
     /// Slots this roll-out moved, with the worker that took over and the spec it replaced.
+    #[serde(with = "super::specs::moved")]
     moved: Vec<(usize, i32, Arc<Spec>)>,
     min_ready: Duration,
     pub total: usize,
@@ -184,6 +187,15 @@ pub(super) struct Rollouts {
 impl Rollouts {
     pub fn new() -> Rollouts {
         Rollouts { current: None, queued: None, last_reload: None }
+    }
+
+    /// Every spec the roll-out refers to.
+    pub fn specs(&self) -> impl Iterator<Item = &Arc<Spec>> {
+        self.current.iter().flat_map(|r| {
+            std::iter::once(&r.spec)
+                .chain(r.pending.iter().map(|(_, s)| s))
+                .chain(r.moved.iter().map(|(_, _, s)| s))
+        })
     }
 
     /// Visits every spec the roll-out refers to.

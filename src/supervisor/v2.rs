@@ -201,6 +201,7 @@ pub fn convert(bytes: &[u8]) -> Result<Handover, String> {
     let mut health = Health::new();
     health.next_memory_check = sup.next_memory_check_ns.map(mono);
     let core = Core {
+        _specs: super::specs::Table,
         settings: sup.settings,
         app,
         stopping: false,
