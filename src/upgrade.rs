@@ -11,7 +11,7 @@
 //!    opened once and checked on its descriptor ([`Candidate`]); that descriptor is what the
 //!    check and the exec run.
 //! 2. **Check**: the new binary runs as `herdsman upgrade-check` with the *current state* on its
-//!    stdin (without descriptors, its secrets [`redacted`], no environment) and must answer one JSON line with its version and
+//!    stdin (without descriptors, its secrets redacted (`supervisor::redacted`), no environment) and must answer one JSON line with its version and
 //!    [`STATE_FORMAT`] within [`CHECK_TIMEOUT`]. Missing, not executable, crashing, hanging,
 //!    unparsable or incompatible: refused with one line, nothing changed.
 //! 3. **Exec**: every descriptor the state names is duplicated *without* close-on-exec (the
@@ -32,8 +32,7 @@
 //! reload, the worker fd limit. Timers are carried as `CLOCK_MONOTONIC` instants, which
 //! `execve` does not reset.
 
-use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -43,10 +42,10 @@ use crate::config::Layer;
 pub use crate::env::STATE_VAR;
 pub use crate::handoff::{Exporter, UpgradeError, valid_fd_name};
 
-/// The layout of [`Handover`]; a new binary takes over only a state of a format it reads.
+/// The layout of the state document (`supervisor::Handover`); a new binary takes over only a state of a format it reads.
 /// 2: the flags as a `config::Layer` (its environment a table), `file_workers` a worker count.
 /// 3: the supervisor's core serialized as it is (`supervisor::Core`) and the descriptors in a
-/// table by name ([`Handover::fds`]). Format 2 is still read (`supervisor::v2`).
+/// table by name (`Handover::fds`). Format 2 is still read (`supervisor::v2`).
 pub const STATE_FORMAT: u32 = 3;
 /// The previous format, still read: what the previous release writes.
 pub const STATE_FORMAT_V2: u32 = 2;
@@ -58,97 +57,6 @@ pub const CHECK_COMMAND: &str = "upgrade-check";
 /// herdsman's own version.
 pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
-}
-
-/// Everything the new image needs, in one document: the supervisor's core as it is, the
-/// driver's state beside it, and the descriptors as a table by name.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Handover {
-    pub format: u32,
-    /// The version of the image that wrote this.
-    pub from_version: String,
-    /// The path the next upgrade re-executes by default.
-    pub binary: PathBuf,
-    /// In-place upgrades since the service started, this one included.
-    pub upgrades: u64,
-    /// `CLOCK_MONOTONIC` (ns) just before `execve`, to measure the take-over.
-    pub exec_at_ns: i64,
-    /// What `herdsman run` was started with, for reloads that re-read the config.
-    pub config: Option<PathBuf>,
-    /// Its flags' layer (the settings given on the command line).
-    pub overrides: Layer,
-    /// The argv to re-execute with next time.
-    pub argv: Vec<String>,
-    /// The workers' soft fd limit (see `sys::raise_fd_limit`).
-    pub worker_fd_limit: u64,
-    /// The control socket (its descriptor: `control` in [`Handover::fds`]).
-    pub control: ControlState,
-    /// The metrics endpoint (its descriptor: `metrics-http`).
-    pub metrics_http: Option<HttpState>,
-    pub metrics: crate::metrics::carry::MetricsState,
-    pub listeners: crate::listeners::ListenersState,
-    pub steering: Option<crate::steer::SteeringState>,
-    pub notify: crate::notify::NotifyState,
-    /// The supervisor's core: plain data, serialized as it is.
-    pub core: crate::supervisor::Core,
-    /// Each live worker's last output lines, by pid (for failure reports).
-    pub tails: BTreeMap<i32, Vec<String>>,
-    /// Every descriptor, by name (see [`fd_name`]): across `execve` the value is the
-    /// descriptor's number; the listening sockets', steering's and the notify socket's states
-    /// refer to theirs by that value, which is then only a key (see [`keyed`]).
-    pub fds: BTreeMap<String, RawFd>,
-}
-
-/// The names of a worker's descriptors in [`Handover::fds`]: `pidfd-<slot>-<generation>-<pid>`,
-/// `out-…`, `err-…`, `ipc-…` (Node IPC channel), `bind-…` (bind filter).
-pub fn fd_name(kind: &str, slot: usize, generation: u64, pid: i32) -> String {
-    format!("{kind}-{slot}-{generation}-{pid}")
-}
-
-/// The fixed names in [`Handover::fds`].
-pub const FD_CONTROL: &str = "control";
-pub const FD_METRICS_HTTP: &str = "metrics-http";
-pub const FD_REPLY: &str = "reply";
-
-/// The descriptors the listening sockets', steering's and the notify socket's states refer to
-/// by key (every name in `table` but the supervisor's own), taken out of `fds` (by name) into
-/// a [`crate::sys::HandedOver`] keyed as those states expect.
-pub fn keyed(
-    table: &BTreeMap<String, RawFd>,
-    fds: &mut BTreeMap<String, OwnedFd>,
-    prefixes: &[&str],
-) -> std::io::Result<crate::sys::HandedOver> {
-    let mut by_key = std::collections::HashMap::new();
-    for (name, key) in table {
-        if !prefixes.iter().any(|p| name.starts_with(p)) {
-            continue;
-        }
-        let fd = fds.remove(name).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("descriptor {name} missing"))
-        })?;
-        by_key.insert(*key, fd);
-    }
-    Ok(crate::sys::HandedOver::from_owned(by_key))
-}
-
-/// The name prefixes [`keyed`] hands to the listeners, steering and the notify socket.
-pub const KEYED_PREFIXES: &[&str] = &["listener-", "steer-", "notify-", "legacy-"];
-
-/// The control socket.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ControlState {
-    pub path: PathBuf,
-    pub made_dir: Option<PathBuf>,
-    pub uid: u32,
-    pub group: Option<u32>,
-}
-
-/// The metrics endpoint.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HttpState {
-    /// `Some(path)` for a unix socket, `None` for TCP.
-    pub unix: Option<PathBuf>,
-    pub address: String,
 }
 
 /// What the supervisor loop keeps for a future upgrade (from `main`).
@@ -297,20 +205,6 @@ impl Candidate {
     }
 }
 
-/// The state the candidate's check reads: the whole document (the check proves the new
-/// binary parses all of it), with every value that may be a secret replaced: the workers'
-/// environment (config `env`, `-e`) and herdsman's own argv. The check needs none of them.
-pub fn redacted(mut state: Handover) -> Handover {
-    const HIDDEN: &str = "(redacted)";
-    state.core.redact(HIDDEN);
-    for kv in &mut state.overrides.env {
-        let key = kv.split_once('=').map(|(k, _)| k.to_string()).unwrap_or_default();
-        *kv = format!("{key}={HIDDEN}");
-    }
-    state.argv = state.argv.iter().take(1).cloned().collect();
-    state
-}
-
 /// Runs the candidate's check with `state` on its stdin. Bounded by [`CHECK_TIMEOUT`]; never
 /// blocks the loop (the child runs on a helper thread).
 pub async fn check(
@@ -433,53 +327,16 @@ fn check_blocking(
     Ok(report)
 }
 
-/// `herdsman upgrade-check`: reads a state from stdin and says whether this binary can take it
-/// over (exit 0 and one JSON line) or not (a line on stderr, exit 78).
-pub fn check_command(input: &mut impl std::io::Read) -> Result<CheckReport, String> {
-    let mut buf = Vec::new();
-    input.read_to_end(&mut buf).map_err(|e| format!("cannot read the state: {e}"))?;
-    let (format, _state) = parse_with_format(&buf)?;
-    Ok(CheckReport { version: version().to_string(), state_format: format })
-}
-
-/// Parses a state, refusing formats this binary does not read; a format-2 state (the previous
-/// release's) is converted (see `supervisor::v2`).
-pub fn parse(bytes: &[u8]) -> Result<Handover, String> {
-    parse_with_format(bytes).map(|(_, h)| h)
-}
-
-/// [`parse`], with the format the state was written in.
-pub fn parse_with_format(bytes: &[u8]) -> Result<(u32, Handover), String> {
-    #[derive(Deserialize)]
-    struct Head {
-        format: u32,
-    }
-    let head: Head = serde_json::from_slice(bytes).map_err(|e| format!("unreadable upgrade state: {e}"))?;
-    match head.format {
-        STATE_FORMAT => serde_json::from_slice(bytes)
-            .map(|h| (STATE_FORMAT, h))
-            .map_err(|e| format!("unreadable upgrade state: {e}")),
-        STATE_FORMAT_V2 => crate::supervisor::v2::convert(bytes).map(|h| (STATE_FORMAT_V2, h)),
-        other => Err(format!(
-            "upgrade state format {other} is not {STATE_FORMAT} (or {STATE_FORMAT_V2}), the ones this herdsman reads"
-        )),
-    }
-}
-
-/// Writes `state` into an inheritable memfd and re-executes `binary`. Returns only if
+/// Writes `json` (the state document, `supervisor::Handover`) into an inheritable memfd and re-executes `binary`. Returns only if
 /// `execve` failed (then every duplicate is closed again by the drop of `exporter`).
-pub fn exec(binary: &Candidate, state: &Handover, exporter: Exporter, carry: &Carry) -> UpgradeError {
+pub fn exec(binary: &Candidate, json: &[u8], exporter: Exporter, carry: &Carry) -> UpgradeError {
     use std::io::{Seek, Write};
-    let json = match serde_json::to_vec(state) {
-        Ok(j) => j,
-        Err(e) => return UpgradeError::Prepare(format!("cannot encode the state: {e}")),
-    };
     let memfd = match crate::sys::inheritable_memfd("herdsman-upgrade") {
         Ok(m) => m,
         Err(e) => return UpgradeError::Prepare(format!("memfd_create: {e}")),
     };
     let mut file = std::fs::File::from(memfd);
-    if let Err(e) = file.write_all(&json).and_then(|_| file.rewind()) {
+    if let Err(e) = file.write_all(json).and_then(|_| file.rewind()) {
         return UpgradeError::Prepare(format!("writing the state: {e}"));
     }
     let mut env: Vec<String> =
@@ -490,18 +347,4 @@ pub fn exec(binary: &Candidate, state: &Handover, exporter: Exporter, carry: &Ca
     drop(exporter);
     drop(file);
     UpgradeError::Exec { path, err: err.to_string() }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_state_of_another_format_is_refused_by_name_before_it_is_read() {
-        let err = parse(br#"{"format": 99}"#).unwrap_err();
-        assert!(err.contains("format 99"), "{err}");
-        assert!(parse(b"not json").unwrap_err().starts_with("unreadable upgrade state"));
-        let err = parse(format!(r#"{{"format": {STATE_FORMAT}}}"#).as_bytes()).unwrap_err();
-        assert!(err.contains("missing field"), "{err}");
-    }
 }

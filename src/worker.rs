@@ -4,7 +4,7 @@
 //! Plain data (`serde`): its descriptors (pidfd, output pipes, IPC channel, bind filter) are
 //! the driver's, in one table keyed by pid (`supervisor::outside::WorkerFds`).
 
-use crate::supervisor::Mono;
+use crate::mono::Mono;
 use std::sync::Arc;
 
 use crate::spawn::Spec;
@@ -79,7 +79,7 @@ impl std::fmt::Display for Failure {
 pub struct Worker {
     pub pid: i32,
     pub slot: usize,
-    #[serde(with = "crate::supervisor::specs::shared")]
+    #[serde(with = "crate::specs::shared")]
     pub spec: Arc<Spec>,
     pub state: State,
     pub role: Role,

@@ -115,7 +115,7 @@ fn check_config(file: &Path, process: &Process) -> Result<(), Failure> {
 
 /// `herdsman upgrade-check`: the candidate side of an upgrade's check (see `upgrade`).
 fn upgrade_check() -> Result<(), Failure> {
-    let report = crate::upgrade::check_command(&mut std::io::stdin().lock())
+    let report = crate::supervisor::document::check_command(&mut std::io::stdin().lock())
         .map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?;
     crate::outln!("{}", serde_json::to_string(&report).unwrap_or_default());
     Ok(())

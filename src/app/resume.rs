@@ -16,9 +16,10 @@ use crate::logging::Sink;
 use crate::metrics::{self, Metrics};
 use crate::notify::WorkerNotify;
 use crate::steer::{Routing, Steering};
+use crate::supervisor::document::{self, Handover};
 use crate::supervisor::handover::Resumed;
 use crate::sys::HandedOver;
-use crate::upgrade::{self, Handover};
+use crate::upgrade;
 use crate::{exit, sys};
 
 /// Takes over from the previous image, whose state is in the memfd numbered `fd`, and
@@ -61,7 +62,7 @@ fn read_state(fd: &str) -> Result<Handover, String> {
     let mut file = std::fs::File::from(memfd.take(n).map_err(|e| e.to_string())?);
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| e.to_string())?;
-    upgrade::parse(&bytes)
+    document::parse(&bytes)
 }
 
 /// The [`Parts`] a fresh start would have bound, from the state and its descriptors by name
@@ -73,7 +74,7 @@ pub(crate) fn restore(
     journal: Option<Sink>,
     process: &Process,
 ) -> std::io::Result<Parts> {
-    let mut keyed = upgrade::keyed(&state.fds, &mut fds, upgrade::KEYED_PREFIXES)?;
+    let mut keyed = document::keyed(&state.fds, &mut fds, document::KEYED_PREFIXES)?;
     let parts = rebuild(state, &mut keyed, &mut fds, journal, process)?;
     let left = keyed.left() + fds.len();
     if left > 0 {
@@ -113,14 +114,14 @@ fn rebuild(
     };
     let notify = WorkerNotify::adopt(state.notify, fds)?;
     let c = state.control;
-    let control = server::Bound::adopt(take(upgrade::FD_CONTROL)?, c.path, c.made_dir)?;
+    let control = server::Bound::adopt(take(document::FD_CONTROL)?, c.path, c.made_dir)?;
     let metrics_bound = match state.metrics_http {
-        Some(h) => Some(metrics::http::Bound::adopt(take(upgrade::FD_METRICS_HTTP)?, h.unix, h.address)?),
+        Some(h) => Some(metrics::http::Bound::adopt(take(document::FD_METRICS_HTTP)?, h.unix, h.address)?),
         None => None,
     };
     let dir = notify_dir(state.core.settings(), &process.paths());
     let metrics = Metrics::resume(dir, queue_copies(&listeners), state.metrics);
-    let reply = named.remove(upgrade::FD_REPLY);
+    let reply = named.remove(document::FD_REPLY);
     let done = UpgradeDone {
         version: upgrade::version().to_string(),
         from_version: state.from_version.clone(),

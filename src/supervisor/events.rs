@@ -10,13 +10,13 @@ use std::collections::HashMap;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::clock::Mono;
 use super::command::Command;
 use super::exits::{describe_exit, failure_detail, failure_report, stop_signal_hint};
 use super::pool::DRAIN_GRACE;
 use super::rollout::ReloadFailure;
 use super::{Core, Event, Supervisor, human};
 use crate::config::ReadyMode;
+use crate::mono::Mono;
 use crate::notify::Message;
 use crate::worker::{Failure, FailureKind, Role, State};
 

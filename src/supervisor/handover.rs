@@ -17,13 +17,14 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::clock::Mono;
+use super::document::{self, Handover, fd_name};
 use super::outside::WorkerFds;
 use super::{Core, Event, Supervisor};
 use crate::control::protocol::{ReloadOutcome, UpgradeDone};
+use crate::mono::Mono;
 use crate::requests::Waiter;
 use crate::spawn::Spec;
-use crate::upgrade::{self, Candidate, Carry, Exporter, Handover, UpgradeError, fd_name};
+use crate::upgrade::{self, Candidate, Carry, Exporter, UpgradeError};
 
 /// How long the loop lets its tasks write the last answers before `execve`.
 const FLUSH: Duration = Duration::from_millis(50);
@@ -91,7 +92,7 @@ enum Phase {
 /// The supervisor's part, rebuilt by the new image: ready to run (see `supervisor::run`).
 pub struct Resumed {
     pub(super) core: Core,
-    /// The workers' descriptors, by name (see `upgrade::fd_name`).
+    /// The workers' descriptors, by name (see `document::fd_name`).
     pub(super) fds: BTreeMap<String, OwnedFd>,
     /// Each worker's last output lines, by pid.
     pub(super) tails: BTreeMap<i32, Vec<String>>,
@@ -180,7 +181,7 @@ impl Supervisor {
                 let timeout =
                     self.upgrades.carry.as_ref().map_or(upgrade::CHECK_TIMEOUT, |c| c.check_timeout);
                 let state = self.handover(&mut Exporter::new(true, self.fd_floor()), None).and_then(|h| {
-                    serde_json::to_vec(&upgrade::redacted(h))
+                    serde_json::to_vec(&document::redacted(h))
                         .map_err(|e| UpgradeError::Prepare(e.to_string()))
                 });
                 match state {
@@ -259,7 +260,10 @@ impl Supervisor {
             Err(e) => return self.end_upgrade(Err(UpgradeError::Prepare(e.to_string()))),
         };
         let mut exporter = Exporter::new(false, self.fd_floor());
-        let state = match self.handover(&mut exporter, conn.as_ref()) {
+        let state = self.handover(&mut exporter, conn.as_ref()).and_then(|s| {
+            serde_json::to_vec(&s).map_err(|e| UpgradeError::Prepare(format!("cannot encode the state: {e}")))
+        });
+        let state = match state {
             Ok(s) => s,
             Err(e) => return self.end_upgrade(Err(e)),
         };
@@ -290,8 +294,8 @@ impl Supervisor {
         let prep = |e: std::io::Error| UpgradeError::Prepare(e.to_string());
         let carry =
             self.upgrades.carry.as_ref().ok_or_else(|| UpgradeError::Prepare("nothing to carry".into()))?;
-        ex.named(upgrade::FD_CONTROL.to_string(), &carry.control.0).map_err(prep)?;
-        let control = upgrade::ControlState {
+        ex.named(document::FD_CONTROL.to_string(), &carry.control.0).map_err(prep)?;
+        let control = document::ControlState {
             path: carry.control.1.clone(),
             made_dir: carry.control.2.clone(),
             uid: carry.control.3,
@@ -299,8 +303,8 @@ impl Supervisor {
         };
         let metrics_http = match &carry.metrics_http {
             Some((fd, unix, address)) => {
-                ex.named(upgrade::FD_METRICS_HTTP.to_string(), fd).map_err(prep)?;
-                Some(upgrade::HttpState { unix: unix.clone(), address: address.clone() })
+                ex.named(document::FD_METRICS_HTTP.to_string(), fd).map_err(prep)?;
+                Some(document::HttpState { unix: unix.clone(), address: address.clone() })
             }
             None => None,
         };
@@ -314,7 +318,7 @@ impl Supervisor {
             ex.named(name, fd).map_err(prep)?;
         }
         if let Some(c) = conn {
-            ex.named(upgrade::FD_REPLY.to_string(), c).map_err(prep)?;
+            ex.named(document::FD_REPLY.to_string(), c).map_err(prep)?;
         }
         let tails = self.outside.fds.iter().map(|(pid, f)| (*pid, f.tail.lines())).collect();
         Ok(Handover {

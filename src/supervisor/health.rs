@@ -10,7 +10,7 @@
 //! pool and answers with [`Command`]s: replace a worker, kill one, promote a replacement that
 //! became ready (the same hand-over a roll-out uses).
 
-use super::clock::Mono;
+use crate::mono::Mono;
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! and owns a clock the test moves by hand. Exits and notify messages are then fed to the
 //! supervisor as the events they would have been.
 
-use super::clock::Mono;
+use crate::mono::Mono;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::Arc;

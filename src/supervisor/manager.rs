@@ -7,7 +7,7 @@
 //!
 //! Plain data: it decides what to say; the driver says it (its `Notifier`).
 
-use super::clock::Mono;
+use crate::mono::Mono;
 use std::time::Duration;
 
 /// How soon a message the manager had no room for is sent again.

@@ -45,8 +45,8 @@
 //! `Health::replacing`). An in-place upgrade writes the core as it is plus the driver's
 //! descriptors by name ([`handover`]); [`v2`] reads the previous release's format.
 
-mod clock;
 mod command;
+pub mod document;
 mod events;
 mod exits;
 pub mod handover;
@@ -59,7 +59,6 @@ mod reload;
 mod retire;
 mod rollout;
 mod spawned;
-pub(crate) mod specs;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -75,14 +74,15 @@ use tokio::sync::mpsc;
 use crate::config::{Problems, Settings};
 use crate::control::protocol::{ReloadOutcome, ScaleError};
 use crate::listeners::Listeners;
+pub use crate::mono::Mono;
 use crate::notify::{Notifier, WorkerNotify};
 use crate::output::Output;
 use crate::requests::{Control, Scale, Waiter};
 use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
 use crate::worker::{Failure, Role};
-pub use clock::Mono;
 use command::Command;
+pub use document::{ControlState, Handover, HttpState, fd_name, redacted};
 use handover::Upgrades;
 use health::Health;
 use manager::Manager;
@@ -148,7 +148,7 @@ enum Event {
 pub struct Core {
     /// Every spec in use, once; read before everything that refers to one (see [`specs`]).
     #[serde(rename = "specs")]
-    _specs: specs::Table,
+    _specs: crate::specs::Table,
     settings: Settings,
     app: Arc<str>,
     /// Set once a stop began; the loop ends when no worker is left.
@@ -168,7 +168,10 @@ impl serde::Serialize for Core {
         impl serde::Serialize for Specs<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let core = self.0;
-                specs::Table::write(core.pool.specs().chain(core.rollouts.specs()).cloned().collect(), s)
+                crate::specs::Table::write(
+                    core.pool.specs().chain(core.rollouts.specs()).cloned().collect(),
+                    s,
+                )
             }
         }
         let mut st = s.serialize_struct("Core", 9)?;
@@ -312,7 +315,7 @@ impl Supervisor {
             events,
         )?;
         let core = Core {
-            _specs: specs::Table,
+            _specs: crate::specs::Table,
             pool: Pool::new(spec, settings.workers.get()),
             rollouts: Rollouts::new(),
             health: Health::new(),

@@ -6,7 +6,7 @@
 //! converged for `scale --wait` — and nothing of processes: starting and signalling workers is
 //! the driver's (`Supervisor::launch`, `Supervisor::retire`).
 
-use super::clock::Mono;
+use crate::mono::Mono;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +30,7 @@ pub(super) struct Slot {
     /// The worker serving (or starting to serve) this slot.
     pub active: Option<i32>,
     /// What the slot runs when (re)started.
-    #[serde(with = "super::specs::shared")]
+    #[serde(with = "crate::specs::shared")]
     pub spec: Arc<Spec>,
     /// Failures in a row, for back-off.
     pub failures: u32,
@@ -60,7 +60,7 @@ impl Slot {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Pool {
     /// What new slots and restarts without a slot spec run.
-    #[serde(with = "super::specs::shared")]
+    #[serde(with = "crate::specs::shared")]
     spec: Arc<Spec>,
     /// The newest generation number handed out.
     generation: u64,

@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
-use super::clock::Mono;
 use super::command::Command;
 use super::command::WaiterId;
 use super::rollout::ReloadFailure;
 use super::{Core, ReloadOutcome, Supervisor, answer};
+use crate::mono::Mono;
 use crate::requests::Waiter;
 use crate::worker::Role;
 

@@ -5,9 +5,9 @@
 use nix::sys::signal::Signal;
 
 use super::Core;
-use super::clock::Mono;
 use super::command::Command;
 use super::rollout::ReloadFailure;
+use crate::mono::Mono;
 use crate::worker::{Failure, Role, State};
 
 impl Core {

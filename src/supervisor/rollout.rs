@@ -33,7 +33,7 @@
 //! back as [`Command`]s for the driver (`Supervisor::drive_rollout`), which also starts the
 //! candidates it asks for.
 
-use super::clock::Mono;
+use crate::mono::Mono;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,16 +89,16 @@ pub(super) enum Purpose {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollout {
     /// The spec the roll-out moves to (for a rollback: the generation it returns to).
-    #[serde(with = "super::specs::shared")]
+    #[serde(with = "crate::specs::shared")]
     pub spec: Arc<Spec>,
     pub purpose: Purpose,
     /// Slots still to replace, in order, with the spec each moves to.
-    #[serde(with = "super::specs::slots")]
+    #[serde(with = "crate::specs::slots")]
     pending: VecDeque<(usize, Arc<Spec>)>,
     /// Slots whose candidate is starting or holding: (slot, candidate pid).
     in_flight: Vec<(usize, i32)>,
     /// Slots this roll-out moved, with the worker that took over and the spec it replaced.
-    #[serde(with = "super::specs::moved")]
+    #[serde(with = "crate::specs::moved")]
     moved: Vec<(usize, i32, Arc<Spec>)>,
     min_ready: Duration,
     pub total: usize,

@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use super::clock::Mono;
 use super::command::Command;
 use super::{Core, human};
+use crate::mono::Mono;
 use crate::spawn::{SpawnError, Spec};
 use crate::worker::{Failure, Role, State, Worker};
 

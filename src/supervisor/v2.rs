@@ -13,12 +13,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::clock::Mono;
+use super::document::{self, ControlState, Handover, HttpState, fd_name};
 use super::pool::{Pool, Slot};
 use super::{Core, Health, Manager, Rollouts};
 use crate::config::Layer;
+use crate::mono::Mono;
 use crate::spawn::Spec;
-use crate::upgrade::{self, ControlState, Handover, HttpState, fd_name};
+use crate::upgrade;
 use crate::worker::{State, Worker};
 
 /// The whole format-2 document.
@@ -201,7 +202,7 @@ pub fn convert(bytes: &[u8]) -> Result<Handover, String> {
     let mut health = Health::new();
     health.next_memory_check = sup.next_memory_check_ns.map(mono);
     let core = Core {
-        _specs: super::specs::Table,
+        _specs: crate::specs::Table,
         settings: sup.settings,
         app,
         stopping: false,
@@ -212,12 +213,12 @@ pub fn convert(bytes: &[u8]) -> Result<Handover, String> {
         manager: Manager::taken_over(sup.sent_ready),
         watching: Default::default(),
     };
-    fds.insert(upgrade::FD_CONTROL.to_string(), old.control.fd);
+    fds.insert(document::FD_CONTROL.to_string(), old.control.fd);
     if let Some(h) = &old.metrics_http {
-        fds.insert(upgrade::FD_METRICS_HTTP.to_string(), h.fd);
+        fds.insert(document::FD_METRICS_HTTP.to_string(), h.fd);
     }
     if let Some(r) = old.reply {
-        fds.insert(upgrade::FD_REPLY.to_string(), r);
+        fds.insert(document::FD_REPLY.to_string(), r);
     }
     // The rest (listening and steered sockets, the routing program, the notify socket) stay
     // keyed by the numbers their states carry.

@@ -6,7 +6,7 @@
 //! `last_reload`), and only when no roll-out runs or waits: changes during a roll-out (or an
 //! in-place upgrade) make one reload after it, however many there were.
 
-use super::clock::Mono;
+use crate::mono::Mono;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -94,7 +94,7 @@ impl HandedOver {
     }
 
     /// Descriptors already owned, by the key a state refers to them by (an upgrade's fds
-    /// taken by name; see `upgrade::keyed`).
+    /// taken by name; see `supervisor::document::keyed`).
     pub fn from_owned(fds: HashMap<RawFd, OwnedFd>) -> HandedOver {
         HandedOver { fds }
     }

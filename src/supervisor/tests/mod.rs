@@ -8,7 +8,7 @@
 //! decisions: coalescing, abort on failure, back-off, scaling and stopping during a roll-out,
 //! and the notify sequence.
 
-use super::clock::Mono;
+use crate::mono::Mono;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::{OwnedFd, RawFd};

@@ -21,11 +21,11 @@ thread_local! {
 
 /// The core's table of specs: in memory a marker, on the wire every spec in use, once.
 #[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Table;
+pub(crate) struct Table;
 
 impl Table {
     /// Writes `specs` (every spec the core refers to) as the table.
-    pub(super) fn write<S: Serializer>(specs: Vec<Arc<Spec>>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn write<S: Serializer>(specs: Vec<Arc<Spec>>, s: S) -> Result<S::Ok, S::Error> {
         let mut by_generation: BTreeMap<u64, &Spec> = BTreeMap::new();
         for spec in &specs {
             by_generation.entry(spec.generation).or_insert(spec);
@@ -64,7 +64,7 @@ pub mod shared {
 }
 
 /// `#[serde(with = "specs::slots")]`: a roll-out's pending slots, `(slot, generation)`.
-pub(super) mod slots {
+pub(crate) mod slots {
     use super::*;
 
     pub fn serialize<S: Serializer>(v: &VecDeque<(usize, Arc<Spec>)>, s: S) -> Result<S::Ok, S::Error> {
@@ -77,7 +77,7 @@ pub(super) mod slots {
 }
 
 /// `#[serde(with = "specs::moved")]`: a roll-out's moved slots, `(slot, pid, generation)`.
-pub(super) mod moved {
+pub(crate) mod moved {
     use super::*;
 
     /// A moved slot: the slot, the worker that took over, the spec it replaced.
