@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use layer::{Layer, keys};
-pub use problem::{ConfigError, Place, Problem, Problems};
+#[cfg(test)]
+pub use problem::ConfigError;
+pub use problem::{Place, Problem, Problems};
 pub use validate::validate;
 pub use values::{
     Balance, BindIntercept, ListenAddr, LogFormat, OnFailure, ReadyMode, StopSignal, WorkerCount,

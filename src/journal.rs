@@ -58,6 +58,7 @@ impl Journal {
 
     /// Sends one entry. Blocks while journald's socket is full: call it only from the log
     /// writer thread (see [`crate::logging`]), never from the event loop.
+    #[cfg(test)]
     pub fn send(&self, fields: &[(&str, &[u8])]) -> std::io::Result<()> {
         self.send_raw(&encode(fields))
     }

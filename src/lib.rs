@@ -43,42 +43,77 @@
 //!   codes and [`exit::Failure`]) and [`sys`].
 
 pub mod app;
-pub mod backoff;
-pub mod cli;
-pub mod config;
-pub mod control;
-pub mod credentials;
-pub mod env;
+pub(crate) mod backoff;
+pub(crate) mod cli;
+pub(crate) mod config;
+pub(crate) mod control;
+pub(crate) mod credentials;
+pub(crate) mod env;
 pub mod exit;
-pub mod fdstore;
-pub mod generate;
-pub mod glob;
-pub mod handoff;
-pub mod init;
-pub mod intercept;
-pub mod ipc;
-pub mod journal;
-pub mod listeners;
-pub mod logging;
-pub mod logs;
-pub mod metrics;
-pub mod mono;
-pub mod notify;
-pub mod output;
-pub mod pm2;
-pub mod procstat;
-pub mod program;
-pub mod protocol;
-pub mod reaper;
-pub mod requests;
+pub(crate) mod fdstore;
+pub(crate) mod generate;
+pub(crate) mod glob;
+pub(crate) mod handoff;
+pub(crate) mod init;
+pub(crate) mod intercept;
+pub(crate) mod ipc;
+pub(crate) mod journal;
+pub(crate) mod listeners;
+pub(crate) mod logging;
+pub(crate) mod logs;
+pub(crate) mod metrics;
+pub(crate) mod mono;
+pub(crate) mod notify;
+pub(crate) mod output;
+pub(crate) mod pm2;
+pub(crate) mod procstat;
+pub(crate) mod program;
+pub(crate) mod protocol;
+pub(crate) mod reaper;
+pub(crate) mod requests;
 #[cfg(test)]
 mod scratch;
-pub mod service;
-pub mod spawn;
-pub mod specs;
-pub mod steer;
-pub mod supervisor;
-pub mod sys;
-pub mod upgrade;
-pub mod watch;
-pub mod worker;
+pub(crate) mod service;
+pub(crate) mod spawn;
+pub(crate) mod specs;
+pub(crate) mod steer;
+pub(crate) mod supervisor;
+pub(crate) mod sys;
+pub(crate) mod upgrade;
+pub(crate) mod watch;
+pub(crate) mod worker;
+
+/// What the integration tests (`tests/`) reach inside the crate: the parsers they fuzz and the
+/// few constants they check. Not an API: everything else is `pub(crate)`, so rustc reports
+/// dead code.
+#[doc(hidden)]
+pub mod testing {
+    pub mod config {
+        pub use crate::config::{Layer, ReadyMode, Settings, keys, load};
+        pub mod values {
+            pub use crate::config::values::{
+                MAX_DURATION, MAX_SIZE, RESERVED_ENV, duration, env_key_reserved, env_pair, listen, ready,
+                signal, size, workers,
+            };
+        }
+    }
+    pub mod protocol {
+        pub use crate::protocol::{Op, parse_request, parse_scale};
+    }
+    pub mod metrics {
+        pub mod model {
+            pub use crate::metrics::model::{Format, render};
+        }
+        pub mod parse {
+            pub use crate::metrics::parse::{merge, parse};
+        }
+        pub mod http {
+            pub use crate::metrics::http::wire::{
+                ResponseEnd, complete_response, parse_request, response_body,
+            };
+        }
+    }
+    pub use crate::control::server::MAX_CLIENTS;
+    pub use crate::env::STATE_VAR;
+    pub use crate::upgrade::STATE_FORMAT;
+}

@@ -26,6 +26,7 @@ impl Mono {
         Mono(ns)
     }
 
+    #[cfg(test)]
     pub const fn as_nanos(self) -> u64 {
         self.0
     }

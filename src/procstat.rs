@@ -99,6 +99,7 @@ pub fn scan_groups(leaders: &[i32]) -> HashMap<i32, Usage> {
 }
 
 /// Usage of the process group led by `pid` (one scan; prefer [`scan_groups`] for many).
+#[cfg(test)]
 pub fn sample(pid: i32) -> Option<Usage> {
     scan_groups(&[pid]).remove(&pid)
 }

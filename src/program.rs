@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Why a program cannot be found or run, before any fork.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[allow(clippy::enum_variant_names)] // "not executable", "not found", "not on PATH": the words say why
 pub enum ResolveError {
     #[error("{0} is not an executable file; check its permissions (chmod +x)")]
     NotExecutable(String),

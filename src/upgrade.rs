@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Layer;
 pub use crate::env::STATE_VAR;
-pub use crate::handoff::{Exporter, UpgradeError, valid_fd_name};
+pub use crate::handoff::{Exporter, UpgradeError};
 
 /// The layout of the state document (`supervisor::Handover`); a new binary takes over only a state of a format it reads.
 /// 2: the flags as a `config::Layer` (its environment a table), `file_workers` a worker count.

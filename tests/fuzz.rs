@@ -8,8 +8,8 @@
 
 use std::num::NonZeroUsize;
 
-use herdsman::config;
-use herdsman::control::protocol;
+use herdsman::testing::config;
+use herdsman::testing::protocol;
 use proptest::prelude::*;
 
 fn cpus() -> NonZeroUsize {
@@ -183,7 +183,7 @@ proptest! {
         text in metrics_text(),
         worker in 0usize..4,
     ) {
-        use herdsman::metrics::{model, parse};
+        use herdsman::testing::metrics::{model, parse};
         if let Ok(families) = parse::parse(text.as_bytes()) {
             // What herdsman accepts it must be able to write back, in both formats, and
             // read again (the page a scraper gets).
@@ -201,7 +201,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_as_a_worker_page_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = herdsman::metrics::parse::parse(&bytes);
+        let _ = herdsman::testing::metrics::parse::parse(&bytes);
     }
 
     #[test]
@@ -210,7 +210,7 @@ proptest! {
         text in "(GET|HEAD|POST|) (/metrics|/|/x)(\\?[a-z=]{0,4})? HTTP/1\\.[01]\r\n([A-Za-z-]{1,8}: [^\r\n]{0,20}\r\n){0,3}\r\n",
         resp in "HTTP/1\\.1 (200|404) OK\r\n((Content-Length: [0-9]{1,3})|(Transfer-Encoding: chunked))?\r\n\r\n([0-9a-f]{1,2}\r\n[a-z]{0,5}\r\n){0,3}(0\r\n\r\n)?",
     ) {
-        use herdsman::metrics::http;
+        use herdsman::testing::metrics::http;
         let _ = http::parse_request(&bytes);
         let _ = http::parse_request(text.as_bytes());
         let _ = http::complete_response(&bytes);
@@ -225,7 +225,7 @@ proptest! {
         resp in "HTTP/1\\.1 200 OK\r\n((Content-Length: [0-9]{1,2})|(Transfer-Encoding: chunked))?\r\n\r\n([0-9a-f]{1,2}(;x)?\r\n[a-z\r\n]{0,20}\r\n){0,3}(0\r\n\r\n)?[a-z]{0,3}",
         step in 1usize..8,
     ) {
-        use herdsman::metrics::http;
+        use herdsman::testing::metrics::http;
         let whole = resp.as_bytes();
         let mut end = http::ResponseEnd::default();
         let (mut got, mut at) = (None, 0);

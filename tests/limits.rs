@@ -183,7 +183,7 @@ fn idle_control_connections_are_evicted_oldest_first_and_status_still_answers() 
     let control = dir.path("control.sock");
     let since = std::time::Instant::now();
     // MAX_CLIENTS idle clients (connected, sending nothing) hold every slot...
-    let idle: Vec<UnixStream> = (0..herdsman::control::server::MAX_CLIENTS)
+    let idle: Vec<UnixStream> = (0..herdsman::testing::MAX_CLIENTS)
         .map(|_| UnixStream::connect(&control).expect("connect"))
         .collect();
     // ...and a status still answers.

@@ -431,7 +431,7 @@ fn a_failed_execve_leaves_the_old_image_serving_with_nothing_leaked_and_the_metr
         &format!(
             "cat >/dev/null; chmod -x {}; echo '{{\"version\":\"9.9.9\",\"state_format\":{}}}'; exit 0",
             vanishing.display(),
-            herdsman::upgrade::STATE_FORMAT
+            herdsman::testing::STATE_FORMAT
         ),
     );
     let out = upgrade(&control, &vanishing);
@@ -578,7 +578,7 @@ fn the_take_over_check_never_sees_the_workers_secrets_or_herdsmans_environment()
     assert!(state.contains("APP_SECRET"), "the check did not get the state: {state}");
     assert!(!state.contains("s3cr3t-of-the-app"), "the check saw the app's secret: {state}");
     assert!(!env.contains("s3cr3t"), "the check saw herdsman's environment: {env}");
-    assert!(!env.contains(herdsman::upgrade::STATE_VAR), "{env}");
+    assert!(!env.contains(herdsman::testing::STATE_VAR), "{env}");
 }
 
 /// issue 22 §1: a `control_group` member ran `herdsman upgrade --binary ./evil.sh` and got a

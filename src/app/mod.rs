@@ -45,6 +45,44 @@ fn config_failure(problems: &config::Problems) -> Failure {
     Failure { code: exit::CONFIG, lines: problems.0.iter().map(ToString::to_string).collect() }
 }
 
+/// The whole program after `main` read argv and the environment: the new image of an
+/// in-place upgrade resumes (its state, not argv, says what to do); otherwise the command line
+/// is parsed (`--help`/`--version` print and succeed; a usage error is one line, exit 64) and
+/// dispatched.
+pub fn main(process: &Process) -> Result<(), Failure> {
+    if let Some(fd) = process.var(crate::env::STATE_VAR) {
+        return resume(&fd, process);
+    }
+    let cli = match <crate::cli::Cli as clap::Parser>::try_parse_from(&process.args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return Ok(());
+            }
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            return Err(Failure::new(exit::USAGE, format!("{first} (see herdsman --help)")));
+        }
+    };
+    dispatch(cli.command, process)
+}
+
+/// Prints a failure's lines (`herdsman: …` on stderr) and lets the last log lines out, bounded.
+pub fn report(failure: &Failure) {
+    for line in &failure.lines {
+        crate::errln!("herdsman: {line}");
+    }
+    crate::logging::flush(std::time::Duration::from_secs(2));
+}
+
+/// Reopens stdin/stdout/stderr on `/dev/null` if the process was started without them, before
+/// anything opens a file (see `sys::ensure_stdio_open`).
+pub fn ensure_stdio_open() {
+    crate::sys::ensure_stdio_open();
+}
+
 /// Runs one subcommand to its end.
 pub fn dispatch(command: Command, process: &Process) -> Result<(), Failure> {
     let env = &process.paths();

@@ -11,6 +11,6 @@ pub mod client;
 pub mod logs_client;
 pub mod logs_server;
 pub mod paths;
-pub use crate::protocol;
+pub(crate) use crate::protocol;
 pub mod server;
 pub mod table;

@@ -85,6 +85,7 @@ impl Sockets {
         self.list.iter().find(|t| t.inode == inode).cloned()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.list.is_empty() && self.learner.is_none()
     }

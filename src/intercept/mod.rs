@@ -227,5 +227,4 @@ mod inspect;
 #[cfg(test)]
 mod tests;
 
-pub use answer::{Learner, Seen, Sockets, Target, watch};
-pub use inspect::MEMORY_READ_DEADLINE;
+pub use answer::{Learner, Seen, Sockets, watch};

@@ -229,6 +229,7 @@ impl Ring {
     }
 
     /// Lines and bytes kept (for tests and status).
+    #[cfg(test)]
     pub fn usage(&self) -> (usize, usize) {
         let inner = self.lock();
         (inner.lines.len(), inner.bytes)

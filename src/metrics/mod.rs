@@ -194,6 +194,7 @@ impl Metrics {
     }
 
     /// A handle with no runtime directory and no sockets (tests).
+    #[cfg(test)]
     pub fn disabled() -> Metrics {
         Metrics::new(None, Vec::new())
     }

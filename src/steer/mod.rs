@@ -64,9 +64,8 @@ mod router;
 mod tests;
 
 use cbpf::program;
-pub use handover::{MemberState, PoolState, SteeringState};
+pub use handover::SteeringState;
 use router::Router;
-pub use router::RouterState;
 
 /// Like systemd's default `Backlog=` on Debian 12.
 const BACKLOG: i32 = 4096;
@@ -235,10 +234,6 @@ impl Steering {
         }
         // Every pool's router is built (or handed over) at once.
         if self.pools.iter().all(|p| p.router.is_some()) { Routing::RoundRobin } else { Routing::Hash }
-    }
-
-    pub fn mode(&self) -> Balance {
-        self.mode
     }
 
     /// The worker-facing addresses, one per pool (what `LISTEN_FDS` counts).

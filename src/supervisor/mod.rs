@@ -82,7 +82,6 @@ use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
 use crate::worker::{Failure, Role};
 use command::Command;
-pub use document::{ControlState, Handover, HttpState, fd_name, redacted};
 use handover::Upgrades;
 use health::Health;
 use manager::Manager;

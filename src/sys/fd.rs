@@ -76,6 +76,7 @@ pub fn is_socket(fd: &OwnedFd) -> io::Result<bool> {
 
 /// Receives one datagram without waiting, with the descriptors it carries (close-on-exec,
 /// owned): a stand-in service manager's side of the fd store (`fdstore`), for tests.
+#[cfg(test)]
 pub fn recv_with_fds(sock: &std::os::unix::net::UnixDatagram) -> io::Result<(String, Vec<OwnedFd>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut buf = vec![0u8; 4096];

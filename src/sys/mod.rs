@@ -54,13 +54,17 @@ pub use bpf::{
     BpfInsn, BpfMap, EbpfInsn, attach_reuseport_cbpf, attach_reuseport_ebpf, bpf_load_reuseport_prog,
     tcp_listen_queue,
 };
-pub use caps::{CapsDropped, drop_steering_capabilities, lower_capabilities, lower_steering_capabilities};
+#[cfg(test)]
+pub use caps::lower_capabilities;
+pub use caps::{CapsDropped, drop_steering_capabilities, lower_steering_capabilities};
 pub use exec::{ExecPlan, PlanError};
+#[cfg(test)]
+pub use fd::recv_with_fds;
 pub use fd::{
     adopt_listen_fds, dup_cloexec_from, dup_number_cloexec_from, dup_raw_cloexec, ensure_stdio_open,
-    is_socket, pipe_cloexec, recv_fd, recv_with_fds, watch_readable,
+    is_socket, pipe_cloexec, recv_fd, watch_readable,
 };
-pub use probe::{FilterRefused, KernelError, KernelSupport, check_kernel, probe_bind_filter};
+pub use probe::{FilterRefused, check_kernel, probe_bind_filter};
 pub use process::{
     kill_and_reap_unwatched, pidfd_open, pidfd_signal, raise_fd_limit, release_free_memory,
     release_startup_pages, set_worker_fd_limit, worker_fd_limit,

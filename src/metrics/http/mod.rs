@@ -28,11 +28,9 @@ use crate::requests::Control;
 
 #[cfg(test)]
 mod tests;
-mod wire;
+pub(crate) mod wire;
 
-pub use wire::{
-    Body, LIVE_DEADLINE, Probe, Request, ResponseEnd, body, complete_response, parse_request, response_body,
-};
+pub use wire::{Body, LIVE_DEADLINE, Probe, ResponseEnd, body, parse_request};
 use wire::{head_ends, head_of, reason, response};
 
 /// Longest request head accepted.
