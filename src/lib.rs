@@ -17,9 +17,11 @@
 //! * [`supervisor`] is the event loop that owns every worker's lifetime: spawn, readiness,
 //!   exits, back-off, scaling, and the rolling reload with its safety net
 //!   (`supervisor/rollout.rs`: `min_ready`, abort on any new-worker failure, rollback,
-//!   generations pinned to their release). It receives [`requests`] and acts on processes
-//!   only through its `Host` (`supervisor/host.rs`), so its decisions are tested in-process
-//!   without forking (`supervisor/tests.rs`). [`spawn`] and [`sys`] (the only `unsafe` code)
+//!   generations pinned to their release). It is a serializable core that decides (plain
+//!   data, the time passed in as [`mono::Mono`], decisions out as commands) and a driver that
+//!   owns every descriptor and acts through its `Host` (`supervisor/host.rs`), so its decisions
+//!   are tested in-process without forking (`supervisor/tests/`) and an in-place upgrade is
+//!   the core serialized plus the descriptors by name. [`spawn`] and [`sys`] (the only `unsafe` code)
 //!   start workers with the sockets at fd 3.. and their own `LISTEN_PID`.
 //! * [`output`] and [`journal`] route worker lines (journald fields `WORKER_ID`, `WORKER_PID`,
 //!   `WORKER_GENERATION`); [`logging`] writes herdsman's own events without ever blocking the
