@@ -22,6 +22,7 @@
 //! spawning, then joins the same `serve`. The client subcommands (`status`, `reload`,
 //! `scale`, `metrics`, `upgrade`, `list`) are one call each into `control::client`.
 
+mod memory;
 mod process;
 mod resume;
 mod run;

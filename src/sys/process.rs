@@ -105,17 +105,18 @@ pub fn release_free_memory() {
     }
 }
 
-// --- Resident memory after start-up: the code only the start-up ran (issue 24, RSS) ---
+// --- Resident memory between bursts of work (issue 24, RSS) ---
 
 /// Takes this process's page-table entries off the pages of its clean read-only file mappings
-/// (herdsman's code and constants, the C library's), then gives free heap memory back
-/// ([`release_free_memory`]). Called once, when the start-up (argument parsing, configuration,
-/// binding, logging set-up) is over: the kernel maps file pages in 64 KiB windows around each
-/// fault ("fault-around"), so code run once at start would otherwise stay in the
-/// supervisor's `VmRSS` for its whole life. The pages stay in the page cache, shared; code that
-/// runs again is mapped again on first use (a minor fault, no disk read while it is cached).
+/// (herdsman's code and constants, the C library's, the dynamic loader's), then gives free heap
+/// memory back ([`release_free_memory`]). Called when the start-up (argument parsing,
+/// configuration, binding, logging set-up) is over and again whenever the supervisor goes quiet
+/// after a burst of work (`app/memory.rs`): the kernel maps file pages in 64 KiB windows around
+/// each fault ("fault-around"), so code that ran once would otherwise stay in the supervisor's
+/// `VmRSS` for its whole life. The pages stay in the page cache, shared; code that runs again is
+/// mapped again on first use (a minor fault, no disk read while it is cached).
 /// Returns the bytes advised (for the debug log).
-pub fn release_startup_pages() -> usize {
+pub fn release_idle_pages() -> usize {
     let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
         return 0;
     };
@@ -137,7 +138,7 @@ pub fn release_startup_pages() -> usize {
     advised
 }
 
-/// The mappings in `smaps` (the text of `/proc/PID/smaps`) that [`release_startup_pages`] may
+/// The mappings in `smaps` (the text of `/proc/PID/smaps`) that [`release_idle_pages`] may
 /// advise, as (start, length): readable, not writable, backed by a file (a path, not
 /// `[vdso]`/`[stack]` or anonymous), and with `Anonymous: 0 kB` (no page was copied on write:
 /// that excludes RELRO, whose pages hold the relocations).
@@ -261,7 +262,7 @@ VmFlags: rd ex mr mw me
             sum
         }
         let before = resident_code_kb();
-        assert!(release_startup_pages() > 0);
+        assert!(release_idle_pages() > 0);
         let after = resident_code_kb();
         assert!(after < before, "resident code {before} kB -> {after} kB");
         // Everything still runs: code, constants and relocations are intact.
