@@ -20,7 +20,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 /// pages are released.
 const QUIET: Duration = Duration::from_secs(1);
 /// The longest interval between checks while nothing happens.
-const IDLE_CHECK: Duration = Duration::from_secs(64);
+const IDLE_CHECK: Duration = Duration::from_secs(16);
 /// Minor faults since the last release below which releasing is not worth it (each fault maps
 /// up to 64 KiB of code; the checks themselves cause a few after a release).
 const WORTH_RELEASING: i64 = 16;
