@@ -12,7 +12,7 @@
 //! in the loop, no other state shared with it. A check is one `getrusage`; while nothing
 //! happens the checks back off to one a minute, so an idle supervisor stays idle.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::resource::{UsageWho, getrusage};
 
@@ -25,25 +25,60 @@ const IDLE_CHECK: Duration = Duration::from_secs(16);
 /// up to 64 KiB of code; the checks themselves cause a few after a release).
 const WORTH_RELEASING: i64 = 16;
 
-/// What the next check does, from the fault counts: at the last release, at the last check,
-/// and now.
-#[derive(Debug, PartialEq, Eq)]
-enum Step {
-    /// Faults since the last check: work is going on; check again soon.
-    Busy,
-    /// Quiet since the last check after enough faults since the last release: release now.
-    Release,
-    /// Quiet, nothing worth releasing: check less often.
-    Idle,
+/// The decision between checks, from the process's minor-fault count (pure: the loop below
+/// does the reading and the releasing).
+#[derive(Debug)]
+struct Settle {
+    /// Faults counted right after the last release.
+    at_release: i64,
+    /// Faults counted at the last check.
+    last: i64,
+    /// Until when another release waits: doubled by each release, reset once a release holds
+    /// (nothing faults back for a whole check), so a supervisor busy without pause (a worker
+    /// printing all the time, a scrape every second) releases rarely instead of every two
+    /// seconds only to map the same pages again.
+    not_before: Instant,
+    gap: Duration,
+    /// Until the next check.
+    interval: Duration,
 }
 
-fn step(at_release: i64, last: i64, now: i64) -> Step {
-    if now != last {
-        Step::Busy
-    } else if now - at_release >= WORTH_RELEASING {
-        Step::Release
-    } else {
-        Step::Idle
+impl Settle {
+    fn new(faults: i64, now: Instant) -> Self {
+        Settle { at_release: faults, last: faults, not_before: now, gap: QUIET, interval: QUIET }
+    }
+
+    /// At a check: whether to release now (then [`Settle::released`] follows).
+    fn check(&mut self, faults: i64, now: Instant) -> bool {
+        let quiet = faults == self.last;
+        self.last = faults;
+        if !quiet {
+            // Work is going on: check again soon.
+            self.interval = QUIET;
+            return false;
+        }
+        if faults - self.at_release < WORTH_RELEASING {
+            // Quiet, and what the last release freed stayed free: check less often, and the
+            // next burst's pages may go as soon as it is over.
+            self.interval = (self.interval * 2).min(IDLE_CHECK);
+            self.gap = QUIET;
+            self.not_before = now;
+            return false;
+        }
+        if now < self.not_before {
+            self.interval = QUIET;
+            return false;
+        }
+        true
+    }
+
+    /// After a release, with the fault count right after it.
+    fn released(&mut self, faults: i64, now: Instant) {
+        self.at_release = faults;
+        self.last = faults;
+        self.interval = QUIET;
+        self.not_before = now + self.gap;
+        self.gap = (self.gap * 2).min(IDLE_CHECK);
     }
 }
 
@@ -56,23 +91,14 @@ fn minor_faults() -> i64 {
 pub(super) async fn release_when_settled() {
     let released = crate::sys::release_idle_pages();
     tracing::debug!("start-up pages released: {} KiB", released / 1024);
-    let mut at_release = minor_faults();
-    let mut last = at_release;
-    let mut interval = QUIET;
+    let mut settle = Settle::new(minor_faults(), Instant::now());
     loop {
-        tokio::time::sleep(interval).await;
-        let now = minor_faults();
-        match step(at_release, last, now) {
-            Step::Busy => interval = QUIET,
-            Step::Release => {
-                // Not logged: the log line's own faults would count as the next burst.
-                crate::sys::release_idle_pages();
-                at_release = minor_faults();
-                interval = QUIET;
-            }
-            Step::Idle => interval = (interval * 2).min(IDLE_CHECK),
+        tokio::time::sleep(settle.interval).await;
+        if settle.check(minor_faults(), Instant::now()) {
+            // Not logged: the log line's own faults would count as the next burst.
+            crate::sys::release_idle_pages();
+            settle.released(minor_faults(), Instant::now());
         }
-        last = minor_faults();
     }
 }
 
@@ -81,12 +107,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn releases_only_once_quiet_after_enough_faults() {
-        // Faults since the last check: busy, whatever happened before.
-        assert_eq!(step(0, 10, 500), Step::Busy);
-        // Quiet after a burst: release.
-        assert_eq!(step(0, 500, 500), Step::Release);
-        // Quiet, but only the checks' own faults since the last release: nothing to do.
-        assert_eq!(step(500, 503, 503), Step::Idle);
+    fn releases_once_quiet_after_a_burst_then_backs_off() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut s = Settle::new(100, t0);
+        // A burst: faults at each check, no release; then a quiet check: release.
+        assert!(!s.check(400, at(1)));
+        assert_eq!(s.interval, QUIET);
+        assert!(s.check(400, at(2)));
+        s.released(405, at(2));
+        // What was released stays free: idle, the checks back off to IDLE_CHECK.
+        assert!(!s.check(410, at(3)));
+        let mut t = 3;
+        for _ in 0..8 {
+            t += s.interval.as_secs();
+            assert!(!s.check(410, at(t)));
+        }
+        assert_eq!(s.interval, IDLE_CHECK);
+        // The next burst's pages go as soon as it is quiet again.
+        assert!(!s.check(900, at(t + 16)));
+        assert!(s.check(900, at(t + 17)));
+    }
+
+    #[test]
+    fn a_supervisor_busy_without_pause_releases_ever_more_rarely() {
+        let t0 = Instant::now();
+        let mut s = Settle::new(0, t0);
+        let mut faults = 0;
+        let mut releases = Vec::new();
+        // Each release maps the same 50 pages back within the next second, then it is quiet.
+        for sec in 1..=300u64 {
+            let now = t0 + Duration::from_secs(sec);
+            if s.check(faults, now) {
+                releases.push(sec);
+                s.released(faults, now);
+                faults += 50;
+            }
+        }
+        // 1 s, 2 s, 4 s, ... up to IDLE_CHECK apart: a handful, not one every two seconds.
+        assert!(releases.len() < 15, "{releases:?}");
+        let gaps: Vec<u64> = releases.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{gaps:?}");
     }
 }
