@@ -9,8 +9,10 @@
 //!
 //! "Quiet" is read from the process's own minor-fault count (`getrusage`), which every burst
 //! of work raises (code and heap pages mapped in) and an idle supervisor leaves alone: no hook
-//! in the loop, no other state shared with it. A check is one `getrusage`; while nothing
-//! happens the checks back off to one a minute, so an idle supervisor stays idle.
+//! in the loop, no other state shared with it. Once quiet, the resident set (`statm`) says
+//! whether a release is worth it. A check is one `getrusage`; while nothing happens the checks
+//! back off to one every 16 s, so an idle supervisor stays idle; releases that are mapped
+//! straight back (a supervisor busy without pause) back off to one a minute.
 
 use std::time::{Duration, Instant};
 
@@ -21,16 +23,18 @@ use nix::sys::resource::{UsageWho, getrusage};
 const QUIET: Duration = Duration::from_secs(1);
 /// The longest interval between checks while nothing happens.
 const IDLE_CHECK: Duration = Duration::from_secs(16);
-/// Minor faults since the last release below which releasing is not worth it (each fault maps
-/// up to 64 KiB of code; the checks themselves cause a few after a release).
-const WORTH_RELEASING: i64 = 16;
+/// The longest wait between two releases while what they free keeps being mapped back.
+const MAX_GAP: Duration = Duration::from_secs(64);
+/// Growth of the resident set since the last release below which releasing is not worth it:
+/// what the idle loop and these checks map back after a release stays under it.
+const WORTH_RELEASING_KIB: u64 = 256;
 
 /// The decision between checks, from the process's minor-fault count (pure: the loop below
 /// does the reading and the releasing).
 #[derive(Debug)]
 struct Settle {
-    /// Faults counted right after the last release.
-    at_release: i64,
+    /// The resident set right after the last release, in KiB.
+    at_release: u64,
     /// Faults counted at the last check.
     last: i64,
     /// Until when another release waits: doubled by each release, reset once a release holds
@@ -44,12 +48,13 @@ struct Settle {
 }
 
 impl Settle {
-    fn new(faults: i64, now: Instant) -> Self {
-        Settle { at_release: faults, last: faults, not_before: now, gap: QUIET, interval: QUIET }
+    fn new(faults: i64, resident_kib: u64, now: Instant) -> Self {
+        Settle { at_release: resident_kib, last: faults, not_before: now, gap: QUIET, interval: QUIET }
     }
 
-    /// At a check: whether to release now (then [`Settle::released`] follows).
-    fn check(&mut self, faults: i64, now: Instant) -> bool {
+    /// At a check, with the fault count and the resident set: whether to release now (then
+    /// [`Settle::released`] follows).
+    fn check(&mut self, faults: i64, resident_kib: u64, now: Instant) -> bool {
         let quiet = faults == self.last;
         self.last = faults;
         if !quiet {
@@ -57,7 +62,7 @@ impl Settle {
             self.interval = QUIET;
             return false;
         }
-        if faults - self.at_release < WORTH_RELEASING {
+        if resident_kib < self.at_release + WORTH_RELEASING_KIB {
             // Quiet, and what the last release freed stayed free: check less often, and the
             // next burst's pages may go as soon as it is over.
             self.interval = (self.interval * 2).min(IDLE_CHECK);
@@ -72,13 +77,13 @@ impl Settle {
         true
     }
 
-    /// After a release, with the fault count right after it.
-    fn released(&mut self, faults: i64, now: Instant) {
-        self.at_release = faults;
+    /// After a release, with the fault count and the resident set right after it.
+    fn released(&mut self, faults: i64, resident_kib: u64, now: Instant) {
+        self.at_release = resident_kib;
         self.last = faults;
         self.interval = QUIET;
         self.not_before = now + self.gap;
-        self.gap = (self.gap * 2).min(IDLE_CHECK);
+        self.gap = (self.gap * 2).min(MAX_GAP);
     }
 }
 
@@ -86,18 +91,29 @@ fn minor_faults() -> i64 {
     getrusage(UsageWho::RUSAGE_SELF).map_or(0, |u| u.minor_page_faults())
 }
 
+/// This process's resident set in KiB (`/proc/self/statm`), 0 if unreadable.
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
+}
+
 /// Releases the start-up's pages now, then, for the life of the runtime, again each time the
 /// supervisor goes quiet after a burst of work (a roll-out, scaling, a config reload).
 pub(super) async fn release_when_settled() {
     let released = crate::sys::release_idle_pages();
     tracing::debug!("start-up pages released: {} KiB", released / 1024);
-    let mut settle = Settle::new(minor_faults(), Instant::now());
+    let mut settle = Settle::new(minor_faults(), resident_kib(), Instant::now());
     loop {
         tokio::time::sleep(settle.interval).await;
-        if settle.check(minor_faults(), Instant::now()) {
-            // Not logged: the log line's own faults would count as the next burst.
+        let faults = minor_faults();
+        // The resident set is read only once quiet (a file read; `check` ignores it otherwise).
+        let resident = if faults == settle.last { resident_kib() } else { 0 };
+        if settle.check(faults, resident, Instant::now()) {
+            // Not logged: the log line's own pages would count as the next burst.
             crate::sys::release_idle_pages();
-            settle.released(minor_faults(), Instant::now());
+            settle.released(minor_faults(), resident_kib(), Instant::now());
         }
     }
 }
@@ -110,42 +126,45 @@ mod tests {
     fn releases_once_quiet_after_a_burst_then_backs_off() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut s = Settle::new(100, t0);
-        // A burst: faults at each check, no release; then a quiet check: release.
-        assert!(!s.check(400, at(1)));
+        let mut s = Settle::new(100, 2000, t0);
+        // A burst: faults at each check, no release; then a quiet check with 1.5 MiB more
+        // resident: release.
+        assert!(!s.check(400, 0, at(1)));
         assert_eq!(s.interval, QUIET);
-        assert!(s.check(400, at(2)));
-        s.released(405, at(2));
-        // What was released stays free: idle, the checks back off to IDLE_CHECK.
-        assert!(!s.check(410, at(3)));
+        assert!(s.check(400, 3500, at(2)));
+        s.released(405, 2000, at(2));
+        // What was released stays free (the checks map a little back): idle, the checks back
+        // off to IDLE_CHECK.
+        assert!(!s.check(410, 0, at(3)));
         let mut t = 3;
         for _ in 0..8 {
             t += s.interval.as_secs();
-            assert!(!s.check(410, at(t)));
+            assert!(!s.check(410, 2100, at(t)));
         }
         assert_eq!(s.interval, IDLE_CHECK);
         // The next burst's pages go as soon as it is quiet again.
-        assert!(!s.check(900, at(t + 16)));
-        assert!(s.check(900, at(t + 17)));
+        assert!(!s.check(900, 0, at(t + 16)));
+        assert!(s.check(900, 3900, at(t + 17)));
     }
 
     #[test]
     fn a_supervisor_busy_without_pause_releases_ever_more_rarely() {
         let t0 = Instant::now();
-        let mut s = Settle::new(0, t0);
+        let mut s = Settle::new(0, 2000, t0);
         let mut faults = 0;
+        let resident = 3000;
         let mut releases = Vec::new();
-        // Each release maps the same 50 pages back within the next second, then it is quiet.
+        // Each release frees 1 MiB that the next second maps back (50 faults), then it is quiet.
         for sec in 1..=300u64 {
             let now = t0 + Duration::from_secs(sec);
-            if s.check(faults, now) {
+            if s.check(faults, resident, now) {
                 releases.push(sec);
-                s.released(faults, now);
+                s.released(faults, resident - 1000, now);
                 faults += 50;
             }
         }
-        // 1 s, 2 s, 4 s, ... up to IDLE_CHECK apart: a handful, not one every two seconds.
-        assert!(releases.len() < 15, "{releases:?}");
+        // 1 s, 2 s, 4 s, ... up to MAX_GAP apart: a handful, not one every two seconds.
+        assert!(releases.len() < 12, "{releases:?}");
         let gaps: Vec<u64> = releases.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{gaps:?}");
     }
