@@ -795,8 +795,9 @@ fn a_rollouts_code_leaves_the_resident_set_once_the_supervisor_is_quiet() {
         h.status().unwrap();
         busy = busy.max(resident_code_kib(h.pid()));
     }
-    // Nothing asks anything now: within one idle check (16 s) plus a quiet second, the
-    // supervisor gives its code pages back (they stay in the page cache).
+    // Nothing asks anything now: within a quiet second or two (at most one idle check, a
+    // minute, when the checks had backed off), the supervisor gives its code pages back
+    // (they stay in the page cache).
     wait_for(Duration::from_secs(90), "the roll-out's code released", || {
         let now = resident_code_kib(h.pid());
         (now * 4 < busy * 3).then_some(())
