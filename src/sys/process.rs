@@ -336,7 +336,7 @@ VmFlags: rd wr mr mw me gd ac
     }
 
     #[test]
-    fn releasing_startup_pages_lowers_resident_code_and_keeps_it_runnable() {
+    fn releasing_idle_pages_lowers_resident_code_and_keeps_it_runnable() {
         fn resident_code_kb() -> u64 {
             let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
             let mut sum = 0;
