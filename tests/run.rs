@@ -760,3 +760,46 @@ fn a_failed_credential_drop_fails_the_worker_start_and_never_runs_it_as_root() {
         .then_some(())
     });
 }
+
+/// KiB of herdsman's own code resident in process `pid` (`Rss` of its executable mappings).
+fn resident_code_kib(pid: i32) -> u64 {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let exe = exe.to_str().unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut in_code = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first().is_some_and(|a| a.contains('-') && !a.ends_with(':')) && f.len() >= 5 {
+            in_code = f[1].contains('x') && f.get(5).is_some_and(|p| p.starts_with(exe));
+        } else if in_code && f.first() == Some(&"Rss:") {
+            kib += f[1].parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+/// Issue 24 (supervisor RSS): the code a roll-out ran leaves the supervisor's resident set once
+/// it is quiet again, as the start-up's does (it used to stay mapped for the process's life).
+#[test]
+fn a_rollouts_code_leaves_the_resident_set_once_the_supervisor_is_quiet() {
+    let dir = TempDir::new("rss-settle");
+    let h = Run::new(&dir, 2).arg("--ready").arg("notify").worker_env("TW_NOTIFY", "1").start();
+    h.wait_started();
+    h.signal(SIGHUP);
+    // The most code seen resident while the supervisor works (a roll-out, status requests:
+    // each request maps its code in again, so a slow reading here still sees a busy set).
+    let mut busy = 0;
+    h.wait_generation(2);
+    for _ in 0..5 {
+        h.status().unwrap();
+        busy = busy.max(resident_code_kib(h.pid()));
+    }
+    // Nothing asks anything now: within a quiet second or two (at most one idle check, a
+    // minute, when the checks had backed off), the supervisor gives its code pages back
+    // (they stay in the page cache).
+    wait_for(Duration::from_secs(90), "the roll-out's code released", || {
+        let now = resident_code_kib(h.pid());
+        (now * 4 < busy * 3).then_some(())
+    });
+}

@@ -14,7 +14,8 @@
 //!    only workers change to `user`/`group`, in the child before `execve` (see `credentials`);
 //! 4. **the World and the loop** (`app/serve.rs`): sd_notify and the watchdog above, the signals,
 //!    the control and metrics servers, the upgrade carry, all injected into
-//!    `supervisor::run`, which spawns the workers and runs until stopped;
+//!    `supervisor::run`, which spawns the workers and runs until stopped; beside it,
+//!    `app/memory.rs` hands code and heap pages back each time the loop goes quiet;
 //! 5. **the exit code**: 0 after a graceful stop (SIGTERM/SIGINT), 1 if the loop failed.
 //!
 //! [`resume`] is the new image of an in-place upgrade: it reads the handed-over state instead
@@ -22,6 +23,7 @@
 //! spawning, then joins the same `serve`. The client subcommands (`status`, `reload`,
 //! `scale`, `metrics`, `upgrade`, `list`) are one call each into `control::client`.
 
+mod memory;
 mod process;
 mod resume;
 mod run;

@@ -138,10 +138,10 @@ pub(super) fn serve(
             resume,
             bind_intercept,
         };
-        // The start-up is over: its code and freed heap leave the resident set (see
-        // `sys::release_startup_pages`; docs/benchmarks.md, supervisor RSS).
-        let released = crate::sys::release_startup_pages();
-        tracing::debug!("start-up pages released: {} KiB", released / 1024);
+        // The start-up is over: its code and freed heap leave the resident set, and so do a
+        // roll-out's or a scale's once the supervisor is quiet again (see `memory`;
+        // docs/benchmarks.md, supervisor RSS).
+        tokio::spawn(super::memory::release_when_settled());
         supervisor::run(settings, world, rx).await
     });
     drop(control);

@@ -30,7 +30,7 @@
 //! - `child.rs`: what the forked children run, between `fork` and `execve`/`_exit`.
 //! - `fd.rs`: pipes, duplicates, `LISTEN_FDS`, [`recv_fd`], stdio, [`watch_readable`].
 //! - `process.rs`: pidfds, [`kill_and_reap_unwatched`], the fd limit, `malloc_trim`, and
-//!   [`release_startup_pages`] (the start-up's code out of the resident set).
+//!   [`release_idle_pages`] (code that ran once out of the resident set).
 //! - `probe.rs`: what the kernel offers, checked at start ([`check_kernel`],
 //!   [`probe_bind_filter`]).
 //! - `seccomp.rs`: the supervisor's side of bind interception (notifications, [`with_fs_ids`]).
@@ -67,7 +67,7 @@ pub use fd::{
 pub use probe::{FilterRefused, check_kernel, probe_bind_filter};
 pub use process::{
     kill_and_reap_unwatched, pidfd_open, pidfd_signal, raise_fd_limit, release_free_memory,
-    release_startup_pages, set_worker_fd_limit, worker_fd_limit,
+    release_idle_pages, set_worker_fd_limit, worker_fd_limit,
 };
 pub use reexec::{HandedOver, dup_inheritable, execve_fd, inheritable_memfd, open_path_nofollow};
 pub use seccomp::{notif_addfd, notif_id_valid, notif_recv, notif_respond, socket_protocol, with_fs_ids};

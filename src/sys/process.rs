@@ -105,17 +105,18 @@ pub fn release_free_memory() {
     }
 }
 
-// --- Resident memory after start-up: the code only the start-up ran (issue 24, RSS) ---
+// --- Resident memory between bursts of work (issue 24, RSS) ---
 
 /// Takes this process's page-table entries off the pages of its clean read-only file mappings
-/// (herdsman's code and constants, the C library's), then gives free heap memory back
-/// ([`release_free_memory`]). Called once, when the start-up (argument parsing, configuration,
-/// binding, logging set-up) is over: the kernel maps file pages in 64 KiB windows around each
-/// fault ("fault-around"), so code run once at start would otherwise stay in the
-/// supervisor's `VmRSS` for its whole life. The pages stay in the page cache, shared; code that
-/// runs again is mapped again on first use (a minor fault, no disk read while it is cached).
+/// (herdsman's code and constants, the C library's, the dynamic loader's), then gives free heap
+/// memory back ([`release_free_memory`]). Called when the start-up (argument parsing,
+/// configuration, binding, logging set-up) is over and again whenever the supervisor goes quiet
+/// after a burst of work (`app/memory.rs`): the kernel maps file pages in 64 KiB windows around
+/// each fault ("fault-around"), so code that ran once would otherwise stay in the supervisor's
+/// `VmRSS` for its whole life. The pages stay in the page cache, shared; code that runs again is
+/// mapped again on first use (a minor fault, no disk read while it is cached).
 /// Returns the bytes advised (for the debug log).
-pub fn release_startup_pages() -> usize {
+pub fn release_idle_pages() -> usize {
     let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
         return 0;
     };
@@ -133,11 +134,53 @@ pub fn release_startup_pages() -> usize {
             advised += len;
         }
     }
+    advised += release_stack_below(&smaps);
     release_free_memory();
     advised
 }
 
-/// The mappings in `smaps` (the text of `/proc/PID/smaps`) that [`release_startup_pages`] may
+/// How much of the calling thread's stack below its current frame is kept resident: far more
+/// than the frames `madvise` and its wrapper push.
+const STACK_KEPT: usize = 16 * 1024;
+
+/// Drops the calling thread's stack pages more than [`STACK_KEPT`] below its current frame:
+/// what deeper calls of the start-up or a roll-out touched once (a page of stack stays
+/// resident for the thread's life once touched). Returns the bytes advised.
+#[inline(never)]
+fn release_stack_below(smaps: &str) -> usize {
+    let marker = 0u8;
+    let here = std::hint::black_box(&marker) as *const u8 as usize;
+    let Some((start, _)) = mapping_containing(smaps, here) else {
+        return 0;
+    };
+    let page = 4096;
+    let Some(top) = here.checked_sub(STACK_KEPT).map(|t| t & !(page - 1)) else {
+        return 0;
+    };
+    if top <= start {
+        return 0;
+    }
+    // SAFETY: `start..top` lies in the mapping that holds this function's own local, that is
+    // this thread's stack, and ends at least STACK_KEPT below this frame: below the stack
+    // pointer of every frame now live on this thread (the stack grows down), where no one
+    // keeps data (the System V red zone is 128 bytes; signal handlers run and return before
+    // or after the system call, never across it). MADV_DONTNEED on private anonymous memory
+    // makes those pages read as zeros when touched again: deeper calls later write their
+    // frames before reading them. Nothing is unmapped, so the stack's limits do not change.
+    let r = unsafe { libc::madvise(start as *mut libc::c_void, top - start, libc::MADV_DONTNEED) };
+    if r == 0 { top - start } else { 0 }
+}
+
+/// The mapping in `smaps` (or `/proc/PID/maps`) that contains address `addr`, as (start, end).
+fn mapping_containing(smaps: &str, addr: usize) -> Option<(usize, usize)> {
+    smaps.lines().find_map(|line| {
+        let (a, b) = line.split_whitespace().next()?.split_once('-')?;
+        let (start, end) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+        (start <= addr && addr < end).then_some((start, end))
+    })
+}
+
+/// The mappings in `smaps` (the text of `/proc/PID/smaps`) that [`release_idle_pages`] may
 /// advise, as (start, length): readable, not writable, backed by a file (a path, not
 /// `[vdso]`/`[stack]` or anonymous), and with `Anonymous: 0 kB` (no page was copied on write:
 /// that excludes RELRO, whose pages hold the relocations).
@@ -245,7 +288,55 @@ VmFlags: rd ex mr mw me
     }
 
     #[test]
-    fn releasing_startup_pages_lowers_resident_code_and_keeps_it_runnable() {
+    fn the_mapping_containing_an_address_is_found_and_only_that_one() {
+        let smaps = "\
+55d0a0000000-55d0a0090000 r--p 00000000 fe:00 10 /usr/bin/herdsman
+Anonymous:             0 kB
+7ffd10000000-7ffd10021000 rw-p 00000000 00:00 0                          [stack]
+VmFlags: rd wr mr mw me gd ac
+";
+        assert_eq!(mapping_containing(smaps, 0x7ffd10020ff8), Some((0x7ffd10000000, 0x7ffd10021000)));
+        assert_eq!(mapping_containing(smaps, 0x7ffd10021000), None);
+        assert_eq!(mapping_containing(smaps, 0x55d0a0000000), Some((0x55d0a0000000, 0x55d0a0090000)));
+    }
+
+    #[test]
+    fn releasing_the_stack_below_the_frame_keeps_every_frame_intact() {
+        // Deep frames touch stack pages, then return; the release drops those below this frame.
+        fn deep(n: u32) -> u64 {
+            let buf = std::hint::black_box([n as u8; 4096]);
+            if n == 0 { u64::from(buf[0]) } else { deep(n - 1) + u64::from(buf[4095]) }
+        }
+        // KiB resident in the mapping that holds `addr` (this thread's stack).
+        fn resident_kb(addr: usize) -> u64 {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            let mut inside = false;
+            for line in smaps.lines() {
+                if let Some((a, b)) = line.split_whitespace().next().and_then(|r| r.split_once('-'))
+                    && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= addr && addr < b;
+                } else if inside && line.starts_with("Rss:") {
+                    return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                }
+            }
+            panic!("no mapping holds {addr:#x}")
+        }
+        let live = std::hint::black_box([7u8; 1024]);
+        let here = &live as *const u8 as usize;
+        assert_eq!(deep(64), (1..=64).sum::<u64>());
+        let before = resident_kb(here);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        assert!(release_stack_below(&smaps) > 0);
+        let after = resident_kb(here);
+        assert!(after + 128 < before, "resident stack {before} kB -> {after} kB");
+        // This frame's data is intact, and deeper calls still work on zeroed pages.
+        assert!(live.iter().all(|&b| b == 7));
+        assert_eq!(deep(64), (1..=64).sum::<u64>());
+    }
+
+    #[test]
+    fn releasing_idle_pages_lowers_resident_code_and_keeps_it_runnable() {
         fn resident_code_kb() -> u64 {
             let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
             let mut sum = 0;
@@ -261,7 +352,7 @@ VmFlags: rd ex mr mw me
             sum
         }
         let before = resident_code_kb();
-        assert!(release_startup_pages() > 0);
+        assert!(release_idle_pages() > 0);
         let after = resident_code_kb();
         assert!(after < before, "resident code {before} kB -> {after} kB");
         // Everything still runs: code, constants and relocations are intact.
