@@ -4,26 +4,51 @@
 //! module, so those components do not depend on the upgrade itself (which depends on all of
 //! them). The receiving side of the descriptors is [`crate::sys::HandedOver`].
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use crate::sys;
 
-/// Collects the descriptors of a state. A *dry* exporter (for the check) records the current
-/// numbers; a real one duplicates each without close-on-exec, above the workers' fd range.
+/// Collects the descriptors of a state, each under a name. A *dry* exporter (for the check)
+/// records the current numbers; a real one duplicates each without close-on-exec, above the
+/// workers' fd range. Descriptors exported without a name ([`Exporter::fd`], by the listeners,
+/// steering and the notify socket) are named after the current [`Exporter::prefix`].
 pub struct Exporter {
     dry: bool,
     floor: RawFd,
     dups: Vec<OwnedFd>,
-    numbers: Vec<RawFd>,
+    table: BTreeMap<String, RawFd>,
+    prefix: String,
+    counter: usize,
 }
 
 impl Exporter {
     pub fn new(dry: bool, floor: RawFd) -> Exporter {
-        Exporter { dry, floor, dups: Vec::new(), numbers: Vec::new() }
+        Exporter { dry, floor, dups: Vec::new(), table: BTreeMap::new(), prefix: "legacy".into(), counter: 0 }
     }
 
-    /// The number `fd` will have in the new image.
+    /// Names the next unnamed descriptors `<prefix>-0`, `<prefix>-1`, …
+    pub fn prefix(&mut self, prefix: &str) {
+        self.prefix = prefix.to_string();
+        self.counter = 0;
+    }
+
+    /// Exports `fd` under the next name of the current prefix; returns its key (its number in
+    /// the new image across `execve`).
     pub fn fd(&mut self, fd: &impl AsFd) -> std::io::Result<RawFd> {
+        let name = format!("{}-{}", self.prefix, self.counter);
+        self.counter += 1;
+        self.named(name, fd)
+    }
+
+    /// Exports `fd` as `name`; returns its key.
+    pub fn named(&mut self, name: String, fd: &impl AsFd) -> std::io::Result<RawFd> {
+        if !valid_fd_name(&name) || self.table.contains_key(&name) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("descriptor name {name:?} is invalid or used twice"),
+            ));
+        }
         let n = if self.dry {
             fd.as_fd().as_raw_fd()
         } else {
@@ -32,13 +57,19 @@ impl Exporter {
             self.dups.push(dup);
             n
         };
-        self.numbers.push(n);
+        self.table.insert(name, n);
         Ok(n)
     }
 
-    pub fn numbers(&self) -> Vec<RawFd> {
-        self.numbers.clone()
+    /// The descriptors exported so far: (name, number).
+    pub fn table(&self) -> BTreeMap<String, RawFd> {
+        self.table.clone()
     }
+}
+
+/// Whether `name` may name a descriptor (systemd's fd store takes up to 255 characters, no `:`).
+pub fn valid_fd_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && !name.contains(':') && name.is_ascii()
 }
 
 /// Why an upgrade was refused or failed.

@@ -32,6 +32,7 @@
 //! reload, the worker fd limit. Timers are carried as `CLOCK_MONOTONIC` instants, which
 //! `execve` does not reset.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -40,11 +41,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Layer;
 pub use crate::env::STATE_VAR;
-pub use crate::handoff::{Exporter, UpgradeError};
+pub use crate::handoff::{Exporter, UpgradeError, valid_fd_name};
 
 /// The layout of [`Handover`]; a new binary takes over only a state of a format it reads.
 /// 2: the flags as a `config::Layer` (its environment a table), `file_workers` a worker count.
-pub const STATE_FORMAT: u32 = 2;
+/// 3: the supervisor's core serialized as it is (`supervisor::Core`) and the descriptors in a
+/// table by name ([`Handover::fds`]). Format 2 is still read (`supervisor::v2`).
+pub const STATE_FORMAT: u32 = 3;
+/// The previous format, still read: what the previous release writes.
+pub const STATE_FORMAT_V2: u32 = 2;
 /// How long the new binary's check may take (`HERDSMAN_UPGRADE_CHECK_TIMEOUT` overrides it).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The hidden subcommand a candidate binary runs for the check.
@@ -55,7 +60,8 @@ pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
-/// Everything the new image needs, in one document.
+/// Everything the new image needs, in one document: the supervisor's core as it is, the
+/// driver's state beside it, and the descriptors as a table by name.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Handover {
     pub format: u32,
@@ -75,123 +81,62 @@ pub struct Handover {
     pub argv: Vec<String>,
     /// The workers' soft fd limit (see `sys::raise_fd_limit`).
     pub worker_fd_limit: u64,
+    /// The control socket (its descriptor: `control` in [`Handover::fds`]).
     pub control: ControlState,
+    /// The metrics endpoint (its descriptor: `metrics-http`).
     pub metrics_http: Option<HttpState>,
     pub metrics: crate::metrics::carry::MetricsState,
     pub listeners: crate::listeners::ListenersState,
     pub steering: Option<crate::steer::SteeringState>,
     pub notify: crate::notify::NotifyState,
-    pub supervisor: SupervisorState,
-    /// The `herdsman upgrade` client's connection: the new image answers on it.
-    pub reply: Option<RawFd>,
-    /// Every descriptor named above, for adoption in one step.
-    pub fds: Vec<RawFd>,
+    /// The supervisor's core: plain data, serialized as it is.
+    pub core: crate::supervisor::Core,
+    /// Each live worker's last output lines, by pid (for failure reports).
+    pub tails: BTreeMap<i32, Vec<String>>,
+    /// Every descriptor, by name (see [`fd_name`]): across `execve` the value is the
+    /// descriptor's number; the listening sockets', steering's and the notify socket's states
+    /// refer to theirs by that value, which is then only a key (see [`keyed`]).
+    pub fds: BTreeMap<String, RawFd>,
 }
 
-/// The supervisor's part of the state.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SupervisorState {
-    pub settings: crate::config::Settings,
-    /// Every spec in use, each once; slots and workers refer to them by index.
-    pub specs: Vec<crate::spawn::Spec>,
-    pub spec: usize,
-    pub generation: u64,
-    pub desired: usize,
-    pub slots: Vec<SlotState>,
-    pub workers: Vec<WorkerRecord>,
-    pub last_reload: Option<crate::control::protocol::LastReload>,
-    pub watchdog_timeouts: u64,
-    pub sent_ready: bool,
-    pub next_memory_check_ns: Option<i64>,
+/// The names of a worker's descriptors in [`Handover::fds`]: `pidfd-<slot>-<generation>-<pid>`,
+/// `out-…`, `err-…`, `ipc-…` (Node IPC channel), `bind-…` (bind filter).
+pub fn fd_name(kind: &str, slot: usize, generation: u64, pid: i32) -> String {
+    format!("{kind}-{slot}-{generation}-{pid}")
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SlotState {
-    pub id: usize,
-    pub active: Option<i32>,
-    pub spec: usize,
-    pub failures: u32,
-    pub restarts: u32,
-    pub restart_at_ns: Option<i64>,
-    pub settled: bool,
-    pub last_error: Option<String>,
-}
+/// The fixed names in [`Handover::fds`].
+pub const FD_CONTROL: &str = "control";
+pub const FD_METRICS_HTTP: &str = "metrics-http";
+pub const FD_REPLY: &str = "reply";
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WorkerRecord {
-    pub pid: i32,
-    pub slot: usize,
-    pub spec: usize,
-    pub state: WorkerPhase,
-    pub role: crate::worker::Role,
-    pub started_ns: i64,
-    pub pidfd: RawFd,
-    pub stdout: RawFd,
-    pub stderr: RawFd,
-    /// The supervisor's end of a Node worker's IPC channel (absent in states written before
-    /// there were channels).
-    #[serde(default)]
-    pub channel: Option<RawFd>,
-    /// Its bind filter's notification descriptor (see `intercept`): carried, so a worker never
-    /// sees `ENOSYS` from bind() because its supervisor's image changed.
-    #[serde(default)]
-    pub bind_notify: Option<RawFd>,
-    /// It bound one of herdsman's sockets itself.
-    #[serde(default)]
-    pub bound: bool,
-    pub tail: Vec<String>,
-    pub failure: Option<crate::worker::Failure>,
-    pub last_ping_ns: i64,
-    pub memory_strikes: u32,
-}
-
-/// [`crate::worker::State`] with its instants as `CLOCK_MONOTONIC` nanoseconds.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum WorkerPhase {
-    Starting { deadline_ns: i64 },
-    Ready { since_ns: i64 },
-    Draining { since_ns: i64 },
-    Stopping { kill_at_ns: i64 },
-    Killed,
-}
-
-impl WorkerPhase {
-    pub fn of(s: crate::worker::State, c: &Clock) -> WorkerPhase {
-        match s {
-            crate::worker::State::Starting { deadline } => {
-                WorkerPhase::Starting { deadline_ns: c.to_ns(deadline) }
-            }
-            crate::worker::State::Ready { since } => WorkerPhase::Ready { since_ns: c.to_ns(since) },
-            crate::worker::State::Draining { since } => WorkerPhase::Draining { since_ns: c.to_ns(since) },
-            crate::worker::State::Stopping { kill_at } => {
-                WorkerPhase::Stopping { kill_at_ns: c.to_ns(kill_at) }
-            }
-            crate::worker::State::Killed => WorkerPhase::Killed,
+/// The descriptors the listening sockets', steering's and the notify socket's states refer to
+/// by key (every name in `table` but the supervisor's own), taken out of `fds` (by name) into
+/// a [`crate::sys::HandedOver`] keyed as those states expect.
+pub fn keyed(
+    table: &BTreeMap<String, RawFd>,
+    fds: &mut BTreeMap<String, OwnedFd>,
+    prefixes: &[&str],
+) -> std::io::Result<crate::sys::HandedOver> {
+    let mut by_key = std::collections::HashMap::new();
+    for (name, key) in table {
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
         }
+        let fd = fds.remove(name).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("descriptor {name} missing"))
+        })?;
+        by_key.insert(*key, fd);
     }
-
-    pub fn state(self, c: &Clock) -> crate::worker::State {
-        match self {
-            WorkerPhase::Starting { deadline_ns } => {
-                crate::worker::State::Starting { deadline: c.instant(deadline_ns) }
-            }
-            WorkerPhase::Ready { since_ns } => crate::worker::State::Ready { since: c.instant(since_ns) },
-            WorkerPhase::Draining { since_ns } => {
-                crate::worker::State::Draining { since: c.instant(since_ns) }
-            }
-            WorkerPhase::Stopping { kill_at_ns } => {
-                crate::worker::State::Stopping { kill_at: c.instant(kill_at_ns) }
-            }
-            WorkerPhase::Killed => crate::worker::State::Killed,
-        }
-    }
+    Ok(crate::sys::HandedOver::from_owned(by_key))
 }
+
+/// The name prefixes [`keyed`] hands to the listeners, steering and the notify socket.
+pub const KEYED_PREFIXES: &[&str] = &["listener-", "steer-", "notify-", "legacy-"];
 
 /// The control socket.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ControlState {
-    pub fd: RawFd,
     pub path: PathBuf,
     pub made_dir: Option<PathBuf>,
     pub uid: u32,
@@ -201,7 +146,6 @@ pub struct ControlState {
 /// The metrics endpoint.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HttpState {
-    pub fd: RawFd,
     /// `Some(path)` for a unix socket, `None` for TCP.
     pub unix: Option<PathBuf>,
     pub address: String,
@@ -220,37 +164,6 @@ pub struct Carry {
     pub metrics_http: Option<(OwnedFd, Option<PathBuf>, String)>,
     /// How long the candidate's check may take.
     pub check_timeout: Duration,
-}
-
-/// Converts `Instant`s to `CLOCK_MONOTONIC` nanoseconds and back (both count the same clock
-/// on Linux; `execve` keeps it).
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    at: Instant,
-    mono_ns: i64,
-}
-
-impl Clock {
-    pub fn now() -> Clock {
-        Clock { at: Instant::now(), mono_ns: monotonic_ns() }
-    }
-
-    pub fn to_ns(&self, t: Instant) -> i64 {
-        if t >= self.at {
-            self.mono_ns.saturating_add(t.duration_since(self.at).as_nanos() as i64)
-        } else {
-            self.mono_ns.saturating_sub(self.at.duration_since(t).as_nanos() as i64)
-        }
-    }
-
-    pub fn instant(&self, ns: i64) -> Instant {
-        let d = ns - self.mono_ns;
-        if d >= 0 {
-            self.at + Duration::from_nanos(d as u64)
-        } else {
-            self.at.checked_sub(Duration::from_nanos(d.unsigned_abs())).unwrap_or(self.at)
-        }
-    }
 }
 
 pub fn monotonic_ns() -> i64 {
@@ -389,14 +302,7 @@ impl Candidate {
 /// environment (config `env`, `-e`) and herdsman's own argv. The check needs none of them.
 pub fn redacted(mut state: Handover) -> Handover {
     const HIDDEN: &str = "(redacted)";
-    for (_, v) in &mut state.supervisor.settings.env {
-        *v = HIDDEN.to_string();
-    }
-    for spec in &mut state.supervisor.specs {
-        for (_, v) in &mut spec.env {
-            *v = HIDDEN.to_string();
-        }
-    }
+    state.core.redact(HIDDEN);
     for kv in &mut state.overrides.env {
         let key = kv.split_once('=').map(|(k, _)| k.to_string()).unwrap_or_default();
         *kv = format!("{key}={HIDDEN}");
@@ -532,24 +438,32 @@ fn check_blocking(
 pub fn check_command(input: &mut impl std::io::Read) -> Result<CheckReport, String> {
     let mut buf = Vec::new();
     input.read_to_end(&mut buf).map_err(|e| format!("cannot read the state: {e}"))?;
-    let state: Handover = parse(&buf)?;
-    Ok(CheckReport { version: version().to_string(), state_format: state.format })
+    let (format, _state) = parse_with_format(&buf)?;
+    Ok(CheckReport { version: version().to_string(), state_format: format })
 }
 
-/// Parses a state, refusing formats this binary does not read.
+/// Parses a state, refusing formats this binary does not read; a format-2 state (the previous
+/// release's) is converted (see `supervisor::v2`).
 pub fn parse(bytes: &[u8]) -> Result<Handover, String> {
+    parse_with_format(bytes).map(|(_, h)| h)
+}
+
+/// [`parse`], with the format the state was written in.
+pub fn parse_with_format(bytes: &[u8]) -> Result<(u32, Handover), String> {
     #[derive(Deserialize)]
     struct Head {
         format: u32,
     }
     let head: Head = serde_json::from_slice(bytes).map_err(|e| format!("unreadable upgrade state: {e}"))?;
-    if head.format != STATE_FORMAT {
-        return Err(format!(
-            "upgrade state format {} is not {STATE_FORMAT}, the one this herdsman reads",
-            head.format
-        ));
+    match head.format {
+        STATE_FORMAT => serde_json::from_slice(bytes)
+            .map(|h| (STATE_FORMAT, h))
+            .map_err(|e| format!("unreadable upgrade state: {e}")),
+        STATE_FORMAT_V2 => crate::supervisor::v2::convert(bytes).map(|h| (STATE_FORMAT_V2, h)),
+        other => Err(format!(
+            "upgrade state format {other} is not {STATE_FORMAT} (or {STATE_FORMAT_V2}), the ones this herdsman reads"
+        )),
     }
-    serde_json::from_slice(bytes).map_err(|e| format!("unreadable upgrade state: {e}"))
 }
 
 /// Writes `state` into an inheritable memfd and re-executes `binary`. Returns only if
@@ -581,19 +495,6 @@ pub fn exec(binary: &Candidate, state: &Handover, exporter: Exporter, carry: &Ca
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn instants_survive_the_round_trip_through_the_monotonic_clock() {
-        let c = Clock::now();
-        let past = Instant::now() - Duration::from_secs(3);
-        let future = Instant::now() + Duration::from_millis(1500);
-        let later = Clock::now();
-        for t in [past, future] {
-            let back = later.instant(c.to_ns(t));
-            let diff = if back > t { back - t } else { t - back };
-            assert!(diff < Duration::from_millis(1), "{diff:?}");
-        }
-    }
 
     #[test]
     fn a_state_of_another_format_is_refused_by_name_before_it_is_read() {

@@ -1,30 +1,32 @@
 //! One worker process as the supervisor sees it: which slot it serves, which generation it
 //! runs, and where it is in its life (starting → ready → stopping → gone).
+//!
+//! Plain data (`serde`): its descriptors (pidfd, output pipes, IPC channel, bind filter) are
+//! the driver's, in one table keyed by pid (`supervisor::outside::WorkerFds`).
 
-use std::os::fd::OwnedFd;
+use crate::supervisor::Mono;
 use std::sync::Arc;
-use std::time::Instant;
 
-use crate::output::Tail;
 use crate::spawn::Spec;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
 pub enum State {
     /// Started, not ready yet. Fails if not ready by `deadline`.
     Starting {
-        deadline: Instant,
+        deadline: Mono,
     },
     Ready {
-        since: Instant,
+        since: Mono,
     },
     /// A steered worker that no longer receives new connections, accepting what is queued
     /// on its own socket; the stop signal follows.
     Draining {
-        since: Instant,
+        since: Mono,
     },
     /// Stop signal sent; SIGKILL at `kill_at`.
     Stopping {
-        kill_at: Instant,
+        kill_at: Mono,
     },
     /// SIGKILLed (failed, hung, or out of stop time): its exit event is on the way.
     Killed,
@@ -73,29 +75,22 @@ impl std::fmt::Display for Failure {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Worker {
     pub pid: i32,
     pub slot: usize,
     pub spec: Arc<Spec>,
     pub state: State,
     pub role: Role,
-    pub started: Instant,
-    pub pidfd: Arc<OwnedFd>,
-    pub tail: Tail,
-    /// The read ends of its stdout and stderr pipes (shared with their readers), to hand
-    /// over in an upgrade.
-    pub pipes: [Arc<OwnedFd>; 2],
-    /// The supervisor's end of its Node IPC channel (see `ipc`), to send PM2's `shutdown`
-    /// and to hand over in an upgrade; `None` for other programs.
-    pub channel: Option<Arc<OwnedFd>>,
-    /// Its bind filter's notification descriptor (see `intercept`), to hand over in an
-    /// upgrade; `None` without interception.
-    pub bind_notify: Option<Arc<OwnedFd>>,
+    pub started: Mono,
+    /// It has a Node IPC channel (see `ipc`; the descriptor is the driver's).
+    pub has_channel: bool,
+    /// Its binds are intercepted (see `intercept`; the descriptor is the driver's).
+    pub intercepted: bool,
     /// It bound one of herdsman's sockets itself (through the bind filter).
     pub bound: bool,
     /// When it first did (this image's clock; for `--ready listen|auto`).
-    pub bound_at: Option<Instant>,
+    pub bound_at: Option<Mono>,
     /// It was told (once) that it binds a port herdsman does not serve.
     pub warned_foreign: bool,
     /// Trapped calls of its that could not be inspected (`intercept::Seen::Failed`): the
@@ -106,7 +101,7 @@ pub struct Worker {
     pub failure: Option<Failure>,
 
     /// Last `WATCHDOG=1` (or its start).
-    pub last_ping: Instant,
+    pub last_ping: Mono,
     /// Memory samples in a row above the limit.
     pub memory_strikes: u32,
 }
@@ -117,7 +112,7 @@ impl Worker {
     /// (`auto` without a bind: `alive:1s`). `None`: only a message makes it ready.
     ///
     /// [`LISTEN_SKIPPED`]: crate::config::values::LISTEN_SKIPPED
-    pub fn ready_by_clock(&self) -> Option<Instant> {
+    pub fn ready_by_clock(&self) -> Option<Mono> {
         use crate::config::{ReadyMode, values::LISTEN_SKIPPED};
         match (self.spec.ready, self.bound_at) {
             (ReadyMode::Alive(d), _) => Some(self.started + d),
@@ -139,21 +134,6 @@ impl Worker {
             State::Ready { .. } => W::Ready,
             State::Draining { .. } => W::Draining,
             State::Stopping { .. } | State::Killed => W::Stopping,
-        }
-    }
-
-    /// Sends `sig` to the worker and, with `group`, to its whole process group.
-    ///
-    /// The only way the supervisor signals a worker. The leader is signalled through its
-    /// pidfd; the group by pgid, which is safe because a worker stays in the supervisor's
-    /// table only until it is reaped, and the supervisor reaps it only after its exit event
-    /// (see `supervisor::exits`): until then its pid, and so its pgid, cannot be reused.
-    pub fn signal(&self, sig: nix::sys::signal::Signal, group: bool) {
-        if let Err(e) = crate::sys::pidfd_signal(&self.pidfd, sig as i32) {
-            tracing::debug!("signal {sig} to {}: {e}", self.pid);
-        }
-        if group {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), sig);
         }
     }
 }

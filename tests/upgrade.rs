@@ -662,3 +662,91 @@ fn untrusted(path: &Path) -> Option<String> {
     }
     None
 }
+
+/// The previous release's binary (built from b6cbf91, state format 2), from
+/// `HERDSMAN_PREVIOUS_BIN`. Without it the test is skipped with a note, except in CI (`CI`
+/// set), where it must run.
+fn previous_release(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("HERDSMAN_PREVIOUS_BIN") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!(
+                "{test}: set HERDSMAN_PREVIOUS_BIN to a herdsman built from the previous release (see .ci/run)"
+            )
+        }
+        None => {
+            skip(
+                test,
+                "HERDSMAN_PREVIOUS_BIN is not set (a herdsman built from the previous release, b6cbf91)",
+            );
+            None
+        }
+    }
+}
+
+/// issue 24: the state format changed (3: the core serialized as it is, descriptors by name);
+/// an upgrade from the previous release, which writes format 2, must keep every worker.
+#[test]
+fn an_upgrade_from_the_previous_release_keeps_every_worker_and_the_new_image_supervises() {
+    let test = "an_upgrade_from_the_previous_release_keeps_every_worker_and_the_new_image_supervises";
+    let Some(previous) = previous_release(test) else { return };
+    let dir = root_dir("upgrade-previous");
+    let control = dir.path("control.sock");
+    let old = copy_of(&previous, &dir, "herdsman-previous");
+    let run = Run::new(&dir, 3).worker_env("TW_NOTIFY", "1").arg("--ready").arg("notify");
+    let mut args = run.args;
+    args.extend(["--".to_string(), "python3".to_string(), worker_py()]);
+    let mut cmd = Command::new(&old);
+    cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+    let mut child = cmd.spawn().expect("spawn the previous herdsman");
+    let stderr = capture(child.stderr.take().unwrap(), true);
+    let stdout = capture(child.stdout.take().unwrap(), false);
+    let mut h = Herdsman { child: Some(child), stderr, stdout, addr: run.addr };
+    ready(&control, 3);
+    // A restart before the upgrade: its count must carry over too.
+    let victim = workers(&status(&control))[0].1;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let before = wait_for(LONG, "slot 0 restarted", || {
+        let st = status(&control);
+        let w = workers(&st);
+        (w.len() == 3 && w[0].3 == 1 && w[0].1 != victim && st["ready"] == 3).then_some(st)
+    });
+    assert_eq!(exe(h.pid()), old);
+    let copy = copy_of_herdsman(&dir, "herdsman-new");
+    let out = upgrade(&control, &copy);
+    assert!(out.status.success(), "upgrade failed: {}\n{}", String::from_utf8_lossy(&out.stderr), h.stderr());
+    let after = status(&control);
+    assert_eq!(exe(h.pid()), copy);
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(workers(&after), workers(&before), "workers changed: {}", h.stderr());
+    assert_eq!(after["upgrades"], 1);
+    assert_eq!(after["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(after["generation"], before["generation"]);
+    for _ in 0..20 {
+        assert!(h.get()["pid"].as_i64().is_some());
+    }
+    // The new image supervises the workers it took over: a crash, a reload, a stop.
+    let victim = workers(&after)[1].1;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    wait_for(LONG, "slot 1 restarted by the new image", || {
+        let w = workers(&status(&control));
+        (w.len() == 3 && w[1].1 != victim && w[1].1 > 0 && w[1].3 == 1).then_some(())
+    });
+    let r = cli(&["reload", control.to_str().unwrap()]);
+    assert!(r.status.success(), "reload after upgrade: {}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(ready(&control, 3)["generation"], 2);
+    h.signal(libc::SIGTERM);
+    assert!(h.wait_exit(LONG).success(), "stop after upgrade: {}", h.stderr());
+    assert!(!control.exists(), "control socket left behind");
+}
+
+/// A copy of `binary` in `dir` (owned by the test's user, not writable by others).
+fn copy_of(binary: &Path, dir: &TempDir, name: &str) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::copy(binary, &p).unwrap();
+    chmod(&p, 0o755);
+    p
+}

@@ -4,7 +4,8 @@
 //! socket, the control socket, the metrics endpoint, the live workers' descriptors —
 //! all or nothing, and the supervisor goes on in [`super::serve`] as after `run`.
 
-use std::os::fd::RawFd;
+use std::collections::BTreeMap;
+use std::os::fd::{OwnedFd, RawFd};
 
 use super::process::{kernel_and_limits, runtime};
 use super::serve::{Parts, queue_copies, serve};
@@ -26,22 +27,25 @@ pub fn resume(fd: &str, process: &Process) -> Result<(), Failure> {
     // Logging starts once the state says how (`log_format`): a failure to read it is
     // printed on stderr by `main` all the same.
     let state = read_state(fd).map_err(|e| fail("reading the state", &e))?;
-    let journal = process.start_logging(&state.supervisor.settings);
+    let journal = process.start_logging(state.core.settings());
     kernel_and_limits()?;
     sys::set_worker_fd_limit(state.worker_fd_limit);
-    let mut fds = HandedOver::adopt(&state.fds).map_err(|e| fail("adopting the descriptors", &e))?;
+    let fds = adopt_by_name(&state.fds).map_err(|e| fail("adopting the descriptors", &e))?;
     let rt = runtime()?;
     // Adopted sockets register with the runtime's reactor.
     let entered = rt.enter();
-    let settings = state.supervisor.settings.clone();
-    let parts =
-        rebuild(state, &mut fds, journal, process).map_err(|e| fail("rebuilding from the state", &e))?;
-    if fds.left() > 0 {
-        tracing::warn!("upgrade: {} handed-over descriptor(s) were not used and are closed", fds.left());
-    }
-    drop(fds);
+    let settings = state.core.settings().clone();
+    let parts = restore(state, fds, journal, process).map_err(|e| fail("rebuilding from the state", &e))?;
     drop(entered);
     serve(settings, parts, rt, process)
+}
+
+/// Adopts the descriptors `execve` carried (numbers, all open and listed once, or none taken)
+/// as the table by name that [`restore`] takes.
+fn adopt_by_name(table: &BTreeMap<String, RawFd>) -> std::io::Result<BTreeMap<String, OwnedFd>> {
+    let numbers: Vec<RawFd> = table.values().copied().collect();
+    let mut fds = HandedOver::adopt(&numbers)?;
+    table.iter().map(|(name, n)| Ok((name.clone(), fds.take(*n)?))).collect()
 }
 
 /// The take-over failed: said in the log too, as the previous image reads it there.
@@ -60,13 +64,37 @@ fn read_state(fd: &str) -> Result<Handover, String> {
     upgrade::parse(&bytes)
 }
 
-/// The [`Parts`] a fresh start would have bound, from the state and its descriptors.
-fn rebuild(
+/// The [`Parts`] a fresh start would have bound, from the state and its descriptors by name
+/// (`fds`: every descriptor `state.fds` names, wherever it came from: `execve` or a store).
+/// Descriptors left over are closed, with a warning.
+pub(crate) fn restore(
     state: Handover,
-    fds: &mut HandedOver,
+    mut fds: BTreeMap<String, OwnedFd>,
     journal: Option<Sink>,
     process: &Process,
 ) -> std::io::Result<Parts> {
+    let mut keyed = upgrade::keyed(&state.fds, &mut fds, upgrade::KEYED_PREFIXES)?;
+    let parts = rebuild(state, &mut keyed, &mut fds, journal, process)?;
+    let left = keyed.left() + fds.len();
+    if left > 0 {
+        tracing::warn!("upgrade: {left} handed-over descriptor(s) were not used and are closed");
+    }
+    Ok(parts)
+}
+
+fn rebuild(
+    state: Handover,
+    keyed: &mut HandedOver,
+    named: &mut BTreeMap<String, OwnedFd>,
+    journal: Option<Sink>,
+    process: &Process,
+) -> std::io::Result<Parts> {
+    let mut take = |name: &str| {
+        named.remove(name).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("descriptor {name} missing"))
+        })
+    };
+    let fds = keyed;
     let listeners = Listeners::adopt(state.listeners, fds)?;
     // The previous image is gone: a value it never read (an older binary) must not stop the
     // take-over; it means the hash, with a warning.
@@ -85,23 +113,23 @@ fn rebuild(
     };
     let notify = WorkerNotify::adopt(state.notify, fds)?;
     let c = state.control;
-    let control = server::Bound::adopt(fds.take(c.fd)?, c.path, c.made_dir)?;
+    let control = server::Bound::adopt(take(upgrade::FD_CONTROL)?, c.path, c.made_dir)?;
     let metrics_bound = match state.metrics_http {
-        Some(h) => Some(metrics::http::Bound::adopt(fds.take(h.fd)?, h.unix, h.address)?),
+        Some(h) => Some(metrics::http::Bound::adopt(take(upgrade::FD_METRICS_HTTP)?, h.unix, h.address)?),
         None => None,
     };
-    let dir = notify_dir(&state.supervisor.settings, &process.paths());
+    let dir = notify_dir(state.core.settings(), &process.paths());
     let metrics = Metrics::resume(dir, queue_copies(&listeners), state.metrics);
-    let reply = state.reply.map(|r| fds.take(r)).transpose()?;
+    let reply = named.remove(upgrade::FD_REPLY);
     let done = UpgradeDone {
         version: upgrade::version().to_string(),
         from_version: state.from_version.clone(),
         pid: std::process::id(),
         upgrades: state.upgrades,
         took_ms: (upgrade::monotonic_ns() - state.exec_at_ns) as f64 / 1e6,
-        workers: state.supervisor.workers.len(),
+        workers: state.core.workers(),
     };
-    let resumed = Resumed::take(state.supervisor, fds, reply.map(|r| (r, done)), state.upgrades)?;
+    let resumed = Resumed::take(state.core, state.tails, named, reply.map(|r| (r, done)), state.upgrades)?;
     Ok(Parts {
         journal,
         listeners,

@@ -1,16 +1,32 @@
 //! Events into the supervisor loop: worker exits, notify messages from workers, timers.
+//!
+//! Each comes in through the driver ([`Supervisor`]), which turns it into an input for the
+//! core (resolving what only it can: a notify sender's process group, a draining worker's
+//! accept queue, an exited worker's descriptors and last output), and the core's half
+//! ([`Core`]) decides, returning [`Command`]s the driver applies.
 
-use std::time::Instant;
+use std::collections::HashMap;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use super::clock::Mono;
+use super::command::Command;
 use super::exits::{describe_exit, failure_detail, failure_report, stop_signal_hint};
 use super::pool::DRAIN_GRACE;
-use super::{Event, Supervisor, human};
+use super::rollout::ReloadFailure;
+use super::{Core, Event, Supervisor, human};
 use crate::config::ReadyMode;
 use crate::notify::Message;
 use crate::worker::{Failure, FailureKind, Role, State};
+
+/// A draining worker's accept queue, as the driver sees it: connections still queued, and
+/// whether its sockets hold the connections parked for the next start.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Drain {
+    pub queued: u32,
+    pub parked: bool,
+}
 
 impl Supervisor {
     pub(super) fn on_event(&mut self, ev: Event) {
@@ -20,21 +36,100 @@ impl Supervisor {
             Event::Channel { pid, msg } => return self.on_channel(pid, msg),
             Event::Intercepted { pid, seen } => return self.on_intercepted(pid, seen),
         };
-        let Some(w) = self.pool.workers.remove(&pid) else { return };
-        self.outside.release(pid);
+        let Some(w) = self.core.pool.remove_worker(pid) else { return };
+        let fds = self.outside.release(pid);
         if w.intercept_failures > 1 && !is_power_of_ten(w.intercept_failures) {
-            tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = pid, "worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures);
+            tracing::warn!(app = %self.core.app, worker_id = w.slot, worker_pid = pid, "worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures);
         }
         // Whatever the worker left in its process group was killed before this event was
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
-        self.outside.host.reap(&w);
-        let how = describe_exit(status);
+        let tail = match &fds {
+            Some(f) => {
+                self.outside.host.reap(pid, f);
+                f.tail.lines()
+            }
+            None => Vec::new(),
+        };
         self.outside.metrics.exited(
             pid,
             w.slot,
             crate::metrics::Reason::of(w.failure.as_ref().map(|f| f.kind), status),
         );
+        let (now, unix) = (self.now(), self.unix_now());
+        let commands = self.core.on_exit(w, status, &tail, now, unix);
+        self.apply(commands);
+    }
+
+    pub(super) fn on_notify(&mut self, msg: Message) {
+        let pid = if self.core.pool.workers().contains_key(&msg.pid) {
+            msg.pid
+        } else {
+            // A child of the worker (e.g. `npm start` → node) speaks for its process group.
+            match nix::unistd::getpgid(Some(Pid::from_raw(msg.pid))) {
+                Ok(pg) if self.core.pool.workers().contains_key(&pg.as_raw()) => pg.as_raw(),
+                _ => {
+                    tracing::debug!("notify message from unknown pid {} ignored", msg.pid);
+                    return;
+                }
+            }
+        };
         let now = self.now();
+        let commands = self.core.on_notify(pid, &msg.assignments, now);
+        self.apply(commands);
+    }
+
+    /// A Node worker's IPC message: `process.send('ready')` counts exactly like `READY=1`.
+    pub(super) fn on_channel(&mut self, pid: i32, msg: crate::ipc::Incoming) {
+        let now = self.now();
+        let commands = match msg {
+            crate::ipc::Incoming::Ready => self.core.notified_ready(pid, now),
+        };
+        self.apply(commands);
+    }
+
+    /// Time passed: the driver reads each draining worker's accept queue, the core decides.
+    pub(super) fn on_timers(&mut self, now: Mono) {
+        let stopping = self.core.stopping;
+        let drains: HashMap<i32, Drain> = self
+            .core
+            .pool
+            .workers()
+            .values()
+            .filter(|w| matches!(w.state, State::Draining { .. }))
+            .map(|w| {
+                let queued = self.outside.queued(w.pid);
+                // While stopping, nothing receives and new connections are parked on member
+                // 0 for the next start: its worker need not (and could not) empty it.
+                (w.pid, Drain { queued, parked: stopping && self.outside.holds_parking(w.pid) })
+            })
+            .collect();
+        let commands = self.core.on_timers(now, &drains);
+        self.apply(commands);
+    }
+
+    /// The memory sample [`Command::SampleMemory`] asked for.
+    pub(super) fn sample_memory(&mut self) {
+        let pids: Vec<i32> = self.core.pool.workers().keys().copied().collect();
+        let rss = self.outside.host.memory(&pids);
+        let commands = self.core.health.check_memory(&mut self.core.pool, &rss);
+        self.apply(commands);
+    }
+}
+
+impl Core {
+    /// Worker `w` exited (`tail`: its last output lines, read by the driver): its slot
+    /// restarts, or the roll-out or health replacement it belonged to fails.
+    pub(super) fn on_exit(
+        &mut self,
+        w: crate::worker::Worker,
+        status: nix::sys::wait::WaitStatus,
+        tail: &[String],
+        now: Mono,
+        unix: u64,
+    ) -> Vec<Command> {
+        let pid = w.pid;
+        let how = describe_exit(status);
+        let mut out = Vec::new();
         let ran = now.duration_since(w.started);
         // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.
         let owned = self.rollouts.owns(pid);
@@ -52,8 +147,7 @@ impl Supervisor {
                     .failure
                     .as_ref()
                     .map_or_else(|| format!("{how} before it was ready"), Failure::to_string);
-                let effects = self.health.replacement_failed(pid, &failure_report(&w, &reason));
-                self.apply(effects);
+                out.extend(self.health.replacement_failed(pid, &failure_report(&w, tail, &reason)));
             }
             (Role::Candidate, state) => {
                 let reason = match (&w.failure, state) {
@@ -65,97 +159,90 @@ impl Supervisor {
                     ),
                     (None, _) => format!("{how} before it was ready"),
                 };
-                let report = failure_report(&w, &reason);
+                let report = failure_report(&w, tail, &reason);
                 tracing::error!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
-                self.fail_rollout(report);
+                out.extend(self.fail_rollout(ReloadFailure::Worker(report), now, unix));
             }
             (Role::Active, state) => {
                 let healthy = matches!(state, State::Ready { since } if now.duration_since(since) >= self.settings.backoff.reset_after);
                 let Some(restart) =
                     self.pool.active_exited(w.slot, pid, healthy, now, &self.settings.backoff)
                 else {
-                    return;
+                    return out;
                 };
-                self.outside.metrics.restarted(w.slot);
+                out.push(Command::RestartMetric { slot: w.slot });
                 let reason = match (&w.failure, state) {
                     (Some(f), _) => f.to_string(),
                     (None, State::Starting { .. }) => format!("{how} before it was ready"),
                     (None, _) => format!("{how} after {}", human(ran)),
                 };
-                let report = failure_report(&w, &reason);
-                self.pool.set_last_error(w.slot, failure_detail(&w, &reason));
+                let report = failure_report(&w, tail, &reason);
+                self.pool.set_last_error(w.slot, failure_detail(&w, tail, &reason));
                 tracing::warn!(
                     app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
                     "{report}; restarting in {} ({})", human(restart.delay), restart.streak
                 );
                 if owned {
-                    self.fail_rollout(report);
+                    out.extend(self.fail_rollout(ReloadFailure::Worker(report), now, unix));
                 }
             }
         }
+        out
     }
 
-    pub(super) fn on_notify(&mut self, msg: Message) {
-        let pid = if self.pool.workers.contains_key(&msg.pid) {
-            msg.pid
-        } else {
-            // A child of the worker (e.g. `npm start` → node) speaks for its process group.
-            match nix::unistd::getpgid(Some(Pid::from_raw(msg.pid))) {
-                Ok(pg) if self.pool.workers.contains_key(&pg.as_raw()) => pg.as_raw(),
-                _ => {
-                    tracing::debug!("notify message from unknown pid {} ignored", msg.pid);
-                    return;
-                }
-            }
-        };
-        let now = self.now();
-        for (key, value) in msg.assignments {
+    /// A notify message from worker `pid` (already resolved to the worker).
+    pub(super) fn on_notify(
+        &mut self,
+        pid: i32,
+        assignments: &[(String, String)],
+        now: Mono,
+    ) -> Vec<Command> {
+        let mut out = Vec::new();
+        for (key, value) in assignments {
             match key.as_str() {
-                "READY" if value == "1" => self.notified_ready(pid),
+                "READY" if value == "1" => out.extend(self.notified_ready(pid, now)),
                 "WATCHDOG" if value == "1" => {
-                    if let Some(w) = self.pool.workers.get_mut(&pid) {
+                    if let Some(w) = self.pool.worker_mut(pid) {
                         w.last_ping = now;
                     }
                 }
                 _ => {}
             }
         }
-    }
-
-    /// A Node worker's IPC message: `process.send('ready')` counts exactly like `READY=1`.
-    pub(super) fn on_channel(&mut self, pid: i32, msg: crate::ipc::Incoming) {
-        match msg {
-            crate::ipc::Incoming::Ready => self.notified_ready(pid),
-        }
+        out
     }
 
     /// The worker said it is ready (`READY=1`, or `'ready'` on its IPC channel): under
     /// `--ready notify`, a starting worker becomes ready.
-    fn notified_ready(&mut self, pid: i32) {
-        let now = self.now();
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+    pub(super) fn notified_ready(&mut self, pid: i32, now: Mono) -> Vec<Command> {
+        let Some(w) = self.pool.worker_mut(pid) else { return Vec::new() };
         if matches!(w.state, State::Starting { .. }) && w.spec.ready == ReadyMode::Notify {
             w.state = State::Ready { since: now };
-            self.on_ready(pid);
+            return self.on_ready(pid, now);
         }
+        Vec::new()
     }
 
-    pub(super) fn on_ready(&mut self, pid: i32) {
-        self.outside.steer_receiving(pid, true);
-        let Some(w) = self.pool.workers.get(&pid) else { return };
-        let took = w.started.elapsed();
-        self.outside.metrics.ready(took);
+    /// `pid` just became ready: it receives connections, it counts.
+    pub(super) fn on_ready(&mut self, pid: i32, now: Mono) -> Vec<Command> {
+        let Some(w) = self.pool.worker(pid) else { return vec![Command::Receiving { pid, on: true }] };
+        let took = now.duration_since(w.started);
         tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
-        if let Some(slot) = self.pool.slots.get_mut(&w.slot) {
+        if let Some(slot) = self.pool.slot_mut(w.slot) {
             slot.settled = true;
         }
+        vec![Command::Receiving { pid, on: true }, Command::ReadyMetric { took }]
     }
 
-    pub(super) fn on_timers(&mut self, now: Instant) {
+    /// The timers at `now`: ready by the clock, ready timeouts, drains (`drains`: their
+    /// accept queues, from the driver), kill timers, watchdogs, the memory sample, the
+    /// manager's watchdog.
+    pub(super) fn on_timers(&mut self, now: Mono, drains: &HashMap<i32, Drain>) -> Vec<Command> {
+        let mut out = Vec::new();
         let mut became_ready = Vec::new();
         let mut timed_out = Vec::new();
-        let outside = &mut self.outside;
-        for (pid, w) in self.pool.workers.iter_mut() {
+        for w in self.pool.workers_mut() {
+            let pid = &w.pid;
             match w.state {
                 State::Starting { deadline } => {
                     if let Some(at) = w.ready_by_clock() {
@@ -173,51 +260,43 @@ impl Supervisor {
                     }
                 }
                 State::Draining { since } => {
-                    let queued = outside.queued(*pid);
+                    let Drain { queued, parked } = drains.get(pid).copied().unwrap_or_default();
                     let out_of_time = now >= since + w.spec.stop_timeout;
-                    // While stopping, nothing receives and new connections are parked on
-                    // member 0 for the next start: its worker need not (and could not) empty it.
-                    let parked = self.stopping && outside.holds_parking(*pid);
                     if now >= since + DRAIN_GRACE && (queued == 0 || out_of_time || parked) {
                         if queued > 0 && !parked {
                             tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
                         }
                         w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
-                        outside.ask_to_stop(w);
+                        out.push(Command::AskToStop(*pid));
                     }
                 }
                 State::Stopping { kill_at } if now >= kill_at => {
                     tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
-                    outside.signal(w, Signal::SIGKILL, true);
                     w.state = State::Killed;
+                    out.push(Command::Signal { pid: *pid, sig: Signal::SIGKILL, group: true });
                 }
                 _ => {}
             }
         }
         for pid in became_ready {
-            self.on_ready(pid);
+            out.extend(self.on_ready(pid, now));
         }
         for pid in timed_out {
-            if let Some(w) = self.pool.workers.get(&pid) {
+            if let Some(w) = self.pool.worker(pid) {
                 let why = format!("not ready within {} (ready timeout)", human(w.spec.ready_timeout));
-                self.kill_now(pid, Some(Failure::new(FailureKind::ReadyTimeout, why)));
+                out.push(Command::Kill { pid, failure: Some(Failure::new(FailureKind::ReadyTimeout, why)) });
             }
         }
-        self.check_health(now);
-        self.manager.ping_if_due(now);
-    }
-
-    /// Watchdogs, then (when due) memory: what [`super::health::Health`] decides is applied.
-    fn check_health(&mut self, now: Instant) {
+        // Watchdogs, then (when due) memory: what [`super::health::Health`] decides.
         let rollouts = &self.rollouts;
-        let effects = self.health.check_watchdogs(&self.pool, now, |pid| rollouts.owns(pid));
-        self.apply(effects);
+        out.extend(self.health.check_watchdogs(&self.pool, now, |pid| rollouts.owns(pid)));
         if self.health.memory_due(now) {
-            let pids: Vec<i32> = self.pool.workers.keys().copied().collect();
-            let rss = self.outside.host.memory(&pids);
-            let effects = self.health.check_memory(&mut self.pool, &rss);
-            self.apply(effects);
+            out.push(Command::SampleMemory);
         }
+        if let Some(msg) = self.manager.ping_if_due(now) {
+            out.push(Command::Notify(msg.to_string()));
+        }
+        out
     }
 }
 
@@ -246,7 +325,8 @@ impl Supervisor {
             }
             other => other,
         };
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        let now = self.now();
+        let Some(w) = self.core.pool.worker_mut(pid) else { return };
         let (slot, generation) = (w.slot, w.spec.generation);
         match seen {
             Seen::Bound { asked, served, .. } => {
@@ -256,31 +336,32 @@ impl Supervisor {
                     } else {
                         format!(" (it asked for {asked}; herdsman serves {served})")
                     };
-                    tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
+                    tracing::info!(app = %self.core.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
                 }
                 w.bound = true;
-                w.bound_at.get_or_insert(self.outside.host.now());
+                w.bound_at.get_or_insert(now);
             }
             Seen::Listened => {
                 let listen = matches!(w.spec.ready, ReadyMode::Listen | ReadyMode::Auto);
                 if listen && matches!(w.state, State::Starting { .. }) {
-                    w.state = State::Ready { since: self.outside.host.now() };
-                    self.on_ready(pid);
+                    w.state = State::Ready { since: now };
+                    let commands = self.core.on_ready(pid, now);
+                    self.apply(commands);
                 }
             }
             Seen::Foreign { asked } if !w.warned_foreign => {
                 w.warned_foreign = true;
                 let ours = self.outside.sockets.join(", ");
-                tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");
+                tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");
             }
             Seen::Foreign { .. } => {}
             Seen::Failed(why) => {
                 w.intercept_failures += 1;
                 let n = w.intercept_failures;
                 if n == 1 {
-                    tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
+                    tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
                 } else if is_power_of_ten(n) {
-                    tracing::warn!(app = %self.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): {n} bind interception failures so far (the latest: {why}); only the first is logged in full");
+                    tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): {n} bind interception failures so far (the latest: {why}); only the first is logged in full");
                 }
             }
         }

@@ -72,26 +72,25 @@ pub(super) fn describe_exit(status: WaitStatus) -> String {
     }
 }
 
-pub(super) fn failure_report(w: &Worker, reason: &str) -> String {
+pub(super) fn failure_report(w: &Worker, tail: &[String], reason: &str) -> String {
     format!(
         "worker {} (pid {}, generation {}) {}",
         w.slot,
         w.pid,
         w.spec.generation,
-        failure_detail(w, reason)
+        failure_detail(w, tail, reason)
     )
 }
 
 /// `reason`, then the worker's last output lines and a hint when they name a known mistake:
-/// what `status` shows as the slot's `last_error`.
-pub(super) fn failure_detail(w: &Worker, reason: &str) -> String {
+/// what `status` shows as the slot's `last_error`. `tail`: its last output lines.
+pub(super) fn failure_detail(w: &Worker, tail: &[String], reason: &str) -> String {
     let mut report = reason.to_string();
-    let tail = w.tail.lines();
     if !tail.is_empty() {
         report.push_str("; last output: ");
         report.push_str(&tail.join(" ⏎ "));
     }
-    let intercepted = w.bind_notify.is_some();
+    let intercepted = w.intercepted;
     if tail
         .iter()
         .any(|l| l.contains("EADDRINUSE") || l.to_ascii_lowercase().contains("address already in use"))
@@ -120,11 +119,8 @@ pub(super) fn stop_signal_hint(w: &Worker, status: WaitStatus) -> Option<String>
     }
     let name = sig.as_str();
     // A Node worker (it has PM2's channel) may be written for PM2's shutdown message instead.
-    let message = if w.channel.is_some() {
-        ", or --stop-signal message if it handles PM2's 'shutdown' message"
-    } else {
-        ""
-    };
+    let message =
+        if w.has_channel { ", or --stop-signal message if it handles PM2's 'shutdown' message" } else { "" };
     Some(if sig == nix::sys::signal::Signal::SIGTERM {
         format!(
             "the stop signal it was sent: unless it drained first and re-raised it (as Puma does), it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass --stop-signal SIGINT if it handles SIGINT (PM2's stop signal){message}"

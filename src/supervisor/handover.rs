@@ -2,29 +2,28 @@
 //! an upgrade may start, the check, the exec, and the supervisor's part of the state.
 //!
 //! The part: [`Upgrades`] holds the upgrade asked for, the reloads deferred behind it, the
-//! count of upgrades so far and what an upgrade carries that the loop does not own. Writing
-//! the state and taking it over reads every other part (that is what a handover is), so
-//! those stay on `Supervisor`.
+//! count of upgrades so far and what an upgrade carries that the loop does not own.
+//!
+//! The state handed over is the core as it is (`serde` of [`Core`]) and the driver's
+//! descriptors in one table by name ([`Supervisor::fd_table`]); the new image takes them back
+//! through [`Resumed::take`] and [`Supervisor::resume`], whatever brought the descriptors
+//! (`execve` today; systemd's fd store is meant to use the same path).
 
-use std::collections::{BTreeMap, HashMap};
-use std::os::fd::RawFd;
+use std::collections::BTreeMap;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::pool::Slot;
-use super::{Event, Supervisor};
+use super::clock::Mono;
+use super::outside::WorkerFds;
+use super::{Core, Event, Supervisor};
 use crate::control::protocol::{ReloadOutcome, UpgradeDone};
 use crate::requests::Waiter;
 use crate::spawn::Spec;
-use crate::sys::HandedOver;
-use crate::upgrade::{
-    self, Candidate, Carry, Clock, Exporter, Handover, SlotState, SupervisorState, UpgradeError, WorkerPhase,
-    WorkerRecord,
-};
-use crate::worker::Worker;
+use crate::upgrade::{self, Candidate, Carry, Exporter, Handover, UpgradeError, fd_name};
 
 /// How long the loop lets its tasks write the last answers before `execve`.
 const FLUSH: Duration = Duration::from_millis(50);
@@ -60,7 +59,7 @@ impl Upgrades {
     }
 
     /// When the loop must wake for the upgrade.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Mono> {
         match &self.pending.as_ref()?.phase {
             Phase::Checked { exec_at, .. } => Some(*exec_at),
             _ => None,
@@ -85,34 +84,47 @@ enum Phase {
     /// Checked; the exec follows once the loop's tasks had `FLUSH` to write.
     Checked {
         report: upgrade::CheckReport,
-        exec_at: Instant,
+        exec_at: Mono,
     },
 }
 
 /// The supervisor's part, rebuilt by the new image: ready to run (see `supervisor::run`).
 pub struct Resumed {
-    pub(super) state: SupervisorState,
-    pub(super) fds: HashMap<RawFd, std::os::fd::OwnedFd>,
+    pub(super) core: Core,
+    /// The workers' descriptors, by name (see `upgrade::fd_name`).
+    pub(super) fds: BTreeMap<String, OwnedFd>,
+    /// Each worker's last output lines, by pid.
+    pub(super) tails: BTreeMap<i32, Vec<String>>,
     /// The upgrade client to answer, with what to tell it.
-    pub(super) reply: Option<(std::os::fd::OwnedFd, UpgradeDone)>,
+    pub(super) reply: Option<(OwnedFd, UpgradeDone)>,
     pub(super) upgrades: u64,
 }
 
 impl Resumed {
-    /// Takes the supervisor's descriptors (pidfds, output pipes, IPC channels) out of `fds`.
+    /// The core and the workers' descriptors, taken by name out of `fds` (every descriptor
+    /// of the state, wherever it came from). Fails if one is missing.
     pub fn take(
-        state: SupervisorState,
-        fds: &mut HandedOver,
-        reply: Option<(std::os::fd::OwnedFd, UpgradeDone)>,
+        core: Core,
+        tails: BTreeMap<i32, Vec<String>>,
+        fds: &mut BTreeMap<String, OwnedFd>,
+        reply: Option<(OwnedFd, UpgradeDone)>,
         upgrades: u64,
     ) -> std::io::Result<Resumed> {
-        let mut own = HashMap::new();
-        for w in &state.workers {
-            for fd in [w.pidfd, w.stdout, w.stderr].into_iter().chain(w.channel).chain(w.bind_notify) {
-                own.insert(fd, fds.take(fd)?);
+        let mut own = BTreeMap::new();
+        for w in core.pool.workers().values() {
+            let kinds = ["pidfd", "out", "err"]
+                .into_iter()
+                .chain(w.has_channel.then_some("ipc"))
+                .chain(w.intercepted.then_some("bind"));
+            for kind in kinds {
+                let name = fd_name(kind, w.slot, w.spec.generation, w.pid);
+                let fd = fds.remove(&name).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("descriptor {name} missing"))
+                })?;
+                own.insert(name, fd);
             }
         }
-        Ok(Resumed { state, fds: own, reply, upgrades })
+        Ok(Resumed { core, fds: own, tails, reply, upgrades })
     }
 }
 
@@ -129,7 +141,7 @@ impl Supervisor {
                 let _ = tx.send(Err(e));
             }
         };
-        if self.stopping {
+        if self.core.stopping {
             return refuse(reply, UpgradeError::Stopping);
         }
         if self.upgrades.upgrading() {
@@ -140,11 +152,11 @@ impl Supervisor {
             return refuse(reply, e);
         };
         let binary = binary.unwrap_or_else(|| carry.binary.clone());
-        tracing::info!(app = %self.app, "upgrade requested: re-executing from {}", binary.display());
+        tracing::info!(app = %self.core.app, "upgrade requested: re-executing from {}", binary.display());
         let binary = match Candidate::open(&binary, nix::unistd::geteuid().as_raw()) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(app = %self.app, "upgrade refused: {e}");
+                tracing::error!(app = %self.core.app, "upgrade refused: {e}");
                 return refuse(reply, e);
             }
         };
@@ -154,10 +166,10 @@ impl Supervisor {
     /// Moves a pending upgrade on: check when the loop is quiet, exec once checked.
     pub(super) fn drive_upgrade(&mut self) {
         let Some(up) = &self.upgrades.pending else { return };
-        if self.stopping {
+        if self.core.stopping {
             return self.end_upgrade(Err(UpgradeError::Stopping));
         }
-        let quiet = self.rollouts.idle() && self.health.idle() && !self.pool.has_scale_waiters();
+        let quiet = self.core.rollouts.idle() && self.core.health.idle() && self.scale_waiters.is_empty();
         match &up.phase {
             Phase::Waiting if quiet => {
                 let binary = up.binary.path.clone();
@@ -185,7 +197,7 @@ impl Supervisor {
                     Err(e) => self.end_upgrade(Err(e)),
                 }
             }
-            Phase::Checked { exec_at, .. } if quiet && Instant::now() >= *exec_at => self.exec_upgrade(),
+            Phase::Checked { exec_at, .. } if quiet && self.now() >= *exec_at => self.exec_upgrade(),
             _ => {}
         }
     }
@@ -194,12 +206,12 @@ impl Supervisor {
         let Some(up) = &mut self.upgrades.pending else { return };
         match r {
             Ok(report) => {
-                tracing::info!(app = %self.app, "{} (herdsman {}) passed its take-over check", up.binary.path.display(), report.version);
+                tracing::info!(app = %self.core.app, "{} (herdsman {}) passed its take-over check", up.binary.path.display(), report.version);
                 // Reloads that waited for the upgrade go to the new image: tell their clients.
                 let waiters = std::mem::take(&mut self.upgrades.deferred);
                 let outcome = ReloadOutcome {
                     ok: false,
-                    generation: self.pool.spec.generation,
+                    generation: self.core.pool.spec().generation,
                     message: format!(
                         "the supervisor is being upgraded in place to herdsman {}: send the reload again",
                         report.version
@@ -207,8 +219,9 @@ impl Supervisor {
                     retry: true,
                 };
                 super::answer(waiters, outcome);
+                let exec_at = self.now() + FLUSH;
                 if let Some(up) = &mut self.upgrades.pending {
-                    up.phase = Phase::Checked { report, exec_at: Instant::now() + FLUSH };
+                    up.phase = Phase::Checked { report, exec_at };
                 }
             }
             Err(e) => self.end_upgrade(Err(e)),
@@ -219,7 +232,7 @@ impl Supervisor {
     fn end_upgrade(&mut self, r: Result<UpgradeDone, UpgradeError>) {
         let Some(up) = self.upgrades.pending.take() else { return };
         if let Err(e) = &r {
-            tracing::error!(app = %self.app, "upgrade refused: {e}");
+            tracing::error!(app = %self.core.app, "upgrade refused: {e}");
         }
         if let Some(tx) = up.reply {
             let _ = tx.send(r);
@@ -246,16 +259,16 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => return self.end_upgrade(Err(e)),
         };
-        tracing::info!(app = %self.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.path.display(), self.pool.workers.len());
-        self.manager.send(&format!("STATUS=upgrading in place to herdsman {version}"));
-        self.manager.flush();
+        tracing::info!(app = %self.core.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.path.display(), self.core.pool.workers().len());
+        self.outside.notifier.send(&format!("STATUS=upgrading in place to herdsman {version}"));
+        self.outside.notifier.flush();
         // The last lines must not die with this image.
         self.outside.launcher.output().flush(Duration::from_millis(500));
         crate::logging::flush(Duration::from_millis(500));
         let Some(carry) = &self.upgrades.carry else { return };
         let err = upgrade::exec(&binary, &state, exporter, carry);
         // Still here: execve failed, the duplicates are closed again.
-        self.manager.forget_status();
+        self.core.manager.forget_status();
         self.end_upgrade(Err(err));
     }
 
@@ -264,35 +277,37 @@ impl Supervisor {
     }
 
     /// The whole state, with `ex` deciding the descriptor numbers.
-    fn handover(
-        &self,
-        ex: &mut Exporter,
-        conn: Option<&std::os::fd::OwnedFd>,
-    ) -> Result<Handover, UpgradeError> {
+    fn handover(&self, ex: &mut Exporter, conn: Option<&OwnedFd>) -> Result<Handover, UpgradeError> {
         let prep = |e: std::io::Error| UpgradeError::Prepare(e.to_string());
         let carry =
             self.upgrades.carry.as_ref().ok_or_else(|| UpgradeError::Prepare("nothing to carry".into()))?;
-        let clock = Clock::now();
+        ex.named(upgrade::FD_CONTROL.to_string(), &carry.control.0).map_err(prep)?;
         let control = upgrade::ControlState {
-            fd: ex.fd(&carry.control.0).map_err(prep)?,
             path: carry.control.1.clone(),
             made_dir: carry.control.2.clone(),
             uid: carry.control.3,
             group: carry.control.4,
         };
         let metrics_http = match &carry.metrics_http {
-            Some((fd, unix, address)) => Some(upgrade::HttpState {
-                fd: ex.fd(fd).map_err(prep)?,
-                unix: unix.clone(),
-                address: address.clone(),
-            }),
+            Some((fd, unix, address)) => {
+                ex.named(upgrade::FD_METRICS_HTTP.to_string(), fd).map_err(prep)?;
+                Some(upgrade::HttpState { unix: unix.clone(), address: address.clone() })
+            }
             None => None,
         };
+        ex.prefix("listener");
         let listeners = self.outside.listeners.export(ex).map_err(prep)?;
+        ex.prefix("steer");
         let steering = self.outside.steering.as_ref().map(|s| s.export(ex)).transpose().map_err(prep)?;
+        ex.prefix("notify");
         let notify = self.outside.notify.export(ex).map_err(prep)?;
-        let supervisor = self.export(ex, &clock).map_err(prep)?;
-        let reply = conn.map(|c| ex.fd(c)).transpose().map_err(prep)?;
+        for (name, fd) in self.fd_table() {
+            ex.named(name, fd).map_err(prep)?;
+        }
+        if let Some(c) = conn {
+            ex.named(upgrade::FD_REPLY.to_string(), c).map_err(prep)?;
+        }
+        let tails = self.outside.fds.iter().map(|(pid, f)| (*pid, f.tail.lines())).collect();
         Ok(Handover {
             format: upgrade::STATE_FORMAT,
             from_version: upgrade::version().to_string(),
@@ -310,158 +325,77 @@ impl Supervisor {
             listeners,
             steering,
             notify,
-            supervisor,
-            reply,
-            fds: ex.numbers(),
+            core: self.core.clone(),
+            tails,
+            fds: ex.table(),
         })
     }
 
-    fn export(&self, ex: &mut Exporter, clock: &Clock) -> std::io::Result<SupervisorState> {
-        let mut specs: Vec<Arc<Spec>> = Vec::new();
-        let mut index = |s: &Arc<Spec>| match specs.iter().position(|x| Arc::ptr_eq(x, s)) {
-            Some(i) => i,
-            None => {
-                specs.push(s.clone());
-                specs.len() - 1
+    /// The workers' descriptors, each with its name (`pidfd-<slot>-<generation>-<pid>`,
+    /// `out-…`, `err-…`, `ipc-…`, `bind-…`): what [`Resumed::take`] takes back.
+    pub(super) fn fd_table(&self) -> Vec<(String, &OwnedFd)> {
+        let mut table = Vec::new();
+        for w in self.core.pool.workers().values() {
+            let Some(f) = self.outside.fds.get(&w.pid) else { continue };
+            let name = |kind: &str| fd_name(kind, w.slot, w.spec.generation, w.pid);
+            table.push((name("pidfd"), &*f.pidfd));
+            table.push((name("out"), &*f.pipes[0]));
+            table.push((name("err"), &*f.pipes[1]));
+            if let Some(c) = &f.channel {
+                table.push((name("ipc"), &**c));
             }
-        };
-        let spec = index(&self.pool.spec);
-        let slots = self
-            .pool
-            .slots
-            .iter()
-            .map(|(id, s)| SlotState {
-                id: *id,
-                active: s.active,
-                spec: index(&s.spec),
-                failures: s.failures,
-                restarts: s.restarts,
-                restart_at_ns: s.restart_at.map(|t| clock.to_ns(t)),
-                settled: s.settled,
-                last_error: s.last_error.clone(),
-            })
-            .collect();
-        let mut workers = Vec::new();
-        for w in self.pool.workers.values() {
-            workers.push(WorkerRecord {
-                pid: w.pid,
-                slot: w.slot,
-                spec: index(&w.spec),
-                state: WorkerPhase::of(w.state, clock),
-                role: w.role,
-                started_ns: clock.to_ns(w.started),
-                pidfd: ex.fd(&*w.pidfd)?,
-                stdout: ex.fd(&*w.pipes[0])?,
-                stderr: ex.fd(&*w.pipes[1])?,
-                channel: w.channel.as_deref().map(|c| ex.fd(c)).transpose()?,
-                bind_notify: w.bind_notify.as_ref().map(|n| ex.fd(&**n)).transpose()?,
-                bound: w.bound,
-                tail: w.tail.lines(),
-                failure: w.failure.clone(),
-                last_ping_ns: clock.to_ns(w.last_ping),
-                memory_strikes: w.memory_strikes,
-            });
+            if let Some(b) = &f.bind_notify {
+                table.push((name("bind"), &**b));
+            }
         }
-        let specs = specs.iter().map(|s| Spec::clone(s)).collect();
-        Ok(SupervisorState {
-            settings: self.settings.clone(),
-            specs,
-            spec,
-            generation: self.pool.generation,
-            desired: self.pool.desired,
-            slots,
-            workers,
-            last_reload: self.rollouts.last_reload.clone(),
-            watchdog_timeouts: self.health.watchdog_timeouts,
-            sent_ready: self.manager.sent_ready,
-            next_memory_check_ns: self.health.next_memory_check.map(|t| clock.to_ns(t)),
-        })
+        table
     }
 
-    /// Puts the taken-over state in place (the supervisor was built empty from the same
-    /// settings) and starts watching every worker again.
-    pub(super) fn resume(&mut self, r: Resumed) -> std::io::Result<()> {
-        let Resumed { state, mut fds, reply, upgrades } = r;
-        let clock = Clock::now();
-        let specs: Vec<Arc<Spec>> = state.specs.into_iter().map(Arc::new).collect();
-        let spec_at = |i: usize| {
-            specs.get(i).cloned().ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("spec {i} missing"))
-            })
-        };
-        self.pool.spec = spec_at(state.spec)?;
-        self.pool.generation = state.generation;
-        self.pool.desired = state.desired;
-        self.rollouts.last_reload = state.last_reload;
-        self.health.watchdog_timeouts = state.watchdog_timeouts;
-        self.manager.sent_ready = state.sent_ready;
-        self.health.next_memory_check = state.next_memory_check_ns.map(|n| clock.instant(n));
-        self.upgrades.count = upgrades;
-        let mut slots = BTreeMap::new();
-        for s in state.slots {
-            slots.insert(
-                s.id,
-                Slot {
-                    active: s.active,
-                    spec: spec_at(s.spec)?,
-                    failures: s.failures,
-                    restarts: s.restarts,
-                    restart_at: s.restart_at_ns.map(|n| clock.instant(n)),
-                    settled: s.settled,
-                    last_error: s.last_error,
-                },
-            );
-        }
-        self.pool.slots = slots;
-        let mut take = |fd: RawFd| {
-            fds.remove(&fd).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("fd {fd} missing"))
-            })
-        };
-        for w in state.workers {
-            let pidfd = Arc::new(take(w.pidfd)?);
-            let pipes = [Arc::new(take(w.stdout)?), Arc::new(take(w.stderr)?)];
-            let channel = w.channel.map(&mut take).transpose()?.map(Arc::new);
-            let spec = spec_at(w.spec)?;
-            let bind_notify = w.bind_notify.map(&mut take).transpose()?.map(Arc::new);
-            if let Some(n) = &bind_notify {
-                let fds = self.outside.fds_of(w.pid);
-                let owner = spec.user.as_ref().map(|u| (u.uid, u.gid));
-                self.outside.watch_binds(w.pid, n.clone(), &fds, owner);
-            }
-            let tail = crate::output::Tail::from_lines(w.tail);
-            let output_done =
-                self.outside.launcher.capture(w.slot, w.pid, spec.generation, pipes.clone(), &tail);
-            super::exits::watch_exit(w.pid, pidfd.clone(), output_done, self.outside.events.clone());
-            if let Some(c) = &channel {
-                super::outside::listen_to(w.pid, c.clone(), &self.outside.events);
-            }
-            self.pool.workers.insert(
-                w.pid,
-                Worker {
-                    pid: w.pid,
-                    slot: w.slot,
-                    spec,
-                    state: w.state.state(&clock),
-                    role: w.role,
-                    started: clock.instant(w.started_ns),
-                    pidfd,
-                    tail,
-                    pipes,
-                    channel,
-                    bind_notify,
-                    bound: w.bound,
-                    bound_at: None,
-                    warned_foreign: false,
-                    intercept_failures: 0,
-                    failure: w.failure,
-                    last_ping: clock.instant(w.last_ping_ns),
-                    memory_strikes: w.memory_strikes,
-                },
-            );
-        }
+    /// Puts the taken-over core in place (the supervisor was built empty from the same
+    /// settings), gives every worker its descriptors back and starts watching it again.
+    /// `watchdog`: this image's `WATCHDOG_USEC` interval.
+    pub(super) fn resume(&mut self, r: Resumed, watchdog: Option<Duration>) -> std::io::Result<()> {
+        let Resumed { mut core, mut fds, tails, reply, upgrades } = r;
+        core.intern_specs();
+        let now = self.now();
+        core.manager.set_watchdog(watchdog, now);
         // The manager's watchdog: ping at once (the exec took a moment of it).
-        self.manager.ping_soon(Instant::now());
+        core.manager.ping_soon(now);
+        // The previous image said "upgrading in place" last: the next STATUS= goes out.
+        core.manager.forget_status();
+        self.core = core;
+        self.upgrades.count = upgrades;
+        let mut take = |name: String| {
+            fds.remove(&name).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("descriptor {name} missing"))
+            })
+        };
+        let workers: Vec<(i32, usize, Arc<Spec>, bool, bool)> = self
+            .core
+            .pool
+            .workers()
+            .values()
+            .map(|w| (w.pid, w.slot, w.spec.clone(), w.has_channel, w.intercepted))
+            .collect();
+        for (pid, slot, spec, has_channel, intercepted) in workers {
+            let name = |kind: &str| fd_name(kind, slot, spec.generation, pid);
+            let pidfd = Arc::new(take(name("pidfd"))?);
+            let pipes = [Arc::new(take(name("out"))?), Arc::new(take(name("err"))?)];
+            let channel = if has_channel { Some(Arc::new(take(name("ipc"))?)) } else { None };
+            let bind_notify = if intercepted { Some(Arc::new(take(name("bind"))?)) } else { None };
+            if let Some(n) = &bind_notify {
+                let fds = self.outside.fds_of(pid);
+                let owner = spec.user.as_ref().map(|u| (u.uid, u.gid));
+                self.outside.watch_binds(pid, n.clone(), &fds, owner);
+            }
+            let tail = crate::output::Tail::from_lines(tails.get(&pid).cloned().unwrap_or_default());
+            let output_done = self.outside.launcher.capture(slot, pid, spec.generation, pipes.clone(), &tail);
+            self.outside.host.watch(pid, pidfd.clone(), output_done, &self.outside.events);
+            if let Some(c) = &channel {
+                super::outside::listen_to(pid, c.clone(), &self.outside.events);
+            }
+            self.outside.fds.insert(pid, WorkerFds { pidfd, tail, pipes, channel, bind_notify });
+        }
         if let Some((conn, done)) = reply {
             use std::io::Write;
             let took = done.took_ms;
@@ -469,7 +403,7 @@ impl Supervisor {
             let _ = s.set_nonblocking(false);
             let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = s.write_all(crate::control::protocol::Reply::Upgrade(done).line().as_bytes());
-            tracing::info!(app = %self.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.pool.workers.len());
+            tracing::info!(app = %self.core.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.core.pool.workers().len());
         }
         Ok(())
     }

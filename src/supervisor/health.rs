@@ -7,14 +7,15 @@
 //! replaced only when it stays above the limit for [`MEMORY_STRIKES`] samples in a row.
 //!
 //! The part: [`Health`] holds the replacements in flight and the memory clock. It reads the
-//! pool and answers with [`Effect`]s: replace a worker, kill one, promote a replacement that
+//! pool and answers with [`Command`]s: replace a worker, kill one, promote a replacement that
 //! became ready (the same hand-over a roll-out uses).
 
+use super::clock::Mono;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::effect::Effect;
+use super::command::Command;
 use super::pool::Pool;
 use crate::worker::{Failure, FailureKind, Role, State, Worker};
 
@@ -22,25 +23,25 @@ pub const MEMORY_CHECK: Duration = Duration::from_secs(5);
 const MEMORY_STRIKES: u32 = 2;
 
 /// A replacement in flight: the new worker's old counterpart.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Replacement {
     old: i32,
     /// The old worker is hung: SIGKILL instead of the stop signal.
     hard: bool,
 }
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Health {
     /// Health replacements in flight, by new worker pid.
     replacing: HashMap<i32, Replacement>,
-    pub watchdog_timeouts: u64,
     /// When memory is sampled next (`None`: no worker has a limit).
-    pub next_memory_check: Option<Instant>,
+    pub next_memory_check: Option<Mono>,
     app: Arc<str>,
 }
 
 impl Health {
     pub fn new(app: Arc<str>) -> Health {
-        Health { replacing: HashMap::new(), watchdog_timeouts: 0, next_memory_check: None, app }
+        Health { replacing: HashMap::new(), next_memory_check: None, app }
     }
 
     /// Whether no replacement is in flight.
@@ -49,14 +50,14 @@ impl Health {
     }
 
     /// A worker with a memory limit started: sampling begins.
-    pub fn watch_memory(&mut self, now: Instant) {
+    pub fn watch_memory(&mut self, now: Mono) {
         if self.next_memory_check.is_none() {
             self.next_memory_check = Some(now + MEMORY_CHECK);
         }
     }
 
     /// When the watchdog of a ready worker runs out.
-    pub fn watchdog_deadline(&self, w: &Worker) -> Option<Instant> {
+    pub fn watchdog_deadline(&self, w: &Worker) -> Option<Mono> {
         let every = w.spec.watchdog?;
         match (w.role, w.state) {
             (Role::Active | Role::Candidate, State::Ready { since }) if !self.is_being_replaced(w.pid) => {
@@ -67,8 +68,8 @@ impl Health {
     }
 
     /// When the loop must wake for a watchdog or the memory sample.
-    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Instant> + 'a {
-        pool.workers.values().filter_map(move |w| self.watchdog_deadline(w)).chain(self.next_memory_check)
+    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Mono> + 'a {
+        pool.workers().values().filter_map(move |w| self.watchdog_deadline(w)).chain(self.next_memory_check)
     }
 
     fn is_being_replaced(&self, old: i32) -> bool {
@@ -77,9 +78,9 @@ impl Health {
 
     /// Workers whose watchdog ran out: a worker `owned` by the roll-out is killed (its exit
     /// aborts the roll-out), any other is replaced and killed once its replacement is ready.
-    pub fn check_watchdogs(&mut self, pool: &Pool, now: Instant, owned: impl Fn(i32) -> bool) -> Vec<Effect> {
+    pub fn check_watchdogs(&mut self, pool: &Pool, now: Mono, owned: impl Fn(i32) -> bool) -> Vec<Command> {
         let mut hung: Vec<&Worker> =
-            pool.workers.values().filter(|w| self.watchdog_deadline(w).is_some_and(|d| now >= d)).collect();
+            pool.workers().values().filter(|w| self.watchdog_deadline(w).is_some_and(|d| now >= d)).collect();
         hung.sort_by_key(|w| w.pid);
         let mut effects = Vec::new();
         for w in hung {
@@ -88,18 +89,17 @@ impl Health {
                 FailureKind::Watchdog,
                 format!("watchdog: no WATCHDOG=1 for {}", super::human(every)),
             );
-            self.watchdog_timeouts += 1;
             effects.push(if owned(w.pid) {
-                Effect::Kill { pid: w.pid, failure: Some(failure) }
+                Command::Kill { pid: w.pid, failure: Some(failure) }
             } else {
-                Effect::Replace { old: w.pid, failure, hard: true }
+                Command::Replace { old: w.pid, failure, hard: true }
             });
         }
         effects
     }
 
     /// Whether memory is to be sampled now; if so, the next sample is scheduled.
-    pub fn memory_due(&mut self, now: Instant) -> bool {
+    pub fn memory_due(&mut self, now: Mono) -> bool {
         let due = self.next_memory_check.is_some_and(|t| now >= t);
         if due {
             self.next_memory_check = Some(now + MEMORY_CHECK);
@@ -109,9 +109,10 @@ impl Health {
 
     /// Takes a memory sample (`rss`: bytes by worker): an active worker above its limit for
     /// [`MEMORY_STRIKES`] samples in a row is replaced (and stopped gracefully after).
-    pub fn check_memory(&mut self, pool: &mut Pool, rss: &HashMap<i32, u64>) -> Vec<Effect> {
+    pub fn check_memory(&mut self, pool: &mut Pool, rss: &HashMap<i32, u64>) -> Vec<Command> {
         let mut over = Vec::new();
-        for (pid, w) in pool.workers.iter_mut() {
+        for w in pool.workers_mut() {
+            let pid = &w.pid;
             let Some(limit) = w.spec.max_memory else { continue };
             if w.role != Role::Active || !w.is_ready() {
                 continue;
@@ -131,7 +132,7 @@ impl Health {
                     FailureKind::Memory,
                     format!("memory {} MiB above the limit of {} MiB", rss >> 20, limit >> 20),
                 );
-                Effect::Replace { old: pid, failure, hard: false }
+                Command::Replace { old: pid, failure, hard: false }
             })
             .collect()
     }
@@ -143,36 +144,36 @@ impl Health {
 
     /// Swaps in the replacements that became ready. One whose slot moved on meanwhile (a
     /// roll-out, a restart) is stale and retired instead.
-    pub fn promote_ready(&mut self, pool: &mut Pool) -> Vec<Effect> {
+    pub fn promote_ready(&mut self, pool: &mut Pool) -> Vec<Command> {
         let mut ready: Vec<(i32, Replacement)> = self
             .replacing
             .iter()
-            .filter(|(new, _)| pool.workers.get(new).is_some_and(|w| w.is_ready()))
+            .filter(|(new, _)| pool.worker(**new).is_some_and(|w| w.is_ready()))
             .map(|(n, r)| (*n, r.clone()))
             .collect();
         ready.sort_by_key(|(n, _)| *n);
         let mut effects = Vec::new();
         for (new, r) in ready {
             self.replacing.remove(&new);
-            let Some(slot_id) = pool.workers.get(&new).map(|w| w.slot) else { continue };
-            if pool.slots.get(&slot_id).and_then(|s| s.active) != Some(r.old) {
-                effects.push(Effect::Retire(new));
+            let Some(slot_id) = pool.worker(new).map(|w| w.slot) else { continue };
+            if pool.slot(slot_id).and_then(|s| s.active) != Some(r.old) {
+                effects.push(Command::Retire(new));
                 continue;
             }
-            if let Some(slot) = pool.slots.get_mut(&slot_id) {
+            if let Some(slot) = pool.slot_mut(slot_id) {
                 slot.restarts += 1;
             }
             tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = new, "worker {slot_id} replaced (pid {} → {new})", r.old);
-            effects.push(Effect::Promote { slot: slot_id, new, kill_old: r.hard });
+            effects.push(Command::Promote { slot: slot_id, new, kill_old: r.hard });
         }
         effects
     }
 
     /// The replacement `new` died before it was ready. If the worker it was to replace is
     /// hung it serves nobody: it is killed, and its slot restarts with back-off.
-    pub fn replacement_failed(&mut self, new: i32, report: &str) -> Vec<Effect> {
+    pub fn replacement_failed(&mut self, new: i32, report: &str) -> Vec<Command> {
         let Some(r) = self.replacing.remove(&new) else { return Vec::new() };
         tracing::error!(app = %self.app, "replacement failed: {report}");
-        if r.hard { vec![Effect::Kill { pid: r.old, failure: None }] } else { Vec::new() }
+        if r.hard { vec![Command::Kill { pid: r.old, failure: None }] } else { Vec::new() }
     }
 }

@@ -7,22 +7,24 @@
 //! and owns a clock the test moves by hand. Exits and notify messages are then fed to the
 //! supervisor as the events they would have been.
 
+use super::clock::Mono;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::time::Instant;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use tokio::sync::mpsc;
 
 use super::Event;
+use super::outside::WorkerFds;
 use crate::spawn::{Launched, Launcher, SpawnError, Spec};
-use crate::worker::Worker;
 
 pub(crate) trait Host {
     /// The loop's clock: every deadline is computed from it.
-    fn now(&self) -> Instant;
+    fn now(&self) -> Mono;
+    /// The wall clock, in seconds since the epoch (for `last_reload.at`).
+    fn unix_now(&self) -> u64;
     /// Starts a worker of `spec` in `slot`; `fds`: its own steered sockets (else the shared
     /// ones); `metrics`: its `HERDSMAN_METRICS_SOCKET`.
     fn launch(
@@ -41,13 +43,14 @@ pub(crate) trait Host {
         output_done: mpsc::Receiver<()>,
         events: &mpsc::UnboundedSender<Event>,
     );
-    /// Sends `sig` to the worker and, with `group`, to its whole process group.
-    fn signal(&mut self, w: &Worker, sig: Signal, group: bool);
+    /// Sends `sig` to the worker `pid` (through its pidfd in `fds`) and, with `group`, to its
+    /// whole process group.
+    fn signal(&mut self, pid: i32, fds: &WorkerFds, sig: Signal, group: bool);
     /// Sends `message` (a JSON string) on the worker's IPC channel; an error when it has
     /// none or the worker closed it.
-    fn message(&mut self, w: &Worker, message: &str) -> std::io::Result<()>;
+    fn message(&mut self, pid: i32, fds: &WorkerFds, message: &str) -> std::io::Result<()>;
     /// Reaps an exited worker (after its exit event).
-    fn reap(&mut self, w: &Worker);
+    fn reap(&mut self, pid: i32, fds: &WorkerFds);
     /// Resident memory of each worker's process group, in bytes.
     fn memory(&mut self, pids: &[i32]) -> HashMap<i32, u64>;
 }
@@ -56,8 +59,12 @@ pub(crate) trait Host {
 pub(crate) struct RealHost;
 
 impl Host for RealHost {
-    fn now(&self) -> Instant {
-        Instant::now()
+    fn now(&self) -> Mono {
+        Mono::now()
+    }
+
+    fn unix_now(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
     }
 
     fn launch(
@@ -84,20 +91,29 @@ impl Host for RealHost {
         super::exits::watch_exit(pid, pidfd, output_done, events.clone());
     }
 
-    fn signal(&mut self, w: &Worker, sig: Signal, group: bool) {
-        w.signal(sig, group);
+    /// The only way the supervisor signals a worker. The leader is signalled through its
+    /// pidfd; the group by pgid, which is safe because a worker stays in the supervisor's
+    /// table only until it is reaped, and the supervisor reaps it only after its exit event
+    /// (see `supervisor::exits`): until then its pid, and so its pgid, cannot be reused.
+    fn signal(&mut self, pid: i32, fds: &WorkerFds, sig: Signal, group: bool) {
+        if let Err(e) = crate::sys::pidfd_signal(&fds.pidfd, sig as i32) {
+            tracing::debug!("signal {sig} to {pid}: {e}");
+        }
+        if group {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+        }
     }
 
-    fn message(&mut self, w: &Worker, message: &str) -> std::io::Result<()> {
-        match &w.channel {
+    fn message(&mut self, _pid: i32, fds: &WorkerFds, message: &str) -> std::io::Result<()> {
+        match &fds.channel {
             Some(c) => crate::ipc::send(c, message),
             None => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "it has no IPC channel")),
         }
     }
 
-    fn reap(&mut self, w: &Worker) {
-        if let Err(e) = waitid(Id::PIDFd(w.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
-            tracing::debug!("reaping worker {}: {e}", w.pid);
+    fn reap(&mut self, pid: i32, fds: &WorkerFds) {
+        if let Err(e) = waitid(Id::PIDFd(fds.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+            tracing::debug!("reaping worker {pid}: {e}");
         }
     }
 

@@ -11,18 +11,42 @@
 //! Slots are the stable worker ids (0..N-1, `HERDSMAN_WORKER_ID`). A slot has at most one
 //! *active* worker and, during a roll-out, one *candidate*; replaced workers are *retired* and
 //! drain on their own schedule.
-
 //!
-//! The state is held by parts with one concern each, which own their fields and decide:
-//! [`pool`] (the slots, the workers, the wanted size, back-off), [`rollout`] (the roll-out,
-//! the reloads queued behind it, the last result), [`health`] (watchdog and memory
-//! replacements), [`handover`] (in-place upgrades), [`manager`] (what systemd is told) and
-//! [`outside`] (the host, the launcher, the sockets, the metrics), [`watch`] (`--watch`'s
-//! debounce). The roll-out's and health's
-//! decisions come back as [`effect::Effect`]s; [`Supervisor`] is the thin driver that carries
-//! them out ([`Supervisor::apply`]) and owns the one slot hand-over ([`Supervisor::promote`]).
+//! ## Core and driver
+//!
+//! The **core** ([`Core`]) is plain data, `serde`-derived: the settings, [`pool`] (slots,
+//! workers as data, wanted size, back-off), [`rollout`] (the roll-out, the reloads queued
+//! behind it, the last result), [`health`] (watchdog and memory replacements), [`manager`]
+//! (what systemd is told) and [`watch`] (`--watch`'s debounce). It holds no descriptor, no
+//! channel, and reads no clock: time comes in as a [`Mono`] (`CLOCK_MONOTONIC` ns, which
+//! survives `execve`) with every input, the wall clock (`last_reload.at`) as unix seconds
+//! where it is needed. Reload and scale clients are ids ([`command::WaiterId`]) whose channels
+//! stay in the driver's table.
+//!
+//! The **driver** ([`Supervisor`]) owns every resource: [`outside`] (the host, the launcher,
+//! the sockets and steering, the workers' notify socket, the notifier, the metrics, and
+//! [`outside::WorkerFds`], the one table of per-worker descriptors: pidfd, output pipes and
+//! tail, IPC channel, bind filter), the reload source, the waiters, the upgrade in flight.
+//! It turns kernel events into inputs and is the only code that acts on the world:
+//!
+//! ```text
+//! event ──► driver resolves what only it can see ──► Core::on_…(input, now[, unix]) ──► Vec<Command>
+//!   exit:    releases the worker's fds, reaps, reads its tail       Core::on_exit
+//!   notify:  maps a child pid to its worker (process group)         Core::on_notify / notified_ready
+//!   timer:   reads draining workers' accept queues (Drain)          Core::on_timers
+//!   memory:  Command::SampleMemory ──► host.memory ──► Health::check_memory ──► Commands
+//! Vec<Command> ──► Supervisor::apply (the only executor): Signal, AskToStop, Kill, Retire,
+//!   Promote, Replace, Receiving, Notify, Answer, Progress, Reloaded/ReadyMetric/RestartMetric
+//! ```
+//!
+//! Starting a worker is the one call whose result the core waits for: the driver launches
+//! (`Supervisor::launch`) and gives the pid, or the error, straight back to the part that
+//! asked (`Pool::started` / `start_failed`, `Rollouts::candidate_started` / `fail_rollout`,
+//! `Health::replacing`). An in-place upgrade writes the core as it is plus the driver's
+//! descriptors by name ([`handover`]); [`v2`] reads the previous release's format.
 
-mod effect;
+mod clock;
+mod command;
 mod events;
 mod exits;
 pub mod handover;
@@ -32,16 +56,18 @@ mod manager;
 mod outside;
 mod pool;
 mod reload;
+mod retire;
 mod rollout;
+mod spawned;
 mod status;
 #[cfg(test)]
 mod tests;
+pub(crate) mod v2;
 mod watch;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use tokio::sync::mpsc;
 
@@ -53,8 +79,9 @@ use crate::output::Output;
 use crate::requests::{Control, Scale, Waiter};
 use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
-use crate::worker::{Failure, Role, State, Worker};
-use effect::Effect;
+use crate::worker::{Failure, Role};
+pub use clock::Mono;
+use command::Command;
 use handover::Upgrades;
 use health::Health;
 use manager::Manager;
@@ -114,8 +141,10 @@ enum Event {
     UpgradeChecked(Result<crate::upgrade::CheckReport, crate::upgrade::UpgradeError>),
 }
 
-/// The driver: the parts, and what belongs to none of them.
-pub struct Supervisor {
+/// The core: every decision's state, plain data (`serde`: an in-place upgrade writes it as
+/// it is), no descriptor, no channel, no clock of its own.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Core {
     settings: Settings,
     app: Arc<str>,
     /// Set once a stop began; the loop ends when no worker is left.
@@ -123,10 +152,88 @@ pub struct Supervisor {
     pool: Pool,
     rollouts: Rollouts,
     health: Health,
-    upgrades: Upgrades,
     manager: Manager,
-    outside: Outside,
     watching: watch::Watching,
+}
+
+impl Core {
+    /// The settings in use.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// How many workers it knows.
+    pub fn workers(&self) -> usize {
+        self.pool.workers().len()
+    }
+
+    /// Makes every spec of one generation one shared `Arc` again (a deserialized core has a
+    /// copy per reference; a generation names one spec).
+    fn intern_specs(&mut self) {
+        let mut seen: std::collections::HashMap<u64, Arc<Spec>> = std::collections::HashMap::new();
+        self.for_each_spec(&mut |spec| {
+            let shared = seen.entry(spec.generation).or_insert_with(|| spec.clone());
+            *spec = shared.clone();
+        });
+    }
+
+    /// Replaces every value that may be a secret (the workers' environment) with `hidden`.
+    pub(crate) fn redact(&mut self, hidden: &str) {
+        for (_, v) in &mut self.settings.env {
+            *v = hidden.to_string();
+        }
+        self.for_each_spec(&mut |spec| {
+            for (_, v) in &mut Arc::make_mut(spec).env {
+                *v = hidden.to_string();
+            }
+        });
+    }
+
+    fn for_each_spec(&mut self, f: &mut dyn FnMut(&mut Arc<Spec>)) {
+        self.pool.for_each_spec(f);
+        self.rollouts.for_each_spec(f);
+    }
+}
+
+/// The driver: the core, and the resources and channels it decides about.
+pub struct Supervisor {
+    core: Core,
+    upgrades: Upgrades,
+    outside: Outside,
+    /// Re-reads the configuration for a reload (`None`: reload the settings in use).
+    reload_source: Option<ReloadSource>,
+    /// The reload clients the core refers to by id.
+    waiters: Waiters,
+    /// `scale --wait` clients: answered once the pool has converged.
+    scale_waiters: Vec<tokio::sync::oneshot::Sender<Result<usize, ScaleError>>>,
+}
+
+/// The driver's table of reload clients (their reply and progress channels), by the id the
+/// core holds.
+#[derive(Default)]
+struct Waiters {
+    next: u64,
+    by_id: std::collections::HashMap<command::WaiterId, Waiter>,
+}
+
+impl Waiters {
+    fn add(&mut self, w: Waiter) -> command::WaiterId {
+        self.next += 1;
+        let id = command::WaiterId(self.next);
+        self.by_id.insert(id, w);
+        id
+    }
+
+    fn progress(&self, ids: &[command::WaiterId], line: &str) {
+        for tx in ids.iter().filter_map(|id| self.by_id.get(id)).filter_map(|w| w.progress.as_ref()) {
+            let _ = tx.send(line.to_string());
+        }
+    }
+
+    /// The clients `ids`, taken out of the table (to be answered).
+    fn take(&mut self, ids: &[command::WaiterId]) -> Vec<Waiter> {
+        ids.iter().filter_map(|id| self.by_id.remove(id)).collect()
+    }
 }
 
 /// Runs the supervisor until a stop request has been carried out.
@@ -169,6 +276,7 @@ impl Supervisor {
         let outside = Outside::new(
             app.clone(),
             host,
+            world.notifier,
             launcher,
             world.listeners,
             world.steering,
@@ -176,29 +284,35 @@ impl Supervisor {
             world.metrics,
             events,
         )?;
-        let mut sup = Supervisor {
+        let core = Core {
             pool: Pool::new(spec, settings.workers.get()),
-            rollouts: Rollouts::new(app.clone(), world.reload_source),
+            rollouts: Rollouts::new(app.clone()),
             health: Health::new(app.clone()),
-            upgrades: Upgrades::new(world.carry),
-            manager: Manager::new(world.notifier, world.watchdog, now),
-            outside,
+            manager: Manager::new(world.watchdog, now),
             watching: Default::default(),
             settings,
             app,
             stopping: false,
         };
+        let mut sup = Supervisor {
+            core,
+            reload_source: world.reload_source,
+            waiters: Waiters::default(),
+            scale_waiters: Vec::new(),
+            upgrades: Upgrades::new(world.carry),
+            outside,
+        };
         if let Some(r) = world.resume {
-            sup.resume(r)?;
+            sup.resume(r, world.watchdog)?;
         } else {
             let sockets = sup.outside.sockets.join(", ");
             tracing::info!(
-                app = %sup.app,
-                workers = sup.pool.desired,
+                app = %sup.core.app,
+                workers = sup.core.pool.desired(),
                 sockets = %sockets,
                 "starting {} worker(s) of {:?} on {}",
-                sup.pool.desired,
-                sup.settings.command.join(" "),
+                sup.core.pool.desired(),
+                sup.core.settings.command.join(" "),
                 sockets
             );
         }
@@ -216,7 +330,7 @@ impl Supervisor {
         let mut controls_open = true;
         loop {
             self.reconcile();
-            if self.stopping && self.pool.workers.is_empty() {
+            if self.core.stopping && self.core.pool.workers().is_empty() {
                 break;
             }
             let wake = self.next_deadline();
@@ -232,7 +346,7 @@ impl Supervisor {
             let now = self.now();
             self.on_timers(now);
         }
-        tracing::info!(app = %self.app, "all workers stopped");
+        tracing::info!(app = %self.core.app, "all workers stopped");
         // Their metrics socket files and directories go now, before the notify socket's
         // directory (when the loop ends), so the runtime directory is left as it was found.
         self.outside.metrics.remove_files();
@@ -240,9 +354,9 @@ impl Supervisor {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
+async fn sleep_until(at: Option<Mono>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at.to_tokio()).await,
         None => std::future::pending().await,
     }
 }
@@ -256,15 +370,20 @@ fn answer(waiters: Vec<Waiter>, outcome: ReloadOutcome) {
 
 impl Supervisor {
     /// The loop's clock.
-    fn now(&self) -> Instant {
+    fn now(&self) -> Mono {
         self.outside.host.now()
+    }
+
+    /// The wall clock (seconds since the epoch), read by the host like [`Supervisor::now`].
+    fn unix_now(&self) -> u64 {
+        self.outside.host.unix_now()
     }
 
     fn on_control(&mut self, c: Control) {
         match c {
             Control::Reload(waiter) => self.request_reload(waiter),
             Control::Scale { scale, wait, reply } => match (self.scale(scale), reply) {
-                (Ok(_), Some(tx)) if wait => self.pool.wait_for_scale(tx),
+                (Ok(_), Some(tx)) if wait => self.scale_waiters.push(tx),
                 (r, Some(tx)) => {
                     let _ = tx.send(r);
                 }
@@ -276,30 +395,30 @@ impl Supervisor {
             Control::Stop => self.stop(),
             Control::ReapOrphans => self.reap_orphans(),
             Control::Probe { reply } => {
-                let _ = reply.send(!self.stopping && self.pool.all_ready());
+                let _ = reply.send(!self.core.stopping && self.core.pool.all_ready());
             }
             Control::Upgrade { binary, reply, conn } => self.request_upgrade(binary, reply, conn),
             Control::Changed(changed) => {
                 // Before the clock is read: a change after this one is sent again.
                 let path = changed.take();
                 let now = self.now();
-                self.watching.changed(path, now);
+                self.core.watching.changed(path, now);
             }
         }
     }
 
     /// Reaps every orphan that was re-parented to herdsman, never a worker (see `reaper`).
     fn reap_orphans(&mut self) {
-        let workers = &self.pool.workers;
+        let workers = &self.core.pool.workers();
         for (pid, status) in crate::reaper::sweep(|pid| workers.contains_key(&pid)).unwrap_or_default() {
-            tracing::debug!(app = %self.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
+            tracing::debug!(app = %self.core.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
         }
     }
 
     fn scale(&mut self, scale: Scale) -> Result<usize, ScaleError> {
-        let want = self.pool.target(scale)?;
-        if want != self.pool.desired {
-            tracing::info!(app = %self.app, "scaling from {} to {want} worker(s)", self.pool.desired);
+        let want = self.core.pool.target(scale)?;
+        if want != self.core.pool.desired() {
+            tracing::info!(app = %self.core.app, "scaling from {} to {want} worker(s)", self.core.pool.desired());
         }
         self.set_desired(want);
         Ok(want)
@@ -307,220 +426,149 @@ impl Supervisor {
 
     /// The wanted number of workers; sticky steering hashes clients over that many slots.
     fn set_desired(&mut self, n: usize) {
-        self.pool.desired = n;
+        self.core.pool.set_desired(n);
         self.outside.set_slots(n);
     }
 
     fn stop(&mut self) {
-        let now = self.now();
-        if self.stopping {
-            tracing::warn!(app = %self.app, "second stop request: killing the remaining workers now");
-            for w in self.pool.workers.values_mut().filter(|w| w.state != State::Killed) {
-                w.state = State::Stopping { kill_at: now };
-            }
-            return;
-        }
-        let how = match self.settings.stop_signal {
-            crate::config::StopSignal::Signal(sig) => sig.as_str(),
-            crate::config::StopSignal::Message => "the shutdown message",
-        };
-        tracing::info!(app = %self.app, "stopping: sending {how} to {} worker(s)", self.pool.workers.len());
-        self.stopping = true;
-        self.manager.send("STOPPING=1\nSTATUS=stopping");
-        self.fail_rollout("the supervisor is stopping".to_string());
-        let effects = self.rollouts.drop_queued(self.pool.spec.generation);
-        self.apply(effects);
-        let pids: Vec<i32> = self.pool.workers.keys().copied().collect();
-        for pid in pids {
-            self.retire(pid);
-        }
+        let (now, unix) = (self.now(), self.unix_now());
+        let commands = self.core.stop(now, unix);
+        self.apply(commands);
     }
 
     /// Carries out what a part decided, in order.
-    fn apply(&mut self, effects: Vec<Effect>) {
+    fn apply(&mut self, effects: Vec<Command>) {
         for e in effects {
             match e {
-                Effect::Promote { slot, new, kill_old } => self.promote(slot, new, kill_old),
-                Effect::Kill { pid, failure } => self.kill_now(pid, failure),
-                Effect::Retire(pid) => self.retire(pid),
-                Effect::Replace { old, failure, hard } => self.replace(old, failure, hard),
-                Effect::Notify(msg) => self.manager.send(&msg),
-                Effect::Answer { waiters, outcome } => answer(waiters, outcome),
-                Effect::Reloaded { ok, took } => self.outside.metrics.reloaded(ok, took),
+                Command::Promote { slot, new, kill_old } => self.promote(slot, new, kill_old),
+                Command::Kill { pid, failure } => self.kill_now(pid, failure),
+                Command::Retire(pid) => self.retire(pid),
+                Command::Replace { old, failure, hard } => self.replace(old, failure, hard),
+                Command::Notify(msg) => self.outside.notifier.send(&msg),
+                Command::Answer { waiters, outcome } => answer(self.waiters.take(&waiters), outcome),
+                Command::Progress { waiters, line } => self.waiters.progress(&waiters, &line),
+                Command::Reloaded { ok, took } => self.outside.metrics.reloaded(ok, took),
+                Command::ReadyMetric { took } => self.outside.metrics.ready(took),
+                Command::RestartMetric { slot } => self.outside.metrics.restarted(slot),
+                Command::Signal { pid, sig, group } => self.outside.signal(pid, sig, group),
+                Command::AskToStop(pid) => {
+                    if let Some(w) = self.core.pool.worker(pid) {
+                        self.outside.ask_to_stop(w);
+                    }
+                }
+                Command::Receiving { pid, on } => self.outside.steer_receiving(pid, on),
+                Command::SampleMemory => self.sample_memory(),
             }
         }
     }
 
-    /// SIGKILLs `pid`'s process group at once (a failed or hung worker); its exit event
-    /// follows. `failure` says why, for the report.
+    /// SIGKILLs `pid`'s process group at once (see [`Core::kill`]).
     fn kill_now(&mut self, pid: i32, failure: Option<Failure>) {
-        self.outside.steer_receiving(pid, false);
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
-        if failure.is_some() {
-            w.failure = failure;
-        }
-        self.outside.signal(w, Signal::SIGKILL, true);
-        w.state = State::Killed;
+        let commands = self.core.kill(pid, failure);
+        self.apply(commands);
     }
 
-    /// Sends the stop signal (once) and arms the kill timer. A steered worker that was
-    /// receiving first stops receiving and drains its own accept queue (see `steer`); the
-    /// stop signal follows from `on_timers`.
+    /// Stops `pid` gracefully (see [`Core::retire`]); whether it receives new connections
+    /// (steered sockets) is the driver's to say.
     fn retire(&mut self, pid: i32) {
         let now = self.now();
-        let was_receiving = self.outside.is_receiving(pid);
-        self.outside.steer_receiving(pid, false);
-        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
-        w.role = Role::Retired;
-        if matches!(w.state, State::Stopping { .. } | State::Killed | State::Draining { .. }) {
-            return;
-        }
-        if was_receiving {
-            w.state = State::Draining { since: now };
-        } else {
-            w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
-            self.outside.ask_to_stop(w);
-        }
-        self.pool.unassign(pid);
+        let receiving = self.outside.is_receiving(pid);
+        let commands = self.core.retire(pid, receiving, now);
+        self.apply(commands);
     }
 
-    /// Makes `new` the active worker of `slot` and retires the one it replaces (SIGKILLed
-    /// first with `kill_old`: it is hung): the one path by which a roll-out's new worker and
-    /// a health replacement (watchdog, memory) take over a slot.
+    /// Makes `new` the active worker of `slot` (see [`Core::promote`]).
     fn promote(&mut self, slot: usize, new: i32, kill_old: bool) {
-        let current = self.pool.slots.get(&slot).and_then(|s| s.active);
-        if kill_old {
-            if let Some(old) = current.filter(|o| *o != new) {
-                self.kill_now(old, None);
-            }
-        }
-        if let Some(old) = self.pool.promote(slot, new) {
-            self.retire(old);
-        }
+        let commands = self.core.promote(slot, new, kill_old);
+        self.apply(commands);
     }
 
     /// Starts a replacement for the unhealthy `old` in its slot; it takes over once ready.
     fn replace(&mut self, old: i32, failure: Failure, hard: bool) {
-        let Some(w) = self.pool.workers.get_mut(&old) else { return };
-        let (slot, spec) = (w.slot, w.spec.clone());
-        tracing::warn!(
-            app = %self.app, worker_id = slot, worker_pid = old, worker_generation = spec.generation,
-            "worker {slot} (pid {old}) {failure}: starting a replacement"
-        );
-        w.failure = Some(failure);
+        let Some((slot, spec)) = self.core.replace(old, failure) else { return };
         match self.launch(slot, &spec, Role::Replacement) {
-            Ok(new) => self.health.replacing(new, old, hard),
+            Ok(new) => self.core.health.replacing(new, old, hard),
             Err(e) => {
-                tracing::error!(app = %self.app, worker_id = slot, "replacement for worker {slot} failed: {e}");
-                if hard {
-                    self.kill_now(old, None);
-                }
+                let commands = self.core.replacement_start_failed(old, slot, hard, &e);
+                self.apply(commands);
             }
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self) -> Option<Mono> {
         let now = self.now();
-        self.pool
+        self.core
+            .pool
             .deadlines(now)
-            .chain(self.health.deadlines(&self.pool))
-            .chain(self.rollouts.deadlines(&self.pool))
-            .chain(self.manager.deadlines(now))
+            .chain(self.core.health.deadlines(&self.core.pool))
+            .chain(self.core.rollouts.deadlines(&self.core.pool))
+            .chain(self.core.manager.deadlines(now, self.outside.notifier.has_backlog()))
             .chain(self.upgrades.deadline())
             .chain(self.watch_deadline())
             .min()
+    }
+
+    /// Answers the `scale --wait` clients with `result`.
+    fn answer_scale(&mut self, result: Result<usize, ScaleError>) {
+        for tx in self.scale_waiters.drain(..) {
+            let _ = tx.send(result.clone());
+        }
     }
 
     /// Moves the world toward the wanted state. Called after every event.
     fn reconcile(&mut self) {
         let now = self.now();
         // Retry notifications the manager had no room for (next_deadline wakes us for it).
-        self.manager.flush();
-        if !self.stopping {
+        self.outside.notifier.flush();
+        if !self.core.stopping {
             self.reconcile_slots(now);
             self.drive_rollout();
             self.drive_watch();
-            let effects = self.health.promote_ready(&mut self.pool);
+            let effects = self.core.health.promote_ready(&mut self.core.pool);
             self.apply(effects);
-            if self.pool.has_scale_waiters() {
-                if let Some(result) = self.pool.scale_result() {
-                    self.pool.answer_scale(result);
+            if !self.scale_waiters.is_empty() {
+                if let Some(result) = self.core.pool.scale_result() {
+                    self.answer_scale(result);
                 }
             }
             self.drive_upgrade();
         } else {
             self.drive_upgrade();
-            self.pool.answer_scale(Err(ScaleError::Stopping));
+            self.answer_scale(Err(ScaleError::Stopping));
         }
-        if self.manager.ready_once(self.pool.settled(), self.stopping) {
-            tracing::info!(app = %self.app, "started: {}", self.status_line());
+        if self.core.manager.ready_once(self.core.pool.settled(), self.core.stopping) {
+            self.outside.notifier.send("READY=1");
+            tracing::info!(app = %self.core.app, "started: {}", self.status_line());
         }
         let status = self.status_line();
-        self.manager.status(status);
+        if let Some(msg) = self.core.manager.status(status) {
+            self.outside.notifier.send(&msg);
+        }
     }
 
-    fn reconcile_slots(&mut self, now: Instant) {
-        let spec =
-            self.rollouts.current.as_ref().map(|r| r.spec.clone()).unwrap_or_else(|| self.pool.spec.clone());
-        self.pool.add_missing_slots(&spec);
-        // Extra slots (scale down): retire their workers; the slot is gone.
-        for (id, pids) in self.pool.remove_extra_slots() {
-            for pid in pids {
-                self.retire(pid);
-            }
-            if let Some(r) = &mut self.rollouts.current {
-                r.forget_slot(id);
-            }
-        }
-        // Empty slots start (after their back-off), unless a roll-out candidate is coming.
-        for id in self.pool.slots_to_start(now) {
-            if self.rollouts.has_candidate(id) {
-                continue;
-            }
-            let Some(spec) = self.pool.slots.get(&id).map(|s| s.spec.clone()) else { continue };
+    /// Fills the empty slots (what to start is the core's; starting is the driver's).
+    fn reconcile_slots(&mut self, now: Mono) {
+        let (commands, start) = self.core.slots_to_fill(now);
+        self.apply(commands);
+        for (id, spec) in start {
             match self.launch(id, &spec, Role::Active) {
-                Ok(pid) => self.pool.started(id, pid),
-                Err(e) => {
-                    let delay = self.pool.start_failed(id, now, &self.settings.backoff, e.to_string());
-                    tracing::error!(app = %self.app, worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
-                }
+                Ok(pid) => self.core.slot_started(id, pid),
+                Err(e) => self.core.slot_start_failed(id, &e, now),
             }
         }
     }
 
-    /// Starts a worker for slot `id` running `spec`.
+    /// Starts a worker for slot `id` running `spec`, keeps its descriptors and gives the pid
+    /// to the core (the one call whose result the core waits for).
     fn launch(&mut self, id: usize, spec: &Arc<Spec>, role: Role) -> Result<i32, crate::spawn::SpawnError> {
-        let l = self.outside.launch(id, spec)?;
-        let pid = l.pid;
+        let pid = self.outside.launch(id, spec)?;
+        let (has_channel, intercepted) = self
+            .outside
+            .fds
+            .get(&pid)
+            .map_or((false, false), |f| (f.channel.is_some(), f.bind_notify.is_some()));
         let now = self.now();
-        if spec.max_memory.is_some() {
-            self.health.watch_memory(now);
-        }
-        self.pool.workers.insert(
-            pid,
-            Worker {
-                pid,
-                slot: id,
-                spec: spec.clone(),
-                state: State::Starting { deadline: now + spec.ready_timeout },
-                role,
-                started: now,
-                pidfd: l.pidfd,
-                tail: l.tail,
-                pipes: l.pipes,
-                channel: l.channel,
-                bind_notify: l.bind_notify,
-                bound: false,
-                bound_at: None,
-                warned_foreign: false,
-                intercept_failures: 0,
-                failure: None,
-
-                last_ping: now,
-                memory_strikes: 0,
-            },
-        );
-        tracing::info!(app = %self.app, worker_id = id, worker_pid = pid, worker_generation = spec.generation, "worker {id} started (pid {pid}, generation {})", spec.generation);
+        self.core.started(id, spec, role, pid, has_channel, intercepted, now);
         Ok(pid)
     }
 }

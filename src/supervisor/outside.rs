@@ -6,6 +6,8 @@
 //! what must stay consistent with the processes: a worker's steered sockets are reserved
 //! before its launch and bound to its pid after, released when it is gone.
 
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use nix::sys::signal::Signal;
@@ -31,6 +33,8 @@ pub(super) struct Outside {
     pub shared_sockets: Vec<std::os::fd::OwnedFd>,
     /// The addresses served, for the log and `status`.
     pub sockets: Vec<String>,
+    /// What herdsman tells its own service manager goes out here (`Manager` decides).
+    pub notifier: crate::notify::Notifier,
     /// The workers' notify socket (also read by the loop itself).
     pub notify: Arc<WorkerNotify>,
     /// Where the loop records what happens, for the metrics endpoint.
@@ -44,17 +48,26 @@ pub(super) struct Outside {
     pub learned: Vec<String>,
     /// The bind filters' table of the shared sockets (see `watch_binds`), built once.
     shared_table: Option<Arc<crate::intercept::Sockets>>,
+    /// Every live worker's descriptors, by pid: the one table of per-worker resources (the
+    /// core's `Worker` is plain data). An upgrade hands these over by name (see `fd_table`).
+    pub fds: HashMap<i32, WorkerFds>,
     app: Arc<str>,
 }
 
-/// A started worker's process, watched, before the pool takes it in.
-pub(super) struct Started {
-    pub pid: i32,
-    pub pidfd: Arc<std::os::fd::OwnedFd>,
+/// One worker's resources, owned by the driver.
+#[derive(Debug)]
+pub(crate) struct WorkerFds {
+    pub pidfd: Arc<OwnedFd>,
+    /// What it printed last (shared with its output readers), for failure reports.
     pub tail: crate::output::Tail,
-    pub pipes: [Arc<std::os::fd::OwnedFd>; 2],
-    pub channel: Option<Arc<std::os::fd::OwnedFd>>,
-    pub bind_notify: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The read ends of its stdout and stderr pipes (shared with their readers).
+    pub pipes: [Arc<OwnedFd>; 2],
+    /// The supervisor's end of its Node IPC channel (see `ipc`), to send PM2's `shutdown`;
+    /// `None` for other programs.
+    pub channel: Option<Arc<OwnedFd>>,
+    /// Its bind filter's notification descriptor (see `intercept`); `None` without
+    /// interception.
+    pub bind_notify: Option<Arc<OwnedFd>>,
 }
 
 impl Outside {
@@ -62,6 +75,7 @@ impl Outside {
     pub fn new(
         app: Arc<str>,
         host: Box<dyn Host>,
+        notifier: crate::notify::Notifier,
         launcher: Launcher,
         listeners: Listeners,
         steering: Option<Steering>,
@@ -84,6 +98,8 @@ impl Outside {
             learner,
             learned: listeners.learned_addrs(),
             shared_table: None,
+            fds: HashMap::new(),
+            notifier,
             host,
             launcher,
             listeners,
@@ -97,9 +113,9 @@ impl Outside {
         })
     }
 
-    /// Starts a worker of `spec` for slot `id` (on its own steered sockets, if steered) and
-    /// watches it for its exit.
-    pub fn launch(&mut self, id: usize, spec: &Spec) -> Result<Started, SpawnError> {
+    /// Starts a worker of `spec` for slot `id` (on its own steered sockets, if steered),
+    /// watches it for its exit and keeps its descriptors; returns its pid.
+    pub fn launch(&mut self, id: usize, spec: &Spec) -> Result<i32, SpawnError> {
         let metrics_socket = self.metrics.socket_for(id, spec.user.as_ref().map(|u| (u.uid, u.gid)));
         let (l, fds) = match &mut self.steering {
             None => (
@@ -132,7 +148,8 @@ impl Outside {
         if let Some(n) = &bind_notify {
             self.watch_binds(l.pid, n.clone(), &fds, spec.user.as_ref().map(|u| (u.uid, u.gid)));
         }
-        Ok(Started { pid: l.pid, pidfd, tail: l.tail, pipes: l.pipes, channel, bind_notify })
+        self.fds.insert(l.pid, WorkerFds { pidfd, tail: l.tail, pipes: l.pipes, channel, bind_notify });
+        Ok(l.pid)
     }
 
     /// Answers `pid`'s trapped `bind()`/`listen()` calls with `fds` (its sockets) and reports
@@ -160,8 +177,12 @@ impl Outside {
         });
     }
 
-    pub fn signal(&mut self, w: &Worker, sig: Signal, group: bool) {
-        self.host.signal(w, sig, group);
+    /// Sends `sig` to worker `pid` (with `group`, to its process group too).
+    pub fn signal(&mut self, pid: i32, sig: Signal, group: bool) {
+        match self.fds.get(&pid) {
+            Some(fds) => self.host.signal(pid, fds, sig, group),
+            None => tracing::debug!("signal {sig} to {pid}: it is gone"),
+        }
     }
 
     /// Asks `w` to stop: its stop signal, or PM2's `shutdown` message over its IPC channel
@@ -170,7 +191,7 @@ impl Outside {
     pub fn ask_to_stop(&mut self, w: &Worker) {
         let sig = match w.spec.stop_signal {
             StopSignal::Signal(sig) => sig,
-            StopSignal::Message => match self.host.message(w, crate::ipc::SHUTDOWN) {
+            StopSignal::Message => match self.message(w.pid, crate::ipc::SHUTDOWN) {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = w.pid, "worker {} (pid {}): cannot send the shutdown message ({e}): sending SIGTERM instead", w.slot, w.pid);
@@ -178,7 +199,14 @@ impl Outside {
                 }
             },
         };
-        self.host.signal(w, sig, false);
+        self.signal(w.pid, sig, false);
+    }
+
+    fn message(&mut self, pid: i32, message: &str) -> std::io::Result<()> {
+        match self.fds.get(&pid) {
+            Some(fds) => self.host.message(pid, fds, message),
+            None => Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "it is gone")),
+        }
     }
 
     /// Keeps the socket herdsman bound for a worker's own bind when it had none: every later
@@ -233,13 +261,15 @@ impl Outside {
         self.steering.as_ref().is_some_and(|st| st.holds_parking(pid))
     }
 
-    /// Frees an exited worker's steered sockets.
-    pub fn release(&mut self, pid: i32) {
+    /// Frees an exited worker's steered sockets and hands back its descriptors (to reap it
+    /// and read its last output).
+    pub fn release(&mut self, pid: i32) -> Option<WorkerFds> {
         if let Some(st) = &mut self.steering {
             if let Err(e) = st.release(pid) {
                 tracing::error!(app = %self.app, "steering: {e}");
             }
         }
+        self.fds.remove(&pid)
     }
 
     /// The wanted number of workers; sticky steering hashes clients over that many slots.

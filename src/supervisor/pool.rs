@@ -6,11 +6,10 @@
 //! converged for `scale --wait` — and nothing of processes: starting and signalling workers is
 //! the driver's (`Supervisor::launch`, `Supervisor::retire`).
 
+use super::clock::Mono;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use tokio::sync::oneshot;
+use std::time::Duration;
 
 use crate::backoff;
 use crate::config::BackoffPolicy;
@@ -26,6 +25,7 @@ pub(super) const DRAIN_GRACE: Duration = Duration::from_millis(250);
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// A slot: one stable worker id.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Slot {
     /// The worker serving (or starting to serve) this slot.
     pub active: Option<i32>,
@@ -35,7 +35,7 @@ pub(super) struct Slot {
     pub failures: u32,
     pub restarts: u32,
     /// Back-off: do not start before this.
-    pub restart_at: Option<Instant>,
+    pub restart_at: Option<Mono>,
     /// Became ready or failed at least once (for the first `READY=1`).
     pub settled: bool,
     pub last_error: Option<String>,
@@ -56,16 +56,15 @@ impl Slot {
 }
 
 /// The slots and the workers, with the wanted size.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Pool {
     /// What new slots and restarts without a slot spec run.
-    pub spec: Arc<Spec>,
+    spec: Arc<Spec>,
     /// The newest generation number handed out.
-    pub generation: u64,
-    pub desired: usize,
-    pub slots: BTreeMap<usize, Slot>,
-    pub workers: HashMap<i32, Worker>,
-    /// `scale --wait` clients: answered once the pool has converged.
-    scale_waiters: Vec<oneshot::Sender<Result<usize, ScaleError>>>,
+    generation: u64,
+    desired: usize,
+    slots: BTreeMap<usize, Slot>,
+    workers: HashMap<i32, Worker>,
 }
 
 /// How a slot's active worker ended, for its restart.
@@ -77,14 +76,94 @@ pub(super) struct Restart {
 
 impl Pool {
     pub fn new(spec: Arc<Spec>, desired: usize) -> Pool {
-        Pool {
-            generation: spec.generation,
-            spec,
-            desired,
-            slots: BTreeMap::new(),
-            workers: HashMap::new(),
-            scale_waiters: Vec::new(),
-        }
+        Pool { generation: spec.generation, spec, desired, slots: BTreeMap::new(), workers: HashMap::new() }
+    }
+
+    /// A pool taken over from a state written by an older image (see `supervisor::v2`).
+    pub fn restored(
+        spec: Arc<Spec>,
+        generation: u64,
+        desired: usize,
+        slots: BTreeMap<usize, Slot>,
+        workers: HashMap<i32, Worker>,
+    ) -> Pool {
+        Pool { spec, generation, desired, slots, workers }
+    }
+
+    /// What new slots run: the generation the pool is on.
+    pub fn spec(&self) -> &Arc<Spec> {
+        &self.spec
+    }
+
+    /// A reload's generation became the pool's.
+    pub fn set_spec(&mut self, spec: Arc<Spec>) {
+        self.spec = spec;
+    }
+
+    /// The newest generation number handed out.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Hands out the next generation number (a reload pinned its release).
+    pub fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    /// The wanted number of slots.
+    pub fn desired(&self) -> usize {
+        self.desired
+    }
+
+    pub fn set_desired(&mut self, n: usize) {
+        self.desired = n;
+    }
+
+    pub fn slots(&self) -> &BTreeMap<usize, Slot> {
+        &self.slots
+    }
+
+    pub fn slot(&self, id: usize) -> Option<&Slot> {
+        self.slots.get(&id)
+    }
+
+    pub fn slot_mut(&mut self, id: usize) -> Option<&mut Slot> {
+        self.slots.get_mut(&id)
+    }
+
+    /// The live workers, by pid.
+    pub fn workers(&self) -> &HashMap<i32, Worker> {
+        &self.workers
+    }
+
+    pub fn worker(&self, pid: i32) -> Option<&Worker> {
+        self.workers.get(&pid)
+    }
+
+    pub fn worker_mut(&mut self, pid: i32) -> Option<&mut Worker> {
+        self.workers.get_mut(&pid)
+    }
+
+    pub fn workers_mut(&mut self) -> impl Iterator<Item = &mut Worker> {
+        self.workers.values_mut()
+    }
+
+    /// A worker just started.
+    pub fn insert_worker(&mut self, w: Worker) {
+        self.workers.insert(w.pid, w);
+    }
+
+    /// A worker exited: it leaves the pool.
+    pub fn remove_worker(&mut self, pid: i32) -> Option<Worker> {
+        self.workers.remove(&pid)
+    }
+
+    /// Visits every spec the pool refers to.
+    pub fn for_each_spec(&mut self, f: &mut dyn FnMut(&mut Arc<Spec>)) {
+        f(&mut self.spec);
+        self.slots.values_mut().for_each(|s| f(&mut s.spec));
+        self.workers.values_mut().for_each(|w| f(&mut w.spec));
     }
 
     /// The worker count `scale` asks for, if it can be had.
@@ -130,7 +209,7 @@ impl Pool {
     }
 
     /// Empty slots whose back-off is over, in order.
-    pub fn slots_to_start(&self, now: Instant) -> Vec<usize> {
+    pub fn slots_to_start(&self, now: Mono) -> Vec<usize> {
         self.slots
             .iter()
             .filter(|(_, s)| s.active.is_none() && s.restart_at.is_none_or(|t| t <= now))
@@ -147,13 +226,7 @@ impl Pool {
     }
 
     /// A worker for slot `id` could not be started: the slot backs off. Returns the delay.
-    pub fn start_failed(
-        &mut self,
-        id: usize,
-        now: Instant,
-        policy: &BackoffPolicy,
-        error: String,
-    ) -> Duration {
+    pub fn start_failed(&mut self, id: usize, now: Mono, policy: &BackoffPolicy, error: String) -> Duration {
         let Some(slot) = self.slots.get_mut(&id) else { return Duration::ZERO };
         slot.failures += 1;
         slot.settled = true;
@@ -172,7 +245,7 @@ impl Pool {
         id: usize,
         pid: i32,
         healthy: bool,
-        now: Instant,
+        now: Mono,
         policy: &BackoffPolicy,
     ) -> Option<Restart> {
         let slot = self.slots.get_mut(&id)?;
@@ -254,7 +327,7 @@ impl Pool {
 
     /// When each worker's or slot's timer runs out: ready timeouts, `alive:` delays, stop
     /// timeouts, drains, back-offs.
-    pub fn deadlines(&self, now: Instant) -> impl Iterator<Item = Instant> + '_ {
+    pub fn deadlines(&self, now: Mono) -> impl Iterator<Item = Mono> + '_ {
         let workers = self.workers.values().filter_map(move |w| match w.state {
             State::Starting { deadline } => Some(w.ready_by_clock().map_or(deadline, |at| deadline.min(at))),
             State::Stopping { kill_at } => Some(kill_at),
@@ -263,15 +336,6 @@ impl Pool {
             State::Ready { .. } | State::Killed => None,
         });
         workers.chain(self.slots.values().filter_map(|s| s.restart_at))
-    }
-
-    /// Waits for the pool to converge on behalf of a `scale --wait` client.
-    pub fn wait_for_scale(&mut self, tx: oneshot::Sender<Result<usize, ScaleError>>) {
-        self.scale_waiters.push(tx);
-    }
-
-    pub fn has_scale_waiters(&self) -> bool {
-        !self.scale_waiters.is_empty()
     }
 
     /// What `scale --wait` clients hear now, if anything: the size once every slot runs a
@@ -288,13 +352,6 @@ impl Pool {
         let removed_gone = self.workers.values().all(|w| w.slot < self.desired);
         (removed_gone && self.slots.len() == self.desired && self.ready_count() == self.desired)
             .then_some(Ok(self.desired))
-    }
-
-    /// Answers the `scale --wait` clients with `result`.
-    pub fn answer_scale(&mut self, result: Result<usize, ScaleError>) {
-        for tx in self.scale_waiters.drain(..) {
-            let _ = tx.send(result.clone());
-        }
     }
 }
 
@@ -342,7 +399,7 @@ mod tests {
     #[test]
     fn a_slot_that_cannot_start_backs_off_doubling_and_scale_wait_hears_why() {
         let mut pool = pool(1);
-        let (now, policy) = (Instant::now(), BackoffPolicy::DEFAULT);
+        let (now, policy) = (Mono::now(), BackoffPolicy::DEFAULT);
         assert_eq!(pool.slots_to_start(now), [0]);
         assert_eq!(pool.start_failed(0, now, &policy, "boom".into()), Duration::from_millis(100));
         assert_eq!(pool.start_failed(0, now, &policy, "boom".into()), Duration::from_millis(200));
@@ -355,7 +412,7 @@ mod tests {
     #[test]
     fn an_active_worker_that_ran_well_restarts_at_once_and_starts_a_new_streak() {
         let mut pool = pool(1);
-        let (now, policy) = (Instant::now(), BackoffPolicy::DEFAULT);
+        let (now, policy) = (Mono::now(), BackoffPolicy::DEFAULT);
         let mut streaks = Vec::new();
         for (pid, healthy) in [(10, false), (11, false), (12, true), (13, false)] {
             pool.started(0, pid);

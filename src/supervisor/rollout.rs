@@ -30,24 +30,55 @@
 //!
 //! The part: [`Rollouts`] holds the roll-out in progress, the reloads queued behind it and the
 //! last reload's result. Its decisions (promote a candidate that held, abort, finish) come
-//! back as [`Effect`]s for the driver (`Supervisor::drive_rollout`), which also starts the
+//! back as [`Command`]s for the driver (`Supervisor::drive_rollout`), which also starts the
 //! candidates it asks for.
 
+use super::clock::Mono;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use super::ReloadSource;
-use super::effect::Effect;
+use super::command::{Command, WaiterId};
 use super::pool::Pool;
-use crate::config::{OnFailure, Settings};
+use crate::config::OnFailure;
 use crate::control::protocol::{LastReload, ReloadOutcome};
-use crate::notify::monotonic_usec;
-use crate::requests::Waiter;
 use crate::spawn::Spec;
 use crate::worker::{Role, State, Worker};
 
+/// Why a reload failed (or could not start). Its `Display` is the wording clients and
+/// `last_reload.error` have always shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ReloadFailure {
+    /// The supervisor began to stop.
+    Stopping,
+    /// A worker the roll-out started failed; the report says how (see `exits::failure_report`).
+    Worker(String),
+    /// A new worker could not be started at all.
+    CannotStart { slot: usize, error: String },
+    /// The re-read configuration is invalid (its problems, `; `-separated).
+    InvalidConfig(String),
+    /// The new release could not be resolved (a dangling `current` link, a missing program).
+    Unresolvable(String),
+}
+
+impl std::fmt::Display for ReloadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadFailure::Stopping => f.write_str("the supervisor is stopping"),
+            ReloadFailure::Worker(report) => f.write_str(report),
+            ReloadFailure::CannotStart { slot, error } => write!(f, "worker {slot} could not start: {error}"),
+            ReloadFailure::InvalidConfig(problems) => {
+                write!(f, "invalid configuration, nothing changed: {problems}")
+            }
+            ReloadFailure::Unresolvable(e) => {
+                write!(f, "cannot resolve the new release, nothing changed: {e}")
+            }
+        }
+    }
+}
+
 /// Why a roll-out runs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) enum Purpose {
     /// A reload to a new generation.
     Reload,
@@ -55,6 +86,7 @@ pub(super) enum Purpose {
     Rollback { failure: String },
 }
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollout {
     /// The spec the roll-out moves to (for a rollback: the generation it returns to).
     pub spec: Arc<Spec>,
@@ -68,8 +100,9 @@ pub(super) struct Rollout {
     min_ready: Duration,
     pub total: usize,
     pub done: usize,
-    started: Instant,
-    waiters: Vec<Waiter>,
+    started: Mono,
+    /// The reload clients to answer (their channels are the driver's).
+    waiters: Vec<WaiterId>,
 }
 
 impl Rollout {
@@ -78,8 +111,8 @@ impl Rollout {
         purpose: Purpose,
         pending: VecDeque<(usize, Arc<Spec>)>,
         min_ready: Duration,
-        now: Instant,
-        waiters: Vec<Waiter>,
+        now: Mono,
+        waiters: Vec<WaiterId>,
     ) -> Rollout {
         Rollout {
             spec,
@@ -105,7 +138,7 @@ impl Rollout {
     }
 
     /// When the candidate `pid`, ready since `since`, has held long enough.
-    pub fn hold_until(&self, since: Instant) -> Instant {
+    pub fn hold_until(&self, since: Mono) -> Mono {
         since.checked_add(self.min_ready).unwrap_or(since)
     }
 
@@ -128,12 +161,9 @@ impl Rollout {
         self.moved.retain(|(s, _, _)| *s != slot);
     }
 
-    fn progress(&self, line: &str) {
-        for w in &self.waiters {
-            if let Some(tx) = &w.progress {
-                let _ = tx.send(line.to_string());
-            }
-        }
+    /// A progress line for its clients.
+    fn progress(&self, line: &str) -> Command {
+        Command::Progress { waiters: self.waiters.clone(), line: line.to_string() }
     }
 
     fn verb(&self) -> &'static str {
@@ -141,25 +171,28 @@ impl Rollout {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 /// The roll-out part: the one in progress, the reloads waiting for it, the last result.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollouts {
     /// The roll-out in progress.
     pub current: Option<Rollout>,
     /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
-    queued: Option<Vec<Waiter>>,
+    queued: Option<Vec<WaiterId>>,
     pub last_reload: Option<LastReload>,
-    /// Re-reads the configuration for a reload (`None`: reload the settings in use).
-    source: Option<ReloadSource>,
     app: Arc<str>,
 }
 
 impl Rollouts {
-    pub fn new(app: Arc<str>, source: Option<ReloadSource>) -> Rollouts {
-        Rollouts { current: None, queued: None, last_reload: None, source, app }
+    pub fn new(app: Arc<str>) -> Rollouts {
+        Rollouts { current: None, queued: None, last_reload: None, app }
+    }
+
+    /// Visits every spec the roll-out refers to.
+    pub fn for_each_spec(&mut self, f: &mut dyn FnMut(&mut Arc<Spec>)) {
+        let Some(r) = &mut self.current else { return };
+        f(&mut r.spec);
+        r.pending.iter_mut().for_each(|(_, s)| f(s));
+        r.moved.iter_mut().for_each(|(_, _, s)| f(s));
     }
 
     /// Whether `pid` was started by the roll-out in progress.
@@ -178,47 +211,38 @@ impl Rollouts {
     }
 
     /// A reload asked for while a roll-out runs: it joins the one more roll-out that follows.
-    pub fn queue(&mut self, waiter: Waiter) {
+    pub fn queue(&mut self, waiter: WaiterId) -> Vec<Command> {
         tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
-        if let Some(tx) = &waiter.progress {
-            let _ = tx.send("a roll-out is in progress: this reload runs right after it".to_string());
-        }
         self.queued.get_or_insert_with(Vec::new).push(waiter);
+        let line = "a roll-out is in progress: this reload runs right after it".to_string();
+        vec![Command::Progress { waiters: vec![waiter], line }]
     }
 
     /// The queued reloads, once no roll-out runs.
-    pub fn take_queued(&mut self) -> Option<Vec<Waiter>> {
+    pub fn take_queued(&mut self) -> Option<Vec<WaiterId>> {
         if self.current.is_some() { None } else { self.queued.take() }
     }
 
     /// The supervisor stops: queued reloads are answered, they will not run.
-    pub fn drop_queued(&mut self, generation: u64) -> Vec<Effect> {
+    pub fn drop_queued(&mut self, generation: u64) -> Vec<Command> {
         let Some(waiters) = self.queued.take() else { return Vec::new() };
         let outcome = ReloadOutcome::new(false, generation, "the supervisor is stopping");
-        vec![Effect::Answer { waiters, outcome }]
+        vec![Command::Answer { waiters, outcome }]
     }
 
-    /// Whether reloads re-read the configuration.
-    pub fn rereads(&self) -> bool {
-        self.source.is_some()
-    }
-
-    /// The settings a reload moves to: re-read, or the ones in use.
-    pub fn load(&self, current: &Settings) -> Result<Settings, String> {
-        match &self.source {
-            Some(source) => source().map_err(|problems| {
-                format!("invalid configuration, nothing changed: {}", problems.0.join("; "))
-            }),
-            None => Ok(current.clone()),
-        }
-    }
-
-    /// A reload that cannot start (`msg` says why): nothing changed.
-    pub fn refuse(&mut self, waiters: Vec<Waiter>, msg: String, generation: u64) -> Vec<Effect> {
+    /// A reload that cannot start (`why`): nothing changed.
+    pub fn refuse(
+        &mut self,
+        waiters: Vec<WaiterId>,
+        why: ReloadFailure,
+        generation: u64,
+        unix: u64,
+    ) -> Vec<Command> {
+        let msg = why.to_string();
         tracing::error!(app = %self.app, "reload failed: {msg}");
-        self.record(false, Some(msg.clone()));
+        self.record(false, Some(msg.clone()), unix);
         let outcome = ReloadOutcome::new(false, generation, msg);
-        vec![Effect::Reloaded { ok: false, took: None }, Effect::Answer { waiters, outcome }]
+        vec![Command::Reloaded { ok: false, took: None }, Command::Answer { waiters, outcome }]
     }
 
     /// Starts rolling `slots` to `spec` (a reload that was pinned already).
@@ -227,26 +251,27 @@ impl Rollouts {
         spec: Arc<Spec>,
         slots: Vec<usize>,
         min_ready: Duration,
-        now: Instant,
-        waiters: Vec<Waiter>,
-    ) -> Vec<Effect> {
+        now: Mono,
+        waiters: Vec<WaiterId>,
+    ) -> Vec<Command> {
         let g = spec.generation;
         let pending: VecDeque<(usize, Arc<Spec>)> = slots.into_iter().map(|id| (id, spec.clone())).collect();
         tracing::info!(app = %self.app, generation = g, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {g} ({})", pending.len(), spec.cwd.display());
         let r = Rollout::new(spec, Purpose::Reload, pending, min_ready, now, waiters);
-        r.progress(&format!("rolling {} worker(s) to generation {g}", r.total));
+        let progress = r.progress(&format!("rolling {} worker(s) to generation {g}", r.total));
         self.current = Some(r);
-        vec![Effect::Notify(format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()))]
+        // `now` is CLOCK_MONOTONIC, what systemd wants here.
+        vec![progress, Command::Notify(format!("RELOADING=1\nMONOTONIC_USEC={}", now.as_micros()))]
     }
 
     /// Promotes the candidates that have been ready for `min_ready`: each takes over its slot
     /// and the worker it replaces is stopped.
-    pub fn promote_held(&mut self, pool: &mut Pool, now: Instant) -> Vec<Effect> {
+    pub fn promote_held(&mut self, pool: &mut Pool, now: Mono) -> Vec<Command> {
         let Some(r) = &mut self.current else { return Vec::new() };
         let mut effects = Vec::new();
         let mut still = Vec::new();
         for (slot, pid) in std::mem::take(&mut r.in_flight) {
-            let held = match pool.workers.get(&pid).map(|w| w.state) {
+            let held = match pool.worker(pid).map(|w| w.state) {
                 Some(State::Ready { since }) => now >= r.hold_until(since),
                 _ => false,
             };
@@ -254,16 +279,15 @@ impl Rollouts {
                 still.push((slot, pid));
                 continue;
             }
-            let Some(spec) = pool.workers.get(&pid).map(|w| w.spec.clone()) else { continue };
+            let Some(spec) = pool.worker(pid).map(|w| w.spec.clone()) else { continue };
             let Some(previous) = pool.move_slot(slot, spec.clone()) else { continue };
             r.moved.push((slot, pid, previous));
             r.done += 1;
-            let took =
-                pool.workers.get(&pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
+            let took = pool.worker(pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
             tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", r.verb());
-            r.progress(&line);
-            effects.push(Effect::Promote { slot, new: pid, kill_old: false });
+            effects.push(r.progress(&line));
+            effects.push(Command::Promote { slot, new: pid, kill_old: false });
         }
         r.in_flight = still;
         effects
@@ -276,13 +300,13 @@ impl Rollouts {
     pub fn next_candidate(&mut self, pool: &Pool, batch: usize, surge: usize) -> Option<(usize, Arc<Spec>)> {
         let r = self.current.as_mut()?;
         let starting = |r: &Rollout| {
-            r.in_flight.iter().filter(|(_, pid)| !pool.workers.get(pid).is_some_and(Worker::is_ready)).count()
+            r.in_flight.iter().filter(|(_, pid)| !pool.worker(*pid).is_some_and(Worker::is_ready)).count()
         };
         // The canary: before a reload moved its first slot, only its first batch runs.
         let surge = if r.done == 0 && !r.is_rollback() { surge.min(batch) } else { surge };
         while starting(r) < batch && r.in_flight.len() < surge {
             let (slot, spec) = r.pending.pop_front()?;
-            if pool.slots.contains_key(&slot) {
+            if pool.slots().contains_key(&slot) {
                 return Some((slot, spec));
             }
         }
@@ -291,19 +315,19 @@ impl Rollouts {
 
     /// The candidate `pid` for `slot` started: systemd's reload timeout is extended by the
     /// longest this step can take.
-    pub fn candidate_started(&mut self, slot: usize, pid: i32, spec: &Spec) -> Vec<Effect> {
+    pub fn candidate_started(&mut self, slot: usize, pid: i32, spec: &Spec) -> Vec<Command> {
         let Some(r) = &mut self.current else { return Vec::new() };
         r.in_flight.push((slot, pid));
         let extend = spec
             .ready_timeout
             .saturating_add(r.min_ready)
             .saturating_add(spec.stop_timeout.min(Duration::from_secs(30)));
-        vec![Effect::Notify(format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()))]
+        vec![Command::Notify(format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()))]
     }
 
     /// Ends the roll-out once every slot moved: the reload (or its rollback) is over. A
     /// reload's generation becomes the pool's.
-    pub fn finish_if_done(&mut self, pool: &mut Pool, now: Instant) -> Vec<Effect> {
+    pub fn finish_if_done(&mut self, pool: &mut Pool, now: Mono, unix: u64) -> Vec<Command> {
         if !self.current.as_ref().is_some_and(|r| r.in_flight.is_empty() && r.pending.is_empty()) {
             return Vec::new();
         }
@@ -313,14 +337,14 @@ impl Rollouts {
         let mut effects = Vec::new();
         let outcome = match r.purpose {
             Purpose::Reload => {
-                pool.spec = r.spec.clone();
+                pool.set_spec(r.spec.clone());
                 let msg = format!(
                     "reload complete: {} worker(s) on generation {} in {took:.2} s",
                     r.done, r.spec.generation
                 );
                 tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
-                self.record(true, None);
-                effects.push(Effect::Reloaded { ok: true, took: Some(ran) });
+                self.record(true, None, unix);
+                effects.push(Command::Reloaded { ok: true, took: Some(ran) });
                 ReloadOutcome::new(true, r.spec.generation, msg)
             }
             Purpose::Rollback { failure } => {
@@ -333,8 +357,8 @@ impl Rollouts {
                 ReloadOutcome::new(false, r.spec.generation, msg)
             }
         };
-        effects.push(Effect::Notify("READY=1".to_string()));
-        effects.push(Effect::Answer { waiters: r.waiters, outcome });
+        effects.push(Command::Notify("READY=1".to_string()));
+        effects.push(Command::Answer { waiters: r.waiters, outcome });
         effects
     }
 
@@ -343,29 +367,30 @@ impl Rollouts {
     /// slots it moved start rolling back.
     pub fn fail(
         &mut self,
-        reason: String,
+        reason: ReloadFailure,
         pool: &mut Pool,
         on_failure: OnFailure,
         stopping: bool,
-        now: Instant,
-    ) -> Vec<Effect> {
+        now: Mono,
+        unix: u64,
+    ) -> Vec<Command> {
         let Some(mut r) = self.current.take() else { return Vec::new() };
         let mut effects = Vec::new();
         for (_, pid) in &r.in_flight {
-            let Some(w) = pool.workers.get_mut(pid) else { continue };
+            let Some(w) = pool.worker_mut(*pid) else { continue };
             w.role = Role::Retired;
             // One that is ready (holding) serves already: it drains like any retired worker.
             // One still starting is killed.
             if w.is_ready() {
-                effects.push(Effect::Retire(*pid));
+                effects.push(Command::Retire(*pid));
             } else {
-                effects.push(Effect::Kill { pid: *pid, failure: None });
+                effects.push(Command::Kill { pid: *pid, failure: None });
             }
         }
         let msg = match &r.purpose {
             Purpose::Reload => {
-                self.record(false, Some(reason.clone()));
-                effects.push(Effect::Reloaded {
+                self.record(false, Some(reason.to_string()), unix);
+                effects.push(Command::Reloaded {
                     ok: false,
                     took: Some(now.saturating_duration_since(r.started)),
                 });
@@ -387,7 +412,7 @@ impl Rollouts {
             (Purpose::Rollback { .. }, _) => msg,
             (Purpose::Reload, true) => format!("{msg}; every worker keeps running the previous code"),
             (Purpose::Reload, false) if on_failure == OnFailure::Rollback && !stopping => {
-                match self.start_rollback(&mut r, msg, pool, now) {
+                match self.start_rollback(&mut r, msg, pool, now, &mut effects) {
                     Ok(()) => return effects,
                     Err(msg) => msg,
                 }
@@ -401,10 +426,10 @@ impl Rollouts {
         // The reload is over (RELOADING=1 → READY=1), unless it ends because we are stopping:
         // systemd already has STOPPING=1.
         if !stopping {
-            effects.push(Effect::Notify("READY=1".to_string()));
+            effects.push(Command::Notify("READY=1".to_string()));
         }
         let outcome = ReloadOutcome::new(false, r.spec.generation, msg);
-        effects.push(Effect::Answer { waiters: std::mem::take(&mut r.waiters), outcome });
+        effects.push(Command::Answer { waiters: std::mem::take(&mut r.waiters), outcome });
         effects
     }
 
@@ -416,16 +441,17 @@ impl Rollouts {
         failed: &mut Rollout,
         msg: String,
         pool: &mut Pool,
-        now: Instant,
+        now: Mono,
+        effects: &mut Vec<Command>,
     ) -> Result<(), String> {
         let mut pending = VecDeque::new();
         let mut restarting = 0;
         for (slot_id, _, previous) in &failed.moved {
-            let Some(slot) = pool.slots.get_mut(slot_id) else { continue };
+            let Some(slot) = pool.slot_mut(*slot_id) else { continue };
             slot.spec = previous.clone();
             let running_new = slot
                 .active
-                .and_then(|pid| pool.workers.get(&pid))
+                .and_then(|pid| pool.worker(pid))
                 .is_some_and(|w| w.is_ready() && Arc::ptr_eq(&w.spec, &failed.spec));
             if running_new {
                 pending.push_back((*slot_id, previous.clone()));
@@ -433,7 +459,7 @@ impl Rollouts {
                 restarting += 1;
             }
         }
-        let back_to = failed.moved.first().map(|(_, _, p)| p.clone()).unwrap_or_else(|| pool.spec.clone());
+        let back_to = failed.moved.first().map(|(_, _, p)| p.clone()).unwrap_or_else(|| pool.spec().clone());
         let failure = if restarting > 0 {
             format!("{msg}; {restarting} worker(s) restart on generation {}", back_to.generation)
         } else {
@@ -445,7 +471,7 @@ impl Rollouts {
         }
         let line = format!("rolling {} worker(s) back to generation {}", pending.len(), back_to.generation);
         tracing::warn!(app = %self.app, generation = back_to.generation, "reload failed: {line}");
-        failed.progress(&line);
+        effects.push(failed.progress(&line));
         self.set_rollback("running");
         let waiters = std::mem::take(&mut failed.waiters);
         self.current = Some(Rollout::new(
@@ -460,19 +486,20 @@ impl Rollouts {
     }
 
     /// When candidates holding for `min_ready` have held long enough.
-    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Instant> + 'a {
+    pub fn deadlines<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = Mono> + 'a {
         self.current.iter().flat_map(move |r| {
-            r.candidates().filter_map(move |pid| match pool.workers.get(&pid).map(|w: &Worker| w.state) {
+            r.candidates().filter_map(move |pid| match pool.worker(pid).map(|w: &Worker| w.state) {
                 Some(State::Ready { since }) => Some(r.hold_until(since)),
                 _ => None,
             })
         })
     }
 
-    fn record(&mut self, ok: bool, error: Option<String>) {
+    /// `unix`: the wall-clock time (seconds), given by the driver like `now`.
+    fn record(&mut self, ok: bool, error: Option<String>, unix: u64) {
         self.last_reload = Some(LastReload {
             result: if ok { "ok" } else { "failed" }.to_string(),
-            at: unix_now(),
+            at: unix,
             error,
             rollback: None,
         });
@@ -481,6 +508,35 @@ impl Rollouts {
     fn set_rollback(&mut self, state: &str) {
         if let Some(lr) = &mut self.last_reload {
             lr.rollback = Some(state.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReloadFailure;
+
+    /// `last_reload.error` and the clients' messages keep the wording they had as strings.
+    #[test]
+    fn a_reload_failure_reads_as_it_always_did() {
+        let cases = [
+            (ReloadFailure::Stopping, "the supervisor is stopping"),
+            (
+                ReloadFailure::Worker("worker 0 (pid 7, generation 2) exited".into()),
+                "worker 0 (pid 7, generation 2) exited",
+            ),
+            (
+                ReloadFailure::CannotStart { slot: 1, error: "no such file".into() },
+                "worker 1 could not start: no such file",
+            ),
+            (ReloadFailure::InvalidConfig("a; b".into()), "invalid configuration, nothing changed: a; b"),
+            (
+                ReloadFailure::Unresolvable("gone".into()),
+                "cannot resolve the new release, nothing changed: gone",
+            ),
+        ];
+        for (failure, words) in cases {
+            assert_eq!(failure.to_string(), words);
         }
     }
 }

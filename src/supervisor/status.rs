@@ -8,24 +8,31 @@ use crate::worker::{Role, State};
 impl Supervisor {
     /// E.g. `4/4 ready · generation 3`, `reloading 2/4 · generation 3→4`.
     pub(super) fn status_line(&self) -> String {
-        if self.stopping {
-            return format!("stopping ({} worker(s) left)", self.pool.workers.len());
+        if self.core.stopping {
+            return format!("stopping ({} worker(s) left)", self.core.pool.workers().len());
         }
-        let pool = &self.pool;
-        let mut s =
-            format!("{}/{} ready · generation {}", pool.ready_count(), pool.desired, pool.spec.generation);
-        if let Some(r) = &self.rollouts.current {
+        let pool = &self.core.pool;
+        let mut s = format!(
+            "{}/{} ready · generation {}",
+            pool.ready_count(),
+            pool.desired(),
+            pool.spec().generation
+        );
+        if let Some(r) = &self.core.rollouts.current {
             s = if r.is_rollback() {
                 format!("rolling back {}/{} · generation {}", r.done, r.total, r.spec.generation)
             } else {
                 format!(
                     "reloading {}/{} · generation {}→{}",
-                    r.done, r.total, pool.spec.generation, r.spec.generation
+                    r.done,
+                    r.total,
+                    pool.spec().generation,
+                    r.spec.generation
                 )
             };
         }
         let now = self.now();
-        for (id, slot) in &pool.slots {
+        for (id, slot) in pool.slots() {
             if let (None, Some(at)) = (slot.active, slot.restart_at) {
                 let wait = at.saturating_duration_since(now);
                 s.push_str(&format!(
@@ -36,14 +43,14 @@ impl Supervisor {
             }
         }
         if self.upgrades.upgrading() {
-            s.push_str(if self.rollouts.current.is_some() {
+            s.push_str(if self.core.rollouts.current.is_some() {
                 " · upgrade waiting for the roll-out"
             } else {
                 " · upgrading in place"
             });
         }
-        if let Some(lr) = &self.rollouts.last_reload {
-            if let (Some(err), None) = (&lr.error, &self.rollouts.current) {
+        if let Some(lr) = &self.core.rollouts.last_reload {
+            if let (Some(err), None) = (&lr.error, &self.core.rollouts.current) {
                 s.push_str(&format!(" · reload failed: {err}"));
             }
         }
@@ -52,13 +59,13 @@ impl Supervisor {
 
     pub(super) fn snapshot(&self) -> Snapshot {
         let now = self.now();
-        let (pool, outside) = (&self.pool, &self.outside);
+        let (pool, outside) = (&self.core.pool, &self.outside);
         let shared_queue: u32 =
             outside.shared_sockets.iter().map(|fd| crate::sys::tcp_listen_queue(fd).map_or(0, |q| q.0)).sum();
         let mut workers: Vec<WorkerInfo> = pool
-            .workers
+            .workers()
             .values()
-            .map(|w| (w, pool.slots.get(&w.slot)))
+            .map(|w| (w, pool.slot(w.slot)))
             .map(|(w, slot)| WorkerInfo {
                 id: w.slot,
                 pid: Some(w.pid),
@@ -87,7 +94,7 @@ impl Supervisor {
                 rss_bytes: 0,
             })
             .collect();
-        for (id, slot) in &pool.slots {
+        for (id, slot) in pool.slots() {
             if slot.active.is_none() && !workers.iter().any(|w| w.id == *id && w.state != "stopping") {
                 workers.push(WorkerInfo {
                     id: *id,
@@ -115,24 +122,25 @@ impl Supervisor {
         }
         workers.sort_by_key(|w| (w.id, w.pid));
         Snapshot {
-            name: self.settings.name.clone(),
+            name: self.core.settings.name.clone(),
             pid: std::process::id(),
             sockets: outside.sockets.clone(),
             learned_sockets: outside.learned.clone(),
-            generation: pool.spec.generation,
-            desired: pool.desired,
+            generation: pool.spec().generation,
+            desired: pool.desired(),
             ready: pool.ready_count(),
             status: self.status_line(),
             workers,
-            last_reload: self.rollouts.last_reload.clone(),
+            last_reload: self.core.rollouts.last_reload.clone(),
             log_dropped: crate::logging::dropped(),
-            balance: self.settings.balance.to_string(),
+            balance: self.core.settings.balance.to_string(),
             routing: outside.steering.as_ref().map(|st| st.routing().to_string()),
             metrics: outside.metrics.address(),
             version: crate::upgrade::version().to_string(),
             upgrades: self.upgrades.count,
             upgrading: self.upgrades.upgrading(),
-            watch: (!self.settings.watch.is_empty()).then(|| self.watching.info(&self.settings.watch)),
+            watch: (!self.core.settings.watch.is_empty())
+                .then(|| self.core.watching.info(&self.core.settings.watch)),
         }
     }
 }

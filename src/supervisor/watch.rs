@@ -6,8 +6,9 @@
 //! `last_reload`), and only when no roll-out runs or waits: changes during a roll-out (or an
 //! in-place upgrade) make one reload after it, however many there were.
 
+use super::clock::Mono;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Supervisor;
 use crate::control::protocol::WatchInfo;
@@ -19,7 +20,7 @@ pub const QUIET: Duration = Duration::from_millis(500);
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// Changes not reloaded for yet, and what the watcher did.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Watching {
     burst: Option<Burst>,
     /// Reloads started because files changed.
@@ -28,16 +29,16 @@ pub(super) struct Watching {
     trigger: Option<PathBuf>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Burst {
-    first: Instant,
-    last: Instant,
+    first: Mono,
+    last: Mono,
     /// The burst's first change.
     path: PathBuf,
 }
 
 impl Watching {
-    pub fn changed(&mut self, path: PathBuf, now: Instant) {
+    pub fn changed(&mut self, path: PathBuf, now: Mono) {
         match &mut self.burst {
             Some(b) => b.last = now,
             None => self.burst = Some(Burst { first: now, last: now, path }),
@@ -45,12 +46,12 @@ impl Watching {
     }
 
     /// When the burst's reload is due (once no roll-out runs).
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Mono> {
         self.burst.as_ref().map(|b| (b.last + QUIET).min(b.first + MAX_WAIT))
     }
 
     /// The burst whose reload is due at `now`, counted as reloaded for.
-    fn due(&mut self, now: Instant) -> Option<Burst> {
+    fn due(&mut self, now: Mono) -> Option<Burst> {
         if self.deadline().is_none_or(|d| now < d) {
             return None;
         }
@@ -73,12 +74,12 @@ impl Watching {
 impl Supervisor {
     /// Whether the watcher may start a reload now: no roll-out runs or waits, no upgrade.
     fn watch_may_reload(&self) -> bool {
-        !self.stopping && self.rollouts.idle() && !self.upgrades.upgrading()
+        !self.core.stopping && self.core.rollouts.idle() && !self.upgrades.upgrading()
     }
 
     /// The burst's deadline, while a reload could start then.
-    pub(super) fn watch_deadline(&self) -> Option<Instant> {
-        self.watch_may_reload().then(|| self.watching.deadline()).flatten()
+    pub(super) fn watch_deadline(&self) -> Option<Mono> {
+        self.watch_may_reload().then(|| self.core.watching.deadline()).flatten()
     }
 
     /// Starts the burst's reload when it is due (after every event).
@@ -87,12 +88,12 @@ impl Supervisor {
             return;
         }
         let now = self.now();
-        let Some(burst) = self.watching.due(now) else { return };
+        let Some(burst) = self.core.watching.due(now) else { return };
         let waited = now.saturating_duration_since(burst.first);
         if now.saturating_duration_since(burst.last) < QUIET {
-            tracing::info!(app = %self.app, "--watch: files kept changing for {} (first: {}): reloading anyway; if something writes there all the time, --watch-ignore it", super::human(waited), burst.path.display());
+            tracing::info!(app = %self.core.app, "--watch: files kept changing for {} (first: {}): reloading anyway; if something writes there all the time, --watch-ignore it", super::human(waited), burst.path.display());
         } else {
-            tracing::info!(app = %self.app, "--watch: {} changed: reloading", burst.path.display());
+            tracing::info!(app = %self.core.app, "--watch: {} changed: reloading", burst.path.display());
         }
         self.request_reload(Waiter::default());
         self.drive_rollout();

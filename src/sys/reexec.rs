@@ -93,6 +93,12 @@ impl HandedOver {
         Ok(HandedOver { fds })
     }
 
+    /// Descriptors already owned, by the key a state refers to them by (an upgrade's fds
+    /// taken by name; see `upgrade::keyed`).
+    pub fn from_owned(fds: HashMap<RawFd, OwnedFd>) -> HandedOver {
+        HandedOver { fds }
+    }
+
     /// The descriptor handed over as number `fd`.
     pub fn take(&mut self, fd: RawFd) -> io::Result<OwnedFd> {
         self.fds.remove(&fd).ok_or_else(|| {
