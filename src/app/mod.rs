@@ -23,6 +23,7 @@
 //! `scale`, `metrics`, `upgrade`, `list`) are one call each into `control::client`.
 
 mod process;
+mod readopt;
 mod resume;
 mod run;
 mod serve;

@@ -73,6 +73,7 @@ impl Core {
             failure: None,
             last_ping: now,
             memory_strikes: 0,
+            readopted: false,
         });
         tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "worker {slot} started (pid {pid}, generation {})", spec.generation);
     }

@@ -196,6 +196,7 @@ fn sim_with(
         notify: None,
         resume,
         bind_intercept: false,
+        store: None,
     };
     let host = Fake {
         clock: Rc::new(Cell::new(now)),
