@@ -153,5 +153,13 @@ impl Supervisor {
         // READY=1 comes from the manager once every slot is ready, not from the abort.
         commands.retain(|c| !matches!(c, Command::Notify(m) if m == "READY=1"));
         self.apply(commands);
+        // A slot without a worker is judged again: READY=1 waits for its new one.
+        let empty: Vec<usize> =
+            self.core.pool.slots().iter().filter(|(_, s)| s.active.is_none()).map(|(id, _)| *id).collect();
+        for id in empty {
+            if let Some(slot) = self.core.pool.slot_mut(id) {
+                slot.settled = false;
+            }
+        }
     }
 }

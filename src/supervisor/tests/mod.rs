@@ -413,6 +413,7 @@ fn answer(rx: &mut oneshot::Receiver<ReloadOutcome>) -> Option<ReloadOutcome> {
 }
 
 mod lifecycle;
+mod readopt;
 mod restore;
 mod rollout;
 mod watch;
