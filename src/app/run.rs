@@ -42,22 +42,7 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
     let program = worker_program(&settings, &process.env());
     let bind_intercept = crate::intercept::resolve(settings.bind_intercept, program.as_deref())
         .map_err(|e| Failure::new(exit::OS, e.to_string()))?;
-    let mut listeners = match Listeners::open(&activation, std::process::id(), listen, steered) {
-        // No address: learned from the first worker's own bind (see `intercept`).
-        Err(ListenError::Nothing) if bind_intercept && !steered => Listeners::none(),
-        Err(ListenError::Nothing) if steered => {
-            return Err(Failure::new(
-                exit::CONFIG,
-                format!(
-                    "--balance {} needs --listen (every worker gets its own socket, bound before it starts, so the address cannot be learned from the app); add --listen 127.0.0.1:8080 or use --balance shared",
-                    settings.balance
-                ),
-            ));
-        }
-        r => r.map_err(|e| {
-            Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string())
-        })?,
-    };
+    let mut listeners = open_listeners(&activation, listen, &settings, bind_intercept)?;
     // Under systemd, as the unit's own process: the fd store's descriptors came back with the
     // sockets. After a crash they are the previous run's workers, re-adopted; whatever else
     // is in the unit's cgroup is a leftover, swept (see `fdstore`, `readopt`).
@@ -67,7 +52,14 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
             super::readopt::Start::Restored { settings, parts, rt } => {
                 return serve(*settings, *parts, rt, process);
             }
-            super::readopt::Start::Fresh { journal, store } => (journal, store),
+            super::readopt::Start::Fresh { journal, store } => {
+                // Nothing re-adopted after all (the sweep killed the leftovers): bind now.
+                if readopting && listeners.is_empty() && !settings.listen.is_empty() {
+                    let none = Activation { listen_fds: None, listen_pid: None, listen_fdnames: None };
+                    listeners = open_listeners(&none, &settings.listen, &settings, bind_intercept)?;
+                }
+                (journal, store)
+            }
         }
     } else {
         (journal, None)
@@ -103,6 +95,30 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
         store,
     };
     serve(settings, parts, rt, process)
+}
+
+/// The listening sockets: systemd's (`activation`), else bound (`listen`).
+fn open_listeners(
+    activation: &Activation,
+    listen: &[crate::config::ListenAddr],
+    settings: &Settings,
+    bind_intercept: bool,
+) -> Result<Listeners, Failure> {
+    let steered = settings.balance != Balance::Shared;
+    match Listeners::open(activation, std::process::id(), listen, steered) {
+        // No address: learned from the first worker's own bind (see `intercept`).
+        Err(ListenError::Nothing) if bind_intercept && !steered => Ok(Listeners::none()),
+        Err(ListenError::Nothing) if steered => Err(Failure::new(
+            exit::CONFIG,
+            format!(
+                "--balance {} needs --listen (every worker gets its own socket, bound before it starts, so the address cannot be learned from the app); add --listen 127.0.0.1:8080 or use --balance shared",
+                settings.balance
+            ),
+        )),
+        r => r.map_err(|e| {
+            Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string())
+        }),
+    }
 }
 
 /// `--balance steer|sticky`: every worker's own socket, in one `SO_REUSEPORT` group per address.
