@@ -1431,6 +1431,13 @@ s_crash_readopt() {
     [ "$pids1" = "$pids0" ] || fail "workers changed across the crashes: $pids0 -> $pids1"
     ro=$(ct herdsman status crash --json | json_get '" ".join(str(w.get("readopted")) for w in d["workers"])')
     [ "$ro" = "True True" ] || fail "workers not marked readopted: $ro"
+    # An in-place upgrade carries the fd store's state over: a crash after it re-adopts too.
+    CT_TIMEOUT=90 ct herdsman upgrade crash --binary /usr/bin/herdsman >/dev/null || fail "herdsman upgrade crash failed"
+    main0=$(prop "$u" MainPID)
+    ct systemctl kill -s KILL --kill-whom=main "$u"
+    wait_until 30 "herdsman restarted after the upgrade and a kill" main_changed || fail "not restarted"
+    wait_until 30 "2/2 ready after the upgrade and a kill" ready_text crash 2 || fail "not ready: $(prop "$u" StatusText)"
+    [ "$(crash_pids)" = "$pids0" ] || fail "workers changed across an upgrade and a crash: $pids0 -> $(crash_pids)"
     # The re-adopted pool is an ordinary one: a reload replaces it, scale grows it.
     load_start crash_reload new 6 || fail "no answer to the reload load"
     CT_TIMEOUT=120 ct systemctl reload "$u" || fail "systemctl reload after the crashes failed"
