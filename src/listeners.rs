@@ -78,8 +78,6 @@ impl Listener {
 #[derive(Debug)]
 pub struct Listeners {
     list: Vec<Listener>,
-    /// Whether they came from the service manager.
-    pub activated: bool,
     /// The descriptors herdsman had put in systemd's fd store, passed back with the sockets
     /// (`LISTEN_FDS`) and told apart by name (`fdstore::split`), until
     /// [`Listeners::take_stored`].
@@ -106,7 +104,7 @@ impl Listeners {
                     if !addrs.is_empty() {
                         tracing::info!("socket-activated: ignoring --listen/listen addresses");
                     }
-                    let mut l = Self::relocated(listeners, true)?;
+                    let mut l = Self::relocated(listeners)?;
                     l.stored = stored;
                     return Ok(l);
                 }
@@ -129,7 +127,7 @@ impl Listeners {
         for (i, addr) in addrs.iter().enumerate() {
             list.push(bind(addr, i, reuseport)?);
         }
-        let mut l = Self::relocated(list, false)?;
+        let mut l = Self::relocated(list)?;
         l.stored = stored;
         Ok(l)
     }
@@ -142,7 +140,7 @@ impl Listeners {
     }
 
     /// Moves every fd to a number >= 3 + n, so workers' `dup2` to 3.. never collides.
-    fn relocated(list: Vec<Listener>, activated: bool) -> Result<Self, ListenError> {
+    fn relocated(list: Vec<Listener>) -> Result<Self, ListenError> {
         let floor = 3 + list.len() as i32;
         let list = list
             .into_iter()
@@ -152,14 +150,14 @@ impl Listeners {
                 Ok(Listener { fd, ..l })
             })
             .collect::<Result<Vec<_>, ListenError>>()?;
-        Ok(Listeners { list, activated, stored: Default::default() })
+        Ok(Listeners { list, stored: Default::default() })
     }
 
     /// No socket at all: for the supervisor's in-process tests, whose workers are made up,
     /// and for a start without `--listen` whose address is learned from the first worker's
     /// own bind (see [`Listeners::learned`]).
     pub fn none() -> Listeners {
-        Listeners { list: Vec::new(), activated: false, stored: Default::default() }
+        Listeners { list: Vec::new(), stored: Default::default() }
     }
 
     /// Binds `addr`, the address a worker bound itself when herdsman had no socket (see
@@ -235,7 +233,7 @@ impl Listeners {
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(ListenersState { list, activated: self.activated })
+        Ok(ListenersState { list })
     }
 
     /// The sockets a previous image handed over (already above the workers' range: the
@@ -248,7 +246,7 @@ impl Listeners {
                 Ok(Listener { fd: fds.take(l.fd)?, name: l.name, addr: l.addr, owned_path: l.owned_path })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let listeners = Listeners { list, activated: st.activated, stored: Default::default() };
+        let listeners = Listeners { list, stored: Default::default() };
         if let Some(low) = listeners.list.iter().find(|l| l.fd.as_raw_fd() < listeners.floor()) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -263,7 +261,6 @@ impl Listeners {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ListenersState {
     pub list: Vec<ListenerState>,
-    pub activated: bool,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]

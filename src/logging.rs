@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id};
 use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::journal::{Journal, encode};
 
@@ -306,9 +308,16 @@ impl JournalLayer {
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for JournalLayer {
-    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-        let mut v = Fields::default();
+impl<S> tracing_subscriber::Layer<S> for JournalLayer
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        keep_span_fields(attrs, id, &ctx);
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        let mut v = span_fields(event, &ctx);
         event.record(&mut v);
         let prio: &[u8] = match *event.metadata().level() {
             tracing::Level::ERROR => b"3",
@@ -335,9 +344,16 @@ pub struct JsonLayer {
     app: String,
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for JsonLayer {
-    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-        let mut v = Fields::default();
+impl<S> tracing_subscriber::Layer<S> for JsonLayer
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        keep_span_fields(attrs, id, &ctx);
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        let mut v = span_fields(event, &ctx);
         event.record(&mut v);
         let line = json_event(&self.app, *event.metadata().level(), v, std::time::SystemTime::now());
         self.sink.stderr(line);
@@ -371,7 +387,38 @@ fn json_event(app: &str, level: tracing::Level, v: Fields, now: std::time::Syste
     line
 }
 
-#[derive(Default)]
+/// Keeps a new span's fields (the loop's `app`; a worker's `worker_id`, `worker_pid`,
+/// `worker_generation`) on it, for [`span_fields`].
+fn keep_span_fields<S>(attrs: &Attributes<'_>, id: &Id, ctx: &Context<'_, S>)
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let mut f = Fields::default();
+    attrs.record(&mut f);
+    if let Some(span) = ctx.span(id) {
+        span.extensions_mut().insert(f);
+    }
+}
+
+/// The fields of the spans `event` happened in, outermost first: an event inside a worker's
+/// span carries its fields as if it had them itself.
+fn span_fields<S>(event: &tracing::Event<'_>, ctx: &Context<'_, S>) -> Fields
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let mut v = Fields::default();
+    if let Some(scope) = ctx.event_scope(event) {
+        for span in scope.from_root() {
+            if let Some(f) = span.extensions().get::<Fields>() {
+                v.other.extend(f.other.iter().cloned());
+                v.raw.extend(f.raw.iter().cloned());
+            }
+        }
+    }
+    v
+}
+
+#[derive(Default, Clone)]
 struct Fields {
     message: String,
     other: Vec<(String, String)>,
@@ -444,6 +491,43 @@ mod tests {
             report.lines().find_map(|l| l.strip_prefix("HERDSMAN_LOG_DROPPED=")).unwrap().parse().unwrap();
         assert!(n > 0, "{report}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// issue 24: the worker fields come from the worker's span, not from each event; the
+    /// journal and JSON layers still give every event inside it `WORKER_ID`/`worker`, ….
+    #[test]
+    fn an_event_in_a_worker_span_carries_the_spans_fields_in_the_journal_and_json() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        struct Capture(Arc<Mutex<Vec<Fields>>>);
+        impl<S> tracing_subscriber::Layer<S> for Capture
+        where
+            S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+        {
+            fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+                keep_span_fields(attrs, id, &ctx);
+            }
+            fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+                let mut v = span_fields(event, &ctx);
+                event.record(&mut v);
+                self.0.lock().unwrap().push(v);
+            }
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(Capture(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let app = tracing::info_span!("loop", app = "web");
+            let _in_loop = app.enter();
+            crate::worker::span(2, 77, 3).in_scope(|| tracing::warn!("worker 2 replaced"));
+        });
+        let v = seen.lock().unwrap().pop().unwrap();
+        let journal: Vec<(&str, &str)> = v.other.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        for field in [("APP", "web"), ("WORKER_ID", "2"), ("WORKER_PID", "77"), ("WORKER_GENERATION", "3")] {
+            assert!(journal.contains(&field), "{field:?} missing from {journal:?}");
+        }
+        let line = json_event("web", tracing::Level::WARN, v, std::time::UNIX_EPOCH);
+        let o: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!((&o["worker"], &o["pid"], &o["generation"]), (&2.into(), &77.into(), &3.into()), "{o}");
     }
 
     #[test]

@@ -79,6 +79,7 @@ impl std::fmt::Display for Failure {
 pub struct Worker {
     pub pid: i32,
     pub slot: usize,
+    #[serde(with = "crate::supervisor::specs::shared")]
     pub spec: Arc<Spec>,
     pub state: State,
     pub role: Role,
@@ -110,7 +111,19 @@ pub struct Worker {
     pub readopted: bool,
 }
 
+/// The span of worker `pid` of `slot` running `generation`: events in it carry `worker_id`,
+/// `worker_pid` and `worker_generation` (the journal's `WORKER_ID`, …; JSON's `worker`, `pid`,
+/// `generation`) without repeating them.
+pub fn span(slot: usize, pid: i32, generation: u64) -> tracing::Span {
+    tracing::info_span!("worker", worker_id = slot, worker_pid = pid, worker_generation = generation)
+}
+
 impl Worker {
+    /// This worker's span (see [`span`]).
+    pub fn span(&self) -> tracing::Span {
+        span(self.slot, self.pid, self.spec.generation)
+    }
+
     /// When a starting worker becomes ready by the clock: `alive:` after its start, and with
     /// `listen`/`auto`, [`LISTEN_SKIPPED`] after its bind if it never calls `listen()`
     /// (`auto` without a bind: `alive:1s`). `None`: only a message makes it ready.

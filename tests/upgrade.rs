@@ -688,12 +688,36 @@ fn previous_release(test: &str) -> Option<PathBuf> {
 /// an upgrade from the previous release, which writes format 2, must keep every worker.
 #[test]
 fn an_upgrade_from_the_previous_release_keeps_every_worker_and_the_new_image_supervises() {
-    let test = "an_upgrade_from_the_previous_release_keeps_every_worker_and_the_new_image_supervises";
+    upgrade_from_previous_release(
+        "an_upgrade_from_the_previous_release_keeps_every_worker_and_the_new_image_supervises",
+        false,
+    );
+}
+
+/// The same with steered sockets: the previous release's steering state (its sockets and
+/// routing program, by number in format 2) is taken over too.
+#[test]
+fn an_upgrade_from_the_previous_release_keeps_a_steered_apps_workers_and_routing() {
+    upgrade_from_previous_release(
+        "an_upgrade_from_the_previous_release_keeps_a_steered_apps_workers_and_routing",
+        true,
+    );
+}
+
+fn upgrade_from_previous_release(test: &str, steered: bool) {
     let Some(previous) = previous_release(test) else { return };
     let dir = root_dir("upgrade-previous");
     let control = dir.path("control.sock");
-    let old = copy_of(&previous, &dir, "herdsman-previous");
-    let run = Run::new(&dir, 3).worker_env("TW_NOTIFY", "1").arg("--ready").arg("notify");
+    // Run in place (a fresh copy could meet ETXTBSY: another test thread forking while it is
+    // open for writing).
+    let old = previous.canonicalize().unwrap();
+    let mut run = Run::new(&dir, 3).worker_env("TW_NOTIFY", "1").arg("--ready").arg("notify");
+    if steered {
+        run = run.arg("--balance").arg("steer");
+        // Steering needs TCP: port 0, the real port read back from status.
+        let i = run.args.iter().position(|a| a == "--listen").unwrap();
+        run.args[i + 1] = "127.0.0.1:0".into();
+    }
     let mut args = run.args;
     args.extend(["--".to_string(), "python3".to_string(), worker_py()]);
     let mut cmd = Command::new(&old);
@@ -703,9 +727,12 @@ fn an_upgrade_from_the_previous_release_keeps_every_worker_and_the_new_image_sup
     let stderr = capture(child.stderr.take().unwrap(), true);
     let stdout = capture(child.stdout.take().unwrap(), false);
     let mut h = Herdsman { child: Some(child), stderr, stdout, addr: run.addr };
-    ready(&control, 3);
+    let first = ready(&control, 3);
+    if steered {
+        h.addr = Addr::Tcp(first["sockets"][0].as_str().unwrap().to_string());
+    }
     // A restart before the upgrade: its count must carry over too.
-    let victim = workers(&status(&control))[0].1;
+    let victim = workers(&first)[0].1;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
         .unwrap();
     let before = wait_for(LONG, "slot 0 restarted", || {
@@ -724,6 +751,7 @@ fn an_upgrade_from_the_previous_release_keeps_every_worker_and_the_new_image_sup
     assert_eq!(after["upgrades"], 1);
     assert_eq!(after["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(after["generation"], before["generation"]);
+    assert_eq!(after["routing"], before["routing"]);
     for _ in 0..20 {
         assert!(h.get()["pid"].as_i64().is_some());
     }
@@ -737,16 +765,12 @@ fn an_upgrade_from_the_previous_release_keeps_every_worker_and_the_new_image_sup
     });
     let r = cli(&["reload", control.to_str().unwrap()]);
     assert!(r.status.success(), "reload after upgrade: {}", String::from_utf8_lossy(&r.stderr));
-    assert_eq!(ready(&control, 3)["generation"], 2);
+    let st = ready(&control, 3);
+    assert_eq!(st["generation"], 2);
+    if steered {
+        assert!(st["workers"].as_array().unwrap().iter().all(|w| w["receiving"] == true), "{st}");
+    }
     h.signal(libc::SIGTERM);
     assert!(h.wait_exit(LONG).success(), "stop after upgrade: {}", h.stderr());
     assert!(!control.exists(), "control socket left behind");
-}
-
-/// A copy of `binary` in `dir` (owned by the test's user, not writable by others).
-fn copy_of(binary: &Path, dir: &TempDir, name: &str) -> PathBuf {
-    let p = dir.path(name);
-    std::fs::copy(binary, &p).unwrap();
-    chmod(&p, 0o755);
-    p
 }

@@ -39,7 +39,7 @@ impl Supervisor {
         let Some(w) = self.core.pool.remove_worker(pid) else { return };
         let fds = self.outside.release(pid);
         if w.intercept_failures > 1 && !is_power_of_ten(w.intercept_failures) {
-            tracing::warn!(app = %self.core.app, worker_id = w.slot, worker_pid = pid, "worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures);
+            w.span().in_scope(|| tracing::warn!("worker {} (pid {pid}): {} bind interception failures in all; only the first was logged in full", w.slot, w.intercept_failures));
         }
         // Whatever the worker left in its process group was killed before this event was
         // sent; now the zombie is reaped and the pid is free (nothing signals it any more).
@@ -137,10 +137,10 @@ impl Core {
         match (w.role, w.state) {
             (Role::Retired, _) => match stop_signal_hint(&w, status) {
                 Some(hint) => {
-                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}: {hint}", w.slot);
+                    w.span().in_scope(|| tracing::warn!("worker {} (pid {pid}) {how}: {hint}", w.slot));
                 }
                 None => {
-                    tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} (pid {pid}) {how}", w.slot);
+                    w.span().in_scope(|| tracing::info!("worker {} (pid {pid}) {how}", w.slot));
                 }
             },
             (Role::Replacement, _) => {
@@ -161,7 +161,7 @@ impl Core {
                     (None, _) => format!("{how} before it was ready"),
                 };
                 let report = failure_report(&w, tail, &reason);
-                tracing::error!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "{report}");
+                w.span().in_scope(|| tracing::error!("{report}"));
                 out.extend(self.fail_rollout(ReloadFailure::Worker(report), now, unix));
             }
             (Role::Active, state) => {
@@ -179,10 +179,9 @@ impl Core {
                 };
                 let report = failure_report(&w, tail, &reason);
                 self.pool.set_last_error(w.slot, failure_detail(&w, tail, &reason));
-                tracing::warn!(
-                    app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation,
-                    "{report}; restarting in {} ({})", human(restart.delay), restart.streak
-                );
+                w.span().in_scope(|| {
+                    tracing::warn!("{report}; restarting in {} ({})", human(restart.delay), restart.streak)
+                });
                 if owned {
                     out.extend(self.fail_rollout(ReloadFailure::Worker(report), now, unix));
                 }
@@ -228,7 +227,8 @@ impl Core {
     pub(super) fn on_ready(&mut self, pid: i32, now: Mono) -> Vec<Command> {
         let Some(w) = self.pool.worker(pid) else { return vec![Command::Receiving { pid, on: true }] };
         let took = now.duration_since(w.started);
-        tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = pid, worker_generation = w.spec.generation, "worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64());
+        w.span()
+            .in_scope(|| tracing::info!("worker {} ready (pid {pid}, {:.2} s)", w.slot, took.as_secs_f64()));
         if let Some(slot) = self.pool.slot_mut(w.slot) {
             slot.settled = true;
         }
@@ -249,7 +249,7 @@ impl Core {
                     if let Some(at) = w.ready_by_clock() {
                         if now >= at {
                             if w.bound_at.is_some() {
-                                tracing::info!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) bound herdsman's socket but did not call listen() (it already listens: gunicorn checks SO_ACCEPTCONN): ready {} after its bind", w.slot, human(crate::config::values::LISTEN_SKIPPED));
+                                w.span().in_scope(|| tracing::info!("worker {} (pid {pid}) bound herdsman's socket but did not call listen() (it already listens: gunicorn checks SO_ACCEPTCONN): ready {} after its bind", w.slot, human(crate::config::values::LISTEN_SKIPPED)));
                             }
                             w.state = State::Ready { since: now };
                             became_ready.push(*pid);
@@ -265,14 +265,26 @@ impl Core {
                     let out_of_time = now >= since + w.spec.stop_timeout;
                     if now >= since + DRAIN_GRACE && (queued == 0 || out_of_time || parked) {
                         if queued > 0 && !parked {
-                            tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}", w.slot, human(w.spec.stop_timeout));
+                            w.span().in_scope(|| {
+                                tracing::warn!(
+                                    "worker {} (pid {pid}) left {queued} connection(s) unaccepted within {}",
+                                    w.slot,
+                                    human(w.spec.stop_timeout)
+                                )
+                            });
                         }
                         w.state = State::Stopping { kill_at: now + w.spec.stop_timeout };
                         out.push(Command::AskToStop(*pid));
                     }
                 }
                 State::Stopping { kill_at } if now >= kill_at => {
-                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = *pid, "worker {} (pid {pid}) did not stop within {}: SIGKILL", w.slot, human(w.spec.stop_timeout));
+                    w.span().in_scope(|| {
+                        tracing::warn!(
+                            "worker {} (pid {pid}) did not stop within {}: SIGKILL",
+                            w.slot,
+                            human(w.spec.stop_timeout)
+                        )
+                    });
                     w.state = State::Killed;
                     out.push(Command::Signal { pid: *pid, sig: Signal::SIGKILL, group: true });
                 }
@@ -337,7 +349,11 @@ impl Supervisor {
                     } else {
                         format!(" (it asked for {asked}; herdsman serves {served})")
                     };
-                    tracing::info!(app = %self.core.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}");
+                    crate::worker::span(slot, pid, generation).in_scope(|| {
+                        tracing::info!(
+                            "worker {slot} (pid {pid}) bound herdsman's socket {served} itself{how}"
+                        )
+                    });
                 }
                 w.bound = true;
                 w.bound_at.get_or_insert(now);
@@ -353,16 +369,17 @@ impl Supervisor {
             Seen::Foreign { asked } if !w.warned_foreign => {
                 w.warned_foreign = true;
                 let ours = self.outside.sockets.join(", ");
-                tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, worker_generation = generation, "worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's");
+                crate::worker::span(slot, pid, generation).in_scope(|| tracing::warn!("worker {slot} (pid {pid}) listens on {asked}, not on herdsman's {ours}; set --listen to the app's port or the app's port to herdsman's"));
             }
             Seen::Foreign { .. } => {}
             Seen::Failed(why) => {
                 w.intercept_failures += 1;
                 let n = w.intercept_failures;
                 if n == 1 {
-                    tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): bind interception: {why}");
+                    crate::worker::span(slot, pid, generation)
+                        .in_scope(|| tracing::warn!("worker {slot} (pid {pid}): bind interception: {why}"));
                 } else if is_power_of_ten(n) {
-                    tracing::warn!(app = %self.core.app, worker_id = slot, worker_pid = pid, "worker {slot} (pid {pid}): {n} bind interception failures so far (the latest: {why}); only the first is logged in full");
+                    crate::worker::span(slot, pid, generation).in_scope(|| tracing::warn!("worker {slot} (pid {pid}): {n} bind interception failures so far (the latest: {why}); only the first is logged in full"));
                 }
             }
         }

@@ -94,7 +94,7 @@ impl Supervisor {
             Ok(h) => h,
             Err(e) => {
                 if !store.warned {
-                    tracing::warn!(app = %self.core.app, "fd store: cannot build the state, a crash would lose the workers: {e}");
+                    tracing::warn!("fd store: cannot build the state, a crash would lose the workers: {e}");
                     store.warned = true;
                 }
                 return;
@@ -110,9 +110,9 @@ impl Supervisor {
                     Ok(()) => {
                         store.stored.insert(name.clone());
                     }
-                    Err(e) => tracing::warn!(app = %self.core.app, "{e}"),
+                    Err(e) => tracing::warn!("{e}"),
                 },
-                Err(e) => tracing::warn!(app = %self.core.app, "fd store: cannot copy {name}: {e}"),
+                Err(e) => tracing::warn!("fd store: cannot copy {name}: {e}"),
             }
         }
         // Not an upgrade: no count to add, no exec to time.
@@ -126,11 +126,11 @@ impl Supervisor {
                 if store.written != Some(hash) {
                     match store.state.write(&bytes) {
                         Ok(()) => store.written = Some(hash),
-                        Err(e) => tracing::warn!(app = %self.core.app, "fd store: writing the state: {e}"),
+                        Err(e) => tracing::warn!("fd store: writing the state: {e}"),
                     }
                 }
             }
-            Err(e) => tracing::warn!(app = %self.core.app, "fd store: serializing the state: {e}"),
+            Err(e) => tracing::warn!("fd store: serializing the state: {e}"),
         }
         let gone: Vec<String> = store
             .stored

@@ -160,11 +160,11 @@ impl Supervisor {
             return refuse(reply, e);
         };
         let binary = binary.unwrap_or_else(|| carry.binary.clone());
-        tracing::info!(app = %self.core.app, "upgrade requested: re-executing from {}", binary.display());
+        tracing::info!("upgrade requested: re-executing from {}", binary.display());
         let binary = match Candidate::open(&binary, nix::unistd::geteuid().as_raw()) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(app = %self.core.app, "upgrade refused: {e}");
+                tracing::error!("upgrade refused: {e}");
                 return refuse(reply, e);
             }
         };
@@ -214,7 +214,11 @@ impl Supervisor {
         let Some(up) = &mut self.upgrades.pending else { return };
         match r {
             Ok(report) => {
-                tracing::info!(app = %self.core.app, "{} (herdsman {}) passed its take-over check", up.binary.path.display(), report.version);
+                tracing::info!(
+                    "{} (herdsman {}) passed its take-over check",
+                    up.binary.path.display(),
+                    report.version
+                );
                 // Reloads that waited for the upgrade go to the new image: tell their clients.
                 let waiters = std::mem::take(&mut self.upgrades.deferred);
                 let outcome = ReloadOutcome {
@@ -240,7 +244,7 @@ impl Supervisor {
     fn end_upgrade(&mut self, r: Result<UpgradeDone, UpgradeError>) {
         let Some(up) = self.upgrades.pending.take() else { return };
         if let Err(e) = &r {
-            tracing::error!(app = %self.core.app, "upgrade refused: {e}");
+            tracing::error!("upgrade refused: {e}");
         }
         if let Some(tx) = up.reply {
             let _ = tx.send(r);
@@ -267,7 +271,12 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => return self.end_upgrade(Err(e)),
         };
-        tracing::info!(app = %self.core.app, "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept", upgrade::version(), binary.path.display(), self.core.pool.workers().len());
+        tracing::info!(
+            "upgrading in place: herdsman {} → {version} ({}), {} worker(s) kept",
+            upgrade::version(),
+            binary.path.display(),
+            self.core.pool.workers().len()
+        );
         self.outside.notifier.send(&format!("STATUS=upgrading in place to herdsman {version}"));
         self.outside.notifier.flush();
         // The last lines must not die with this image.
@@ -374,7 +383,6 @@ impl Supervisor {
     /// `watchdog`: this image's `WATCHDOG_USEC` interval.
     pub(super) fn resume(&mut self, r: Resumed, watchdog: Option<Duration>) -> std::io::Result<()> {
         let Resumed { mut core, mut fds, tails, reply, upgrades, readopt } = r;
-        core.intern_specs();
         let now = self.now();
         core.manager.set_watchdog(watchdog, now);
         // The manager's watchdog: ping at once (the exec took a moment of it).
@@ -421,7 +429,11 @@ impl Supervisor {
             let _ = s.set_nonblocking(false);
             let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = s.write_all(crate::control::protocol::Reply::Upgrade(done).line().as_bytes());
-            tracing::info!(app = %self.core.app, "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept", upgrade::version(), self.core.pool.workers().len());
+            tracing::info!(
+                "upgraded in place to herdsman {} in {took:.1} ms: {} worker(s) kept",
+                upgrade::version(),
+                self.core.pool.workers().len()
+            );
         }
         if let Some(ro) = readopt {
             self.readopted(ro);

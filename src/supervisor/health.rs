@@ -12,7 +12,6 @@
 
 use super::clock::Mono;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::command::Command;
@@ -36,12 +35,11 @@ pub(super) struct Health {
     replacing: HashMap<i32, Replacement>,
     /// When memory is sampled next (`None`: no worker has a limit).
     pub next_memory_check: Option<Mono>,
-    app: Arc<str>,
 }
 
 impl Health {
-    pub fn new(app: Arc<str>) -> Health {
-        Health { replacing: HashMap::new(), next_memory_check: None, app }
+    pub fn new() -> Health {
+        Health { replacing: HashMap::new(), next_memory_check: None }
     }
 
     /// Whether no replacement is in flight.
@@ -163,7 +161,8 @@ impl Health {
             if let Some(slot) = pool.slot_mut(slot_id) {
                 slot.restarts += 1;
             }
-            tracing::info!(app = %self.app, worker_id = slot_id, worker_pid = new, "worker {slot_id} replaced (pid {} → {new})", r.old);
+            crate::worker::span(slot_id, new, pool.worker(new).map_or(0, |w| w.spec.generation))
+                .in_scope(|| tracing::info!("worker {slot_id} replaced (pid {} → {new})", r.old));
             effects.push(Command::Promote { slot: slot_id, new, kill_old: r.hard });
         }
         effects
@@ -173,7 +172,7 @@ impl Health {
     /// hung it serves nobody: it is killed, and its slot restarts with back-off.
     pub fn replacement_failed(&mut self, new: i32, report: &str) -> Vec<Command> {
         let Some(r) = self.replacing.remove(&new) else { return Vec::new() };
-        tracing::error!(app = %self.app, "replacement failed: {report}");
+        tracing::error!("replacement failed: {report}");
         if r.hard { vec![Command::Kill { pid: r.old, failure: None }] } else { Vec::new() }
     }
 }

@@ -61,6 +61,7 @@ mod reload;
 mod retire;
 mod rollout;
 mod spawned;
+pub(crate) mod specs;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -149,8 +150,11 @@ enum Event {
 
 /// The core: every decision's state, plain data (`serde`: an in-place upgrade writes it as
 /// it is), no descriptor, no channel, no clock of its own.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct Core {
+    /// Every spec in use, once; read before everything that refers to one (see [`specs`]).
+    #[serde(rename = "specs")]
+    _specs: specs::Table,
     settings: Settings,
     app: Arc<str>,
     /// Set once a stop began; the loop ends when no worker is left.
@@ -162,6 +166,31 @@ pub struct Core {
     watching: watch::Watching,
 }
 
+impl serde::Serialize for Core {
+    /// The fields in their order, the spec table first (what `Deserialize` reads them in).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Specs<'a>(&'a Core);
+        impl serde::Serialize for Specs<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let core = self.0;
+                specs::Table::write(core.pool.specs().chain(core.rollouts.specs()).cloned().collect(), s)
+            }
+        }
+        let mut st = s.serialize_struct("Core", 9)?;
+        st.serialize_field("specs", &Specs(self))?;
+        st.serialize_field("settings", &self.settings)?;
+        st.serialize_field("app", &self.app)?;
+        st.serialize_field("stopping", &self.stopping)?;
+        st.serialize_field("pool", &self.pool)?;
+        st.serialize_field("rollouts", &self.rollouts)?;
+        st.serialize_field("health", &self.health)?;
+        st.serialize_field("manager", &self.manager)?;
+        st.serialize_field("watching", &self.watching)?;
+        st.end()
+    }
+}
+
 impl Core {
     /// The settings in use.
     pub fn settings(&self) -> &Settings {
@@ -171,16 +200,6 @@ impl Core {
     /// How many workers it knows.
     pub fn workers(&self) -> usize {
         self.pool.workers().len()
-    }
-
-    /// Makes every spec of one generation one shared `Arc` again (a deserialized core has a
-    /// copy per reference; a generation names one spec).
-    fn intern_specs(&mut self) {
-        let mut seen: std::collections::HashMap<u64, Arc<Spec>> = std::collections::HashMap::new();
-        self.for_each_spec(&mut |spec| {
-            let shared = seen.entry(spec.generation).or_insert_with(|| spec.clone());
-            *spec = shared.clone();
-        });
     }
 
     /// Replaces every value that may be a secret (the workers' environment) with `hidden`.
@@ -245,9 +264,18 @@ impl Waiters {
 }
 
 /// Runs the supervisor until a stop request has been carried out.
+///
+/// Everything it logs is inside one span, `loop` (`app`); what concerns one worker inside its
+/// own (`worker`: `worker_id`, `worker_pid`, `worker_generation`; see `worker::span`).
 pub async fn run(settings: Settings, world: World, controls: mpsc::Receiver<Control>) -> anyhow::Result<()> {
-    let (sup, events) = Supervisor::new(settings, world, Box::new(host::RealHost))?;
-    sup.drive(events, controls).await
+    use tracing::Instrument;
+    let span = tracing::info_span!("loop", app = %settings.name);
+    async move {
+        let (sup, events) = Supervisor::new(settings, world, Box::new(host::RealHost))?;
+        sup.drive(events, controls).await
+    }
+    .instrument(span)
+    .await
 }
 
 impl Supervisor {
@@ -285,7 +313,6 @@ impl Supervisor {
         let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
         let now = host.now();
         let outside = Outside::new(
-            app.clone(),
             host,
             world.notifier,
             launcher,
@@ -296,9 +323,10 @@ impl Supervisor {
             events,
         )?;
         let core = Core {
+            _specs: specs::Table,
             pool: Pool::new(spec, settings.workers.get()),
-            rollouts: Rollouts::new(app.clone()),
-            health: Health::new(app.clone()),
+            rollouts: Rollouts::new(),
+            health: Health::new(),
             manager: Manager::new(world.watchdog, now),
             watching: Default::default(),
             settings,
@@ -319,7 +347,6 @@ impl Supervisor {
         } else {
             let sockets = sup.outside.sockets.join(", ");
             tracing::info!(
-                app = %sup.core.app,
                 workers = sup.core.pool.desired(),
                 sockets = %sockets,
                 "starting {} worker(s) of {:?} on {}",
@@ -358,7 +385,7 @@ impl Supervisor {
             let now = self.now();
             self.on_timers(now);
         }
-        tracing::info!(app = %self.core.app, "all workers stopped");
+        tracing::info!("all workers stopped");
         self.clear_store();
         // Their metrics socket files and directories go now, before the notify socket's
         // directory (when the loop ends), so the runtime directory is left as it was found.
@@ -424,14 +451,14 @@ impl Supervisor {
     fn reap_orphans(&mut self) {
         let workers = &self.core.pool.workers();
         for (pid, status) in crate::reaper::sweep(|pid| workers.contains_key(&pid)).unwrap_or_default() {
-            tracing::debug!(app = %self.core.app, "reaped orphan {pid}: it {}", exits::describe_exit(status));
+            tracing::debug!("reaped orphan {pid}: it {}", exits::describe_exit(status));
         }
     }
 
     fn scale(&mut self, scale: Scale) -> Result<usize, ScaleError> {
         let want = self.core.pool.target(scale)?;
         if want != self.core.pool.desired() {
-            tracing::info!(app = %self.core.app, "scaling from {} to {want} worker(s)", self.core.pool.desired());
+            tracing::info!("scaling from {} to {want} worker(s)", self.core.pool.desired());
         }
         self.set_desired(want);
         Ok(want)
@@ -551,7 +578,7 @@ impl Supervisor {
         }
         if self.core.manager.ready_once(self.core.pool.settled(), self.core.stopping) {
             self.outside.notifier.send("READY=1");
-            tracing::info!(app = %self.core.app, "started: {}", self.status_line());
+            tracing::info!("started: {}", self.status_line());
         }
         let status = self.status_line();
         if let Some(msg) = self.core.manager.status(status) {

@@ -51,7 +51,6 @@ pub(super) struct Outside {
     /// Every live worker's descriptors, by pid: the one table of per-worker resources (the
     /// core's `Worker` is plain data). An upgrade hands these over by name (see `fd_table`).
     pub fds: HashMap<i32, WorkerFds>,
-    app: Arc<str>,
 }
 
 /// One worker's resources, owned by the driver.
@@ -73,7 +72,6 @@ pub(crate) struct WorkerFds {
 impl Outside {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        app: Arc<str>,
         host: Box<dyn Host>,
         notifier: crate::notify::Notifier,
         launcher: Launcher,
@@ -109,7 +107,6 @@ impl Outside {
             notify,
             metrics,
             events,
-            app,
         })
     }
 
@@ -194,7 +191,7 @@ impl Outside {
             StopSignal::Message => match self.message(w.pid, crate::ipc::SHUTDOWN) {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(app = %self.app, worker_id = w.slot, worker_pid = w.pid, "worker {} (pid {}): cannot send the shutdown message ({e}): sending SIGTERM instead", w.slot, w.pid);
+                    w.span().in_scope(|| tracing::warn!("worker {} (pid {}): cannot send the shutdown message ({e}): sending SIGTERM instead", w.slot, w.pid));
                     Signal::SIGTERM
                 }
             },
@@ -220,12 +217,14 @@ impl Outside {
                 self.launcher.add_socket(raw, name);
                 self.sockets.push(addr.clone());
                 self.shared_sockets.extend(copy.ok());
-                tracing::info!(app = %self.app, "serving {addr}, the address the first worker bound (no --listen): every worker gets this socket");
+                tracing::info!(
+                    "serving {addr}, the address the first worker bound (no --listen): every worker gets this socket"
+                );
                 self.learned.push(addr);
                 // Later workers get it at fd 3 and their own table.
                 self.shared_table = None;
             }
-            Err(e) => tracing::error!(app = %self.app, "cannot keep the learned socket {addr}: {e}"),
+            Err(e) => tracing::error!("cannot keep the learned socket {addr}: {e}"),
         }
     }
 
@@ -241,7 +240,7 @@ impl Outside {
     pub fn steer_receiving(&mut self, pid: i32, receiving: bool) {
         if let Some(st) = &mut self.steering {
             if let Err(e) = st.set_receiving(pid, receiving) {
-                tracing::error!(app = %self.app, "steering: {e}");
+                tracing::error!("steering: {e}");
             }
         }
     }
@@ -266,7 +265,7 @@ impl Outside {
     pub fn release(&mut self, pid: i32) -> Option<WorkerFds> {
         if let Some(st) = &mut self.steering {
             if let Err(e) = st.release(pid) {
-                tracing::error!(app = %self.app, "steering: {e}");
+                tracing::error!("steering: {e}");
             }
         }
         self.fds.remove(&pid)
@@ -276,7 +275,7 @@ impl Outside {
     pub fn set_slots(&mut self, n: usize) {
         if let Some(st) = &mut self.steering {
             if let Err(e) = st.set_slots(n) {
-                tracing::error!(app = %self.app, "steering: {e}");
+                tracing::error!("steering: {e}");
             }
         }
     }

@@ -30,6 +30,7 @@ pub(super) struct Slot {
     /// The worker serving (or starting to serve) this slot.
     pub active: Option<i32>,
     /// What the slot runs when (re)started.
+    #[serde(with = "super::specs::shared")]
     pub spec: Arc<Spec>,
     /// Failures in a row, for back-off.
     pub failures: u32,
@@ -59,6 +60,7 @@ impl Slot {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Pool {
     /// What new slots and restarts without a slot spec run.
+    #[serde(with = "super::specs::shared")]
     spec: Arc<Spec>,
     /// The newest generation number handed out.
     generation: u64,
@@ -157,6 +159,13 @@ impl Pool {
     /// A worker exited: it leaves the pool.
     pub fn remove_worker(&mut self, pid: i32) -> Option<Worker> {
         self.workers.remove(&pid)
+    }
+
+    /// Every spec the pool refers to.
+    pub fn specs(&self) -> impl Iterator<Item = &Arc<Spec>> {
+        std::iter::once(&self.spec)
+            .chain(self.slots.values().map(|s| &s.spec))
+            .chain(self.workers.values().map(|w| &w.spec))
     }
 
     /// Visits every spec the pool refers to.

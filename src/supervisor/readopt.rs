@@ -125,13 +125,17 @@ impl Supervisor {
         let (now, unix) = (self.now(), self.unix_now());
         // A new main process: systemd waits for its READY=1, sent once the pool is settled.
         self.core.manager.sent_ready = false;
-        tracing::warn!(app = %self.core.app, "restarted after a crash: re-adopted {} worker(s) from the fd store, {} died meanwhile", ro.live.len(), ro.lost.len());
+        tracing::warn!(
+            "restarted after a crash: re-adopted {} worker(s) from the fd store, {} died meanwhile",
+            ro.live.len(),
+            ro.lost.len()
+        );
         let mut commands = Vec::new();
         let interrupted =
             matches!(self.core.rollouts.current.as_ref().map(|r| &r.purpose), Some(Purpose::Reload));
         if interrupted {
             // One version at the end: the moved slots roll back, whatever `on_failure` says.
-            tracing::warn!(app = %self.core.app, "a reload was in progress when herdsman crashed: rolling it back");
+            tracing::warn!("a reload was in progress when herdsman crashed: rolling it back");
             commands.extend(self.core.rollouts.fail(
                 ReloadFailure::Interrupted,
                 &mut self.core.pool,

@@ -22,7 +22,7 @@ impl Supervisor {
                 ReloadOutcome::new(false, self.core.pool.spec().generation, "the supervisor is stopping");
             answer(vec![reply], outcome);
         } else if self.upgrades.upgrading() {
-            tracing::info!(app = %self.core.app, "reload requested during an upgrade: it waits for the upgrade");
+            tracing::info!("reload requested during an upgrade: it waits for the upgrade");
             self.upgrades.defer(reply);
         } else if self.core.rollouts.current.is_some() {
             let id = self.waiters.add(reply);
@@ -77,22 +77,29 @@ impl Supervisor {
     /// Takes in a re-read configuration. Sockets and the name cannot change while running.
     fn apply_settings(&mut self, new: crate::config::Settings) {
         if new.listen != self.core.settings.listen && !new.listen.is_empty() {
-            tracing::warn!(app = %self.core.app, "listen addresses changed in the config: sockets are kept; restart the app to change them");
+            tracing::warn!(
+                "listen addresses changed in the config: sockets are kept; restart the app to change them"
+            );
         }
         if new.name != self.core.settings.name {
-            tracing::warn!(app = %self.core.app, "the app name cannot change while running; keeping {:?}", self.core.settings.name);
+            tracing::warn!("the app name cannot change while running; keeping {:?}", self.core.settings.name);
         }
         // The file's worker count wins only when the file changed it since it was last read;
         // otherwise a runtime scale is kept.
         if new.file_workers != self.core.settings.file_workers && new.file_workers.is_some() {
-            tracing::info!(app = %self.core.app, "config file changed workers to {}", new.workers);
+            tracing::info!("config file changed workers to {}", new.workers);
             self.set_desired(new.workers.get());
         }
         if new.balance != self.core.settings.balance {
-            tracing::warn!(app = %self.core.app, "balance changed in the config: the sockets are kept as they are ({}); restart the app to change it", self.core.settings.balance);
+            tracing::warn!(
+                "balance changed in the config: the sockets are kept as they are ({}); restart the app to change it",
+                self.core.settings.balance
+            );
         }
         if (&new.watch, &new.watch_ignore) != (&self.core.settings.watch, &self.core.settings.watch_ignore) {
-            tracing::warn!(app = %self.core.app, "watch or watch_ignore changed in the config: the watched paths are kept; restart the app to change them");
+            tracing::warn!(
+                "watch or watch_ignore changed in the config: the watched paths are kept; restart the app to change them"
+            );
         }
         let (name, balance) = (self.core.settings.name.clone(), self.core.settings.balance);
         let (watch, watch_ignore) =

@@ -15,7 +15,7 @@ impl Core {
     /// reloads and retires every worker; a second makes every kill timer run out now.
     pub(super) fn stop(&mut self, now: Mono, unix: u64) -> Vec<Command> {
         if self.stopping {
-            tracing::warn!(app = %self.app, "second stop request: killing the remaining workers now");
+            tracing::warn!("second stop request: killing the remaining workers now");
             for w in self.pool.workers_mut().filter(|w| w.state != State::Killed) {
                 w.state = State::Stopping { kill_at: now };
             }
@@ -25,7 +25,7 @@ impl Core {
             crate::config::StopSignal::Signal(sig) => sig.as_str(),
             crate::config::StopSignal::Message => "the shutdown message",
         };
-        tracing::info!(app = %self.app, "stopping: sending {how} to {} worker(s)", self.pool.workers().len());
+        tracing::info!("stopping: sending {how} to {} worker(s)", self.pool.workers().len());
         self.stopping = true;
         let mut out = vec![Command::Notify("STOPPING=1\nSTATUS=stopping".to_string())];
         out.extend(self.fail_rollout(ReloadFailure::Stopping, now, unix));

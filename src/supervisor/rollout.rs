@@ -96,13 +96,16 @@ pub(super) enum Purpose {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Rollout {
     /// The spec the roll-out moves to (for a rollback: the generation it returns to).
+    #[serde(with = "super::specs::shared")]
     pub spec: Arc<Spec>,
     pub purpose: Purpose,
     /// Slots still to replace, in order, with the spec each moves to.
+    #[serde(with = "super::specs::slots")]
     pending: VecDeque<(usize, Arc<Spec>)>,
     /// Slots whose candidate is starting or holding: (slot, candidate pid).
     in_flight: Vec<(usize, i32)>,
     /// Slots this roll-out moved, with the worker that took over and the spec it replaced.
+    #[serde(with = "super::specs::moved")]
     moved: Vec<(usize, i32, Arc<Spec>)>,
     min_ready: Duration,
     pub total: usize,
@@ -186,12 +189,20 @@ pub(super) struct Rollouts {
     /// Reload requests that arrived during a roll-out: they get one more roll-out afterwards.
     queued: Option<Vec<WaiterId>>,
     pub last_reload: Option<LastReload>,
-    app: Arc<str>,
 }
 
 impl Rollouts {
-    pub fn new(app: Arc<str>) -> Rollouts {
-        Rollouts { current: None, queued: None, last_reload: None, app }
+    pub fn new() -> Rollouts {
+        Rollouts { current: None, queued: None, last_reload: None }
+    }
+
+    /// Every spec the roll-out refers to.
+    pub fn specs(&self) -> impl Iterator<Item = &Arc<Spec>> {
+        self.current.iter().flat_map(|r| {
+            std::iter::once(&r.spec)
+                .chain(r.pending.iter().map(|(_, s)| s))
+                .chain(r.moved.iter().map(|(_, _, s)| s))
+        })
     }
 
     /// Visits every spec the roll-out refers to.
@@ -219,7 +230,7 @@ impl Rollouts {
 
     /// A reload asked for while a roll-out runs: it joins the one more roll-out that follows.
     pub fn queue(&mut self, waiter: WaiterId) -> Vec<Command> {
-        tracing::info!(app = %self.app, "reload requested during a roll-out: queued (coalesced)");
+        tracing::info!("reload requested during a roll-out: queued (coalesced)");
         self.queued.get_or_insert_with(Vec::new).push(waiter);
         let line = "a roll-out is in progress: this reload runs right after it".to_string();
         vec![Command::Progress { waiters: vec![waiter], line }]
@@ -246,7 +257,7 @@ impl Rollouts {
         unix: u64,
     ) -> Vec<Command> {
         let msg = why.to_string();
-        tracing::error!(app = %self.app, "reload failed: {msg}");
+        tracing::error!("reload failed: {msg}");
         self.record(false, Some(msg.clone()), unix);
         let outcome = ReloadOutcome::new(false, generation, msg);
         vec![Command::Reloaded { ok: false, took: None }, Command::Answer { waiters, outcome }]
@@ -263,7 +274,7 @@ impl Rollouts {
     ) -> Vec<Command> {
         let g = spec.generation;
         let pending: VecDeque<(usize, Arc<Spec>)> = slots.into_iter().map(|id| (id, spec.clone())).collect();
-        tracing::info!(app = %self.app, generation = g, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {g} ({})", pending.len(), spec.cwd.display());
+        tracing::info!(generation = g, cwd = %spec.cwd.display(), "reload: rolling {} worker(s) to generation {g} ({})", pending.len(), spec.cwd.display());
         let r = Rollout::new(spec, Purpose::Reload, pending, min_ready, now, waiters);
         let progress = r.progress(&format!("rolling {} worker(s) to generation {g}", r.total));
         self.current = Some(r);
@@ -292,7 +303,8 @@ impl Rollouts {
             r.done += 1;
             let took = pool.worker(pid).map(|w| now.duration_since(w.started).as_secs_f64()).unwrap_or(0.0);
             let line = format!("worker {}/{} ready (pid {pid}, {took:.2} s)", r.done, r.total);
-            tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "{}: {line}", r.verb());
+            crate::worker::span(slot, pid, spec.generation)
+                .in_scope(|| tracing::info!("{}: {line}", r.verb()));
             effects.push(r.progress(&line));
             effects.push(Command::Promote { slot, new: pid, kill_old: false });
         }
@@ -349,7 +361,7 @@ impl Rollouts {
                     "reload complete: {} worker(s) on generation {} in {took:.2} s",
                     r.done, r.spec.generation
                 );
-                tracing::info!(app = %self.app, generation = r.spec.generation, "{msg}");
+                tracing::info!(generation = r.spec.generation, "{msg}");
                 self.record(true, None, unix);
                 effects.push(Command::Reloaded { ok: true, took: Some(ran) });
                 ReloadOutcome::new(true, r.spec.generation, msg)
@@ -359,7 +371,7 @@ impl Rollouts {
                     "{failure}; rolled back {} worker(s) to generation {} in {took:.2} s",
                     r.done, r.spec.generation
                 );
-                tracing::warn!(app = %self.app, generation = r.spec.generation, "{msg}");
+                tracing::warn!(generation = r.spec.generation, "{msg}");
                 self.set_rollback("ok");
                 ReloadOutcome::new(false, r.spec.generation, msg)
             }
@@ -414,7 +426,7 @@ impl Rollouts {
                 )
             }
         };
-        tracing::error!(app = %self.app, generation = r.spec.generation, "{msg}");
+        tracing::error!(generation = r.spec.generation, "{msg}");
         let msg = match (&r.purpose, r.moved.is_empty()) {
             (Purpose::Rollback { .. }, _) => msg,
             (Purpose::Reload, true) => format!("{msg}; every worker keeps running the previous code"),
@@ -477,7 +489,7 @@ impl Rollouts {
             return Err(failure);
         }
         let line = format!("rolling {} worker(s) back to generation {}", pending.len(), back_to.generation);
-        tracing::warn!(app = %self.app, generation = back_to.generation, "reload failed: {line}");
+        tracing::warn!(generation = back_to.generation, "reload failed: {line}");
         effects.push(failed.progress(&line));
         self.set_rollback("running");
         let waiters = std::mem::take(&mut failed.waiters);

@@ -75,7 +75,8 @@ impl Core {
             memory_strikes: 0,
             readopted: false,
         });
-        tracing::info!(app = %self.app, worker_id = slot, worker_pid = pid, worker_generation = spec.generation, "worker {slot} started (pid {pid}, generation {})", spec.generation);
+        crate::worker::span(slot, pid, spec.generation)
+            .in_scope(|| tracing::info!("worker {slot} started (pid {pid}, generation {})", spec.generation));
     }
 
     /// Slot `id`'s new active worker `pid` started.
@@ -86,7 +87,7 @@ impl Core {
     /// Slot `id`'s worker could not be started: the slot backs off.
     pub(super) fn slot_start_failed(&mut self, id: usize, e: &SpawnError, now: Mono) {
         let delay = self.pool.start_failed(id, now, &self.settings.backoff, e.to_string());
-        tracing::error!(app = %self.app, worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
+        tracing::error!(worker_id = id, "worker {id}: {e}; retrying in {}", human(delay));
     }
 
     /// The unhealthy `old` is to be replaced (`failure` says why): the slot and spec to start
@@ -94,10 +95,8 @@ impl Core {
     pub(super) fn replace(&mut self, old: i32, failure: Failure) -> Option<(usize, Arc<Spec>)> {
         let w = self.pool.worker_mut(old)?;
         let (slot, spec) = (w.slot, w.spec.clone());
-        tracing::warn!(
-            app = %self.app, worker_id = slot, worker_pid = old, worker_generation = spec.generation,
-            "worker {slot} (pid {old}) {failure}: starting a replacement"
-        );
+        crate::worker::span(slot, old, spec.generation)
+            .in_scope(|| tracing::warn!("worker {slot} (pid {old}) {failure}: starting a replacement"));
         w.failure = Some(failure);
         Some((slot, spec))
     }
@@ -111,7 +110,7 @@ impl Core {
         hard: bool,
         e: &SpawnError,
     ) -> Vec<Command> {
-        tracing::error!(app = %self.app, worker_id = slot, "replacement for worker {slot} failed: {e}");
+        tracing::error!(worker_id = slot, "replacement for worker {slot} failed: {e}");
         if hard { self.kill(old, None) } else { Vec::new() }
     }
 }

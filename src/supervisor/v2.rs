@@ -197,11 +197,12 @@ pub fn convert(bytes: &[u8]) -> Result<Handover, String> {
     }
     let pool = Pool::restored(spec_at(sup.spec)?, sup.generation, sup.desired, slots, workers);
     let app: Arc<str> = Arc::from(sup.settings.name.as_str());
-    let mut rollouts = Rollouts::new(app.clone());
+    let mut rollouts = Rollouts::new();
     rollouts.last_reload = sup.last_reload;
-    let mut health = Health::new(app.clone());
+    let mut health = Health::new();
     health.next_memory_check = sup.next_memory_check_ns.map(mono);
     let core = Core {
+        _specs: super::specs::Table,
         settings: sup.settings,
         app,
         stopping: false,

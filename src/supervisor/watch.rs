@@ -91,9 +91,13 @@ impl Supervisor {
         let Some(burst) = self.core.watching.due(now) else { return };
         let waited = now.saturating_duration_since(burst.first);
         if now.saturating_duration_since(burst.last) < QUIET {
-            tracing::info!(app = %self.core.app, "--watch: files kept changing for {} (first: {}): reloading anyway; if something writes there all the time, --watch-ignore it", super::human(waited), burst.path.display());
+            tracing::info!(
+                "--watch: files kept changing for {} (first: {}): reloading anyway; if something writes there all the time, --watch-ignore it",
+                super::human(waited),
+                burst.path.display()
+            );
         } else {
-            tracing::info!(app = %self.core.app, "--watch: {} changed: reloading", burst.path.display());
+            tracing::info!("--watch: {} changed: reloading", burst.path.display());
         }
         self.request_reload(Waiter::default());
         self.drive_rollout();

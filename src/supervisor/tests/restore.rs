@@ -58,6 +58,12 @@ async fn a_core_restored_mid_roll_out_with_a_replacement_and_a_back_off_pending_
     s.exit(old[3], 1);
     assert!(s.status().workers.iter().any(|w| w.state == WorkerState::Backoff), "{:?}", s.status().workers);
 
+    // Each spec is written once; everything else names it by generation.
+    let doc = serde_json::to_value(&s.sup.core).unwrap();
+    let generations: Vec<u64> =
+        doc["specs"].as_array().unwrap().iter().map(|spec| spec["generation"].as_u64().unwrap()).collect();
+    assert_eq!(generations, [1, 2]);
+    assert!(doc["pool"]["workers"].as_object().unwrap().values().all(|w| w["spec"].is_u64()), "{doc}");
     s.told();
     let mut r = s.restored();
     s.sup.reconcile();

@@ -138,19 +138,43 @@ struct WarnCount {
     count: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnCount {
-    fn on_event(&self, ev: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Pid(Option<i64>);
-        impl tracing::field::Visit for Pid {
-            fn record_i64(&mut self, f: &tracing::field::Field, v: i64) {
-                if f.name() == "worker_pid" {
-                    self.0 = Some(v);
-                }
-            }
-            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+/// `worker_pid`, as an event's own field or its (worker) span's.
+struct Pid(Option<i64>);
+
+impl tracing::field::Visit for Pid {
+    fn record_i64(&mut self, f: &tracing::field::Field, v: i64) {
+        if f.name() == "worker_pid" {
+            self.0 = Some(v);
         }
+    }
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
+
+impl<S> tracing_subscriber::Layer<S> for WarnCount
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut pid = Pid(None);
+        attrs.record(&mut pid);
+        if let (Some(p), Some(span)) = (pid.0, ctx.span(id)) {
+            span.extensions_mut().insert(p);
+        }
+    }
+
+    fn on_event(&self, ev: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
         let mut pid = Pid(None);
         ev.record(&mut pid);
+        if let Some(scope) = ctx.event_scope(ev) {
+            for span in scope {
+                pid.0 = pid.0.or_else(|| span.extensions().get::<i64>().copied());
+            }
+        }
         if *ev.metadata().level() <= tracing::Level::WARN && pid.0 == Some(self.pid) {
             self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
