@@ -35,6 +35,15 @@ impl Sim {
         sim_with(self.sup.core.settings.clone(), dir, Some(resumed), now, next_pid)
     }
 
+    /// Everything sent to the manager, the notifier's backlog included (the test's socket
+    /// holds only a few datagrams at a time).
+    fn told_all(&mut self) -> Vec<String> {
+        while self.sup.outside.notifier.flush() {
+            self.told();
+        }
+        self.told().to_vec()
+    }
+
     /// Lets the clock run (the slot's back-off) until a worker is started.
     fn until_spawned(&mut self) {
         for _ in 0..600 {
@@ -117,4 +126,73 @@ async fn a_reload_interrupted_by_a_crash_is_rolled_back_and_last_reload_says_so(
     assert_eq!(serving.len(), 2, "{serving:?}");
     assert!(serving.iter().all(|(_, _, g)| *g == 1), "not on one version: {serving:?}");
     assert_eq!(r.status().last_reload.unwrap().rollback.as_deref(), Some("ok"));
+}
+
+/// Under systemd the driver keeps its fd table and state in the fd store: what the manager is
+/// sent as workers start and exit, and the state it can be restarted from.
+#[tokio::test]
+async fn the_store_gets_each_workers_descriptors_at_start_loses_them_at_exit_and_holds_the_current_state() {
+    let dir = std::env::temp_dir().join(format!("herdsman-store-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("app.toml");
+    std::fs::write(
+        &file,
+        "name = \"core\"\ncommand = [\"sh\", \"-c\", \"true\"]\nworkers = 2\nready = \"notify\"\n",
+    )
+    .unwrap();
+    let settings =
+        crate::config::load(Some(&file), &Default::default(), std::num::NonZeroUsize::MIN).unwrap();
+    let mut s = sim_in(settings, dir, None, Mono::now(), 1000, |world| {
+        world.store = Some(crate::supervisor::Store::create().unwrap());
+        world.carry = Some(crate::upgrade::Carry {
+            binary: "/usr/bin/herdsman".into(),
+            config: None,
+            overrides: Default::default(),
+            argv: Vec::new(),
+            env: Vec::new(),
+            control: (devnull(), "/run/herdsman/core/control.sock".into(), None, 0, None),
+            metrics_http: None,
+            check_timeout: Duration::from_secs(5),
+        });
+    });
+    s.all_ready();
+    let pids: Vec<i32> = s.spawned().iter().map(|p| p.0).collect();
+    let told = s.told_all();
+    let stored = |name: &str| told.contains(&format!("FDSTORE=1\nFDNAME=herdsman.{name}\nFDPOLL=0"));
+    for name in ["state-a", "state-b", "control", "notify-0"] {
+        assert!(stored(name), "{name} not stored: {told:?}");
+    }
+    for (slot, pid) in pids.iter().enumerate() {
+        for kind in ["pidfd", "out", "err"] {
+            let name = crate::upgrade::fd_name(kind, slot, 1, *pid);
+            assert!(stored(&name), "{name} not stored: {told:?}");
+        }
+    }
+    // The state the store holds is the upgrade's document, with both workers.
+    let read_state = |s: &Sim| {
+        let store = s.sup.store.as_ref().unwrap();
+        let mut fds: BTreeMap<String, OwnedFd> = store
+            .state_fds()
+            .into_iter()
+            .map(|(n, fd)| (n.to_string(), fd.try_clone_to_owned().unwrap()))
+            .collect();
+        let (_, payload) = crate::fdstore::state::StateFile::take(&mut fds).unwrap();
+        crate::upgrade::parse(&payload.unwrap()).unwrap()
+    };
+    let state = read_state(&s);
+    assert_eq!(state.core.workers(), 2);
+    assert!(state.fds.contains_key(&crate::upgrade::fd_name("pidfd", 0, 1, pids[0])));
+    // Worker 0 exits: its names leave the store once the exit is handled, the state follows.
+    s.exit(pids[0], 1);
+    let told = s.told_all();
+    for kind in ["pidfd", "out", "err"] {
+        let name = crate::upgrade::fd_name(kind, 0, 1, pids[0]);
+        assert!(
+            told.contains(&format!("FDSTOREREMOVE=1\nFDNAME=herdsman.{name}")),
+            "{name} not removed: {told:?}"
+        );
+    }
+    let state = read_state(&s);
+    assert_eq!(state.core.workers(), 1);
+    assert!(!state.fds.contains_key(&crate::upgrade::fd_name("pidfd", 0, 1, pids[0])));
 }
