@@ -23,7 +23,7 @@ use std::os::fd::AsFd;
 
 use super::Supervisor;
 use crate::fdstore::{self, state::StateFile};
-use crate::upgrade::Exporter;
+use crate::handoff::Exporter;
 
 /// The state memfds' names (see `fdstore::state`).
 const STATE_NAMES: [&str; 2] = ["state-a", "state-b"];
