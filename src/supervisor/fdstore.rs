@@ -13,6 +13,12 @@
 //! descriptor the store lacks. A crash-restarted herdsman then runs the upgrade's restore on
 //! what systemd passes back (`app::readopt`).
 //!
+//! The state is serialized (and written when it changed) at once when a worker came, went or
+//! changed role or state, or the pool's size or generation changed: what a restarted
+//! herdsman must know to judge each worker. Anything else (a watchdog ping's time, metrics,
+//! output tails) is written at most every [`STATE_EVERY`], so a busy loop with many workers
+//! does not serialize the whole state on every turn.
+//!
 //! Everything is stored with `FDPOLL=0`: systemd would drop a dead worker's pidfd and pipes on
 //! `POLLHUP`; kept, the restarted herdsman sees the pidfd readable at once and handles the
 //! exit as any other (status unknown), its last output drained from the pipes.
@@ -22,11 +28,15 @@ use std::hash::{Hash, Hasher};
 use std::os::fd::AsFd;
 
 use super::Supervisor;
+use super::clock::Mono;
 use crate::fdstore::{self, state::StateFile};
 use crate::handoff::Exporter;
 
 /// The state memfds' names (see `fdstore::state`).
 const STATE_NAMES: [&str; 2] = ["state-a", "state-b"];
+
+/// How often the state is written at most when nothing a restart depends on changed.
+const STATE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What herdsman keeps in systemd's fd store.
 pub struct Store {
@@ -39,6 +49,10 @@ pub struct Store {
     written: Option<u64>,
     /// Said once: the state cannot be built (no upgrade carry).
     warned: bool,
+    /// What the last state was built from (see [`Supervisor::signature`]), and when.
+    built: Option<(u64, Mono)>,
+    /// A change waits to be written (at the last build + [`STATE_EVERY`]).
+    pending: bool,
 }
 
 impl Store {
@@ -62,7 +76,13 @@ impl Store {
     }
 
     fn with(state: StateFile, state_stored: bool, stored: BTreeSet<String>) -> Store {
-        Store { state, state_stored, stored, written: None, warned: false }
+        Store { state, state_stored, stored, written: None, warned: false, built: None, pending: false }
+    }
+
+    /// How many states were written (or read back) so far.
+    #[cfg(test)]
+    pub(super) fn sequence(&self) -> u64 {
+        self.state.sequence()
     }
 
     /// The state memfds, for an in-place upgrade to carry under their names.
@@ -80,8 +100,44 @@ impl Supervisor {
         self.store = Some(store);
     }
 
+    /// When the loop must wake to write a state change that waits.
+    pub(super) fn store_deadline(&self) -> Option<Mono> {
+        let store = self.store.as_ref()?;
+        let (_, at) = store.built?;
+        store.pending.then(|| at + STATE_EVERY)
+    }
+
+    /// What a restarted herdsman depends on, hashed: each worker's pid, slot, generation,
+    /// role and state, the pool's size and generation, the roll-out, the sockets learned.
+    /// Cheap (no allocation), unlike the state itself.
+    fn signature(&self) -> u64 {
+        let mut workers = 0u64;
+        for w in self.core.pool.workers().values() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (w.pid, w.slot, w.spec.generation, w.role as u8, w.readopted).hash(&mut h);
+            std::mem::discriminant(&w.state).hash(&mut h);
+            // Order-independent: the pool is a hash map.
+            workers = workers.wrapping_add(h.finish());
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (workers, self.core.pool.desired(), self.core.pool.generation(), self.core.stopping).hash(&mut h);
+        (self.core.rollouts.current.as_ref().map(|r| (r.done, r.total)), self.outside.learned.len())
+            .hash(&mut h);
+        self.core.rollouts.last_reload.as_ref().map(|l| l.at).hash(&mut h);
+        h.finish()
+    }
+
     fn sync(&self, store: &mut Store) {
         let notifier = &self.outside.notifier;
+        let (signature, now) = (self.signature(), self.now());
+        if let Some((last, at)) = store.built {
+            if last == signature && now < at + STATE_EVERY {
+                store.pending = true;
+                return;
+            }
+        }
+        store.built = Some((signature, now));
+        store.pending = false;
         if !store.state_stored {
             // Two state memfds under one name would make the restarted herdsman read either.
             for (name, fd) in store.state.fds() {

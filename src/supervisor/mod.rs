@@ -545,6 +545,7 @@ impl Supervisor {
             .chain(self.core.manager.deadlines(now, self.outside.notifier.has_backlog()))
             .chain(self.upgrades.deadline())
             .chain(self.watch_deadline())
+            .chain(self.store_deadline())
             .min()
     }
 

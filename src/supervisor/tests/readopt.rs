@@ -182,6 +182,15 @@ async fn the_store_gets_each_workers_descriptors_at_start_loses_them_at_exit_and
     let state = read_state(&s);
     assert_eq!(state.core.workers(), 2);
     assert!(state.fds.contains_key(&crate::upgrade::fd_name("pidfd", 0, 1, pids[0])));
+    // A watchdog ping changes nothing a restart depends on: written within a second, not at once.
+    s.advance(Duration::from_secs(2));
+    let seq = s.sup.store.as_ref().unwrap().sequence();
+    s.ping(pids[1]);
+    assert_eq!(s.sup.store.as_ref().unwrap().sequence(), seq, "the state was rewritten for a ping");
+    let due = s.sup.store_deadline().expect("a wake-up to write the ping");
+    s.advance(due.duration_since(s.host.clock.get()));
+    assert_eq!(s.sup.store.as_ref().unwrap().sequence(), seq + 1);
+    assert!(s.sup.store_deadline().is_none());
     // Worker 0 exits: its names leave the store once the exit is handled, the state follows.
     s.exit(pids[0], 1);
     let told = s.told_all();
