@@ -1,5 +1,4 @@
 //! systemd's file descriptor store: what lets a restarted supervisor find its workers again
-#![allow(dead_code)] // Until the re-adoption (issue 26) calls it from the supervisor: the integrator removes this line then.
 //! after a crash (issue 26), and the clean-up that the unit's `KillMode=process` then needs.
 //!
 //! # Protocol

@@ -73,7 +73,6 @@ impl Notifier {
     }
 
     /// Whether there is a service manager to notify (`NOTIFY_SOCKET` was set).
-    #[allow(dead_code)] // until the re-adoption (issue 26) calls it
     pub fn is_enabled(&self) -> bool {
         self.target.is_some()
     }
@@ -82,7 +81,6 @@ impl Notifier {
     /// `FDSTORE=1` (see `fdstore`, which builds the message). Like every state message it is
     /// never dropped nor reordered: when it must wait, a close-on-exec copy of `fd` waits with
     /// it (the error is that copy failing). A no-op without a service manager.
-    #[allow(dead_code)] // until the re-adoption (issue 26) calls it
     pub fn send_with_fd(&self, msg: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
         if self.target.is_none() {
             return Ok(());

@@ -66,6 +66,10 @@ pub struct WorkerInfo {
     pub cpu_percent: f64,
     /// Resident memory, filled by the control server.
     pub rss_bytes: u64,
+    /// Started by a previous supervisor that crashed, re-adopted by this one through systemd's
+    /// fd store (its exit status, when it ends, is unknown: PID 1 reaps it).
+    #[serde(default)]
+    pub readopted: bool,
 }
 
 /// The supervisor's state at one instant.

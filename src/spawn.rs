@@ -179,6 +179,9 @@ pub struct Launcher {
     output: Output,
     /// The bind interception filter every worker installs (see `intercept`); `None`: off.
     bind_filter: Option<Vec<libc::sock_filter>>,
+    /// Workers outlive the supervisor (no parent-death signal): under systemd with the fd
+    /// store, where a restarted supervisor re-adopts them (see `fdstore`).
+    outlive: bool,
 }
 
 impl Launcher {
@@ -191,7 +194,22 @@ impl Launcher {
         output: Output,
     ) -> std::io::Result<Self> {
         let devnull = OwnedFd::from(std::fs::File::open("/dev/null")?);
-        Ok(Launcher { app, base_env, fds, fdnames, notify_socket, devnull, output, bind_filter: None })
+        Ok(Launcher {
+            app,
+            base_env,
+            fds,
+            fdnames,
+            notify_socket,
+            devnull,
+            output,
+            bind_filter: None,
+            outlive: false,
+        })
+    }
+
+    /// Workers from now on keep running when the supervisor dies (see `fdstore`).
+    pub fn outlive_supervisor(&mut self) {
+        self.outlive = true;
     }
 
     /// Workers from now on install the bind interception filter (see `intercept`).
@@ -295,6 +313,9 @@ impl Launcher {
                 .map_err(SpawnError::Plan)?;
         if let Some(u) = &spec.user {
             plan = plan.with_credentials(u.uid, u.gid, &u.groups);
+        }
+        if self.outlive {
+            plan = plan.outliving_parent();
         }
         // Bind interception: the worker sends its filter's notification fd over this pair.
         let filter_pair = match &self.bind_filter {

@@ -105,6 +105,10 @@ pub struct Worker {
     pub last_ping: Mono,
     /// Memory samples in a row above the limit.
     pub memory_strikes: u32,
+    /// A previous supervisor started it and crashed; this one re-adopted it from systemd's fd
+    /// store (see `fdstore`). It is not this supervisor's child: its exit status is unknown.
+    #[serde(default)]
+    pub readopted: bool,
 }
 
 /// The span of worker `pid` of `slot` running `generation`: events in it carry `worker_id`,

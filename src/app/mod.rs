@@ -25,6 +25,7 @@
 
 mod memory;
 mod process;
+mod readopt;
 mod resume;
 mod run;
 mod serve;

@@ -130,6 +130,9 @@ fn rebuild(
         took_ms: (upgrade::monotonic_ns() - state.exec_at_ns) as f64 / 1e6,
         workers: state.core.workers(),
     };
+    // The fd store's state memfds, when the previous image kept one (see `fdstore`).
+    let store = crate::fdstore::state::StateFile::take(named)
+        .map(|(file, _)| crate::supervisor::Store::continuing(file, state.fds.keys().cloned()));
     let resumed = Resumed::take(state.core, state.tails, named, reply.map(|r| (r, done)), state.upgrades)?;
     Ok(Parts {
         journal,
@@ -146,5 +149,6 @@ fn rebuild(
         binary: state.binary,
         argv: state.argv,
         bind_intercept: None,
+        store,
     })
 }

@@ -31,37 +31,39 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
         listen_fdnames: process.var("LISTEN_FDNAMES"),
     };
     let steered = settings.balance != Balance::Shared;
-    let program = worker_program(&settings, &process.env());
-    let bind_intercept = crate::intercept::resolve(settings.bind_intercept, program.as_deref())
-        .map_err(|e| Failure::new(exit::OS, e.to_string()))?;
-    let mut listeners = match Listeners::open(&activation, std::process::id(), &settings.listen, steered) {
-        // No address: learned from the first worker's own bind (see `intercept`).
-        Err(ListenError::Nothing) if bind_intercept && !steered => Listeners::none(),
-        Err(ListenError::Nothing) if steered => {
-            return Err(Failure::new(
-                exit::CONFIG,
-                format!(
-                    "--balance {} needs --listen (every worker gets its own socket, bound before it starts, so the address cannot be learned from the app); add --listen 127.0.0.1:8080 or use --balance shared",
-                    settings.balance
-                ),
-            ));
-        }
-        r => r.map_err(|e| {
-            Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string())
-        })?,
-    };
-    // Under systemd, as the unit's own process: the fd store's descriptors came back with the
-    // sockets, and whatever else is in the unit's cgroup is a leftover (see `fdstore`).
-    // TODO(issue 26, phase 2): restore the re-adopted workers from `stored` (the state memfd
-    // and the driver's fd table) and keep their pids out of the sweep.
-    let _stored = listeners.take_stored();
-    if crate::fdstore::is_unit_main(
+    let unit_main = crate::fdstore::is_unit_main(
         process.var("INVOCATION_ID").as_deref(),
         process.var("SYSTEMD_EXEC_PID").as_deref(),
         std::process::id(),
-    ) {
-        crate::fdstore::sweep_at_start(&std::collections::BTreeSet::new());
-    }
+    );
+    // Restarted after a crash: the re-adopted workers hold the sockets, the store has them.
+    let readopting = unit_main && super::readopt::has_state(activation.listen_fdnames.as_deref());
+    let listen: &[crate::config::ListenAddr] = if readopting { &[] } else { &settings.listen };
+    let program = worker_program(&settings, &process.env());
+    let bind_intercept = crate::intercept::resolve(settings.bind_intercept, program.as_deref())
+        .map_err(|e| Failure::new(exit::OS, e.to_string()))?;
+    let mut listeners = open_listeners(&activation, listen, &settings, bind_intercept)?;
+    // Under systemd, as the unit's own process: the fd store's descriptors came back with the
+    // sockets. After a crash they are the previous run's workers, re-adopted; whatever else
+    // is in the unit's cgroup is a leftover, swept (see `fdstore`, `readopt`).
+    let stored = listeners.take_stored();
+    let (journal, store) = if unit_main {
+        match super::readopt::take_back(stored, journal, process) {
+            super::readopt::Start::Restored { settings, parts, rt } => {
+                return serve(*settings, *parts, rt, process);
+            }
+            super::readopt::Start::Fresh { journal, store } => {
+                // Nothing re-adopted after all (the sweep killed the leftovers): bind now.
+                if readopting && listeners.is_empty() && !settings.listen.is_empty() {
+                    let none = Activation { listen_fds: None, listen_pid: None, listen_fdnames: None };
+                    listeners = open_listeners(&none, &settings.listen, &settings, bind_intercept)?;
+                }
+                (journal, store)
+            }
+        }
+    } else {
+        (journal, None)
+    };
     let steering = if steered { Some(steering(&settings, &listeners, process)?) } else { None };
     let paths_env = process.paths();
     let (control, access) = control_socket(&settings, &paths_env)?;
@@ -90,8 +92,33 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
         binary: process.exe.clone().unwrap_or_else(|| PathBuf::from("/usr/bin/herdsman")),
         argv: process.argv(),
         bind_intercept: Some(bind_intercept),
+        store,
     };
     serve(settings, parts, rt, process)
+}
+
+/// The listening sockets: systemd's (`activation`), else bound (`listen`).
+fn open_listeners(
+    activation: &Activation,
+    listen: &[crate::config::ListenAddr],
+    settings: &Settings,
+    bind_intercept: bool,
+) -> Result<Listeners, Failure> {
+    let steered = settings.balance != Balance::Shared;
+    match Listeners::open(activation, std::process::id(), listen, steered) {
+        // No address: learned from the first worker's own bind (see `intercept`).
+        Err(ListenError::Nothing) if bind_intercept && !steered => Ok(Listeners::none()),
+        Err(ListenError::Nothing) if steered => Err(Failure::new(
+            exit::CONFIG,
+            format!(
+                "--balance {} needs --listen (every worker gets its own socket, bound before it starts, so the address cannot be learned from the app); add --listen 127.0.0.1:8080 or use --balance shared",
+                settings.balance
+            ),
+        )),
+        r => r.map_err(|e| {
+            Failure::new(if e.is_config() { exit::CONFIG } else { exit::FAILURE }, e.to_string())
+        }),
+    }
 }
 
 /// `--balance steer|sticky`: every worker's own socket, in one `SO_REUSEPORT` group per address.

@@ -43,6 +43,9 @@ pub(super) struct Parts {
     pub argv: Vec<String>,
     /// Whether workers get the bind filter, when already resolved (`None`: probe now).
     pub bind_intercept: Option<bool>,
+    /// What systemd's fd store holds of a previous run (`None`: a fresh store is made when
+    /// herdsman is the unit's main process; see `fdstore`).
+    pub store: Option<supervisor::Store>,
 }
 
 /// Runs the loop with its control socket, metrics endpoint and signals until it stops, then
@@ -77,6 +80,22 @@ pub(super) fn serve(
             tracing::warn!("in-place upgrades are unavailable: cannot keep copies of the sockets ({e})");
             None
         }
+    };
+    // Under systemd as the unit's own process: the workers outlive a crash of herdsman and the
+    // restarted one re-adopts them from the fd store. Standalone: PR_SET_PDEATHSIG, as ever.
+    let unit_main = crate::fdstore::is_unit_main(
+        process.var("INVOCATION_ID").as_deref(),
+        process.var("SYSTEMD_EXEC_PID").as_deref(),
+        std::process::id(),
+    );
+    let store = match p.store {
+        _ if !(unit_main && notifier.is_enabled()) => None,
+        Some(s) => Some(s),
+        None => supervisor::Store::create()
+            .map_err(|e| {
+                tracing::warn!("no fd store (a crash of herdsman will take the workers with it): {e}")
+            })
+            .ok(),
     };
     let Parts {
         journal, listeners, steering, control, access, metrics_bound, metrics, notify, resume, ..
@@ -137,6 +156,7 @@ pub(super) fn serve(
             notify,
             resume,
             bind_intercept,
+            store,
         };
         // The start-up is over: its code and freed heap leave the resident set, and so do a
         // roll-out's or a scale's once the supervisor is quiet again (see `memory`;

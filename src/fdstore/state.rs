@@ -143,6 +143,7 @@ impl StateFile {
     }
 
     /// The sequence number of the newest state written or read (0: none).
+    #[cfg(test)]
     pub fn sequence(&self) -> u64 {
         self.seq
     }

@@ -128,7 +128,8 @@ impl Core {
         unix: u64,
     ) -> Vec<Command> {
         let pid = w.pid;
-        let how = describe_exit(status);
+        // A re-adopted worker is not our child: PID 1 reaped it, its status is lost.
+        let how = if w.readopted { super::readopt::UNKNOWN_EXIT.to_string() } else { describe_exit(status) };
         let mut out = Vec::new();
         let ran = now.duration_since(w.started);
         // A worker the roll-out started (already promoted or not) failed: the roll-out aborts.

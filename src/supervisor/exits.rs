@@ -37,6 +37,11 @@ pub(super) fn watch_exit(
                         match peek(&pidfd) {
                             Ok(WaitStatus::StillAlive) => continue,
                             Ok(s) => break s,
+                            // Re-adopted after a supervisor restart: not our child, PID 1
+                            // reaps it; the status is unknown (`Worker::readopted`).
+                            Err(nix::errno::Errno::ECHILD) => {
+                                break WaitStatus::Exited(Pid::from_raw(pid), -1);
+                            }
                             Err(e) => {
                                 tracing::error!("waitid(pidfd of {pid}): {e}");
                                 break WaitStatus::Exited(Pid::from_raw(pid), -1);

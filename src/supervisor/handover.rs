@@ -99,9 +99,17 @@ pub struct Resumed {
     /// The upgrade client to answer, with what to tell it.
     pub(super) reply: Option<(OwnedFd, UpgradeDone)>,
     pub(super) upgrades: u64,
+    /// Taken back from systemd's fd store after a crash, not from an upgrade (see `readopt`).
+    pub(super) readopt: Option<super::readopt::Readopt>,
 }
 
 impl Resumed {
+    /// The restore follows a crash (the state and descriptors came from systemd's fd store):
+    /// see [`super::readopt`].
+    pub fn readopting(self, readopt: super::readopt::Readopt) -> Resumed {
+        Resumed { readopt: Some(readopt), ..self }
+    }
+
     /// The core and the workers' descriptors, taken by name out of `fds` (every descriptor
     /// of the state, wherever it came from). Fails if one is missing.
     pub fn take(
@@ -125,7 +133,7 @@ impl Resumed {
                 own.insert(name, fd);
             }
         }
-        Ok(Resumed { core, fds: own, tails, reply, upgrades })
+        Ok(Resumed { core, fds: own, tails, reply, upgrades, readopt: None })
     }
 }
 
@@ -285,12 +293,16 @@ impl Supervisor {
         self.end_upgrade(Err(err));
     }
 
-    fn fd_floor(&self) -> RawFd {
+    pub(super) fn fd_floor(&self) -> RawFd {
         self.outside.listeners.floor()
     }
 
     /// The whole state, with `ex` deciding the descriptor numbers.
-    fn handover(&self, ex: &mut Exporter, conn: Option<&OwnedFd>) -> Result<Handover, UpgradeError> {
+    pub(super) fn handover(
+        &self,
+        ex: &mut Exporter,
+        conn: Option<&OwnedFd>,
+    ) -> Result<Handover, UpgradeError> {
         let prep = |e: std::io::Error| UpgradeError::Prepare(e.to_string());
         let carry =
             self.upgrades.carry.as_ref().ok_or_else(|| UpgradeError::Prepare("nothing to carry".into()))?;
@@ -316,6 +328,12 @@ impl Supervisor {
         let notify = self.outside.notify.export(ex).map_err(prep)?;
         for (name, fd) in self.fd_table() {
             ex.named(name, fd).map_err(prep)?;
+        }
+        // The fd store's state memfds (close-on-exec) carry over under their names.
+        if let Some(store) = &self.store {
+            for (name, fd) in store.state_fds() {
+                ex.named(name.to_string(), &fd).map_err(prep)?;
+            }
         }
         if let Some(c) = conn {
             ex.named(document::FD_REPLY.to_string(), c).map_err(prep)?;
@@ -368,7 +386,7 @@ impl Supervisor {
     /// settings), gives every worker its descriptors back and starts watching it again.
     /// `watchdog`: this image's `WATCHDOG_USEC` interval.
     pub(super) fn resume(&mut self, r: Resumed, watchdog: Option<Duration>) -> std::io::Result<()> {
-        let Resumed { mut core, mut fds, tails, reply, upgrades } = r;
+        let Resumed { mut core, mut fds, tails, reply, upgrades, readopt } = r;
         let now = self.now();
         core.manager.set_watchdog(watchdog, now);
         // The manager's watchdog: ping at once (the exec took a moment of it).
@@ -420,6 +438,9 @@ impl Supervisor {
                 upgrade::version(),
                 self.core.pool.workers().len()
             );
+        }
+        if let Some(ro) = readopt {
+            self.readopted(ro);
         }
         Ok(())
     }

@@ -49,12 +49,14 @@ mod command;
 pub mod document;
 mod events;
 mod exits;
+mod fdstore;
 pub mod handover;
 mod health;
 mod host;
 mod manager;
 mod outside;
 mod pool;
+pub mod readopt;
 mod reload;
 mod retire;
 mod rollout;
@@ -82,6 +84,7 @@ use crate::spawn::{Launcher, Spec};
 use crate::steer::Steering;
 use crate::worker::{Failure, Role};
 use command::Command;
+pub use fdstore::Store;
 use handover::Upgrades;
 use health::Health;
 use manager::Manager;
@@ -121,6 +124,9 @@ pub struct World {
     /// Workers install the bind interception filter (`--bind-intercept`, resolved: see
     /// `intercept::resolve`).
     pub bind_intercept: bool,
+    /// Under systemd: what is kept in its fd store so that a restarted herdsman re-adopts the
+    /// workers (see `fdstore`); workers then outlive herdsman. `None`: standalone.
+    pub store: Option<Store>,
 }
 
 enum Event {
@@ -227,6 +233,8 @@ pub struct Supervisor {
     waiters: Waiters,
     /// `scale --wait` clients: answered once the pool has converged.
     scale_waiters: Vec<tokio::sync::oneshot::Sender<Result<usize, ScaleError>>>,
+    /// systemd's fd store (see `fdstore`); `None` standalone.
+    store: Option<Store>,
 }
 
 /// The driver's table of reload clients (their reply and progress channels), by the id the
@@ -300,6 +308,9 @@ impl Supervisor {
         if world.bind_intercept {
             launcher.intercept_binds();
         }
+        if world.store.is_some() {
+            launcher.outlive_supervisor();
+        }
         let (events, event_rx) = mpsc::unbounded_channel();
         let spec = Arc::new(launcher.pin(&settings, 1).map_err(|e| anyhow::anyhow!("{e}"))?);
         let now = host.now();
@@ -331,6 +342,7 @@ impl Supervisor {
             scale_waiters: Vec::new(),
             upgrades: Upgrades::new(world.carry),
             outside,
+            store: world.store,
         };
         if let Some(r) = world.resume {
             sup.resume(r, world.watchdog)?;
@@ -376,6 +388,7 @@ impl Supervisor {
             self.on_timers(now);
         }
         tracing::info!("all workers stopped");
+        self.clear_store();
         // Their metrics socket files and directories go now, before the notify socket's
         // directory (when the loop ends), so the runtime directory is left as it was found.
         self.outside.metrics.remove_files();
@@ -534,6 +547,7 @@ impl Supervisor {
             .chain(self.core.manager.deadlines(now, self.outside.notifier.has_backlog()))
             .chain(self.upgrades.deadline())
             .chain(self.watch_deadline())
+            .chain(self.store_deadline())
             .min()
     }
 
@@ -573,6 +587,7 @@ impl Supervisor {
         if let Some(msg) = self.core.manager.status(status) {
             self.outside.notifier.send(&msg);
         }
+        self.sync_store();
     }
 
     /// Fills the empty slots (what to start is the core's; starting is the driver's).

@@ -45,6 +45,9 @@ use crate::control::protocol::{LastReload, ReloadOutcome};
 use crate::spawn::Spec;
 use crate::worker::{Role, State, Worker};
 
+/// `last_reload.error` of a roll-out the supervisor's own crash interrupted.
+pub(super) const INTERRUPTED: &str = "the reload was interrupted by a supervisor restart (herdsman crashed or was killed mid roll-out); the workers it had moved are rolled back";
+
 /// Why a reload failed (or could not start). Its `Display` is the wording clients and
 /// `last_reload.error` have always shown.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +62,9 @@ pub(super) enum ReloadFailure {
     InvalidConfig(String),
     /// The new release could not be resolved (a dangling `current` link, a missing program).
     Unresolvable(String),
+    /// The supervisor crashed (or was killed) mid roll-out and was restarted: the restarted
+    /// one re-adopted the workers and ends the roll-out on one version (see `readopt`).
+    Interrupted,
 }
 
 impl std::fmt::Display for ReloadFailure {
@@ -73,6 +79,7 @@ impl std::fmt::Display for ReloadFailure {
             ReloadFailure::Unresolvable(e) => {
                 write!(f, "cannot resolve the new release, nothing changed: {e}")
             }
+            ReloadFailure::Interrupted => f.write_str(INTERRUPTED),
         }
     }
 }

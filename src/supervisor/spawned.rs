@@ -73,6 +73,7 @@ impl Core {
             failure: None,
             last_ping: now,
             memory_strikes: 0,
+            readopted: false,
         });
         crate::worker::span(slot, pid, spec.generation)
             .in_scope(|| tracing::info!("worker {slot} started (pid {pid}, generation {})", spec.generation));

@@ -92,6 +92,7 @@ impl Supervisor {
                 uptime_s: now.duration_since(w.started).as_secs_f64(),
                 cpu_percent: 0.0,
                 rss_bytes: 0,
+                readopted: w.readopted,
             })
             .collect();
         for (id, slot) in pool.slots() {
@@ -117,6 +118,7 @@ impl Supervisor {
                     uptime_s: 0.0,
                     cpu_percent: 0.0,
                     rss_bytes: 0,
+                    readopted: false,
                 });
             }
         }

@@ -192,6 +192,7 @@ pub fn convert(bytes: &[u8]) -> Result<Handover, String> {
             failure: w.failure,
             last_ping: mono(w.last_ping_ns),
             memory_strikes: w.memory_strikes,
+            readopted: false,
         };
         workers.insert(w.pid, worker);
     }

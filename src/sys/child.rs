@@ -113,12 +113,15 @@ impl ExecPlan {
             unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, rl) };
         }
         // 7. Die with the supervisor; if it already died (the fork raced its exit), the
-        // parent-death signal will never come: leave now.
-        // SAFETY: prctl, getppid and _exit take integers; all async-signal-safe.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-            if libc::getppid() != parent {
-                libc::_exit(1);
+        // parent-death signal will never come: leave now. Not when the worker is to outlive
+        // it (under systemd: re-adopted from the fd store after a supervisor crash).
+        if !self.outlive_parent {
+            // SAFETY: prctl, getppid and _exit take integers; all async-signal-safe.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
             }
         }
         // 8. A clean signal state: nothing blocked, every disposition the default (the

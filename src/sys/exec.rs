@@ -61,6 +61,9 @@ pub struct ExecPlan {
     pub(super) child_nofile: Option<libc::rlimit>,
     /// The bind interception filter to install just before exec (see [`BindFilter`]).
     pub(super) bind_filter: Option<BindFilter>,
+    /// The worker outlives the supervisor (no `PR_SET_PDEATHSIG`): under systemd, where a
+    /// restarted supervisor re-adopts it from the fd store (see `fdstore`).
+    pub(super) outlive_parent: bool,
 }
 
 /// The filter a worker installs just before exec, and where it sends the notification fd
@@ -136,7 +139,14 @@ impl ExecPlan {
             creds: None,
             child_nofile,
             bind_filter: None,
+            outlive_parent: false,
         })
+    }
+
+    /// The worker keeps running when the supervisor dies (no parent-death signal).
+    pub fn outliving_parent(mut self) -> Self {
+        self.outlive_parent = true;
+        self
     }
 
     /// Makes the child switch to `uid`, primary group `gid` and supplementary `groups`

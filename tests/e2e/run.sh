@@ -339,12 +339,12 @@ if bad:
 # 6. SIGKILL of the supervisor
 
 s_sigkill() {
-    local stamp0 main0 restarts0 pids0 main1 p t_kill
+    local stamp0 main0 restarts0 pids0 main1 p t_kill ro
     stamp0=$(socket_stamp)
     main0=$(prop "herdsman@$APP.service" MainPID)
     restarts0=$(prop "herdsman@$APP.service" NRestarts)
-    pids0=$(status_json | json_get '" ".join(str(w["pid"]) for w in d["workers"])')
-    note "supervisor pid $main0, worker pids $pids0"
+    pids0=$(worker_pids)
+    note "supervisor pid $main0, KillMode=$(prop "herdsman@$APP.service" KillMode), workers (slot:pid) $pids0"
     load_start kill new 6
     ct kill -KILL "$main0"
     t_kill=$(mono)
@@ -363,30 +363,22 @@ s_sigkill() {
     [ "$(prop "herdsman@$APP.service" NRestarts)" -eq $((restarts0 + 1)) ] || fail "NRestarts did not increase by 1"
     [ "$(ct systemctl is-active "herdsman@$APP.socket")" = active ] || fail "socket not active"
     [ "$(socket_stamp)" = "$stamp0" ] || fail "the socket unit was restarted ($stamp0 -> $(socket_stamp))"
-    for p in $pids0; do
-        if ct test -d "/proc/$p"; then
-            note "old worker pid $p still exists: $(ct cat "/proc/$p/cmdline" | tr '\0' ' ')"
-            ct grep -q worker.py "/proc/$p/cmdline" && fail "orphaned worker $p survived the supervisor's death"
-        fi
+    # KillMode=process: the workers outlive the supervisor and the restarted one re-adopts them
+    # from the fd store (issue 26): the same pids, marked readopted, and no request fails,
+    # neither one a worker was serving nor one that arrived while herdsman was down.
+    [ "$(worker_pids)" = "$pids0" ] || fail "workers changed across the crash: $pids0 -> $(worker_pids)"
+    ro=$(status_json | json_get '" ".join(str(w.get("readopted")) for w in d["workers"])')
+    [ "$ro" = "True True True True" ] || fail "workers not marked readopted: $ro"
+    for p in $(echo "$pids0" | tr ' ' '\n' | cut -d: -f2); do
+        [ "$(ct awk '{print $4}' "/proc/$p/stat")" = 1 ] || fail "worker $p is not an orphan of PID 1"
     done
-    # systemd SIGKILLs the whole cgroup when the main process dies, so the requests a worker
-    # had already accepted when the supervisor was killed are reset (at most one per load
-    # thread): nothing can save them. Every connection made after that, while the service
-    # was down and restarting, must be queued by the kernel on systemd's socket and answered:
-    # no refusal, no timeout, no reset of a request started after the kill.
     "$HOST_PY" -c '
 import json, sys
 d = json.load(open(sys.argv[1])); t_kill = float(sys.argv[2])
-bad = []
-for f in d["failures"]:
-    inflight = f["started"] < t_kill and f["error"].startswith(("ConnectionResetError", "RemoteDisconnected", "BrokenPipeError"))
-    if not inflight:
-        bad.append("request started %+.3f s after the kill failed: %s" % (f["started"] - t_kill, f["error"]))
-if d["failed"] > d["threads"]:
-    bad.append("%d failed requests, more than the %d that can be in flight" % (d["failed"], d["threads"]))
-print("# %d request(s) in flight in the killed workers were reset; %d ok" % (d["failed"] - len(bad), d["ok"]))
-for b in bad: print("# FAIL: " + b)
-sys.exit(1 if bad else 0)' "$CT_DIR/load-kill.json" "$t_kill"
+for f in d["failures"][:10]:
+    print("# FAIL: request started %+.3f s after the kill failed: %s" % (f["started"] - t_kill, f["error"]))
+print("# %d ok, %d failed across the supervisor SIGKILL" % (d["ok"], d["failed"]))
+sys.exit(1 if d["failed"] else 0)' "$CT_DIR/load-kill.json" "$t_kill"
     [ "$(ct curl -sS --max-time 5 "$URL" | json_get 'd["pid"]')" -gt 0 ]
 }
 
@@ -1397,15 +1389,11 @@ s_stop_leaves() {
     ct herdsman remove stopleft --yes >/dev/null || fail "remove stopleft"
 }
 
-# issue 26, phase 2 (re-adoption): SIGKILL of the supervisor, three times in a row, under
-# new-connection and keep-alive load: no request fails, and the workers are the same ones.
-# Disabled until re-adoption is wired in (E2E_CRASH_READOPT=1 runs it).
+# issue 26 (re-adoption): SIGKILL of the supervisor, three times in a row, under
+# new-connection and keep-alive load: no request fails, and the workers are the same ones;
+# then reload and scale work.
 s_crash_readopt() {
-    if [ -z "${E2E_CRASH_READOPT:-}" ]; then
-        note "SKIP: re-adoption is phase 2 of issue 26 (E2E_CRASH_READOPT=1 runs this scenario)"
-        exit 77
-    fi
-    local ADDR=127.0.0.1:8962 u=herdsman@crash.service mode i main0 pids0 pids1 ro restarts0
+    local ADDR=127.0.0.1:8962 u=herdsman@crash.service mode i sig main0 pids0 pids1 ro restarts0
     mkdir -p "$CT_ROOT/srv/web"
     cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
     app_init crash 8962 2
@@ -1416,13 +1404,19 @@ s_crash_readopt() {
     }
     main_changed() { local m; m=$(prop "$u" MainPID); [ "$m" != 0 ] && [ "$m" != "$main0" ]; }
     pids0=$(crash_pids)
-    restarts0=$(prop "$u" NRestarts)
     note "workers (slot/generation/pid): $pids0"
     for mode in new keepalive; do
+        # Six crashes in a minute would hit the unit's start limit (StartLimitBurst=5 in 60 s,
+        # on purpose: a crash loop must stop): each series of three starts a fresh count.
+        ct systemctl reset-failed "$u"
+        restarts0=$(prop "$u" NRestarts)
         load_start "crash_$mode" "$mode" 6 || fail "no answer to the $mode load"
         for i in 1 2 3; do
             main0=$(prop "$u" MainPID)
-            ct systemctl kill -s KILL --kill-whom=main "$u"
+            # The third time SIGABRT: what a panic does (the release profile aborts on panic).
+            sig=KILL
+            [ "$i" != 3 ] || sig=ABRT
+            ct systemctl kill -s "$sig" --kill-whom=main "$u"
             wait_until 30 "herdsman restarted ($mode, kill $i)" main_changed || fail "not restarted"
             wait_until 30 "2/2 ready after kill $i" ready_text crash 2 || fail "not ready: $(prop "$u" StatusText)"
         done
@@ -1431,14 +1425,110 @@ s_crash_readopt() {
         [ "$(load_field "crash_$mode" 'd["failed"]')" -eq 0 ] ||
             fail "$(load_field "crash_$mode" 'd["failed"]') failed requests across 3 crashes ($mode load)"
         note "$mode load across 3 crashes: $(load_field "crash_$mode" 'd["ok"]') ok, 0 failed"
+        [ "$(prop "$u" NRestarts)" -eq $((restarts0 + 3)) ] || fail "NRestarts $(prop "$u" NRestarts), expected $((restarts0 + 3))"
     done
-    [ "$(prop "$u" NRestarts)" -eq $((restarts0 + 6)) ] || fail "NRestarts $(prop "$u" NRestarts), expected $((restarts0 + 6))"
-    # TODO(issue 26, phase 2): these asserts are what re-adoption must make true.
     pids1=$(crash_pids)
     [ "$pids1" = "$pids0" ] || fail "workers changed across the crashes: $pids0 -> $pids1"
     ro=$(ct herdsman status crash --json | json_get '" ".join(str(w.get("readopted")) for w in d["workers"])')
     [ "$ro" = "True True" ] || fail "workers not marked readopted: $ro"
+    # An in-place upgrade carries the fd store's state over: a crash after it re-adopts too.
+    CT_TIMEOUT=90 ct herdsman upgrade crash --binary /usr/bin/herdsman >/dev/null || fail "herdsman upgrade crash failed"
+    main0=$(prop "$u" MainPID)
+    ct systemctl kill -s KILL --kill-whom=main "$u"
+    wait_until 30 "herdsman restarted after the upgrade and a kill" main_changed || fail "not restarted"
+    wait_until 30 "2/2 ready after the upgrade and a kill" ready_text crash 2 || fail "not ready: $(prop "$u" StatusText)"
+    [ "$(crash_pids)" = "$pids0" ] || fail "workers changed across an upgrade and a crash: $pids0 -> $(crash_pids)"
+    # The re-adopted pool is an ordinary one: a reload replaces it, scale grows it.
+    load_start crash_reload new 6 || fail "no answer to the reload load"
+    CT_TIMEOUT=120 ct systemctl reload "$u" || fail "systemctl reload after the crashes failed"
+    wait_until 30 "2/2 ready on generation 2" ready_text crash 2 2 || fail "not 2/2 on generation 2: $(prop "$u" StatusText)"
+    load_stop crash_reload
+    [ "$(load_field crash_reload 'd["failed"]')" -eq 0 ] ||
+        fail "$(load_field crash_reload 'd["failed"]') failed requests during the reload after the crashes"
+    ro=$(ct herdsman status crash --json | json_get '" ".join(str(w.get("readopted")) for w in d["workers"])')
+    [ "$ro" = "False False" ] || fail "new workers marked readopted: $ro"
+    CT_TIMEOUT=60 ct herdsman scale crash 3 || fail "herdsman scale crash 3 failed"
+    wait_until 30 "3/3 ready" ready_text crash 3 2 || fail "not 3/3 ready: $(prop "$u" StatusText)"
+    note "after the crashes: reload ok ($(load_field crash_reload 'd["ok"]') requests, 0 failed), scale to 3 ok"
     ct herdsman remove crash --yes >/dev/null || fail "remove crash"
+}
+
+# A worker killed while herdsman is down (a long RestartSec to act in the gap) is replaced by
+# the restarted herdsman (exit status unknown); the other one is re-adopted.
+s_crash_lost_worker() {
+    local ADDR=127.0.0.1:8963 u=herdsman@crashlost.service main0 w0 w1 st
+    local d="$CT_ROOT/etc/systemd/system/herdsman@crashlost.service.d"
+    mkdir -p "$CT_ROOT/srv/web" "$d"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
+    printf '[Service]\nRestartSec=3s\n' >"$d/zz-e2e-gap.conf"
+    app_init crashlost 8963 2
+    wait_until 30 "herdsman@crashlost ready" ready_text crashlost 2 || fail "crashlost not ready"
+    slot_pid() { ct herdsman status crashlost --json | json_get "[w['pid'] for w in d['workers'] if w['id'] == $1][0]"; }
+    w0=$(slot_pid 0); w1=$(slot_pid 1)
+    main0=$(prop "$u" MainPID)
+    ct systemctl kill -s KILL --kill-whom=main "$u"
+    wait_until 10 "$u in auto-restart" sh -c \
+        "[ \"\$(nsenter -t $LEADER -a systemctl show -p SubState --value $u)\" = auto-restart ]" ||
+        fail "not in auto-restart after the crash: $(prop "$u" SubState)"
+    ct kill -KILL "$w1"
+    note "killed worker 1 (pid $w1) while herdsman was down"
+    main_changed() { local m; m=$(prop "$u" MainPID); [ "$m" != 0 ] && [ "$m" != "$main0" ]; }
+    wait_until 30 "herdsman restarted" main_changed || fail "not restarted"
+    wait_until 30 "2/2 ready after the restart" ready_text crashlost 2 || fail "not ready: $(prop "$u" StatusText)"
+    st=$(ct herdsman status crashlost --json)
+    note "workers: $(echo "$st" | json_get '[(w["id"], w["pid"], w["readopted"], w["last_error"]) for w in d["workers"]]')"
+    [ "$(slot_pid 0)" = "$w0" ] || fail "worker 0 was not re-adopted ($w0 -> $(slot_pid 0))"
+    [ "$(slot_pid 1)" != "$w1" ] || fail "worker 1 was not replaced"
+    echo "$st" | json_get "[w for w in d['workers'] if w['id'] == 1][0]['last_error'] or ''" | grep -q "status unknown" ||
+        fail "worker 1's last_error does not say status unknown"
+    [ "$(echo "$st" | json_get "str([w['readopted'] for w in d['workers'] if w['id'] == 0][0])")" = True ] ||
+        fail "worker 0 not marked readopted"
+    rm -rf "$d"
+    ct herdsman remove crashlost --yes >/dev/null || fail "remove crashlost"
+}
+
+# A crash during a roll-out: slot 0 has moved to generation 2, slot 1's new worker waits (its
+# ready gate is closed) when herdsman is killed; the restarted one ends on one version (the
+# reload is rolled back) and says so in last_reload.
+s_crash_rollout() {
+    local ADDR=127.0.0.1:8964 u=herdsman@crashroll.service main0 st gens
+    mkdir -p "$CT_ROOT/srv/web"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
+    rm -f "$CT_ROOT"/srv/web/gate1-* "$CT_ROOT"/srv/web/gate2-*
+    touch "$CT_ROOT/srv/web/gate1-0" "$CT_ROOT/srv/web/gate1-1"
+    app_init crashroll 8964 2 -e TW_READY_GATE=/srv/web/gate1-
+    wait_until 30 "herdsman@crashroll ready" ready_text crashroll 2 || fail "crashroll not ready"
+    sed -i 's#/srv/web/gate1-#/srv/web/gate2-#' "$CT_ROOT/etc/herdsman/crashroll.toml"
+    touch "$CT_ROOT/srv/web/gate2-0"
+    (CT_TIMEOUT=120 ct systemctl reload "$u" >/dev/null 2>&1 || true) &
+    moved() {
+        ct herdsman status crashroll --json | json_get \
+            '"yes" if any(w["id"] == 0 and w["generation"] == 2 and w["state"] == "ready" for w in d["workers"]) and any(w["id"] == 1 and w["generation"] == 2 for w in d["workers"]) else ""' |
+            grep -q yes
+    }
+    wait_until 60 "slot 0 on generation 2, slot 1's new worker waiting" moved ||
+        fail "the roll-out did not get half-way: $(ct herdsman status crashroll --json)"
+    main0=$(prop "$u" MainPID)
+    ct systemctl kill -s KILL --kill-whom=main "$u"
+    main_changed() { local m; m=$(prop "$u" MainPID); [ "$m" != 0 ] && [ "$m" != "$main0" ]; }
+    wait_until 30 "herdsman restarted" main_changed || fail "not restarted"
+    one_version() {
+        ct herdsman status crashroll --json | json_get \
+            '"yes" if len(d["workers"]) == 2 and all(w["state"] == "ready" and w["generation"] == 1 for w in d["workers"]) else ""' |
+            grep -q yes
+    }
+    wait_until 60 "both slots back on generation 1" one_version ||
+        fail "not on one version: $(ct herdsman status crashroll --json)"
+    st=$(ct herdsman status crashroll --json)
+    note "last_reload: $(echo "$st" | json_get 'd.get("last_reload")')"
+    [ "$(echo "$st" | json_get 'd["last_reload"]["result"]')" = failed ] || fail "last_reload.result is not failed"
+    echo "$st" | json_get 'd["last_reload"]["error"]' | grep -q "interrupted by a supervisor restart" ||
+        fail "last_reload.error does not say the reload was interrupted"
+    note "StatusText: $(prop "$u" StatusText)"
+    prop "$u" StatusText | grep -q "^2/2 ready · generation 1 · reload failed: the reload was interrupted" ||
+        fail "StatusText does not say the reload was interrupted"
+    rm -f "$CT_ROOT"/srv/web/gate1-* "$CT_ROOT"/srv/web/gate2-*
+    ct herdsman remove crashroll --yes >/dev/null || fail "remove crashroll"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -1475,6 +1565,8 @@ run_scenario "watch: --watch under systemd" s_watch_systemd
 run_scenario "herdsman restart/stop/start" s_service
 run_scenario "stop leaves nothing in the cgroup (stop, stop timeout, stop in the restart gap)" s_stop_leaves
 run_scenario "crash: SIGKILL of the supervisor re-adopts its workers under load" s_crash_readopt
+run_scenario "crash: a worker killed while herdsman is down is replaced" s_crash_lost_worker
+run_scenario "crash during a roll-out ends on one version" s_crash_rollout
 scenario_reboot
 
 if [ "$INSTALL_MODE" = deb ]; then

@@ -171,6 +171,18 @@ fn sim_with(
     now: Mono,
     next_pid: i32,
 ) -> Sim {
+    sim_in(settings, dir, resume, now, next_pid, |_| {})
+}
+
+/// [`sim_with`], with `world` changed by `change` first.
+fn sim_in(
+    settings: crate::config::Settings,
+    dir: std::path::PathBuf,
+    resume: Option<super::handover::Resumed>,
+    now: Mono,
+    next_pid: i32,
+    change: impl FnOnce(&mut World),
+) -> Sim {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let name = format!("herdsman-core-test/{}/m{n}", std::process::id());
@@ -182,7 +194,7 @@ fn sim_with(
     )
     .unwrap();
     manager.set_nonblocking(true).unwrap();
-    let world = World {
+    let mut world = World {
         listeners: Listeners::none(),
         notifier: Notifier::new(Some(&format!("@{name}"))).unwrap(),
         base_env: vec![("PATH".into(), "/usr/bin:/bin".into())],
@@ -196,7 +208,9 @@ fn sim_with(
         notify: None,
         resume,
         bind_intercept: false,
+        store: None,
     };
+    change(&mut world);
     let host = Fake {
         clock: Rc::new(Cell::new(now)),
         next_pid: Rc::new(Cell::new(next_pid)),
@@ -412,6 +426,7 @@ fn answer(rx: &mut oneshot::Receiver<ReloadOutcome>) -> Option<ReloadOutcome> {
 }
 
 mod lifecycle;
+mod readopt;
 mod restore;
 mod rollout;
 mod watch;
