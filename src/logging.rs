@@ -317,8 +317,7 @@ where
     }
 
     fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
-        let mut v = span_fields(event, &ctx);
-        event.record(&mut v);
+        let v = event_fields(event, &ctx);
         let prio: &[u8] = match *event.metadata().level() {
             tracing::Level::ERROR => b"3",
             tracing::Level::WARN => b"4",
@@ -353,8 +352,7 @@ where
     }
 
     fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
-        let mut v = span_fields(event, &ctx);
-        event.record(&mut v);
+        let v = event_fields(event, &ctx);
         let line = json_event(&self.app, *event.metadata().level(), v, std::time::SystemTime::now());
         self.sink.stderr(line);
     }
@@ -388,7 +386,7 @@ fn json_event(app: &str, level: tracing::Level, v: Fields, now: std::time::Syste
 }
 
 /// Keeps a new span's fields (the loop's `app`; a worker's `worker_id`, `worker_pid`,
-/// `worker_generation`) on it, for [`span_fields`].
+/// `worker_generation`) on it, for [`event_fields`].
 fn keep_span_fields<S>(attrs: &Attributes<'_>, id: &Id, ctx: &Context<'_, S>)
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
@@ -400,9 +398,9 @@ where
     }
 }
 
-/// The fields of the spans `event` happened in, outermost first: an event inside a worker's
-/// span carries its fields as if it had them itself.
-fn span_fields<S>(event: &tracing::Event<'_>, ctx: &Context<'_, S>) -> Fields
+/// The fields of the spans `event` happened in, outermost first, then the event's own: an
+/// event inside a worker's span carries its fields as if it had them itself.
+fn event_fields<S>(event: &tracing::Event<'_>, ctx: &Context<'_, S>) -> Fields
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -415,6 +413,7 @@ where
             }
         }
     }
+    event.record(&mut v);
     v
 }
 
@@ -508,9 +507,7 @@ mod tests {
                 keep_span_fields(attrs, id, &ctx);
             }
             fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
-                let mut v = span_fields(event, &ctx);
-                event.record(&mut v);
-                self.0.lock().unwrap().push(v);
+                self.0.lock().unwrap().push(event_fields(event, &ctx));
             }
         }
         let seen = Arc::new(Mutex::new(Vec::new()));

@@ -389,6 +389,26 @@ fn systemd_notify_protocol_ready_reloading_status_stopping() {
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
 }
 
+/// Starts `systemd-socket-activate ARGS` (herdsman behind it) and waits for its socket `sock`.
+fn socket_activated<S: AsRef<std::ffi::OsStr>>(args: &[S], sock: &std::path::Path) -> Herdsman {
+    let child = std::process::Command::new("systemd-socket-activate")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd)");
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let h = Herdsman {
+        child: Some(child),
+        stderr,
+        stdout: Default::default(),
+        addr: Addr::Unix(sock.to_path_buf()),
+    };
+    wait_for(LONG, "the socket to exist", || sock.exists().then_some(()));
+    h
+}
+
 #[test]
 fn socket_activation_via_systemd_socket_activate() {
     let dir = TempDir::new("activate");
@@ -414,16 +434,7 @@ fn socket_activation_via_systemd_socket_activate() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut cmd = std::process::Command::new("systemd-socket-activate");
-    cmd.args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().expect("systemd-socket-activate (package systemd)");
-    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let h =
-        Herdsman { child: Some(child), stderr, stdout: Default::default(), addr: Addr::Unix(sock.clone()) };
-    wait_for(LONG, "the socket to exist", || sock.exists().then_some(()));
+    let h = socket_activated(&args, &sock);
     let seen = h.distinct_workers(2);
     for v in &seen {
         assert_eq!(v["listen_fdnames"], "web", "LISTEN_FDNAMES is passed through: {v}");
@@ -446,16 +457,7 @@ fn stored_fds_passed_back_with_the_sockets_are_told_apart_by_name() {
         worker_py()
     );
     let args = ["-l", sock.to_str().unwrap(), "--fdname=web", "-E", "PATH", "sh", "-c", &script];
-    let mut cmd = std::process::Command::new("systemd-socket-activate");
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().expect("systemd-socket-activate (package systemd)");
-    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let h =
-        Herdsman { child: Some(child), stderr, stdout: Default::default(), addr: Addr::Unix(sock.clone()) };
-    wait_for(LONG, "the socket to exist", || sock.exists().then_some(()));
+    let h = socket_activated(&args, &sock);
     let seen = h.distinct_workers(2);
     for v in &seen {
         assert_eq!(v["listen_fdnames"], "web", "only the socket unit's fd reaches workers: {v}");

@@ -114,14 +114,7 @@ fn an_upgrade_under_load_keeps_the_pid_every_worker_and_every_request_and_the_ne
     ready(&control, 3);
     // A crash before the upgrade: its restart count and metrics must carry over.
     let first = status(&control);
-    let victim = workers(&first)[0].1;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
-        .unwrap();
-    let before = wait_for(LONG, "slot 0 restarted", || {
-        let st = status(&control);
-        let w = workers(&st);
-        (w.len() == 3 && w[0].3 == 1 && w[0].1 != victim && st["ready"] == 3).then_some(st)
-    });
+    let before = crash_slot_0(&control, &first);
     let copy = copy_of_herdsman(&dir, "herdsman-new");
     let fresh = Load::start(&h.addr, 2, false);
     let keep = Load::start(&h.addr, 2, true);
@@ -732,14 +725,7 @@ fn upgrade_from_previous_release(test: &str, steered: bool) {
         h.addr = Addr::Tcp(first["sockets"][0].as_str().unwrap().to_string());
     }
     // A restart before the upgrade: its count must carry over too.
-    let victim = workers(&first)[0].1;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
-        .unwrap();
-    let before = wait_for(LONG, "slot 0 restarted", || {
-        let st = status(&control);
-        let w = workers(&st);
-        (w.len() == 3 && w[0].3 == 1 && w[0].1 != victim && st["ready"] == 3).then_some(st)
-    });
+    let before = crash_slot_0(&control, &first);
     assert_eq!(exe(h.pid()), old);
     let copy = copy_of_herdsman(&dir, "herdsman-new");
     let out = upgrade(&control, &copy);
@@ -773,4 +759,17 @@ fn upgrade_from_previous_release(test: &str, steered: bool) {
     h.signal(libc::SIGTERM);
     assert!(h.wait_exit(LONG).success(), "stop after upgrade: {}", h.stderr());
     assert!(!control.exists(), "control socket left behind");
+}
+
+/// SIGKILLs slot 0's worker (of 3) and waits until it restarted and all 3 are ready again; returns
+/// that status.
+fn crash_slot_0(control: &Path, first: &Value) -> Value {
+    let victim = workers(first)[0].1;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    wait_for(LONG, "slot 0 restarted", || {
+        let st = status(control);
+        let w = workers(&st);
+        (w.len() == 3 && w[0].3 == 1 && w[0].1 != victim && st["ready"] == 3).then_some(st)
+    })
 }

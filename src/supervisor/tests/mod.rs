@@ -261,6 +261,21 @@ impl Sim {
         self.settle();
     }
 
+    /// Starts a reload and moves it to its second slot: the canary took over slot 0 (its old
+    /// worker exited), slot 1's new worker is starting. Returns the reload's answer, the old
+    /// workers' pids (by slot), the canary and slot 1's new worker.
+    fn reload_past_the_canary(&mut self) -> (oneshot::Receiver<ReloadOutcome>, Vec<i32>, i32, i32) {
+        let old: Vec<i32> = self.spawned().iter().map(|p| p.0).collect();
+        let reload = self.reload();
+        let canary = self.of_generation(2)[0];
+        self.ready(canary);
+        self.advance(self.sup.core.settings.min_ready);
+        self.exit(old[0], 0);
+        let candidate = *self.of_generation(2).last().expect("slot 1's new worker");
+        assert_ne!(candidate, canary);
+        (reload, old, canary, candidate)
+    }
+
     fn reload(&mut self) -> oneshot::Receiver<ReloadOutcome> {
         let (tx, rx) = oneshot::channel();
         self.sup.on_control(Control::Reload(Waiter { reply: Some(tx), progress: None }));

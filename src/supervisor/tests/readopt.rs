@@ -102,15 +102,8 @@ async fn a_re_adopted_worker_that_exits_is_reported_with_status_unknown_and_rest
 async fn a_reload_interrupted_by_a_crash_is_rolled_back_and_last_reload_says_so() {
     let mut s = sim(2, "");
     s.all_ready();
-    let old: Vec<i32> = s.spawned().iter().map(|p| p.0).collect();
-    let _reload = s.reload();
-    let canary = s.of_generation(2)[0];
-    s.ready(canary);
-    s.advance(s.sup.core.settings.min_ready);
-    s.exit(old[0], 0);
     // Slot 0 moved to generation 2; slot 1's new worker is starting when herdsman dies.
-    let candidate = *s.of_generation(2).last().unwrap();
-    assert_ne!(candidate, canary);
+    let (_reload, _, _, candidate) = s.reload_past_the_canary();
     let mut r = s.crashed(&[]);
     // The candidate is killed, slot 0 rolls back to generation 1.
     assert!(r.signalled(candidate).contains(&Signal::SIGKILL), "{:?}", r.effects());

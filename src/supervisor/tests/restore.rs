@@ -34,15 +34,8 @@ fn snapshot(s: &Sim) -> serde_json::Value {
 async fn a_core_restored_mid_roll_out_with_a_replacement_and_a_back_off_pending_decides_the_same() {
     let mut s = sim(4, "watchdog = \"10s\"\nbackoff_reset = \"1m\"");
     s.all_ready();
-    let old: Vec<i32> = s.spawned().iter().map(|p| p.0).collect();
-    let _reload = s.reload();
-    let canary = s.of_generation(2)[0];
-    s.ready(canary);
-    s.advance(s.sup.core.settings.min_ready);
-    s.exit(old[0], 0);
     // The canary moved slot 0; slot 1's new worker is starting (and stays so for now).
-    let candidate = *s.of_generation(2).last().unwrap();
-    assert_ne!(candidate, canary);
+    let (_reload, old, canary, candidate) = s.reload_past_the_canary();
     // Slot 2's worker stops pinging: it is replaced (not by the roll-out: it is no candidate).
     for _ in 0..11 {
         for pid in [old[1], old[3], canary] {
