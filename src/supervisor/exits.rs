@@ -187,3 +187,52 @@ pub(super) fn stop_signal_hint(w: &Worker, status: WaitStatus) -> Option<String>
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Child, Command};
+    use std::time::{Duration, Instant};
+
+    fn sleeper(group: i32) -> Child {
+        Command::new("sleep").arg("60").process_group(group).spawn().unwrap()
+    }
+
+    fn ended(c: &mut Child) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if c.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// What a re-adopted worker leaves in its group is killed through the cgroup, by pidfd:
+    /// only the members of that group, never the leader's pid itself nor another group.
+    #[test]
+    fn a_re_adopted_workers_group_members_are_killed_through_the_cgroup_and_no_one_else() {
+        let mut leader = sleeper(0);
+        let pgid = leader.id() as i32;
+        let mut member = sleeper(pgid);
+        let mut foreign = sleeper(0);
+        match super::kill_group_members(pgid) {
+            Ok(n) => {
+                assert_eq!(n, 1);
+                assert!(ended(&mut member));
+                assert!(leader.try_wait().unwrap().is_none());
+                assert!(foreign.try_wait().unwrap().is_none());
+            }
+            // No cgroup to list (standalone): nothing is killed.
+            Err(e) => {
+                eprintln!("no cgroup here ({e}): nothing killed");
+                assert!(member.try_wait().unwrap().is_none());
+            }
+        }
+        for c in [&mut leader, &mut member, &mut foreign] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
