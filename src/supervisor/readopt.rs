@@ -4,7 +4,7 @@
 //! decided here:
 //!
 //! * before the restore ([`prepare`]), the driver checks each stored worker against what the
-//!   store passed back: a worker without its pidfd (or with another process's) died while
+//!   store passed back: a worker without its pidfd (or with another process's, or one that says it exited) died while
 //!   herdsman was down and is taken out of the core, to be reported as an exit of unknown
 //!   status once the loop runs; every other is marked [`Worker::readopted`] (it is not this
 //!   process's child: PID 1 reaps it, its exit status will be unknown too);
@@ -76,7 +76,7 @@ impl Core {
 
 /// Checks every worker of `core` against the descriptors the store passed back (`fds`, by
 /// name) and makes the two agree, so that the upgrade's restore takes them all: a worker whose
-/// pidfd is missing or names another process is lost (taken out of the core, its other
+/// pidfd is missing, names another process or says it exited (or was reaped) is lost (taken out of the core, its other
 /// descriptors closed); a live one whose output pipe is missing gets one at end of file, one
 /// whose IPC channel or bind filter descriptor is missing goes on without it.
 pub fn prepare(core: &mut Core, fds: &mut BTreeMap<String, OwnedFd>) -> Readopt {
@@ -115,7 +115,7 @@ pub(crate) fn prepare_with(
                     worker_id = slot,
                     worker_pid = pid,
                     worker_generation = generation,
-                    "worker {slot} (pid {pid}) died while herdsman was down (its pidfd is gone from the fd store)"
+                    "worker {slot} (pid {pid}) died while herdsman was down (its pidfd is gone from the fd store or says it exited)"
                 );
                 out.lost.push(w);
             }
