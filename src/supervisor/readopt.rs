@@ -4,9 +4,9 @@
 //! decided here:
 //!
 //! * before the restore ([`prepare`]), the driver checks each stored worker against what the
-//!   store passed back: a worker without its pidfd (or with another process's, or one that says it exited) died while
-//!   herdsman was down and is taken out of the core, to be reported as an exit of unknown
-//!   status once the loop runs; every other is marked [`Worker::readopted`] (it is not this
+//!   store passed back: a worker without its pidfd (or with another process's, or one that
+//!   says it exited) died while herdsman was down and is taken out of the core, to be
+//!   reported as an exit of unknown status once the loop runs; every other is marked [`Worker::readopted`] (it is not this
 //!   process's child: PID 1 reaps it, its exit status will be unknown too);
 //! * after it ([`Supervisor::readopted`]): systemd waits for `READY=1` from the new main
 //!   process (sent once every slot is ready again, the sweep done and missing slots started),
