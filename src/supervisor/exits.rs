@@ -1,6 +1,6 @@
 //! Learning that a worker exited: the pidfd watcher task and the words for what happened.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::sys::signal::{Signal, killpg};
@@ -19,11 +19,17 @@ use crate::worker::Worker;
 /// Killing the group before the reap is what makes it safe: while the leader is an unreaped
 /// zombie its pid cannot be handed out again, so the pgid still names the worker's group and
 /// never an unrelated one.
+///
+/// A `readopted` worker (after a supervisor restart) is not our child: PID 1 reaps it at once,
+/// and once reaped its pid may be a new group leader's (another service's main process), so
+/// its pgid is never signalled; its group's leftovers are found in this unit's cgroup instead
+/// ([`kill_group_members`]).
 pub(super) fn watch_exit(
     pid: i32,
     pidfd: Arc<OwnedFd>,
     mut output_done: mpsc::Receiver<()>,
     events: mpsc::UnboundedSender<Event>,
+    readopted: bool,
 ) {
     tokio::spawn(async move {
         let peek = |fd: &OwnedFd| {
@@ -60,11 +66,56 @@ pub(super) fn watch_exit(
                     .unwrap_or(WaitStatus::Exited(Pid::from_raw(pid), -1))
             }
         };
-        // Whatever the worker left in its group goes with it (the leader is still unreaped).
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        if readopted {
+            // Reaped by PID 1 already, maybe: its pgid may name a foreign group by now.
+            match kill_group_members(pid) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!("killed {n} process(es) left in the group of worker {pid}"),
+                Err(e) => tracing::debug!("not killing what worker {pid} left in its group: {e}"),
+            }
+        } else {
+            // Whatever the worker left in its group goes with it (the leader is still unreaped).
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
         let _ = tokio::time::timeout(OUTPUT_GRACE, output_done.recv()).await;
         let _ = events.send(Event::Exited { pid, status });
     });
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable: exited, or already
+/// reaped), without waiting. An error counts as exited (no group signal by pgid then).
+pub(crate) fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).map_or(true, |n| n > 0)
+}
+
+/// SIGKILLs, through pidfds, the processes of this unit's cgroup whose process group is
+/// `pgid` (what a re-adopted worker left behind), never by pgid: each one's pidfd is opened
+/// first, then its pgid read and its membership checked again while the pidfd shows it alive
+/// (so the pid still names that very process). Returns how many were killed; an error when
+/// the cgroup cannot be read (standalone: the leftovers stay).
+pub(crate) fn kill_group_members(pgid: i32) -> std::io::Result<usize> {
+    let cg = crate::fdstore::cgroup::Cgroup::own()?;
+    let me = std::process::id() as i32;
+    let mut killed = 0;
+    for pid in cg.procs()? {
+        if pid == me || pid == pgid {
+            continue;
+        }
+        let Ok(fd) = sys::pidfd_open(pid) else { continue };
+        if nix::unistd::getpgid(Some(Pid::from_raw(pid))) != Ok(Pid::from_raw(pgid)) {
+            continue;
+        }
+        // Still alive (so `pid` was not reused under the getpgid) and still ours.
+        if pidfd_exited(fd.as_fd()) || !cg.procs()?.contains(&pid) {
+            continue;
+        }
+        if sys::pidfd_signal(&fd, Signal::SIGKILL as i32).is_ok() {
+            killed += 1;
+        }
+    }
+    Ok(killed)
 }
 
 pub(super) fn describe_exit(status: WaitStatus) -> String {
@@ -135,4 +186,53 @@ pub(super) fn stop_signal_hint(w: &Worker, status: WaitStatus) -> Option<String>
             "the stop signal it was sent: unless it drained first and re-raised it, it has no {name} handler and in-flight requests were cut off: make it drain on {name}, or pass the signal it handles with --stop-signal"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Child, Command};
+    use std::time::{Duration, Instant};
+
+    fn sleeper(group: i32) -> Child {
+        Command::new("sleep").arg("60").process_group(group).spawn().unwrap()
+    }
+
+    fn ended(c: &mut Child) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if c.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// What a re-adopted worker leaves in its group is killed through the cgroup, by pidfd:
+    /// only the members of that group, never the leader's pid itself nor another group.
+    #[test]
+    fn a_re_adopted_workers_group_members_are_killed_through_the_cgroup_and_no_one_else() {
+        let mut leader = sleeper(0);
+        let pgid = leader.id() as i32;
+        let mut member = sleeper(pgid);
+        let mut foreign = sleeper(0);
+        match super::kill_group_members(pgid) {
+            Ok(n) => {
+                assert_eq!(n, 1);
+                assert!(ended(&mut member));
+                assert!(leader.try_wait().unwrap().is_none());
+                assert!(foreign.try_wait().unwrap().is_none());
+            }
+            // No cgroup to list (standalone): nothing is killed.
+            Err(e) => {
+                eprintln!("no cgroup here ({e}): nothing killed");
+                assert!(member.try_wait().unwrap().is_none());
+            }
+        }
+        for c in [&mut leader, &mut member, &mut foreign] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -400,14 +400,14 @@ impl Supervisor {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, format!("descriptor {name} missing"))
             })
         };
-        let workers: Vec<(i32, usize, Arc<Spec>, bool, bool)> = self
+        let workers: Vec<(i32, usize, Arc<Spec>, bool, bool, bool)> = self
             .core
             .pool
             .workers()
             .values()
-            .map(|w| (w.pid, w.slot, w.spec.clone(), w.has_channel, w.intercepted))
+            .map(|w| (w.pid, w.slot, w.spec.clone(), w.has_channel, w.intercepted, w.readopted))
             .collect();
-        for (pid, slot, spec, has_channel, intercepted) in workers {
+        for (pid, slot, spec, has_channel, intercepted, readopted) in workers {
             let name = |kind: &str| fd_name(kind, slot, spec.generation, pid);
             let pidfd = Arc::new(take(name("pidfd"))?);
             let pipes = [Arc::new(take(name("out"))?), Arc::new(take(name("err"))?)];
@@ -420,11 +420,11 @@ impl Supervisor {
             }
             let tail = crate::output::Tail::from_lines(tails.get(&pid).cloned().unwrap_or_default());
             let output_done = self.outside.launcher.capture(slot, pid, spec.generation, pipes.clone(), &tail);
-            self.outside.host.watch(pid, pidfd.clone(), output_done, &self.outside.events);
+            self.outside.host.watch(pid, pidfd.clone(), output_done, &self.outside.events, readopted);
             if let Some(c) = &channel {
                 super::outside::listen_to(pid, c.clone(), &self.outside.events);
             }
-            self.outside.fds.insert(pid, WorkerFds { pidfd, tail, pipes, channel, bind_notify });
+            self.outside.fds.insert(pid, WorkerFds { pidfd, tail, pipes, channel, bind_notify, readopted });
         }
         if let Some((conn, done)) = reply {
             use std::io::Write;

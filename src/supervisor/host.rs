@@ -35,13 +35,16 @@ pub(crate) trait Host {
         fds: Option<&[RawFd]>,
         metrics: Option<&str>,
     ) -> Result<Launched, SpawnError>;
-    /// Reports the worker's exit as an [`Event::Exited`] once it happens.
+    /// Reports the worker's exit as an [`Event::Exited`] once it happens. `readopted`: not
+    /// our child (`Worker::readopted`), what is left of its group is found through the cgroup,
+    /// never by pgid (see `supervisor::exits`).
     fn watch(
         &mut self,
         pid: i32,
         pidfd: Arc<OwnedFd>,
         output_done: mpsc::Receiver<()>,
         events: &mpsc::UnboundedSender<Event>,
+        readopted: bool,
     );
     /// Sends `sig` to the worker `pid` (through its pidfd in `fds`) and, with `group`, to its
     /// whole process group.
@@ -53,6 +56,16 @@ pub(crate) trait Host {
     fn reap(&mut self, pid: i32, fds: &WorkerFds);
     /// Resident memory of each worker's process group, in bytes.
     fn memory(&mut self, pids: &[i32]) -> HashMap<i32, u64>;
+}
+
+/// Whether the worker's process group may be signalled by pgid now. Always for our own
+/// children (unreaped until their exit event, so the pgid cannot be reused). A re-adopted
+/// worker (after a supervisor restart) is reaped by PID 1 the moment it exits, after which its
+/// pid, and so its pgid, can name a foreign group at once: only while its pidfd is not
+/// readable (checked right before the signal; what is left of its group after its exit is
+/// killed by `supervisor::exits`, through the cgroup).
+pub(crate) fn group_signal_allowed(fds: &WorkerFds) -> bool {
+    !fds.readopted || !super::exits::pidfd_exited(fds.pidfd.as_fd())
 }
 
 /// The host of a real supervisor.
@@ -87,19 +100,21 @@ impl Host for RealHost {
         pidfd: Arc<OwnedFd>,
         output_done: mpsc::Receiver<()>,
         events: &mpsc::UnboundedSender<Event>,
+        readopted: bool,
     ) {
-        super::exits::watch_exit(pid, pidfd, output_done, events.clone());
+        super::exits::watch_exit(pid, pidfd, output_done, events.clone(), readopted);
     }
 
     /// The only way the supervisor signals a worker. The leader is signalled through its
     /// pidfd; the group by pgid, which is safe because a worker stays in the supervisor's
     /// table only until it is reaped, and the supervisor reaps it only after its exit event
     /// (see `supervisor::exits`): until then its pid, and so its pgid, cannot be reused.
+    /// A re-adopted worker is not our child: see [`group_signal_allowed`].
     fn signal(&mut self, pid: i32, fds: &WorkerFds, sig: Signal, group: bool) {
         if let Err(e) = crate::sys::pidfd_signal(&fds.pidfd, sig as i32) {
             tracing::debug!("signal {sig} to {pid}: {e}");
         }
-        if group {
+        if group && group_signal_allowed(fds) {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
         }
     }

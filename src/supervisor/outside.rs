@@ -67,6 +67,10 @@ pub(crate) struct WorkerFds {
     /// Its bind filter's notification descriptor (see `intercept`); `None` without
     /// interception.
     pub bind_notify: Option<Arc<OwnedFd>>,
+    /// Re-adopted after a supervisor restart (`Worker::readopted`): not our child, so PID 1
+    /// reaps it the moment it exits and its pid (its pgid) may be reused at once; no group
+    /// signal by pgid once its pidfd is readable (see [`super::host::group_signal_allowed`]).
+    pub readopted: bool,
 }
 
 impl Outside {
@@ -136,7 +140,7 @@ impl Outside {
         };
         self.metrics.launched(l.pid, id, metrics_socket);
         let pidfd = Arc::new(l.pidfd);
-        self.host.watch(l.pid, pidfd.clone(), l.output_done, &self.events);
+        self.host.watch(l.pid, pidfd.clone(), l.output_done, &self.events, false);
         let channel = l.channel.map(Arc::new);
         if let Some(c) = &channel {
             listen_to(l.pid, c.clone(), &self.events);
@@ -145,7 +149,10 @@ impl Outside {
         if let Some(n) = &bind_notify {
             self.watch_binds(l.pid, n.clone(), &fds, spec.user.as_ref().map(|u| (u.uid, u.gid)));
         }
-        self.fds.insert(l.pid, WorkerFds { pidfd, tail: l.tail, pipes: l.pipes, channel, bind_notify });
+        self.fds.insert(
+            l.pid,
+            WorkerFds { pidfd, tail: l.tail, pipes: l.pipes, channel, bind_notify, readopted: false },
+        );
         Ok(l.pid)
     }
 

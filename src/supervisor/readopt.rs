@@ -4,17 +4,29 @@
 //! decided here:
 //!
 //! * before the restore ([`prepare`]), the driver checks each stored worker against what the
-//!   store passed back: a worker without its pidfd (or with another process's) died while
-//!   herdsman was down and is taken out of the core, to be reported as an exit of unknown
-//!   status once the loop runs; every other is marked [`Worker::readopted`] (it is not this
+//!   store passed back: a worker without its pidfd (or with another process's, or one that
+//!   says it exited) died while herdsman was down and is taken out of the core, to be
+//!   reported as an exit of unknown status once the loop runs; every other is marked [`Worker::readopted`] (it is not this
 //!   process's child: PID 1 reaps it, its exit status will be unknown too);
 //! * after it ([`Supervisor::readopted`]): systemd waits for `READY=1` from the new main
 //!   process (sent once every slot is ready again, the sweep done and missing slots started),
 //!   a roll-out the crash interrupted is aborted and its moved slots rolled back (its
 //!   client is gone; `last_reload` says so), and the lost workers' exits go to the core.
+//!
+//! Deadlines the down time ate: the state document is written at most once a second and the
+//! time herdsman was down passes on every stored clock, so a re-adopted worker's `last_ping`
+//! becomes at least now (one full watchdog interval of grace: it could not be heard while
+//! nobody read the notify socket), and a Starting worker's ready deadline at least
+//! [`READY_GRACE`] from now (its `READY=1` may wait, unread, in the stored notify socket).
+//! A stop timer (`Stopping`) is left as it was: the worker was told to stop, its time ran.
+//!
+//! A re-adopted worker is not this process's child: PID 1 reaps it the moment it exits, so its
+//! pid, and so its process group id, may be reused at once. Its group is never signalled by
+//! pgid once its pidfd is readable (`host::group_signal_allowed`), and what it leaves in its
+//! group is killed through the cgroup (`exits::kill_group_members`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
@@ -29,6 +41,9 @@ use crate::worker::{Role, Worker};
 /// How a re-adopted worker ended, as every exit report says it.
 pub(crate) const UNKNOWN_EXIT: &str =
     "exited with status unknown (re-adopted after a supervisor restart: PID 1 reaped it)";
+
+/// The least time a re-adopted Starting worker has left to become ready (see the module doc).
+pub(crate) const READY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the driver found out about the stored workers before the restore.
 #[derive(Debug, Default)]
@@ -61,10 +76,26 @@ impl Core {
 
 /// Checks every worker of `core` against the descriptors the store passed back (`fds`, by
 /// name) and makes the two agree, so that the upgrade's restore takes them all: a worker whose
-/// pidfd is missing or names another process is lost (taken out of the core, its other
+/// pidfd is missing, names another process or says it exited (or was reaped) is lost (taken out of the core, its other
 /// descriptors closed); a live one whose output pipe is missing gets one at end of file, one
 /// whose IPC channel or bind filter descriptor is missing goes on without it.
 pub fn prepare(core: &mut Core, fds: &mut BTreeMap<String, OwnedFd>) -> Readopt {
+    prepare_with(core, fds, pidfd_alive)
+}
+
+/// Whether `pidfd` is the pidfd of the live process `pid`: it names `pid` (a reaped
+/// process's names none) and is not readable (an exited one's is). Only such a worker is
+/// re-adopted and kept by the cgroup's sweep.
+pub fn pidfd_alive(pidfd: BorrowedFd<'_>, pid: i32) -> bool {
+    crate::fdstore::pidfd_pid(pidfd) == Some(pid) && !super::exits::pidfd_exited(pidfd)
+}
+
+/// [`prepare`], with `alive` saying whether a stored pidfd is that of the live worker `pid`.
+pub(crate) fn prepare_with(
+    core: &mut Core,
+    fds: &mut BTreeMap<String, OwnedFd>,
+    alive: impl Fn(BorrowedFd<'_>, i32) -> bool,
+) -> Readopt {
     let mut out = Readopt::default();
     let pids: Vec<i32> = core.pool.workers().keys().copied().collect();
     for pid in pids {
@@ -72,11 +103,9 @@ pub fn prepare(core: &mut Core, fds: &mut BTreeMap<String, OwnedFd>) -> Readopt 
         w.readopted = true;
         let (slot, generation) = (w.slot, w.spec.generation);
         let name = |kind: &str| fd_name(kind, slot, generation, pid);
-        // Never trust the pid in a name: the pidfd says which process it is (`None`: already
-        // reaped by PID 1, an exit the loop sees at once).
-        let alive = fds
-            .get(&name("pidfd"))
-            .is_some_and(|fd| crate::fdstore::pidfd_pid(fd.as_fd()).is_none_or(|p| p == pid));
+        // Never trust the pid in a name: the pidfd says which process it is, and whether it
+        // still runs (exited or reaped by PID 1: lost, never in the sweep's keep set).
+        let alive = fds.get(&name("pidfd")).is_some_and(|fd| alive(fd.as_fd(), pid));
         if !alive {
             for kind in ["pidfd", "out", "err", "ipc", "bind"] {
                 fds.remove(&name(kind));
@@ -86,7 +115,7 @@ pub fn prepare(core: &mut Core, fds: &mut BTreeMap<String, OwnedFd>) -> Readopt 
                     worker_id = slot,
                     worker_pid = pid,
                     worker_generation = generation,
-                    "worker {slot} (pid {pid}) died while herdsman was down (its pidfd is gone from the fd store)"
+                    "worker {slot} (pid {pid}) died while herdsman was down (its pidfd is gone from the fd store or says it exited)"
                 );
                 out.lost.push(w);
             }
@@ -126,6 +155,15 @@ impl Supervisor {
         let (now, unix) = (self.now(), self.unix_now());
         // A new main process: systemd waits for its READY=1, sent once the pool is settled.
         self.core.manager.sent_ready = false;
+        // The down time is no worker's fault (see the module doc).
+        let pids: Vec<i32> = ro.live.iter().copied().collect();
+        for pid in pids {
+            let Some(w) = self.core.pool.worker_mut(pid) else { continue };
+            w.last_ping = w.last_ping.max(now);
+            if let crate::worker::State::Starting { deadline } = &mut w.state {
+                *deadline = (*deadline).max(now + READY_GRACE);
+            }
+        }
         tracing::warn!(
             "restarted after a crash: re-adopted {} worker(s) from the fd store, {} died meanwhile",
             ro.live.len(),

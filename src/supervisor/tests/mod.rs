@@ -50,6 +50,12 @@ struct Fake {
     broken: Rc<Cell<bool>>,
     /// When each stop signal or message was sent: (pid, clock); SIGKILL is left out.
     stops: Rc<RefCell<Vec<(i32, Mono)>>>,
+    /// Signals a real host would send to a worker's process group by pgid: (pgid, signal).
+    /// Every fake pidfd is readable (it is `/dev/null`): a re-adopted worker's gets none.
+    groups: Rc<RefCell<Vec<(i32, Signal)>>>,
+    /// Each watched worker, and whether its leftovers would be killed by pgid after its exit
+    /// (a real host's `watch_exit`): never for a re-adopted one.
+    watched: Rc<RefCell<HashMap<i32, bool>>>,
 }
 
 fn devnull() -> OwnedFd {
@@ -91,10 +97,22 @@ impl Host for Fake {
         })
     }
 
-    fn watch(&mut self, _: i32, _: Arc<OwnedFd>, _: mpsc::Receiver<()>, _: &mpsc::UnboundedSender<Event>) {}
+    fn watch(
+        &mut self,
+        pid: i32,
+        _: Arc<OwnedFd>,
+        _: mpsc::Receiver<()>,
+        _: &mpsc::UnboundedSender<Event>,
+        readopted: bool,
+    ) {
+        self.watched.borrow_mut().insert(pid, !readopted);
+    }
 
-    fn signal(&mut self, pid: i32, _: &WorkerFds, sig: Signal, _group: bool) {
+    fn signal(&mut self, pid: i32, fds: &WorkerFds, sig: Signal, group: bool) {
         self.log.borrow_mut().push(Effect::Signal { pid, sig });
+        if group && super::host::group_signal_allowed(fds) {
+            self.groups.borrow_mut().push((pid, sig));
+        }
         // SIGKILL is no request to stop (a failed candidate, a hung worker after its stop).
         if sig != Signal::SIGKILL {
             self.stops.borrow_mut().push((pid, self.clock.get()));
@@ -218,6 +236,8 @@ fn sim_in(
         rss: Default::default(),
         broken: Default::default(),
         stops: Default::default(),
+        groups: Default::default(),
+        watched: Default::default(),
     };
     let (sup, events) = Supervisor::new(settings, world, Box::new(host.clone())).unwrap();
     let mut s =

@@ -14,6 +14,12 @@ impl Sim {
     /// workers' descriptors from the store, except those of `lost` (dead while herdsman was
     /// down: systemd dropped them).
     fn crashed(&mut self, lost: &[i32]) -> Sim {
+        self.crashed_after(lost, Duration::ZERO)
+    }
+
+    /// [`Sim::crashed`], restarted `down` later (the clock the stored state was written by
+    /// went on meanwhile).
+    fn crashed_after(&mut self, lost: &[i32], down: Duration) -> Sim {
         let bytes = serde_json::to_vec(&self.sup.core).unwrap();
         let mut core: Core = serde_json::from_slice(&bytes).unwrap();
         let mut fds: BTreeMap<String, OwnedFd> = self
@@ -25,13 +31,14 @@ impl Sim {
             })
             .map(|(name, _)| (name, devnull()))
             .collect();
-        let ro = readopt::prepare(&mut core, &mut fds);
+        // The stand-in pidfds name no process: those left in the store are the live ones.
+        let ro = readopt::prepare_with(&mut core, &mut fds, |_, _| true);
         assert_eq!(ro.lost(), lost.len());
         let resumed = Resumed::take(core, BTreeMap::new(), &mut fds, None, 0).unwrap().readopting(ro);
         assert!(fds.is_empty(), "descriptors nobody took: {:?}", fds.keys().collect::<Vec<_>>());
         let dir = self._dir.with_extension("crashed");
         std::fs::create_dir_all(&dir).unwrap();
-        let (now, next_pid) = (self.host.clock.get(), self.host.next_pid.get());
+        let (now, next_pid) = (self.host.clock.get() + down, self.host.next_pid.get());
         sim_with(self.sup.core.settings.clone(), dir, Some(resumed), now, next_pid)
     }
 
@@ -119,6 +126,100 @@ async fn a_reload_interrupted_by_a_crash_is_rolled_back_and_last_reload_says_so(
     assert_eq!(serving.len(), 2, "{serving:?}");
     assert!(serving.iter().all(|(_, _, g)| *g == 1), "not on one version: {serving:?}");
     assert_eq!(r.status().last_reload.unwrap().rollback.as_deref(), Some("ok"));
+}
+
+/// A re-adopted worker is reaped by PID 1 the moment it exits: its pid, and so its process
+/// group id, may be a foreign group leader's by then. Its group is never signalled by pgid
+/// once its pidfd is readable (every fake pidfd is), nor after its exit.
+#[tokio::test]
+async fn a_re_adopted_worker_is_never_signalled_by_pgid_once_it_exited() {
+    let mut s = sim(2, "watchdog = \"2s\"");
+    s.all_ready();
+    let old: Vec<i32> = s.spawned().iter().map(|p| p.0).collect();
+    let mut r = s.crashed(&[]);
+    for pid in &old {
+        assert_eq!(r.host.watched.borrow().get(pid), Some(&false), "worker {pid}: leftovers killed by pgid");
+    }
+    // The watchdog runs out for both (no pings): each is replaced, then SIGKILLed, but not
+    // its group.
+    r.advance(Duration::from_secs(3));
+    r.all_ready();
+    for pid in &old {
+        assert!(r.signalled(*pid).contains(&Signal::SIGKILL), "{:?}", r.effects());
+    }
+    assert!(r.host.groups.borrow().iter().all(|(p, _)| !old.contains(p)), "{:?}", r.host.groups.borrow());
+    // The workers this process started are its children: their groups are killed as always.
+    let new: Vec<i32> = r.spawned().iter().map(|p| p.0).collect();
+    assert_eq!(new.len(), 2);
+    for pid in &new {
+        assert_eq!(r.host.watched.borrow().get(pid), Some(&true));
+    }
+}
+
+/// The state is written at most once a second and the down time passes on every stored clock:
+/// a healthy re-adopted worker is not replaced for a watchdog the restart made it miss, nor a
+/// starting one failed for a ready deadline that ran out while nobody read its READY=1.
+#[tokio::test]
+async fn re_adopted_workers_get_their_watchdog_and_ready_deadline_back_after_the_down_time() {
+    let mut s = sim(2, "watchdog = \"2s\"\nready_timeout = \"3s\"");
+    // Worker 0 ready, worker 1 still starting.
+    let old: Vec<i32> = s.spawned().iter().map(|p| p.0).collect();
+    s.ready(old[0]);
+    s.advance(Duration::from_millis(1500));
+    let mut r = s.crashed_after(&[], Duration::from_secs(2));
+    // The loop's first turn, its timers checked.
+    r.advance(Duration::ZERO);
+    assert!(r.spawned().is_empty(), "replaced on the first turn: {:?}", r.effects());
+    for pid in &old {
+        assert!(r.signalled(*pid).is_empty(), "worker {pid}: {:?}", r.effects());
+    }
+    // Within the grace both are heard from: nothing is replaced.
+    r.ping(old[0]);
+    r.ready(old[1]);
+    r.advance(Duration::from_millis(1500));
+    r.ping(old[0]);
+    r.ping(old[1]);
+    r.advance(Duration::from_millis(1500));
+    assert!(r.spawned().is_empty(), "{:?}", r.effects());
+    assert!(r.told().iter().any(|m| m == "READY=1"), "{:?}", r.told());
+}
+
+/// A pidfd whose process was reaped (by PID 1) names no pid: that worker is lost, not
+/// re-adopted, and not in the set the cgroup's sweep keeps; nor is an exited, unreaped one.
+#[tokio::test]
+async fn prepare_counts_a_reaped_or_exited_worker_as_lost() {
+    use std::os::fd::AsFd;
+    let spawn = || std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    // Alive: its own pidfd, and only under its own pid.
+    let mut child = spawn();
+    let pid = child.id() as i32;
+    let fd = crate::sys::pidfd_open(pid).unwrap();
+    assert!(readopt::pidfd_alive(fd.as_fd(), pid));
+    assert!(!readopt::pidfd_alive(fd.as_fd(), pid + 1));
+    // Exited, not reaped yet: its pidfd is readable.
+    child.kill().unwrap();
+    let mut pfd = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+    nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(60_000u16)).unwrap();
+    assert!(!readopt::pidfd_alive(fd.as_fd(), pid));
+    // Reaped: the pidfd names no pid any more.
+    child.wait().unwrap();
+    assert!(!readopt::pidfd_alive(fd.as_fd(), pid));
+    // In `prepare`: a stored worker whose pidfd is that reaped one is lost.
+    let mut s = sim(1, "");
+    s.all_ready();
+    let mut core: Core = serde_json::from_slice(&serde_json::to_vec(&s.sup.core).unwrap()).unwrap();
+    let mut fds: BTreeMap<String, OwnedFd> = s
+        .sup
+        .fd_table()
+        .into_iter()
+        .map(|(name, _)| {
+            let fd = if name.starts_with("pidfd-") { fd.try_clone().unwrap() } else { devnull() };
+            (name, fd)
+        })
+        .collect();
+    let ro = readopt::prepare(&mut core, &mut fds);
+    assert_eq!(ro.lost(), 1);
+    assert!(ro.live().is_empty(), "{:?}", ro.live());
 }
 
 /// Under systemd the driver keeps its fd table and state in the fd store: what the manager is
