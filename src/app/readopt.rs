@@ -51,7 +51,7 @@ pub(super) fn take_back(
         if !names.is_empty() {
             tracing::warn!("the fd store holds {} descriptor(s) but {why}: starting afresh", names.len());
         }
-        fdstore::sweep_at_start(&BTreeSet::new());
+        fdstore::sweep_at_start(&|_| BTreeSet::new());
         Start::Fresh { journal, store: Store::replacing(names.clone()).ok() }
     };
     let Some((file, payload)) = StateFile::take(&mut stored) else {
@@ -67,12 +67,11 @@ pub(super) fn take_back(
     }
     let mut state = state;
     let ro = readopt::prepare(&mut state.core, &mut stored);
-    // Only now, with the live workers known: everything else in the cgroup goes.
-    let keep = match cgroup::Cgroup::own().and_then(|cg| cg.procs()) {
-        Ok(procs) => cgroup::family(&procs, ro.live()),
-        Err(_) => ro.live().clone(),
-    };
-    fdstore::sweep_at_start(&keep);
+    // Only now, with the live workers known: everything else in the cgroup goes. Their
+    // families are read as their user (`--user`: see `cgroup::links`), on every pass.
+    let owners: Vec<(u32, u32)> = state.core.settings().user.iter().map(|u| (u.uid, u.gid)).collect();
+    let live = ro.live().clone();
+    fdstore::sweep_at_start(&|procs| cgroup::family(&cgroup::links(procs, &owners), &live));
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(f) => {

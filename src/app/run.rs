@@ -31,13 +31,9 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
         listen_fdnames: process.var("LISTEN_FDNAMES"),
     };
     let steered = settings.balance != Balance::Shared;
-    let unit_main = crate::fdstore::is_unit_main(
-        process.var("INVOCATION_ID").as_deref(),
-        process.var("SYSTEMD_EXEC_PID").as_deref(),
-        std::process::id(),
-    );
+    let fd_store = process.fd_store();
     // Restarted after a crash: the re-adopted workers hold the sockets, the store has them.
-    let readopting = unit_main && super::readopt::has_state(activation.listen_fdnames.as_deref());
+    let readopting = fd_store && super::readopt::has_state(activation.listen_fdnames.as_deref());
     let listen: &[crate::config::ListenAddr] = if readopting { &[] } else { &settings.listen };
     let program = worker_program(&settings, &process.env());
     let bind_intercept = crate::intercept::resolve(settings.bind_intercept, program.as_deref())
@@ -47,7 +43,7 @@ pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
     // sockets. After a crash they are the previous run's workers, re-adopted; whatever else
     // is in the unit's cgroup is a leftover, swept (see `fdstore`, `readopt`).
     let stored = listeners.take_stored();
-    let (journal, store) = if unit_main {
+    let (journal, store) = if fd_store {
         match super::readopt::take_back(stored, journal, process) {
             super::readopt::Start::Restored { settings, parts, rt } => {
                 return serve(*settings, *parts, rt, process);
