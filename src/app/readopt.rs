@@ -39,6 +39,21 @@ pub(super) fn has_state(fdnames: Option<&str>) -> bool {
     fdnames.is_some_and(|names| names.split(':').any(|n| n == want))
 }
 
+/// The settings the crashed supervisor ran with, from the state in the fd store (`stored`,
+/// read through copies: [`take_back`] reads it again), or `None` when there is no whole state
+/// that parses. For a restart after a crash whose config file does not load (a failed
+/// reload of a bad file left it there): the workers keep the settings they run with.
+pub(super) fn stored_settings(stored: &BTreeMap<String, OwnedFd>) -> Option<Settings> {
+    let mut copies: BTreeMap<String, OwnedFd> = stored
+        .iter()
+        .filter(|(name, _)| name.starts_with(&format!("{}state-", fdstore::PREFIX)))
+        .filter_map(|(name, fd)| Some((name.clone(), fd.try_clone().ok()?)))
+        .collect();
+    let (_, payload) = StateFile::take(&mut copies)?;
+    let state = crate::supervisor::document::parse(&payload?).ok()?;
+    Some(state.core.settings().clone())
+}
+
 /// Restores the crashed supervisor's workers from `stored` (the descriptors systemd passed
 /// back, by name), or sweeps the cgroup and says to start afresh.
 pub(super) fn take_back(
