@@ -46,7 +46,7 @@ pub(super) fn has_state(fdnames: Option<&str>) -> bool {
 pub(super) fn stored_settings(stored: &BTreeMap<String, OwnedFd>) -> Option<Settings> {
     let mut copies: BTreeMap<String, OwnedFd> = stored
         .iter()
-        .filter(|(name, _)| name.starts_with(&format!("{}state-", fdstore::PREFIX)))
+        .filter(|(name, _)| fdstore::state::NAMES.contains(&name.as_str()))
         .filter_map(|(name, fd)| Some((name.clone(), fd.try_clone().ok()?)))
         .collect();
     let (_, payload) = StateFile::take(&mut copies)?;

@@ -148,10 +148,10 @@ pub fn links(procs: &BTreeSet<i32>, owners: &[(u32, u32)]) -> Vec<Link> {
 }
 
 /// `roots` and every process of `links` that descends from one of them, or whose process
-/// group or session is a root's (workers are group and session leaders; a pre-forking
-/// server's children are in its group, a daemonizing child has the worker as its parent
-/// until it double-forks, and stays in its session unless it calls `setsid`): what a sweep
-/// must keep besides the re-adopted workers themselves. A process without a link (see
+/// group or session is a root's (workers are group leaders, and an app may make itself a
+/// session leader; a pre-forking server's children are in its group, a daemonizing child has
+/// the worker as its parent until it double-forks, and stays in the worker's session unless
+/// it calls `setsid`): what a sweep must keep besides the re-adopted workers themselves. A process without a link (see
 /// [`links`]) is not kept.
 pub fn family(links: &[Link], roots: &BTreeSet<i32>) -> BTreeSet<i32> {
     let mut kept = roots.clone();
@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn a_workers_group_session_and_descendants_are_kept_and_nothing_else() {
-        // Worker 100 (group and session leader). 101: its child; 102: 101's child in a group
+        // Worker 100 (a group leader that also called setsid). 101: its child; 102: 101's child in a group
         // of its own; 103: reparented to PID 1 but in the worker's group; 104: a daemon that
         // double-forked out of the group but is still in the worker's session; 105: a
         // leftover of a dead worker (its own session, parent 1); 106: 105's child.
