@@ -412,6 +412,42 @@ mod tests {
     }
 
     #[test]
+    fn a_sweep_asks_what_to_keep_on_every_pass() {
+        // A pre-forking worker's new child appears in the cgroup while the sweep runs (added
+        // to the listing during the first pass): it is kept, the leftover dies.
+        let s = crate::scratch::Scratch::new("cgroup-sweep-passes");
+        let mut leftover = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut worker = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let (l, w, c) = (leftover.id() as i32, worker.id() as i32, child.id() as i32);
+        let listing = s.path().join("cgroup.procs");
+        std::fs::write(&listing, format!("{}\n{l}\n{w}\n", std::process::id())).unwrap();
+        let cg = Cgroup { hierarchy: Hierarchy::Unified, path: "/test".into(), dir: s.path().to_path_buf() };
+        let passes = std::cell::Cell::new(0);
+        let keep = |procs: &BTreeSet<i32>| {
+            passes.set(passes.get() + 1);
+            // Pass 1: the child appears. Later: the leftover (killed in pass 1) is gone from the
+            // listing, as once PID 1 reaped it, so the sweep ends without waiting its deadline.
+            let listed = if passes.get() == 1 { format!("{l}\n{w}\n{c}") } else { format!("{w}\n{c}") };
+            std::fs::write(&listing, format!("{}\n{listed}\n", std::process::id())).unwrap();
+            // The worker's family: the worker and, once listed, its child.
+            procs.intersection(&BTreeSet::from([w, c])).copied().collect()
+        };
+        let swept = sweep(&cg, &keep, Duration::from_secs(30)).unwrap();
+        assert_eq!(swept.killed, BTreeSet::from([l]));
+        assert!(swept.left.is_empty());
+        assert!(passes.get() >= 2, "asked once only");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(leftover.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(child.try_wait().unwrap().is_none(), "the worker's new child lives");
+        assert!(worker.try_wait().unwrap().is_none(), "the worker lives");
+        for mut p in [worker, child] {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    #[test]
     fn a_sweep_kills_only_what_is_in_the_cgroup_and_not_kept() {
         // A fake cgroup directory listing us, a child of ours, a kept child, and a pid that
         // does not exist; a third child of ours is not listed: it must live.
