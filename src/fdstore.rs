@@ -182,11 +182,26 @@ pub fn is_unit_main(invocation_id: Option<&str>, exec_pid: Option<&str>, our_pid
         && exec_pid.and_then(|p| p.trim().parse::<u32>().ok()) == Some(our_pid)
 }
 
-/// At start, under systemd only ([`is_unit_main`]): SIGKILLs every process of the unit's
-/// cgroup except herdsman and `keep` (the re-adopted workers): the workers of a run stopped
-/// during the restart gap, or anything the fd store lost track of. Bounded (5 s); logs what
+/// Whether the fd store is in use: the unit asks for it (`HERDSMAN_FD_STORE=1`, which the
+/// shipped unit sets along with `KillMode=process` and `ExecStopPost=herdsman stop-post`) and
+/// herdsman is the unit's main process ([`is_unit_main`]). Only then does herdsman sweep its
+/// cgroup at start and spawn workers without `PR_SET_PDEATHSIG`: any other service that runs
+/// herdsman keeps the standalone behaviour.
+pub fn in_use(
+    fd_store: Option<&str>,
+    invocation_id: Option<&str>,
+    exec_pid: Option<&str>,
+    our_pid: u32,
+) -> bool {
+    fd_store.map(str::trim) == Some("1") && is_unit_main(invocation_id, exec_pid, our_pid)
+}
+
+/// At start, with the fd store in use only ([`in_use`]): SIGKILLs every process of the unit's
+/// cgroup except herdsman and what `keep` returns (the re-adopted workers and their families,
+/// recomputed on every pass of the sweep): the workers of a run stopped during the restart
+/// gap, or anything the fd store lost track of. Bounded (5 s); logs what
 /// it did and never fails the start.
-pub fn sweep_at_start(keep: &std::collections::BTreeSet<i32>) -> Option<cgroup::Swept> {
+pub fn sweep_at_start(keep: &cgroup::Keep<'_>) -> Option<cgroup::Swept> {
     let cg = match cgroup::Cgroup::own() {
         Ok(cg) => cg,
         Err(e) => {
@@ -294,6 +309,17 @@ mod tests {
         assert!(!is_unit_main(None, Some("42"), 42), "not a unit");
         assert!(!is_unit_main(Some(""), Some("42"), 42));
         assert!(!is_unit_main(Some("0123abcd"), None, 42), "systemd before 248");
+    }
+
+    #[test]
+    fn the_fd_store_is_used_only_when_the_unit_asks_for_it() {
+        let unit = (Some("0123abcd"), Some("42"));
+        assert!(in_use(Some("1"), unit.0, unit.1, 42));
+        assert!(!in_use(None, unit.0, unit.1, 42), "a unit that does not ask (not the shipped one)");
+        assert!(!in_use(Some("0"), unit.0, unit.1, 42));
+        assert!(!in_use(Some(""), unit.0, unit.1, 42));
+        assert!(!in_use(Some("1"), None, Some("42"), 42), "standalone, the variable inherited");
+        assert!(!in_use(Some("1"), unit.0, Some("41"), 42), "a child of the unit's process");
     }
 
     #[test]

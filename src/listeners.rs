@@ -133,8 +133,13 @@ impl Listeners {
     }
 
     /// The descriptors systemd's fd store passed back (see `fdstore`), by the name herdsman
-    /// stored them under; empty after the first call, on a fresh start, and standalone.
-    /// Each is close-on-exec and above the workers' fd range.
+    /// stored them under; empty after [`Listeners::take_stored`], on a fresh start, and
+    /// standalone. Each is close-on-exec and above the workers' fd range.
+    pub fn stored(&self) -> &std::collections::BTreeMap<String, OwnedFd> {
+        &self.stored
+    }
+
+    /// [`Listeners::stored`], taken out.
     pub fn take_stored(&mut self) -> std::collections::BTreeMap<String, OwnedFd> {
         std::mem::take(&mut self.stored)
     }

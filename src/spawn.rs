@@ -38,6 +38,7 @@ const SCRUBBED: &[&str] = &[
     "NODE_CHANNEL_FD",
     "NODE_CHANNEL_SERIALIZATION_MODE",
     crate::env::STATE_VAR,
+    crate::env::FD_STORE_VAR,
 ];
 
 /// Why a worker could not be started. Each message names what was being done and on what.

@@ -50,7 +50,7 @@ fn config_failure(problems: &config::Problems) -> Failure {
 
 /// The whole program after `main` read argv and the environment: the new image of an
 /// in-place upgrade resumes (its state, not argv, says what to do); otherwise the command line
-/// is parsed (`--help`/`--version` print and succeed; a usage error is one line, exit 64) and
+/// is parsed (`--help`/`--version` print and succeed; a usage error is one line, exit 2) and
 /// dispatched.
 pub fn main(process: &Process) -> Result<(), Failure> {
     if let Some(fd) = process.var(crate::env::STATE_VAR) {

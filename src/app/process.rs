@@ -30,6 +30,17 @@ impl Process {
         value.to_str().map(String::from)
     }
 
+    /// Whether the fd store is in use (`HERDSMAN_FD_STORE=1` and herdsman the unit's main
+    /// process): see `fdstore::in_use`.
+    pub fn fd_store(&self) -> bool {
+        crate::fdstore::in_use(
+            self.var(crate::env::FD_STORE_VAR).as_deref(),
+            self.var("INVOCATION_ID").as_deref(),
+            self.var("SYSTEMD_EXEC_PID").as_deref(),
+            std::process::id(),
+        )
+    }
+
     /// `HERDSMAN_STEER_ROUTING`: how `--balance steer` picks among receiving workers. The
     /// default, `round-robin`, steps down to `hash` where the kernel refuses eBPF; `hash`
     /// starts there (to compare, or to keep CAP_BPF from the service). `shortest-queue` was

@@ -39,6 +39,21 @@ pub(super) fn has_state(fdnames: Option<&str>) -> bool {
     fdnames.is_some_and(|names| names.split(':').any(|n| n == want))
 }
 
+/// The settings the crashed supervisor ran with, from the state in the fd store (`stored`,
+/// read through copies: [`take_back`] reads it again), or `None` when there is no whole state
+/// that parses. For a restart after a crash whose config file does not load (a failed
+/// reload of a bad file left it there): the workers keep the settings they run with.
+pub(super) fn stored_settings(stored: &BTreeMap<String, OwnedFd>) -> Option<Settings> {
+    let mut copies: BTreeMap<String, OwnedFd> = stored
+        .iter()
+        .filter(|(name, _)| fdstore::state::NAMES.contains(&name.as_str()))
+        .filter_map(|(name, fd)| Some((name.clone(), fd.try_clone().ok()?)))
+        .collect();
+    let (_, payload) = StateFile::take(&mut copies)?;
+    let state = crate::supervisor::document::parse(&payload?).ok()?;
+    Some(state.core.settings().clone())
+}
+
 /// Restores the crashed supervisor's workers from `stored` (the descriptors systemd passed
 /// back, by name), or sweeps the cgroup and says to start afresh.
 pub(super) fn take_back(
@@ -51,7 +66,7 @@ pub(super) fn take_back(
         if !names.is_empty() {
             tracing::warn!("the fd store holds {} descriptor(s) but {why}: starting afresh", names.len());
         }
-        fdstore::sweep_at_start(&BTreeSet::new());
+        fdstore::sweep_at_start(&|_| BTreeSet::new());
         Start::Fresh { journal, store: Store::replacing(names.clone()).ok() }
     };
     let Some((file, payload)) = StateFile::take(&mut stored) else {
@@ -67,12 +82,11 @@ pub(super) fn take_back(
     }
     let mut state = state;
     let ro = readopt::prepare(&mut state.core, &mut stored);
-    // Only now, with the live workers known: everything else in the cgroup goes.
-    let keep = match cgroup::Cgroup::own().and_then(|cg| cg.procs()) {
-        Ok(procs) => cgroup::family(&procs, ro.live()),
-        Err(_) => ro.live().clone(),
-    };
-    fdstore::sweep_at_start(&keep);
+    // Only now, with the live workers known: everything else in the cgroup goes. Their
+    // families are read as their user (`--user`: see `cgroup::links`), on every pass.
+    let owners: Vec<(u32, u32)> = state.core.settings().user.iter().map(|u| (u.uid, u.gid)).collect();
+    let live = ro.live().clone();
+    fdstore::sweep_at_start(&|procs| cgroup::family(&cgroup::links(procs, &owners), &live));
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(f) => {

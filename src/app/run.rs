@@ -20,34 +20,54 @@ use crate::steer::{SteerError, Steering};
 /// step that failed (78 bad configuration, 71 kernel, 1 anything else).
 pub fn run(args: RunArgs, process: &Process) -> Result<(), Failure> {
     let flags = args.layer();
-    let settings =
-        load(args.config.as_deref(), &flags, &process.env()).map_err(|p| super::config_failure(&p))?;
-    let journal = process.start_logging(&settings);
-    kernel_and_limits()?;
-
     let activation = Activation {
         listen_fds: process.var("LISTEN_FDS"),
         listen_pid: process.var("LISTEN_PID"),
         listen_fdnames: process.var("LISTEN_FDNAMES"),
     };
-    let steered = settings.balance != Balance::Shared;
-    let unit_main = crate::fdstore::is_unit_main(
-        process.var("INVOCATION_ID").as_deref(),
-        process.var("SYSTEMD_EXEC_PID").as_deref(),
-        std::process::id(),
-    );
+    let fd_store = process.fd_store();
     // Restarted after a crash: the re-adopted workers hold the sockets, the store has them.
-    let readopting = unit_main && super::readopt::has_state(activation.listen_fdnames.as_deref());
+    let readopting = fd_store && super::readopt::has_state(activation.listen_fdnames.as_deref());
+    let (settings, bad_config, early) = match load(args.config.as_deref(), &flags, &process.env()) {
+        Ok(s) => (s, None, None),
+        // After a crash, with the workers serving: a config file that does not load (left by a
+        // reload that failed on it) must not turn the crash into an outage. The workers are
+        // re-adopted with the settings they run with; the next reload reads the file again.
+        Err(p) if readopting => {
+            let stored = Listeners::open(&activation, std::process::id(), &[], false)
+                .ok()
+                .and_then(|l| super::readopt::stored_settings(l.stored()).map(|s| (s, l)));
+            match stored {
+                Some((s, l)) => (s, Some(p), Some(l)),
+                None => return Err(super::config_failure(&p)),
+            }
+        }
+        Err(p) => return Err(super::config_failure(&p)),
+    };
+    let journal = process.start_logging(&settings);
+    if let Some(p) = bad_config {
+        let f = super::config_failure(&p);
+        tracing::warn!(
+            "the configuration does not load ({}): re-adopting the workers with the settings they run with; fix it and reload",
+            f.lines.join("; ")
+        );
+    }
+    kernel_and_limits()?;
+
+    let steered = settings.balance != Balance::Shared;
     let listen: &[crate::config::ListenAddr] = if readopting { &[] } else { &settings.listen };
     let program = worker_program(&settings, &process.env());
     let bind_intercept = crate::intercept::resolve(settings.bind_intercept, program.as_deref())
         .map_err(|e| Failure::new(exit::OS, e.to_string()))?;
-    let mut listeners = open_listeners(&activation, listen, &settings, bind_intercept)?;
+    let mut listeners = match early {
+        Some(l) => l,
+        None => open_listeners(&activation, listen, &settings, bind_intercept)?,
+    };
     // Under systemd, as the unit's own process: the fd store's descriptors came back with the
     // sockets. After a crash they are the previous run's workers, re-adopted; whatever else
     // is in the unit's cgroup is a leftover, swept (see `fdstore`, `readopt`).
     let stored = listeners.take_stored();
-    let (journal, store) = if unit_main {
+    let (journal, store) = if fd_store {
         match super::readopt::take_back(stored, journal, process) {
             super::readopt::Start::Restored { settings, parts, rt } => {
                 return serve(*settings, *parts, rt, process);

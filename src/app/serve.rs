@@ -83,13 +83,9 @@ pub(super) fn serve(
     };
     // Under systemd as the unit's own process: the workers outlive a crash of herdsman and the
     // restarted one re-adopts them from the fd store. Standalone: PR_SET_PDEATHSIG, as ever.
-    let unit_main = crate::fdstore::is_unit_main(
-        process.var("INVOCATION_ID").as_deref(),
-        process.var("SYSTEMD_EXEC_PID").as_deref(),
-        std::process::id(),
-    );
+    let fd_store = process.fd_store();
     let store = match p.store {
-        _ if !(unit_main && notifier.is_enabled()) => None,
+        _ if !(fd_store && notifier.is_enabled()) => None,
         Some(s) => Some(s),
         None => supervisor::Store::create()
             .map_err(|e| {

@@ -118,27 +118,48 @@ fn collect(dir: &Path, out: &mut BTreeSet<i32>, depth: usize) -> io::Result<()> 
     Ok(())
 }
 
-/// `roots` and every process of `procs` that descends from one of them or shares a root's
-/// process group (workers are group leaders; a pre-forking server's children are in its
-/// group, a daemonizing child has the worker as its parent until it double-forks): what a
-/// sweep must keep besides the re-adopted workers themselves. Reads `/proc/PID/stat`; a
-/// process whose entry cannot be read (gone, or hidden by `ProtectProc=invisible` from a
-/// supervisor without `CAP_SYS_PTRACE`: a worker of another user) is not kept.
-pub fn family(procs: &BTreeSet<i32>, roots: &BTreeSet<i32>) -> BTreeSet<i32> {
-    let links: Vec<(i32, i32, i32)> = procs
+/// How a process hangs off others, from its `/proc/PID/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub pid: i32,
+    pub ppid: i32,
+    /// Its process group.
+    pub pgid: i32,
+    /// Its session.
+    pub sid: i32,
+}
+
+/// The [`Link`]s of `procs` that can be read. `/proc/PID/stat` is read as herdsman first,
+/// then with the filesystem ids of each of `owners` (the workers' `--user`): with
+/// `ProtectProc=invisible` and no `CAP_SYS_PTRACE`, root cannot see another user's `/proc`
+/// entries, but the same user can (the check uses the filesystem ids, see
+/// `sys::with_fs_ids`). A process still unreadable (gone, or of yet another user) has none.
+pub fn links(procs: &BTreeSet<i32>, owners: &[(u32, u32)]) -> Vec<Link> {
+    procs
         .iter()
         .filter_map(|&pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let (ppid, pgid) = parse_stat(&stat)?;
-            Some((pid, ppid, pgid))
+            let read = || std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+            let stat = read()
+                .or_else(|| owners.iter().find_map(|&(uid, gid)| crate::sys::with_fs_ids(uid, gid, read)))?;
+            let (ppid, pgid, sid) = parse_stat(&stat)?;
+            Some(Link { pid, ppid, pgid, sid })
         })
-        .collect();
+        .collect()
+}
+
+/// `roots` and every process of `links` that descends from one of them, or whose process
+/// group or session is a root's (workers are group leaders, and an app may make itself a
+/// session leader; a pre-forking server's children are in its group, a daemonizing child has
+/// the worker as its parent until it double-forks, and stays in the worker's session unless
+/// it calls `setsid`): what a sweep must keep besides the re-adopted workers themselves. A process without a link (see
+/// [`links`]) is not kept.
+pub fn family(links: &[Link], roots: &BTreeSet<i32>) -> BTreeSet<i32> {
     let mut kept = roots.clone();
     loop {
         let before = kept.len();
-        for &(pid, ppid, pgid) in &links {
-            if kept.contains(&ppid) || roots.contains(&pgid) {
-                kept.insert(pid);
+        for l in links {
+            if kept.contains(&l.ppid) || roots.contains(&l.pgid) || roots.contains(&l.sid) {
+                kept.insert(l.pid);
             }
         }
         if kept.len() == before {
@@ -147,13 +168,17 @@ pub fn family(procs: &BTreeSet<i32>, roots: &BTreeSet<i32>) -> BTreeSet<i32> {
     }
 }
 
-/// (ppid, pgid) from a `/proc/PID/stat` line (the command name may hold spaces and `)`).
-fn parse_stat(stat: &str) -> Option<(i32, i32)> {
+/// (ppid, pgid, sid) from a `/proc/PID/stat` line (the command name may hold spaces and `)`).
+fn parse_stat(stat: &str) -> Option<(i32, i32, i32)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let _state = fields.next()?;
-    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+    let mut next = || fields.next()?.parse().ok();
+    Some((next()?, next()?, next()?))
 }
+
+/// What a sweep keeps, given the cgroup's processes of a pass (see [`sweep`]).
+pub type Keep<'a> = dyn Fn(&BTreeSet<i32>) -> BTreeSet<i32> + 'a;
 
 /// What a sweep did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -164,18 +189,21 @@ pub struct Swept {
     pub left: BTreeSet<i32>,
 }
 
-/// SIGKILLs every process in `cg` except this one and `keep`, and waits (until `within`) for
-/// them to be gone; processes that appear meanwhile (a child forked by one about to die) are
-/// killed too. Each kill goes through a pidfd opened and checked to be in `cg` (see the module
+/// SIGKILLs every process in `cg` except this one and those `keep` returns, and waits (until
+/// `within`) for them to be gone; processes that appear meanwhile (a child forked by one about
+/// to die) are killed too. `keep` is asked again on every pass, with the cgroup's processes
+/// of that pass: a kept worker's new children (a pre-forking server replacing one) are kept
+/// too. Each kill goes through a pidfd opened and checked to be in `cg` (see the module
 /// doc). Only under systemd: the caller decides.
-pub fn sweep(cg: &Cgroup, keep: &BTreeSet<i32>, within: Duration) -> io::Result<Swept> {
+pub fn sweep(cg: &Cgroup, keep: &Keep<'_>, within: Duration) -> io::Result<Swept> {
     let me = std::process::id() as i32;
     let deadline = Instant::now() + within;
     let mut swept = Swept::default();
     let mut dying: Vec<OwnedFd> = Vec::new();
     loop {
-        let extra: BTreeSet<i32> =
-            cg.procs()?.into_iter().filter(|p| *p != me && !keep.contains(p)).collect();
+        let procs = cg.procs()?;
+        let kept = keep(&procs);
+        let extra: BTreeSet<i32> = procs.into_iter().filter(|p| *p != me && !kept.contains(p)).collect();
         if extra.is_empty() {
             swept.left.clear();
             return Ok(swept);
@@ -321,7 +349,7 @@ mod tests {
 
     #[test]
     fn a_workers_children_are_its_family() {
-        assert_eq!(parse_stat("12 (a b) c) S 7 12 12 0 -1"), Some((7, 12)));
+        assert_eq!(parse_stat("12 (a b) c) S 7 12 13 0 -1"), Some((7, 12, 13)));
         assert_eq!(parse_stat("garbage"), None);
         // A "worker" (a shell) with a child and a grandchild; an unrelated process.
         let worker =
@@ -346,7 +374,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         };
         let procs = BTreeSet::from([w, child, grandchild, other.id() as i32, 999_999_999]);
-        assert_eq!(family(&procs, &BTreeSet::from([w])), BTreeSet::from([w, child, grandchild]));
+        assert_eq!(family(&links(&procs, &[]), &BTreeSet::from([w])), BTreeSet::from([w, child, grandchild]));
         for mut c in [worker, other] {
             let _ = c.kill();
             let _ = c.wait();
@@ -354,6 +382,69 @@ mod tests {
         let _ =
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), nix::sys::signal::Signal::SIGKILL);
+    }
+
+    fn link(pid: i32, ppid: i32, pgid: i32, sid: i32) -> Link {
+        Link { pid, ppid, pgid, sid }
+    }
+
+    #[test]
+    fn a_workers_group_session_and_descendants_are_kept_and_nothing_else() {
+        // Worker 100 (a group leader that also called setsid). 101: its child; 102: 101's child in a group
+        // of its own; 103: reparented to PID 1 but in the worker's group; 104: a daemon that
+        // double-forked out of the group but is still in the worker's session; 105: a
+        // leftover of a dead worker (its own session, parent 1); 106: 105's child.
+        let links = [
+            link(100, 1, 100, 100),
+            link(101, 100, 100, 100),
+            link(102, 101, 102, 100),
+            link(103, 1, 100, 100),
+            link(104, 1, 104, 100),
+            link(105, 1, 105, 105),
+            link(106, 105, 105, 105),
+        ];
+        assert_eq!(family(&links, &BTreeSet::from([100])), BTreeSet::from([100, 101, 102, 103, 104]));
+        assert_eq!(family(&links, &BTreeSet::new()), BTreeSet::new());
+        // Order does not matter (a child listed before its parent).
+        let mut reversed = links;
+        reversed.reverse();
+        assert_eq!(family(&reversed, &BTreeSet::from([100])), family(&links, &BTreeSet::from([100])));
+    }
+
+    #[test]
+    fn a_sweep_asks_what_to_keep_on_every_pass() {
+        // A pre-forking worker's new child appears in the cgroup while the sweep runs (added
+        // to the listing during the first pass): it is kept, the leftover dies.
+        let s = crate::scratch::Scratch::new("cgroup-sweep-passes");
+        let mut leftover = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut worker = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let (l, w, c) = (leftover.id() as i32, worker.id() as i32, child.id() as i32);
+        let listing = s.path().join("cgroup.procs");
+        std::fs::write(&listing, format!("{}\n{l}\n{w}\n", std::process::id())).unwrap();
+        let cg = Cgroup { hierarchy: Hierarchy::Unified, path: "/test".into(), dir: s.path().to_path_buf() };
+        let passes = std::cell::Cell::new(0);
+        let keep = |procs: &BTreeSet<i32>| {
+            passes.set(passes.get() + 1);
+            // Pass 1: the child appears. Later: the leftover (killed in pass 1) is gone from the
+            // listing, as once PID 1 reaped it, so the sweep ends without waiting its deadline.
+            let listed = if passes.get() == 1 { format!("{l}\n{w}\n{c}") } else { format!("{w}\n{c}") };
+            std::fs::write(&listing, format!("{}\n{listed}\n", std::process::id())).unwrap();
+            // The worker's family: the worker and, once listed, its child.
+            procs.intersection(&BTreeSet::from([w, c])).copied().collect()
+        };
+        let swept = sweep(&cg, &keep, Duration::from_secs(30)).unwrap();
+        assert_eq!(swept.killed, BTreeSet::from([l]));
+        assert!(swept.left.is_empty());
+        assert!(passes.get() >= 2, "asked once only");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(leftover.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(child.try_wait().unwrap().is_none(), "the worker's new child lives");
+        assert!(worker.try_wait().unwrap().is_none(), "the worker lives");
+        for mut p in [worker, child] {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
     }
 
     #[test]
@@ -371,8 +462,7 @@ mod tests {
         )
         .unwrap();
         let cg = Cgroup { hierarchy: Hierarchy::Unified, path: "/test".into(), dir: s.path().to_path_buf() };
-        let keep = BTreeSet::from([k]);
-        let swept = sweep(&cg, &keep, Duration::from_millis(300)).unwrap();
+        let swept = sweep(&cg, &|_| BTreeSet::from([k]), Duration::from_millis(300)).unwrap();
         assert_eq!(swept.killed, BTreeSet::from([d]));
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(doomed.wait().unwrap().signal(), Some(libc::SIGKILL));

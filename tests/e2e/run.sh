@@ -1531,6 +1531,45 @@ s_crash_rollout() {
     ct herdsman remove crashroll --yes >/dev/null || fail "remove crashroll"
 }
 
+# Review of issue 26: a crash of herdsman (1) keeps the children of `--user` workers (the
+# start-up sweep reads their /proc entries as the worker's user: ProtectProc=invisible hides
+# them from root), and (2) with a config file that a reload refused still on disk, re-adopts
+# the workers with the settings they run with instead of failing the restart (exit 78) and
+# letting stop-post kill them.
+s_crash_user_bad_config() {
+    local ADDR=127.0.0.1:8965 u=herdsman@crashuser.service cfg=/etc/herdsman/crashuser.toml
+    local main0 cg before after p
+    mkdir -p "$CT_ROOT/srv/web"
+    cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
+    app_init crashuser 8965 2 --user nobody -e TW_DETACHED_CHILD=1
+    wait_until 30 "herdsman@crashuser ready" ready_text crashuser 2 || fail "crashuser not ready"
+    cg=$(prop "$u" ControlGroup)
+    main0=$(prop "$u" MainPID)
+    before=$(cgroup_pids "$cg" | grep -vx "$main0" | tr '\n' ' ')
+    note "before the crash: $(describe_pids $before)"
+    [ "$(echo "$before" | wc -w)" -ge 4 ] || fail "expected 2 workers and their 2 children, found: $before"
+    cp "$CT_ROOT$cfg" "$CT_ROOT$cfg.good"
+    printf 'no_such_key = 1\n' >>"$CT_ROOT$cfg"
+    if CT_TIMEOUT=60 ct systemctl reload "$u" >/dev/null 2>&1; then fail "a reload of an invalid config succeeded"; fi
+    ct systemctl kill -s KILL --kill-whom=main "$u"
+    main_changed() { local m; m=$(prop "$u" MainPID); [ "$m" != 0 ] && [ "$m" != "$main0" ]; }
+    wait_until 30 "herdsman restarted with the invalid config on disk" main_changed ||
+        fail "not restarted: $(prop "$u" Result) $(prop "$u" ExecMainStatus)"
+    # The status line still tells of the reload that failed (the state kept it).
+    ready_again() { prop "$u" StatusText | grep -q "^2/2 ready · generation 1"; }
+    wait_until 30 "2/2 ready after the crash" ready_again ||
+        fail "not ready: $(prop "$u" ActiveState) $(prop "$u" StatusText)"
+    after=$(cgroup_pids "$cg" | tr '\n' ' ')
+    for p in $before; do
+        echo " $after " | grep -q " $p " || fail "process $p ($(echo "$before")) did not survive the crash and re-adoption"
+    done
+    note "every worker and worker child survived: $before"
+    ct journalctl --no-pager -u "$u" | grep -q "configuration does not load" ||
+        note "(no warning about the config found in the journal)"
+    mv "$CT_ROOT$cfg.good" "$CT_ROOT$cfg"
+    ct herdsman remove crashuser --yes >/dev/null || fail "remove crashuser"
+}
+
 # ---------------------------------------------------------------------------------------------
 
 set +e
@@ -1567,6 +1606,7 @@ run_scenario "stop leaves nothing in the cgroup (stop, stop timeout, stop in the
 run_scenario "crash: SIGKILL of the supervisor re-adopts its workers under load" s_crash_readopt
 run_scenario "crash: a worker killed while herdsman is down is replaced" s_crash_lost_worker
 run_scenario "crash during a roll-out ends on one version" s_crash_rollout
+run_scenario "crash: --user workers' children survive, a bad config on disk re-adopts" s_crash_user_bad_config
 scenario_reboot
 
 if [ "$INSTALL_MODE" = deb ]; then
