@@ -1396,7 +1396,8 @@ s_crash_readopt() {
     local ADDR=127.0.0.1:8962 u=herdsman@crash.service mode i sig main0 pids0 pids1 ro restarts0
     mkdir -p "$CT_ROOT/srv/web"
     cp "$REPO/tests/support/worker.py" "$CT_ROOT/srv/web/worker.py"
-    app_init crash 8962 2
+    # A worker watchdog: re-adopted workers must still reach herdsman's notify socket.
+    app_init crash 8962 2 --watchdog 3s -e TW_WATCHDOG=1
     wait_until 30 "herdsman@crash ready" ready_text crash 2 || fail "crash app not ready"
     crash_pids() {
         ct herdsman status crash --json |
@@ -1438,6 +1439,15 @@ s_crash_readopt() {
     wait_until 30 "herdsman restarted after the upgrade and a kill" main_changed || fail "not restarted"
     wait_until 30 "2/2 ready after the upgrade and a kill" ready_text crash 2 || fail "not ready: $(prop "$u" StatusText)"
     [ "$(crash_pids)" = "$pids0" ] || fail "workers changed across an upgrade and a crash: $pids0 -> $(crash_pids)"
+    # Their WATCHDOG=1 pings still arrive after the restarts (the notify socket is adopted from
+    # the fd store, its file kept by RuntimeDirectoryPreserve=restart): without them each would
+    # be replaced within 3 s. Watched for 8 s, over two intervals.
+    local t0=$SECONDS
+    while [ $((SECONDS - t0)) -lt 8 ]; do
+        [ "$(crash_pids)" = "$pids0" ] || fail "re-adopted workers replaced (watchdog pings lost?): $pids0 -> $(crash_pids)"
+        sleep 0.5
+    done
+    note "re-adopted workers kept by their watchdog pings for 8 s (--watchdog 3s)"
     # The re-adopted pool is an ordinary one: a reload replaces it, scale grows it.
     load_start crash_reload new 6 || fail "no answer to the reload load"
     CT_TIMEOUT=120 ct systemctl reload "$u" || fail "systemctl reload after the crashes failed"
