@@ -33,6 +33,7 @@ mod serve;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
+pub use crate::sys::ensure_stdio_open;
 pub use process::Process;
 pub use resume::resume;
 pub use run::run;
@@ -78,12 +79,6 @@ pub fn report(failure: &Failure) {
         crate::errln!("herdsman: {line}");
     }
     crate::logging::flush(std::time::Duration::from_secs(2));
-}
-
-/// Reopens stdin/stdout/stderr on `/dev/null` if the process was started without them, before
-/// anything opens a file (see `sys::ensure_stdio_open`).
-pub fn ensure_stdio_open() {
-    crate::sys::ensure_stdio_open();
 }
 
 /// Runs one subcommand to its end.
