@@ -63,12 +63,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 
 use crate::notify::Notifier;
 
-/// What herdsman puts before every name it stores, so that [`split`] tells its own
-/// descriptors from the socket unit's by name alone.
-pub const PREFIX: &str = "herdsman.";
-
-/// Longest `FDNAME=` systemd accepts (`FDNAME_MAX`).
-pub const MAX_NAME: usize = 255;
+#[cfg(test)]
+use crate::handoff::MAX_FD_NAME as MAX_NAME;
+pub use crate::handoff::STORE_PREFIX as PREFIX;
 
 /// Why a descriptor could not be stored or removed. The caller logs it; nothing panics.
 #[derive(Debug, thiserror::Error)]
@@ -81,24 +78,13 @@ pub enum StoreError {
     Copy { name: String, err: io::Error },
 }
 
-/// Checks a name as the driver gives it (without [`PREFIX`]): not empty, and, prefix
-/// included, at most [`MAX_NAME`] printable ASCII characters without `:` (the separator of
-/// `LISTEN_FDNAMES`).
+/// Checks a name as the driver gives it (without [`PREFIX`]): the upgrade's naming rule
+/// (`handoff::fd_name_problem`), which leaves room for the prefix.
 pub fn validate(name: &str) -> Result<(), StoreError> {
-    let bad = |why| Err(StoreError::BadName { name: name.to_string(), why });
-    if name.is_empty() {
-        return bad("it is empty");
+    match crate::handoff::fd_name_problem(name) {
+        Some(why) => Err(StoreError::BadName { name: name.to_string(), why }),
+        None => Ok(()),
     }
-    if PREFIX.len() + name.len() > MAX_NAME {
-        return bad("it is longer than 255 characters with the herdsman. prefix");
-    }
-    if name.contains(':') {
-        return bad("it contains ':' (the separator of LISTEN_FDNAMES)");
-    }
-    if !name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return bad("it contains a character that is not printable ASCII");
-    }
-    Ok(())
 }
 
 /// The `FDSTORE=1` message for `name` (validated, prefixed).

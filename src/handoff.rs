@@ -67,9 +67,33 @@ impl Exporter {
     }
 }
 
-/// Whether `name` may name a descriptor (systemd's fd store takes up to 255 characters, no `:`).
+/// What herdsman puts before every name it keeps in systemd's fd store (see `fdstore`), so
+/// that its own descriptors are told from the socket unit's by name alone.
+pub const STORE_PREFIX: &str = "herdsman.";
+
+/// Longest `FDNAME=` systemd accepts (`FDNAME_MAX`).
+pub const MAX_FD_NAME: usize = 255;
+
+/// Why `name` cannot name a descriptor, or `None`: the one rule for the upgrade's table and
+/// systemd's fd store, which keeps the same names ([`STORE_PREFIX`] included, at most
+/// [`MAX_FD_NAME`] printable ASCII characters without `:`, the separator of `LISTEN_FDNAMES`).
+pub fn fd_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if STORE_PREFIX.len() + name.len() > MAX_FD_NAME {
+        Some("it is longer than 255 characters with the herdsman. prefix")
+    } else if name.contains(':') {
+        Some("it contains ':' (the separator of LISTEN_FDNAMES)")
+    } else if !name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        Some("it contains a character that is not printable ASCII")
+    } else {
+        None
+    }
+}
+
+/// Whether `name` may name a descriptor (see [`fd_name_problem`]).
 pub fn valid_fd_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 255 && !name.contains(':') && name.is_ascii()
+    fd_name_problem(name).is_none()
 }
 
 /// Why an upgrade was refused or failed.
